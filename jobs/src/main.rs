@@ -1,0 +1,49 @@
+//! `cnclip`: Chinese-CLIP's scripts as one fast, streaming binary.
+//!
+//! Each subcommand lives in its own module and is named after the cn_clip script it replaces,
+//! with the same flag names. `main` owns exit codes: 0 on success (a closed stdout pipe, as in
+//! `cnclip tokenize … | head`, counts as success), 1 with the error chain on stderr otherwise.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod tokenize;
+
+#[derive(Parser)]
+#[command(name = "cnclip", version, about = "Chinese-CLIP feature extraction, retrieval and fine-tuning, streaming")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Tokenize texts exactly as cn_clip.clip.tokenize: one text per stdin line, one JSON id array per line.
+    Tokenize(tokenize::Args),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Tokenize(args) => tokenize::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) if is_broken_pipe(&error) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("cnclip: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}

@@ -1,0 +1,56 @@
+//! `cnclip tokenize`: `cn_clip.clip.tokenize` as a filter.
+//!
+//! Reads one text per line (LF or CRLF) from stdin and writes one JSON array of
+//! `context_length` ids per line to stdout, in order. With `--preprocess` it first applies the
+//! text normalisation cn_clip's eval and training datasets use (lower-case, curly quotes).
+
+use std::io::{BufRead, BufWriter, Write};
+
+use anyhow::{Context, Result};
+use cnclip_models::{DEFAULT_CONTEXT_LENGTH, Tokenizer, preprocess_text};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Sequence length, [CLS] and [SEP] included (cn_clip's --context-length).
+    #[arg(long, default_value_t = DEFAULT_CONTEXT_LENGTH)]
+    context_length: usize,
+    /// Apply cn_clip's dataset text preprocessing (lower-case, “” → ") before tokenizing.
+    #[arg(long)]
+    preprocess: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let tokenizer = Tokenizer::chinese();
+    let stdin = std::io::stdin().lock();
+    let mut out = BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
+    let mut row = vec![0i64; args.context_length];
+    let mut line = Vec::new();
+    let mut reader = std::io::BufReader::with_capacity(1 << 16, stdin);
+    let mut number = 0usize;
+    loop {
+        line.clear();
+        if reader.read_until(b'\n', &mut line).context("reading stdin")? == 0 {
+            break;
+        }
+        number += 1;
+        let bytes = line.strip_suffix(b"\n").unwrap_or(&line);
+        let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
+        let text = std::str::from_utf8(bytes).with_context(|| format!("stdin line {number} is not valid UTF-8"))?;
+        let text = if args.preprocess { std::borrow::Cow::Owned(preprocess_text(text)) } else { text.into() };
+        tokenizer.encode_into(&text, &mut row)?;
+        write_ids(&mut out, &row)?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn write_ids(out: &mut impl Write, ids: &[i64]) -> std::io::Result<()> {
+    out.write_all(b"[")?;
+    for (i, id) in ids.iter().enumerate() {
+        if i > 0 {
+            out.write_all(b", ")?;
+        }
+        write!(out, "{id}")?;
+    }
+    out.write_all(b"]\n")
+}

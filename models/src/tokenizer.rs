@@ -1,0 +1,296 @@
+//! The tokenizer of `cn_clip.clip.tokenize`: BERT's basic tokenizer, then greedy WordPiece over
+//! the 21,128-entry Chinese vocabulary, wrapped in `[CLS] … [SEP]`, truncated and zero-padded.
+//!
+//! Mirrors `cn_clip/clip/bert_tokenizer.py` (`FullTokenizer(do_lower_case=True)`) step by step,
+//! because exact id parity is the contract: clean (drop NUL, U+FFFD and control characters, map
+//! whitespace to spaces), space out CJK ideographs, split on whitespace, then per word lower-case
+//! (Python's `str.lower`, final sigma included — Rust's `str::to_lowercase` does the same),
+//! strip accents (NFD, drop `Mn`), split on punctuation, and WordPiece each piece (longest match
+//! first, `##` continuations, `[UNK]` for words over 200 characters or with no match).
+//!
+//! It is hand-written rather than built on the `tokenizers` crate: its BERT normaliser lower-cases
+//! per character (no final sigma) and defaults WordPiece to 100 characters per word, so it is
+//! not id-identical to cn_clip, and it is a large dependency for ~150 lines.
+//! Unicode tables are Rust's and `unicode-properties`'; Python 3.11 uses Unicode 14, so only
+//! characters assigned after Unicode 14 can categorise differently.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use unicode_normalization::UnicodeNormalization;
+use unicode_properties::{GeneralCategory, GeneralCategoryGroup, UnicodeGeneralCategory};
+
+use crate::error::{Error, Result};
+
+/// The default context length of every released Chinese-CLIP model.
+pub const DEFAULT_CONTEXT_LENGTH: usize = 52;
+
+/// Maximum characters in one word before WordPiece gives up with `[UNK]` (as BERT's).
+const MAX_INPUT_CHARS_PER_WORD: usize = 200;
+
+static VOCAB_TXT: &str = include_str!("../data/vocab.txt");
+
+/// A WordPiece tokenizer over a BERT vocabulary.
+#[derive(Debug, Clone)]
+pub struct Tokenizer {
+    vocab: HashMap<String, i64>,
+    cls: i64,
+    sep: i64,
+    pad: i64,
+    unk: i64,
+}
+
+impl Tokenizer {
+    /// The Chinese BERT vocabulary cn_clip ships (embedded; see `models/data/NOTICE`).
+    pub fn chinese() -> &'static Tokenizer {
+        static TOKENIZER: OnceLock<Tokenizer> = OnceLock::new();
+        TOKENIZER.get_or_init(|| {
+            Tokenizer::from_vocab_text("embedded vocab.txt", VOCAB_TXT).expect("the embedded vocabulary is valid")
+        })
+    }
+
+    /// Builds a tokenizer from a `vocab.txt` (one token per line, id = line number).
+    ///
+    /// # Errors
+    /// When one of `[CLS]`, `[SEP]`, `[PAD]`, `[UNK]` is missing; `source_name` names the file.
+    pub fn from_vocab_text(source_name: &str, text: &str) -> Result<Self> {
+        let mut vocab = HashMap::new();
+        // As BERT's load_vocab: every line counts, tokens are stripped, a repeated token keeps
+        // its last id.
+        for (id, line) in text.lines().enumerate() {
+            vocab.insert(line.trim().to_string(), id as i64);
+        }
+        let special = |token: &str| {
+            vocab.get(token).copied().ok_or_else(|| Error::Vocab {
+                source_name: source_name.to_string(),
+                reason: format!("has no {token} token"),
+            })
+        };
+        Ok(Tokenizer { cls: special("[CLS]")?, sep: special("[SEP]")?, pad: special("[PAD]")?, unk: special("[UNK]")?, vocab })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.vocab.len()
+    }
+
+    /// The id of `[PAD]`; cn_clip's text encoder masks positions holding it.
+    pub fn pad_id(&self) -> i64 {
+        self.pad
+    }
+
+    /// The WordPiece ids of `text`, without `[CLS]`/`[SEP]` (`FullTokenizer.tokenize` + ids).
+    pub fn token_ids(&self, text: &str) -> Vec<i64> {
+        let mut ids = Vec::new();
+        let mut piece = String::new();
+        for word in basic_tokenize(text) {
+            self.wordpiece(&word, &mut piece, &mut ids);
+        }
+        ids
+    }
+
+    /// `cn_clip.clip.tokenize([text], context_length)[0]`: `[CLS]`, at most
+    /// `context_length - 2` ids, `[SEP]`, then zeros up to `context_length`.
+    ///
+    /// # Errors
+    /// [`Error::ContextLength`] when `context_length < 2`.
+    pub fn encode(&self, text: &str, context_length: usize) -> Result<Vec<i64>> {
+        let mut out = vec![0; context_length];
+        self.encode_into(text, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Tokenizer::encode`] into a caller's row (its length is the context length), so batches
+    /// are filled without a copy.
+    ///
+    /// # Errors
+    /// [`Error::ContextLength`] when the row is shorter than 2.
+    pub fn encode_into(&self, text: &str, row: &mut [i64]) -> Result<()> {
+        let context_length = row.len();
+        if context_length < 2 {
+            return Err(Error::ContextLength(context_length));
+        }
+        let ids = self.token_ids(text);
+        let kept = ids.len().min(context_length - 2);
+        row[0] = self.cls;
+        row[1..=kept].copy_from_slice(&ids[..kept]);
+        row[kept + 1] = self.sep;
+        row[kept + 2..].fill(0);
+        Ok(())
+    }
+
+    /// Greedy longest-match-first WordPiece of one basic token, appending ids.
+    fn wordpiece(&self, word: &str, piece: &mut String, ids: &mut Vec<i64>) {
+        // Byte offsets of each character, plus the end, so substrings are slices.
+        let bounds: Vec<usize> = word.char_indices().map(|(i, _)| i).chain([word.len()]).collect();
+        let n_chars = bounds.len() - 1;
+        if n_chars > MAX_INPUT_CHARS_PER_WORD {
+            ids.push(self.unk);
+            return;
+        }
+        let first = ids.len();
+        let mut start = 0;
+        while start < n_chars {
+            let mut end = n_chars;
+            let mut found = None;
+            while start < end {
+                piece.clear();
+                if start > 0 {
+                    piece.push_str("##");
+                }
+                piece.push_str(&word[bounds[start]..bounds[end]]);
+                if let Some(&id) = self.vocab.get(piece.as_str()) {
+                    found = Some(id);
+                    break;
+                }
+                end -= 1;
+            }
+            match found {
+                Some(id) => ids.push(id),
+                None => {
+                    // One unmatched piece makes the whole word [UNK].
+                    ids.truncate(first);
+                    ids.push(self.unk);
+                    return;
+                }
+            }
+            start = end;
+        }
+    }
+}
+
+/// The text pre-processing cn_clip's eval and training datasets apply before `tokenize`
+/// (`_preprocess_text`): lower-case, curly double quotes to `"`.
+pub fn preprocess_text(text: &str) -> String {
+    text.to_lowercase().replace(['\u{201c}', '\u{201d}'], "\"")
+}
+
+/// BERT's `BasicTokenizer(do_lower_case=True).tokenize`.
+fn basic_tokenize(text: &str) -> Vec<String> {
+    // _clean_text and _tokenize_chinese_chars in one pass.
+    let mut cleaned = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if c == '\0' || c == '\u{fffd}' || is_control(c) {
+            continue;
+        }
+        if is_whitespace(c) {
+            cleaned.push(' ');
+        } else if is_chinese_char(c) {
+            cleaned.push(' ');
+            cleaned.push(c);
+            cleaned.push(' ');
+        } else {
+            cleaned.push(c);
+        }
+    }
+    let mut out = Vec::new();
+    for word in cleaned.split_whitespace() {
+        let stripped: String = word.to_lowercase().nfd().filter(|&c| c.general_category() != GeneralCategory::NonspacingMark).collect();
+        // _run_split_on_punc, then BERT's final whitespace split of the joined pieces.
+        let mut current = String::new();
+        for c in stripped.chars() {
+            if is_punctuation(c) {
+                push_words(&mut out, std::mem::take(&mut current));
+                out.push(c.to_string());
+            } else {
+                current.push(c);
+            }
+        }
+        push_words(&mut out, current);
+    }
+    out
+}
+
+fn push_words(out: &mut Vec<String>, piece: String) {
+    if piece.is_empty() {
+        return;
+    }
+    if piece.contains(char::is_whitespace) {
+        out.extend(piece.split_whitespace().map(str::to_string));
+    } else {
+        out.push(piece);
+    }
+}
+
+/// BERT's `_is_whitespace`: space, tab, newline, carriage return, or category Zs.
+fn is_whitespace(c: char) -> bool {
+    matches!(c, ' ' | '\t' | '\n' | '\r') || c.general_category() == GeneralCategory::SpaceSeparator
+}
+
+/// BERT's `_is_control`: category C* other than tab, newline and carriage return.
+fn is_control(c: char) -> bool {
+    !matches!(c, '\t' | '\n' | '\r') && c.general_category_group() == GeneralCategoryGroup::Other
+}
+
+/// BERT's `_is_punctuation`: all non-alphanumeric ASCII, and category P*.
+fn is_punctuation(c: char) -> bool {
+    matches!(c as u32, 33..=47 | 58..=64 | 91..=96 | 123..=126)
+        || c.general_category_group() == GeneralCategoryGroup::Punctuation
+}
+
+/// BERT's `_is_chinese_char`: the CJK Unified Ideographs blocks (not Hangul, kana, …).
+fn is_chinese_char(c: char) -> bool {
+    matches!(c as u32,
+        0x4E00..=0x9FFF | 0x3400..=0x4DBF | 0x20000..=0x2A6DF | 0x2A700..=0x2B73F
+        | 0x2B740..=0x2B81F | 0x2B820..=0x2CEAF | 0xF900..=0xFAFF | 0x2F800..=0x2FA1F)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(text: &str) -> Vec<i64> {
+        Tokenizer::chinese().token_ids(text)
+    }
+
+    #[test]
+    fn pikachu_matches_cn_clip_readme() {
+        let mut expected = vec![101, 4649, 1305, 687, 102];
+        expected.resize(52, 0);
+        assert_eq!(Tokenizer::chinese().encode("皮卡丘", DEFAULT_CONTEXT_LENGTH).unwrap(), expected);
+    }
+
+    #[test]
+    fn vocab_has_cn_clip_size_and_specials() {
+        let t = Tokenizer::chinese();
+        assert_eq!(t.vocab_size(), 21128);
+        assert_eq!((t.pad, t.unk, t.cls, t.sep), (0, 100, 101, 102));
+    }
+
+    #[test]
+    fn truncates_to_context_and_keeps_sep() {
+        let row = Tokenizer::chinese().encode("一二三四五六七八九十", 6).unwrap();
+        assert_eq!(row.len(), 6);
+        assert_eq!(row[0], 101);
+        assert_eq!(row[5], 102);
+        assert_eq!(&row[1..5], &ids("一二三四")[..]);
+    }
+
+    #[test]
+    fn empty_and_blank_texts_are_cls_sep() {
+        for text in ["", "   \t\n", "\u{0}\u{fffd}"] {
+            assert_eq!(&Tokenizer::chinese().encode(text, 4).unwrap(), &[101, 102, 0, 0], "{text:?}");
+        }
+    }
+
+    #[test]
+    fn context_length_below_two_is_an_error() {
+        assert!(matches!(Tokenizer::chinese().encode("猫", 1), Err(Error::ContextLength(1))));
+    }
+
+    #[test]
+    fn accents_case_and_punctuation_split_as_bert() {
+        assert_eq!(ids("Café,OK"), ids("cafe , ok"));
+        assert_eq!(ids("hello!!"), [ids("hello"), ids("!"), ids("!")].concat());
+    }
+
+    #[test]
+    fn over_long_words_become_unk() {
+        assert_eq!(ids(&"a".repeat(201)), vec![100]);
+        assert_ne!(ids(&"a".repeat(200)), vec![100]);
+    }
+
+    #[test]
+    fn preprocess_lowercases_and_straightens_quotes() {
+        assert_eq!(preprocess_text("“Hello” World"), "\"hello\" world");
+    }
+}

@@ -1,0 +1,6 @@
+//! Pipeline operators: sources (TSV shards, JSONL, cn_clip LMDB, image folders, Parquet),
+//! decoders (base64, images), transforms (preprocess, tokenize, batch), encoders (CLIP on CPU or
+//! GPUs) and sinks (Parquet, cn_clip JSONL, LMDB).
+//!
+//! Each component is a serde config with `build()` and the runtime operator it builds, one file
+//! per format under `sources/`, `decoders/`, `transforms/`, `encoders/` and `sinks/`.

@@ -1,0 +1,6 @@
+//! cnclip's one integration test binary (ripgrep style): each module is one area.
+//!
+//! Tests that compare against cn_clip run the reference harness in the project venv
+//! (`scripts/setup.sh` makes it); they fail, not skip, when it is missing.
+
+mod smoke;

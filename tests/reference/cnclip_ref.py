@@ -1,0 +1,215 @@
+"""Reference harness: runs cn_clip 1.6.0 on CPU for cnclip's parity tests.
+
+Run with the project venv's python (scripts/setup.sh makes it):
+
+    .venv/bin/python tests/reference/cnclip_ref.py tokenize --context-length 52 < texts.jsonl
+    .venv/bin/python tests/reference/cnclip_ref.py build-model --config cfg.json --seed 0 --out m.pt
+    .venv/bin/python tests/reference/cnclip_ref.py run-module cn_clip.eval.extract_features --help
+
+Every command uses cn_clip's own code; nothing here re-implements it. Input texts travel as one
+JSON string per line so that empty lines, whitespace and control characters survive the trip.
+
+`run-module` first installs a small CPU shim: cn_clip's eval scripts call
+`torch.cuda.set_device`, `Module.cuda`, `Tensor.cuda` and `.to(0)` unconditionally.
+"""
+
+import argparse
+import json
+import runpy
+import sys
+
+
+def install_cpu_shim():
+    """Makes cn_clip's hard-coded CUDA calls no-ops so its scripts run on a CPU-only machine."""
+    import torch
+
+    def _no_device(device):
+        return isinstance(device, int) or (isinstance(device, str) and device.startswith("cuda")) or (
+            isinstance(device, torch.device) and device.type == "cuda")
+
+    torch.cuda.set_device = lambda *a, **k: None
+    torch.nn.Module.cuda = lambda self, *a, **k: self
+    torch.Tensor.cuda = lambda self, *a, **k: self
+
+    original_module_to = torch.nn.Module.to
+    original_tensor_to = torch.Tensor.to
+
+    def module_to(self, *args, **kwargs):
+        if args and _no_device(args[0]):
+            args = ("cpu",) + args[1:]
+        return original_module_to(self, *args, **kwargs)
+
+    def tensor_to(self, *args, **kwargs):
+        if args and _no_device(args[0]):
+            args = ("cpu",) + args[1:]
+        if _no_device(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        return original_tensor_to(self, *args, **kwargs)
+
+    torch.nn.Module.to = module_to
+    torch.Tensor.to = tensor_to
+
+
+def read_texts(stream):
+    for number, line in enumerate(stream, 1):
+        line = line.rstrip("\n")
+        if not line:
+            continue
+        try:
+            text = json.loads(line)
+        except json.JSONDecodeError as e:
+            sys.exit(f"stdin line {number}: not a JSON string: {e}")
+        if not isinstance(text, str):
+            sys.exit(f"stdin line {number}: expected a JSON string, got {type(text).__name__}")
+        yield text
+
+
+def cmd_tokenize(args):
+    from cn_clip.clip import tokenize
+
+    out = sys.stdout
+    for text in read_texts(sys.stdin):
+        ids = tokenize([text], context_length=args.context_length)[0].tolist()
+        out.write(json.dumps(ids) + "\n")
+
+
+def model_info(config):
+    """cn_clip's CLIP(**model_info): presets by "Vision@Text" name, or a dict of its arguments."""
+    import os
+    from pathlib import Path
+    import cn_clip.clip
+
+    if isinstance(config, str):
+        vision, text = config.split("@")
+        configs = Path(cn_clip.clip.__file__).parent / "model_configs"
+        info = {}
+        for name in (vision, text):
+            path = configs / f"{name.replace('/', '-')}.json"
+            if not os.path.exists(path):
+                sys.exit(f"no cn_clip model config {path}")
+            info.update(json.loads(path.read_text()))
+    else:
+        info = dict(config)
+    if isinstance(info.get("vision_layers"), str):
+        # cn_clip stores RN50's layers as the string "[3, 4, 6, 3]" and eval()s it; we parse it.
+        info["vision_layers"] = json.loads(info["vision_layers"])
+    return info
+
+
+def cmd_build_model(args):
+    """Builds a randomly initialised CLIP from cn_clip's classes and saves it as cn_clip does."""
+    import torch
+    from cn_clip.clip.model import CLIP, convert_weights
+
+    config = json.loads(args.config) if args.config.lstrip().startswith("{") else args.config
+    info = model_info(config)
+    torch.manual_seed(args.seed)
+    model = CLIP(**info)
+    if args.perturb:
+        # cn_clip zero-initialises some weights (e.g. ResNet bn3); perturb every parameter so
+        # that parity tests exercise all of them.
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * args.perturb)
+    if args.fp16:
+        convert_weights(model)  # what released checkpoints hold
+    model.eval()
+    state_dict = {"module." + k: v for k, v in model.state_dict().items()}
+    torch.save(
+        {"epoch": 1, "step": 1, "name": "cnclip-reference", "state_dict": state_dict, "optimizer": {}},
+        args.out,
+    )
+    json.dump(
+        {
+            "model_info": info,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "keys": len(state_dict),
+            "fp16": args.fp16,
+        },
+        sys.stdout,
+    )
+    sys.stdout.write("\n")
+
+
+def load_checkpoint_model(config, path):
+    """Loads a cn_clip-format checkpoint the way cn_clip's create_model and eval scripts do."""
+    import torch
+    from cn_clip.clip.model import CLIP
+
+    model = CLIP(**model_info(config))
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    sd = checkpoint["state_dict"]
+    if next(iter(sd.items()))[0].startswith("module"):
+        sd = {k[len("module."):]: v for k, v in sd.items() if "bert.pooler" not in k}
+    model.load_state_dict(sd)
+    return model.float().eval(), checkpoint
+
+
+def cmd_encode(args):
+    """Image and text features of a checkpoint for a seeded random image batch and given texts."""
+    import torch
+    from cn_clip.clip import tokenize
+
+    config = json.loads(args.config) if args.config.lstrip().startswith("{") else args.config
+    model, checkpoint = load_checkpoint_model(config, args.checkpoint)
+    resolution = model.visual.input_resolution
+    generator = torch.Generator().manual_seed(args.seed)
+    images = torch.randn(args.images, 3, resolution, resolution, generator=generator)
+    texts = list(read_texts(sys.stdin))
+    with torch.no_grad():
+        image_features = model.encode_image(images)
+        text_features = model.encode_text(tokenize(texts, context_length=args.context_length))
+    json.dump(
+        {
+            "epoch": checkpoint["epoch"],
+            "step": checkpoint["step"],
+            "image_features": image_features.tolist(),
+            "text_features": text_features.tolist(),
+            "logit_scale": model.logit_scale.item(),
+        },
+        sys.stdout,
+    )
+    sys.stdout.write("\n")
+
+
+def cmd_run_module(args):
+    install_cpu_shim()
+    sys.argv = [args.module] + args.args
+    runpy.run_module(args.module, run_name="__main__", alter_sys=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("tokenize", help="stdin: one JSON string per line; stdout: one JSON id list per line")
+    p.add_argument("--context-length", type=int, default=52)
+    p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("build-model", help="random-init CLIP saved in cn_clip's checkpoint format")
+    p.add_argument("--config", required=True, help='"ViT-B-16@RBT3-chinese" or a JSON object of CLIP(**kwargs)')
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--perturb", type=float, default=0.0)
+    p.add_argument("--fp16", action="store_true", help="convert weights to fp16 as released checkpoints are")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_build_model)
+
+    p = sub.add_parser("encode", help="features of a checkpoint for seeded random images and stdin texts")
+    p.add_argument("--config", required=True)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--images", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--context-length", type=int, default=52)
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("run-module", help="run a cn_clip script (python -m MODULE) with the CPU shim")
+    p.add_argument("module")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_run_module)
+
+    args = parser.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+//! Helpers for cnclip's integration and parity tests.
+//!
+//! The reference is cn_clip 1.6.0 running on CPU in the project venv (made by
+//! `scripts/setup.sh`). [`reference`] runs `tests/reference/cnclip_ref.py` there; the tests
+//! themselves live in `integration.rs` and its modules.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// The repository root (this crate lives in `tests/`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+/// The project venv's python, which has torch, cn_clip, py-lmdb and pyarrow.
+///
+/// # Panics
+/// When the venv is missing: the tests cannot run without the reference, and say how to fix it.
+pub fn venv_python() -> PathBuf {
+    let python = workspace_root().join(".venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} not found: run scripts/setup.sh to create the project venv",
+        python.display()
+    );
+    python
+}
+
+/// Runs `python -c SCRIPT ARGS…` in the venv, feeding `stdin`; returns stdout.
+///
+/// # Panics
+/// When python exits non-zero, with its stderr in the message.
+pub fn python(script: &str, args: &[&str], stdin: &str) -> String {
+    run(Command::new(venv_python()).arg("-c").arg(script).args(args), stdin)
+}
+
+/// Runs the cn_clip reference harness (`tests/reference/cnclip_ref.py`) with `args`.
+///
+/// # Panics
+/// When the harness exits non-zero, with its stderr in the message.
+pub fn reference(args: &[&str], stdin: &str) -> String {
+    let harness = workspace_root().join("tests/reference/cnclip_ref.py");
+    run(Command::new(venv_python()).arg(harness).args(args), stdin)
+}
+
+fn run(command: &mut Command, stdin: &str) -> String {
+    let description = format!("{command:?}");
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {description}: {e}"));
+    // Write stdin from a thread so a child that fills its stdout pipe first cannot deadlock us.
+    let mut pipe = child.stdin.take().expect("stdin is piped");
+    let input = stdin.to_owned();
+    let writer = std::thread::spawn(move || pipe.write_all(input.as_bytes()));
+    let output = child.wait_with_output().expect("child runs to completion");
+    writer.join().expect("stdin writer").expect("child reads its stdin");
+    assert!(
+        output.status.success(),
+        "{description} failed ({}):\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("reference output is UTF-8")
+}
