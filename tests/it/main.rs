@@ -4,3 +4,4 @@
 //! (`scripts/setup.sh` makes it); they fail, not skip, when it is missing.
 
 mod smoke;
+mod tokenizer;

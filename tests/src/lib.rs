@@ -66,3 +66,15 @@ fn run(command: &mut Command, stdin: &str) -> String {
     );
     String::from_utf8(output.stdout).expect("reference output is UTF-8")
 }
+
+pub mod corpus;
+
+/// `cn_clip.clip.tokenize(text, context_length)` for each text, through the reference harness.
+pub fn reference_token_ids(texts: &[String], context_length: usize) -> Vec<Vec<i64>> {
+    let stdin: String = texts.iter().map(|t| serde_json::to_string(t).expect("strings serialise") + "\n").collect();
+    let out = reference(&["tokenize", "--context-length", &context_length.to_string()], &stdin);
+    let rows: Vec<Vec<i64>> =
+        out.lines().map(|line| serde_json::from_str(line).expect("the harness prints JSON id lists")).collect();
+    assert_eq!(rows.len(), texts.len(), "the harness returns one row per text");
+    rows
+}

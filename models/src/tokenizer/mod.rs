@@ -3,7 +3,7 @@
 //!
 //! Mirrors `cn_clip/clip/bert_tokenizer.py` (`FullTokenizer(do_lower_case=True)`) step by step,
 //! because exact id parity is the contract: clean (drop NUL, U+FFFD and control characters, map
-//! whitespace to spaces), space out CJK ideographs, split on whitespace, then per word lower-case
+//! whitespace to spaces; control = Cc/Cf only), space out CJK ideographs, split on whitespace, then per word lower-case
 //! (Python's `str.lower`, final sigma included — Rust's `str::to_lowercase` does the same),
 //! strip accents (NFD, drop `Mn`), split on punctuation, and WordPiece each piece (longest match
 //! first, `##` continuations, `[UNK]` for words over 200 characters or with no match).
@@ -18,9 +18,10 @@ use std::collections::HashMap;
 use std::sync::OnceLock;
 
 use unicode_normalization::UnicodeNormalization;
-use unicode_properties::{GeneralCategory, GeneralCategoryGroup, UnicodeGeneralCategory};
 
 use crate::error::{Error, Result};
+
+mod unicode14;
 
 /// The default context length of every released Chinese-CLIP model.
 pub const DEFAULT_CONTEXT_LENGTH: usize = 52;
@@ -28,7 +29,7 @@ pub const DEFAULT_CONTEXT_LENGTH: usize = 52;
 /// Maximum characters in one word before WordPiece gives up with `[UNK]` (as BERT's).
 const MAX_INPUT_CHARS_PER_WORD: usize = 200;
 
-static VOCAB_TXT: &str = include_str!("../data/vocab.txt");
+static VOCAB_TXT: &str = include_str!("../../data/vocab.txt");
 
 /// A WordPiece tokenizer over a BERT vocabulary.
 #[derive(Debug, Clone)]
@@ -183,8 +184,9 @@ fn basic_tokenize(text: &str) -> Vec<String> {
         }
     }
     let mut out = Vec::new();
+    let mut stripped = String::new();
     for word in cleaned.split_whitespace() {
-        let stripped: String = word.to_lowercase().nfd().filter(|&c| c.general_category() != GeneralCategory::NonspacingMark).collect();
+        lower_strip_accents(word, &mut stripped);
         // _run_split_on_punc, then BERT's final whitespace split of the joined pieces.
         let mut current = String::new();
         for c in stripped.chars() {
@@ -200,6 +202,42 @@ fn basic_tokenize(text: &str) -> Vec<String> {
     out
 }
 
+/// `_run_strip_accents(token.lower())` into `out`: lower-case, NFD, drop `Mn` marks.
+///
+/// Characters unassigned in Unicode 14 are barriers that pass through unchanged, so Rust's
+/// newer case and decomposition data never touch what Python would leave alone.
+fn lower_strip_accents(word: &str, out: &mut String) {
+    out.clear();
+    let mut rest = word;
+    while !rest.is_empty() {
+        let split = rest.find(is_unassigned).unwrap_or(rest.len());
+        let (known, tail) = rest.split_at(split);
+        out.extend(known.to_lowercase().nfd().filter(|&c| !in_table(&unicode14::NONSPACING_MARK, c)));
+        let unassigned_len = tail.find(|c| !is_unassigned(c)).unwrap_or(tail.len());
+        out.push_str(&tail[..unassigned_len]);
+        rest = &tail[unassigned_len..];
+    }
+}
+
+fn in_table(table: &[(u32, u32)], c: char) -> bool {
+    let cp = c as u32;
+    table
+        .binary_search_by(|&(start, end)| {
+            if end < cp {
+                std::cmp::Ordering::Less
+            } else if start > cp {
+                std::cmp::Ordering::Greater
+            } else {
+                std::cmp::Ordering::Equal
+            }
+        })
+        .is_ok()
+}
+
+fn is_unassigned(c: char) -> bool {
+    !c.is_ascii() && in_table(&unicode14::UNASSIGNED, c)
+}
+
 fn push_words(out: &mut Vec<String>, piece: String) {
     if piece.is_empty() {
         return;
@@ -213,18 +251,20 @@ fn push_words(out: &mut Vec<String>, piece: String) {
 
 /// BERT's `_is_whitespace`: space, tab, newline, carriage return, or category Zs.
 fn is_whitespace(c: char) -> bool {
-    matches!(c, ' ' | '\t' | '\n' | '\r') || c.general_category() == GeneralCategory::SpaceSeparator
+    matches!(c, ' ' | '\t' | '\n' | '\r') || (!c.is_ascii() && in_table(&unicode14::SPACE_SEPARATOR, c))
 }
 
-/// BERT's `_is_control`: category C* other than tab, newline and carriage return.
+/// cn_clip's `_is_control`: categories Cc and Cf, except tab, newline and carriage return.
+/// (Not the other C* categories: private-use and unassigned characters stay, and WordPiece
+/// turns their words into `[UNK]`.)
 fn is_control(c: char) -> bool {
-    !matches!(c, '\t' | '\n' | '\r') && c.general_category_group() == GeneralCategoryGroup::Other
+    !matches!(c, '\t' | '\n' | '\r') && in_table(&unicode14::CONTROL, c)
 }
 
 /// BERT's `_is_punctuation`: all non-alphanumeric ASCII, and category P*.
 fn is_punctuation(c: char) -> bool {
     matches!(c as u32, 33..=47 | 58..=64 | 91..=96 | 123..=126)
-        || c.general_category_group() == GeneralCategoryGroup::Punctuation
+        || (!c.is_ascii() && in_table(&unicode14::PUNCTUATION, c))
 }
 
 /// BERT's `_is_chinese_char`: the CJK Unified Ideographs blocks (not Hangul, kana, …).
@@ -281,6 +321,15 @@ mod tests {
     fn accents_case_and_punctuation_split_as_bert() {
         assert_eq!(ids("Café,OK"), ids("cafe , ok"));
         assert_eq!(ids("hello!!"), [ids("hello"), ids("!"), ids("!")].concat());
+    }
+
+    #[test]
+    fn characters_newer_than_unicode_14_stay_unassigned() {
+        // U+1B4F BALINESE PAMADA LINGSEMU is punctuation since Unicode 16; for cn_clip (Python
+        // 3.11, Unicode 14) it is unassigned, so it joins its word and makes it [UNK].
+        assert_eq!(ids("a\u{1b4f}b"), vec![100]);
+        assert!(is_punctuation('。') && is_punctuation('!') && !is_punctuation('\u{1b4f}'));
+        assert!(is_control('\u{200b}') && !is_control('\n') && !is_control('\u{f5bf}'));
     }
 
     #[test]
