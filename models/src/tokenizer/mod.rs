@@ -14,9 +14,9 @@
 //! Unicode tables are Rust's and `unicode-properties`'; Python 3.11 uses Unicode 14, so only
 //! characters assigned after Unicode 14 can categorise differently.
 
-use std::collections::HashMap;
 use std::sync::OnceLock;
 
+use rustc_hash::FxHashMap;
 use unicode_normalization::UnicodeNormalization;
 
 use crate::error::{Error, Result};
@@ -31,10 +31,24 @@ const MAX_INPUT_CHARS_PER_WORD: usize = 200;
 
 static VOCAB_TXT: &str = include_str!("../../data/vocab.txt");
 
+/// Buffers reused across calls on one thread, so tokenizing a text allocates nothing.
+#[derive(Default)]
+struct Scratch {
+    cleaned: String,
+    word: String,
+    piece: String,
+    bounds: Vec<usize>,
+    ids: Vec<i64>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
+}
+
 /// A WordPiece tokenizer over a BERT vocabulary.
 #[derive(Debug, Clone)]
 pub struct Tokenizer {
-    vocab: HashMap<String, i64>,
+    vocab: FxHashMap<String, i64>,
     cls: i64,
     sep: i64,
     pad: i64,
@@ -55,7 +69,7 @@ impl Tokenizer {
     /// # Errors
     /// When one of `[CLS]`, `[SEP]`, `[PAD]`, `[UNK]` is missing; `source_name` names the file.
     pub fn from_vocab_text(source_name: &str, text: &str) -> Result<Self> {
-        let mut vocab = HashMap::new();
+        let mut vocab = FxHashMap::default();
         // As BERT's load_vocab: every line counts, tokens are stripped, a repeated token keeps
         // its last id.
         for (id, line) in text.lines().enumerate() {
@@ -82,11 +96,13 @@ impl Tokenizer {
     /// The WordPiece ids of `text`, without `[CLS]`/`[SEP]` (`FullTokenizer.tokenize` + ids).
     pub fn token_ids(&self, text: &str) -> Vec<i64> {
         let mut ids = Vec::new();
-        let mut piece = String::new();
-        for word in basic_tokenize(text) {
-            self.wordpiece(&word, &mut piece, &mut ids);
-        }
+        SCRATCH.with_borrow_mut(|scratch| self.token_ids_into(text, scratch, &mut ids));
         ids
+    }
+
+    fn token_ids_into(&self, text: &str, scratch: &mut Scratch, ids: &mut Vec<i64>) {
+        let Scratch { cleaned, word, piece, bounds, .. } = scratch;
+        basic_tokenize(text, cleaned, word, |token| self.wordpiece(token, piece, bounds, ids));
     }
 
     /// `cn_clip.clip.tokenize([text], context_length)[0]`: `[CLS]`, at most
@@ -110,19 +126,32 @@ impl Tokenizer {
         if context_length < 2 {
             return Err(Error::ContextLength(context_length));
         }
-        let ids = self.token_ids(text);
-        let kept = ids.len().min(context_length - 2);
-        row[0] = self.cls;
-        row[1..=kept].copy_from_slice(&ids[..kept]);
-        row[kept + 1] = self.sep;
-        row[kept + 2..].fill(0);
+        SCRATCH.with_borrow_mut(|scratch| {
+            let mut ids = std::mem::take(&mut scratch.ids);
+            ids.clear();
+            self.token_ids_into(text, scratch, &mut ids);
+            let kept = ids.len().min(context_length - 2);
+            row[0] = self.cls;
+            row[1..=kept].copy_from_slice(&ids[..kept]);
+            row[kept + 1] = self.sep;
+            row[kept + 2..].fill(0);
+            scratch.ids = ids;
+        });
         Ok(())
     }
 
     /// Greedy longest-match-first WordPiece of one basic token, appending ids.
-    fn wordpiece(&self, word: &str, piece: &mut String, ids: &mut Vec<i64>) {
+    fn wordpiece(&self, word: &str, piece: &mut String, bounds: &mut Vec<usize>, ids: &mut Vec<i64>) {
+        // Fast path: the whole word is in the vocabulary (every CJK character, most words).
+        if let Some(&id) = self.vocab.get(word) {
+            if word.chars().nth(MAX_INPUT_CHARS_PER_WORD).is_none() {
+                ids.push(id);
+                return;
+            }
+        }
         // Byte offsets of each character, plus the end, so substrings are slices.
-        let bounds: Vec<usize> = word.char_indices().map(|(i, _)| i).chain([word.len()]).collect();
+        bounds.clear();
+        bounds.extend(word.char_indices().map(|(i, _)| i).chain([word.len()]));
         let n_chars = bounds.len() - 1;
         if n_chars > MAX_INPUT_CHARS_PER_WORD {
             ids.push(self.unk);
@@ -165,41 +194,66 @@ pub fn preprocess_text(text: &str) -> String {
     text.to_lowercase().replace(['\u{201c}', '\u{201d}'], "\"")
 }
 
-/// BERT's `BasicTokenizer(do_lower_case=True).tokenize`.
-fn basic_tokenize(text: &str) -> Vec<String> {
+/// BERT's `BasicTokenizer(do_lower_case=True).tokenize`, calling `emit` with each token.
+fn basic_tokenize(text: &str, cleaned: &mut String, word: &mut String, mut emit: impl FnMut(&str)) {
     // _clean_text and _tokenize_chinese_chars in one pass.
-    let mut cleaned = String::with_capacity(text.len() + 16);
+    cleaned.clear();
     for c in text.chars() {
-        if c == '\0' || c == '\u{fffd}' || is_control(c) {
-            continue;
-        }
-        if is_whitespace(c) {
-            cleaned.push(' ');
-        } else if is_chinese_char(c) {
+        if is_chinese_char(c) {
+            // Checked first: most characters of our corpora are ideographs (never control or
+            // whitespace), and this avoids the table look-ups below.
             cleaned.push(' ');
             cleaned.push(c);
+            cleaned.push(' ');
+        } else if c == '\0' || c == '\u{fffd}' || is_control(c) {
+            continue;
+        } else if is_whitespace(c) {
             cleaned.push(' ');
         } else {
             cleaned.push(c);
         }
     }
-    let mut out = Vec::new();
-    let mut stripped = String::new();
-    for word in cleaned.split_whitespace() {
-        lower_strip_accents(word, &mut stripped);
+    for raw in cleaned.split_whitespace() {
+        if is_plain_ideograph(raw) {
+            emit(raw);
+            continue;
+        }
+        if raw.is_ascii() {
+            word.clear();
+            word.push_str(raw);
+            word.make_ascii_lowercase();
+        } else {
+            lower_strip_accents(raw, word);
+        }
         // _run_split_on_punc, then BERT's final whitespace split of the joined pieces.
-        let mut current = String::new();
-        for c in stripped.chars() {
+        let mut start = 0;
+        for (i, c) in word.char_indices() {
             if is_punctuation(c) {
-                push_words(&mut out, std::mem::take(&mut current));
-                out.push(c.to_string());
-            } else {
-                current.push(c);
+                emit_words(&word[start..i], &mut emit);
+                emit(&word[i..i + c.len_utf8()]);
+                start = i + c.len_utf8();
             }
         }
-        push_words(&mut out, current);
+        emit_words(&word[start..], &mut emit);
     }
-    out
+}
+
+/// A single ideograph from the blocks where lower-casing, NFD and accent stripping are the
+/// identity (unlike the compatibility ideographs, which decompose): emitted as it is.
+fn is_plain_ideograph(word: &str) -> bool {
+    let mut chars = word.chars();
+    matches!((chars.next(), chars.next()), (Some(c), None)
+        if matches!(c as u32, 0x4E00..=0x9FFF | 0x3400..=0x4DBF | 0x20000..=0x2CEAF))
+}
+
+/// Emits a punctuation-free piece; lower-casing or NFD can (rarely) produce whitespace in it.
+fn emit_words(piece: &str, emit: &mut impl FnMut(&str)) {
+    if piece.is_empty() {
+    } else if piece.contains(char::is_whitespace) {
+        piece.split_whitespace().for_each(emit);
+    } else {
+        emit(piece);
+    }
 }
 
 /// `_run_strip_accents(token.lower())` into `out`: lower-case, NFD, drop `Mn` marks.
@@ -236,17 +290,6 @@ fn in_table(table: &[(u32, u32)], c: char) -> bool {
 
 fn is_unassigned(c: char) -> bool {
     !c.is_ascii() && in_table(&unicode14::UNASSIGNED, c)
-}
-
-fn push_words(out: &mut Vec<String>, piece: String) {
-    if piece.is_empty() {
-        return;
-    }
-    if piece.contains(char::is_whitespace) {
-        out.extend(piece.split_whitespace().map(str::to_string));
-    } else {
-        out.push(piece);
-    }
 }
 
 /// BERT's `_is_whitespace`: space, tab, newline, carriage return, or category Zs.
