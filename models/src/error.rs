@@ -7,6 +7,14 @@ pub enum Error {
     Vocab { source_name: String, reason: String },
     #[error("context length {0} is too small: it must hold [CLS] and [SEP] (at least 2)")]
     ContextLength(usize),
+    #[error("model config: {0}")]
+    Config(String),
+    #[error("checkpoint does not fit the model: {}", describe_state_dict(.missing, .unexpected, .mis_shaped))]
+    StateDict { missing: Vec<String>, unexpected: Vec<String>, mis_shaped: Vec<String> },
+    #[error("{0}")]
+    Shape(String),
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint { path: String, reason: String },
     #[error(transparent)]
     Io(#[from] std::io::Error),
     #[error(transparent)]
@@ -14,3 +22,22 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn describe_state_dict(missing: &[String], unexpected: &[String], mis_shaped: &[String]) -> String {
+    let mut parts = Vec::new();
+    let list = |keys: &[String]| {
+        let shown: Vec<&str> = keys.iter().take(20).map(String::as_str).collect();
+        let more = keys.len().saturating_sub(shown.len());
+        if more > 0 { format!("{} and {more} more", shown.join(", ")) } else { shown.join(", ") }
+    };
+    if !missing.is_empty() {
+        parts.push(format!("{} missing key(s): {}", missing.len(), list(missing)));
+    }
+    if !unexpected.is_empty() {
+        parts.push(format!("{} unexpected key(s): {}", unexpected.len(), list(unexpected)));
+    }
+    if !mis_shaped.is_empty() {
+        parts.push(format!("{} mis-shaped key(s): {}", mis_shaped.len(), list(mis_shaped)));
+    }
+    parts.join("; ")
+}

@@ -3,5 +3,6 @@
 //! Tests that compare against cn_clip run the reference harness in the project venv
 //! (`scripts/setup.sh` makes it); they fail, not skip, when it is missing.
 
+mod models;
 mod smoke;
 mod tokenizer;

@@ -80,6 +80,9 @@ def model_info(config):
     import cn_clip.clip
 
     if isinstance(config, str):
+        from cn_clip.clip.utils import _MODEL_INFO
+        if config in _MODEL_INFO:  # a released name, e.g. "ViT-B-16"
+            config = _MODEL_INFO[config]["struct"]
         vision, text = config.split("@")
         configs = Path(cn_clip.clip.__file__).parent / "model_configs"
         info = {}
@@ -156,9 +159,26 @@ def cmd_encode(args):
     generator = torch.Generator().manual_seed(args.seed)
     images = torch.randn(args.images, 3, resolution, resolution, generator=generator)
     texts = list(read_texts(sys.stdin))
+    ids = tokenize(texts, context_length=args.context_length)
     with torch.no_grad():
         image_features = model.encode_image(images)
-        text_features = model.encode_text(tokenize(texts, context_length=args.context_length))
+        text_features = model.encode_text(ids)
+        logits_per_image, _ = model.get_similarity(images, ids)
+    if args.out:
+        # Inputs and outputs side by side, for a parity test to replay the same inputs.
+        from safetensors.torch import save_file
+        save_file(
+            {
+                "images": images.contiguous(),
+                "text_ids": ids.contiguous(),
+                "image_features": image_features.contiguous(),
+                "text_features": text_features.contiguous(),
+                "logits_per_image": logits_per_image.contiguous(),
+                "logit_scale": model.logit_scale.detach().reshape([1]).contiguous(),
+            },
+            args.out,
+        )
+        return
     json.dump(
         {
             "epoch": checkpoint["epoch"],
@@ -200,6 +220,7 @@ def main():
     p.add_argument("--images", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--context-length", type=int, default=52)
+    p.add_argument("--out", help="write inputs and outputs as safetensors instead of JSON to stdout")
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("run-module", help="run a cn_clip script (python -m MODULE) with the CPU shim")

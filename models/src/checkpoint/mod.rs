@@ -1,0 +1,159 @@
+//! Checkpoint IO.
+//!
+//! cn_clip checkpoints are `torch.save` archives: a zip holding `<name>/data.pkl` (a pickle of
+//! `{"epoch", "step", "name", "state_dict", "optimizer"}`) and one `<name>/data/<key>` record per
+//! tensor storage. We read them with the restricted [`pickle`] reader — nothing in the file is
+//! ever executed — and rebuild each tensor from its storage bytes, offset, size and stride.
+//! The same reader opens Hugging Face `pytorch_model.bin` files (a bare state dict).
+
+pub mod pickle;
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::Path;
+
+use tch::{Kind, Tensor};
+
+use crate::error::{Error, Result};
+use pickle::{StorageType, TensorRef, Value};
+
+/// A decoded `torch.save` archive: the pickled value, with tensors materialised on demand.
+pub struct TorchArchive {
+    path: String,
+    zip: zip::ZipArchive<std::fs::File>,
+    prefix: String,
+    pub value: Value,
+}
+
+fn checkpoint_error(path: &str, reason: impl std::fmt::Display) -> Error {
+    Error::Checkpoint { path: path.to_string(), reason: reason.to_string() }
+}
+
+impl TorchArchive {
+    /// Opens a `torch.save` zip archive and decodes its pickle (restricted: see [`pickle`]).
+    ///
+    /// # Errors
+    /// [`Error::Checkpoint`] naming the file: not a zip (e.g. the legacy pre-1.6 format), no
+    /// `data.pkl`, big-endian data, or a pickle that would execute code.
+    pub fn open(path: &Path) -> Result<Self> {
+        let name = path.display().to_string();
+        let file = std::fs::File::open(path).map_err(|e| checkpoint_error(&name, e))?;
+        let mut zip = zip::ZipArchive::new(file).map_err(|e| {
+            checkpoint_error(&name, format!("not a torch.save zip archive ({e}); legacy (torch < 1.6) checkpoints are not supported"))
+        })?;
+        let pkl = (0..zip.len())
+            .filter_map(|i| zip.name_for_index(i).and_then(|n| n.ok()).map(|n| n.to_string()))
+            .find(|n| n.ends_with("data.pkl") && n.matches('/').count() == 1)
+            .ok_or_else(|| checkpoint_error(&name, "no <archive>/data.pkl record"))?;
+        let prefix = pkl.trim_end_matches("data.pkl").to_string();
+        if let Ok(mut order) = zip.by_name(&format!("{prefix}byteorder")) {
+            let mut text = String::new();
+            order.read_to_string(&mut text).map_err(|e| checkpoint_error(&name, e))?;
+            if text.trim() != "little" {
+                return Err(checkpoint_error(&name, format!("byte order `{}` is not supported", text.trim())));
+            }
+        }
+        let mut data = Vec::new();
+        zip.by_name(&pkl).and_then(|mut f| Ok(f.read_to_end(&mut data)?)).map_err(|e| checkpoint_error(&name, e))?;
+        let value = pickle::load(&data).map_err(|e| checkpoint_error(&name, e))?;
+        Ok(TorchArchive { path: name, zip, prefix, value })
+    }
+
+    /// Materialises one tensor (contiguous, on the CPU).
+    ///
+    /// # Errors
+    /// When its storage record is missing or too short for the view.
+    pub fn tensor(&mut self, t: &TensorRef) -> Result<Tensor> {
+        let record = format!("{}data/{}", self.prefix, t.storage_key);
+        let elem = t.storage_type.element_size();
+        let mut bytes = Vec::new();
+        self.zip
+            .by_name(&record)
+            .and_then(|mut f| Ok(f.read_to_end(&mut bytes)?))
+            .map_err(|e| checkpoint_error(&self.path, format!("storage {record}: {e}")))?;
+        if bytes.len() < t.storage_numel * elem {
+            return Err(checkpoint_error(
+                &self.path,
+                format!("storage {record} holds {} bytes, expected {}", bytes.len(), t.storage_numel * elem),
+            ));
+        }
+        let numel: i64 = t.size.iter().product();
+        let last = t.offset as i64 + t.size.iter().zip(&t.stride).map(|(s, st)| (s - 1).max(0) * st).sum::<i64>();
+        if numel > 0 && last >= t.storage_numel as i64 {
+            return Err(checkpoint_error(&self.path, format!("tensor view past the end of storage {record}")));
+        }
+        let storage = Tensor::from_data_size(&bytes[..t.storage_numel * elem], &[t.storage_numel as i64], kind_of(t.storage_type));
+        Ok(storage.as_strided(t.size.as_slice(), t.stride.as_slice(), t.offset as i64).contiguous())
+    }
+
+    /// Every tensor of a state dict (a dict of name → tensor) as named tensors.
+    ///
+    /// # Errors
+    /// When `state_dict` is not a dict of string keys to tensors, or a tensor cannot be read.
+    pub fn state_dict(&mut self, state_dict: &Value) -> Result<BTreeMap<String, Tensor>> {
+        let Value::Dict(items) = state_dict else {
+            return Err(checkpoint_error(&self.path, "state_dict is not a dict"));
+        };
+        let mut tensors = BTreeMap::new();
+        for (key, value) in items {
+            let (Value::Str(key), Value::Tensor(t)) = (key, value) else {
+                return Err(checkpoint_error(&self.path, format!("state_dict entry {key:?} is not a named tensor")));
+            };
+            tensors.insert(key.clone(), self.tensor(t)?);
+        }
+        Ok(tensors)
+    }
+}
+
+fn kind_of(storage: StorageType) -> Kind {
+    match storage {
+        StorageType::Float => Kind::Float,
+        StorageType::Half => Kind::Half,
+        StorageType::BFloat16 => Kind::BFloat16,
+        StorageType::Double => Kind::Double,
+        StorageType::Long => Kind::Int64,
+        StorageType::Int => Kind::Int,
+        StorageType::Short => Kind::Int16,
+        StorageType::Char => Kind::Int8,
+        StorageType::Byte => Kind::Uint8,
+        StorageType::Bool => Kind::Bool,
+    }
+}
+
+/// What a cn_clip training checkpoint records besides its weights.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct CheckpointInfo {
+    pub epoch: Option<i64>,
+    pub step: Option<i64>,
+    pub name: Option<String>,
+}
+
+/// Loads a cn_clip checkpoint's state dict, keys without the DDP `module.` prefix and without
+/// `bert.pooler.*` (as cn_clip's `create_model` and eval scripts do).
+///
+/// # Errors
+/// [`Error::Checkpoint`] naming the file for anything unreadable, unsafe or without a
+/// `state_dict`.
+pub fn load_cn_clip(path: &Path) -> Result<(BTreeMap<String, Tensor>, CheckpointInfo)> {
+    let mut archive = TorchArchive::open(path)?;
+    let top = std::mem::replace(&mut archive.value, Value::None);
+    let state_dict = top
+        .get("state_dict")
+        .ok_or_else(|| checkpoint_error(&archive.path, "no `state_dict` entry: not a cn_clip checkpoint"))?;
+    let tensors = archive.state_dict(state_dict)?;
+    let strip = tensors.keys().next().is_some_and(|k| k.starts_with("module"));
+    let tensors = tensors
+        .into_iter()
+        .filter(|(k, _)| !k.contains("bert.pooler"))
+        .map(|(k, v)| (if strip { k.strip_prefix("module.").unwrap_or(&k).to_string() } else { k }, v))
+        .collect();
+    let int = |key| match top.get(key) {
+        Some(Value::Int(v)) => Some(*v),
+        _ => None,
+    };
+    let name = match top.get("name") {
+        Some(Value::Str(s)) => Some(s.clone()),
+        _ => None,
+    };
+    Ok((tensors, CheckpointInfo { epoch: int("epoch"), step: int("step"), name }))
+}

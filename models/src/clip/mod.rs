@@ -1,0 +1,212 @@
+//! Chinese-CLIP (Yang et al., 2022, "Chinese CLIP: Contrastive Vision-Language Pretraining in
+//! Chinese"), mirroring `cn_clip/clip/model.py`'s `CLIP` from cn_clip 1.6.0.
+//!
+//! All parameters live in one [`nn::VarStore`] under the names cn_clip's `state_dict` uses
+//! (`visual.…`, `bert.…`, `text_projection`, `logit_scale`), so checkpoints load by name and
+//! [`Clip::load_state_dict`] can say exactly which keys are missing, unexpected or mis-shaped.
+//! `forward` methods are infallible (tch style); shapes are checked at the boundary.
+
+pub mod config;
+mod layers;
+pub mod resnet;
+pub mod text;
+pub mod vision;
+
+use std::collections::BTreeMap;
+
+use tch::{Device, Kind, Tensor, nn};
+
+pub use config::{ClipConfig, TextConfig, VisionConfig, VisionLayers};
+
+use crate::error::{Error, Result};
+use crate::tokenizer::Tokenizer;
+
+/// The image tower: a ViT or a ModifiedResNet.
+#[derive(Debug)]
+pub enum Visual {
+    Transformer(vision::VisualTransformer),
+    ResNet(resnet::ModifiedResNet),
+}
+
+/// A Chinese-CLIP model on one device.
+#[derive(Debug)]
+pub struct Clip {
+    pub config: ClipConfig,
+    vs: nn::VarStore,
+    visual: Visual,
+    bert: text::Bert,
+    text_projection: Tensor,
+    logit_scale: Tensor,
+    pad_id: i64,
+}
+
+/// Checkpoint keys cn_clip itself drops or that hold no parameters we use.
+fn ignorable(key: &str) -> bool {
+    key.starts_with("bert.pooler.") || key.ends_with(".num_batches_tracked")
+}
+
+impl Clip {
+    /// A randomly initialised model (tch's default initialisers, not cn_clip's); load weights
+    /// with [`Clip::load_state_dict`].
+    pub fn new(config: ClipConfig, device: Device) -> Result<Self> {
+        config.validate()?;
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let v = &config.vision;
+        let visual = match v.vision_layers {
+            VisionLayers::Transformer(layers) => Visual::Transformer(vision::VisualTransformer::new(
+                &(&root / "visual"),
+                v.image_resolution,
+                v.vision_patch_size.expect("validated: ViT has a patch size"),
+                v.vision_width,
+                layers,
+                v.heads(),
+                v.embed_dim,
+            )),
+            VisionLayers::ResNet(layers) => Visual::ResNet(resnet::ModifiedResNet::new(
+                &(&root / "visual"),
+                layers,
+                v.embed_dim,
+                v.heads(),
+                v.image_resolution,
+                v.vision_width,
+            )),
+        };
+        let bert = text::Bert::new(&(&root / "bert"), &config.text);
+        let text_projection = root.var(
+            "text_projection",
+            &[config.text.text_hidden_size, v.embed_dim],
+            nn::Init::Randn { mean: 0.0, stdev: (config.text.text_hidden_size as f64).powf(-0.5) },
+        );
+        let logit_scale = root.var("logit_scale", &[], nn::Init::Const((1.0f64 / 0.07).ln()));
+        Ok(Clip { config, vs, visual, bert, text_projection, logit_scale, pad_id: Tokenizer::chinese().pad_id() })
+    }
+
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    pub fn var_store(&self) -> &nn::VarStore {
+        &self.vs
+    }
+
+    pub fn var_store_mut(&mut self) -> &mut nn::VarStore {
+        &mut self.vs
+    }
+
+    /// The side length of the square images the vision tower takes.
+    pub fn input_resolution(&self) -> i64 {
+        self.config.vision.image_resolution
+    }
+
+    /// Copies `state_dict` (cn_clip key names, `module.` prefix already stripped) into the
+    /// model, converting dtypes (fp16 checkpoints into an fp32 model, say).
+    ///
+    /// # Errors
+    /// [`Error::StateDict`] listing every missing, unexpected and mis-shaped key at once.
+    /// `bert.pooler.*` and BatchNorm `num_batches_tracked` are accepted and ignored, as cn_clip
+    /// does; nothing is copied unless everything fits.
+    pub fn load_state_dict(&mut self, state_dict: &BTreeMap<String, Tensor>) -> Result<()> {
+        let mut variables = self.vs.variables();
+        let mut missing = Vec::new();
+        let mut mis_shaped = Vec::new();
+        for (name, var) in &variables {
+            match state_dict.get(name) {
+                None => missing.push(name.clone()),
+                Some(t) if t.size() != var.size() => {
+                    mis_shaped.push(format!("{name}: checkpoint {:?}, model {:?}", t.size(), var.size()))
+                }
+                Some(_) => {}
+            }
+        }
+        let unexpected: Vec<String> =
+            state_dict.keys().filter(|k| !variables.contains_key(*k) && !ignorable(k)).cloned().collect();
+        if !(missing.is_empty() && unexpected.is_empty() && mis_shaped.is_empty()) {
+            missing.sort();
+            mis_shaped.sort();
+            return Err(Error::StateDict { missing, unexpected, mis_shaped });
+        }
+        tch::no_grad(|| {
+            for (name, var) in variables.iter_mut() {
+                var.copy_(&state_dict[name].to_kind(var.kind()));
+            }
+        });
+        Ok(())
+    }
+
+    /// The model's parameters under cn_clip's key names.
+    pub fn state_dict(&self) -> BTreeMap<String, Tensor> {
+        self.vs.variables().into_iter().collect()
+    }
+
+    /// Converts every parameter to `kind` (fp32, fp16, bf16).
+    pub fn set_kind(&mut self, kind: Kind) {
+        self.vs.set_kind(kind);
+    }
+
+    /// `CLIP.encode_image`: features `[N, embed_dim]` (not normalised) of preprocessed pixels.
+    ///
+    /// # Errors
+    /// When `pixels` is not `[N, 3, R, R]` at the model's resolution.
+    pub fn encode_image(&self, pixels: &Tensor) -> Result<Tensor> {
+        let r = self.input_resolution();
+        match pixels.size().as_slice() {
+            [_, 3, h, w] if *h == r && *w == r => {}
+            other => {
+                return Err(Error::Shape(format!("images must be [N, 3, {r}, {r}], got {other:?}")));
+            }
+        }
+        Ok(tch::no_grad(|| self.encode_image_t(pixels, 0.0)))
+    }
+
+    /// Image features with autograd (training); `mask_ratio` is FLIP masking (ViT only).
+    pub fn encode_image_t(&self, pixels: &Tensor, mask_ratio: f64) -> Tensor {
+        match &self.visual {
+            Visual::Transformer(vit) => vit.forward(pixels, mask_ratio),
+            Visual::ResNet(resnet) => resnet.forward(pixels),
+        }
+    }
+
+    /// `CLIP.encode_text`: features `[N, embed_dim]` (not normalised) of token ids `[N, L]`.
+    ///
+    /// # Errors
+    /// When `ids` is not a 2-D integer tensor no longer than the position embeddings.
+    pub fn encode_text(&self, ids: &Tensor) -> Result<Tensor> {
+        let max = self.config.text.text_max_position_embeddings;
+        match (ids.size().as_slice(), ids.kind()) {
+            ([_, l], Kind::Int64 | Kind::Int) if *l <= max => {}
+            (shape, kind) => {
+                return Err(Error::Shape(format!("token ids must be [N, L ≤ {max}] integers, got {shape:?} {kind:?}")));
+            }
+        }
+        Ok(tch::no_grad(|| self.encode_text_t(&ids.to_kind(Kind::Int64))))
+    }
+
+    /// Text features with autograd (training).
+    pub fn encode_text_t(&self, ids: &Tensor) -> Tensor {
+        let hidden = self.bert.forward(ids, self.pad_id);
+        hidden.select(1, 0).matmul(&self.text_projection)
+    }
+
+    /// `exp(logit_scale)`, the temperature's inverse.
+    pub fn logit_scale(&self) -> f64 {
+        self.logit_scale.exp().double_value(&[])
+    }
+
+    /// `CLIP.get_similarity`: (`logits_per_image` `[Ni, Nt]`, `logits_per_text` `[Nt, Ni]`).
+    ///
+    /// # Errors
+    /// As [`Clip::encode_image`] and [`Clip::encode_text`].
+    pub fn get_similarity(&self, pixels: &Tensor, ids: &Tensor) -> Result<(Tensor, Tensor)> {
+        let image_features = normalize(&self.encode_image(pixels)?);
+        let text_features = normalize(&self.encode_text(ids)?);
+        let logits_per_image = image_features.matmul(&text_features.tr()) * self.logit_scale();
+        let logits_per_text = logits_per_image.tr();
+        Ok((logits_per_image, logits_per_text))
+    }
+}
+
+/// L2-normalises each row, as cn_clip does (`x / x.norm(dim=-1, keepdim=True)`).
+pub fn normalize(features: &Tensor) -> Tensor {
+    features / features.norm_scalaropt_dim(2, [-1], true)
+}

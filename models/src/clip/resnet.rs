@@ -1,0 +1,167 @@
+//! cn_clip's `ModifiedResNet` (`cn_clip/clip/model.py`, from OpenAI CLIP): a 3-convolution
+//! stem with average pooling, anti-aliased strided Bottlenecks (avgpool before the stride), and
+//! QKV attention pooling (`AttentionPool2d`) in place of global average pooling.
+//!
+//! Inference only: BatchNorm uses its running statistics (cn_clip evaluates in `eval()` mode,
+//! and its training script freezes nothing here but never trains RN50's BN statistics on CPU).
+
+use tch::{Tensor, nn, nn::Module, nn::ModuleT};
+
+use super::layers::{attention_heads, merge_heads};
+
+fn conv(p: nn::Path, i: i64, o: i64, k: i64, stride: i64, padding: i64) -> nn::Conv2D {
+    nn::conv2d(p, i, o, k, nn::ConvConfig { stride, padding, bias: false, ..Default::default() })
+}
+
+fn bn(p: nn::Path, n: i64) -> nn::BatchNorm {
+    nn::batch_norm2d(p, n, Default::default())
+}
+
+fn avg_pool(x: &Tensor, k: i64) -> Tensor {
+    x.avg_pool2d([k, k], [k, k], [0, 0], false, true, None)
+}
+
+#[derive(Debug)]
+struct Bottleneck {
+    conv1: nn::Conv2D,
+    bn1: nn::BatchNorm,
+    conv2: nn::Conv2D,
+    bn2: nn::BatchNorm,
+    conv3: nn::Conv2D,
+    bn3: nn::BatchNorm,
+    downsample: Option<(nn::Conv2D, nn::BatchNorm)>,
+    stride: i64,
+}
+
+impl Bottleneck {
+    const EXPANSION: i64 = 4;
+
+    fn new(p: &nn::Path, inplanes: i64, planes: i64, stride: i64) -> Self {
+        let out = planes * Self::EXPANSION;
+        let downsample = (stride > 1 || inplanes != out)
+            .then(|| (conv(p / "downsample" / "0", inplanes, out, 1, 1, 0), bn(p / "downsample" / "1", out)));
+        Bottleneck {
+            conv1: conv(p / "conv1", inplanes, planes, 1, 1, 0),
+            bn1: bn(p / "bn1", planes),
+            conv2: conv(p / "conv2", planes, planes, 3, 1, 1),
+            bn2: bn(p / "bn2", planes),
+            conv3: conv(p / "conv3", planes, out, 1, 1, 0),
+            bn3: bn(p / "bn3", out),
+            downsample,
+            stride,
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let out = self.bn1.forward_t(&self.conv1.forward(x), false).relu();
+        let mut out = self.bn2.forward_t(&self.conv2.forward(&out), false).relu();
+        if self.stride > 1 {
+            out = avg_pool(&out, self.stride);
+        }
+        let out = self.bn3.forward_t(&self.conv3.forward(&out), false);
+        let identity = match &self.downsample {
+            Some((conv, bn)) => {
+                let pooled = if self.stride > 1 { avg_pool(x, self.stride) } else { x.shallow_clone() };
+                bn.forward_t(&conv.forward(&pooled), false)
+            }
+            None => x.shallow_clone(),
+        };
+        (out + identity).relu()
+    }
+}
+
+/// `AttentionPool2d`: the mean token attends over all spatial tokens; its output is the feature.
+#[derive(Debug)]
+struct AttentionPool2d {
+    positional_embedding: Tensor,
+    q_proj: nn::Linear,
+    k_proj: nn::Linear,
+    v_proj: nn::Linear,
+    c_proj: nn::Linear,
+    heads: i64,
+}
+
+impl AttentionPool2d {
+    fn new(p: &nn::Path, spacial_dim: i64, embed_dim: i64, heads: i64, output_dim: i64) -> Self {
+        let linear = |name: &str, o| nn::linear(p / name, embed_dim, o, Default::default());
+        AttentionPool2d {
+            positional_embedding: p.var(
+                "positional_embedding",
+                &[spacial_dim * spacial_dim + 1, embed_dim],
+                nn::Init::Randn { mean: 0.0, stdev: (embed_dim as f64).powf(-0.5) },
+            ),
+            q_proj: linear("q_proj", embed_dim),
+            k_proj: linear("k_proj", embed_dim),
+            v_proj: linear("v_proj", embed_dim),
+            c_proj: linear("c_proj", output_dim),
+            heads,
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let x = x.flatten(2, -1).transpose(1, 2); // [N, HW, C]
+        let kind = x.kind();
+        let x = Tensor::cat(&[x.mean_dim(1, true, None), x], 1) + self.positional_embedding.to_kind(kind);
+        // Only the first token's output is used, so only it needs to be a query.
+        let q = attention_heads(&self.q_proj.forward(&x.narrow(1, 0, 1)), self.heads);
+        let k = attention_heads(&self.k_proj.forward(&x), self.heads);
+        let v = attention_heads(&self.v_proj.forward(&x), self.heads);
+        let attended = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false);
+        self.c_proj.forward(&merge_heads(&attended)).squeeze_dim(1)
+    }
+}
+
+/// cn_clip's `ModifiedResNet`.
+#[derive(Debug)]
+pub struct ModifiedResNet {
+    stem: [(nn::Conv2D, nn::BatchNorm); 3],
+    stages: Vec<Vec<Bottleneck>>,
+    attnpool: AttentionPool2d,
+    pub input_resolution: i64,
+}
+
+impl ModifiedResNet {
+    pub fn new(p: &nn::Path, layers: [i64; 4], output_dim: i64, heads: i64, input_resolution: i64, width: i64) -> Self {
+        let stem = [
+            (conv(p / "conv1", 3, width / 2, 3, 2, 1), bn(p / "bn1", width / 2)),
+            (conv(p / "conv2", width / 2, width / 2, 3, 1, 1), bn(p / "bn2", width / 2)),
+            (conv(p / "conv3", width / 2, width, 3, 1, 1), bn(p / "bn3", width)),
+        ];
+        let mut inplanes = width;
+        let stages = layers
+            .iter()
+            .enumerate()
+            .map(|(i, &blocks)| {
+                let planes = width << i;
+                let stage = p / format!("layer{}", i + 1);
+                (0..blocks)
+                    .map(|b| {
+                        let stride = if i > 0 && b == 0 { 2 } else { 1 };
+                        let block = Bottleneck::new(&(&stage / b), inplanes, planes, stride);
+                        inplanes = planes * Bottleneck::EXPANSION;
+                        block
+                    })
+                    .collect()
+            })
+            .collect();
+        ModifiedResNet {
+            stem,
+            stages,
+            attnpool: AttentionPool2d::new(&(p / "attnpool"), input_resolution / 32, width * 32, heads, output_dim),
+            input_resolution,
+        }
+    }
+
+    /// Image features `[N, output_dim]` (not normalised) of pixels `[N, 3, R, R]`.
+    pub fn forward(&self, pixels: &Tensor) -> Tensor {
+        let mut x = pixels.to_kind(self.stem[0].0.ws.kind());
+        for (conv, bn) in &self.stem {
+            x = bn.forward_t(&conv.forward(&x), false).relu();
+        }
+        x = avg_pool(&x, 2);
+        for block in self.stages.iter().flatten() {
+            x = block.forward(&x);
+        }
+        self.attnpool.forward(&x)
+    }
+}

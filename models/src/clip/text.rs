@@ -1,0 +1,125 @@
+//! cn_clip's BERT text tower (`cn_clip/clip/modeling_bert.py`, `BertModel` without pooler):
+//! word + position + token-type embeddings, post-LayerNorm encoder layers, and the text feature
+//! `hidden[:, 0] @ text_projection` that `CLIP.encode_text` takes.
+//!
+//! The attention mask is cn_clip's: positions holding `[PAD]` get `-10000` added to their
+//! scores (not `-inf`), passed to `scaled_dot_product_attention` as an additive float mask.
+
+use tch::{Kind, Tensor, nn, nn::Module};
+
+use super::config::TextConfig;
+use super::layers::{LayerNorm, attention_heads, merge_heads};
+
+const LAYER_NORM_EPS: f64 = 1e-12;
+
+#[derive(Debug, Clone, Copy)]
+enum Activation {
+    Gelu,
+    GeluNew,
+    Relu,
+    Swish,
+}
+
+impl Activation {
+    fn apply(self, x: &Tensor) -> Tensor {
+        match self {
+            Activation::Gelu => x.gelu("none"),
+            Activation::GeluNew => x.gelu("tanh"),
+            Activation::Relu => x.relu(),
+            Activation::Swish => x * x.sigmoid(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct BertLayer {
+    query: nn::Linear,
+    key: nn::Linear,
+    value: nn::Linear,
+    attention_output: nn::Linear,
+    attention_norm: LayerNorm,
+    intermediate: nn::Linear,
+    output: nn::Linear,
+    output_norm: LayerNorm,
+    heads: i64,
+    activation: Activation,
+}
+
+impl BertLayer {
+    fn new(p: &nn::Path, c: &TextConfig, activation: Activation) -> Self {
+        let (hidden, inter) = (c.text_hidden_size, c.text_intermediate_size);
+        let attention = p / "attention";
+        let linear = |path: nn::Path, i, o| nn::linear(path, i, o, Default::default());
+        BertLayer {
+            query: linear(&attention / "self" / "query", hidden, hidden),
+            key: linear(&attention / "self" / "key", hidden, hidden),
+            value: linear(&attention / "self" / "value", hidden, hidden),
+            attention_output: linear(&attention / "output" / "dense", hidden, hidden),
+            attention_norm: LayerNorm::new(&attention / "output" / "LayerNorm", hidden, LAYER_NORM_EPS),
+            intermediate: linear(p / "intermediate" / "dense", hidden, inter),
+            output: linear(p / "output" / "dense", inter, hidden),
+            output_norm: LayerNorm::new(p / "output" / "LayerNorm", hidden, LAYER_NORM_EPS),
+            heads: c.text_num_attention_heads,
+            activation,
+        }
+    }
+
+    fn forward(&self, x: &Tensor, additive_mask: &Tensor) -> Tensor {
+        let q = attention_heads(&self.query.forward(x), self.heads);
+        let k = attention_heads(&self.key.forward(x), self.heads);
+        let v = attention_heads(&self.value.forward(x), self.heads);
+        let context = Tensor::scaled_dot_product_attention(&q, &k, &v, Some(additive_mask), 0.0, false, None, false);
+        let attended = self.attention_norm.forward(&(self.attention_output.forward(&merge_heads(&context)) + x));
+        let inter = self.activation.apply(&self.intermediate.forward(&attended));
+        self.output_norm.forward(&(self.output.forward(&inter) + &attended))
+    }
+}
+
+/// cn_clip's `BertModel` (as `CLIP.bert`).
+#[derive(Debug)]
+pub struct Bert {
+    word_embeddings: nn::Embedding,
+    position_embeddings: nn::Embedding,
+    token_type_embeddings: nn::Embedding,
+    embeddings_norm: LayerNorm,
+    layers: Vec<BertLayer>,
+}
+
+impl Bert {
+    pub fn new(p: &nn::Path, c: &TextConfig) -> Self {
+        let activation = match c.text_hidden_act.as_str() {
+            "gelu_new" => Activation::GeluNew,
+            "relu" => Activation::Relu,
+            "swish" => Activation::Swish,
+            _ => Activation::Gelu, // validated by ClipConfig::validate
+        };
+        let e = p / "embeddings";
+        let hidden = c.text_hidden_size;
+        let emb = |name: &str, n| nn::embedding(&e / name, n, hidden, Default::default());
+        let layers = p / "encoder" / "layer";
+        Bert {
+            word_embeddings: emb("word_embeddings", c.vocab_size),
+            position_embeddings: emb("position_embeddings", c.text_max_position_embeddings),
+            token_type_embeddings: emb("token_type_embeddings", c.text_type_vocab_size),
+            embeddings_norm: LayerNorm::new(&e / "LayerNorm", hidden, LAYER_NORM_EPS),
+            layers: (0..c.text_num_hidden_layers).map(|i| BertLayer::new(&(&layers / i), c, activation)).collect(),
+        }
+    }
+
+    /// Last hidden states `[N, L, hidden]` of token ids `[N, L]`; `pad_id` positions are masked.
+    pub fn forward(&self, ids: &Tensor, pad_id: i64) -> Tensor {
+        let (_, seq_len) = ids.size2().expect("[N, L] token ids");
+        let kind = self.word_embeddings.ws.kind();
+        let keep = ids.ne(pad_id).to_kind(kind);
+        let additive_mask = ((keep.ones_like() - &keep) * -10000.0).unsqueeze(1).unsqueeze(2); // [N, 1, 1, L]
+        let positions = Tensor::arange(seq_len, (Kind::Int64, ids.device())).unsqueeze(0);
+        let embedded = self.word_embeddings.forward(ids)
+            + self.position_embeddings.forward(&positions)
+            + self.token_type_embeddings.forward(&ids.zeros_like());
+        let mut x = self.embeddings_norm.forward(&embedded);
+        for layer in &self.layers {
+            x = layer.forward(&x, &additive_mask);
+        }
+        x
+    }
+}
