@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod benchmark;
 mod tokenize;
 
 #[derive(Parser)]
@@ -21,6 +22,15 @@ struct Cli {
 enum Command {
     /// Tokenize texts exactly as cn_clip.clip.tokenize: one text per stdin line, one JSON id array per line.
     Tokenize(tokenize::Args),
+    /// Measure encode throughput (model only, random weights), e.g. against scripts/bench/encode.py.
+    #[command(subcommand)]
+    Benchmark(BenchmarkCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchmarkCommand {
+    /// Image and text encode throughput of one model on one device.
+    Encode(benchmark::Args),
 }
 
 fn main() -> ExitCode {
@@ -31,6 +41,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Tokenize(args) => tokenize::run(args),
+        Command::Benchmark(BenchmarkCommand::Encode(args)) => benchmark::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -250,3 +250,22 @@ print(json.dumps({"top": sorted(c), "all_module": all(k.startswith("module.") fo
     assert_eq!(shape(&encoded["text_features"]), (2, 32));
     assert!((encoded["logit_scale"].as_f64().unwrap() - (1.0f64 / 0.07).ln()).abs() < 1e-3);
 }
+
+/// `schemas` and `pipeline` must build without the native stack (issue #2): notebooks and light
+/// tools depend on them alone.
+#[test]
+fn schemas_and_pipeline_do_not_depend_on_libtorch_or_faiss() {
+    for package in ["cnclip-schemas", "cnclip-pipeline"] {
+        let output = std::process::Command::new(env!("CARGO"))
+            .args(["tree", "--offline", "-e", "normal,build", "--prefix", "none", "-p", package])
+            .current_dir(cnclip_tests::workspace_root())
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let tree = String::from_utf8(output.stdout).unwrap();
+        assert!(tree.starts_with(package), "{tree}");
+        for native in ["torch-sys", "tch ", "faiss", "datafusion"] {
+            assert!(!tree.contains(native), "{package} depends on {native}:\n{tree}");
+        }
+    }
+}

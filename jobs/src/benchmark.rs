@@ -1,0 +1,104 @@
+//! `cnclip benchmark encode`: model-only encode throughput on random weights and inputs.
+//!
+//! Weights do not change the speed of a forward pass, so no checkpoint is needed; this makes it
+//! the portable check to run on a GPU machine. `scripts/bench/encode.py` runs the same batches
+//! through cn_clip and prints both side by side.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use cnclip_models::{Clip, ClipConfig, Tokenizer};
+use tch::{Device, Kind, Tensor};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Released name (ViT-B-16, RN50, …) or Vision@Text.
+    #[arg(long, default_value = "ViT-B-16")]
+    model: String,
+    #[arg(long, default_value_t = 32)]
+    batch_size: i64,
+    /// Timed batches per tower (after one warm-up batch).
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
+    /// CPU threads for libtorch (0: libtorch's default).
+    #[arg(long, default_value_t = 0)]
+    threads: i32,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// fp32, fp16 or bf16.
+    #[arg(long, default_value = "fp32")]
+    precision: String,
+    #[arg(long, default_value_t = 52)]
+    context_length: usize,
+}
+
+pub fn parse_device(name: &str) -> Result<Device> {
+    Ok(match name {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda(0),
+        other => match other.strip_prefix("cuda:").map(str::parse) {
+            Some(Ok(n)) => Device::Cuda(n),
+            _ => bail!("unknown device `{other}`: use cpu, cuda or cuda:N"),
+        },
+    })
+}
+
+pub fn parse_precision(name: &str) -> Result<Kind> {
+    Ok(match name {
+        "fp32" => Kind::Float,
+        "fp16" => Kind::Half,
+        "bf16" => Kind::BFloat16,
+        other => bail!("unknown precision `{other}`: use fp32, fp16 or bf16"),
+    })
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if args.threads > 0 {
+        tch::set_num_threads(args.threads);
+    }
+    let device = parse_device(&args.device)?;
+    let kind = parse_precision(&args.precision)?;
+    let config = ClipConfig::from_name(&args.model)?;
+    let mut model = Clip::new(config, device).context("building the model")?;
+    model.set_kind(kind);
+    let r = model.input_resolution();
+    let images = Tensor::randn([args.batch_size, 3, r, r], (kind, device));
+    let captions = ["一只可爱的小猫在草地上玩耍。", "左上角有一个红色的大圆形", "A photo of a dog playing frisbee."];
+    let mut ids = vec![0i64; args.batch_size as usize * args.context_length];
+    for (i, row) in ids.chunks_mut(args.context_length).enumerate() {
+        Tokenizer::chinese().encode_into(captions[i % captions.len()], row)?;
+    }
+    let ids = Tensor::from_slice(&ids).view([args.batch_size, args.context_length as i64]).to_device(device);
+
+    let time = |f: &dyn Fn() -> Result<Tensor>| -> Result<f64> {
+        drop(f()?); // warm-up (allocator, kernels, cuDNN autotune)
+        sync(device);
+        let start = Instant::now();
+        for _ in 0..args.iters {
+            drop(f()?);
+        }
+        sync(device);
+        Ok(start.elapsed().as_secs_f64())
+    };
+    let image_s = time(&|| Ok(model.encode_image(&images)?))?;
+    let text_s = time(&|| Ok(model.encode_text(&ids)?))?;
+    let n = (args.batch_size as usize * args.iters) as f64;
+    println!(
+        "cnclip {} {} {:?} batch {} threads {}: image {:.1}/s, text {:.1}/s",
+        args.model,
+        args.precision,
+        device,
+        args.batch_size,
+        tch::get_num_threads(),
+        n / image_s,
+        n / text_s
+    );
+    Ok(())
+}
+
+fn sync(device: Device) {
+    if let Device::Cuda(n) = device {
+        tch::Cuda::synchronize(n as i64);
+    }
+}
