@@ -9,6 +9,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod benchmark;
+mod convert;
+mod model_args;
 mod tokenize;
 
 #[derive(Parser)]
@@ -22,6 +24,8 @@ struct Cli {
 enum Command {
     /// Tokenize texts exactly as cn_clip.clip.tokenize: one text per stdin line, one JSON id array per line.
     Tokenize(tokenize::Args),
+    /// Convert checkpoints between cn_clip's .pt and cnclip's self-describing .safetensors.
+    Convert(convert::Args),
     /// Measure encode throughput (model only, random weights), e.g. against scripts/bench/encode.py.
     #[command(subcommand)]
     Benchmark(BenchmarkCommand),
@@ -42,6 +46,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Tokenize(args) => tokenize::run(args),
         Command::Benchmark(BenchmarkCommand::Encode(args)) => benchmark::run(args),
+        Command::Convert(args) => convert::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

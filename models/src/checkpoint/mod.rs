@@ -6,7 +6,11 @@
 //! ever executed — and rebuild each tensor from its storage bytes, offset, size and stride.
 //! The same reader opens Hugging Face `pytorch_model.bin` files (a bare state dict).
 
+pub mod own;
 pub mod pickle;
+pub mod torch_save;
+
+pub use torch_save::save_cn_clip;
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -14,6 +18,7 @@ use std::path::Path;
 
 use tch::{Kind, Tensor};
 
+use crate::clip::{Clip, ClipConfig};
 use crate::error::{Error, Result};
 use pickle::{StorageType, TensorRef, Value};
 
@@ -156,4 +161,63 @@ pub fn load_cn_clip(path: &Path) -> Result<(BTreeMap<String, Tensor>, Checkpoint
         _ => None,
     };
     Ok((tensors, CheckpointInfo { epoch: int("epoch"), step: int("step"), name }))
+}
+
+/// The checkpoint formats cnclip reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// cn_clip's `torch.save` archive (`.pt`), with `state_dict` inside.
+    CnClip,
+    /// cnclip's safetensors with its config in the metadata.
+    Cnclip,
+}
+
+impl Format {
+    /// Guesses a format from the file's first bytes (zip magic → cn_clip) or, for a file that
+    /// does not exist yet, from its extension (`.pt`/`.pth`/`.bin` → cn_clip).
+    pub fn detect(path: &Path) -> Format {
+        let mut magic = [0u8; 4];
+        let is_zip = std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && &magic == b"PK\x03\x04";
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+        if is_zip || (!path.exists() && matches!(ext, "pt" | "pth" | "bin")) { Format::CnClip } else { Format::Cnclip }
+    }
+}
+
+/// Loads a model from any supported checkpoint onto `device`.
+///
+/// `architecture` is required for cn_clip checkpoints, which do not record it (cn_clip's
+/// scripts take `--vision-model`/`--text-model`); for cnclip checkpoints it is optional and,
+/// when given, must match the file's config.
+///
+/// # Errors
+/// [`Error::Checkpoint`] for unreadable or unsafe files, [`Error::Config`] for a missing or
+/// contradicting architecture, [`Error::StateDict`] when the weights do not fit.
+pub fn load_clip(path: &Path, architecture: Option<&ClipConfig>, device: tch::Device) -> Result<(Clip, CheckpointInfo)> {
+    let (config, state_dict, info) = match Format::detect(path) {
+        Format::CnClip => {
+            let config = architecture.cloned().ok_or_else(|| {
+                Error::Config(format!(
+                    "{} is a cn_clip checkpoint, which does not record its architecture: name it (e.g. --vision-model ViT-B-16 --text-model RoBERTa-wwm-ext-base-chinese)",
+                    path.display()
+                ))
+            })?;
+            let (state_dict, info) = load_cn_clip(path)?;
+            (config, state_dict, info)
+        }
+        Format::Cnclip => {
+            let (config, state_dict) = own::load(path)?;
+            if let Some(wanted) = architecture.filter(|a| **a != config) {
+                return Err(Error::Config(format!(
+                    "{} holds a different architecture than the one named: file {}, named {}",
+                    path.display(),
+                    serde_json::to_string(&config).unwrap_or_default(),
+                    serde_json::to_string(wanted).unwrap_or_default()
+                )));
+            }
+            (config, state_dict, CheckpointInfo::default())
+        }
+    };
+    let mut model = Clip::new(config, device)?;
+    model.load_state_dict(&state_dict)?;
+    Ok((model, info))
 }

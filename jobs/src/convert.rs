@@ -1,0 +1,50 @@
+//! `cnclip convert`: between cn_clip checkpoints (`.pt`) and cnclip's self-describing
+//! safetensors. The output format follows the output's extension (`.pt`/`.pth` → cn_clip,
+//! anything else → cnclip) unless `--format` says otherwise. A cn_clip `.pt` we write loads in
+//! cn_clip's `create_model` and eval scripts.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use cnclip_models::checkpoint::{self, Format};
+use tch::Device;
+
+use crate::model_args::ModelArgs;
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(long)]
+    input: PathBuf,
+    #[arg(long)]
+    output: PathBuf,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Output format: cn-clip (.pt) or cnclip (.safetensors); default from the extension.
+    #[arg(long, value_parser = ["cn-clip", "cnclip"])]
+    format: Option<String>,
+    /// Weight precision of the output: fp32, fp16 or bf16.
+    #[arg(long, default_value = "fp32")]
+    precision: String,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let architecture = args.model.config()?;
+    let (mut model, info) = checkpoint::load_clip(&args.input, architecture.as_ref(), Device::Cpu)
+        .with_context(|| format!("loading {}", args.input.display()))?;
+    model.set_kind(crate::benchmark::parse_precision(&args.precision)?);
+    let format = match args.format.as_deref() {
+        Some("cn-clip") => Format::CnClip,
+        Some(_) => Format::Cnclip,
+        None => match args.output.extension().and_then(|e| e.to_str()) {
+            Some("pt" | "pth") => Format::CnClip,
+            _ => Format::Cnclip,
+        },
+    };
+    let state_dict = model.state_dict();
+    match format {
+        Format::CnClip => checkpoint::save_cn_clip(&args.output, &state_dict, &info)?,
+        Format::Cnclip => checkpoint::own::save(&args.output, &model.config, &state_dict)?,
+    }
+    eprintln!("cnclip: wrote {} ({} tensors, {format:?} format)", args.output.display(), state_dict.len());
+    Ok(())
+}

@@ -1,0 +1,32 @@
+//! The model-selection flags shared by subcommands, named as in cn_clip's scripts.
+
+use anyhow::{Result, bail};
+use cnclip_models::ClipConfig;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Vision tower (ViT-B-32, ViT-B-16, ViT-L-14, ViT-L-14-336, ViT-H-14, RN50), as cn_clip's --vision-model.
+    #[arg(long)]
+    pub vision_model: Option<String>,
+    /// Text tower (RoBERTa-wwm-ext-base-chinese, RoBERTa-wwm-ext-large-chinese, RBT3-chinese), as cn_clip's --text-model.
+    #[arg(long)]
+    pub text_model: Option<String>,
+    /// A model config file: cn_clip's merged model_info JSON (for custom sizes).
+    #[arg(long, conflicts_with_all = ["vision_model", "text_model"])]
+    pub model_config: Option<std::path::PathBuf>,
+}
+
+impl ModelArgs {
+    /// The named architecture, if any (cnclip checkpoints carry their own).
+    pub fn config(&self) -> Result<Option<ClipConfig>> {
+        if let Some(path) = &self.model_config {
+            let json = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+            return Ok(Some(ClipConfig::from_json(&json)?));
+        }
+        match (&self.vision_model, &self.text_model) {
+            (Some(v), Some(t)) => Ok(Some(ClipConfig::from_name(&format!("{v}@{t}"))?)),
+            (None, None) => Ok(None),
+            _ => bail!("--vision-model and --text-model go together"),
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! cnclip's own checkpoint format: one safetensors file whose metadata carries the model config
+//! (`cnclip.config`, cn_clip's `model_info` JSON), so a checkpoint is self-describing — unlike
+//! a cn_clip `.pt`, which needs `--vision-model`/`--text-model` beside it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use tch::{Kind, Tensor};
+
+use crate::clip::ClipConfig;
+use crate::error::{Error, Result};
+
+pub const FORMAT_KEY: &str = "format";
+pub const FORMAT: &str = "cnclip";
+pub const CONFIG_KEY: &str = "cnclip.config";
+
+fn dtype_of(kind: Kind) -> Result<Dtype> {
+    Ok(match kind {
+        Kind::Float => Dtype::F32,
+        Kind::Half => Dtype::F16,
+        Kind::BFloat16 => Dtype::BF16,
+        Kind::Double => Dtype::F64,
+        Kind::Int64 => Dtype::I64,
+        Kind::Int => Dtype::I32,
+        Kind::Uint8 => Dtype::U8,
+        Kind::Bool => Dtype::BOOL,
+        other => return Err(Error::Shape(format!("cannot store a {other:?} tensor in safetensors"))),
+    })
+}
+
+pub(crate) fn kind_of(dtype: Dtype) -> Option<Kind> {
+    Some(match dtype {
+        Dtype::F32 => Kind::Float,
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::F64 => Kind::Double,
+        Dtype::I64 => Kind::Int64,
+        Dtype::I32 => Kind::Int,
+        Dtype::U8 => Kind::Uint8,
+        Dtype::BOOL => Kind::Bool,
+        _ => return None,
+    })
+}
+
+/// Saves a state dict and its config, atomically.
+///
+/// # Errors
+/// IO errors or unsupported dtypes.
+pub fn save(path: &Path, config: &ClipConfig, state_dict: &BTreeMap<String, Tensor>) -> Result<()> {
+    let mut buffers = Vec::with_capacity(state_dict.len());
+    for (name, tensor) in state_dict {
+        let tensor = tensor.to_device(tch::Device::Cpu).contiguous();
+        let numel = tensor.numel();
+        let mut data = vec![0u8; numel * tensor.kind().elt_size_in_bytes()];
+        tensor.copy_data_u8(&mut data, numel);
+        let shape: Vec<usize> = tensor.size().iter().map(|&d| d as usize).collect();
+        buffers.push((name.clone(), dtype_of(tensor.kind())?, shape, data));
+    }
+    let views = buffers
+        .iter()
+        .map(|(name, dtype, shape, data)| {
+            TensorView::new(*dtype, shape.clone(), data).map(|v| (name.clone(), v)).map_err(|e| Error::Shape(e.to_string()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let metadata = HashMap::from([
+        (FORMAT_KEY.to_string(), FORMAT.to_string()),
+        (CONFIG_KEY.to_string(), serde_json::to_string(config).expect("configs serialise")),
+        ("cnclip.version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
+    ]);
+    let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| Error::Shape(e.to_string()))?;
+    crate::write_atomically(path, |file| std::io::Write::write_all(file, &bytes))
+}
+
+/// Reads every tensor of a safetensors file, and its metadata.
+///
+/// # Errors
+/// [`Error::Checkpoint`] naming the file when it is not valid safetensors.
+pub fn read_safetensors(path: &Path) -> Result<(BTreeMap<String, Tensor>, HashMap<String, String>)> {
+    let name = path.display().to_string();
+    let bad = |reason: String| Error::Checkpoint { path: name.clone(), reason };
+    let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let metadata = header.metadata().clone().unwrap_or_default();
+    let tensors = SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let mut out = BTreeMap::new();
+    for (key, view) in tensors.tensors() {
+        let kind = kind_of(view.dtype()).ok_or_else(|| bad(format!("tensor {key}: unsupported dtype {:?}", view.dtype())))?;
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        out.insert(key, Tensor::from_data_size(view.data(), &shape, kind));
+    }
+    Ok((out, metadata))
+}
+
+/// Loads a cnclip checkpoint: its config and state dict.
+///
+/// # Errors
+/// [`Error::Checkpoint`] when the file is not cnclip's format or its config is invalid.
+pub fn load(path: &Path) -> Result<(ClipConfig, BTreeMap<String, Tensor>)> {
+    let (tensors, metadata) = read_safetensors(path)?;
+    let bad = |reason: String| Error::Checkpoint { path: path.display().to_string(), reason };
+    if metadata.get(FORMAT_KEY).map(String::as_str) != Some(FORMAT) {
+        return Err(bad(format!("safetensors metadata has no `{FORMAT_KEY}: {FORMAT}`: not a cnclip checkpoint")));
+    }
+    let config = metadata.get(CONFIG_KEY).ok_or_else(|| bad(format!("no `{CONFIG_KEY}` metadata")))?;
+    let config = ClipConfig::from_json(config).map_err(|e| bad(e.to_string()))?;
+    Ok((config, tensors))
+}
