@@ -7,6 +7,7 @@
 pub mod checkpoint;
 pub mod clip;
 pub mod error;
+pub mod preprocess;
 pub mod tokenizer;
 
 pub use clip::{Clip, ClipConfig, normalize};

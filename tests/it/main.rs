@@ -5,5 +5,6 @@
 
 mod checkpoints;
 mod models;
+mod preprocess;
 mod smoke;
 mod tokenizer;

@@ -192,6 +192,25 @@ def cmd_encode(args):
     sys.stdout.write("\n")
 
 
+def cmd_preprocess(args):
+    """cn_clip's image_transform up to ToTensor (Resize then convert("RGB")), as uint8 pixels."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from safetensors.torch import save_file
+    from cn_clip.clip.utils import image_transform
+
+    resize, to_rgb = image_transform(args.resolution).transforms[:2]
+    pixels, modes = {}, []
+    for i, path in enumerate(args.files):
+        image = Image.open(path)
+        modes.append(image.mode)
+        pixels[str(i)] = torch.from_numpy(np.array(to_rgb(resize(image)), dtype=np.uint8).copy())
+    save_file(pixels, args.out)
+    json.dump({"modes": modes}, sys.stdout)
+    sys.stdout.write("\n")
+
+
 def cmd_run_module(args):
     install_cpu_shim()
     sys.argv = [args.module] + args.args
@@ -222,6 +241,12 @@ def main():
     p.add_argument("--context-length", type=int, default=52)
     p.add_argument("--out", help="write inputs and outputs as safetensors instead of JSON to stdout")
     p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("preprocess", help="cn_clip's Resize + convert(RGB) of image files, as uint8 safetensors")
+    p.add_argument("--resolution", type=int, default=224)
+    p.add_argument("--out", required=True)
+    p.add_argument("files", nargs="+")
+    p.set_defaults(func=cmd_preprocess)
 
     p = sub.add_parser("run-module", help="run a cn_clip script (python -m MODULE) with the CPU shim")
     p.add_argument("module")

@@ -1,0 +1,157 @@
+//! Pillow's convolution resampler (`ImagingResample`, BICUBIC), re-implemented for exact parity.
+//!
+//! Why not fast_image_resize here: measured against Pillow 13 on our test images it differs by
+//! up to 5/255 on downscales and 17/255 on small upscales (different intermediate precision and
+//! edge weights), beyond the 2/255 cn_clip parity allows. Pillow's algorithm is small and fixed:
+//! per output pixel, bicubic (a = −0.5) weights over a window of `support · max(scale, 1)`
+//! source pixels, clipped at the edges and renormalised, quantised to 22-bit fixed point; a
+//! horizontal pass into an 8-bit intermediate (only the source rows the vertical pass needs),
+//! then a vertical pass, each rounding and clipping to 0..=255.
+
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+const SUPPORT: f64 = 2.0;
+
+fn bicubic(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * A
+    } else {
+        0.0
+    }
+}
+
+/// Fixed-point weights for resizing `in_size` → `out_size`: per output index, the first source
+/// index, the window length, and `window` weights (zero-padded to the largest window).
+struct Coefficients {
+    bounds: Vec<(usize, usize)>,
+    weights: Vec<i32>,
+    window: usize,
+}
+
+fn coefficients(in_size: usize, out_size: usize) -> Coefficients {
+    let scale = in_size as f64 / out_size as f64;
+    let filter_scale = scale.max(1.0);
+    let support = SUPPORT * filter_scale;
+    let window = support.ceil() as usize * 2 + 1;
+    let mut bounds = Vec::with_capacity(out_size);
+    let mut weights = vec![0i32; out_size * window];
+    let mut k = vec![0f64; window];
+    for (xx, row) in weights.chunks_mut(window).enumerate() {
+        let center = (xx as f64 + 0.5) * scale;
+        let inv = 1.0 / filter_scale;
+        // Truncation towards zero, as C's (int) cast, then clamped.
+        let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+        let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
+        let n = xmax.saturating_sub(xmin);
+        let mut total = 0.0;
+        for (x, w) in k.iter_mut().enumerate().take(n) {
+            *w = bicubic((x as f64 + xmin as f64 - center + 0.5) * inv);
+            total += *w;
+        }
+        for (x, w) in k.iter().enumerate().take(n) {
+            let w = if total != 0.0 { w / total } else { *w };
+            let fixed = w * (1u32 << PRECISION_BITS) as f64;
+            row[x] = if w < 0.0 { (fixed - 0.5) as i32 } else { (fixed + 0.5) as i32 };
+        }
+        bounds.push((xmin, n));
+    }
+    Coefficients { bounds, weights, window }
+}
+
+fn clip8(v: i64) -> u8 {
+    if v >= (1i64 << PRECISION_BITS << 8) {
+        255
+    } else if v <= 0 {
+        0
+    } else {
+        (v >> PRECISION_BITS) as u8
+    }
+}
+
+/// Resizes `channels`-interleaved 8-bit pixels from `width × height` to `out_w × out_h`.
+pub fn resize_u8(src: &[u8], width: usize, height: usize, channels: usize, out_w: usize, out_h: usize) -> Vec<u8> {
+    let horizontal = coefficients(width, out_w);
+    let vertical = coefficients(height, out_h);
+    // Source rows the vertical pass reads.
+    let first_row = vertical.bounds[0].0;
+    let last_row = vertical.bounds.last().map_or(first_row, |&(start, n)| start + n);
+    let rounding = 1i64 << (PRECISION_BITS - 1);
+
+    let (temp, temp_rows, row_offset) = if out_w != width {
+        let rows = last_row - first_row;
+        let mut temp = vec![0u8; rows * out_w * channels];
+        for y in 0..rows {
+            let src_row = &src[(y + first_row) * width * channels..][..width * channels];
+            let out_row = &mut temp[y * out_w * channels..][..out_w * channels];
+            for (xx, &(xmin, n)) in horizontal.bounds.iter().enumerate() {
+                let k = &horizontal.weights[xx * horizontal.window..][..n];
+                for c in 0..channels {
+                    let mut sum = rounding;
+                    for (x, &w) in k.iter().enumerate() {
+                        sum += src_row[(xmin + x) * channels + c] as i64 * w as i64;
+                    }
+                    out_row[xx * channels + c] = clip8(sum);
+                }
+            }
+        }
+        (temp, rows, first_row)
+    } else {
+        (src.to_vec(), height, 0)
+    };
+    if out_h == height && row_offset == 0 && temp_rows == out_h {
+        return temp;
+    }
+    let row_len = out_w * channels;
+    let mut out = vec![0u8; out_h * row_len];
+    for (yy, &(ymin, n)) in vertical.bounds.iter().enumerate() {
+        let k = &vertical.weights[yy * vertical.window..][..n];
+        let out_row = &mut out[yy * row_len..][..row_len];
+        for (i, o) in out_row.iter_mut().enumerate() {
+            let mut sum = rounding;
+            for (y, &w) in k.iter().enumerate() {
+                sum += temp[(ymin - row_offset + y) * row_len + i] as i64 * w as i64;
+            }
+            *o = clip8(sum);
+        }
+    }
+    out
+}
+
+/// MULDIV255 of Pillow: `round(a · b / 255)` in integers.
+pub fn muldiv255(a: u32, b: u32) -> u32 {
+    let t = a * b + 128;
+    ((t >> 8) + t) >> 8
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_size_is_identity() {
+        let src: Vec<u8> = (0..=255).collect();
+        assert_eq!(resize_u8(&src, 16, 16, 1, 16, 16), src);
+    }
+
+    #[test]
+    fn constant_images_stay_constant() {
+        let src = vec![77u8; 13 * 9 * 3];
+        for (w, h) in [(4, 4), (30, 2), (1, 1), (100, 71)] {
+            assert!(resize_u8(&src, 13, 9, 3, w, h).iter().all(|&v| v == 77), "{w}×{h}");
+        }
+    }
+
+    #[test]
+    fn weights_sum_to_one_in_fixed_point() {
+        for (i, o) in [(320, 224), (7, 224), (3000, 224), (224, 224)] {
+            let c = coefficients(i, o);
+            for (xx, &(_, n)) in c.bounds.iter().enumerate() {
+                let sum: i64 = c.weights[xx * c.window..][..n].iter().map(|&w| w as i64).sum();
+                assert!((sum - (1 << PRECISION_BITS)).abs() <= n as i64, "{i}→{o} at {xx}: {sum}");
+            }
+        }
+    }
+}
