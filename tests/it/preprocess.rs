@@ -53,6 +53,11 @@ fn check_resolution(resolution: usize) {
         let max = diff.max().int64_value(&[]);
         let mean = diff.to_kind(tch::Kind::Float).mean(None).double_value(&[]);
         worst = worst.max(max);
+        if max > 0 && std::env::var_os("CNCLIP_DEBUG_PIXELS").is_some() {
+            let positions = diff.gt(0).nonzero();
+            println!("{}: {} differing values, first {:?}", file.display(), positions.size()[0],
+                Vec::<i64>::try_from(positions.narrow(0, 0, positions.size()[0].min(5)).flatten(0, -1)).unwrap());
+        }
         report.push(format!(
             "{:<26} Pillow {mode:<5} ours {:<8} max {max:>3}  mean {mean:.4}",
             file.file_name().unwrap().to_string_lossy(),

@@ -71,53 +71,73 @@ fn clip8(v: i64) -> u8 {
     }
 }
 
-/// Resizes `channels`-interleaved 8-bit pixels from `width × height` to `out_w × out_h`.
-pub fn resize_u8(src: &[u8], width: usize, height: usize, channels: usize, out_w: usize, out_h: usize) -> Vec<u8> {
-    let horizontal = coefficients(width, out_w);
-    let vertical = coefficients(height, out_h);
-    // Source rows the vertical pass reads.
-    let first_row = vertical.bounds[0].0;
-    let last_row = vertical.bounds.last().map_or(first_row, |&(start, n)| start + n);
+/// One horizontal pass over source rows `rows` (all output columns).
+fn horizontal(src: &[u8], width: usize, channels: usize, rows: std::ops::Range<usize>, c: &Coefficients) -> Vec<u8> {
+    let out_w = c.bounds.len();
     let rounding = 1i64 << (PRECISION_BITS - 1);
-
-    let (temp, temp_rows, row_offset) = if out_w != width {
-        let rows = last_row - first_row;
-        let mut temp = vec![0u8; rows * out_w * channels];
-        for y in 0..rows {
-            let src_row = &src[(y + first_row) * width * channels..][..width * channels];
-            let out_row = &mut temp[y * out_w * channels..][..out_w * channels];
-            for (xx, &(xmin, n)) in horizontal.bounds.iter().enumerate() {
-                let k = &horizontal.weights[xx * horizontal.window..][..n];
-                for c in 0..channels {
-                    let mut sum = rounding;
-                    for (x, &w) in k.iter().enumerate() {
-                        sum += src_row[(xmin + x) * channels + c] as i64 * w as i64;
-                    }
-                    out_row[xx * channels + c] = clip8(sum);
+    let mut out = vec![0u8; rows.len() * out_w * channels];
+    for (y, src_y) in rows.enumerate() {
+        let src_row = &src[src_y * width * channels..][..width * channels];
+        let out_row = &mut out[y * out_w * channels..][..out_w * channels];
+        for (xx, &(xmin, n)) in c.bounds.iter().enumerate() {
+            let k = &c.weights[xx * c.window..][..n];
+            for ch in 0..channels {
+                let mut sum = rounding;
+                for (x, &w) in k.iter().enumerate() {
+                    sum += src_row[(xmin + x) * channels + ch] as i64 * w as i64;
                 }
+                out_row[xx * channels + ch] = clip8(sum);
             }
         }
-        (temp, rows, first_row)
-    } else {
-        (src.to_vec(), height, 0)
-    };
-    if out_h == height && row_offset == 0 && temp_rows == out_h {
-        return temp;
     }
-    let row_len = out_w * channels;
-    let mut out = vec![0u8; out_h * row_len];
-    for (yy, &(ymin, n)) in vertical.bounds.iter().enumerate() {
-        let k = &vertical.weights[yy * vertical.window..][..n];
-        let out_row = &mut out[yy * row_len..][..row_len];
-        for (i, o) in out_row.iter_mut().enumerate() {
+    out
+}
+
+/// One vertical pass; `row_offset` is the source row stored first in `src`.
+fn vertical(src: &[u8], width: usize, channels: usize, row_offset: usize, c: &Coefficients) -> Vec<u8> {
+    let row_len = width * channels;
+    let rounding = 1i64 << (PRECISION_BITS - 1);
+    let mut out = vec![0u8; c.bounds.len() * row_len];
+    for (yy, &(ymin, n)) in c.bounds.iter().enumerate() {
+        let k = &c.weights[yy * c.window..][..n];
+        for (i, o) in out[yy * row_len..][..row_len].iter_mut().enumerate() {
             let mut sum = rounding;
             for (y, &w) in k.iter().enumerate() {
-                sum += temp[(ymin - row_offset + y) * row_len + i] as i64 * w as i64;
+                sum += src[(ymin - row_offset + y) * row_len + i] as i64 * w as i64;
             }
             *o = clip8(sum);
         }
     }
     out
+}
+
+/// Resizes `channels`-interleaved 8-bit pixels from `width × height` to `out_w × out_h`.
+///
+/// Pass order is Pillow 13's: horizontal first, unless the height shrinks by more than twice
+/// as many pixels as the width (`in_h - out_h > 2 · (in_w - out_w)`, and it shrinks at all).
+/// The order changes the 8-bit intermediate, hence the result, so it must be Pillow's.
+pub fn resize_u8(src: &[u8], width: usize, height: usize, channels: usize, out_w: usize, out_h: usize) -> Vec<u8> {
+    let need_horizontal = out_w != width;
+    let need_vertical = out_h != height;
+    let shrink_h = height as i64 - out_h as i64;
+    let horizontal_first = !(shrink_h > 0 && shrink_h > (width as i64 - out_w as i64) * 2);
+    match (need_horizontal, need_vertical) {
+        (false, false) => src.to_vec(),
+        (true, false) => horizontal(src, width, channels, 0..height, &coefficients(width, out_w)),
+        (false, true) => vertical(src, width, channels, 0, &coefficients(height, out_h)),
+        (true, true) if horizontal_first => {
+            let v = coefficients(height, out_h);
+            // Only the source rows the vertical pass reads.
+            let first = v.bounds[0].0;
+            let last = v.bounds.last().map_or(first, |&(start, n)| start + n);
+            let temp = horizontal(src, width, channels, first..last, &coefficients(width, out_w));
+            vertical(&temp, out_w, channels, first, &v)
+        }
+        (true, true) => {
+            let temp = vertical(src, width, channels, 0, &coefficients(height, out_h));
+            horizontal(&temp, width, channels, 0..out_h, &coefficients(width, out_w))
+        }
+    }
 }
 
 /// MULDIV255 of Pillow: `round(a · b / 255)` in integers.
