@@ -93,7 +93,50 @@ fn truncated_and_garbage_bytes_are_errors_not_panics() {
         }
     }
     assert!(matches!(Image::decode(b"definitely not an image", DEFAULT_MAX_PIXELS), Err(PreprocessError::Decode(_))));
+    // A truncated JPEG or PNG is an error (Pillow: "image file is truncated"), not a grey image.
+    for name in ["baseline.jpg", "progressive.jpg", "rgb.png"] {
+        let bytes = std::fs::read(dir.path().join(name)).unwrap();
+        let result = Image::decode(&bytes[..bytes.len() / 2], DEFAULT_MAX_PIXELS);
+        assert!(matches!(result, Err(PreprocessError::Decode(_))), "{name}: {:?}", result.map(|i| i.mode));
+    }
     // A decompression bomb is refused from its header, before allocating.
     let big = std::fs::read(dir.path().join("wide_3000x20.jpg")).unwrap();
     assert!(matches!(Image::decode(&big, 10_000), Err(PreprocessError::TooLarge { width: 3000, height: 20, .. })));
+}
+
+/// End to end: cn_clip's transform + encode vs ours, on every test image, through one model.
+#[test]
+fn image_features_match_cn_clip_end_to_end() {
+    let config = r#"{"embed_dim": 32, "image_resolution": 224, "vision_layers": 2, "vision_width": 64,
+      "vision_patch_size": 32, "vocab_size": 21128, "text_attention_probs_dropout_prob": 0.1,
+      "text_hidden_act": "gelu", "text_hidden_dropout_prob": 0.1, "text_hidden_size": 32,
+      "text_initializer_range": 0.02, "text_intermediate_size": 64, "text_max_position_embeddings": 52,
+      "text_num_attention_heads": 2, "text_num_hidden_layers": 1, "text_type_vocab_size": 2}"#;
+    let dir = tempfile::tempdir().unwrap();
+    let written = make_images(dir.path());
+    let files: Vec<String> = written.keys().map(|n| dir.path().join(n).display().to_string()).collect();
+    let checkpoint = dir.path().join("model.pt").display().to_string();
+    reference(&["build-model", "--config", config, "--seed", "2", "--perturb", "0.02", "--out", &checkpoint], "");
+    let out = dir.path().join("features.safetensors").display().to_string();
+    let mut args = vec!["encode", "--config", config, "--checkpoint", &checkpoint, "--out", &out, "--image-files"];
+    args.extend(files.iter().map(String::as_str));
+    reference(&args, "\"猫\"\n");
+    let expected: BTreeMap<String, Tensor> = Tensor::read_safetensors(&out).unwrap().into_iter().collect();
+
+    let (model, _) = cnclip_models::checkpoint::load_clip(
+        Path::new(&checkpoint),
+        Some(&cnclip_models::ClipConfig::from_json(config).unwrap()),
+        tch::Device::Cpu,
+    )
+    .unwrap();
+    let pixels: Vec<Tensor> =
+        files.iter().map(|f| cnclip_models::preprocess::preprocess(&std::fs::read(f).unwrap(), 224).unwrap()).collect();
+    let pixels = Tensor::stack(&pixels, 0);
+    let input_diff = (&pixels - &expected["images"]).abs().max().double_value(&[]);
+    let ours = cnclip_models::normalize(&model.encode_image(&pixels).unwrap());
+    let theirs = cnclip_models::normalize(&expected["image_features"]);
+    let cosines = (&ours * &theirs).sum_dim_intlist(-1, false, None);
+    let worst = cosines.min().double_value(&[]);
+    println!("normalised pixel max diff {input_diff:.2e}, worst feature cosine {worst:.8}");
+    assert!(worst >= 0.9999, "cosines {cosines}");
 }

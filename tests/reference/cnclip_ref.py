@@ -156,8 +156,15 @@ def cmd_encode(args):
     config = json.loads(args.config) if args.config.lstrip().startswith("{") else args.config
     model, checkpoint = load_checkpoint_model(config, args.checkpoint)
     resolution = model.visual.input_resolution
-    generator = torch.Generator().manual_seed(args.seed)
-    images = torch.randn(args.images, 3, resolution, resolution, generator=generator)
+    if args.image_files:
+        # cn_clip's own transform on the files, as its eval datasets apply it.
+        from PIL import Image
+        from cn_clip.clip.utils import image_transform
+        transform = image_transform(resolution)
+        images = torch.stack([transform(Image.open(path)) for path in args.image_files])
+    else:
+        generator = torch.Generator().manual_seed(args.seed)
+        images = torch.randn(args.images, 3, resolution, resolution, generator=generator)
     texts = list(read_texts(sys.stdin))
     ids = tokenize(texts, context_length=args.context_length)
     with torch.no_grad():
@@ -240,6 +247,7 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--context-length", type=int, default=52)
     p.add_argument("--out", help="write inputs and outputs as safetensors instead of JSON to stdout")
+    p.add_argument("--image-files", nargs="*", help="encode these images (cn_clip's transform) instead of random ones")
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("preprocess", help="cn_clip's Resize + convert(RGB) of image files, as uint8 safetensors")

@@ -2,8 +2,8 @@
 //! image in and Pillow's `resize` treats modes differently (palette and 1-bit images with
 //! nearest neighbour, RGBA/LA premultiplied, 16-bit grayscale in 16 bits).
 //!
-//! JPEG goes through zune-jpeg (grayscale → L, colour → RGB, 4-component → CMYK as Pillow
-//! stores it), PNG through `png` with no transformations (so palettes, bit depths and
+//! JPEG goes through libjpeg-turbo — the decoder in Pillow's wheels, so pixels are identical —
+//! (grayscale → L, colour → RGB, 4-component → CMYK as Pillow stores it), PNG through `png` with no transformations (so palettes, bit depths and
 //! transparency stay visible), GIF through `gif` (first frame, palette kept), and WebP/BMP
 //! through `image`. EXIF orientation is ignored, as Pillow's `Image.open` ignores it.
 
@@ -36,29 +36,46 @@ fn check_size(width: u64, height: u64, max_pixels: u64) -> Result<(), Preprocess
 }
 
 fn decode_jpeg(bytes: &[u8], max_pixels: u64) -> Result<Image, PreprocessError> {
-    use zune_core::colorspace::ColorSpace;
-    use zune_core::options::DecoderOptions;
-    use zune_jpeg::JpegDecoder;
+    use turbojpeg::{Colorspace, PixelFormat};
 
     let err = |e: &dyn std::fmt::Display| PreprocessError::Decode(format!("JPEG: {e}"));
-    let options = DecoderOptions::default().set_max_width(1 << 16).set_max_height(1 << 16).set_strict_mode(false);
-    let mut decoder = JpegDecoder::new_with_options(Cursor::new(bytes), options);
-    decoder.decode_headers().map_err(|e| err(&e))?;
-    let info = decoder.info().ok_or_else(|| err(&"no header"))?;
-    check_size(info.width as u64, info.height as u64, max_pixels)?;
-    let input = decoder.input_colorspace().ok_or_else(|| err(&"no colour space"))?;
-    let (mode, out) = match input {
-        ColorSpace::Luma => (Mode::L, ColorSpace::Luma),
-        ColorSpace::CMYK | ColorSpace::YCCK => (Mode::Cmyk, ColorSpace::CMYK),
-        _ => (Mode::Rgb, ColorSpace::RGB),
+    let mut decompressor = turbojpeg::Decompressor::new().map_err(|e| err(&e))?;
+    let header = decompressor.read_header(bytes).map_err(|e| err(&e))?;
+    let (width, height) = (header.width, header.height);
+    check_size(width as u64, height as u64, max_pixels)?;
+    // Pillow's modes: grayscale → L, 4-component (CMYK, YCCK) → CMYK, the rest → RGB.
+    let (mode, format) = match header.colorspace {
+        Colorspace::Gray => (Mode::L, PixelFormat::GRAY),
+        Colorspace::CMYK | Colorspace::YCCK => (Mode::Cmyk, PixelFormat::CMYK),
+        _ => (Mode::Rgb, PixelFormat::RGB),
     };
-    decoder.set_options(options.jpeg_set_out_colorspace(out));
-    let pixels = decoder.decode().map_err(|e| err(&e))?;
-    let (width, height) = (info.width as usize, info.height as usize);
-    if pixels.len() != width * height * mode.channels() {
-        return Err(err(&format!("decoded {} bytes for {width}×{height} {mode:?}", pixels.len())));
+    let channels = mode.channels();
+    let mut image = turbojpeg::Image { pixels: vec![0u8; width * height * channels], width, pitch: width * channels, height, format };
+    decompressor.decompress(bytes, image.as_deref_mut()).map_err(|e| err(&e))?;
+    let mut data = image.pixels;
+    if mode == Mode::Cmyk && has_adobe_marker(bytes) {
+        // Adobe (Photoshop) CMYK JPEGs store inverted ink values; Pillow reads them with
+        // rawmode "CMYK;I", so its CMYK pixels are the complements.
+        data.iter_mut().for_each(|v| *v = 255 - *v);
     }
-    Ok(Image { mode, width, height, data: pixels, data16: Vec::new() })
+    Ok(Image { mode, width, height, data, data16: Vec::new() })
+}
+
+/// Whether the JPEG has an Adobe APP14 segment before its first scan.
+fn has_adobe_marker(bytes: &[u8]) -> bool {
+    let mut at = 2;
+    while at + 4 <= bytes.len() && bytes[at] == 0xFF {
+        let marker = bytes[at + 1];
+        if marker == 0xDA {
+            break; // start of scan
+        }
+        let len = u16::from_be_bytes([bytes[at + 2], bytes[at + 3]]) as usize;
+        if marker == 0xEE && bytes.get(at + 4..at + 9) == Some(b"Adobe") {
+            return true;
+        }
+        at += 2 + len;
+    }
+    false
 }
 
 fn decode_png(bytes: &[u8], max_pixels: u64) -> Result<Image, PreprocessError> {
