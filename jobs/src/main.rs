@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 mod benchmark;
 mod convert;
 mod model_args;
+mod similarity;
 mod tokenize;
 
 #[derive(Parser)]
@@ -24,6 +25,8 @@ struct Cli {
 enum Command {
     /// Tokenize texts exactly as cn_clip.clip.tokenize: one text per stdin line, one JSON id array per line.
     Tokenize(tokenize::Args),
+    /// Image–text similarity with a checkpoint: cn_clip's README quick start as a command.
+    Similarity(similarity::Args),
     /// Convert checkpoints between cn_clip's .pt and cnclip's self-describing .safetensors.
     Convert(convert::Args),
     /// Measure encode throughput (model only, random weights), e.g. against scripts/bench/encode.py.
@@ -47,6 +50,7 @@ fn main() -> ExitCode {
         Command::Tokenize(args) => tokenize::run(args),
         Command::Benchmark(BenchmarkCommand::Encode(args)) => benchmark::run(args),
         Command::Convert(args) => convert::run(args),
+        Command::Similarity(args) => similarity::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -59,3 +59,74 @@ fn tokenize_rejects_a_context_too_small_for_cls_and_sep() {
     assert!(!output.status.success());
     assert!(String::from_utf8(output.stderr).unwrap().contains("context length 1 is too small"));
 }
+
+/// `cnclip similarity --json` against cn_clip's README quick start (load, image_transform,
+/// tokenize, get_similarity, softmax) on the same checkpoint and image files.
+#[test]
+fn similarity_matches_cn_clip_quick_start() {
+    let config = r#"{"embed_dim": 32, "image_resolution": 64, "vision_layers": 2, "vision_width": 64,
+      "vision_patch_size": 16, "vocab_size": 21128, "text_attention_probs_dropout_prob": 0.1,
+      "text_hidden_act": "gelu", "text_hidden_dropout_prob": 0.1, "text_hidden_size": 64,
+      "text_initializer_range": 0.02, "text_intermediate_size": 128, "text_max_position_embeddings": 64,
+      "text_num_attention_heads": 2, "text_num_hidden_layers": 2, "text_type_vocab_size": 2}"#;
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    let (checkpoint, config_file) = (path("model.pt"), path("config.json"));
+    std::fs::write(&config_file, config).unwrap();
+    cnclip_tests::reference(&["build-model", "--config", config, "--seed", "4", "--perturb", "0.05", "--out", &checkpoint], "");
+    let script = r#"
+import sys, numpy as np
+from PIL import Image
+rng = np.random.default_rng(0)
+Image.fromarray(rng.integers(0, 255, (90, 120, 3), dtype=np.uint8)).save(sys.argv[1], quality=90)
+Image.fromarray(rng.integers(0, 255, (50, 40, 4), dtype=np.uint8), "RGBA").save(sys.argv[2])
+"#;
+    let (jpg, png) = (path("a.jpg"), path("b.png"));
+    cnclip_tests::python(script, &[&jpg, &png], "");
+    let texts = ["杰尼龟", "妙蛙种子", "小火龙", "皮卡丘"];
+
+    let mut args = vec!["similarity", "--resume", &checkpoint, "--model-config", &config_file, "--json", "--image", &jpg, &png, "--text"];
+    args.extend(texts);
+    let output = cnclip(&args, b"");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let ours: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+
+    let quick_start = r#"
+import json, sys, torch
+from PIL import Image
+from cn_clip.clip import tokenize
+from cn_clip.clip.model import CLIP
+from cn_clip.clip.utils import image_transform
+info = json.loads(sys.argv[1])
+model = CLIP(**info)
+sd = torch.load(sys.argv[2], map_location="cpu", weights_only=True)["state_dict"]
+model.load_state_dict({k[len("module."):]: v for k, v in sd.items()})
+model = model.float().eval()
+preprocess = image_transform(info["image_resolution"])
+image = torch.stack([preprocess(Image.open(p)) for p in sys.argv[3:5]])
+text = tokenize(sys.argv[5:])
+with torch.no_grad():
+    image_features = model.encode_image(image)
+    text_features = model.encode_text(text)
+    image_features /= image_features.norm(dim=-1, keepdim=True)
+    text_features /= text_features.norm(dim=-1, keepdim=True)
+    logits_per_image, logits_per_text = model.get_similarity(image, text)
+    probs = logits_per_image.softmax(dim=-1)
+print(json.dumps({"image_features": image_features.tolist(), "text_features": text_features.tolist(),
+                  "logits_per_image": logits_per_image.tolist(), "probs": probs.tolist()}))
+"#;
+    let mut py_args = vec![config, &checkpoint, &jpg, &png];
+    py_args.extend(texts);
+    let theirs: serde_json::Value = serde_json::from_str(&cnclip_tests::python(quick_start, &py_args, "")).unwrap();
+    for key in ["image_features", "text_features", "logits_per_image", "probs"] {
+        let flat = |v: &serde_json::Value| -> Vec<f64> {
+            v.as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap())).collect()
+        };
+        let (a, b) = (flat(&ours[key]), flat(&theirs[key]));
+        assert_eq!(a.len(), b.len(), "{key}");
+        let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+        // Features 1e-4 (as the model parity tests); logits carry exp(logit_scale) ≈ 14.3.
+        let tolerance = if key == "logits_per_image" { 1.5e-3 } else { 1e-4 };
+        assert!(worst < tolerance, "{key} differs by {worst}");
+    }
+}
