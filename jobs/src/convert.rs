@@ -1,5 +1,5 @@
-//! `cnclip convert`: between cn_clip checkpoints (`.pt`) and cnclip's self-describing
-//! safetensors. The output format follows the output's extension (`.pt`/`.pth` → cn_clip,
+//! `cnclip convert`: from cn_clip checkpoints (`.pt`), Hugging Face `ChineseCLIPModel`
+//! directories or cnclip's self-describing safetensors, to cn_clip `.pt` or cnclip safetensors. The output format follows the output's extension (`.pt`/`.pth` → cn_clip,
 //! anything else → cnclip) unless `--format` says otherwise. A cn_clip `.pt` we write loads in
 //! cn_clip's `create_model` and eval scripts.
 
@@ -43,7 +43,7 @@ pub fn run(args: Args) -> Result<()> {
     let state_dict = model.state_dict();
     match format {
         Format::CnClip => checkpoint::save_cn_clip(&args.output, &state_dict, &info)?,
-        Format::Cnclip => checkpoint::own::save(&args.output, &model.config, &state_dict)?,
+        Format::Cnclip | Format::HuggingFace => checkpoint::own::save(&args.output, &model.config, &state_dict)?,
     }
     eprintln!("cnclip: wrote {} ({} tensors, {format:?} format)", args.output.display(), state_dict.len());
     Ok(())

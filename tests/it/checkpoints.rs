@@ -124,3 +124,61 @@ fn failed_write_leaves_no_partial_file() {
     let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(names, [std::ffi::OsString::from("m.safetensors")]);
 }
+
+/// A Hugging Face `ChineseCLIPModel` (random init, `save_pretrained`) loads and encodes like
+/// HF's own `get_image_features` / `get_text_features`, from safetensors and from a .bin.
+#[test]
+fn hugging_face_chinese_clip_matches_transformers() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = r#"
+import sys, torch
+from safetensors.torch import save_file
+from transformers import ChineseCLIPConfig, ChineseCLIPModel
+torch.manual_seed(0)
+cfg = ChineseCLIPConfig(
+    text_config=dict(vocab_size=21128, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=96, max_position_embeddings=64),
+    vision_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                       image_size=48, patch_size=16, projection_dim=24),
+    projection_dim=24)
+model = ChineseCLIPModel(cfg).eval()
+with torch.no_grad():
+    for p in model.parameters():
+        p.add_(torch.randn_like(p) * 0.02)
+model.save_pretrained(sys.argv[1])
+# pytorch_model.bin as transformers 4 wrote it (transformers 5 only writes safetensors).
+model.config.save_pretrained(sys.argv[2])
+torch.save(model.state_dict(), sys.argv[2] + "/pytorch_model.bin")
+images = torch.randn(3, 3, 48, 48)
+ids = torch.tensor([[101, 4649, 1305, 687, 102, 0, 0, 0], [101, 671, 1372, 4344, 4638, 2207, 102, 0]])
+with torch.no_grad():
+    def features(out):
+        return out if torch.is_tensor(out) else out.pooler_output
+    image_features = features(model.get_image_features(pixel_values=images))
+    text_features = features(model.get_text_features(input_ids=ids, attention_mask=(ids != 0).long()))
+save_file({"images": images, "ids": ids, "image_features": image_features.contiguous(),
+           "text_features": text_features.contiguous()}, sys.argv[3])
+"#;
+    let (st_dir, bin_dir) = (dir.path().join("hf"), dir.path().join("hf-bin"));
+    let expected_file = dir.path().join("expected.safetensors");
+    python(script, &[st_dir.to_str().unwrap(), bin_dir.to_str().unwrap(), expected_file.to_str().unwrap()], "");
+    let expected: BTreeMap<String, Tensor> = Tensor::read_safetensors(&expected_file).unwrap().into_iter().collect();
+    for source in [st_dir.clone(), st_dir.join("model.safetensors"), bin_dir] {
+        let (model, _) = load_clip(&source, None, Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", source.display()));
+        let image = max_abs_diff(&normalize(&model.encode_image(&expected["images"]).unwrap()), &normalize(&expected["image_features"]));
+        let text = max_abs_diff(&normalize(&model.encode_text(&expected["ids"]).unwrap()), &normalize(&expected["text_features"]));
+        println!("{}: image {image:.2e}, text {text:.2e}", source.display());
+        assert!(image < 1e-4 && text < 1e-4, "{}: image {image}, text {text}", source.display());
+    }
+    // And it converts to a cn_clip checkpoint like any other source.
+    let pt = dir.path().join("from-hf.pt");
+    cnclip(&["convert", "--input", st_dir.to_str().unwrap(), "--output", pt.to_str().unwrap()]);
+    let (config, _) = cnclip_models::checkpoint::own::load(&{
+        let own = dir.path().join("from-hf.safetensors");
+        cnclip(&["convert", "--input", st_dir.to_str().unwrap(), "--output", own.to_str().unwrap()]);
+        own
+    })
+    .unwrap();
+    assert_eq!((config.vision.vision_width, config.vision.embed_dim, config.text.text_hidden_size), (64, 24, 48));
+    assert!(pt.exists());
+}

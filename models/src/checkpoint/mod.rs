@@ -6,6 +6,7 @@
 //! ever executed — and rebuild each tensor from its storage bytes, offset, size and stride.
 //! The same reader opens Hugging Face `pytorch_model.bin` files (a bare state dict).
 
+pub mod hf;
 pub mod own;
 pub mod pickle;
 pub mod torch_save;
@@ -170,12 +171,17 @@ pub enum Format {
     CnClip,
     /// cnclip's safetensors with its config in the metadata.
     Cnclip,
+    /// Hugging Face `ChineseCLIPModel` (a directory with `config.json`, or its weights file).
+    HuggingFace,
 }
 
 impl Format {
     /// Guesses a format from the file's first bytes (zip magic → cn_clip) or, for a file that
     /// does not exist yet, from its extension (`.pt`/`.pth`/`.bin` → cn_clip).
     pub fn detect(path: &Path) -> Format {
+        if hf::locate(path).is_some() {
+            return Format::HuggingFace;
+        }
         let mut magic = [0u8; 4];
         let is_zip = std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && &magic == b"PK\x03\x04";
         let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
@@ -204,20 +210,32 @@ pub fn load_clip(path: &Path, architecture: Option<&ClipConfig>, device: tch::De
             let (state_dict, info) = load_cn_clip(path)?;
             (config, state_dict, info)
         }
+        Format::HuggingFace => {
+            let (dir, weights) = hf::locate(path).expect("detected as HF");
+            let config = hf::config(&dir)?;
+            check_named(path, &config, architecture)?;
+            (config, hf::state_dict(&weights)?, CheckpointInfo::default())
+        }
         Format::Cnclip => {
             let (config, state_dict) = own::load(path)?;
-            if let Some(wanted) = architecture.filter(|a| **a != config) {
-                return Err(Error::Config(format!(
-                    "{} holds a different architecture than the one named: file {}, named {}",
-                    path.display(),
-                    serde_json::to_string(&config).unwrap_or_default(),
-                    serde_json::to_string(wanted).unwrap_or_default()
-                )));
-            }
+            check_named(path, &config, architecture)?;
             (config, state_dict, CheckpointInfo::default())
         }
     };
     let mut model = Clip::new(config, device)?;
     model.load_state_dict(&state_dict)?;
     Ok((model, info))
+}
+
+/// A self-describing checkpoint must agree with the architecture the user named, if any.
+fn check_named(path: &Path, config: &ClipConfig, architecture: Option<&ClipConfig>) -> Result<()> {
+    match architecture.filter(|a| *a != config) {
+        None => Ok(()),
+        Some(wanted) => Err(Error::Config(format!(
+            "{} holds a different architecture than the one named: file {}, named {}",
+            path.display(),
+            serde_json::to_string(config).unwrap_or_default(),
+            serde_json::to_string(wanted).unwrap_or_default()
+        ))),
+    }
 }
