@@ -196,6 +196,13 @@ fn decode_other(bytes: &[u8], max_pixels: u64) -> Result<Image, PreprocessError>
         .decode()
         .map_err(|e| PreprocessError::Decode(e.to_string()))?;
     let (width, height) = (decoded.width() as usize, decoded.height() as usize);
+    if let Some(mode) = bmp_palette_mode(bytes) {
+        // Palette BMPs: Pillow opens an identity grey palette as "L" (bicubic), any other as
+        // "P"/"1" (nearest neighbour); `image` has expanded the palette for us.
+        let rgb = decoded.into_rgb8().into_raw();
+        let data = if mode == Mode::L { rgb.chunks(3).map(|p| p[0]).collect() } else { rgb };
+        return Ok(Image { mode, width, height, data, data16: Vec::new() });
+    }
     let (mode, data) = if decoded.color().has_alpha() {
         (Mode::Rgba, decoded.into_rgba8().into_raw())
     } else if decoded.color().has_color() {
@@ -204,4 +211,29 @@ fn decode_other(bytes: &[u8], max_pixels: u64) -> Result<Image, PreprocessError>
         (Mode::L, decoded.into_luma8().into_raw())
     };
     Ok(Image { mode, width, height, data, data16: Vec::new() })
+}
+
+/// For a BMP of at most 8 bits per pixel, the mode Pillow's BmpImagePlugin gives it: "L" when
+/// its palette is the grey ramp `(i, i, i)` (and it has more than two colours), else a palette
+/// mode (resized with nearest neighbour either way for "1" and "P").
+fn bmp_palette_mode(bytes: &[u8]) -> Option<Mode> {
+    if bytes.get(..2)? != b"BM" {
+        return None;
+    }
+    let u16_at = |at: usize| bytes.get(at..at + 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
+    let u32_at = |at: usize| bytes.get(at..at + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
+    let header_size = u32_at(14)?;
+    let (bits, colors, entry) = if header_size == 12 {
+        (u16_at(24)?, 0, 3) // OS/2 BITMAPCOREHEADER: RGB triples
+    } else {
+        (u16_at(28)?, u32_at(46)?, 4)
+    };
+    if bits > 8 {
+        return None;
+    }
+    let colors = if colors == 0 { 1usize << bits } else { colors };
+    let palette = bytes.get(14 + header_size..14 + header_size + colors * entry)?;
+    let grey_ramp = colors != 2
+        && palette.chunks(entry).enumerate().all(|(i, bgr)| bgr[..3].iter().all(|&v| v as usize == i));
+    Some(if grey_ramp { Mode::L } else { Mode::Palette })
 }
