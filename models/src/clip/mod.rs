@@ -210,3 +210,41 @@ impl Clip {
 pub fn normalize(features: &Tensor) -> Tensor {
     features / features.norm_scalaropt_dim(2, [-1], true)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> ClipConfig {
+        let mut config = ClipConfig::from_name("ViT-B-32@RBT3-chinese").unwrap();
+        config.vision.image_resolution = 64;
+        config.vision.vision_layers = VisionLayers::Transformer(1);
+        config.vision.vision_width = 64;
+        config.vision.embed_dim = 16;
+        config.text.text_hidden_size = 32;
+        config.text.text_num_attention_heads = 2;
+        config.text.text_intermediate_size = 64;
+        config.text.text_num_hidden_layers = 1;
+        config
+    }
+
+    #[test]
+    fn flip_masking_keeps_the_feature_shape_and_changes_the_features() {
+        tch::manual_seed(0);
+        let model = Clip::new(tiny(), Device::Cpu).unwrap();
+        let pixels = Tensor::randn([2, 3, 64, 64], (Kind::Float, Device::Cpu));
+        let full = model.encode_image_t(&pixels, 0.0);
+        let masked = model.encode_image_t(&pixels, 0.5);
+        assert_eq!(masked.size(), [2, 16]);
+        assert!((&full - &masked).abs().max().double_value(&[]) > 1e-4);
+    }
+
+    #[test]
+    fn wrong_input_shapes_are_errors() {
+        let model = Clip::new(tiny(), Device::Cpu).unwrap();
+        let err = model.encode_image(&Tensor::zeros([1, 3, 32, 32], (Kind::Float, Device::Cpu))).unwrap_err();
+        assert!(err.to_string().contains("[N, 3, 64, 64]"), "{err}");
+        assert!(model.encode_text(&Tensor::zeros([2, 600], (Kind::Int64, Device::Cpu))).is_err());
+        assert!(model.encode_text(&Tensor::zeros([2, 10], (Kind::Float, Device::Cpu))).is_err());
+    }
+}
