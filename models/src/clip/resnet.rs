@@ -53,12 +53,14 @@ impl Bottleneck {
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
-        let out = self.bn1.forward_t(&self.conv1.forward(x), false).relu();
-        let mut out = self.bn2.forward_t(&self.conv2.forward(&out), false).relu();
+        // In-place ReLU and residual add, as cn_clip's `ReLU(inplace=True)` and `out += identity`:
+        // fewer allocations on the largest activations of the model.
+        let out = self.bn1.forward_t(&self.conv1.forward(x), false).relu_();
+        let mut out = self.bn2.forward_t(&self.conv2.forward(&out), false).relu_();
         if self.stride > 1 {
             out = avg_pool(&out, self.stride);
         }
-        let out = self.bn3.forward_t(&self.conv3.forward(&out), false);
+        let mut out = self.bn3.forward_t(&self.conv3.forward(&out), false);
         let identity = match &self.downsample {
             Some((conv, bn)) => {
                 let pooled = if self.stride > 1 { avg_pool(x, self.stride) } else { x.shallow_clone() };
@@ -66,7 +68,8 @@ impl Bottleneck {
             }
             None => x.shallow_clone(),
         };
-        (out + identity).relu()
+        out += identity;
+        out.relu_()
     }
 }
 
@@ -156,7 +159,7 @@ impl ModifiedResNet {
     pub fn forward(&self, pixels: &Tensor) -> Tensor {
         let mut x = pixels.to_kind(self.stem[0].0.ws.kind());
         for (conv, bn) in &self.stem {
-            x = bn.forward_t(&conv.forward(&x), false).relu();
+            x = bn.forward_t(&conv.forward(&x), false).relu_();
         }
         x = avg_pool(&x, 2);
         for block in self.stages.iter().flatten() {
