@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod benchmark;
+mod build_lmdb;
 mod convert;
 mod model_args;
 mod similarity;
@@ -25,6 +26,8 @@ struct Cli {
 enum Command {
     /// Tokenize texts exactly as cn_clip.clip.tokenize: one text per stdin line, one JSON id array per line.
     Tokenize(tokenize::Args),
+    /// Serialize TSV images and JSONL texts into cn_clip's LMDB layout (build_lmdb_dataset.py).
+    BuildLmdb(build_lmdb::Args),
     /// Image–text similarity with a checkpoint: cn_clip's README quick start as a command.
     Similarity(similarity::Args),
     /// Convert checkpoints between cn_clip's .pt and cnclip's self-describing .safetensors.
@@ -50,6 +53,7 @@ fn main() -> ExitCode {
         Command::Tokenize(args) => tokenize::run(args),
         Command::Benchmark(BenchmarkCommand::Encode(args)) => benchmark::run(args),
         Command::Convert(args) => convert::run(args),
+        Command::BuildLmdb(args) => build_lmdb::run(args),
         Command::Similarity(args) => similarity::run(args),
     };
     match result {

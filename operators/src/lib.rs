@@ -3,4 +3,13 @@
 //! GPUs) and sinks (Parquet, cn_clip JSONL, LMDB).
 //!
 //! Each component is a serde config with `build()` and the runtime operator it builds, one file
-//! per format under `sources/`, `decoders/`, `transforms/`, `encoders/` and `sinks/`.
+//! per format under `sources/`, `decoders/`, `transforms/`, `encoders/` and `sinks/`. Record-level
+//! faults never stop a source: they come back as [`quarantine::Rejected`] and the job's
+//! [`quarantine::OnError`] policy decides.
+
+pub mod error;
+pub mod quarantine;
+pub mod sinks;
+pub mod sources;
+
+pub use error::{Error, Result};

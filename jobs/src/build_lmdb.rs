@@ -1,0 +1,164 @@
+//! `cnclip build-lmdb`: a drop-in for cn_clip's `preprocess/build_lmdb_dataset.py`.
+//!
+//! Same layout and values — `{lmdb_dir}/{split}/imgs` (image id → base64 text, `num_images`)
+//! and `{split}/pairs` (`0`, `1`, … → pickled `(image_id, text_id, text)`, `num_samples`) — so
+//! cn_clip's `LMDBDataset` and `EvalImgDataset` read the result. Differences, all deliberate:
+//! - bad lines (no tab, non-integer or duplicate ids, empty or non-base64 values, malformed
+//!   JSON, missing fields) are quarantined to `{split}/quarantine.jsonl` (or stop the job with
+//!   `--on-error fail`) instead of crashing halfway or being silently overwritten;
+//! - the map grows as needed instead of a fixed 1 TiB (cn_clip #281);
+//! - each split is built in a temporary directory and renamed into place, so a failed run
+//!   leaves the previous database untouched (cn_clip writes into the existing one);
+//! - `--shards N` splits a split into `shard_000 … shard_{N-1}` by `image_id mod N`, each
+//!   self-contained (a pair lives with its image) and readable by cn_clip on its own (#46).
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use cnclip_operators::quarantine::{OnError, Quarantine, Rejected};
+use cnclip_operators::sinks::lmdb::{LmdbWriter, pickle_pair};
+use cnclip_operators::sources::{jsonl, tsv};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Directory with `{split}_imgs.tsv` and `{split}_texts.jsonl` (cn_clip's --data_dir).
+    #[arg(long, alias = "data_dir")]
+    data_dir: PathBuf,
+    /// Comma-separated splits, e.g. train,valid,test.
+    #[arg(long)]
+    splits: String,
+    /// Output directory (default: DATA_DIR/lmdb), as cn_clip's --lmdb_dir.
+    #[arg(long, alias = "lmdb_dir")]
+    lmdb_dir: Option<PathBuf>,
+    /// Split each split into N LMDBs by image_id mod N.
+    #[arg(long, default_value_t = 1)]
+    shards: usize,
+    /// What to do with a bad record: skip it into the quarantine, or fail.
+    #[arg(long, value_enum, default_value_t = OnError::Skip)]
+    on_error: OnError,
+}
+
+struct Shard {
+    imgs: LmdbWriter,
+    pairs: LmdbWriter,
+    num_images: u64,
+    num_samples: u64,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if !args.data_dir.is_dir() {
+        bail!("--data-dir {} is not a directory", args.data_dir.display());
+    }
+    if args.shards == 0 {
+        bail!("--shards must be at least 1");
+    }
+    let lmdb_dir = args.lmdb_dir.clone().unwrap_or_else(|| args.data_dir.join("lmdb"));
+    let mut splits: Vec<&str> = args.splits.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    splits.dedup();
+    for split in splits {
+        build_split(&args, &lmdb_dir, split)?;
+    }
+    Ok(())
+}
+
+fn build_split(args: &Args, lmdb_dir: &Path, split: &str) -> Result<()> {
+    let start = Instant::now();
+    let images_path = args.data_dir.join(format!("{split}_imgs.tsv"));
+    let texts_path = args.data_dir.join(format!("{split}_texts.jsonl"));
+    for path in [&images_path, &texts_path] {
+        if !path.is_file() {
+            bail!("split `{split}`: {} does not exist", path.display());
+        }
+    }
+    let final_dir = lmdb_dir.join(split);
+    let tmp_dir = lmdb_dir.join(format!(".{split}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp_dir);
+    let shard_dir = |i: usize| if args.shards == 1 { tmp_dir.clone() } else { tmp_dir.join(format!("shard_{i:03}")) };
+    let mut shards = (0..args.shards)
+        .map(|i| {
+            Ok(Shard {
+                imgs: LmdbWriter::create(&shard_dir(i).join("imgs"))?,
+                pairs: LmdbWriter::create(&shard_dir(i).join("pairs"))?,
+                num_images: 0,
+                num_samples: 0,
+            })
+        })
+        .collect::<Result<Vec<_>, cnclip_operators::Error>>()?;
+    let mut quarantine = Quarantine::new(args.on_error, tmp_dir.join("quarantine.jsonl"));
+    let shard_of = |image_id: i64| image_id.rem_euclid(args.shards as i64) as usize;
+
+    // Images first: pairs must point at images that exist.
+    let mut image_ids = HashSet::new();
+    tsv::for_each_line(&images_path, |record| match record {
+        Err(rejected) => quarantine.reject(rejected),
+        Ok(line) if !image_ids.insert(line.image_id) => quarantine.reject(Rejected {
+            source: images_path.display().to_string(),
+            location: format!("image {}", line.id),
+            id: Some(line.id.to_string()),
+            reason: "duplicate image id (the first one is kept)".into(),
+        }),
+        Ok(line) => {
+            let shard = &mut shards[shard_of(line.image_id)];
+            shard.imgs.put(line.id.as_bytes(), line.base64)?;
+            shard.num_images += 1;
+            Ok(())
+        }
+    })?;
+
+    let mut text_ids = HashSet::new();
+    jsonl::for_each_line(&texts_path, |record| {
+        let text = match record {
+            Err(rejected) => return quarantine.reject(rejected),
+            Ok(text) => text,
+        };
+        let location = format!("text {}", text.text_id);
+        if !text_ids.insert(text.text_id) {
+            return quarantine.reject(Rejected {
+                source: texts_path.display().to_string(),
+                location,
+                id: Some(text.text_id.to_string()),
+                reason: "duplicate text id (the first one is kept)".into(),
+            });
+        }
+        for image_id in &text.image_ids {
+            if !image_ids.contains(image_id) {
+                quarantine.reject(Rejected {
+                    source: texts_path.display().to_string(),
+                    location: location.clone(),
+                    id: Some(text.text_id.to_string()),
+                    reason: format!("image {image_id} is not in {}", images_path.display()),
+                })?;
+                continue;
+            }
+            let shard = &mut shards[shard_of(*image_id)];
+            shard.pairs.put(shard.num_samples.to_string().as_bytes(), &pickle_pair(*image_id, text.text_id, &text.text))?;
+            shard.num_samples += 1;
+        }
+        Ok(())
+    })?;
+
+    let (mut images, mut samples) = (0, 0);
+    for mut shard in shards {
+        shard.imgs.put(b"num_images", shard.num_images.to_string().as_bytes())?;
+        shard.pairs.put(b"num_samples", shard.num_samples.to_string().as_bytes())?;
+        shard.imgs.finish()?;
+        shard.pairs.finish()?;
+        images += shard.num_images;
+        samples += shard.num_samples;
+    }
+    let quarantined = quarantine.count();
+    quarantine.finish()?;
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir).with_context(|| format!("replacing {}", final_dir.display()))?;
+    }
+    std::fs::rename(&tmp_dir, &final_dir).with_context(|| format!("moving {} into place", final_dir.display()))?;
+    eprintln!(
+        "cnclip build-lmdb: {split}: {images} images, {samples} pairs, {quarantined} quarantined{} → {} ({:.1} s)",
+        if quarantined > 0 { format!(" (see {}/quarantine.jsonl)", final_dir.display()) } else { String::new() },
+        final_dir.display(),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

@@ -1,0 +1,18 @@
+//! The operators crate's error type: structural faults that stop a job. Record-level faults are
+//! not errors here — they become [`crate::quarantine::Rejected`] records under the job's policy.
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("LMDB {path}: {source}")]
+    Lmdb { path: String, source: lmdb::Error },
+    #[error("{location}: {reason} (--on-error fail)")]
+    Record { location: String, reason: String },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+pub(crate) fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io { path: path.display().to_string(), source }
+}

@@ -1,0 +1,193 @@
+//! Writes LMDB databases as py-lmdb writes cn_clip's (default database, plain byte keys and
+//! values), readable by cn_clip's `LMDBDataset` / `EvalImgDataset` and by lmdb-rkv.
+//!
+//! Unlike `build_lmdb_dataset.py`'s fixed 1 TiB map (cn_clip #281: sparse files that some
+//! filesystems refuse), the map starts small and doubles whenever a commit does not fit. Puts
+//! are buffered and committed in ~64 MiB transactions, and the environment is synced once at
+//! the end rather than on every commit.
+
+use std::path::{Path, PathBuf};
+
+use lmdb::{Environment, EnvironmentFlags, Transaction, WriteFlags};
+
+use crate::error::{Error, Result, io};
+
+const INITIAL_MAP_SIZE: usize = 64 << 20;
+const COMMIT_BYTES: usize = 64 << 20;
+
+pub struct LmdbWriter {
+    env: Environment,
+    path: PathBuf,
+    map_size: usize,
+    pending: Vec<(Vec<u8>, Vec<u8>)>,
+    pending_bytes: usize,
+    /// Sum of key and value bytes written, for sizing the map.
+    written_bytes: usize,
+}
+
+impl LmdbWriter {
+    /// Creates (or opens) the LMDB directory `path`.
+    ///
+    /// # Errors
+    /// IO or LMDB errors naming `path`.
+    pub fn create(path: &Path) -> Result<Self> {
+        std::fs::create_dir_all(path).map_err(io(path))?;
+        let env = Environment::new()
+            .set_map_size(INITIAL_MAP_SIZE)
+            .set_flags(EnvironmentFlags::NO_SYNC | EnvironmentFlags::NO_META_SYNC)
+            .open(path)
+            .map_err(|source| Error::Lmdb { path: path.display().to_string(), source })?;
+        Ok(LmdbWriter { env, path: path.to_path_buf(), map_size: INITIAL_MAP_SIZE, pending: Vec::new(), pending_bytes: 0, written_bytes: 0 })
+    }
+
+    fn lmdb_err(&self) -> impl Fn(lmdb::Error) -> Error + '_ {
+        |source| Error::Lmdb { path: self.path.display().to_string(), source }
+    }
+
+    /// Stores `value` under `key` (replacing an earlier value, as py-lmdb's `put`).
+    ///
+    /// # Errors
+    /// LMDB errors when a buffered batch is committed.
+    pub fn put(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
+        self.pending_bytes += key.len() + value.len();
+        self.pending.push((key.to_vec(), value.to_vec()));
+        if self.pending_bytes >= COMMIT_BYTES { self.commit() } else { Ok(()) }
+    }
+
+    fn commit(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        loop {
+            // Keep the map comfortably above what is stored (B-tree pages add overhead).
+            let needed = (self.written_bytes + self.pending_bytes) * 2 + INITIAL_MAP_SIZE;
+            if needed > self.map_size {
+                self.grow(needed)?;
+            }
+            let result = self.try_commit();
+            match result {
+                Ok(()) => break,
+                Err(lmdb::Error::MapFull) => {
+                    let doubled = self.map_size * 2;
+                    self.grow(doubled)?;
+                }
+                Err(e) => return Err(self.lmdb_err()(e)),
+            }
+        }
+        self.written_bytes += self.pending_bytes;
+        self.pending.clear();
+        self.pending_bytes = 0;
+        Ok(())
+    }
+
+    /// Puts everything pending in one transaction; a full map aborts it (nothing is written).
+    fn try_commit(&self) -> Result<(), lmdb::Error> {
+        let db = self.env.open_db(None)?;
+        let mut txn = self.env.begin_rw_txn()?;
+        for (key, value) in &self.pending {
+            txn.put(db, key, value, WriteFlags::empty())?;
+        }
+        txn.commit()
+    }
+
+    fn grow(&mut self, size: usize) -> Result<()> {
+        let size = size.next_power_of_two();
+        self.env.set_map_size(size).map_err(self.lmdb_err())?;
+        self.map_size = size;
+        Ok(())
+    }
+
+    /// Commits what is buffered and syncs the database to disk.
+    ///
+    /// # Errors
+    /// LMDB errors.
+    pub fn finish(mut self) -> Result<()> {
+        self.commit()?;
+        self.env.sync(true).map_err(self.lmdb_err())
+    }
+}
+
+/// `pickle.dumps((image_id, text_id, text))` as Python 3.8+ writes it (protocol 4, framed),
+/// byte for byte, for the values of cn_clip's `pairs` database.
+pub fn pickle_pair(image_id: i64, text_id: i64, text: &str) -> Vec<u8> {
+    let mut body = Vec::with_capacity(text.len() + 32);
+    pickle_int(&mut body, image_id);
+    pickle_int(&mut body, text_id);
+    if text.len() < 256 {
+        body.push(0x8c); // SHORT_BINUNICODE
+        body.push(text.len() as u8);
+    } else {
+        body.push(b'X'); // BINUNICODE
+        body.extend_from_slice(&(text.len() as u32).to_le_bytes());
+    }
+    body.extend_from_slice(text.as_bytes());
+    body.push(0x94); // MEMOIZE
+    body.push(0x87); // TUPLE3
+    body.push(0x94); // MEMOIZE
+    body.push(b'.'); // STOP
+    let mut out = Vec::with_capacity(body.len() + 11);
+    out.extend_from_slice(&[0x80, 4]); // PROTO 4
+    out.push(0x95); // FRAME
+    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+fn pickle_int(out: &mut Vec<u8>, v: i64) {
+    if (0..256).contains(&v) {
+        out.extend_from_slice(&[b'K', v as u8]);
+    } else if (0..65536).contains(&v) {
+        out.push(b'M');
+        out.extend_from_slice(&(v as u16).to_le_bytes());
+    } else if let Ok(small) = i32::try_from(v) {
+        out.push(b'J');
+        out.extend_from_slice(&small.to_le_bytes());
+    } else {
+        // LONG1: minimal little-endian two's complement.
+        let bytes = v.to_le_bytes();
+        let mut n = 8;
+        while n > 1 && ((bytes[n - 1] == 0 && bytes[n - 2] & 0x80 == 0) || (bytes[n - 1] == 0xff && bytes[n - 2] & 0x80 != 0)) {
+            n -= 1;
+        }
+        out.extend_from_slice(&[0x8a, n as u8]);
+        out.extend_from_slice(&bytes[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Expected bytes are Python 3.11's `pickle.dumps((image_id, text_id, text)).hex()`.
+    #[test]
+    fn pairs_pickle_exactly_as_python() {
+        assert_eq!(hex(&pickle_pair(0, 255, "")), "8004950a000000000000004b004bff8c009487942e");
+        assert_eq!(hex(&pickle_pair(-1, -129, "x")), "80049511000000000000004affffffff4a7fffffff8c01789487942e");
+        assert_eq!(
+            hex(&pickle_pair(1 << 31, -(1 << 40), "é")),
+            "80049517000000000000008a0500000080008a060000000000ff8c02c3a99487942e"
+        );
+        let long = pickle_pair(256, 65536, &"a".repeat(300));
+        assert_eq!(hex(&long[..24]), "8004953d010000000000004d00014a00000100582c010000");
+        assert_eq!(long.len(), 11 + 0x13d);
+    }
+
+    #[test]
+    fn map_grows_past_its_initial_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = LmdbWriter::create(dir.path()).unwrap();
+        let value = vec![7u8; 1 << 20];
+        for i in 0..150u32 {
+            writer.put(i.to_string().as_bytes(), &value).unwrap(); // 150 MiB > the 64 MiB start
+        }
+        writer.finish().unwrap();
+        let env = lmdb::Environment::new().open(dir.path()).unwrap();
+        let db = env.open_db(None).unwrap();
+        let txn = env.begin_ro_txn().unwrap();
+        assert_eq!(txn.get(db, b"149").unwrap().len(), 1 << 20);
+    }
+}

@@ -1,0 +1,3 @@
+//! Sinks: write records in cn_clip's formats.
+
+pub mod lmdb;

@@ -1,0 +1,105 @@
+//! cn_clip's text annotations: `{split}_texts.jsonl`, one
+//! `{"text_id": int, "text": str, "image_ids": [int, …]}` per line.
+//!
+//! Each line is parsed on its own, so one malformed line (bad JSON, not UTF-8, a missing field,
+//! a string where an id should be) becomes a [`Rejected`] record naming its line, and the rest
+//! of the file goes on.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::error::{Result, io};
+use crate::quarantine::Rejected;
+
+/// One text annotation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TextLine {
+    pub text_id: i64,
+    pub text: String,
+    pub image_ids: Vec<i64>,
+}
+
+fn parse(line: &[u8]) -> Result<TextLine, (Option<String>, String)> {
+    let text = std::str::from_utf8(line).map_err(|e| (None, format!("not valid UTF-8 ({e})")))?;
+    let value: Value = serde_json::from_str(text).map_err(|e| (None, format!("malformed JSON: {e}")))?;
+    let id = value.get("text_id").map(|v| v.to_string());
+    let fail = |reason: String| (id.clone(), reason);
+    let object = value.as_object().ok_or_else(|| fail("not a JSON object".into()))?;
+    let field = |name: &str| object.get(name).ok_or_else(|| fail(format!("missing field `{name}`")));
+    let text_id = field("text_id")?.as_i64().ok_or_else(|| fail("text_id is not an integer".into()))?;
+    let text = field("text")?.as_str().ok_or_else(|| fail("text is not a string".into()))?.to_string();
+    let image_ids = field("image_ids")?
+        .as_array()
+        .ok_or_else(|| fail("image_ids is not a list".into()))?
+        .iter()
+        .map(|v| v.as_i64().ok_or_else(|| fail(format!("image id {v} is not an integer"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(TextLine { text_id, text, image_ids })
+}
+
+/// Reads `path` line by line, calling `on_line` with each annotation or rejected record.
+///
+/// # Errors
+/// IO errors (a missing file fails the job), or whatever `on_line` returns.
+pub fn for_each_line(path: &Path, mut on_line: impl FnMut(Result<TextLine, Rejected>) -> Result<()>) -> Result<()> {
+    let file = std::fs::File::open(path).map_err(io(path))?;
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let source = path.display().to_string();
+    let mut line = Vec::new();
+    let mut number = 0usize;
+    loop {
+        line.clear();
+        if reader.read_until(b'\n', &mut line).map_err(io(path))? == 0 {
+            return Ok(());
+        }
+        number += 1;
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let record = parse(&line).map_err(|(id, reason)| Rejected {
+            source: source.clone(),
+            location: format!("line {number}"),
+            id,
+            reason,
+        });
+        on_line(record)?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn good_and_bad_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.jsonl");
+        let mut content = b"{\"text_id\": 1, \"text\": \"\xe7\x8c\xab\", \"image_ids\": [5, 6]}\n".to_vec();
+        content.extend_from_slice(b"{\"text_id\": 2, \"text\": \"x\"}\n{bad json\n\xff\xfe\n");
+        content.extend_from_slice(b"{\"text_id\": \"3\", \"text\": \"x\", \"image_ids\": []}\n");
+        content.extend_from_slice(b"{\"text_id\": 4, \"text\": \"x\", \"image_ids\": [\"7\"]}\n");
+        std::fs::write(&path, content).unwrap();
+        let mut seen = Vec::new();
+        for_each_line(&path, |r| {
+            seen.push(match r {
+                Ok(t) => format!("ok {} {} {:?}", t.text_id, t.text, t.image_ids),
+                Err(r) => format!("{} {:?}: {}", r.location, r.id, r.reason.split(':').next().unwrap()),
+            });
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            seen,
+            [
+                "ok 1 猫 [5, 6]",
+                "line 2 Some(\"2\"): missing field `image_ids`",
+                "line 3 None: malformed JSON",
+                "line 4 None: not valid UTF-8 (invalid utf-8 sequence of 1 bytes from index 0)",
+                "line 5 Some(\"\\\"3\\\"\"): text_id is not an integer",
+                "line 6 Some(\"4\"): image id \"7\" is not an integer",
+            ]
+        );
+    }
+}

@@ -1,0 +1,4 @@
+//! Sources: read records from cn_clip's files.
+
+pub mod jsonl;
+pub mod tsv;

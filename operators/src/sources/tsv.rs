@@ -1,0 +1,128 @@
+//! cn_clip's image shards: `{split}_imgs.tsv`, one `image_id<TAB>base64` per line.
+//!
+//! Streams the file in large buffered reads and yields each line's id and base64 field as
+//! slices (no copy, no decode: `build-lmdb` stores the base64 text as cn_clip does). Lines are
+//! checked for what would break a reader later — a missing or extra tab, a non-integer id, an
+//! empty value, characters outside both base64 alphabets, an impossible length — and such lines
+//! come back as [`Rejected`]. CRLF line ends are tolerated.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+
+use crate::error::{Result, io};
+use crate::quarantine::Rejected;
+
+/// One image line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageLine<'a> {
+    /// The id as written (cn_clip keys its LMDB by this text).
+    pub id: &'a str,
+    pub image_id: i64,
+    /// The base64 field, unchanged.
+    pub base64: &'a [u8],
+}
+
+/// Whether `field` can be base64 in the standard or URL-safe alphabet, padded or not.
+pub fn plausible_base64(field: &[u8]) -> Result<(), String> {
+    let body = field.strip_suffix(b"==").or_else(|| field.strip_suffix(b"=")).unwrap_or(field);
+    if let Some(at) = body.iter().position(|&c| !(c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/' | b'-' | b'_'))) {
+        return Err(format!("byte {at} of the base64 field is {:?}, not base64", body[at] as char));
+    }
+    if body.len() % 4 == 1 {
+        return Err(format!("base64 field of {} characters is truncated", body.len()));
+    }
+    Ok(())
+}
+
+/// Reads `path` line by line, calling `on_line` with each good line or rejected record.
+///
+/// # Errors
+/// IO errors (a missing file is structural: it fails the job), or whatever `on_line` returns.
+pub fn for_each_line(path: &Path, mut on_line: impl FnMut(Result<ImageLine<'_>, Rejected>) -> Result<()>) -> Result<()> {
+    let file = std::fs::File::open(path).map_err(io(path))?;
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let source = path.display().to_string();
+    let mut line = Vec::new();
+    let mut number = 0usize;
+    loop {
+        line.clear();
+        if reader.read_until(b'\n', &mut line).map_err(io(path))? == 0 {
+            return Ok(());
+        }
+        number += 1;
+        let trimmed = trim(&line);
+        if trimmed.is_empty() {
+            continue; // blank lines carry no record
+        }
+        let reject = |id: Option<&[u8]>, reason: String| Rejected {
+            source: source.clone(),
+            location: format!("line {number}"),
+            id: id.map(|i| String::from_utf8_lossy(i).into_owned()),
+            reason,
+        };
+        let mut fields = trimmed.split(|&b| b == b'\t');
+        let (id, value) = (fields.next().unwrap_or_default(), fields.next());
+        let record = match (value, fields.next()) {
+            (None, _) => Err(reject(Some(id), "no tab: expected image_id<TAB>base64".into())),
+            (Some(_), Some(_)) => Err(reject(Some(id), "more than two tab-separated fields".into())),
+            (Some(value), None) => match std::str::from_utf8(id).ok().and_then(|s| s.parse::<i64>().ok().map(|n| (s, n))) {
+                None => Err(reject(Some(id), "image id is not an integer".into())),
+                Some(_) if value.is_empty() => Err(reject(Some(id), "empty image value".into())),
+                Some((id_text, image_id)) => match plausible_base64(value) {
+                    Err(reason) => Err(reject(Some(id), reason)),
+                    Ok(()) => Ok(ImageLine { id: id_text, image_id, base64: value }),
+                },
+            },
+        };
+        on_line(record)?;
+    }
+}
+
+/// Strips the line end (LF or CRLF) and surrounding ASCII whitespace, as cn_clip's `strip()`.
+fn trim(line: &[u8]) -> &[u8] {
+    let start = line.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(line.len());
+    let end = line.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    &line[start..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_check_accepts_both_alphabets_with_or_without_padding() {
+        for ok in [&b"aGVsbG8="[..], b"aGVsbG8", b"-_-_", b"+/+/", b"YQ=="] {
+            assert!(plausible_base64(ok).is_ok(), "{:?}", String::from_utf8_lossy(ok));
+        }
+        assert!(plausible_base64(b"aGVs bG8=").is_err());
+        assert!(plausible_base64(b"aGVsb").is_err());
+    }
+
+    #[test]
+    fn lines_are_parsed_or_rejected_with_their_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x_imgs.tsv");
+        std::fs::write(&path, "1\taGk=\r\n\nabc\taGk=\n2\n3\t\n4\taGk=\textra\n5\t%%%\n6\taGk\n").unwrap();
+        let mut seen = Vec::new();
+        for_each_line(&path, |r| {
+            seen.push(match r {
+                Ok(line) => format!("ok {} {}", line.id, String::from_utf8_lossy(line.base64)),
+                Err(rejected) => format!("{}: {}", rejected.location, rejected.reason),
+            });
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            seen,
+            [
+                "ok 1 aGk=",
+                "line 3: image id is not an integer",
+                "line 4: no tab: expected image_id<TAB>base64",
+                "line 5: no tab: expected image_id<TAB>base64",
+                "line 6: more than two tab-separated fields",
+                "line 7: byte 0 of the base64 field is '%', not base64",
+                "ok 6 aGk",
+            ]
+        );
+    }
+}

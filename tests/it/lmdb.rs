@@ -1,0 +1,231 @@
+//! `cnclip build-lmdb` against cn_clip's `build_lmdb_dataset.py` (issue #4): same keys, equal
+//! (and byte-equal) values, and cn_clip's own `LMDBDataset` / `EvalImgDataset` yield the same
+//! samples from our databases as from theirs. Plus quarantine of bad lines and `--shards`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use cnclip_tests::python;
+
+/// Writes a small cn_clip-layout corpus: `{split}_imgs.tsv` (URL-safe base64 of JPEG/PNG
+/// images, as cn_clip's tools write) and `{split}_texts.jsonl`.
+const MAKE_CORPUS: &str = r#"
+import base64, io, json, sys, numpy as np
+from PIL import Image
+out, n = sys.argv[1], int(sys.argv[2])
+rng = np.random.default_rng(0)
+for split in ("train", "valid"):
+    with open(f"{out}/{split}_imgs.tsv", "w") as f:
+        for i in range(n):
+            image = Image.fromarray(rng.integers(0, 255, (int(rng.integers(20, 60)), int(rng.integers(20, 60)), 3), dtype=np.uint8))
+            buf = io.BytesIO()
+            image.save(buf, format="JPEG" if i % 2 else "PNG")
+            f.write(f"{1000 + i}\t{base64.urlsafe_b64encode(buf.getvalue()).decode()}\n")
+    with open(f"{out}/{split}_texts.jsonl", "w") as f:
+        for t in range(n // 2):
+            ids = [1000 + int(x) for x in rng.choice(n, size=int(rng.integers(1, 4)), replace=False)]
+            f.write(json.dumps({"text_id": t, "text": f"第{t}张图：一只猫 “Cute” cat #{t}", "image_ids": ids}, ensure_ascii=False) + "\n")
+"#;
+
+fn cnclip_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join("cnclip");
+    assert!(bin.exists(), "{} not built: run `cargo test --workspace`", bin.display());
+    bin
+}
+
+fn build_lmdb(args: &[&str]) -> std::process::Output {
+    Command::new(cnclip_bin()).arg("build-lmdb").args(args).output().unwrap()
+}
+
+fn corpus(dir: &Path, n: usize) -> String {
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    python(MAKE_CORPUS, &[data.to_str().unwrap(), &n.to_string()], "");
+    data.display().to_string()
+}
+
+/// Compares two LMDB directories with py-lmdb: keys, raw values, unpickled pair values.
+const COMPARE: &str = r#"
+import json, lmdb, pickle, sys
+def read(path):
+    env = lmdb.open(path, readonly=True, lock=False)
+    with env.begin() as txn:
+        return {bytes(k): bytes(v) for k, v in txn.cursor()}
+report = {}
+for db in ("imgs", "pairs"):
+    a, b = read(f"{sys.argv[1]}/{db}"), read(f"{sys.argv[2]}/{db}")
+    unpickle = (lambda k, v: v if k.startswith(b"num_") else pickle.loads(v)) if db == "pairs" else (lambda k, v: v)
+    report[db] = {"keys": len(a), "same_keys": a.keys() == b.keys(),
+                  "same_bytes": a == b,
+                  "same_values": all(unpickle(k, a[k]) == unpickle(k, b[k]) for k in a if k in b)}
+print(json.dumps(report))
+"#;
+
+#[test]
+fn build_lmdb_matches_cn_clip_and_its_datasets_read_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path(), 40);
+    let (theirs, ours) = (dir.path().join("theirs"), dir.path().join("ours"));
+    let output = Command::new(cnclip_tests::venv_python())
+        .args(["-m", "cn_clip.preprocess.build_lmdb_dataset", "--data_dir", &data, "--splits", "train,valid"])
+        .args(["--lmdb_dir", theirs.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let output = build_lmdb(&["--data-dir", &data, "--splits", "train,valid", "--lmdb-dir", ours.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+
+    for split in ["train", "valid"] {
+        let report: serde_json::Value = serde_json::from_str(&python(
+            COMPARE,
+            &[theirs.join(split).to_str().unwrap(), ours.join(split).to_str().unwrap()],
+            "",
+        ))
+        .unwrap();
+        for db in ["imgs", "pairs"] {
+            assert_eq!(report[db]["same_keys"], true, "{split}/{db}: {report}");
+            assert_eq!(report[db]["same_values"], true, "{split}/{db}: {report}");
+            assert_eq!(report[db]["same_bytes"], true, "{split}/{db}: {report}");
+        }
+        assert_eq!(report["imgs"]["keys"], 41); // 40 images + num_images
+    }
+
+    // cn_clip's training and eval datasets, on both databases, sample by sample.
+    let script = r#"
+import sys, torch
+from cn_clip.training.data import LMDBDataset
+from cn_clip.eval.data import EvalImgDataset
+a, b = LMDBDataset(sys.argv[1], split="train"), LMDBDataset(sys.argv[2], split="train")
+assert len(a) == len(b), (len(a), len(b))
+for i in range(len(a)):
+    (ia, ta, ea), (ib, tb, eb) = a[i], b[i]
+    assert torch.equal(ia, ib) and torch.equal(ta, tb) and ea == eb, i
+c, d = EvalImgDataset(sys.argv[1] + "/imgs"), EvalImgDataset(sys.argv[2] + "/imgs")
+assert len(c) == len(d)
+for i in range(len(c)):
+    (xa, pa), (xb, pb) = c[i], d[i]
+    assert xa == xb and torch.equal(pa, pb), i
+print(len(a), len(c))
+"#;
+    let counts = python(script, &[theirs.join("train").to_str().unwrap(), ours.join("train").to_str().unwrap()], "");
+    assert!(counts.trim().ends_with(" 40"), "{counts}");
+}
+
+#[test]
+fn bad_lines_are_quarantined_or_fail_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(
+        data.join("test_imgs.tsv"),
+        "1\taGVsbG8=\r\n2\tnot base64!\nabc\taGk=\n3\t\n4\taGk=\n4\taGVsbG8=\n5 no tab\n6\taGVsbG8\n",
+    )
+    .unwrap();
+    let mut texts = Vec::new();
+    texts.extend_from_slice("{\"text_id\": 10, \"text\": \"好\", \"image_ids\": [1, 4, 6]}\n".as_bytes());
+    texts.extend_from_slice(b"{\"text_id\": 11, \"text\": \"missing ids\"}\n{not json\n\xff\xfe\n");
+    texts.extend_from_slice(b"{\"text_id\": \"12\", \"text\": \"string id\", \"image_ids\": [1]}\n");
+    texts.extend_from_slice(b"{\"text_id\": 13, \"text\": \"unknown image\", \"image_ids\": [1, 99]}\n");
+    texts.extend_from_slice(b"{\"text_id\": 10, \"text\": \"duplicate\", \"image_ids\": [1]}\n");
+    std::fs::write(data.join("test_texts.jsonl"), texts).unwrap();
+    let out = dir.path().join("lmdb");
+    let output = build_lmdb(&["--data-dir", data.to_str().unwrap(), "--splits", "test", "--lmdb-dir", out.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("3 images, 4 pairs, 11 quarantined"), "{stderr}");
+
+    let quarantine = std::fs::read_to_string(out.join("test/quarantine.jsonl")).unwrap();
+    let reasons: Vec<String> = quarantine
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            format!("{} {}: {}", v["source"].as_str().unwrap().rsplit('/').next().unwrap(), v["location"].as_str().unwrap(), v["reason"].as_str().unwrap())
+        })
+        .collect();
+    let expected = [
+        "test_imgs.tsv line 2: byte 3 of the base64 field is ' ', not base64",
+        "test_imgs.tsv line 3: image id is not an integer",
+        "test_imgs.tsv line 4: no tab: expected image_id<TAB>base64",
+        "test_imgs.tsv image 4: duplicate image id (the first one is kept)",
+        "test_imgs.tsv line 7: no tab: expected image_id<TAB>base64",
+        "test_texts.jsonl line 2: missing field `image_ids`",
+    ];
+    for (got, want) in reasons.iter().zip(expected) {
+        assert_eq!(got, want);
+    }
+    assert!(reasons[6].starts_with("test_texts.jsonl line 3: malformed JSON"), "{reasons:?}");
+    assert!(reasons[7].starts_with("test_texts.jsonl line 4: not valid UTF-8"), "{reasons:?}");
+    assert_eq!(reasons[8], "test_texts.jsonl line 5: text_id is not an integer");
+    assert!(reasons[9].starts_with("test_texts.jsonl text 13: image 99 is not in"), "{reasons:?}");
+    assert_eq!(reasons[10], "test_texts.jsonl text 10: duplicate text id (the first one is kept)");
+    assert_eq!(reasons.len(), 11);
+
+    // Every good record is in the database: images 1, 4, 6; pairs (1,10), (4,10), (6,10), (1,13).
+    let script = r#"
+import json, lmdb, pickle, sys
+def read(path):
+    env = lmdb.open(path, readonly=True, lock=False)
+    with env.begin() as txn:
+        return {bytes(k).decode(): bytes(v) for k, v in txn.cursor()}
+imgs, pairs = read(sys.argv[1] + "/imgs"), read(sys.argv[1] + "/pairs")
+print(json.dumps({"imgs": sorted(imgs), "pairs": sorted(pickle.loads(v)[:2] for k, v in pairs.items() if k != "num_samples"),
+                  "num_images": imgs["num_images"].decode(), "num_samples": pairs["num_samples"].decode()}))
+"#;
+    let stored: serde_json::Value = serde_json::from_str(&python(script, &[out.join("test").to_str().unwrap()], "")).unwrap();
+    assert_eq!(stored["imgs"], serde_json::json!(["1", "4", "6", "num_images"]));
+    assert_eq!(stored["pairs"], serde_json::json!([[1, 10], [1, 13], [4, 10], [6, 10]]));
+    assert_eq!((stored["num_images"].as_str(), stored["num_samples"].as_str()), (Some("3"), Some("4")));
+
+    // --on-error fail stops at the first bad line, names it, and leaves no database behind.
+    let failed = dir.path().join("failed");
+    let output = build_lmdb(&["--data-dir", data.to_str().unwrap(), "--splits", "test", "--lmdb-dir", failed.to_str().unwrap(), "--on-error", "fail"]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("test_imgs.tsv line 2") && stderr.contains("not base64"), "{stderr}");
+    assert!(!failed.join("test").exists());
+
+    // A missing file is structural: always an error, naming it.
+    let output = build_lmdb(&["--data-dir", data.to_str().unwrap(), "--splits", "nosuch", "--lmdb-dir", failed.to_str().unwrap()]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("nosuch_imgs.tsv does not exist"));
+}
+
+#[test]
+fn shards_are_self_contained_and_together_hold_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path(), 30);
+    let (one, three) = (dir.path().join("one"), dir.path().join("three"));
+    for (out, shards) in [(&one, "1"), (&three, "3")] {
+        let output = build_lmdb(&["--data-dir", &data, "--splits", "train", "--lmdb-dir", out.to_str().unwrap(), "--shards", shards]);
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    }
+    let script = r#"
+import json, lmdb, pickle, sys
+from cn_clip.training.data import LMDBDataset
+def pairs(path):
+    env = lmdb.open(path + "/pairs", readonly=True, lock=False)
+    with env.begin() as txn:
+        return [pickle.loads(bytes(v)) for k, v in txn.cursor() if bytes(k) != b"num_samples"]
+def images(path):
+    env = lmdb.open(path + "/imgs", readonly=True, lock=False)
+    with env.begin() as txn:
+        return {bytes(k) for k, _ in txn.cursor() if bytes(k) != b"num_images"}
+whole = sorted(pairs(sys.argv[1]))
+sharded, total_images = [], 0
+for i in range(3):
+    shard = f"{sys.argv[2]}/shard_{i:03}"
+    ps, ims = pairs(shard), images(shard)
+    assert all(str(p[0]).encode() in ims for p in ps), "a pair's image lives in another shard"
+    assert all(int(k) % 3 == i for k in ims)
+    dataset = LMDBDataset(shard, split="train")  # cn_clip reads each shard on its own
+    for j in range(len(dataset)):
+        dataset[j]
+    sharded += ps
+    total_images += len(ims)
+print(json.dumps({"same_pairs": sorted(sharded) == whole, "images": total_images}))
+"#;
+    let report: serde_json::Value =
+        serde_json::from_str(&python(script, &[one.join("train").to_str().unwrap(), three.join("train").to_str().unwrap()], "")).unwrap();
+    assert_eq!(report, serde_json::json!({"same_pairs": true, "images": 30}));
+}
