@@ -22,10 +22,27 @@ pub struct ImageLine<'a> {
     pub base64: &'a [u8],
 }
 
+/// Bytes of both base64 alphabets (standard `+/`, URL-safe `-_`).
+const BASE64_BYTES: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        table[c] = b.is_ascii_alphanumeric() || b == b'+' || b == b'/' || b == b'-' || b == b'_';
+        c += 1;
+    }
+    table
+};
+
 /// Whether `field` can be base64 in the standard or URL-safe alphabet, padded or not.
 pub fn plausible_base64(field: &[u8]) -> Result<(), String> {
     let body = field.strip_suffix(b"==").or_else(|| field.strip_suffix(b"=")).unwrap_or(field);
-    if let Some(at) = body.iter().position(|&c| !(c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/' | b'-' | b'_'))) {
+    // The common case in one branch-free pass; the position only when it fails.
+    if !body.iter().fold(true, |ok, &c| ok & BASE64_BYTES[c as usize]) {
+        if field.contains(&b'\t') {
+            return Err("more than two tab-separated fields".to_string());
+        }
+        let at = body.iter().position(|&c| !BASE64_BYTES[c as usize]).expect("a byte failed");
         return Err(format!("byte {at} of the base64 field is {:?}, not base64", body[at] as char));
     }
     if body.len() % 4 == 1 {
@@ -60,18 +77,19 @@ pub fn for_each_line(path: &Path, mut on_line: impl FnMut(Result<ImageLine<'_>, 
             id: id.map(|i| String::from_utf8_lossy(i).into_owned()),
             reason,
         };
-        let mut fields = trimmed.split(|&b| b == b'\t');
-        let (id, value) = (fields.next().unwrap_or_default(), fields.next());
-        let record = match (value, fields.next()) {
-            (None, _) => Err(reject(Some(id), "no tab: expected image_id<TAB>base64".into())),
-            (Some(_), Some(_)) => Err(reject(Some(id), "more than two tab-separated fields".into())),
-            (Some(value), None) => match std::str::from_utf8(id).ok().and_then(|s| s.parse::<i64>().ok().map(|n| (s, n))) {
-                None => Err(reject(Some(id), "image id is not an integer".into())),
-                Some(_) if value.is_empty() => Err(reject(Some(id), "empty image value".into())),
-                Some((id_text, image_id)) => match plausible_base64(value) {
-                    Err(reason) => Err(reject(Some(id), reason)),
-                    Ok(()) => Ok(ImageLine { id: id_text, image_id, base64: value }),
-                },
+        // The id is short: find its tab, and leave the long value to the base64 check (which
+        // also catches a second tab) instead of scanning it twice.
+        let Some(tab) = trimmed.iter().position(|&b| b == b'\t') else {
+            on_line(Err(reject(Some(trimmed), "no tab: expected image_id<TAB>base64".into())))?;
+            continue;
+        };
+        let (id, value) = (&trimmed[..tab], &trimmed[tab + 1..]);
+        let record = match std::str::from_utf8(id).ok().and_then(|s| s.parse::<i64>().ok().map(|n| (s, n))) {
+            None => Err(reject(Some(id), "image id is not an integer".into())),
+            Some(_) if value.is_empty() => Err(reject(Some(id), "empty image value".into())),
+            Some((id_text, image_id)) => match plausible_base64(value) {
+                Err(reason) => Err(reject(Some(id), reason)),
+                Ok(()) => Ok(ImageLine { id: id_text, image_id, base64: value }),
             },
         };
         on_line(record)?;

@@ -1,0 +1,85 @@
+"""build-lmdb throughput: cnclip vs cn_clip's build_lmdb_dataset.py vs a plain copy, one run
+each, same machine, on the same TSV/JSONL (default ~20k images of ~30 KB, ≈ 0.7 GB of TSV).
+
+    .venv/bin/python scripts/bench/build_lmdb.py [--images 20000] [--work /tmp/cnclip-bench-lmdb]
+        [--cnclip target/release/cnclip]
+
+The corpus is generated once and kept in --work. MB/s is TSV+JSONL bytes / wall seconds. The page
+cache is warm for all three (the corpus was just written or read); each output goes to the same
+filesystem.
+"""
+import argparse
+import base64
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+from PIL import Image
+
+
+def make_corpus(data, n):
+    marker = os.path.join(data, f".complete-{n}")
+    if os.path.exists(marker):
+        return
+    os.makedirs(data, exist_ok=True)
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (160, 160, 3), dtype=np.uint8)
+    with open(os.path.join(data, "train_imgs.tsv"), "w") as f:
+        for i in range(n):
+            noise = rng.integers(-40, 40, base.shape)
+            image = Image.fromarray(np.clip(base.astype(int) + noise, 0, 255).astype(np.uint8))
+            buf = io.BytesIO()
+            image.save(buf, format="JPEG", quality=75)
+            f.write(f"{i}\t{base64.urlsafe_b64encode(buf.getvalue()).decode()}\n")
+    with open(os.path.join(data, "train_texts.jsonl"), "w") as f:
+        for t in range(n):
+            f.write(json.dumps({"text_id": t, "text": f"第{t}张图片：一只可爱的小猫", "image_ids": [t, (t * 7) % n]}, ensure_ascii=False) + "\n")
+    open(marker, "w").close()
+
+
+def timed(cmd, **kw):
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
+    return time.perf_counter() - start
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--images", type=int, default=20000)
+    p.add_argument("--work", default="/tmp/cnclip-bench-lmdb")
+    p.add_argument("--cnclip", default="target/release/cnclip")
+    args = p.parse_args()
+    data = os.path.join(args.work, "data")
+    make_corpus(data, args.images)
+    size = sum(os.path.getsize(os.path.join(data, f)) for f in ("train_imgs.tsv", "train_texts.jsonl"))
+    mb = size / 1e6
+
+    copy_dir = os.path.join(args.work, "copy")
+    shutil.rmtree(copy_dir, ignore_errors=True)
+    os.makedirs(copy_dir)
+    cp_s = timed(["cp", os.path.join(data, "train_imgs.tsv"), os.path.join(data, "train_texts.jsonl"), copy_dir])
+    subprocess.run(["sync"], check=True)
+
+    theirs = os.path.join(args.work, "theirs")
+    shutil.rmtree(theirs, ignore_errors=True)
+    ref_s = timed([sys.executable, "-m", "cn_clip.preprocess.build_lmdb_dataset", "--data_dir", data, "--splits", "train", "--lmdb_dir", theirs])
+    subprocess.run(["sync"], check=True)
+
+    ours = os.path.join(args.work, "ours")
+    shutil.rmtree(ours, ignore_errors=True)
+    our_s = timed([args.cnclip, "build-lmdb", "--data-dir", data, "--splits", "train", "--lmdb-dir", ours])
+
+    print(f"{args.images} images, {mb:.0f} MB of TSV+JSONL")
+    print(f"  cp (plain copy):            {cp_s:6.2f} s  {mb / cp_s:7.0f} MB/s")
+    print(f"  build_lmdb_dataset.py:      {ref_s:6.2f} s  {mb / ref_s:7.0f} MB/s")
+    print(f"  cnclip build-lmdb:          {our_s:6.2f} s  {mb / our_s:7.0f} MB/s")
+    print(f"  cnclip vs cn_clip: {ref_s / our_s:.2f}x; cnclip time / cp time: {our_s / cp_s:.2f}")
+
+
+if __name__ == "__main__":
+    main()
