@@ -34,14 +34,7 @@ pub struct Args {
 }
 
 pub fn parse_device(name: &str) -> Result<Device> {
-    Ok(match name {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::Cuda(0),
-        other => match other.strip_prefix("cuda:").map(str::parse) {
-            Some(Ok(n)) => Device::Cuda(n),
-            _ => bail!("unknown device `{other}`: use cpu, cuda or cuda:N"),
-        },
-    })
+    Ok(cnclip_models::device::device(name)?)
 }
 
 pub fn parse_precision(name: &str) -> Result<Kind> {

@@ -6,6 +6,7 @@
 
 pub mod checkpoint;
 pub mod clip;
+pub mod device;
 pub mod error;
 pub mod preprocess;
 pub mod tokenizer;
