@@ -20,22 +20,22 @@ pub fn load_cuda_backend() -> bool {
 /// Parses `cpu`, `cuda` or `cuda:N`, loading the CUDA backend for CUDA devices.
 ///
 /// # Errors
-/// [`Error::Config`] for an unknown name, or a CUDA device that is not there (with the reason).
+/// [`Error::Device`] for an unknown name, or a CUDA device that is not there (with the reason).
 pub fn device(name: &str) -> Result<Device> {
     let index = match name {
         "cpu" => return Ok(Device::Cpu),
         "cuda" => 0,
         other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
             Some(Ok(n)) => n,
-            _ => return Err(Error::Config(format!("unknown device `{other}`: use cpu, cuda or cuda:N"))),
+            _ => return Err(Error::Device(format!("unknown device `{other}`: use cpu, cuda or cuda:N"))),
         },
     };
     if !load_cuda_backend() {
-        return Err(Error::Config(format!("device `{name}`: libtorch_cuda.so could not be loaded (CPU-only libtorch?)")));
+        return Err(Error::Device(format!("device `{name}`: libtorch_cuda.so could not be loaded (CPU-only libtorch?)")));
     }
     let count = tch::Cuda::device_count() as usize;
     if index >= count {
-        return Err(Error::Config(format!("device `{name}`: {count} CUDA device(s) visible")));
+        return Err(Error::Device(format!("device `{name}`: {count} CUDA device(s) visible")));
     }
     Ok(Device::Cuda(index))
 }

@@ -9,6 +9,8 @@ pub enum Error {
     ContextLength(usize),
     #[error("model config: {0}")]
     Config(String),
+    #[error("{0}")]
+    Device(String),
     #[error("checkpoint does not fit the model: {}", describe_state_dict(.missing, .unexpected, .mis_shaped))]
     StateDict { missing: Vec<String>, unexpected: Vec<String>, mis_shaped: Vec<String> },
     #[error("{0}")]
