@@ -6,3 +6,15 @@
 //! fatal error, cancels them all. CPU-heavy work runs on a worker pool, never on the reactor.
 //!
 //! This crate knows nothing about tensors or indexes — it builds without libtorch and FAISS.
+
+pub mod edge;
+pub mod error;
+pub mod graph;
+pub mod pool;
+pub mod progress;
+
+pub use edge::{Batch, Capacity, Closed};
+pub use error::{BoxError, Error, Result};
+pub use graph::{Graph, Node, NodeContext, NodeSummary, RunningGraph};
+pub use pool::WorkerPool;
+pub use progress::Progress;
