@@ -7,6 +7,7 @@
 //! faults never stop a source: they come back as [`quarantine::Rejected`] and the job's
 //! [`quarantine::OnError`] policy decides.
 
+pub mod decoders;
 pub mod error;
 pub mod quarantine;
 pub mod sinks;

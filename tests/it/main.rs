@@ -4,6 +4,7 @@
 //! (`scripts/setup.sh` makes it); they fail, not skip, when it is missing.
 
 mod checkpoints;
+mod decode;
 mod lmdb;
 mod models;
 mod preprocess;
