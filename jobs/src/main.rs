@@ -13,6 +13,7 @@ mod build_lmdb;
 mod convert;
 mod model_args;
 mod similarity;
+mod synth;
 mod tokenize;
 
 #[derive(Parser)]
@@ -28,6 +29,8 @@ enum Command {
     Tokenize(tokenize::Args),
     /// Serialize TSV images and JSONL texts into cn_clip's LMDB layout (build_lmdb_dataset.py).
     BuildLmdb(build_lmdb::Args),
+    /// Write a deterministic synthetic Chinese image–caption corpus in cn_clip's layout.
+    Synth(synth::Args),
     /// Image–text similarity with a checkpoint: cn_clip's README quick start as a command.
     Similarity(similarity::Args),
     /// Convert checkpoints between cn_clip's .pt and cnclip's self-describing .safetensors.
@@ -54,6 +57,7 @@ fn main() -> ExitCode {
         Command::Benchmark(BenchmarkCommand::Encode(args)) => benchmark::run(args),
         Command::Convert(args) => convert::run(args),
         Command::BuildLmdb(args) => build_lmdb::run(args),
+        Command::Synth(args) => synth::run(args),
         Command::Similarity(args) => similarity::run(args),
     };
     match result {

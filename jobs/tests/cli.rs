@@ -130,3 +130,46 @@ print(json.dumps({"image_features": image_features.tolist(), "text_features": te
         assert!(worst < tolerance, "{key} differs by {worst}");
     }
 }
+
+/// `cnclip synth` is deterministic, and cn_clip's own `build_lmdb_dataset.py` and zero-shot
+/// layout accept what it writes.
+#[test]
+fn synth_is_deterministic_and_cn_clip_reads_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str, seed: &str| {
+        let out = dir.path().join(name);
+        let output = cnclip(
+            &["synth", "--out", out.to_str().unwrap(), "--train", "40", "--valid", "8", "--test", "8", "--zeroshot-per-class", "2", "--seed", seed],
+            b"",
+        );
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        out
+    };
+    let (a, b, c) = (run("a", "3"), run("b", "3"), run("c", "4"));
+    let read = |dir: &std::path::Path, f: &str| std::fs::read(dir.join(f)).unwrap();
+    assert_eq!(read(&a, "train_imgs.tsv"), read(&b, "train_imgs.tsv"));
+    assert_eq!(read(&a, "train_texts.jsonl"), read(&b, "train_texts.jsonl"));
+    assert_ne!(read(&a, "train_imgs.tsv"), read(&c, "train_imgs.tsv"));
+
+    let script = r#"
+import base64, io, json, os, subprocess, sys
+from PIL import Image
+data = sys.argv[1]
+subprocess.run([sys.executable, "-m", "cn_clip.preprocess.build_lmdb_dataset", "--data_dir", data, "--splits", "train,valid,test"],
+               check=True, capture_output=True)
+texts = [json.loads(l) for l in open(f"{data}/train_texts.jsonl", encoding="utf-8")]
+first = open(f"{data}/train_imgs.tsv").readline().split("\t")
+image = Image.open(io.BytesIO(base64.urlsafe_b64decode(first[1])))
+labels = open(f"{data}/zeroshot/label_cn.txt", encoding="utf-8").read().split()
+classes = sorted(os.listdir(f"{data}/zeroshot/test"))
+print(json.dumps({"texts": len(texts), "keys": list(texts[0]), "size": image.size, "labels": len(labels),
+                  "classes": classes == [f"{i:03}" for i in range(len(labels))],
+                  "lmdb": sorted(os.listdir(f"{data}/lmdb"))}))
+"#;
+    let report: serde_json::Value = serde_json::from_str(&cnclip_tests::python(script, &[a.to_str().unwrap()], "")).unwrap();
+    assert_eq!(
+        report,
+        serde_json::json!({"texts": 40, "keys": ["text_id", "text", "image_ids"], "size": [96, 96], "labels": 18,
+                           "classes": true, "lmdb": ["test", "train", "valid"]})
+    );
+}
