@@ -95,3 +95,36 @@ fn sync(device: Device) {
         tch::Cuda::synchronize(n as i64);
     }
 }
+
+#[derive(clap::Args)]
+pub struct PreprocessArgs {
+    /// A cn_clip image TSV (`image_id<TAB>base64`).
+    #[arg(long)]
+    tsv: std::path::PathBuf,
+    #[arg(long, default_value_t = 224)]
+    resolution: usize,
+    /// Images to process (from the start of the file).
+    #[arg(long, default_value_t = 2000)]
+    limit: usize,
+}
+
+/// One thread: base64 decode, image decode, resize, RGB, normalise — cn_clip's per-image work.
+pub fn run_preprocess(args: PreprocessArgs) -> Result<()> {
+    use std::io::BufRead;
+    tch::set_num_threads(1); // as the reference's torch.set_num_threads(1)
+    let file = std::fs::File::open(&args.tsv).with_context(|| format!("opening {}", args.tsv.display()))?;
+    let lines: Vec<Vec<u8>> = std::io::BufReader::new(file).split(b'\n').take(args.limit).collect::<Result<_, _>>()?;
+    let start = Instant::now();
+    let (mut scratch, mut bytes) = (Vec::new(), Vec::new());
+    let mut checksum = 0f64;
+    for line in &lines {
+        let field = line.splitn(2, |&b| b == b'\t').nth(1).context("no tab")?;
+        let field = field.strip_suffix(b"\r").unwrap_or(field);
+        cnclip_operators::decoders::base64::decode_into(field, &mut scratch, &mut bytes).map_err(anyhow::Error::msg)?;
+        let pixels = cnclip_models::preprocess::preprocess(&bytes, args.resolution)?;
+        checksum += pixels.double_value(&[0, 0, 0]);
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    println!("cnclip preprocess: {} images in {seconds:.2} s, {:.1} images/s (1 thread; checksum {checksum:.3})", lines.len(), lines.len() as f64 / seconds);
+    Ok(())
+}

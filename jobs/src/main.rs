@@ -44,6 +44,8 @@ enum Command {
 enum BenchmarkCommand {
     /// Image and text encode throughput of one model on one device.
     Encode(benchmark::Args),
+    /// Decode + preprocess throughput on one thread (base64, image decode, resize, normalise).
+    Preprocess(benchmark::PreprocessArgs),
 }
 
 fn main() -> ExitCode {
@@ -55,6 +57,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Tokenize(args) => tokenize::run(args),
         Command::Benchmark(BenchmarkCommand::Encode(args)) => benchmark::run(args),
+        Command::Benchmark(BenchmarkCommand::Preprocess(args)) => benchmark::run_preprocess(args),
         Command::Convert(args) => convert::run(args),
         Command::BuildLmdb(args) => build_lmdb::run(args),
         Command::Synth(args) => synth::run(args),
