@@ -229,3 +229,54 @@ print(json.dumps({"same_pairs": sorted(sharded) == whole, "images": total_images
         serde_json::from_str(&python(script, &[one.join("train").to_str().unwrap(), three.join("train").to_str().unwrap()], "")).unwrap();
     assert_eq!(report, serde_json::json!({"same_pairs": true, "images": 30}));
 }
+
+/// The other direction: our LMDB source reads what cn_clip's script wrote, and gets back the
+/// TSV/JSONL records it was built from.
+#[test]
+fn lmdb_source_reads_cn_clip_databases() {
+    use cnclip_operators::sources::{jsonl, lmdb, tsv};
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path(), 20);
+    let theirs = dir.path().join("theirs");
+    let output = Command::new(cnclip_tests::venv_python())
+        .args(["-m", "cn_clip.preprocess.build_lmdb_dataset", "--data_dir", &data, "--splits", "train", "--lmdb_dir", theirs.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let split = theirs.join("train");
+
+    let mut images = std::collections::BTreeMap::new();
+    lmdb::for_each_image(&split, |r| {
+        let (id, b64) = r.unwrap();
+        images.insert(id, b64.to_vec());
+        Ok(())
+    })
+    .unwrap();
+    let mut expected_images = std::collections::BTreeMap::new();
+    tsv::for_each_line(Path::new(&data).join("train_imgs.tsv").as_path(), |r| {
+        let line = r.unwrap();
+        expected_images.insert(line.image_id, line.base64.to_vec());
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(images, expected_images);
+
+    let mut pairs = Vec::new();
+    lmdb::for_each_pair(&split, |r| {
+        let p = r.unwrap();
+        pairs.push((p.image_id, p.text_id, p.text));
+        Ok(())
+    })
+    .unwrap();
+    let mut expected_pairs = Vec::new();
+    jsonl::for_each_line(Path::new(&data).join("train_texts.jsonl").as_path(), |r| {
+        let t = r.unwrap();
+        expected_pairs.extend(t.image_ids.iter().map(|&i| (i, t.text_id, t.text.clone())));
+        Ok(())
+    })
+    .unwrap();
+    pairs.sort();
+    expected_pairs.sort();
+    assert_eq!(pairs, expected_pairs);
+    assert_eq!(lmdb::counts(&split).unwrap(), (20, expected_pairs.len() as u64));
+}

@@ -1,0 +1,114 @@
+//! cn_clip's LMDB datasets (`build_lmdb_dataset.py`'s layout): `imgs` maps image ids to base64
+//! text (plus `num_images`), `pairs` maps `0…n-1` to pickled `(image_id, text_id, text)` tuples
+//! (plus `num_samples`). Pickles are read with the restricted reader that never executes code;
+//! an entry that is not such a tuple comes back as [`Rejected`].
+
+use std::path::Path;
+
+use cnclip_models::checkpoint::pickle::{self, Value};
+use lmdb::{Cursor, Environment, EnvironmentFlags, Transaction};
+
+use crate::error::{Error, Result};
+use crate::quarantine::Rejected;
+
+/// One `pairs` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pair {
+    pub image_id: i64,
+    pub text_id: i64,
+    pub text: String,
+}
+
+fn open(path: &Path) -> Result<Environment> {
+    if !path.is_dir() {
+        return Err(Error::Io {
+            path: path.display().to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "LMDB directory does not exist"),
+        });
+    }
+    Environment::new()
+        .set_flags(EnvironmentFlags::READ_ONLY | EnvironmentFlags::NO_LOCK)
+        .open(path)
+        .map_err(|source| Error::Lmdb { path: path.display().to_string(), source })
+}
+
+/// Calls `on_entry` for every entry of an LMDB except the count key `skip`, in key order.
+fn for_each(path: &Path, skip: &[u8], mut on_entry: impl FnMut(&[u8], &[u8]) -> Result<()>) -> Result<()> {
+    let env = open(path)?;
+    let lmdb_err = |source| Error::Lmdb { path: path.display().to_string(), source };
+    let db = env.open_db(None).map_err(lmdb_err)?;
+    let txn = env.begin_ro_txn().map_err(lmdb_err)?;
+    let mut cursor = txn.open_ro_cursor(db).map_err(lmdb_err)?;
+    for entry in cursor.iter_start() {
+        let (key, value) = entry.map_err(lmdb_err)?;
+        if key != skip {
+            on_entry(key, value)?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads `{dir}/imgs`: `(image_id, base64)` per entry, bad keys rejected.
+///
+/// # Errors
+/// A missing or unreadable LMDB (structural), or whatever `on_image` returns.
+pub fn for_each_image(dir: &Path, mut on_image: impl FnMut(Result<(i64, &[u8]), Rejected>) -> Result<()>) -> Result<()> {
+    let path = dir.join("imgs");
+    let source = path.display().to_string();
+    for_each(&path, b"num_images", |key, value| {
+        let id = std::str::from_utf8(key).ok().and_then(|k| k.parse::<i64>().ok());
+        on_image(id.map(|id| (id, value)).ok_or_else(|| Rejected {
+            source: source.clone(),
+            location: format!("key {:?}", String::from_utf8_lossy(key)),
+            id: Some(String::from_utf8_lossy(key).into_owned()),
+            reason: "image key is not an integer".into(),
+        }))
+    })
+}
+
+/// Reads `{dir}/pairs`: the unpickled `(image_id, text_id, text)` of each entry.
+///
+/// # Errors
+/// A missing or unreadable LMDB (structural), or whatever `on_pair` returns.
+pub fn for_each_pair(dir: &Path, mut on_pair: impl FnMut(Result<Pair, Rejected>) -> Result<()>) -> Result<()> {
+    let path = dir.join("pairs");
+    let source = path.display().to_string();
+    for_each(&path, b"num_samples", |key, value| {
+        let parsed = match pickle::load(value) {
+            Ok(Value::Tuple(items)) => match items.as_slice() {
+                [Value::Int(image_id), Value::Int(text_id), Value::Str(text)] => {
+                    Ok(Pair { image_id: *image_id, text_id: *text_id, text: text.clone() })
+                }
+                _ => Err("not an (int image_id, int text_id, str text) tuple".to_string()),
+            },
+            Ok(_) => Err("not a tuple".to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        on_pair(parsed.map_err(|reason| Rejected {
+            source: source.clone(),
+            location: format!("key {:?}", String::from_utf8_lossy(key)),
+            id: None,
+            reason,
+        }))
+    })
+}
+
+/// The `num_images` / `num_samples` counts cn_clip's datasets read.
+///
+/// # Errors
+/// When the LMDB or its count key is missing or not a number.
+pub fn counts(dir: &Path) -> Result<(u64, u64)> {
+    let read = |db: &str, key: &[u8]| -> Result<u64> {
+        let path = dir.join(db);
+        let env = open(&path)?;
+        let lmdb_err = |source| Error::Lmdb { path: path.display().to_string(), source };
+        let handle = env.open_db(None).map_err(lmdb_err)?;
+        let txn = env.begin_ro_txn().map_err(lmdb_err)?;
+        let value = txn.get(handle, &key).map_err(lmdb_err)?;
+        std::str::from_utf8(value).ok().and_then(|v| v.parse().ok()).ok_or_else(|| Error::Record {
+            location: format!("{} {}", path.display(), String::from_utf8_lossy(key)),
+            reason: "count is not a number".into(),
+        })
+    };
+    Ok((read("imgs", b"num_images")?, read("pairs", b"num_samples")?))
+}
