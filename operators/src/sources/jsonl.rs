@@ -5,12 +5,11 @@
 //! a string where an id should be) becomes a [`Rejected`] record naming its line, and the rest
 //! of the file goes on.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 
 use serde_json::Value;
 
-use crate::error::{Result, io};
+use crate::error::Result;
 use crate::quarantine::Rejected;
 
 /// One text annotation.
@@ -44,28 +43,16 @@ fn parse(line: &[u8]) -> Result<TextLine, (Option<String>, String)> {
 /// # Errors
 /// IO errors (a missing file fails the job), or whatever `on_line` returns.
 pub fn for_each_line(path: &Path, mut on_line: impl FnMut(Result<TextLine, Rejected>) -> Result<()>) -> Result<()> {
-    let file = std::fs::File::open(path).map_err(io(path))?;
-    let mut reader = BufReader::with_capacity(1 << 20, file);
     let source = path.display().to_string();
-    let mut line = Vec::new();
-    let mut number = 0usize;
-    loop {
-        line.clear();
-        if reader.read_until(b'\n', &mut line).map_err(io(path))? == 0 {
-            return Ok(());
-        }
-        number += 1;
-        if line.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
-        let record = parse(&line).map_err(|(id, reason)| Rejected {
+    super::for_each_trimmed_line(path, |number, line| {
+        let record = parse(line).map_err(|(id, reason)| Rejected {
             source: source.clone(),
             location: format!("line {number}"),
             id,
             reason,
         });
-        on_line(record)?;
-    }
+        on_line(record)
+    })
 }
 
 #[cfg(test)]

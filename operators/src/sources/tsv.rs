@@ -4,12 +4,11 @@
 //! slices (no copy, no decode: `build-lmdb` stores the base64 text as cn_clip does). Lines are
 //! checked for what would break a reader later — a missing or extra tab, a non-integer id, an
 //! empty value, characters outside both base64 alphabets, an impossible length — and such lines
-//! come back as [`Rejected`]. CRLF line ends are tolerated.
+//! come back as [`Rejected`]. CRLF line ends are tolerated; blank lines carry no record.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 
-use crate::error::{Result, io};
+use crate::error::Result;
 use crate::quarantine::Rejected;
 
 /// One image line.
@@ -56,21 +55,8 @@ pub fn plausible_base64(field: &[u8]) -> Result<(), String> {
 /// # Errors
 /// IO errors (a missing file is structural: it fails the job), or whatever `on_line` returns.
 pub fn for_each_line(path: &Path, mut on_line: impl FnMut(Result<ImageLine<'_>, Rejected>) -> Result<()>) -> Result<()> {
-    let file = std::fs::File::open(path).map_err(io(path))?;
-    let mut reader = BufReader::with_capacity(1 << 20, file);
     let source = path.display().to_string();
-    let mut line = Vec::new();
-    let mut number = 0usize;
-    loop {
-        line.clear();
-        if reader.read_until(b'\n', &mut line).map_err(io(path))? == 0 {
-            return Ok(());
-        }
-        number += 1;
-        let trimmed = trim(&line);
-        if trimmed.is_empty() {
-            continue; // blank lines carry no record
-        }
+    super::for_each_trimmed_line(path, |number, line| {
         let reject = |id: Option<&[u8]>, reason: String| Rejected {
             source: source.clone(),
             location: format!("line {number}"),
@@ -79,11 +65,10 @@ pub fn for_each_line(path: &Path, mut on_line: impl FnMut(Result<ImageLine<'_>, 
         };
         // The id is short: find its tab, and leave the long value to the base64 check (which
         // also catches a second tab) instead of scanning it twice.
-        let Some(tab) = trimmed.iter().position(|&b| b == b'\t') else {
-            on_line(Err(reject(Some(trimmed), "no tab: expected image_id<TAB>base64".into())))?;
-            continue;
+        let Some(tab) = line.iter().position(|&b| b == b'\t') else {
+            return on_line(Err(reject(Some(line), "no tab: expected image_id<TAB>base64".into())));
         };
-        let (id, value) = (&trimmed[..tab], &trimmed[tab + 1..]);
+        let (id, value) = (&line[..tab], &line[tab + 1..]);
         let record = match std::str::from_utf8(id).ok().and_then(|s| s.parse::<i64>().ok().map(|n| (s, n))) {
             None => Err(reject(Some(id), "image id is not an integer".into())),
             Some(_) if value.is_empty() => Err(reject(Some(id), "empty image value".into())),
@@ -92,15 +77,8 @@ pub fn for_each_line(path: &Path, mut on_line: impl FnMut(Result<ImageLine<'_>, 
                 Ok(()) => Ok(ImageLine { id: id_text, image_id, base64: value }),
             },
         };
-        on_line(record)?;
-    }
-}
-
-/// Strips the line end (LF or CRLF) and surrounding ASCII whitespace, as cn_clip's `strip()`.
-fn trim(line: &[u8]) -> &[u8] {
-    let start = line.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(line.len());
-    let end = line.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(start, |e| e + 1);
-    &line[start..end]
+        on_line(record)
+    })
 }
 
 #[cfg(test)]
