@@ -91,6 +91,34 @@ fn horizontal_avx2(src: &[u8], width: usize, channels: usize, rows: std::ops::Ra
 
 #[inline(always)]
 fn horizontal_dispatch(src: &[u8], width: usize, channels: usize, rows: std::ops::Range<usize>, c: &Coefficients) -> Vec<u8> {
+    horizontal_transposed(src, width, channels, rows, c)
+}
+
+/// The horizontal pass as a vertical one on the transposed rows: the vertical kernel sums whole
+/// contiguous rows (it vectorises), the per-pixel window loop does not. Identical integers.
+#[inline(always)]
+fn horizontal_transposed(src: &[u8], width: usize, channels: usize, rows: std::ops::Range<usize>, c: &Coefficients) -> Vec<u8> {
+    let (h, ch, out_w) = (rows.len(), channels, c.bounds.len());
+    let mut t = vec![0u8; width * h * ch];
+    for (y, sy) in rows.enumerate() {
+        let src_row = &src[sy * width * ch..][..width * ch];
+        for (x, px) in src_row.chunks_exact(ch).enumerate() {
+            t[(x * h + y) * ch..][..ch].copy_from_slice(px);
+        }
+    }
+    let vt = vertical_impl(&t, h, ch, 0, c); // out_w rows of h pixels
+    let mut out = vec![0u8; h * out_w * ch];
+    for (xx, column) in vt.chunks_exact(h * ch).enumerate() {
+        for (y, px) in column.chunks_exact(ch).enumerate() {
+            out[(y * out_w + xx) * ch..][..ch].copy_from_slice(px);
+        }
+    }
+    out
+}
+
+#[allow(dead_code)] // kept as the reference the transposed pass is tested against
+#[inline(always)]
+fn horizontal_direct(src: &[u8], width: usize, channels: usize, rows: std::ops::Range<usize>, c: &Coefficients) -> Vec<u8> {
     match channels {
         1 => horizontal_n::<1>(src, width, rows, c),
         2 => horizontal_n::<2>(src, width, rows, c),
@@ -214,6 +242,20 @@ mod tests {
         let src = vec![77u8; 13 * 9 * 3];
         for (w, h) in [(4, 4), (30, 2), (1, 1), (100, 71)] {
             assert!(resize_u8(&src, 13, 9, 3, w, h).iter().all(|&v| v == 77), "{w}×{h}");
+        }
+    }
+
+    #[test]
+    fn transposed_horizontal_pass_equals_the_direct_one() {
+        let mut state = 12345u32;
+        let mut next = || {
+            state = state.wrapping_mul(1664525).wrapping_add(1013904223);
+            (state >> 24) as u8
+        };
+        for (w, h, ch, out_w) in [(160, 7, 3, 224), (500, 3, 4, 224), (13, 5, 1, 3), (31, 2, 2, 64)] {
+            let src: Vec<u8> = (0..w * h * ch).map(|_| next()).collect();
+            let c = coefficients(w, out_w);
+            assert_eq!(horizontal_transposed(&src, w, ch, 0..h, &c), horizontal_direct(&src, w, ch, 0..h, &c), "{w}x{h}x{ch}");
         }
     }
 
