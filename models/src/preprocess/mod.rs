@@ -176,13 +176,19 @@ fn cmyk_to_rgb(p: &[u8]) -> [u8; 3] {
 /// `ToTensor` + `Normalize`: `r × r × 3` RGB bytes → a `[3, r, r]` float tensor.
 pub fn normalize_to_tensor(rgb: &[u8], resolution: usize) -> Tensor {
     let plane = resolution * resolution;
-    let mut chw = vec![0f32; 3 * plane];
-    for (i, pixel) in rgb.chunks_exact(3).enumerate() {
-        for c in 0..3 {
-            chw[c * plane + i] = (pixel[c] as f32 / 255.0 - MEAN[c]) / STD[c];
+    assert_eq!(rgb.len(), 3 * plane, "RGB buffer of {resolution}² pixels");
+    // ToTensor then Normalize, in f32 as torchvision computes them, tabulated per byte value.
+    let tables: [[f32; 256]; 3] =
+        std::array::from_fn(|c| std::array::from_fn(|v| (v as f32 / 255.0 - MEAN[c]) / STD[c]));
+    let tensor = Tensor::empty([3, resolution as i64, resolution as i64], (Kind::Float, tch::Device::Cpu));
+    // SAFETY: a fresh, contiguous CPU float tensor of 3·plane elements that nothing else sees.
+    let chw = unsafe { std::slice::from_raw_parts_mut(tensor.data_ptr() as *mut f32, 3 * plane) };
+    for (c, (table, out)) in tables.iter().zip(chw.chunks_exact_mut(plane)).enumerate() {
+        for (o, pixel) in out.iter_mut().zip(rgb.chunks_exact(3)) {
+            *o = table[pixel[c] as usize];
         }
     }
-    Tensor::from_slice(&chw).view([3, resolution as i64, resolution as i64]).to_kind(Kind::Float)
+    tensor
 }
 
 /// The whole transform, bytes to a normalised `[3, r, r]` tensor.
