@@ -1,3 +1,4 @@
-//! Sinks: write records in cn_clip's formats.
+//! Sinks: write records in cn_clip's formats and as Parquet tables.
 
 pub mod lmdb;
+pub mod parquet;

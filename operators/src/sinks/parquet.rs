@@ -1,0 +1,124 @@
+//! Parquet tables: zstd-compressed, row groups of a bounded number of rows, written to a
+//! temporary file beside the target and renamed into place at [`ParquetSink::finish`], so a
+//! reader (a notebook, DataFusion) never sees a half-written table. Every batch is checked
+//! against the table's contract before it is written.
+
+use std::path::{Path, PathBuf};
+
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+
+use crate::error::{Error, Result, io};
+
+/// Rows per row group: large enough for good compression and scans, small enough that a
+/// writer's buffered group stays well under a gigabyte even for wide feature rows.
+pub const ROW_GROUP_ROWS: usize = 64 * 1024;
+
+pub struct ParquetSink {
+    writer: ArrowWriter<std::fs::File>,
+    table: String,
+    schema: SchemaRef,
+    path: PathBuf,
+    tmp: PathBuf,
+    rows: usize,
+}
+
+impl ParquetSink {
+    /// Starts table `table` (a contract name, for messages) with `schema` at `path`.
+    ///
+    /// # Errors
+    /// IO errors creating the temporary file.
+    pub fn create(path: &Path, table: &str, schema: SchemaRef) -> Result<Self> {
+        let tmp = path.with_extension(format!("parquet.tmp-{}", std::process::id()));
+        let file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+        let props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(ZstdLevel::default()))
+            .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+            .build();
+        let writer = ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(|e| parquet_err(&tmp, e))?;
+        Ok(ParquetSink { writer, table: table.to_string(), schema, path: path.to_path_buf(), tmp, rows: 0 })
+    }
+
+    /// Appends a batch.
+    ///
+    /// # Errors
+    /// A batch that does not match the table's contract, or a write error.
+    pub fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        cnclip_schemas::check(&self.table, &self.schema, &batch.schema()).map_err(|e| Error::Record {
+            location: self.path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        self.writer.write(batch).map_err(|e| parquet_err(&self.tmp, e))?;
+        self.rows += batch.num_rows();
+        Ok(())
+    }
+
+    /// Closes the file and moves it into place; returns the rows written.
+    ///
+    /// # Errors
+    /// Write or rename errors (the temporary file is removed).
+    pub fn finish(self) -> Result<usize> {
+        let (tmp, path, rows) = (self.tmp.clone(), self.path.clone(), self.rows);
+        let result = self
+            .writer
+            .into_inner()
+            .map_err(|e| parquet_err(&tmp, e))
+            .and_then(|file| file.sync_all().map_err(io(&tmp)))
+            .and_then(|()| std::fs::rename(&tmp, &path).map_err(io(&path)));
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result.map(|()| rows)
+    }
+}
+
+fn parquet_err(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Io { path: path.display().to_string(), source: std::io::Error::other(e.to_string()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::{BinaryArray, Int64Array};
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+    use super::*;
+
+    fn images(ids: std::ops::Range<i64>) -> RecordBatch {
+        let bytes: Vec<Vec<u8>> = ids.clone().map(|i| vec![i as u8; 10]).collect();
+        RecordBatch::try_new(
+            cnclip_schemas::images(),
+            vec![Arc::new(Int64Array::from_iter_values(ids)), Arc::new(BinaryArray::from_iter_values(bytes.iter()))],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn writes_row_groups_atomically_and_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("images.parquet");
+        let mut sink = ParquetSink::create(&path, "images", cnclip_schemas::images()).unwrap();
+        sink.write(&images(0..50_000)).unwrap();
+        assert!(!path.exists(), "the table is visible before it is complete");
+        sink.write(&images(50_000..100_000)).unwrap();
+        assert_eq!(sink.finish().unwrap(), 100_000);
+        let builder = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&path).unwrap()).unwrap();
+        assert_eq!(builder.metadata().num_row_groups(), 2); // 64k + 36k rows
+        let rows: usize = builder.build().unwrap().map(|b| b.unwrap().num_rows()).sum();
+        assert_eq!(rows, 100_000);
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, [std::ffi::OsString::from("images.parquet")]);
+    }
+
+    #[test]
+    fn a_batch_off_contract_is_refused_with_the_difference() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sink = ParquetSink::create(&dir.path().join("t.parquet"), "texts", cnclip_schemas::texts()).unwrap();
+        let err = sink.write(&images(0..3)).unwrap_err().to_string();
+        assert!(err.contains("table `texts`") && err.contains("missing column `text_id`"), "{err}");
+    }
+}
