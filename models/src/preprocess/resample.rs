@@ -78,7 +78,7 @@ fn horizontal(src: &[u8], width: usize, channels: usize, rows: std::ops::Range<u
         // SAFETY: the CPU supports AVX2, checked just above.
         return unsafe { horizontal_avx2(src, width, channels, rows, c) };
     }
-    horizontal_dispatch(src, width, channels, rows, c)
+    horizontal_transposed(src, width, channels, rows, c)
 }
 
 /// The same code compiled for AVX2 (8 × i32 multiply-adds; the x86-64 baseline has no packed
@@ -86,11 +86,6 @@ fn horizontal(src: &[u8], width: usize, channels: usize, rows: std::ops::Range<u
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn horizontal_avx2(src: &[u8], width: usize, channels: usize, rows: std::ops::Range<usize>, c: &Coefficients) -> Vec<u8> {
-    horizontal_dispatch(src, width, channels, rows, c)
-}
-
-#[inline(always)]
-fn horizontal_dispatch(src: &[u8], width: usize, channels: usize, rows: std::ops::Range<usize>, c: &Coefficients) -> Vec<u8> {
     horizontal_transposed(src, width, channels, rows, c)
 }
 
@@ -111,43 +106,6 @@ fn horizontal_transposed(src: &[u8], width: usize, channels: usize, rows: std::o
     for (xx, column) in vt.chunks_exact(h * ch).enumerate() {
         for (y, px) in column.chunks_exact(ch).enumerate() {
             out[(y * out_w + xx) * ch..][..ch].copy_from_slice(px);
-        }
-    }
-    out
-}
-
-#[allow(dead_code)] // kept as the reference the transposed pass is tested against
-#[inline(always)]
-fn horizontal_direct(src: &[u8], width: usize, channels: usize, rows: std::ops::Range<usize>, c: &Coefficients) -> Vec<u8> {
-    match channels {
-        1 => horizontal_n::<1>(src, width, rows, c),
-        2 => horizontal_n::<2>(src, width, rows, c),
-        3 => horizontal_n::<3>(src, width, rows, c),
-        _ => horizontal_n::<4>(src, width, rows, c),
-    }
-}
-
-/// The horizontal pass for `N` channels: per output pixel, `N` sums over a contiguous window.
-/// i32 sums, as Pillow's (no overflow: |weights| sum to well under 2 in 22-bit fixed point).
-#[inline(always)]
-fn horizontal_n<const N: usize>(src: &[u8], width: usize, rows: std::ops::Range<usize>, c: &Coefficients) -> Vec<u8> {
-    let out_w = c.bounds.len();
-    let rounding = 1i32 << (PRECISION_BITS - 1);
-    let mut out = vec![0u8; rows.len() * out_w * N];
-    for (src_y, out_row) in rows.zip(out.chunks_exact_mut(out_w * N)) {
-        let src_row = &src[src_y * width * N..][..width * N];
-        for ((xx, &(xmin, n)), out_px) in c.bounds.iter().enumerate().zip(out_row.chunks_exact_mut(N)) {
-            let k = &c.weights[xx * c.window..][..n];
-            let window = &src_row[xmin * N..(xmin + n) * N];
-            let mut sums = [rounding; N];
-            for (px, &w) in window.chunks_exact(N).zip(k) {
-                for ch in 0..N {
-                    sums[ch] += px[ch] as i32 * w;
-                }
-            }
-            for ch in 0..N {
-                out_px[ch] = clip8(sums[ch] as i64);
-            }
         }
     }
     out
@@ -243,6 +201,41 @@ mod tests {
         for (w, h) in [(4, 4), (30, 2), (1, 1), (100, 71)] {
             assert!(resize_u8(&src, 13, 9, 3, w, h).iter().all(|&v| v == 77), "{w}×{h}");
         }
+    }
+
+    /// The straightforward per-pixel horizontal pass: the reference the transposed one must equal.
+    fn horizontal_direct(src: &[u8], width: usize, channels: usize, rows: std::ops::Range<usize>, c: &Coefficients) -> Vec<u8> {
+        match channels {
+            1 => horizontal_n::<1>(src, width, rows, c),
+            2 => horizontal_n::<2>(src, width, rows, c),
+            3 => horizontal_n::<3>(src, width, rows, c),
+            _ => horizontal_n::<4>(src, width, rows, c),
+        }
+    }
+
+    /// The horizontal pass for `N` channels: per output pixel, `N` sums over a contiguous window.
+    /// i32 sums, as Pillow's (no overflow: |weights| sum to well under 2 in 22-bit fixed point).
+    fn horizontal_n<const N: usize>(src: &[u8], width: usize, rows: std::ops::Range<usize>, c: &Coefficients) -> Vec<u8> {
+        let out_w = c.bounds.len();
+        let rounding = 1i32 << (PRECISION_BITS - 1);
+        let mut out = vec![0u8; rows.len() * out_w * N];
+        for (src_y, out_row) in rows.zip(out.chunks_exact_mut(out_w * N)) {
+            let src_row = &src[src_y * width * N..][..width * N];
+            for ((xx, &(xmin, n)), out_px) in c.bounds.iter().enumerate().zip(out_row.chunks_exact_mut(N)) {
+                let k = &c.weights[xx * c.window..][..n];
+                let window = &src_row[xmin * N..(xmin + n) * N];
+                let mut sums = [rounding; N];
+                for (px, &w) in window.chunks_exact(N).zip(k) {
+                    for ch in 0..N {
+                        sums[ch] += px[ch] as i32 * w;
+                    }
+                }
+                for ch in 0..N {
+                    out_px[ch] = clip8(sums[ch] as i64);
+                }
+            }
+        }
+        out
     }
 
     #[test]
