@@ -1,8 +1,8 @@
 //! Pillow's convolution resampler (`ImagingResample`, BICUBIC), re-implemented for exact parity.
 //!
-//! Why not fast_image_resize here: measured against Pillow 13 on our test images it differs by
-//! up to 5/255 on downscales and 17/255 on small upscales (different intermediate precision and
-//! edge weights), beyond the 2/255 cn_clip parity allows. Pillow's algorithm is small and fixed:
+//! Why not fast_image_resize here: measured against Pillow 13 on our test images it differed by
+//! up to 5/255 on downscales and 17/255 on a 7×5 upscale (different intermediate precision,
+//! edge weights and pass order), beyond the 2/255 cn_clip parity allows; this is exact. Pillow's algorithm is small and fixed:
 //! per output pixel, bicubic (a = −0.5) weights over a window of `support · max(scale, 1)`
 //! source pixels, clipped at the edges and renormalised, quantised to 22-bit fixed point; a
 //! horizontal pass into an 8-bit intermediate (only the source rows the vertical pass needs),
