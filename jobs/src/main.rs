@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 mod benchmark;
 mod build_lmdb;
 mod convert;
+mod import;
 mod model_args;
 mod similarity;
 mod synth;
@@ -29,6 +30,8 @@ enum Command {
     Tokenize(tokenize::Args),
     /// Serialize TSV images and JSONL texts into cn_clip's LMDB layout (build_lmdb_dataset.py).
     BuildLmdb(build_lmdb::Args),
+    /// Import cn_clip TSV/JSONL splits into Parquet tables (images, texts).
+    Import(import::Args),
     /// Write a deterministic synthetic Chinese image–caption corpus in cn_clip's layout.
     Synth(synth::Args),
     /// Image–text similarity with a checkpoint: cn_clip's README quick start as a command.
@@ -61,6 +64,7 @@ fn main() -> ExitCode {
         Command::Convert(args) => convert::run(args),
         Command::BuildLmdb(args) => build_lmdb::run(args),
         Command::Synth(args) => synth::run(args),
+        Command::Import(args) => import::run(args),
         Command::Similarity(args) => similarity::run(args),
     };
     match result {

@@ -173,3 +173,40 @@ print(json.dumps({"texts": len(texts), "keys": list(texts[0]), "size": image.siz
                            "classes": true, "lmdb": ["test", "train", "valid"]})
     );
 }
+
+/// `cnclip import` writes Parquet tables pyarrow reads back as the TSV/JSONL said, with bad
+/// lines quarantined.
+#[test]
+fn import_writes_parquet_tables_pyarrow_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let output = cnclip(&["synth", "--out", data.to_str().unwrap(), "--train", "30", "--valid", "0", "--test", "0", "--zeroshot-per-class", "1"], b"");
+    assert!(output.status.success());
+    {
+        use std::io::Write;
+        let mut tsv = std::fs::OpenOptions::new().append(true).open(data.join("train_imgs.tsv")).unwrap();
+        writeln!(tsv, "77\tnot*base64").unwrap();
+    }
+    let out = dir.path().join("tables");
+    let output = cnclip(&["import", "--data-dir", data.to_str().unwrap(), "--splits", "train", "--out", out.to_str().unwrap()], b"");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("30 images, 30 texts, 1 quarantined"));
+    let script = r#"
+import base64, json, sys, pyarrow.parquet as pq
+data, out = sys.argv[1], sys.argv[2]
+images = pq.read_table(f"{out}/train_images.parquet").to_pydict()
+texts = pq.read_table(f"{out}/train_texts.parquet").to_pydict()
+tsv = {}
+for line in open(f"{data}/train_imgs.tsv"):
+    i, b = line.rstrip("\n").split("\t")
+    if i != "77":
+        tsv[int(i)] = base64.urlsafe_b64decode(b)
+jsonl = [json.loads(l) for l in open(f"{data}/train_texts.jsonl", encoding="utf-8")]
+ok_images = dict(zip(images["image_id"], images["image"])) == tsv
+ok_texts = [(t["text_id"], t["text"], t["image_ids"]) for t in jsonl] == list(zip(texts["text_id"], texts["text"], texts["image_ids"]))
+quarantine = [json.loads(l) for l in open(f"{out}/train_quarantine.jsonl")]
+print(json.dumps({"images": ok_images, "texts": ok_texts, "quarantine": [q["location"] for q in quarantine]}))
+"#;
+    let report: serde_json::Value = serde_json::from_str(&cnclip_tests::python(script, &[data.to_str().unwrap(), out.to_str().unwrap()], "")).unwrap();
+    assert_eq!(report, serde_json::json!({"images": true, "texts": true, "quarantine": ["line 31"]}));
+}
