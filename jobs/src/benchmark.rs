@@ -6,9 +6,9 @@
 
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use cnclip_models::{Clip, ClipConfig, Tokenizer};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -33,25 +33,12 @@ pub struct Args {
     context_length: usize,
 }
 
-pub fn parse_device(name: &str) -> Result<Device> {
-    Ok(cnclip_models::device::device(name)?)
-}
-
-pub fn parse_precision(name: &str) -> Result<Kind> {
-    Ok(match name {
-        "fp32" => Kind::Float,
-        "fp16" => Kind::Half,
-        "bf16" => Kind::BFloat16,
-        other => bail!("unknown precision `{other}`: use fp32, fp16 or bf16"),
-    })
-}
-
 pub fn run(args: Args) -> Result<()> {
     if args.threads > 0 {
         tch::set_num_threads(args.threads);
     }
-    let device = parse_device(&args.device)?;
-    let kind = parse_precision(&args.precision)?;
+    let device = cnclip_models::device::device(&args.device)?;
+    let kind = crate::model_args::parse_precision(&args.precision)?;
     let config = ClipConfig::from_name(&args.model)?;
     let mut model = Clip::new(config, device).context("building the model")?;
     model.set_kind(kind);

@@ -31,7 +31,7 @@ pub fn run(args: Args) -> Result<()> {
     let architecture = args.model.config()?;
     let (mut model, info) = checkpoint::load_clip(&args.input, architecture.as_ref(), Device::Cpu)
         .with_context(|| format!("loading {}", args.input.display()))?;
-    model.set_kind(crate::benchmark::parse_precision(&args.precision)?);
+    model.set_kind(crate::model_args::parse_precision(&args.precision)?);
     let format = match args.format.as_deref() {
         Some("cn-clip") => Format::CnClip,
         Some(_) => Format::Cnclip,

@@ -2,6 +2,7 @@
 
 use anyhow::{Result, bail};
 use cnclip_models::ClipConfig;
+use tch::Kind;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
@@ -29,4 +30,14 @@ impl ModelArgs {
             _ => bail!("--vision-model and --text-model go together"),
         }
     }
+}
+
+/// `--precision`: fp32, fp16 or bf16.
+pub fn parse_precision(name: &str) -> Result<Kind> {
+    Ok(match name {
+        "fp32" => Kind::Float,
+        "fp16" => Kind::Half,
+        "bf16" => Kind::BFloat16,
+        other => bail!("unknown precision `{other}`: use fp32, fp16 or bf16"),
+    })
 }

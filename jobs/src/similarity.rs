@@ -42,7 +42,7 @@ fn rows(t: &Tensor) -> Result<Vec<Vec<f32>>> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let device = crate::benchmark::parse_device(&args.device)?;
+    let device = cnclip_models::device::device(&args.device)?;
     let architecture = args.model.config()?;
     let (model, _) = load_clip(&args.resume, architecture.as_ref(), device)
         .with_context(|| format!("loading {}", args.resume.display()))?;

@@ -3,8 +3,8 @@
 //! a zero-shot set in cn_clip's layout (`zeroshot/test/NNN/*.jpg` + `zeroshot/label_cn.txt`).
 //! Streams: memory stays flat for millions of rows. Files appear atomically.
 
-use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::io::Write;
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use base64::Engine;
@@ -32,21 +32,12 @@ fn jpeg(pixels: &[u8]) -> Result<Vec<u8>> {
     Ok(turbojpeg::compress(image, 90, turbojpeg::Subsamp::Sub2x2)?.to_vec())
 }
 
-/// Writes through `path.tmp`, renamed into place when `write` succeeds.
-fn atomically(path: &Path, write: impl FnOnce(&mut BufWriter<std::fs::File>) -> Result<()>) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut out = BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?);
-    write(&mut out)?;
-    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
-}
-
 pub fn run(args: Args) -> Result<()> {
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let mut next_id = 0u64;
     for (split, n) in [("train", args.train), ("valid", args.valid), ("test", args.test)] {
         let first = next_id;
-        atomically(&args.out.join(format!("{split}_imgs.tsv")), |out| {
+        cnclip_models::write_atomically(&args.out.join(format!("{split}_imgs.tsv")), |out| -> Result<()> {
             for id in first..first + n {
                 let s = sample(args.seed, id);
                 let b64 = base64::engine::general_purpose::URL_SAFE.encode(jpeg(&s.pixels)?);
@@ -54,7 +45,7 @@ pub fn run(args: Args) -> Result<()> {
             }
             Ok(())
         })?;
-        atomically(&args.out.join(format!("{split}_texts.jsonl")), |out| {
+        cnclip_models::write_atomically(&args.out.join(format!("{split}_texts.jsonl")), |out| -> Result<()> {
             for id in first..first + n {
                 // cn_clip's field order (serde_json's map would sort the keys).
                 let caption = serde_json::to_string(&sample(args.seed, id).caption)?;
@@ -80,10 +71,10 @@ pub fn run(args: Args) -> Result<()> {
         std::fs::create_dir_all(&dir)?;
         let path = dir.join(format!("{}.jpg", counts[s.label]));
         let bytes = jpeg(&s.pixels)?;
-        atomically(&path, |out| Ok(out.write_all(&bytes)?))?;
+        cnclip_models::write_atomically(&path, |out| Ok::<_, anyhow::Error>(out.write_all(&bytes)?))?;
         counts[s.label] += 1;
     }
-    atomically(&zeroshot.join("label_cn.txt"), |out| {
+    cnclip_models::write_atomically(&zeroshot.join("label_cn.txt"), |out| -> Result<()> {
         for label in &labels {
             writeln!(out, "{label}")?;
         }

@@ -15,24 +15,29 @@ pub use clip::{Clip, ClipConfig, normalize};
 pub use error::{Error, Result};
 pub use tokenizer::{DEFAULT_CONTEXT_LENGTH, Tokenizer, preprocess_text};
 
-/// Writes a file atomically: into a temporary file beside `path`, then renamed over it, so a
-/// reader never sees a half-written checkpoint and a failed write leaves nothing behind.
-pub(crate) fn write_atomically(
+/// Writes a file atomically: through a buffered temporary file beside `path`, synced and then
+/// renamed over it, so a reader never sees a half-written file and a failed write leaves
+/// nothing behind. Every cnclip output that is a single file goes through here.
+///
+/// # Errors
+/// Whatever `write` returns, or the IO error (naming `path`) of creating, syncing or renaming.
+pub fn write_atomically<E: From<std::io::Error>>(
     path: &std::path::Path,
-    write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
-) -> Result<()> {
+    write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<(), E>,
+) -> Result<(), E> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
     let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
-    let result = std::fs::File::create(&tmp).and_then(|mut file| {
-        write(&mut file)?;
-        file.sync_all()
-    });
-    match result.and_then(|()| std::fs::rename(&tmp, path)) {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(Error::Io(std::io::Error::new(e.kind(), format!("writing {}: {e}", path.display()))))
-        }
+    let context = |e: std::io::Error| std::io::Error::new(e.kind(), format!("writing {}: {e}", path.display()));
+    let result = (|| {
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp).map_err(context)?);
+        write(&mut out)?;
+        out.into_inner().map_err(|e| context(e.into_error()))?.sync_all().map_err(context)?;
+        std::fs::rename(&tmp, path).map_err(context)?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
+    result
 }

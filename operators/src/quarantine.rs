@@ -3,7 +3,7 @@
 //! columns: `source`, `location`, `id`, `reason`).
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use crate::error::{Error, Result, io};
 
@@ -75,20 +75,7 @@ impl Quarantine {
         if self.count == 0 {
             return Ok(None);
         }
-        write_atomically(&self.path, &self.rows)?;
+        cnclip_models::write_atomically(&self.path, |f| f.write_all(&self.rows)).map_err(io(&self.path))?;
         Ok(Some(self.path))
     }
-}
-
-/// Writes `bytes` to `path` through a temporary file and a rename.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let result = std::fs::File::create(&tmp).and_then(|mut f| {
-        f.write_all(bytes)?;
-        f.sync_all()
-    });
-    result.and_then(|()| std::fs::rename(&tmp, path)).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io(path)(e)
-    })
 }

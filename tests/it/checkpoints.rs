@@ -2,7 +2,7 @@
 //! and our `.pt` read back by cn_clip itself — features must not move.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use cnclip_models::checkpoint::{load_clip, own};
@@ -12,17 +12,8 @@ use tch::{Device, Tensor};
 
 use crate::smoke::TINY_VIT_BERT;
 
-fn cnclip_bin() -> PathBuf {
-    // The jobs package's binary, built by `cargo test --workspace` for jobs/tests/cli.rs.
-    let exe = std::env::current_exe().unwrap();
-    let target = exe.parent().unwrap().parent().unwrap();
-    let bin = target.join("cnclip");
-    assert!(bin.exists(), "{} not built: run `cargo test --workspace` (or `cargo build -p cnclip-jobs`)", bin.display());
-    bin
-}
-
 fn cnclip(args: &[&str]) {
-    let output = Command::new(cnclip_bin()).args(args).output().unwrap();
+    let output = Command::new(cnclip_tests::cnclip_bin()).args(args).output().unwrap();
     assert!(output.status.success(), "cnclip {args:?}: {}", String::from_utf8_lossy(&output.stderr));
 }
 
@@ -105,7 +96,7 @@ fn cn_clip_checkpoint_without_architecture_is_a_clear_error() {
     reference(&["build-model", "--config", TINY_VIT_BERT, "--out", original.to_str().unwrap()], "");
     let err = load_clip(&original, None, Device::Cpu).err().unwrap().to_string();
     assert!(err.contains("does not record its architecture") && err.contains("--vision-model"), "{err}");
-    let output = Command::new(cnclip_bin())
+    let output = Command::new(cnclip_tests::cnclip_bin())
         .args(["convert", "--input", original.to_str().unwrap(), "--output", "/nonexistent/x.safetensors"])
         .output()
         .unwrap();

@@ -2,7 +2,7 @@
 //! (and byte-equal) values, and cn_clip's own `LMDBDataset` / `EvalImgDataset` yield the same
 //! samples from our databases as from theirs. Plus quarantine of bad lines and `--shards`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use cnclip_tests::python;
@@ -27,15 +27,8 @@ for split in ("train", "valid"):
             f.write(json.dumps({"text_id": t, "text": f"第{t}张图：一只猫 “Cute” cat #{t}", "image_ids": ids}, ensure_ascii=False) + "\n")
 "#;
 
-fn cnclip_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join("cnclip");
-    assert!(bin.exists(), "{} not built: run `cargo test --workspace`", bin.display());
-    bin
-}
-
 fn build_lmdb(args: &[&str]) -> std::process::Output {
-    Command::new(cnclip_bin()).arg("build-lmdb").args(args).output().unwrap()
+    Command::new(cnclip_tests::cnclip_bin()).arg("build-lmdb").args(args).output().unwrap()
 }
 
 fn corpus(dir: &Path, n: usize) -> String {

@@ -13,6 +13,19 @@ pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
 }
 
+/// The `cnclip` binary, which `cargo test --workspace` builds beside the test binaries (for
+/// `jobs/tests/cli.rs`).
+///
+/// # Panics
+/// When it has not been built, saying how to build it.
+pub fn cnclip_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary knows its path");
+    let target = exe.parent().and_then(Path::parent).expect("test binaries live in target/<profile>/deps");
+    let bin = target.join("cnclip");
+    assert!(bin.exists(), "{} not built: run `cargo test --workspace` (or `cargo build -p cnclip-jobs`)", bin.display());
+    bin
+}
+
 /// The project venv's python, which has torch, cn_clip, py-lmdb and pyarrow.
 ///
 /// # Panics

@@ -69,7 +69,7 @@ pub fn save(path: &Path, config: &ClipConfig, state_dict: &BTreeMap<String, Tens
         ("cnclip.version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
     ]);
     let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| Error::Shape(e.to_string()))?;
-    crate::write_atomically(path, |file| std::io::Write::write_all(file, &bytes))
+    crate::write_atomically(path, |file| Ok::<_, Error>(std::io::Write::write_all(file, &bytes)?))
 }
 
 /// Reads every tensor of a safetensors file, and its metadata.

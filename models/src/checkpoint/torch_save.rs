@@ -149,6 +149,6 @@ pub fn save_cn_clip(path: &Path, state_dict: &BTreeMap<String, Tensor>, info: &C
         }
         record("version", b"3\n", stored)?;
         zip.finish().map_err(std::io::Error::other)?;
-        Ok(())
+        Ok::<_, Error>(())
     })
 }
