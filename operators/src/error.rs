@@ -9,6 +9,14 @@ pub enum Error {
     Lmdb { path: String, source: lmdb::Error },
     #[error("{location}: {reason} (--on-error fail)")]
     Record { location: String, reason: String },
+    /// A file that is not what it should be (a wrong table schema, a corrupt Parquet footer).
+    #[error("{path}: {reason}")]
+    Format { path: String, reason: String },
+    /// Everything downstream has stopped; a source or operator returns quietly.
+    #[error("the pipeline stopped")]
+    Stopped,
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -12,5 +12,6 @@ pub mod error;
 pub mod quarantine;
 pub mod sinks;
 pub mod sources;
+pub mod transforms;
 
 pub use error::{Error, Result};

@@ -7,6 +7,7 @@
 //!
 //! This crate knows nothing about tensors or indexes — it builds without libtorch and FAISS.
 
+pub mod bridge;
 pub mod edge;
 pub mod error;
 pub mod graph;

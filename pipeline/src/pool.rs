@@ -41,7 +41,11 @@ impl WorkerPool {
 
     /// Runs `f` on a worker; the future resolves to its result. Dropping the future does not
     /// stop work already started (CPU work cannot be pre-empted), it only discards the result.
-    pub fn run<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> impl std::future::Future<Output = R> {
+    pub fn run<R, F>(&self, f: F) -> impl std::future::Future<Output = R> + use<R, F>
+    where
+        R: Send + 'static,
+        F: FnOnce() -> R + Send + 'static,
+    {
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move || {
             let _ = tx.send(f());

@@ -26,6 +26,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub mod columns {
     pub const IMAGE_ID: &str = "image_id";
     pub const IMAGE: &str = "image";
+    pub const IMAGE_BASE64: &str = "image_base64";
+    pub const PIXELS: &str = "pixels";
+    pub const LABEL: &str = "label";
+    pub const PATH: &str = "path";
     pub const TEXT_ID: &str = "text_id";
     pub const TEXT: &str = "text";
     pub const IMAGE_IDS: &str = "image_ids";
@@ -46,6 +50,7 @@ pub mod metadata {
     pub const DIM: &str = "cnclip.dim";
     pub const NORMALIZED: &str = "cnclip.normalized";
     pub const PREPROCESSING: &str = "cnclip.preprocessing";
+    pub const RESOLUTION: &str = "cnclip.resolution";
     pub const CNCLIP_VERSION: &str = "cnclip.version";
 }
 
@@ -61,6 +66,40 @@ pub fn images() -> SchemaRef {
         Field::new(IMAGE_ID, DataType::Int64, false),
         Field::new(IMAGE, DataType::Binary, false),
     ]))
+}
+
+/// `images_base64`: images as cn_clip's TSV shards and LMDB `imgs` hold them — base64 text
+/// (either alphabet, padded or not), not yet decoded.
+pub fn images_base64() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new(IMAGE_ID, DataType::Int64, false),
+        Field::new(IMAGE_BASE64, DataType::Binary, false),
+    ]))
+}
+
+/// `labeled_images`: an image classification set (cn_clip's zero-shot folder layout): the
+/// image, its class index (the position of its folder among the sorted class folders, as
+/// torchvision's `ImageFolder` numbers them) and its path relative to the set's root.
+pub fn labeled_images() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new(IMAGE_ID, DataType::Int64, false),
+        Field::new(IMAGE, DataType::Binary, false),
+        Field::new(LABEL, DataType::Int64, false),
+        Field::new(PATH, DataType::Utf8, false),
+    ]))
+}
+
+/// `pixels`: preprocessed images, ready for the vision tower — `resolution`² RGB pixels, row
+/// major, 8 bits per channel, after cn_clip's resize and RGB conversion (normalisation to
+/// floats happens when a batch becomes a tensor, so this stays four times smaller).
+pub fn pixels(resolution: usize) -> SchemaRef {
+    Arc::new(
+        Schema::new(vec![
+            Field::new(IMAGE_ID, DataType::Int64, false),
+            Field::new(PIXELS, DataType::FixedSizeBinary((3 * resolution * resolution) as i32), false),
+        ])
+        .with_metadata(HashMap::from([(metadata::RESOLUTION.to_string(), resolution.to_string())])),
+    )
 }
 
 /// `texts`: one caption or query per row, with the images it describes (cn_clip's JSONL

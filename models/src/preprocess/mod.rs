@@ -82,6 +82,23 @@ impl Image {
     }
 }
 
+impl Image {
+    /// Pillow's `convert("RGB")` without resizing — what torchvision's `ImageFolder` loader does
+    /// before any transform (cn_clip's zero-shot evaluation), the opposite order of the
+    /// TSV/LMDB datasets'.
+    pub fn into_rgb(self) -> Image {
+        let data = match self.mode {
+            Mode::Rgb | Mode::Palette => self.data,
+            Mode::One | Mode::L => self.data.iter().flat_map(|&v| [v, v, v]).collect(),
+            Mode::La => self.data.chunks(2).flat_map(|p| [p[0], p[0], p[0]]).collect(),
+            Mode::Rgba => self.data.chunks(4).flat_map(|p| [p[0], p[1], p[2]]).collect(),
+            Mode::Cmyk => self.data.chunks(4).flat_map(cmyk_to_rgb).collect(),
+            Mode::I16 => self.data16.iter().flat_map(|&v| [v.min(255) as u8; 3]).collect(),
+        };
+        Image { mode: Mode::Rgb, width: self.width, height: self.height, data, data16: Vec::new() }
+    }
+}
+
 /// cn_clip's `Resize((r, r), BICUBIC)` then `convert("RGB")`: `r × r × 3` bytes, row-major.
 ///
 /// # Errors

@@ -191,3 +191,135 @@ mod tests {
         assert_eq!(txn.get(db, b"149").unwrap().len(), 1 << 20);
     }
 }
+
+/// One database of a cn_clip LMDB split as a pipeline sink: `imgs` from `images` (encoded to
+/// URL-safe base64, as cn_clip's TSVs hold them) or `images_base64` (stored as they are), or
+/// `pairs` from a `pairs` table or a `texts` table (one pair per image id, in order). The count
+/// key (`num_images` / `num_samples`) is written at the end; the database is built in a
+/// temporary directory and renamed into place.
+pub struct LmdbSink {
+    writer: Option<LmdbWriter>,
+    database: crate::sources::lmdb::Database,
+    path: PathBuf,
+    tmp: PathBuf,
+    count: u64,
+    scratch: String,
+}
+
+impl LmdbSink {
+    /// Checks that batches of `schema` can go into `database`.
+    ///
+    /// # Errors
+    /// Which columns are missing.
+    pub fn accepts(schema: &arrow::datatypes::Schema, database: crate::sources::lmdb::Database) -> Result<(), String> {
+        use crate::sources::lmdb::Database;
+        use crate::transforms::require;
+        use arrow::datatypes::DataType;
+        use cnclip_schemas::columns::*;
+        match database {
+            Database::Imgs => {
+                require(schema, IMAGE_ID, &DataType::Int64)?;
+                require(schema, IMAGE, &DataType::Binary).or_else(|_| require(schema, IMAGE_BASE64, &DataType::Binary)).map(|_| ())
+            }
+            Database::Pairs => {
+                require(schema, TEXT_ID, &DataType::Int64)?;
+                require(schema, TEXT, &DataType::Utf8)?;
+                match require(schema, IMAGE_ID, &DataType::Int64) {
+                    Ok(_) => Ok(()),
+                    Err(_) => cnclip_schemas::check("texts", &cnclip_schemas::texts(), schema)
+                        .map_err(|_| format!("needs `{IMAGE_ID}` (a pairs table) or `{IMAGE_IDS}` (a texts table)")),
+                }
+            }
+        }
+    }
+
+    /// Starts `path` (e.g. `lmdb/train/imgs`).
+    ///
+    /// # Errors
+    /// IO or LMDB errors creating the temporary database.
+    pub fn create(path: &Path, database: crate::sources::lmdb::Database) -> Result<Self> {
+        super::create_parent(path)?;
+        let tmp = super::tmp_path(path);
+        let _ = std::fs::remove_dir_all(&tmp);
+        Ok(LmdbSink { writer: Some(LmdbWriter::create(&tmp)?), database, path: path.to_path_buf(), tmp, count: 0, scratch: String::new() })
+    }
+}
+
+impl super::Sink for LmdbSink {
+    fn write(&mut self, batch: &arrow::record_batch::RecordBatch) -> Result<()> {
+        use arrow::array::{Array, BinaryArray, Int64Array, ListArray, StringArray};
+        use base64::Engine;
+        use cnclip_schemas::columns::*;
+        let column = |name: &str| batch.schema().index_of(name).ok().map(|i| batch.column(i).clone());
+        let internal = |what: &str| Error::Internal(format!("LMDB sink: {what}"));
+        let writer = self.writer.as_mut().expect("not finished");
+        match self.database {
+            crate::sources::lmdb::Database::Imgs => {
+                let ids = column(IMAGE_ID).ok_or_else(|| internal("no image_id"))?;
+                let ids = ids.as_any().downcast_ref::<Int64Array>().ok_or_else(|| internal("image_id type"))?;
+                let (values, encoded) = match column(IMAGE) {
+                    Some(values) => (values, false),
+                    None => (column(IMAGE_BASE64).ok_or_else(|| internal("no image column"))?, true),
+                };
+                let values = values.as_any().downcast_ref::<BinaryArray>().ok_or_else(|| internal("image type"))?;
+                for row in 0..batch.num_rows() {
+                    let key = ids.value(row).to_string();
+                    if encoded {
+                        writer.put(key.as_bytes(), values.value(row))?;
+                    } else {
+                        self.scratch.clear();
+                        base64::engine::general_purpose::URL_SAFE.encode_string(values.value(row), &mut self.scratch);
+                        writer.put(key.as_bytes(), self.scratch.as_bytes())?;
+                    }
+                    self.count += 1;
+                }
+            }
+            crate::sources::lmdb::Database::Pairs => {
+                let text_ids = column(TEXT_ID).ok_or_else(|| internal("no text_id"))?;
+                let text_ids = text_ids.as_any().downcast_ref::<Int64Array>().ok_or_else(|| internal("text_id type"))?;
+                let texts = column(TEXT).ok_or_else(|| internal("no text"))?;
+                let texts = texts.as_any().downcast_ref::<StringArray>().ok_or_else(|| internal("text type"))?;
+                let image_id = column(IMAGE_ID);
+                let image_ids = column(IMAGE_IDS);
+                for row in 0..batch.num_rows() {
+                    let ids: Vec<i64> = match (&image_id, &image_ids) {
+                        (Some(id), _) => vec![id.as_any().downcast_ref::<Int64Array>().ok_or_else(|| internal("image_id type"))?.value(row)],
+                        (None, Some(list)) => {
+                            let list = list.as_any().downcast_ref::<ListArray>().ok_or_else(|| internal("image_ids type"))?.value(row);
+                            list.as_any().downcast_ref::<Int64Array>().ok_or_else(|| internal("image_ids items"))?.values().to_vec()
+                        }
+                        _ => return Err(internal("no image ids")),
+                    };
+                    for id in ids {
+                        writer.put(self.count.to_string().as_bytes(), &pickle_pair(id, text_ids.value(row), texts.value(row)))?;
+                        self.count += 1;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(mut self: Box<Self>) -> Result<super::Written> {
+        let key: &[u8] = match self.database {
+            crate::sources::lmdb::Database::Imgs => b"num_images",
+            crate::sources::lmdb::Database::Pairs => b"num_samples",
+        };
+        let mut writer = self.writer.take().expect("finished once");
+        writer.put(key, self.count.to_string().as_bytes())?;
+        writer.finish()?;
+        if self.path.exists() {
+            std::fs::remove_dir_all(&self.path).map_err(io(&self.path))?;
+        }
+        std::fs::rename(&self.tmp, &self.path).map_err(io(&self.path))?;
+        Ok(super::Written { rows: self.count, path: self.path.clone() })
+    }
+}
+
+impl Drop for LmdbSink {
+    fn drop(&mut self) {
+        if self.writer.take().is_some() {
+            let _ = std::fs::remove_dir_all(&self.tmp);
+        }
+    }
+}

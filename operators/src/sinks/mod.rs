@@ -1,4 +1,93 @@
-//! Sinks: write records in cn_clip's formats and as Parquet tables.
+//! Sinks: write records in cn_clip's formats and as Parquet tables. Every sink writes to a
+//! temporary path beside its target and moves it into place only when the whole input has been
+//! written, so a failed or cancelled job never leaves a half-written output.
 
+pub mod jsonl;
 pub mod lmdb;
 pub mod parquet;
+pub mod tsv;
+
+use arrow::record_batch::RecordBatch;
+
+use crate::error::Result;
+
+/// What a finished sink wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Written {
+    pub rows: u64,
+    pub path: std::path::PathBuf,
+}
+
+/// A sink, run on a thread of its own.
+pub trait Sink: Send + 'static {
+    /// Appends a batch.
+    ///
+    /// # Errors
+    /// IO errors naming the output.
+    fn write(&mut self, batch: &RecordBatch) -> Result<()>;
+
+    /// Completes the output and moves it into place.
+    ///
+    /// # Errors
+    /// IO errors naming the output.
+    fn finish(self: Box<Self>) -> Result<Written>;
+}
+
+/// `path` with `.tmp-{pid}` appended to its file name: where a sink writes before the rename.
+pub(crate) fn tmp_path(path: &std::path::Path) -> std::path::PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".tmp-{}", std::process::id()));
+    path.with_file_name(name)
+}
+
+/// Creates the parent directory of `path` if needed.
+pub(crate) fn create_parent(path: &std::path::Path) -> Result<()> {
+    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => std::fs::create_dir_all(dir).map_err(crate::error::io(dir)),
+        None => Ok(()),
+    }
+}
+
+/// A buffered file written at a temporary path and renamed into place by [`AtomicFile::commit`];
+/// dropped uncommitted, it removes itself.
+pub(crate) struct AtomicFile {
+    pub(crate) out: Option<std::io::BufWriter<std::fs::File>>,
+    pub(crate) path: std::path::PathBuf,
+    pub(crate) tmp: std::path::PathBuf,
+}
+
+impl AtomicFile {
+    pub(crate) fn create(path: &std::path::Path) -> Result<Self> {
+        create_parent(path)?;
+        let tmp = tmp_path(path);
+        let file = std::fs::File::create(&tmp).map_err(crate::error::io(&tmp))?;
+        Ok(AtomicFile { out: Some(std::io::BufWriter::with_capacity(1 << 20, file)), path: path.to_path_buf(), tmp })
+    }
+
+    pub(crate) fn write_all(&mut self, bytes: &[u8]) -> Result<()> {
+        use std::io::Write;
+        self.out.as_mut().expect("not committed").write_all(bytes).map_err(crate::error::io(&self.tmp))
+    }
+
+    pub(crate) fn commit(mut self) -> Result<()> {
+        let out = self.out.take().expect("committed once");
+        let result = out
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .and_then(|f| f.sync_all())
+            .map_err(crate::error::io(&self.tmp))
+            .and_then(|()| std::fs::rename(&self.tmp, &self.path).map_err(crate::error::io(&self.path)));
+        if result.is_err() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+        result
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if self.out.take().is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}

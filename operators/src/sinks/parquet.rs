@@ -17,8 +17,12 @@ use crate::error::{Error, Result, io};
 /// writer's buffered group stays well under a gigabyte even for wide feature rows.
 pub const ROW_GROUP_ROWS: usize = 64 * 1024;
 
+/// A row group is also closed once this many bytes are buffered (64k rows of 224² pixels would
+/// be 9.6 GB): memory stays bounded whatever the row width.
+pub const ROW_GROUP_BYTES: usize = 128 << 20;
+
 pub struct ParquetSink {
-    writer: ArrowWriter<std::fs::File>,
+    writer: Option<ArrowWriter<std::fs::File>>,
     table: String,
     schema: SchemaRef,
     path: PathBuf,
@@ -32,14 +36,15 @@ impl ParquetSink {
     /// # Errors
     /// IO errors creating the temporary file.
     pub fn create(path: &Path, table: &str, schema: SchemaRef) -> Result<Self> {
-        let tmp = path.with_extension(format!("parquet.tmp-{}", std::process::id()));
+        super::create_parent(path)?;
+        let tmp = super::tmp_path(path);
         let file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::default()))
             .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
             .build();
         let writer = ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(|e| parquet_err(&tmp, e))?;
-        Ok(ParquetSink { writer, table: table.to_string(), schema, path: path.to_path_buf(), tmp, rows: 0 })
+        Ok(ParquetSink { writer: Some(writer), table: table.to_string(), schema, path: path.to_path_buf(), tmp, rows: 0 })
     }
 
     /// Appends a batch.
@@ -51,7 +56,11 @@ impl ParquetSink {
             location: self.path.display().to_string(),
             reason: e.to_string(),
         })?;
-        self.writer.write(batch).map_err(|e| parquet_err(&self.tmp, e))?;
+        let writer = self.writer.as_mut().expect("not finished");
+        writer.write(batch).map_err(|e| parquet_err(&self.tmp, e))?;
+        if writer.in_progress_size() >= ROW_GROUP_BYTES {
+            writer.flush().map_err(|e| parquet_err(&self.tmp, e))?;
+        }
         self.rows += batch.num_rows();
         Ok(())
     }
@@ -60,10 +69,12 @@ impl ParquetSink {
     ///
     /// # Errors
     /// Write or rename errors (the temporary file is removed).
-    pub fn finish(self) -> Result<usize> {
+    pub fn finish(mut self) -> Result<usize> {
         let (tmp, path, rows) = (self.tmp.clone(), self.path.clone(), self.rows);
         let result = self
             .writer
+            .take()
+            .expect("finished once")
             .into_inner()
             .map_err(|e| parquet_err(&tmp, e))
             .and_then(|file| file.sync_all().map_err(io(&tmp)))
@@ -72,6 +83,27 @@ impl ParquetSink {
             let _ = std::fs::remove_file(&tmp);
         }
         result.map(|()| rows)
+    }
+}
+
+impl Drop for ParquetSink {
+    fn drop(&mut self) {
+        // Dropped unfinished (the job failed or was cancelled): leave nothing behind.
+        if self.writer.take().is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+impl super::Sink for ParquetSink {
+    fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        ParquetSink::write(self, batch)
+    }
+
+    fn finish(self: Box<Self>) -> Result<super::Written> {
+        let path = self.path.clone();
+        let rows = ParquetSink::finish(*self)?;
+        Ok(super::Written { rows: rows as u64, path })
     }
 }
 

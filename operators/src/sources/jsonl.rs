@@ -5,11 +5,16 @@
 //! a string where an id should be) becomes a [`Rejected`] record naming its line, and the rest
 //! of the file goes on.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use arrow::array::{ArrayBuilder, ArrayRef, Int64Builder, ListBuilder, StringBuilder};
+use arrow::datatypes::{DataType, SchemaRef};
+use arrow::record_batch::RecordBatch;
 use serde_json::Value;
 
-use crate::error::Result;
+use super::{Emit, ReadContext, SeenIds, Source};
+use crate::error::{Error, Result};
 use crate::quarantine::Rejected;
 
 /// One text annotation.
@@ -53,6 +58,88 @@ pub fn for_each_line(path: &Path, mut on_line: impl FnMut(Result<TextLine, Rejec
         });
         on_line(record)
     })
+}
+
+/// `{split}_texts.jsonl` files as a source of `texts` batches.
+pub struct JsonlSource {
+    pub paths: Vec<PathBuf>,
+    /// Reject a text id seen before in this source (within the shard).
+    pub dedupe: bool,
+}
+
+impl Source for JsonlSource {
+    fn schema(&self) -> SchemaRef {
+        cnclip_schemas::texts()
+    }
+
+    fn read(self: Box<Self>, ctx: &ReadContext, emit: Emit<'_>) -> Result<()> {
+        let mut batcher = TextsBatcher::new(ctx.batch_rows);
+        let mut seen = SeenIds::new(self.dedupe);
+        let mut ordinal = 0u64;
+        for path in &self.paths {
+            for_each_line(path, |record| {
+                ordinal += 1;
+                if !ctx.shard.owns(ordinal - 1) {
+                    return Ok(());
+                }
+                match record {
+                    Err(rejected) => ctx.quarantine.reject(rejected),
+                    Ok(text) if !seen.first(text.text_id) => ctx.quarantine.reject(Rejected {
+                        source: path.display().to_string(),
+                        location: format!("text {}", text.text_id),
+                        id: Some(text.text_id.to_string()),
+                        reason: "duplicate text id (the first one is kept)".into(),
+                    }),
+                    Ok(text) => batcher.push(&text, emit),
+                }
+            })?;
+        }
+        batcher.flush(emit)
+    }
+}
+
+/// Accumulates rows of the `texts` table.
+pub(crate) struct TextsBatcher {
+    batch_rows: usize,
+    ids: Int64Builder,
+    texts: StringBuilder,
+    image_ids: ListBuilder<Int64Builder>,
+    bytes: usize,
+}
+
+impl TextsBatcher {
+    pub(crate) fn new(batch_rows: usize) -> Self {
+        let item = match cnclip_schemas::texts().field(2).data_type() {
+            DataType::List(item) => item.clone(),
+            other => unreachable!("texts.image_ids is {other}"),
+        };
+        TextsBatcher {
+            batch_rows: batch_rows.max(1),
+            ids: Int64Builder::new(),
+            texts: StringBuilder::new(),
+            image_ids: ListBuilder::new(Int64Builder::new()).with_field(item),
+            bytes: 0,
+        }
+    }
+
+    pub(crate) fn push(&mut self, text: &TextLine, emit: Emit<'_>) -> Result<()> {
+        self.ids.append_value(text.text_id);
+        self.texts.append_value(&text.text);
+        self.image_ids.values().append_slice(&text.image_ids);
+        self.image_ids.append(true);
+        self.bytes += text.text.len() + 8 * text.image_ids.len();
+        if self.ids.len() >= self.batch_rows || self.bytes >= super::BATCH_BYTES { self.flush(emit) } else { Ok(()) }
+    }
+
+    pub(crate) fn flush(&mut self, emit: Emit<'_>) -> Result<()> {
+        if self.ids.len() == 0 {
+            return Ok(());
+        }
+        self.bytes = 0;
+        let columns: Vec<ArrayRef> =
+            vec![Arc::new(self.ids.finish()), Arc::new(self.texts.finish()), Arc::new(self.image_ids.finish())];
+        emit(RecordBatch::try_new(cnclip_schemas::texts(), columns).map_err(|e| Error::Internal(e.to_string()))?)
+    }
 }
 
 #[cfg(test)]

@@ -3,11 +3,17 @@
 //! (plus `num_samples`). Pickles are read with the restricted reader that never executes code;
 //! an entry that is not such a tuple comes back as [`Rejected`].
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use arrow::array::{ArrayBuilder, ArrayRef, Int64Builder, StringBuilder};
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
 use cnclip_models::checkpoint::pickle::{self, Value};
 use lmdb::{Cursor, Environment, EnvironmentFlags, Transaction};
 
+use super::tsv::plausible_base64;
+use super::{Emit, IdBytesBatcher, ReadContext, Source};
 use crate::error::{Error, Result};
 use crate::quarantine::Rejected;
 
@@ -111,4 +117,106 @@ pub fn counts(dir: &Path) -> Result<(u64, u64)> {
         })
     };
     Ok((read("imgs", b"num_images")?, read("pairs", b"num_samples")?))
+}
+
+/// Which database of a cn_clip LMDB split to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Database {
+    /// `{dir}/imgs` → `images_base64`.
+    Imgs,
+    /// `{dir}/pairs` → `pairs`.
+    Pairs,
+}
+
+/// A cn_clip LMDB split directory (with `imgs/` and `pairs/`) as a source.
+pub struct LmdbSource {
+    pub dir: PathBuf,
+    pub database: Database,
+}
+
+impl Source for LmdbSource {
+    fn schema(&self) -> SchemaRef {
+        match self.database {
+            Database::Imgs => cnclip_schemas::images_base64(),
+            Database::Pairs => cnclip_schemas::pairs(),
+        }
+    }
+
+    fn read(self: Box<Self>, ctx: &ReadContext, emit: Emit<'_>) -> Result<()> {
+        let mut ordinal = 0u64;
+        let mut mine = || {
+            ordinal += 1;
+            ctx.shard.owns(ordinal - 1)
+        };
+        match self.database {
+            Database::Imgs => {
+                let mut batcher = IdBytesBatcher::new(self.schema(), ctx.batch_rows);
+                let source = self.dir.join("imgs").display().to_string();
+                for_each_image(&self.dir, |record| {
+                    if !mine() {
+                        return Ok(());
+                    }
+                    let (id, value) = match record {
+                        Err(rejected) => return ctx.quarantine.reject(rejected),
+                        Ok(entry) => entry,
+                    };
+                    let check = if value.is_empty() { Err("empty image value".to_string()) } else { plausible_base64(value) };
+                    match check {
+                        Err(reason) => ctx.quarantine.reject(Rejected {
+                            source: source.clone(),
+                            location: format!("key \"{id}\""),
+                            id: Some(id.to_string()),
+                            reason,
+                        }),
+                        Ok(()) => batcher.push(id, value, emit),
+                    }
+                })?;
+                batcher.flush(emit)
+            }
+            Database::Pairs => {
+                let mut batcher = PairsBatcher::new(ctx.batch_rows);
+                for_each_pair(&self.dir, |record| {
+                    if !mine() {
+                        return Ok(());
+                    }
+                    match record {
+                        Err(rejected) => ctx.quarantine.reject(rejected),
+                        Ok(pair) => batcher.push(&pair, emit),
+                    }
+                })?;
+                batcher.flush(emit)
+            }
+        }
+    }
+}
+
+/// Accumulates rows of the `pairs` table.
+pub(crate) struct PairsBatcher {
+    batch_rows: usize,
+    image_ids: Int64Builder,
+    text_ids: Int64Builder,
+    texts: StringBuilder,
+}
+
+impl PairsBatcher {
+    pub(crate) fn new(batch_rows: usize) -> Self {
+        PairsBatcher { batch_rows: batch_rows.max(1), image_ids: Int64Builder::new(), text_ids: Int64Builder::new(), texts: StringBuilder::new() }
+    }
+
+    pub(crate) fn push(&mut self, pair: &Pair, emit: Emit<'_>) -> Result<()> {
+        self.image_ids.append_value(pair.image_id);
+        self.text_ids.append_value(pair.text_id);
+        self.texts.append_value(&pair.text);
+        if self.image_ids.len() >= self.batch_rows { self.flush(emit) } else { Ok(()) }
+    }
+
+    pub(crate) fn flush(&mut self, emit: Emit<'_>) -> Result<()> {
+        if self.image_ids.len() == 0 {
+            return Ok(());
+        }
+        let columns: Vec<ArrayRef> =
+            vec![Arc::new(self.image_ids.finish()), Arc::new(self.text_ids.finish()), Arc::new(self.texts.finish())];
+        emit(RecordBatch::try_new(cnclip_schemas::pairs(), columns).map_err(|e| Error::Internal(e.to_string()))?)
+    }
 }

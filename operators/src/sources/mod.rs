@@ -1,14 +1,162 @@
-//! Sources: read records from cn_clip's files.
+//! Sources: read records from cn_clip's files (and Parquet tables) as Arrow batches.
+//!
+//! Every source streams: it holds one batch of rows at a time, whatever the corpus size. Each
+//! takes a [`Shard`] — record `k` of the source (counting every record, good or bad, across its
+//! files in order) belongs to shard `k mod n` — so `n` jobs with `--shard 0/n … n-1/n` together
+//! read every record exactly once, and a bad record is quarantined by exactly one of them.
 
+pub mod folder;
 pub mod jsonl;
 pub mod lmdb;
+pub mod parquet;
 pub mod synth;
 pub mod tsv;
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use crate::error::{Result, io};
+use arrow::array::{ArrayBuilder, ArrayRef, BinaryBuilder, Int64Builder};
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+
+use crate::error::{Error, Result, io};
+use crate::quarantine::Quarantine;
+
+/// Which records of a source a job reads: `index` of `count`, written `i/n`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub index: u64,
+    pub count: u64,
+}
+
+impl Shard {
+    /// Every record.
+    pub const ALL: Shard = Shard { index: 0, count: 1 };
+
+    /// Whether record number `ordinal` (0-based) is this shard's.
+    pub fn owns(&self, ordinal: u64) -> bool {
+        ordinal % self.count == self.index
+    }
+}
+
+impl Default for Shard {
+    fn default() -> Self {
+        Shard::ALL
+    }
+}
+
+impl std::fmt::Display for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+impl std::str::FromStr for Shard {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("shard `{s}` is not `i/n` with 0 <= i < n (e.g. 0/4)");
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        let (index, count) = (i.trim().parse::<u64>().map_err(|_| bad())?, n.trim().parse::<u64>().map_err(|_| bad())?);
+        if count == 0 || index >= count {
+            return Err(bad());
+        }
+        Ok(Shard { index, count })
+    }
+}
+
+/// What a running source needs besides its own configuration.
+#[derive(Clone)]
+pub struct ReadContext {
+    pub shard: Shard,
+    /// Rows per emitted batch (sources also cut a batch at [`BATCH_BYTES`]).
+    pub batch_rows: usize,
+    pub quarantine: Arc<Quarantine>,
+}
+
+/// A batch is cut once its values pass this many bytes, whatever its row count.
+pub const BATCH_BYTES: usize = 32 << 20;
+
+/// Hands a finished batch downstream; `Err(Error::Stopped)` once nobody wants more.
+pub type Emit<'a> = &'a mut dyn FnMut(RecordBatch) -> Result<()>;
+
+/// A source of record batches, run on a thread of its own.
+pub trait Source: Send + 'static {
+    /// The schema of every batch it emits.
+    fn schema(&self) -> SchemaRef;
+
+    /// Reads this shard's records, emitting batches; bad records go to the quarantine.
+    ///
+    /// # Errors
+    /// Structural faults (a missing or unreadable file), a record under `--on-error fail`, or
+    /// [`Error::Stopped`] from `emit`.
+    fn read(self: Box<Self>, ctx: &ReadContext, emit: Emit<'_>) -> Result<()>;
+}
+
+/// Expands file arguments: plain paths (which must exist) and glob patterns (`*`, `?`, `[…]`,
+/// which must match at least one file; matches in sorted order). Every problem is reported.
+///
+/// # Errors
+/// One line per path that does not exist or pattern that matches nothing.
+pub fn expand_paths(patterns: &[String]) -> Result<Vec<PathBuf>, Vec<String>> {
+    let mut paths = Vec::new();
+    let mut problems = Vec::new();
+    if patterns.is_empty() {
+        problems.push("no input files given".to_string());
+    }
+    for pattern in patterns {
+        if !pattern.contains(['*', '?', '[']) {
+            let path = PathBuf::from(pattern);
+            if path.exists() { paths.push(path) } else { problems.push(format!("{pattern} does not exist")) }
+            continue;
+        }
+        match glob::glob(pattern) {
+            Err(e) => problems.push(format!("pattern `{pattern}` is not a valid glob: {e}")),
+            Ok(matches) => {
+                let mut found: Vec<PathBuf> = matches.filter_map(|m| m.ok()).filter(|p| p.is_file()).collect();
+                found.sort();
+                if found.is_empty() {
+                    problems.push(format!("pattern `{pattern}` matches no file"));
+                }
+                paths.extend(found);
+            }
+        }
+    }
+    if problems.is_empty() { Ok(paths) } else { Err(problems) }
+}
+
+/// Accumulates `(id, bytes)` rows into batches of a two-column schema (`images`,
+/// `images_base64`), cutting a batch at `batch_rows` rows or [`BATCH_BYTES`].
+pub(crate) struct IdBytesBatcher {
+    schema: SchemaRef,
+    batch_rows: usize,
+    ids: Int64Builder,
+    values: BinaryBuilder,
+    bytes: usize,
+}
+
+impl IdBytesBatcher {
+    pub(crate) fn new(schema: SchemaRef, batch_rows: usize) -> Self {
+        IdBytesBatcher { schema, batch_rows: batch_rows.max(1), ids: Int64Builder::new(), values: BinaryBuilder::new(), bytes: 0 }
+    }
+
+    pub(crate) fn push(&mut self, id: i64, value: &[u8], emit: Emit<'_>) -> Result<()> {
+        self.ids.append_value(id);
+        self.values.append_value(value);
+        self.bytes += value.len();
+        if self.ids.len() >= self.batch_rows || self.bytes >= BATCH_BYTES { self.flush(emit) } else { Ok(()) }
+    }
+
+    pub(crate) fn flush(&mut self, emit: Emit<'_>) -> Result<()> {
+        if self.ids.len() == 0 {
+            return Ok(());
+        }
+        self.bytes = 0;
+        let columns: Vec<ArrayRef> = vec![Arc::new(self.ids.finish()), Arc::new(self.values.finish())];
+        emit(RecordBatch::try_new(self.schema.clone(), columns).map_err(|e| Error::Internal(e.to_string()))?)
+    }
+}
 
 /// Calls `on_line(number, line)` for each non-blank line of `path` (1-based numbers, line end
 /// and surrounding ASCII whitespace trimmed), reading in 1 MiB buffers.
@@ -31,5 +179,21 @@ pub(crate) fn for_each_trimmed_line(path: &Path, mut on_line: impl FnMut(usize, 
         if start < end {
             on_line(number, &line[start..end])?;
         }
+    }
+}
+
+/// Remembers the ids seen so far (8–16 bytes each) to reject duplicates; off, it accepts all.
+pub(crate) struct SeenIds {
+    set: Option<rustc_hash::FxHashSet<i64>>,
+}
+
+impl SeenIds {
+    pub(crate) fn new(enabled: bool) -> Self {
+        SeenIds { set: enabled.then(Default::default) }
+    }
+
+    /// Whether `id` is new (always true when disabled).
+    pub(crate) fn first(&mut self, id: i64) -> bool {
+        self.set.as_mut().is_none_or(|set| set.insert(id))
     }
 }

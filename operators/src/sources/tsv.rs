@@ -6,8 +6,11 @@
 //! empty value, characters outside both base64 alphabets, an impossible length — and such lines
 //! come back as [`Rejected`]. CRLF line ends are tolerated; blank lines carry no record.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use arrow::datatypes::SchemaRef;
+
+use super::{Emit, IdBytesBatcher, ReadContext, SeenIds, Source};
 use crate::error::Result;
 use crate::quarantine::Rejected;
 
@@ -79,6 +82,44 @@ pub fn for_each_line(path: &Path, mut on_line: impl FnMut(Result<ImageLine<'_>, 
         };
         on_line(record)
     })
+}
+
+/// `{split}_imgs.tsv` shards as a source of `images_base64` batches.
+pub struct TsvSource {
+    pub paths: Vec<PathBuf>,
+    /// Reject an image id seen before in this source (within the shard).
+    pub dedupe: bool,
+}
+
+impl Source for TsvSource {
+    fn schema(&self) -> SchemaRef {
+        cnclip_schemas::images_base64()
+    }
+
+    fn read(self: Box<Self>, ctx: &ReadContext, emit: Emit<'_>) -> Result<()> {
+        let mut batcher = IdBytesBatcher::new(self.schema(), ctx.batch_rows);
+        let mut seen = SeenIds::new(self.dedupe);
+        let mut ordinal = 0u64;
+        for path in &self.paths {
+            for_each_line(path, |record| {
+                ordinal += 1;
+                if !ctx.shard.owns(ordinal - 1) {
+                    return Ok(());
+                }
+                match record {
+                    Err(rejected) => ctx.quarantine.reject(rejected),
+                    Ok(line) if !seen.first(line.image_id) => ctx.quarantine.reject(Rejected {
+                        source: path.display().to_string(),
+                        location: format!("image {}", line.id),
+                        id: Some(line.id.to_string()),
+                        reason: "duplicate image id (the first one is kept)".into(),
+                    }),
+                    Ok(line) => batcher.push(line.image_id, line.base64, emit),
+                }
+            })?;
+        }
+        batcher.flush(emit)
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,197 @@
+//! Image classification folders in cn_clip's zero-shot layout (`{dataset}/test/000/….jpg`, the
+//! class names in `{dataset}/label_cn.txt`), read in torchvision `ImageFolder`'s order so that
+//! image ids and labels are the indices cn_clip's `zeroshot_evaluation.py` sees:
+//! - classes are the sorted names of the root's subdirectories, numbered from 0;
+//! - each class's files are walked recursively (following links), directories in sorted order
+//!   of their full path and files sorted by name, keeping the extensions `ImageFolder` accepts
+//!   (case-insensitively);
+//! - image id `k` is the `k`-th file of that order.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{ArrayBuilder, ArrayRef, BinaryBuilder, Int64Builder, StringBuilder};
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+
+use super::{BATCH_BYTES, Emit, ReadContext, Source};
+use crate::error::{Error, Result, io};
+use crate::quarantine::Rejected;
+
+/// torchvision's `IMG_EXTENSIONS`.
+const EXTENSIONS: [&str; 9] = [".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"];
+
+/// One image of the set, in `ImageFolder`'s order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub path: PathBuf,
+    pub label: usize,
+}
+
+/// The class folder names, sorted (their index is the label).
+///
+/// # Errors
+/// When `root` is not a readable directory or has no class folders.
+pub fn classes(root: &Path) -> Result<Vec<String>> {
+    let mut classes = Vec::new();
+    for entry in std::fs::read_dir(root).map_err(io(root))? {
+        let entry = entry.map_err(io(root))?;
+        if entry.path().is_dir() {
+            classes.push(entry.file_name().to_string_lossy().into_owned());
+        }
+    }
+    classes.sort();
+    if classes.is_empty() {
+        return Err(Error::Format { path: root.display().to_string(), reason: "no class folders (expected e.g. 000/, 001/, …)".into() });
+    }
+    Ok(classes)
+}
+
+/// Every image of the set, in `ImageFolder`'s order.
+///
+/// # Errors
+/// IO errors walking `root`.
+pub fn entries(root: &Path) -> Result<Vec<Entry>> {
+    let mut entries = Vec::new();
+    for (label, class) in classes(root)?.iter().enumerate() {
+        // os.walk's (root, dirs, files) triples, sorted by their root string.
+        let mut walk: Vec<(String, Vec<String>)> = Vec::new();
+        let mut stack = vec![root.join(class)];
+        while let Some(dir) = stack.pop() {
+            let mut files = Vec::new();
+            for entry in std::fs::read_dir(&dir).map_err(io(&dir))? {
+                let entry = entry.map_err(io(&dir))?;
+                let path = entry.path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else {
+                    files.push(entry.file_name().to_string_lossy().into_owned());
+                }
+            }
+            files.sort();
+            walk.push((dir.to_string_lossy().into_owned(), files));
+        }
+        walk.sort();
+        for (dir, files) in walk {
+            for file in files {
+                let lower = file.to_lowercase();
+                if EXTENSIONS.iter().any(|ext| lower.ends_with(ext)) {
+                    entries.push(Entry { path: Path::new(&dir).join(file), label });
+                }
+            }
+        }
+    }
+    Ok(entries)
+}
+
+/// The class names of `label_cn.txt` (one per line, as cn_clip's zero-shot script reads it).
+///
+/// # Errors
+/// IO errors reading it.
+pub fn label_names(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(io(path))?;
+    Ok(text.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect())
+}
+
+/// A zero-shot image folder (the directory holding the class folders) as a source of
+/// `labeled_images` batches.
+pub struct ImageFolderSource {
+    pub root: PathBuf,
+}
+
+impl Source for ImageFolderSource {
+    fn schema(&self) -> SchemaRef {
+        cnclip_schemas::labeled_images()
+    }
+
+    fn read(self: Box<Self>, ctx: &ReadContext, emit: Emit<'_>) -> Result<()> {
+        let schema = self.schema();
+        let (mut ids, mut images, mut labels, mut paths) =
+            (Int64Builder::new(), BinaryBuilder::new(), Int64Builder::new(), StringBuilder::new());
+        let mut bytes = 0;
+        let entries = entries(&self.root)?;
+        let mut flush = |ids: &mut Int64Builder, images: &mut BinaryBuilder, labels: &mut Int64Builder, paths: &mut StringBuilder| {
+            let columns: Vec<ArrayRef> =
+                vec![Arc::new(ids.finish()), Arc::new(images.finish()), Arc::new(labels.finish()), Arc::new(paths.finish())];
+            emit(RecordBatch::try_new(schema.clone(), columns).map_err(|e| Error::Internal(e.to_string()))?)
+        };
+        for (k, entry) in entries.iter().enumerate() {
+            if !ctx.shard.owns(k as u64) {
+                continue;
+            }
+            let relative = entry.path.strip_prefix(&self.root).unwrap_or(&entry.path).to_string_lossy().into_owned();
+            let data = match std::fs::read(&entry.path) {
+                Ok(data) if data.is_empty() => Err("empty file".to_string()),
+                Ok(data) => Ok(data),
+                Err(e) => Err(e.to_string()),
+            };
+            let data = match data {
+                Ok(data) => data,
+                Err(reason) => {
+                    ctx.quarantine.reject(Rejected {
+                        source: self.root.display().to_string(),
+                        location: relative,
+                        id: Some(k.to_string()),
+                        reason,
+                    })?;
+                    continue;
+                }
+            };
+            ids.append_value(k as i64);
+            images.append_value(&data);
+            labels.append_value(entry.label as i64);
+            paths.append_value(&relative);
+            bytes += data.len();
+            if ids.len() >= ctx.batch_rows.max(1) || bytes >= BATCH_BYTES {
+                bytes = 0;
+                flush(&mut ids, &mut images, &mut labels, &mut paths)?;
+            }
+        }
+        if ids.len() > 0 {
+            flush(&mut ids, &mut images, &mut labels, &mut paths)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_folder_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for (path, data) in [
+            ("001/b.JPG", "x"),
+            ("001/a.png", "x"),
+            ("000/z.jpg", "x"),
+            ("000/sub/a.jpg", "x"),
+            ("000/sub-b/a.jpg", "x"),
+            ("000/notes.txt", "x"),
+            ("010/a.webp", "x"),
+        ] {
+            let p = root.join(path);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, data).unwrap();
+        }
+        std::fs::write(root.join("stray.jpg"), "x").unwrap();
+        let found: Vec<(String, usize)> = entries(root)
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.path.strip_prefix(root).unwrap().display().to_string(), e.label))
+            .collect();
+        // Directories sort as whole path strings: "000" < "000/sub" < "000/sub-b".
+        assert_eq!(
+            found,
+            [
+                ("000/z.jpg".to_string(), 0),
+                ("000/sub/a.jpg".to_string(), 0),
+                ("000/sub-b/a.jpg".to_string(), 0),
+                ("001/a.png".to_string(), 1),
+                ("001/b.JPG".to_string(), 1),
+                ("010/a.webp".to_string(), 2),
+            ]
+        );
+    }
+}

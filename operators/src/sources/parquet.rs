@@ -1,0 +1,105 @@
+//! Parquet tables (ours or a notebook's) as a source. All files must share one schema; when a
+//! contract is named, that schema is checked against it before anything is read.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use arrow::array::BooleanArray;
+use arrow::compute::filter_record_batch;
+use arrow::datatypes::SchemaRef;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+use super::{Emit, ReadContext, Source};
+use crate::error::{Error, Result, io};
+
+fn format_err(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Format { path: path.display().to_string(), reason: e.to_string() }
+}
+
+/// The Arrow schema of a Parquet file, from its footer.
+///
+/// # Errors
+/// A missing file or one that is not Parquet.
+pub fn file_schema(path: &Path) -> Result<SchemaRef> {
+    let file = File::open(path).map_err(io(path))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| format_err(path, e))?;
+    Ok(builder.schema().clone())
+}
+
+pub struct ParquetSource {
+    pub paths: Vec<PathBuf>,
+    /// The schema of the first file; every other must match it.
+    pub schema: SchemaRef,
+}
+
+impl ParquetSource {
+    /// Opens the footers of `paths`, checking they share one schema (and, if `contract` names
+    /// a table, that it matches that contract).
+    ///
+    /// # Errors
+    /// Every file whose schema differs, or the contract mismatch.
+    pub fn open(paths: Vec<PathBuf>, contract: Option<(&str, SchemaRef)>) -> Result<Self, Vec<String>> {
+        let mut problems = Vec::new();
+        let mut schema: Option<SchemaRef> = None;
+        for path in &paths {
+            match file_schema(path) {
+                Err(e) => problems.push(e.to_string()),
+                Ok(found) => match &schema {
+                    None => schema = Some(found),
+                    Some(first) if first.fields() != found.fields() => problems.push(format!(
+                        "{}: its columns differ from {}'s ({} vs {})",
+                        path.display(),
+                        paths[0].display(),
+                        describe(&found),
+                        describe(first)
+                    )),
+                    Some(_) => {}
+                },
+            }
+        }
+        if let (Some(schema), Some((table, expected))) = (&schema, contract) {
+            if let Err(e) = cnclip_schemas::check(table, &expected, schema) {
+                problems.push(format!("{}: {e}", paths[0].display()));
+            }
+        }
+        match schema {
+            Some(schema) if problems.is_empty() => Ok(ParquetSource { paths, schema }),
+            _ => Err(problems),
+        }
+    }
+}
+
+fn describe(schema: &SchemaRef) -> String {
+    schema.fields().iter().map(|f| format!("{} {}", f.name(), f.data_type())).collect::<Vec<_>>().join(", ")
+}
+
+impl Source for ParquetSource {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn read(self: Box<Self>, ctx: &ReadContext, emit: Emit<'_>) -> Result<()> {
+        let mut ordinal = 0u64;
+        for path in &self.paths {
+            let file = File::open(path).map_err(io(path))?;
+            let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+                .and_then(|b| b.with_batch_size(ctx.batch_rows.max(1)).build())
+                .map_err(|e| format_err(path, e))?;
+            for batch in reader {
+                let batch = batch.map_err(|e| format_err(path, e))?;
+                let rows = batch.num_rows() as u64;
+                let batch = if ctx.shard.count == 1 {
+                    batch
+                } else {
+                    let mask: BooleanArray = (0..batch.num_rows() as u64).map(|r| Some(ctx.shard.owns(ordinal + r))).collect();
+                    filter_record_batch(&batch, &mask).map_err(|e| Error::Internal(e.to_string()))?
+                };
+                ordinal += rows;
+                if batch.num_rows() > 0 {
+                    emit(batch.with_schema(self.schema.clone()).map_err(|e| format_err(path, e))?)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,81 @@
+//! Transforms: batch → batch functions that run on the worker pool (base64 and image
+//! decoding, preprocessing). Rows a transform cannot process come back as [`Rejected`] and the
+//! rest of the batch goes on.
+
+pub mod base64;
+pub mod preprocess;
+
+use std::sync::Arc;
+
+use arrow::array::ArrayRef;
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+
+use crate::error::{Error, Result};
+use crate::quarantine::Rejected;
+
+/// A batch and the rows it could not carry.
+pub struct Output {
+    pub batch: RecordBatch,
+    pub rejected: Vec<Rejected>,
+}
+
+pub trait Transform: Send + Sync + 'static {
+    /// The schema of its output for an input of `input`.
+    ///
+    /// # Errors
+    /// A sentence saying which columns it needs.
+    fn output_schema(&self, input: &SchemaRef) -> Result<SchemaRef, String>;
+
+    /// Transforms one batch. `source` names where the rows came from, for rejected records.
+    ///
+    /// # Errors
+    /// Faults that are not one row's (they stop the job).
+    fn apply(&self, batch: &RecordBatch, source: &str) -> Result<Output>;
+}
+
+/// The index of column `name` in `schema` if it has type `data_type`.
+pub(crate) fn require(schema: &Schema, name: &str, data_type: &DataType) -> Result<usize, String> {
+    match schema.index_of(name) {
+        Err(_) => Err(format!("needs a `{name}` column ({data_type}); the input has {}", column_list(schema))),
+        Ok(i) if schema.field(i).data_type() != data_type => {
+            Err(format!("needs column `{name}` to be {data_type}, the input's is {}", schema.field(i).data_type()))
+        }
+        Ok(i) => Ok(i),
+    }
+}
+
+pub(crate) fn column_list(schema: &Schema) -> String {
+    let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+    if names.is_empty() { "no columns".into() } else { format!("columns {}", names.join(", ")) }
+}
+
+/// `input` with column `index` replaced by `field` (other columns and metadata kept).
+pub(crate) fn replace_field(input: &Schema, index: usize, field: Field) -> SchemaRef {
+    let mut fields: Vec<Field> = input.fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields[index] = field;
+    Arc::new(Schema::new_with_metadata(fields, input.metadata().clone()))
+}
+
+/// Keeps the rows of `batch` at `keep` (ascending) and puts `column` at `index`.
+pub(crate) fn rebuild(batch: &RecordBatch, schema: SchemaRef, index: usize, keep: &[u32], column: ArrayRef) -> Result<RecordBatch> {
+    let all_kept = keep.len() == batch.num_rows();
+    let indices = arrow::array::UInt32Array::from(keep.to_vec());
+    let mut columns = Vec::with_capacity(batch.num_columns());
+    for (i, array) in batch.columns().iter().enumerate() {
+        if i == index {
+            columns.push(column.clone());
+        } else if all_kept {
+            columns.push(array.clone());
+        } else {
+            columns.push(arrow::compute::take(array, &indices, None).map_err(|e| Error::Internal(e.to_string()))?);
+        }
+    }
+    RecordBatch::try_new(schema, columns).map_err(|e| Error::Internal(e.to_string()))
+}
+
+/// The `image_id` of row `row`, as text for a quarantine record.
+pub(crate) fn id_text(batch: &RecordBatch, id_column: Option<usize>, row: usize) -> Option<String> {
+    let ids = batch.column(id_column?).as_any().downcast_ref::<arrow::array::Int64Array>()?;
+    Some(ids.value(row).to_string())
+}

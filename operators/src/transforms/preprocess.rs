@@ -1,0 +1,99 @@
+//! `preprocess`: `images` → `pixels` — decode (JPEG, PNG, WebP, GIF, BMP; a decompression-bomb
+//! limit checked from the header) and cn_clip's resize, bit-identical to its transform. Images
+//! that do not decode are rejected with the decoder's reason; other columns pass through.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::array::{Array, BinaryArray, FixedSizeBinaryBuilder};
+use arrow::datatypes::{DataType, Field, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use cnclip_models::preprocess::{Image, resize_to_rgb};
+use cnclip_schemas::columns::{IMAGE, IMAGE_ID, PIXELS};
+use cnclip_schemas::metadata;
+use fast_image_resize::Resizer;
+
+use super::{Output, Transform, id_text, rebuild, replace_field, require};
+use crate::error::{Error, Result};
+use crate::quarantine::Rejected;
+
+/// In which order the RGB conversion and the resize happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Order {
+    /// cn_clip's TSV/LMDB datasets: `Resize` in the image's own mode, then `convert("RGB")`.
+    #[default]
+    ResizeThenConvert,
+    /// torchvision's `ImageFolder` (cn_clip's zero-shot evaluation): `convert("RGB")` on load.
+    ConvertThenResize,
+}
+
+pub struct Preprocess {
+    pub resolution: usize,
+    pub max_pixels: u64,
+    pub order: Order,
+}
+
+impl Preprocess {
+    /// One image's `resolution`² RGB bytes.
+    ///
+    /// # Errors
+    /// The decoder's or resizer's reason.
+    pub fn image(&self, bytes: &[u8], resizer: &mut Resizer) -> Result<Vec<u8>, String> {
+        let image = Image::decode(bytes, self.max_pixels).map_err(|e| e.to_string())?;
+        let image = if self.order == Order::ConvertThenResize { image.into_rgb() } else { image };
+        resize_to_rgb(&image, self.resolution, resizer).map_err(|e| e.to_string())
+    }
+}
+
+impl Transform for Preprocess {
+    fn output_schema(&self, input: &SchemaRef) -> Result<SchemaRef, String> {
+        let index = require(input, IMAGE, &DataType::Binary)?;
+        let bytes = 3 * self.resolution * self.resolution;
+        let schema = replace_field(input, index, Field::new(PIXELS, DataType::FixedSizeBinary(bytes as i32), false));
+        let mut meta: HashMap<String, String> = schema.metadata().clone();
+        meta.insert(metadata::RESOLUTION.into(), self.resolution.to_string());
+        meta.insert(
+            metadata::PREPROCESSING.into(),
+            format!(
+                "cn_clip image_transform: {}, bicubic {r}x{r}, RGB u8 (normalise with OpenAI CLIP mean/std)",
+                match self.order {
+                    Order::ResizeThenConvert => "resize then convert(RGB)",
+                    Order::ConvertThenResize => "convert(RGB) then resize",
+                },
+                r = self.resolution
+            ),
+        );
+        Ok(Arc::new(schema.as_ref().clone().with_metadata(meta)))
+    }
+
+    fn apply(&self, batch: &RecordBatch, source: &str) -> Result<Output> {
+        let schema = self.output_schema(&batch.schema()).map_err(Error::Internal)?;
+        let index = batch.schema().index_of(IMAGE).expect("checked by output_schema");
+        let id_column = batch.schema().index_of(IMAGE_ID).ok();
+        let images = batch.column(index).as_any().downcast_ref::<BinaryArray>().expect("checked by output_schema");
+        let bytes = 3 * self.resolution * self.resolution;
+        let mut out = FixedSizeBinaryBuilder::with_capacity(images.len(), bytes as i32);
+        let mut resizer = Resizer::new();
+        let (mut keep, mut rejected) = (Vec::with_capacity(images.len()), Vec::new());
+        for row in 0..images.len() {
+            match self.image(images.value(row), &mut resizer) {
+                Ok(rgb) => {
+                    out.append_value(&rgb).map_err(|e| Error::Internal(e.to_string()))?;
+                    keep.push(row as u32);
+                }
+                Err(reason) => {
+                    let id = id_text(batch, id_column, row);
+                    rejected.push(Rejected {
+                        source: source.to_string(),
+                        location: format!("image {}", id.as_deref().unwrap_or("?")),
+                        id,
+                        reason,
+                    });
+                }
+            }
+        }
+        let batch = rebuild(batch, schema, index, &keep, Arc::new(out.finish()))?;
+        Ok(Output { batch, rejected })
+    }
+}
