@@ -86,7 +86,7 @@ fn build_split(args: &Args, lmdb_dir: &Path, split: &str) -> Result<()> {
             })
         })
         .collect::<Result<Vec<_>, cnclip_operators::Error>>()?;
-    let mut quarantine = Quarantine::new(args.on_error, tmp_dir.join("quarantine.jsonl"));
+    let quarantine = Quarantine::new(args.on_error, tmp_dir.join("quarantine.jsonl"));
     let shard_of = |image_id: i64| image_id.rem_euclid(args.shards as i64) as usize;
 
     // Images first: pairs must point at images that exist.

@@ -13,6 +13,7 @@ mod build_lmdb;
 mod convert;
 mod import;
 mod model_args;
+mod run;
 mod similarity;
 mod synth;
 mod tokenize;
@@ -30,8 +31,12 @@ enum Command {
     Tokenize(tokenize::Args),
     /// Serialize TSV images and JSONL texts into cn_clip's LMDB layout (build_lmdb_dataset.py).
     BuildLmdb(build_lmdb::Args),
-    /// Import cn_clip TSV/JSONL splits into Parquet tables (images, texts).
-    Import(import::Args),
+    /// Run a pipeline described in a TOML file (sources → decoders → preprocess → sinks).
+    Run(run::Args),
+    /// Import cn_clip TSV/JSONL or LMDB splits into Parquet tables (images, texts, pairs).
+    Import(import::ImportArgs),
+    /// Export Parquet tables to cn_clip's TSV/JSONL or LMDB layout.
+    Export(import::ExportArgs),
     /// Write a deterministic synthetic Chinese image–caption corpus in cn_clip's layout.
     Synth(synth::Args),
     /// Image–text similarity with a checkpoint: cn_clip's README quick start as a command.
@@ -64,7 +69,9 @@ fn main() -> ExitCode {
         Command::Convert(args) => convert::run(args),
         Command::BuildLmdb(args) => build_lmdb::run(args),
         Command::Synth(args) => synth::run(args),
-        Command::Import(args) => import::run(args),
+        Command::Import(args) => import::import(args),
+        Command::Export(args) => import::export(args),
+        Command::Run(args) => run::run(args),
         Command::Similarity(args) => similarity::run(args),
     };
     match result {

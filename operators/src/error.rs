@@ -15,6 +15,9 @@ pub enum Error {
     /// Everything downstream has stopped; a source or operator returns quietly.
     #[error("the pipeline stopped")]
     Stopped,
+    /// A node of a running pipeline failed (the message names it).
+    #[error("{0}")]
+    Pipeline(String),
     #[error("internal error: {0}")]
     Internal(String),
 }

@@ -12,6 +12,7 @@ pub mod error;
 pub mod quarantine;
 pub mod sinks;
 pub mod sources;
+pub mod spec;
 pub mod transforms;
 
 pub use error::{Error, Result};

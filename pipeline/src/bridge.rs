@@ -101,7 +101,9 @@ where
 type Pending<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// Maps each batch of input `0` through `f` on `pool`, keeping up to `in_flight` batches in
-/// work at once, and sends the results downstream *in input order*. `after` sees each result
+/// work at once, and sends the results downstream *in input order*. `split` first cuts each
+/// input batch into the pieces that go to the workers (so one large batch still keeps every
+/// worker busy). `after` sees each result
 /// before it is sent (on the node's task, in order — e.g. to quarantine rejected rows
 /// deterministically) and returns what to send, if anything.
 ///
@@ -111,6 +113,7 @@ pub async fn map_on_pool<T, U>(
     ctx: &mut NodeContext<T>,
     pool: &WorkerPool,
     in_flight: usize,
+    mut split: impl FnMut(T) -> Vec<T>,
     f: Arc<dyn Fn(T) -> Result<U, BoxError> + Send + Sync>,
     mut after: impl FnMut(U) -> Result<Option<T>, BoxError>,
 ) -> Result<(), BoxError>
@@ -119,17 +122,22 @@ where
     U: Send + 'static,
 {
     let mut pending: VecDeque<Pending<Result<U, BoxError>>> = VecDeque::new();
+    let mut pieces: VecDeque<T> = VecDeque::new();
     let in_flight = in_flight.max(1);
     let mut input_open = true;
-    while input_open || !pending.is_empty() {
-        if input_open && pending.len() < in_flight {
-            match ctx.recv(0).await {
-                Some(batch) => {
-                    let f = f.clone();
-                    pending.push_back(Box::pin(pool.run(move || f(batch))));
-                    continue;
+    while input_open || !pending.is_empty() || !pieces.is_empty() {
+        if pending.len() < in_flight {
+            if let Some(piece) = pieces.pop_front() {
+                let f = f.clone();
+                pending.push_back(Box::pin(pool.run(move || f(piece))));
+                continue;
+            }
+            if input_open {
+                match ctx.recv(0).await {
+                    Some(batch) => pieces.extend(split(batch)),
+                    None => input_open = false,
                 }
-                None => input_open = false,
+                continue;
             }
         }
         if let Some(next) = pending.pop_front() {
