@@ -87,12 +87,17 @@ fn run_split(what: &str, split: &str, settings: JobSettings, defs: Vec<NodeDef>)
     };
     let start = std::time::Instant::now();
     let report = pipeline.run()?;
-    let written: Vec<String> = report.written.iter().map(|(_, w)| format!("{} rows → {}", w.rows, w.path.display())).collect();
+    // Sinks are named after what they hold: "30 images, 30 texts".
+    let mut written = report.written.clone();
+    written.sort_by_key(|(name, _)| ["images", "texts", "pairs"].iter().position(|n| n == name));
+    let counts: Vec<String> = written.iter().map(|(name, w)| format!("{} {name}", w.rows)).collect();
+    let outputs: Vec<String> = written.iter().map(|(_, w)| w.path.display().to_string()).collect();
     eprintln!(
-        "cnclip {what}: {split}: {}; {} quarantined{} ({:.1} s)",
-        written.join(", "),
+        "cnclip {what}: {split}: {}, {} quarantined{} → {} ({:.1} s)",
+        counts.join(", "),
         report.quarantined,
         report.quarantine_file.map(|p| format!(" (see {})", p.display())).unwrap_or_default(),
+        outputs.join(", "),
         start.elapsed().as_secs_f64()
     );
     Ok(())
@@ -109,14 +114,14 @@ pub fn import(args: ImportArgs) -> Result<()> {
         let images_out = args.out.join(format!("{split}_images.parquet"));
         let defs = match (&args.data_dir, &args.lmdb_dir) {
             (Some(dir), _) => vec![
-                NodeDef::new("imgs", "tsv", None, table(&[("paths", paths(&dir.join(format!("{split}_imgs.tsv"))))])),
-                NodeDef::new("decode", "decode_base64", Some("imgs"), table(&[])),
+                NodeDef::new("imgs_in", "tsv", None, table(&[("paths", paths(&dir.join(format!("{split}_imgs.tsv"))))])),
+                NodeDef::new("decode", "decode_base64", Some("imgs_in"), table(&[])),
                 NodeDef::new("images", "write_parquet", Some("decode"), table(&[("path", path(&images_out))])),
-                NodeDef::new("texts", "jsonl", None, table(&[("paths", paths(&dir.join(format!("{split}_texts.jsonl"))))])),
+                NodeDef::new("texts_in", "jsonl", None, table(&[("paths", paths(&dir.join(format!("{split}_texts.jsonl"))))])),
                 NodeDef::new(
-                    "texts_out",
+                    "texts",
                     "write_parquet",
-                    Some("texts"),
+                    Some("texts_in"),
                     table(&[("path", path(&args.out.join(format!("{split}_texts.parquet"))))]),
                 ),
             ],
@@ -124,14 +129,14 @@ pub fn import(args: ImportArgs) -> Result<()> {
                 let split_dir = dir.join(split);
                 let lmdb = |db: &str| table(&[("path", path(&split_dir)), ("database", toml::Value::String(db.into()))]);
                 vec![
-                    NodeDef::new("imgs", "lmdb", None, lmdb("imgs")),
-                    NodeDef::new("decode", "decode_base64", Some("imgs"), table(&[])),
+                    NodeDef::new("imgs_in", "lmdb", None, lmdb("imgs")),
+                    NodeDef::new("decode", "decode_base64", Some("imgs_in"), table(&[])),
                     NodeDef::new("images", "write_parquet", Some("decode"), table(&[("path", path(&images_out))])),
-                    NodeDef::new("pairs", "lmdb", None, lmdb("pairs")),
+                    NodeDef::new("pairs_in", "lmdb", None, lmdb("pairs")),
                     NodeDef::new(
-                        "pairs_out",
+                        "pairs",
                         "write_parquet",
-                        Some("pairs"),
+                        Some("pairs_in"),
                         table(&[("path", path(&args.out.join(format!("{split}_pairs.parquet"))))]),
                     ),
                 ]
@@ -153,24 +158,23 @@ pub fn export(args: ExportArgs) -> Result<()> {
         let parquet = |table: &str| args.parquet_dir.join(format!("{split}_{table}.parquet"));
         let source = |table: &str| table_source(&parquet(table), table);
         let texts_table = if parquet("texts").exists() || !parquet("pairs").exists() { "texts" } else { "pairs" };
-        let mut defs = vec![NodeDef::new("images", "parquet", None, source("images")), NodeDef::new(texts_table, "parquet", None, source(texts_table))];
+        let texts_in = format!("{texts_table}_in");
+        let mut defs = vec![
+            NodeDef::new("images_in", "parquet", None, source("images")),
+            NodeDef::new(&texts_in, "parquet", None, source(texts_table)),
+        ];
         match args.format {
             Format::Tsv => {
                 if texts_table == "pairs" {
                     bail!("split `{split}`: {} does not exist (TSV export writes texts, not pairs)", parquet("texts").display());
                 }
-                defs.push(NodeDef::new("imgs_out", "write_tsv", Some("images"), table(&[("path", path(&args.out.join(format!("{split}_imgs.tsv"))))])));
-                defs.push(NodeDef::new(
-                    "texts_out",
-                    "write_jsonl",
-                    Some("texts"),
-                    table(&[("path", path(&args.out.join(format!("{split}_texts.jsonl"))))]),
-                ));
+                defs.push(NodeDef::new("images", "write_tsv", Some("images_in"), table(&[("path", path(&args.out.join(format!("{split}_imgs.tsv"))))])));
+                defs.push(NodeDef::new("texts", "write_jsonl", Some(&texts_in), table(&[("path", path(&args.out.join(format!("{split}_texts.jsonl"))))])));
             }
             Format::Lmdb => {
                 let lmdb = |db: &str| table(&[("path", path(&args.out.join(split).join(db))), ("database", toml::Value::String(db.into()))]);
-                defs.push(NodeDef::new("imgs_out", "write_lmdb", Some("images"), lmdb("imgs")));
-                defs.push(NodeDef::new("pairs_out", "write_lmdb", Some(texts_table), lmdb("pairs")));
+                defs.push(NodeDef::new("images", "write_lmdb", Some("images_in"), lmdb("imgs")));
+                defs.push(NodeDef::new("pairs", "write_lmdb", Some(&texts_in), lmdb("pairs")));
             }
         }
         run_split("export", split, settings, defs)?;

@@ -50,7 +50,7 @@ use crate::sinks::jsonl::JsonlSink;
 use crate::sinks::lmdb::LmdbSink;
 use crate::sinks::parquet::ParquetSink;
 use crate::sinks::tsv::TsvSink;
-use crate::sinks::{Sink, Written};
+use crate::sinks::{Sink, Staged, Written};
 use crate::sources::folder::ImageFolderSource;
 use crate::sources::jsonl::JsonlSource;
 use crate::sources::lmdb::{Database, LmdbSource};
@@ -370,14 +370,14 @@ impl Pipeline {
             }
         }
         // Who reads whom: sinks must not be read, everything else must be.
-        for node in &nodes {
-            let readers = defs.iter().filter(|d| d.input.as_deref() == Some(node.name.as_str())).count();
-            match (&node.op, readers) {
-                (Op::Sink(_), n) if n > 0 => problems.push(format!("node `{}` is a sink: nothing can read from it", node.name)),
-                (Op::Source(_) | Op::Transform(_), 0) => {
-                    problems.push(format!("node `{}`: nothing reads its output (add a sink with input = \"{}\")", node.name, node.name))
-                }
-                _ => {}
+        for def in &defs {
+            let readers = defs.iter().filter(|d| d.input.as_deref() == Some(def.name.as_str())).count();
+            let is_sink = SINK_KINDS.contains(&def.kind.as_str());
+            let produces = SOURCE_KINDS.contains(&def.kind.as_str()) || TRANSFORM_KINDS.contains(&def.kind.as_str());
+            if is_sink && readers > 0 {
+                problems.push(format!("node `{}` is a sink: nothing can read from it", def.name));
+            } else if produces && readers == 0 {
+                problems.push(format!("node `{}`: nothing reads its output (add a sink with input = \"{}\")", def.name, def.name));
             }
         }
         let mut seen_outputs = BTreeMap::new();
@@ -400,14 +400,15 @@ impl Pipeline {
                 if schemas.contains_key(&node.name) || failed.contains(&node.name) {
                     continue;
                 }
-                let (input_schema, origin) = match &node.input {
-                    None => (None, node.name.clone()),
-                    Some(input) if failed.contains(input) || !names.contains(input.as_str()) => {
+                let (input_schema, origin) = match (&node.input, &node.op) {
+                    (None, Op::Source(source)) => (None, source.origin()),
+                    (None, _) => (None, node.name.clone()),
+                    (Some(input), _) if failed.contains(input) || !names.contains(input.as_str()) => {
                         failed.insert(node.name.clone());
                         progressed = true;
                         continue;
                     }
-                    Some(input) => match schemas.get(input) {
+                    (Some(input), _) => match schemas.get(input) {
                         Some(schema) => (Some(schema.clone()), origins[input].clone()),
                         None => continue, // not resolved yet
                     },
@@ -480,7 +481,7 @@ impl Pipeline {
         let pool = Arc::new(WorkerPool::new(self.settings.threads));
         let quarantine = Arc::new(Quarantine::new(self.settings.on_error, self.settings.quarantine.clone()));
         let read_ctx = ReadContext { shard: self.shard, batch_rows: self.settings.batch_rows, quarantine: quarantine.clone() };
-        let written: Arc<Mutex<Vec<(String, Written)>>> = Arc::default();
+        let written: Arc<Mutex<Vec<(String, Written, Staged)>>> = Arc::default();
         let progress = Arc::new(Progress::new("cnclip", None));
         let mut graph: Graph<RecordBatch> = Graph::new();
         let capacity = Capacity { rows: 4 * self.settings.batch_rows.max(64), bytes: 256 << 20 };
@@ -538,7 +539,8 @@ impl Pipeline {
                             |sink| sink.finish().map_err(Into::into),
                         )
                         .await?;
-                        written.lock().unwrap_or_else(|e| e.into_inner()).push((sink_name, done));
+                        let (done, staged) = done;
+                        written.lock().unwrap_or_else(|e| e.into_inner()).push((sink_name, done, staged));
                         Ok(())
                     });
                 }
@@ -551,7 +553,13 @@ impl Pipeline {
         let quarantined = quarantine.count();
         let quarantine = Arc::try_unwrap(quarantine).map_err(|_| Error::Internal("quarantine still shared".into()))?;
         let quarantine_file = quarantine.finish()?;
-        let written = std::mem::take(&mut *written.lock().unwrap_or_else(|e| e.into_inner()));
+        // Every node succeeded: now, and only now, the outputs move into place.
+        let staged = std::mem::take(&mut *written.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut written = Vec::new();
+        for (name, done, staged) in staged {
+            staged.commit()?;
+            written.push((name, done));
+        }
         Ok(Report { nodes: summaries, written, quarantined, quarantine_file })
     }
 }

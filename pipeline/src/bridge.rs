@@ -28,24 +28,42 @@ where
     T: Batch + Clone,
     F: FnOnce(&mut dyn FnMut(T) -> Result<(), Closed>) -> Result<(), BoxError> + Send + 'static,
 {
-    let (tx, mut rx) = mpsc::channel::<T>(2);
+    let (tx, rx) = mpsc::channel::<T>(2);
     let (done_tx, done) = oneshot::channel();
     let thread = std::thread::Builder::new().name(format!("cnclip-{}", ctx.name)).spawn(move || {
         let mut emit = |batch: T| tx.blocking_send(batch).map_err(|_| Closed);
         let result = produce(&mut emit);
         let _ = done_tx.send(result);
     })?;
+    // Owns the channel end and the thread: however this future ends (even dropped), the
+    // channel closes first and the thread is joined.
+    let mut guard = Joined { end: Some(rx), thread: Some(thread) };
+    let rx = guard.end.as_mut().expect("set above");
     while let Some(batch) = rx.recv().await {
         if ctx.send(batch).await.is_err() {
             break; // every consumer has stopped
         }
     }
-    drop(rx);
-    let result = done.await;
-    let _ = thread.join();
-    match result {
+    drop(guard); // closes the channel: a producer still emitting sees Closed
+    match done.await {
         Ok(result) => result,
         Err(_) => Err(format!("node `{}`: its reader thread panicked", ctx.name).into()),
+    }
+}
+
+/// A channel end and the thread on its other side. Dropped, it closes the end, then joins the
+/// thread — so no thread outlives the node that started it, even when the graph is aborted.
+struct Joined<E> {
+    end: Option<E>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl<E> Drop for Joined<E> {
+    fn drop(&mut self) {
+        self.end.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
@@ -66,36 +84,51 @@ where
     S: Send + 'static,
     R: Send + 'static,
 {
-    let (tx, mut rx) = mpsc::channel::<T>(1);
+    // `None` marks the end of the input: only then is `finish` called. A channel closed without
+    // it means the graph was stopped, and the state is dropped unfinished.
+    let (tx, mut rx) = mpsc::channel::<Option<T>>(1);
     let (done_tx, mut done) = oneshot::channel();
     let mut consume = consume;
     let thread = std::thread::Builder::new().name(format!("cnclip-{}", ctx.name)).spawn(move || {
         let result = (|| {
-            while let Some(batch) = rx.blocking_recv() {
-                consume(&mut state, batch)?;
+            loop {
+                match rx.blocking_recv() {
+                    Some(Some(batch)) => consume(&mut state, batch)?,
+                    Some(None) => return finish(state).map(Some),
+                    None => return Ok(None), // stopped: `state` is dropped unfinished
+                }
             }
-            finish(state)
         })();
         let _ = done_tx.send(result);
     })?;
+    let guard = Joined { end: Some(tx), thread: Some(thread) };
     let name = ctx.name.clone();
-    let panicked = move |_| -> Result<R, BoxError> { Err(format!("node `{name}`: its writer thread panicked").into()) };
+    let outcome = move |result: Result<Result<Option<R>, BoxError>, _>| -> Result<R, BoxError> {
+        match result {
+            Ok(Ok(Some(r))) => Ok(r),
+            Ok(Ok(None)) => Err(format!("node `{name}` stopped before its input ended").into()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(format!("node `{name}`: its writer thread panicked").into()),
+        }
+    };
     loop {
+        let tx = guard.end.as_ref().expect("set above");
         // Either side may end first: the input, or the writer with an error.
         let batch = tokio::select! {
-            result = &mut done => { let _ = thread.join(); return result.unwrap_or_else(panicked) }
+            result = &mut done => { drop(guard); return outcome(result) }
             batch = ctx.recv(0) => batch,
         };
         let Some(batch) = batch else { break };
         tokio::select! {
-            result = &mut done => { let _ = thread.join(); return result.unwrap_or_else(panicked) }
-            sent = tx.send(batch) => if sent.is_err() { break },
+            result = &mut done => { drop(guard); return outcome(result) }
+            sent = tx.send(Some(batch)) => if sent.is_err() { break },
         }
     }
-    drop(tx);
+    let tx = guard.end.as_ref().expect("set above");
+    let _ = tx.send(None).await;
     let result = done.await;
-    let _ = thread.join();
-    result.unwrap_or_else(panicked)
+    drop(guard);
+    outcome(result)
 }
 
 type Pending<T> = Pin<Box<dyn Future<Output = T> + Send>>;

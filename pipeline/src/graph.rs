@@ -241,6 +241,13 @@ impl RunningGraph {
         &self.metrics
     }
 
+    /// Cancels every node and waits until each has been dropped (so their threads are joined
+    /// and their unfinished outputs removed before the error is reported).
+    async fn stop(&mut self) {
+        self.tasks.abort_all();
+        while self.tasks.join_next().await.is_some() {}
+    }
+
     /// Runs the graph to completion.
     ///
     /// # Errors
@@ -253,13 +260,13 @@ impl RunningGraph {
                     self.elapsed.insert(name, elapsed);
                 }
                 Ok((id, (Err(source), _))) => {
-                    self.tasks.abort_all();
                     let node = self.names.get(&id).cloned().unwrap_or_default();
+                    self.stop().await;
                     return Err(Error::Node { node, source });
                 }
                 Err(e) => {
-                    self.tasks.abort_all();
                     let node = self.names.get(&e.id()).cloned().unwrap_or_default();
+                    self.stop().await;
                     return Err(Error::Panicked { node, message: e.to_string() });
                 }
             }

@@ -139,7 +139,7 @@ fn bad_lines_are_quarantined_or_fail_the_job() {
     let expected = [
         "test_imgs.tsv line 2: byte 3 of the base64 field is ' ', not base64",
         "test_imgs.tsv line 3: image id is not an integer",
-        "test_imgs.tsv line 4: no tab: expected image_id<TAB>base64",
+        "test_imgs.tsv line 4: empty image value",
         "test_imgs.tsv image 4: duplicate image id (the first one is kept)",
         "test_imgs.tsv line 7: no tab: expected image_id<TAB>base64",
         "test_texts.jsonl line 2: missing field `image_ids`",

@@ -7,6 +7,7 @@ mod checkpoints;
 mod decode;
 mod lmdb;
 mod models;
+mod pipeline;
 mod preprocess;
 mod smoke;
 mod tokenizer;

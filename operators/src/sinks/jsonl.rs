@@ -16,7 +16,7 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Schema};
 use arrow::record_batch::RecordBatch;
 
-use super::{AtomicFile, Sink, Written};
+use super::{AtomicFile, Sink, Staged, Written};
 use crate::error::{Error, Result};
 
 /// Python's `repr(float(x))`: the shortest digits that round-trip, in fixed notation for
@@ -161,10 +161,9 @@ impl Sink for JsonlSink {
         Ok(())
     }
 
-    fn finish(self: Box<Self>) -> Result<Written> {
+    fn finish(self: Box<Self>) -> Result<(Written, Staged)> {
         let path = self.file.path.clone();
-        self.file.commit()?;
-        Ok(Written { rows: self.rows, path })
+        Ok((Written { rows: self.rows, path }, self.file.finish()?))
     }
 }
 

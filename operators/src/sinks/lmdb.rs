@@ -300,19 +300,16 @@ impl super::Sink for LmdbSink {
         Ok(())
     }
 
-    fn finish(mut self: Box<Self>) -> Result<super::Written> {
+    fn finish(mut self: Box<Self>) -> Result<(super::Written, super::Staged)> {
         let key: &[u8] = match self.database {
             crate::sources::lmdb::Database::Imgs => b"num_images",
             crate::sources::lmdb::Database::Pairs => b"num_samples",
         };
         let mut writer = self.writer.take().expect("finished once");
+        let staged = super::Staged::new(self.tmp.clone(), self.path.clone());
         writer.put(key, self.count.to_string().as_bytes())?;
         writer.finish()?;
-        if self.path.exists() {
-            std::fs::remove_dir_all(&self.path).map_err(io(&self.path))?;
-        }
-        std::fs::rename(&self.tmp, &self.path).map_err(io(&self.path))?;
-        Ok(super::Written { rows: self.count, path: self.path.clone() })
+        Ok((super::Written { rows: self.count, path: self.path.clone() }, staged))
     }
 }
 

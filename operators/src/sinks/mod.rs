@@ -1,6 +1,7 @@
 //! Sinks: write records in cn_clip's formats and as Parquet tables. Every sink writes to a
-//! temporary path beside its target and moves it into place only when the whole input has been
-//! written, so a failed or cancelled job never leaves a half-written output.
+//! temporary path beside its target; [`Sink::finish`] completes it there and hands back a
+//! [`Staged`] output, which the job moves into place only once *every* node has succeeded — so
+//! a failed or cancelled job leaves no output at all, half-written or not.
 
 pub mod jsonl;
 pub mod lmdb;
@@ -26,11 +27,47 @@ pub trait Sink: Send + 'static {
     /// IO errors naming the output.
     fn write(&mut self, batch: &RecordBatch) -> Result<()>;
 
-    /// Completes the output and moves it into place.
+    /// Completes the output at its temporary path.
     ///
     /// # Errors
     /// IO errors naming the output.
-    fn finish(self: Box<Self>) -> Result<Written>;
+    fn finish(self: Box<Self>) -> Result<(Written, Staged)>;
+}
+
+/// A complete output at its temporary path. [`Staged::commit`] renames it into place
+/// (replacing what was there); dropped uncommitted, it is removed.
+#[derive(Debug)]
+pub struct Staged {
+    tmp: std::path::PathBuf,
+    path: std::path::PathBuf,
+    done: bool,
+}
+
+impl Staged {
+    pub(crate) fn new(tmp: std::path::PathBuf, path: std::path::PathBuf) -> Self {
+        Staged { tmp, path, done: false }
+    }
+
+    /// Moves the output into place.
+    ///
+    /// # Errors
+    /// IO errors renaming it (or removing the directory it replaces).
+    pub fn commit(mut self) -> Result<()> {
+        if self.path.is_dir() && self.tmp.is_dir() {
+            std::fs::remove_dir_all(&self.path).map_err(crate::error::io(&self.path))?;
+        }
+        std::fs::rename(&self.tmp, &self.path).map_err(crate::error::io(&self.path))?;
+        self.done = true;
+        Ok(())
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = if self.tmp.is_dir() { std::fs::remove_dir_all(&self.tmp) } else { std::fs::remove_file(&self.tmp) };
+        }
+    }
 }
 
 /// `path` with `.tmp-{pid}` appended to its file name: where a sink writes before the rename.
@@ -69,18 +106,12 @@ impl AtomicFile {
         self.out.as_mut().expect("not committed").write_all(bytes).map_err(crate::error::io(&self.tmp))
     }
 
-    pub(crate) fn commit(mut self) -> Result<()> {
-        let out = self.out.take().expect("committed once");
-        let result = out
-            .into_inner()
-            .map_err(|e| e.into_error())
-            .and_then(|f| f.sync_all())
-            .map_err(crate::error::io(&self.tmp))
-            .and_then(|()| std::fs::rename(&self.tmp, &self.path).map_err(crate::error::io(&self.path)));
-        if result.is_err() {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
-        result
+    /// Flushes and syncs the file; it stays at its temporary path until committed.
+    pub(crate) fn finish(mut self) -> Result<Staged> {
+        let out = self.out.take().expect("finished once");
+        let staged = Staged::new(self.tmp.clone(), self.path.clone());
+        out.into_inner().map_err(|e| e.into_error()).and_then(|f| f.sync_all()).map_err(crate::error::io(&self.tmp))?;
+        Ok(staged)
     }
 }
 

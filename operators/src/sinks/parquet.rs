@@ -69,20 +69,19 @@ impl ParquetSink {
     ///
     /// # Errors
     /// Write or rename errors (the temporary file is removed).
-    pub fn finish(mut self) -> Result<usize> {
-        let (tmp, path, rows) = (self.tmp.clone(), self.path.clone(), self.rows);
-        let result = self
-            .writer
-            .take()
-            .expect("finished once")
-            .into_inner()
-            .map_err(|e| parquet_err(&tmp, e))
-            .and_then(|file| file.sync_all().map_err(io(&tmp)))
-            .and_then(|()| std::fs::rename(&tmp, &path).map_err(io(&path)));
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        result.map(|()| rows)
+    pub fn finish(self) -> Result<usize> {
+        let rows = self.rows;
+        self.close()?.commit()?;
+        Ok(rows)
+    }
+
+    /// Closes and syncs the file at its temporary path.
+    fn close(mut self) -> Result<super::Staged> {
+        let staged = super::Staged::new(self.tmp.clone(), self.path.clone());
+        let writer = self.writer.take().expect("closed once");
+        let file = writer.into_inner().map_err(|e| parquet_err(&self.tmp, e))?;
+        file.sync_all().map_err(io(&self.tmp))?;
+        Ok(staged)
     }
 }
 
@@ -100,10 +99,9 @@ impl super::Sink for ParquetSink {
         ParquetSink::write(self, batch)
     }
 
-    fn finish(self: Box<Self>) -> Result<super::Written> {
-        let path = self.path.clone();
-        let rows = ParquetSink::finish(*self)?;
-        Ok(super::Written { rows: rows as u64, path })
+    fn finish(self: Box<Self>) -> Result<(super::Written, super::Staged)> {
+        let written = super::Written { rows: self.rows as u64, path: self.path.clone() };
+        Ok((written, self.close()?))
     }
 }
 

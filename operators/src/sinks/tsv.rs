@@ -9,7 +9,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE;
 use cnclip_schemas::columns::{IMAGE, IMAGE_BASE64, IMAGE_ID};
 
-use super::{AtomicFile, Sink, Written};
+use super::{AtomicFile, Sink, Staged, Written};
 use crate::error::{Error, Result};
 use crate::transforms::require;
 
@@ -71,9 +71,8 @@ impl Sink for TsvSink {
         Ok(())
     }
 
-    fn finish(self: Box<Self>) -> Result<Written> {
+    fn finish(self: Box<Self>) -> Result<(Written, Staged)> {
         let path = self.file.path.clone();
-        self.file.commit()?;
-        Ok(Written { rows: self.rows, path })
+        Ok((Written { rows: self.rows, path }, self.file.finish()?))
     }
 }

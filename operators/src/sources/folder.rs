@@ -100,6 +100,10 @@ pub struct ImageFolderSource {
 }
 
 impl Source for ImageFolderSource {
+    fn origin(&self) -> String {
+        self.root.display().to_string()
+    }
+
     fn schema(&self) -> SchemaRef {
         cnclip_schemas::labeled_images()
     }

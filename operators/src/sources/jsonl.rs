@@ -68,6 +68,10 @@ pub struct JsonlSource {
 }
 
 impl Source for JsonlSource {
+    fn origin(&self) -> String {
+        super::describe_paths(&self.paths)
+    }
+
     fn schema(&self) -> SchemaRef {
         cnclip_schemas::texts()
     }

@@ -136,6 +136,15 @@ pub struct LmdbSource {
 }
 
 impl Source for LmdbSource {
+    fn origin(&self) -> String {
+        self.dir.join(match self.database {
+            Database::Imgs => "imgs",
+            Database::Pairs => "pairs",
+        })
+        .display()
+        .to_string()
+    }
+
     fn schema(&self) -> SchemaRef {
         match self.database {
             Database::Imgs => cnclip_schemas::images_base64(),

@@ -86,6 +86,10 @@ pub trait Source: Send + 'static {
     /// The schema of every batch it emits.
     fn schema(&self) -> SchemaRef;
 
+    /// Where its records come from (a file, a directory), for quarantine records written
+    /// downstream.
+    fn origin(&self) -> String;
+
     /// Reads this shard's records, emitting batches; bad records go to the quarantine.
     ///
     /// # Errors
@@ -126,6 +130,16 @@ pub fn expand_paths(patterns: &[String]) -> Result<Vec<PathBuf>, Vec<String>> {
     if problems.is_empty() { Ok(paths) } else { Err(problems) }
 }
 
+/// `paths` for messages: all of them when few, else the first and a count.
+pub(crate) fn describe_paths(paths: &[PathBuf]) -> String {
+    match paths {
+        [] => String::new(),
+        [one] => one.display().to_string(),
+        [first, rest @ ..] if rest.len() > 2 => format!("{} and {} more files", first.display(), rest.len()),
+        all => all.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+    }
+}
+
 /// Accumulates `(id, bytes)` rows into batches of a two-column schema (`images`,
 /// `images_base64`), cutting a batch at `batch_rows` rows or [`BATCH_BYTES`].
 pub(crate) struct IdBytesBatcher {
@@ -159,7 +173,8 @@ impl IdBytesBatcher {
 }
 
 /// Calls `on_line(number, line)` for each non-blank line of `path` (1-based numbers, line end
-/// and surrounding ASCII whitespace trimmed), reading in 1 MiB buffers.
+/// and surrounding spaces trimmed — not tabs, which separate TSV fields: `7<TAB>` is an image
+/// with an empty value, not a line without one), reading in 1 MiB buffers.
 ///
 /// # Errors
 /// IO errors naming `path` (a missing file is structural), or whatever `on_line` returns.
@@ -174,8 +189,9 @@ pub(crate) fn for_each_trimmed_line(path: &Path, mut on_line: impl FnMut(usize, 
             return Ok(());
         }
         number += 1;
-        let start = line.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(line.len());
-        let end = line.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(start, |e| e + 1);
+        let blank = |b: &u8| matches!(b, b' ' | b'\r' | b'\n');
+        let start = line.iter().position(|b| !blank(b)).unwrap_or(line.len());
+        let end = line.iter().rposition(|b| !blank(b)).map_or(start, |e| e + 1);
         if start < end {
             on_line(number, &line[start..end])?;
         }

@@ -74,6 +74,10 @@ fn describe(schema: &SchemaRef) -> String {
 }
 
 impl Source for ParquetSource {
+    fn origin(&self) -> String {
+        super::describe_paths(&self.paths)
+    }
+
     fn schema(&self) -> SchemaRef {
         self.schema.clone()
     }

@@ -92,6 +92,10 @@ pub struct TsvSource {
 }
 
 impl Source for TsvSource {
+    fn origin(&self) -> String {
+        super::describe_paths(&self.paths)
+    }
+
     fn schema(&self) -> SchemaRef {
         cnclip_schemas::images_base64()
     }
@@ -155,7 +159,7 @@ mod tests {
                 "ok 1 aGk=",
                 "line 3: image id is not an integer",
                 "line 4: no tab: expected image_id<TAB>base64",
-                "line 5: no tab: expected image_id<TAB>base64",
+                "line 5: empty image value",
                 "line 6: more than two tab-separated fields",
                 "line 7: byte 0 of the base64 field is '%', not base64",
                 "ok 6 aGk",
