@@ -484,7 +484,7 @@ impl Pipeline {
         let written: Arc<Mutex<Vec<(String, Written, Staged)>>> = Arc::default();
         let progress = Arc::new(Progress::new("cnclip", None));
         let mut graph: Graph<RecordBatch> = Graph::new();
-        let capacity = Capacity { rows: 4 * self.settings.batch_rows.max(64), bytes: 256 << 20 };
+        let capacity = Capacity { rows: 4 * self.settings.batch_rows.max(64), bytes: 64 << 20 };
         for node in self.nodes {
             let name = node.name.clone();
             let inputs: Vec<&str> = node.input.as_deref().into_iter().collect();
@@ -577,7 +577,15 @@ pub struct Report {
 impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         for (name, s) in &self.nodes {
-            writeln!(f, "  {name:<16} {:>10} rows in {:>10} rows out  {:>9.0} rows/s  busy {:.2} s", s.rows_in, s.rows_out, s.rows_per_second, s.busy.as_secs_f64())?;
+            writeln!(
+                f,
+                "  {name:<16} {:>10} rows in {:>10} rows out  {:>9.0} rows/s  busy {:>7.2} s  queue ≤ {} rows",
+                s.rows_in,
+                s.rows_out,
+                s.rows_per_second,
+                s.busy.as_secs_f64(),
+                s.max_queued_rows
+            )?;
         }
         for (name, w) in &self.written {
             writeln!(f, "  {name}: {} rows → {}", w.rows, w.path.display())?;

@@ -27,6 +27,10 @@ pub struct NodeMetrics {
     pub batches_out: AtomicU64,
     /// Time spent waiting on input or on a full output edge.
     pub waiting_ns: AtomicU64,
+    /// Rows waiting in this node's input edges when it last took a batch (its queue depth),
+    /// and the most seen.
+    pub queued_rows: AtomicU64,
+    pub max_queued_rows: AtomicU64,
 }
 
 /// A finished node's figures.
@@ -36,6 +40,8 @@ pub struct NodeSummary {
     pub rows_out: u64,
     pub busy: Duration,
     pub rows_per_second: f64,
+    /// The deepest its input queue got, in rows.
+    pub max_queued_rows: u64,
 }
 
 /// What a running node sees: its inputs, its outputs (fanned out to every consumer), metrics.
@@ -50,8 +56,12 @@ impl<T: Batch + Clone> NodeContext<T> {
     /// The next batch from input `i`, or `None` when it is exhausted.
     pub async fn recv(&mut self, i: usize) -> Option<T> {
         let start = Instant::now();
-        let batch = self.inputs.get_mut(i)?.recv().await;
+        let input = self.inputs.get_mut(i)?;
+        let depth = input.queued_rows() as u64;
+        let batch = input.recv().await;
         self.metrics.waiting_ns.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.metrics.queued_rows.store(depth, Ordering::Relaxed);
+        self.metrics.max_queued_rows.fetch_max(depth, Ordering::Relaxed);
         if let Some(b) = &batch {
             self.metrics.rows_in.fetch_add(b.rows() as u64, Ordering::Relaxed);
         }
@@ -279,7 +289,8 @@ impl RunningGraph {
                 let busy = elapsed.saturating_sub(Duration::from_nanos(m.waiting_ns.load(Ordering::Relaxed)));
                 let rows_out = m.rows_out.load(Ordering::Relaxed);
                 let rows_per_second = if elapsed.is_zero() { 0.0 } else { rows_out as f64 / elapsed.as_secs_f64() };
-                (name.clone(), NodeSummary { rows_in: m.rows_in.load(Ordering::Relaxed), rows_out, busy, rows_per_second })
+                let max_queued_rows = m.max_queued_rows.load(Ordering::Relaxed);
+                (name.clone(), NodeSummary { rows_in: m.rows_in.load(Ordering::Relaxed), rows_out, busy, rows_per_second, max_queued_rows })
             })
             .collect())
     }

@@ -19,7 +19,7 @@ pub const ROW_GROUP_ROWS: usize = 64 * 1024;
 
 /// A row group is also closed once this many bytes are buffered (64k rows of 224² pixels would
 /// be 9.6 GB): memory stays bounded whatever the row width.
-pub const ROW_GROUP_BYTES: usize = 128 << 20;
+pub const ROW_GROUP_BYTES: usize = 64 << 20;
 
 pub struct ParquetSink {
     writer: Option<ArrowWriter<std::fs::File>>,
@@ -42,6 +42,7 @@ impl ParquetSink {
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::default()))
             .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+            .set_max_row_group_bytes(Some(ROW_GROUP_BYTES))
             .build();
         let writer = ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(|e| parquet_err(&tmp, e))?;
         Ok(ParquetSink { writer: Some(writer), table: table.to_string(), schema, path: path.to_path_buf(), tmp, rows: 0 })
@@ -58,9 +59,6 @@ impl ParquetSink {
         })?;
         let writer = self.writer.as_mut().expect("not finished");
         writer.write(batch).map_err(|e| parquet_err(&self.tmp, e))?;
-        if writer.in_progress_size() >= ROW_GROUP_BYTES {
-            writer.flush().map_err(|e| parquet_err(&self.tmp, e))?;
-        }
         self.rows += batch.num_rows();
         Ok(())
     }
