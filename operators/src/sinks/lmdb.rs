@@ -19,7 +19,11 @@ pub struct LmdbWriter {
     env: Environment,
     path: PathBuf,
     map_size: usize,
-    pending: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Buffered puts: keys and values back to back in one arena (reused across commits, so a
+    /// long build does not allocate and fault in fresh pages for every record), and the
+    /// `(key end, value end)` offsets of each put.
+    arena: Vec<u8>,
+    pending: Vec<(usize, usize)>,
     pending_bytes: usize,
     /// Sum of key and value bytes written, for sizing the map.
     written_bytes: usize,
@@ -37,7 +41,7 @@ impl LmdbWriter {
             .set_flags(EnvironmentFlags::NO_SYNC | EnvironmentFlags::NO_META_SYNC)
             .open(path)
             .map_err(|source| Error::Lmdb { path: path.display().to_string(), source })?;
-        Ok(LmdbWriter { env, path: path.to_path_buf(), map_size: INITIAL_MAP_SIZE, pending: Vec::new(), pending_bytes: 0, written_bytes: 0 })
+        Ok(LmdbWriter { env, path: path.to_path_buf(), map_size: INITIAL_MAP_SIZE, arena: Vec::new(), pending: Vec::new(), pending_bytes: 0, written_bytes: 0 })
     }
 
     fn lmdb_err(&self) -> impl Fn(lmdb::Error) -> Error + '_ {
@@ -50,7 +54,10 @@ impl LmdbWriter {
     /// LMDB errors when a buffered batch is committed.
     pub fn put(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
         self.pending_bytes += key.len() + value.len();
-        self.pending.push((key.to_vec(), value.to_vec()));
+        self.arena.extend_from_slice(key);
+        let key_end = self.arena.len();
+        self.arena.extend_from_slice(value);
+        self.pending.push((key_end, self.arena.len()));
         if self.pending_bytes >= COMMIT_BYTES { self.commit() } else { Ok(()) }
     }
 
@@ -76,6 +83,7 @@ impl LmdbWriter {
         }
         self.written_bytes += self.pending_bytes;
         self.pending.clear();
+        self.arena.clear();
         self.pending_bytes = 0;
         Ok(())
     }
@@ -84,8 +92,10 @@ impl LmdbWriter {
     fn try_commit(&self) -> Result<(), lmdb::Error> {
         let db = self.env.open_db(None)?;
         let mut txn = self.env.begin_rw_txn()?;
-        for (key, value) in &self.pending {
-            txn.put(db, key, value, WriteFlags::empty())?;
+        let mut start = 0;
+        for &(key_end, value_end) in &self.pending {
+            txn.put(db, &&self.arena[start..key_end], &&self.arena[key_end..value_end], WriteFlags::empty())?;
+            start = value_end;
         }
         txn.commit()
     }

@@ -24,27 +24,28 @@ pub struct ImageLine<'a> {
     pub base64: &'a [u8],
 }
 
-/// Bytes of both base64 alphabets (standard `+/`, URL-safe `-_`).
-const BASE64_BYTES: [bool; 256] = {
-    let mut table = [false; 256];
-    let mut c = 0;
-    while c < 256 {
-        let b = c as u8;
-        table[c] = b.is_ascii_alphanumeric() || b == b'+' || b == b'/' || b == b'-' || b == b'_';
-        c += 1;
-    }
-    table
-};
+/// Whether `b` is in either base64 alphabet (standard `+/`, URL-safe `-_`), without a table
+/// lookup, so the loop over a field vectorises (16–32 bytes per instruction).
+#[inline(always)]
+fn is_base64(b: u8) -> bool {
+    let upper = b.wrapping_sub(b'A') < 26;
+    let lower = b.wrapping_sub(b'a') < 26;
+    let digit = b.wrapping_sub(b'0') < 10;
+    upper | lower | digit | (b == b'+') | (b == b'/') | (b == b'-') | (b == b'_')
+}
 
 /// Whether `field` can be base64 in the standard or URL-safe alphabet, padded or not.
 pub fn plausible_base64(field: &[u8]) -> Result<(), String> {
     let body = field.strip_suffix(b"==").or_else(|| field.strip_suffix(b"=")).unwrap_or(field);
-    // The common case in one branch-free pass; the position only when it fails.
-    if !body.iter().fold(true, |ok, &c| ok & BASE64_BYTES[c as usize]) {
+    // The common case in branch-free passes over 64-byte blocks; the position only on failure.
+    let blocks = body.chunks_exact(64);
+    let tail_ok = blocks.remainder().iter().all(|&c| is_base64(c));
+    let blocks_ok = blocks.fold(true, |ok, block| ok & block.iter().fold(true, |all, &c| all & is_base64(c)));
+    if !(tail_ok && blocks_ok) {
         if field.contains(&b'\t') {
             return Err("more than two tab-separated fields".to_string());
         }
-        let at = body.iter().position(|&c| !BASE64_BYTES[c as usize]).expect("a byte failed");
+        let at = body.iter().position(|&c| !is_base64(c)).expect("a byte failed");
         return Err(format!("byte {at} of the base64 field is {:?}, not base64", body[at] as char));
     }
     if body.len() % 4 == 1 {
