@@ -28,7 +28,8 @@
 //! ```
 //!
 //! Kinds — sources: `tsv`, `jsonl`, `lmdb` (`database = "imgs" | "pairs"`), `image_folder`,
-//! `parquet`; transforms: `decode_base64`, `preprocess`; sinks: `write_parquet`, `write_jsonl`
+//! `parquet`; transforms: `decode_base64`, `preprocess` (`resolution`, `order`), `tokenize`
+//! (`context_length`, `preprocess`); sinks: `write_parquet`, `write_jsonl`
 //! (`rename = { id = "image_id" }`), `write_tsv`, `write_lmdb` (`database`). Relative paths are
 //! relative to the pipeline file. [`Pipeline::parse`] reports every problem it finds at once:
 //! unknown kinds and keys, missing or unknown inputs, cycles, unused outputs, files that do not
@@ -59,6 +60,7 @@ use crate::sources::tsv::TsvSource;
 use crate::sources::{ReadContext, Shard, Source, expand_paths};
 use crate::transforms::base64::DecodeBase64;
 use crate::transforms::preprocess::{Order, Preprocess};
+use crate::transforms::tokenize::Tokenize;
 use crate::transforms::Transform;
 
 /// Job-wide settings (`[job]`).
@@ -134,6 +136,15 @@ struct PreprocessConfig {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct TokenizeConfig {
+    #[serde(default = "default_context_length")]
+    context_length: usize,
+    #[serde(default)]
+    preprocess: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct PathConfig {
     path: PathBuf,
 }
@@ -159,13 +170,16 @@ fn yes() -> bool {
 fn default_resolution() -> usize {
     224
 }
+fn default_context_length() -> usize {
+    cnclip_models::DEFAULT_CONTEXT_LENGTH
+}
 fn default_max_pixels() -> u64 {
     cnclip_models::preprocess::DEFAULT_MAX_PIXELS
 }
 
 /// The kinds a node may have.
 pub const SOURCE_KINDS: [&str; 5] = ["tsv", "jsonl", "lmdb", "image_folder", "parquet"];
-pub const TRANSFORM_KINDS: [&str; 2] = ["decode_base64", "preprocess"];
+pub const TRANSFORM_KINDS: [&str; 3] = ["decode_base64", "preprocess", "tokenize"];
 pub const SINK_KINDS: [&str; 4] = ["write_parquet", "write_jsonl", "write_tsv", "write_lmdb"];
 
 /// A validated node, ready to build.
@@ -652,6 +666,13 @@ fn build_op(kind: &str, table: &toml::Table, base: &Path) -> Result<Op, Vec<Stri
                 return Err(vec![format!("resolution {} is not between 1 and 4096", c.resolution)]);
             }
             Op::Transform(Arc::new(Preprocess { resolution: c.resolution, max_pixels: c.max_pixels, order: c.order }))
+        }
+        "tokenize" => {
+            let c: TokenizeConfig = config(table)?;
+            if !(2..=4096).contains(&c.context_length) {
+                return Err(vec![format!("context_length {} is not between 2 and 4096", c.context_length)]);
+            }
+            Op::Transform(Arc::new(Tokenize { context_length: c.context_length, preprocess: c.preprocess }))
         }
         "write_parquet" => Op::Sink(SinkConfig::Parquet(resolve(base, &config::<PathConfig>(table)?.path))),
         "write_tsv" => Op::Sink(SinkConfig::Tsv(resolve(base, &config::<PathConfig>(table)?.path))),

@@ -30,6 +30,7 @@ pub mod columns {
     pub const PIXELS: &str = "pixels";
     pub const LABEL: &str = "label";
     pub const PATH: &str = "path";
+    pub const TOKEN_IDS: &str = "token_ids";
     pub const TEXT_ID: &str = "text_id";
     pub const TEXT: &str = "text";
     pub const IMAGE_IDS: &str = "image_ids";
@@ -100,6 +101,12 @@ pub fn pixels(resolution: usize) -> SchemaRef {
         ])
         .with_metadata(HashMap::from([(metadata::RESOLUTION.to_string(), resolution.to_string())])),
     )
+}
+
+/// The type of a `token_ids` column: `context_length` ids per text (`[CLS]`, WordPiece ids,
+/// `[SEP]`, zero padding), int64 as `cn_clip.clip.tokenize` returns them.
+pub fn token_ids_type(context_length: usize) -> DataType {
+    DataType::FixedSizeList(Arc::new(Field::new("item", DataType::Int64, false)), context_length as i32)
 }
 
 /// `texts`: one caption or query per row, with the images it describes (cn_clip's JSONL

@@ -552,3 +552,99 @@ rename = { id = "image_id" }
     }
     assert_eq!(ours.lines().count(), 50);
 }
+
+#[test]
+fn tokenize_transform_matches_cn_clip_tokenize() {
+    let dir = tempfile::tempdir().unwrap();
+    let texts: Vec<String> = [
+        "一只可爱的小猫",
+        "A photo of a DOG, “quoted” — 中英混合 123",
+        "",
+        "超长的文本超长的文本超长的文本超长的文本超长的文本超长的文本超长的文本超长的文本超长的文本超长的文本",
+        "emoji 😀 and accents café naïve",
+        "tab\tand\u{200b}zero width",
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut jsonl = String::new();
+    for (i, text) in texts.iter().enumerate() {
+        jsonl += &serde_json::json!({"text_id": i, "text": text, "image_ids": []}).to_string();
+        jsonl.push('\n');
+    }
+    std::fs::write(dir.path().join("texts.jsonl"), jsonl).unwrap();
+    std::fs::write(
+        dir.path().join("p.toml"),
+        r#"
+[nodes.texts]
+kind = "jsonl"
+paths = ["texts.jsonl"]
+[nodes.tokens]
+kind = "tokenize"
+input = "texts"
+context_length = 24
+[nodes.out]
+kind = "write_parquet"
+input = "tokens"
+path = "tokens.parquet"
+"#,
+    )
+    .unwrap();
+    ok(cnclip(&["run", dir.path().join("p.toml").to_str().unwrap()]));
+    let ours = parquet_column(&dir.path().join("tokens.parquet"), "token_ids");
+    let theirs = cnclip_tests::reference_token_ids(&texts, 24);
+    assert_eq!(ours, serde_json::to_value(theirs).unwrap());
+}
+
+#[test]
+fn structural_faults_fail_with_clear_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    // A Parquet file with the wrong columns for its contract, a file that is not Parquet, and a
+    // directory that is not an LMDB.
+    python(
+        "import sys, pyarrow as pa, pyarrow.parquet as pq\npq.write_table(pa.table({'id': [1], 'words': ['x']}), sys.argv[1])",
+        &[root.join("wrong.parquet").to_str().unwrap()],
+        "",
+    );
+    std::fs::write(root.join("broken.parquet"), b"PAR1 this is not a parquet file").unwrap();
+    std::fs::create_dir_all(root.join("empty/imgs")).unwrap();
+    std::fs::write(
+        root.join("p.toml"),
+        r#"
+[nodes.wrong]
+kind = "parquet"
+paths = ["wrong.parquet"]
+table = "texts"
+[nodes.wrong_out]
+kind = "write_jsonl"
+input = "wrong"
+path = "a.jsonl"
+[nodes.broken]
+kind = "parquet"
+paths = ["broken.parquet"]
+[nodes.broken_out]
+kind = "write_parquet"
+input = "broken"
+path = "b.parquet"
+[nodes.lmdb]
+kind = "lmdb"
+path = "empty"
+database = "imgs"
+[nodes.lmdb_out]
+kind = "write_tsv"
+input = "lmdb"
+path = "c.tsv"
+"#,
+    )
+    .unwrap();
+    let output = cnclip(&["run", root.join("p.toml").to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    for problem in [
+        "table `texts` does not match its contract: missing column `text_id` (Int64); missing column `text` (Utf8)",
+        "broken.parquet:",
+        "empty/imgs is not an LMDB (no data.mdb)",
+    ] {
+        assert!(stderr.contains(problem), "missing {problem:?} in:\n{stderr}");
+    }
+}

@@ -1,9 +1,10 @@
 //! Transforms: batch → batch functions that run on the worker pool (base64 and image
-//! decoding, preprocessing). Rows a transform cannot process come back as [`Rejected`] and the
+//! decoding, preprocessing, tokenizing). Rows a transform cannot process come back as [`Rejected`] and the
 //! rest of the batch goes on.
 
 pub mod base64;
 pub mod preprocess;
+pub mod tokenize;
 
 use std::sync::Arc;
 

@@ -1,0 +1,52 @@
+//! `tokenize`: adds a `token_ids` column — `cn_clip.clip.tokenize` of the `text` column
+//! (`[CLS]`, WordPiece ids, `[SEP]`, zero padding to `context_length`), optionally after the
+//! text preprocessing cn_clip's datasets apply (`preprocess = true`: lower-case, curly quotes).
+//! Other columns pass through; tokenizing cannot fail, so no row is rejected.
+
+use std::sync::Arc;
+
+use arrow::array::{Array, FixedSizeListArray, Int64Array, StringArray};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use cnclip_models::{Tokenizer, preprocess_text};
+use cnclip_schemas::columns::{TEXT, TOKEN_IDS};
+
+use super::{Output, Transform, require};
+use crate::error::{Error, Result};
+
+pub struct Tokenize {
+    pub context_length: usize,
+    pub preprocess: bool,
+}
+
+impl Transform for Tokenize {
+    fn output_schema(&self, input: &SchemaRef) -> Result<SchemaRef, String> {
+        require(input, TEXT, &DataType::Utf8)?;
+        if input.index_of(TOKEN_IDS).is_ok() {
+            return Err(format!("the input already has a `{TOKEN_IDS}` column"));
+        }
+        let mut fields: Vec<Field> = input.fields().iter().map(|f| f.as_ref().clone()).collect();
+        fields.push(Field::new(TOKEN_IDS, cnclip_schemas::token_ids_type(self.context_length), false));
+        Ok(Arc::new(Schema::new_with_metadata(fields, input.metadata().clone())))
+    }
+
+    fn apply(&self, batch: &RecordBatch, _source: &str) -> Result<Output> {
+        let schema = self.output_schema(&batch.schema()).map_err(Error::Internal)?;
+        let texts = batch.column(batch.schema().index_of(TEXT).expect("checked"));
+        let texts = texts.as_any().downcast_ref::<StringArray>().ok_or_else(|| Error::Internal("text is not Utf8".into()))?;
+        let tokenizer = Tokenizer::chinese();
+        let mut ids = vec![0i64; texts.len() * self.context_length];
+        for (row, out) in ids.chunks_exact_mut(self.context_length).enumerate() {
+            let text = texts.value(row);
+            let text = if self.preprocess { std::borrow::Cow::Owned(preprocess_text(text)) } else { text.into() };
+            tokenizer.encode_into(&text, out).map_err(|e| Error::Internal(e.to_string()))?;
+        }
+        let DataType::FixedSizeList(item, _) = cnclip_schemas::token_ids_type(self.context_length) else { unreachable!() };
+        let column = FixedSizeListArray::try_new(item, self.context_length as i32, Arc::new(Int64Array::from(ids)), None)
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let mut columns = batch.columns().to_vec();
+        columns.push(Arc::new(column));
+        let batch = RecordBatch::try_new(schema, columns).map_err(|e| Error::Internal(e.to_string()))?;
+        Ok(Output { batch, rejected: Vec::new() })
+    }
+}
