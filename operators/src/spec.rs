@@ -496,7 +496,17 @@ impl Pipeline {
         let quarantine = Arc::new(Quarantine::new(self.settings.on_error, self.settings.quarantine.clone()));
         let read_ctx = ReadContext { shard: self.shard, batch_rows: self.settings.batch_rows, quarantine: quarantine.clone() };
         let written: Arc<Mutex<Vec<(String, Written, Staged)>>> = Arc::default();
-        let progress = Arc::new(Progress::new("cnclip", None));
+        // Progress counts the records the sources read; the total (for an ETA) is known when
+        // every source can estimate its own.
+        let estimates: Option<u64> = self
+            .nodes
+            .iter()
+            .filter_map(|n| match &n.op {
+                Op::Source(source) => Some(source.estimated_records()),
+                _ => None,
+            })
+            .sum();
+        let progress = Arc::new(Progress::new("cnclip", estimates.map(|total| total.div_ceil(self.shard.count))));
         let mut graph: Graph<RecordBatch> = Graph::new();
         let capacity = Capacity { rows: 4 * self.settings.batch_rows.max(64), bytes: 64 << 20 };
         for node in self.nodes {
@@ -504,10 +514,13 @@ impl Pipeline {
             let inputs: Vec<&str> = node.input.as_deref().into_iter().collect();
             match node.op {
                 Op::Source(source) => {
-                    let read_ctx = read_ctx.clone();
+                    let (read_ctx, progress) = (read_ctx.clone(), progress.clone());
                     graph.add(&name, &inputs, capacity, move |ctx: NodeContext<RecordBatch>| async move {
                         produce_on_thread(&ctx, move |emit| {
-                            let mut emit = |batch| emit(batch).map_err(|_| Error::Stopped);
+                            let mut emit = |batch: RecordBatch| {
+                                progress.add(batch.num_rows() as u64);
+                                emit(batch).map_err(|_| Error::Stopped)
+                            };
                             match source.read(&read_ctx, &mut emit) {
                                 Ok(()) | Err(Error::Stopped) => Ok(()),
                                 Err(e) => Err(e.into()),
@@ -539,17 +552,13 @@ impl Pipeline {
                 }
                 Op::Sink(config) => {
                     let schema = self.schemas[&name].clone();
-                    let (written, progress, sink_name) = (written.clone(), progress.clone(), name.clone());
+                    let (written, sink_name) = (written.clone(), name.clone());
                     graph.add(&name, &inputs, capacity, move |mut ctx: NodeContext<RecordBatch>| async move {
                         let sink = config.open(&schema)?;
                         let done = consume_on_thread(
                             &mut ctx,
                             sink,
-                            move |sink, batch: RecordBatch| {
-                                sink.write(&batch)?;
-                                progress.add(batch.num_rows() as u64);
-                                Ok(())
-                            },
+                            move |sink, batch: RecordBatch| sink.write(&batch).map_err(Into::into),
                             |sink| sink.finish().map_err(Into::into),
                         )
                         .await?;

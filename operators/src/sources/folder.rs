@@ -104,6 +104,10 @@ impl Source for ImageFolderSource {
         self.root.display().to_string()
     }
 
+    fn estimated_records(&self) -> Option<u64> {
+        entries(&self.root).ok().map(|e| e.len() as u64)
+    }
+
     fn schema(&self) -> SchemaRef {
         cnclip_schemas::labeled_images()
     }

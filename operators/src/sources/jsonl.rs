@@ -72,6 +72,10 @@ impl Source for JsonlSource {
         super::describe_paths(&self.paths)
     }
 
+    fn estimated_records(&self) -> Option<u64> {
+        super::estimate_lines(&self.paths)
+    }
+
     fn schema(&self) -> SchemaRef {
         cnclip_schemas::texts()
     }

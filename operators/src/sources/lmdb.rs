@@ -145,6 +145,13 @@ impl Source for LmdbSource {
         .to_string()
     }
 
+    fn estimated_records(&self) -> Option<u64> {
+        let path = Path::new(&self.origin()).to_path_buf();
+        let env = open(&path).ok()?;
+        // Every entry but the count key.
+        Some(env.stat().ok()?.entries().saturating_sub(1) as u64)
+    }
+
     fn schema(&self) -> SchemaRef {
         match self.database {
             Database::Imgs => cnclip_schemas::images_base64(),

@@ -90,6 +90,10 @@ pub trait Source: Send + 'static {
     /// downstream.
     fn origin(&self) -> String;
 
+    /// About how many records it holds (all shards), if that is cheap to know — for the
+    /// progress display's ETA. Line-based files estimate from their size and first lines.
+    fn estimated_records(&self) -> Option<u64>;
+
     /// Reads this shard's records, emitting batches; bad records go to the quarantine.
     ///
     /// # Errors
@@ -128,6 +132,21 @@ pub fn expand_paths(patterns: &[String]) -> Result<Vec<PathBuf>, Vec<String>> {
         }
     }
     if problems.is_empty() { Ok(paths) } else { Err(problems) }
+}
+
+/// Estimates the lines of `paths` from their total size and the mean length of the first
+/// (up to 1 MiB of) lines of the first file.
+pub(crate) fn estimate_lines(paths: &[PathBuf]) -> Option<u64> {
+    use std::io::Read;
+    let total: u64 = paths.iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.len()).sum();
+    let mut head = Vec::with_capacity(1 << 20);
+    std::fs::File::open(paths.first()?).ok()?.take(1 << 20).read_to_end(&mut head).ok()?;
+    let lines = head.iter().filter(|&&b| b == b'\n').count() as u64;
+    if lines == 0 {
+        return None;
+    }
+    let measured = head[..=head.iter().rposition(|&b| b == b'\n')?].len() as u64;
+    Some(total * lines / measured.max(1))
 }
 
 /// `paths` for messages: all of them when few, else the first and a count.

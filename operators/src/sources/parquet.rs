@@ -78,6 +78,14 @@ impl Source for ParquetSource {
         super::describe_paths(&self.paths)
     }
 
+    fn estimated_records(&self) -> Option<u64> {
+        let rows = |path: &PathBuf| -> Option<u64> {
+            let builder = ParquetRecordBatchReaderBuilder::try_new(File::open(path).ok()?).ok()?;
+            Some(builder.metadata().file_metadata().num_rows() as u64)
+        };
+        self.paths.iter().map(rows).sum()
+    }
+
     fn schema(&self) -> SchemaRef {
         self.schema.clone()
     }

@@ -97,6 +97,10 @@ impl Source for TsvSource {
         super::describe_paths(&self.paths)
     }
 
+    fn estimated_records(&self) -> Option<u64> {
+        super::estimate_lines(&self.paths)
+    }
+
     fn schema(&self) -> SchemaRef {
         cnclip_schemas::images_base64()
     }
