@@ -13,7 +13,7 @@ use arrow::datatypes::{DataType, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use serde_json::Value;
 
-use super::{Emit, ReadContext, SeenIds, Source};
+use super::{Emit, ReadContext, SeenIds, ShardFilter, Source};
 use crate::error::{Error, Result};
 use crate::quarantine::Rejected;
 
@@ -83,23 +83,15 @@ impl Source for JsonlSource {
     fn read(self: Box<Self>, ctx: &ReadContext, emit: Emit<'_>) -> Result<()> {
         let mut batcher = TextsBatcher::new(ctx.batch_rows);
         let mut seen = SeenIds::new(self.dedupe);
-        let mut ordinal = 0u64;
+        let mut shard = ShardFilter::new(ctx.shard);
         for path in &self.paths {
-            for_each_line(path, |record| {
-                ordinal += 1;
-                if !ctx.shard.owns(ordinal - 1) {
-                    return Ok(());
-                }
-                match record {
-                    Err(rejected) => ctx.quarantine.reject(rejected),
-                    Ok(text) if !seen.first(text.text_id) => ctx.quarantine.reject(Rejected {
-                        source: path.display().to_string(),
-                        location: format!("text {}", text.text_id),
-                        id: Some(text.text_id.to_string()),
-                        reason: "duplicate text id (the first one is kept)".into(),
-                    }),
-                    Ok(text) => batcher.push(&text, emit),
-                }
+            for_each_line(path, |record| match record {
+                _ if !shard.mine() => Ok(()),
+                Err(rejected) => ctx.quarantine.reject(rejected),
+                Ok(text) => match seen.duplicate(text.text_id, path, "text") {
+                    Some(rejected) => ctx.quarantine.reject(rejected),
+                    None => batcher.push(&text, emit),
+                },
             })?;
         }
         batcher.flush(emit)

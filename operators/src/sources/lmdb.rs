@@ -160,17 +160,13 @@ impl Source for LmdbSource {
     }
 
     fn read(self: Box<Self>, ctx: &ReadContext, emit: Emit<'_>) -> Result<()> {
-        let mut ordinal = 0u64;
-        let mut mine = || {
-            ordinal += 1;
-            ctx.shard.owns(ordinal - 1)
-        };
+        let mut shard = super::ShardFilter::new(ctx.shard);
         match self.database {
             Database::Imgs => {
                 let mut batcher = IdBytesBatcher::new(self.schema(), ctx.batch_rows);
                 let source = self.dir.join("imgs").display().to_string();
                 for_each_image(&self.dir, |record| {
-                    if !mine() {
+                    if !shard.mine() {
                         return Ok(());
                     }
                     let (id, value) = match record {
@@ -193,7 +189,7 @@ impl Source for LmdbSource {
             Database::Pairs => {
                 let mut batcher = PairsBatcher::new(ctx.batch_rows);
                 for_each_pair(&self.dir, |record| {
-                    if !mine() {
+                    if !shard.mine() {
                         return Ok(());
                     }
                     match record {

@@ -217,6 +217,24 @@ pub(crate) fn for_each_trimmed_line(path: &Path, mut on_line: impl FnMut(usize, 
     }
 }
 
+/// Numbers a source's records in reading order and says which belong to this job's shard.
+pub(crate) struct ShardFilter {
+    shard: Shard,
+    next: u64,
+}
+
+impl ShardFilter {
+    pub(crate) fn new(shard: Shard) -> Self {
+        ShardFilter { shard, next: 0 }
+    }
+
+    /// Whether the next record is this shard's.
+    pub(crate) fn mine(&mut self) -> bool {
+        self.next += 1;
+        self.shard.owns(self.next - 1)
+    }
+}
+
 /// Remembers the ids seen so far (8–16 bytes each) to reject duplicates; off, it accepts all.
 pub(crate) struct SeenIds {
     set: Option<rustc_hash::FxHashSet<i64>>,
@@ -227,8 +245,17 @@ impl SeenIds {
         SeenIds { set: enabled.then(Default::default) }
     }
 
-    /// Whether `id` is new (always true when disabled).
-    pub(crate) fn first(&mut self, id: i64) -> bool {
-        self.set.as_mut().is_none_or(|set| set.insert(id))
+    /// `None` if `id` is new (always, when disabled); else the rejection of this `what` ("image",
+    /// "text") read from `source`.
+    pub(crate) fn duplicate(&mut self, id: i64, source: &Path, what: &str) -> Option<crate::quarantine::Rejected> {
+        if self.set.as_mut().is_none_or(|set| set.insert(id)) {
+            return None;
+        }
+        Some(crate::quarantine::Rejected {
+            source: source.display().to_string(),
+            location: format!("{what} {id}"),
+            id: Some(id.to_string()),
+            reason: format!("duplicate {what} id (the first one is kept)"),
+        })
     }
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use arrow::datatypes::SchemaRef;
 
-use super::{Emit, IdBytesBatcher, ReadContext, SeenIds, Source};
+use super::{Emit, IdBytesBatcher, ReadContext, SeenIds, ShardFilter, Source};
 use crate::error::Result;
 use crate::quarantine::Rejected;
 
@@ -108,23 +108,15 @@ impl Source for TsvSource {
     fn read(self: Box<Self>, ctx: &ReadContext, emit: Emit<'_>) -> Result<()> {
         let mut batcher = IdBytesBatcher::new(self.schema(), ctx.batch_rows);
         let mut seen = SeenIds::new(self.dedupe);
-        let mut ordinal = 0u64;
+        let mut shard = ShardFilter::new(ctx.shard);
         for path in &self.paths {
-            for_each_line(path, |record| {
-                ordinal += 1;
-                if !ctx.shard.owns(ordinal - 1) {
-                    return Ok(());
-                }
-                match record {
-                    Err(rejected) => ctx.quarantine.reject(rejected),
-                    Ok(line) if !seen.first(line.image_id) => ctx.quarantine.reject(Rejected {
-                        source: path.display().to_string(),
-                        location: format!("image {}", line.id),
-                        id: Some(line.id.to_string()),
-                        reason: "duplicate image id (the first one is kept)".into(),
-                    }),
-                    Ok(line) => batcher.push(line.image_id, line.base64, emit),
-                }
+            for_each_line(path, |record| match record {
+                _ if !shard.mine() => Ok(()),
+                Err(rejected) => ctx.quarantine.reject(rejected),
+                Ok(line) => match seen.duplicate(line.image_id, path, "image") {
+                    Some(rejected) => ctx.quarantine.reject(rejected),
+                    None => batcher.push(line.image_id, line.base64, emit),
+                },
             })?;
         }
         batcher.flush(emit)
