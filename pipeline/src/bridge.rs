@@ -183,3 +183,96 @@ where
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::edge::Capacity;
+    use crate::graph::Graph;
+
+    #[derive(Debug, Clone)]
+    struct Rows(usize);
+
+    impl Batch for Rows {
+        fn rows(&self) -> usize {
+            self.0
+        }
+        fn bytes(&self) -> usize {
+            self.0
+        }
+    }
+
+    const CAP: Capacity = Capacity { rows: 8, bytes: 1 << 20 };
+
+    /// A reader thread, an ordered pool map and a writer thread, dropped mid-run: every thread
+    /// stops, the writer's `finish` never runs, and the pool keeps the order on a full run.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bridged_threads_stop_with_the_graph_and_only_a_complete_run_finishes() {
+        let pool = Arc::new(WorkerPool::new(2));
+        let build = |limit: Option<usize>, produced: Arc<AtomicUsize>, finished: Arc<AtomicBool>, seen: Arc<std::sync::Mutex<Vec<usize>>>| {
+            let mut graph = Graph::new();
+            graph.add("reader", &[], CAP, move |ctx: NodeContext<Rows>| async move {
+                produce_on_thread(&ctx, move |emit| {
+                    let mut i = 0;
+                    while limit.is_none_or(|n| i < n) {
+                        i += 1;
+                        if emit(Rows(i)).is_err() {
+                            break;
+                        }
+                        produced.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(())
+                })
+                .await
+            });
+            let pool = pool.clone();
+            graph.add("map", &["reader"], CAP, move |mut ctx: NodeContext<Rows>| async move {
+                // Later batches finish first: the output must still come in input order.
+                let f: Arc<dyn Fn(Rows) -> Result<Rows, BoxError> + Send + Sync> = Arc::new(|r: Rows| {
+                    std::thread::sleep(Duration::from_micros(((7 - r.0 % 7) * 50) as u64));
+                    Ok(r)
+                });
+                map_on_pool(&mut ctx, &pool, 4, |b| vec![b], f, |r| Ok(Some(r))).await
+            });
+            graph.add("writer", &["map"], CAP, move |mut ctx: NodeContext<Rows>| async move {
+                let finished = finished.clone();
+                consume_on_thread(
+                    &mut ctx,
+                    seen,
+                    |seen, batch: Rows| {
+                        seen.lock().unwrap().push(batch.0);
+                        Ok(())
+                    },
+                    move |_| {
+                        finished.store(true, Ordering::SeqCst);
+                        Ok(())
+                    },
+                )
+                .await
+            });
+            graph
+        };
+
+        // A complete run: everything arrives, in order, and the writer finishes.
+        let (produced, finished, seen) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)), Arc::default());
+        build(Some(200), produced.clone(), finished.clone(), Arc::clone(&seen)).start().unwrap().wait().await.unwrap();
+        assert_eq!(*seen.lock().unwrap(), (1..=200).collect::<Vec<_>>());
+        assert!(finished.load(Ordering::SeqCst));
+
+        // An endless run, dropped: the reader thread stops producing, the writer never finishes.
+        let (produced, finished, seen) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)), Arc::default());
+        let running = build(None, produced.clone(), finished.clone(), seen).start().unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(produced.load(Ordering::SeqCst) > 0);
+        drop(running);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let after = produced.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(produced.load(Ordering::SeqCst), after, "the reader thread kept running");
+        assert!(!finished.load(Ordering::SeqCst), "a stopped writer must not finish its output");
+        assert_eq!(Arc::strong_count(&produced), 1, "the reader thread still holds its state");
+    }
+}
