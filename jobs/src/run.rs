@@ -24,6 +24,9 @@ pub struct Args {
     /// Override [job] threads (0: one per core).
     #[arg(long)]
     threads: Option<usize>,
+    /// Override [job] quarantine (`.jsonl`, or `.parquet` for a table).
+    #[arg(long)]
+    quarantine: Option<PathBuf>,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -44,6 +47,11 @@ pub fn run(args: Args) -> Result<()> {
         }
         if let Some(threads) = args.threads {
             job.insert("threads".into(), toml::Value::Integer(threads as i64));
+        }
+        if let Some(quarantine) = &args.quarantine {
+            // Relative to the working directory, like every path on the command line.
+            let absolute = std::path::absolute(quarantine).with_context(|| format!("--quarantine {}", quarantine.display()))?;
+            job.insert("quarantine".into(), toml::Value::String(absolute.to_string_lossy().into_owned()));
         }
     }
     let pipeline = match Pipeline::parse(&text_table.to_string(), &base) {

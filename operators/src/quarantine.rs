@@ -1,12 +1,16 @@
 //! Bad records and what happens to them: the per-job `--on-error` policy and the quarantine
-//! file (`quarantine.jsonl`, one object per rejected record with the `quarantine` table's
-//! columns: `source`, `location`, `id`, `reason`).
+//! (`quarantine.jsonl`, one object per rejected record, or a `.parquet` table — both with the
+//! `quarantine` contract's columns: `source`, `location`, `id`, `reason`).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use crate::error::{Error, Result, io};
+use arrow::array::{ArrayRef, StringBuilder};
+use arrow::record_batch::RecordBatch;
+
+use crate::error::{Error, Result};
+use crate::sinks::AtomicFile;
+use crate::sinks::parquet::ParquetSink;
 
 /// What a job does with a bad record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -30,9 +34,11 @@ pub struct Rejected {
     pub reason: String,
 }
 
-/// Collects rejected records into `quarantine.jsonl`. Rows stream to a temporary file beside
-/// it (a corpus with millions of bad rows must not fill memory), which [`Quarantine::finish`]
-/// renames into place. Shared by every node of a job: `reject` takes `&self`.
+/// Collects rejected records into the quarantine file: `quarantine.jsonl` (one JSON object per
+/// record), or a Parquet table with the `quarantine` contract when the path ends in `.parquet`.
+/// Rows stream to a temporary file beside it (a corpus with millions of bad rows must not fill
+/// memory), which [`Quarantine::finish`] moves into place; dropped unfinished, it leaves nothing.
+/// Shared by every node of a job: `reject` takes `&self`.
 pub struct Quarantine {
     policy: OnError,
     path: PathBuf,
@@ -41,10 +47,29 @@ pub struct Quarantine {
 
 #[derive(Default)]
 struct State {
-    file: Option<std::io::BufWriter<std::fs::File>>,
+    out: Option<Output>,
     count: usize,
-    /// The first IO error writing the file, reported by `reject` and `finish`.
-    failed: bool,
+}
+
+enum Output {
+    Jsonl(AtomicFile),
+    Parquet { sink: ParquetSink, rows: Vec<Rejected> },
+}
+
+/// Rows per batch of a Parquet quarantine.
+const PARQUET_BATCH: usize = 8192;
+
+fn quarantine_batch(rows: &[Rejected]) -> Result<RecordBatch> {
+    let (mut source, mut location, mut id, mut reason) = (StringBuilder::new(), StringBuilder::new(), StringBuilder::new(), StringBuilder::new());
+    for row in rows {
+        source.append_value(&row.source);
+        location.append_value(&row.location);
+        id.append_option(row.id.as_deref());
+        reason.append_value(&row.reason);
+    }
+    let columns: Vec<ArrayRef> =
+        vec![Arc::new(source.finish()), Arc::new(location.finish()), Arc::new(id.finish()), Arc::new(reason.finish())];
+    RecordBatch::try_new(cnclip_schemas::quarantine(), columns).map_err(|e| Error::Internal(e.to_string()))
 }
 
 impl Quarantine {
@@ -60,10 +85,12 @@ impl Quarantine {
         &self.path
     }
 
-    fn tmp_path(&self) -> PathBuf {
-        let mut name = self.path.file_name().unwrap_or_default().to_os_string();
-        name.push(format!(".tmp-{}", std::process::id()));
-        self.path.with_file_name(name)
+    fn open(&self) -> Result<Output> {
+        Ok(if self.path.extension().is_some_and(|e| e == "parquet") {
+            Output::Parquet { sink: ParquetSink::create(&self.path, "quarantine", cnclip_schemas::quarantine())?, rows: Vec::new() }
+        } else {
+            Output::Jsonl(AtomicFile::create(&self.path)?)
+        })
     }
 
     /// Applies the policy to a bad record.
@@ -79,21 +106,24 @@ impl Quarantine {
             });
         }
         tracing::debug!(source = %rejected.source, location = %rejected.location, reason = %rejected.reason, "Quarantined a record");
-        let row = serde_json::json!({
-            "source": rejected.source, "location": rejected.location, "id": rejected.id, "reason": rejected.reason,
-        });
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let tmp = self.tmp_path();
-        if state.file.is_none() {
-            if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).map_err(io(dir))?;
-            }
-            state.file = Some(std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io(&tmp))?));
+        if state.out.is_none() {
+            state.out = Some(self.open()?);
         }
-        let file = state.file.as_mut().expect("opened above");
-        if let Err(e) = writeln!(file, "{row}") {
-            state.failed = true;
-            return Err(io(&tmp)(e));
+        match state.out.as_mut().expect("opened above") {
+            Output::Jsonl(file) => {
+                let row = serde_json::json!({
+                    "source": rejected.source, "location": rejected.location, "id": rejected.id, "reason": rejected.reason,
+                });
+                file.write_all(format!("{row}\n").as_bytes())?;
+            }
+            Output::Parquet { sink, rows } => {
+                rows.push(rejected);
+                if rows.len() >= PARQUET_BATCH {
+                    sink.write(&quarantine_batch(rows)?)?;
+                    rows.clear();
+                }
+            }
         }
         state.count += 1;
         Ok(())
@@ -108,29 +138,18 @@ impl Quarantine {
     ///
     /// # Errors
     /// IO errors writing it.
-    pub fn finish(mut self) -> Result<Option<PathBuf>> {
-        let tmp = self.tmp_path();
-        let state = std::mem::take(self.state.get_mut().unwrap_or_else(|e| e.into_inner()));
-        let Some(file) = state.file else { return Ok(None) };
-        let result = file
-            .into_inner()
-            .map_err(|e| e.into_error())
-            .and_then(|f| f.sync_all())
-            .map_err(io(&tmp))
-            .and_then(|()| std::fs::rename(&tmp, &self.path).map_err(io(&self.path)));
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
+    pub fn finish(self) -> Result<Option<PathBuf>> {
+        let state = self.state.into_inner().unwrap_or_else(|e| e.into_inner());
+        match state.out {
+            None => return Ok(None),
+            Some(Output::Jsonl(file)) => file.finish()?.commit()?,
+            Some(Output::Parquet { mut sink, rows }) => {
+                if !rows.is_empty() {
+                    sink.write(&quarantine_batch(&rows)?)?;
+                }
+                sink.finish()?;
+            }
         }
-        result.map(|()| Some(self.path.clone()))
-    }
-}
-
-impl Drop for Quarantine {
-    fn drop(&mut self) {
-        // Not finished (the job failed): leave no temporary file behind.
-        let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
-        if state.file.take().is_some() {
-            let _ = std::fs::remove_file(self.tmp_path());
-        }
+        Ok(Some(self.path))
     }
 }

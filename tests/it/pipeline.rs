@@ -205,6 +205,17 @@ fn bad_input_is_quarantined_with_reasons_or_fails_the_job() {
     assert_eq!(rows.len(), expected.len(), "{quarantine}");
     assert!(log.contains(&format!("{} records quarantined", expected.len())), "{log}");
 
+    // The same quarantine as a Parquet table (the `quarantine` contract) for notebooks.
+    let table = root.join("q.parquet");
+    ok(cnclip(&["run", pipeline.to_str().unwrap(), "--quarantine", table.to_str().unwrap()]));
+    let reasons = parquet_column(&table, "reason");
+    let from_jsonl: Vec<&serde_json::Value> = rows.iter().map(|r| &r["reason"]).collect();
+    let mut a: Vec<String> = reasons.as_array().unwrap().iter().map(|v| v.to_string()).collect();
+    let mut b: Vec<String> = from_jsonl.iter().map(|v| v.to_string()).collect();
+    a.sort();
+    b.sort();
+    assert_eq!(a, b, "the Parquet quarantine differs from the JSONL one");
+
     // fail: the job stops with an error naming the node and the record, and writes nothing.
     std::fs::remove_dir_all(&out).unwrap();
     let output = cnclip(&["run", pipeline.to_str().unwrap(), "--on-error", "fail"]);
