@@ -1,8 +1,9 @@
-"""build-lmdb throughput: cnclip vs cn_clip's build_lmdb_dataset.py vs a plain copy, one run
-each, same machine, on the same TSV/JSONL (default 20k JPEGs of ~30 KB, ≈ 0.8 GB of TSV).
+"""build-lmdb throughput: cnclip vs cn_clip's build_lmdb_dataset.py vs a plain copy, one run of
+each per round (--repeat rounds, interleaved; medians and ranges printed), same machine, on the
+same TSV/JSONL (default 20k 192×192 JPEGs of ~23 KB, ≈ 0.6 GB of TSV).
 
     .venv/bin/python scripts/bench/build_lmdb.py [--images 20000] [--work /tmp/cnclip-bench-lmdb]
-        [--cnclip target/release/cnclip]
+        [--cnclip target/release/cnclip] [--repeat 3]
 
 The corpus is generated once and kept in --work. MB/s is TSV+JSONL bytes / wall seconds. The
 input is read once before each timed run, so the page cache is warm for all three; each output
@@ -15,6 +16,7 @@ import io
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -62,37 +64,54 @@ def main():
     p.add_argument("--images", type=int, default=20000)
     p.add_argument("--work", default="/tmp/cnclip-bench-lmdb")
     p.add_argument("--cnclip", default="target/release/cnclip")
+    p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args()
     data = os.path.join(args.work, "data")
     make_corpus(data, args.images)
     size = sum(os.path.getsize(os.path.join(data, f)) for f in ("train_imgs.tsv", "train_texts.jsonl"))
     mb = size / 1e6
 
-    copy_dir = os.path.join(args.work, "copy")
-    shutil.rmtree(copy_dir, ignore_errors=True)
-    os.makedirs(copy_dir)
     inputs = [os.path.join(data, "train_imgs.tsv"), os.path.join(data, "train_texts.jsonl")]
-    cp_s = timed(["cp", *inputs, copy_dir], inputs)
-    subprocess.run(["sync"], check=True)
-    shutil.rmtree(copy_dir)
-    os.makedirs(copy_dir)
-    cp_sync_s = timed(["sh", "-c", f"cp {inputs[0]} {inputs[1]} {copy_dir} && sync"], inputs)
-
+    copy_dir = os.path.join(args.work, "copy")
     theirs = os.path.join(args.work, "theirs")
-    shutil.rmtree(theirs, ignore_errors=True)
-    ref_s = timed([sys.executable, "-m", "cn_clip.preprocess.build_lmdb_dataset", "--data_dir", data, "--splits", "train", "--lmdb_dir", theirs], inputs)
-    subprocess.run(["sync"], check=True)
-
     ours = os.path.join(args.work, "ours")
-    shutil.rmtree(ours, ignore_errors=True)
-    subprocess.run(["sync"], check=True)
-    our_s = timed([args.cnclip, "build-lmdb", "--data-dir", data, "--splits", "train", "--lmdb-dir", ours], inputs)
 
-    print(f"{args.images} images, {mb:.0f} MB of TSV+JSONL")
-    print(f"  cp (plain copy):            {cp_s:6.2f} s  {mb / cp_s:7.0f} MB/s")
-    print(f"  cp + sync:                  {cp_sync_s:6.2f} s  {mb / cp_sync_s:7.0f} MB/s")
-    print(f"  build_lmdb_dataset.py:      {ref_s:6.2f} s  {mb / ref_s:7.0f} MB/s")
-    print(f"  cnclip build-lmdb:          {our_s:6.2f} s  {mb / our_s:7.0f} MB/s")
+    def fresh(path):
+        shutil.rmtree(path, ignore_errors=True)
+        subprocess.run(["sync"], check=True)  # no writeback of the previous run competes
+
+    def cp():
+        fresh(copy_dir)
+        os.makedirs(copy_dir)
+        return timed(["cp", *inputs, copy_dir], inputs)
+
+    def cp_sync():
+        fresh(copy_dir)
+        os.makedirs(copy_dir)
+        return timed(["sh", "-c", f"cp {inputs[0]} {inputs[1]} {copy_dir} && sync"], inputs)
+
+    def reference():
+        fresh(theirs)
+        return timed([sys.executable, "-m", "cn_clip.preprocess.build_lmdb_dataset", "--data_dir", data, "--splits", "train",
+                      "--lmdb_dir", theirs], inputs)
+
+    def cnclip():
+        fresh(ours)
+        return timed([args.cnclip, "build-lmdb", "--data-dir", data, "--splits", "train", "--lmdb-dir", ours], inputs)
+
+    # Interleaved rounds, so a slow spell of the machine hits every contender alike; medians.
+    runs = {name: [] for name in ("cp", "cp_sync", "ref", "ours")}
+    for _ in range(args.repeat):
+        for name, run in (("cp", cp), ("cp_sync", cp_sync), ("ref", reference), ("ours", cnclip)):
+            runs[name].append(run())
+    cp_s, cp_sync_s, ref_s, our_s = (statistics.median(runs[n]) for n in ("cp", "cp_sync", "ref", "ours"))
+    spread = {n: f"{min(v):.2f}–{max(v):.2f}" for n, v in runs.items()}
+
+    print(f"{args.images} images, {mb:.0f} MB of TSV+JSONL; median of {args.repeat} interleaved runs (range)")
+    print(f"  cp (plain copy):            {cp_s:6.2f} s  {mb / cp_s:7.0f} MB/s  ({spread['cp']} s)")
+    print(f"  cp + sync:                  {cp_sync_s:6.2f} s  {mb / cp_sync_s:7.0f} MB/s  ({spread['cp_sync']} s)")
+    print(f"  build_lmdb_dataset.py:      {ref_s:6.2f} s  {mb / ref_s:7.0f} MB/s  ({spread['ref']} s)")
+    print(f"  cnclip build-lmdb:          {our_s:6.2f} s  {mb / our_s:7.0f} MB/s  ({spread['ours']} s)")
     print(f"  cnclip vs cn_clip: {ref_s / our_s:.2f}x; cnclip time / cp time: {our_s / cp_s:.2f} "
           f"(/ cp + sync: {our_s / cp_sync_s:.2f}); goal >= 1.0x and <= 2")
 
