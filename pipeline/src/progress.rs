@@ -17,9 +17,9 @@ impl Progress {
             None => ProgressBar::new_spinner(),
         };
         let template = if total.is_some() {
-            "{prefix} {bar:30} {human_pos}/{human_len} rows, {per_sec}, ETA {eta}"
+            "{prefix} {bar:30} {human_pos}/{human_len} rows, {per_sec:0}, ETA {eta}"
         } else {
-            "{prefix} {spinner} {human_pos} rows, {per_sec}"
+            "{prefix} {spinner} {human_pos} rows, {per_sec:0}"
         };
         bar.set_style(ProgressStyle::with_template(template).expect("valid template"));
         bar.set_prefix(label.to_string());
