@@ -259,3 +259,40 @@ impl SeenIds {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_parse_and_partition_the_records() {
+        assert_eq!("1/4".parse::<Shard>(), Ok(Shard { index: 1, count: 4 }));
+        assert_eq!(" 0 / 1 ".parse::<Shard>(), Ok(Shard::ALL));
+        for bad in ["4/4", "1/0", "1", "a/b", "-1/2", ""] {
+            assert!(bad.parse::<Shard>().is_err(), "{bad:?} parsed");
+        }
+        let shards: Vec<Shard> = (0..3).map(|i| Shard { index: i, count: 3 }).collect();
+        for k in 0..100u64 {
+            assert_eq!(shards.iter().filter(|s| s.owns(k)).count(), 1, "record {k}");
+        }
+        let mut filter = ShardFilter::new(shards[1]);
+        let mine: Vec<u64> = (0..7).filter(|_| filter.mine()).collect();
+        assert_eq!(mine.len(), 2); // records 1 and 4 of 0..7
+    }
+
+    #[test]
+    fn paths_expand_globs_in_order_and_report_every_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["b_imgs.tsv", "a_imgs.tsv", "c_texts.jsonl"] {
+            std::fs::write(dir.path().join(name), "").unwrap();
+        }
+        let d = dir.path().display();
+        let found = expand_paths(&[format!("{d}/*_imgs.tsv"), format!("{d}/c_texts.jsonl")]).unwrap();
+        let names: Vec<_> = found.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+        assert_eq!(names, ["a_imgs.tsv", "b_imgs.tsv", "c_texts.jsonl"]);
+        let problems = expand_paths(&[format!("{d}/*.parquet"), format!("{d}/gone.tsv"), format!("{d}/[.tsv")]).unwrap_err();
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(problems[0].contains("matches no file") && problems[1].contains("does not exist"), "{problems:?}");
+        assert_eq!(expand_paths(&[]).unwrap_err(), ["no input files given"]);
+    }
+}
