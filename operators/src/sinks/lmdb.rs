@@ -54,6 +54,11 @@ impl LmdbWriter {
     /// LMDB errors when a buffered batch is committed.
     pub fn put(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
         self.pending_bytes += key.len() + value.len();
+        if self.arena.capacity() == 0 {
+            // Sized once for a whole commit: growing by doubling would copy and fault in
+            // about twice the commit size before the first commit.
+            self.arena.reserve(COMMIT_BYTES + (1 << 20));
+        }
         self.arena.extend_from_slice(key);
         let key_end = self.arena.len();
         self.arena.extend_from_slice(value);
