@@ -53,7 +53,7 @@ struct State {
 
 enum Output {
     Jsonl(AtomicFile),
-    Parquet { sink: ParquetSink, rows: Vec<Rejected> },
+    Parquet { sink: Box<ParquetSink>, rows: Vec<Rejected> },
 }
 
 /// Rows per batch of a Parquet quarantine.
@@ -87,7 +87,8 @@ impl Quarantine {
 
     fn open(&self) -> Result<Output> {
         Ok(if self.path.extension().is_some_and(|e| e == "parquet") {
-            Output::Parquet { sink: ParquetSink::create(&self.path, "quarantine", cnclip_schemas::quarantine())?, rows: Vec::new() }
+            let sink = ParquetSink::create(&self.path, "quarantine", cnclip_schemas::quarantine())?;
+            Output::Parquet { sink: Box::new(sink), rows: Vec::new() }
         } else {
             Output::Jsonl(AtomicFile::create(&self.path)?)
         })

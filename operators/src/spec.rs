@@ -396,10 +396,10 @@ impl Pipeline {
         }
         let mut seen_outputs = BTreeMap::new();
         for node in &nodes {
-            if let Op::Sink(sink) = &node.op {
-                if let Some(other) = seen_outputs.insert(sink.path().to_path_buf(), node.name.clone()) {
-                    problems.push(format!("nodes `{other}` and `{}` both write {}", node.name, sink.path().display()));
-                }
+            if let Op::Sink(sink) = &node.op
+                && let Some(other) = seen_outputs.insert(sink.path().to_path_buf(), node.name.clone())
+            {
+                problems.push(format!("nodes `{other}` and `{}` both write {}", node.name, sink.path().display()));
             }
         }
         // Schemas, in dependency order; a cycle leaves nodes unresolved.

@@ -173,12 +173,11 @@ where
                 continue;
             }
         }
-        if let Some(next) = pending.pop_front() {
-            if let Some(out) = after(next.await?)? {
-                if ctx.send(out).await.is_err() {
-                    return Ok(()); // every consumer has stopped
-                }
-            }
+        if let Some(next) = pending.pop_front()
+            && let Some(out) = after(next.await?)?
+            && ctx.send(out).await.is_err()
+        {
+            return Ok(()); // every consumer has stopped
         }
     }
     Ok(())

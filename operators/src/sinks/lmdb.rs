@@ -169,44 +169,6 @@ fn pickle_int(out: &mut Vec<u8>, v: i64) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn hex(bytes: &[u8]) -> String {
-        bytes.iter().map(|b| format!("{b:02x}")).collect()
-    }
-
-    /// Expected bytes are Python 3.11's `pickle.dumps((image_id, text_id, text)).hex()`.
-    #[test]
-    fn pairs_pickle_exactly_as_python() {
-        assert_eq!(hex(&pickle_pair(0, 255, "")), "8004950a000000000000004b004bff8c009487942e");
-        assert_eq!(hex(&pickle_pair(-1, -129, "x")), "80049511000000000000004affffffff4a7fffffff8c01789487942e");
-        assert_eq!(
-            hex(&pickle_pair(1 << 31, -(1 << 40), "é")),
-            "80049517000000000000008a0500000080008a060000000000ff8c02c3a99487942e"
-        );
-        let long = pickle_pair(256, 65536, &"a".repeat(300));
-        assert_eq!(hex(&long[..24]), "8004953d010000000000004d00014a00000100582c010000");
-        assert_eq!(long.len(), 11 + 0x13d);
-    }
-
-    #[test]
-    fn map_grows_past_its_initial_size() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut writer = LmdbWriter::create(dir.path()).unwrap();
-        let value = vec![7u8; 1 << 20];
-        for i in 0..150u32 {
-            writer.put(i.to_string().as_bytes(), &value).unwrap(); // 150 MiB > the 64 MiB start
-        }
-        writer.finish().unwrap();
-        let env = lmdb::Environment::new().open(dir.path()).unwrap();
-        let db = env.open_db(None).unwrap();
-        let txn = env.begin_ro_txn().unwrap();
-        assert_eq!(txn.get(db, b"149").unwrap().len(), 1 << 20);
-    }
-}
-
 /// One database of a cn_clip LMDB split as a pipeline sink: `imgs` from `images` (encoded to
 /// URL-safe base64, as cn_clip's TSVs hold them) or `images_base64` (stored as they are), or
 /// `pairs` from a `pairs` table or a `texts` table (one pair per image id, in order). The count
@@ -333,5 +295,43 @@ impl Drop for LmdbSink {
         if self.writer.take().is_some() {
             let _ = std::fs::remove_dir_all(&self.tmp);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Expected bytes are Python 3.11's `pickle.dumps((image_id, text_id, text)).hex()`.
+    #[test]
+    fn pairs_pickle_exactly_as_python() {
+        assert_eq!(hex(&pickle_pair(0, 255, "")), "8004950a000000000000004b004bff8c009487942e");
+        assert_eq!(hex(&pickle_pair(-1, -129, "x")), "80049511000000000000004affffffff4a7fffffff8c01789487942e");
+        assert_eq!(
+            hex(&pickle_pair(1 << 31, -(1 << 40), "é")),
+            "80049517000000000000008a0500000080008a060000000000ff8c02c3a99487942e"
+        );
+        let long = pickle_pair(256, 65536, &"a".repeat(300));
+        assert_eq!(hex(&long[..24]), "8004953d010000000000004d00014a00000100582c010000");
+        assert_eq!(long.len(), 11 + 0x13d);
+    }
+
+    #[test]
+    fn map_grows_past_its_initial_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = LmdbWriter::create(dir.path()).unwrap();
+        let value = vec![7u8; 1 << 20];
+        for i in 0..150u32 {
+            writer.put(i.to_string().as_bytes(), &value).unwrap(); // 150 MiB > the 64 MiB start
+        }
+        writer.finish().unwrap();
+        let env = lmdb::Environment::new().open(dir.path()).unwrap();
+        let db = env.open_db(None).unwrap();
+        let txn = env.begin_ro_txn().unwrap();
+        assert_eq!(txn.get(db, b"149").unwrap().len(), 1 << 20);
     }
 }

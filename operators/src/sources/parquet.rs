@@ -57,10 +57,10 @@ impl ParquetSource {
                 },
             }
         }
-        if let (Some(schema), Some((table, expected))) = (&schema, contract) {
-            if let Err(e) = cnclip_schemas::check(table, &expected, schema) {
-                problems.push(format!("{}: {e}", paths[0].display()));
-            }
+        if let (Some(schema), Some((table, expected))) = (&schema, contract)
+            && let Err(e) = cnclip_schemas::check(table, &expected, schema)
+        {
+            problems.push(format!("{}: {e}", paths[0].display()));
         }
         match schema {
             Some(schema) if problems.is_empty() => Ok(ParquetSource { paths, schema }),
