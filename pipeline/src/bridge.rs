@@ -191,18 +191,7 @@ mod tests {
     use super::*;
     use crate::edge::Capacity;
     use crate::graph::Graph;
-
-    #[derive(Debug, Clone)]
-    struct Rows(usize);
-
-    impl Batch for Rows {
-        fn rows(&self) -> usize {
-            self.0
-        }
-        fn bytes(&self) -> usize {
-            self.0
-        }
-    }
+    use crate::graph::tests::Rows;
 
     const CAP: Capacity = Capacity { rows: 8, bytes: 1 << 20 };
 

@@ -297,14 +297,14 @@ impl RunningGraph {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::atomic::AtomicUsize;
 
     use super::*;
 
     /// A test batch: only its size matters.
     #[derive(Debug, Clone)]
-    struct Rows(usize);
+    pub(crate) struct Rows(pub(crate) usize);
 
     impl Batch for Rows {
         fn rows(&self) -> usize {
