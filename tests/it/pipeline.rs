@@ -659,3 +659,39 @@ path = "c.tsv"
         assert!(stderr.contains(problem), "missing {problem:?} in:\n{stderr}");
     }
 }
+
+/// The pipelines in `examples/pipelines/` run as documented on the demo corpus
+/// (`cnclip synth --out demo` + `cnclip build-lmdb`), laid out as in the repository.
+#[test]
+fn example_pipelines_run_on_the_demo_corpus() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let examples = cnclip_tests::workspace_root().join("examples/pipelines");
+    std::fs::create_dir_all(root.join("examples/pipelines")).unwrap();
+    let mut names: Vec<String> = std::fs::read_dir(&examples)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".toml"))
+        .collect();
+    names.sort();
+    assert!(names.len() >= 4, "{names:?}");
+    for name in &names {
+        std::fs::copy(examples.join(name), root.join("examples/pipelines").join(name)).unwrap();
+    }
+    let demo = root.join("demo");
+    let demo_s = demo.to_str().unwrap();
+    ok(cnclip(&["synth", "--out", demo_s, "--train", "40", "--valid", "10", "--test", "10", "--zeroshot-per-class", "2"]));
+    ok(cnclip(&["build-lmdb", "--data-dir", demo_s, "--splits", "train"]));
+    for name in &names {
+        let log = ok(cnclip(&["run", root.join("examples/pipelines").join(name).to_str().unwrap()]));
+        assert!(log.contains("0 records quarantined"), "{name}: {log}");
+    }
+    let tables = demo.join("tables");
+    let rows = |file: &str, column: &str| parquet_column(&tables.join(file), column).as_array().unwrap().len();
+    assert_eq!(rows("pixels_224.parquet", "image_id"), 60);
+    assert_eq!(rows("zeroshot_pixels_224.parquet", "label"), 36); // 18 classes × 2
+    assert_eq!(rows("train_images.parquet", "image_id"), 40);
+    assert_eq!(rows("train_pairs.parquet", "text_id"), 40);
+    assert_eq!(std::fs::read_to_string(tables.join("train_pairs.jsonl")).unwrap().lines().count(), 40);
+    assert_eq!(rows("texts_tokens.parquet", "token_ids"), 50);
+}

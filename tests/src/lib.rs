@@ -8,9 +8,12 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-/// The repository root (this crate lives in `tests/`).
+/// The repository root (this crate lives in `tests/`). Taken from the `CARGO_MANIFEST_DIR`
+/// that `cargo test` sets when it *runs* a test, not the one compiled in: a target directory
+/// shared between checkouts (as CI's cache is) may hold this crate built from another one.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    manifest_dir.parent().expect("tests/ has a parent").to_path_buf()
 }
 
 /// The `cnclip` binary, which `cargo test --workspace` builds beside the test binaries (for
