@@ -3,7 +3,7 @@
 #
 #   1. apt: the native build dependencies (cmake + OpenBLAS for vendored FAISS, nasm for the
 #      vendored libjpeg-turbo (the JPEG decoder Pillow uses), a C++ compiler
-#      for tch's libtorch bindings and LMDB).
+#      for tch's libtorch bindings and LMDB, binutils' readelf for a linkage test).
 #   2. A Python venv (default: .venv in the repository; CNCLIP_VENV=DIR puts it elsewhere and
 #      links .venv to it) with torch, torchvision and cn_clip pinned together. torch's wheel is
 #      also our libtorch: .venv/libtorch links to its `torch/` folder, and .cargo/config.toml
@@ -14,7 +14,7 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${CNCLIP_VENV:-$root/.venv}
 requirements=$root/scripts/requirements.txt
-apt_packages=(cmake libopenblas-dev pkg-config g++ make nasm)
+apt_packages=(cmake libopenblas-dev pkg-config g++ make nasm binutils)
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 

@@ -1,26 +1,22 @@
-//! `cnclip`: Chinese-CLIP's scripts as one fast, streaming binary.
+//! `cnclip`: Chinese-CLIP's scripts as one fast, streaming command.
 //!
 //! Each subcommand lives in its own module and is named after the cn_clip script it replaces,
-//! with the same flag names. `main` owns exit codes: 0 on success (a closed stdout pipe, as in
-//! `cnclip tokenize … | head`, counts as success), 1 with the error chain on stderr otherwise.
+//! with the same flag names. This binary holds every command that needs no model — data
+//! preparation, pipelines, tokenizing — and links no libtorch, so those start in milliseconds
+//! and run where torch is not installed. Commands that run a model (`similarity`, `convert`,
+//! `benchmark`, …) are carried out by its sibling `cnclip-torch`, which it `exec`s with the same
+//! arguments; users only ever type `cnclip`.
 
+use std::ffi::OsString;
 use std::process::ExitCode;
 
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
-/// mimalloc instead of glibc's malloc: the pipelines allocate and free many ~100 KB–5 MB
-/// buffers across threads, which glibc's per-thread arenas and dynamic mmap threshold keep as
-/// fragmented heap, so peak memory crept up with the length of a job.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-mod benchmark;
 mod build_lmdb;
-mod convert;
+mod common;
 mod import;
-mod model_args;
 mod run;
-mod similarity;
 mod synth;
 mod tokenize;
 
@@ -46,52 +42,46 @@ enum Command {
     /// Write a deterministic synthetic Chinese image–caption corpus in cn_clip's layout.
     Synth(synth::Args),
     /// Image–text similarity with a checkpoint: cn_clip's README quick start as a command.
-    Similarity(similarity::Args),
+    #[command(disable_help_flag = true)]
+    Similarity(ModelCommand),
     /// Convert checkpoints between cn_clip's .pt and cnclip's self-describing .safetensors.
-    Convert(convert::Args),
-    /// Measure encode throughput (model only, random weights), e.g. against scripts/bench/encode.py.
-    #[command(subcommand)]
-    Benchmark(BenchmarkCommand),
+    #[command(disable_help_flag = true)]
+    Convert(ModelCommand),
+    /// Measure encode or preprocess throughput (`benchmark encode|preprocess`).
+    #[command(disable_help_flag = true)]
+    Benchmark(ModelCommand),
 }
 
-#[derive(Subcommand)]
-enum BenchmarkCommand {
-    /// Image and text encode throughput of one model on one device.
-    Encode(benchmark::Args),
-    /// Decode + preprocess throughput on one thread (base64, image decode, resize, normalise).
-    Preprocess(benchmark::PreprocessArgs),
+/// The arguments of a model command, handed to `cnclip-torch` untouched (`--help` included).
+#[derive(clap::Args)]
+struct ModelCommand {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+    args: Vec<OsString>,
+}
+
+/// Replaces this process with `cnclip-torch SUBCOMMAND ARGS…`, installed beside this binary.
+fn exec_torch(subcommand: &str, command: ModelCommand) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().context("locating the cnclip binary")?.with_file_name("cnclip-torch");
+    if !exe.is_file() {
+        bail!("`cnclip {subcommand}` runs a model and needs {}, which is missing (install cnclip-torch beside cnclip)", exe.display());
+    }
+    let error = std::process::Command::new(&exe).arg0("cnclip").arg(subcommand).args(command.args).exec();
+    Err(error).with_context(|| format!("starting {}", exe.display()))
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
-    let cli = Cli::parse();
-    let result = match cli.command {
+    common::init_logging();
+    let result = match Cli::parse().command {
         Command::Tokenize(args) => tokenize::run(args),
-        Command::Benchmark(BenchmarkCommand::Encode(args)) => benchmark::run(args),
-        Command::Benchmark(BenchmarkCommand::Preprocess(args)) => benchmark::run_preprocess(args),
-        Command::Convert(args) => convert::run(args),
         Command::BuildLmdb(args) => build_lmdb::run(args),
         Command::Synth(args) => synth::run(args),
         Command::Import(args) => import::import(args),
         Command::Export(args) => import::export(args),
         Command::Run(args) => run::run(args),
-        Command::Similarity(args) => similarity::run(args),
+        Command::Similarity(args) => exec_torch("similarity", args),
+        Command::Convert(args) => exec_torch("convert", args),
+        Command::Benchmark(args) => exec_torch("benchmark", args),
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) if is_broken_pipe(&error) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("cnclip: {error:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn is_broken_pipe(error: &anyhow::Error) -> bool {
-    error.chain().any(|cause| {
-        cause.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
-    })
+    common::exit_code(result)
 }

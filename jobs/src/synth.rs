@@ -37,7 +37,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut next_id = 0u64;
     for (split, n) in [("train", args.train), ("valid", args.valid), ("test", args.test)] {
         let first = next_id;
-        cnclip_models::write_atomically(&args.out.join(format!("{split}_imgs.tsv")), |out| -> Result<()> {
+        cnclip_operators::write_atomically(&args.out.join(format!("{split}_imgs.tsv")), |out| -> Result<()> {
             for id in first..first + n {
                 let s = sample(args.seed, id);
                 let b64 = base64::engine::general_purpose::URL_SAFE.encode(jpeg(&s.pixels)?);
@@ -45,7 +45,7 @@ pub fn run(args: Args) -> Result<()> {
             }
             Ok(())
         })?;
-        cnclip_models::write_atomically(&args.out.join(format!("{split}_texts.jsonl")), |out| -> Result<()> {
+        cnclip_operators::write_atomically(&args.out.join(format!("{split}_texts.jsonl")), |out| -> Result<()> {
             for id in first..first + n {
                 // cn_clip's field order (serde_json's map would sort the keys).
                 let caption = serde_json::to_string(&sample(args.seed, id).caption)?;
@@ -71,10 +71,10 @@ pub fn run(args: Args) -> Result<()> {
         std::fs::create_dir_all(&dir)?;
         let path = dir.join(format!("{}.jpg", counts[s.label]));
         let bytes = jpeg(&s.pixels)?;
-        cnclip_models::write_atomically(&path, |out| Ok::<_, anyhow::Error>(out.write_all(&bytes)?))?;
+        cnclip_operators::write_atomically(&path, |out| Ok::<_, anyhow::Error>(out.write_all(&bytes)?))?;
         counts[s.label] += 1;
     }
-    cnclip_models::write_atomically(&zeroshot.join("label_cn.txt"), |out| -> Result<()> {
+    cnclip_operators::write_atomically(&zeroshot.join("label_cn.txt"), |out| -> Result<()> {
         for label in &labels {
             writeln!(out, "{label}")?;
         }

@@ -7,7 +7,7 @@
 use std::io::{BufRead, BufWriter, Write};
 
 use anyhow::{Context, Result};
-use cnclip_models::{DEFAULT_CONTEXT_LENGTH, Tokenizer, preprocess_text};
+use cnclip_operators::transforms::tokenizer::{DEFAULT_CONTEXT_LENGTH, Tokenizer, preprocess_text};
 
 #[derive(clap::Args)]
 pub struct Args {

@@ -3,10 +3,8 @@
 /// Errors from loading vocabularies, configs and checkpoints.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("vocabulary {source_name}: {reason}")]
-    Vocab { source_name: String, reason: String },
-    #[error("context length {0} is too small: it must hold [CLS] and [SEP] (at least 2)")]
-    ContextLength(usize),
+    #[error(transparent)]
+    Tokenizer(#[from] crate::tokenizer::Error),
     #[error("model config: {0}")]
     Config(String),
     #[error("{0}")]

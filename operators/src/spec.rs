@@ -171,10 +171,10 @@ fn default_resolution() -> usize {
     224
 }
 fn default_context_length() -> usize {
-    cnclip_models::DEFAULT_CONTEXT_LENGTH
+    crate::transforms::tokenizer::DEFAULT_CONTEXT_LENGTH
 }
 fn default_max_pixels() -> u64 {
-    cnclip_models::preprocess::DEFAULT_MAX_PIXELS
+    crate::decoders::image::DEFAULT_MAX_PIXELS
 }
 
 /// The kinds a node may have.

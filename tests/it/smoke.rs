@@ -254,8 +254,8 @@ print(json.dumps({"top": sorted(c), "all_module": all(k.startswith("module.") fo
 /// `schemas` and `pipeline` must build without the native stack (issue #2): notebooks and light
 /// tools depend on them alone.
 #[test]
-fn schemas_and_pipeline_do_not_depend_on_libtorch_or_faiss() {
-    for package in ["cnclip-schemas", "cnclip-pipeline"] {
+fn schemas_pipeline_and_operators_do_not_depend_on_libtorch_or_faiss() {
+    for package in ["cnclip-schemas", "cnclip-pipeline", "cnclip-operators"] {
         let output = std::process::Command::new(env!("CARGO"))
             .args(["tree", "--offline", "-e", "normal,build", "--prefix", "none", "-p", package])
             .current_dir(cnclip_tests::workspace_root())
@@ -268,4 +268,28 @@ fn schemas_and_pipeline_do_not_depend_on_libtorch_or_faiss() {
             assert!(!tree.contains(native), "{package} depends on {native}:\n{tree}");
         }
     }
+}
+
+/// `cnclip` itself links no libtorch (its data commands start in milliseconds and run without
+/// torch installed); the model commands it hands to `cnclip-torch` still work through it.
+#[test]
+fn cnclip_links_no_libtorch_and_forwards_model_commands() {
+    let bin = cnclip_tests::cnclip_bin();
+    let output = std::process::Command::new("readelf").arg("-d").arg(&bin).output().expect("readelf (binutils) runs");
+    let dynamic = String::from_utf8_lossy(&output.stdout);
+    assert!(dynamic.contains("(NEEDED)"), "{dynamic}");
+    for torch in ["libtorch", "libc10", "libstdc++"] {
+        assert!(!dynamic.contains(torch), "cnclip needs {torch}:\n{dynamic}");
+    }
+    let torch_bin = bin.with_file_name("cnclip-torch");
+    let output = std::process::Command::new("readelf").arg("-d").arg(&torch_bin).output().unwrap();
+    assert!(String::from_utf8_lossy(&output.stdout).contains("libtorch_cpu"), "cnclip-torch should link libtorch");
+    // Through cnclip: help and errors of a model command come from cnclip-torch, named cnclip.
+    let help = std::process::Command::new(&bin).args(["convert", "--help"]).output().unwrap();
+    assert!(help.status.success(), "{}", String::from_utf8_lossy(&help.stderr));
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("Usage: cnclip convert"), "{help}");
+    let bad = std::process::Command::new(&bin).args(["benchmark", "encode", "--no-such-flag"]).output().unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--no-such-flag"), "{}", String::from_utf8_lossy(&bad.stderr));
 }

@@ -8,7 +8,7 @@
 
 pub mod hf;
 pub mod own;
-pub mod pickle;
+pub use cnclip_operators::decoders::pickle;
 pub mod torch_save;
 
 pub use torch_save::save_cn_clip;

@@ -1,3 +1,6 @@
-//! Decoders: base64 fields to bytes (images are decoded by `cnclip_models::preprocess`).
+//! Decoders: base64 fields to bytes, image bytes to pixels (`image`), and cn_clip's pickles
+//! (`pickle`, a restricted reader that never executes code).
 
 pub mod base64;
+pub mod image;
+pub mod pickle;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use arrow::array::{ArrayBuilder, ArrayRef, Int64Builder, StringBuilder};
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
-use cnclip_models::checkpoint::pickle::{self, Value};
+use crate::decoders::pickle::{self, Value};
 use lmdb::{Cursor, Environment, EnvironmentFlags, Transaction};
 
 use super::tsv::plausible_base64;

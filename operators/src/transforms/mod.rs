@@ -5,6 +5,7 @@
 pub mod base64;
 pub mod preprocess;
 pub mod tokenize;
+pub mod tokenizer;
 
 use std::sync::Arc;
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use arrow::array::{Array, BinaryArray, FixedSizeBinaryBuilder};
 use arrow::datatypes::{DataType, Field, SchemaRef};
 use arrow::record_batch::RecordBatch;
-use cnclip_models::preprocess::{Image, resize_to_rgb};
+use crate::decoders::image::{Image, resize_to_rgb};
 use cnclip_schemas::columns::{IMAGE, IMAGE_ID, PIXELS};
 use cnclip_schemas::metadata;
 use fast_image_resize::Resizer;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use arrow::array::{Array, FixedSizeListArray, Int64Array, StringArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
-use cnclip_models::{Tokenizer, preprocess_text};
+use super::tokenizer::{Tokenizer, preprocess_text};
 use cnclip_schemas::columns::{TEXT, TOKEN_IDS};
 
 use super::{Output, Transform, require};

@@ -19,7 +19,16 @@ use std::sync::OnceLock;
 use rustc_hash::FxHashMap;
 use unicode_normalization::UnicodeNormalization;
 
-use crate::error::{Error, Result};
+/// Errors building a tokenizer or encoding with it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("vocabulary {source_name}: {reason}")]
+    Vocab { source_name: String, reason: String },
+    #[error("context length {0} is too small: it must hold [CLS] and [SEP] (at least 2)")]
+    ContextLength(usize),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 mod unicode14;
 
@@ -29,7 +38,7 @@ pub const DEFAULT_CONTEXT_LENGTH: usize = 52;
 /// Maximum characters in one word before WordPiece gives up with `[UNK]` (as BERT's).
 const MAX_INPUT_CHARS_PER_WORD: usize = 200;
 
-static VOCAB_TXT: &str = include_str!("../../data/vocab.txt");
+static VOCAB_TXT: &str = include_str!("../../../data/vocab.txt");
 
 /// Buffers reused across calls on one thread, so tokenizing a text allocates nothing.
 #[derive(Default)]
@@ -56,7 +65,7 @@ pub struct Tokenizer {
 }
 
 impl Tokenizer {
-    /// The Chinese BERT vocabulary cn_clip ships (embedded; see `models/data/NOTICE`).
+    /// The Chinese BERT vocabulary cn_clip ships (embedded; see `operators/data/NOTICE`).
     pub fn chinese() -> &'static Tokenizer {
         static TOKENIZER: OnceLock<Tokenizer> = OnceLock::new();
         TOKENIZER.get_or_init(|| {

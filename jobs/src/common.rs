@@ -1,0 +1,36 @@
+//! What both binaries share: the allocator, logging set-up and exit codes.
+
+use std::process::ExitCode;
+
+/// mimalloc instead of glibc's malloc: the pipelines allocate and free many ~100 KB–5 MB
+/// buffers across threads, which glibc's per-thread arenas and dynamic mmap threshold keep as
+/// fragmented heap, so peak memory crept up with the length of a job.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Logs to stderr, filtered by `RUST_LOG`.
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// 0 on success (a closed stdout pipe, as in `cnclip tokenize … | head`, counts as success),
+/// 1 with the error chain on stderr otherwise.
+pub fn exit_code(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) if is_broken_pipe(&error) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("cnclip: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}

@@ -1,0 +1,50 @@
+//! `cnclip-torch`: the `cnclip` commands that run a model, linked with libtorch. Users type
+//! `cnclip COMMAND …`; `cnclip` execs this binary for these commands, so the model-free ones
+//! never pay libtorch's start-up (~0.2 s) or its ~120 MB of mapped code.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod benchmark;
+mod common;
+mod convert;
+mod model_args;
+mod similarity;
+
+#[derive(Parser)]
+#[command(name = "cnclip", version, about = "Chinese-CLIP model commands (run as `cnclip COMMAND`)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Image–text similarity with a checkpoint: cn_clip's README quick start as a command.
+    Similarity(similarity::Args),
+    /// Convert checkpoints between cn_clip's .pt and cnclip's self-describing .safetensors.
+    Convert(convert::Args),
+    /// Measure encode throughput (model only, random weights), e.g. against scripts/bench/encode.py.
+    #[command(subcommand)]
+    Benchmark(BenchmarkCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchmarkCommand {
+    /// Image and text encode throughput of one model on one device.
+    Encode(benchmark::Args),
+    /// Decode + preprocess throughput on one thread (base64, image decode, resize, normalise).
+    Preprocess(benchmark::PreprocessArgs),
+}
+
+fn main() -> ExitCode {
+    common::init_logging();
+    let result = match Cli::parse().command {
+        Command::Similarity(args) => similarity::run(args),
+        Command::Convert(args) => convert::run(args),
+        Command::Benchmark(BenchmarkCommand::Encode(args)) => benchmark::run(args),
+        Command::Benchmark(BenchmarkCommand::Preprocess(args)) => benchmark::run_preprocess(args),
+    };
+    common::exit_code(result)
+}
