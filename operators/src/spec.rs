@@ -256,8 +256,22 @@ impl NodeDef {
     }
 }
 
+/// `path` relative to `base` (the pipeline file's directory), with `.` and `..` folded
+/// lexically so messages show `demo/x.tsv`, not `examples/pipelines/../../demo/x.tsv`.
 fn resolve(base: &Path, path: &Path) -> PathBuf {
-    if path.is_absolute() { path.to_path_buf() } else { base.join(path) }
+    use std::path::Component;
+    let joined = if path.is_absolute() { path.to_path_buf() } else { base.join(path) };
+    let mut out = PathBuf::new();
+    for part in joined.components() {
+        match part {
+            Component::CurDir => {}
+            Component::ParentDir if matches!(out.components().next_back(), Some(Component::Normal(_))) => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    if out.as_os_str().is_empty() { PathBuf::from(".") } else { out }
 }
 
 fn resolve_patterns(base: &Path, patterns: &[String]) -> Vec<String> {
