@@ -1,11 +1,14 @@
 //! Pipeline operators: sources (TSV shards, JSONL, cn_clip LMDB, image folders, Parquet),
-//! decoders (base64, images), transforms (preprocess, tokenize, batch), encoders (CLIP on CPU or
-//! GPUs) and sinks (Parquet, cn_clip JSONL, LMDB).
+//! decoders (base64, images, pickles), transforms (preprocess, tokenize) and sinks (Parquet,
+//! cn_clip JSONL, TSV, LMDB), plus `spec`, which builds pipelines of them from TOML.
 //!
-//! Each component is a serde config with `build()` and the runtime operator it builds, one file
-//! per format under `sources/`, `decoders/`, `transforms/`, `encoders/` and `sinks/`. Record-level
+//! One file per format under `sources/`, `decoders/`, `transforms/` and `sinks/`. Record-level
 //! faults never stop a source: they come back as [`quarantine::Rejected`] and the job's
 //! [`quarantine::OnError`] policy decides.
+//!
+//! This crate links no libtorch (a test checks its dependency tree), so the `cnclip` binary,
+//! built on it, starts in milliseconds. Encoders, which run CLIP with tch, belong in
+//! `cnclip_models` as [`transforms::Transform`] implementations.
 
 pub mod decoders;
 pub mod error;
