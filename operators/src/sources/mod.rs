@@ -12,7 +12,6 @@ pub mod parquet;
 pub mod synth;
 pub mod tsv;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -197,23 +196,45 @@ impl IdBytesBatcher {
 ///
 /// # Errors
 /// IO errors naming `path` (a missing file is structural), or whatever `on_line` returns.
-pub(crate) fn for_each_trimmed_line(path: &Path, mut on_line: impl FnMut(usize, &[u8]) -> Result<()>) -> Result<()> {
-    let file = std::fs::File::open(path).map_err(io(path))?;
-    let mut reader = BufReader::with_capacity(1 << 20, file);
-    let mut line = Vec::new();
-    let mut number = 0usize;
-    loop {
-        line.clear();
-        if reader.read_until(b'\n', &mut line).map_err(io(path))? == 0 {
-            return Ok(());
-        }
-        number += 1;
-        let blank = |b: &u8| matches!(b, b' ' | b'\r' | b'\n');
+pub(crate) fn for_each_trimmed_line(path: &Path, on_line: impl FnMut(usize, &[u8]) -> Result<()>) -> Result<()> {
+    lines_with_buffer(path, 4 << 20, on_line)
+}
+
+fn lines_with_buffer(path: &Path, buffer_size: usize, mut on_line: impl FnMut(usize, &[u8]) -> Result<()>) -> Result<()> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).map_err(io(path))?;
+    // Lines are handed out as slices of one large buffer (no per-line copy); a line cut by the
+    // end of a read moves to the front, and a line longer than the buffer grows it.
+    let mut buffer = vec![0u8; buffer_size.max(1)];
+    let (mut filled, mut number) = (0usize, 0usize);
+    let blank = |b: &u8| matches!(b, b' ' | b'\r' | b'\n');
+    let mut emit = |line: &[u8], number: usize| -> Result<()> {
         let start = line.iter().position(|b| !blank(b)).unwrap_or(line.len());
         let end = line.iter().rposition(|b| !blank(b)).map_or(start, |e| e + 1);
-        if start < end {
-            on_line(number, &line[start..end])?;
+        if start < end { on_line(number, &line[start..end]) } else { Ok(()) }
+    };
+    loop {
+        if filled == buffer.len() {
+            buffer.resize(buffer.len() * 2, 0);
         }
+        let read = file.read(&mut buffer[filled..]).map_err(io(path))?;
+        let end_of_file = read == 0;
+        filled += read;
+        let mut start = 0;
+        while let Some(at) = memchr::memchr(b'\n', &buffer[start..filled]) {
+            number += 1;
+            emit(&buffer[start..start + at], number)?;
+            start += at + 1;
+        }
+        if end_of_file {
+            if start < filled {
+                number += 1;
+                emit(&buffer[start..filled], number)?;
+            }
+            return Ok(());
+        }
+        buffer.copy_within(start..filled, 0);
+        filled -= start;
     }
 }
 
@@ -263,6 +284,23 @@ impl SeenIds {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lines_cut_by_reads_or_longer_than_the_buffer_come_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lines.txt");
+        let long = "x".repeat(50);
+        std::fs::write(&path, format!("a b\r\n\n  \n{long}\nc\td \nlast")).unwrap();
+        for buffer in [1, 3, 7, 64, 4096] {
+            let mut seen = Vec::new();
+            lines_with_buffer(&path, buffer, |n, line| {
+                seen.push(format!("{n}:{}", String::from_utf8_lossy(line)));
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(seen, ["1:a b", format!("4:{long}").as_str(), "5:c\td", "6:last"], "buffer of {buffer} bytes");
+        }
+    }
 
     #[test]
     fn shards_parse_and_partition_the_records() {
