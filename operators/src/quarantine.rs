@@ -2,7 +2,7 @@
 //! (`quarantine.jsonl`, one object per rejected record, or a `.parquet` table — both with the
 //! `quarantine` contract's columns: `source`, `location`, `id`, `reason`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use arrow::array::{ArrayRef, StringBuilder};
@@ -75,14 +75,6 @@ fn quarantine_batch(rows: &[Rejected]) -> Result<RecordBatch> {
 impl Quarantine {
     pub fn new(policy: OnError, path: PathBuf) -> Self {
         Quarantine { policy, path, state: Mutex::new(State::default()) }
-    }
-
-    pub fn policy(&self) -> OnError {
-        self.policy
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     fn open(&self) -> Result<Output> {

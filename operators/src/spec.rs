@@ -482,11 +482,6 @@ impl Pipeline {
         }
     }
 
-    /// The output schema of node `name`.
-    pub fn schema(&self, name: &str) -> Option<&SchemaRef> {
-        self.schemas.get(name)
-    }
-
     /// Runs the pipeline to completion on a fresh runtime.
     ///
     /// # Errors
@@ -668,8 +663,7 @@ fn build_op(kind: &str, table: &toml::Table, base: &Path) -> Result<Op, Vec<Stri
         "image_folder" => {
             let c: FolderConfig = config(table)?;
             let root = dir(&c.path, "image folder")?;
-            crate::sources::folder::classes(&root).map_err(|e| vec![e.to_string()])?;
-            Op::Source(Box::new(ImageFolderSource { root }))
+            Op::Source(Box::new(ImageFolderSource::open(root).map_err(|e| vec![e.to_string()])?))
         }
         "parquet" => {
             let c: ParquetConfig = config(table)?;

@@ -84,19 +84,22 @@ pub fn entries(root: &Path) -> Result<Vec<Entry>> {
     Ok(entries)
 }
 
-/// The class names of `label_cn.txt` (one per line, as cn_clip's zero-shot script reads it).
-///
-/// # Errors
-/// IO errors reading it.
-pub fn label_names(path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).map_err(io(path))?;
-    Ok(text.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect())
+/// A zero-shot image folder (the directory holding the class folders) as a source of
+/// `labeled_images` batches. The folder is walked once, when the source is opened.
+pub struct ImageFolderSource {
+    root: PathBuf,
+    entries: Vec<Entry>,
 }
 
-/// A zero-shot image folder (the directory holding the class folders) as a source of
-/// `labeled_images` batches.
-pub struct ImageFolderSource {
-    pub root: PathBuf,
+impl ImageFolderSource {
+    /// Lists the set under `root`.
+    ///
+    /// # Errors
+    /// When `root` has no class folders or cannot be walked.
+    pub fn open(root: PathBuf) -> Result<Self> {
+        let entries = entries(&root)?;
+        Ok(ImageFolderSource { root, entries })
+    }
 }
 
 impl Source for ImageFolderSource {
@@ -105,7 +108,7 @@ impl Source for ImageFolderSource {
     }
 
     fn estimated_records(&self) -> Option<u64> {
-        entries(&self.root).ok().map(|e| e.len() as u64)
+        Some(self.entries.len() as u64)
     }
 
     fn schema(&self) -> SchemaRef {
@@ -117,13 +120,12 @@ impl Source for ImageFolderSource {
         let (mut ids, mut images, mut labels, mut paths) =
             (Int64Builder::new(), BinaryBuilder::new(), Int64Builder::new(), StringBuilder::new());
         let mut bytes = 0;
-        let entries = entries(&self.root)?;
         let mut flush = |ids: &mut Int64Builder, images: &mut BinaryBuilder, labels: &mut Int64Builder, paths: &mut StringBuilder| {
             let columns: Vec<ArrayRef> =
                 vec![Arc::new(ids.finish()), Arc::new(images.finish()), Arc::new(labels.finish()), Arc::new(paths.finish())];
             emit(RecordBatch::try_new(schema.clone(), columns).map_err(|e| Error::Internal(e.to_string()))?)
         };
-        for (k, entry) in entries.iter().enumerate() {
+        for (k, entry) in self.entries.iter().enumerate() {
             if !ctx.shard.owns(k as u64) {
                 continue;
             }

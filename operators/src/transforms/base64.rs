@@ -6,12 +6,11 @@ use std::sync::Arc;
 use arrow::array::{Array, BinaryArray, BinaryBuilder};
 use arrow::datatypes::{DataType, Field, SchemaRef};
 use arrow::record_batch::RecordBatch;
-use cnclip_schemas::columns::{IMAGE, IMAGE_BASE64, IMAGE_ID};
+use cnclip_schemas::columns::{IMAGE, IMAGE_BASE64};
 
-use super::{Output, Transform, id_text, rebuild, replace_field, require};
+use super::{Output, Transform, rebuild, reject_image, replace_field, require};
 use crate::decoders::base64::decode_into;
 use crate::error::Result;
-use crate::quarantine::Rejected;
 
 pub struct DecodeBase64;
 
@@ -24,7 +23,6 @@ impl Transform for DecodeBase64 {
     fn apply(&self, batch: &RecordBatch, source: &str) -> Result<Output> {
         let schema = self.output_schema(&batch.schema()).map_err(crate::error::Error::Internal)?;
         let index = batch.schema().index_of(IMAGE_BASE64).expect("checked by output_schema");
-        let id_column = batch.schema().index_of(IMAGE_ID).ok();
         let values = batch.column(index).as_any().downcast_ref::<BinaryArray>().expect("checked by output_schema");
         let mut out = BinaryBuilder::with_capacity(values.len(), values.value_data().len() / 4 * 3);
         let (mut scratch, mut decoded) = (Vec::new(), Vec::new());
@@ -36,13 +34,8 @@ impl Transform for DecodeBase64 {
                     keep.push(row as u32);
                 }
                 result => {
-                    let id = id_text(batch, id_column, row);
-                    rejected.push(Rejected {
-                        source: source.to_string(),
-                        location: format!("image {}", id.as_deref().unwrap_or("?")),
-                        id,
-                        reason: result.err().unwrap_or_else(|| "empty image value".into()),
-                    });
+                    let reason = result.err().unwrap_or_else(|| "empty image value".into());
+                    rejected.push(reject_image(batch, row, source, reason));
                 }
             }
         }

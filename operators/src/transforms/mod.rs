@@ -1,6 +1,6 @@
 //! Transforms: batch → batch functions that run on the worker pool (base64 and image
-//! decoding, preprocessing, tokenizing). Rows a transform cannot process come back as [`Rejected`] and the
-//! rest of the batch goes on.
+//! decoding, preprocessing, tokenizing). Rows a transform cannot process come back as
+//! [`Rejected`] and the rest of the batch goes on.
 
 pub mod base64;
 pub mod preprocess;
@@ -76,8 +76,12 @@ pub(crate) fn rebuild(batch: &RecordBatch, schema: SchemaRef, index: usize, keep
     RecordBatch::try_new(schema, columns).map_err(|e| Error::Internal(e.to_string()))
 }
 
-/// The `image_id` of row `row`, as text for a quarantine record.
-pub(crate) fn id_text(batch: &RecordBatch, id_column: Option<usize>, row: usize) -> Option<String> {
-    let ids = batch.column(id_column?).as_any().downcast_ref::<arrow::array::Int64Array>()?;
-    Some(ids.value(row).to_string())
+/// The rejection of image row `row` of `batch` (named by its `image_id` when it has one).
+pub(crate) fn reject_image(batch: &RecordBatch, row: usize, source: &str, reason: String) -> Rejected {
+    let id = batch
+        .schema()
+        .index_of(cnclip_schemas::columns::IMAGE_ID)
+        .ok()
+        .and_then(|i| batch.column(i).as_any().downcast_ref::<arrow::array::Int64Array>().map(|ids| ids.value(row).to_string()));
+    Rejected { source: source.to_string(), location: format!("image {}", id.as_deref().unwrap_or("?")), id, reason }
 }

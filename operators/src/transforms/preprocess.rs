@@ -9,13 +9,12 @@ use arrow::array::{Array, BinaryArray, FixedSizeBinaryBuilder};
 use arrow::datatypes::{DataType, Field, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use crate::decoders::image::{Image, resize_to_rgb};
-use cnclip_schemas::columns::{IMAGE, IMAGE_ID, PIXELS};
+use cnclip_schemas::columns::{IMAGE, PIXELS};
 use cnclip_schemas::metadata;
 use fast_image_resize::Resizer;
 
-use super::{Output, Transform, id_text, rebuild, replace_field, require};
+use super::{Output, Transform, rebuild, reject_image, replace_field, require};
 use crate::error::{Error, Result};
-use crate::quarantine::Rejected;
 
 /// In which order the RGB conversion and the resize happen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
@@ -70,7 +69,6 @@ impl Transform for Preprocess {
     fn apply(&self, batch: &RecordBatch, source: &str) -> Result<Output> {
         let schema = self.output_schema(&batch.schema()).map_err(Error::Internal)?;
         let index = batch.schema().index_of(IMAGE).expect("checked by output_schema");
-        let id_column = batch.schema().index_of(IMAGE_ID).ok();
         let images = batch.column(index).as_any().downcast_ref::<BinaryArray>().expect("checked by output_schema");
         let bytes = 3 * self.resolution * self.resolution;
         let mut out = FixedSizeBinaryBuilder::with_capacity(images.len(), bytes as i32);
@@ -82,15 +80,7 @@ impl Transform for Preprocess {
                     out.append_value(&rgb).map_err(|e| Error::Internal(e.to_string()))?;
                     keep.push(row as u32);
                 }
-                Err(reason) => {
-                    let id = id_text(batch, id_column, row);
-                    rejected.push(Rejected {
-                        source: source.to_string(),
-                        location: format!("image {}", id.as_deref().unwrap_or("?")),
-                        id,
-                        reason,
-                    });
-                }
+                Err(reason) => rejected.push(reject_image(batch, row, source, reason)),
             }
         }
         let batch = rebuild(batch, schema, index, &keep, Arc::new(out.finish()))?;
