@@ -273,3 +273,77 @@ fn lmdb_source_reads_cn_clip_databases() {
     assert_eq!(pairs, expected_pairs);
     assert_eq!(lmdb::counts(&split).unwrap(), (20, expected_pairs.len() as u64));
 }
+
+/// The bulk loader's files (no LMDB transaction writes them) against py-lmdb, the library
+/// cn_clip reads them with: a tree three levels deep of inline and overflow values is iterated
+/// in key order and looked up key by key; then py-lmdb deletes and inserts in it, and LMDB (via
+/// lmdb-rkv) reads back exactly the expected contents. Values are derived from their keys
+/// (`key` repeated to the length written in the key), so each side checks them on its own.
+#[test]
+fn bulk_loaded_lmdb_is_read_and_extended_by_py_lmdb() {
+    use cnclip_operators::sinks::lmdb::LmdbWriter;
+    use lmdb::{Cursor, Transaction};
+    use rand::{Rng, SeedableRng};
+
+    fn value_of(key: &[u8]) -> Vec<u8> {
+        let len: usize = std::str::from_utf8(key).unwrap().split('/').nth(1).unwrap().parse().unwrap();
+        key.iter().copied().cycle().take(len).collect()
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(46);
+    let mut keys = Vec::new();
+    let mut writer = LmdbWriter::create(dir.path()).unwrap();
+    for i in 0..5000 {
+        let len = if rng.random_bool(0.3) { rng.random_range(2_000..40_000) } else { rng.random_range(0..1_500) };
+        let long = if rng.random_bool(0.2) { "x".repeat(rng.random_range(100..400)) } else { String::new() };
+        let key = format!("{:05}/{len}/{long}", (i * 7919) % 5000).into_bytes();
+        writer.put(&key, &value_of(&key)).unwrap();
+        keys.push(key);
+    }
+    writer.finish().unwrap();
+
+    let script = r#"
+import json, lmdb, sys
+def value_of(key):
+    n = int(key.split(b"/")[1])
+    return (key * (n // len(key) + 1))[:n]
+path = sys.argv[1]
+env = lmdb.open(path, readonly=True, lock=False)
+with env.begin() as txn:
+    keys = [bytes(k) for k, v in txn.cursor() if bytes(v) == value_of(bytes(k))]
+    looked_up = sum(txn.get(k) == value_of(k) for k in keys)
+    stat = txn.stat()
+env.close()
+report = {"good": len(keys), "sorted": keys == sorted(keys), "looked_up": looked_up, "depth": stat["depth"], "entries": stat["entries"]}
+env = lmdb.open(path, map_size=1 << 30)
+with env.begin(write=True) as txn:
+    for k in keys[::3]:
+        txn.delete(k)
+    for i in range(1000):
+        k = b"%05d/%d/new" % (5000 + i, (i * 37) % 9000)
+        txn.put(k, value_of(k))
+env.close()
+print(json.dumps(report))
+"#;
+    let report: serde_json::Value = serde_json::from_str(&python(script, &[dir.path().to_str().unwrap()], "")).unwrap();
+    assert_eq!(report["good"], 5000, "{report}");
+    assert_eq!(report["sorted"], true, "{report}");
+    assert_eq!(report["looked_up"], 5000, "{report}");
+    assert_eq!(report["entries"], 5000, "{report}");
+    assert!(report["depth"].as_u64().unwrap() >= 3, "{report}");
+
+    keys.sort();
+    let mut expected: Vec<Vec<u8>> = keys.iter().enumerate().filter(|(i, _)| i % 3 != 0).map(|(_, k)| k.clone()).collect();
+    expected.extend((0..1000).map(|i| format!("{:05}/{}/new", 5000 + i, (i * 37) % 9000).into_bytes()));
+    expected.sort();
+    let env = lmdb::Environment::new().open(dir.path()).unwrap();
+    let db = env.open_db(None).unwrap();
+    let txn = env.begin_ro_txn().unwrap();
+    let mut cursor = txn.open_ro_cursor(db).unwrap();
+    let mut read = Vec::new();
+    for (key, value) in cursor.iter_start().map(Result::unwrap) {
+        assert_eq!(value, &value_of(key)[..], "value of {}", String::from_utf8_lossy(key));
+        read.push(key.to_vec());
+    }
+    assert_eq!(read, expected);
+}

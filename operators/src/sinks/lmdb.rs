@@ -1,126 +1,16 @@
-//! Writes LMDB databases as py-lmdb writes cn_clip's (default database, plain byte keys and
-//! values), readable by cn_clip's `LMDBDataset` / `EvalImgDataset` and by lmdb-rkv.
+//! cn_clip's LMDB databases (default database, plain byte keys and values), readable by
+//! cn_clip's `LMDBDataset` / `EvalImgDataset`, py-lmdb and lmdb-rkv.
 //!
-//! Unlike `build_lmdb_dataset.py`'s fixed 1 TiB map (cn_clip #281: sparse files that some
-//! filesystems refuse), the map starts small and doubles whenever a commit does not fit. Puts
-//! are buffered and committed in ~64 MiB transactions, and the environment is synced once at
-//! the end rather than on every commit.
+//! Written by the bulk loader in [`super::lmdb_bulk`] rather than through LMDB transactions: a
+//! value is written once, straight to its pages, and the file is synced once at the end. The
+//! map size recorded is about twice the file, not `build_lmdb_dataset.py`'s fixed 1 TiB
+//! (cn_clip #281: sparse files that some filesystems refuse).
 
 use std::path::{Path, PathBuf};
 
-use lmdb::{Environment, EnvironmentFlags, Transaction, WriteFlags};
+use crate::error::{Error, Result};
 
-use crate::error::{Error, Result, io};
-
-const INITIAL_MAP_SIZE: usize = 64 << 20;
-const COMMIT_BYTES: usize = 64 << 20;
-
-pub struct LmdbWriter {
-    env: Environment,
-    path: PathBuf,
-    map_size: usize,
-    /// Buffered puts: keys and values back to back in one arena (reused across commits, so a
-    /// long build does not allocate and fault in fresh pages for every record), and the
-    /// `(key end, value end)` offsets of each put.
-    arena: Vec<u8>,
-    pending: Vec<(usize, usize)>,
-    pending_bytes: usize,
-    /// Sum of key and value bytes written, for sizing the map.
-    written_bytes: usize,
-}
-
-impl LmdbWriter {
-    /// Creates (or opens) the LMDB directory `path`.
-    ///
-    /// # Errors
-    /// IO or LMDB errors naming `path`.
-    pub fn create(path: &Path) -> Result<Self> {
-        std::fs::create_dir_all(path).map_err(io(path))?;
-        let env = Environment::new()
-            .set_map_size(INITIAL_MAP_SIZE)
-            .set_flags(EnvironmentFlags::NO_SYNC | EnvironmentFlags::NO_META_SYNC)
-            .open(path)
-            .map_err(|source| Error::Lmdb { path: path.display().to_string(), source })?;
-        Ok(LmdbWriter { env, path: path.to_path_buf(), map_size: INITIAL_MAP_SIZE, arena: Vec::new(), pending: Vec::new(), pending_bytes: 0, written_bytes: 0 })
-    }
-
-    fn lmdb_err(&self) -> impl Fn(lmdb::Error) -> Error + '_ {
-        |source| Error::Lmdb { path: self.path.display().to_string(), source }
-    }
-
-    /// Stores `value` under `key` (replacing an earlier value, as py-lmdb's `put`).
-    ///
-    /// # Errors
-    /// LMDB errors when a buffered batch is committed.
-    pub fn put(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
-        self.pending_bytes += key.len() + value.len();
-        if self.arena.capacity() == 0 {
-            // Sized once for a whole commit: growing by doubling would copy and fault in
-            // about twice the commit size before the first commit.
-            self.arena.reserve(COMMIT_BYTES + (1 << 20));
-        }
-        self.arena.extend_from_slice(key);
-        let key_end = self.arena.len();
-        self.arena.extend_from_slice(value);
-        self.pending.push((key_end, self.arena.len()));
-        if self.pending_bytes >= COMMIT_BYTES { self.commit() } else { Ok(()) }
-    }
-
-    fn commit(&mut self) -> Result<()> {
-        if self.pending.is_empty() {
-            return Ok(());
-        }
-        loop {
-            // Keep the map comfortably above what is stored (B-tree pages add overhead).
-            let needed = (self.written_bytes + self.pending_bytes) * 2 + INITIAL_MAP_SIZE;
-            if needed > self.map_size {
-                self.grow(needed)?;
-            }
-            let result = self.try_commit();
-            match result {
-                Ok(()) => break,
-                Err(lmdb::Error::MapFull) => {
-                    let doubled = self.map_size * 2;
-                    self.grow(doubled)?;
-                }
-                Err(e) => return Err(self.lmdb_err()(e)),
-            }
-        }
-        self.written_bytes += self.pending_bytes;
-        self.pending.clear();
-        self.arena.clear();
-        self.pending_bytes = 0;
-        Ok(())
-    }
-
-    /// Puts everything pending in one transaction; a full map aborts it (nothing is written).
-    fn try_commit(&self) -> Result<(), lmdb::Error> {
-        let db = self.env.open_db(None)?;
-        let mut txn = self.env.begin_rw_txn()?;
-        let mut start = 0;
-        for &(key_end, value_end) in &self.pending {
-            txn.put(db, &&self.arena[start..key_end], &&self.arena[key_end..value_end], WriteFlags::empty())?;
-            start = value_end;
-        }
-        txn.commit()
-    }
-
-    fn grow(&mut self, size: usize) -> Result<()> {
-        let size = size.next_power_of_two();
-        self.env.set_map_size(size).map_err(self.lmdb_err())?;
-        self.map_size = size;
-        Ok(())
-    }
-
-    /// Commits what is buffered and syncs the database to disk.
-    ///
-    /// # Errors
-    /// LMDB errors.
-    pub fn finish(mut self) -> Result<()> {
-        self.commit()?;
-        self.env.sync(true).map_err(self.lmdb_err())
-    }
-}
+pub use super::lmdb_bulk::LmdbWriter;
 
 /// `pickle.dumps((image_id, text_id, text))` as Python 3.8+ writes it (protocol 4, framed),
 /// byte for byte, for the values of cn_clip's `pairs` database.
@@ -320,13 +210,16 @@ mod tests {
         assert_eq!(long.len(), 11 + 0x13d);
     }
 
+    /// The map size recorded covers the file, so LMDB opens a database bigger than its default
+    /// 10 MiB map without being told a size.
     #[test]
-    fn map_grows_past_its_initial_size() {
+    fn a_database_over_the_default_map_size_opens_with_default_settings() {
+        use lmdb::Transaction;
         let dir = tempfile::tempdir().unwrap();
         let mut writer = LmdbWriter::create(dir.path()).unwrap();
         let value = vec![7u8; 1 << 20];
         for i in 0..150u32 {
-            writer.put(i.to_string().as_bytes(), &value).unwrap(); // 150 MiB > the 64 MiB start
+            writer.put(i.to_string().as_bytes(), &value).unwrap();
         }
         writer.finish().unwrap();
         let env = lmdb::Environment::new().open(dir.path()).unwrap();

@@ -5,6 +5,7 @@
 
 pub mod jsonl;
 pub mod lmdb;
+pub mod lmdb_bulk;
 pub mod parquet;
 pub mod tsv;
 

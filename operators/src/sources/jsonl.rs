@@ -25,8 +25,22 @@ pub struct TextLine {
     pub image_ids: Vec<i64>,
 }
 
+/// A well-formed line, deserialized without building a JSON tree.
+#[derive(serde::Deserialize)]
+struct Fast<'a> {
+    text_id: i64,
+    #[serde(borrow)]
+    text: std::borrow::Cow<'a, str>,
+    image_ids: Vec<i64>,
+}
+
 fn parse(line: &[u8]) -> Result<TextLine, (Option<String>, String)> {
     let text = std::str::from_utf8(line).map_err(|e| (None, format!("not valid UTF-8 ({e})")))?;
+    // Typed first (the common case); anything it refuses goes the slow way, which says why
+    // (or accepts what it takes, e.g. a repeated field: the last one wins, as in Python).
+    if let Ok(fast) = serde_json::from_str::<Fast<'_>>(text) {
+        return Ok(TextLine { text_id: fast.text_id, text: fast.text.into_owned(), image_ids: fast.image_ids });
+    }
     let value: Value = serde_json::from_str(text).map_err(|e| (None, format!("malformed JSON: {e}")))?;
     let id = value.get("text_id").map(|v| v.to_string());
     let fail = |reason: String| (id.clone(), reason);

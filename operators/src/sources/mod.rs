@@ -192,7 +192,7 @@ impl IdBytesBatcher {
 
 /// Calls `on_line(number, line)` for each non-blank line of `path` (1-based numbers, line end
 /// and surrounding spaces trimmed — not tabs, which separate TSV fields: `7<TAB>` is an image
-/// with an empty value, not a line without one), reading in 1 MiB buffers.
+/// with an empty value, not a line without one), read ahead on a thread in 4 MiB buffers.
 ///
 /// # Errors
 /// IO errors naming `path` (a missing file is structural), or whatever `on_line` returns.
@@ -202,40 +202,78 @@ pub(crate) fn for_each_trimmed_line(path: &Path, on_line: impl FnMut(usize, &[u8
 
 fn lines_with_buffer(path: &Path, buffer_size: usize, mut on_line: impl FnMut(usize, &[u8]) -> Result<()>) -> Result<()> {
     use std::io::Read;
+    use std::sync::mpsc::sync_channel;
     let mut file = std::fs::File::open(path).map_err(io(path))?;
-    // Lines are handed out as slices of one large buffer (no per-line copy); a line cut by the
-    // end of a read moves to the front, and a line longer than the buffer grows it.
-    let mut buffer = vec![0u8; buffer_size.max(1)];
-    let (mut filled, mut number) = (0usize, 0usize);
     let blank = |b: &u8| matches!(b, b' ' | b'\r' | b'\n');
-    let mut emit = |line: &[u8], number: usize| -> Result<()> {
+    let mut number = 0usize;
+    let mut emit = |line: &[u8]| -> Result<()> {
+        number += 1;
         let start = line.iter().position(|b| !blank(b)).unwrap_or(line.len());
         let end = line.iter().rposition(|b| !blank(b)).map_or(start, |e| e + 1);
         if start < end { on_line(number, &line[start..end]) } else { Ok(()) }
     };
-    loop {
-        if filled == buffer.len() {
-            buffer.resize(buffer.len() * 2, 0);
+    // A thread of its own reads ahead into one of two buffers (copying out of the page cache)
+    // while the lines of the other are handed out as slices of it, with no per-line copy; only a
+    // line cut by the end of a read is gathered in `carry`. Returning early (an error from
+    // `on_line`) drops the channels, which stops the reader; the scope joins it.
+    std::thread::scope(|scope| {
+        let (full_tx, full_rx) = sync_channel::<std::io::Result<Vec<u8>>>(1);
+        let (empty_tx, empty_rx) = sync_channel::<Vec<u8>>(2);
+        for _ in 0..2 {
+            empty_tx.send(Vec::new()).expect("room for both buffers");
         }
-        let read = file.read(&mut buffer[filled..]).map_err(io(path))?;
-        let end_of_file = read == 0;
-        filled += read;
-        let mut start = 0;
-        while let Some(at) = memchr::memchr(b'\n', &buffer[start..filled]) {
-            number += 1;
-            emit(&buffer[start..start + at], number)?;
-            start += at + 1;
-        }
-        if end_of_file {
-            if start < filled {
-                number += 1;
-                emit(&buffer[start..filled], number)?;
+        std::thread::Builder::new()
+            .name("line-reader".into())
+            .spawn_scoped(scope, move || {
+                for mut buffer in empty_rx {
+                    buffer.resize(buffer_size.max(1), 0);
+                    let read = loop {
+                        match file.read(&mut buffer) {
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                            other => break other,
+                        }
+                    };
+                    let done = !matches!(read, Ok(n) if n > 0);
+                    let chunk = read.map(|n| {
+                        buffer.truncate(n);
+                        buffer
+                    });
+                    if full_tx.send(chunk).is_err() || done {
+                        return;
+                    }
+                }
+            })
+            .map_err(io(path))?;
+        let mut carry: Vec<u8> = Vec::new();
+        loop {
+            let chunk = full_rx.recv().map_err(|_| Error::Internal(format!("{}: the reading thread stopped", path.display())))?;
+            let chunk = chunk.map_err(io(path))?;
+            if chunk.is_empty() {
+                return if carry.is_empty() { Ok(()) } else { emit(&carry) };
             }
-            return Ok(());
+            let mut start = 0;
+            if !carry.is_empty() {
+                match memchr::memchr(b'\n', &chunk) {
+                    Some(at) => {
+                        carry.extend_from_slice(&chunk[..at]);
+                        emit(&carry)?;
+                        carry.clear();
+                        start = at + 1;
+                    }
+                    None => {
+                        carry.extend_from_slice(&chunk);
+                        start = chunk.len();
+                    }
+                }
+            }
+            while let Some(at) = memchr::memchr(b'\n', &chunk[start..]) {
+                emit(&chunk[start..start + at])?;
+                start += at + 1;
+            }
+            carry.extend_from_slice(&chunk[start..]);
+            let _ = empty_tx.send(chunk);
         }
-        buffer.copy_within(start..filled, 0);
-        filled -= start;
-    }
+    })
 }
 
 /// Numbers a source's records in reading order and says which belong to this job's shard.
@@ -300,6 +338,23 @@ mod tests {
             .unwrap();
             assert_eq!(seen, ["1:a b", format!("4:{long}").as_str(), "5:c\td", "6:last"], "buffer of {buffer} bytes");
         }
+    }
+
+    /// An error from the consumer stops the read-ahead thread and comes back as it was.
+    #[test]
+    fn a_failing_consumer_stops_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lines.txt");
+        std::fs::write(&path, "line\n".repeat(100_000)).unwrap();
+        let mut calls = 0;
+        let result = lines_with_buffer(&path, 64, |n, _| {
+            calls += 1;
+            if n == 3 { Err(Error::Record { location: format!("line {n}"), reason: "stop".into() }) } else { Ok(()) }
+        });
+        assert_eq!(result.unwrap_err().to_string(), "line 3: stop (--on-error fail)");
+        assert_eq!(calls, 3);
+        let missing = lines_with_buffer(&dir.path().join("nope"), 64, |_, _| Ok(())).unwrap_err().to_string();
+        assert!(missing.contains("nope"), "{missing}");
     }
 
     #[test]
