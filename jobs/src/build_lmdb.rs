@@ -42,6 +42,10 @@ pub struct Args {
     on_error: OnError,
 }
 
+/// What one LMDB writer may hold (its default), and all of a split's writers together.
+const WRITER_MEMORY: usize = 80 << 20;
+const WRITERS_MEMORY: usize = 256 << 20;
+
 struct Shard {
     imgs: LmdbWriter,
     pairs: LmdbWriter,
@@ -78,11 +82,13 @@ fn build_split(args: &Args, lmdb_dir: &Path, split: &str) -> Result<()> {
     let tmp_dir = lmdb_dir.join(format!(".{split}.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp_dir);
     let shard_dir = |i: usize| if args.shards == 1 { tmp_dir.clone() } else { tmp_dir.join(format!("shard_{i:03}")) };
+    // Every shard's two writers are open at once: they share a memory budget.
+    let memory = (WRITERS_MEMORY / (2 * args.shards)).min(WRITER_MEMORY);
     let mut shards = (0..args.shards)
         .map(|i| {
             Ok(Shard {
-                imgs: LmdbWriter::create(&shard_dir(i).join("imgs"))?,
-                pairs: LmdbWriter::create(&shard_dir(i).join("pairs"))?,
+                imgs: LmdbWriter::create(&shard_dir(i).join("imgs"))?.with_memory(memory),
+                pairs: LmdbWriter::create(&shard_dir(i).join("pairs"))?.with_memory(memory),
                 num_images: 0,
                 num_samples: 0,
             })

@@ -126,8 +126,10 @@ pub struct LmdbWriter {
     spill_path: PathBuf,
     spilled_bytes: u64,
     entries: u64,
-    /// Pending bytes that trigger a spill ([`RUN_BYTES`]; smaller in tests).
+    /// Pending bytes that trigger a spill ([`RUN_BYTES`] by default).
     run_bytes: usize,
+    /// Bytes per write chunk ([`CHUNK`] by default).
+    chunk: usize,
 }
 
 impl LmdbWriter {
@@ -160,7 +162,18 @@ impl LmdbWriter {
             spilled_bytes: 0,
             entries: 0,
             run_bytes: RUN_BYTES,
+            chunk: CHUNK,
         })
+    }
+
+    /// Caps what this writer holds in memory at about `bytes` (default ~80 MiB: 64 MiB of
+    /// pending keys and small values before a sorted run is spilled, and the write chunks), for
+    /// jobs that keep many writers open at once (`build-lmdb --shards N`). At least 2 MiB.
+    pub fn with_memory(mut self, bytes: usize) -> Self {
+        let bytes = bytes.max(2 << 20);
+        self.run_bytes = bytes * 4 / 5;
+        self.chunk = ((bytes / 5 / CHUNKS) / PAGE * PAGE).clamp(16 * PAGE, CHUNK);
+        self
     }
 
     fn data_path(&self) -> PathBuf {
@@ -208,7 +221,7 @@ impl LmdbWriter {
         let pad = pages as usize * PAGE - HEADER - value.len();
         if self.appender.is_none() {
             let file = self.file.take().ok_or_else(|| Error::Internal("LMDB writer used after an error".into()))?;
-            self.appender = Some(Appender::new(file, &self.data_path(), self.next_page * PAGE as u64, self.direct));
+            self.appender = Some(Appender::new(file, &self.data_path(), self.next_page * PAGE as u64, self.direct, self.chunk));
         }
         let appender = self.appender.as_mut().expect("started");
         let sent = appender.append(&header).and_then(|()| appender.append(value)).and_then(|()| appender.append(&ZEROS[..pad]));
@@ -335,7 +348,7 @@ impl Drop for LmdbWriter {
     }
 }
 
-/// Appends bytes to a file from a thread of its own, in [`CHUNK`]-sized writes, so writing
+/// Appends bytes to a file from threads of its own, in chunks (4 MiB by default), so writing
 /// overlaps with producing the bytes (reading and checking the input): the job takes about as
 /// long as the slower of the two, not the sum. At most [`CHUNKS`] chunks exist, so a slow disk
 /// holds the producer back.
@@ -356,25 +369,31 @@ struct Appender {
     threads: Vec<JoinHandle<std::io::Result<()>>>,
 }
 
+/// Default chunk size.
 const CHUNK: usize = 4 << 20;
 /// Chunks written at once: two requests in flight keep a fast disk busier than one.
 const WRITERS: usize = 2;
 const CHUNKS: usize = WRITERS + 2;
 
-/// Up to [`CHUNK`] bytes starting at a page-aligned address, as `O_DIRECT` needs, and the
-/// file offset they go to. (Filled by appending, so the buffer is never zeroed first.)
+/// Up to `size` bytes starting at a page-aligned address, as `O_DIRECT` needs, and the file
+/// offset they go to. (Filled by appending, so the buffer is never zeroed first.)
 struct Chunk {
     raw: Vec<u8>,
     start: usize,
+    size: usize,
     offset: u64,
 }
 
 impl Chunk {
-    fn new() -> Self {
-        let mut raw: Vec<u8> = Vec::with_capacity(CHUNK + PAGE);
+    fn new(size: usize) -> Self {
+        let mut raw: Vec<u8> = Vec::with_capacity(size + PAGE);
         let start = raw.as_ptr().align_offset(PAGE).min(PAGE);
         raw.resize(start, 0);
-        Chunk { raw, start, offset: 0 }
+        Chunk { raw, start, size, offset: 0 }
+    }
+
+    fn is_full(&self) -> bool {
+        self.len() == self.size
     }
 
     fn len(&self) -> usize {
@@ -387,7 +406,7 @@ impl Chunk {
 
     /// Copies in as much of `bytes` as fits; returns how much.
     fn fill(&mut self, bytes: &[u8]) -> usize {
-        let n = (CHUNK - self.len()).min(bytes.len());
+        let n = (self.size - self.len()).min(bytes.len());
         self.raw.extend_from_slice(&bytes[..n]);
         n
     }
@@ -431,9 +450,10 @@ fn write_chunk(chunk: &Chunk, direct: &mut Option<File>, file: &File) -> std::io
 }
 
 impl Appender {
-    /// Appends to `file` (at `path`) from `offset`; [`finish`](Self::finish) hands `file`
-    /// back with its cursor at the end. `direct`: try `O_DIRECT` writes.
-    fn new(file: File, path: &Path, offset: u64, direct: bool) -> Self {
+    /// Appends to `file` (at `path`) from `offset` in chunks of `chunk` bytes (a multiple of
+    /// [`PAGE`]); [`finish`](Self::finish) hands `file` back with its cursor at the end.
+    /// `direct`: try `O_DIRECT` writes.
+    fn new(file: File, path: &Path, offset: u64, direct: bool, chunk: usize) -> Self {
         let file = Arc::new(file);
         let (full_tx, full_rx) = sync_channel::<Chunk>(CHUNKS);
         let (empty_tx, empty_rx) = sync_channel::<Chunk>(CHUNKS);
@@ -456,14 +476,14 @@ impl Appender {
                     .expect("spawning an LMDB writer thread")
             })
             .collect();
-        Appender { current: Chunk::new(), offset, file: Some(file), full: Some(full_tx), empty: empty_rx, made: 1, threads }
+        Appender { current: Chunk::new(chunk), offset, file: Some(file), full: Some(full_tx), empty: empty_rx, made: 1, threads }
     }
 
     fn append(&mut self, mut bytes: &[u8]) -> Result<(), Stopped> {
         while !bytes.is_empty() {
             let n = self.current.fill(bytes);
             bytes = &bytes[n..];
-            if self.current.len() == CHUNK {
+            if self.current.is_full() {
                 self.send()?;
             }
         }
@@ -475,7 +495,7 @@ impl Appender {
             Ok(chunk) => chunk,
             Err(_) if self.made < CHUNKS => {
                 self.made += 1;
-                Chunk::new()
+                Chunk::new(self.current.size)
             }
             Err(_) => self.empty.recv().map_err(|_| Stopped)?,
         };
@@ -839,9 +859,15 @@ mod tests {
         write_with(dir, entries, run_bytes, true)
     }
 
+    /// `run_bytes` 0: `with_memory(2 MiB)` (small chunks and runs) instead of setting it.
     fn write_with(dir: &Path, entries: &[(Vec<u8>, Vec<u8>)], run_bytes: usize, direct: bool) -> Result<()> {
         let mut writer = LmdbWriter::create_with(dir, direct)?;
-        writer.run_bytes = run_bytes;
+        if run_bytes == 0 {
+            writer = writer.with_memory(2 << 20);
+            assert_eq!((writer.run_bytes, writer.chunk), ((2 << 20) * 4 / 5, 25 * PAGE));
+        } else {
+            writer.run_bytes = run_bytes;
+        }
         for (k, v) in entries {
             writer.put(k, v)?;
         }
@@ -852,7 +878,7 @@ mod tests {
     /// for trees three levels deep, in memory and through spilled runs.
     #[test]
     fn lmdb_reads_back_every_entry() {
-        for (n, run_bytes, direct) in [(1, RUN_BYTES, true), (3000, RUN_BYTES, true), (3000, 50_000, true), (3000, RUN_BYTES, false)] {
+        for (n, run_bytes, direct) in [(1, RUN_BYTES, true), (3000, RUN_BYTES, true), (3000, 50_000, true), (3000, RUN_BYTES, false), (3000, 0, true)] {
             let dir = tempfile::tempdir().unwrap();
             let entries = random_entries(n, n as u64 + run_bytes as u64);
             write_with(dir.path(), &entries, run_bytes, direct).unwrap();
@@ -916,9 +942,9 @@ mod tests {
         std::fs::write(&path, b"").unwrap();
         for direct in [false, true] {
             let read_only = File::open(&path).unwrap();
-            let mut appender = Appender::new(read_only, &dir.path().join("not-there"), 0, direct);
+            let mut appender = Appender::new(read_only, &dir.path().join("not-there"), 0, direct, 16 * PAGE);
             let page = vec![1u8; PAGE];
-            let stopped = (0..(CHUNKS + 2) * CHUNK / PAGE).any(|_| appender.append(&page).is_err());
+            let stopped = (0..(CHUNKS + 2) * 16).any(|_| appender.append(&page).is_err());
             let error = appender.finish().unwrap_err();
             assert!(stopped || error.raw_os_error() == Some(libc::EBADF), "{error}");
             assert_eq!(error.raw_os_error(), Some(libc::EBADF), "direct {direct}: {error}");
