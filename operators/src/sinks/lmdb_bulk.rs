@@ -3,14 +3,15 @@
 //!
 //! Going through LMDB's write transactions costs three user-space copies of every value (our
 //! buffer, LMDB's dirty pages, the kernel's page cache) and a B-tree insert per key in random
-//! order. Here a value too big for a leaf node is written once, straight from the caller's slice
-//! to its overflow pages at the end of the file, in arrival order; only keys, page numbers and
-//! the small values are kept, sorted (in memory, or in sorted runs spilled to disk past
-//! [`RUN_BYTES`], so memory stays bounded for any corpus size), and turned into full leaf pages
-//! and the branch levels above them at [`LmdbWriter::finish`]. The result is an ordinary
-//! LMDB 0.9 environment (data version 1, 4 KiB pages, default database only, as py-lmdb makes
-//! with `lmdb.open(path)`): py-lmdb, lmdb-rkv and `mdb_stat` read it, and LMDB can keep writing
-//! to it. The layout mirrors what LMDB itself leaves after its first commit: meta page 0 holds
+//! order. Here a value too big for a leaf node is copied once, in arrival order, into the page
+//! image of its overflow pages at the end of the file, and written by background threads (see
+//! [`Appender`]: `O_DIRECT` where allowed, so the disk takes it straight from that buffer); only
+//! keys, page numbers and the small values are kept, sorted (in memory, or in sorted runs
+//! spilled to disk past [`RUN_BYTES`], so memory stays bounded for any corpus size), and turned
+//! into full leaf pages and the branch levels above them at [`LmdbWriter::finish`]. The result
+//! is an ordinary LMDB 0.9 environment (data version 1, 4 KiB pages, default database only, as
+//! py-lmdb makes with `lmdb.open(path)`): py-lmdb and lmdb-rkv read it, and LMDB can keep
+//! writing to it (both tested). The layout mirrors what LMDB itself leaves after its first commit: meta page 0 holds
 //! the empty database (txn 0), meta page 1 the loaded one (txn 1), the free list is empty, and
 //! `last_pg` is the last page written.
 //!
@@ -196,7 +197,7 @@ impl LmdbWriter {
         let Ok(len) = u32::try_from(value.len()) else {
             return Err(self.format_error(format!("value of key {} is {} bytes; LMDB stores < 4 GiB", String::from_utf8_lossy(key), value.len())));
         };
-        self.starts.push(self.pending.len());
+        let start = self.pending.len();
         if NODE_HEADER + key.len() + value.len() > NODE_MAX {
             let pgno = self.next_page;
             self.write_overflow(pgno, value)?;
@@ -204,6 +205,7 @@ impl LmdbWriter {
         } else {
             encode(&mut self.pending, key, Value::Inline(value));
         }
+        self.starts.push(start);
         self.entries += 1;
         if self.pending.len() + self.starts.len() * 8 >= self.run_bytes {
             self.spill_run()?;
