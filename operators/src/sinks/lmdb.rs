@@ -2,9 +2,10 @@
 //! cn_clip's `LMDBDataset` / `EvalImgDataset`, py-lmdb and lmdb-rkv.
 //!
 //! Written by the bulk loader in [`super::lmdb_bulk`] rather than through LMDB transactions: a
-//! value is written once, straight to its pages, and the file is synced once at the end. The
-//! map size recorded is about twice the file, not `build_lmdb_dataset.py`'s fixed 1 TiB
-//! (cn_clip #281: sparse files that some filesystems refuse).
+//! value is copied once into its page image and written by background threads, and the file
+//! is synced once at the end. The map size recorded is about twice the file, not
+//! `build_lmdb_dataset.py`'s fixed 1 TiB (cn_clip #281: sparse files that some filesystems
+//! refuse).
 
 use std::path::{Path, PathBuf};
 
