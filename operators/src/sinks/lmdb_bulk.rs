@@ -292,32 +292,30 @@ impl LmdbWriter {
             }
         } else {
             self.spill_run()?;
-            let spill = self.spill.take().expect("runs were spilled");
+            let mut spill = self.spill.take().expect("runs were spilled");
+            // Merge FAN_IN runs at a time into longer ones (appended to the same file) until
+            // few enough are left to merge into the tree: open files and buffers stay bounded.
+            while self.runs.len() > FAN_IN {
+                spill.flush().map_err(io(&self.spill_path))?;
+                let group: Vec<_> = self.runs.drain(..FAN_IN).collect();
+                let start = self.spilled_bytes;
+                merge_runs(&self.spill_path, &group, |record| {
+                    self.spilled_bytes += record.len() as u64;
+                    spill.write_all(record).map_err(io(&self.spill_path))
+                })?;
+                self.runs.push((start, self.spilled_bytes - start));
+            }
             spill.into_inner().map_err(|e| io(&self.spill_path)(e.into_error()))?;
-            let mut heads = Vec::with_capacity(self.runs.len());
-            for &(start, len) in &self.runs {
-                let mut file = File::open(&self.spill_path).map_err(io(&self.spill_path))?;
-                file.seek(SeekFrom::Start(start)).map_err(io(&self.spill_path))?;
-                heads.push(RunReader { reader: BufReader::with_capacity(256 << 10, file.take(len)), record: Vec::new() });
-            }
-            let mut heap = BinaryHeap::new();
-            for (i, head) in heads.iter_mut().enumerate() {
-                if head.next().map_err(io(&self.spill_path))? {
-                    heap.push(Reverse((head.key().to_vec(), i)));
-                }
-            }
             let mut previous: Option<Vec<u8>> = None;
-            while let Some(Reverse((key, i))) = heap.pop() {
-                if previous.as_deref() == Some(&key[..]) {
-                    return Err(duplicate(&self.dir, &key));
+            merge_runs(&self.spill_path, &self.runs, |record| {
+                let (key, value, _) = decode(record);
+                if previous.as_deref() == Some(key) {
+                    return Err(duplicate(&self.dir, key));
                 }
-                let (_, value, _) = decode(&heads[i].record);
-                tree.add(&mut file, &key, value).map_err(io(&data_path))?;
-                previous = Some(key);
-                if heads[i].next().map_err(io(&self.spill_path))? {
-                    heap.push(Reverse((heads[i].key().to_vec(), i)));
-                }
-            }
+                tree.add(&mut file, key, value).map_err(io(&data_path))?;
+                previous = Some(key.to_vec());
+                Ok(())
+            })?;
             let _ = std::fs::remove_file(&self.spill_path);
         }
         let main = tree.finish(&mut file, self.overflow_pages, self.entries).map_err(io(&data_path))?;
@@ -552,6 +550,33 @@ fn start_writeback(file: &File, from: u64, to: u64) {
     }
     #[cfg(not(target_os = "linux"))]
     let _ = (file, from, to);
+}
+
+/// Most runs merged at once.
+const FAN_IN: usize = 64;
+
+/// Calls `each` with every record of the sorted `runs` of `path`, in key order (equal keys in
+/// run order).
+fn merge_runs(path: &Path, runs: &[(u64, u64)], mut each: impl FnMut(&[u8]) -> Result<()>) -> Result<()> {
+    let mut heads = Vec::with_capacity(runs.len());
+    for &(start, len) in runs {
+        let mut file = File::open(path).map_err(io(path))?;
+        file.seek(SeekFrom::Start(start)).map_err(io(path))?;
+        heads.push(RunReader { reader: BufReader::with_capacity(256 << 10, file.take(len)), record: Vec::new() });
+    }
+    let mut heap = BinaryHeap::new();
+    for (i, head) in heads.iter_mut().enumerate() {
+        if head.next().map_err(io(path))? {
+            heap.push(Reverse((head.key().to_vec(), i)));
+        }
+    }
+    while let Some(Reverse((_, i))) = heap.pop() {
+        each(&heads[i].record)?;
+        if heads[i].next().map_err(io(path))? {
+            heap.push(Reverse((heads[i].key().to_vec(), i)));
+        }
+    }
+    Ok(())
 }
 
 fn duplicate(dir: &Path, key: &[u8]) -> Error {
@@ -880,7 +905,7 @@ mod tests {
     /// for trees three levels deep, in memory and through spilled runs.
     #[test]
     fn lmdb_reads_back_every_entry() {
-        for (n, run_bytes, direct) in [(1, RUN_BYTES, true), (3000, RUN_BYTES, true), (3000, 50_000, true), (3000, RUN_BYTES, false), (3000, 0, true)] {
+        for (n, run_bytes, direct) in [(1, RUN_BYTES, true), (3000, RUN_BYTES, true), (3000, 50_000, true), (3000, 2_000, true), (3000, RUN_BYTES, false), (3000, 0, true)] {
             let dir = tempfile::tempdir().unwrap();
             let entries = random_entries(n, n as u64 + run_bytes as u64);
             write_with(dir.path(), &entries, run_bytes, direct).unwrap();
