@@ -929,7 +929,26 @@ mod tests {
             }
             let pages = std::fs::metadata(dir.path().join("data.mdb")).unwrap().len() / PAGE as u64;
             assert_eq!(pages, 2 + (stat.branch_pages() + stat.leaf_pages() + stat.overflow_pages()) as u64, "every page is accounted for");
+
+            // LMDB itself, given the same puts, puts the same values on overflow pages (the
+            // inline/overflow rule and page counts are its own).
+            let reference = tempfile::tempdir().unwrap();
+            let lmdb_env = lmdb::Environment::new().set_map_size(1 << 30).open(reference.path()).unwrap();
+            let lmdb_db = lmdb_env.open_db(None).unwrap();
+            let mut txn = lmdb_env.begin_rw_txn().unwrap();
+            for (k, v) in &entries {
+                txn.put(lmdb_db, k, v, lmdb::WriteFlags::empty()).unwrap();
+            }
+            txn.commit().unwrap();
+            assert_eq!(lmdb_env.stat().unwrap().overflow_pages(), stat.overflow_pages());
         }
+    }
+
+    #[test]
+    fn an_empty_database_is_valid() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), &[], RUN_BYTES).unwrap();
+        assert_eq!(read_all(dir.path()), vec![]);
     }
 
     /// LMDB can go on writing to a loaded database: inserts split our full pages, deletes
