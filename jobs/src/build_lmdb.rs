@@ -14,7 +14,7 @@
 //! - `--shards N` splits a split into `shard_000 … shard_{N-1}` by `image_id mod N`, each
 //!   self-contained (a pair lives with its image) and readable by cn_clip on its own (#46).
 
-use std::collections::HashSet;
+use rustc_hash::FxHashSet;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -98,7 +98,7 @@ fn build_split(args: &Args, lmdb_dir: &Path, split: &str) -> Result<()> {
     let shard_of = |image_id: i64| image_id.rem_euclid(args.shards as i64) as usize;
 
     // Images first: pairs must point at images that exist.
-    let mut image_ids = HashSet::new();
+    let mut image_ids = FxHashSet::default();
     tsv::for_each_line(&images_path, |record| match record {
         Err(rejected) => quarantine.reject(rejected),
         Ok(line) if !image_ids.insert(line.image_id) => quarantine.reject(Rejected {
@@ -115,7 +115,7 @@ fn build_split(args: &Args, lmdb_dir: &Path, split: &str) -> Result<()> {
         }
     })?;
 
-    let mut text_ids = HashSet::new();
+    let mut text_ids = FxHashSet::default();
     jsonl::for_each_line(&texts_path, |record| {
         let text = match record {
             Err(rejected) => return quarantine.reject(rejected),
