@@ -20,6 +20,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use cnclip_operators::quarantine::{OnError, Quarantine, Rejected};
+use cnclip_operators::sinks::Staged;
 use cnclip_operators::sinks::lmdb::{LmdbWriter, pickle_pair};
 use cnclip_operators::sources::{jsonl, tsv};
 
@@ -81,6 +82,9 @@ fn build_split(args: &Args, lmdb_dir: &Path, split: &str) -> Result<()> {
     let final_dir = lmdb_dir.join(split);
     let tmp_dir = lmdb_dir.join(format!(".{split}.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp_dir);
+    // Declared before the writers, so a failure drops them (joining their threads) first and
+    // then removes the half-built directory.
+    let staged = Staged::new(tmp_dir.clone(), final_dir.clone());
     let shard_dir = |i: usize| if args.shards == 1 { tmp_dir.clone() } else { tmp_dir.join(format!("shard_{i:03}")) };
     // Every shard's two writers are open at once: they share a memory budget.
     let memory = (WRITERS_MEMORY / (2 * args.shards)).min(WRITER_MEMORY);
@@ -158,10 +162,7 @@ fn build_split(args: &Args, lmdb_dir: &Path, split: &str) -> Result<()> {
     }
     let quarantined = quarantine.count();
     quarantine.finish()?;
-    if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).with_context(|| format!("replacing {}", final_dir.display()))?;
-    }
-    std::fs::rename(&tmp_dir, &final_dir).with_context(|| format!("moving {} into place", final_dir.display()))?;
+    staged.commit().with_context(|| format!("moving {} into place", final_dir.display()))?;
     eprintln!(
         "cnclip build-lmdb: {split}: {images} images, {samples} pairs, {quarantined} quarantined{} → {} ({:.1} s)",
         if quarantined > 0 { format!(" (see {}/quarantine.jsonl)", final_dir.display()) } else { String::new() },

@@ -177,6 +177,8 @@ print(json.dumps({"imgs": sorted(imgs), "pairs": sorted(pickle.loads(v)[:2] for 
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("test_imgs.tsv line 2") && stderr.contains("not base64"), "{stderr}");
     assert!(!failed.join("test").exists());
+    let left: Vec<_> = std::fs::read_dir(&failed).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "a failed build leaves nothing behind: {left:?}");
 
     // A missing file is structural: always an error, naming it.
     let output = build_lmdb(&["--data-dir", data.to_str().unwrap(), "--splits", "nosuch", "--lmdb-dir", failed.to_str().unwrap()]);

@@ -45,7 +45,9 @@ pub struct Staged {
 }
 
 impl Staged {
-    pub(crate) fn new(tmp: std::path::PathBuf, path: std::path::PathBuf) -> Self {
+    /// `tmp` (a file or directory being written) is to become `path`: on [`commit`](Self::commit),
+    /// or removed if dropped uncommitted.
+    pub fn new(tmp: std::path::PathBuf, path: std::path::PathBuf) -> Self {
         Staged { tmp, path, done: false }
     }
 
