@@ -197,6 +197,11 @@ impl LmdbWriter {
         let Ok(len) = u32::try_from(value.len()) else {
             return Err(self.format_error(format!("value of key {} is {} bytes; LMDB stores < 4 GiB", String::from_utf8_lossy(key), value.len())));
         };
+        if self.pending.capacity() == 0 {
+            // Room for a whole run at once (plus the record that crosses the threshold): growing
+            // by doubling would copy it and leave the old buffer behind, up to twice the budget.
+            self.pending.reserve_exact(self.run_bytes + 2 * PAGE);
+        }
         let start = self.pending.len();
         if NODE_HEADER + key.len() + value.len() > NODE_MAX {
             let pgno = self.next_page;
