@@ -695,3 +695,39 @@ fn example_pipelines_run_on_the_demo_corpus() {
     assert_eq!(std::fs::read_to_string(tables.join("train_pairs.jsonl")).unwrap().lines().count(), 40);
     assert_eq!(rows("texts_tokens.parquet", "token_ids"), 50);
 }
+
+/// LMDB keys are unique: with deduplication turned off, an image id written twice into an
+/// `imgs` database stops the job naming the id, and no database is left behind; with it on (the
+/// default) the repeat is quarantined and the database holds the first one.
+#[test]
+fn a_repeated_id_written_to_lmdb_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::write(root.join("imgs.tsv"), "7\taGVsbG8=\n8\td29ybGQ=\n7\tYWdhaW4=\n").unwrap();
+    let pipeline = |dedupe: bool| {
+        let path = root.join(format!("p_{dedupe}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "[nodes.imgs]\nkind = \"tsv\"\npaths = [\"imgs.tsv\"]\ndedupe = {dedupe}\n\
+                 [nodes.out]\nkind = \"write_lmdb\"\ninput = \"imgs\"\npath = \"out_{dedupe}/imgs\"\ndatabase = \"imgs\"\n"
+            ),
+        )
+        .unwrap();
+        cnclip(&["run", path.to_str().unwrap()])
+    };
+    let failed = pipeline(false);
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(!failed.status.success());
+    assert!(stderr.contains("key 7 was put twice"), "{stderr}");
+    assert!(!root.join("out_false/imgs").exists());
+    assert!(std::fs::read_dir(root.join("out_false")).map_or(true, |mut d| d.next().is_none()), "leftovers in out_false");
+
+    ok(pipeline(true));
+    let stored = python(
+        "import lmdb, sys\nenv = lmdb.open(sys.argv[1], readonly=True, lock=False)\nwith env.begin() as txn:\n    print(sorted((bytes(k).decode(), bytes(v).decode()) for k, v in txn.cursor()))",
+        &[root.join("out_true/imgs").to_str().unwrap()],
+        "",
+    );
+    assert_eq!(stored.trim(), "[('7', 'aGVsbG8='), ('8', 'd29ybGQ='), ('num_images', '2')]");
+}
