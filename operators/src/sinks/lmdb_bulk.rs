@@ -243,13 +243,17 @@ impl LmdbWriter {
         Ok(())
     }
 
+    fn sort_pending(&mut self) {
+        let pending = &self.pending;
+        self.starts.sort_unstable_by(|&a, &b| record_key(pending, a).cmp(record_key(pending, b)));
+    }
+
     /// Sorts the pending records and appends them to the spill file as one run.
     fn spill_run(&mut self) -> Result<()> {
         if self.starts.is_empty() {
             return Ok(());
         }
-        let pending = &self.pending;
-        self.starts.sort_unstable_by(|&a, &b| record_key(pending, a).cmp(record_key(pending, b)));
+        self.sort_pending();
         if self.spill.is_none() {
             let file = File::create(&self.spill_path).map_err(io(&self.spill_path))?;
             self.spill = Some(BufWriter::with_capacity(1 << 20, file));
@@ -283,17 +287,23 @@ impl LmdbWriter {
             (None, None) => return Err(Error::Internal("LMDB writer used after an error".into())),
         };
         let mut tree = TreeBuilder::new(self.next_page);
+        let mut previous: Vec<u8> = Vec::new();
+        let dir = self.dir.clone();
+        // Records arrive in key order, from memory or from the merged runs.
+        let mut add = |record: &[u8]| -> Result<()> {
+            let (key, value, _) = decode(record);
+            if !previous.is_empty() && previous == key {
+                return Err(duplicate(&dir, key));
+            }
+            tree.add(&mut file, key, value).map_err(io(&data_path))?;
+            previous.clear();
+            previous.extend_from_slice(key);
+            Ok(())
+        };
         if self.runs.is_empty() {
-            let pending = &self.pending;
-            self.starts.sort_unstable_by(|&a, &b| record_key(pending, a).cmp(record_key(pending, b)));
-            let mut previous: Option<&[u8]> = None;
+            self.sort_pending();
             for &at in &self.starts {
-                let (key, value, _) = decode(&self.pending[at..]);
-                if previous == Some(key) {
-                    return Err(duplicate(&self.dir, key));
-                }
-                tree.add(&mut file, key, value).map_err(io(&data_path))?;
-                previous = Some(key);
+                add(&self.pending[at..])?;
             }
         } else {
             self.spill_run()?;
@@ -311,16 +321,7 @@ impl LmdbWriter {
                 self.runs.push((start, self.spilled_bytes - start));
             }
             spill.into_inner().map_err(|e| io(&self.spill_path)(e.into_error()))?;
-            let mut previous: Option<Vec<u8>> = None;
-            merge_runs(&self.spill_path, &self.runs, |record| {
-                let (key, value, _) = decode(record);
-                if previous.as_deref() == Some(key) {
-                    return Err(duplicate(&self.dir, key));
-                }
-                tree.add(&mut file, key, value).map_err(io(&data_path))?;
-                previous = Some(key.to_vec());
-                Ok(())
-            })?;
+            merge_runs(&self.spill_path, &self.runs, &mut add)?;
             let _ = std::fs::remove_file(&self.spill_path);
         }
         let main = tree.finish(&mut file, self.overflow_pages, self.entries).map_err(io(&data_path))?;
@@ -744,19 +745,15 @@ impl TreeBuilder {
     }
 
     fn add(&mut self, file: &mut File, key: &[u8], value: Value<'_>) -> std::io::Result<()> {
-        let (size, data, flags, len): (usize, &[u8], u16, u32);
         let pgno_bytes;
-        match value {
-            Value::Inline(v) => {
-                size = even(NODE_HEADER + key.len() + v.len());
-                (data, flags, len) = (v, 0, v.len() as u32);
-            }
-            Value::Overflow { pgno, len: l } => {
-                size = even(NODE_HEADER + key.len() + 8);
+        let (data, flags, len): (&[u8], u16, u32) = match value {
+            Value::Inline(v) => (v, 0, v.len() as u32),
+            Value::Overflow { pgno, len } => {
                 pgno_bytes = pgno.to_le_bytes();
-                (data, flags, len) = (&pgno_bytes, F_BIGDATA, l);
+                (&pgno_bytes, F_BIGDATA, len)
             }
-        }
+        };
+        let size = even(NODE_HEADER + key.len() + data.len());
         if self.leaf.count > 0 && size + 2 > self.leaf.room() {
             self.close_leaf(file)?;
         }
