@@ -13,9 +13,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-changed=../build-support/libtorch_rpath.rs");
     let Some(libtorch) = std::env::var_os("LIBTORCH") else {
-        println!(
-            "cargo:warning=LIBTORCH is not set: run scripts/setup.sh (binaries will need LD_LIBRARY_PATH)"
-        );
+        println!("cargo:warning=LIBTORCH is not set: run scripts/setup.sh (binaries will need LD_LIBRARY_PATH)");
         return;
     };
     let libtorch = PathBuf::from(libtorch);

@@ -112,6 +112,10 @@ pub fn run_preprocess(args: PreprocessArgs) -> Result<()> {
         checksum += pixels.double_value(&[0, 0, 0]);
     }
     let seconds = start.elapsed().as_secs_f64();
-    println!("cnclip preprocess: {} images in {seconds:.2} s, {:.1} images/s (1 thread; checksum {checksum:.3})", lines.len(), lines.len() as f64 / seconds);
+    println!(
+        "cnclip preprocess: {} images in {seconds:.2} s, {:.1} images/s (1 thread; checksum {checksum:.3})",
+        lines.len(),
+        lines.len() as f64 / seconds
+    );
     Ok(())
 }

@@ -145,7 +145,9 @@ fn build_split(args: &Args, lmdb_dir: &Path, split: &str) -> Result<()> {
                 continue;
             }
             let shard = &mut shards[shard_of(*image_id)];
-            shard.pairs.put(shard.num_samples.to_string().as_bytes(), &pickle_pair(*image_id, text.text_id, &text.text))?;
+            shard
+                .pairs
+                .put(shard.num_samples.to_string().as_bytes(), &pickle_pair(*image_id, text.text_id, &text.text))?;
             shard.num_samples += 1;
         }
         Ok(())

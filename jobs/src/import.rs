@@ -114,10 +114,20 @@ pub fn import(args: ImportArgs) -> Result<()> {
         let images_out = args.out.join(format!("{split}_images.parquet"));
         let defs = match (&args.data_dir, &args.lmdb_dir) {
             (Some(dir), _) => vec![
-                NodeDef::new("imgs_in", "tsv", None, table(&[("paths", paths(&dir.join(format!("{split}_imgs.tsv"))))])),
+                NodeDef::new(
+                    "imgs_in",
+                    "tsv",
+                    None,
+                    table(&[("paths", paths(&dir.join(format!("{split}_imgs.tsv"))))]),
+                ),
                 NodeDef::new("decode", "decode_base64", Some("imgs_in"), table(&[])),
                 NodeDef::new("images", "write_parquet", Some("decode"), table(&[("path", path(&images_out))])),
-                NodeDef::new("texts_in", "jsonl", None, table(&[("paths", paths(&dir.join(format!("{split}_texts.jsonl"))))])),
+                NodeDef::new(
+                    "texts_in",
+                    "jsonl",
+                    None,
+                    table(&[("paths", paths(&dir.join(format!("{split}_texts.jsonl"))))]),
+                ),
                 NodeDef::new(
                     "texts",
                     "write_parquet",
@@ -127,7 +137,8 @@ pub fn import(args: ImportArgs) -> Result<()> {
             ],
             (None, Some(dir)) => {
                 let split_dir = dir.join(split);
-                let lmdb = |db: &str| table(&[("path", path(&split_dir)), ("database", toml::Value::String(db.into()))]);
+                let lmdb =
+                    |db: &str| table(&[("path", path(&split_dir)), ("database", toml::Value::String(db.into()))]);
                 vec![
                     NodeDef::new("imgs_in", "lmdb", None, lmdb("imgs")),
                     NodeDef::new("decode", "decode_base64", Some("imgs_in"), table(&[])),
@@ -166,13 +177,31 @@ pub fn export(args: ExportArgs) -> Result<()> {
         match args.format {
             Format::Tsv => {
                 if texts_table == "pairs" {
-                    bail!("split `{split}`: {} does not exist (TSV export writes texts, not pairs)", parquet("texts").display());
+                    bail!(
+                        "split `{split}`: {} does not exist (TSV export writes texts, not pairs)",
+                        parquet("texts").display()
+                    );
                 }
-                defs.push(NodeDef::new("images", "write_tsv", Some("images_in"), table(&[("path", path(&args.out.join(format!("{split}_imgs.tsv"))))])));
-                defs.push(NodeDef::new("texts", "write_jsonl", Some(&texts_in), table(&[("path", path(&args.out.join(format!("{split}_texts.jsonl"))))])));
+                defs.push(NodeDef::new(
+                    "images",
+                    "write_tsv",
+                    Some("images_in"),
+                    table(&[("path", path(&args.out.join(format!("{split}_imgs.tsv"))))]),
+                ));
+                defs.push(NodeDef::new(
+                    "texts",
+                    "write_jsonl",
+                    Some(&texts_in),
+                    table(&[("path", path(&args.out.join(format!("{split}_texts.jsonl"))))]),
+                ));
             }
             Format::Lmdb => {
-                let lmdb = |db: &str| table(&[("path", path(&args.out.join(split).join(db))), ("database", toml::Value::String(db.into()))]);
+                let lmdb = |db: &str| {
+                    table(&[
+                        ("path", path(&args.out.join(split).join(db))),
+                        ("database", toml::Value::String(db.into())),
+                    ])
+                };
                 defs.push(NodeDef::new("images", "write_lmdb", Some("images_in"), lmdb("imgs")));
                 defs.push(NodeDef::new("pairs", "write_lmdb", Some(&texts_in), lmdb("pairs")));
             }

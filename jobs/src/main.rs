@@ -64,7 +64,10 @@ fn exec_torch(subcommand: &str, command: ModelCommand) -> Result<()> {
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe().context("locating the cnclip binary")?.with_file_name("cnclip-torch");
     if !exe.is_file() {
-        bail!("`cnclip {subcommand}` runs a model and needs {}, which is missing (install cnclip-torch beside cnclip)", exe.display());
+        bail!(
+            "`cnclip {subcommand}` runs a model and needs {}, which is missing (install cnclip-torch beside cnclip)",
+            exe.display()
+        );
     }
     let error = std::process::Command::new(&exe).arg0("cnclip").arg(subcommand).args(command.args).exec();
     Err(error).with_context(|| format!("starting {}", exe.display()))

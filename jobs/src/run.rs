@@ -30,7 +30,8 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let text = std::fs::read_to_string(&args.pipeline).with_context(|| format!("reading {}", args.pipeline.display()))?;
+    let text =
+        std::fs::read_to_string(&args.pipeline).with_context(|| format!("reading {}", args.pipeline.display()))?;
     let base = args.pipeline.parent().map(PathBuf::from).unwrap_or_default();
     let mut text_table: toml::Table = match text.parse() {
         Ok(t) => t,
@@ -43,14 +44,18 @@ pub fn run(args: Args) -> Result<()> {
             job.insert("shard".into(), toml::Value::String(shard.clone()));
         }
         if let Some(on_error) = args.on_error {
-            job.insert("on_error".into(), toml::Value::String(if on_error == OnError::Fail { "fail" } else { "skip" }.into()));
+            job.insert(
+                "on_error".into(),
+                toml::Value::String(if on_error == OnError::Fail { "fail" } else { "skip" }.into()),
+            );
         }
         if let Some(threads) = args.threads {
             job.insert("threads".into(), toml::Value::Integer(threads as i64));
         }
         if let Some(quarantine) = &args.quarantine {
             // Relative to the working directory, like every path on the command line.
-            let absolute = std::path::absolute(quarantine).with_context(|| format!("--quarantine {}", quarantine.display()))?;
+            let absolute =
+                std::path::absolute(quarantine).with_context(|| format!("--quarantine {}", quarantine.display()))?;
             job.insert("quarantine".into(), toml::Value::String(absolute.to_string_lossy().into_owned()));
         }
     }
@@ -58,7 +63,13 @@ pub fn run(args: Args) -> Result<()> {
         Ok(p) => p,
         Err(problems) => {
             let list: Vec<String> = problems.iter().map(|p| format!("  - {p}")).collect();
-            bail!("{}: {} problem{}:\n{}", args.pipeline.display(), problems.len(), if problems.len() == 1 { "" } else { "s" }, list.join("\n"));
+            bail!(
+                "{}: {} problem{}:\n{}",
+                args.pipeline.display(),
+                problems.len(),
+                if problems.len() == 1 { "" } else { "s" },
+                list.join("\n")
+            );
         }
     };
     if args.check {

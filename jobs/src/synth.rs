@@ -28,7 +28,8 @@ pub struct Args {
 }
 
 fn jpeg(pixels: &[u8]) -> Result<Vec<u8>> {
-    let image = turbojpeg::Image { pixels, width: SIZE, pitch: SIZE * 3, height: SIZE, format: turbojpeg::PixelFormat::RGB };
+    let image =
+        turbojpeg::Image { pixels, width: SIZE, pitch: SIZE * 3, height: SIZE, format: turbojpeg::PixelFormat::RGB };
     Ok(turbojpeg::compress(image, 90, turbojpeg::Subsamp::Sub2x2)?.to_vec())
 }
 
@@ -80,6 +81,11 @@ pub fn run(args: Args) -> Result<()> {
         }
         Ok(())
     })?;
-    eprintln!("cnclip synth: zero-shot: {} classes × {} images → {}", labels.len(), args.zeroshot_per_class, zeroshot.display());
+    eprintln!(
+        "cnclip synth: zero-shot: {} classes × {} images → {}",
+        labels.len(),
+        args.zeroshot_per_class,
+        zeroshot.display()
+    );
     Ok(())
 }

@@ -73,7 +73,10 @@ fn similarity_matches_cn_clip_quick_start() {
     let path = |name: &str| dir.path().join(name).display().to_string();
     let (checkpoint, config_file) = (path("model.pt"), path("config.json"));
     std::fs::write(&config_file, config).unwrap();
-    cnclip_tests::reference(&["build-model", "--config", config, "--seed", "4", "--perturb", "0.05", "--out", &checkpoint], "");
+    cnclip_tests::reference(
+        &["build-model", "--config", config, "--seed", "4", "--perturb", "0.05", "--out", &checkpoint],
+        "",
+    );
     let script = r#"
 import sys, numpy as np
 from PIL import Image
@@ -85,7 +88,18 @@ Image.fromarray(rng.integers(0, 255, (50, 40, 4), dtype=np.uint8), "RGBA").save(
     cnclip_tests::python(script, &[&jpg, &png], "");
     let texts = ["杰尼龟", "妙蛙种子", "小火龙", "皮卡丘"];
 
-    let mut args = vec!["similarity", "--resume", &checkpoint, "--model-config", &config_file, "--json", "--image", &jpg, &png, "--text"];
+    let mut args = vec![
+        "similarity",
+        "--resume",
+        &checkpoint,
+        "--model-config",
+        &config_file,
+        "--json",
+        "--image",
+        &jpg,
+        &png,
+        "--text",
+    ];
     args.extend(texts);
     let output = cnclip(&args, b"");
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
@@ -120,7 +134,11 @@ print(json.dumps({"image_features": image_features.tolist(), "text_features": te
     let theirs: serde_json::Value = serde_json::from_str(&cnclip_tests::python(quick_start, &py_args, "")).unwrap();
     for key in ["image_features", "text_features", "logits_per_image", "probs"] {
         let flat = |v: &serde_json::Value| -> Vec<f64> {
-            v.as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap())).collect()
+            v.as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()))
+                .collect()
         };
         let (a, b) = (flat(&ours[key]), flat(&theirs[key]));
         assert_eq!(a.len(), b.len(), "{key}");
@@ -139,7 +157,21 @@ fn synth_is_deterministic_and_cn_clip_reads_it() {
     let run = |name: &str, seed: &str| {
         let out = dir.path().join(name);
         let output = cnclip(
-            &["synth", "--out", out.to_str().unwrap(), "--train", "40", "--valid", "8", "--test", "8", "--zeroshot-per-class", "2", "--seed", seed],
+            &[
+                "synth",
+                "--out",
+                out.to_str().unwrap(),
+                "--train",
+                "40",
+                "--valid",
+                "8",
+                "--test",
+                "8",
+                "--zeroshot-per-class",
+                "2",
+                "--seed",
+                seed,
+            ],
             b"",
         );
         assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
@@ -166,7 +198,8 @@ print(json.dumps({"texts": len(texts), "keys": list(texts[0]), "size": image.siz
                   "classes": classes == [f"{i:03}" for i in range(len(labels))],
                   "lmdb": sorted(os.listdir(f"{data}/lmdb"))}))
 "#;
-    let report: serde_json::Value = serde_json::from_str(&cnclip_tests::python(script, &[a.to_str().unwrap()], "")).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&cnclip_tests::python(script, &[a.to_str().unwrap()], "")).unwrap();
     assert_eq!(
         report,
         serde_json::json!({"texts": 40, "keys": ["text_id", "text", "image_ids"], "size": [96, 96], "labels": 18,
@@ -180,7 +213,22 @@ print(json.dumps({"texts": len(texts), "keys": list(texts[0]), "size": image.siz
 fn import_writes_parquet_tables_pyarrow_reads() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let output = cnclip(&["synth", "--out", data.to_str().unwrap(), "--train", "30", "--valid", "0", "--test", "0", "--zeroshot-per-class", "1"], b"");
+    let output = cnclip(
+        &[
+            "synth",
+            "--out",
+            data.to_str().unwrap(),
+            "--train",
+            "30",
+            "--valid",
+            "0",
+            "--test",
+            "0",
+            "--zeroshot-per-class",
+            "1",
+        ],
+        b"",
+    );
     assert!(output.status.success());
     {
         use std::io::Write;
@@ -188,7 +236,10 @@ fn import_writes_parquet_tables_pyarrow_reads() {
         writeln!(tsv, "77\tnot*base64").unwrap();
     }
     let out = dir.path().join("tables");
-    let output = cnclip(&["import", "--data-dir", data.to_str().unwrap(), "--splits", "train", "--out", out.to_str().unwrap()], b"");
+    let output = cnclip(
+        &["import", "--data-dir", data.to_str().unwrap(), "--splits", "train", "--out", out.to_str().unwrap()],
+        b"",
+    );
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert!(String::from_utf8_lossy(&output.stderr).contains("30 images, 30 texts, 1 quarantined"));
     let script = r#"
@@ -207,6 +258,8 @@ ok_texts = [(t["text_id"], t["text"], t["image_ids"]) for t in jsonl] == list(zi
 quarantine = [json.loads(l) for l in open(f"{out}/train_quarantine.jsonl")]
 print(json.dumps({"images": ok_images, "texts": ok_texts, "quarantine": [q["location"] for q in quarantine]}))
 "#;
-    let report: serde_json::Value = serde_json::from_str(&cnclip_tests::python(script, &[data.to_str().unwrap(), out.to_str().unwrap()], "")).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&cnclip_tests::python(script, &[data.to_str().unwrap(), out.to_str().unwrap()], ""))
+            .unwrap();
     assert_eq!(report, serde_json::json!({"images": true, "texts": true, "quarantine": ["line 31"]}));
 }

@@ -31,7 +31,9 @@ pub fn device(name: &str) -> Result<Device> {
         },
     };
     if !load_cuda_backend() {
-        return Err(Error::Device(format!("device `{name}`: libtorch_cuda.so could not be loaded (CPU-only libtorch?)")));
+        return Err(Error::Device(format!(
+            "device `{name}`: libtorch_cuda.so could not be loaded (CPU-only libtorch?)"
+        )));
     }
     let count = tch::Cuda::device_count() as usize;
     if index >= count {

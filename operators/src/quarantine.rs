@@ -60,7 +60,8 @@ enum Output {
 const PARQUET_BATCH: usize = 8192;
 
 fn quarantine_batch(rows: &[Rejected]) -> Result<RecordBatch> {
-    let (mut source, mut location, mut id, mut reason) = (StringBuilder::new(), StringBuilder::new(), StringBuilder::new(), StringBuilder::new());
+    let (mut source, mut location, mut id, mut reason) =
+        (StringBuilder::new(), StringBuilder::new(), StringBuilder::new(), StringBuilder::new());
     for row in rows {
         source.append_value(&row.source);
         location.append_value(&row.location);

@@ -58,10 +58,10 @@ use crate::sources::lmdb::{Database, LmdbSource};
 use crate::sources::parquet::ParquetSource;
 use crate::sources::tsv::TsvSource;
 use crate::sources::{ReadContext, Shard, Source, expand_paths};
+use crate::transforms::Transform;
 use crate::transforms::base64::DecodeBase64;
 use crate::transforms::preprocess::{Order, Preprocess};
 use crate::transforms::tokenize::Tokenize;
-use crate::transforms::Transform;
 
 /// Job-wide settings (`[job]`).
 #[derive(Debug, Clone, Deserialize)]
@@ -76,7 +76,13 @@ pub struct JobSettings {
 
 impl Default for JobSettings {
     fn default() -> Self {
-        JobSettings { on_error: OnError::Skip, quarantine: "quarantine.jsonl".into(), shard: "0/1".into(), batch_rows: 256, threads: 0 }
+        JobSettings {
+            on_error: OnError::Skip,
+            quarantine: "quarantine.jsonl".into(),
+            shard: "0/1".into(),
+            batch_rows: 256,
+            threads: 0,
+        }
     }
 }
 
@@ -284,7 +290,8 @@ impl Pipeline {
     /// # Errors
     /// Every problem found, one line each.
     pub fn parse(text: &str, base: &Path) -> Result<Self, Vec<String>> {
-        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| vec![e.to_string().trim_end().to_string()])?;
+        let table: toml::Table =
+            text.parse().map_err(|e: toml::de::Error| vec![e.to_string().trim_end().to_string()])?;
         let mut problems = Vec::new();
         let mut settings = JobSettings::default();
         let mut defs = Vec::new();
@@ -304,7 +311,9 @@ impl Pipeline {
                             Ok(_) => {
                                 good.insert(key, value);
                             }
-                            Err(e) => problems.push(format!("[job]: {key}: {}", e.to_string().trim_end().replace('\n', " "))),
+                            Err(e) => {
+                                problems.push(format!("[job]: {key}: {}", e.to_string().trim_end().replace('\n', " ")))
+                            }
                         }
                     }
                     settings = toml::Value::Table(good).try_into().expect("every key checked");
@@ -339,7 +348,9 @@ impl Pipeline {
                     }
                 }
                 ("nodes", _) => problems.push("`nodes` must be a table of [nodes.NAME] tables".into()),
-                (other, _) => problems.push(format!("unknown top-level key `{other}` (expected [job] and [nodes.NAME])")),
+                (other, _) => {
+                    problems.push(format!("unknown top-level key `{other}` (expected [job] and [nodes.NAME])"))
+                }
             }
         }
         if defs.is_empty() && problems.is_empty() {
@@ -374,7 +385,8 @@ impl Pipeline {
             let name = &def.name;
             let mut problem = |p: String| problems.push(format!("node `{name}`: {p}"));
             let is_source = SOURCE_KINDS.contains(&def.kind.as_str());
-            let known = is_source || TRANSFORM_KINDS.contains(&def.kind.as_str()) || SINK_KINDS.contains(&def.kind.as_str());
+            let known =
+                is_source || TRANSFORM_KINDS.contains(&def.kind.as_str()) || SINK_KINDS.contains(&def.kind.as_str());
             if !known {
                 problem(format!(
                     "unknown kind `{}` (sources: {}; transforms: {}; sinks: {})",
@@ -389,7 +401,9 @@ impl Pipeline {
                 (Some(_), true) => problem(format!("a `{}` source takes no input", def.kind)),
                 (None, false) => problem(format!("missing `input` (the node whose output `{}` reads)", def.kind)),
                 (Some(input), false) if input == name => problem("reads from itself".into()),
-                (Some(input), false) if !names.contains(input.as_str()) => problem(format!("reads from unknown node `{input}`")),
+                (Some(input), false) if !names.contains(input.as_str()) => {
+                    problem(format!("reads from unknown node `{input}`"))
+                }
                 _ => {}
             }
             match build_op(&def.kind, &def.config, base) {
@@ -405,7 +419,10 @@ impl Pipeline {
             if is_sink && readers > 0 {
                 problems.push(format!("node `{}` is a sink: nothing can read from it", def.name));
             } else if produces && readers == 0 {
-                problems.push(format!("node `{}`: nothing reads its output (add a sink with input = \"{}\")", def.name, def.name));
+                problems.push(format!(
+                    "node `{}`: nothing reads its output (add a sink with input = \"{}\")",
+                    def.name, def.name
+                ));
             }
         }
         let mut seen_outputs = BTreeMap::new();
@@ -503,7 +520,8 @@ impl Pipeline {
     pub async fn run_async(self) -> Result<Report, Error> {
         let pool = Arc::new(WorkerPool::new(self.settings.threads));
         let quarantine = Arc::new(Quarantine::new(self.settings.on_error, self.settings.quarantine.clone()));
-        let read_ctx = ReadContext { shard: self.shard, batch_rows: self.settings.batch_rows, quarantine: quarantine.clone() };
+        let read_ctx =
+            ReadContext { shard: self.shard, batch_rows: self.settings.batch_rows, quarantine: quarantine.clone() };
         let written: Arc<Mutex<Vec<(String, Written, Staged)>>> = Arc::default();
         // Progress counts the records the sources read; the total (for an ETA) is known when
         // every source can estimate its own.
@@ -546,10 +564,14 @@ impl Pipeline {
                         // Pieces of ~32 rows keep every worker busy and the output arriving steadily.
                         let split = move |batch: RecordBatch| {
                             let piece = batch.num_rows().div_ceil(workers).clamp(1, 32);
-                            (0..batch.num_rows()).step_by(piece).map(|at| batch.slice(at, piece.min(batch.num_rows() - at))).collect()
+                            (0..batch.num_rows())
+                                .step_by(piece)
+                                .map(|at| batch.slice(at, piece.min(batch.num_rows() - at)))
+                                .collect()
                         };
-                        let apply: Arc<dyn Fn(RecordBatch) -> Result<crate::transforms::Output, BoxError> + Send + Sync> =
-                            Arc::new(move |batch: RecordBatch| transform.apply(&batch, &origin).map_err(Into::into));
+                        let apply: Arc<
+                            dyn Fn(RecordBatch) -> Result<crate::transforms::Output, BoxError> + Send + Sync,
+                        > = Arc::new(move |batch: RecordBatch| transform.apply(&batch, &origin).map_err(Into::into));
                         map_on_pool(&mut ctx, &pool, 2 * workers, split, apply, |output| {
                             for rejected in output.rejected {
                                 quarantine.reject(rejected)?;
@@ -669,7 +691,9 @@ fn build_op(kind: &str, table: &toml::Table, base: &Path) -> Result<Op, Vec<Stri
             let c: ParquetConfig = config(table)?;
             let contract = match c.table.as_deref() {
                 None => None,
-                Some(name) => Some((name, contract(name).ok_or_else(|| vec![format!("unknown table contract `{name}`")])?)),
+                Some(name) => {
+                    Some((name, contract(name).ok_or_else(|| vec![format!("unknown table contract `{name}`")])?))
+                }
             };
             Op::Source(Box::new(ParquetSource::open(files(&c.paths)?, contract)?))
         }

@@ -200,7 +200,10 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn bridged_threads_stop_with_the_graph_and_only_a_complete_run_finishes() {
         let pool = Arc::new(WorkerPool::new(2));
-        let build = |limit: Option<usize>, produced: Arc<AtomicUsize>, finished: Arc<AtomicBool>, seen: Arc<std::sync::Mutex<Vec<usize>>>| {
+        let build = |limit: Option<usize>,
+                     produced: Arc<AtomicUsize>,
+                     finished: Arc<AtomicBool>,
+                     seen: Arc<std::sync::Mutex<Vec<usize>>>| {
             let mut graph = Graph::new();
             graph.add("reader", &[], CAP, move |ctx: NodeContext<Rows>| async move {
                 produce_on_thread(&ctx, move |emit| {
@@ -245,13 +248,15 @@ mod tests {
         };
 
         // A complete run: everything arrives, in order, and the writer finishes.
-        let (produced, finished, seen) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)), Arc::default());
+        let (produced, finished, seen) =
+            (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)), Arc::default());
         build(Some(200), produced.clone(), finished.clone(), Arc::clone(&seen)).start().unwrap().wait().await.unwrap();
         assert_eq!(*seen.lock().unwrap(), (1..=200).collect::<Vec<_>>());
         assert!(finished.load(Ordering::SeqCst));
 
         // An endless run, dropped: the reader thread stops producing, the writer never finishes.
-        let (produced, finished, seen) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)), Arc::default());
+        let (produced, finished, seen) =
+            (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)), Arc::default());
         let running = build(None, produced.clone(), finished.clone(), seen).start().unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(produced.load(Ordering::SeqCst) > 0);

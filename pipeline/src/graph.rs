@@ -290,7 +290,16 @@ impl RunningGraph {
                 let rows_out = m.rows_out.load(Ordering::Relaxed);
                 let rows_per_second = if elapsed.is_zero() { 0.0 } else { rows_out as f64 / elapsed.as_secs_f64() };
                 let max_queued_rows = m.max_queued_rows.load(Ordering::Relaxed);
-                (name.clone(), NodeSummary { rows_in: m.rows_in.load(Ordering::Relaxed), rows_out, busy, rows_per_second, max_queued_rows })
+                (
+                    name.clone(),
+                    NodeSummary {
+                        rows_in: m.rows_in.load(Ordering::Relaxed),
+                        rows_out,
+                        busy,
+                        rows_per_second,
+                        max_queued_rows,
+                    },
+                )
             })
             .collect())
     }
@@ -404,7 +413,10 @@ pub(crate) mod tests {
             while ctx.recv(0).await.is_some() {}
             Ok(())
         });
-        let err = tokio::time::timeout(Duration::from_secs(5), graph.start().unwrap().wait()).await.expect("no hang").unwrap_err();
+        let err = tokio::time::timeout(Duration::from_secs(5), graph.start().unwrap().wait())
+            .await
+            .expect("no hang")
+            .unwrap_err();
         assert_eq!(err.to_string(), "node `decode`: record 5 is not an image");
     }
 

@@ -235,11 +235,7 @@ pub fn check(table: &str, expected: &Schema, actual: &Schema) -> Result<()> {
             }
         }
     }
-    if differences.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::ContractMismatch { table: table.to_string(), differences })
-    }
+    if differences.is_empty() { Ok(()) } else { Err(Error::ContractMismatch { table: table.to_string(), differences }) }
 }
 
 /// Type equality that ignores the names and nullability of list items: Parquet writers from
@@ -297,7 +293,11 @@ mod tests {
     fn check_reports_every_difference_at_once() {
         let wrong = Schema::new(vec![
             Field::new(ID, DataType::Int32, false),
-            Field::new(FEATURE, DataType::FixedSizeList(Arc::new(Field::new("item", DataType::Float32, false)), 256), true),
+            Field::new(
+                FEATURE,
+                DataType::FixedSizeList(Arc::new(Field::new("item", DataType::Float32, false)), 256),
+                true,
+            ),
         ]);
         let err = check("image_features", &image_features(&meta(512), FeatureType::Float32), &wrong).unwrap_err();
         let msg = err.to_string();
@@ -309,7 +309,8 @@ mod tests {
 
     #[test]
     fn check_reports_missing_columns() {
-        let err = check("images", &images(), &Schema::new(vec![Field::new(IMAGE_ID, DataType::Int64, false)])).unwrap_err();
+        let err =
+            check("images", &images(), &Schema::new(vec![Field::new(IMAGE_ID, DataType::Int64, false)])).unwrap_err();
         assert!(err.to_string().contains("missing column `image`"), "{err}");
     }
 }

@@ -19,7 +19,17 @@ fn cnclip(args: &[&str]) {
 
 fn encode_reference(config: &str, checkpoint: &Path, out: &Path) -> BTreeMap<String, Tensor> {
     reference(
-        &["encode", "--config", config, "--checkpoint", checkpoint.to_str().unwrap(), "--images", "2", "--out", out.to_str().unwrap()],
+        &[
+            "encode",
+            "--config",
+            config,
+            "--checkpoint",
+            checkpoint.to_str().unwrap(),
+            "--images",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+        ],
         "\"皮卡丘\"\n\"两只狗在雪地里\"\n",
     );
     Tensor::read_safetensors(out).unwrap().into_iter().collect()
@@ -33,7 +43,20 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 fn pt_to_safetensors_to_pt_keeps_features() {
     let dir = tempfile::tempdir().unwrap();
     let original = dir.path().join("original.pt");
-    reference(&["build-model", "--config", TINY_VIT_BERT, "--seed", "11", "--perturb", "0.02", "--out", original.to_str().unwrap()], "");
+    reference(
+        &[
+            "build-model",
+            "--config",
+            TINY_VIT_BERT,
+            "--seed",
+            "11",
+            "--perturb",
+            "0.02",
+            "--out",
+            original.to_str().unwrap(),
+        ],
+        "",
+    );
     let expected = encode_reference(TINY_VIT_BERT, &original, &dir.path().join("a.safetensors"));
 
     // cn_clip .pt → cnclip safetensors (needs the architecture), then back to .pt (does not).
@@ -41,7 +64,15 @@ fn pt_to_safetensors_to_pt_keeps_features() {
     std::fs::write(&config, TINY_VIT_BERT).unwrap();
     let own = dir.path().join("model.safetensors");
     let back = dir.path().join("back.pt");
-    cnclip(&["convert", "--input", original.to_str().unwrap(), "--output", own.to_str().unwrap(), "--model-config", config.to_str().unwrap()]);
+    cnclip(&[
+        "convert",
+        "--input",
+        original.to_str().unwrap(),
+        "--output",
+        own.to_str().unwrap(),
+        "--model-config",
+        config.to_str().unwrap(),
+    ]);
     cnclip(&["convert", "--input", own.to_str().unwrap(), "--output", back.to_str().unwrap()]);
 
     // Ours, from the safetensors: same features as cn_clip on the original.
@@ -65,11 +96,32 @@ fn pt_to_safetensors_to_pt_keeps_features() {
 fn cn_clip_create_model_loads_our_rn50_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let original = dir.path().join("original.pt");
-    reference(&["build-model", "--config", "RN50", "--seed", "5", "--perturb", "0.02", "--fp16", "--out", original.to_str().unwrap()], "");
+    reference(
+        &[
+            "build-model",
+            "--config",
+            "RN50",
+            "--seed",
+            "5",
+            "--perturb",
+            "0.02",
+            "--fp16",
+            "--out",
+            original.to_str().unwrap(),
+        ],
+        "",
+    );
     let ours = dir.path().join("ours.pt");
     cnclip(&[
-        "convert", "--input", original.to_str().unwrap(), "--output", ours.to_str().unwrap(),
-        "--vision-model", "RN50", "--text-model", "RBT3-chinese",
+        "convert",
+        "--input",
+        original.to_str().unwrap(),
+        "--output",
+        ours.to_str().unwrap(),
+        "--vision-model",
+        "RN50",
+        "--text-model",
+        "RBT3-chinese",
     ]);
     let script = r#"
 import sys, torch
@@ -85,7 +137,12 @@ for path in sys.argv[1:3]:
         out.append((model.encode_image(images), model.encode_text(ids)))
 print(max((a - b).abs().max().item() for a, b in zip(out[0], out[1])))
 "#;
-    let diff: f64 = python(script, &[original.to_str().unwrap(), ours.to_str().unwrap()], "").lines().last().unwrap().parse().unwrap();
+    let diff: f64 = python(script, &[original.to_str().unwrap(), ours.to_str().unwrap()], "")
+        .lines()
+        .last()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert_eq!(diff, 0.0);
 }
 
@@ -156,8 +213,14 @@ save_file({"images": images, "ids": ids, "image_features": image_features.contig
     let expected: BTreeMap<String, Tensor> = Tensor::read_safetensors(&expected_file).unwrap().into_iter().collect();
     for source in [st_dir.clone(), st_dir.join("model.safetensors"), bin_dir] {
         let (model, _) = load_clip(&source, None, Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", source.display()));
-        let image = max_abs_diff(&normalize(&model.encode_image(&expected["images"]).unwrap()), &normalize(&expected["image_features"]));
-        let text = max_abs_diff(&normalize(&model.encode_text(&expected["ids"]).unwrap()), &normalize(&expected["text_features"]));
+        let image = max_abs_diff(
+            &normalize(&model.encode_image(&expected["images"]).unwrap()),
+            &normalize(&expected["image_features"]),
+        );
+        let text = max_abs_diff(
+            &normalize(&model.encode_text(&expected["ids"]).unwrap()),
+            &normalize(&expected["text_features"]),
+        );
         println!("{}: image {image:.2e}, text {text:.2e}", source.display());
         assert!(image < 1e-4 && text < 1e-4, "{}: image {image}, text {text}", source.display());
     }

@@ -123,7 +123,8 @@ fn bad_lines_are_quarantined_or_fail_the_job() {
     texts.extend_from_slice(b"{\"text_id\": 10, \"text\": \"duplicate\", \"image_ids\": [1]}\n");
     std::fs::write(data.join("test_texts.jsonl"), texts).unwrap();
     let out = dir.path().join("lmdb");
-    let output = build_lmdb(&["--data-dir", data.to_str().unwrap(), "--splits", "test", "--lmdb-dir", out.to_str().unwrap()]);
+    let output =
+        build_lmdb(&["--data-dir", data.to_str().unwrap(), "--splits", "test", "--lmdb-dir", out.to_str().unwrap()]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("3 images, 4 pairs, 11 quarantined"), "{stderr}");
@@ -133,7 +134,12 @@ fn bad_lines_are_quarantined_or_fail_the_job() {
         .lines()
         .map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            format!("{} {}: {}", v["source"].as_str().unwrap().rsplit('/').next().unwrap(), v["location"].as_str().unwrap(), v["reason"].as_str().unwrap())
+            format!(
+                "{} {}: {}",
+                v["source"].as_str().unwrap().rsplit('/').next().unwrap(),
+                v["location"].as_str().unwrap(),
+                v["reason"].as_str().unwrap()
+            )
         })
         .collect();
     let expected = [
@@ -165,14 +171,24 @@ imgs, pairs = read(sys.argv[1] + "/imgs"), read(sys.argv[1] + "/pairs")
 print(json.dumps({"imgs": sorted(imgs), "pairs": sorted(pickle.loads(v)[:2] for k, v in pairs.items() if k != "num_samples"),
                   "num_images": imgs["num_images"].decode(), "num_samples": pairs["num_samples"].decode()}))
 "#;
-    let stored: serde_json::Value = serde_json::from_str(&python(script, &[out.join("test").to_str().unwrap()], "")).unwrap();
+    let stored: serde_json::Value =
+        serde_json::from_str(&python(script, &[out.join("test").to_str().unwrap()], "")).unwrap();
     assert_eq!(stored["imgs"], serde_json::json!(["1", "4", "6", "num_images"]));
     assert_eq!(stored["pairs"], serde_json::json!([[1, 10], [1, 13], [4, 10], [6, 10]]));
     assert_eq!((stored["num_images"].as_str(), stored["num_samples"].as_str()), (Some("3"), Some("4")));
 
     // --on-error fail stops at the first bad line, names it, and leaves no database behind.
     let failed = dir.path().join("failed");
-    let output = build_lmdb(&["--data-dir", data.to_str().unwrap(), "--splits", "test", "--lmdb-dir", failed.to_str().unwrap(), "--on-error", "fail"]);
+    let output = build_lmdb(&[
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--splits",
+        "test",
+        "--lmdb-dir",
+        failed.to_str().unwrap(),
+        "--on-error",
+        "fail",
+    ]);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("test_imgs.tsv line 2") && stderr.contains("not base64"), "{stderr}");
@@ -181,7 +197,14 @@ print(json.dumps({"imgs": sorted(imgs), "pairs": sorted(pickle.loads(v)[:2] for 
     assert!(left.is_empty(), "a failed build leaves nothing behind: {left:?}");
 
     // A missing file is structural: always an error, naming it.
-    let output = build_lmdb(&["--data-dir", data.to_str().unwrap(), "--splits", "nosuch", "--lmdb-dir", failed.to_str().unwrap()]);
+    let output = build_lmdb(&[
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--splits",
+        "nosuch",
+        "--lmdb-dir",
+        failed.to_str().unwrap(),
+    ]);
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("nosuch_imgs.tsv does not exist"));
 }
@@ -192,7 +215,16 @@ fn shards_are_self_contained_and_together_hold_everything() {
     let data = corpus(dir.path(), 30);
     let (one, three) = (dir.path().join("one"), dir.path().join("three"));
     for (out, shards) in [(&one, "1"), (&three, "3")] {
-        let output = build_lmdb(&["--data-dir", &data, "--splits", "train", "--lmdb-dir", out.to_str().unwrap(), "--shards", shards]);
+        let output = build_lmdb(&[
+            "--data-dir",
+            &data,
+            "--splits",
+            "train",
+            "--lmdb-dir",
+            out.to_str().unwrap(),
+            "--shards",
+            shards,
+        ]);
         assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     }
     let script = r#"
@@ -220,8 +252,12 @@ for i in range(3):
     total_images += len(ims)
 print(json.dumps({"same_pairs": sorted(sharded) == whole, "images": total_images}))
 "#;
-    let report: serde_json::Value =
-        serde_json::from_str(&python(script, &[one.join("train").to_str().unwrap(), three.join("train").to_str().unwrap()], "")).unwrap();
+    let report: serde_json::Value = serde_json::from_str(&python(
+        script,
+        &[one.join("train").to_str().unwrap(), three.join("train").to_str().unwrap()],
+        "",
+    ))
+    .unwrap();
     assert_eq!(report, serde_json::json!({"same_pairs": true, "images": 30}));
 }
 
@@ -234,7 +270,16 @@ fn lmdb_source_reads_cn_clip_databases() {
     let data = corpus(dir.path(), 20);
     let theirs = dir.path().join("theirs");
     let output = Command::new(cnclip_tests::venv_python())
-        .args(["-m", "cn_clip.preprocess.build_lmdb_dataset", "--data_dir", &data, "--splits", "train", "--lmdb_dir", theirs.to_str().unwrap()])
+        .args([
+            "-m",
+            "cn_clip.preprocess.build_lmdb_dataset",
+            "--data_dir",
+            &data,
+            "--splits",
+            "train",
+            "--lmdb_dir",
+            theirs.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     assert!(output.status.success());
@@ -335,7 +380,8 @@ print(json.dumps(report))
     assert!(report["depth"].as_u64().unwrap() >= 3, "{report}");
 
     keys.sort();
-    let mut expected: Vec<Vec<u8>> = keys.iter().enumerate().filter(|(i, _)| i % 3 != 0).map(|(_, k)| k.clone()).collect();
+    let mut expected: Vec<Vec<u8>> =
+        keys.iter().enumerate().filter(|(i, _)| i % 3 != 0).map(|(_, k)| k.clone()).collect();
     expected.extend((0..1000).map(|i| format!("{:05}/{}/new", 5000 + i, (i * 37) % 9000).into_bytes()));
     expected.sort();
     let env = lmdb::Environment::new().open(dir.path()).unwrap();

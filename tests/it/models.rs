@@ -39,7 +39,11 @@ const TINY_VIT_HEAD_WIDTH_RELU: &str = r#"{"embed_dim": 24, "image_resolution": 
   "text_type_vocab_size": 2}"#;
 
 fn config_of(spec: &str) -> ClipConfig {
-    if spec.trim_start().starts_with('{') { ClipConfig::from_json(spec).unwrap() } else { ClipConfig::from_name(spec).unwrap() }
+    if spec.trim_start().starts_with('{') {
+        ClipConfig::from_json(spec).unwrap()
+    } else {
+        ClipConfig::from_name(spec).unwrap()
+    }
 }
 
 fn build_reference_checkpoint(spec: &str, fp16: bool, dir: &Path) -> String {
@@ -80,7 +84,8 @@ fn assert_parity(spec: &str, fp16: bool) {
     let text_features = model.encode_text(&reference["text_ids"]).unwrap();
     let image_diff = max_abs_diff(&normalize(&image_features), &normalize(&reference["image_features"]));
     let text_diff = max_abs_diff(&normalize(&text_features), &normalize(&reference["text_features"]));
-    let (logits_per_image, logits_per_text) = model.get_similarity(&reference["images"], &reference["text_ids"]).unwrap();
+    let (logits_per_image, logits_per_text) =
+        model.get_similarity(&reference["images"], &reference["text_ids"]).unwrap();
     let logit_diff = max_abs_diff(&logits_per_image, &reference["logits_per_image"]);
     println!("{spec}: image {image_diff:.2e}, text {text_diff:.2e}, logits {logit_diff:.2e}");
     assert!(image_diff < TOLERANCE, "image features differ by {image_diff}");
@@ -133,7 +138,11 @@ fn checkpoint_for_another_architecture_names_the_keys() {
     let err = resnet.load_state_dict(&state_dict).unwrap_err().to_string();
     assert!(err.contains("missing key(s): visual.attnpool."), "{err}");
     assert!(err.contains("unexpected key(s): visual.class_embedding"), "{err}");
-    assert!(err.contains("mis-shaped key(s)") && err.contains("bert.embeddings.LayerNorm.bias: checkpoint [64], model [48]"), "{err}");
+    assert!(
+        err.contains("mis-shaped key(s)")
+            && err.contains("bert.embeddings.LayerNorm.bias: checkpoint [64], model [48]"),
+        "{err}"
+    );
 
     // A model left untouched by a failed load still has its own initial weights.
     let before = resnet.state_dict()["logit_scale"].double_value(&[]);

@@ -358,7 +358,8 @@ path = "out/texts.jsonl"
         imgs.extend(shard_imgs.lines().map(String::from));
         texts.extend(std::fs::read_to_string(dir.path().join("out/texts.jsonl")).unwrap().lines().map(String::from));
     }
-    let mut original: Vec<String> = std::fs::read_to_string(data.join("train_imgs.tsv")).unwrap().lines().map(String::from).collect();
+    let mut original: Vec<String> =
+        std::fs::read_to_string(data.join("train_imgs.tsv")).unwrap().lines().map(String::from).collect();
     let mut original_texts: Vec<String> =
         std::fs::read_to_string(data.join("train_texts.jsonl")).unwrap().lines().map(String::from).collect();
     for list in [&mut imgs, &mut texts, &mut original, &mut original_texts] {
@@ -393,11 +394,23 @@ fn import_export_round_trip_gives_cn_clip_identical_files() {
     ok(cnclip(&["export", "--parquet-dir", &s(&pq), "--splits", "train", "--out", &s(&lmdb), "--format", "lmdb"]));
     // TSV → Parquet → TSV/JSONL is byte-identical (cn_clip's URL-safe padded base64, its JSON).
     for file in ["train_imgs.tsv", "train_texts.jsonl"] {
-        assert!(std::fs::read(data.join(file)).unwrap() == std::fs::read(tsv.join(file)).unwrap(), "{file} changed on the round trip");
+        assert!(
+            std::fs::read(data.join(file)).unwrap() == std::fs::read(tsv.join(file)).unwrap(),
+            "{file} changed on the round trip"
+        );
     }
     // Parquet → LMDB equals what cn_clip's build_lmdb_dataset.py makes from the original files.
     let output = Command::new(cnclip_tests::venv_python())
-        .args(["-m", "cn_clip.preprocess.build_lmdb_dataset", "--data_dir", &s(&data), "--splits", "train", "--lmdb_dir", &s(&theirs)])
+        .args([
+            "-m",
+            "cn_clip.preprocess.build_lmdb_dataset",
+            "--data_dir",
+            &s(&data),
+            "--splits",
+            "train",
+            "--lmdb_dir",
+            &s(&theirs),
+        ])
         .output()
         .unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
@@ -407,7 +420,10 @@ fn import_export_round_trip_gives_cn_clip_identical_files() {
     // And back: cn_clip's LMDB → Parquet holds its pairs.
     ok(cnclip(&["import", "--lmdb-dir", &s(&theirs), "--splits", "train", "--out", &s(&root.join("pq2"))]));
     let pairs = same["pairs"][0].as_u64().unwrap() - 1;
-    assert_eq!(parquet_column(&root.join("pq2/train_pairs.parquet"), "text_id").as_array().unwrap().len() as u64, pairs);
+    assert_eq!(
+        parquet_column(&root.join("pq2/train_pairs.parquet"), "text_id").as_array().unwrap().len() as u64,
+        pairs
+    );
     assert_eq!(
         parquet_column(&root.join("pq2/train_images.parquet"), "image"),
         parquet_column(&pq.join("train_images.parquet"), "image")
@@ -458,7 +474,11 @@ for line in open(sys.argv[1]):
     worst, n = max(worst, int(np.abs(ref - got).max())), n + 1
 print(json.dumps([n, worst, list(ours) == sorted(ours)]))
 "#;
-    let report = json(&python(script, &[data.join("train_imgs.tsv").to_str().unwrap(), dir.path().join("out/pixels.parquet").to_str().unwrap()], ""));
+    let report = json(&python(
+        script,
+        &[data.join("train_imgs.tsv").to_str().unwrap(), dir.path().join("out/pixels.parquet").to_str().unwrap()],
+        "",
+    ));
     assert_eq!(report, json("[20, 0, true]"), "[images, max |diff| out of 255, in input order]");
 }
 
@@ -518,7 +538,8 @@ for k, (path, _) in enumerate(folder.samples):
     worst = max(worst, int(np.abs(ref - got).max()))
 print(json.dumps({"same_order": samples == ours, "ids": t["image_id"] == list(range(len(samples))), "n": len(samples), "worst": worst}))
 "#;
-    let report = json(&python(check, &[root.to_str().unwrap(), dir.path().join("out/set.parquet").to_str().unwrap()], ""));
+    let report =
+        json(&python(check, &[root.to_str().unwrap(), dir.path().join("out/set.parquet").to_str().unwrap()], ""));
     assert_eq!(report, json(r#"{"same_order": true, "ids": true, "n": 7, "worst": 0}"#));
 }
 
@@ -680,7 +701,19 @@ fn example_pipelines_run_on_the_demo_corpus() {
     }
     let demo = root.join("demo");
     let demo_s = demo.to_str().unwrap();
-    ok(cnclip(&["synth", "--out", demo_s, "--train", "40", "--valid", "10", "--test", "10", "--zeroshot-per-class", "2"]));
+    ok(cnclip(&[
+        "synth",
+        "--out",
+        demo_s,
+        "--train",
+        "40",
+        "--valid",
+        "10",
+        "--test",
+        "10",
+        "--zeroshot-per-class",
+        "2",
+    ]));
     ok(cnclip(&["build-lmdb", "--data-dir", demo_s, "--splits", "train"]));
     for name in &names {
         let log = ok(cnclip(&["run", root.join("examples/pipelines").join(name).to_str().unwrap()]));
@@ -721,7 +754,10 @@ fn a_repeated_id_written_to_lmdb_is_named() {
     assert!(!failed.status.success());
     assert!(stderr.contains("key 7 was put twice"), "{stderr}");
     assert!(!root.join("out_false/imgs").exists());
-    assert!(std::fs::read_dir(root.join("out_false")).map_or(true, |mut d| d.next().is_none()), "leftovers in out_false");
+    assert!(
+        std::fs::read_dir(root.join("out_false")).map_or(true, |mut d| d.next().is_none()),
+        "leftovers in out_false"
+    );
 
     ok(pipeline(true));
     let stored = python(

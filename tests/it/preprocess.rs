@@ -18,7 +18,10 @@ use tch::Tensor;
 fn make_images(dir: &Path) -> BTreeMap<String, String> {
     let script = workspace_root().join("tests/reference/make_images.py");
     let out = python(
-        &format!("import runpy, sys; sys.argv = ['make_images', sys.argv[1]]; runpy.run_path({:?}, run_name='__main__')", script),
+        &format!(
+            "import runpy, sys; sys.argv = ['make_images', sys.argv[1]]; runpy.run_path({:?}, run_name='__main__')",
+            script
+        ),
         &[dir.to_str().unwrap()],
         "",
     );
@@ -26,7 +29,13 @@ fn make_images(dir: &Path) -> BTreeMap<String, String> {
 }
 
 fn reference_pixels(files: &[PathBuf], resolution: usize, out: &Path) -> (Vec<Tensor>, Vec<String>) {
-    let mut args = vec!["preprocess".to_string(), "--resolution".into(), resolution.to_string(), "--out".into(), out.display().to_string()];
+    let mut args = vec![
+        "preprocess".to_string(),
+        "--resolution".into(),
+        resolution.to_string(),
+        "--out".into(),
+        out.display().to_string(),
+    ];
     args.extend(files.iter().map(|f| f.display().to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let modes: serde_json::Value = serde_json::from_str(&reference(&args, "")).unwrap();
@@ -55,8 +64,12 @@ fn check_resolution(resolution: usize) {
         worst = worst.max(max);
         if max > 0 && std::env::var_os("CNCLIP_DEBUG_PIXELS").is_some() {
             let positions = diff.gt(0).nonzero();
-            println!("{}: {} differing values, first {:?}", file.display(), positions.size()[0],
-                Vec::<i64>::try_from(positions.narrow(0, 0, positions.size()[0].min(5)).flatten(0, -1)).unwrap());
+            println!(
+                "{}: {} differing values, first {:?}",
+                file.display(),
+                positions.size()[0],
+                Vec::<i64>::try_from(positions.narrow(0, 0, positions.size()[0].min(5)).flatten(0, -1)).unwrap()
+            );
         }
         report.push(format!(
             "{:<26} Pillow {mode:<5} ours {:<8} max {max:>3}  mean {mean:.4}",
@@ -87,7 +100,8 @@ fn truncated_and_garbage_bytes_are_errors_not_panics() {
         let bytes = std::fs::read(dir.path().join(name)).unwrap();
         for cut in [0, 1, 8, bytes.len() / 3, bytes.len() / 2] {
             let result = std::panic::catch_unwind(|| {
-                Image::decode(&bytes[..cut], DEFAULT_MAX_PIXELS).map(|image| resize_to_rgb(&image, 32, &mut Resizer::new()))
+                Image::decode(&bytes[..cut], DEFAULT_MAX_PIXELS)
+                    .map(|image| resize_to_rgb(&image, 32, &mut Resizer::new()))
             });
             assert!(result.is_ok(), "{name} cut at {cut} panicked");
         }

@@ -34,11 +34,8 @@ fn faiss_flat_ip_top_k_equals_brute_force() {
     let result = index.search(&queries, k).unwrap();
 
     for (q, query) in queries.chunks(dim).enumerate() {
-        let mut scored: Vec<(usize, f32)> = base
-            .chunks(dim)
-            .map(|v| v.iter().zip(query).map(|(a, b)| a * b).sum::<f32>())
-            .enumerate()
-            .collect();
+        let mut scored: Vec<(usize, f32)> =
+            base.chunks(dim).map(|v| v.iter().zip(query).map(|(a, b)| a * b).sum::<f32>()).enumerate().collect();
         scored.sort_by(|a, b| b.1.total_cmp(&a.1));
         let faiss_ids: Vec<usize> =
             result.labels[q * k..(q + 1) * k].iter().map(|l| l.get().unwrap() as usize).collect();
@@ -150,7 +147,8 @@ fn parquet_round_trip_and_datafusion_sql() {
     writer.write(&batch).unwrap();
     writer.close().unwrap();
 
-    let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&path).unwrap()).unwrap().build().unwrap();
+    let reader =
+        ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&path).unwrap()).unwrap().build().unwrap();
     let read: Vec<RecordBatch> = reader.map(Result::unwrap).collect();
     assert_eq!(read.len(), 1);
     cnclip_schemas::check("texts", &schema, &read[0].schema()).unwrap();
@@ -291,5 +289,9 @@ fn cnclip_links_no_libtorch_and_forwards_model_commands() {
     assert!(help.contains("Usage: cnclip convert"), "{help}");
     let bad = std::process::Command::new(&bin).args(["benchmark", "encode", "--no-such-flag"]).output().unwrap();
     assert!(!bad.status.success());
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("--no-such-flag"), "{}", String::from_utf8_lossy(&bad.stderr));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("--no-such-flag"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
 }

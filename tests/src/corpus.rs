@@ -39,9 +39,36 @@ const FIXED: &[&str] = &[
 /// Builds the corpus: fixed edge cases, then random texts drawn from mixed pools.
 pub fn texts(lines: usize, seed: u64) -> Vec<String> {
     let pools: &[&[&str]] = &[
-        &["猫", "狗", "红色", "的", "一只", "在", "草地", "上", "天空", "蓝色", "汽车", "飞机", "大", "小", "圆形", "方形", "左上角", "有", "两个", "美丽"],
-        &["cat", "Dog", "RED", "car", "the", "a", "photo", "of", "running", "blue", "sky", "iPhone", "NBA", "COVID-19", "e-mail", "don't"],
-        &["，", "。", "！", "？", "、", "；", "：", "（", "）", "《", "》", "…", "——", ",", ".", "!", "?", "(", ")", "'", "\"", "#", "@", "/", "\\"],
+        &[
+            "猫",
+            "狗",
+            "红色",
+            "的",
+            "一只",
+            "在",
+            "草地",
+            "上",
+            "天空",
+            "蓝色",
+            "汽车",
+            "飞机",
+            "大",
+            "小",
+            "圆形",
+            "方形",
+            "左上角",
+            "有",
+            "两个",
+            "美丽",
+        ],
+        &[
+            "cat", "Dog", "RED", "car", "the", "a", "photo", "of", "running", "blue", "sky", "iPhone", "NBA",
+            "COVID-19", "e-mail", "don't",
+        ],
+        &[
+            "，", "。", "！", "？", "、", "；", "：", "（", "）", "《", "》", "…", "——", ",", ".", "!", "?", "(", ")",
+            "'", "\"", "#", "@", "/", "\\",
+        ],
         &["0", "7", "42", "2024", "3.14", "１", "２３", "½", "²", "٣", "१"],
         &["😀", "🐼", "🇨🇳", "👩🏻‍💻", "✨", "☃", "♥", "✓", "★", "→", "∞", "€", "£", "¥"],
         &["é", "ü", "ñ", "ç", "Å", "ø", "ß", "Œ", "ı", "İ", "Σ", "ς", "Ж", "щ", "ש", "ع", "ก", "ḁ"],
@@ -67,15 +94,24 @@ pub fn texts(lines: usize, seed: u64) -> Vec<String> {
         // Now and then a random code point from anywhere in the BMP or the CJK extensions.
         if rng.random_bool(0.3) {
             let c = loop {
-                let cp = if rng.random_bool(0.8) { rng.random_range(0x20..0x10000) } else { rng.random_range(0x20000..0x2b820) };
+                let cp = if rng.random_bool(0.8) {
+                    rng.random_range(0x20..0x10000)
+                } else {
+                    rng.random_range(0x20000..0x2b820)
+                };
                 if let Some(c) = char::from_u32(cp) {
                     break c;
                 }
             };
-            text.insert(text.char_indices().map(|(i, _)| i).nth(rng.random_range(0..=text.chars().count())).unwrap_or(text.len()), c);
+            text.insert(
+                text.char_indices()
+                    .map(|(i, _)| i)
+                    .nth(rng.random_range(0..=text.chars().count()))
+                    .unwrap_or(text.len()),
+                c,
+            );
         }
         texts.push(text);
     }
     texts
 }
-

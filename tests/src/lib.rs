@@ -12,7 +12,8 @@ use std::process::{Command, Stdio};
 /// that `cargo test` sets when it *runs* a test, not the one compiled in: a target directory
 /// shared between checkouts (as CI's cache is) may hold this crate built from another one.
 pub fn workspace_root() -> PathBuf {
-    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    let manifest_dir =
+        std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
     manifest_dir.parent().expect("tests/ has a parent").to_path_buf()
 }
 
@@ -25,7 +26,11 @@ pub fn cnclip_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("the test binary knows its path");
     let target = exe.parent().and_then(Path::parent).expect("test binaries live in target/<profile>/deps");
     let bin = target.join("cnclip");
-    assert!(bin.exists(), "{} not built: run `cargo test --workspace` (or `cargo build -p cnclip-jobs`)", bin.display());
+    assert!(
+        bin.exists(),
+        "{} not built: run `cargo test --workspace` (or `cargo build -p cnclip-jobs`)",
+        bin.display()
+    );
     bin
 }
 
@@ -35,11 +40,7 @@ pub fn cnclip_bin() -> PathBuf {
 /// When the venv is missing: the tests cannot run without the reference, and say how to fix it.
 pub fn venv_python() -> PathBuf {
     let python = workspace_root().join(".venv/bin/python");
-    assert!(
-        python.exists(),
-        "{} not found: run scripts/setup.sh to create the project venv",
-        python.display()
-    );
+    assert!(python.exists(), "{} not found: run scripts/setup.sh to create the project venv", python.display());
     python
 }
 

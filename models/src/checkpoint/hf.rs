@@ -44,13 +44,17 @@ pub fn config(dir: &Path) -> Result<ClipConfig> {
     let (text, vision) = (json.get("text_config").unwrap_or(&empty), json.get("vision_config").unwrap_or(&empty));
     let int = |v: &Value, key: &str, default: i64| v.get(key).and_then(Value::as_i64).unwrap_or(default);
     let float = |v: &Value, key: &str, default: f64| v.get(key).and_then(Value::as_f64).unwrap_or(default);
-    let string = |v: &Value, key: &str, default: &str| v.get(key).and_then(Value::as_str).unwrap_or(default).to_string();
+    let string =
+        |v: &Value, key: &str, default: &str| v.get(key).and_then(Value::as_str).unwrap_or(default).to_string();
 
     let width = int(vision, "hidden_size", 768);
     let heads = int(vision, "num_attention_heads", 12);
     let mut problems = Vec::new();
     if int(vision, "intermediate_size", 3072) != 4 * width {
-        problems.push(format!("vision intermediate_size {} is not 4 × hidden_size {width}", int(vision, "intermediate_size", 3072)));
+        problems.push(format!(
+            "vision intermediate_size {} is not 4 × hidden_size {width}",
+            int(vision, "intermediate_size", 3072)
+        ));
     }
     if string(vision, "hidden_act", "quick_gelu") != "quick_gelu" {
         problems.push(format!("vision hidden_act `{}` is not quick_gelu", string(vision, "hidden_act", "quick_gelu")));

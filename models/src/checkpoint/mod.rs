@@ -45,7 +45,10 @@ impl TorchArchive {
         let name = path.display().to_string();
         let file = std::fs::File::open(path).map_err(|e| checkpoint_error(&name, e))?;
         let mut zip = zip::ZipArchive::new(file).map_err(|e| {
-            checkpoint_error(&name, format!("not a torch.save zip archive ({e}); legacy (torch < 1.6) checkpoints are not supported"))
+            checkpoint_error(
+                &name,
+                format!("not a torch.save zip archive ({e}); legacy (torch < 1.6) checkpoints are not supported"),
+            )
         })?;
         let pkl = (0..zip.len())
             .filter_map(|i| zip.name_for_index(i).and_then(|n| n.ok()).map(|n| n.to_string()))
@@ -88,7 +91,11 @@ impl TorchArchive {
         if numel > 0 && last >= t.storage_numel as i64 {
             return Err(checkpoint_error(&self.path, format!("tensor view past the end of storage {record}")));
         }
-        let storage = Tensor::from_data_size(&bytes[..t.storage_numel * elem], &[t.storage_numel as i64], kind_of(t.storage_type));
+        let storage = Tensor::from_data_size(
+            &bytes[..t.storage_numel * elem],
+            &[t.storage_numel as i64],
+            kind_of(t.storage_type),
+        );
         Ok(storage.as_strided(t.size.as_slice(), t.stride.as_slice(), t.offset as i64).contiguous())
     }
 
@@ -183,7 +190,8 @@ impl Format {
             return Format::HuggingFace;
         }
         let mut magic = [0u8; 4];
-        let is_zip = std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && &magic == b"PK\x03\x04";
+        let is_zip =
+            std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && &magic == b"PK\x03\x04";
         let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
         if is_zip || (!path.exists() && matches!(ext, "pt" | "pth" | "bin")) { Format::CnClip } else { Format::Cnclip }
     }
@@ -198,7 +206,11 @@ impl Format {
 /// # Errors
 /// [`Error::Checkpoint`] for unreadable or unsafe files, [`Error::Config`] for a missing or
 /// contradicting architecture, [`Error::StateDict`] when the weights do not fit.
-pub fn load_clip(path: &Path, architecture: Option<&ClipConfig>, device: tch::Device) -> Result<(Clip, CheckpointInfo)> {
+pub fn load_clip(
+    path: &Path,
+    architecture: Option<&ClipConfig>,
+    device: tch::Device,
+) -> Result<(Clip, CheckpointInfo)> {
     let (config, state_dict, info) = match Format::detect(path) {
         Format::CnClip => {
             let config = architecture.cloned().ok_or_else(|| {

@@ -60,7 +60,9 @@ pub fn save(path: &Path, config: &ClipConfig, state_dict: &BTreeMap<String, Tens
     let views = buffers
         .iter()
         .map(|(name, dtype, shape, data)| {
-            TensorView::new(*dtype, shape.clone(), data).map(|v| (name.clone(), v)).map_err(|e| Error::Shape(e.to_string()))
+            TensorView::new(*dtype, shape.clone(), data)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| Error::Shape(e.to_string()))
         })
         .collect::<Result<Vec<_>>>()?;
     let metadata = HashMap::from([
@@ -85,7 +87,8 @@ pub fn read_safetensors(path: &Path) -> Result<(BTreeMap<String, Tensor>, HashMa
     let tensors = SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
     let mut out = BTreeMap::new();
     for (key, view) in tensors.tensors() {
-        let kind = kind_of(view.dtype()).ok_or_else(|| bad(format!("tensor {key}: unsupported dtype {:?}", view.dtype())))?;
+        let kind =
+            kind_of(view.dtype()).ok_or_else(|| bad(format!("tensor {key}: unsupported dtype {:?}", view.dtype())))?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
         out.insert(key, Tensor::from_data_size(view.data(), &shape, kind));
     }

@@ -195,12 +195,14 @@ impl ClipConfig {
         match v.vision_layers {
             VisionLayers::Transformer(_) => match v.vision_patch_size {
                 Some(p) if p > 0 && v.image_resolution % p == 0 => {}
-                Some(p) => problems.push(format!("image_resolution {} is not a multiple of vision_patch_size {p}", v.image_resolution)),
+                Some(p) => problems.push(format!(
+                    "image_resolution {} is not a multiple of vision_patch_size {p}",
+                    v.image_resolution
+                )),
                 None => problems.push("a ViT needs vision_patch_size".to_string()),
             },
-            VisionLayers::ResNet(_) if v.image_resolution % 32 != 0 => {
-                problems.push(format!("ModifiedResNet needs image_resolution divisible by 32, got {}", v.image_resolution))
-            }
+            VisionLayers::ResNet(_) if v.image_resolution % 32 != 0 => problems
+                .push(format!("ModifiedResNet needs image_resolution divisible by 32, got {}", v.image_resolution)),
             VisionLayers::ResNet(_) => {}
         }
         // cn_clip: heads = width // head_width (ViT) or width * 32 // head_width (ResNet, whose
@@ -277,6 +279,9 @@ mod tests {
         config.vision.image_resolution = 225;
         config.text.text_num_attention_heads = 7;
         let err = config.validate().unwrap_err().to_string();
-        assert!(err.contains("not a multiple of vision_patch_size") && err.contains("text_num_attention_heads 7"), "{err}");
+        assert!(
+            err.contains("not a multiple of vision_patch_size") && err.contains("text_num_attention_heads 7"),
+            "{err}"
+        );
     }
 }

@@ -22,7 +22,13 @@ impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let kind = x.kind();
         x.to_kind(Kind::Float)
-            .layer_norm([self.dim], Some(&self.weight.to_kind(Kind::Float)), Some(&self.bias.to_kind(Kind::Float)), self.eps, false)
+            .layer_norm(
+                [self.dim],
+                Some(&self.weight.to_kind(Kind::Float)),
+                Some(&self.bias.to_kind(Kind::Float)),
+                self.eps,
+                false,
+            )
             .to_kind(kind)
     }
 }

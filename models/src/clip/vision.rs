@@ -66,7 +66,15 @@ pub struct VisualTransformer {
 }
 
 impl VisualTransformer {
-    pub fn new(p: &nn::Path, input_resolution: i64, patch_size: i64, width: i64, layers: i64, heads: i64, output_dim: i64) -> Self {
+    pub fn new(
+        p: &nn::Path,
+        input_resolution: i64,
+        patch_size: i64,
+        width: i64,
+        layers: i64,
+        heads: i64,
+        output_dim: i64,
+    ) -> Self {
         let grid = input_resolution / patch_size;
         let scale = (width as f64).powf(-0.5);
         let conv = nn::ConvConfig { stride: patch_size, bias: false, ..Default::default() };
@@ -74,7 +82,11 @@ impl VisualTransformer {
         VisualTransformer {
             conv1: nn::conv2d(p / "conv1", 3, width, patch_size, conv),
             class_embedding: p.var("class_embedding", &[width], nn::Init::Randn { mean: 0.0, stdev: scale }),
-            positional_embedding: p.var("positional_embedding", &[grid * grid + 1, width], nn::Init::Randn { mean: 0.0, stdev: scale }),
+            positional_embedding: p.var(
+                "positional_embedding",
+                &[grid * grid + 1, width],
+                nn::Init::Randn { mean: 0.0, stdev: scale },
+            ),
             ln_pre: LayerNorm::new(p / "ln_pre", width, 1e-5),
             blocks: (0..layers).map(|i| ResidualAttentionBlock::new(&(&blocks_path / i), width, heads)).collect(),
             ln_post: LayerNorm::new(p / "ln_post", width, 1e-5),

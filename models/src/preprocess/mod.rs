@@ -24,7 +24,11 @@ pub fn normalize_to_tensor(rgb: &[u8], resolution: usize) -> Tensor {
 /// When `rgb` is not a whole number of `r × r × 3` images.
 pub fn pixels_to_tensor(rgb: &[u8], resolution: usize) -> Tensor {
     let plane = resolution * resolution;
-    assert!(plane > 0 && rgb.len() % (3 * plane) == 0, "{} bytes are not whole RGB images of {resolution}² pixels", rgb.len());
+    assert!(
+        plane > 0 && rgb.len() % (3 * plane) == 0,
+        "{} bytes are not whole RGB images of {resolution}² pixels",
+        rgb.len()
+    );
     let n = rgb.len() / (3 * plane);
     // ToTensor then Normalize, in f32 as torchvision computes them, tabulated per byte value.
     let tables: [[f32; 256]; 3] =
@@ -66,11 +70,17 @@ mod tests {
         let ours = pixels_to_tensor(&rgb, r);
         let mean = Tensor::from_slice(&MEAN).view([1, 3, 1, 1]);
         let std = Tensor::from_slice(&STD).view([1, 3, 1, 1]);
-        let theirs = (Tensor::from_slice(&rgb).view([n as i64, r as i64, r as i64, 3]).permute([0, 3, 1, 2]).to_kind(Kind::Float) / 255.0
+        let theirs = (Tensor::from_slice(&rgb)
+            .view([n as i64, r as i64, r as i64, 3])
+            .permute([0, 3, 1, 2])
+            .to_kind(Kind::Float)
+            / 255.0
             - mean)
             / std;
         assert_eq!(ours.size(), [3, 3, 5, 5]);
         assert!(ours.equal(&theirs), "max diff {}", (ours - theirs).abs().max().double_value(&[]));
-        assert!(normalize_to_tensor(&rgb[..r * r * 3], r).equal(&pixels_to_tensor(&rgb[..r * r * 3], r).squeeze_dim(0)));
+        assert!(
+            normalize_to_tensor(&rgb[..r * r * 3], r).equal(&pixels_to_tensor(&rgb[..r * r * 3], r).squeeze_dim(0))
+        );
     }
 }

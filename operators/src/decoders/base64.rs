@@ -10,7 +10,9 @@ use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 
 const ENGINE: GeneralPurpose = GeneralPurpose::new(
     &STANDARD,
-    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent).with_decode_allow_trailing_bits(true),
+    GeneralPurposeConfig::new()
+        .with_decode_padding_mode(DecodePaddingMode::Indifferent)
+        .with_decode_allow_trailing_bits(true),
 );
 
 /// Decodes `field` into `out` (cleared first).
@@ -26,7 +28,9 @@ pub fn decode_into(field: &[u8], scratch: &mut Vec<u8>, out: &mut Vec<u8>) -> Re
     }));
     out.clear();
     ENGINE.decode_vec(&scratch[..], out).map_err(|e| match e {
-        base64::DecodeError::InvalidByte(at, byte) => format!("byte {at} of the base64 field is {:?}, not base64", byte as char),
+        base64::DecodeError::InvalidByte(at, byte) => {
+            format!("byte {at} of the base64 field is {:?}, not base64", byte as char)
+        }
         base64::DecodeError::InvalidLength(n) => format!("base64 field of {n} characters is truncated"),
         other => format!("invalid base64: {other}"),
     })

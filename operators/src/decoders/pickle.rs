@@ -111,7 +111,9 @@ impl Value {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PickleError {
-    #[error("refusing to load: the pickle references `{module}.{name}`, which a checkpoint never needs (only tensors, storages and OrderedDict are allowed; nothing is executed)")]
+    #[error(
+        "refusing to load: the pickle references `{module}.{name}`, which a checkpoint never needs (only tensors, storages and OrderedDict are allowed; nothing is executed)"
+    )]
     ForbiddenGlobal { module: String, name: String },
     #[error("refusing to load: pickle opcode {opcode} at byte {position} would construct an arbitrary object")]
     ForbiddenOpcode { opcode: String, position: usize },
@@ -147,7 +149,8 @@ struct Machine<'a> {
 /// [`PickleError::ForbiddenGlobal`] / [`PickleError::ForbiddenOpcode`] for anything that would
 /// run code, and [`PickleError::Malformed`] / [`PickleError::UnknownOpcode`] for broken input.
 pub fn load(data: &[u8]) -> Result<Value, PickleError> {
-    let mut m = Machine { data, pos: 0, arena: Vec::new(), stack: Vec::new(), marks: Vec::new(), memo: BTreeMap::new() };
+    let mut m =
+        Machine { data, pos: 0, arena: Vec::new(), stack: Vec::new(), marks: Vec::new(), memo: BTreeMap::new() };
     let top = m.run()?;
     m.resolve(top, 0)
 }
@@ -158,7 +161,8 @@ impl<'a> Machine<'a> {
     }
 
     fn take(&mut self, n: usize) -> Result<&'a [u8], PickleError> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.data.len()).ok_or_else(|| self.malformed("truncated"))?;
+        let end =
+            self.pos.checked_add(n).filter(|&e| e <= self.data.len()).ok_or_else(|| self.malformed("truncated"))?;
         let bytes = &self.data[self.pos..end];
         self.pos = end;
         Ok(bytes)
@@ -553,7 +557,10 @@ mod tests {
         // pickle.dumps of an object whose __reduce__ returns (os.system, ("echo pwned",)), protocol 2.
         let payload = b"\x80\x02cposix\nsystem\nq\x00X\n\x00\x00\x00echo pwnedq\x01\x85q\x02Rq\x03.";
         let err = load(payload).unwrap_err();
-        assert!(matches!(err, PickleError::ForbiddenGlobal { ref module, ref name } if module == "posix" && name == "system"), "{err}");
+        assert!(
+            matches!(err, PickleError::ForbiddenGlobal { ref module, ref name } if module == "posix" && name == "system"),
+            "{err}"
+        );
         assert!(err.to_string().contains("posix.system"));
     }
 

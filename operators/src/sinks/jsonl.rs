@@ -10,8 +10,8 @@
 use std::collections::BTreeMap;
 
 use arrow::array::{
-    Array, BooleanArray, FixedSizeListArray, Float16Array, Float32Array, Float64Array, Int32Array, Int64Array, ListArray,
-    StringArray,
+    Array, BooleanArray, FixedSizeListArray, Float16Array, Float32Array, Float64Array, Int32Array, Int64Array,
+    ListArray, StringArray,
 };
 use arrow::datatypes::{DataType, Schema};
 use arrow::record_batch::RecordBatch;
@@ -66,17 +66,32 @@ fn write_value(array: &dyn Array, row: usize, out: &mut String) -> Result<()> {
         return Ok(());
     }
     match array.data_type() {
-        DataType::Int64 => out.push_str(&array.as_any().downcast_ref::<Int64Array>().expect("type").value(row).to_string()),
-        DataType::Int32 => out.push_str(&array.as_any().downcast_ref::<Int32Array>().expect("type").value(row).to_string()),
-        DataType::Boolean => out.push_str(if array.as_any().downcast_ref::<BooleanArray>().expect("type").value(row) { "true" } else { "false" }),
+        DataType::Int64 => {
+            out.push_str(&array.as_any().downcast_ref::<Int64Array>().expect("type").value(row).to_string())
+        }
+        DataType::Int32 => {
+            out.push_str(&array.as_any().downcast_ref::<Int32Array>().expect("type").value(row).to_string())
+        }
+        DataType::Boolean => out.push_str(if array.as_any().downcast_ref::<BooleanArray>().expect("type").value(row) {
+            "true"
+        } else {
+            "false"
+        }),
         DataType::Utf8 => {
             let s = array.as_any().downcast_ref::<StringArray>().expect("type").value(row);
             out.push_str(&serde_json::to_string(s).map_err(|e| Error::Internal(e.to_string()))?);
         }
-        DataType::Float16 => out.push_str(&python_float(array.as_any().downcast_ref::<Float16Array>().expect("type").value(row).to_f64())),
-        DataType::Float32 => out.push_str(&python_float(array.as_any().downcast_ref::<Float32Array>().expect("type").value(row) as f64)),
-        DataType::Float64 => out.push_str(&python_float(array.as_any().downcast_ref::<Float64Array>().expect("type").value(row))),
-        DataType::List(_) => write_list(array.as_any().downcast_ref::<ListArray>().expect("type").value(row).as_ref(), out)?,
+        DataType::Float16 => out
+            .push_str(&python_float(array.as_any().downcast_ref::<Float16Array>().expect("type").value(row).to_f64())),
+        DataType::Float32 => {
+            out.push_str(&python_float(array.as_any().downcast_ref::<Float32Array>().expect("type").value(row) as f64))
+        }
+        DataType::Float64 => {
+            out.push_str(&python_float(array.as_any().downcast_ref::<Float64Array>().expect("type").value(row)))
+        }
+        DataType::List(_) => {
+            write_list(array.as_any().downcast_ref::<ListArray>().expect("type").value(row).as_ref(), out)?
+        }
         DataType::FixedSizeList(_, _) => {
             write_list(array.as_any().downcast_ref::<FixedSizeListArray>().expect("type").value(row).as_ref(), out)?
         }
@@ -114,12 +129,19 @@ impl JsonlSink {
         let mut problems = Vec::new();
         for field in schema.fields() {
             if !supported(field.data_type()) {
-                problems.push(format!("column `{}` is {}, which JSON lines cannot carry", field.name(), field.data_type()));
+                problems.push(format!(
+                    "column `{}` is {}, which JSON lines cannot carry",
+                    field.name(),
+                    field.data_type()
+                ));
             }
         }
         for from in rename.keys() {
             if schema.index_of(from).is_err() {
-                problems.push(format!("rename: the input has no column `{from}` ({})", crate::transforms::column_list(schema)));
+                problems.push(format!(
+                    "rename: the input has no column `{from}` ({})",
+                    crate::transforms::column_list(schema)
+                ));
             }
         }
         if problems.is_empty() { Ok(()) } else { Err(problems) }

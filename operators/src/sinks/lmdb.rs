@@ -52,7 +52,9 @@ fn pickle_int(out: &mut Vec<u8>, v: i64) {
         // LONG1: minimal little-endian two's complement.
         let bytes = v.to_le_bytes();
         let mut n = 8;
-        while n > 1 && ((bytes[n - 1] == 0 && bytes[n - 2] & 0x80 == 0) || (bytes[n - 1] == 0xff && bytes[n - 2] & 0x80 != 0)) {
+        while n > 1
+            && ((bytes[n - 1] == 0 && bytes[n - 2] & 0x80 == 0) || (bytes[n - 1] == 0xff && bytes[n - 2] & 0x80 != 0))
+        {
             n -= 1;
         }
         out.extend_from_slice(&[0x8a, n as u8]);
@@ -87,7 +89,9 @@ impl LmdbSink {
         match database {
             Database::Imgs => {
                 require(schema, IMAGE_ID, &DataType::Int64)?;
-                require(schema, IMAGE, &DataType::Binary).or_else(|_| require(schema, IMAGE_BASE64, &DataType::Binary)).map(|_| ())
+                require(schema, IMAGE, &DataType::Binary)
+                    .or_else(|_| require(schema, IMAGE_BASE64, &DataType::Binary))
+                    .map(|_| ())
             }
             Database::Pairs => {
                 require(schema, TEXT_ID, &DataType::Int64)?;
@@ -109,7 +113,14 @@ impl LmdbSink {
         super::create_parent(path)?;
         let tmp = super::tmp_path(path);
         let _ = std::fs::remove_dir_all(&tmp);
-        Ok(LmdbSink { writer: Some(LmdbWriter::create(&tmp)?), database, path: path.to_path_buf(), tmp, count: 0, scratch: String::new() })
+        Ok(LmdbSink {
+            writer: Some(LmdbWriter::create(&tmp)?),
+            database,
+            path: path.to_path_buf(),
+            tmp,
+            count: 0,
+            scratch: String::new(),
+        })
     }
 }
 
@@ -144,22 +155,39 @@ impl super::Sink for LmdbSink {
             }
             crate::sources::lmdb::Database::Pairs => {
                 let text_ids = column(TEXT_ID).ok_or_else(|| internal("no text_id"))?;
-                let text_ids = text_ids.as_any().downcast_ref::<Int64Array>().ok_or_else(|| internal("text_id type"))?;
+                let text_ids =
+                    text_ids.as_any().downcast_ref::<Int64Array>().ok_or_else(|| internal("text_id type"))?;
                 let texts = column(TEXT).ok_or_else(|| internal("no text"))?;
                 let texts = texts.as_any().downcast_ref::<StringArray>().ok_or_else(|| internal("text type"))?;
                 let image_id = column(IMAGE_ID);
                 let image_ids = column(IMAGE_IDS);
                 for row in 0..batch.num_rows() {
                     let ids: Vec<i64> = match (&image_id, &image_ids) {
-                        (Some(id), _) => vec![id.as_any().downcast_ref::<Int64Array>().ok_or_else(|| internal("image_id type"))?.value(row)],
+                        (Some(id), _) => vec![
+                            id.as_any()
+                                .downcast_ref::<Int64Array>()
+                                .ok_or_else(|| internal("image_id type"))?
+                                .value(row),
+                        ],
                         (None, Some(list)) => {
-                            let list = list.as_any().downcast_ref::<ListArray>().ok_or_else(|| internal("image_ids type"))?.value(row);
-                            list.as_any().downcast_ref::<Int64Array>().ok_or_else(|| internal("image_ids items"))?.values().to_vec()
+                            let list = list
+                                .as_any()
+                                .downcast_ref::<ListArray>()
+                                .ok_or_else(|| internal("image_ids type"))?
+                                .value(row);
+                            list.as_any()
+                                .downcast_ref::<Int64Array>()
+                                .ok_or_else(|| internal("image_ids items"))?
+                                .values()
+                                .to_vec()
                         }
                         _ => return Err(internal("no image ids")),
                     };
                     for id in ids {
-                        writer.put(self.count.to_string().as_bytes(), &pickle_pair(id, text_ids.value(row), texts.value(row)))?;
+                        writer.put(
+                            self.count.to_string().as_bytes(),
+                            &pickle_pair(id, text_ids.value(row), texts.value(row)),
+                        )?;
                         self.count += 1;
                     }
                 }

@@ -20,15 +20,15 @@
 //! (`lo u16, hi u16, flags u16, ksize u16`) + key + data, aligned to even sizes, placed from the
 //! end of the page downwards with 2-byte offsets after the header.
 
-use std::collections::BinaryHeap;
 use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result, io};
 
@@ -195,7 +195,11 @@ impl LmdbWriter {
             return Err(self.format_error(format!("LMDB keys are 1 to {MAX_KEY} bytes; got {} bytes", key.len())));
         }
         let Ok(len) = u32::try_from(value.len()) else {
-            return Err(self.format_error(format!("value of key {} is {} bytes; LMDB stores < 4 GiB", String::from_utf8_lossy(key), value.len())));
+            return Err(self.format_error(format!(
+                "value of key {} is {} bytes; LMDB stores < 4 GiB",
+                String::from_utf8_lossy(key),
+                value.len()
+            )));
         };
         if self.pending.capacity() == 0 {
             // Room for a whole run at once (plus the record that crosses the threshold): growing
@@ -228,10 +232,14 @@ impl LmdbWriter {
         let pad = pages as usize * PAGE - HEADER - value.len();
         if self.appender.is_none() {
             let file = self.file.take().ok_or_else(|| Error::Internal("LMDB writer used after an error".into()))?;
-            self.appender = Some(Appender::new(file, &self.data_path(), self.next_page * PAGE as u64, self.direct, self.chunk));
+            self.appender =
+                Some(Appender::new(file, &self.data_path(), self.next_page * PAGE as u64, self.direct, self.chunk));
         }
         let appender = self.appender.as_mut().expect("started");
-        let sent = appender.append(&header).and_then(|()| appender.append(value)).and_then(|()| appender.append(&ZEROS[..pad]));
+        let sent = appender
+            .append(&header)
+            .and_then(|()| appender.append(value))
+            .and_then(|()| appender.append(&ZEROS[..pad]));
         if sent.is_err() {
             // The writing thread stopped: its error says why.
             let error = self.appender.take().expect("checked").finish().err();
@@ -340,7 +348,12 @@ impl LmdbWriter {
             .map_err(|source| Error::Lmdb { path: self.dir.display().to_string(), source })?;
         let stat = env.stat().map_err(|source| Error::Lmdb { path: self.dir.display().to_string(), source })?;
         if stat.entries() as u64 != self.entries {
-            return Err(Error::Internal(format!("{}: LMDB reads {} entries, {} were written", self.dir.display(), stat.entries(), self.entries)));
+            return Err(Error::Internal(format!(
+                "{}: LMDB reads {} entries, {} were written",
+                self.dir.display(),
+                stat.entries(),
+                self.entries
+            )));
         }
         Ok(())
     }
@@ -472,7 +485,8 @@ impl Appender {
                     .name("lmdb-writer".into())
                     .spawn(move || {
                         loop {
-                            let next = full_rx.lock().map_err(|_| std::io::Error::other("a writer thread panicked"))?.recv();
+                            let next =
+                                full_rx.lock().map_err(|_| std::io::Error::other("a writer thread panicked"))?.recv();
                             let Ok(mut chunk) = next else { return Ok(()) };
                             write_chunk(&chunk, &mut direct, &file)?;
                             chunk.clear();
@@ -482,7 +496,15 @@ impl Appender {
                     .expect("spawning an LMDB writer thread")
             })
             .collect();
-        Appender { current: Chunk::new(chunk), offset, file: Some(file), full: Some(full_tx), empty: empty_rx, made: 1, threads }
+        Appender {
+            current: Chunk::new(chunk),
+            offset,
+            file: Some(file),
+            full: Some(full_tx),
+            empty: empty_rx,
+            made: 1,
+            threads,
+        }
     }
 
     fn append(&mut self, mut bytes: &[u8]) -> Result<(), Stopped> {
@@ -551,7 +573,12 @@ fn start_writeback(file: &File, from: u64, to: u64) {
         use std::os::fd::AsRawFd;
         // SAFETY: a plain syscall on an open descriptor; failing only loses the hint.
         unsafe {
-            libc::sync_file_range(file.as_raw_fd(), from as libc::off64_t, (to - from) as libc::off64_t, libc::SYNC_FILE_RANGE_WRITE);
+            libc::sync_file_range(
+                file.as_raw_fd(),
+                from as libc::off64_t,
+                (to - from) as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
         }
     }
     #[cfg(not(target_os = "linux"))]
@@ -586,7 +613,10 @@ fn merge_runs(path: &Path, runs: &[(u64, u64)], mut each: impl FnMut(&[u8]) -> R
 }
 
 fn duplicate(dir: &Path, key: &[u8]) -> Error {
-    Error::Format { path: dir.display().to_string(), reason: format!("key {} was put twice", String::from_utf8_lossy(key)) }
+    Error::Format {
+        path: dir.display().to_string(),
+        reason: format!("key {} was put twice", String::from_utf8_lossy(key)),
+    }
 }
 
 /// One spilled run, read record by record.
@@ -741,7 +771,13 @@ struct Built {
 
 impl TreeBuilder {
     fn new(next_page: u64) -> Self {
-        TreeBuilder { next_page, leaf: PageBuf::new(), leaf_first: Vec::new(), leaves: Vec::new(), out: Vec::with_capacity(1 << 20) }
+        TreeBuilder {
+            next_page,
+            leaf: PageBuf::new(),
+            leaf_first: Vec::new(),
+            leaves: Vec::new(),
+            out: Vec::with_capacity(1 << 20),
+        }
     }
 
     fn add(&mut self, file: &mut File, key: &[u8], value: Value<'_>) -> std::io::Result<()> {
@@ -907,7 +943,14 @@ mod tests {
     /// for trees three levels deep, in memory and through spilled runs.
     #[test]
     fn lmdb_reads_back_every_entry() {
-        for (n, run_bytes, direct) in [(1, RUN_BYTES, true), (3000, RUN_BYTES, true), (3000, 50_000, true), (3000, 2_000, true), (3000, RUN_BYTES, false), (3000, 0, true)] {
+        for (n, run_bytes, direct) in [
+            (1, RUN_BYTES, true),
+            (3000, RUN_BYTES, true),
+            (3000, 50_000, true),
+            (3000, 2_000, true),
+            (3000, RUN_BYTES, false),
+            (3000, 0, true),
+        ] {
             let dir = tempfile::tempdir().unwrap();
             let entries = random_entries(n, n as u64 + run_bytes as u64);
             write_with(dir.path(), &entries, run_bytes, direct).unwrap();
@@ -930,7 +973,11 @@ mod tests {
                 assert!(stat.depth() >= 3, "depth {}", stat.depth());
             }
             let pages = std::fs::metadata(dir.path().join("data.mdb")).unwrap().len() / PAGE as u64;
-            assert_eq!(pages, 2 + (stat.branch_pages() + stat.leaf_pages() + stat.overflow_pages()) as u64, "every page is accounted for");
+            assert_eq!(
+                pages,
+                2 + (stat.branch_pages() + stat.leaf_pages() + stat.overflow_pages()) as u64,
+                "every page is accounted for"
+            );
 
             // LMDB itself, given the same puts, puts the same values on overflow pages (the
             // inline/overflow rule and page counts are its own).

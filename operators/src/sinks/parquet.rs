@@ -45,7 +45,14 @@ impl ParquetSink {
             .set_max_row_group_bytes(Some(ROW_GROUP_BYTES))
             .build();
         let writer = ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(|e| parquet_err(&tmp, e))?;
-        Ok(ParquetSink { writer: Some(writer), table: table.to_string(), schema, path: path.to_path_buf(), tmp, rows: 0 })
+        Ok(ParquetSink {
+            writer: Some(writer),
+            table: table.to_string(),
+            schema,
+            path: path.to_path_buf(),
+            tmp,
+            rows: 0,
+        })
     }
 
     /// Appends a batch.
@@ -53,10 +60,8 @@ impl ParquetSink {
     /// # Errors
     /// A batch that does not match the table's contract, or a write error.
     pub fn write(&mut self, batch: &RecordBatch) -> Result<()> {
-        cnclip_schemas::check(&self.table, &self.schema, &batch.schema()).map_err(|e| Error::Record {
-            location: self.path.display().to_string(),
-            reason: e.to_string(),
-        })?;
+        cnclip_schemas::check(&self.table, &self.schema, &batch.schema())
+            .map_err(|e| Error::Record { location: self.path.display().to_string(), reason: e.to_string() })?;
         let writer = self.writer.as_mut().expect("not finished");
         writer.write(batch).map_err(|e| parquet_err(&self.tmp, e))?;
         self.rows += batch.num_rows();

@@ -24,7 +24,10 @@ fn image_column(schema: &Schema) -> Result<(usize, bool), String> {
     match (schema.index_of(IMAGE), schema.index_of(IMAGE_BASE64)) {
         (Ok(_), _) => Ok((require(schema, IMAGE, &DataType::Binary)?, false)),
         (_, Ok(_)) => Ok((require(schema, IMAGE_BASE64, &DataType::Binary)?, true)),
-        _ => Err(format!("needs an `{IMAGE}` or `{IMAGE_BASE64}` column; the input has {}", crate::transforms::column_list(schema))),
+        _ => Err(format!(
+            "needs an `{IMAGE}` or `{IMAGE_BASE64}` column; the input has {}",
+            crate::transforms::column_list(schema)
+        )),
     }
 }
 
@@ -50,8 +53,13 @@ impl Sink for TsvSink {
         let schema = batch.schema();
         let (index, encoded) = image_column(&schema).map_err(Error::Internal)?;
         let ids = batch.column(schema.index_of(IMAGE_ID).map_err(|e| Error::Internal(e.to_string()))?);
-        let ids = ids.as_any().downcast_ref::<Int64Array>().ok_or_else(|| Error::Internal("image_id is not Int64".into()))?;
-        let values = batch.column(index).as_any().downcast_ref::<BinaryArray>().ok_or_else(|| Error::Internal("image is not Binary".into()))?;
+        let ids =
+            ids.as_any().downcast_ref::<Int64Array>().ok_or_else(|| Error::Internal("image_id is not Int64".into()))?;
+        let values = batch
+            .column(index)
+            .as_any()
+            .downcast_ref::<BinaryArray>()
+            .ok_or_else(|| Error::Internal("image is not Binary".into()))?;
         for row in 0..batch.num_rows() {
             self.line.clear();
             self.line.extend_from_slice(ids.value(row).to_string().as_bytes());
@@ -61,7 +69,9 @@ impl Sink for TsvSink {
             } else {
                 let start = self.line.len();
                 self.line.resize(start + values.value(row).len().div_ceil(3) * 4, 0);
-                let n = URL_SAFE.encode_slice(values.value(row), &mut self.line[start..]).map_err(|e| Error::Internal(e.to_string()))?;
+                let n = URL_SAFE
+                    .encode_slice(values.value(row), &mut self.line[start..])
+                    .map_err(|e| Error::Internal(e.to_string()))?;
                 self.line.truncate(start + n);
             }
             self.line.push(b'\n');

@@ -42,7 +42,10 @@ pub fn classes(root: &Path) -> Result<Vec<String>> {
     }
     classes.sort();
     if classes.is_empty() {
-        return Err(Error::Format { path: root.display().to_string(), reason: "no class folders (expected e.g. 000/, 001/, …)".into() });
+        return Err(Error::Format {
+            path: root.display().to_string(),
+            reason: "no class folders (expected e.g. 000/, 001/, …)".into(),
+        });
     }
     Ok(classes)
 }
@@ -120,9 +123,16 @@ impl Source for ImageFolderSource {
         let (mut ids, mut images, mut labels, mut paths) =
             (Int64Builder::new(), BinaryBuilder::new(), Int64Builder::new(), StringBuilder::new());
         let mut bytes = 0;
-        let mut flush = |ids: &mut Int64Builder, images: &mut BinaryBuilder, labels: &mut Int64Builder, paths: &mut StringBuilder| {
-            let columns: Vec<ArrayRef> =
-                vec![Arc::new(ids.finish()), Arc::new(images.finish()), Arc::new(labels.finish()), Arc::new(paths.finish())];
+        let mut flush = |ids: &mut Int64Builder,
+                         images: &mut BinaryBuilder,
+                         labels: &mut Int64Builder,
+                         paths: &mut StringBuilder| {
+            let columns: Vec<ArrayRef> = vec![
+                Arc::new(ids.finish()),
+                Arc::new(images.finish()),
+                Arc::new(labels.finish()),
+                Arc::new(paths.finish()),
+            ];
             emit(RecordBatch::try_new(schema.clone(), columns).map_err(|e| Error::Internal(e.to_string()))?)
         };
         for (k, entry) in self.entries.iter().enumerate() {

@@ -6,10 +6,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::decoders::pickle::{self, Value};
 use arrow::array::{ArrayBuilder, ArrayRef, Int64Builder, StringBuilder};
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
-use crate::decoders::pickle::{self, Value};
 use lmdb::{Cursor, Environment, EnvironmentFlags, Transaction};
 
 use super::tsv::plausible_base64;
@@ -58,7 +58,10 @@ fn for_each(path: &Path, skip: &[u8], mut on_entry: impl FnMut(&[u8], &[u8]) -> 
 ///
 /// # Errors
 /// A missing or unreadable LMDB (structural), or whatever `on_image` returns.
-pub fn for_each_image(dir: &Path, mut on_image: impl FnMut(Result<(i64, &[u8]), Rejected>) -> Result<()>) -> Result<()> {
+pub fn for_each_image(
+    dir: &Path,
+    mut on_image: impl FnMut(Result<(i64, &[u8]), Rejected>) -> Result<()>,
+) -> Result<()> {
     let path = dir.join("imgs");
     let source = path.display().to_string();
     for_each(&path, b"num_images", |key, value| {
@@ -137,12 +140,13 @@ pub struct LmdbSource {
 
 impl Source for LmdbSource {
     fn origin(&self) -> String {
-        self.dir.join(match self.database {
-            Database::Imgs => "imgs",
-            Database::Pairs => "pairs",
-        })
-        .display()
-        .to_string()
+        self.dir
+            .join(match self.database {
+                Database::Imgs => "imgs",
+                Database::Pairs => "pairs",
+            })
+            .display()
+            .to_string()
     }
 
     fn estimated_records(&self) -> Option<u64> {
@@ -173,7 +177,8 @@ impl Source for LmdbSource {
                         Err(rejected) => return ctx.quarantine.reject(rejected),
                         Ok(entry) => entry,
                     };
-                    let check = if value.is_empty() { Err("empty image value".to_string()) } else { plausible_base64(value) };
+                    let check =
+                        if value.is_empty() { Err("empty image value".to_string()) } else { plausible_base64(value) };
                     match check {
                         Err(reason) => ctx.quarantine.reject(Rejected {
                             source: source.clone(),
@@ -213,7 +218,12 @@ pub(crate) struct PairsBatcher {
 
 impl PairsBatcher {
     pub(crate) fn new(batch_rows: usize) -> Self {
-        PairsBatcher { batch_rows: batch_rows.max(1), image_ids: Int64Builder::new(), text_ids: Int64Builder::new(), texts: StringBuilder::new() }
+        PairsBatcher {
+            batch_rows: batch_rows.max(1),
+            image_ids: Int64Builder::new(),
+            text_ids: Int64Builder::new(),
+            texts: StringBuilder::new(),
+        }
     }
 
     pub(crate) fn push(&mut self, pair: &Pair, emit: Emit<'_>) -> Result<()> {

@@ -115,7 +115,11 @@ pub fn expand_paths(patterns: &[String]) -> Result<Vec<PathBuf>, Vec<String>> {
     for pattern in patterns {
         if !pattern.contains(['*', '?', '[']) {
             let path = PathBuf::from(pattern);
-            if path.exists() { paths.push(path) } else { problems.push(format!("{pattern} does not exist")) }
+            if path.exists() {
+                paths.push(path)
+            } else {
+                problems.push(format!("{pattern} does not exist"))
+            }
             continue;
         }
         match glob::glob(pattern) {
@@ -170,7 +174,13 @@ pub(crate) struct IdBytesBatcher {
 
 impl IdBytesBatcher {
     pub(crate) fn new(schema: SchemaRef, batch_rows: usize) -> Self {
-        IdBytesBatcher { schema, batch_rows: batch_rows.max(1), ids: Int64Builder::new(), values: BinaryBuilder::new(), bytes: 0 }
+        IdBytesBatcher {
+            schema,
+            batch_rows: batch_rows.max(1),
+            ids: Int64Builder::new(),
+            values: BinaryBuilder::new(),
+            bytes: 0,
+        }
     }
 
     pub(crate) fn push(&mut self, id: i64, value: &[u8], emit: Emit<'_>) -> Result<()> {
@@ -200,7 +210,11 @@ pub(crate) fn for_each_trimmed_line(path: &Path, on_line: impl FnMut(usize, &[u8
     lines_with_buffer(path, 4 << 20, on_line)
 }
 
-fn lines_with_buffer(path: &Path, buffer_size: usize, mut on_line: impl FnMut(usize, &[u8]) -> Result<()>) -> Result<()> {
+fn lines_with_buffer(
+    path: &Path,
+    buffer_size: usize,
+    mut on_line: impl FnMut(usize, &[u8]) -> Result<()>,
+) -> Result<()> {
     use std::io::Read;
     use std::sync::mpsc::sync_channel;
     let mut file = std::fs::File::open(path).map_err(io(path))?;
@@ -246,7 +260,9 @@ fn lines_with_buffer(path: &Path, buffer_size: usize, mut on_line: impl FnMut(us
             .map_err(io(path))?;
         let mut carry: Vec<u8> = Vec::new();
         loop {
-            let chunk = full_rx.recv().map_err(|_| Error::Internal(format!("{}: the reading thread stopped", path.display())))?;
+            let chunk = full_rx
+                .recv()
+                .map_err(|_| Error::Internal(format!("{}: the reading thread stopped", path.display())))?;
             let chunk = chunk.map_err(io(path))?;
             if chunk.is_empty() {
                 return if carry.is_empty() { Ok(()) } else { emit(&carry) };
@@ -383,7 +399,8 @@ mod tests {
         let found = expand_paths(&[format!("{d}/*_imgs.tsv"), format!("{d}/c_texts.jsonl")]).unwrap();
         let names: Vec<_> = found.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
         assert_eq!(names, ["a_imgs.tsv", "b_imgs.tsv", "c_texts.jsonl"]);
-        let problems = expand_paths(&[format!("{d}/*.parquet"), format!("{d}/gone.tsv"), format!("{d}/[.tsv")]).unwrap_err();
+        let problems =
+            expand_paths(&[format!("{d}/*.parquet"), format!("{d}/gone.tsv"), format!("{d}/[.tsv")]).unwrap_err();
         assert_eq!(problems.len(), 3, "{problems:?}");
         assert!(problems[0].contains("matches no file") && problems[1].contains("does not exist"), "{problems:?}");
         assert_eq!(expand_paths(&[]).unwrap_err(), ["no input files given"]);

@@ -103,7 +103,8 @@ impl Source for ParquetSource {
                 let batch = if ctx.shard.count == 1 {
                     batch
                 } else {
-                    let mask: BooleanArray = (0..batch.num_rows() as u64).map(|r| Some(ctx.shard.owns(ordinal + r))).collect();
+                    let mask: BooleanArray =
+                        (0..batch.num_rows() as u64).map(|r| Some(ctx.shard.owns(ordinal + r))).collect();
                     filter_record_batch(&batch, &mask).map_err(|e| Error::Internal(e.to_string()))?
                 };
                 ordinal += rows;

@@ -58,7 +58,10 @@ pub fn plausible_base64(field: &[u8]) -> Result<(), String> {
 ///
 /// # Errors
 /// IO errors (a missing file is structural: it fails the job), or whatever `on_line` returns.
-pub fn for_each_line(path: &Path, mut on_line: impl FnMut(Result<ImageLine<'_>, Rejected>) -> Result<()>) -> Result<()> {
+pub fn for_each_line(
+    path: &Path,
+    mut on_line: impl FnMut(Result<ImageLine<'_>, Rejected>) -> Result<()>,
+) -> Result<()> {
     let source = path.display().to_string();
     super::for_each_trimmed_line(path, |number, line| {
         let reject = |id: Option<&[u8]>, reason: String| Rejected {

@@ -60,7 +60,13 @@ pub(crate) fn replace_field(input: &Schema, index: usize, field: Field) -> Schem
 }
 
 /// Keeps the rows of `batch` at `keep` (ascending) and puts `column` at `index`.
-pub(crate) fn rebuild(batch: &RecordBatch, schema: SchemaRef, index: usize, keep: &[u32], column: ArrayRef) -> Result<RecordBatch> {
+pub(crate) fn rebuild(
+    batch: &RecordBatch,
+    schema: SchemaRef,
+    index: usize,
+    keep: &[u32],
+    column: ArrayRef,
+) -> Result<RecordBatch> {
     let all_kept = keep.len() == batch.num_rows();
     let indices = arrow::array::UInt32Array::from(keep.to_vec());
     let mut columns = Vec::with_capacity(batch.num_columns());
@@ -78,10 +84,8 @@ pub(crate) fn rebuild(batch: &RecordBatch, schema: SchemaRef, index: usize, keep
 
 /// The rejection of image row `row` of `batch` (named by its `image_id` when it has one).
 pub(crate) fn reject_image(batch: &RecordBatch, row: usize, source: &str, reason: String) -> Rejected {
-    let id = batch
-        .schema()
-        .index_of(cnclip_schemas::columns::IMAGE_ID)
-        .ok()
-        .and_then(|i| batch.column(i).as_any().downcast_ref::<arrow::array::Int64Array>().map(|ids| ids.value(row).to_string()));
+    let id = batch.schema().index_of(cnclip_schemas::columns::IMAGE_ID).ok().and_then(|i| {
+        batch.column(i).as_any().downcast_ref::<arrow::array::Int64Array>().map(|ids| ids.value(row).to_string())
+    });
     Rejected { source: source.to_string(), location: format!("image {}", id.as_deref().unwrap_or("?")), id, reason }
 }

@@ -5,10 +5,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::decoders::image::{Image, resize_to_rgb};
 use arrow::array::{Array, BinaryArray, FixedSizeBinaryBuilder};
 use arrow::datatypes::{DataType, Field, SchemaRef};
 use arrow::record_batch::RecordBatch;
-use crate::decoders::image::{Image, resize_to_rgb};
 use cnclip_schemas::columns::{IMAGE, PIXELS};
 use cnclip_schemas::metadata;
 use fast_image_resize::Resizer;

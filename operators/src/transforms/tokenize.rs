@@ -5,10 +5,10 @@
 
 use std::sync::Arc;
 
+use super::tokenizer::{Tokenizer, preprocess_text};
 use arrow::array::{Array, FixedSizeListArray, Int64Array, StringArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
-use super::tokenizer::{Tokenizer, preprocess_text};
 use cnclip_schemas::columns::{TEXT, TOKEN_IDS};
 
 use super::{Output, Transform, require};
@@ -33,7 +33,8 @@ impl Transform for Tokenize {
     fn apply(&self, batch: &RecordBatch, _source: &str) -> Result<Output> {
         let schema = self.output_schema(&batch.schema()).map_err(Error::Internal)?;
         let texts = batch.column(batch.schema().index_of(TEXT).expect("checked"));
-        let texts = texts.as_any().downcast_ref::<StringArray>().ok_or_else(|| Error::Internal("text is not Utf8".into()))?;
+        let texts =
+            texts.as_any().downcast_ref::<StringArray>().ok_or_else(|| Error::Internal("text is not Utf8".into()))?;
         let tokenizer = Tokenizer::chinese();
         let mut ids = vec![0i64; texts.len() * self.context_length];
         for (row, out) in ids.chunks_exact_mut(self.context_length).enumerate() {
@@ -41,9 +42,12 @@ impl Transform for Tokenize {
             let text = if self.preprocess { std::borrow::Cow::Owned(preprocess_text(text)) } else { text.into() };
             tokenizer.encode_into(&text, out).map_err(|e| Error::Internal(e.to_string()))?;
         }
-        let DataType::FixedSizeList(item, _) = cnclip_schemas::token_ids_type(self.context_length) else { unreachable!() };
-        let column = FixedSizeListArray::try_new(item, self.context_length as i32, Arc::new(Int64Array::from(ids)), None)
-            .map_err(|e| Error::Internal(e.to_string()))?;
+        let DataType::FixedSizeList(item, _) = cnclip_schemas::token_ids_type(self.context_length) else {
+            unreachable!()
+        };
+        let column =
+            FixedSizeListArray::try_new(item, self.context_length as i32, Arc::new(Int64Array::from(ids)), None)
+                .map_err(|e| Error::Internal(e.to_string()))?;
         let mut columns = batch.columns().to_vec();
         columns.push(Arc::new(column));
         let batch = RecordBatch::try_new(schema, columns).map_err(|e| Error::Internal(e.to_string()))?;

@@ -50,7 +50,13 @@ fn decode_jpeg(bytes: &[u8], max_pixels: u64) -> Result<Image, PreprocessError> 
         _ => (Mode::Rgb, PixelFormat::RGB),
     };
     let channels = mode.channels();
-    let mut image = turbojpeg::Image { pixels: vec![0u8; width * height * channels], width, pitch: width * channels, height, format };
+    let mut image = turbojpeg::Image {
+        pixels: vec![0u8; width * height * channels],
+        width,
+        pitch: width * channels,
+        height,
+        format,
+    };
     decompressor.decompress(bytes, image.as_deref_mut()).map_err(|e| err(&e))?;
     let mut data = image.pixels;
     if mode == Mode::Cmyk && has_adobe_marker(bytes) {
@@ -233,7 +239,7 @@ fn bmp_palette_mode(bytes: &[u8]) -> Option<Mode> {
     }
     let colors = if colors == 0 { 1usize << bits } else { colors };
     let palette = bytes.get(14 + header_size..14 + header_size + colors * entry)?;
-    let grey_ramp = colors != 2
-        && palette.chunks(entry).enumerate().all(|(i, bgr)| bgr[..3].iter().all(|&v| v as usize == i));
+    let grey_ramp =
+        colors != 2 && palette.chunks(entry).enumerate().all(|(i, bgr)| bgr[..3].iter().all(|&v| v as usize == i));
     Some(if grey_ramp { Mode::L } else { Mode::Palette })
 }

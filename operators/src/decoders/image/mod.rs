@@ -137,7 +137,8 @@ pub fn resize_to_rgb(image: &Image, resolution: usize, resizer: &mut Resizer) ->
         Mode::Cmyk => resize(&image.data, 4).chunks(4).flat_map(cmyk_to_rgb).collect(),
         Mode::I16 => {
             let bytes: Vec<u8> = image.data16.iter().flat_map(|v| v.to_ne_bytes()).collect();
-            let src = FirImage::from_vec_u8(image.width as u32, image.height as u32, bytes, PixelType::U16).map_err(|e| resize_err(&e))?;
+            let src = FirImage::from_vec_u8(image.width as u32, image.height as u32, bytes, PixelType::U16)
+                .map_err(|e| resize_err(&e))?;
             let mut dst = FirImage::new(r as u32, r as u32, PixelType::U16);
             let bicubic = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::CatmullRom));
             resizer.resize(&src, &mut dst, &bicubic).map_err(|e| resize_err(&e))?;
@@ -186,4 +187,3 @@ fn cmyk_to_rgb(p: &[u8]) -> [u8; 3] {
     let channel = |c: u8| (nk - resample::muldiv255(c as u32, nk)) as u8;
     [channel(p[0]), channel(p[1]), channel(p[2])]
 }
-

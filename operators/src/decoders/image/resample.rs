@@ -85,14 +85,26 @@ fn horizontal(src: &[u8], width: usize, channels: usize, rows: std::ops::Range<u
 /// 32-bit multiply). Same integer arithmetic, so the same results.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn horizontal_avx2(src: &[u8], width: usize, channels: usize, rows: std::ops::Range<usize>, c: &Coefficients) -> Vec<u8> {
+fn horizontal_avx2(
+    src: &[u8],
+    width: usize,
+    channels: usize,
+    rows: std::ops::Range<usize>,
+    c: &Coefficients,
+) -> Vec<u8> {
     horizontal_transposed(src, width, channels, rows, c)
 }
 
 /// The horizontal pass as a vertical one on the transposed rows: the vertical kernel sums whole
 /// contiguous rows (it vectorises), the per-pixel window loop does not. Identical integers.
 #[inline(always)]
-fn horizontal_transposed(src: &[u8], width: usize, channels: usize, rows: std::ops::Range<usize>, c: &Coefficients) -> Vec<u8> {
+fn horizontal_transposed(
+    src: &[u8],
+    width: usize,
+    channels: usize,
+    rows: std::ops::Range<usize>,
+    c: &Coefficients,
+) -> Vec<u8> {
     let (h, ch, out_w) = (rows.len(), channels, c.bounds.len());
     let mut t = vec![0u8; width * h * ch];
     for (y, sy) in rows.enumerate() {
@@ -204,7 +216,13 @@ mod tests {
     }
 
     /// The straightforward per-pixel horizontal pass: the reference the transposed one must equal.
-    fn horizontal_direct(src: &[u8], width: usize, channels: usize, rows: std::ops::Range<usize>, c: &Coefficients) -> Vec<u8> {
+    fn horizontal_direct(
+        src: &[u8],
+        width: usize,
+        channels: usize,
+        rows: std::ops::Range<usize>,
+        c: &Coefficients,
+    ) -> Vec<u8> {
         match channels {
             1 => horizontal_n::<1>(src, width, rows, c),
             2 => horizontal_n::<2>(src, width, rows, c),
@@ -215,7 +233,12 @@ mod tests {
 
     /// The horizontal pass for `N` channels: per output pixel, `N` sums over a contiguous window.
     /// i32 sums, as Pillow's (no overflow: |weights| sum to well under 2 in 22-bit fixed point).
-    fn horizontal_n<const N: usize>(src: &[u8], width: usize, rows: std::ops::Range<usize>, c: &Coefficients) -> Vec<u8> {
+    fn horizontal_n<const N: usize>(
+        src: &[u8],
+        width: usize,
+        rows: std::ops::Range<usize>,
+        c: &Coefficients,
+    ) -> Vec<u8> {
         let out_w = c.bounds.len();
         let rounding = 1i32 << (PRECISION_BITS - 1);
         let mut out = vec![0u8; rows.len() * out_w * N];
@@ -248,7 +271,11 @@ mod tests {
         for (w, h, ch, out_w) in [(160, 7, 3, 224), (500, 3, 4, 224), (13, 5, 1, 3), (31, 2, 2, 64)] {
             let src: Vec<u8> = (0..w * h * ch).map(|_| next()).collect();
             let c = coefficients(w, out_w);
-            assert_eq!(horizontal_transposed(&src, w, ch, 0..h, &c), horizontal_direct(&src, w, ch, 0..h, &c), "{w}x{h}x{ch}");
+            assert_eq!(
+                horizontal_transposed(&src, w, ch, 0..h, &c),
+                horizontal_direct(&src, w, ch, 0..h, &c),
+                "{w}x{h}x{ch}"
+            );
         }
     }
 

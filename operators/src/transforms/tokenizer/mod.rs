@@ -30,6 +30,7 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+#[rustfmt::skip]
 mod unicode14;
 
 /// The default context length of every released Chinese-CLIP model.
@@ -90,7 +91,13 @@ impl Tokenizer {
                 reason: format!("has no {token} token"),
             })
         };
-        Ok(Tokenizer { cls: special("[CLS]")?, sep: special("[SEP]")?, pad: special("[PAD]")?, unk: special("[UNK]")?, vocab })
+        Ok(Tokenizer {
+            cls: special("[CLS]")?,
+            sep: special("[SEP]")?,
+            pad: special("[PAD]")?,
+            unk: special("[UNK]")?,
+            vocab,
+        })
     }
 
     pub fn vocab_size(&self) -> usize {
