@@ -3,7 +3,8 @@
 #
 #   1. apt: the native build dependencies (cmake + OpenBLAS for vendored FAISS, nasm for the
 #      vendored libjpeg-turbo (the JPEG decoder Pillow uses), a C++ compiler
-#      for tch's libtorch bindings and LMDB, binutils' readelf for a linkage test).
+#      for tch's libtorch bindings and LMDB, binutils' readelf for a linkage test, lmdb-utils
+#      (mdb_stat, mdb_dump, mdb_copy) to check the LMDBs we write with LMDB's own tools).
 #   2. A Python venv (default: .venv in the repository; CNCLIP_VENV=DIR puts it elsewhere and
 #      links .venv to it) with torch, torchvision and cn_clip pinned together. torch's wheel is
 #      also our libtorch: .venv/libtorch links to its `torch/` folder, and .cargo/config.toml
@@ -14,7 +15,7 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${CNCLIP_VENV:-$root/.venv}
 requirements=$root/scripts/requirements.txt
-apt_packages=(cmake libopenblas-dev pkg-config g++ make nasm binutils)
+apt_packages=(cmake libopenblas-dev pkg-config g++ make nasm binutils lmdb-utils)
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 
