@@ -23,10 +23,32 @@ pub fn exit_code(result: anyhow::Result<()>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) if is_broken_pipe(&error) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("cnclip: {error:#}");
+            eprintln!("cnclip: {}", message(&error));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes as one line, each cause once (library errors often show their
+/// source in their own message too), with the hint for a record that failed the job.
+fn message(error: &anyhow::Error) -> String {
+    let mut message = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            if !message.is_empty() {
+                message.push_str(": ");
+            }
+            message.push_str(&text);
+        }
+    }
+    let failed_on_a_record = error.chain().any(|cause| {
+        matches!(cause.downcast_ref::<cnclip_operators::Error>(), Some(cnclip_operators::Error::Record { .. }))
+    });
+    if failed_on_a_record {
+        message.push_str(" (--on-error fail)");
+    }
+    message
 }
 
 fn is_broken_pipe(error: &anyhow::Error) -> bool {

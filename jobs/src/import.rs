@@ -1,5 +1,6 @@
 //! `cnclip import` and `cnclip export`: corpora between cn_clip's files and Parquet tables that
-//! notebooks and `cnclip` SQL can query. Both are pipelines (`cnclip_operators::spec`):
+//! notebooks and `cnclip` SQL can query. Both are fixed pipelines (`cnclip_operators::spec`),
+//! built from the built-in kinds' typed configs:
 //!
 //! - import from TSV + JSONL (`--data-dir`): `{split}_imgs.tsv` → `{split}_images.parquet`
 //!   (`images`: id + decoded image bytes), `{split}_texts.jsonl` → `{split}_texts.parquet`;
@@ -16,6 +17,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 use cnclip_operators::quarantine::OnError;
+use cnclip_operators::sources::lmdb::Database;
+use cnclip_operators::spec::builtin::{
+    DecodeBase64Config, JsonlConfig, LmdbConfig, ParquetConfig, TsvConfig, WriteJsonlConfig, WriteLmdbConfig,
+    WriteParquetConfig, WriteTsvConfig,
+};
 use cnclip_operators::spec::{JobSettings, NodeDef, Pipeline};
 
 #[derive(clap::Args)]
@@ -61,17 +67,8 @@ pub struct ExportArgs {
     on_error: OnError,
 }
 
-/// A node's settings as a TOML table.
-fn table(entries: &[(&str, toml::Value)]) -> toml::Table {
-    entries.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
-}
-
-fn path(p: &Path) -> toml::Value {
-    toml::Value::String(p.to_string_lossy().into_owned())
-}
-
-fn paths(p: &Path) -> toml::Value {
-    toml::Value::Array(vec![path(p)])
+fn paths(p: &Path) -> Vec<String> {
+    vec![p.to_string_lossy().into_owned()]
 }
 
 fn splits(list: &str) -> Vec<&str> {
@@ -116,39 +113,33 @@ pub fn import(args: ImportArgs) -> Result<()> {
             (Some(dir), _) => vec![
                 NodeDef::new(
                     "imgs_in",
-                    "tsv",
                     None,
-                    table(&[("paths", paths(&dir.join(format!("{split}_imgs.tsv"))))]),
+                    TsvConfig { paths: paths(&dir.join(format!("{split}_imgs.tsv"))), dedupe: true },
                 ),
-                NodeDef::new("decode", "decode_base64", Some("imgs_in"), table(&[])),
-                NodeDef::new("images", "write_parquet", Some("decode"), table(&[("path", path(&images_out))])),
+                NodeDef::new("decode", Some("imgs_in"), DecodeBase64Config {}),
+                NodeDef::new("images", Some("decode"), WriteParquetConfig { path: images_out }),
                 NodeDef::new(
                     "texts_in",
-                    "jsonl",
                     None,
-                    table(&[("paths", paths(&dir.join(format!("{split}_texts.jsonl"))))]),
+                    JsonlConfig { paths: paths(&dir.join(format!("{split}_texts.jsonl"))), dedupe: true },
                 ),
                 NodeDef::new(
                     "texts",
-                    "write_parquet",
                     Some("texts_in"),
-                    table(&[("path", path(&args.out.join(format!("{split}_texts.parquet"))))]),
+                    WriteParquetConfig { path: args.out.join(format!("{split}_texts.parquet")) },
                 ),
             ],
             (None, Some(dir)) => {
-                let split_dir = dir.join(split);
-                let lmdb =
-                    |db: &str| table(&[("path", path(&split_dir)), ("database", toml::Value::String(db.into()))]);
+                let lmdb = |database| LmdbConfig { path: dir.join(split), database };
                 vec![
-                    NodeDef::new("imgs_in", "lmdb", None, lmdb("imgs")),
-                    NodeDef::new("decode", "decode_base64", Some("imgs_in"), table(&[])),
-                    NodeDef::new("images", "write_parquet", Some("decode"), table(&[("path", path(&images_out))])),
-                    NodeDef::new("pairs_in", "lmdb", None, lmdb("pairs")),
+                    NodeDef::new("imgs_in", None, lmdb(Database::Imgs)),
+                    NodeDef::new("decode", Some("imgs_in"), DecodeBase64Config {}),
+                    NodeDef::new("images", Some("decode"), WriteParquetConfig { path: images_out }),
+                    NodeDef::new("pairs_in", None, lmdb(Database::Pairs)),
                     NodeDef::new(
                         "pairs",
-                        "write_parquet",
                         Some("pairs_in"),
-                        table(&[("path", path(&args.out.join(format!("{split}_pairs.parquet"))))]),
+                        WriteParquetConfig { path: args.out.join(format!("{split}_pairs.parquet")) },
                     ),
                 ]
             }
@@ -170,10 +161,8 @@ pub fn export(args: ExportArgs) -> Result<()> {
         let source = |table: &str| table_source(&parquet(table), table);
         let texts_table = if parquet("texts").exists() || !parquet("pairs").exists() { "texts" } else { "pairs" };
         let texts_in = format!("{texts_table}_in");
-        let mut defs = vec![
-            NodeDef::new("images_in", "parquet", None, source("images")),
-            NodeDef::new(&texts_in, "parquet", None, source(texts_table)),
-        ];
+        let mut defs =
+            vec![NodeDef::new("images_in", None, source("images")), NodeDef::new(&texts_in, None, source(texts_table))];
         match args.format {
             Format::Tsv => {
                 if texts_table == "pairs" {
@@ -184,26 +173,22 @@ pub fn export(args: ExportArgs) -> Result<()> {
                 }
                 defs.push(NodeDef::new(
                     "images",
-                    "write_tsv",
                     Some("images_in"),
-                    table(&[("path", path(&args.out.join(format!("{split}_imgs.tsv"))))]),
+                    WriteTsvConfig { path: args.out.join(format!("{split}_imgs.tsv")) },
                 ));
                 defs.push(NodeDef::new(
                     "texts",
-                    "write_jsonl",
                     Some(&texts_in),
-                    table(&[("path", path(&args.out.join(format!("{split}_texts.jsonl"))))]),
+                    WriteJsonlConfig {
+                        path: args.out.join(format!("{split}_texts.jsonl")),
+                        rename: Default::default(),
+                    },
                 ));
             }
             Format::Lmdb => {
-                let lmdb = |db: &str| {
-                    table(&[
-                        ("path", path(&args.out.join(split).join(db))),
-                        ("database", toml::Value::String(db.into())),
-                    ])
-                };
-                defs.push(NodeDef::new("images", "write_lmdb", Some("images_in"), lmdb("imgs")));
-                defs.push(NodeDef::new("pairs", "write_lmdb", Some(&texts_in), lmdb("pairs")));
+                let lmdb = |database, db: &str| WriteLmdbConfig { path: args.out.join(split).join(db), database };
+                defs.push(NodeDef::new("images", Some("images_in"), lmdb(Database::Imgs, "imgs")));
+                defs.push(NodeDef::new("pairs", Some(&texts_in), lmdb(Database::Pairs, "pairs")));
             }
         }
         run_split("export", split, settings, defs)?;
@@ -211,6 +196,6 @@ pub fn export(args: ExportArgs) -> Result<()> {
     Ok(())
 }
 
-fn table_source(file: &Path, contract: &str) -> toml::Table {
-    table(&[("paths", paths(file)), ("table", toml::Value::String(contract.into()))])
+fn table_source(file: &Path, contract: &str) -> ParquetConfig {
+    ParquetConfig { paths: paths(file), table: Some(contract.into()) }
 }

@@ -12,6 +12,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use cnclip_operators::spec::Registry;
 
 mod build_lmdb;
 mod common;
@@ -59,18 +60,35 @@ struct ModelCommand {
     args: Vec<OsString>,
 }
 
-/// Replaces this process with `cnclip-torch SUBCOMMAND ARGS…`, installed beside this binary.
-fn exec_torch(subcommand: &str, command: ModelCommand) -> Result<()> {
+/// `cnclip-torch`, installed beside this binary.
+fn torch_binary() -> Result<std::path::PathBuf> {
+    Ok(std::env::current_exe().context("locating the cnclip binary")?.with_file_name("cnclip-torch"))
+}
+
+/// Replaces this process with `cnclip-torch SUBCOMMAND ARGS…`.
+fn exec_torch(subcommand: &str, args: impl IntoIterator<Item = OsString>) -> Result<()> {
     use std::os::unix::process::CommandExt;
-    let exe = std::env::current_exe().context("locating the cnclip binary")?.with_file_name("cnclip-torch");
+    let exe = torch_binary()?;
     if !exe.is_file() {
         bail!(
             "`cnclip {subcommand}` runs a model and needs {}, which is missing (install cnclip-torch beside cnclip)",
             exe.display()
         );
     }
-    let error = std::process::Command::new(&exe).arg0("cnclip").arg(subcommand).args(command.args).exec();
+    let error = std::process::Command::new(&exe).arg0("cnclip").arg(subcommand).args(args).exec();
     Err(error).with_context(|| format!("starting {}", exe.display()))
+}
+
+/// Whether the pipeline file names a node kind that `registry` lacks (then another binary
+/// may know it). A file that cannot be read or parsed says no: [`run`] reports it.
+fn needs_other_kinds(pipeline: &std::path::Path, registry: &Registry) -> bool {
+    let Ok(text) = std::fs::read_to_string(pipeline) else { return false };
+    let Ok(table) = text.parse::<toml::Table>() else { return false };
+    let Some(toml::Value::Table(nodes)) = table.get("nodes") else { return false };
+    nodes.values().any(|node| match node.get("kind") {
+        Some(toml::Value::String(kind)) => registry.get(kind).is_none(),
+        _ => false,
+    })
 }
 
 fn main() -> ExitCode {
@@ -81,10 +99,20 @@ fn main() -> ExitCode {
         Command::Synth(args) => synth::run(args),
         Command::Import(args) => import::import(args),
         Command::Export(args) => import::export(args),
-        Command::Run(args) => run::run(args),
-        Command::Similarity(args) => exec_torch("similarity", args),
-        Command::Convert(args) => exec_torch("convert", args),
-        Command::Benchmark(args) => exec_torch("benchmark", args),
+        Command::Run(args) => {
+            let registry = Registry::builtin();
+            // A kind only the model binary knows (an encoder): it runs the whole pipeline.
+            if args.pipeline.as_deref().is_some_and(|p| needs_other_kinds(p, &registry))
+                && torch_binary().is_ok_and(|exe| exe.is_file())
+            {
+                exec_torch("run", std::env::args_os().skip(2))
+            } else {
+                run::run(args, &registry)
+            }
+        }
+        Command::Similarity(command) => exec_torch("similarity", command.args),
+        Command::Convert(command) => exec_torch("convert", command.args),
+        Command::Benchmark(command) => exec_torch("benchmark", command.args),
     };
     common::exit_code(result)
 }

@@ -1,17 +1,25 @@
 //! `cnclip run PIPELINE.toml`: runs a pipeline described in TOML (see
 //! `cnclip_operators::spec` for the format). Every configuration problem is reported at once,
 //! before anything is read; `--check` stops there.
+//!
+//! Both binaries run pipelines: `cnclip` with the built-in kinds, `cnclip-torch` with those and
+//! the model kinds it registers. `cnclip` hands a pipeline that names a kind it does not know
+//! to `cnclip-torch`, so users never choose between them.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use cnclip_operators::quarantine::OnError;
-use cnclip_operators::spec::Pipeline;
+use cnclip_operators::spec::{Planner, Registry};
 
 #[derive(clap::Args)]
 pub struct Args {
     /// The pipeline file.
-    pipeline: PathBuf,
+    #[arg(required_unless_present = "kinds")]
+    pub pipeline: Option<PathBuf>,
+    /// List the node kinds this binary knows, with their keys, and exit.
+    #[arg(long)]
+    kinds: bool,
     /// Only validate the pipeline (files, kinds, inputs, columns) and print its nodes.
     #[arg(long)]
     check: bool,
@@ -29,13 +37,19 @@ pub struct Args {
     quarantine: Option<PathBuf>,
 }
 
-pub fn run(args: Args) -> Result<()> {
-    let text =
-        std::fs::read_to_string(&args.pipeline).with_context(|| format!("reading {}", args.pipeline.display()))?;
-    let base = args.pipeline.parent().map(PathBuf::from).unwrap_or_default();
+pub fn run(args: Args, registry: &Registry) -> Result<()> {
+    if args.kinds {
+        for kind in registry.kinds() {
+            println!("{:<14} {:<9} {}", kind.kind, format!("{:?}", kind.role).to_lowercase(), kind.doc);
+        }
+        return Ok(());
+    }
+    let Some(path) = args.pipeline.clone() else { bail!("give a pipeline file (or --kinds)") };
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let base = path.parent().map(PathBuf::from).unwrap_or_default();
     let mut text_table: toml::Table = match text.parse() {
         Ok(t) => t,
-        Err(e) => bail!("{}: {}", args.pipeline.display(), e.to_string().trim_end()),
+        Err(e) => bail!("{}: {}", path.display(), e.to_string().trim_end()),
     };
     // Command-line overrides go into [job] before validation, so they are checked too.
     let job = text_table.entry("job").or_insert_with(|| toml::Value::Table(Default::default()));
@@ -59,13 +73,13 @@ pub fn run(args: Args) -> Result<()> {
             job.insert("quarantine".into(), toml::Value::String(absolute.to_string_lossy().into_owned()));
         }
     }
-    let pipeline = match Pipeline::parse(&text_table.to_string(), &base) {
+    let pipeline = match Planner::new(registry).base(&base).parse(&text_table.to_string()) {
         Ok(p) => p,
         Err(problems) => {
             let list: Vec<String> = problems.iter().map(|p| format!("  - {p}")).collect();
             bail!(
                 "{}: {} problem{}:\n{}",
-                args.pipeline.display(),
+                path.display(),
                 problems.len(),
                 if problems.len() == 1 { "" } else { "s" },
                 list.join("\n")
@@ -73,11 +87,11 @@ pub fn run(args: Args) -> Result<()> {
         }
     };
     if args.check {
-        println!("{}: valid (shard {})", args.pipeline.display(), pipeline.shard);
+        println!("{}: valid (shard {})", path.display(), pipeline.shard);
         return Ok(());
     }
     let start = std::time::Instant::now();
     let report = pipeline.run()?;
-    eprintln!("cnclip run: {} done in {:.1} s\n{report}", args.pipeline.display(), start.elapsed().as_secs_f64());
+    eprintln!("cnclip run: {} done in {:.1} s\n{report}", path.display(), start.elapsed().as_secs_f64());
     Ok(())
 }

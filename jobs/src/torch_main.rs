@@ -5,11 +5,13 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use cnclip_operators::spec::Registry;
 
 mod benchmark;
 mod common;
 mod convert;
 mod model_args;
+mod run;
 mod similarity;
 
 #[derive(Parser)]
@@ -25,6 +27,8 @@ enum Command {
     Similarity(similarity::Args),
     /// Convert checkpoints between cn_clip's .pt and cnclip's self-describing .safetensors.
     Convert(convert::Args),
+    /// Run a pipeline; `cnclip run` hands over pipelines that use a kind only this binary has.
+    Run(run::Args),
     /// Measure encode throughput (model only, random weights), e.g. against scripts/bench/encode.py.
     #[command(subcommand)]
     Benchmark(BenchmarkCommand),
@@ -43,6 +47,8 @@ fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Similarity(args) => similarity::run(args),
         Command::Convert(args) => convert::run(args),
+        // The built-in kinds; the model kinds (encoders) register here as they are written.
+        Command::Run(args) => run::run(args, &Registry::builtin()),
         Command::Benchmark(BenchmarkCommand::Encode(args)) => benchmark::run(args),
         Command::Benchmark(BenchmarkCommand::Preprocess(args)) => benchmark::run_preprocess(args),
     };

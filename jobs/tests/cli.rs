@@ -263,3 +263,78 @@ print(json.dumps({"images": ok_images, "texts": ok_texts, "quarantine": [q["loca
             .unwrap();
     assert_eq!(report, serde_json::json!({"images": true, "texts": true, "quarantine": ["line 31"]}));
 }
+
+/// `cnclip run` hands a pipeline with a kind it does not know (an encoder) to `cnclip-torch`
+/// beside it, with the same arguments; pipelines of built-in kinds it runs itself; without a
+/// `cnclip-torch` it reports the unknown kind. A stand-in `cnclip-torch` records what it got.
+#[test]
+fn run_hands_pipelines_with_model_kinds_to_cnclip_torch() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    std::fs::copy(env!("CARGO_BIN_EXE_cnclip"), bin.join("cnclip")).unwrap();
+    let model_kind = dir.path().join("encode.toml");
+    std::fs::write(
+        &model_kind,
+        "[nodes.texts]\nkind = \"jsonl\"\npaths = [\"t.jsonl\"]\n[nodes.features]\nkind = \"encode_text\"\ninput = \"texts\"\n",
+    )
+    .unwrap();
+    let builtin = dir.path().join("tokens.toml");
+    std::fs::write(&builtin, "[nodes.texts]\nkind = \"jsonl\"\npaths = [\"missing.jsonl\"]\n").unwrap();
+    let run = |pipeline: &std::path::Path| {
+        Command::new(bin.join("cnclip")).args(["run", pipeline.to_str().unwrap(), "--threads", "1"]).output().unwrap()
+    };
+
+    // No cnclip-torch: the unknown kind is reported with the kinds cnclip knows.
+    let alone = run(&model_kind);
+    let stderr = String::from_utf8_lossy(&alone.stderr);
+    assert!(!alone.status.success());
+    assert!(stderr.contains("node `features`: unknown kind `encode_text` (sources: tsv, jsonl"), "{stderr}");
+
+    let record = dir.path().join("torch-args");
+    let torch = bin.join("cnclip-torch");
+    std::fs::write(&torch, format!("#!/bin/sh\nprintf '%s\\n' \"$@\" > '{}'\n", record.display())).unwrap();
+    std::fs::set_permissions(&torch, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let handed = run(&model_kind);
+    assert!(handed.status.success(), "{}", String::from_utf8_lossy(&handed.stderr));
+    let got = std::fs::read_to_string(&record).unwrap();
+    assert_eq!(got.lines().collect::<Vec<_>>(), ["run", model_kind.to_str().unwrap(), "--threads", "1"]);
+
+    // Built-in kinds only: cnclip validates and runs it itself (here: the missing input file).
+    std::fs::remove_file(&record).unwrap();
+    let own = run(&builtin);
+    let stderr = String::from_utf8_lossy(&own.stderr);
+    assert!(stderr.contains("missing.jsonl") && stderr.contains("does not exist"), "{stderr}");
+    assert!(!record.exists(), "a pipeline of built-in kinds went to cnclip-torch");
+}
+
+/// `cnclip-torch run` is a full `cnclip run`: the same pipeline gives the same bytes.
+#[test]
+fn cnclip_torch_runs_pipelines_like_cnclip() {
+    let dir = tempfile::tempdir().unwrap();
+    let texts: Vec<String> = corpus::texts(50, 7)
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| serde_json::json!({"text_id": i, "text": t, "image_ids": [i]}).to_string())
+        .collect();
+    std::fs::write(dir.path().join("texts.jsonl"), texts.join("\n") + "\n").unwrap();
+    let mut outputs = Vec::new();
+    for (binary, name) in [(env!("CARGO_BIN_EXE_cnclip"), "a"), (env!("CARGO_BIN_EXE_cnclip-torch"), "b")] {
+        let pipeline = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &pipeline,
+            format!(
+                "[job]\nquarantine = \"{name}.quarantine.jsonl\"\n[nodes.texts]\nkind = \"jsonl\"\npaths = [\"texts.jsonl\"]\n\
+                 [nodes.tokens]\nkind = \"tokenize\"\ninput = \"texts\"\n[nodes.out]\nkind = \"write_jsonl\"\n\
+                 input = \"tokens\"\npath = \"{name}.jsonl\"\n"
+            ),
+        )
+        .unwrap();
+        let output = Command::new(binary).args(["run", pipeline.to_str().unwrap()]).output().unwrap();
+        assert!(output.status.success(), "{binary}: {}", String::from_utf8_lossy(&output.stderr));
+        outputs.push(std::fs::read(dir.path().join(format!("{name}.jsonl"))).unwrap());
+    }
+    assert_eq!(String::from_utf8_lossy(&outputs[0]).lines().count(), 50);
+    assert_eq!(outputs[0], outputs[1]);
+}

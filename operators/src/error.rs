@@ -7,7 +7,8 @@ pub enum Error {
     Io { path: String, source: std::io::Error },
     #[error("LMDB {path}: {source}")]
     Lmdb { path: String, source: lmdb::Error },
-    #[error("{location}: {reason} (--on-error fail)")]
+    /// A bad record under `--on-error fail` (the binary adds that hint).
+    #[error("{location}: {reason}")]
     Record { location: String, reason: String },
     /// A file that is not what it should be (a wrong table schema, a corrupt Parquet footer).
     #[error("{path}: {reason}")]
@@ -15,9 +16,21 @@ pub enum Error {
     /// Everything downstream has stopped; a source or operator returns quietly.
     #[error("the pipeline stopped")]
     Stopped,
-    /// A node of a running pipeline failed (the message names it).
-    #[error("{0}")]
-    Pipeline(String),
+    /// The runtime: a node failed (naming it), or the graph could not start.
+    #[error(transparent)]
+    Runtime(#[from] cnclip_pipeline::Error),
+    /// Arrow refused a batch we built (a bug, or a value past Arrow's limits).
+    #[error(transparent)]
+    Arrow(#[from] arrow::error::ArrowError),
+    /// Arrow failed on a batch read from or written to `path`.
+    #[error("{path}: {source}")]
+    ArrowFile { path: String, source: arrow::error::ArrowError },
+    /// A Parquet file could not be read or written.
+    #[error("{path}: {source}")]
+    Parquet { path: String, source: parquet::errors::ParquetError },
+    /// Starting the async runtime.
+    #[error("starting the runtime: {0}")]
+    Start(#[source] std::io::Error),
     #[error("internal error: {0}")]
     Internal(String),
 }

@@ -70,7 +70,7 @@ fn quarantine_batch(rows: &[Rejected]) -> Result<RecordBatch> {
     }
     let columns: Vec<ArrayRef> =
         vec![Arc::new(source.finish()), Arc::new(location.finish()), Arc::new(id.finish()), Arc::new(reason.finish())];
-    RecordBatch::try_new(cnclip_schemas::quarantine(), columns).map_err(|e| Error::Internal(e.to_string()))
+    Ok(RecordBatch::try_new(cnclip_schemas::quarantine(), columns)?)
 }
 
 impl Quarantine {

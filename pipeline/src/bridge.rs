@@ -1,21 +1,15 @@
-//! Bridges between async nodes and blocking work: a source reading files on its own thread, a
-//! sink writing on its own thread, and an ordered map over a [`WorkerPool`].
+//! Bridges between async nodes and blocking work: a source reading files on its own thread and a
+//! sink writing on its own thread (transforms run through [`crate::executor`]).
 //!
 //! Each bridge is owned by its node's future. When the graph is dropped or stops on an error,
 //! the node's end of the bridge is dropped, and the thread notices at its next hand-over
 //! ([`Closed`]) and returns: nothing outlives the graph by more than one batch of work.
-
-use std::collections::VecDeque;
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
 use crate::edge::{Batch, Closed};
 use crate::error::BoxError;
 use crate::graph::NodeContext;
-use crate::pool::WorkerPool;
 
 /// Runs `produce` on a thread of its own; every batch it emits goes to the node's outputs.
 /// `emit` returns [`Closed`] once nobody downstream wants more: `produce` should then return
@@ -131,65 +125,16 @@ where
     outcome(result)
 }
 
-type Pending<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
-/// Maps each batch of input `0` through `f` on `pool`, keeping up to `in_flight` batches in
-/// work at once, and sends the results downstream *in input order*. `split` first cuts each
-/// input batch into the pieces that go to the workers (so one large batch still keeps every
-/// worker busy). `after` sees each result
-/// before it is sent (on the node's task, in order — e.g. to quarantine rejected rows
-/// deterministically) and returns what to send, if anything.
-///
-/// # Errors
-/// The first error of `f` or `after`.
-pub async fn map_on_pool<T, U>(
-    ctx: &mut NodeContext<T>,
-    pool: &WorkerPool,
-    in_flight: usize,
-    mut split: impl FnMut(T) -> Vec<T>,
-    f: Arc<dyn Fn(T) -> Result<U, BoxError> + Send + Sync>,
-    mut after: impl FnMut(U) -> Result<Option<T>, BoxError>,
-) -> Result<(), BoxError>
-where
-    T: Batch + Clone,
-    U: Send + 'static,
-{
-    let mut pending: VecDeque<Pending<Result<U, BoxError>>> = VecDeque::new();
-    let mut pieces: VecDeque<T> = VecDeque::new();
-    let in_flight = in_flight.max(1);
-    let mut input_open = true;
-    while input_open || !pending.is_empty() || !pieces.is_empty() {
-        if pending.len() < in_flight {
-            if let Some(piece) = pieces.pop_front() {
-                let f = f.clone();
-                pending.push_back(Box::pin(pool.run(move || f(piece))));
-                continue;
-            }
-            if input_open {
-                match ctx.recv(0).await {
-                    Some(batch) => pieces.extend(split(batch)),
-                    None => input_open = false,
-                }
-                continue;
-            }
-        }
-        if let Some(next) = pending.pop_front()
-            && let Some(out) = after(next.await?)?
-            && ctx.send(out).await.is_err()
-        {
-            return Ok(()); // every consumer has stopped
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::time::Duration;
 
     use super::*;
+    use crate::WorkerPool;
     use crate::edge::Capacity;
+    use crate::executor::map_on_pool;
     use crate::graph::Graph;
     use crate::graph::tests::Rows;
 

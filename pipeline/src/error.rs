@@ -9,6 +9,9 @@ pub enum Error {
     Node { node: String, source: BoxError },
     #[error("node `{node}` panicked: {message}")]
     Panicked { node: String, message: String },
+    /// One device replica of a node failed (its node's error wraps this one).
+    #[error("replica {replica} ({device}): {source}")]
+    Replica { replica: usize, device: String, source: BoxError },
     #[error("invalid pipeline: {}", .0.join("; "))]
     Config(Vec<String>),
 }

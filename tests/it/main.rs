@@ -9,5 +9,6 @@ mod lmdb;
 mod models;
 mod pipeline;
 mod preprocess;
+mod runtime;
 mod smoke;
 mod tokenizer;

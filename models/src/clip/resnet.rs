@@ -9,11 +9,11 @@ use tch::{Tensor, nn, nn::Module, nn::ModuleT};
 
 use super::layers::{attention_heads, merge_heads};
 
-fn conv(p: nn::Path, i: i64, o: i64, k: i64, stride: i64, padding: i64) -> nn::Conv2D {
+fn conv(p: nn::Path<'_>, i: i64, o: i64, k: i64, stride: i64, padding: i64) -> nn::Conv2D {
     nn::conv2d(p, i, o, k, nn::ConvConfig { stride, padding, bias: false, ..Default::default() })
 }
 
-fn bn(p: nn::Path, n: i64) -> nn::BatchNorm {
+fn bn(p: nn::Path<'_>, n: i64) -> nn::BatchNorm {
     nn::batch_norm2d(p, n, Default::default())
 }
 
@@ -36,7 +36,7 @@ struct Bottleneck {
 impl Bottleneck {
     const EXPANSION: i64 = 4;
 
-    fn new(p: &nn::Path, inplanes: i64, planes: i64, stride: i64) -> Self {
+    fn new(p: &nn::Path<'_>, inplanes: i64, planes: i64, stride: i64) -> Self {
         let out = planes * Self::EXPANSION;
         let downsample = (stride > 1 || inplanes != out)
             .then(|| (conv(p / "downsample" / "0", inplanes, out, 1, 1, 0), bn(p / "downsample" / "1", out)));
@@ -85,7 +85,7 @@ struct AttentionPool2d {
 }
 
 impl AttentionPool2d {
-    fn new(p: &nn::Path, spacial_dim: i64, embed_dim: i64, heads: i64, output_dim: i64) -> Self {
+    fn new(p: &nn::Path<'_>, spacial_dim: i64, embed_dim: i64, heads: i64, output_dim: i64) -> Self {
         let linear = |name: &str, o| nn::linear(p / name, embed_dim, o, Default::default());
         AttentionPool2d {
             positional_embedding: p.var(
@@ -124,7 +124,7 @@ pub struct ModifiedResNet {
 }
 
 impl ModifiedResNet {
-    pub fn new(p: &nn::Path, layers: [i64; 4], output_dim: i64, heads: i64, input_resolution: i64, width: i64) -> Self {
+    pub fn new(p: &nn::Path<'_>, layers: [i64; 4], output_dim: i64, heads: i64, input_resolution: i64, width: i64) -> Self {
         let stem = [
             (conv(p / "conv1", 3, width / 2, 3, 2, 1), bn(p / "bn1", width / 2)),
             (conv(p / "conv2", width / 2, width / 2, 3, 1, 1), bn(p / "bn2", width / 2)),

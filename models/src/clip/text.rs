@@ -46,10 +46,10 @@ struct BertLayer {
 }
 
 impl BertLayer {
-    fn new(p: &nn::Path, c: &TextConfig, activation: Activation) -> Self {
+    fn new(p: &nn::Path<'_>, c: &TextConfig, activation: Activation) -> Self {
         let (hidden, inter) = (c.text_hidden_size, c.text_intermediate_size);
         let attention = p / "attention";
-        let linear = |path: nn::Path, i, o| nn::linear(path, i, o, Default::default());
+        let linear = |path: nn::Path<'_>, i, o| nn::linear(path, i, o, Default::default());
         BertLayer {
             query: linear(&attention / "self" / "query", hidden, hidden),
             key: linear(&attention / "self" / "key", hidden, hidden),
@@ -86,7 +86,7 @@ pub struct Bert {
 }
 
 impl Bert {
-    pub fn new(p: &nn::Path, c: &TextConfig) -> Self {
+    pub fn new(p: &nn::Path<'_>, c: &TextConfig) -> Self {
         let activation = match c.text_hidden_act.as_str() {
             "gelu_new" => Activation::GeluNew,
             "relu" => Activation::Relu,

@@ -24,7 +24,7 @@ struct ResidualAttentionBlock {
 }
 
 impl ResidualAttentionBlock {
-    fn new(p: &nn::Path, width: i64, heads: i64) -> Self {
+    fn new(p: &nn::Path<'_>, width: i64, heads: i64) -> Self {
         let attn = p / "attn";
         let mlp = p / "mlp";
         ResidualAttentionBlock {
@@ -67,7 +67,7 @@ pub struct VisualTransformer {
 
 impl VisualTransformer {
     pub fn new(
-        p: &nn::Path,
+        p: &nn::Path<'_>,
         input_resolution: i64,
         patch_size: i64,
         width: i64,

@@ -108,8 +108,8 @@ impl super::Sink for ParquetSink {
     }
 }
 
-fn parquet_err(path: &Path, e: impl std::fmt::Display) -> Error {
-    Error::Io { path: path.display().to_string(), source: std::io::Error::other(e.to_string()) }
+fn parquet_err(path: &Path, source: parquet::errors::ParquetError) -> Error {
+    Error::Parquet { path: path.display().to_string(), source }
 }
 
 #[cfg(test)]

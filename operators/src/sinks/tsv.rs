@@ -52,7 +52,7 @@ impl Sink for TsvSink {
     fn write(&mut self, batch: &RecordBatch) -> Result<()> {
         let schema = batch.schema();
         let (index, encoded) = image_column(&schema).map_err(Error::Internal)?;
-        let ids = batch.column(schema.index_of(IMAGE_ID).map_err(|e| Error::Internal(e.to_string()))?);
+        let ids = batch.column(schema.index_of(IMAGE_ID)?);
         let ids =
             ids.as_any().downcast_ref::<Int64Array>().ok_or_else(|| Error::Internal("image_id is not Int64".into()))?;
         let values = batch

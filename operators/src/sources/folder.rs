@@ -133,7 +133,7 @@ impl Source for ImageFolderSource {
                 Arc::new(labels.finish()),
                 Arc::new(paths.finish()),
             ];
-            emit(RecordBatch::try_new(schema.clone(), columns).map_err(|e| Error::Internal(e.to_string()))?)
+            emit(RecordBatch::try_new(schema.clone(), columns)?)
         };
         for (k, entry) in self.entries.iter().enumerate() {
             if !ctx.shard.owns(k as u64) {

@@ -14,7 +14,7 @@ use arrow::record_batch::RecordBatch;
 use serde_json::Value;
 
 use super::{Emit, ReadContext, SeenIds, ShardFilter, Source};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::quarantine::Rejected;
 
 /// One text annotation.
@@ -152,7 +152,7 @@ impl TextsBatcher {
         self.bytes = 0;
         let columns: Vec<ArrayRef> =
             vec![Arc::new(self.ids.finish()), Arc::new(self.texts.finish()), Arc::new(self.image_ids.finish())];
-        emit(RecordBatch::try_new(cnclip_schemas::texts(), columns).map_err(|e| Error::Internal(e.to_string()))?)
+        emit(RecordBatch::try_new(cnclip_schemas::texts(), columns)?)
     }
 }
 

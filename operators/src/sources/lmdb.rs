@@ -239,6 +239,6 @@ impl PairsBatcher {
         }
         let columns: Vec<ArrayRef> =
             vec![Arc::new(self.image_ids.finish()), Arc::new(self.text_ids.finish()), Arc::new(self.texts.finish())];
-        emit(RecordBatch::try_new(cnclip_schemas::pairs(), columns).map_err(|e| Error::Internal(e.to_string()))?)
+        emit(RecordBatch::try_new(cnclip_schemas::pairs(), columns)?)
     }
 }

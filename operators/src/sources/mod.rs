@@ -196,7 +196,7 @@ impl IdBytesBatcher {
         }
         self.bytes = 0;
         let columns: Vec<ArrayRef> = vec![Arc::new(self.ids.finish()), Arc::new(self.values.finish())];
-        emit(RecordBatch::try_new(self.schema.clone(), columns).map_err(|e| Error::Internal(e.to_string()))?)
+        emit(RecordBatch::try_new(self.schema.clone(), columns)?)
     }
 }
 
@@ -367,7 +367,7 @@ mod tests {
             calls += 1;
             if n == 3 { Err(Error::Record { location: format!("line {n}"), reason: "stop".into() }) } else { Ok(()) }
         });
-        assert_eq!(result.unwrap_err().to_string(), "line 3: stop (--on-error fail)");
+        assert_eq!(result.unwrap_err().to_string(), "line 3: stop");
         assert_eq!(calls, 3);
         let missing = lines_with_buffer(&dir.path().join("nope"), 64, |_, _| Ok(())).unwrap_err().to_string();
         assert!(missing.contains("nope"), "{missing}");

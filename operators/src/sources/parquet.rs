@@ -12,8 +12,12 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use super::{Emit, ReadContext, Source};
 use crate::error::{Error, Result, io};
 
-fn format_err(path: &Path, e: impl std::fmt::Display) -> Error {
-    Error::Format { path: path.display().to_string(), reason: e.to_string() }
+fn parquet_err(path: &Path, source: parquet::errors::ParquetError) -> Error {
+    Error::Parquet { path: path.display().to_string(), source }
+}
+
+fn arrow_err(path: &Path, source: arrow::error::ArrowError) -> Error {
+    Error::ArrowFile { path: path.display().to_string(), source }
 }
 
 /// The Arrow schema of a Parquet file, from its footer.
@@ -22,7 +26,7 @@ fn format_err(path: &Path, e: impl std::fmt::Display) -> Error {
 /// A missing file or one that is not Parquet.
 pub fn file_schema(path: &Path) -> Result<SchemaRef> {
     let file = File::open(path).map_err(io(path))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| format_err(path, e))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| parquet_err(path, e))?;
     Ok(builder.schema().clone())
 }
 
@@ -96,20 +100,20 @@ impl Source for ParquetSource {
             let file = File::open(path).map_err(io(path))?;
             let reader = ParquetRecordBatchReaderBuilder::try_new(file)
                 .and_then(|b| b.with_batch_size(ctx.batch_rows.max(1)).build())
-                .map_err(|e| format_err(path, e))?;
+                .map_err(|e| parquet_err(path, e))?;
             for batch in reader {
-                let batch = batch.map_err(|e| format_err(path, e))?;
+                let batch = batch.map_err(|e| arrow_err(path, e))?;
                 let rows = batch.num_rows() as u64;
                 let batch = if ctx.shard.count == 1 {
                     batch
                 } else {
                     let mask: BooleanArray =
                         (0..batch.num_rows() as u64).map(|r| Some(ctx.shard.owns(ordinal + r))).collect();
-                    filter_record_batch(&batch, &mask).map_err(|e| Error::Internal(e.to_string()))?
+                    filter_record_batch(&batch, &mask)?
                 };
                 ordinal += rows;
                 if batch.num_rows() > 0 {
-                    emit(batch.with_schema(self.schema.clone()).map_err(|e| format_err(path, e))?)?;
+                    emit(batch.with_schema(self.schema.clone()).map_err(|e| arrow_err(path, e))?)?;
                 }
             }
         }

@@ -1,6 +1,8 @@
-//! Transforms: batch → batch functions that run on the worker pool (base64 and image
-//! decoding, preprocessing, tokenizing). Rows a transform cannot process come back as
-//! [`Rejected`] and the rest of the batch goes on.
+//! Transforms: batch → batch functions (base64 and image decoding, preprocessing, tokenizing,
+//! and the model encoders other crates add). Rows a transform cannot process come back as
+//! [`Rejected`] and the rest of the batch goes on. Each transform says how it runs
+//! ([`Transform::execution`]): in small pieces on the CPU worker pool (the default, for these
+//! cheap per-row functions), or on device threads that each own a [`TransformReplica`].
 
 pub mod base64;
 pub mod preprocess;
@@ -13,7 +15,9 @@ use arrow::array::ArrayRef;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 
-use crate::error::{Error, Result};
+pub use cnclip_pipeline::Execution;
+
+use crate::error::Result;
 use crate::quarantine::Rejected;
 
 /// A batch and the rows it could not carry.
@@ -34,6 +38,32 @@ pub trait Transform: Send + Sync + 'static {
     /// # Errors
     /// Faults that are not one row's (they stop the job).
     fn apply(&self, batch: &RecordBatch, source: &str) -> Result<Output>;
+
+    /// How the runtime runs it: by default in pieces of ≤ 32 rows on the CPU worker pool.
+    fn execution(&self) -> Execution {
+        Execution::default()
+    }
+
+    /// Under [`Execution::Devices`], the state device `device` owns (a model moved to it),
+    /// built on that device's thread. `None` (the default): [`Transform::apply`] of the shared
+    /// transform runs on each device thread.
+    ///
+    /// # Errors
+    /// A device that cannot be used (the job stops naming the replica).
+    fn open_replica(&self, device: &str) -> Result<Option<Box<dyn TransformReplica>>> {
+        let _ = device;
+        Ok(None)
+    }
+}
+
+/// One device's share of a transform under [`Execution::Devices`]: owned by that device's
+/// thread for the whole job, so it may hold state that is `Send` but not `Sync` (tch tensors).
+pub trait TransformReplica: Send {
+    /// Transforms one batch of at most the execution's `batch_rows` rows.
+    ///
+    /// # Errors
+    /// As [`Transform::apply`].
+    fn apply(&mut self, batch: &RecordBatch, source: &str) -> Result<Output>;
 }
 
 /// The index of column `name` in `schema` if it has type `data_type`.
@@ -76,10 +106,10 @@ pub(crate) fn rebuild(
         } else if all_kept {
             columns.push(array.clone());
         } else {
-            columns.push(arrow::compute::take(array, &indices, None).map_err(|e| Error::Internal(e.to_string()))?);
+            columns.push(arrow::compute::take(array, &indices, None)?);
         }
     }
-    RecordBatch::try_new(schema, columns).map_err(|e| Error::Internal(e.to_string()))
+    Ok(RecordBatch::try_new(schema, columns)?)
 }
 
 /// The rejection of image row `row` of `batch` (named by its `image_id` when it has one).

@@ -77,7 +77,7 @@ impl Transform for Preprocess {
         for row in 0..images.len() {
             match self.image(images.value(row), &mut resizer) {
                 Ok(rgb) => {
-                    out.append_value(&rgb).map_err(|e| Error::Internal(e.to_string()))?;
+                    out.append_value(&rgb)?;
                     keep.push(row as u32);
                 }
                 Err(reason) => rejected.push(reject_image(batch, row, source, reason)),

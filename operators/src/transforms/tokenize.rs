@@ -46,11 +46,10 @@ impl Transform for Tokenize {
             unreachable!()
         };
         let column =
-            FixedSizeListArray::try_new(item, self.context_length as i32, Arc::new(Int64Array::from(ids)), None)
-                .map_err(|e| Error::Internal(e.to_string()))?;
+            FixedSizeListArray::try_new(item, self.context_length as i32, Arc::new(Int64Array::from(ids)), None)?;
         let mut columns = batch.columns().to_vec();
         columns.push(Arc::new(column));
-        let batch = RecordBatch::try_new(schema, columns).map_err(|e| Error::Internal(e.to_string()))?;
+        let batch = RecordBatch::try_new(schema, columns)?;
         Ok(Output { batch, rejected: Vec::new() })
     }
 }

@@ -1,0 +1,340 @@
+//! The built-in node kinds: one config type per kind (its `[nodes.NAME]` keys), registered in
+//! [`register`]. Fields are public so fixed pipelines (`cnclip import`, `export`) build nodes
+//! from typed values rather than TOML tables; the TOML form deserializes into the same types.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use serde::Deserialize;
+
+use super::registry::{BuildContext, NodeConfig, Operator, Registry, Role, SinkSpec};
+use crate::error::Result;
+use crate::sinks::Sink;
+use crate::sinks::jsonl::JsonlSink;
+use crate::sinks::lmdb::LmdbSink;
+use crate::sinks::parquet::ParquetSink;
+use crate::sinks::tsv::TsvSink;
+use crate::sources::folder::ImageFolderSource;
+use crate::sources::jsonl::JsonlSource;
+use crate::sources::lmdb::{Database, LmdbSource};
+use crate::sources::parquet::ParquetSource;
+use crate::sources::tsv::TsvSource;
+use crate::transforms::base64::DecodeBase64;
+use crate::transforms::preprocess::{Order, Preprocess};
+use crate::transforms::tokenize::Tokenize;
+
+/// Registers every built-in kind, sources first, then transforms, then sinks.
+pub fn register(registry: &mut Registry) {
+    registry
+        .register::<TsvConfig>()
+        .register::<JsonlConfig>()
+        .register::<LmdbConfig>()
+        .register::<ImageFolderConfig>()
+        .register::<ParquetConfig>()
+        .register::<DecodeBase64Config>()
+        .register::<PreprocessConfig>()
+        .register::<TokenizeConfig>()
+        .register::<WriteParquetConfig>()
+        .register::<WriteJsonlConfig>()
+        .register::<WriteTsvConfig>()
+        .register::<WriteLmdbConfig>();
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `tsv`: cn_clip image shards (`image_id<TAB>base64`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TsvConfig {
+    /// Files and globs.
+    pub paths: Vec<String>,
+    /// Quarantine repeated image ids (default).
+    #[serde(default = "yes")]
+    pub dedupe: bool,
+}
+
+impl NodeConfig for TsvConfig {
+    const KIND: &'static str = "tsv";
+    const ROLE: Role = Role::Source;
+    const DOC: &'static str = "`paths` (files, globs) → images_base64; `dedupe` (true)";
+    fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
+        Ok(Operator::Source(Box::new(TsvSource { paths: cx.files(&self.paths)?, dedupe: self.dedupe })))
+    }
+}
+
+/// `jsonl`: cn_clip text files (`{"text_id", "text", "image_ids"}` per line).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonlConfig {
+    pub paths: Vec<String>,
+    #[serde(default = "yes")]
+    pub dedupe: bool,
+}
+
+impl NodeConfig for JsonlConfig {
+    const KIND: &'static str = "jsonl";
+    const ROLE: Role = Role::Source;
+    const DOC: &'static str = "`paths` (files, globs) → texts; `dedupe` (true)";
+    fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
+        Ok(Operator::Source(Box::new(JsonlSource { paths: cx.files(&self.paths)?, dedupe: self.dedupe })))
+    }
+}
+
+/// `lmdb`: one database of a cn_clip LMDB split.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LmdbConfig {
+    /// The split directory (holding `imgs/` and `pairs/`).
+    pub path: PathBuf,
+    pub database: Database,
+}
+
+impl NodeConfig for LmdbConfig {
+    const KIND: &'static str = "lmdb";
+    const ROLE: Role = Role::Source;
+    const DOC: &'static str = "`path` (a split dir), `database` = imgs | pairs → images_base64 / pairs";
+    fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
+        let path = cx.dir(&self.path, "LMDB split")?;
+        let db = path.join(match self.database {
+            Database::Imgs => "imgs",
+            Database::Pairs => "pairs",
+        });
+        if !db.join("data.mdb").is_file() {
+            return Err(vec![format!("{} is not an LMDB (no data.mdb)", db.display())]);
+        }
+        Ok(Operator::Source(Box::new(LmdbSource { dir: path, database: self.database })))
+    }
+}
+
+/// `image_folder`: torchvision `ImageFolder`'s layout (cn_clip's zero-shot sets).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageFolderConfig {
+    pub path: PathBuf,
+}
+
+impl NodeConfig for ImageFolderConfig {
+    const KIND: &'static str = "image_folder";
+    const ROLE: Role = Role::Source;
+    const DOC: &'static str = "`path` (class folders) → labeled_images, in ImageFolder's order";
+    fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
+        let root = cx.dir(&self.path, "image folder")?;
+        Ok(Operator::Source(Box::new(ImageFolderSource::open(root).map_err(|e| vec![e.to_string()])?)))
+    }
+}
+
+/// `parquet`: Parquet files sharing one schema.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParquetConfig {
+    pub paths: Vec<String>,
+    /// A contract (`images`, `texts`, `pairs`, …) the files must match.
+    pub table: Option<String>,
+}
+
+impl NodeConfig for ParquetConfig {
+    const KIND: &'static str = "parquet";
+    const ROLE: Role = Role::Source;
+    const DOC: &'static str = "`paths` (files, globs) → their schema; `table` names a contract to check";
+    fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
+        let contract = match self.table.as_deref() {
+            None => None,
+            Some(name) => {
+                Some((name, super::contract(name).ok_or_else(|| vec![format!("unknown table contract `{name}`")])?))
+            }
+        };
+        Ok(Operator::Source(Box::new(ParquetSource::open(cx.files(&self.paths)?, contract)?)))
+    }
+}
+
+/// `decode_base64`: `image_base64` → `image` bytes.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecodeBase64Config {}
+
+impl NodeConfig for DecodeBase64Config {
+    const KIND: &'static str = "decode_base64";
+    const ROLE: Role = Role::Transform;
+    const DOC: &'static str = "image_base64 → image (both alphabets, padded or not); bad base64 quarantined";
+    fn build(self, _: &BuildContext) -> Result<Operator, Vec<String>> {
+        Ok(Operator::Transform(Arc::new(DecodeBase64)))
+    }
+}
+
+fn default_resolution() -> usize {
+    224
+}
+fn default_context_length() -> usize {
+    crate::transforms::tokenizer::DEFAULT_CONTEXT_LENGTH
+}
+fn default_max_pixels() -> u64 {
+    crate::decoders::image::DEFAULT_MAX_PIXELS
+}
+
+/// `preprocess`: image decode + cn_clip's resize.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreprocessConfig {
+    #[serde(default = "default_resolution")]
+    pub resolution: usize,
+    #[serde(default = "default_max_pixels")]
+    pub max_pixels: u64,
+    #[serde(default)]
+    pub order: Order,
+}
+
+impl NodeConfig for PreprocessConfig {
+    const KIND: &'static str = "preprocess";
+    const ROLE: Role = Role::Transform;
+    const DOC: &'static str = "image → pixels (`resolution`² RGB bytes); `order`, `max_pixels`; bad images quarantined";
+    fn build(self, _: &BuildContext) -> Result<Operator, Vec<String>> {
+        if !(1..=4096).contains(&self.resolution) {
+            return Err(vec![format!("resolution {} is not between 1 and 4096", self.resolution)]);
+        }
+        let preprocess = Preprocess { resolution: self.resolution, max_pixels: self.max_pixels, order: self.order };
+        Ok(Operator::Transform(Arc::new(preprocess)))
+    }
+}
+
+/// `tokenize`: `text` → + `token_ids`, as `cn_clip.clip.tokenize`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizeConfig {
+    #[serde(default = "default_context_length")]
+    pub context_length: usize,
+    #[serde(default)]
+    pub preprocess: bool,
+}
+
+impl NodeConfig for TokenizeConfig {
+    const KIND: &'static str = "tokenize";
+    const ROLE: Role = Role::Transform;
+    const DOC: &'static str = "text → + token_ids; `context_length` (52), `preprocess` (datasets' lower-casing)";
+    fn build(self, _: &BuildContext) -> Result<Operator, Vec<String>> {
+        if !(2..=4096).contains(&self.context_length) {
+            return Err(vec![format!("context_length {} is not between 2 and 4096", self.context_length)]);
+        }
+        Ok(Operator::Transform(Arc::new(Tokenize { context_length: self.context_length, preprocess: self.preprocess })))
+    }
+}
+
+/// `write_parquet`: any table → a zstd Parquet file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WriteParquetConfig {
+    pub path: PathBuf,
+}
+
+impl NodeConfig for WriteParquetConfig {
+    const KIND: &'static str = "write_parquet";
+    const ROLE: Role = Role::Sink;
+    const DOC: &'static str = "any table → `path` (zstd, row groups ≤ 64k rows / 64 MiB)";
+    fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
+        Ok(Operator::Sink(Box::new(WriteParquetConfig { path: cx.resolve(&self.path) })))
+    }
+}
+
+impl SinkSpec for WriteParquetConfig {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+    fn accepts(&self, _: &SchemaRef) -> Result<(), Vec<String>> {
+        Ok(())
+    }
+    fn open(&self, schema: &SchemaRef) -> Result<Box<dyn Sink>> {
+        let table = self.path.file_stem().unwrap_or_default().to_string_lossy();
+        Ok(Box::new(ParquetSink::create(&self.path, &table, schema.clone())?))
+    }
+}
+
+/// `write_jsonl`: a table of ints, strings, floats and lists → JSON lines as Python writes them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WriteJsonlConfig {
+    pub path: PathBuf,
+    /// Output names for columns (`{ id = "image_id" }`).
+    #[serde(default)]
+    pub rename: BTreeMap<String, String>,
+}
+
+impl NodeConfig for WriteJsonlConfig {
+    const KIND: &'static str = "write_jsonl";
+    const ROLE: Role = Role::Sink;
+    const DOC: &'static str = "ints/strings/floats/lists → `path` (json.dumps formatting); `rename`";
+    fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
+        Ok(Operator::Sink(Box::new(WriteJsonlConfig { path: cx.resolve(&self.path), rename: self.rename })))
+    }
+}
+
+impl SinkSpec for WriteJsonlConfig {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+    fn accepts(&self, schema: &SchemaRef) -> Result<(), Vec<String>> {
+        JsonlSink::accepts(schema, &self.rename)
+    }
+    fn open(&self, schema: &SchemaRef) -> Result<Box<dyn Sink>> {
+        Ok(Box::new(JsonlSink::create(&self.path, schema, &self.rename)?))
+    }
+}
+
+/// `write_tsv`: images → cn_clip's `image_id<TAB>base64` lines.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WriteTsvConfig {
+    pub path: PathBuf,
+}
+
+impl NodeConfig for WriteTsvConfig {
+    const KIND: &'static str = "write_tsv";
+    const ROLE: Role = Role::Sink;
+    const DOC: &'static str = "image or image_base64 → `path` (URL-safe base64)";
+    fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
+        Ok(Operator::Sink(Box::new(WriteTsvConfig { path: cx.resolve(&self.path) })))
+    }
+}
+
+impl SinkSpec for WriteTsvConfig {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+    fn accepts(&self, schema: &SchemaRef) -> Result<(), Vec<String>> {
+        TsvSink::accepts(schema).map_err(|e| vec![e])
+    }
+    fn open(&self, _: &SchemaRef) -> Result<Box<dyn Sink>> {
+        Ok(Box::new(TsvSink::create(&self.path)?))
+    }
+}
+
+/// `write_lmdb`: cn_clip's `imgs` or `pairs` database.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WriteLmdbConfig {
+    pub path: PathBuf,
+    pub database: Database,
+}
+
+impl NodeConfig for WriteLmdbConfig {
+    const KIND: &'static str = "write_lmdb";
+    const ROLE: Role = Role::Sink;
+    const DOC: &'static str = "`path`, `database` = imgs (from images) | pairs (from pairs or texts)";
+    fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
+        Ok(Operator::Sink(Box::new(WriteLmdbConfig { path: cx.resolve(&self.path), database: self.database })))
+    }
+}
+
+impl SinkSpec for WriteLmdbConfig {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+    fn accepts(&self, schema: &SchemaRef) -> Result<(), Vec<String>> {
+        LmdbSink::accepts(schema, self.database).map_err(|e| vec![e])
+    }
+    fn open(&self, _: &SchemaRef) -> Result<Box<dyn Sink>> {
+        Ok(Box::new(LmdbSink::create(&self.path, self.database)?))
+    }
+}
