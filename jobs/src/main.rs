@@ -7,6 +7,9 @@
 //! `benchmark`, …) are carried out by its sibling `cnclip-torch`, which it `exec`s with the same
 //! arguments; users only ever type `cnclip`.
 
+// Doc comments on clap arguments are `--help` text, where `[job]` and `[CLS]` are literal.
+#![allow(rustdoc::broken_intra_doc_links)]
+
 use std::ffi::OsString;
 use std::process::ExitCode;
 

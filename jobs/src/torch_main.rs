@@ -2,6 +2,9 @@
 //! `cnclip COMMAND …`; `cnclip` execs this binary for these commands, so the model-free ones
 //! never pay libtorch's start-up (~0.2 s) or its ~120 MB of mapped code.
 
+// Doc comments on clap arguments are `--help` text, where `[job]` and `[CLS]` are literal.
+#![allow(rustdoc::broken_intra_doc_links)]
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};

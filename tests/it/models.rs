@@ -164,7 +164,7 @@ with zipfile.ZipFile(sys.argv[1], "w") as z:
     z.writestr("evil/byteorder", "little")
 "#;
     python(script, &[checkpoint.to_str().unwrap(), marker.to_str().unwrap()], "");
-    let err = load_cn_clip(&checkpoint).err().expect("the crafted checkpoint is refused").to_string();
+    let err = load_cn_clip(&checkpoint).expect_err("the crafted checkpoint is refused").to_string();
     assert!(err.contains("evil.pt") && err.contains("posix.system"), "{err}");
     assert!(!marker.exists(), "the pickle's payload ran");
 }

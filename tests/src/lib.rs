@@ -1,7 +1,7 @@
 //! Helpers for cnclip's integration and parity tests.
 //!
 //! The reference is cn_clip 1.6.0 running on CPU in the project venv (made by
-//! `scripts/setup.sh`). [`reference`] runs `tests/reference/cnclip_ref.py` there; the tests
+//! `scripts/setup.sh`). [`reference()`] runs `tests/reference/cnclip_ref.py` there; the tests
 //! themselves live in `integration.rs` and its modules.
 
 use std::io::Write;

@@ -23,6 +23,7 @@ use crate::tokenizer::Tokenizer;
 
 /// The image tower: a ViT or a ModifiedResNet.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant, reason = "one per model, never moved in a hot path")]
 pub enum Visual {
     Transformer(vision::VisualTransformer),
     ResNet(resnet::ModifiedResNet),

@@ -124,7 +124,14 @@ pub struct ModifiedResNet {
 }
 
 impl ModifiedResNet {
-    pub fn new(p: &nn::Path<'_>, layers: [i64; 4], output_dim: i64, heads: i64, input_resolution: i64, width: i64) -> Self {
+    pub fn new(
+        p: &nn::Path<'_>,
+        layers: [i64; 4],
+        output_dim: i64,
+        heads: i64,
+        input_resolution: i64,
+        width: i64,
+    ) -> Self {
         let stem = [
             (conv(p / "conv1", 3, width / 2, 3, 2, 1), bn(p / "bn1", width / 2)),
             (conv(p / "conv2", width / 2, width / 2, 3, 1, 1), bn(p / "bn2", width / 2)),

@@ -7,8 +7,10 @@ use tch::{Kind, Tensor};
 
 pub use cnclip_operators::decoders::image::{DEFAULT_MAX_PIXELS, Image, Mode, PreprocessError, resize_to_rgb};
 
-/// OpenAI CLIP's normalisation, which cn_clip uses.
+/// OpenAI CLIP's normalisation, which cn_clip uses (its literals as written there).
+#[allow(clippy::excessive_precision)]
 pub const MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
+#[allow(clippy::excessive_precision)]
 pub const STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
 
 /// `ToTensor` + `Normalize`: `r × r × 3` RGB bytes → a `[3, r, r]` float tensor.
@@ -25,7 +27,7 @@ pub fn normalize_to_tensor(rgb: &[u8], resolution: usize) -> Tensor {
 pub fn pixels_to_tensor(rgb: &[u8], resolution: usize) -> Tensor {
     let plane = resolution * resolution;
     assert!(
-        plane > 0 && rgb.len() % (3 * plane) == 0,
+        plane > 0 && rgb.len().is_multiple_of(3 * plane),
         "{} bytes are not whole RGB images of {resolution}² pixels",
         rgb.len()
     );

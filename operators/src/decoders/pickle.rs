@@ -421,7 +421,7 @@ impl<'a> Machine<'a> {
     }
 
     fn pairs(&self, items: Vec<usize>) -> Result<Vec<(usize, usize)>, PickleError> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return Err(self.malformed("odd number of dict items"));
         }
         Ok(items.chunks(2).map(|kv| (kv[0], kv[1])).collect())

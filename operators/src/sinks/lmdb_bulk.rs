@@ -5,7 +5,7 @@
 //! buffer, LMDB's dirty pages, the kernel's page cache) and a B-tree insert per key in random
 //! order. Here a value too big for a leaf node is copied once, in arrival order, into the page
 //! image of its overflow pages at the end of the file, and written by background threads (see
-//! [`Appender`]: `O_DIRECT` where allowed, so the disk takes it straight from that buffer); only
+//! `Appender`: `O_DIRECT` where allowed, so the disk takes it straight from that buffer); only
 //! keys, page numbers and the small values are kept, sorted (in memory, or in sorted runs
 //! spilled to disk past [`RUN_BYTES`], so memory stays bounded for any corpus size), and turned
 //! into full leaf pages and the branch levels above them at [`LmdbWriter::finish`]. The result
@@ -456,7 +456,7 @@ fn open_direct(path: &Path) -> Option<File> {
 /// (starting its writeback) otherwise or once the filesystem refuses a direct write.
 fn write_chunk(chunk: &Chunk, direct: &mut Option<File>, file: &File) -> std::io::Result<()> {
     let bytes = chunk.bytes();
-    if let Some(out) = direct.as_ref().filter(|_| bytes.len() % PAGE == 0) {
+    if let Some(out) = direct.as_ref().filter(|_| bytes.len().is_multiple_of(PAGE)) {
         match out.write_all_at(bytes, chunk.offset) {
             Ok(()) => return Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => *direct = None,

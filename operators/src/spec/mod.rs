@@ -28,14 +28,14 @@
 //! ```
 //!
 //! One module per concern, in the order a pipeline goes through them:
-//! - [`parse`](self::parse): TOML text → `[job]` settings and node definitions (shape only);
+//! - `parse`: TOML text → `[job]` settings and node definitions (shape only);
 //! - [`registry`]: kind → config type, constructor and docs; the built-in kinds are in
 //!   [`builtin`], and other crates add theirs ([`Registry::register`]) — `cnclip-torch` its
 //!   model kinds, so `cnclip run` hands it a pipeline that uses them;
-//! - [`plan`](self::plan): builds every node and validates the graph → [`Pipeline`];
-//! - [`wire`]: the graph on the runtime, each transform on its executor, outputs committed
+//! - `plan`: builds every node and validates the graph → [`Pipeline`];
+//! - `wire`: the graph on the runtime, each transform on its executor, outputs committed
 //!   only when every node has succeeded → [`Report`];
-//! - [`stream`]: a node's output handed to the caller ([`Pipeline::stream`]) instead of a sink.
+//! - `stream`: a node's output handed to the caller ([`Pipeline::stream`]) instead of a sink.
 //!
 //! Relative paths are relative to the pipeline file. Validation reports every problem it finds
 //! at once: unknown kinds and keys, missing or unknown inputs, cycles, unused outputs, files

@@ -157,12 +157,12 @@ impl Started {
 
 /// The runtime a pipeline runs on when the caller has none.
 pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("cnclip-runtime")
         .enable_time()
         .build()
-        .map_err(Error::Start)?)
+        .map_err(Error::Start)
 }
 
 /// A sink node: opens the output and writes its input on a thread of its own.

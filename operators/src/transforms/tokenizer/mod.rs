@@ -159,11 +159,11 @@ impl Tokenizer {
     /// Greedy longest-match-first WordPiece of one basic token, appending ids.
     fn wordpiece(&self, word: &str, piece: &mut String, bounds: &mut Vec<usize>, ids: &mut Vec<i64>) {
         // Fast path: the whole word is in the vocabulary (every CJK character, most words).
-        if let Some(&id) = self.vocab.get(word) {
-            if word.chars().nth(MAX_INPUT_CHARS_PER_WORD).is_none() {
-                ids.push(id);
-                return;
-            }
+        if let Some(&id) = self.vocab.get(word)
+            && word.chars().nth(MAX_INPUT_CHARS_PER_WORD).is_none()
+        {
+            ids.push(id);
+            return;
         }
         // Byte offsets of each character, plus the end, so substrings are slices.
         bounds.clear();
