@@ -16,12 +16,17 @@
 //! empty database (txn 0), meta page 1 the loaded one (txn 1), the free list is empty, and
 //! `last_pg` is the last page written.
 //!
-//! Only [`LmdbWriter`] is public; this module holds it and the order of its steps.
+//! Before [`LmdbWriter::finish`] returns, [`verify`] reads the file back and walks the tree
+//! independently of the code that wrote it; a file that does not check out fails the job.
+//!
+//! Only [`LmdbWriter`] is public (and [`VerifyError`], what its check can find wrong); this
+//! module holds it and the order of its steps.
 
 mod appender;
 mod page;
 mod sort;
 mod tree;
+mod verify;
 
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
@@ -33,6 +38,8 @@ use appender::{Appender, CHUNK, CHUNKS};
 use page::{Db, MAX_KEY, Meta, NODE_HEADER, NODE_MAX, PAGE, Value, ZEROS, overflow_header, overflow_pages};
 use sort::Sorter;
 use tree::TreeBuilder;
+pub use verify::VerifyError;
+pub(crate) use verify::verify;
 
 /// Writes one LMDB environment (`data.mdb` + `lock.mdb`) into a directory.
 pub struct LmdbWriter {
@@ -152,11 +159,13 @@ impl LmdbWriter {
         Ok(())
     }
 
-    /// Writes the leaf and branch pages and the meta pages, syncs `data.mdb`, and opens the
-    /// result with LMDB once (which creates `lock.mdb` and checks the entry count).
+    /// Writes the leaf and branch pages and the meta pages, syncs `data.mdb`, checks it
+    /// ([`verify`]: read back and walked, every page accounted for, as many entries as puts),
+    /// and opens the result with LMDB once (which creates `lock.mdb`).
     ///
     /// # Errors
-    /// A duplicate key (named), IO errors.
+    /// A duplicate key (named), [`Error::LmdbCheck`] naming `data.mdb` when the file does not
+    /// check out, IO errors.
     pub fn finish(mut self) -> Result<()> {
         let data_path = self.data_path();
         let mut file = match (self.appender.take(), self.file.take()) {
@@ -190,19 +199,14 @@ impl LmdbWriter {
         file.write_all_at(&loaded.page(1), PAGE as u64).map_err(io(&data_path))?;
         file.sync_data().map_err(io(&data_path))?;
 
-        let env = lmdb::Environment::new()
+        drop(file);
+        verify(&data_path, self.entries)?;
+
+        // LMDB opens it (which creates `lock.mdb`, as a database LMDB wrote has).
+        lmdb::Environment::new()
             .set_flags(lmdb::EnvironmentFlags::READ_ONLY)
             .open(&self.dir)
             .map_err(|source| Error::Lmdb { path: self.dir.display().to_string(), source })?;
-        let stat = env.stat().map_err(|source| Error::Lmdb { path: self.dir.display().to_string(), source })?;
-        if stat.entries() as u64 != self.entries {
-            return Err(Error::Internal(format!(
-                "{}: LMDB reads {} entries, {} were written",
-                self.dir.display(),
-                stat.entries(),
-                self.entries
-            )));
-        }
         Ok(())
     }
 }
@@ -228,7 +232,7 @@ mod tests {
         cursor.iter_start().map(|r| r.unwrap()).map(|(k, v)| (k.to_vec(), v.to_vec())).collect()
     }
 
-    fn random_entries(n: usize, seed: u64) -> Vec<(Vec<u8>, Vec<u8>)> {
+    pub(super) fn random_entries(n: usize, seed: u64) -> Vec<(Vec<u8>, Vec<u8>)> {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut seen = std::collections::HashSet::new();
@@ -254,7 +258,7 @@ mod tests {
         entries
     }
 
-    fn write(dir: &Path, entries: &[(Vec<u8>, Vec<u8>)], run_bytes: usize) -> Result<()> {
+    pub(super) fn write(dir: &Path, entries: &[(Vec<u8>, Vec<u8>)], run_bytes: usize) -> Result<()> {
         write_with(dir, entries, run_bytes, true)
     }
 

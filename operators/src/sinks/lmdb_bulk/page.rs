@@ -151,6 +151,163 @@ impl Meta {
     }
 }
 
+impl Db {
+    /// Reads an `MDB_db` (48 bytes): its `md_pad`, `md_flags` and the rest.
+    fn read(bytes: &[u8]) -> (u32, u16, Db) {
+        let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+        let pad = u32::from_le_bytes(bytes[..4].try_into().expect("4 bytes"));
+        let flags = u16::from_le_bytes([bytes[4], bytes[5]]);
+        let db = Db {
+            depth: u16::from_le_bytes([bytes[6], bytes[7]]),
+            branch_pages: u64_at(8),
+            leaf_pages: u64_at(16),
+            overflow_pages: u64_at(24),
+            entries: u64_at(32),
+            root: u64_at(40),
+        };
+        (pad, flags, db)
+    }
+
+    /// Whether this is an empty database (no root).
+    pub(super) fn is_empty(&self) -> bool {
+        self.root == INVALID
+    }
+}
+
+impl Meta {
+    /// Reads meta page `pgno` back, checking what LMDB checks (flags, magic, data version) and
+    /// what the bulk loader writes (4 KiB pages, an empty free list, a plain main database).
+    pub(super) fn read(pgno: u64, page: &[u8]) -> Result<Meta, String> {
+        let header = Header::read(page);
+        if header.pgno != pgno {
+            return Err(format!("its header says page {}", header.pgno));
+        }
+        if header.flags != P_META {
+            return Err(format!("flags {:#06x}, not a meta page", header.flags));
+        }
+        let u32_at = |at: usize| u32::from_le_bytes(page[at..at + 4].try_into().expect("4 bytes"));
+        let u64_at = |at: usize| u64::from_le_bytes(page[at..at + 8].try_into().expect("8 bytes"));
+        if u32_at(HEADER) != MAGIC {
+            return Err(format!("magic {:#010x}, not LMDB's {MAGIC:#010x}", u32_at(HEADER)));
+        }
+        if u32_at(HEADER + 4) != DATA_VERSION {
+            return Err(format!("data version {}, not {DATA_VERSION}", u32_at(HEADER + 4)));
+        }
+        let (page_size, _, free) = Db::read(&page[HEADER + 24..HEADER + 72]);
+        if page_size as usize != PAGE {
+            return Err(format!("page size {page_size}, not {PAGE}"));
+        }
+        if !free.is_empty() {
+            return Err(format!("the free list has a root (page {}); none was written", free.root));
+        }
+        let (_, flags, main) = Db::read(&page[HEADER + 72..HEADER + 120]);
+        if flags != 0 {
+            return Err(format!("main database flags {flags:#06x}, not a plain one"));
+        }
+        Ok(Meta { map_size: u64_at(HEADER + 16), main, last_page: u64_at(HEADER + 120), txnid: u64_at(HEADER + 128) })
+    }
+}
+
+/// A page header read back (`pages` of overflow pages not needed).
+pub(super) struct Header {
+    pub(super) pgno: u64,
+    pub(super) flags: u16,
+    lower: u16,
+    upper: u16,
+}
+
+impl Header {
+    pub(super) fn read(page: &[u8]) -> Header {
+        let u16_at = |at: usize| u16::from_le_bytes([page[at], page[at + 1]]);
+        Header {
+            pgno: u64::from_le_bytes(page[..8].try_into().expect("a whole page")),
+            flags: u16_at(10),
+            lower: u16_at(12),
+            upper: u16_at(14),
+        }
+    }
+}
+
+/// A leaf or branch page read back: its nodes, each checked to lie within the page.
+pub(super) struct NodePage<'a> {
+    page: &'a [u8],
+    pub(super) header: Header,
+    pub(super) count: usize,
+}
+
+/// One node read back.
+pub(super) struct Node<'a> {
+    pub(super) key: &'a [u8],
+    /// `lo | hi << 16`: a leaf's data size; with `flags`, a branch node's child page.
+    lo_hi: u32,
+    pub(super) flags: u16,
+    /// The page after the key (a leaf's data is at its start).
+    rest: &'a [u8],
+}
+
+impl<'a> NodePage<'a> {
+    /// Reads page `pgno` (`page` is its [`PAGE`] bytes) as a page of nodes.
+    pub(super) fn read(pgno: u64, page: &'a [u8]) -> Result<Self, String> {
+        let header = Header::read(page);
+        if header.pgno != pgno {
+            return Err(format!("its header says page {}", header.pgno));
+        }
+        let (lower, upper) = (header.lower as usize, header.upper as usize);
+        if lower < HEADER || !(lower - HEADER).is_multiple_of(2) || lower > upper || upper > PAGE {
+            return Err(format!("bad node bounds: lower {lower}, upper {upper}"));
+        }
+        let count = (lower - HEADER) / 2;
+        if count == 0 {
+            return Err("no nodes".into());
+        }
+        Ok(NodePage { page, header, count })
+    }
+
+    /// Node `i` (< `count`).
+    pub(super) fn node(&self, i: usize) -> Result<Node<'a>, String> {
+        let page = self.page;
+        let ptr = HEADER + 2 * i;
+        let at = u16::from_le_bytes([page[ptr], page[ptr + 1]]) as usize;
+        if at < self.header.upper as usize || at + NODE_HEADER > PAGE {
+            return Err(format!("node {i} at offset {at}, outside {}..{PAGE}", self.header.upper));
+        }
+        let u16_at = |at: usize| u16::from_le_bytes([page[at], page[at + 1]]);
+        let key_len = u16_at(at + 6) as usize;
+        let key_at = at + NODE_HEADER;
+        if key_at + key_len > PAGE {
+            return Err(format!("node {i}: a key of {key_len} bytes at offset {key_at} runs off the page"));
+        }
+        Ok(Node {
+            key: &page[key_at..key_at + key_len],
+            lo_hi: u16_at(at) as u32 | (u16_at(at + 2) as u32) << 16,
+            flags: u16_at(at + 4),
+            rest: &page[key_at + key_len..],
+        })
+    }
+}
+
+impl<'a> Node<'a> {
+    /// A branch node's child page.
+    pub(super) fn child(&self) -> u64 {
+        self.lo_hi as u64 | (self.flags as u64) << 32
+    }
+
+    /// A leaf node's value: inline bytes, or where its overflow pages are.
+    pub(super) fn value(&self) -> Result<Value<'a>, String> {
+        let len = self.lo_hi;
+        match self.flags {
+            0 => {
+                self.rest.get(..len as usize).map(Value::Inline).ok_or_else(|| format!("{len} bytes run off the page"))
+            }
+            F_BIGDATA => match self.rest.get(..8) {
+                Some(pgno) => Ok(Value::Overflow { pgno: u64::from_le_bytes(pgno.try_into().expect("8 bytes")), len }),
+                None => Err("its overflow page number runs off the page".into()),
+            },
+            flags => Err(format!("node flags {flags:#06x} (sub-databases and duplicates are not written)")),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
