@@ -226,7 +226,7 @@ impl SinkConfig {
             }
             SinkConfig::Jsonl(path, rename) => Box::new(JsonlSink::create(path, schema, rename)?),
             SinkConfig::Tsv(path) => Box::new(TsvSink::create(path)?),
-            SinkConfig::Lmdb(path, database) => Box::new(LmdbSink::create(path, *database)?),
+            SinkConfig::Lmdb(path, database) => Box::new(LmdbSink::create(path, *database, Default::default())?),
         })
     }
 }

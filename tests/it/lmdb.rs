@@ -328,7 +328,7 @@ fn lmdb_source_reads_cn_clip_databases() {
 /// (`key` repeated to the length written in the key), so each side checks them on its own.
 #[test]
 fn bulk_loaded_lmdb_is_read_and_extended_by_py_lmdb() {
-    use cnclip_operators::sinks::lmdb::LmdbWriter;
+    use cnclip_operators::sinks::lmdb::{LmdbWriter, LmdbWriterKind};
     use lmdb::{Cursor, Transaction};
     use rand::{Rng, SeedableRng};
 
@@ -339,7 +339,7 @@ fn bulk_loaded_lmdb_is_read_and_extended_by_py_lmdb() {
     let dir = tempfile::tempdir().unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(46);
     let mut keys = Vec::new();
-    let mut writer = LmdbWriter::create(dir.path()).unwrap();
+    let mut writer = LmdbWriter::create(dir.path(), LmdbWriterKind::Bulk).unwrap();
     for i in 0..5000 {
         let len = if rng.random_bool(0.3) { rng.random_range(2_000..40_000) } else { rng.random_range(0..1_500) };
         let long = if rng.random_bool(0.2) { "x".repeat(rng.random_range(100..400)) } else { String::new() };

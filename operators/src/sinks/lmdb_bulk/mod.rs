@@ -9,18 +9,19 @@
 //! only keys, page numbers and the small values are kept, sorted ([`sort`]: in memory, or in
 //! sorted runs spilled to disk past 64 MiB, so memory stays bounded for any corpus size), and
 //! turned into full leaf pages and the branch levels above them ([`tree`]) at
-//! [`LmdbWriter::finish`]. The result is an ordinary LMDB 0.9 environment (data version 1,
+//! [`BulkWriter::finish`]. The result is an ordinary LMDB 0.9 environment (data version 1,
 //! 4 KiB pages, default database only, as py-lmdb makes with `lmdb.open(path)`; the format is
 //! in [`page`]): py-lmdb and lmdb-rkv read it, and LMDB can keep writing to it (both tested).
 //! The layout mirrors what LMDB itself leaves after its first commit: meta page 0 holds the
 //! empty database (txn 0), meta page 1 the loaded one (txn 1), the free list is empty, and
 //! `last_pg` is the last page written.
 //!
-//! Before [`LmdbWriter::finish`] returns, [`verify`] reads the file back and walks the tree
+//! Before [`BulkWriter::finish`] returns, [`verify`] reads the file back and walks the tree
 //! independently of the code that wrote it; a file that does not check out fails the job.
 //!
-//! Only [`LmdbWriter`] is public (and [`VerifyError`], what its check can find wrong); this
-//! module holds it and the order of its steps.
+//! Only [`BulkWriter`] is public (and [`VerifyError`], what its check can find wrong); this
+//! module holds it and the order of its steps. Jobs choose between it and LMDB's own write
+//! transactions through [`super::lmdb::LmdbWriter`] (`--writer bulk|txn`).
 
 mod appender;
 mod page;
@@ -42,7 +43,7 @@ pub use verify::VerifyError;
 pub(crate) use verify::verify;
 
 /// Writes one LMDB environment (`data.mdb` + `lock.mdb`) into a directory.
-pub struct LmdbWriter {
+pub struct BulkWriter {
     dir: PathBuf,
     /// `data.mdb`, until the first overflow value starts the [`Appender`] that owns it.
     file: Option<File>,
@@ -60,7 +61,7 @@ pub struct LmdbWriter {
     chunk: usize,
 }
 
-impl LmdbWriter {
+impl BulkWriter {
     /// Creates the LMDB directory `path` (replacing a `data.mdb` there).
     ///
     /// # Errors
@@ -75,7 +76,7 @@ impl LmdbWriter {
         let data = path.join("data.mdb");
         let _ = std::fs::remove_file(path.join("lock.mdb"));
         let file = File::options().read(true).write(true).create(true).truncate(true).open(&data).map_err(io(&data))?;
-        Ok(LmdbWriter {
+        Ok(BulkWriter {
             dir: path.to_path_buf(),
             file: Some(file),
             appender: None,
@@ -102,26 +103,13 @@ impl LmdbWriter {
         self.dir.join("data.mdb")
     }
 
-    fn format_error(&self, reason: String) -> Error {
-        Error::Format { path: self.dir.display().to_string(), reason }
-    }
-
     /// Stores `value` under `key`. Keys must be unique within the database: a repeated key fails
     /// [`finish`](Self::finish) naming it (callers deduplicate and quarantine first).
     ///
     /// # Errors
     /// A key over 511 bytes or empty, a value of 4 GiB or more, IO errors.
     pub fn put(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
-        if key.is_empty() || key.len() > MAX_KEY {
-            return Err(self.format_error(format!("LMDB keys are 1 to {MAX_KEY} bytes; got {} bytes", key.len())));
-        }
-        let Ok(len) = u32::try_from(value.len()) else {
-            return Err(self.format_error(format!(
-                "value of key {} is {} bytes; LMDB stores < 4 GiB",
-                String::from_utf8_lossy(key),
-                value.len()
-            )));
-        };
+        let len = check_put(&self.dir, key, value)?;
         if NODE_HEADER + key.len() + value.len() > NODE_MAX {
             let pgno = self.next_page;
             self.write_overflow(pgno, value)?;
@@ -211,7 +199,27 @@ impl LmdbWriter {
     }
 }
 
-fn duplicate(dir: &Path, key: &[u8]) -> Error {
+/// Checks a put against LMDB's limits: a key of 1 to 511 bytes, a value under 4 GiB (its
+/// length, as LMDB stores it).
+///
+/// # Errors
+/// [`Error::Format`] naming `dir` (and the key, for a value too big).
+pub(crate) fn check_put(dir: &Path, key: &[u8], value: &[u8]) -> Result<u32> {
+    let format_error = |reason| Error::Format { path: dir.display().to_string(), reason };
+    if key.is_empty() || key.len() > MAX_KEY {
+        return Err(format_error(format!("LMDB keys are 1 to {MAX_KEY} bytes; got {} bytes", key.len())));
+    }
+    u32::try_from(value.len()).map_err(|_| {
+        format_error(format!(
+            "value of key {} is {} bytes; LMDB stores < 4 GiB",
+            String::from_utf8_lossy(key),
+            value.len()
+        ))
+    })
+}
+
+/// A key put twice into the database at `dir`.
+pub(crate) fn duplicate(dir: &Path, key: &[u8]) -> Error {
     Error::Format {
         path: dir.display().to_string(),
         reason: format!("key {} was put twice", String::from_utf8_lossy(key)),
@@ -264,7 +272,7 @@ mod tests {
 
     /// `run_bytes` 0: `with_memory(2 MiB)` (small chunks and runs) instead of setting it.
     fn write_with(dir: &Path, entries: &[(Vec<u8>, Vec<u8>)], run_bytes: usize, direct: bool) -> Result<()> {
-        let mut writer = LmdbWriter::create_with(dir, direct)?;
+        let mut writer = BulkWriter::create_with(dir, direct)?;
         if run_bytes == 0 {
             writer = writer.with_memory(2 << 20);
             assert_eq!((writer.sort.run_bytes, writer.chunk), ((2 << 20) * 4 / 5, 25 * PAGE));
