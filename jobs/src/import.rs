@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 use cnclip_operators::quarantine::OnError;
+use cnclip_operators::sinks::lmdb::LmdbWriterKind;
 use cnclip_operators::sources::lmdb::Database;
 use cnclip_operators::spec::builtin::{
     DecodeBase64Config, JsonlConfig, LmdbConfig, ParquetConfig, TsvConfig, WriteJsonlConfig, WriteLmdbConfig,
@@ -63,6 +64,9 @@ pub struct ExportArgs {
     out: PathBuf,
     #[arg(long, value_enum, default_value_t = Format::Tsv)]
     format: Format,
+    /// How `--format lmdb` writes: the bulk loader, or LMDB's own transactions.
+    #[arg(long, value_enum, default_value_t = LmdbWriterKind::Bulk)]
+    writer: LmdbWriterKind,
     #[arg(long, value_enum, default_value_t = OnError::Skip)]
     on_error: OnError,
 }
@@ -186,7 +190,11 @@ pub fn export(args: ExportArgs) -> Result<()> {
                 ));
             }
             Format::Lmdb => {
-                let lmdb = |database, db: &str| WriteLmdbConfig { path: args.out.join(split).join(db), database };
+                let lmdb = |database, db: &str| WriteLmdbConfig {
+                    path: args.out.join(split).join(db),
+                    database,
+                    writer: args.writer,
+                };
                 defs.push(NodeDef::new("images", Some("images_in"), lmdb(Database::Imgs, "imgs")));
                 defs.push(NodeDef::new("pairs", Some(&texts_in), lmdb(Database::Pairs, "pairs")));
             }

@@ -13,6 +13,10 @@ pub enum Error {
     /// A file that is not what it should be (a wrong table schema, a corrupt Parquet footer).
     #[error("{path}: {reason}")]
     Format { path: String, reason: String },
+    /// An LMDB file we wrote does not read back as the tree it should be (the bulk loader's
+    /// end-of-job check): `problem` says what is wrong where.
+    #[error("{path}: the LMDB file written fails its check: {problem}")]
+    LmdbCheck { path: String, problem: crate::sinks::lmdb_bulk::VerifyError },
     /// Everything downstream has stopped; a source or operator returns quietly.
     #[error("the pipeline stopped")]
     Stopped,

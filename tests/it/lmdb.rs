@@ -328,7 +328,7 @@ fn lmdb_source_reads_cn_clip_databases() {
 /// (`key` repeated to the length written in the key), so each side checks them on its own.
 #[test]
 fn bulk_loaded_lmdb_is_read_and_extended_by_py_lmdb() {
-    use cnclip_operators::sinks::lmdb::LmdbWriter;
+    use cnclip_operators::sinks::lmdb::{LmdbWriter, LmdbWriterKind};
     use lmdb::{Cursor, Transaction};
     use rand::{Rng, SeedableRng};
 
@@ -339,7 +339,7 @@ fn bulk_loaded_lmdb_is_read_and_extended_by_py_lmdb() {
     let dir = tempfile::tempdir().unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(46);
     let mut keys = Vec::new();
-    let mut writer = LmdbWriter::create(dir.path()).unwrap();
+    let mut writer = LmdbWriter::create(dir.path(), LmdbWriterKind::Bulk).unwrap();
     for i in 0..5000 {
         let len = if rng.random_bool(0.3) { rng.random_range(2_000..40_000) } else { rng.random_range(0..1_500) };
         let long = if rng.random_bool(0.2) { "x".repeat(rng.random_range(100..400)) } else { String::new() };
@@ -394,4 +394,163 @@ print(json.dumps(report))
         read.push(key.to_vec());
     }
     assert_eq!(read, expected);
+}
+
+/// Runs one of LMDB's own command-line tools (`mdb_stat`, `mdb_dump`, `mdb_copy`, from
+/// lmdb-utils) and returns its stdout.
+///
+/// # Panics
+/// When the tool is missing (the test fails, not skips, saying how to install it) or fails.
+fn mdb(tool: &str, args: &[&Path]) -> String {
+    let output = match Command::new(tool).args(args).output() {
+        Ok(output) => output,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            panic!("{tool} not found: run scripts/setup.sh (it installs lmdb-utils: mdb_stat, mdb_dump, mdb_copy)")
+        }
+        Err(e) => panic!("cannot run {tool}: {e}"),
+    };
+    assert!(
+        output.status.success(),
+        "{tool} {args:?} failed ({}):\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("LMDB's tools print ASCII")
+}
+
+/// `mdb_stat -a`'s figures for the main database (`Tree depth`, `Branch pages`, `Leaf pages`,
+/// `Overflow pages`, `Entries`).
+fn mdb_stat(dir: &Path) -> std::collections::BTreeMap<String, u64> {
+    let out = mdb("mdb_stat", &[Path::new("-a"), dir]);
+    let main = out.split("Status of ").find(|s| s.starts_with("Main DB")).unwrap_or_else(|| panic!("{out}"));
+    let stat: std::collections::BTreeMap<String, u64> = main
+        .lines()
+        .skip(1)
+        .filter_map(|line| line.trim().split_once(": "))
+        .map(|(name, value)| (name.to_string(), value.parse().unwrap()))
+        .collect();
+    assert!(stat.contains_key("Entries"), "{out}");
+    stat
+}
+
+/// `mdb_dump`'s data lines (hex key and value lines, after the header, which holds the map size
+/// and so differs between writers).
+fn mdb_dump(dir: &Path) -> Vec<String> {
+    let out = mdb("mdb_dump", &[dir]);
+    let (_, data) = out.split_once("HEADER=END\n").unwrap_or_else(|| panic!("no header end in mdb_dump's output"));
+    assert!(data.ends_with("DATA=END\n"), "mdb_dump's output is cut short");
+    data.lines().map(str::to_string).collect()
+}
+
+/// `mdb_copy -c` (LMDB's compacting copy: it walks the tree and writes only the pages it
+/// reaches) of `dir` into `copy`.
+fn mdb_copy_compact(dir: &Path, copy: &Path) {
+    std::fs::create_dir_all(copy).unwrap();
+    mdb("mdb_copy", &[Path::new("-c"), dir, copy]);
+}
+
+/// LMDB's own tools on the same corpus built three ways: `build-lmdb --writer bulk`, `--writer
+/// txn` and cn_clip's `build_lmdb_dataset.py`. `mdb_stat -a` reads each and counts the same
+/// entries; `mdb_dump` of the three gives the same data lines; `mdb_copy -c` of the bulk-loaded
+/// one succeeds, keeps every page (none is unreachable) and dumps the same again.
+#[test]
+fn lmdb_tools_read_bulk_txn_and_cn_clip_databases_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path(), 40);
+    let theirs = dir.path().join("theirs");
+    let output = Command::new(cnclip_tests::venv_python())
+        .args(["-m", "cn_clip.preprocess.build_lmdb_dataset", "--data_dir", &data, "--splits", "train"])
+        .args(["--lmdb_dir", theirs.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let mut built = vec![theirs];
+    for writer in ["bulk", "txn"] {
+        let out = dir.path().join(writer);
+        let output = build_lmdb(&[
+            "--data-dir",
+            &data,
+            "--splits",
+            "train",
+            "--lmdb-dir",
+            out.to_str().unwrap(),
+            "--writer",
+            writer,
+        ]);
+        assert!(output.status.success(), "--writer {writer}: {}", String::from_utf8_lossy(&output.stderr));
+        built.push(out);
+    }
+
+    for db in ["imgs", "pairs"] {
+        let [theirs, bulk, txn] = [0, 1, 2].map(|i| built[i].join("train").join(db));
+        let entries: Vec<u64> = [&theirs, &bulk, &txn].map(|d| mdb_stat(d)["Entries"]).to_vec();
+        assert_eq!(entries, vec![entries[0]; 3], "{db}: entries of cn_clip's, bulk, txn");
+        if db == "imgs" {
+            assert_eq!(entries[0], 41); // 40 images + num_images
+        }
+        let dump = mdb_dump(&bulk);
+        assert_eq!(dump.len() as u64, 2 * entries[0] + 1, "{db}: a key line and a value line per entry");
+        assert!(mdb_dump(&txn) == dump, "{db}: mdb_dump of --writer txn differs from --writer bulk");
+        assert!(mdb_dump(&theirs) == dump, "{db}: mdb_dump of cn_clip's differs from --writer bulk");
+
+        let copy = dir.path().join(format!("copy-{db}"));
+        mdb_copy_compact(&bulk, &copy);
+        assert!(mdb_dump(&copy) == dump, "{db}: mdb_dump of mdb_copy -c differs");
+        assert_eq!(mdb_stat(&copy), mdb_stat(&bulk), "{db}: the compacted copy's tree");
+        let size = |d: &Path| std::fs::metadata(d.join("data.mdb")).unwrap().len();
+        assert_eq!(size(&copy), size(&bulk), "{db}: mdb_copy -c left out pages of the bulk-loaded file");
+    }
+}
+
+/// The same with a deep tree, straight from the two writers: 5000 keys of up to ~400 bytes,
+/// inline and overflow values. LMDB's tools find the same entries, data and overflow pages in
+/// both, no more leaf pages in the bulk loader's tree (it fills them), and compacting it keeps
+/// every page.
+#[test]
+fn lmdb_tools_read_a_deep_bulk_loaded_tree_as_written_by_transactions() {
+    use cnclip_operators::sinks::lmdb::{LmdbWriter, LmdbWriterKind};
+    use rand::{Rng, SeedableRng};
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(47);
+    let entries: Vec<(Vec<u8>, Vec<u8>)> = (0..5000)
+        .map(|i| {
+            let long = if rng.random_bool(0.2) { "x".repeat(rng.random_range(100..400)) } else { String::new() };
+            let len = if rng.random_bool(0.3) { rng.random_range(2_000..40_000) } else { rng.random_range(0..1_500) };
+            let mut value = vec![0u8; len];
+            rng.fill(&mut value[..]);
+            (format!("{:05}/{long}", (i * 7919) % 5000).into_bytes(), value)
+        })
+        .collect();
+    let [bulk, txn] = ["bulk", "txn"].map(|name| dir.path().join(name));
+    for (path, kind) in [(&bulk, LmdbWriterKind::Bulk), (&txn, LmdbWriterKind::Txn)] {
+        let mut writer = LmdbWriter::create(path, kind).unwrap();
+        for (key, value) in &entries {
+            writer.put(key, value).unwrap();
+        }
+        writer.finish().unwrap();
+    }
+
+    let (bulk_stat, txn_stat) = (mdb_stat(&bulk), mdb_stat(&txn));
+    assert_eq!((bulk_stat["Entries"], txn_stat["Entries"]), (5000, 5000));
+    assert!(bulk_stat["Tree depth"] >= 3, "{bulk_stat:?}");
+    assert!(bulk_stat["Leaf pages"] <= txn_stat["Leaf pages"], "{bulk_stat:?} vs {txn_stat:?}");
+    assert_eq!(bulk_stat["Overflow pages"], txn_stat["Overflow pages"]);
+    let dump = mdb_dump(&bulk);
+    assert_eq!(dump.len(), 2 * 5000 + 1);
+    assert!(mdb_dump(&txn) == dump, "mdb_dump of the two writers differs");
+
+    let copy = dir.path().join("copy");
+    mdb_copy_compact(&bulk, &copy);
+    assert!(mdb_dump(&copy) == dump, "mdb_dump of mdb_copy -c differs");
+    assert_eq!(mdb_stat(&copy), bulk_stat);
+    let size = |d: &Path| std::fs::metadata(d.join("data.mdb")).unwrap().len();
+    assert_eq!(size(&copy), size(&bulk), "mdb_copy -c left out pages of the bulk-loaded file");
+}
+
+/// A missing tool fails the test with the way to install it (it is never skipped).
+#[test]
+#[should_panic(expected = "not found: run scripts/setup.sh (it installs lmdb-utils")]
+fn a_missing_lmdb_tool_fails_saying_how_to_install_it() {
+    mdb("mdb_no_such_tool", &[Path::new("-V")]);
 }

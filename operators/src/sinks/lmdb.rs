@@ -1,17 +1,86 @@
 //! cn_clip's LMDB databases (default database, plain byte keys and values), readable by
 //! cn_clip's `LMDBDataset` / `EvalImgDataset`, py-lmdb and lmdb-rkv.
 //!
-//! Written by the bulk loader in [`super::lmdb_bulk`] rather than through LMDB transactions: a
-//! value is copied once into its page image and written by background threads, and the file
-//! is synced once at the end. The map size recorded is about twice the file, not
-//! `build_lmdb_dataset.py`'s fixed 1 TiB (cn_clip #281: sparse files that some filesystems
-//! refuse).
+//! [`LmdbWriter`] writes them with one of two writers ([`LmdbWriterKind`]): by default the
+//! bulk loader in [`super::lmdb_bulk`] rather than LMDB transactions (a value is copied once
+//! into its page image and written by background threads, the file is synced once at the end
+//! and checked by walking it back), or LMDB's own write transactions ([`super::lmdb_txn`],
+//! `--writer txn`). Either way the keys and values are the same, and the map size recorded is
+//! about twice the file, not `build_lmdb_dataset.py`'s fixed 1 TiB (cn_clip #281: sparse files
+//! that some filesystems refuse).
 
 use std::path::{Path, PathBuf};
 
+use super::lmdb_bulk::BulkWriter;
+use super::lmdb_txn::TxnWriter;
 use crate::error::{Error, Result};
 
-pub use super::lmdb_bulk::LmdbWriter;
+/// Which writer builds an LMDB database (`--writer`, `writer = "…"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LmdbWriterKind {
+    /// The bulk loader: writes LMDB's file format directly, each value copied once; the file is
+    /// walked back and checked.
+    #[default]
+    Bulk,
+    /// LMDB's own write transactions, as cn_clip's script writes (every page laid out by LMDB).
+    Txn,
+}
+
+/// Writes one LMDB environment (`data.mdb` + `lock.mdb`) into a directory, with the writer
+/// chosen at [`create`](Self::create). Keys must be unique: a repeated one fails the job naming it.
+pub struct LmdbWriter(Writer);
+
+enum Writer {
+    Bulk(Box<BulkWriter>),
+    Txn(TxnWriter),
+}
+
+impl LmdbWriter {
+    /// Creates the LMDB directory `path` (replacing a database there), written by `kind`.
+    ///
+    /// # Errors
+    /// IO or LMDB errors naming `path`.
+    pub fn create(path: &Path, kind: LmdbWriterKind) -> Result<Self> {
+        Ok(LmdbWriter(match kind {
+            LmdbWriterKind::Bulk => Writer::Bulk(Box::new(BulkWriter::create(path)?)),
+            LmdbWriterKind::Txn => Writer::Txn(TxnWriter::create(path)?),
+        }))
+    }
+
+    /// Caps what the writer holds in memory at about `bytes` (default 64–80 MiB), for jobs that
+    /// keep many writers open at once (`build-lmdb --shards N`). At least 2 MiB.
+    pub fn with_memory(self, bytes: usize) -> Self {
+        LmdbWriter(match self.0 {
+            Writer::Bulk(w) => Writer::Bulk(Box::new(w.with_memory(bytes))),
+            Writer::Txn(w) => Writer::Txn(w.with_memory(bytes)),
+        })
+    }
+
+    /// Stores `value` under `key`.
+    ///
+    /// # Errors
+    /// A key over 511 bytes or empty, a value of 4 GiB or more, a repeated key (here or at
+    /// [`finish`](Self::finish)), IO or LMDB errors.
+    pub fn put(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
+        match &mut self.0 {
+            Writer::Bulk(w) => w.put(key, value),
+            Writer::Txn(w) => w.put(key, value),
+        }
+    }
+
+    /// Completes the database and syncs it to disk.
+    ///
+    /// # Errors
+    /// A repeated key (named), a bulk-loaded file that fails its check
+    /// ([`Error::LmdbCheck`]), IO or LMDB errors.
+    pub fn finish(self) -> Result<()> {
+        match self.0 {
+            Writer::Bulk(w) => w.finish(),
+            Writer::Txn(w) => w.finish(),
+        }
+    }
+}
 
 /// `pickle.dumps((image_id, text_id, text))` as Python 3.8+ writes it (protocol 4, framed),
 /// byte for byte, for the values of cn_clip's `pairs` database.
@@ -105,16 +174,16 @@ impl LmdbSink {
         }
     }
 
-    /// Starts `path` (e.g. `lmdb/train/imgs`).
+    /// Starts `path` (e.g. `lmdb/train/imgs`), written by `writer`.
     ///
     /// # Errors
     /// IO or LMDB errors creating the temporary database.
-    pub fn create(path: &Path, database: crate::sources::lmdb::Database) -> Result<Self> {
+    pub fn create(path: &Path, database: crate::sources::lmdb::Database, writer: LmdbWriterKind) -> Result<Self> {
         super::create_parent(path)?;
         let tmp = super::tmp_path(path);
         let _ = std::fs::remove_dir_all(&tmp);
         Ok(LmdbSink {
-            writer: Some(LmdbWriter::create(&tmp)?),
+            writer: Some(LmdbWriter::create(&tmp, writer)?),
             database,
             path: path.to_path_buf(),
             tmp,
@@ -240,20 +309,81 @@ mod tests {
     }
 
     /// The map size recorded covers the file, so LMDB opens a database bigger than its default
-    /// 10 MiB map without being told a size.
+    /// 10 MiB map without being told a size, whichever writer wrote it.
     #[test]
     fn a_database_over_the_default_map_size_opens_with_default_settings() {
         use lmdb::Transaction;
-        let dir = tempfile::tempdir().unwrap();
-        let mut writer = LmdbWriter::create(dir.path()).unwrap();
-        let value = vec![7u8; 1 << 20];
-        for i in 0..150u32 {
-            writer.put(i.to_string().as_bytes(), &value).unwrap();
+        for kind in [LmdbWriterKind::Bulk, LmdbWriterKind::Txn] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut writer = LmdbWriter::create(dir.path(), kind).unwrap();
+            let value = vec![7u8; 1 << 20];
+            for i in 0..150u32 {
+                writer.put(i.to_string().as_bytes(), &value).unwrap();
+            }
+            writer.finish().unwrap();
+            let env = lmdb::Environment::new().open(dir.path()).unwrap();
+            let db = env.open_db(None).unwrap();
+            let txn = env.begin_ro_txn().unwrap();
+            assert_eq!(txn.get(db, b"149").unwrap().len(), 1 << 20, "{kind:?}");
         }
-        writer.finish().unwrap();
-        let env = lmdb::Environment::new().open(dir.path()).unwrap();
-        let db = env.open_db(None).unwrap();
-        let txn = env.begin_ro_txn().unwrap();
-        assert_eq!(txn.get(db, b"149").unwrap().len(), 1 << 20);
+    }
+
+    /// Both writers store the same entries for the same puts (in any order, with a small memory
+    /// budget: spilled runs, many commits), and both stop at a repeated key naming it.
+    #[test]
+    fn both_writers_store_the_same_entries() {
+        use lmdb::{Cursor, Transaction};
+        let read_all = |dir: &Path| -> Vec<(Vec<u8>, Vec<u8>)> {
+            let env = lmdb::Environment::new().set_flags(lmdb::EnvironmentFlags::READ_ONLY).open(dir).unwrap();
+            let db = env.open_db(None).unwrap();
+            let txn = env.begin_ro_txn().unwrap();
+            let mut cursor = txn.open_ro_cursor(db).unwrap();
+            cursor.iter_start().map(|r| r.unwrap()).map(|(k, v)| (k.to_vec(), v.to_vec())).collect()
+        };
+        let entries: Vec<(Vec<u8>, Vec<u8>)> = (0..4000u32)
+            .map(|i| {
+                (
+                    format!("{}", (i * 7919) % 4000).into_bytes(),
+                    pickle_pair(i as i64, -(i as i64), &"图".repeat(i as usize % 900)),
+                )
+            })
+            .collect();
+        let mut read = Vec::new();
+        for kind in [LmdbWriterKind::Bulk, LmdbWriterKind::Txn] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut writer = LmdbWriter::create(dir.path(), kind).unwrap().with_memory(2 << 20);
+            for (k, v) in &entries {
+                writer.put(k, v).unwrap();
+            }
+            writer.finish().unwrap();
+            read.push(read_all(dir.path()));
+
+            let mut writer = LmdbWriter::create(dir.path(), kind).unwrap();
+            for key in [b"3", b"1", b"3"] {
+                writer.put(key, b"x").unwrap();
+            }
+            let err = writer.finish().unwrap_err().to_string();
+            assert!(err.contains("key 3 was put twice"), "{kind:?}: {err}");
+        }
+        let mut sorted = entries.clone();
+        sorted.sort();
+        assert_eq!(read[0], sorted);
+        assert_eq!(read[1], sorted);
+    }
+
+    #[test]
+    fn writer_kinds_are_named_in_lowercase() {
+        use clap::ValueEnum;
+        #[derive(serde::Deserialize)]
+        struct Config {
+            writer: LmdbWriterKind,
+        }
+        for (name, kind) in [("bulk", LmdbWriterKind::Bulk), ("txn", LmdbWriterKind::Txn)] {
+            assert_eq!(LmdbWriterKind::from_str(name, false), Ok(kind));
+            let config: Config = toml::from_str(&format!("writer = \"{name}\"")).unwrap();
+            assert_eq!(config.writer, kind);
+        }
+        assert!(toml::from_str::<Config>("writer = \"Bulk\"").is_err());
+        assert_eq!(LmdbWriterKind::default(), LmdbWriterKind::Bulk);
     }
 }

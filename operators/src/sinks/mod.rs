@@ -6,6 +6,7 @@
 pub mod jsonl;
 pub mod lmdb;
 pub mod lmdb_bulk;
+pub mod lmdb_txn;
 pub mod parquet;
 pub mod tsv;
 

@@ -13,7 +13,7 @@ use super::registry::{BuildContext, NodeConfig, Operator, Registry, Role, SinkSp
 use crate::error::Result;
 use crate::sinks::Sink;
 use crate::sinks::jsonl::JsonlSink;
-use crate::sinks::lmdb::LmdbSink;
+use crate::sinks::lmdb::{LmdbSink, LmdbWriterKind};
 use crate::sinks::parquet::ParquetSink;
 use crate::sinks::tsv::TsvSink;
 use crate::sources::folder::ImageFolderSource;
@@ -316,14 +316,18 @@ impl SinkSpec for WriteTsvConfig {
 pub struct WriteLmdbConfig {
     pub path: PathBuf,
     pub database: Database,
+    /// `bulk` (default) or `txn` (LMDB's own write transactions).
+    #[serde(default)]
+    pub writer: LmdbWriterKind,
 }
 
 impl NodeConfig for WriteLmdbConfig {
     const KIND: &'static str = "write_lmdb";
     const ROLE: Role = Role::Sink;
-    const DOC: &'static str = "`path`, `database` = imgs (from images) | pairs (from pairs or texts)";
+    const DOC: &'static str =
+        "`path`, `database` = imgs (from images) | pairs (from pairs or texts); `writer` = bulk | txn";
     fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
-        Ok(Operator::Sink(Box::new(WriteLmdbConfig { path: cx.resolve(&self.path), database: self.database })))
+        Ok(Operator::Sink(Box::new(WriteLmdbConfig { path: cx.resolve(&self.path), ..self })))
     }
 }
 
@@ -335,6 +339,6 @@ impl SinkSpec for WriteLmdbConfig {
         LmdbSink::accepts(schema, self.database).map_err(|e| vec![e])
     }
     fn open(&self, _: &SchemaRef) -> Result<Box<dyn Sink>> {
-        Ok(Box::new(LmdbSink::create(&self.path, self.database)?))
+        Ok(Box::new(LmdbSink::create(&self.path, self.database, self.writer)?))
     }
 }

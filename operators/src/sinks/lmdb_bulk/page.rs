@@ -1,0 +1,321 @@
+//! LMDB's on-disk page format, as far as the bulk loader writes it: the constants, leaf and
+//! branch nodes packed into page buffers, the overflow page header, and the meta pages.
+//!
+//! Kept apart so the layout rules (taken from LMDB 0.9's `mdb.c`, 64-bit) live in one place
+//! and the tree builder only decides *which* nodes go on *which* page. Page header: 16 bytes
+//! (`pgno u64, pad u16, flags u16, lower u16, upper u16`, or `pages u32` in place of
+//! lower/upper on overflow pages). Nodes: 8 header bytes (`lo u16, hi u16, flags u16, ksize
+//! u16`) + key + data, aligned to even sizes, placed from the end of the page downwards with
+//! 2-byte offsets after the header.
+
+pub(super) const PAGE: usize = 4096;
+pub(super) const HEADER: usize = 16;
+pub(super) const NODE_HEADER: usize = 8;
+/// `me_nodemax`: a leaf node bigger than this puts its value on overflow pages.
+pub(super) const NODE_MAX: usize = (((PAGE - HEADER) / 2) & !1) - 2;
+/// `mdb_env_get_maxkeysize` for this build of LMDB.
+pub(super) const MAX_KEY: usize = 511;
+pub(super) const P_BRANCH: u16 = 0x01;
+pub(super) const P_LEAF: u16 = 0x02;
+pub(super) const P_OVERFLOW: u16 = 0x04;
+pub(super) const P_META: u16 = 0x08;
+pub(super) const F_BIGDATA: u16 = 0x01;
+const MDB_INTEGERKEY: u16 = 0x08;
+const MAGIC: u32 = 0xBEEF_C0DE;
+const DATA_VERSION: u32 = 1;
+const INVALID: u64 = u64::MAX;
+pub(super) static ZEROS: [u8; PAGE] = [0; PAGE];
+
+pub(super) fn even(n: usize) -> usize {
+    (n + 1) & !1
+}
+
+/// `OVPAGES`: pages taken by an overflow value of `len` bytes.
+pub(super) fn overflow_pages(len: usize) -> u64 {
+    ((HEADER - 1 + len) / PAGE + 1) as u64
+}
+
+/// The header of an overflow value's first page (`pages` pages from `pgno`).
+pub(super) fn overflow_header(pgno: u64, pages: u64) -> [u8; HEADER] {
+    let mut header = [0u8; HEADER];
+    header[..8].copy_from_slice(&pgno.to_le_bytes());
+    header[10..12].copy_from_slice(&P_OVERFLOW.to_le_bytes());
+    header[12..16].copy_from_slice(&(pages as u32).to_le_bytes());
+    header
+}
+
+/// Where a key's value lives.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Value<'a> {
+    Inline(&'a [u8]),
+    Overflow { pgno: u64, len: u32 },
+}
+
+/// A page being filled with nodes.
+pub(super) struct PageBuf {
+    page: Box<[u8; PAGE]>,
+    pub(super) count: usize,
+    upper: usize,
+}
+
+impl PageBuf {
+    pub(super) fn new() -> Self {
+        PageBuf { page: Box::new([0; PAGE]), count: 0, upper: PAGE }
+    }
+
+    pub(super) fn room(&self) -> usize {
+        self.upper - (HEADER + 2 * self.count)
+    }
+
+    /// Adds a node of `size` bytes (already even) made of `header` + `key` + `data`.
+    pub(super) fn push(&mut self, size: usize, header: [u16; 4], key: &[u8], data: &[u8]) {
+        let at = self.upper - size;
+        for (i, v) in header.iter().enumerate() {
+            self.page[at + 2 * i..at + 2 * i + 2].copy_from_slice(&v.to_le_bytes());
+        }
+        self.page[at + NODE_HEADER..at + NODE_HEADER + key.len()].copy_from_slice(key);
+        let data_at = at + NODE_HEADER + key.len();
+        self.page[data_at..data_at + data.len()].copy_from_slice(data);
+        let ptr = HEADER + 2 * self.count;
+        self.page[ptr..ptr + 2].copy_from_slice(&(at as u16).to_le_bytes());
+        self.count += 1;
+        self.upper = at;
+    }
+
+    /// Finishes the header and hands the page out, leaving this buffer empty.
+    pub(super) fn take(&mut self, pgno: u64, flags: u16) -> Box<[u8; PAGE]> {
+        let lower = (HEADER + 2 * self.count) as u16;
+        self.page[..8].copy_from_slice(&pgno.to_le_bytes());
+        self.page[8..10].copy_from_slice(&0u16.to_le_bytes());
+        self.page[10..12].copy_from_slice(&flags.to_le_bytes());
+        self.page[12..14].copy_from_slice(&lower.to_le_bytes());
+        self.page[14..16].copy_from_slice(&(self.upper as u16).to_le_bytes());
+        self.count = 0;
+        self.upper = PAGE;
+        std::mem::replace(&mut self.page, Box::new([0; PAGE]))
+    }
+}
+
+/// `MDB_db`.
+#[derive(Clone, Copy)]
+pub(super) struct Db {
+    pub(super) depth: u16,
+    pub(super) branch_pages: u64,
+    pub(super) leaf_pages: u64,
+    pub(super) overflow_pages: u64,
+    pub(super) entries: u64,
+    pub(super) root: u64,
+}
+
+impl Db {
+    pub(super) fn empty() -> Self {
+        Db { depth: 0, branch_pages: 0, leaf_pages: 0, overflow_pages: 0, entries: 0, root: INVALID }
+    }
+
+    fn write(&self, out: &mut Vec<u8>, pad: u32, flags: u16) {
+        out.extend_from_slice(&pad.to_le_bytes());
+        out.extend_from_slice(&flags.to_le_bytes());
+        out.extend_from_slice(&self.depth.to_le_bytes());
+        for v in [self.branch_pages, self.leaf_pages, self.overflow_pages, self.entries, self.root] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+}
+
+/// `MDB_meta` on its page.
+pub(super) struct Meta {
+    pub(super) txnid: u64,
+    pub(super) last_page: u64,
+    pub(super) map_size: u64,
+    pub(super) main: Db,
+}
+
+impl Meta {
+    pub(super) fn page(&self, pgno: u64) -> Vec<u8> {
+        let mut page = Vec::with_capacity(PAGE);
+        page.extend_from_slice(&pgno.to_le_bytes());
+        page.extend_from_slice(&0u16.to_le_bytes());
+        page.extend_from_slice(&P_META.to_le_bytes());
+        page.extend_from_slice(&[0; 4]);
+        page.extend_from_slice(&MAGIC.to_le_bytes());
+        page.extend_from_slice(&DATA_VERSION.to_le_bytes());
+        page.extend_from_slice(&0u64.to_le_bytes()); // mm_address
+        page.extend_from_slice(&self.map_size.to_le_bytes());
+        // The free database (empty; its md_pad is the page size, its flags the env's).
+        Db::empty().write(&mut page, PAGE as u32, MDB_INTEGERKEY);
+        self.main.write(&mut page, 0, 0);
+        page.extend_from_slice(&self.last_page.to_le_bytes());
+        page.extend_from_slice(&self.txnid.to_le_bytes());
+        page.resize(PAGE, 0);
+        page
+    }
+}
+
+impl Db {
+    /// Reads an `MDB_db` (48 bytes): its `md_pad`, `md_flags` and the rest.
+    fn read(bytes: &[u8]) -> (u32, u16, Db) {
+        let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+        let pad = u32::from_le_bytes(bytes[..4].try_into().expect("4 bytes"));
+        let flags = u16::from_le_bytes([bytes[4], bytes[5]]);
+        let db = Db {
+            depth: u16::from_le_bytes([bytes[6], bytes[7]]),
+            branch_pages: u64_at(8),
+            leaf_pages: u64_at(16),
+            overflow_pages: u64_at(24),
+            entries: u64_at(32),
+            root: u64_at(40),
+        };
+        (pad, flags, db)
+    }
+
+    /// Whether this is an empty database (no root).
+    pub(super) fn is_empty(&self) -> bool {
+        self.root == INVALID
+    }
+}
+
+impl Meta {
+    /// Reads meta page `pgno` back, checking what LMDB checks (flags, magic, data version) and
+    /// what the bulk loader writes (4 KiB pages, an empty free list, a plain main database).
+    pub(super) fn read(pgno: u64, page: &[u8]) -> Result<Meta, String> {
+        let header = Header::read(page);
+        if header.pgno != pgno {
+            return Err(format!("its header says page {}", header.pgno));
+        }
+        if header.flags != P_META {
+            return Err(format!("flags {:#06x}, not a meta page", header.flags));
+        }
+        let u32_at = |at: usize| u32::from_le_bytes(page[at..at + 4].try_into().expect("4 bytes"));
+        let u64_at = |at: usize| u64::from_le_bytes(page[at..at + 8].try_into().expect("8 bytes"));
+        if u32_at(HEADER) != MAGIC {
+            return Err(format!("magic {:#010x}, not LMDB's {MAGIC:#010x}", u32_at(HEADER)));
+        }
+        if u32_at(HEADER + 4) != DATA_VERSION {
+            return Err(format!("data version {}, not {DATA_VERSION}", u32_at(HEADER + 4)));
+        }
+        let (page_size, _, free) = Db::read(&page[HEADER + 24..HEADER + 72]);
+        if page_size as usize != PAGE {
+            return Err(format!("page size {page_size}, not {PAGE}"));
+        }
+        if !free.is_empty() {
+            return Err(format!("the free list has a root (page {}); none was written", free.root));
+        }
+        let (_, flags, main) = Db::read(&page[HEADER + 72..HEADER + 120]);
+        if flags != 0 {
+            return Err(format!("main database flags {flags:#06x}, not a plain one"));
+        }
+        Ok(Meta { map_size: u64_at(HEADER + 16), main, last_page: u64_at(HEADER + 120), txnid: u64_at(HEADER + 128) })
+    }
+}
+
+/// A page header read back (`pages` of overflow pages not needed).
+pub(super) struct Header {
+    pub(super) pgno: u64,
+    pub(super) flags: u16,
+    lower: u16,
+    upper: u16,
+}
+
+impl Header {
+    pub(super) fn read(page: &[u8]) -> Header {
+        let u16_at = |at: usize| u16::from_le_bytes([page[at], page[at + 1]]);
+        Header {
+            pgno: u64::from_le_bytes(page[..8].try_into().expect("a whole page")),
+            flags: u16_at(10),
+            lower: u16_at(12),
+            upper: u16_at(14),
+        }
+    }
+}
+
+/// A leaf or branch page read back: its nodes, each checked to lie within the page.
+pub(super) struct NodePage<'a> {
+    page: &'a [u8],
+    pub(super) header: Header,
+    pub(super) count: usize,
+}
+
+/// One node read back.
+pub(super) struct Node<'a> {
+    pub(super) key: &'a [u8],
+    /// `lo | hi << 16`: a leaf's data size; with `flags`, a branch node's child page.
+    lo_hi: u32,
+    pub(super) flags: u16,
+    /// The page after the key (a leaf's data is at its start).
+    rest: &'a [u8],
+}
+
+impl<'a> NodePage<'a> {
+    /// Reads page `pgno` (`page` is its [`PAGE`] bytes) as a page of nodes.
+    pub(super) fn read(pgno: u64, page: &'a [u8]) -> Result<Self, String> {
+        let header = Header::read(page);
+        if header.pgno != pgno {
+            return Err(format!("its header says page {}", header.pgno));
+        }
+        let (lower, upper) = (header.lower as usize, header.upper as usize);
+        if lower < HEADER || !(lower - HEADER).is_multiple_of(2) || lower > upper || upper > PAGE {
+            return Err(format!("bad node bounds: lower {lower}, upper {upper}"));
+        }
+        let count = (lower - HEADER) / 2;
+        if count == 0 {
+            return Err("no nodes".into());
+        }
+        Ok(NodePage { page, header, count })
+    }
+
+    /// Node `i` (< `count`).
+    pub(super) fn node(&self, i: usize) -> Result<Node<'a>, String> {
+        let page = self.page;
+        let ptr = HEADER + 2 * i;
+        let at = u16::from_le_bytes([page[ptr], page[ptr + 1]]) as usize;
+        if at < self.header.upper as usize || at + NODE_HEADER > PAGE {
+            return Err(format!("node {i} at offset {at}, outside {}..{PAGE}", self.header.upper));
+        }
+        let u16_at = |at: usize| u16::from_le_bytes([page[at], page[at + 1]]);
+        let key_len = u16_at(at + 6) as usize;
+        let key_at = at + NODE_HEADER;
+        if key_at + key_len > PAGE {
+            return Err(format!("node {i}: a key of {key_len} bytes at offset {key_at} runs off the page"));
+        }
+        Ok(Node {
+            key: &page[key_at..key_at + key_len],
+            lo_hi: u16_at(at) as u32 | (u16_at(at + 2) as u32) << 16,
+            flags: u16_at(at + 4),
+            rest: &page[key_at + key_len..],
+        })
+    }
+}
+
+impl<'a> Node<'a> {
+    /// A branch node's child page.
+    pub(super) fn child(&self) -> u64 {
+        self.lo_hi as u64 | (self.flags as u64) << 32
+    }
+
+    /// A leaf node's value: inline bytes, or where its overflow pages are.
+    pub(super) fn value(&self) -> Result<Value<'a>, String> {
+        let len = self.lo_hi;
+        match self.flags {
+            0 => {
+                self.rest.get(..len as usize).map(Value::Inline).ok_or_else(|| format!("{len} bytes run off the page"))
+            }
+            F_BIGDATA => match self.rest.get(..8) {
+                Some(pgno) => Ok(Value::Overflow { pgno: u64::from_le_bytes(pgno.try_into().expect("8 bytes")), len }),
+                None => Err("its overflow page number runs off the page".into()),
+            },
+            flags => Err(format!("node flags {flags:#06x} (sub-databases and duplicates are not written)")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constants_are_lmdbs() {
+        assert_eq!(NODE_MAX, 2038);
+        assert_eq!(overflow_pages(4080), 1);
+        assert_eq!(overflow_pages(4081), 2);
+    }
+}
