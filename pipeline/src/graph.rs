@@ -261,13 +261,20 @@ impl RunningGraph {
     /// Runs the graph to completion.
     ///
     /// # Errors
-    /// The first node error or panic, naming the node; every other node is cancelled.
+    /// The first node error or panic, naming the node; every other node is cancelled. A node
+    /// that stopped only because everything downstream had stopped ([`Closed`]) is a
+    /// consequence, not a cause: it is reported only if no other node failed.
     pub async fn wait(mut self) -> Result<Vec<(String, NodeSummary)>, Error> {
+        let mut downstream_closed = None;
         while let Some(joined) = self.tasks.join_next_with_id().await {
             match joined {
                 Ok((id, (Ok(()), elapsed))) => {
                     let name = self.names.get(&id).cloned().unwrap_or_default();
                     self.elapsed.insert(name, elapsed);
+                }
+                Ok((id, (Err(source), _))) if source.downcast_ref::<Closed>().is_some() => {
+                    let node = self.names.get(&id).cloned().unwrap_or_default();
+                    downstream_closed.get_or_insert(Error::Node { node, source });
                 }
                 Ok((id, (Err(source), _))) => {
                     let node = self.names.get(&id).cloned().unwrap_or_default();
@@ -280,6 +287,9 @@ impl RunningGraph {
                     return Err(Error::Panicked { node, message: e.to_string() });
                 }
             }
+        }
+        if let Some(error) = downstream_closed {
+            return Err(error);
         }
         Ok(self
             .metrics
@@ -418,6 +428,26 @@ pub(crate) mod tests {
             .expect("no hang")
             .unwrap_err();
         assert_eq!(err.to_string(), "node `decode`: record 5 is not an image");
+    }
+
+    /// The producer learns first that its consumer is gone (its send fails) and stops with
+    /// `Closed`; the consumer's own error, which arrives later, is the one reported.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_cause_is_reported_not_the_closed_edge_it_left() {
+        let mut graph = Graph::new();
+        graph.add("endless", &[], cap(8), |ctx: NodeContext<Rows>| async move {
+            loop {
+                ctx.send(Rows(1)).await?;
+            }
+        });
+        graph.add("encode", &["endless"], cap(8), |mut ctx: NodeContext<Rows>| async move {
+            ctx.recv(0).await;
+            drop(ctx); // the input edge closes now; the error comes later
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Err("the device fell off the bus".into())
+        });
+        let err = graph.start().unwrap().wait().await.unwrap_err();
+        assert_eq!(err.to_string(), "node `encode`: the device fell off the bus");
     }
 
     #[tokio::test]
