@@ -32,6 +32,10 @@ pub enum Error {
     /// A Parquet file could not be read or written.
     #[error("{path}: {source}")]
     Parquet { path: String, source: parquet::errors::ParquetError },
+    #[error(transparent)]
+    Tokenizer(#[from] crate::transforms::tokenizer::Error),
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
     /// Starting the async runtime.
     #[error("starting the runtime: {0}")]
     Start(#[source] std::io::Error),

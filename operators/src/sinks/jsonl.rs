@@ -79,7 +79,7 @@ fn write_value(array: &dyn Array, row: usize, out: &mut String) -> Result<()> {
         }),
         DataType::Utf8 => {
             let s = array.as_any().downcast_ref::<StringArray>().expect("type").value(row);
-            out.push_str(&serde_json::to_string(s).map_err(|e| Error::Internal(e.to_string()))?);
+            out.push_str(&serde_json::to_string(s)?);
         }
         DataType::Float16 => out
             .push_str(&python_float(array.as_any().downcast_ref::<Float16Array>().expect("type").value(row).to_f64())),

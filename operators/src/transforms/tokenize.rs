@@ -40,7 +40,7 @@ impl Transform for Tokenize {
         for (row, out) in ids.chunks_exact_mut(self.context_length).enumerate() {
             let text = texts.value(row);
             let text = if self.preprocess { std::borrow::Cow::Owned(preprocess_text(text)) } else { text.into() };
-            tokenizer.encode_into(&text, out).map_err(|e| Error::Internal(e.to_string()))?;
+            tokenizer.encode_into(&text, out)?;
         }
         let DataType::FixedSizeList(item, _) = cnclip_schemas::token_ids_type(self.context_length) else {
             unreachable!()
