@@ -96,7 +96,8 @@ enum Done<U> {
 /// Runs `open`'s replicas, one thread per entry of `devices`, over input `0` of the node: rows
 /// are rebatched to `batch_rows`, each batch goes to whichever replica is free, and `after` sees
 /// the results in input order (on the node's task) and returns what to send downstream. At most
-/// two batches per replica are queued or in work; past that the node stops reading its input.
+/// two batches per replica are queued, in work or waiting for an earlier one to finish; past
+/// that the node stops reading its input (so a stuck replica holds everything back, boundedly).
 ///
 /// # Errors
 /// [`Error::Replica`] naming the replica and device whose `open` or `process` failed or
@@ -117,7 +118,9 @@ where
         return Err(format!("node `{}` has no device to run on", ctx.name).into());
     }
     let batch_rows = batch_rows.max(1);
-    let max_in_flight = 2 * devices.len();
+    // Batches handed out and not yet sent on, counting results that wait for an earlier one:
+    // a stuck replica stops the others after this many, so memory stays bounded.
+    let window = 2 * devices.len() as u64;
     let (jobs_tx, jobs_rx) = crossbeam::channel::unbounded::<(u64, T)>();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done<U>>();
     let stop = Arc::new(AtomicBool::new(false));
@@ -147,7 +150,7 @@ where
     let mut buffered: VecDeque<T> = VecDeque::new();
     let mut buffered_rows = 0;
     let mut input_open = true;
-    let (mut next_job, mut next_out, mut in_flight) = (0u64, 0u64, 0usize);
+    let (mut next_job, mut next_out) = (0u64, 0u64);
     let mut finished: BTreeMap<u64, U> = BTreeMap::new();
     loop {
         while let Some(result) = finished.remove(&next_out) {
@@ -158,16 +161,15 @@ where
                 return Ok(()); // every consumer has stopped
             }
         }
-        while in_flight < max_in_flight && (buffered_rows >= batch_rows || (!input_open && buffered_rows > 0)) {
+        while next_job - next_out < window && (buffered_rows >= batch_rows || (!input_open && buffered_rows > 0)) {
             let batch = take_rows(&mut buffered, &mut buffered_rows, batch_rows)?;
             let jobs = replicas.jobs.as_ref().expect("open until the end");
             if jobs.send((next_job, batch)).is_err() {
                 break; // every replica is gone: its reason is on `done_rx`
             }
             next_job += 1;
-            in_flight += 1;
         }
-        if !input_open && buffered_rows == 0 && in_flight == 0 {
+        if !input_open && buffered_rows == 0 && next_job == next_out {
             break;
         }
         tokio::select! {
@@ -180,7 +182,6 @@ where
             },
             done = done_rx.recv() => match done {
                 Some(Done::Job(seq, result)) => {
-                    in_flight -= 1;
                     finished.insert(seq, result);
                 }
                 Some(Done::Failed(index, source)) => return Err(fail(index, source)),
@@ -387,16 +388,30 @@ mod tests {
         worst_held: AtomicUsize,
         /// Which replica processed each batch, by its first row.
         by_replica: Mutex<Vec<(usize, usize)>>,
+        /// Rows the source had sent when a stalled replica woke up.
+        produced_at_wake: AtomicUsize,
     }
 
     /// source (`rows` rows in batches of 5) → `encode` on two fake slow "devices" (batches of
-    /// 8; replica 1 is slower and `fault` may strike one row) → sink.
+    /// 8; replica 1 is slower, may `stall` on its first batch, and `fault` may strike one row)
+    /// → sink.
     fn graph(
         rows: Option<usize>,
         fault: Option<(usize, bool)>,
         seen: Arc<Seen>,
         alive: Arc<()>,
         sink_delay: Duration,
+    ) -> Graph<Span> {
+        stalling_graph(rows, fault, seen, alive, sink_delay, Duration::ZERO)
+    }
+
+    fn stalling_graph(
+        rows: Option<usize>,
+        fault: Option<(usize, bool)>,
+        seen: Arc<Seen>,
+        alive: Arc<()>,
+        sink_delay: Duration,
+        stall: Duration,
     ) -> Graph<Span> {
         let mut graph = Graph::new();
         let s = seen.clone();
@@ -416,8 +431,13 @@ mod tests {
             let (seen, alive) = (s.clone(), alive.clone());
             let open: OpenReplica<Span, Span> = Arc::new(move |index, _device| {
                 let (seen, alive) = (seen.clone(), alive.clone());
+                let mut stall = if index == 1 { stall } else { Duration::ZERO };
                 Ok(Box::new(move |batch: Span| {
                     let _held = &alive; // dropped with the replica, on its thread
+                    if !stall.is_zero() {
+                        std::thread::sleep(std::mem::take(&mut stall));
+                        seen.produced_at_wake.store(seen.produced.load(Ordering::SeqCst), Ordering::SeqCst);
+                    }
                     std::thread::sleep(Duration::from_millis(if index == 1 { 3 } else { 1 }));
                     if let Some((row, panic)) = fault
                         && (batch.start..batch.start + batch.len).contains(&row)
@@ -469,11 +489,25 @@ mod tests {
         let (seen, alive) = (Arc::new(Seen::default()), Arc::new(()));
         graph(Some(2000), None, seen.clone(), alive, Duration::from_millis(2)).start().unwrap().wait().await.unwrap();
         assert_eq!(seen.out.lock().unwrap().iter().map(|s| s.len).sum::<usize>(), 2000);
-        // Held between the source and the sink: the encoder's input edge (16 rows), one batch
-        // being assembled (8), four in the replicas' queue or in work (32), results waiting to
-        // be sent (8) and the output edge (16), plus a batch in the source's hand (5).
+        // Read from the source and not yet through the encoder: its input edge (16 rows), rows
+        // being assembled into a batch (< 8, plus one input batch of 5) and the window of four
+        // batches of 8 queued, in work or waiting for an earlier one.
         let worst = seen.worst_held.load(Ordering::SeqCst);
-        assert!(worst <= 16 + 8 + 32 + 8 + 16 + 5, "{worst} rows were held");
+        assert!(worst <= 16 + 12 + 32, "{worst} rows were held");
+    }
+
+    /// One replica stuck on a batch: the other finishes what the window allows, then the node
+    /// stops reading, and the source waits — nothing piles up behind the stuck batch.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stuck_replica_holds_back_the_other_and_the_source() {
+        let (seen, alive) = (Arc::new(Seen::default()), Arc::new(()));
+        let graph = stalling_graph(Some(3000), None, seen.clone(), alive, Duration::ZERO, Duration::from_millis(300));
+        graph.start().unwrap().wait().await.unwrap();
+        assert_eq!(seen.out.lock().unwrap().iter().map(|s| s.len).sum::<usize>(), 3000);
+        // The stuck batch is at most the second; behind it: the window (32 rows), rows being
+        // assembled (12), the input edge (16) and the source's batch in hand (5).
+        let at_wake = seen.produced_at_wake.load(Ordering::SeqCst);
+        assert!(at_wake > 0 && at_wake <= 16 + 32 + 12 + 16 + 5, "the source sent {at_wake} rows meanwhile");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
