@@ -21,6 +21,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use cnclip_operators::quarantine::{OnError, Quarantine, Rejected};
+use cnclip_operators::signals;
 use cnclip_operators::sinks::Staged;
 use cnclip_operators::sinks::lmdb::{LmdbWriter, LmdbWriterKind, pickle_pair};
 use cnclip_operators::sources::{jsonl, tsv};
@@ -59,6 +60,7 @@ struct Shard {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    signals::catch_interrupts()?;
     if !args.data_dir.is_dir() {
         bail!("--data-dir {} is not a directory", args.data_dir.display());
     }
@@ -84,7 +86,7 @@ fn build_split(args: &Args, lmdb_dir: &Path, split: &str) -> Result<()> {
         }
     }
     let final_dir = lmdb_dir.join(split);
-    let tmp_dir = lmdb_dir.join(format!(".{split}.tmp-{}", std::process::id()));
+    let tmp_dir = cnclip_operators::staging::temp_path(&lmdb_dir.join(split));
     let _ = std::fs::remove_dir_all(&tmp_dir);
     // Declared before the writers, so a failure drops them (joining their threads) first and
     // then removes the half-built directory.
@@ -107,24 +109,32 @@ fn build_split(args: &Args, lmdb_dir: &Path, split: &str) -> Result<()> {
 
     // Images first: pairs must point at images that exist.
     let mut image_ids = FxHashSet::default();
-    tsv::for_each_line(&images_path, |record| match record {
-        Err(rejected) => quarantine.reject(rejected),
-        Ok(line) if !image_ids.insert(line.image_id) => quarantine.reject(Rejected {
-            source: images_path.display().to_string(),
-            location: format!("image {}", line.id),
-            id: Some(line.id.to_string()),
-            reason: "duplicate image id (the first one is kept)".into(),
-        }),
-        Ok(line) => {
-            let shard = &mut shards[shard_of(line.image_id)];
-            shard.imgs.put(line.id.as_bytes(), line.base64)?;
-            shard.num_images += 1;
-            Ok(())
+    let stop_if_interrupted = || match signals::interrupted() {
+        Some(signal) => Err(cnclip_operators::Error::Interrupted { signal }),
+        None => Ok(()),
+    };
+    tsv::for_each_line(&images_path, |record| {
+        stop_if_interrupted()?;
+        match record {
+            Err(rejected) => quarantine.reject(rejected),
+            Ok(line) if !image_ids.insert(line.image_id) => quarantine.reject(Rejected {
+                source: images_path.display().to_string(),
+                location: format!("image {}", line.id),
+                id: Some(line.id.to_string()),
+                reason: "duplicate image id (the first one is kept)".into(),
+            }),
+            Ok(line) => {
+                let shard = &mut shards[shard_of(line.image_id)];
+                shard.imgs.put(line.id.as_bytes(), line.base64)?;
+                shard.num_images += 1;
+                Ok(())
+            }
         }
     })?;
 
     let mut text_ids = FxHashSet::default();
     jsonl::for_each_line(&texts_path, |record| {
+        stop_if_interrupted()?;
         let text = match record {
             Err(rejected) => return quarantine.reject(rejected),
             Ok(text) => text,

@@ -22,6 +22,11 @@ pub fn exit_code(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) if is_broken_pipe(&error) => ExitCode::SUCCESS,
+        Err(error) if interrupted_by(&error).is_some() => {
+            eprintln!("cnclip: {}", message(&error));
+            // The shell's convention: 128 + the signal's number.
+            ExitCode::from(if interrupted_by(&error) == Some("SIGINT") { 130 } else { 143 })
+        }
         Err(error) => {
             eprintln!("cnclip: {}", message(&error));
             ExitCode::FAILURE
@@ -49,6 +54,14 @@ fn message(error: &anyhow::Error) -> String {
         message.push_str(" (--on-error fail)");
     }
     message
+}
+
+/// The signal that stopped the job, if one did.
+fn interrupted_by(error: &anyhow::Error) -> Option<&'static str> {
+    error.chain().find_map(|cause| match cause.downcast_ref::<cnclip_operators::Error>() {
+        Some(cnclip_operators::Error::Interrupted { signal }) => Some(*signal),
+        _ => None,
+    })
 }
 
 fn is_broken_pipe(error: &anyhow::Error) -> bool {

@@ -87,6 +87,7 @@ fn run_split(what: &str, split: &str, settings: JobSettings, defs: Vec<NodeDef>)
         Err(problems) => bail!("split `{split}`: {}", problems.join("; ")),
     };
     let start = std::time::Instant::now();
+    cnclip_operators::signals::catch_interrupts()?;
     let report = pipeline.run()?;
     // Sinks are named after what they hold: "30 images, 30 texts".
     let mut written = report.written.clone();

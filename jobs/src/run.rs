@@ -91,6 +91,7 @@ pub fn run(args: Args, registry: &Registry) -> Result<()> {
         return Ok(());
     }
     let start = std::time::Instant::now();
+    cnclip_operators::signals::catch_interrupts()?;
     let report = pipeline.run()?;
     eprintln!("cnclip run: {} done in {:.1} s\n{report}", path.display(), start.elapsed().as_secs_f64());
     Ok(())

@@ -338,3 +338,21 @@ fn cnclip_torch_runs_pipelines_like_cnclip() {
     assert_eq!(String::from_utf8_lossy(&outputs[0]).lines().count(), 50);
     assert_eq!(outputs[0], outputs[1]);
 }
+
+/// `cnclip run --kinds` lists every registered kind with its role and keys.
+#[test]
+fn run_lists_the_registered_kinds() {
+    let output = cnclip(&["run", "--kinds"], b"");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let listing = String::from_utf8(output.stdout).unwrap();
+    let kinds: Vec<(&str, &str)> = listing
+        .lines()
+        .map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next().unwrap(), words.next().unwrap())
+        })
+        .collect();
+    assert_eq!(kinds.len(), 12, "{listing}");
+    assert!(kinds.contains(&("tsv", "source")) && kinds.contains(&("preprocess", "transform")), "{listing}");
+    assert!(listing.lines().any(|l| l.starts_with("write_lmdb") && l.contains("`writer` = bulk | txn")), "{listing}");
+}

@@ -36,6 +36,9 @@ pub enum Error {
     Tokenizer(#[from] crate::transforms::tokenizer::Error),
     #[error(transparent)]
     Json(#[from] serde_json::Error),
+    /// SIGINT or SIGTERM stopped the job (its outputs were removed).
+    #[error("interrupted by {signal}: nothing was written")]
+    Interrupted { signal: &'static str },
     /// Starting the async runtime.
     #[error("starting the runtime: {0}")]
     Start(#[source] std::io::Error),

@@ -13,9 +13,11 @@
 pub mod decoders;
 pub mod error;
 pub mod quarantine;
+pub mod signals;
 pub mod sinks;
 pub mod sources;
 pub mod spec;
+pub mod staging;
 pub mod transforms;
 
 pub use error::{Error, Result};
@@ -31,8 +33,7 @@ pub fn write_atomically<E: From<std::io::Error>>(
     write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<(), E>,
 ) -> Result<(), E> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
+    let tmp = crate::staging::temp_path(&dir.join(path.file_name().unwrap_or_default()));
     let context = |e: std::io::Error| std::io::Error::new(e.kind(), format!("writing {}: {e}", path.display()));
     let result = (|| {
         let mut out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp).map_err(context)?);

@@ -10,5 +10,6 @@ mod models;
 mod pipeline;
 mod preprocess;
 mod runtime;
+mod signals;
 mod smoke;
 mod tokenizer;

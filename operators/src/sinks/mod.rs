@@ -75,11 +75,9 @@ impl Drop for Staged {
     }
 }
 
-/// `path` with `.tmp-{pid}` appended to its file name: where a sink writes before the rename.
+/// Where a sink writes before the rename ([`crate::staging::temp_path`]).
 pub(crate) fn tmp_path(path: &std::path::Path) -> std::path::PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".tmp-{}", std::process::id()));
-    path.with_file_name(name)
+    crate::staging::temp_path(path)
 }
 
 /// Creates the parent directory of `path` if needed.

@@ -39,8 +39,24 @@ impl Pipeline {
     ///
     /// # Errors
     /// The first node error (naming the node and the record), or a structural fault.
+    ///
+    /// Once the process catches SIGINT/SIGTERM ([`crate::signals::catch_interrupts`]), a signal
+    /// cancels the graph: every task is dropped and every thread joined (so staged outputs and
+    /// temporary files are gone) before [`Error::Interrupted`] is returned.
     pub fn run(self) -> Result<Report> {
-        runtime()?.block_on(self.run_async())
+        let runtime = runtime()?;
+        let result = runtime.block_on(async move {
+            if !crate::signals::catching() {
+                return self.run_async().await;
+            }
+            tokio::select! {
+                report = self.run_async() => report,
+                signal = crate::signals::until_interrupted() => Err(Error::Interrupted { signal }),
+            }
+        });
+        // Shutting the runtime down drops every cancelled task, which joins its threads.
+        drop(runtime);
+        result
     }
 
     /// Runs the pipeline on the current tokio runtime.
