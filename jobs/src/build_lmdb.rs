@@ -46,6 +46,9 @@ pub struct Args {
     /// How the databases are written: the bulk loader, or LMDB's own write transactions.
     #[arg(long, value_enum, default_value_t = LmdbWriterKind::Bulk)]
     writer: LmdbWriterKind,
+    /// Lines longer than this many bytes are quarantined without being read whole.
+    #[arg(long, default_value_t = cnclip_operators::sources::MAX_RECORD_BYTES)]
+    max_record_bytes: usize,
 }
 
 /// What one LMDB writer may hold (its default), and all of a split's writers together.
@@ -113,7 +116,7 @@ fn build_split(args: &Args, lmdb_dir: &Path, split: &str) -> Result<()> {
         Some(signal) => Err(cnclip_operators::Error::Interrupted { signal }),
         None => Ok(()),
     };
-    tsv::for_each_line(&images_path, |record| {
+    tsv::for_each_line(&images_path, args.max_record_bytes, |record| {
         stop_if_interrupted()?;
         match record {
             Err(rejected) => quarantine.reject(rejected),
@@ -133,7 +136,7 @@ fn build_split(args: &Args, lmdb_dir: &Path, split: &str) -> Result<()> {
     })?;
 
     let mut text_ids = FxHashSet::default();
-    jsonl::for_each_line(&texts_path, |record| {
+    jsonl::for_each_line(&texts_path, args.max_record_bytes, |record| {
         stop_if_interrupted()?;
         let text = match record {
             Err(rejected) => return quarantine.reject(rejected),

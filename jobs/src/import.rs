@@ -43,6 +43,9 @@ pub struct ImportArgs {
     /// This job's share `i/n` of every source.
     #[arg(long, default_value = "0/1")]
     shard: String,
+    /// Lines longer than this many bytes are quarantined without being read whole.
+    #[arg(long, default_value_t = cnclip_operators::sources::MAX_RECORD_BYTES)]
+    max_record_bytes: usize,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -119,14 +122,22 @@ pub fn import(args: ImportArgs) -> Result<()> {
                 NodeDef::new(
                     "imgs_in",
                     None,
-                    TsvConfig { paths: paths(&dir.join(format!("{split}_imgs.tsv"))), dedupe: true },
+                    TsvConfig {
+                        paths: paths(&dir.join(format!("{split}_imgs.tsv"))),
+                        dedupe: true,
+                        max_record_bytes: args.max_record_bytes,
+                    },
                 ),
                 NodeDef::new("decode", Some("imgs_in"), DecodeBase64Config {}),
                 NodeDef::new("images", Some("decode"), WriteParquetConfig { path: images_out }),
                 NodeDef::new(
                     "texts_in",
                     None,
-                    JsonlConfig { paths: paths(&dir.join(format!("{split}_texts.jsonl"))), dedupe: true },
+                    JsonlConfig {
+                        paths: paths(&dir.join(format!("{split}_texts.jsonl"))),
+                        dedupe: true,
+                        max_record_bytes: args.max_record_bytes,
+                    },
                 ),
                 NodeDef::new(
                     "texts",

@@ -293,11 +293,15 @@ fn lmdb_source_reads_cn_clip_databases() {
     })
     .unwrap();
     let mut expected_images = std::collections::BTreeMap::new();
-    tsv::for_each_line(Path::new(&data).join("train_imgs.tsv").as_path(), |r| {
-        let line = r.unwrap();
-        expected_images.insert(line.image_id, line.base64.to_vec());
-        Ok(())
-    })
+    tsv::for_each_line(
+        Path::new(&data).join("train_imgs.tsv").as_path(),
+        cnclip_operators::sources::MAX_RECORD_BYTES,
+        |r| {
+            let line = r.unwrap();
+            expected_images.insert(line.image_id, line.base64.to_vec());
+            Ok(())
+        },
+    )
     .unwrap();
     assert_eq!(images, expected_images);
 
@@ -309,11 +313,15 @@ fn lmdb_source_reads_cn_clip_databases() {
     })
     .unwrap();
     let mut expected_pairs = Vec::new();
-    jsonl::for_each_line(Path::new(&data).join("train_texts.jsonl").as_path(), |r| {
-        let t = r.unwrap();
-        expected_pairs.extend(t.image_ids.iter().map(|&i| (i, t.text_id, t.text.clone())));
-        Ok(())
-    })
+    jsonl::for_each_line(
+        Path::new(&data).join("train_texts.jsonl").as_path(),
+        cnclip_operators::sources::MAX_RECORD_BYTES,
+        |r| {
+            let t = r.unwrap();
+            expected_pairs.extend(t.image_ids.iter().map(|&i| (i, t.text_id, t.text.clone())));
+            Ok(())
+        },
+    )
     .unwrap();
     pairs.sort();
     expected_pairs.sort();

@@ -52,7 +52,10 @@ fn parse(line: &[u8]) -> Result<TextLine, (Option<String>, String)> {
         .as_array()
         .ok_or_else(|| fail("image_ids is not a list".into()))?
         .iter()
-        .map(|v| v.as_i64().ok_or_else(|| fail(format!("image id {v} is not an integer"))))
+        .map(|v| {
+            v.as_i64()
+                .ok_or_else(|| fail(format!("image id {} is not an integer", super::quote(v.to_string().as_bytes()))))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(TextLine { text_id, text, image_ids })
 }
@@ -61,15 +64,30 @@ fn parse(line: &[u8]) -> Result<TextLine, (Option<String>, String)> {
 ///
 /// # Errors
 /// IO errors (a missing file fails the job), or whatever `on_line` returns.
-pub fn for_each_line(path: &Path, mut on_line: impl FnMut(Result<TextLine, Rejected>) -> Result<()>) -> Result<()> {
+/// Lines longer than `max_line` bytes are rejected without being read whole.
+pub fn for_each_line(
+    path: &Path,
+    max_line: usize,
+    mut on_line: impl FnMut(Result<TextLine, Rejected>) -> Result<()>,
+) -> Result<()> {
     let source = path.display().to_string();
-    super::for_each_trimmed_line(path, |number, line| {
-        let record = parse(line).map_err(|(id, reason)| Rejected {
+    super::for_each_trimmed_line(path, max_line, |number, line| {
+        let reject = |id: Option<String>, reason: String| Rejected {
             source: source.clone(),
             location: format!("line {number}"),
-            id,
+            id: id.map(|id| super::quote(id.as_bytes())),
             reason,
-        });
+        };
+        let record = match line {
+            super::Line::Text(line) => parse(line).map_err(|(id, reason)| reject(id, reason)),
+            super::Line::TooLong { bytes, prefix } => Err(reject(
+                None,
+                format!(
+                    "line of {bytes} bytes is longer than the limit of {max_line} (max_record_bytes); it begins {:?}",
+                    super::quote(prefix)
+                ),
+            )),
+        };
         on_line(record)
     })
 }
@@ -79,6 +97,8 @@ pub struct JsonlSource {
     pub paths: Vec<PathBuf>,
     /// Reject a text id seen before in this source (within the shard).
     pub dedupe: bool,
+    /// Lines longer than this are rejected without being read whole.
+    pub max_record_bytes: usize,
 }
 
 impl Source for JsonlSource {
@@ -99,7 +119,7 @@ impl Source for JsonlSource {
         let mut seen = SeenIds::new(self.dedupe);
         let mut shard = ShardFilter::new(ctx.shard);
         for path in &self.paths {
-            for_each_line(path, |record| match record {
+            for_each_line(path, self.max_record_bytes, |record| match record {
                 _ if !shard.mine() => Ok(()),
                 Err(rejected) => ctx.quarantine.reject(rejected),
                 Ok(text) => match seen.duplicate(text.text_id, path, "text") {
@@ -170,7 +190,7 @@ mod tests {
         content.extend_from_slice(b"{\"text_id\": 4, \"text\": \"x\", \"image_ids\": [\"7\"]}\n");
         std::fs::write(&path, content).unwrap();
         let mut seen = Vec::new();
-        for_each_line(&path, |r| {
+        for_each_line(&path, crate::sources::MAX_RECORD_BYTES, |r| {
             seen.push(match r {
                 Ok(t) => format!("ok {} {} {:?}", t.text_id, t.text, t.image_ids),
                 Err(r) => format!("{} {:?}: {}", r.location, r.id, r.reason.split(':').next().unwrap()),

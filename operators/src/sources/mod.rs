@@ -200,31 +200,69 @@ impl IdBytesBatcher {
     }
 }
 
+/// The longest line a line source reads by default: far above any real image's base64, low
+/// enough that an endless line (a corrupt or hostile file) cannot exhaust memory.
+pub const MAX_RECORD_BYTES: usize = 256 << 20;
+
+/// At most this many bytes of offending data are quoted in a message or a quarantine reason.
+pub const QUOTE_BYTES: usize = 64;
+
+/// `data` for a message: its first [`QUOTE_BYTES`] bytes (lossy UTF-8), `…` if there is more.
+pub fn quote(data: &[u8]) -> String {
+    let mut end = data.len().min(QUOTE_BYTES);
+    // Do not cut a UTF-8 character in two.
+    while end < data.len() && end > 0 && (data[end] & 0b1100_0000) == 0b1000_0000 {
+        end -= 1;
+    }
+    let text = String::from_utf8_lossy(&data[..end]);
+    if end < data.len() { format!("{text}…") } else { text.into_owned() }
+}
+
+/// A line as a line source sees it.
+pub(crate) enum Line<'a> {
+    /// Trimmed, not blank.
+    Text(&'a [u8]),
+    /// Longer than the limit: never held whole in memory; `bytes` long, starting with `prefix`
+    /// (at most [`QUOTE_BYTES`]).
+    TooLong { bytes: u64, prefix: &'a [u8] },
+}
+
 /// Calls `on_line(number, line)` for each non-blank line of `path` (1-based numbers, line end
 /// and surrounding spaces trimmed — not tabs, which separate TSV fields: `7<TAB>` is an image
-/// with an empty value, not a line without one), read ahead on a thread in 4 MiB buffers.
+/// with an empty value, not a line without one), read ahead on a thread in 4 MiB buffers. A
+/// line longer than `max_line` bytes comes as [`Line::TooLong`], skipped without being held.
 ///
 /// # Errors
 /// IO errors naming `path` (a missing file is structural), or whatever `on_line` returns.
-pub(crate) fn for_each_trimmed_line(path: &Path, on_line: impl FnMut(usize, &[u8]) -> Result<()>) -> Result<()> {
-    lines_with_buffer(path, 4 << 20, on_line)
+pub(crate) fn for_each_trimmed_line(
+    path: &Path,
+    max_line: usize,
+    on_line: impl FnMut(usize, Line<'_>) -> Result<()>,
+) -> Result<()> {
+    lines_with_buffer(path, 4 << 20, max_line, on_line)
 }
 
 fn lines_with_buffer(
     path: &Path,
     buffer_size: usize,
-    mut on_line: impl FnMut(usize, &[u8]) -> Result<()>,
+    max_line: usize,
+    mut on_line: impl FnMut(usize, Line<'_>) -> Result<()>,
 ) -> Result<()> {
     use std::io::Read;
     use std::sync::mpsc::sync_channel;
     let mut file = std::fs::File::open(path).map_err(io(path))?;
     let blank = |b: &u8| matches!(b, b' ' | b'\r' | b'\n');
     let mut number = 0usize;
-    let mut emit = |line: &[u8]| -> Result<()> {
+    let mut emit = |line: Line<'_>| -> Result<()> {
         number += 1;
-        let start = line.iter().position(|b| !blank(b)).unwrap_or(line.len());
-        let end = line.iter().rposition(|b| !blank(b)).map_or(start, |e| e + 1);
-        if start < end { on_line(number, &line[start..end]) } else { Ok(()) }
+        match line {
+            Line::Text(line) => {
+                let start = line.iter().position(|b| !blank(b)).unwrap_or(line.len());
+                let end = line.iter().rposition(|b| !blank(b)).map_or(start, |e| e + 1);
+                if start < end { on_line(number, Line::Text(&line[start..end])) } else { Ok(()) }
+            }
+            long => on_line(number, long),
+        }
     };
     // A thread of its own reads ahead into one of two buffers (copying out of the page cache)
     // while the lines of the other are handed out as slices of it, with no per-line copy; only a
@@ -258,35 +296,48 @@ fn lines_with_buffer(
                 }
             })
             .map_err(io(path))?;
+        // `carry` gathers a line cut by the end of a read; past `max_line` it keeps only the
+        // line's first bytes (for the message) and `skipped` counts the rest to its end.
         let mut carry: Vec<u8> = Vec::new();
+        let mut skipped: Option<u64> = None;
         loop {
             let chunk = full_rx
                 .recv()
                 .map_err(|_| Error::Internal(format!("{}: the reading thread stopped", path.display())))?;
             let chunk = chunk.map_err(io(path))?;
             if chunk.is_empty() {
-                return if carry.is_empty() { Ok(()) } else { emit(&carry) };
+                return match skipped {
+                    Some(bytes) => emit(Line::TooLong { bytes, prefix: &carry }),
+                    None if carry.is_empty() => Ok(()),
+                    None => emit(Line::Text(&carry)),
+                };
             }
             let mut start = 0;
-            if !carry.is_empty() {
-                match memchr::memchr(b'\n', &chunk) {
-                    Some(at) => {
-                        carry.extend_from_slice(&chunk[..at]);
-                        emit(&carry)?;
-                        carry.clear();
-                        start = at + 1;
+            while start < chunk.len() {
+                let newline = memchr::memchr(b'\n', &chunk[start..]).map(|at| start + at);
+                let end = newline.unwrap_or(chunk.len());
+                let piece = &chunk[start..end];
+                start = end + 1;
+                if let Some(bytes) = skipped.as_mut() {
+                    *bytes += piece.len() as u64;
+                } else if carry.len() + piece.len() > max_line {
+                    skipped = Some((carry.len() + piece.len()) as u64);
+                    carry.extend_from_slice(&piece[..piece.len().min(QUOTE_BYTES.saturating_sub(carry.len()))]);
+                    carry.truncate(QUOTE_BYTES);
+                } else if newline.is_some() && carry.is_empty() {
+                    emit(Line::Text(piece))?; // the common case: a slice of the buffer, no copy
+                    continue;
+                } else {
+                    carry.extend_from_slice(piece);
+                }
+                if newline.is_some() {
+                    match skipped.take() {
+                        Some(bytes) => emit(Line::TooLong { bytes, prefix: &carry })?,
+                        None => emit(Line::Text(&carry))?,
                     }
-                    None => {
-                        carry.extend_from_slice(&chunk);
-                        start = chunk.len();
-                    }
+                    carry.clear();
                 }
             }
-            while let Some(at) = memchr::memchr(b'\n', &chunk[start..]) {
-                emit(&chunk[start..start + at])?;
-                start += at + 1;
-            }
-            carry.extend_from_slice(&chunk[start..]);
             let _ = empty_tx.send(chunk);
         }
     })
@@ -347,13 +398,54 @@ mod tests {
         std::fs::write(&path, format!("a b\r\n\n  \n{long}\nc\td \nlast")).unwrap();
         for buffer in [1, 3, 7, 64, 4096] {
             let mut seen = Vec::new();
-            lines_with_buffer(&path, buffer, |n, line| {
+            lines_with_buffer(&path, buffer, MAX_RECORD_BYTES, |n, line| {
+                let Line::Text(line) = line else { panic!("line {n} is not too long") };
                 seen.push(format!("{n}:{}", String::from_utf8_lossy(line)));
                 Ok(())
             })
             .unwrap();
             assert_eq!(seen, ["1:a b", format!("4:{long}").as_str(), "5:c\td", "6:last"], "buffer of {buffer} bytes");
         }
+    }
+
+    /// Lines over the limit come as `TooLong` with their length and first bytes, wherever the
+    /// reads cut them (one read, several, the end of the file), and the lines around them whole.
+    #[test]
+    fn lines_over_the_limit_are_skipped_and_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lines.txt");
+        let long = "y".repeat(300);
+        std::fs::write(&path, format!("short\n{long}\n{}\nexact\n{long}z", "x".repeat(100))).unwrap();
+        for buffer in [1, 7, 64, 4096] {
+            let mut seen = Vec::new();
+            lines_with_buffer(&path, buffer, 100, |n, line| {
+                seen.push(match line {
+                    Line::Text(text) => format!("{n}:{}", String::from_utf8_lossy(text).len()),
+                    Line::TooLong { bytes, prefix } => format!("{n}:long {bytes} {}", quote(prefix)),
+                });
+                Ok(())
+            })
+            .unwrap();
+            let quoted = "y".repeat(QUOTE_BYTES); // only the first bytes were kept
+            assert_eq!(
+                seen,
+                [
+                    "1:5".to_string(),
+                    format!("2:long 300 {quoted}"),
+                    "3:100".into(),
+                    "4:5".into(),
+                    format!("5:long 301 {quoted}")
+                ],
+                "buffer of {buffer} bytes"
+            );
+        }
+    }
+
+    #[test]
+    fn quotes_are_short_and_whole_characters() {
+        assert_eq!(quote(b"abc"), "abc");
+        assert_eq!(quote("皮".repeat(40).as_bytes()), format!("{}…", "皮".repeat(21)));
+        assert_eq!(quote(&[b'a'; 1000]), format!("{}…", "a".repeat(QUOTE_BYTES)));
     }
 
     /// An error from the consumer stops the read-ahead thread and comes back as it was.
@@ -363,13 +455,14 @@ mod tests {
         let path = dir.path().join("lines.txt");
         std::fs::write(&path, "line\n".repeat(100_000)).unwrap();
         let mut calls = 0;
-        let result = lines_with_buffer(&path, 64, |n, _| {
+        let result = lines_with_buffer(&path, 64, MAX_RECORD_BYTES, |n, _| {
             calls += 1;
             if n == 3 { Err(Error::Record { location: format!("line {n}"), reason: "stop".into() }) } else { Ok(()) }
         });
         assert_eq!(result.unwrap_err().to_string(), "line 3: stop");
         assert_eq!(calls, 3);
-        let missing = lines_with_buffer(&dir.path().join("nope"), 64, |_, _| Ok(())).unwrap_err().to_string();
+        let missing =
+            lines_with_buffer(&dir.path().join("nope"), 64, MAX_RECORD_BYTES, |_, _| Ok(())).unwrap_err().to_string();
         assert!(missing.contains("nope"), "{missing}");
     }
 

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use arrow::datatypes::SchemaRef;
 
-use super::{Emit, IdBytesBatcher, ReadContext, SeenIds, ShardFilter, Source};
+use super::{Emit, IdBytesBatcher, Line, ReadContext, SeenIds, ShardFilter, Source};
 use crate::error::Result;
 use crate::quarantine::Rejected;
 
@@ -58,17 +58,29 @@ pub fn plausible_base64(field: &[u8]) -> Result<(), String> {
 ///
 /// # Errors
 /// IO errors (a missing file is structural: it fails the job), or whatever `on_line` returns.
+/// Lines longer than `max_line` bytes are rejected without being read whole.
 pub fn for_each_line(
     path: &Path,
+    max_line: usize,
     mut on_line: impl FnMut(Result<ImageLine<'_>, Rejected>) -> Result<()>,
 ) -> Result<()> {
     let source = path.display().to_string();
-    super::for_each_trimmed_line(path, |number, line| {
+    super::for_each_trimmed_line(path, max_line, |number, line| {
         let reject = |id: Option<&[u8]>, reason: String| Rejected {
             source: source.clone(),
             location: format!("line {number}"),
-            id: id.map(|i| String::from_utf8_lossy(i).into_owned()),
+            id: id.map(super::quote),
             reason,
+        };
+        let line = match line {
+            Line::Text(line) => line,
+            Line::TooLong { bytes, prefix } => {
+                let reason = format!(
+                    "line of {bytes} bytes is longer than the limit of {max_line} (max_record_bytes); it begins {:?}",
+                    super::quote(prefix)
+                );
+                return on_line(Err(reject(None, reason)));
+            }
         };
         // The id is short: find its tab, and leave the long value to the base64 check (which
         // also catches a second tab) instead of scanning it twice.
@@ -93,6 +105,8 @@ pub struct TsvSource {
     pub paths: Vec<PathBuf>,
     /// Reject an image id seen before in this source (within the shard).
     pub dedupe: bool,
+    /// Lines longer than this are rejected without being read whole.
+    pub max_record_bytes: usize,
 }
 
 impl Source for TsvSource {
@@ -113,7 +127,7 @@ impl Source for TsvSource {
         let mut seen = SeenIds::new(self.dedupe);
         let mut shard = ShardFilter::new(ctx.shard);
         for path in &self.paths {
-            for_each_line(path, |record| match record {
+            for_each_line(path, self.max_record_bytes, |record| match record {
                 _ if !shard.mine() => Ok(()),
                 Err(rejected) => ctx.quarantine.reject(rejected),
                 Ok(line) => match seen.duplicate(line.image_id, path, "image") {
@@ -145,7 +159,7 @@ mod tests {
         let path = dir.path().join("x_imgs.tsv");
         std::fs::write(&path, "1\taGk=\r\n\nabc\taGk=\n2\n3\t\n4\taGk=\textra\n5\t%%%\n6\taGk\n").unwrap();
         let mut seen = Vec::new();
-        for_each_line(&path, |r| {
+        for_each_line(&path, crate::sources::MAX_RECORD_BYTES, |r| {
             seen.push(match r {
                 Ok(line) => format!("ok {} {}", line.id, String::from_utf8_lossy(line.base64)),
                 Err(rejected) => format!("{}: {}", rejected.location, rejected.reason),

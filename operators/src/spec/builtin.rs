@@ -46,6 +46,10 @@ fn yes() -> bool {
     true
 }
 
+fn max_record_bytes() -> usize {
+    crate::sources::MAX_RECORD_BYTES
+}
+
 /// `tsv`: cn_clip image shards (`image_id<TAB>base64`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -55,14 +59,22 @@ pub struct TsvConfig {
     /// Quarantine repeated image ids (default).
     #[serde(default = "yes")]
     pub dedupe: bool,
+    /// Lines longer than this are quarantined without being read whole (default 256 MiB).
+    #[serde(default = "max_record_bytes")]
+    pub max_record_bytes: usize,
 }
 
 impl NodeConfig for TsvConfig {
     const KIND: &'static str = "tsv";
     const ROLE: Role = Role::Source;
-    const DOC: &'static str = "`paths` (files, globs) → images_base64; `dedupe` (true)";
+    const DOC: &'static str = "`paths` (files, globs) → images_base64; `dedupe` (true), `max_record_bytes` (256 MiB)";
     fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
-        Ok(Operator::Source(Box::new(TsvSource { paths: cx.files(&self.paths)?, dedupe: self.dedupe })))
+        let paths = cx.files(&self.paths)?;
+        Ok(Operator::Source(Box::new(TsvSource {
+            paths,
+            dedupe: self.dedupe,
+            max_record_bytes: self.max_record_bytes,
+        })))
     }
 }
 
@@ -73,14 +85,21 @@ pub struct JsonlConfig {
     pub paths: Vec<String>,
     #[serde(default = "yes")]
     pub dedupe: bool,
+    #[serde(default = "max_record_bytes")]
+    pub max_record_bytes: usize,
 }
 
 impl NodeConfig for JsonlConfig {
     const KIND: &'static str = "jsonl";
     const ROLE: Role = Role::Source;
-    const DOC: &'static str = "`paths` (files, globs) → texts; `dedupe` (true)";
+    const DOC: &'static str = "`paths` (files, globs) → texts; `dedupe` (true), `max_record_bytes` (256 MiB)";
     fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
-        Ok(Operator::Source(Box::new(JsonlSource { paths: cx.files(&self.paths)?, dedupe: self.dedupe })))
+        let paths = cx.files(&self.paths)?;
+        Ok(Operator::Source(Box::new(JsonlSource {
+            paths,
+            dedupe: self.dedupe,
+            max_record_bytes: self.max_record_bytes,
+        })))
     }
 }
 
