@@ -5,6 +5,7 @@
 
 mod checkpoints;
 mod decode;
+mod hostile_pickle;
 mod lmdb;
 mod models;
 mod pipeline;

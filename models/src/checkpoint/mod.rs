@@ -21,7 +21,7 @@ use tch::{Kind, Tensor};
 
 use crate::clip::{Clip, ClipConfig};
 use crate::error::{Error, Result};
-use pickle::{StorageType, TensorRef, Value};
+use pickle::{Budget, Limits, PickleError, StorageType, TensorRef, Value};
 
 /// A decoded `torch.save` archive: the pickled value, with tensors materialised on demand.
 pub struct TorchArchive {
@@ -36,12 +36,23 @@ fn checkpoint_error(path: &str, reason: impl std::fmt::Display) -> Error {
 }
 
 impl TorchArchive {
-    /// Opens a `torch.save` zip archive and decodes its pickle (restricted: see [`pickle`]).
+    /// Opens a `torch.save` zip archive and decodes its pickle (restricted: see [`pickle`]),
+    /// within [`Limits::CHECKPOINT`].
     ///
     /// # Errors
     /// [`Error::Checkpoint`] naming the file: not a zip (e.g. the legacy pre-1.6 format), no
-    /// `data.pkl`, big-endian data, or a pickle that would execute code.
+    /// `data.pkl`, big-endian data, a pickle that would execute code or build more than the
+    /// limits allow.
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with(path, &Limits::CHECKPOINT)
+    }
+
+    /// [`TorchArchive::open`] within `limits` (`data.pkl` itself may be at most
+    /// `limits.max_bytes` long).
+    ///
+    /// # Errors
+    /// As [`TorchArchive::open`].
+    pub fn open_with(path: &Path, limits: &Limits) -> Result<Self> {
         let name = path.display().to_string();
         let file = std::fs::File::open(path).map_err(|e| checkpoint_error(&name, e))?;
         let mut zip = zip::ZipArchive::new(file).map_err(|e| {
@@ -62,9 +73,20 @@ impl TorchArchive {
                 return Err(checkpoint_error(&name, format!("byte order `{}` is not supported", text.trim())));
             }
         }
-        let mut data = Vec::new();
-        zip.by_name(&pkl).and_then(|mut f| Ok(f.read_to_end(&mut data)?)).map_err(|e| checkpoint_error(&name, e))?;
-        let value = pickle::load(&data).map_err(|e| checkpoint_error(&name, e))?;
+        // Read no more of data.pkl than the pickle may materialise (a deflated record's size
+        // may not be what it says).
+        let too_big =
+            || checkpoint_error(&name, PickleError::Budget { budget: Budget::Bytes, limit: limits.max_bytes });
+        let record = zip.by_name(&pkl).map_err(|e| checkpoint_error(&name, e))?;
+        if record.size() > limits.max_bytes as u64 {
+            return Err(too_big());
+        }
+        let mut data = Vec::with_capacity(record.size() as usize);
+        record.take(limits.max_bytes as u64 + 1).read_to_end(&mut data).map_err(|e| checkpoint_error(&name, e))?;
+        if data.len() > limits.max_bytes {
+            return Err(too_big());
+        }
+        let value = pickle::load_with(&data, limits).map_err(|e| checkpoint_error(&name, e))?;
         Ok(TorchArchive { path: name, zip, prefix, value })
     }
 

@@ -9,8 +9,16 @@
 //!
 //! Values live in an arena and the stack and memo hold indices, so a dict that is memoised and
 //! filled later (as pickle does) is the same dict wherever it is referenced.
+//!
+//! The reader also bounds what it builds ([`Limits`]): a few hundred bytes of memo references
+//! that double at every level ("billion laughs") would otherwise resolve into an exponential
+//! tree. Objects created, memo entries, items per container, nesting depth and bytes
+//! materialised — counting a shared value again each time the result holds another copy of it —
+//! each have a budget; going over one is [`PickleError::Budget`], before the memory is taken.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
+use std::mem::size_of;
 
 /// Callables a checkpoint may reference, as `(module, name)`.
 const ALLOWED_GLOBALS: &[(&str, &str)] = &[
@@ -96,7 +104,8 @@ pub enum Value {
     Tuple(Vec<Value>),
     /// Insertion-ordered (dicts and `OrderedDict`s alike).
     Dict(Vec<(Value, Value)>),
-    Tensor(TensorRef),
+    /// Boxed, so that every value stays small (a result may hold millions).
+    Tensor(Box<TensorRef>),
 }
 
 impl Value {
@@ -109,8 +118,87 @@ impl Value {
     }
 }
 
+/// What the reader may build from one pickle (see [`load_with`]). Going over any of these is
+/// [`PickleError::Budget`], so that whatever the input, the reader's memory stays within about
+/// twice `max_bytes` (vectors grow by doubling), plus the memo and the stack, which
+/// `max_memo` and `max_container_items` bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Objects created: every value the opcodes make, plus every value of the result (a value
+    /// the pickle shares counts once per copy the result holds).
+    pub max_objects: usize,
+    /// Memo entries (`PUT`/`MEMOIZE`).
+    pub max_memo: usize,
+    /// Items in one list, tuple or dict (dict entries count once), and on the stack.
+    pub max_container_items: usize,
+    /// Nesting depth of the result (containers in containers), and of unclosed `MARK`s.
+    pub max_depth: usize,
+    /// Bytes materialised: strings, bytes, tensor shapes, container slots and the values
+    /// themselves, while parsing and again for each copy in the result.
+    pub max_bytes: usize,
+}
+
+impl Limits {
+    /// For `torch.save` checkpoints. The largest real cn_clip file, a ViT-H-14 training
+    /// checkpoint with its AdamW state (783 parameters, 3,132 tensors, a 348 KB pickle), takes
+    /// ~58,000 objects, ~23,000 memo entries, 783 items in its largest container, depth 5 and
+    /// ~3.3 MB; the released ViT-H-14 (no optimizer) under a third of that. These limits leave
+    /// it a margin of 12× (depth), 20× (bytes), 36× (objects), 45× (memo) and 1,300× (items),
+    /// and keep the reader under ~250 MiB whatever the input.
+    pub const CHECKPOINT: Limits = Limits {
+        max_objects: 2 << 20,
+        max_memo: 1 << 20,
+        max_container_items: 1 << 20,
+        max_depth: 64,
+        max_bytes: 64 << 20,
+    };
+
+    /// For one record, as cn_clip's LMDB `pairs` values (`(image_id, text_id, text)`: 8 objects,
+    /// 3 items, depth 1): room for a caption of ~16 MiB, and at most ~32 MiB of memory.
+    pub const RECORD: Limits = Limits {
+        max_objects: 1 << 12,
+        max_memo: 1 << 12,
+        max_container_items: 1 << 12,
+        max_depth: 16,
+        max_bytes: 32 << 20,
+    };
+}
+
+impl Default for Limits {
+    /// [`Limits::CHECKPOINT`].
+    fn default() -> Self {
+        Limits::CHECKPOINT
+    }
+}
+
+/// Which of the [`Limits`] a pickle went over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Budget {
+    Objects,
+    Memo,
+    ContainerItems,
+    Depth,
+    Bytes,
+}
+
+impl std::fmt::Display for Budget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Budget::Objects => "objects created (max_objects)",
+            Budget::Memo => "memo entries (max_memo)",
+            Budget::ContainerItems => "items in one container (max_container_items)",
+            Budget::Depth => "levels of nesting (max_depth)",
+            Budget::Bytes => "bytes materialised (max_bytes)",
+        })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PickleError {
+    #[error(
+        "refusing to load: the pickle goes over the reader's budget of {limit} {budget}, far more than any real cn_clip file needs (a hostile or corrupt pickle?)"
+    )]
+    Budget { budget: Budget, limit: usize },
     #[error(
         "refusing to load: the pickle references `{module}.{name}`, which a checkpoint never needs (only tensors, storages and OrderedDict are allowed; nothing is executed)"
     )]
@@ -123,15 +211,25 @@ pub enum PickleError {
     Malformed { position: usize, reason: String },
 }
 
-/// Arena slots: finished values, or callables/markers that only exist while parsing.
+/// A persistent storage reference, `('storage', type, key, location, numel)`.
+#[derive(Debug, Clone)]
+struct StorageRef {
+    storage_type: StorageType,
+    key: String,
+    numel: usize,
+}
+
+/// Arena slots: finished values, or callables/markers that only exist while parsing. Kept as
+/// small as a `Value` (32 bytes): a pickle of a few megabytes can make millions.
 #[derive(Debug, Clone)]
 enum Slot {
     Value(Value),
     List(Vec<usize>),
     Tuple(Vec<usize>),
     Dict(Vec<(usize, usize)>),
-    Global(&'static str, &'static str),
-    Storage(StorageType, String, usize),
+    /// `(module, name)`, an entry of [`ALLOWED_GLOBALS`].
+    Global(&'static (&'static str, &'static str)),
+    Storage(Box<StorageRef>),
 }
 
 struct Machine<'a> {
@@ -141,23 +239,98 @@ struct Machine<'a> {
     stack: Vec<usize>,
     marks: Vec<usize>,
     memo: BTreeMap<u64, usize>,
+    limits: Limits,
+    /// Objects and bytes spent so far (cells: `resolve` walks the arena by shared reference).
+    objects: Cell<usize>,
+    bytes: Cell<usize>,
 }
 
-/// Decodes a pickle into plain data.
+/// Decodes a pickle into plain data, within [`Limits::CHECKPOINT`].
 ///
 /// # Errors
 /// [`PickleError::ForbiddenGlobal`] / [`PickleError::ForbiddenOpcode`] for anything that would
-/// run code, and [`PickleError::Malformed`] / [`PickleError::UnknownOpcode`] for broken input.
+/// run code, [`PickleError::Budget`] for a pickle that would build more than the limits allow,
+/// and [`PickleError::Malformed`] / [`PickleError::UnknownOpcode`] for broken input.
 pub fn load(data: &[u8]) -> Result<Value, PickleError> {
-    let mut m =
-        Machine { data, pos: 0, arena: Vec::new(), stack: Vec::new(), marks: Vec::new(), memo: BTreeMap::new() };
+    load_with(data, &Limits::default())
+}
+
+/// Decodes a pickle into plain data, within `limits`.
+///
+/// # Errors
+/// As [`load`]; [`PickleError::Budget`] names the first budget the pickle went over.
+pub fn load_with(data: &[u8], limits: &Limits) -> Result<Value, PickleError> {
+    let mut m = Machine {
+        data,
+        pos: 0,
+        arena: Vec::new(),
+        stack: Vec::new(),
+        marks: Vec::new(),
+        memo: BTreeMap::new(),
+        limits: *limits,
+        objects: Cell::new(0),
+        bytes: Cell::new(0),
+    };
     let top = m.run()?;
+    m.spend_bytes(size_of::<Value>())?;
     m.resolve(top, 0)
+}
+
+/// Heap bytes a (boxed) tensor reference owns.
+fn tensor_heap(t: &TensorRef) -> usize {
+    size_of::<TensorRef>() + t.storage_key.len() + (t.size.len() + t.stride.len()) * size_of::<i64>()
+}
+
+/// Heap bytes a scalar value owns (containers never sit in a `Slot::Value`).
+fn heap_bytes(value: &Value) -> usize {
+    match value {
+        Value::Str(s) => s.len(),
+        Value::Bytes(b) => b.len(),
+        Value::Tensor(t) => tensor_heap(t),
+        _ => 0,
+    }
+}
+
+/// The entry of [`ALLOWED_GLOBALS`] for `module.name`.
+fn allowed_global(module: &str, name: &str) -> Result<&'static (&'static str, &'static str), PickleError> {
+    ALLOWED_GLOBALS
+        .iter()
+        .find(|(m, n)| *m == module && *n == name)
+        .ok_or_else(|| PickleError::ForbiddenGlobal { module: module.into(), name: name.into() })
 }
 
 impl<'a> Machine<'a> {
     fn malformed(&self, reason: impl Into<String>) -> PickleError {
         PickleError::Malformed { position: self.pos, reason: reason.into() }
+    }
+
+    fn over(budget: Budget, limit: usize) -> PickleError {
+        PickleError::Budget { budget, limit }
+    }
+
+    fn spend_objects(&self, n: usize) -> Result<(), PickleError> {
+        let total = self.objects.get().saturating_add(n);
+        self.objects.set(total);
+        if total > self.limits.max_objects {
+            return Err(Self::over(Budget::Objects, self.limits.max_objects));
+        }
+        Ok(())
+    }
+
+    fn spend_bytes(&self, n: usize) -> Result<(), PickleError> {
+        let total = self.bytes.get().saturating_add(n);
+        self.bytes.set(total);
+        if total > self.limits.max_bytes {
+            return Err(Self::over(Budget::Bytes, self.limits.max_bytes));
+        }
+        Ok(())
+    }
+
+    fn check_items(&self, n: usize) -> Result<(), PickleError> {
+        if n > self.limits.max_container_items {
+            return Err(Self::over(Budget::ContainerItems, self.limits.max_container_items));
+        }
+        Ok(())
     }
 
     fn take(&mut self, n: usize) -> Result<&'a [u8], PickleError> {
@@ -185,19 +358,47 @@ impl<'a> Machine<'a> {
         Ok(line)
     }
 
-    fn utf8(&mut self, n: usize) -> Result<String, PickleError> {
+    /// `n` bytes of the input, once they fit in the byte budget.
+    fn take_counted(&mut self, n: usize) -> Result<&'a [u8], PickleError> {
         let bytes = self.take(n)?;
+        self.spend_bytes(n)?;
+        Ok(bytes)
+    }
+
+    fn utf8(&mut self, n: usize) -> Result<String, PickleError> {
+        let bytes = self.take_counted(n)?;
         String::from_utf8(bytes.to_vec()).map_err(|_| self.malformed("string is not UTF-8"))
     }
 
-    fn alloc(&mut self, slot: Slot) -> usize {
+    /// Stores `slot` in the arena, counting it (and, for containers, their item slots) against
+    /// the budgets. Strings, bytes, keys and shapes were counted by whoever made them, before.
+    fn alloc(&mut self, slot: Slot) -> Result<usize, PickleError> {
+        self.spend_objects(1)?;
+        let heap = match &slot {
+            Slot::List(items) | Slot::Tuple(items) => {
+                self.check_items(items.len())?;
+                items.len() * size_of::<usize>()
+            }
+            Slot::Dict(pairs) => {
+                self.check_items(pairs.len())?;
+                pairs.len() * size_of::<(usize, usize)>()
+            }
+            Slot::Value(_) | Slot::Global(..) | Slot::Storage(..) => 0,
+        };
+        self.spend_bytes(size_of::<Slot>() + heap)?;
         self.arena.push(slot);
-        self.arena.len() - 1
+        Ok(self.arena.len() - 1)
     }
 
-    fn push(&mut self, slot: Slot) {
-        let id = self.alloc(slot);
+    fn push_ref(&mut self, id: usize) -> Result<(), PickleError> {
+        self.check_items(self.stack.len() + 1)?;
         self.stack.push(id);
+        Ok(())
+    }
+
+    fn push(&mut self, slot: Slot) -> Result<(), PickleError> {
+        let id = self.alloc(slot)?;
+        self.push_ref(id)
     }
 
     fn pop(&mut self) -> Result<usize, PickleError> {
@@ -206,6 +407,14 @@ impl<'a> Machine<'a> {
 
     fn top(&self) -> Result<usize, PickleError> {
         self.stack.last().copied().ok_or_else(|| self.malformed("empty stack"))
+    }
+
+    fn push_mark(&mut self) -> Result<(), PickleError> {
+        if self.marks.len() >= self.limits.max_depth {
+            return Err(Self::over(Budget::Depth, self.limits.max_depth));
+        }
+        self.marks.push(self.stack.len());
+        Ok(())
     }
 
     fn pop_mark(&mut self) -> Result<Vec<usize>, PickleError> {
@@ -217,11 +426,16 @@ impl<'a> Machine<'a> {
     }
 
     fn global(&mut self, module: &str, name: &str) -> Result<(), PickleError> {
-        let allowed = ALLOWED_GLOBALS
-            .iter()
-            .find(|(m, n)| *m == module && *n == name)
-            .ok_or_else(|| PickleError::ForbiddenGlobal { module: module.into(), name: name.into() })?;
-        self.push(Slot::Global(allowed.0, allowed.1));
+        let global = allowed_global(module, name)?;
+        self.push(Slot::Global(global))
+    }
+
+    fn memo_put(&mut self, key: u64) -> Result<(), PickleError> {
+        let top = self.top()?;
+        if self.memo.len() >= self.limits.max_memo && !self.memo.contains_key(&key) {
+            return Err(Self::over(Budget::Memo, self.limits.max_memo));
+        }
+        self.memo.insert(key, top);
         Ok(())
     }
 
@@ -241,7 +455,7 @@ impl<'a> Machine<'a> {
                     self.take(8)?; // FRAME: a size hint only
                 }
                 b'.' => return self.pop(),
-                b'(' => self.marks.push(self.stack.len()),
+                b'(' => self.push_mark()?,
                 b'0' => {
                     self.pop()?;
                 }
@@ -250,22 +464,22 @@ impl<'a> Machine<'a> {
                 }
                 b'2' => {
                     let top = self.top()?;
-                    self.stack.push(top);
+                    self.push_ref(top)?;
                 }
-                b'N' => self.push(Slot::Value(Value::None)),
-                0x88 => self.push(Slot::Value(Value::Bool(true))),
-                0x89 => self.push(Slot::Value(Value::Bool(false))),
+                b'N' => self.push(Slot::Value(Value::None))?,
+                0x88 => self.push(Slot::Value(Value::Bool(true)))?,
+                0x89 => self.push(Slot::Value(Value::Bool(false)))?,
                 b'J' => {
                     let v = self.le(4)? as u32 as i32 as i64;
-                    self.push(Slot::Value(Value::Int(v)));
+                    self.push(Slot::Value(Value::Int(v)))?;
                 }
                 b'K' => {
                     let v = self.le(1)? as i64;
-                    self.push(Slot::Value(Value::Int(v)));
+                    self.push(Slot::Value(Value::Int(v)))?;
                 }
                 b'M' => {
                     let v = self.le(2)? as i64;
-                    self.push(Slot::Value(Value::Int(v)));
+                    self.push(Slot::Value(Value::Int(v)))?;
                 }
                 0x8a | 0x8b => {
                     let n = if op == 0x8a { self.u8()? as usize } else { self.le(4)? as usize };
@@ -280,11 +494,11 @@ impl<'a> Machine<'a> {
                     if n > 0 && n < 8 && bytes[n - 1] & 0x80 != 0 {
                         v -= 1i64 << (8 * n); // two's complement sign
                     }
-                    self.push(Slot::Value(Value::Int(v)));
+                    self.push(Slot::Value(Value::Int(v)))?;
                 }
                 b'G' => {
                     let bytes: [u8; 8] = self.take(8)?.try_into().expect("8 bytes");
-                    self.push(Slot::Value(Value::Float(f64::from_be_bytes(bytes))));
+                    self.push(Slot::Value(Value::Float(f64::from_be_bytes(bytes))))?;
                 }
                 b'X' | 0x8c | 0x8d => {
                     let n = match op {
@@ -293,7 +507,7 @@ impl<'a> Machine<'a> {
                         _ => self.le(8)? as usize,
                     };
                     let s = self.utf8(n)?;
-                    self.push(Slot::Value(Value::Str(s)));
+                    self.push(Slot::Value(Value::Str(s)))?;
                 }
                 b'C' | b'B' | 0x8e | b'U' | b'T' => {
                     let n = match op {
@@ -301,19 +515,19 @@ impl<'a> Machine<'a> {
                         b'B' | b'T' => self.le(4)? as usize,
                         _ => self.le(8)? as usize,
                     };
-                    let bytes = self.take(n)?.to_vec();
-                    self.push(Slot::Value(Value::Bytes(bytes)));
+                    let bytes = self.take_counted(n)?.to_vec();
+                    self.push(Slot::Value(Value::Bytes(bytes)))?;
                 }
-                b']' => self.push(Slot::List(Vec::new())),
-                b')' => self.push(Slot::Tuple(Vec::new())),
-                b'}' => self.push(Slot::Dict(Vec::new())),
+                b']' => self.push(Slot::List(Vec::new()))?,
+                b')' => self.push(Slot::Tuple(Vec::new()))?,
+                b'}' => self.push(Slot::Dict(Vec::new()))?,
                 b'l' => {
                     let items = self.pop_mark()?;
-                    self.push(Slot::List(items));
+                    self.push(Slot::List(items))?;
                 }
                 b't' => {
                     let items = self.pop_mark()?;
-                    self.push(Slot::Tuple(items));
+                    self.push(Slot::Tuple(items))?;
                 }
                 0x85..=0x87 => {
                     let n = (op - 0x84) as usize;
@@ -321,12 +535,12 @@ impl<'a> Machine<'a> {
                         return Err(self.malformed("stack underflow"));
                     }
                     let items = self.stack.split_off(self.stack.len() - n);
-                    self.push(Slot::Tuple(items));
+                    self.push(Slot::Tuple(items))?;
                 }
                 b'd' => {
                     let items = self.pop_mark()?;
                     let pairs = self.pairs(items)?;
-                    self.push(Slot::Dict(pairs));
+                    self.push(Slot::Dict(pairs))?;
                 }
                 b'a' => {
                     let item = self.pop()?;
@@ -348,28 +562,25 @@ impl<'a> Machine<'a> {
                 }
                 b'q' | b'r' => {
                     let key = if op == b'q' { self.le(1)? } else { self.le(4)? };
-                    let top = self.top()?;
-                    self.memo.insert(key, top);
+                    self.memo_put(key)?;
                 }
                 0x94 => {
-                    let top = self.top()?;
                     let key = self.memo.len() as u64;
-                    self.memo.insert(key, top);
+                    self.memo_put(key)?;
                 }
                 b'p' => {
                     let key = self.line()?.parse().map_err(|_| self.malformed("PUT key"))?;
-                    let top = self.top()?;
-                    self.memo.insert(key, top);
+                    self.memo_put(key)?;
                 }
                 b'h' | b'j' => {
                     let key = if op == b'h' { self.le(1)? } else { self.le(4)? };
                     let id = self.memo_get(key)?;
-                    self.stack.push(id);
+                    self.push_ref(id)?;
                 }
                 b'g' => {
                     let key = self.line()?.parse().map_err(|_| self.malformed("GET key"))?;
                     let id = self.memo_get(key)?;
-                    self.stack.push(id);
+                    self.push_ref(id)?;
                 }
                 b'c' => {
                     let module = self.line()?;
@@ -379,24 +590,22 @@ impl<'a> Machine<'a> {
                 0x93 => {
                     let name = self.pop()?;
                     let module = self.pop()?;
-                    match (&self.arena[module], &self.arena[name]) {
-                        (Slot::Value(Value::Str(m)), Slot::Value(Value::Str(n))) => {
-                            let (m, n) = (m.clone(), n.clone());
-                            self.global(&m, &n)?;
-                        }
+                    let global = match (&self.arena[module], &self.arena[name]) {
+                        (Slot::Value(Value::Str(m)), Slot::Value(Value::Str(n))) => allowed_global(m, n)?,
                         _ => return Err(self.malformed("STACK_GLOBAL needs two strings")),
-                    }
+                    };
+                    self.push(Slot::Global(global))?;
                 }
                 b'Q' => {
                     let pid = self.pop()?;
                     let storage = self.persistent_storage(pid)?;
-                    self.push(storage);
+                    self.push(storage)?;
                 }
                 b'R' => {
                     let args = self.pop()?;
                     let callable = self.pop()?;
                     let result = self.reduce(callable, args)?;
-                    self.push(result);
+                    self.push(result)?;
                 }
                 b'b' => {
                     // BUILD sets object state. For an OrderedDict state dict that state is its
@@ -429,24 +638,30 @@ impl<'a> Machine<'a> {
 
     fn extend_list(&mut self, items: Vec<usize>) -> Result<(), PickleError> {
         let top = self.top()?;
-        match &mut self.arena[top] {
-            Slot::List(list) => {
-                list.extend(items);
-                Ok(())
-            }
-            _ => Err(self.malformed("APPEND to a non-list")),
+        let len = match &self.arena[top] {
+            Slot::List(list) => list.len(),
+            _ => return Err(self.malformed("APPEND to a non-list")),
+        };
+        self.check_items(len + items.len())?;
+        self.spend_bytes(items.len() * size_of::<usize>())?;
+        if let Slot::List(list) = &mut self.arena[top] {
+            list.extend(items);
         }
+        Ok(())
     }
 
     fn extend_dict(&mut self, pairs: Vec<(usize, usize)>) -> Result<(), PickleError> {
         let top = self.top()?;
-        match &mut self.arena[top] {
-            Slot::Dict(dict) => {
-                dict.extend(pairs);
-                Ok(())
-            }
-            _ => Err(self.malformed("SETITEM on a non-dict")),
+        let len = match &self.arena[top] {
+            Slot::Dict(dict) => dict.len(),
+            _ => return Err(self.malformed("SETITEM on a non-dict")),
+        };
+        self.check_items(len + pairs.len())?;
+        self.spend_bytes(pairs.len() * size_of::<(usize, usize)>())?;
+        if let Slot::Dict(dict) = &mut self.arena[top] {
+            dict.extend(pairs);
         }
+        Ok(())
     }
 
     fn tuple_items(&self, id: usize) -> Option<&[usize]> {
@@ -478,71 +693,100 @@ impl<'a> Machine<'a> {
         if self.str(*tag) != Some("storage") {
             return Err(bad());
         }
-        let Slot::Global("torch", name) = self.arena[*ty] else { return Err(bad()) };
+        let Slot::Global(("torch", name)) = self.arena[*ty] else { return Err(bad()) };
         let storage_type = StorageType::from_name(name).ok_or_else(bad)?;
-        let key = self.str(*key).ok_or_else(bad)?.to_string();
+        let key = self.str(*key).ok_or_else(bad)?;
+        self.spend_bytes(size_of::<StorageRef>() + key.len())?;
+        let key = key.to_string();
         let numel = self.int(*numel).filter(|n| *n >= 0).ok_or_else(bad)? as usize;
-        Ok(Slot::Storage(storage_type, key, numel))
+        Ok(Slot::Storage(Box::new(StorageRef { storage_type, key, numel })))
     }
 
     fn int_tuple(&self, id: usize) -> Option<Vec<i64>> {
         self.tuple_items(id)?.iter().map(|&i| self.int(i)).collect()
     }
 
-    fn reduce(&mut self, callable: usize, args: usize) -> Result<Slot, PickleError> {
-        let Slot::Global(module, name) = self.arena[callable] else {
+    /// Calls an allowed callable. What it builds is counted by `alloc` once pushed; copies made
+    /// here (storage keys, shapes) are counted before they are made, so a key or shape shared by
+    /// many calls costs once per call.
+    fn reduce(&self, callable: usize, args: usize) -> Result<Slot, PickleError> {
+        let Slot::Global(&(module, name)) = self.arena[callable] else {
             return Err(self.malformed("REDUCE on something that is not an allowed callable"));
         };
-        let args = self.tuple_items(args).ok_or_else(|| self.malformed("REDUCE arguments are not a tuple"))?.to_vec();
+        let args = self.tuple_items(args).ok_or_else(|| self.malformed("REDUCE arguments are not a tuple"))?;
         match (module, name) {
             ("collections", "OrderedDict") if args.is_empty() => Ok(Slot::Dict(Vec::new())),
             ("torch._utils", "_rebuild_tensor_v2") => {
                 let bad = || self.malformed("_rebuild_tensor_v2(storage, offset, size, stride, …) expected");
-                let (storage, offset, size, stride) = match args.as_slice() {
+                let (storage, offset, size, stride) = match args {
                     [storage, offset, size, stride, ..] => (*storage, *offset, *size, *stride),
                     _ => return Err(bad()),
                 };
-                let Slot::Storage(storage_type, key, numel) = self.arena[storage].clone() else { return Err(bad()) };
+                let Slot::Storage(storage) = &self.arena[storage] else { return Err(bad()) };
+                let dims = self.tuple_items(size).map_or(0, <[usize]>::len)
+                    + self.tuple_items(stride).map_or(0, <[usize]>::len);
+                self.spend_bytes(size_of::<TensorRef>() + storage.key.len() + dims * size_of::<i64>())?;
                 let offset = self.int(offset).filter(|o| *o >= 0).ok_or_else(bad)? as usize;
                 let size = self.int_tuple(size).ok_or_else(bad)?;
                 let stride = self.int_tuple(stride).ok_or_else(bad)?;
                 if size.len() != stride.len() || size.iter().chain(&stride).any(|&d| d < 0) {
                     return Err(bad());
                 }
-                Ok(Slot::Value(Value::Tensor(TensorRef {
-                    storage_key: key,
-                    storage_type,
-                    storage_numel: numel,
+                Ok(Slot::Value(Value::Tensor(Box::new(TensorRef {
+                    storage_key: storage.key.clone(),
+                    storage_type: storage.storage_type,
+                    storage_numel: storage.numel,
                     offset,
                     size,
                     stride,
-                })))
+                }))))
             }
             ("torch._utils", "_rebuild_parameter" | "_rebuild_parameter_with_state") => match args.first() {
-                Some(&tensor) => Ok(self.arena[tensor].clone()),
+                Some(&tensor) => match &self.arena[tensor] {
+                    Slot::Value(Value::Tensor(t)) => {
+                        self.spend_bytes(tensor_heap(t))?;
+                        Ok(Slot::Value(Value::Tensor(t.clone())))
+                    }
+                    _ => Err(self.malformed("_rebuild_parameter of something that is not a tensor")),
+                },
                 None => Err(self.malformed("_rebuild_parameter without a tensor")),
             },
             _ => Err(self.malformed(format!("`{module}.{name}` cannot be called with these arguments"))),
         }
     }
 
-    /// Turns arena slot `id` into a plain value (depth-limited: pickles can be cyclic).
+    /// Turns arena slot `id` into a plain value. Every value made counts as an object, and its
+    /// bytes (a container's item slots before they are allocated, a string's before it is
+    /// copied) against the byte budget: a slot the pickle shares is counted each time.
     fn resolve(&self, id: usize, depth: usize) -> Result<Value, PickleError> {
-        if depth > 64 {
-            return Err(self.malformed("nesting deeper than 64 (cyclic pickle?)"));
+        if depth > self.limits.max_depth {
+            return Err(Self::over(Budget::Depth, self.limits.max_depth));
         }
-        let items = |ids: &[usize]| ids.iter().map(|&i| self.resolve(i, depth + 1)).collect::<Result<Vec<_>, _>>();
+        self.spend_objects(1)?;
+        let items = |ids: &[usize]| -> Result<Vec<Value>, PickleError> {
+            self.spend_bytes(ids.len() * size_of::<Value>())?;
+            let mut values = Vec::with_capacity(ids.len());
+            for &i in ids {
+                values.push(self.resolve(i, depth + 1)?);
+            }
+            Ok(values)
+        };
         Ok(match &self.arena[id] {
-            Slot::Value(v) => v.clone(),
+            Slot::Value(v) => {
+                self.spend_bytes(heap_bytes(v))?;
+                v.clone()
+            }
             Slot::List(ids) => Value::List(items(ids)?),
             Slot::Tuple(ids) => Value::Tuple(items(ids)?),
-            Slot::Dict(pairs) => Value::Dict(
-                pairs
-                    .iter()
-                    .map(|&(k, v)| Ok((self.resolve(k, depth + 1)?, self.resolve(v, depth + 1)?)))
-                    .collect::<Result<_, PickleError>>()?,
-            ),
-            Slot::Global(m, n) => return Err(self.malformed(format!("`{m}.{n}` left uncalled in the result"))),
+            Slot::Dict(pairs) => {
+                self.spend_bytes(pairs.len() * size_of::<(Value, Value)>())?;
+                let mut entries = Vec::with_capacity(pairs.len());
+                for &(k, v) in pairs {
+                    entries.push((self.resolve(k, depth + 1)?, self.resolve(v, depth + 1)?));
+                }
+                Value::Dict(entries)
+            }
+            Slot::Global((m, n)) => return Err(self.malformed(format!("`{m}.{n}` left uncalled in the result"))),
             Slot::Storage(..) => return Err(self.malformed("a bare storage in the result")),
         })
     }
@@ -590,5 +834,274 @@ mod tests {
         for end in 0..payload.len() {
             assert!(load(&payload[..end]).is_err(), "prefix of {end} bytes");
         }
+    }
+
+    /// Hand-assembled pickles, opcode by opcode.
+    #[derive(Default)]
+    struct Pickle(Vec<u8>, u32);
+
+    impl Pickle {
+        fn proto(n: u8) -> Self {
+            Pickle(vec![0x80, n], 0)
+        }
+        /// PUTs the top under the next memo key, and returns it.
+        fn memoize(&mut self) -> u32 {
+            self.1 += 1;
+            self.put(self.1 - 1);
+            self.1 - 1
+        }
+        /// The first time, `write` then memoize it (into `key`); afterwards, GET it.
+        fn once(&mut self, key: &mut Option<u32>, write: impl FnOnce(&mut Self)) {
+            match *key {
+                Some(k) => {
+                    self.get(k);
+                }
+                None => {
+                    write(self);
+                    *key = Some(self.memoize());
+                }
+            }
+        }
+        fn op(&mut self, ops: &[u8]) -> &mut Self {
+            self.0.extend_from_slice(ops);
+            self
+        }
+        fn str(&mut self, s: &str) -> &mut Self {
+            self.op(b"X").op(&(s.len() as u32).to_le_bytes()).op(s.as_bytes())
+        }
+        fn int(&mut self, v: i32) -> &mut Self {
+            self.op(b"J").op(&v.to_le_bytes())
+        }
+        fn put(&mut self, key: u32) -> &mut Self {
+            self.op(b"r").op(&key.to_le_bytes())
+        }
+        fn get(&mut self, key: u32) -> &mut Self {
+            self.op(b"j").op(&key.to_le_bytes())
+        }
+        fn global(&mut self, module: &str, name: &str) -> &mut Self {
+            self.op(b"c").op(module.as_bytes()).op(b"\n").op(name.as_bytes()).op(b"\n")
+        }
+        fn stop(&mut self) -> Vec<u8> {
+            self.op(b".");
+            std::mem::take(&mut self.0)
+        }
+    }
+
+    /// "Billion laughs": level `i + 1` is the tuple `(level i, level i)`, both memo references,
+    /// so the result of `levels` levels holds 2^levels copies of the empty list at the bottom.
+    fn billion_laughs(levels: u8) -> Vec<u8> {
+        let mut p = Pickle::proto(4);
+        p.op(&[b']', 0x94]); // EMPTY_LIST, MEMOIZE (key 0)
+        for i in 0..levels {
+            p.op(&[b'h', i, b'h', i, 0x86, 0x94, b'0']); // GET i, GET i, TUPLE2, MEMOIZE (i + 1), POP
+        }
+        p.op(&[b'h', levels]).stop()
+    }
+
+    fn budget_of(result: Result<Value, PickleError>) -> (Budget, usize) {
+        match result {
+            Err(PickleError::Budget { budget, limit }) => (budget, limit),
+            other => panic!("expected a budget error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn billion_laughs_is_refused_by_the_byte_budget_quickly() {
+        let payload = billion_laughs(40);
+        assert!(payload.len() < 300, "{} bytes", payload.len());
+        let start = std::time::Instant::now();
+        let err = load(&payload).unwrap_err();
+        let elapsed = start.elapsed();
+        assert!(
+            matches!(err, PickleError::Budget { budget: Budget::Bytes, limit } if limit == Limits::CHECKPOINT.max_bytes),
+            "{err}"
+        );
+        assert!(err.to_string().contains("bytes materialised (max_bytes)"), "{err}");
+        // Debug build on a busy machine: well under a second in practice.
+        assert!(elapsed < std::time::Duration::from_secs(20), "took {elapsed:?}");
+        // Per-record limits (LMDB pairs) stop it at depth 16, or after a few thousand objects.
+        assert_eq!(budget_of(load_with(&payload, &Limits::RECORD)), (Budget::Depth, Limits::RECORD.max_depth));
+        let shallow = billion_laughs(14);
+        assert_eq!(budget_of(load_with(&shallow, &Limits::RECORD)), (Budget::Objects, Limits::RECORD.max_objects));
+        // A few levels are harmless, and come out as the tree they describe.
+        let small = load(&billion_laughs(2)).unwrap();
+        let one = Value::Tuple(vec![Value::List(vec![]), Value::List(vec![])]);
+        assert_eq!(small, Value::Tuple(vec![one.clone(), one]));
+    }
+
+    #[test]
+    fn a_list_holding_itself_is_refused_by_the_depth_budget() {
+        // l = []; l.append(l); l.append(l)
+        let payload = Pickle::proto(2).op(b"]").put(0).op(b"(").get(0).get(0).op(b"e").stop();
+        assert_eq!(budget_of(load(&payload)), (Budget::Depth, 64));
+    }
+
+    #[test]
+    fn each_budget_trips_on_its_own() {
+        let generous = Limits {
+            max_objects: 1 << 20,
+            max_memo: 1 << 20,
+            max_container_items: 1 << 20,
+            max_depth: 64,
+            max_bytes: 1 << 30,
+        };
+
+        // Objects: a list of 20 Nones is 21 objects, and 42 once resolved.
+        let mut p = Pickle::proto(2);
+        p.op(b"](");
+        for _ in 0..20 {
+            p.op(b"N");
+        }
+        let list = p.op(b"e").stop();
+        assert!(load_with(&list, &Limits { max_objects: 42, ..generous }).is_ok());
+        assert_eq!(budget_of(load_with(&list, &Limits { max_objects: 41, ..generous })), (Budget::Objects, 41));
+        assert_eq!(budget_of(load_with(&list, &Limits { max_objects: 10, ..generous })), (Budget::Objects, 10));
+
+        // Memo: 300 entries (MEMOIZE, as protocol 4 writes) against 100 allowed, even though
+        // they all name one object.
+        let mut p = Pickle::proto(4);
+        p.op(b"N");
+        for _ in 0..300 {
+            p.op(&[0x94]);
+        }
+        let memo = p.stop();
+        assert!(load_with(&memo, &Limits { max_memo: 300, ..generous }).is_ok());
+        assert_eq!(budget_of(load_with(&memo, &Limits { max_memo: 100, ..generous })), (Budget::Memo, 100));
+
+        // Container items: a list grown by APPENDS batches of 50; a dict by SETITEMS; the stack.
+        let mut p = Pickle::proto(2);
+        p.op(b"]");
+        for _ in 0..4 {
+            p.op(b"(");
+            for i in 0..50 {
+                p.int(i);
+            }
+            p.op(b"e");
+        }
+        let list = p.stop();
+        assert!(load_with(&list, &Limits { max_container_items: 200, ..generous }).is_ok());
+        let items = Limits { max_container_items: 100, ..generous };
+        assert_eq!(budget_of(load_with(&list, &items)), (Budget::ContainerItems, 100));
+        let mut p = Pickle::proto(2);
+        p.op(b"}(");
+        for i in 0..101 {
+            p.int(i).op(b"N");
+        }
+        let dict = p.op(b"u").stop();
+        assert_eq!(
+            budget_of(load_with(&dict, &Limits { max_container_items: 200, ..items })),
+            (Budget::ContainerItems, 200)
+        );
+        let mut p = Pickle::proto(2);
+        p.op(b"N");
+        for _ in 0..150 {
+            p.op(b"2"); // DUP: references, no new objects
+        }
+        assert_eq!(budget_of(load_with(&p.stop(), &items)), (Budget::ContainerItems, 100));
+
+        // Depth: ten lists, each appended to the one before: nine levels below the top.
+        let mut p = Pickle::proto(2);
+        for _ in 0..10 {
+            p.op(b"]");
+        }
+        for _ in 0..9 {
+            p.op(b"a");
+        }
+        let nested = p.stop();
+        assert!(load_with(&nested, &Limits { max_depth: 9, ..generous }).is_ok());
+        assert_eq!(budget_of(load_with(&nested, &Limits { max_depth: 8, ..generous })), (Budget::Depth, 8));
+        // … and unclosed MARKs.
+        let mut p = Pickle::proto(2);
+        for _ in 0..100 {
+            p.op(b"(");
+        }
+        assert_eq!(budget_of(load(&p.op(b"N").stop())), (Budget::Depth, 64));
+
+        // Bytes: a string longer than the budget.
+        let long = Pickle::proto(2).str(&"x".repeat(1000)).stop();
+        assert_eq!(budget_of(load_with(&long, &Limits { max_bytes: 500, ..generous })), (Budget::Bytes, 500));
+    }
+
+    #[test]
+    fn a_shared_value_counts_each_time_the_result_holds_it() {
+        // s = "x" * 1000; [s] * 100: ~2 KB to parse, ~110 KB once resolved.
+        let mut p = Pickle::proto(2);
+        p.op(b"]").str(&"x".repeat(1000)).put(0).op(b"0").op(b"(");
+        for _ in 0..100 {
+            p.get(0);
+        }
+        let shared = p.op(b"e").stop();
+        assert!(shared.len() < 1600);
+        let limits = |max_bytes| Limits { max_bytes, ..Limits::CHECKPOINT };
+        assert!(load_with(&shared, &limits(120_000)).is_ok());
+        assert_eq!(budget_of(load_with(&shared, &limits(50_000))), (Budget::Bytes, 50_000));
+        // The parse alone fits in 50 KB: it is resolving the copies that does not.
+        let single = Pickle::proto(2).op(b"]").str(&"x".repeat(1000)).put(0).op(b"0(").get(0).op(b"e").stop();
+        assert!(load_with(&single, &limits(50_000)).is_ok());
+    }
+
+    /// A state dict as `torch.save` (protocol 2) writes it: an `OrderedDict` of `n` tensors
+    /// (`_rebuild_tensor_v2(storage, offset, size, stride, requires_grad, OrderedDict())`), its
+    /// items in SETITEMS batches of 1000, then its `_metadata` through BUILD; strings and
+    /// callables memoised and referenced again.
+    fn state_dict_pickle(n: u32) -> Vec<u8> {
+        let mut p = Pickle::proto(2);
+        p.op(b"}").memoize();
+        p.op(b"(").str("epoch").int(10).str("state_dict");
+        let ordered_dict = p.global("collections", "OrderedDict").memoize();
+        p.op(b")R").memoize();
+        let (mut rebuild, mut storage, mut half, mut cpu) = (None, None, None, None);
+        for i in 0..n {
+            if i % 1000 == 0 {
+                p.op(if i > 0 { b"u(" } else { b"(" });
+            }
+            p.str(&format!("module.visual.transformer.resblocks.{}.mlp.c_fc.weight", i / 12)).memoize();
+            p.once(&mut rebuild, |p| {
+                p.global("torch._utils", "_rebuild_tensor_v2");
+            });
+            p.op(b"((");
+            p.once(&mut storage, |p| {
+                p.str("storage");
+            });
+            p.once(&mut half, |p| {
+                p.global("torch", "HalfStorage");
+            });
+            p.str(&i.to_string()).memoize();
+            p.once(&mut cpu, |p| {
+                p.str("cpu");
+            });
+            p.int(1280 * 5120).op(b"t").memoize();
+            p.op(b"QK\x00").int(5120).int(1280).op(&[0x86]).memoize(); // storage, offset, size
+            p.int(1280).op(b"K\x01").op(&[0x86]).memoize(); // stride
+            p.op(&[0x89]).get(ordered_dict).op(b")R").memoize(); // requires_grad, backward hooks
+            p.op(b"tR").memoize();
+        }
+        p.op(b"u");
+        // _metadata: {"module.layer0": {"version": 1}, …}
+        p.op(b"}(").str("_metadata").get(ordered_dict).op(b")R(");
+        for i in 0..n / 4 {
+            p.str(&format!("module.layer{i}")).op(b"}(").str("version").op(b"K\x01u");
+        }
+        p.op(b"uubu").stop() // metadata items, state, BUILD, the top-level items
+    }
+
+    #[test]
+    fn a_state_dict_and_a_pairs_value_load_within_the_defaults() {
+        let n = 4000; // more tensors than a ViT-H-14 checkpoint with its optimizer state holds
+        let value = load(&state_dict_pickle(n)).unwrap();
+        assert_eq!(value.get("epoch"), Some(&Value::Int(10)));
+        let Some(Value::Dict(tensors)) = value.get("state_dict") else { panic!("no state dict") };
+        assert_eq!(tensors.len(), n as usize);
+        let Value::Tensor(t) = &tensors[3999].1 else { panic!("not a tensor") };
+        assert_eq!((t.storage_key.as_str(), t.storage_type, t.storage_numel), ("3999", StorageType::Half, 1280 * 5120));
+        assert_eq!((t.size.as_slice(), t.stride.as_slice()), (&[5120, 1280][..], &[1280, 1][..]));
+
+        // pickle.dumps((1000, 3, "一只猫 cat")), as Python writes cn_clip's pairs values.
+        let pair = b"\x80\x04\x95\x18\x00\x00\x00\x00\x00\x00\x00M\xe8\x03K\x03\x8c\r\xe4\xb8\x80\xe5\x8f\xaa\xe7\x8c\xab cat\x94\x87\x94.";
+        let expected = Value::Tuple(vec![Value::Int(1000), Value::Int(3), Value::Str("一只猫 cat".into())]);
+        assert_eq!(load_with(pair, &Limits::RECORD).unwrap(), expected);
+        let caption = "猫".repeat(1 << 20); // a 3 MiB caption
+        let long = Pickle::proto(2).int(1).int(2).str(&caption).op(&[0x87]).stop();
+        assert!(load_with(&long, &Limits::RECORD).is_ok());
     }
 }

@@ -1,12 +1,13 @@
 //! cn_clip's LMDB datasets (`build_lmdb_dataset.py`'s layout): `imgs` maps image ids to base64
 //! text (plus `num_images`), `pairs` maps `0…n-1` to pickled `(image_id, text_id, text)` tuples
-//! (plus `num_samples`). Pickles are read with the restricted reader that never executes code;
-//! an entry that is not such a tuple comes back as [`Rejected`].
+//! (plus `num_samples`). Pickles are read with the restricted reader that never executes code,
+//! within [`Limits::RECORD`]; an entry that is not such a tuple, or whose pickle goes over a
+//! budget, comes back as [`Rejected`] naming its key.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::decoders::pickle::{self, Value};
+use crate::decoders::pickle::{self, Limits, Value};
 use arrow::array::{ArrayBuilder, ArrayRef, Int64Builder, StringBuilder};
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
@@ -83,7 +84,7 @@ pub fn for_each_pair(dir: &Path, mut on_pair: impl FnMut(Result<Pair, Rejected>)
     let path = dir.join("pairs");
     let source = path.display().to_string();
     for_each(&path, b"num_samples", |key, value| {
-        let parsed = match pickle::load(value) {
+        let parsed = match pickle::load_with(value, &Limits::RECORD) {
             Ok(Value::Tuple(items)) => match items.as_slice() {
                 [Value::Int(image_id), Value::Int(text_id), Value::Str(text)] => {
                     Ok(Pair { image_id: *image_id, text_id: *text_id, text: text.clone() })
