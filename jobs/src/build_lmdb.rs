@@ -71,8 +71,19 @@ pub fn run(args: Args) -> Result<()> {
         bail!("--shards must be at least 1");
     }
     let lmdb_dir = args.lmdb_dir.clone().unwrap_or_else(|| args.data_dir.join("lmdb"));
-    let mut splits: Vec<&str> = args.splits.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
-    splits.dedup();
+    let splits = crate::import::splits(&args.splits)?;
+    // Every split's files are checked before any is written.
+    let mut missing = Vec::new();
+    for split in &splits {
+        for file in [format!("{split}_imgs.tsv"), format!("{split}_texts.jsonl")] {
+            if !args.data_dir.join(&file).is_file() {
+                missing.push(format!("split `{split}`: {} does not exist", args.data_dir.join(file).display()));
+            }
+        }
+    }
+    if !missing.is_empty() {
+        bail!("{}", missing.join("; "));
+    }
     for split in splits {
         build_split(&args, &lmdb_dir, split)?;
     }

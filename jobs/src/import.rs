@@ -78,19 +78,46 @@ fn paths(p: &Path) -> Vec<String> {
     vec![p.to_string_lossy().into_owned()]
 }
 
-fn splits(list: &str) -> Vec<&str> {
-    let mut splits: Vec<&str> = list.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
-    splits.dedup();
-    splits
+/// The names in `--splits`, in order, each once.
+///
+/// # Errors
+/// When it names none.
+pub fn splits(list: &str) -> Result<Vec<&str>> {
+    let mut splits: Vec<&str> = Vec::new();
+    for split in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        if !splits.contains(&split) {
+            splits.push(split);
+        }
+    }
+    if splits.is_empty() {
+        bail!("--splits names no split (e.g. --splits train,valid)");
+    }
+    Ok(splits)
 }
 
-fn run_split(what: &str, split: &str, settings: JobSettings, defs: Vec<NodeDef>) -> Result<()> {
-    let pipeline = match Pipeline::plan(settings, defs, Path::new("")) {
-        Ok(p) => p,
-        Err(problems) => bail!("split `{split}`: {}", problems.join("; ")),
-    };
-    let start = std::time::Instant::now();
+/// Validates every split's pipeline before running any, so a bad split (a missing file, a
+/// wrong table) stops the job before anything is written; then runs them in order.
+fn run_splits(what: &str, splits: Vec<(&str, JobSettings, Vec<NodeDef>)>) -> Result<()> {
+    let mut planned = Vec::new();
+    let mut problems = Vec::new();
+    for (split, settings, defs) in splits {
+        match Pipeline::plan(settings, defs, Path::new("")) {
+            Ok(pipeline) => planned.push((split, pipeline)),
+            Err(found) => problems.extend(found.into_iter().map(|p| format!("split `{split}`: {p}"))),
+        }
+    }
+    if !problems.is_empty() {
+        bail!("{}", problems.join("; "));
+    }
     cnclip_operators::signals::catch_interrupts()?;
+    for (split, pipeline) in planned {
+        run_split(what, split, pipeline)?;
+    }
+    Ok(())
+}
+
+fn run_split(what: &str, split: &str, pipeline: Pipeline) -> Result<()> {
+    let start = std::time::Instant::now();
     let report = pipeline.run()?;
     // Sinks are named after what they hold: "30 images, 30 texts".
     let mut written = report.written.clone();
@@ -109,7 +136,8 @@ fn run_split(what: &str, split: &str, settings: JobSettings, defs: Vec<NodeDef>)
 }
 
 pub fn import(args: ImportArgs) -> Result<()> {
-    for split in splits(&args.splits) {
+    let mut plans = Vec::new();
+    for split in splits(&args.splits)? {
         let settings = JobSettings {
             on_error: args.on_error,
             quarantine: args.out.join(format!("{split}_quarantine.jsonl")),
@@ -161,13 +189,14 @@ pub fn import(args: ImportArgs) -> Result<()> {
             }
             (None, None) => bail!("give --data-dir (TSV + JSONL) or --lmdb-dir"),
         };
-        run_split("import", split, settings, defs)?;
+        plans.push((split, settings, defs));
     }
-    Ok(())
+    run_splits("import", plans)
 }
 
 pub fn export(args: ExportArgs) -> Result<()> {
-    for split in splits(&args.splits) {
+    let mut plans = Vec::new();
+    for split in splits(&args.splits)? {
         let settings = JobSettings {
             on_error: args.on_error,
             quarantine: args.out.join(format!("{split}_quarantine.jsonl")),
@@ -211,9 +240,9 @@ pub fn export(args: ExportArgs) -> Result<()> {
                 defs.push(NodeDef::new("pairs", Some(&texts_in), lmdb(Database::Pairs, "pairs")));
             }
         }
-        run_split("export", split, settings, defs)?;
+        plans.push((split, settings, defs));
     }
-    Ok(())
+    run_splits("export", plans)
 }
 
 fn table_source(file: &Path, contract: &str) -> ParquetConfig {

@@ -356,3 +356,37 @@ fn run_lists_the_registered_kinds() {
     assert!(kinds.contains(&("tsv", "source")) && kinds.contains(&("preprocess", "transform")), "{listing}");
     assert!(listing.lines().any(|l| l.starts_with("write_lmdb") && l.contains("`writer` = bulk | txn")), "{listing}");
 }
+
+/// `--splits` must name a split, and every split is checked before any is written.
+#[test]
+fn splits_are_all_checked_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = dir.path().join("demo");
+    let d = demo.to_str().unwrap();
+    let synth = cnclip(&["synth", "--out", d, "--train", "5", "--valid", "2", "--test", "2"], b"");
+    assert!(synth.status.success(), "{}", String::from_utf8_lossy(&synth.stderr));
+    let out = dir.path().join("out");
+    let o = out.to_str().unwrap();
+    let lmdb = dir.path().join("lmdb");
+    let l = lmdb.to_str().unwrap();
+    for args in [
+        vec!["import", "--data-dir", d, "--splits", "", "--out", o],
+        vec!["import", "--data-dir", d, "--splits", " , ", "--out", o],
+        vec!["build-lmdb", "--data-dir", d, "--splits", "", "--lmdb-dir", l],
+    ] {
+        let output = cnclip(&args, b"");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success() && stderr.contains("--splits names no split"), "{args:?}: {stderr}");
+    }
+    for args in [
+        vec!["import", "--data-dir", d, "--splits", "train,nosuch", "--out", o],
+        vec!["build-lmdb", "--data-dir", d, "--splits", "train,nosuch", "--lmdb-dir", l],
+    ] {
+        let output = cnclip(&args, b"");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?} succeeded");
+        assert!(stderr.contains("split `nosuch`") && stderr.contains("nosuch_imgs.tsv"), "{args:?}: {stderr}");
+    }
+    assert!(!out.exists() || std::fs::read_dir(&out).unwrap().next().is_none(), "import wrote train first");
+    assert!(!lmdb.exists() || std::fs::read_dir(&lmdb).unwrap().next().is_none(), "build-lmdb wrote train first");
+}

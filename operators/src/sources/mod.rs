@@ -115,7 +115,9 @@ pub fn expand_paths(patterns: &[String]) -> Result<Vec<PathBuf>, Vec<String>> {
     for pattern in patterns {
         if !pattern.contains(['*', '?', '[']) {
             let path = PathBuf::from(pattern);
-            if path.exists() {
+            if path.is_dir() {
+                problems.push(format!("{pattern} is a directory, not a file"))
+            } else if path.exists() {
                 paths.push(path)
             } else {
                 problems.push(format!("{pattern} does not exist"))
@@ -257,6 +259,8 @@ fn lines_with_buffer(
         number += 1;
         match line {
             Line::Text(line) => {
+                // A UTF-8 byte order mark (Windows editors write one) is not part of the data.
+                let line = if number == 1 { line.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(line) } else { line };
                 let start = line.iter().position(|b| !blank(b)).unwrap_or(line.len());
                 let end = line.iter().rposition(|b| !blank(b)).map_or(start, |e| e + 1);
                 if start < end { on_line(number, Line::Text(&line[start..end])) } else { Ok(()) }
@@ -439,6 +443,24 @@ mod tests {
                 "buffer of {buffer} bytes"
             );
         }
+    }
+
+    /// A byte order mark before the first line is not data; a directory is not an input file.
+    #[test]
+    fn a_bom_is_skipped_and_a_directory_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bom.jsonl");
+        std::fs::write(&path, b"\xEF\xBB\xBF{\"a\": 1}\n{\"b\": 2}\n").unwrap();
+        let mut seen = Vec::new();
+        for_each_trimmed_line(&path, MAX_RECORD_BYTES, |_, line| {
+            let Line::Text(text) = line else { panic!("not too long") };
+            seen.push(String::from_utf8(text.to_vec()).unwrap());
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen, [r#"{"a": 1}"#, r#"{"b": 2}"#]);
+        let problems = expand_paths(&[dir.path().display().to_string()]).unwrap_err();
+        assert_eq!(problems, [format!("{} is a directory, not a file", dir.path().display())]);
     }
 
     #[test]
