@@ -767,3 +767,30 @@ fn a_repeated_id_written_to_lmdb_is_named() {
     );
     assert_eq!(stored.trim(), "[('7', 'aGVsbG8='), ('8', 'd29ybGQ='), ('num_images', '2')]");
 }
+
+/// An image of an image folder that does not decode is quarantined by its file (relative to the
+/// folder), not by the row number the source gave it.
+#[test]
+fn image_folder_decode_failures_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("zeroshot");
+    python(
+        "import os, sys\nfrom PIL import Image\nroot = sys.argv[1]\nfor c in ['000', '001']:\n    os.makedirs(f'{root}/{c}')\n    Image.new('RGB', (9, 7), (200, 10, 10)).save(f'{root}/{c}/good.png')\nopen(f'{root}/001/broken.jpg', 'wb').write(b'\\xff\\xd8\\xff not a jpeg')\n",
+        &[root.to_str().unwrap()],
+        "",
+    );
+    let toml = dir.path().join("folder.toml");
+    std::fs::write(
+        &toml,
+        "[job]\nquarantine = \"q.jsonl\"\n[nodes.images]\nkind = \"image_folder\"\npath = \"zeroshot\"\n\
+         [nodes.pixels]\nkind = \"preprocess\"\ninput = \"images\"\nresolution = 8\norder = \"convert_then_resize\"\n\
+         [nodes.out]\nkind = \"write_parquet\"\ninput = \"pixels\"\npath = \"pixels.parquet\"\n",
+    )
+    .unwrap();
+    ok(cnclip(&["run", toml.to_str().unwrap()]));
+    let quarantine = std::fs::read_to_string(dir.path().join("q.jsonl")).unwrap();
+    let row = json(quarantine.lines().next().unwrap());
+    assert_eq!(quarantine.lines().count(), 1, "{quarantine}");
+    assert_eq!(row["location"], "001/broken.jpg", "{row}");
+    assert_eq!(parquet_column(&dir.path().join("pixels.parquet"), "label"), serde_json::json!([0, 1]));
+}

@@ -74,6 +74,19 @@ pub fn save(path: &Path, config: &ClipConfig, state_dict: &BTreeMap<String, Tens
     crate::write_atomically(path, |file| Ok::<_, Error>(std::io::Write::write_all(file, &bytes)?))
 }
 
+/// Why `bytes` cannot be read as a checkpoint, saying what they look like instead: an empty
+/// file, a pickle (a legacy `torch.save` or a raw pickle, neither the zip archive cn_clip 1.6.0
+/// writes), or not a safetensors file.
+fn not_safetensors(bytes: &[u8], error: &str) -> String {
+    match bytes {
+        [] => "the file is empty".into(),
+        [0x80, 2..=5, ..] => "a pickle (a legacy torch.save file or a raw pickle), not the zip archive torch.save \
+            writes since torch 1.6 nor a safetensors file: load it in python and save it again with torch.save"
+            .into(),
+        _ => format!("neither a cn_clip checkpoint (a torch.save zip archive) nor a safetensors file: {error}"),
+    }
+}
+
 /// Reads every tensor of a safetensors file, and its metadata.
 ///
 /// # Errors
@@ -82,7 +95,7 @@ pub fn read_safetensors(path: &Path) -> Result<(BTreeMap<String, Tensor>, HashMa
     let name = path.display().to_string();
     let bad = |reason: String| Error::Checkpoint { path: name.clone(), reason };
     let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
-    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(not_safetensors(&bytes, &e.to_string())))?;
     let metadata = header.metadata().clone().unwrap_or_default();
     let tensors = SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
     let mut out = BTreeMap::new();
@@ -108,4 +121,24 @@ pub fn load(path: &Path) -> Result<(ClipConfig, BTreeMap<String, Tensor>)> {
     let config = metadata.get(CONFIG_KEY).ok_or_else(|| bad(format!("no `{CONFIG_KEY}` metadata")))?;
     let config = ClipConfig::from_json(config).map_err(|e| bad(e.to_string()))?;
     Ok((config, tensors))
+}
+
+#[cfg(test)]
+mod tests {
+    /// A file that is neither a cn_clip zip nor safetensors is named for what it is.
+    #[test]
+    fn unreadable_checkpoints_say_what_they_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases: [(&str, &[u8], &str); 3] = [
+            ("empty.pt", b"", "the file is empty"),
+            ("legacy.pt", b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19.", "a pickle (a legacy torch.save file"),
+            ("text.pt", b"hello, world", "neither a cn_clip checkpoint (a torch.save zip archive) nor a safetensors"),
+        ];
+        for (name, bytes, expected) in cases {
+            let path = dir.path().join(name);
+            std::fs::write(&path, bytes).unwrap();
+            let message = crate::checkpoint::load_clip(&path, None, tch::Device::Cpu).unwrap_err().to_string();
+            assert!(message.contains(name) && message.contains(expected), "{name}: {message}");
+        }
+    }
 }

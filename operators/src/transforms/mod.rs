@@ -112,10 +112,18 @@ pub(crate) fn rebuild(
     Ok(RecordBatch::try_new(schema, columns)?)
 }
 
-/// The rejection of image row `row` of `batch` (named by its `image_id` when it has one).
+/// The rejection of image row `row` of `batch`: located by its file when the rows came from
+/// files (an image folder's `path`, relative to the folder), else by its `image_id`.
 pub(crate) fn reject_image(batch: &RecordBatch, row: usize, source: &str, reason: String) -> Rejected {
-    let id = batch.schema().index_of(cnclip_schemas::columns::IMAGE_ID).ok().and_then(|i| {
-        batch.column(i).as_any().downcast_ref::<arrow::array::Int64Array>().map(|ids| ids.value(row).to_string())
+    let column = |name: &str| batch.schema().index_of(name).ok().map(|i| batch.column(i).clone());
+    let id = column(cnclip_schemas::columns::IMAGE_ID)
+        .and_then(|ids| ids.as_any().downcast_ref::<arrow::array::Int64Array>().map(|ids| ids.value(row).to_string()));
+    let path = column(cnclip_schemas::columns::PATH).and_then(|paths| {
+        paths.as_any().downcast_ref::<arrow::array::StringArray>().map(|paths| paths.value(row).to_string())
     });
-    Rejected { source: source.to_string(), location: format!("image {}", id.as_deref().unwrap_or("?")), id, reason }
+    let location = match path {
+        Some(path) => path,
+        None => format!("image {}", id.as_deref().unwrap_or("?")),
+    };
+    Rejected { source: source.to_string(), location, id, reason }
 }
