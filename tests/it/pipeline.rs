@@ -794,3 +794,30 @@ fn image_folder_decode_failures_name_the_file() {
     assert_eq!(row["location"], "001/broken.jpg", "{row}");
     assert_eq!(parquet_column(&dir.path().join("pixels.parquet"), "label"), serde_json::json!([0, 1]));
 }
+
+/// Tables written by pyarrow declare every column nullable: export takes them when they hold no
+/// null, and names the column when one does.
+#[test]
+fn nullable_columns_without_nulls_are_exported() {
+    let dir = tempfile::tempdir().unwrap();
+    let tables = dir.path().join("tables");
+    python(
+        "import sys, os, pyarrow as pa, pyarrow.parquet as pq\nout = sys.argv[1]\nos.makedirs(out)\n\
+         pq.write_table(pa.table({'image_id': [1, 2], 'image': [b'\\xff\\xd8a', b'\\xff\\xd8b']}), f'{out}/train_images.parquet')\n\
+         pq.write_table(pa.table({'text_id': [7, 8], 'text': ['一', '二'], 'image_ids': [[1], [2]]}), f'{out}/train_texts.parquet')\n\
+         pq.write_table(pa.table({'image_id': [1, None], 'image': [b'a', b'b']}), f'{out}/valid_images.parquet')\n\
+         pq.write_table(pa.table({'text_id': [7], 'text': ['一'], 'image_ids': [[1]]}), f'{out}/valid_texts.parquet')\n",
+        &[tables.to_str().unwrap()],
+        "",
+    );
+    let out = dir.path().join("out");
+    let (t, o) = (tables.to_str().unwrap(), out.to_str().unwrap());
+    ok(cnclip(&["export", "--parquet-dir", t, "--splits", "train", "--out", o]));
+    assert_eq!(std::fs::read_to_string(out.join("train_imgs.tsv")).unwrap().lines().count(), 2);
+    assert_eq!(std::fs::read_to_string(out.join("train_texts.jsonl")).unwrap().lines().count(), 2);
+    let failed = cnclip(&["export", "--parquet-dir", t, "--splits", "valid", "--out", o]);
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(!failed.status.success(), "a null id was exported");
+    assert!(stderr.contains("valid_images.parquet") && stderr.contains("column `image_id` holds a null"), "{stderr}");
+    assert!(!out.join("valid_imgs.tsv").exists());
+}

@@ -1,12 +1,15 @@
 //! Parquet tables (ours or a notebook's) as a source. All files must share one schema; when a
-//! contract is named, that schema is checked against it before anything is read.
+//! contract is named, that schema is checked against it before anything is read (columns the
+//! file declares nullable but the contract wants non-null are accepted, and checked per batch).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use arrow::array::BooleanArray;
+use arrow::array::{Array, BooleanArray};
 use arrow::compute::filter_record_batch;
-use arrow::datatypes::SchemaRef;
+use arrow::datatypes::{Field, Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use super::{Emit, ReadContext, Source};
@@ -61,10 +64,21 @@ impl ParquetSource {
                 },
             }
         }
-        if let (Some(schema), Some((table, expected))) = (&schema, contract)
-            && let Err(e) = cnclip_schemas::check(table, &expected, schema)
-        {
-            problems.push(format!("{}: {e}", paths[0].display()));
+        // pyarrow marks every column nullable unless told otherwise: a column the contract
+        // wants non-null is taken as such, and each batch is checked to hold no null instead.
+        if let (Some(found), Some((table, expected))) = (&mut schema, contract) {
+            let fields: Vec<Field> = found
+                .fields()
+                .iter()
+                .map(|f| match expected.field_with_name(f.name()) {
+                    Ok(wanted) if f.is_nullable() && !wanted.is_nullable() => f.as_ref().clone().with_nullable(false),
+                    _ => f.as_ref().clone(),
+                })
+                .collect();
+            *found = Arc::new(Schema::new_with_metadata(fields, found.metadata().clone()));
+            if let Err(e) = cnclip_schemas::check(table, &expected, found) {
+                problems.push(format!("{}: {e}", paths[0].display()));
+            }
         }
         match schema {
             Some(schema) if problems.is_empty() => Ok(ParquetSource { paths, schema }),
@@ -75,6 +89,22 @@ impl ParquetSource {
 
 fn describe(schema: &SchemaRef) -> String {
     schema.fields().iter().map(|f| format!("{} {}", f.name(), f.data_type())).collect::<Vec<_>>().join(", ")
+}
+
+impl ParquetSource {
+    /// `batch` with the source's schema; a null in a column the schema holds non-null (one the
+    /// file declared nullable) is a fault of the file, named with its column.
+    fn conform(&self, path: &Path, batch: RecordBatch) -> Result<RecordBatch> {
+        for (field, column) in self.schema.fields().iter().zip(batch.columns()) {
+            if !field.is_nullable() && column.null_count() > 0 {
+                return Err(Error::Format {
+                    path: path.display().to_string(),
+                    reason: format!("column `{}` holds a null, which its table does not allow", field.name()),
+                });
+            }
+        }
+        RecordBatch::try_new(self.schema.clone(), batch.columns().to_vec()).map_err(|e| arrow_err(path, e))
+    }
 }
 
 impl Source for ParquetSource {
@@ -113,7 +143,7 @@ impl Source for ParquetSource {
                 };
                 ordinal += rows;
                 if batch.num_rows() > 0 {
-                    emit(batch.with_schema(self.schema.clone()).map_err(|e| arrow_err(path, e))?)?;
+                    emit(self.conform(path, batch)?)?;
                 }
             }
         }
