@@ -244,6 +244,18 @@ pub(crate) fn for_each_trimmed_line(
     lines_with_buffer(path, 4 << 20, max_line, on_line)
 }
 
+/// The byte that ends lines in `file`: `\n` (Unix and Windows files), or `\r` for a file
+/// written with classic Mac line endings (a `\r` and no `\n` in its first 64 KiB). Leaves the
+/// file at its start.
+fn line_end(file: &mut std::fs::File) -> std::io::Result<u8> {
+    use std::io::{Read, Seek};
+    let mut head = Vec::with_capacity(64 << 10);
+    file.by_ref().take(64 << 10).read_to_end(&mut head)?;
+    file.rewind()?;
+    let cr_only = memchr::memchr(b'\n', &head).is_none() && memchr::memchr(b'\r', &head).is_some();
+    Ok(if cr_only { b'\r' } else { b'\n' })
+}
+
 fn lines_with_buffer(
     path: &Path,
     buffer_size: usize,
@@ -253,6 +265,7 @@ fn lines_with_buffer(
     use std::io::Read;
     use std::sync::mpsc::sync_channel;
     let mut file = std::fs::File::open(path).map_err(io(path))?;
+    let newline = line_end(&mut file).map_err(io(path))?;
     let blank = |b: &u8| matches!(b, b' ' | b'\r' | b'\n');
     let mut number = 0usize;
     let mut emit = |line: Line<'_>| -> Result<()> {
@@ -318,7 +331,7 @@ fn lines_with_buffer(
             }
             let mut start = 0;
             while start < chunk.len() {
-                let newline = memchr::memchr(b'\n', &chunk[start..]).map(|at| start + at);
+                let newline = memchr::memchr(newline, &chunk[start..]).map(|at| start + at);
                 let end = newline.unwrap_or(chunk.len());
                 let piece = &chunk[start..end];
                 start = end + 1;
@@ -442,6 +455,24 @@ mod tests {
                 ],
                 "buffer of {buffer} bytes"
             );
+        }
+    }
+
+    /// A file with CR-only line endings is read line by line, whatever the buffer.
+    #[test]
+    fn cr_only_line_endings_are_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mac.tsv");
+        std::fs::write(&path, "1\taGk=\r2\taGk=\r\r3\taGk=\r").unwrap();
+        for buffer in [1, 5, 4096] {
+            let mut seen = Vec::new();
+            lines_with_buffer(&path, buffer, MAX_RECORD_BYTES, |n, line| {
+                let Line::Text(text) = line else { panic!("not too long") };
+                seen.push(format!("{n}:{}", String::from_utf8_lossy(text)));
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(seen, ["1:1\taGk=", "2:2\taGk=", "4:3\taGk="], "buffer of {buffer} bytes");
         }
     }
 
