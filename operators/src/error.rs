@@ -16,7 +16,11 @@ pub enum Error {
     /// An LMDB file we wrote does not read back as the tree it should be (the bulk loader's
     /// end-of-job check): `problem` says what is wrong where.
     #[error("{path}: the LMDB file written fails its check: {problem}")]
-    LmdbCheck { path: String, problem: crate::sinks::lmdb_bulk::VerifyError },
+    LmdbCheck { path: String, problem: crate::lmdb_file::VerifyError },
+    /// An LMDB input that cannot be read safely (truncated, corrupted): LMDB would trust it
+    /// and crash, so it is refused, naming `path` (its `data.mdb`) and what is wrong where.
+    #[error("{path}: corrupt or truncated LMDB file, not read: {problem}")]
+    LmdbCorrupt { path: String, problem: crate::lmdb_file::VerifyError },
     /// Everything downstream has stopped; a source or operator returns quietly.
     #[error("the pipeline stopped")]
     Stopped,

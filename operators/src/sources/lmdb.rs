@@ -2,7 +2,9 @@
 //! text (plus `num_images`), `pairs` maps `0…n-1` to pickled `(image_id, text_id, text)` tuples
 //! (plus `num_samples`). Pickles are read with the restricted reader that never executes code,
 //! within [`Limits::RECORD`]; an entry that is not such a tuple, or whose pickle goes over a
-//! budget, comes back as [`Rejected`] naming its key.
+//! budget, comes back as [`Rejected`] naming its key. Files are read through
+//! [`LmdbFile`], which checks every page before use, so a truncated or corrupted database is
+//! an error naming it, never a crash.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,11 +13,11 @@ use crate::decoders::pickle::{self, Limits, Value};
 use arrow::array::{ArrayBuilder, ArrayRef, Int64Builder, StringBuilder};
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
-use lmdb::{Cursor, Environment, EnvironmentFlags, Transaction};
 
 use super::tsv::plausible_base64;
 use super::{Emit, IdBytesBatcher, ReadContext, Source};
 use crate::error::{Error, Result};
+use crate::lmdb_file::LmdbFile;
 use crate::quarantine::Rejected;
 
 /// One `pairs` entry.
@@ -26,33 +28,10 @@ pub struct Pair {
     pub text: String,
 }
 
-fn open(path: &Path) -> Result<Environment> {
-    if !path.is_dir() {
-        return Err(Error::Io {
-            path: path.display().to_string(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "LMDB directory does not exist"),
-        });
-    }
-    Environment::new()
-        .set_flags(EnvironmentFlags::READ_ONLY | EnvironmentFlags::NO_LOCK)
-        .open(path)
-        .map_err(|source| Error::Lmdb { path: path.display().to_string(), source })
-}
-
-/// Calls `on_entry` for every entry of an LMDB except the count key `skip`, in key order.
+/// Calls `on_entry` for every entry of an LMDB except the count key `skip`, in key order,
+/// through the checked reader ([`LmdbFile`]), never LMDB's own.
 fn for_each(path: &Path, skip: &[u8], mut on_entry: impl FnMut(&[u8], &[u8]) -> Result<()>) -> Result<()> {
-    let env = open(path)?;
-    let lmdb_err = |source| Error::Lmdb { path: path.display().to_string(), source };
-    let db = env.open_db(None).map_err(lmdb_err)?;
-    let txn = env.begin_ro_txn().map_err(lmdb_err)?;
-    let mut cursor = txn.open_ro_cursor(db).map_err(lmdb_err)?;
-    for entry in cursor.iter_start() {
-        let (key, value) = entry.map_err(lmdb_err)?;
-        if key != skip {
-            on_entry(key, value)?;
-        }
-    }
-    Ok(())
+    LmdbFile::open(path)?.for_each(|key, value| if key != skip { on_entry(key, value) } else { Ok(()) })
 }
 
 /// Reads `{dir}/imgs`: `(image_id, base64)` per entry, bad keys rejected.
@@ -110,15 +89,14 @@ pub fn for_each_pair(dir: &Path, mut on_pair: impl FnMut(Result<Pair, Rejected>)
 pub fn counts(dir: &Path) -> Result<(u64, u64)> {
     let read = |db: &str, key: &[u8]| -> Result<u64> {
         let path = dir.join(db);
-        let env = open(&path)?;
-        let lmdb_err = |source| Error::Lmdb { path: path.display().to_string(), source };
-        let handle = env.open_db(None).map_err(lmdb_err)?;
-        let txn = env.begin_ro_txn().map_err(lmdb_err)?;
-        let value = txn.get(handle, &key).map_err(lmdb_err)?;
-        std::str::from_utf8(value).ok().and_then(|v| v.parse().ok()).ok_or_else(|| Error::Record {
-            location: format!("{} {}", path.display(), String::from_utf8_lossy(key)),
-            reason: "count is not a number".into(),
-        })
+        let location = || format!("{} {}", path.display(), String::from_utf8_lossy(key));
+        let Some(value) = LmdbFile::open(&path)?.get(key)? else {
+            return Err(Error::Record { location: location(), reason: "the count key is missing".into() });
+        };
+        std::str::from_utf8(&value)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| Error::Record { location: location(), reason: "count is not a number".into() })
     };
     Ok((read("imgs", b"num_images")?, read("pairs", b"num_samples")?))
 }
@@ -151,10 +129,8 @@ impl Source for LmdbSource {
     }
 
     fn estimated_records(&self) -> Option<u64> {
-        let path = Path::new(&self.origin()).to_path_buf();
-        let env = open(&path).ok()?;
         // Every entry but the count key.
-        Some(env.stat().ok()?.entries().saturating_sub(1) as u64)
+        Some(LmdbFile::open(Path::new(&self.origin())).ok()?.entries().saturating_sub(1))
     }
 
     fn schema(&self) -> SchemaRef {

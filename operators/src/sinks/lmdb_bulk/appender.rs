@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 
-use super::page::PAGE;
+use crate::lmdb_file::page::PAGE;
 
 /// Appends bytes to a file from threads of its own, in chunks (4 MiB by default), so writing
 /// overlaps with producing the bytes (reading and checking the input): the job takes about as

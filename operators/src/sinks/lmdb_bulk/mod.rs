@@ -11,7 +11,7 @@
 //! turned into full leaf pages and the branch levels above them (`tree`) at
 //! [`BulkWriter::finish`]. The result is an ordinary LMDB 0.9 environment (data version 1,
 //! 4 KiB pages, default database only, as py-lmdb makes with `lmdb.open(path)`; the format is
-//! in `page`): py-lmdb and lmdb-rkv read it, and LMDB can keep writing to it (both tested).
+//! in [`crate::lmdb_file::page`]): py-lmdb and lmdb-rkv read it, and LMDB can keep writing to it (both tested).
 //! The layout mirrors what LMDB itself leaves after its first commit: meta page 0 holds the
 //! empty database (txn 0), meta page 1 the loaded one (txn 1), the free list is empty, and
 //! `last_pg` is the last page written.
@@ -24,7 +24,6 @@
 //! transactions through [`super::lmdb::LmdbWriter`] (`--writer bulk|txn`).
 
 mod appender;
-mod page;
 mod sort;
 mod tree;
 mod verify;
@@ -35,11 +34,13 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result, io};
+pub use crate::lmdb_file::VerifyError;
+use crate::lmdb_file::page::{
+    Db, MAX_KEY, Meta, NODE_HEADER, NODE_MAX, PAGE, Value, ZEROS, overflow_header, overflow_pages,
+};
 use appender::{Appender, CHUNK, CHUNKS};
-use page::{Db, MAX_KEY, Meta, NODE_HEADER, NODE_MAX, PAGE, Value, ZEROS, overflow_header, overflow_pages};
 use sort::Sorter;
 use tree::TreeBuilder;
-pub use verify::VerifyError;
 pub(crate) use verify::verify;
 
 /// Writes one LMDB environment (`data.mdb` + `lock.mdb`) into a directory.

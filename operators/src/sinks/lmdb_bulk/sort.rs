@@ -14,8 +14,8 @@ use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use super::page::{PAGE, Value};
 use crate::error::{Result, io};
+use crate::lmdb_file::page::{PAGE, Value};
 
 /// Pending records (keys, small values, page numbers) held before a sorted run is spilled.
 pub(super) const RUN_BYTES: usize = 64 << 20;

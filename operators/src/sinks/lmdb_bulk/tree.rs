@@ -3,13 +3,13 @@
 //!
 //! Apart from the writer because it is the one place that decides the tree's shape (which
 //! keys share a page, how branch pages group their children); the bytes of each page come
-//! from [`super::page`]. Leaf pages are written as they fill, branch levels at the end (they
+//! from [`crate::lmdb_file::page`]. Leaf pages are written as they fill, branch levels at the end (they
 //! need the first key of every page below), all appended after the overflow values.
 
 use std::fs::File;
 use std::io::Write;
 
-use super::page::{Db, F_BIGDATA, HEADER, NODE_HEADER, P_BRANCH, P_LEAF, PAGE, PageBuf, Value, even};
+use crate::lmdb_file::page::{Db, F_BIGDATA, HEADER, NODE_HEADER, P_BRANCH, P_LEAF, PAGE, PageBuf, Value, even};
 
 /// Packs sorted entries into full leaf pages, then builds the branch levels.
 pub(super) struct TreeBuilder {

@@ -16,35 +16,9 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use super::page::{Header, Meta, NodePage, P_BRANCH, P_LEAF, PAGE, Value, overflow_pages};
 use crate::error::{Error, Result, io};
-
-/// What is wrong with a written LMDB file (see [`Error::LmdbCheck`]).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum VerifyError {
-    #[error("the file is {bytes} bytes: LMDB's are whole {PAGE}-byte pages, the two meta pages at least")]
-    Size { bytes: u64 },
-    #[error("meta page {pgno}: {reason}")]
-    Meta { pgno: u64, reason: String },
-    #[error("the file has {pages} pages; its meta page says the last is page {last_page}")]
-    Length { pages: u64, last_page: u64 },
-    #[error("{pages} page(s) from page {pgno} (reached from page {from}) are not within pages 2..={last_page}")]
-    OutOfBounds { pgno: u64, pages: u64, from: u64, last_page: u64 },
-    #[error("page {pgno} is reached twice (the second time from page {from})")]
-    Twice { pgno: u64, from: u64 },
-    #[error("page {pgno} should be a {expected} page; its flags are {flags:#06x}")]
-    PageType { pgno: u64, expected: &'static str, flags: u16 },
-    #[error("page {pgno}: {reason}")]
-    Page { pgno: u64, reason: String },
-    #[error("keys out of order on page {pgno}: {detail}")]
-    KeyOrder { pgno: u64, detail: String },
-    #[error("{what}: the tree has {found}, its meta page says {recorded}")]
-    Count { what: &'static str, found: u64, recorded: u64 },
-    #[error("{found} entries in the file, {expected} were put")]
-    Entries { found: u64, expected: u64 },
-    #[error("{count} page(s) belong to nothing (the first is page {first})")]
-    Unaccounted { count: u64, first: u64 },
-}
+use crate::lmdb_file::VerifyError;
+use crate::lmdb_file::page::{Header, Meta, NodePage, P_BRANCH, P_LEAF, PAGE, Value, overflow_pages};
 
 /// Checks the LMDB file `path` (a `data.mdb` the bulk loader wrote) holds a well-formed tree
 /// of `expected_entries` entries, with every page accounted for.
@@ -252,9 +226,10 @@ impl Walk<'_> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::sort::RUN_BYTES;
     use super::super::tests::{random_entries, write};
-    use super::super::{page::HEADER, sort::RUN_BYTES};
     use super::*;
+    use crate::lmdb_file::page::HEADER;
     use std::path::PathBuf;
 
     const ENTRIES: usize = 3000;

@@ -1,42 +1,49 @@
-//! LMDB's on-disk page format, as far as the bulk loader writes it: the constants, leaf and
-//! branch nodes packed into page buffers, the overflow page header, and the meta pages.
+//! LMDB's on-disk page format: the constants, leaf and branch nodes packed into page buffers
+//! (the bulk loader's 4 KiB pages), the overflow page header, and the meta pages; and the same
+//! structures parsed back from a page of any size, every offset checked against the page.
 //!
-//! Kept apart so the layout rules (taken from LMDB 0.9's `mdb.c`, 64-bit) live in one place
-//! and the tree builder only decides *which* nodes go on *which* page. Page header: 16 bytes
+//! Kept apart so the layout rules (taken from LMDB 0.9's `mdb.c`, 64-bit) live in one place:
+//! the bulk loader's tree builder only decides *which* nodes go on *which* page, its check and
+//! the input reader ([`super::LmdbFile`]) only decide what to walk. Page header: 16 bytes
 //! (`pgno u64, pad u16, flags u16, lower u16, upper u16`, or `pages u32` in place of
 //! lower/upper on overflow pages). Nodes: 8 header bytes (`lo u16, hi u16, flags u16, ksize
 //! u16`) + key + data, aligned to even sizes, placed from the end of the page downwards with
 //! 2-byte offsets after the header.
 
-pub(super) const PAGE: usize = 4096;
-pub(super) const HEADER: usize = 16;
-pub(super) const NODE_HEADER: usize = 8;
+pub(crate) const PAGE: usize = 4096;
+pub(crate) const HEADER: usize = 16;
+pub(crate) const NODE_HEADER: usize = 8;
 /// `me_nodemax`: a leaf node bigger than this puts its value on overflow pages.
-pub(super) const NODE_MAX: usize = (((PAGE - HEADER) / 2) & !1) - 2;
+pub(crate) const NODE_MAX: usize = (((PAGE - HEADER) / 2) & !1) - 2;
 /// `mdb_env_get_maxkeysize` for this build of LMDB.
-pub(super) const MAX_KEY: usize = 511;
-pub(super) const P_BRANCH: u16 = 0x01;
-pub(super) const P_LEAF: u16 = 0x02;
-pub(super) const P_OVERFLOW: u16 = 0x04;
-pub(super) const P_META: u16 = 0x08;
-pub(super) const F_BIGDATA: u16 = 0x01;
+pub(crate) const MAX_KEY: usize = 511;
+pub(crate) const P_BRANCH: u16 = 0x01;
+pub(crate) const P_LEAF: u16 = 0x02;
+pub(crate) const P_OVERFLOW: u16 = 0x04;
+pub(crate) const P_META: u16 = 0x08;
+pub(crate) const F_BIGDATA: u16 = 0x01;
 const MDB_INTEGERKEY: u16 = 0x08;
 const MAGIC: u32 = 0xBEEF_C0DE;
 const DATA_VERSION: u32 = 1;
 const INVALID: u64 = u64::MAX;
-pub(super) static ZEROS: [u8; PAGE] = [0; PAGE];
+pub(crate) static ZEROS: [u8; PAGE] = [0; PAGE];
 
-pub(super) fn even(n: usize) -> usize {
+pub(crate) fn even(n: usize) -> usize {
     (n + 1) & !1
 }
 
-/// `OVPAGES`: pages taken by an overflow value of `len` bytes.
-pub(super) fn overflow_pages(len: usize) -> u64 {
-    ((HEADER - 1 + len) / PAGE + 1) as u64
+/// `OVPAGES`: pages taken by an overflow value of `len` bytes (4 KiB pages).
+pub(crate) fn overflow_pages(len: usize) -> u64 {
+    overflow_pages_of(len, PAGE)
+}
+
+/// `OVPAGES` for pages of `page_size` bytes.
+pub(crate) fn overflow_pages_of(len: usize, page_size: usize) -> u64 {
+    ((HEADER - 1 + len) / page_size + 1) as u64
 }
 
 /// The header of an overflow value's first page (`pages` pages from `pgno`).
-pub(super) fn overflow_header(pgno: u64, pages: u64) -> [u8; HEADER] {
+pub(crate) fn overflow_header(pgno: u64, pages: u64) -> [u8; HEADER] {
     let mut header = [0u8; HEADER];
     header[..8].copy_from_slice(&pgno.to_le_bytes());
     header[10..12].copy_from_slice(&P_OVERFLOW.to_le_bytes());
@@ -46,29 +53,29 @@ pub(super) fn overflow_header(pgno: u64, pages: u64) -> [u8; HEADER] {
 
 /// Where a key's value lives.
 #[derive(Clone, Copy, Debug)]
-pub(super) enum Value<'a> {
+pub(crate) enum Value<'a> {
     Inline(&'a [u8]),
     Overflow { pgno: u64, len: u32 },
 }
 
 /// A page being filled with nodes.
-pub(super) struct PageBuf {
+pub(crate) struct PageBuf {
     page: Box<[u8; PAGE]>,
-    pub(super) count: usize,
+    pub(crate) count: usize,
     upper: usize,
 }
 
 impl PageBuf {
-    pub(super) fn new() -> Self {
+    pub(crate) fn new() -> Self {
         PageBuf { page: Box::new([0; PAGE]), count: 0, upper: PAGE }
     }
 
-    pub(super) fn room(&self) -> usize {
+    pub(crate) fn room(&self) -> usize {
         self.upper - (HEADER + 2 * self.count)
     }
 
     /// Adds a node of `size` bytes (already even) made of `header` + `key` + `data`.
-    pub(super) fn push(&mut self, size: usize, header: [u16; 4], key: &[u8], data: &[u8]) {
+    pub(crate) fn push(&mut self, size: usize, header: [u16; 4], key: &[u8], data: &[u8]) {
         let at = self.upper - size;
         for (i, v) in header.iter().enumerate() {
             self.page[at + 2 * i..at + 2 * i + 2].copy_from_slice(&v.to_le_bytes());
@@ -83,7 +90,7 @@ impl PageBuf {
     }
 
     /// Finishes the header and hands the page out, leaving this buffer empty.
-    pub(super) fn take(&mut self, pgno: u64, flags: u16) -> Box<[u8; PAGE]> {
+    pub(crate) fn take(&mut self, pgno: u64, flags: u16) -> Box<[u8; PAGE]> {
         let lower = (HEADER + 2 * self.count) as u16;
         self.page[..8].copy_from_slice(&pgno.to_le_bytes());
         self.page[8..10].copy_from_slice(&0u16.to_le_bytes());
@@ -98,17 +105,17 @@ impl PageBuf {
 
 /// `MDB_db`.
 #[derive(Clone, Copy)]
-pub(super) struct Db {
-    pub(super) depth: u16,
-    pub(super) branch_pages: u64,
-    pub(super) leaf_pages: u64,
-    pub(super) overflow_pages: u64,
-    pub(super) entries: u64,
-    pub(super) root: u64,
+pub(crate) struct Db {
+    pub(crate) depth: u16,
+    pub(crate) branch_pages: u64,
+    pub(crate) leaf_pages: u64,
+    pub(crate) overflow_pages: u64,
+    pub(crate) entries: u64,
+    pub(crate) root: u64,
 }
 
 impl Db {
-    pub(super) fn empty() -> Self {
+    pub(crate) fn empty() -> Self {
         Db { depth: 0, branch_pages: 0, leaf_pages: 0, overflow_pages: 0, entries: 0, root: INVALID }
     }
 
@@ -123,15 +130,15 @@ impl Db {
 }
 
 /// `MDB_meta` on its page.
-pub(super) struct Meta {
-    pub(super) txnid: u64,
-    pub(super) last_page: u64,
-    pub(super) map_size: u64,
-    pub(super) main: Db,
+pub(crate) struct Meta {
+    pub(crate) txnid: u64,
+    pub(crate) last_page: u64,
+    pub(crate) map_size: u64,
+    pub(crate) main: Db,
 }
 
 impl Meta {
-    pub(super) fn page(&self, pgno: u64) -> Vec<u8> {
+    pub(crate) fn page(&self, pgno: u64) -> Vec<u8> {
         let mut page = Vec::with_capacity(PAGE);
         page.extend_from_slice(&pgno.to_le_bytes());
         page.extend_from_slice(&0u16.to_le_bytes());
@@ -169,15 +176,28 @@ impl Db {
     }
 
     /// Whether this is an empty database (no root).
-    pub(super) fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.root == INVALID
     }
 }
 
-impl Meta {
-    /// Reads meta page `pgno` back, checking what LMDB checks (flags, magic, data version) and
-    /// what the bulk loader writes (4 KiB pages, an empty free list, a plain main database).
-    pub(super) fn read(pgno: u64, page: &[u8]) -> Result<Meta, String> {
+/// A meta page as LMDB reads it: the fields [`Meta`] holds, plus the page size, the free
+/// list and the main database's flags, which a reader must check against what it supports.
+pub(crate) struct MetaPage {
+    pub(crate) meta: Meta,
+    pub(crate) page_size: usize,
+    pub(crate) free: Db,
+    pub(crate) main_flags: u16,
+}
+
+impl MetaPage {
+    /// Parses meta page `pgno` (`page` holds at least its first [`HEADER`] + 136 bytes),
+    /// checking what LMDB checks when it opens a file: the page's number and flags, the magic
+    /// and the data version, and a page size that is a power of two of at least 512 bytes.
+    pub(crate) fn read(pgno: u64, page: &[u8]) -> Result<MetaPage, String> {
+        if page.len() < HEADER + 136 {
+            return Err(format!("{} bytes, too short for a meta page", page.len()));
+        }
         let header = Header::read(page);
         if header.pgno != pgno {
             return Err(format!("its header says page {}", header.pgno));
@@ -194,30 +214,44 @@ impl Meta {
             return Err(format!("data version {}, not {DATA_VERSION}", u32_at(HEADER + 4)));
         }
         let (page_size, _, free) = Db::read(&page[HEADER + 24..HEADER + 72]);
-        if page_size as usize != PAGE {
+        if page_size < 512 || !page_size.is_power_of_two() {
+            return Err(format!("page size {page_size}, not a power of two of at least 512 bytes"));
+        }
+        let (_, main_flags, main) = Db::read(&page[HEADER + 72..HEADER + 120]);
+        let meta =
+            Meta { map_size: u64_at(HEADER + 16), main, last_page: u64_at(HEADER + 120), txnid: u64_at(HEADER + 128) };
+        Ok(MetaPage { meta, page_size: page_size as usize, free, main_flags })
+    }
+}
+
+impl Meta {
+    /// Reads meta page `pgno` back, checking what LMDB checks ([`MetaPage::read`]) and what
+    /// the bulk loader writes (4 KiB pages, an empty free list, a plain main database).
+    pub(crate) fn read(pgno: u64, page: &[u8]) -> Result<Meta, String> {
+        let MetaPage { meta, page_size, free, main_flags } = MetaPage::read(pgno, page)?;
+        if page_size != PAGE {
             return Err(format!("page size {page_size}, not {PAGE}"));
         }
         if !free.is_empty() {
             return Err(format!("the free list has a root (page {}); none was written", free.root));
         }
-        let (_, flags, main) = Db::read(&page[HEADER + 72..HEADER + 120]);
-        if flags != 0 {
-            return Err(format!("main database flags {flags:#06x}, not a plain one"));
+        if main_flags != 0 {
+            return Err(format!("main database flags {main_flags:#06x}, not a plain one"));
         }
-        Ok(Meta { map_size: u64_at(HEADER + 16), main, last_page: u64_at(HEADER + 120), txnid: u64_at(HEADER + 128) })
+        Ok(meta)
     }
 }
 
-/// A page header read back (`pages` of overflow pages not needed).
-pub(super) struct Header {
-    pub(super) pgno: u64,
-    pub(super) flags: u16,
+/// A page header read back.
+pub(crate) struct Header {
+    pub(crate) pgno: u64,
+    pub(crate) flags: u16,
     lower: u16,
     upper: u16,
 }
 
 impl Header {
-    pub(super) fn read(page: &[u8]) -> Header {
+    pub(crate) fn read(page: &[u8]) -> Header {
         let u16_at = |at: usize| u16::from_le_bytes([page[at], page[at + 1]]);
         Header {
             pgno: u64::from_le_bytes(page[..8].try_into().expect("a whole page")),
@@ -226,34 +260,39 @@ impl Header {
             upper: u16_at(14),
         }
     }
+
+    /// An overflow page's `mp_pages` (stored where other pages keep lower and upper).
+    pub(crate) fn overflow_count(&self) -> u64 {
+        self.lower as u64 | (self.upper as u64) << 16
+    }
 }
 
 /// A leaf or branch page read back: its nodes, each checked to lie within the page.
-pub(super) struct NodePage<'a> {
+pub(crate) struct NodePage<'a> {
     page: &'a [u8],
-    pub(super) header: Header,
-    pub(super) count: usize,
+    pub(crate) header: Header,
+    pub(crate) count: usize,
 }
 
 /// One node read back.
-pub(super) struct Node<'a> {
-    pub(super) key: &'a [u8],
+pub(crate) struct Node<'a> {
+    pub(crate) key: &'a [u8],
     /// `lo | hi << 16`: a leaf's data size; with `flags`, a branch node's child page.
     lo_hi: u32,
-    pub(super) flags: u16,
+    pub(crate) flags: u16,
     /// The page after the key (a leaf's data is at its start).
     rest: &'a [u8],
 }
 
 impl<'a> NodePage<'a> {
-    /// Reads page `pgno` (`page` is its [`PAGE`] bytes) as a page of nodes.
-    pub(super) fn read(pgno: u64, page: &'a [u8]) -> Result<Self, String> {
+    /// Reads page `pgno` (`page` is all its bytes, of any page size) as a page of nodes.
+    pub(crate) fn read(pgno: u64, page: &'a [u8]) -> Result<Self, String> {
         let header = Header::read(page);
         if header.pgno != pgno {
             return Err(format!("its header says page {}", header.pgno));
         }
         let (lower, upper) = (header.lower as usize, header.upper as usize);
-        if lower < HEADER || !(lower - HEADER).is_multiple_of(2) || lower > upper || upper > PAGE {
+        if lower < HEADER || !(lower - HEADER).is_multiple_of(2) || lower > upper || upper > page.len() {
             return Err(format!("bad node bounds: lower {lower}, upper {upper}"));
         }
         let count = (lower - HEADER) / 2;
@@ -264,17 +303,18 @@ impl<'a> NodePage<'a> {
     }
 
     /// Node `i` (< `count`).
-    pub(super) fn node(&self, i: usize) -> Result<Node<'a>, String> {
+    pub(crate) fn node(&self, i: usize) -> Result<Node<'a>, String> {
         let page = self.page;
+        let size = page.len();
         let ptr = HEADER + 2 * i;
         let at = u16::from_le_bytes([page[ptr], page[ptr + 1]]) as usize;
-        if at < self.header.upper as usize || at + NODE_HEADER > PAGE {
-            return Err(format!("node {i} at offset {at}, outside {}..{PAGE}", self.header.upper));
+        if at < self.header.upper as usize || at + NODE_HEADER > size {
+            return Err(format!("node {i} at offset {at}, outside {}..{size}", self.header.upper));
         }
         let u16_at = |at: usize| u16::from_le_bytes([page[at], page[at + 1]]);
         let key_len = u16_at(at + 6) as usize;
         let key_at = at + NODE_HEADER;
-        if key_at + key_len > PAGE {
+        if key_at + key_len > size {
             return Err(format!("node {i}: a key of {key_len} bytes at offset {key_at} runs off the page"));
         }
         Ok(Node {
@@ -288,12 +328,12 @@ impl<'a> NodePage<'a> {
 
 impl<'a> Node<'a> {
     /// A branch node's child page.
-    pub(super) fn child(&self) -> u64 {
+    pub(crate) fn child(&self) -> u64 {
         self.lo_hi as u64 | (self.flags as u64) << 32
     }
 
     /// A leaf node's value: inline bytes, or where its overflow pages are.
-    pub(super) fn value(&self) -> Result<Value<'a>, String> {
+    pub(crate) fn value(&self) -> Result<Value<'a>, String> {
         let len = self.lo_hi;
         match self.flags {
             0 => {
