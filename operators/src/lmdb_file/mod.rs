@@ -215,6 +215,9 @@ fn read_up_to(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize
     Ok(got)
 }
 
+/// What a walk calls with each key and value.
+type OnEntry<'f> = dyn FnMut(&[u8], &[u8]) -> Result<()> + 'f;
+
 struct Walk<'a> {
     lmdb: &'a LmdbFile,
     /// One bit per page: reached already.
@@ -298,7 +301,7 @@ impl<'a> Walk<'a> {
         pgno: u64,
         from: u64,
         level: u16,
-        on_entry: &mut dyn FnMut(&[u8], &[u8]) -> Result<()>,
+        on_entry: &mut OnEntry<'_>,
     ) -> Result<()> {
         let bytes = self.page(pgno, from, level)?;
         let bad = |reason: String| VerifyError::Page { pgno, reason };
