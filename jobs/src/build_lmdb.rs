@@ -6,6 +6,8 @@
 //! - bad lines (no tab, non-integer or duplicate ids, empty or non-base64 values, malformed
 //!   JSON, missing fields) are quarantined to `{split}/quarantine.jsonl` (or stop the job with
 //!   `--on-error fail`) instead of crashing halfway or being silently overwritten;
+//! - base64 missing its `=` padding is stored padded, as cn_clip's readers need it (cn_clip
+//!   stores it as it is, and its `EvalImgDataset` then fails with "Incorrect padding");
 //! - the map size recorded is about twice the file instead of a fixed 1 TiB (cn_clip #281), and
 //!   the databases are written by a bulk loader (`cnclip_operators::sinks::lmdb_bulk`), not LMDB
 //!   transactions: several times faster, same contents, and each file is walked back and checked
@@ -23,7 +25,7 @@ use anyhow::{Context, Result, bail};
 use cnclip_operators::quarantine::{OnError, Quarantine, Rejected};
 use cnclip_operators::signals;
 use cnclip_operators::sinks::Staged;
-use cnclip_operators::sinks::lmdb::{LmdbWriter, LmdbWriterKind, pickle_pair};
+use cnclip_operators::sinks::lmdb::{LmdbWriter, LmdbWriterKind, cn_clip_base64, pickle_pair};
 use cnclip_operators::sources::{jsonl, tsv};
 
 #[derive(clap::Args)]
@@ -139,7 +141,7 @@ fn build_split(args: &Args, lmdb_dir: &Path, split: &str) -> Result<()> {
             }),
             Ok(line) => {
                 let shard = &mut shards[shard_of(line.image_id)];
-                shard.imgs.put(line.id.as_bytes(), line.base64)?;
+                shard.imgs.put(line.id.as_bytes(), &cn_clip_base64(line.base64))?;
                 shard.num_images += 1;
                 Ok(())
             }

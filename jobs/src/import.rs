@@ -11,7 +11,10 @@
 //! - export (`--format lmdb`): → `{split}/imgs` and `{split}/pairs` (from the texts table, or
 //!   the pairs table when there is no texts table), as `build_lmdb_dataset.py` lays them out.
 //!
-//! Bad records go to `{split}_quarantine.jsonl` (or stop the job with `--on-error fail`).
+//! Export quarantines repeated image and text ids (the first is kept) and, for LMDB, pairs
+//! whose image is not in the images table, as `build-lmdb` does: cn_clip's datasets read every
+//! record it writes. Bad records go to `{split}_quarantine.jsonl` (or stop the job with
+//! `--on-error fail`).
 
 use std::path::{Path, PathBuf};
 
@@ -20,8 +23,8 @@ use cnclip_operators::quarantine::OnError;
 use cnclip_operators::sinks::lmdb::LmdbWriterKind;
 use cnclip_operators::sources::lmdb::Database;
 use cnclip_operators::spec::builtin::{
-    DecodeBase64Config, JsonlConfig, LmdbConfig, ParquetConfig, TsvConfig, WriteJsonlConfig, WriteLmdbConfig,
-    WriteParquetConfig, WriteTsvConfig,
+    DecodeBase64Config, JsonlConfig, LmdbConfig, ParquetConfig, RequireImagesConfig, TsvConfig, WriteJsonlConfig,
+    WriteLmdbConfig, WriteParquetConfig, WriteTsvConfig,
 };
 use cnclip_operators::spec::{JobSettings, NodeDef, Pipeline};
 
@@ -203,7 +206,12 @@ pub fn export(args: ExportArgs) -> Result<()> {
             ..JobSettings::default()
         };
         let parquet = |table: &str| args.parquet_dir.join(format!("{split}_{table}.parquet"));
-        let source = |table: &str| table_source(&parquet(table), table);
+        // Repeated image and text ids are quarantined (the first is kept), as build-lmdb does.
+        let source = |table: &str| ParquetConfig {
+            paths: paths(&parquet(table)),
+            table: Some(table.into()),
+            dedupe: table != "pairs",
+        };
         let texts_table = if parquet("texts").exists() || !parquet("pairs").exists() { "texts" } else { "pairs" };
         let texts_in = format!("{texts_table}_in");
         let mut defs =
@@ -237,14 +245,16 @@ pub fn export(args: ExportArgs) -> Result<()> {
                     writer: args.writer,
                 };
                 defs.push(NodeDef::new("images", Some("images_in"), lmdb(Database::Imgs, "imgs")));
-                defs.push(NodeDef::new("pairs", Some(&texts_in), lmdb(Database::Pairs, "pairs")));
+                // A pair whose image is missing would fail cn_clip's LMDBDataset: quarantined.
+                defs.push(NodeDef::new(
+                    "with_images",
+                    Some(&texts_in),
+                    RequireImagesConfig { images: paths(&parquet("images")) },
+                ));
+                defs.push(NodeDef::new("pairs", Some("with_images"), lmdb(Database::Pairs, "pairs")));
             }
         }
         plans.push((split, settings, defs));
     }
     run_splits("export", plans)
-}
-
-fn table_source(file: &Path, contract: &str) -> ParquetConfig {
-    ParquetConfig { paths: paths(file), table: Some(contract.into()) }
 }

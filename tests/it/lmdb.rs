@@ -105,6 +105,33 @@ print(len(a), len(c))
     assert!(counts.trim().ends_with(" 40"), "{counts}");
 }
 
+/// Two 1-pixel-wide PNGs, URL-safe base64: one whose encoding ends in `==`, one in `=`.
+pub(crate) const PNG_A: &str =
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAACCAIAAAAW4yFwAAAAEElEQVR4nGM4wSXHxMDAAAAGWgDz0V8rQgAAAABJRU5ErkJggg==";
+pub(crate) const PNG_B: &str =
+    "iVBORw0KGgoAAAANSUhEUgAAAAMAAAABCAIAAACUgoPjAAAAC0lEQVR4nGNggAEAAAoAAX-AdF4AAAAASUVORK5CYII=";
+
+/// cn_clip's own datasets over every record of the LMDB split `split_dir`: `LMDBDataset` loads
+/// each pair (its image decoded, its text tokenized), `EvalImgDataset` each image. Returns how
+/// many pairs and images they read; any record they cannot read fails the test.
+pub(crate) fn cn_clip_reads_every_record(split_dir: &Path) -> (usize, usize) {
+    let script = r#"
+import sys
+from cn_clip.training.data import LMDBDataset
+from cn_clip.eval.data import EvalImgDataset
+pairs = LMDBDataset(sys.argv[1], split="val", resolution=32)
+for i in range(pairs.number_samples):
+    pairs[i]
+images = EvalImgDataset(sys.argv[1] + "/imgs", resolution=32)
+ids = {images[i][0] for i in range(len(images))}
+assert len(ids) == len(images), (len(ids), len(images))
+print(pairs.number_samples, len(images))
+"#;
+    let counts = python(script, &[split_dir.to_str().unwrap()], "");
+    let mut counts = counts.split_whitespace().map(|n| n.parse::<usize>().unwrap());
+    (counts.next().unwrap(), counts.next().unwrap())
+}
+
 #[test]
 fn bad_lines_are_quarantined_or_fail_the_job() {
     let dir = tempfile::tempdir().unwrap();
@@ -112,7 +139,10 @@ fn bad_lines_are_quarantined_or_fail_the_job() {
     std::fs::create_dir_all(&data).unwrap();
     std::fs::write(
         data.join("test_imgs.tsv"),
-        "1\taGVsbG8=\r\n2\tnot base64!\nabc\taGk=\n3\t\n4\taGk=\n4\taGVsbG8=\n5 no tab\n6\taGVsbG8\n",
+        format!(
+            "1\t{PNG_A}\r\n2\tnot base64!\nabc\taGk=\n3\t\n4\t{PNG_B}\n4\t{PNG_A}\n5 no tab\n6\t{}\n",
+            PNG_A.trim_end_matches('=')
+        ),
     )
     .unwrap();
     let mut texts = Vec::new();
@@ -176,6 +206,8 @@ print(json.dumps({"imgs": sorted(imgs), "pairs": sorted(pickle.loads(v)[:2] for 
     assert_eq!(stored["imgs"], serde_json::json!(["1", "4", "6", "num_images"]));
     assert_eq!(stored["pairs"], serde_json::json!([[1, 10], [1, 13], [4, 10], [6, 10]]));
     assert_eq!((stored["num_images"].as_str(), stored["num_samples"].as_str()), (Some("3"), Some("4")));
+    // Image 6's base64 came without its `==`: stored padded, cn_clip reads every record.
+    assert_eq!(cn_clip_reads_every_record(&out.join("test")), (4, 3));
 
     // --on-error fail stops at the first bad line, names it, and leaves no database behind.
     let failed = dir.path().join("failed");

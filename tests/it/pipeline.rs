@@ -821,3 +821,76 @@ fn nullable_columns_without_nulls_are_exported() {
     assert!(stderr.contains("valid_images.parquet") && stderr.contains("column `image_id` holds a null"), "{stderr}");
     assert!(!out.join("valid_imgs.tsv").exists());
 }
+
+/// What export writes for cn_clip, cn_clip reads (issue #10): repeated image and text ids are
+/// quarantined (the first kept), a text's reference to a missing image is quarantined (its
+/// other images kept) — with either LMDB writer, cn_clip's datasets then read every record;
+/// and base64 without its `=` padding, written to LMDB by a pipeline, is stored padded.
+#[test]
+fn export_writes_only_what_cn_clip_reads() {
+    use crate::lmdb::{PNG_A, PNG_B, cn_clip_reads_every_record};
+    let dir = tempfile::tempdir().unwrap();
+    let tables = dir.path().join("tables");
+    python(
+        "import base64, sys, os, pyarrow as pa, pyarrow.parquet as pq\nout, a, b = sys.argv[1:]\nos.makedirs(out)\n\
+         a, b = base64.urlsafe_b64decode(a), base64.urlsafe_b64decode(b)\n\
+         pq.write_table(pa.table({'image_id': [1, 2, 2, 3], 'image': [a, b, a, a]}), f'{out}/train_images.parquet')\n\
+         pq.write_table(pa.table({'text_id': [10, 11, 12, 10], 'text': ['一', '二', '三', '重复'],\n\
+                                  'image_ids': [[1, 9], [8], [2, 3], [1]]}), f'{out}/train_texts.parquet')\n",
+        &[tables.to_str().unwrap(), PNG_A, PNG_B],
+        "",
+    );
+    for writer in ["bulk", "txn"] {
+        let out = dir.path().join(writer);
+        let (t, o) = (tables.to_str().unwrap(), out.to_str().unwrap());
+        let stderr = ok(cnclip(&[
+            "export",
+            "--parquet-dir",
+            t,
+            "--splits",
+            "train",
+            "--out",
+            o,
+            "--format",
+            "lmdb",
+            "--writer",
+            writer,
+        ]));
+        assert!(stderr.contains("train: 3 images, 3 pairs, 4 quarantined"), "{stderr}");
+        let quarantine = std::fs::read_to_string(out.join("train_quarantine.jsonl")).unwrap();
+        let mut reasons: Vec<String> = quarantine
+            .lines()
+            .map(json)
+            .map(|r| format!("{}: {}", r["location"].as_str().unwrap(), r["reason"].as_str().unwrap()))
+            .collect();
+        reasons.sort();
+        assert_eq!(reasons.len(), 4, "{reasons:?}");
+        assert_eq!(reasons[0], "image 2: duplicate image id (the first one is kept)");
+        assert_eq!(reasons[1], "text 10: duplicate text id (the first one is kept)");
+        assert!(reasons[2].starts_with("text 10: image 9 is not in ") && reasons[2].contains("train_images.parquet"));
+        assert!(reasons[3].starts_with("text 11: image 8 is not in "), "{reasons:?}");
+        // Pairs (1, 10), (2, 12), (3, 12); images 1, 2, 3.
+        assert_eq!(cn_clip_reads_every_record(&out.join("train")), (3, 3), "{writer}");
+    }
+
+    // TSV base64 without padding, through a pipeline into an LMDB split.
+    let root = dir.path().join("unpadded");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(
+        root.join("imgs.tsv"),
+        format!("1\t{}\n2\t{}\n", PNG_A.trim_end_matches('='), PNG_B.trim_end_matches('=')),
+    )
+    .unwrap();
+    std::fs::write(root.join("texts.jsonl"), "{\"text_id\": 5, \"text\": \"猫\", \"image_ids\": [1, 2]}\n").unwrap();
+    let toml = root.join("p.toml");
+    std::fs::write(
+        &toml,
+        "[nodes.imgs]\nkind = \"tsv\"\npaths = [\"imgs.tsv\"]\n\
+         [nodes.texts]\nkind = \"jsonl\"\npaths = [\"texts.jsonl\"]\n\
+         [nodes.imgs_out]\nkind = \"write_lmdb\"\ninput = \"imgs\"\npath = \"split/imgs\"\ndatabase = \"imgs\"\n\
+         [nodes.pairs_out]\nkind = \"write_lmdb\"\ninput = \"texts\"\npath = \"split/pairs\"\ndatabase = \"pairs\"\n",
+    )
+    .unwrap();
+    ok(cnclip(&["run", toml.to_str().unwrap()]));
+    assert_eq!(cn_clip_reads_every_record(&root.join("split")), (2, 2));
+}

@@ -296,13 +296,7 @@ impl<'a> Walk<'a> {
         }
     }
 
-    fn visit(
-        &mut self,
-        pgno: u64,
-        from: u64,
-        level: u16,
-        on_entry: &mut OnEntry<'_>,
-    ) -> Result<()> {
+    fn visit(&mut self, pgno: u64, from: u64, level: u16, on_entry: &mut OnEntry<'_>) -> Result<()> {
         let bytes = self.page(pgno, from, level)?;
         let bad = |reason: String| VerifyError::Page { pgno, reason };
         let page = NodePage::read(pgno, &bytes).map_err(|e| self.corrupt(bad(e)))?;

@@ -82,6 +82,22 @@ impl LmdbWriter {
     }
 }
 
+/// A base64 image value as cn_clip's readers take it: `base64.urlsafe_b64decode` accepts both
+/// alphabets but refuses a value whose `=` padding is missing or short ("Incorrect padding"),
+/// which TSVs in the wild carry (cnclip's own decoder accepts them). So the padding is made
+/// whole; a value that already is comes back as it was, unchanged.
+pub fn cn_clip_base64(value: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    let body = value.strip_suffix(b"==").or_else(|| value.strip_suffix(b"=")).unwrap_or(value);
+    let padded = body.len().div_ceil(4) * 4;
+    if padded == value.len() {
+        return std::borrow::Cow::Borrowed(value);
+    }
+    let mut fixed = Vec::with_capacity(padded);
+    fixed.extend_from_slice(body);
+    fixed.resize(padded, b'=');
+    std::borrow::Cow::Owned(fixed)
+}
+
 /// `pickle.dumps((image_id, text_id, text))` as Python 3.8+ writes it (protocol 4, framed),
 /// byte for byte, for the values of cn_clip's `pairs` database.
 pub fn pickle_pair(image_id: i64, text_id: i64, text: &str) -> Vec<u8> {
@@ -132,7 +148,8 @@ fn pickle_int(out: &mut Vec<u8>, v: i64) {
 }
 
 /// One database of a cn_clip LMDB split as a pipeline sink: `imgs` from `images` (encoded to
-/// URL-safe base64, as cn_clip's TSVs hold them) or `images_base64` (stored as they are), or
+/// URL-safe base64, as cn_clip's TSVs hold them) or `images_base64` (stored as they are, but
+/// with whole `=` padding: [`cn_clip_base64`]), or
 /// `pairs` from a `pairs` table or a `texts` table (one pair per image id, in order). The count
 /// key (`num_images` / `num_samples`) is written at the end; the database is built in a
 /// temporary directory and renamed into place.
@@ -213,7 +230,7 @@ impl super::Sink for LmdbSink {
                 for row in 0..batch.num_rows() {
                     let key = ids.value(row).to_string();
                     if encoded {
-                        writer.put(key.as_bytes(), values.value(row))?;
+                        writer.put(key.as_bytes(), &cn_clip_base64(values.value(row)))?;
                     } else {
                         self.scratch.clear();
                         base64::engine::general_purpose::URL_SAFE.encode_string(values.value(row), &mut self.scratch);
@@ -292,6 +309,23 @@ mod tests {
 
     fn hex(bytes: &[u8]) -> String {
         bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn base64_padding_is_made_whole_and_nothing_else_changes() {
+        for (value, expected) in [
+            ("aGVsbG8=", "aGVsbG8="),
+            ("aGVsbG8", "aGVsbG8="),
+            ("aGk", "aGk="),
+            ("aQ", "aQ=="),
+            ("aQ=", "aQ=="),
+            ("aGk==", "aGk="),
+            ("a-_b", "a-_b"),
+            ("", ""),
+        ] {
+            assert_eq!(std::str::from_utf8(&cn_clip_base64(value.as_bytes())).unwrap(), expected, "{value}");
+        }
+        assert!(matches!(cn_clip_base64(b"aGVsbG8="), std::borrow::Cow::Borrowed(_)));
     }
 
     /// Expected bytes are Python 3.11's `pickle.dumps((image_id, text_id, text)).hex()`.

@@ -37,6 +37,9 @@ pub struct ParquetSource {
     pub paths: Vec<PathBuf>,
     /// The schema of the first file; every other must match it.
     pub schema: SchemaRef,
+    /// Rows whose id repeats one read before are quarantined: the id column and what its
+    /// rows are ("image", "text"), or `None` to pass every row.
+    pub dedupe: Option<(&'static str, &'static str)>,
 }
 
 impl ParquetSource {
@@ -81,10 +84,39 @@ impl ParquetSource {
             }
         }
         match schema {
-            Some(schema) if problems.is_empty() => Ok(ParquetSource { paths, schema }),
+            Some(schema) if problems.is_empty() => Ok(ParquetSource { paths, schema, dedupe: None }),
             _ => Err(problems),
         }
     }
+}
+
+/// The rows of `batch` whose `column` id was not seen before; the others are quarantined.
+fn first_of_each_id(
+    batch: RecordBatch,
+    column: &str,
+    what: &str,
+    path: &Path,
+    seen: &mut super::SeenIds,
+    ctx: &ReadContext,
+) -> Result<RecordBatch> {
+    let ids = batch
+        .column_by_name(column)
+        .and_then(|ids| ids.as_any().downcast_ref::<arrow::array::Int64Array>())
+        .ok_or_else(|| Error::Internal(format!("dedupe: no int64 column `{column}`")))?;
+    let mut keep = Vec::with_capacity(ids.len());
+    for id in ids.values() {
+        match seen.duplicate(*id, path, what) {
+            None => keep.push(true),
+            Some(rejected) => {
+                ctx.quarantine.reject(rejected)?;
+                keep.push(false);
+            }
+        }
+    }
+    if keep.iter().all(|&k| k) {
+        return Ok(batch);
+    }
+    Ok(filter_record_batch(&batch, &BooleanArray::from(keep))?)
 }
 
 fn describe(schema: &SchemaRef) -> String {
@@ -126,6 +158,7 @@ impl Source for ParquetSource {
 
     fn read(self: Box<Self>, ctx: &ReadContext, emit: Emit<'_>) -> Result<()> {
         let mut ordinal = 0u64;
+        let mut seen = super::SeenIds::new(self.dedupe.is_some());
         for path in &self.paths {
             let file = File::open(path).map_err(io(path))?;
             let reader = ParquetRecordBatchReaderBuilder::try_new(file)
@@ -142,8 +175,13 @@ impl Source for ParquetSource {
                     filter_record_batch(&batch, &mask)?
                 };
                 ordinal += rows;
+                let batch = self.conform(path, batch)?;
+                let batch = match self.dedupe {
+                    Some((column, what)) => first_of_each_id(batch, column, what, path, &mut seen, ctx)?,
+                    None => batch,
+                };
                 if batch.num_rows() > 0 {
-                    emit(self.conform(path, batch)?)?;
+                    emit(batch)?;
                 }
             }
         }

@@ -23,6 +23,7 @@ use crate::sources::parquet::ParquetSource;
 use crate::sources::tsv::TsvSource;
 use crate::transforms::base64::DecodeBase64;
 use crate::transforms::preprocess::{Order, Preprocess};
+use crate::transforms::require_images::RequireImages;
 use crate::transforms::tokenize::Tokenize;
 
 /// Registers every built-in kind, sources first, then transforms, then sinks.
@@ -34,6 +35,7 @@ pub fn register(registry: &mut Registry) {
         .register::<ImageFolderConfig>()
         .register::<ParquetConfig>()
         .register::<DecodeBase64Config>()
+        .register::<RequireImagesConfig>()
         .register::<PreprocessConfig>()
         .register::<TokenizeConfig>()
         .register::<WriteParquetConfig>()
@@ -153,20 +155,53 @@ pub struct ParquetConfig {
     pub paths: Vec<String>,
     /// A contract (`images`, `texts`, `pairs`, …) the files must match.
     pub table: Option<String>,
+    /// Quarantine a row whose id (`image_id` of an `images` table, `text_id` of a `texts`
+    /// table) repeats an earlier row's, as the TSV and JSONL sources do.
+    #[serde(default)]
+    pub dedupe: bool,
 }
 
 impl NodeConfig for ParquetConfig {
     const KIND: &'static str = "parquet";
     const ROLE: Role = Role::Source;
-    const DOC: &'static str = "`paths` (files, globs) → their schema; `table` names a contract to check";
+    const DOC: &'static str = "`paths` (files, globs) → their schema; `table` names a contract to check; \
+                               `dedupe` (images, texts) quarantines repeated ids";
     fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
+        use cnclip_schemas::columns::{IMAGE_ID, TEXT_ID};
         let contract = match self.table.as_deref() {
             None => None,
             Some(name) => {
                 Some((name, super::contract(name).ok_or_else(|| vec![format!("unknown table contract `{name}`")])?))
             }
         };
-        Ok(Operator::Source(Box::new(ParquetSource::open(cx.files(&self.paths)?, contract)?)))
+        let dedupe = match (self.dedupe, self.table.as_deref()) {
+            (false, _) => None,
+            (true, Some("images")) => Some((IMAGE_ID, "image")),
+            (true, Some("texts")) => Some((TEXT_ID, "text")),
+            (true, _) => return Err(vec!["`dedupe` needs `table = \"images\"` or `table = \"texts\"`".into()]),
+        };
+        let mut source = ParquetSource::open(cx.files(&self.paths)?, contract)?;
+        source.dedupe = dedupe;
+        Ok(Operator::Source(Box::new(source)))
+    }
+}
+
+/// `require_images`: drops (and quarantines) the image references of a texts or pairs table
+/// that are not in the images table(s) `images`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequireImagesConfig {
+    /// Images tables (Parquet files, globs) with an `image_id` column.
+    pub images: Vec<String>,
+}
+
+impl NodeConfig for RequireImagesConfig {
+    const KIND: &'static str = "require_images";
+    const ROLE: Role = Role::Transform;
+    const DOC: &'static str =
+        "texts/pairs → only the image ids found in the images tables `images`; the others quarantined";
+    fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
+        Ok(Operator::Transform(Arc::new(RequireImages::new(cx.files(&self.images)?))))
     }
 }
 

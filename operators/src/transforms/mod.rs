@@ -6,6 +6,7 @@
 
 pub mod base64;
 pub mod preprocess;
+pub mod require_images;
 pub mod tokenize;
 pub mod tokenizer;
 

@@ -1,0 +1,208 @@
+//! `require_images`: keeps the image references of a `texts` or `pairs` table that point at an
+//! image of a given images table, and quarantines the others — what `build-lmdb` does, so that
+//! `export --format lmdb` never writes a pair cn_clip's `LMDBDataset` cannot load.
+//!
+//! A pair (`image_id`) whose image is missing is dropped; a text (`image_ids`) keeps the images
+//! that exist, one quarantine record per missing one, and is dropped when none is left. The
+//! images table's ids are read (that column only) the first time a batch arrives.
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use arrow::array::{Array, AsArray, Int64Array, Int64Builder, ListArray, ListBuilder};
+use arrow::datatypes::{DataType, Int64Type, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use cnclip_schemas::columns::{IMAGE_ID, IMAGE_IDS, TEXT_ID};
+use parquet::arrow::ProjectionMask;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use rustc_hash::FxHashSet;
+
+use super::{Output, Transform, rebuild, require};
+use crate::error::{Error, Result};
+use crate::quarantine::Rejected;
+
+pub struct RequireImages {
+    /// The images tables (Parquet files with an `image_id` column).
+    pub images: Vec<PathBuf>,
+    ids: OnceLock<Result<FxHashSet<i64>, String>>,
+}
+
+impl RequireImages {
+    pub fn new(images: Vec<PathBuf>) -> Self {
+        RequireImages { images, ids: OnceLock::new() }
+    }
+
+    fn ids(&self) -> Result<&FxHashSet<i64>> {
+        let loaded = self.ids.get_or_init(|| {
+            let mut ids = FxHashSet::default();
+            for path in &self.images {
+                read_ids(path, &mut ids).map_err(|e| format!("{}: {e}", path.display()))?;
+            }
+            Ok(ids)
+        });
+        loaded.as_ref().map_err(|reason| Error::Internal(format!("require_images: reading image ids: {reason}")))
+    }
+
+    fn describe(&self) -> String {
+        crate::sources::describe_paths(&self.images)
+    }
+}
+
+fn read_ids(path: &std::path::Path, ids: &mut FxHashSet<i64>) -> std::result::Result<(), String> {
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| e.to_string())?;
+    let mask = ProjectionMask::columns(builder.parquet_schema(), [IMAGE_ID]);
+    for batch in builder.with_projection(mask).build().map_err(|e| e.to_string())? {
+        let batch = batch.map_err(|e| e.to_string())?;
+        let column = batch.column_by_name(IMAGE_ID).ok_or("no `image_id` column")?;
+        let column = column.as_primitive_opt::<Int64Type>().ok_or("`image_id` is not int64")?;
+        ids.extend(column.iter().flatten());
+    }
+    Ok(())
+}
+
+impl Transform for RequireImages {
+    fn output_schema(&self, input: &SchemaRef) -> Result<SchemaRef, String> {
+        require(input, TEXT_ID, &DataType::Int64)?;
+        if input.index_of(IMAGE_ID).is_err() && input.index_of(IMAGE_IDS).is_err() {
+            return Err(format!("needs an `{IMAGE_ID}` or `{IMAGE_IDS}` column; the input has {}", {
+                super::column_list(input)
+            }));
+        }
+        Ok(input.clone())
+    }
+
+    fn apply(&self, batch: &RecordBatch, source: &str) -> Result<Output> {
+        let known = self.ids()?;
+        let schema = batch.schema();
+        let text_ids = batch.column(schema.index_of(TEXT_ID).expect("checked")).as_primitive::<Int64Type>();
+        let missing = |row: usize, image_id: i64| Rejected {
+            source: source.to_string(),
+            location: format!("text {}", text_ids.value(row)),
+            id: Some(text_ids.value(row).to_string()),
+            reason: format!("image {image_id} is not in {}", self.describe()),
+        };
+        let (mut keep, mut rejected) = (Vec::with_capacity(batch.num_rows()), Vec::new());
+        if let Ok(index) = schema.index_of(IMAGE_ID) {
+            let image_ids = batch.column(index).as_primitive::<Int64Type>();
+            for (row, image_id) in image_ids.values().iter().enumerate() {
+                if known.contains(image_id) {
+                    keep.push(row as u32);
+                } else {
+                    rejected.push(missing(row, *image_id));
+                }
+            }
+            let column =
+                Arc::new(arrow::compute::take(image_ids, &arrow::array::UInt32Array::from(keep.clone()), None)?);
+            let batch = rebuild(batch, schema.clone(), index, &keep, column)?;
+            return Ok(Output { batch, rejected });
+        }
+        let index = schema.index_of(IMAGE_IDS).expect("checked by output_schema");
+        let lists = batch.column(index).as_list_opt::<i32>().ok_or_else(|| Error::Internal("image_ids type".into()))?;
+        let field = match schema.field(index).data_type() {
+            DataType::List(field) => field.clone(),
+            other => return Err(Error::Internal(format!("image_ids is {other}"))),
+        };
+        let mut out = ListBuilder::new(Int64Builder::new()).with_field(field);
+        for row in 0..lists.len() {
+            let list = lists.value(row);
+            let ids =
+                list.as_any().downcast_ref::<Int64Array>().ok_or_else(|| Error::Internal("image_ids items".into()))?;
+            let before = rejected.len();
+            let mut kept = 0;
+            for image_id in ids.values() {
+                if known.contains(image_id) {
+                    out.values().append_value(*image_id);
+                    kept += 1;
+                } else {
+                    rejected.push(missing(row, *image_id));
+                }
+            }
+            // A text with no image (none given) passes, as it came; one whose images are all
+            // missing is dropped.
+            if kept > 0 || rejected.len() == before {
+                out.append(true);
+                keep.push(row as u32);
+            } else {
+                // Nothing was appended to the values for this row: no list to close.
+            }
+        }
+        let column: ListArray = out.finish();
+        let batch = rebuild(batch, schema.clone(), index, &keep, Arc::new(column))?;
+        Ok(Output { batch, rejected })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::datatypes::{Field, Schema};
+
+    fn images_table(dir: &std::path::Path, ids: &[i64]) -> PathBuf {
+        let path = dir.join("images.parquet");
+        let schema = Arc::new(Schema::new(vec![Field::new(IMAGE_ID, DataType::Int64, false)]));
+        let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(ids.to_vec()))]).unwrap();
+        let mut writer =
+            parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), schema, None).unwrap();
+        writer.write(&batch).unwrap();
+        writer.close().unwrap();
+        path
+    }
+
+    #[test]
+    fn texts_keep_their_existing_images_and_pairs_without_one_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let transform = RequireImages::new(vec![images_table(dir.path(), &[1, 2, 3])]);
+
+        let texts = cnclip_schemas::texts();
+        let mut lists = ListBuilder::new(Int64Builder::new()).with_field(
+            match texts.field_with_name(IMAGE_IDS).unwrap().data_type() {
+                DataType::List(field) => field.clone(),
+                _ => unreachable!(),
+            },
+        );
+        for ids in [&[1i64, 9][..], &[8, 9], &[2, 3], &[]] {
+            lists.values().append_slice(ids);
+            lists.append(true);
+        }
+        let batch = RecordBatch::try_new(
+            texts.clone(),
+            vec![
+                Arc::new(Int64Array::from(vec![10, 11, 12, 13])),
+                Arc::new(arrow::array::StringArray::from(vec!["a", "b", "c", "d"])),
+                Arc::new(lists.finish()),
+            ],
+        )
+        .unwrap();
+        let out = transform.apply(&batch, "texts.parquet").unwrap();
+        let kept: Vec<(i64, Vec<i64>)> = (0..out.batch.num_rows())
+            .map(|row| {
+                let ids = out.batch.column(2).as_list::<i32>().value(row);
+                (
+                    out.batch.column(0).as_primitive::<Int64Type>().value(row),
+                    ids.as_primitive::<Int64Type>().values().to_vec(),
+                )
+            })
+            .collect();
+        assert_eq!(kept, vec![(10, vec![1]), (12, vec![2, 3]), (13, vec![])]);
+        let reasons: Vec<String> = out.rejected.iter().map(|r| format!("{}: {}", r.location, r.reason)).collect();
+        assert_eq!(reasons.len(), 3, "{reasons:?}");
+        assert!(reasons[0].starts_with("text 10: image 9 is not in "), "{reasons:?}");
+        assert!(reasons[1].starts_with("text 11: image 8 is not in "), "{reasons:?}");
+
+        let pairs = cnclip_schemas::pairs();
+        let batch = RecordBatch::try_new(
+            pairs.clone(),
+            vec![
+                Arc::new(Int64Array::from(vec![1, 7, 3])),
+                Arc::new(Int64Array::from(vec![20, 21, 22])),
+                Arc::new(arrow::array::StringArray::from(vec!["x", "y", "z"])),
+            ],
+        )
+        .unwrap();
+        let out = transform.apply(&batch, "pairs.parquet").unwrap();
+        assert_eq!(out.batch.column(1).as_primitive::<Int64Type>().values().to_vec(), vec![20, 22]);
+        assert_eq!(out.batch.column(0).as_primitive::<Int64Type>().values().to_vec(), vec![1, 3]);
+        assert_eq!(out.rejected.len(), 1);
+    }
+}
