@@ -263,6 +263,15 @@ input = "b"
 [nodes.x]
 kind = "resize"
 
+[nodes.tok]
+kind = "tokenize"
+input = "imgs"
+
+[nodes.tok_out]
+kind = "write_parquet"
+input = "tok"
+path = "t.parquet"
+
 [nodes.out]
 kind = "write_tsv"
 input = "pre"
@@ -290,7 +299,8 @@ path = "o.tsv"
         "node `x`: unknown kind `resize`",
         "node `out`: unknown field `colour`",
         "node `out2`: reads from unknown node `nope`",
-        "node `imgs`: nothing reads its output",
+        // `imgs` cannot be built (no file), but its schema is known: its reader is checked.
+        "node `tok` (reading `imgs`): needs a `text` column (Utf8); the input has columns image_id, image_base64",
     ] {
         assert!(stderr.contains(problem), "missing {problem:?} in:\n{stderr}");
     }

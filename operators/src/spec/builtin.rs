@@ -78,6 +78,10 @@ impl NodeConfig for TsvConfig {
             max_record_bytes: self.max_record_bytes,
         })))
     }
+
+    fn known_schema(&self) -> Option<SchemaRef> {
+        Some(cnclip_schemas::images_base64())
+    }
 }
 
 /// `jsonl`: cn_clip text files (`{"text_id", "text", "image_ids"}` per line).
@@ -102,6 +106,10 @@ impl NodeConfig for JsonlConfig {
             dedupe: self.dedupe,
             max_record_bytes: self.max_record_bytes,
         })))
+    }
+
+    fn known_schema(&self) -> Option<SchemaRef> {
+        Some(cnclip_schemas::texts())
     }
 }
 
@@ -129,6 +137,13 @@ impl NodeConfig for LmdbConfig {
         }
         Ok(Operator::Source(Box::new(LmdbSource { dir: path, database: self.database })))
     }
+
+    fn known_schema(&self) -> Option<SchemaRef> {
+        Some(match self.database {
+            Database::Imgs => cnclip_schemas::images_base64(),
+            Database::Pairs => cnclip_schemas::pairs(),
+        })
+    }
 }
 
 /// `image_folder`: torchvision `ImageFolder`'s layout (cn_clip's zero-shot sets).
@@ -145,6 +160,10 @@ impl NodeConfig for ImageFolderConfig {
     fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
         let root = cx.dir(&self.path, "image folder")?;
         Ok(Operator::Source(Box::new(ImageFolderSource::open(root).map_err(|e| vec![e.to_string()])?)))
+    }
+
+    fn known_schema(&self) -> Option<SchemaRef> {
+        Some(cnclip_schemas::labeled_images())
     }
 }
 

@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 use arrow::datatypes::SchemaRef;
 
 use super::parse::{JobSettings, parse};
-use super::registry::{BuildContext, NodeConfig, Operator, Registry, Role};
+use super::registry::{BuildContext, BuildFailure, NodeConfig, Operator, Registry, Role, build_config};
 use crate::sources::Shard;
 
-type BuildTyped = Box<dyn FnOnce(&BuildContext) -> Result<Operator, Vec<String>> + Send>;
+type BuildTyped = Box<dyn FnOnce(&BuildContext) -> Result<Operator, BuildFailure> + Send>;
 
 /// A node as written: its name, its input and its kind's configuration — a TOML table (from a
 /// pipeline file) or a typed config (a fixed pipeline built in code).
@@ -31,7 +31,7 @@ enum Definition {
 impl NodeDef {
     /// A node of kind `C::KIND` from its typed config.
     pub fn new<C: NodeConfig>(name: &str, input: Option<&str>, config: C) -> Self {
-        let build: BuildTyped = Box::new(move |cx| config.build(cx));
+        let build: BuildTyped = Box::new(move |cx| build_config(config, cx));
         NodeDef {
             name: name.into(),
             input: input.map(Into::into),
@@ -62,9 +62,9 @@ impl NodeDef {
         }
     }
 
-    fn build(self, registry: &Registry, cx: &BuildContext) -> Result<Operator, Vec<String>> {
+    fn build(self, registry: &Registry, cx: &BuildContext) -> Result<Operator, BuildFailure> {
         match self.definition {
-            Definition::Toml { kind, config } => registry.build(&kind, &config, cx),
+            Definition::Toml { kind, config } => registry.build_or_schema(&kind, &config, cx),
             Definition::Typed { build, .. } => build(cx),
         }
     }
@@ -175,6 +175,8 @@ impl<'r> Planner<'r> {
         let shapes: Vec<(String, Option<String>, Option<Role>)> =
             defs.iter().map(|d| (d.name.clone(), d.input.clone(), d.role(self.registry))).collect();
         let mut nodes = Vec::new();
+        // Failed sources whose schema their config fixes: their readers are still checked.
+        let mut known = BTreeMap::new();
         for def in defs {
             let name = def.name.clone();
             let mut problem = |p: String| problems.push(format!("node `{name}`: {p}"));
@@ -197,7 +199,12 @@ impl<'r> Planner<'r> {
                     problem(format!("kind `{kind}` is registered as a {role:?} but built a {:?}", op.role()))
                 }
                 Ok(op) => nodes.push(PlannedNode { name: name.clone(), input, op }),
-                Err(errors) => errors.into_iter().for_each(&mut problem),
+                Err((errors, schema)) => {
+                    errors.into_iter().for_each(&mut problem);
+                    if let (Some(schema), Role::Source) = (schema, role) {
+                        known.insert(name.clone(), schema);
+                    }
+                }
             }
         }
         // Who reads whom: sinks must not be read, everything else must be (or be streamed).
@@ -226,7 +233,7 @@ impl<'r> Planner<'r> {
                 problems.push(format!("nodes `{other}` and `{}` both write {}", node.name, sink.path().display()));
             }
         }
-        let (schemas, origins) = derive_schemas(&nodes, &names, &mut problems);
+        let (schemas, origins) = derive_schemas(&nodes, &names, known, &mut problems);
         if problems.is_empty() {
             let settings = JobSettings { quarantine: cx.resolve(&settings.quarantine), ..settings };
             Ok(Pipeline { settings, shard, nodes, schemas, origins, stream: self.stream.clone() })
@@ -240,12 +247,20 @@ type Schemas = (BTreeMap<String, SchemaRef>, BTreeMap<String, String>);
 
 /// Each node's output schema and the origin of its rows, in dependency order; a cycle leaves
 /// nodes unresolved and is reported. Nodes that failed to build count as failed inputs (their
-/// readers are not checked again).
-fn derive_schemas(nodes: &[PlannedNode], names: &BTreeSet<String>, problems: &mut Vec<String>) -> Schemas {
-    let mut schemas: BTreeMap<String, SchemaRef> = BTreeMap::new();
-    let mut origins: BTreeMap<String, String> = BTreeMap::new();
-    let mut failed: BTreeSet<String> =
-        names.iter().filter(|name| !nodes.iter().any(|n| &n.name == *name)).cloned().collect();
+/// readers are not checked again), except sources whose schema is `known` all the same.
+fn derive_schemas(
+    nodes: &[PlannedNode],
+    names: &BTreeSet<String>,
+    known: BTreeMap<String, SchemaRef>,
+    problems: &mut Vec<String>,
+) -> Schemas {
+    let mut origins: BTreeMap<String, String> = known.keys().map(|name| (name.clone(), name.clone())).collect();
+    let mut schemas: BTreeMap<String, SchemaRef> = known;
+    let mut failed: BTreeSet<String> = names
+        .iter()
+        .filter(|name| !nodes.iter().any(|n| &n.name == *name) && !schemas.contains_key(*name))
+        .cloned()
+        .collect();
     loop {
         let mut progressed = false;
         for node in nodes {

@@ -79,6 +79,24 @@ pub trait NodeConfig: DeserializeOwned + Send + 'static {
     /// # Errors
     /// Every problem found, one sentence each (the planner prefixes the node's name).
     fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>>;
+
+    /// A source's output schema when its config alone fixes it (not its files): planning then
+    /// checks the nodes that read it even when it cannot be built (a missing file), so a file
+    /// with both problems reports both. `None` (the default): readers of a failed node are not
+    /// checked.
+    fn known_schema(&self) -> Option<SchemaRef> {
+        None
+    }
+}
+
+/// A node that could not be built: its problems, and its output schema if its config fixes it
+/// ([`NodeConfig::known_schema`]).
+pub(crate) type BuildFailure = (Vec<String>, Option<SchemaRef>);
+
+/// Builds `config`, keeping its known schema for when the build fails.
+pub(crate) fn build_config<C: NodeConfig>(config: C, cx: &BuildContext) -> Result<Operator, BuildFailure> {
+    let schema = config.known_schema();
+    config.build(cx).map_err(|problems| (problems, schema))
 }
 
 /// What a constructor may need besides its config: where relative paths start.
@@ -137,7 +155,7 @@ pub struct KindInfo {
     pub doc: &'static str,
 }
 
-type Constructor = Box<dyn Fn(&toml::Table, &BuildContext) -> Result<Operator, Vec<String>> + Send + Sync>;
+type Constructor = Box<dyn Fn(&toml::Table, &BuildContext) -> Result<Operator, BuildFailure> + Send + Sync>;
 
 struct Entry {
     info: KindInfo,
@@ -172,7 +190,7 @@ impl Registry {
         assert!(self.get(C::KIND).is_none(), "node kind `{}` is registered twice", C::KIND);
         self.entries.push(Entry {
             info: KindInfo { kind: C::KIND, role: C::ROLE, doc: C::DOC },
-            build: Box::new(|table, cx| deserialize::<C>(table)?.build(cx)),
+            build: Box::new(|table, cx| build_config(deserialize::<C>(table).map_err(|p| (p, None))?, cx)),
         });
         self
     }
@@ -192,9 +210,19 @@ impl Registry {
     /// # Errors
     /// An unknown kind (listing the known ones), or the config's problems.
     pub fn build(&self, kind: &str, table: &toml::Table, cx: &BuildContext) -> Result<Operator, Vec<String>> {
+        self.build_or_schema(kind, table, cx).map_err(|(problems, _)| problems)
+    }
+
+    /// As [`Registry::build`], with the failed node's known schema.
+    pub(crate) fn build_or_schema(
+        &self,
+        kind: &str,
+        table: &toml::Table,
+        cx: &BuildContext,
+    ) -> Result<Operator, BuildFailure> {
         match self.entries.iter().find(|e| e.info.kind == kind) {
             Some(entry) => (entry.build)(table, cx),
-            None => Err(vec![self.unknown(kind)]),
+            None => Err((vec![self.unknown(kind)], None)),
         }
     }
 
