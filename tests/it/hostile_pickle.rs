@@ -24,6 +24,11 @@ const ADDRESS_SPACE_KIB: u64 = 1 << 20;
 /// pool and glibc's per-thread malloc arenas (64 MiB of address space each) grow with the core
 /// count: both are capped, so that the limit measures the reader on any machine.
 fn cnclip_limited(dir: &Path, args: &[&str]) -> Output {
+    cnclip_limited_with(dir, args, &[])
+}
+
+/// [`cnclip_limited`] with environment variables `env` set.
+fn cnclip_limited_with(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new("sh")
         .arg("-c")
         .arg(format!("ulimit -v {ADDRESS_SPACE_KIB} && exec \"$0\" \"$@\""))
@@ -32,6 +37,7 @@ fn cnclip_limited(dir: &Path, args: &[&str]) -> Output {
         .current_dir(dir)
         .env("OMP_NUM_THREADS", "2")
         .env("MALLOC_ARENA_MAX", "2")
+        .envs(env.iter().copied())
         .output()
         .unwrap()
 }
@@ -203,6 +209,11 @@ Image.new('RGB', (32, 32), (10, 200, 10)).save(sys.argv[1] + '/green.png')
     let stderr = failed_cleanly(&cnclip_limited(root, &similarity("laughs.pt")));
     assert!(stderr.contains("checkpoint laughs.pt: refusing to load"), "{stderr}");
     assert!(stderr.contains("budget of 67108864 bytes materialised (max_bytes)"), "{stderr}");
+    assert!(stderr.contains("CNCLIP_PICKLE_LIMIT_SCALE=N raises every budget"), "{stderr}");
+    // The override raises the budgets (here 2×); the billion laughs still stops.
+    let scaled = cnclip_limited_with(root, &similarity("laughs.pt"), &[("CNCLIP_PICKLE_LIMIT_SCALE", "2")]);
+    let stderr = failed_cleanly(&scaled);
+    assert!(stderr.contains("budget of 134217728 bytes materialised (max_bytes)"), "{stderr}");
     let args = ["convert", "--input", "laughs.pt", "--output", "out.safetensors", "--model-config", "tiny.json"];
     let stderr = failed_cleanly(&cnclip_limited(root, &args));
     assert!(stderr.contains("checkpoint laughs.pt: refusing to load") && stderr.contains("max_bytes"), "{stderr}");
@@ -267,4 +278,59 @@ print(json.dumps({"tensors": len(sd), "parameters": len(params)}))
     let small = Limits { max_bytes: 100_000, ..Limits::CHECKPOINT };
     let err = TorchArchive::open_with(&checkpoint, &small).err().expect("a 100 KB budget is too small").to_string();
     assert!(err.contains("vit-h-14.pt") && err.contains("budget of 100000 bytes materialised"), "{err}");
+}
+
+/// A checkpoint re-zipped with deflate whose storage record would inflate to 2 GiB (a zip bomb,
+/// ~2 MB on disk) is refused before anything is inflated, naming the record (torch.save stores
+/// records uncompressed), within the 1 GiB address space; a record shorter than its storage is
+/// refused, naming it.
+#[test]
+fn zip_bomb_and_short_storage_records_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::write(root.join("tiny.json"), TINY_VIT_BERT).unwrap();
+    reference(
+        &["build-model", "--config", TINY_VIT_BERT, "--seed", "5", "--out", root.join("tiny.pt").to_str().unwrap()],
+        "",
+    );
+    let script = r#"
+import sys, zipfile
+from PIL import Image
+root = sys.argv[1]
+with zipfile.ZipFile(f"{root}/tiny.pt") as src:
+    names = src.namelist()
+    largest = max((n for n in names if "/data/" in n), key=lambda n: src.getinfo(n).file_size)
+    # Short: the largest storage cut in half.
+    with zipfile.ZipFile(f"{root}/short.pt", "w") as dst:
+        for name in names:
+            data = src.read(name)
+            dst.writestr(name, data[: len(data) // 2] if name == largest else data)
+    # The bomb: deflated, the largest storage followed by 2 GiB of zeros.
+    with zipfile.ZipFile(f"{root}/bomb.pt", "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as dst:
+        for name in names:
+            if name != largest:
+                dst.writestr(name, src.read(name), compress_type=zipfile.ZIP_STORED)
+                continue
+            with dst.open(name, "w", force_zip64=True) as f:
+                f.write(src.read(name))
+                zeros = bytes(64 << 20)
+                for _ in range((2 << 30) // len(zeros)):
+                    f.write(zeros)
+Image.new("RGB", (32, 32), (10, 200, 10)).save(f"{root}/green.png")
+print(largest)
+"#;
+    let largest = python(script, &[root.to_str().unwrap()], "");
+    let bomb = std::fs::metadata(root.join("bomb.pt")).unwrap().len();
+    assert!(bomb < 16 << 20, "the bomb is {bomb} bytes deflated");
+    let similarity = |checkpoint: &'static str| {
+        ["similarity", "--resume", checkpoint, "--model-config", "tiny.json", "--image", "green.png", "--text", "绿色"]
+    };
+    succeeded(&cnclip_limited(root, &similarity("tiny.pt")));
+    let stderr = failed_cleanly(&cnclip_limited(root, &similarity("bomb.pt")));
+    let record = largest.trim();
+    assert!(stderr.contains(&format!("checkpoint bomb.pt: record {record} is compressed")), "{stderr}");
+
+    let stderr = failed_cleanly(&cnclip_limited(root, &similarity("short.pt")));
+    assert!(stderr.contains("short.pt") && stderr.contains(&format!("storage {record}")), "{stderr}");
+    assert!(stderr.contains("expected"), "{stderr}");
 }

@@ -37,14 +37,14 @@ fn checkpoint_error(path: &str, reason: impl std::fmt::Display) -> Error {
 
 impl TorchArchive {
     /// Opens a `torch.save` zip archive and decodes its pickle (restricted: see [`pickle`]),
-    /// within [`Limits::CHECKPOINT`].
+    /// within [`Limits::CHECKPOINT`] (scaled by `CNCLIP_PICKLE_LIMIT_SCALE`: [`Limits::from_env`]).
     ///
     /// # Errors
     /// [`Error::Checkpoint`] naming the file: not a zip (e.g. the legacy pre-1.6 format), no
     /// `data.pkl`, big-endian data, a pickle that would execute code or build more than the
     /// limits allow.
     pub fn open(path: &Path) -> Result<Self> {
-        Self::open_with(path, &Limits::CHECKPOINT)
+        Self::open_with(path, &Limits::CHECKPOINT.from_env())
     }
 
     /// [`TorchArchive::open`] within `limits` (`data.pkl` itself may be at most
@@ -66,6 +66,21 @@ impl TorchArchive {
             .find(|n| n.ends_with("data.pkl") && n.matches('/').count() == 1)
             .ok_or_else(|| checkpoint_error(&name, "no <archive>/data.pkl record"))?;
         let prefix = pkl.trim_end_matches("data.pkl").to_string();
+        // torch.save stores every record uncompressed; a re-zipped archive is named as such
+        // (and nothing is ever inflated: no zip bomb can go off).
+        for i in 0..zip.len() {
+            let record = zip.by_index_raw(i).map_err(|e| checkpoint_error(&name, e))?;
+            if record.compression() != zip::CompressionMethod::Stored {
+                return Err(checkpoint_error(
+                    &name,
+                    format!(
+                        "record {} is compressed ({}); torch.save stores records uncompressed (was the file re-zipped?)",
+                        record.name().map(|n| n.into_owned()).unwrap_or_else(|_| format!("#{i}")),
+                        record.compression()
+                    ),
+                ));
+            }
+        }
         if let Ok(mut order) = zip.by_name(&format!("{prefix}byteorder")) {
             let mut text = String::new();
             order.read_to_string(&mut text).map_err(|e| checkpoint_error(&name, e))?;
@@ -96,29 +111,37 @@ impl TorchArchive {
     /// When its storage record is missing or too short for the view.
     pub fn tensor(&mut self, t: &TensorRef) -> Result<Tensor> {
         let record = format!("{}data/{}", self.prefix, t.storage_key);
+        let bad = |reason: String| checkpoint_error(&self.path, format!("storage {record}: {reason}"));
         let elem = t.storage_type.element_size();
-        let mut bytes = Vec::new();
-        self.zip
-            .by_name(&record)
-            .and_then(|mut f| Ok(f.read_to_end(&mut bytes)?))
-            .map_err(|e| checkpoint_error(&self.path, format!("storage {record}: {e}")))?;
-        if bytes.len() < t.storage_numel * elem {
-            return Err(checkpoint_error(
-                &self.path,
-                format!("storage {record} holds {} bytes, expected {}", bytes.len(), t.storage_numel * elem),
-            ));
+        let expected = t.storage_numel.checked_mul(elem).ok_or_else(|| bad(format!("{} elements", t.storage_numel)))?;
+        let file = self.zip.by_name(&record).map_err(|e| bad(e.to_string()))?;
+        if file.size() < expected as u64 {
+            return Err(bad(format!("holds {} bytes, expected {expected}", file.size())));
         }
-        let numel: i64 = t.size.iter().product();
-        let last = t.offset as i64 + t.size.iter().zip(&t.stride).map(|(s, st)| (s - 1).max(0) * st).sum::<i64>();
-        if numel > 0 && last >= t.storage_numel as i64 {
-            return Err(checkpoint_error(&self.path, format!("tensor view past the end of storage {record}")));
+        // Read what the storage holds, no more, whatever the record says it holds.
+        let mut bytes = Vec::with_capacity(expected);
+        file.take(expected as u64).read_to_end(&mut bytes).map_err(|e| bad(e.to_string()))?;
+        if bytes.len() < expected {
+            return Err(bad(format!("holds {} bytes, expected {expected}", bytes.len())));
         }
-        let storage = Tensor::from_data_size(
-            &bytes[..t.storage_numel * elem],
-            &[t.storage_numel as i64],
-            kind_of(t.storage_type),
-        );
-        Ok(storage.as_strided(t.size.as_slice(), t.stride.as_slice(), t.offset as i64).contiguous())
+        // The view must lie within the storage (checked arithmetic: the numbers are the file's).
+        let view_end = t.size.iter().zip(&t.stride).try_fold(t.offset as i64, |end, (&size, &stride)| {
+            if size < 0 || stride < 0 {
+                return None;
+            }
+            end.checked_add((size - 1).max(0).checked_mul(stride)?)
+        });
+        let numel = t.size.iter().try_fold(1i64, |n, &size| n.checked_mul(size));
+        match (view_end, numel) {
+            (Some(_), Some(0)) => {}
+            (Some(last), Some(_)) if last < t.storage_numel as i64 => {}
+            _ => return Err(bad(format!("tensor view (size {:?}, stride {:?}) past its end", t.size, t.stride))),
+        }
+        let storage = Tensor::from_data_size(&bytes, &[t.storage_numel as i64], kind_of(t.storage_type));
+        storage
+            .f_as_strided(t.size.as_slice(), t.stride.as_slice(), t.offset as i64)
+            .and_then(|view| view.f_contiguous())
+            .map_err(|e| bad(e.to_string()))
     }
 
     /// Every tensor of a state dict (a dict of name → tensor) as named tensors.

@@ -164,6 +164,32 @@ impl Limits {
     };
 }
 
+/// The environment variable that raises every budget: `CNCLIP_PICKLE_LIMIT_SCALE=4` allows
+/// four times as much of each (for a file that really needs it; a hostile one still stops).
+pub const SCALE_VAR: &str = "CNCLIP_PICKLE_LIMIT_SCALE";
+
+impl Limits {
+    /// Every budget multiplied by `factor` (saturating).
+    pub fn scaled(self, factor: usize) -> Limits {
+        Limits {
+            max_objects: self.max_objects.saturating_mul(factor),
+            max_memo: self.max_memo.saturating_mul(factor),
+            max_container_items: self.max_container_items.saturating_mul(factor),
+            max_depth: self.max_depth.saturating_mul(factor),
+            max_bytes: self.max_bytes.saturating_mul(factor),
+        }
+    }
+
+    /// These limits scaled by [`SCALE_VAR`] when it holds a whole number ≥ 1 (as they are when
+    /// it is unset or holds anything else).
+    pub fn from_env(self) -> Limits {
+        match std::env::var(SCALE_VAR).ok().and_then(|v| v.trim().parse::<usize>().ok()) {
+            Some(factor) if factor >= 1 => self.scaled(factor),
+            _ => self,
+        }
+    }
+}
+
 impl Default for Limits {
     /// [`Limits::CHECKPOINT`].
     fn default() -> Self {
@@ -196,7 +222,7 @@ impl std::fmt::Display for Budget {
 #[derive(Debug, thiserror::Error)]
 pub enum PickleError {
     #[error(
-        "refusing to load: the pickle goes over the reader's budget of {limit} {budget}, far more than any real cn_clip file needs (a hostile or corrupt pickle?)"
+        "refusing to load: the pickle goes over the reader's budget of {limit} {budget}, far more than any real cn_clip file needs (a hostile or corrupt pickle? if the file is trusted, {SCALE_VAR}=N raises every budget N×)"
     )]
     Budget { budget: Budget, limit: usize },
     #[error(

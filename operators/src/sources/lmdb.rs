@@ -1,7 +1,7 @@
 //! cn_clip's LMDB datasets (`build_lmdb_dataset.py`'s layout): `imgs` maps image ids to base64
 //! text (plus `num_images`), `pairs` maps `0…n-1` to pickled `(image_id, text_id, text)` tuples
 //! (plus `num_samples`). Pickles are read with the restricted reader that never executes code,
-//! within [`Limits::RECORD`]; an entry that is not such a tuple, or whose pickle goes over a
+//! within [`Limits::RECORD`] (scaled by `CNCLIP_PICKLE_LIMIT_SCALE`); an entry that is not such a tuple, or whose pickle goes over a
 //! budget, comes back as [`Rejected`] naming its key. Files are read through
 //! [`LmdbFile`], which checks every page before use, so a truncated or corrupted database is
 //! an error naming it, never a crash.
@@ -62,8 +62,9 @@ pub fn for_each_image(
 pub fn for_each_pair(dir: &Path, mut on_pair: impl FnMut(Result<Pair, Rejected>) -> Result<()>) -> Result<()> {
     let path = dir.join("pairs");
     let source = path.display().to_string();
+    let limits = Limits::RECORD.from_env();
     for_each(&path, b"num_samples", |key, value| {
-        let parsed = match pickle::load_with(value, &Limits::RECORD) {
+        let parsed = match pickle::load_with(value, &limits) {
             Ok(Value::Tuple(items)) => match items.as_slice() {
                 [Value::Int(image_id), Value::Int(text_id), Value::Str(text)] => {
                     Ok(Pair { image_id: *image_id, text_id: *text_id, text: text.clone() })
