@@ -45,13 +45,20 @@ enum BenchmarkCommand {
     Preprocess(benchmark::PreprocessArgs),
 }
 
+/// Every kind `cnclip-torch` runs: the built-in ones and the encoders.
+fn registry() -> Registry {
+    let mut registry = Registry::builtin();
+    cnclip_models::encoders::register(&mut registry);
+    registry
+}
+
 fn main() -> ExitCode {
     common::init_logging();
     let result = match Cli::parse().command {
         Command::Similarity(args) => similarity::run(args),
         Command::Convert(args) => convert::run(args),
-        // The built-in kinds; the model kinds (encoders) register here as they are written.
-        Command::Run(args) => run::run(args, &Registry::builtin()),
+        // The built-in kinds and the model kinds (the encoders).
+        Command::Run(args) => run::run(args, &registry()),
         Command::Benchmark(BenchmarkCommand::Encode(args)) => benchmark::run(args),
         Command::Benchmark(BenchmarkCommand::Preprocess(args)) => benchmark::run_preprocess(args),
     };

@@ -9,6 +9,7 @@
 pub mod checkpoint;
 pub mod clip;
 pub mod device;
+pub mod encoders;
 pub mod error;
 pub mod preprocess;
 /// cn_clip's tokenizer, which the data layer also uses (a pipeline `tokenize` node).

@@ -47,7 +47,9 @@ pub mod columns {
 /// Key-value metadata carried by feature tables.
 pub mod metadata {
     pub const MODEL: &str = "cnclip.model";
+    pub const CHECKPOINT: &str = "cnclip.checkpoint";
     pub const CHECKPOINT_SHA256: &str = "cnclip.checkpoint_sha256";
+    pub const PRECISION: &str = "cnclip.precision";
     pub const DIM: &str = "cnclip.dim";
     pub const NORMALIZED: &str = "cnclip.normalized";
     pub const PREPROCESSING: &str = "cnclip.preprocessing";
@@ -147,18 +149,26 @@ impl FeatureType {
 /// What a feature table records about how its vectors were made.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FeatureMetadata {
+    /// `Vision@Text` (e.g. `ViT-B-16@RoBERTa-wwm-ext-base-chinese`), or `custom`.
     pub model: String,
+    /// The checkpoint's file name (not its directory).
+    pub checkpoint: String,
     pub checkpoint_sha256: String,
+    /// `fp32`, `fp16` or `bf16`: what the encoder computed in (features are stored as typed).
+    pub precision: String,
     pub dim: usize,
     pub normalized: bool,
     pub preprocessing: String,
 }
 
 impl FeatureMetadata {
-    fn to_map(&self) -> HashMap<String, String> {
+    /// As Parquet key-value metadata (plus the cnclip version).
+    pub fn to_map(&self) -> HashMap<String, String> {
         HashMap::from([
             (metadata::MODEL.to_string(), self.model.clone()),
+            (metadata::CHECKPOINT.to_string(), self.checkpoint.clone()),
             (metadata::CHECKPOINT_SHA256.to_string(), self.checkpoint_sha256.clone()),
+            (metadata::PRECISION.to_string(), self.precision.clone()),
             (metadata::DIM.to_string(), self.dim.to_string()),
             (metadata::NORMALIZED.to_string(), self.normalized.to_string()),
             (metadata::PREPROCESSING.to_string(), self.preprocessing.clone()),
@@ -259,7 +269,9 @@ mod tests {
     fn meta(dim: usize) -> FeatureMetadata {
         FeatureMetadata {
             model: "ViT-B-16@RoBERTa-wwm-ext-base-chinese".into(),
+            checkpoint: "epoch_latest.pt".into(),
             checkpoint_sha256: "00".repeat(32),
+            precision: "fp32".into(),
             dim,
             normalized: true,
             preprocessing: "resize-bicubic-224,rgb,openai-norm".into(),

@@ -31,7 +31,7 @@ fn build_lmdb(args: &[&str]) -> std::process::Output {
     Command::new(cnclip_tests::cnclip_bin()).arg("build-lmdb").args(args).output().unwrap()
 }
 
-fn corpus(dir: &Path, n: usize) -> String {
+pub(crate) fn corpus(dir: &Path, n: usize) -> String {
     let data = dir.join("data");
     std::fs::create_dir_all(&data).unwrap();
     python(MAKE_CORPUS, &[data.to_str().unwrap(), &n.to_string()], "");

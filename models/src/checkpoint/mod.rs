@@ -284,6 +284,33 @@ pub fn load_clip(
     Ok((model, info))
 }
 
+/// The architecture of the checkpoint at `path` without loading its weights: the one named
+/// (required for cn_clip's `.pt`, which does not record it), else the file's own.
+///
+/// # Errors
+/// As [`load_clip`].
+pub fn architecture(path: &Path, named: Option<&ClipConfig>) -> Result<ClipConfig> {
+    match Format::detect(path) {
+        Format::CnClip => named.cloned().ok_or_else(|| {
+            Error::Config(format!(
+                "{} is a cn_clip checkpoint, which does not record its architecture: name it (e.g. vision_model = \"ViT-B-16\", text_model = \"RoBERTa-wwm-ext-base-chinese\")",
+                path.display()
+            ))
+        }),
+        Format::HuggingFace => {
+            let (dir, _) = hf::locate(path).expect("detected as HF");
+            let config = hf::config(&dir)?;
+            check_named(path, &config, named)?;
+            Ok(config)
+        }
+        Format::Cnclip => {
+            let config = own::config(path)?;
+            check_named(path, &config, named)?;
+            Ok(config)
+        }
+    }
+}
+
 /// A self-describing checkpoint must agree with the architecture the user named, if any.
 fn check_named(path: &Path, config: &ClipConfig, architecture: Option<&ClipConfig>) -> Result<()> {
     match architecture.filter(|a| *a != config) {

@@ -108,6 +108,32 @@ pub fn read_safetensors(path: &Path) -> Result<(BTreeMap<String, Tensor>, HashMa
     Ok((out, metadata))
 }
 
+/// A cnclip checkpoint's config, from its header alone (no tensor is read).
+///
+/// # Errors
+/// [`Error::Checkpoint`] when the file is not cnclip's format or its config is invalid.
+pub fn config(path: &Path) -> Result<ClipConfig> {
+    use std::io::Read;
+    let bad = |reason: String| Error::Checkpoint { path: path.display().to_string(), reason };
+    let mut file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(|_| bad(not_safetensors(&[], "too short")))?;
+    let len = u64::from_le_bytes(len);
+    if len > 100 << 20 {
+        return Err(bad(not_safetensors(&len.to_le_bytes(), "header length past 100 MB")));
+    }
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let header: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let metadata = &header["__metadata__"];
+    if metadata[FORMAT_KEY].as_str() != Some(FORMAT) {
+        return Err(bad(format!("safetensors metadata has no `{FORMAT_KEY}: {FORMAT}`: not a cnclip checkpoint")));
+    }
+    let config = metadata[CONFIG_KEY].as_str().ok_or_else(|| bad(format!("no `{CONFIG_KEY}` metadata")))?;
+    ClipConfig::from_json(config).map_err(|e| bad(e.to_string()))
+}
+
 /// Loads a cnclip checkpoint: its config and state dict.
 ///
 /// # Errors

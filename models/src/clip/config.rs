@@ -180,6 +180,17 @@ impl ClipConfig {
         Ok(ClipConfig { vision: VisionConfig::preset(vision)?, text: TextConfig::preset(text)? })
     }
 
+    /// `Vision@Text` when both towers are presets (`ViT-B-16@RoBERTa-wwm-ext-base-chinese`),
+    /// else `custom`.
+    pub fn name(&self) -> String {
+        let vision = VISION_MODELS.iter().find(|v| VisionConfig::preset(v).is_ok_and(|c| c == self.vision));
+        let text = TEXT_MODELS.iter().find(|t| TextConfig::preset(t).is_ok_and(|c| c == self.text));
+        match (vision, text) {
+            (Some(v), Some(t)) => format!("{v}@{t}"),
+            _ => "custom".into(),
+        }
+    }
+
     /// Parses cn_clip's merged `model_info` JSON.
     pub fn from_json(json: &str) -> Result<Self> {
         let config: ClipConfig = serde_json::from_str(json).map_err(|e| Error::Config(format!("model config: {e}")))?;

@@ -1,0 +1,428 @@
+//! The encoders as pipeline operators: `encode_image` (`pixels` → an `image_features` table)
+//! and `encode_text` (`token_ids` → a `text_features` table), registered by `cnclip-torch`.
+//!
+//! Each runs under [`Execution::Devices`]: one thread per entry of `devices` (`cpu`, `cuda`,
+//! `cuda:0,cuda:2`, or a device repeated — `cpu,cpu` is two replicas on the CPU), each owning a
+//! model replica built on its thread, fed batches of `batch_size` rows from one bounded queue,
+//! results put back in input order by the runtime — so the table is the same whatever the
+//! number of replicas. The checkpoint's weights are read once (the first replica to start) and
+//! copied onto each device. Features are L2-normalised as cn_clip's scripts do
+//! (`x / x.norm(dim=-1, keepdim=True)`, in the model's precision), stored as float32 with the
+//! feature-table contract (`id` + `feature`) and metadata naming the model, the checkpoint (file
+//! name and sha256), the precision and cnclip's version.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use arrow::array::{Array, ArrayRef, AsArray, FixedSizeListArray, Float32Array, Int64Array};
+use arrow::datatypes::{DataType, Field, Int64Type, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use cnclip_operators::spec::{BuildContext, NodeConfig, Operator, Role};
+use cnclip_operators::transforms::{Execution, Output, Transform, TransformReplica};
+use cnclip_schemas::columns::{IMAGE_ID, PIXELS, TEXT_ID, TOKEN_IDS};
+use cnclip_schemas::{FeatureMetadata, FeatureType};
+use serde::Deserialize;
+use tch::{Kind, Tensor};
+
+use crate::checkpoint::{self, CheckpointInfo};
+use crate::{Clip, ClipConfig, normalize};
+
+/// Which tower an encoder runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tower {
+    Image,
+    Text,
+}
+
+impl Tower {
+    /// The input's id column and value column.
+    fn columns(self) -> (&'static str, &'static str) {
+        match self {
+            Tower::Image => (IMAGE_ID, PIXELS),
+            Tower::Text => (TEXT_ID, TOKEN_IDS),
+        }
+    }
+}
+
+/// `--precision`: what the model computes in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    Fp32,
+    Fp16,
+    Bf16,
+}
+
+impl Precision {
+    /// `fp32`, `fp16`, `bf16`; cn_clip's `amp` (autocast) is computed as fp16 on a GPU and
+    /// fp32 on the CPU, as its scripts end up doing.
+    ///
+    /// # Errors
+    /// Any other name.
+    pub fn parse(name: &str, gpu: bool) -> Result<Self, String> {
+        Ok(match name {
+            "fp32" => Precision::Fp32,
+            "fp16" => Precision::Fp16,
+            "bf16" => Precision::Bf16,
+            "amp" if gpu => Precision::Fp16,
+            "amp" => Precision::Fp32,
+            other => return Err(format!("unknown precision `{other}`: use fp32, fp16, bf16 or amp")),
+        })
+    }
+
+    pub fn kind(self) -> Kind {
+        match self {
+            Precision::Fp32 => Kind::Float,
+            Precision::Fp16 => Kind::Half,
+            Precision::Bf16 => Kind::BFloat16,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Fp16 => "fp16",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+/// What an encoder node is configured with (both kinds take the same keys).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncoderConfig {
+    /// A cn_clip `.pt` (then name `vision_model` and `text_model`), a cnclip `.safetensors` or a
+    /// Hugging Face `ChineseCLIPModel` directory.
+    pub checkpoint: PathBuf,
+    pub vision_model: Option<String>,
+    pub text_model: Option<String>,
+    /// `fp32` (default), `fp16`, `bf16` or cn_clip's `amp`.
+    #[serde(default = "fp32")]
+    pub precision: String,
+    /// Rows per model call on each replica.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Comma-separated devices, one replica each: `cpu` (default), `cuda`, `cuda:0,cuda:2`,
+    /// `cpu,cpu`.
+    #[serde(default = "cpu")]
+    pub devices: String,
+}
+
+fn fp32() -> String {
+    "fp32".into()
+}
+
+fn cpu() -> String {
+    "cpu".into()
+}
+
+/// cn_clip's `extract_features.py` default for `--img-batch-size` and `--text-batch-size`.
+fn default_batch_size() -> usize {
+    64
+}
+
+impl EncoderConfig {
+    /// Checks every value (the devices exist, the checkpoint has an architecture) and builds
+    /// the encoder; nothing is loaded until its replicas start.
+    ///
+    /// # Errors
+    /// Every problem found, one sentence each.
+    pub fn encoder(self, tower: Tower, cx: &BuildContext) -> Result<Encoder, Vec<String>> {
+        let mut problems = Vec::new();
+        let devices: Vec<String> =
+            self.devices.split(',').map(str::trim).filter(|d| !d.is_empty()).map(String::from).collect();
+        if devices.is_empty() {
+            problems.push("`devices` names no device (e.g. \"cpu\", \"cuda:0,cuda:1\")".to_string());
+        }
+        for device in &devices {
+            if let Err(e) = crate::device::device(device) {
+                problems.push(e.to_string());
+            }
+        }
+        let gpu = devices.iter().any(|d| d.starts_with("cuda"));
+        let precision = Precision::parse(&self.precision, gpu).unwrap_or_else(|e| {
+            problems.push(e);
+            Precision::Fp32
+        });
+        if precision == Precision::Fp16 && !gpu {
+            // libtorch's CPU kernels lack half-precision convolutions.
+            problems.push("precision `fp16` needs a CUDA device; on the CPU use fp32 or bf16".into());
+        }
+        if self.batch_size == 0 {
+            problems.push("`batch_size` must be at least 1".into());
+        }
+        let checkpoint = cx.resolve(&self.checkpoint);
+        let named = match (&self.vision_model, &self.text_model) {
+            (Some(v), Some(t)) => match ClipConfig::from_name(&format!("{v}@{t}")) {
+                Ok(config) => Some(config),
+                Err(e) => {
+                    problems.push(e.to_string());
+                    None
+                }
+            },
+            (None, None) => None,
+            _ => {
+                problems.push("`vision_model` and `text_model` go together".into());
+                None
+            }
+        };
+        let config = if checkpoint.exists() {
+            checkpoint::architecture(&checkpoint, named.as_ref()).map_err(|e| problems.push(e.to_string())).ok()
+        } else {
+            problems.push(format!("checkpoint {} does not exist", checkpoint.display()));
+            None
+        };
+        let sha256 = match &config {
+            Some(_) => sha256_of(&checkpoint).map_err(|e| problems.push(e)).ok(),
+            None => None,
+        };
+        match (config, sha256) {
+            (Some(config), Some(sha256)) if problems.is_empty() => {
+                let dim = config.vision.embed_dim as usize;
+                let meta = FeatureMetadata {
+                    model: config.name(),
+                    checkpoint: checkpoint.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                    checkpoint_sha256: sha256,
+                    precision: precision.name().into(),
+                    dim,
+                    normalized: true,
+                    preprocessing: match tower {
+                        Tower::Image => format!("pixels-{}", config.vision.image_resolution),
+                        Tower::Text => "token_ids".into(),
+                    },
+                };
+                Ok(Encoder {
+                    tower,
+                    checkpoint,
+                    config,
+                    precision,
+                    batch_size: self.batch_size,
+                    devices,
+                    meta,
+                    weights: Mutex::new(None),
+                })
+            }
+            _ => Err(problems),
+        }
+    }
+}
+
+/// The hex sha256 of a file (or of a Hugging Face directory's weights file).
+fn sha256_of(path: &Path) -> Result<String, String> {
+    use sha2::Digest;
+    let file = match checkpoint::hf::locate(path) {
+        Some((_, weights)) => weights,
+        None => path.to_path_buf(),
+    };
+    let mut reader = std::fs::File::open(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let mut hasher = sha2::Sha256::new();
+    std::io::copy(&mut reader, &mut hasher).map_err(|e| format!("{}: {e}", file.display()))?;
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// `encode_image`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(transparent)]
+pub struct EncodeImageConfig(pub EncoderConfig);
+
+/// `encode_text`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(transparent)]
+pub struct EncodeTextConfig(pub EncoderConfig);
+
+impl NodeConfig for EncodeImageConfig {
+    const KIND: &'static str = "encode_image";
+    const ROLE: Role = Role::Transform;
+    const DOC: &'static str = "pixels → image_features (id, feature), L2-normalised; keys: `checkpoint`, \
+                               `vision_model`/`text_model`, `precision`, `batch_size`, `devices`";
+    fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
+        Ok(Operator::Transform(Arc::new(self.0.encoder(Tower::Image, cx)?)))
+    }
+}
+
+impl NodeConfig for EncodeTextConfig {
+    const KIND: &'static str = "encode_text";
+    const ROLE: Role = Role::Transform;
+    const DOC: &'static str = "token_ids → text_features (id, feature), L2-normalised; keys: `checkpoint`, \
+                               `vision_model`/`text_model`, `precision`, `batch_size`, `devices`";
+    fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
+        Ok(Operator::Transform(Arc::new(self.0.encoder(Tower::Text, cx)?)))
+    }
+}
+
+/// Adds the encoder kinds to `registry`.
+pub fn register(registry: &mut cnclip_operators::spec::Registry) {
+    registry.register::<EncodeImageConfig>().register::<EncodeTextConfig>();
+}
+
+/// An encoder node: planned with its checkpoint's architecture, run on device replicas.
+pub struct Encoder {
+    tower: Tower,
+    checkpoint: PathBuf,
+    config: ClipConfig,
+    precision: Precision,
+    batch_size: usize,
+    devices: Vec<String>,
+    meta: FeatureMetadata,
+    /// The checkpoint's weights (CPU), read by the first replica to start, copied by each
+    /// (one at a time: a tensor is not shared between threads).
+    weights: Mutex<Option<BTreeMap<String, Tensor>>>,
+}
+
+impl Encoder {
+    /// The feature table it writes.
+    pub fn schema(&self) -> SchemaRef {
+        match self.tower {
+            Tower::Image => cnclip_schemas::image_features(&self.meta, FeatureType::Float32),
+            Tower::Text => cnclip_schemas::text_features(&self.meta, FeatureType::Float32),
+        }
+    }
+
+    /// A model on `device` with the checkpoint's weights (read on the first call).
+    fn model_on(&self, device: tch::Device) -> crate::Result<Clip> {
+        let mut slot = self.weights.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            *slot = Some(load_weights(&self.checkpoint, &self.config)?);
+        }
+        let mut model = Clip::new(self.config.clone(), device)?;
+        model.load_state_dict(slot.as_ref().expect("loaded above"))?;
+        model.set_kind(self.precision.kind());
+        Ok(model)
+    }
+}
+
+/// The state dict of any checkpoint format, on the CPU.
+fn load_weights(path: &Path, config: &ClipConfig) -> crate::Result<BTreeMap<String, Tensor>> {
+    let (model, _): (Clip, CheckpointInfo) = checkpoint::load_clip(path, Some(config), tch::Device::Cpu)?;
+    Ok(model.state_dict().into_iter().map(|(k, v)| (k, v.shallow_clone())).collect())
+}
+
+impl Transform for Encoder {
+    fn output_schema(&self, input: &SchemaRef) -> Result<SchemaRef, String> {
+        let (id, values) = self.tower.columns();
+        let id_index = input
+            .index_of(id)
+            .map_err(|_| format!("needs an `{id}` column (Int64); the input has {}", columns(input)))?;
+        if input.field(id_index).data_type() != &DataType::Int64 {
+            return Err(format!(
+                "needs column `{id}` to be Int64, the input's is {}",
+                input.field(id_index).data_type()
+            ));
+        }
+        let index = input
+            .index_of(values)
+            .map_err(|_| format!("needs a `{values}` column; the input has {}", columns(input)))?;
+        let found = input.field(index).data_type();
+        match (self.tower, found) {
+            (Tower::Image, DataType::FixedSizeBinary(bytes)) => {
+                let r = self.config.vision.image_resolution;
+                if *bytes as i64 != 3 * r * r {
+                    return Err(format!(
+                        "`pixels` are {bytes} bytes per image, the model takes {r}×{r} RGB ({} bytes): preprocess with resolution = {r}",
+                        3 * r * r
+                    ));
+                }
+            }
+            (Tower::Text, DataType::FixedSizeList(item, length)) if item.data_type() == &DataType::Int64 => {
+                let max = self.config.text.text_max_position_embeddings;
+                if *length as i64 > max {
+                    return Err(format!("`token_ids` hold {length} ids; the model takes at most {max}"));
+                }
+            }
+            (Tower::Image, other) => {
+                return Err(format!("needs `pixels` as FixedSizeBinary (a preprocess node's output), got {other}"));
+            }
+            (Tower::Text, other) => {
+                return Err(format!(
+                    "needs `token_ids` as FixedSizeList<Int64> (a tokenize node's output), got {other}"
+                ));
+            }
+        }
+        Ok(self.schema())
+    }
+
+    fn apply(&self, _: &RecordBatch, _: &str) -> cnclip_operators::Result<Output> {
+        Err(cnclip_operators::Error::Internal("an encoder runs on its device replicas".into()))
+    }
+
+    fn execution(&self) -> Execution {
+        Execution::Devices { devices: self.devices.clone(), batch_rows: self.batch_size }
+    }
+
+    fn open_replica(&self, device: &str) -> cnclip_operators::Result<Option<Box<dyn TransformReplica>>> {
+        let fail = |e: crate::Error| cnclip_operators::Error::Internal(e.to_string());
+        let on = crate::device::device(device).map_err(fail)?;
+        // Replicas on the CPU share libtorch's one intra-op pool, at its size: the same kernels
+        // with the same thread count, so features do not depend on the number of replicas.
+        let model = self.model_on(on).map_err(fail)?;
+        Ok(Some(Box::new(EncoderReplica {
+            model,
+            tower: self.tower,
+            kind: self.precision.kind(),
+            schema: self.schema(),
+            resolution: self.config.vision.image_resolution as usize,
+        })))
+    }
+}
+
+fn columns(schema: &SchemaRef) -> String {
+    schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ")
+}
+
+/// One device's model.
+struct EncoderReplica {
+    model: Clip,
+    tower: Tower,
+    kind: Kind,
+    schema: SchemaRef,
+    resolution: usize,
+}
+
+impl EncoderReplica {
+    /// The normalised features of the batch's rows, `[N, D]` float32 on the CPU.
+    fn features(&self, batch: &RecordBatch) -> crate::Result<Tensor> {
+        let device = self.model.device();
+        let (_, values) = self.tower.columns();
+        let column = batch.column_by_name(values).expect("checked at planning");
+        let features = match self.tower {
+            Tower::Image => {
+                let pixels = column.as_fixed_size_binary();
+                let mut rgb = Vec::with_capacity(pixels.len() * pixels.value_length() as usize);
+                for row in 0..pixels.len() {
+                    rgb.extend_from_slice(pixels.value(row));
+                }
+                let input = crate::preprocess::pixels_to_tensor(&rgb, self.resolution).to_device(device);
+                self.model.encode_image(&input.to_kind(self.kind))?
+            }
+            Tower::Text => {
+                let lists = column.as_fixed_size_list();
+                let length = lists.value_length() as i64;
+                let ids = lists.values().as_primitive::<Int64Type>();
+                let ids = &ids.values()[lists.offset() * length as usize..][..lists.len() * length as usize];
+                let input = Tensor::from_slice(ids).view([lists.len() as i64, length]).to_device(device);
+                self.model.encode_text(&input)?
+            }
+        };
+        Ok(normalize(&features).to_device(tch::Device::Cpu).to_kind(Kind::Float).contiguous())
+    }
+}
+
+impl TransformReplica for EncoderReplica {
+    fn apply(&mut self, batch: &RecordBatch, _: &str) -> cnclip_operators::Result<Output> {
+        let internal = |e: String| cnclip_operators::Error::Internal(e);
+        let features = self.features(batch).map_err(|e| internal(e.to_string()))?;
+        let (id, _) = self.tower.columns();
+        let ids = batch.column_by_name(id).expect("checked at planning").as_primitive::<Int64Type>();
+        let flat: Vec<f32> =
+            Vec::try_from(features.flatten(0, -1)).map_err(|e: tch::TchError| internal(e.to_string()))?;
+        let dim = match self.schema.field(1).data_type() {
+            DataType::FixedSizeList(_, dim) => *dim,
+            other => return Err(internal(format!("feature column is {other}"))),
+        };
+        let item = Arc::new(Field::new("item", DataType::Float32, false));
+        let feature = FixedSizeListArray::try_new(item, dim, Arc::new(Float32Array::from(flat)), None)?;
+        let ids: ArrayRef = Arc::new(Int64Array::from(ids.values().to_vec()));
+        let batch = RecordBatch::try_new(self.schema.clone(), vec![ids, Arc::new(feature)])?;
+        Ok(Output { batch, rejected: Vec::new() })
+    }
+}
