@@ -51,6 +51,9 @@ enum Command {
     /// Convert checkpoints between cn_clip's .pt and cnclip's self-describing .safetensors.
     #[command(disable_help_flag = true)]
     Convert(ModelCommand),
+    /// Extract image and/or text features with a checkpoint (cn_clip's extract_features.py), resumable.
+    #[command(name = "extract-features", alias = "extract", disable_help_flag = true)]
+    ExtractFeatures(ModelCommand),
     /// Measure encode or preprocess throughput (`benchmark encode|preprocess`).
     #[command(disable_help_flag = true)]
     Benchmark(ModelCommand),
@@ -116,6 +119,7 @@ fn main() -> ExitCode {
         Command::Similarity(command) => exec_torch("similarity", command.args),
         Command::Convert(command) => exec_torch("convert", command.args),
         Command::Benchmark(command) => exec_torch("benchmark", command.args),
+        Command::ExtractFeatures(command) => exec_torch("extract-features", command.args),
     };
     common::exit_code(result)
 }

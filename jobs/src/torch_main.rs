@@ -13,6 +13,7 @@ use cnclip_operators::spec::Registry;
 mod benchmark;
 mod common;
 mod convert;
+mod extract;
 mod model_args;
 mod run;
 mod similarity;
@@ -30,6 +31,9 @@ enum Command {
     Similarity(similarity::Args),
     /// Convert checkpoints between cn_clip's .pt and cnclip's self-describing .safetensors.
     Convert(convert::Args),
+    /// Extract image and/or text features (cn_clip's extract_features.py), resumable.
+    #[command(name = "extract-features", alias = "extract")]
+    ExtractFeatures(extract::Args),
     /// Run a pipeline; `cnclip run` hands over pipelines that use a kind only this binary has.
     Run(run::Args),
     /// Measure encode throughput (model only, random weights), e.g. against scripts/bench/encode.py.
@@ -57,6 +61,7 @@ fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Similarity(args) => similarity::run(args),
         Command::Convert(args) => convert::run(args),
+        Command::ExtractFeatures(args) => extract::run(args),
         // The built-in kinds and the model kinds (the encoders).
         Command::Run(args) => run::run(args, &registry()),
         Command::Benchmark(BenchmarkCommand::Encode(args)) => benchmark::run(args),

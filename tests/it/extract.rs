@@ -161,6 +161,95 @@ fn encoder_nodes_match_cn_clip_extract_features_with_one_or_two_replicas() {
     );
     assert_eq!(meta["cnclip.checkpoint_sha256"], sha.trim());
     assert_eq!(txt_one["meta"]["cnclip.checkpoint_sha256"], sha.trim());
+
+    // `extract-features` with cn_clip's flags: its JSON lines, the same ids in the same order.
+    let extract = |out: &str, extra: &[&str]| {
+        let mut command = Command::new(cnclip_tests::cnclip_bin());
+        command.current_dir(root).args([
+            "extract-features",
+            "--extract-image-feats",
+            "--extract-text-feats",
+            "--image-data",
+            "lmdb/valid/imgs",
+            "--text-data",
+            "data/valid_texts.jsonl",
+            "--image-feat-output-path",
+            &format!("{out}_img.jsonl"),
+            "--text-feat-output-path",
+            &format!("{out}_txt.jsonl"),
+            "--img-batch-size",
+            "2",
+            "--resume",
+            "rn50.pt",
+            "--vision-model",
+            "RN50",
+            "--text-model",
+            "RBT3-chinese",
+        ]);
+        command.args(extra);
+        command
+    };
+    let output = extract("ours", &[]).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let lines = |path: &str| std::fs::read_to_string(root.join(path)).unwrap();
+    let key_order = |text: &str, id: &str| {
+        text.lines().all(|l| l.starts_with(&format!("{{\"{id}\": ")) && l.contains(", \"feature\": ["))
+    };
+    assert!(key_order(&lines("ours_img.jsonl"), "image_id") && key_order(&lines("ours_txt.jsonl"), "text_id"));
+    let order = |text: &str, id: &str| -> Vec<i64> {
+        text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()[id].as_i64().unwrap()).collect()
+    };
+    assert_eq!(
+        order(&lines("ours_img.jsonl"), "image_id"),
+        order(&std::fs::read_to_string(&ref_img).unwrap(), "image_id")
+    );
+    assert_eq!(
+        order(&lines("ours_txt.jsonl"), "text_id"),
+        order(&std::fs::read_to_string(&ref_txt).unwrap(), "text_id")
+    );
+    let as_table = |map: std::collections::BTreeMap<i64, Vec<f64>>| serde_json::json!({"ids": map.keys().collect::<Vec<_>>(), "features": map.values().collect::<Vec<_>>()});
+    compare(&as_table(read_jsonl(&root.join("ours_img.jsonl"), "image_id")), &theirs_img, "extract-features images");
+    compare(&as_table(read_jsonl(&root.join("ours_txt.jsonl"), "text_id")), &theirs_txt, "extract-features texts");
+
+    // cn_clip's make_topk_predictions.py takes our files.
+    reference(
+        &[
+            "run-module",
+            "cn_clip.eval.make_topk_predictions",
+            "--image-feats",
+            &s(&root.join("ours_img.jsonl")),
+            "--text-feats",
+            &s(&root.join("ours_txt.jsonl")),
+            "--top-k",
+            "3",
+            "--eval-batch-size",
+            "4",
+            "--output",
+            &s(&root.join("predictions.jsonl")),
+        ],
+        "",
+    );
+    assert_eq!(lines("predictions.jsonl").lines().count(), 5);
+
+    // Killed (SIGKILL) once a part is written, then rerun: the same files, byte for byte.
+    let mut child = extract("resumed", &["--part-rows", "2"]).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let manifest = root.join("resumed_img.jsonl.cnclip-parts/manifest.json");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !manifest.exists() {
+        assert!(std::time::Instant::now() < deadline, "no part was written");
+        assert!(child.try_wait().unwrap().is_none(), "the extraction ended before a part was written");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!root.join("resumed_img.jsonl").exists(), "a killed run left an output");
+    let output = extract("resumed", &["--part-rows", "2"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("resuming after"), "{stderr}");
+    assert!(lines("resumed_img.jsonl") == lines("ours_img.jsonl"), "the resumed image features differ");
+    assert!(lines("resumed_txt.jsonl") == lines("ours_txt.jsonl"), "the resumed text features differ");
+    assert!(!root.join("resumed_img.jsonl.cnclip-parts").exists(), "the parts were left behind");
 }
 
 /// Encoder nodes are checked with the rest of the file: an input without the column, pixels at

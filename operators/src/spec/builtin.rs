@@ -36,6 +36,7 @@ pub fn register(registry: &mut Registry) {
         .register::<ParquetConfig>()
         .register::<DecodeBase64Config>()
         .register::<RequireImagesConfig>()
+        .register::<ExcludeIdsConfig>()
         .register::<PreprocessConfig>()
         .register::<TokenizeConfig>()
         .register::<WriteParquetConfig>()
@@ -221,6 +222,29 @@ impl NodeConfig for RequireImagesConfig {
         "texts/pairs → only the image ids found in the images tables `images`; the others quarantined";
     fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
         Ok(Operator::Transform(Arc::new(RequireImages::new(cx.files(&self.images)?))))
+    }
+}
+
+/// `exclude_ids`: drops the rows whose `column` id is in the `id` column of the Parquet
+/// `tables` (a resumed job's finished parts).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExcludeIdsConfig {
+    /// The input's id column (`image_id`, `text_id`).
+    pub column: String,
+    /// Parquet files (globs) with an int64 `id` column.
+    pub tables: Vec<String>,
+}
+
+impl NodeConfig for ExcludeIdsConfig {
+    const KIND: &'static str = "exclude_ids";
+    const ROLE: Role = Role::Transform;
+    const DOC: &'static str = "any → the rows whose `column` id is not in the `id` column of the Parquet `tables`";
+    fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
+        use crate::transforms::exclude_ids::ExcludeIds;
+        let tables = if self.tables.is_empty() { Vec::new() } else { cx.files(&self.tables)? };
+        let exclude = ExcludeIds::open(&self.column, &tables, cnclip_schemas::columns::ID).map_err(|e| vec![e])?;
+        Ok(Operator::Transform(Arc::new(exclude)))
     }
 }
 

@@ -5,6 +5,7 @@
 //! cheap per-row functions), or on device threads that each own a [`TransformReplica`].
 
 pub mod base64;
+pub mod exclude_ids;
 pub mod preprocess;
 pub mod require_images;
 pub mod tokenize;

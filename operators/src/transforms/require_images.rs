@@ -36,7 +36,7 @@ impl RequireImages {
         let loaded = self.ids.get_or_init(|| {
             let mut ids = FxHashSet::default();
             for path in &self.images {
-                read_ids(path, &mut ids).map_err(|e| format!("{}: {e}", path.display()))?;
+                read_ids(path, IMAGE_ID, &mut ids).map_err(|e| format!("{}: {e}", path.display()))?;
             }
             Ok(ids)
         });
@@ -48,15 +48,20 @@ impl RequireImages {
     }
 }
 
-fn read_ids(path: &std::path::Path, ids: &mut FxHashSet<i64>) -> std::result::Result<(), String> {
+/// Adds the int64 column `column` of the Parquet file `path` (that column only is read) to `ids`.
+pub(crate) fn read_ids(
+    path: &std::path::Path,
+    column: &str,
+    ids: &mut FxHashSet<i64>,
+) -> std::result::Result<(), String> {
     let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| e.to_string())?;
-    let mask = ProjectionMask::columns(builder.parquet_schema(), [IMAGE_ID]);
+    let mask = ProjectionMask::columns(builder.parquet_schema(), [column]);
     for batch in builder.with_projection(mask).build().map_err(|e| e.to_string())? {
         let batch = batch.map_err(|e| e.to_string())?;
-        let column = batch.column_by_name(IMAGE_ID).ok_or("no `image_id` column")?;
-        let column = column.as_primitive_opt::<Int64Type>().ok_or("`image_id` is not int64")?;
-        ids.extend(column.iter().flatten());
+        let values = batch.column_by_name(column).ok_or_else(|| format!("no `{column}` column"))?;
+        let values = values.as_primitive_opt::<Int64Type>().ok_or_else(|| format!("`{column}` is not int64"))?;
+        ids.extend(values.iter().flatten());
     }
     Ok(())
 }
