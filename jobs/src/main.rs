@@ -54,6 +54,12 @@ enum Command {
     /// Extract image and/or text features with a checkpoint (cn_clip's extract_features.py), resumable.
     #[command(name = "extract-features", alias = "extract", disable_help_flag = true)]
     ExtractFeatures(ModelCommand),
+    /// Top-k images per text from feature files (cn_clip's make_topk_predictions.py).
+    #[command(name = "make-topk-predictions", alias = "knn", disable_help_flag = true)]
+    MakeTopkPredictions(ModelCommand),
+    /// Top-k texts per image (cn_clip's make_topk_predictions_tr.py).
+    #[command(name = "make-topk-predictions-tr", disable_help_flag = true)]
+    MakeTopkPredictionsTr(ModelCommand),
     /// Measure encode or preprocess throughput (`benchmark encode|preprocess`).
     #[command(disable_help_flag = true)]
     Benchmark(ModelCommand),
@@ -120,6 +126,8 @@ fn main() -> ExitCode {
         Command::Convert(command) => exec_torch("convert", command.args),
         Command::Benchmark(command) => exec_torch("benchmark", command.args),
         Command::ExtractFeatures(command) => exec_torch("extract-features", command.args),
+        Command::MakeTopkPredictions(command) => exec_torch("make-topk-predictions", command.args),
+        Command::MakeTopkPredictionsTr(command) => exec_torch("make-topk-predictions-tr", command.args),
     };
     common::exit_code(result)
 }

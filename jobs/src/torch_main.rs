@@ -14,6 +14,7 @@ mod benchmark;
 mod common;
 mod convert;
 mod extract;
+mod knn;
 mod model_args;
 mod run;
 mod similarity;
@@ -34,6 +35,12 @@ enum Command {
     /// Extract image and/or text features (cn_clip's extract_features.py), resumable.
     #[command(name = "extract-features", alias = "extract")]
     ExtractFeatures(extract::Args),
+    /// Top-k images for each text (cn_clip's make_topk_predictions.py).
+    #[command(name = "make-topk-predictions", alias = "knn")]
+    MakeTopkPredictions(knn::Args),
+    /// Top-k texts for each image (cn_clip's make_topk_predictions_tr.py).
+    #[command(name = "make-topk-predictions-tr")]
+    MakeTopkPredictionsTr(knn::Args),
     /// Run a pipeline; `cnclip run` hands over pipelines that use a kind only this binary has.
     Run(run::Args),
     /// Measure encode throughput (model only, random weights), e.g. against scripts/bench/encode.py.
@@ -49,10 +56,11 @@ enum BenchmarkCommand {
     Preprocess(benchmark::PreprocessArgs),
 }
 
-/// Every kind `cnclip-torch` runs: the built-in ones and the encoders.
+/// Every kind `cnclip-torch` runs: the built-in ones, the encoders and `knn`.
 fn registry() -> Registry {
     let mut registry = Registry::builtin();
     cnclip_models::encoders::register(&mut registry);
+    cnclip_models::retrieval::register(&mut registry);
     registry
 }
 
@@ -62,6 +70,8 @@ fn main() -> ExitCode {
         Command::Similarity(args) => similarity::run(args),
         Command::Convert(args) => convert::run(args),
         Command::ExtractFeatures(args) => extract::run(args),
+        Command::MakeTopkPredictions(args) => knn::run(args, false),
+        Command::MakeTopkPredictionsTr(args) => knn::run(args, true),
         // The built-in kinds and the model kinds (the encoders).
         Command::Run(args) => run::run(args, &registry()),
         Command::Benchmark(BenchmarkCommand::Encode(args)) => benchmark::run(args),

@@ -12,6 +12,7 @@ pub mod device;
 pub mod encoders;
 pub mod error;
 pub mod preprocess;
+pub mod retrieval;
 /// cn_clip's tokenizer, which the data layer also uses (a pipeline `tokenize` node).
 pub use cnclip_operators::transforms::tokenizer;
 

@@ -8,6 +8,7 @@ mod checkpoints;
 mod decode;
 mod extract;
 mod hostile_pickle;
+mod knn;
 mod lmdb;
 mod models;
 mod pipeline;

@@ -34,6 +34,7 @@ pub fn register(registry: &mut Registry) {
         .register::<LmdbConfig>()
         .register::<ImageFolderConfig>()
         .register::<ParquetConfig>()
+        .register::<FeatureJsonlConfig>()
         .register::<DecodeBase64Config>()
         .register::<RequireImagesConfig>()
         .register::<ExcludeIdsConfig>()
@@ -245,6 +246,30 @@ impl NodeConfig for ExcludeIdsConfig {
         let tables = if self.tables.is_empty() { Vec::new() } else { cx.files(&self.tables)? };
         let exclude = ExcludeIds::open(&self.column, &tables, cnclip_schemas::columns::ID).map_err(|e| vec![e])?;
         Ok(Operator::Transform(Arc::new(exclude)))
+    }
+}
+
+/// `feature_jsonl`: cn_clip's feature files (`{"image_id": …, "feature": […]}` per line).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureJsonlConfig {
+    pub paths: Vec<String>,
+    /// `image_id` or `text_id`.
+    pub id_key: String,
+    #[serde(default = "max_record_bytes")]
+    pub max_record_bytes: usize,
+}
+
+impl NodeConfig for FeatureJsonlConfig {
+    const KIND: &'static str = "feature_jsonl";
+    const ROLE: Role = Role::Source;
+    const DOC: &'static str = "`paths`, `id_key` (image_id | text_id) → a feature table (id, feature)";
+    fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
+        use crate::sources::features::FeatureJsonlSource;
+        let paths = cx.files(&self.paths)?;
+        let source =
+            FeatureJsonlSource::open(paths, &self.id_key, self.max_record_bytes).map_err(|e| vec![e.to_string()])?;
+        Ok(Operator::Source(Box::new(source)))
     }
 }
 

@@ -1,0 +1,120 @@
+//! `cnclip make-topk-predictions` (`knn`) and `make-topk-predictions-tr`: cn_clip's
+//! `make_topk_predictions.py` (texts → their top-k images) and `make_topk_predictions_tr.py`
+//! (images → their top-k texts), with the same flags, as a pipeline: query features (cn_clip
+//! JSON lines or our Parquet tables, files or directories of parts) → `knn` over the gallery →
+//! cn_clip's prediction lines (`{"text_id": …, "image_ids": […]}`) for `.jsonl`, or a
+//! predictions table with scores for `.parquet`. Queries stream in batches; memory is the
+//! gallery plus one batch.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, bail};
+use cnclip_models::retrieval::{Backend, KnnConfig};
+use cnclip_operators::spec::builtin::{FeatureJsonlConfig, ParquetConfig, WriteJsonlConfig, WriteParquetConfig};
+use cnclip_operators::spec::{JobSettings, NodeDef, Planner};
+
+use crate::registry;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Image features: cn_clip JSON lines, or Parquet feature tables (files or directories).
+    #[arg(long)]
+    image_feats: String,
+    /// Text features, likewise.
+    #[arg(long)]
+    text_feats: String,
+    #[arg(long, default_value_t = 10)]
+    top_k: usize,
+    /// Gallery rows per matmul (torch backend), as cn_clip's.
+    #[arg(long, default_value_t = 32768)]
+    eval_batch_size: usize,
+    /// `.jsonl` (cn_clip's lines) or `.parquet` (with scores).
+    #[arg(long)]
+    output: PathBuf,
+    #[arg(long, value_enum, default_value_t = Backend::Faiss)]
+    backend: Backend,
+    /// FAISS factory string: Flat (exact), IVF…, HNSW…, …PQ….
+    #[arg(long, default_value = "Flat")]
+    index: String,
+    #[arg(long)]
+    nprobe: Option<usize>,
+    #[arg(long)]
+    ef_search: Option<usize>,
+    /// Save the FAISS index here (or load it, if it exists).
+    #[arg(long)]
+    index_path: Option<PathBuf>,
+    /// Vectors a trained index (IVF, PQ) learns from.
+    #[arg(long, default_value_t = 100_000)]
+    train_sample: usize,
+    /// cpu, cuda or cuda:N (torch backend).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+/// Texts → images (`false`) or images → texts (`true`, the `-tr` script).
+pub fn run(args: Args, image_to_text: bool) -> Result<()> {
+    cnclip_operators::signals::catch_interrupts()?;
+    let start = std::time::Instant::now();
+    let (queries, query_key, gallery, gallery_key, neighbours_key) = if image_to_text {
+        (&args.image_feats, "image_id", &args.text_feats, "text_id", "text_ids")
+    } else {
+        (&args.text_feats, "text_id", &args.image_feats, "image_id", "image_ids")
+    };
+    let jsonl = match args.output.extension().and_then(|e| e.to_str()) {
+        Some("parquet") => false,
+        Some("jsonl" | "json" | "txt") | None => true,
+        Some(other) => bail!("--output {}: use .jsonl or .parquet (not .{other})", args.output.display()),
+    };
+    let source = if cnclip_operators::sources::features::is_jsonl(Path::new(queries)) {
+        NodeDef::new(
+            "queries",
+            None,
+            FeatureJsonlConfig {
+                paths: vec![queries.clone()],
+                id_key: query_key.into(),
+                max_record_bytes: cnclip_operators::sources::MAX_RECORD_BYTES,
+            },
+        )
+    } else {
+        let path = if Path::new(queries).is_dir() { format!("{queries}/*.parquet") } else { queries.clone() };
+        NodeDef::new("queries", None, ParquetConfig { paths: vec![path], table: None, dedupe: false })
+    };
+    let knn = KnnConfig {
+        gallery: vec![gallery.clone()],
+        gallery_id: gallery_key.into(),
+        top_k: args.top_k,
+        backend: args.backend,
+        index: args.index.clone(),
+        nprobe: args.nprobe,
+        ef_search: args.ef_search,
+        index_path: args.index_path.clone(),
+        train_sample: args.train_sample,
+        device: args.device.clone(),
+        eval_batch_size: args.eval_batch_size,
+        query_batch: 1024,
+        scores: !jsonl,
+    };
+    let sink = if jsonl {
+        let rename = [("query_id", query_key), ("neighbour_ids", neighbours_key)]
+            .into_iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        NodeDef::new("output", Some("neighbours"), WriteJsonlConfig { path: args.output.clone(), rename })
+    } else {
+        NodeDef::new("output", Some("neighbours"), WriteParquetConfig { path: args.output.clone() })
+    };
+    let settings = JobSettings { quarantine: args.output.with_extension("quarantine.jsonl"), ..JobSettings::default() };
+    let registry = registry();
+    let pipeline = Planner::new(&registry)
+        .plan(settings, vec![source, NodeDef::new("neighbours", Some("queries"), knn), sink])
+        .map_err(|problems| anyhow::anyhow!("{}", problems.join("; ")))?;
+    let report = pipeline.run()?;
+    let rows = report.written.first().map_or(0, |(_, w)| w.rows);
+    eprintln!(
+        "cnclip make-topk-predictions: top-{} of {rows} queries → {} ({:.1} s)",
+        args.top_k,
+        args.output.display(),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

@@ -1,0 +1,467 @@
+//! `knn`: top-k retrieval as a pipeline node. Query features stream in (an `id` + `feature`
+//! table); a gallery of features (cn_clip's feature JSON lines, or our Parquet feature tables:
+//! files or directories of parts) is held in memory on one device replica; each query batch
+//! comes out as its neighbours, best first (`query_id`, `neighbour_ids`, and `scores` when
+//! asked for). Memory stays bounded by the gallery plus one batch.
+//!
+//! Two backends: `faiss` (default) builds any FAISS index from a factory string — `Flat` (exact
+//! inner product, the default), `IVF…`, `HNSW…`, `…PQ…` for large galleries, trained on an
+//! evenly spaced sample, searched with `nprobe` / `ef_search`, saved to and loaded from
+//! `index_path`; `torch` is an exact matmul + top-k in libtorch, on the CPU or a CUDA device
+//! (the GPU path on any machine), the gallery taken in chunks of `eval_batch_size` rows as
+//! cn_clip's script does.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{Array, AsArray, Float32Builder, Int64Array, Int64Builder, ListBuilder};
+use arrow::datatypes::{DataType, Field, Float32Type, Int64Type, Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use cnclip_operators::spec::{BuildContext, NodeConfig, Operator, Role};
+use cnclip_operators::transforms::{Execution, Output, Transform, TransformReplica};
+use cnclip_schemas::columns::{FEATURE, ID, NEIGHBOUR_IDS, QUERY_ID, SCORES};
+use faiss::Index as _;
+use serde::Deserialize;
+use tch::{Kind, Tensor};
+
+/// Which engine searches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// A FAISS index (CPU) from a factory string.
+    #[default]
+    Faiss,
+    /// Exact matmul + top-k in libtorch (CPU or CUDA).
+    Torch,
+}
+
+/// The `knn` node's keys.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KnnConfig {
+    /// The gallery: feature JSON lines (`.jsonl`) or Parquet feature tables (files, globs or
+    /// directories of parts).
+    pub gallery: Vec<String>,
+    /// The id key of gallery JSON lines (`image_id`, `text_id`).
+    #[serde(default = "image_id")]
+    pub gallery_id: String,
+    #[serde(default = "ten")]
+    pub top_k: usize,
+    #[serde(default)]
+    pub backend: Backend,
+    /// A FAISS factory string (`Flat`, `IVF1024,Flat`, `HNSW32`, `IVF4096,PQ64`, …).
+    #[serde(default = "flat")]
+    pub index: String,
+    pub nprobe: Option<usize>,
+    pub ef_search: Option<usize>,
+    /// Where the FAISS index is saved (built there if missing, loaded if present).
+    pub index_path: Option<PathBuf>,
+    /// Vectors the index is trained on (evenly spaced over the gallery).
+    #[serde(default = "train_sample")]
+    pub train_sample: usize,
+    /// `cpu`, `cuda` or `cuda:N` (the torch backend).
+    #[serde(default = "cpu")]
+    pub device: String,
+    /// Gallery rows per matmul (torch), as cn_clip's `--eval-batch-size`.
+    #[serde(default = "eval_batch_size")]
+    pub eval_batch_size: usize,
+    /// Queries per search.
+    #[serde(default = "query_batch")]
+    pub query_batch: usize,
+    /// Output a `scores` column.
+    #[serde(default = "yes")]
+    pub scores: bool,
+}
+
+fn image_id() -> String {
+    "image_id".into()
+}
+fn ten() -> usize {
+    10
+}
+fn flat() -> String {
+    "Flat".into()
+}
+fn train_sample() -> usize {
+    100_000
+}
+fn cpu() -> String {
+    "cpu".into()
+}
+fn eval_batch_size() -> usize {
+    32768
+}
+fn query_batch() -> usize {
+    1024
+}
+fn yes() -> bool {
+    true
+}
+
+/// The files of a gallery list: directories stand for their `*.parquet` parts, in name order.
+fn gallery_files(cx: &BuildContext, paths: &[String]) -> Result<Vec<PathBuf>, Vec<String>> {
+    let mut files = Vec::new();
+    let mut patterns = Vec::new();
+    for path in paths {
+        let resolved = cx.resolve(Path::new(path));
+        if resolved.is_dir() {
+            let mut parts: Vec<PathBuf> = std::fs::read_dir(&resolved)
+                .map_err(|e| vec![format!("{}: {e}", resolved.display())])?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+                .collect();
+            parts.sort();
+            if parts.is_empty() {
+                return Err(vec![format!("{} holds no .parquet part", resolved.display())]);
+            }
+            files.extend(parts);
+        } else {
+            patterns.push(path.clone());
+        }
+    }
+    if !patterns.is_empty() {
+        files.extend(cx.files(&patterns)?);
+    }
+    Ok(files)
+}
+
+/// The dimension of a gallery file's features, from its first line or its schema.
+fn gallery_dim(path: &Path, id_key: &str) -> Result<usize, String> {
+    if cnclip_operators::sources::features::is_jsonl(path) {
+        let source = cnclip_operators::sources::features::FeatureJsonlSource::open(
+            vec![path.to_path_buf()],
+            id_key,
+            cnclip_operators::sources::MAX_RECORD_BYTES,
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(source.dim)
+    } else {
+        let schema = cnclip_operators::sources::parquet::file_schema(path).map_err(|e| e.to_string())?;
+        feature_dim(&schema).ok_or_else(|| format!("{}: no `feature` column of float32 vectors", path.display()))
+    }
+}
+
+/// `D` of a `feature: FixedSizeList<Float32, D>` column.
+fn feature_dim(schema: &Schema) -> Option<usize> {
+    match schema.field_with_name(FEATURE).ok()?.data_type() {
+        DataType::FixedSizeList(item, d) if item.data_type() == &DataType::Float32 => Some(*d as usize),
+        _ => None,
+    }
+}
+
+impl NodeConfig for KnnConfig {
+    const KIND: &'static str = "knn";
+    const ROLE: Role = Role::Transform;
+    const DOC: &'static str = "query features → query_id, neighbour_ids, scores: top `top_k` of the `gallery` \
+                               (feature .jsonl or Parquet); `backend` faiss (`index`, `nprobe`, `ef_search`, \
+                               `index_path`) or torch (`device`, `eval_batch_size`)";
+    fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
+        let mut problems = Vec::new();
+        if self.top_k == 0 {
+            problems.push("`top_k` must be at least 1".to_string());
+        }
+        if self.backend == Backend::Torch
+            && let Err(e) = crate::device::device(&self.device)
+        {
+            problems.push(e.to_string());
+        }
+        let files = gallery_files(cx, &self.gallery)?;
+        let mut dim = None;
+        for file in &files {
+            match gallery_dim(file, &self.gallery_id) {
+                Ok(d) if dim.is_none_or(|first| first == d) => dim = Some(d),
+                Ok(d) => {
+                    problems.push(format!("{}: features of {d} values, the first file's have {dim:?}", file.display()))
+                }
+                Err(e) => problems.push(e),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        let index_path = self.index_path.as_ref().map(|p| cx.resolve(p));
+        Ok(Operator::Transform(Arc::new(Knn { config: self, files, dim: dim.unwrap_or(0), index_path })))
+    }
+}
+
+/// Adds the `knn` kind to `registry`.
+pub fn register(registry: &mut cnclip_operators::spec::Registry) {
+    registry.register::<KnnConfig>();
+}
+
+/// The `knn` node.
+pub struct Knn {
+    config: KnnConfig,
+    files: Vec<PathBuf>,
+    dim: usize,
+    index_path: Option<PathBuf>,
+}
+
+/// The predictions table (`scores` optional).
+pub fn predictions_schema(scores: bool) -> SchemaRef {
+    let full = cnclip_schemas::predictions();
+    let fields: Vec<Field> =
+        full.fields().iter().filter(|f| scores || f.name() != SCORES).map(|f| f.as_ref().clone()).collect();
+    Arc::new(Schema::new(fields))
+}
+
+/// A gallery in memory: ids, and features back to back.
+pub struct Gallery {
+    pub ids: Vec<i64>,
+    pub features: Vec<f32>,
+    pub dim: usize,
+}
+
+impl Gallery {
+    /// Reads every file (feature JSON lines with id key `id_key`, or Parquet feature tables).
+    ///
+    /// # Errors
+    /// A file that cannot be read, a bad line, features of another dimension.
+    pub fn read(files: &[PathBuf], id_key: &str, dim: usize) -> Result<Gallery, String> {
+        let mut gallery = Gallery { ids: Vec::new(), features: Vec::new(), dim };
+        for file in files {
+            if cnclip_operators::sources::features::is_jsonl(file) {
+                let (ids, features, d) =
+                    cnclip_operators::sources::features::read_all(file, id_key).map_err(|e| e.to_string())?;
+                if d != dim && !ids.is_empty() {
+                    return Err(format!("{}: features of {d} values, expected {dim}", file.display()));
+                }
+                gallery.ids.extend(ids);
+                gallery.features.extend(features);
+            } else {
+                let open = std::fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()))?;
+                let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(open)
+                    .and_then(|b| b.build())
+                    .map_err(|e| format!("{}: {e}", file.display()))?;
+                for batch in reader {
+                    let batch = batch.map_err(|e| format!("{}: {e}", file.display()))?;
+                    let (ids, features) = id_and_features(&batch).ok_or_else(|| {
+                        format!("{}: not a feature table (id int64, feature float32 vectors)", file.display())
+                    })?;
+                    gallery.ids.extend_from_slice(ids.values());
+                    gallery.features.extend_from_slice(features);
+                }
+            }
+        }
+        Ok(gallery)
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
+/// The `id` column and the features (back to back) of a feature-table batch.
+fn id_and_features(batch: &RecordBatch) -> Option<(&Int64Array, &[f32])> {
+    let ids = batch.column_by_name(ID)?.as_primitive_opt::<Int64Type>()?;
+    let lists = batch.column_by_name(FEATURE)?.as_fixed_size_list_opt()?;
+    let d = lists.value_length() as usize;
+    let values = lists.values().as_primitive_opt::<Float32Type>()?.values();
+    Some((ids, &values[lists.offset() * d..(lists.offset() + lists.len()) * d]))
+}
+
+impl Transform for Knn {
+    fn output_schema(&self, input: &SchemaRef) -> Result<SchemaRef, String> {
+        let names: Vec<&str> = input.fields().iter().map(|f| f.name().as_str()).collect();
+        match (input.field_with_name(ID).map(|f| f.data_type().clone()), feature_dim(input)) {
+            (Ok(DataType::Int64), Some(d)) if d == self.dim => Ok(predictions_schema(self.config.scores)),
+            (Ok(DataType::Int64), Some(d)) => {
+                Err(format!("query features have {d} values, the gallery's {}", self.dim))
+            }
+            _ => Err(format!(
+                "needs a feature table (id int64, feature float32 vectors); the input has {}",
+                names.join(", ")
+            )),
+        }
+    }
+
+    fn apply(&self, _: &RecordBatch, _: &str) -> cnclip_operators::Result<Output> {
+        Err(cnclip_operators::Error::Internal("knn runs on its device replica".into()))
+    }
+
+    fn execution(&self) -> Execution {
+        let device = if self.config.backend == Backend::Torch { self.config.device.clone() } else { "cpu".into() };
+        Execution::Devices { devices: vec![device], batch_rows: self.config.query_batch.max(1) }
+    }
+
+    fn open_replica(&self, device: &str) -> cnclip_operators::Result<Option<Box<dyn TransformReplica>>> {
+        let fail = |e: String| cnclip_operators::Error::Internal(e);
+        let gallery = Gallery::read(&self.files, &self.config.gallery_id, self.dim).map_err(fail)?;
+        let engine = match self.config.backend {
+            Backend::Torch => {
+                let device = crate::device::device(device).map_err(|e| fail(e.to_string()))?;
+                let features = Tensor::from_slice(&gallery.features)
+                    .view([gallery.len() as i64, self.dim as i64])
+                    .to_device(device);
+                Engine::Torch { features, device, chunk: self.config.eval_batch_size.max(1) }
+            }
+            Backend::Faiss => {
+                Engine::Faiss(build_index(&self.config, self.index_path.as_deref(), &gallery).map_err(fail)?)
+            }
+        };
+        Ok(Some(Box::new(KnnReplica {
+            engine,
+            ids: gallery.ids,
+            top_k: self.config.top_k,
+            scores: self.config.scores,
+            schema: predictions_schema(self.config.scores),
+        })))
+    }
+}
+
+/// Builds (or loads from `index_path`) the FAISS index of `gallery`.
+fn build_index(
+    config: &KnnConfig,
+    index_path: Option<&Path>,
+    gallery: &Gallery,
+) -> Result<faiss::index::IndexImpl, String> {
+    let faiss_err = |e: faiss::error::Error| format!("FAISS index `{}`: {e}", config.index);
+    let mut index = match index_path.filter(|p| p.exists()) {
+        Some(path) => {
+            let index = faiss::read_index(path.to_string_lossy()).map_err(|e| format!("{}: {e}", path.display()))?;
+            if index.ntotal() != gallery.len() as u64 || index.d() as usize != gallery.dim {
+                return Err(format!(
+                    "{}: an index of {} vectors of {} values, the gallery has {} of {}",
+                    path.display(),
+                    index.ntotal(),
+                    index.d(),
+                    gallery.len(),
+                    gallery.dim
+                ));
+            }
+            index
+        }
+        None => {
+            let mut index = faiss::index_factory(gallery.dim as u32, &config.index, faiss::MetricType::InnerProduct)
+                .map_err(faiss_err)?;
+            if !index.is_trained() {
+                let n = gallery.len();
+                let take = config.train_sample.clamp(1, n.max(1));
+                let mut sample = Vec::with_capacity(take * gallery.dim);
+                for i in 0..take {
+                    let row = i * n / take;
+                    sample.extend_from_slice(&gallery.features[row * gallery.dim..(row + 1) * gallery.dim]);
+                }
+                index.train(&sample).map_err(faiss_err)?;
+            }
+            index.add(&gallery.features).map_err(faiss_err)?;
+            if let Some(path) = index_path {
+                let tmp = cnclip_operators::staging::temp_path(path);
+                faiss::write_index(&index, tmp.to_string_lossy()).map_err(|e| format!("{}: {e}", path.display()))?;
+                std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))?;
+            }
+            index
+        }
+    };
+    let space = faiss::index::autotune::ParameterSpace::new().map_err(faiss_err)?;
+    if let Some(nprobe) = config.nprobe {
+        space.set_index_parameter(&index, "nprobe", nprobe as f64).map_err(faiss_err)?;
+    }
+    if let Some(ef) = config.ef_search {
+        space.set_index_parameter(&index, "efSearch", ef as f64).map_err(faiss_err)?;
+    }
+    let _ = &mut index;
+    Ok(index)
+}
+
+enum Engine {
+    Faiss(faiss::index::IndexImpl),
+    Torch { features: Tensor, device: tch::Device, chunk: usize },
+}
+
+struct KnnReplica {
+    engine: Engine,
+    ids: Vec<i64>,
+    top_k: usize,
+    scores: bool,
+    schema: SchemaRef,
+}
+
+impl KnnReplica {
+    /// For each query: (gallery row, score) pairs, best first.
+    fn search(&mut self, queries: &[f32], n: usize) -> Result<Vec<Vec<(usize, f32)>>, String> {
+        let k = self.top_k.min(self.ids.len());
+        if k == 0 || n == 0 {
+            return Ok(vec![Vec::new(); n]);
+        }
+        match &mut self.engine {
+            Engine::Faiss(index) => {
+                let found = index.search(queries, k).map_err(|e| e.to_string())?;
+                Ok((0..n)
+                    .map(|q| {
+                        (0..k)
+                            .filter_map(|j| {
+                                let at = q * k + j;
+                                found.labels[at].get().map(|row| (row as usize, found.distances[at]))
+                            })
+                            .collect()
+                    })
+                    .collect())
+            }
+            Engine::Torch { features, device, chunk } => tch::no_grad(|| {
+                let d = features.size()[1];
+                let q = Tensor::from_slice(queries).view([n as i64, d]).to_device(*device);
+                let rows = features.size()[0];
+                let (mut values, mut indices) = (Vec::new(), Vec::new());
+                let mut start = 0;
+                while start < rows {
+                    let len = (*chunk as i64).min(rows - start);
+                    let scores = q.matmul(&features.narrow(0, start, len).tr());
+                    let (v, i) = scores.topk(k.min(len as usize) as i64, -1, true, true);
+                    values.push(v);
+                    indices.push(i + start);
+                    start += len;
+                }
+                let (v, i) = if values.len() == 1 {
+                    (values.pop().expect("one chunk"), indices.pop().expect("one chunk"))
+                } else {
+                    let (v, order) = Tensor::cat(&values, 1).topk(k as i64, -1, true, true);
+                    (v, Tensor::cat(&indices, 1).gather(1, &order, false))
+                };
+                let v: Vec<f32> = Vec::try_from(v.to_device(tch::Device::Cpu).to_kind(Kind::Float).flatten(0, -1))
+                    .map_err(|e: tch::TchError| e.to_string())?;
+                let i: Vec<i64> = Vec::try_from(i.to_device(tch::Device::Cpu).flatten(0, -1))
+                    .map_err(|e: tch::TchError| e.to_string())?;
+                Ok((0..n).map(|q| (0..k).map(|j| (i[q * k + j] as usize, v[q * k + j])).collect()).collect())
+            }),
+        }
+    }
+}
+
+impl TransformReplica for KnnReplica {
+    fn apply(&mut self, batch: &RecordBatch, _: &str) -> cnclip_operators::Result<Output> {
+        let internal = cnclip_operators::Error::Internal;
+        let (query_ids, features) =
+            id_and_features(batch).ok_or_else(|| internal("knn: not a feature batch".into()))?;
+        let found = self.search(features, query_ids.len()).map_err(internal)?;
+        let mut neighbours =
+            ListBuilder::new(Int64Builder::new()).with_field(Arc::new(Field::new("item", DataType::Int64, true)));
+        let mut scores =
+            ListBuilder::new(Float32Builder::new()).with_field(Arc::new(Field::new("item", DataType::Float32, true)));
+        for hits in &found {
+            for &(row, score) in hits {
+                neighbours.values().append_value(self.ids[row]);
+                scores.values().append_value(score);
+            }
+            neighbours.append(true);
+            scores.append(true);
+        }
+        let mut columns: Vec<arrow::array::ArrayRef> =
+            vec![Arc::new(Int64Array::from(query_ids.values().to_vec())), Arc::new(neighbours.finish())];
+        if self.scores {
+            columns.push(Arc::new(scores.finish()));
+        }
+        let batch = RecordBatch::try_new(self.schema.clone(), columns)?;
+        Ok(Output { batch, rejected: Vec::new() })
+    }
+}
+
+/// The name of the query id column of the predictions table.
+pub const QUERY_COLUMN: &str = QUERY_ID;
+/// The name of the neighbours column.
+pub const NEIGHBOURS_COLUMN: &str = NEIGHBOUR_IDS;
