@@ -19,6 +19,7 @@ use cnclip_operators::spec::Registry;
 
 mod build_lmdb;
 mod common;
+mod evaluation;
 mod import;
 mod run;
 mod synth;
@@ -43,6 +44,15 @@ enum Command {
     Import(import::ImportArgs),
     /// Export Parquet tables to cn_clip's TSV/JSONL or LMDB layout.
     Export(import::ExportArgs),
+    /// Recall@1/5/10 of text → image predictions, as cn_clip's evaluation.py (same JSON).
+    #[command(alias = "eval")]
+    Evaluation(evaluation::Args),
+    /// Recall of image → text predictions, as cn_clip's evaluation_tr.py.
+    #[command(name = "evaluation-tr")]
+    EvaluationTr(evaluation::Args),
+    /// Turn a text → image annotation file into image → text (transform_ir_annotation_to_tr.py).
+    #[command(name = "transform-ir-annotation-to-tr")]
+    TransformIrAnnotationToTr(evaluation::TransformArgs),
     /// Write a deterministic synthetic Chinese image–caption corpus in cn_clip's layout.
     Synth(synth::Args),
     /// Image–text similarity with a checkpoint: cn_clip's README quick start as a command.
@@ -109,6 +119,9 @@ fn main() -> ExitCode {
         Command::Tokenize(args) => tokenize::run(args),
         Command::BuildLmdb(args) => build_lmdb::run(args),
         Command::Synth(args) => synth::run(args),
+        Command::Evaluation(args) => evaluation::run(args, false),
+        Command::EvaluationTr(args) => evaluation::run(args, true),
+        Command::TransformIrAnnotationToTr(args) => evaluation::transform(args),
         Command::Import(args) => import::import(args),
         Command::Export(args) => import::export(args),
         Command::Run(args) => {

@@ -6,6 +6,7 @@
 mod bad_lmdb;
 mod checkpoints;
 mod decode;
+mod evaluation;
 mod extract;
 mod hostile_pickle;
 mod knn;

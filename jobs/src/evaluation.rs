@@ -1,0 +1,400 @@
+//! `cnclip evaluation` (`eval`) and `evaluation-tr`: cn_clip's `eval/evaluation.py` and
+//! `evaluation_tr.py` — recall@1/5/10 of top-10 predictions against the ground truth, written
+//! as the same JSON (`{"success": true, "score", "scoreJson": {…}}`), and on an invalid
+//! submission the same error JSON (`"success": false`) from the same checks in the same order,
+//! with the same messages (quirks included: a non-integer query id on the first line is
+//! reported as Python's `UnboundLocalError`, on a later line with the previous line's id). Output is
+//! formatted as Python's `json.dump` (ASCII, `", "` / `": "`, floats as `repr`).
+//!
+//! And `cnclip transform-ir-annotation-to-tr`: `transform_ir_annotation_to_tr.py`, texts →
+//! images annotations turned into images → texts (`{input stem}.tr.jsonl`).
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use cnclip_operators::sinks::jsonl::python_float;
+use serde_json::Value;
+
+/// Texts → images (`evaluation.py`) or images → texts (`evaluation_tr.py`).
+#[derive(Clone, Copy)]
+struct Direction {
+    query: &'static str,
+    targets: &'static str,
+    /// `Text_id` / `Image_id` in messages.
+    query_title: &'static str,
+    target: &'static str,
+    /// `images` / `texts` in the duplicate message.
+    plural: &'static str,
+    tr: bool,
+}
+
+const TEXT_TO_IMAGE: Direction = Direction {
+    query: "text_id",
+    targets: "image_ids",
+    query_title: "Text_id",
+    target: "image_id",
+    plural: "images",
+    tr: false,
+};
+const IMAGE_TO_TEXT: Direction = Direction {
+    query: "image_id",
+    targets: "text_ids",
+    query_title: "Image_id",
+    target: "text_id",
+    plural: "texts",
+    tr: true,
+};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The ground truth (e.g. test_texts.jsonl).
+    standard_path: PathBuf,
+    /// The predictions (make-topk-predictions' output).
+    submit_path: PathBuf,
+    /// Where the score JSON goes.
+    out_path: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub struct TransformArgs {
+    /// A texts → images annotation file (`{"text_id", "image_ids"}` per line).
+    #[arg(long)]
+    input: String,
+}
+
+/// Python's `isinstance(v, int)` for a JSON value (`bool` is an `int` in Python).
+fn py_int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Number(n) => n.as_i64(),
+        Value::Bool(b) => Some(i64::from(*b)),
+        _ => None,
+    }
+}
+
+/// Python's `str()` of a value `json.loads` made.
+fn py_str(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => py_repr(other),
+    }
+}
+
+/// Python's `repr()` of a value `json.loads` made.
+fn py_repr(v: &Value) -> String {
+    match v {
+        Value::Null => "None".into(),
+        Value::Bool(true) => "True".into(),
+        Value::Bool(false) => "False".into(),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => i.to_string(),
+            None => n.as_u64().map_or_else(|| python_float(n.as_f64().unwrap_or(f64::NAN)), |u| u.to_string()),
+        },
+        Value::String(s) => {
+            let quote = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
+            let mut out = String::from(quote);
+            for c in s.chars() {
+                match c {
+                    '\\' => out.push_str("\\\\"),
+                    '\n' => out.push_str("\\n"),
+                    '\r' => out.push_str("\\r"),
+                    '\t' => out.push_str("\\t"),
+                    c if c == quote => {
+                        out.push('\\');
+                        out.push(c);
+                    }
+                    c if (c as u32) < 0x20 || c as u32 == 0x7f => out.push_str(&format!("\\x{:02x}", c as u32)),
+                    c => out.push(c),
+                }
+            }
+            out.push(quote);
+            out
+        }
+        Value::Array(items) => format!("[{}]", items.iter().map(py_repr).collect::<Vec<_>>().join(", ")),
+        Value::Object(map) => format!(
+            "{{{}}}",
+            map.iter()
+                .map(|(k, v)| format!("{}: {}", py_repr(&Value::String(k.clone())), py_repr(v)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// Python's `json.dumps` (default settings) of a value.
+fn py_dumps(v: &Value) -> String {
+    match v {
+        Value::Null => "null".into(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => match (n.as_i64(), n.as_u64()) {
+            (Some(i), _) => i.to_string(),
+            (None, Some(u)) => u.to_string(),
+            _ => python_float(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        Value::String(s) => {
+            let mut out = String::from('"');
+            for c in s.chars() {
+                match c {
+                    '"' => out.push_str("\\\""),
+                    '\\' => out.push_str("\\\\"),
+                    '\n' => out.push_str("\\n"),
+                    '\r' => out.push_str("\\r"),
+                    '\t' => out.push_str("\\t"),
+                    '\u{8}' => out.push_str("\\b"),
+                    '\u{c}' => out.push_str("\\f"),
+                    c if (c as u32) < 0x20 || (c as u32) > 0x7e => {
+                        let mut units = [0u16; 2];
+                        for unit in c.encode_utf16(&mut units) {
+                            out.push_str(&format!("\\u{unit:04x}"));
+                        }
+                    }
+                    c => out.push(c),
+                }
+            }
+            out.push('"');
+            out
+        }
+        Value::Array(items) => format!("[{}]", items.iter().map(py_dumps).collect::<Vec<_>>().join(", ")),
+        Value::Object(map) => format!(
+            "{{{}}}",
+            map.iter()
+                .map(|(k, v)| format!("{}: {}", py_dumps(&Value::String(k.clone())), py_dumps(v)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// The ground truth: query id → the ids it should find.
+fn read_reference(path: &PathBuf, d: Direction) -> Result<Vec<(i64, Vec<i64>)>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("[Errno 2] No such file or directory: '{}' ({e})", path.display()))?;
+    let mut order: Vec<i64> = Vec::new();
+    let mut reference: HashMap<i64, Vec<i64>> = HashMap::new();
+    for line in text.lines() {
+        let obj: Value = serde_json::from_str(line.trim()).map_err(|e| e.to_string())?;
+        let id = obj.get(d.query).and_then(py_int).ok_or_else(|| d.query.to_string())?;
+        let targets = obj.get(d.targets).and_then(Value::as_array).ok_or_else(|| d.targets.to_string())?;
+        let targets = targets.iter().filter_map(py_int).collect();
+        if reference.insert(id, targets).is_none() {
+            order.push(id);
+        }
+    }
+    Ok(order
+        .into_iter()
+        .map(|id| {
+            let t = reference.remove(&id).unwrap_or_default();
+            (id, t)
+        })
+        .collect())
+}
+
+/// `read_submission`: every check of cn_clip's, in its order, with its message.
+fn read_submission(
+    path: &PathBuf,
+    reference: &[(i64, Vec<i64>)],
+    k: usize,
+    d: Direction,
+) -> Result<HashMap<i64, Vec<i64>>, String> {
+    if !path.exists() {
+        return Err("The submission file is not found!".into());
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let mut submission: HashMap<i64, Vec<i64>> = HashMap::new();
+    let mut last_query: Option<Value> = None;
+    for raw in text.split_inclusive('\n') {
+        let line = raw.trim();
+        let Ok(obj) = serde_json::from_str::<Value>(line) else {
+            return Err(format!("Cannot parse this line into json object: {line}"));
+        };
+        let contains = |key: &str| match &obj {
+            Value::Object(map) => Ok(map.contains_key(key)),
+            Value::Array(items) => Ok(items.iter().any(|v| v.as_str() == Some(key))),
+            Value::String(s) => Ok(s.contains(key)),
+            Value::Null => Err("argument of type 'NoneType' is not iterable".to_string()),
+            Value::Bool(_) => Err("argument of type 'bool' is not iterable".to_string()),
+            Value::Number(n) if n.is_f64() => Err("argument of type 'float' is not iterable".to_string()),
+            Value::Number(_) => Err("argument of type 'int' is not iterable".to_string()),
+        };
+        if !contains(d.query)? {
+            return Err(format!("There exists one line not containing {}: {line}", d.query));
+        }
+        let index = |key: &str| -> Result<&Value, String> {
+            match &obj {
+                Value::Object(map) => map.get(key).ok_or_else(|| key.to_string()),
+                Value::Array(_) => Err("list indices must be integers or slices, not str".into()),
+                _ => Err("string indices must be integers, not 'str'".into()),
+            }
+        };
+        let query_value = index(d.query)?;
+        let Some(query) = py_int(query_value) else {
+            return Err(if d.tr {
+                format!(
+                    "Found an invalid image_id {}, it should be an integer (not string), please check your schema",
+                    py_str(query_value)
+                )
+            } else {
+                match &last_query {
+                    // cn_clip formats the message with `qid` before assigning it: the previous
+                    // line's id, or (first line) Python's UnboundLocalError, as 3.11+ words it.
+                    None => "cannot access local variable 'qid' where it is not associated with a value".into(),
+                    Some(previous) => format!(
+                        "Found an invalid text_id {}, it should be an integer (not string), please check your schema",
+                        py_str(previous)
+                    ),
+                }
+            });
+        };
+        last_query = Some(query_value.clone());
+        if !contains(d.targets)? {
+            return Err(format!("There exists one line not containing the predicted {}: {line}", d.targets));
+        }
+        let Value::Array(targets) = index(d.targets)? else {
+            return Err(format!(
+                "The {} field of {} {query} is not a list, please check your schema",
+                d.targets, d.query
+            ));
+        };
+        if targets.len() != k {
+            return Err(format!(
+                "{} {query} has wrong number of predicted {}! Require {k}, but {} founded.",
+                d.query_title,
+                d.targets,
+                targets.len()
+            ));
+        }
+        let mut ids = Vec::with_capacity(k);
+        for (rank, target) in targets.iter().enumerate() {
+            match py_int(target) {
+                Some(id) => ids.push(id),
+                None => {
+                    return Err(format!(
+                        "{} {query} has an invalid predicted {} {} at rank {}, it should be an integer (not string), please check your schema",
+                        d.query_title,
+                        d.target,
+                        py_str(target),
+                        rank + 1
+                    ));
+                }
+            }
+        }
+        if ids.iter().collect::<BTreeSet<_>>().len() != k {
+            return Err(format!(
+                "{} {query} has duplicate topk {} in your prediction. Pleace check again!",
+                d.query_title, d.plural
+            ));
+        }
+        submission.insert(query, ids);
+    }
+    let missing: BTreeSet<i64> =
+        reference.iter().map(|(id, _)| *id).filter(|id| !submission.contains_key(id)).collect();
+    if !missing.is_empty() {
+        let list: Vec<String> = missing.iter().map(i64::to_string).collect();
+        return Err(format!(
+            "The following {}s have no prediction in your submission, please check again: {}",
+            d.query,
+            list.join(", ")
+        ));
+    }
+    Ok(submission)
+}
+
+/// The score JSON of a submission, or the error JSON (and its message).
+fn evaluate(standard: &PathBuf, submit: &PathBuf, d: Direction) -> (String, Option<String>) {
+    let result = (|| -> Result<[f64; 3], String> {
+        let reference = read_reference(standard, d)?;
+        let predictions = read_submission(submit, &reference, 10, d)?;
+        let mut hits = [0usize; 3];
+        for (id, truth) in &reference {
+            let predicted = &predictions[id];
+            for (hit, k) in hits.iter_mut().zip([1, 5, 10]) {
+                if truth.iter().any(|t| predicted[..k].contains(t)) {
+                    *hit += 1;
+                }
+            }
+        }
+        if reference.is_empty() {
+            return Err("float division by zero".into());
+        }
+        Ok(hits.map(|h| h as f64 * 1.0 / reference.len() as f64))
+    })();
+    // Built as text: cn_clip's key order (serde_json's maps sort their keys).
+    match result {
+        Ok([r1, r5, r10]) => {
+            let mean = (r1 + r5 + r10) / 3.0;
+            let f = |x: f64| python_float(x * 100.0);
+            let json = format!(
+                "{{\"success\": true, \"score\": {}, \"scoreJson\": {{\"score\": {}, \"mean_recall\": {}, \"r1\": {}, \"r5\": {}, \"r10\": {}}}}}",
+                f(mean),
+                f(mean),
+                f(mean),
+                f(r1),
+                f(r5),
+                f(r10)
+            );
+            (json, None)
+        }
+        Err(message) => {
+            let m = py_dumps(&Value::String(message.clone()));
+            let json = format!(
+                "{{\"errorDetail\": {m}, \"errorMsg\": {m}, \"score\": 0, \"scoreJson\": {{}}, \"success\": false}}"
+            );
+            (json, Some(message))
+        }
+    }
+}
+
+pub fn run(args: Args, image_to_text: bool) -> Result<()> {
+    let d = if image_to_text { IMAGE_TO_TEXT } else { TEXT_TO_IMAGE };
+    println!("Read standard from {}", args.standard_path.display());
+    println!("Read user submit file from {}", args.submit_path.display());
+    let (text, error) = evaluate(&args.standard_path, &args.submit_path, d);
+    cnclip_operators::write_atomically(&args.out_path, |f| std::io::Write::write_all(f, text.as_bytes()))
+        .with_context(|| format!("writing {}", args.out_path.display()))?;
+    match error {
+        None => println!("The evaluation finished successfully."),
+        Some(message) => println!("The evaluation failed: {message}"),
+    }
+    Ok(())
+}
+
+pub fn transform(args: TransformArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&args.input).with_context(|| format!("reading {}", args.input))?;
+    let mut order: Vec<Value> = Vec::new();
+    let mut records: HashMap<String, (Value, Vec<Value>)> = HashMap::new();
+    for (number, line) in text.lines().enumerate() {
+        let obj: Value =
+            serde_json::from_str(line.trim()).with_context(|| format!("{} line {}", args.input, number + 1))?;
+        let text_id =
+            obj.get("text_id").cloned().with_context(|| format!("{} line {}: no text_id", args.input, number + 1))?;
+        let image_ids = obj
+            .get("image_ids")
+            .and_then(Value::as_array)
+            .with_context(|| format!("{} line {}: no image_ids list", args.input, number + 1))?;
+        for image_id in image_ids {
+            let key = py_dumps(image_id);
+            let entry = records.entry(key).or_insert_with(|| {
+                order.push(image_id.clone());
+                (image_id.clone(), Vec::new())
+            });
+            entry.1.push(text_id.clone());
+        }
+    }
+    let output = format!("{}.tr.jsonl", args.input.replace(".jsonl", ""));
+    let mut lines = String::new();
+    for image_id in &order {
+        let (id, text_ids) = &records[&py_dumps(image_id)];
+        lines.push_str(&format!(
+            "{{\"image_id\": {}, \"text_ids\": {}}}",
+            py_dumps(id),
+            py_dumps(&Value::Array(text_ids.clone()))
+        ));
+        lines.push('\n');
+    }
+    cnclip_operators::write_atomically(std::path::Path::new(&output), |f| {
+        std::io::Write::write_all(f, lines.as_bytes())
+    })
+    .with_context(|| format!("writing {output}"))?;
+    println!("Done!");
+    Ok(())
+}
