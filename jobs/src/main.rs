@@ -70,6 +70,9 @@ enum Command {
     /// Top-k texts per image (cn_clip's make_topk_predictions_tr.py).
     #[command(name = "make-topk-predictions-tr", disable_help_flag = true)]
     MakeTopkPredictionsTr(ModelCommand),
+    /// Zero-shot classification of an image folder (cn_clip's zeroshot_evaluation.py).
+    #[command(name = "zeroshot-evaluation", alias = "zeroshot", disable_help_flag = true)]
+    ZeroshotEvaluation(ModelCommand),
     /// Measure encode or preprocess throughput (`benchmark encode|preprocess`).
     #[command(disable_help_flag = true)]
     Benchmark(ModelCommand),
@@ -139,6 +142,7 @@ fn main() -> ExitCode {
         Command::Convert(command) => exec_torch("convert", command.args),
         Command::Benchmark(command) => exec_torch("benchmark", command.args),
         Command::ExtractFeatures(command) => exec_torch("extract-features", command.args),
+        Command::ZeroshotEvaluation(command) => exec_torch("zeroshot-evaluation", command.args),
         Command::MakeTopkPredictions(command) => exec_torch("make-topk-predictions", command.args),
         Command::MakeTopkPredictionsTr(command) => exec_torch("make-topk-predictions-tr", command.args),
     };

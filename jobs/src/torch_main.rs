@@ -18,6 +18,7 @@ mod knn;
 mod model_args;
 mod run;
 mod similarity;
+mod zeroshot;
 
 #[derive(Parser)]
 #[command(name = "cnclip", version, about = "Chinese-CLIP model commands (run as `cnclip COMMAND`)")]
@@ -41,6 +42,9 @@ enum Command {
     /// Top-k texts for each image (cn_clip's make_topk_predictions_tr.py).
     #[command(name = "make-topk-predictions-tr")]
     MakeTopkPredictionsTr(knn::Args),
+    /// Zero-shot classification of an image folder (cn_clip's zeroshot_evaluation.py).
+    #[command(name = "zeroshot-evaluation", alias = "zeroshot")]
+    ZeroshotEvaluation(zeroshot::Args),
     /// Run a pipeline; `cnclip run` hands over pipelines that use a kind only this binary has.
     Run(run::Args),
     /// Measure encode throughput (model only, random weights), e.g. against scripts/bench/encode.py.
@@ -71,6 +75,7 @@ fn main() -> ExitCode {
         Command::Convert(args) => convert::run(args),
         Command::ExtractFeatures(args) => extract::run(args),
         Command::MakeTopkPredictions(args) => knn::run(args, false),
+        Command::ZeroshotEvaluation(args) => zeroshot::run(args),
         Command::MakeTopkPredictionsTr(args) => knn::run(args, true),
         // The built-in kinds and the model kinds (the encoders).
         Command::Run(args) => run::run(args, &registry()),

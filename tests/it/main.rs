@@ -18,3 +18,4 @@ mod runtime;
 mod signals;
 mod smoke;
 mod tokenizer;
+mod zeroshot;

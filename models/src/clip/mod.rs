@@ -140,6 +140,23 @@ impl Clip {
         self.vs.variables().into_iter().collect()
     }
 
+    /// Parameters (trainable variables, not BatchNorm statistics), in all and in the vision
+    /// tower: what `sum(p.numel() for p in model.parameters())` and `model.visual.parameters()`
+    /// count in cn_clip.
+    pub fn parameter_counts(&self) -> (usize, usize) {
+        let (mut all, mut visual) = (0, 0);
+        for (name, tensor) in self.vs.variables() {
+            if tensor.requires_grad() {
+                let n = tensor.numel();
+                all += n;
+                if name.starts_with("visual.") {
+                    visual += n;
+                }
+            }
+        }
+        (all, visual)
+    }
+
     /// Converts every parameter to `kind` (fp32, fp16, bf16).
     pub fn set_kind(&mut self, kind: Kind) {
         self.vs.set_kind(kind);

@@ -1,0 +1,274 @@
+//! `cnclip zeroshot-evaluation` (`zeroshot`): cn_clip's `eval/zeroshot_evaluation.py`, with its
+//! flags. Two pipelines: the prompts (every class name in every template of the set cn_clip
+//! picks for `--dataset`, or `--templates FILE`) → tokenize (with the datasets' text
+//! preprocessing) → `encode_text`, streamed here and ensembled per class as cn_clip does
+//! (normalise, mean, normalise); then the image folder (torchvision `ImageFolder`'s order,
+//! converted to RGB before the resize) → preprocess → `encode_image`, streamed here and scored:
+//! `softmax(100 · image_features @ classifier)`. Prints `zeroshot-top1: …` as cn_clip does (a
+//! fraction), plus top-5 and mean per-class recall, and writes the ELEVATER JSON
+//! (`{save_dir}/{dataset}.json`) with cn_clip's fields and its rounding to 6 decimals.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use cnclip_models::checkpoint::{Format, architecture};
+use cnclip_models::encoders::{EncodeImageConfig, EncodeTextConfig, EncoderConfig};
+use cnclip_models::zeroshot;
+use cnclip_operators::sinks::jsonl::python_float;
+use cnclip_operators::sources::folder;
+use cnclip_operators::spec::builtin::{ImageFolderConfig, JsonlConfig, PreprocessConfig, TokenizeConfig};
+use cnclip_operators::spec::{JobSettings, NodeDef, Planner};
+use cnclip_operators::transforms::preprocess::Order;
+use tch::{Kind, Tensor};
+
+use crate::registry;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The image folder (class subfolders, as torchvision's ImageFolder reads).
+    #[arg(long)]
+    datapath: PathBuf,
+    /// Class names, one per line, in class-index order.
+    #[arg(long)]
+    label_file: PathBuf,
+    /// The dataset's name: picks the template set as cn_clip does, and names the output JSON.
+    #[arg(long, default_value = "imagenet")]
+    dataset: String,
+    /// A JSON list that reorders the predictions (and targets) before they are saved.
+    #[arg(long, default_value = "")]
+    index: String,
+    /// Where `{dataset}.json` goes (created if missing).
+    #[arg(long, default_value = "")]
+    save_dir: String,
+    #[arg(long, default_value_t = 64)]
+    img_batch_size: usize,
+    #[arg(long, default_value_t = 52)]
+    context_length: usize,
+    #[arg(long)]
+    resume: PathBuf,
+    /// amp (fp16 on a GPU, fp32 on the CPU), fp16, fp32 or bf16.
+    #[arg(long, default_value = "amp")]
+    precision: String,
+    #[arg(long, default_value = "ViT-B-16")]
+    vision_model: String,
+    #[arg(long, default_value = "RoBERTa-wwm-ext-base-chinese")]
+    text_model: String,
+    /// Decode/preprocess threads (0: one per core).
+    #[arg(long, default_value_t = 4)]
+    num_workers: usize,
+    /// One template per line, `{}` where the class name goes (instead of the built-in set).
+    #[arg(long)]
+    templates: Option<PathBuf>,
+    /// cpu, cuda, cuda:N (one replica each).
+    #[arg(long, default_value = "cpu")]
+    devices: String,
+}
+
+/// Streams the `features` node of a pipeline: (ids, features as one `[N, D]` tensor).
+fn features(defs: Vec<NodeDef>, settings: JobSettings) -> Result<(Vec<i64>, Tensor)> {
+    let registry = registry();
+    let pipeline = Planner::new(&registry)
+        .stream("features")
+        .plan(settings, defs)
+        .map_err(|problems| anyhow::anyhow!("{}", problems.join("; ")))?;
+    let (mut ids, mut values, mut dim) = (Vec::new(), Vec::<f32>::new(), 0i64);
+    for batch in pipeline.stream()? {
+        if let Some(signal) = cnclip_operators::signals::interrupted() {
+            return Err(cnclip_operators::Error::Interrupted { signal }.into());
+        }
+        let batch = batch?;
+        use arrow::array::{Array, AsArray};
+        let id = batch.column(0).as_primitive::<arrow::datatypes::Int64Type>();
+        let list = batch.column(1).as_fixed_size_list();
+        dim = list.value_length() as i64;
+        let floats = list.values().as_primitive::<arrow::datatypes::Float32Type>().values();
+        ids.extend_from_slice(id.values());
+        values.extend_from_slice(&floats[list.offset() * dim as usize..][..list.len() * dim as usize]);
+    }
+    let n = ids.len() as i64;
+    Ok((ids, Tensor::from_slice(&values).view([n, dim.max(1)])))
+}
+
+pub fn run(args: Args) -> Result<()> {
+    cnclip_operators::signals::catch_interrupts()?;
+    let classnames: Vec<String> = std::fs::read_to_string(&args.label_file)
+        .with_context(|| format!("reading {}", args.label_file.display()))?
+        .lines()
+        .map(|l| l.trim().to_string())
+        .collect();
+    let templates: Vec<String> = match &args.templates {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(String::from)
+            .collect(),
+        None => zeroshot::templates_for(&args.dataset).iter().map(|t| t.to_string()).collect(),
+    };
+    if templates.iter().any(|t| !t.contains("{}")) {
+        bail!("every template needs `{{}}` where the class name goes");
+    }
+    let named = match Format::detect(&args.resume) {
+        Format::CnClip => {
+            Some(cnclip_models::ClipConfig::from_name(&format!("{}@{}", args.vision_model, args.text_model))?)
+        }
+        _ => None,
+    };
+    let config = architecture(&args.resume, named.as_ref()).with_context(|| format!("{}", args.resume.display()))?;
+    let (vision, text) = match &named {
+        Some(_) => (Some(args.vision_model.clone()), Some(args.text_model.clone())),
+        None => (None, None),
+    };
+    let encoder = EncoderConfig {
+        checkpoint: args.resume.clone(),
+        vision_model: vision,
+        text_model: text,
+        precision: args.precision.clone(),
+        batch_size: args.img_batch_size,
+        devices: args.devices.clone(),
+    };
+    let scratch = tempfile::tempdir().context("a scratch directory")?;
+    let settings = |name: &str| JobSettings {
+        quarantine: scratch.path().join(format!("{name}-quarantine.jsonl")),
+        threads: args.num_workers,
+        ..JobSettings::default()
+    };
+
+    // The classifier: every template of every class, ensembled per class.
+    let prompts = scratch.path().join("prompts.jsonl");
+    let mut lines = String::new();
+    for (c, name) in classnames.iter().enumerate() {
+        for (t, template) in templates.iter().enumerate() {
+            let text = template.replacen("{}", name, 1);
+            let id = (c * templates.len() + t) as i64;
+            lines.push_str(&serde_json::json!({"text_id": id, "text": text, "image_ids": []}).to_string());
+            lines.push('\n');
+        }
+    }
+    std::fs::write(&prompts, lines)?;
+    let text_defs = vec![
+        NodeDef::new(
+            "prompts",
+            None,
+            JsonlConfig {
+                paths: vec![prompts.display().to_string()],
+                dedupe: false,
+                max_record_bytes: cnclip_operators::sources::MAX_RECORD_BYTES,
+            },
+        ),
+        NodeDef::new(
+            "tokens",
+            Some("prompts"),
+            TokenizeConfig { context_length: args.context_length, preprocess: true },
+        ),
+        NodeDef::new(
+            "features",
+            Some("tokens"),
+            EncodeTextConfig(EncoderConfig { batch_size: templates.len(), ..encoder.clone() }),
+        ),
+    ];
+    let (_, prompt_features) = features(text_defs, settings("prompts"))?;
+    let classifier = tch::no_grad(|| {
+        let per_class: Vec<Tensor> = (0..classnames.len() as i64)
+            .map(|c| {
+                let t = templates.len() as i64;
+                let embeddings = prompt_features.narrow(0, c * t, t);
+                let mean = embeddings.mean_dim(0, false, Kind::Float);
+                &mean / mean.norm()
+            })
+            .collect();
+        Tensor::stack(&per_class, 1)
+    });
+
+    // The images, scored.
+    let entries = folder::entries(&args.datapath).with_context(|| format!("{}", args.datapath.display()))?;
+    let image_defs = vec![
+        NodeDef::new("images", None, ImageFolderConfig { path: args.datapath.clone() }),
+        NodeDef::new(
+            "pixels",
+            Some("images"),
+            PreprocessConfig {
+                resolution: config.vision.image_resolution as usize,
+                order: Order::ConvertThenResize,
+                max_pixels: cnclip_operators::decoders::image::DEFAULT_MAX_PIXELS,
+            },
+        ),
+        NodeDef::new("features", Some("pixels"), EncodeImageConfig(encoder)),
+    ];
+    let (ids, image_features) = features(image_defs, settings("images"))?;
+    let targets: Vec<i64> = ids.iter().map(|&id| entries[id as usize].label as i64).collect();
+    let probs = tch::no_grad(|| (&image_features * 100.0).matmul(&classifier).softmax(-1, Kind::Float));
+    let n = ids.len();
+    let classes = classnames.len();
+    let flat: Vec<f32> = Vec::try_from(probs.flatten(0, -1)).map_err(|e: tch::TchError| anyhow::anyhow!("{e}"))?;
+    let rows: Vec<&[f32]> = flat.chunks(classes.max(1)).collect();
+    let ranked = |row: &[f32]| -> Vec<usize> {
+        let mut order: Vec<usize> = (0..row.len()).collect();
+        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+        order
+    };
+    let (mut top1, mut top5) = (0usize, 0usize);
+    let (mut per_class_hits, mut per_class_count) = (vec![0usize; classes], vec![0usize; classes]);
+    for (row, &target) in rows.iter().zip(&targets) {
+        let order = ranked(row);
+        let hit1 = order.first() == Some(&(target as usize));
+        top1 += usize::from(hit1);
+        top5 += usize::from(order.iter().take(5).any(|&c| c == target as usize));
+        if (target as usize) < classes {
+            per_class_count[target as usize] += 1;
+            per_class_hits[target as usize] += usize::from(hit1);
+        }
+    }
+    let seen: Vec<f64> = per_class_count
+        .iter()
+        .zip(&per_class_hits)
+        .filter(|(count, _)| **count > 0)
+        .map(|(count, hits)| *hits as f64 / *count as f64)
+        .collect();
+    let mean_per_class = seen.iter().sum::<f64>() / seen.len().max(1) as f64;
+
+    // cn_clip reorders the saved predictions by --index.
+    let order: Vec<usize> = if args.index.is_empty() {
+        (0..n).collect()
+    } else {
+        let text = std::fs::read_to_string(&args.index).with_context(|| format!("reading {}", args.index))?;
+        let index: Vec<usize> =
+            serde_json::from_str(&text).with_context(|| format!("{}: a JSON list of row numbers", args.index))?;
+        if let Some(bad) = index.iter().find(|&&i| i >= n) {
+            bail!("{}: row {bad} of {n}", args.index);
+        }
+        index
+    };
+    let model = cnclip_models::checkpoint::load_clip(&args.resume, named.as_ref(), tch::Device::Cpu)?.0;
+    let (params, visual) = model.parameter_counts();
+    let round6 = |x: f32| -> String { python_float(format!("{:.6}", x as f64).parse::<f64>().unwrap_or(f64::NAN)) };
+    let predictions: Vec<String> = order
+        .iter()
+        .map(|&r| format!("[{}]", rows[r].iter().map(|&p| round6(p)).collect::<Vec<_>>().join(", ")))
+        .collect();
+    let json = format!(
+        "{{\"model_name\": \"CN-CLIP-{}\", \"dataset_name\": {}, \"num_trainable_params\": 0, \"num_params\": {params}, \
+         \"num_visual_params\": {visual}, \"num_backbone_params\": {params}, \"n_shot\": 0, \"rnd_seeds\": [123], \
+         \"predictions\": [[{}]]}}",
+        args.vision_model,
+        serde_json::to_string(&args.dataset)?,
+        predictions.join(", ")
+    );
+    let save_dir = Path::new(&args.save_dir);
+    if !args.save_dir.is_empty() {
+        std::fs::create_dir_all(save_dir).with_context(|| format!("creating {}", save_dir.display()))?;
+    }
+    let out = save_dir.join(format!("{}.json", args.dataset));
+    cnclip_operators::write_atomically(&out, |f| std::io::Write::write_all(f, json.as_bytes()))
+        .with_context(|| format!("writing {}", out.display()))?;
+    let fraction = |k: usize| python_float(k as f64 / n.max(1) as f64);
+    println!("Result:");
+    println!("zeroshot-top1: {}", fraction(top1));
+    println!("zeroshot-top5: {}, mean-per-class-recall: {}", fraction(top5), python_float(mean_per_class));
+    eprintln!(
+        "cnclip zeroshot-evaluation: {n} images, {classes} classes, {} templates → {}",
+        templates.len(),
+        out.display()
+    );
+    Ok(())
+}
