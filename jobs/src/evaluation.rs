@@ -46,8 +46,22 @@ const IMAGE_TO_TEXT: Direction = Direction {
     tr: true,
 };
 
+/// How recall is computed once the submission passes its checks.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Engine {
+    /// In Rust, as cn_clip's loop.
+    Direct,
+    /// `jobs/sql/recall.sql` on DataFusion.
+    Sql,
+}
+
+/// The recall query (`jobs/sql/recall.sql`).
+pub const RECALL_SQL: &str = include_str!("../sql/recall.sql");
+
 #[derive(clap::Args)]
 pub struct Args {
+    #[arg(long, value_enum, default_value_t = Engine::Direct)]
+    engine: Engine,
     /// The ground truth (e.g. test_texts.jsonl).
     standard_path: PathBuf,
     /// The predictions (make-topk-predictions' output).
@@ -300,10 +314,16 @@ fn read_submission(
 }
 
 /// The score JSON of a submission, or the error JSON (and its message).
-fn evaluate(standard: &PathBuf, submit: &PathBuf, d: Direction) -> (String, Option<String>) {
+fn evaluate(standard: &PathBuf, submit: &PathBuf, d: Direction, engine: Engine) -> (String, Option<String>) {
     let result = (|| -> Result<[f64; 3], String> {
         let reference = read_reference(standard, d)?;
         let predictions = read_submission(submit, &reference, 10, d)?;
+        if engine == Engine::Sql {
+            if reference.is_empty() {
+                return Err("float division by zero".into());
+            }
+            return recall_sql(&reference, &predictions).map_err(|e| format!("{e:#}"));
+        }
         let mut hits = [0usize; 3];
         for (id, truth) in &reference {
             let predicted = &predictions[id];
@@ -344,11 +364,52 @@ fn evaluate(standard: &PathBuf, submit: &PathBuf, d: Direction) -> (String, Opti
     }
 }
 
+/// Recall@1/5/10 by [`RECALL_SQL`] over in-memory tables of the checked inputs.
+fn recall_sql(reference: &[(i64, Vec<i64>)], predictions: &HashMap<i64, Vec<i64>>) -> Result<[f64; 3]> {
+    use arrow::array::{Array, Int64Array, Int64Builder, ListBuilder};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use std::sync::Arc;
+    let table = |ids: Vec<i64>, lists: Vec<&Vec<i64>>, name: &str| -> Result<arrow::record_batch::RecordBatch> {
+        let mut builder = ListBuilder::new(Int64Builder::new());
+        for list in lists {
+            builder.values().append_slice(list);
+            builder.append(true);
+        }
+        let lists = builder.finish();
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("query_id", DataType::Int64, false),
+            Field::new(name, lists.data_type().clone(), false),
+        ]));
+        Ok(arrow::record_batch::RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(ids)), Arc::new(lists)])?)
+    };
+    let truth =
+        table(reference.iter().map(|(id, _)| *id).collect(), reference.iter().map(|(_, t)| t).collect(), "targets")?;
+    let mut predicted: Vec<(&i64, &Vec<i64>)> = predictions.iter().collect();
+    predicted.sort();
+    let predicted = table(
+        predicted.iter().map(|(id, _)| **id).collect(),
+        predicted.iter().map(|(_, p)| *p).collect(),
+        "predicted",
+    )?;
+    let runtime = tokio::runtime::Builder::new_current_thread().build()?;
+    let batches = runtime.block_on(async {
+        let ctx = crate::sql::context(&[]).await?;
+        ctx.register_batch("truth", truth)?;
+        ctx.register_batch("predictions", predicted)?;
+        let frame = ctx.sql(RECALL_SQL).await?;
+        anyhow::Ok(frame.collect().await?)
+    })?;
+    use arrow::array::AsArray;
+    let batch = batches.first().context("the recall query returned nothing")?;
+    let value = |i: usize| batch.column(i).as_primitive::<arrow::datatypes::Float64Type>().value(0);
+    Ok([value(0), value(1), value(2)])
+}
+
 pub fn run(args: Args, image_to_text: bool) -> Result<()> {
     let d = if image_to_text { IMAGE_TO_TEXT } else { TEXT_TO_IMAGE };
     println!("Read standard from {}", args.standard_path.display());
     println!("Read user submit file from {}", args.submit_path.display());
-    let (text, error) = evaluate(&args.standard_path, &args.submit_path, d);
+    let (text, error) = evaluate(&args.standard_path, &args.submit_path, d, args.engine);
     cnclip_operators::write_atomically(&args.out_path, |f| std::io::Write::write_all(f, text.as_bytes()))
         .with_context(|| format!("writing {}", args.out_path.display()))?;
     match error {

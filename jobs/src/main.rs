@@ -22,6 +22,7 @@ mod common;
 mod evaluation;
 mod import;
 mod run;
+mod sql;
 mod synth;
 mod tokenize;
 
@@ -53,6 +54,8 @@ enum Command {
     /// Turn a text → image annotation file into image → text (transform_ir_annotation_to_tr.py).
     #[command(name = "transform-ir-annotation-to-tr")]
     TransformIrAnnotationToTr(evaluation::TransformArgs),
+    /// SQL (DataFusion) over Parquet tables, with dot() and cosine_similarity() on feature columns.
+    Sql(sql::Args),
     /// Write a deterministic synthetic Chinese image–caption corpus in cn_clip's layout.
     Synth(synth::Args),
     /// Image–text similarity with a checkpoint: cn_clip's README quick start as a command.
@@ -122,6 +125,7 @@ fn main() -> ExitCode {
         Command::Tokenize(args) => tokenize::run(args),
         Command::BuildLmdb(args) => build_lmdb::run(args),
         Command::Synth(args) => synth::run(args),
+        Command::Sql(args) => sql::run(args),
         Command::Evaluation(args) => evaluation::run(args, false),
         Command::EvaluationTr(args) => evaluation::run(args, true),
         Command::TransformIrAnnotationToTr(args) => evaluation::transform(args),

@@ -17,5 +17,6 @@ mod preprocess;
 mod runtime;
 mod signals;
 mod smoke;
+mod sql;
 mod tokenizer;
 mod zeroshot;
