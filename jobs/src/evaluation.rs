@@ -46,14 +46,7 @@ const IMAGE_TO_TEXT: Direction = Direction {
     tr: true,
 };
 
-/// How recall is computed once the submission passes its checks.
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Engine {
-    /// In Rust, as cn_clip's loop.
-    Direct,
-    /// `jobs/sql/recall.sql` on DataFusion.
-    Sql,
-}
+pub use crate::evaluation_engine::Engine;
 
 /// The recall query (`jobs/sql/recall.sql`).
 pub const RECALL_SQL: &str = include_str!("../sql/recall.sql");

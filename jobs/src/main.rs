@@ -20,6 +20,7 @@ use cnclip_operators::spec::Registry;
 mod build_lmdb;
 mod common;
 mod evaluation;
+mod evaluation_engine;
 mod import;
 mod run;
 mod sql;

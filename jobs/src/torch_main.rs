@@ -13,11 +13,15 @@ use cnclip_operators::spec::Registry;
 mod benchmark;
 mod common;
 mod convert;
+mod evaluation_engine;
 mod extract;
 mod knn;
 mod model_args;
 mod run;
 mod similarity;
+/// The SQL session (UDFs) the zero-shot SQL engine runs on; its command lives in `cnclip`.
+#[allow(dead_code)]
+mod sql;
 mod zeroshot;
 
 #[derive(Parser)]

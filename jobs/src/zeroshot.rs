@@ -62,6 +62,60 @@ pub struct Args {
     /// cpu, cuda, cuda:N (one replica each).
     #[arg(long, default_value = "cpu")]
     devices: String,
+    /// How top-1 is computed: here, or by `jobs/sql/zeroshot_top1.sql` on DataFusion.
+    #[arg(long, value_enum, default_value_t = crate::evaluation_engine::Engine::Direct)]
+    engine: crate::evaluation_engine::Engine,
+}
+
+/// The top-1 query (`jobs/sql/zeroshot_top1.sql`).
+pub const TOP1_SQL: &str = include_str!("../sql/zeroshot_top1.sql");
+
+/// Top-1 accuracy by [`TOP1_SQL`]: `features` `[N, D]` with `labels`, `classifier` `[D, C]`.
+fn top1_sql(features: &Tensor, labels: &[i64], classifier: &Tensor) -> Result<f64> {
+    use arrow::array::{FixedSizeListArray, Float32Array, Int64Array};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use std::sync::Arc;
+    let vectors = |t: &Tensor| -> Result<FixedSizeListArray> {
+        let d = t.size()[1] as i32;
+        let flat: Vec<f32> =
+            Vec::try_from(t.contiguous().flatten(0, -1)).map_err(|e: tch::TchError| anyhow::anyhow!("{e}"))?;
+        let item = Arc::new(Field::new("item", DataType::Float32, false));
+        Ok(FixedSizeListArray::try_new(item, d, Arc::new(Float32Array::from(flat)), None)?)
+    };
+    let image_vectors = vectors(features)?;
+    let class_vectors = vectors(&classifier.tr())?;
+    let n = labels.len() as i64;
+    let images = arrow::record_batch::RecordBatch::try_new(
+        Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("label", DataType::Int64, false),
+            Field::new("feature", image_vectors.data_type().clone(), false),
+        ])),
+        vec![
+            Arc::new(Int64Array::from((0..n).collect::<Vec<_>>())),
+            Arc::new(Int64Array::from(labels.to_vec())),
+            Arc::new(image_vectors),
+        ],
+    )?;
+    let c = class_vectors.len() as i64;
+    let classes = arrow::record_batch::RecordBatch::try_new(
+        Arc::new(Schema::new(vec![
+            Field::new("class", DataType::Int64, false),
+            Field::new("feature", class_vectors.data_type().clone(), false),
+        ])),
+        vec![Arc::new(Int64Array::from((0..c).collect::<Vec<_>>())), Arc::new(class_vectors)],
+    )?;
+    let runtime = tokio::runtime::Builder::new_current_thread().build()?;
+    let batches = runtime.block_on(async {
+        let ctx = crate::sql::context(&[]).await?;
+        ctx.register_batch("images", images)?;
+        ctx.register_batch("classes", classes)?;
+        anyhow::Ok(ctx.sql(TOP1_SQL).await?.collect().await?)
+    })?;
+    use arrow::array::{Array, AsArray};
+    let batch = batches.first().context("the top-1 query returned nothing")?;
+    let column = batch.column(0).as_primitive::<arrow::datatypes::Float64Type>();
+    Ok(if column.is_null(0) { 0.0 } else { column.value(0) })
 }
 
 /// Streams the `features` node of a pipeline: (ids, features as one `[N, D]` tensor).
@@ -262,8 +316,12 @@ pub fn run(args: Args) -> Result<()> {
     cnclip_operators::write_atomically(&out, |f| std::io::Write::write_all(f, json.as_bytes()))
         .with_context(|| format!("writing {}", out.display()))?;
     let fraction = |k: usize| python_float(k as f64 / n.max(1) as f64);
+    let top1_text = match args.engine {
+        crate::evaluation_engine::Engine::Direct => fraction(top1),
+        crate::evaluation_engine::Engine::Sql => python_float(top1_sql(&image_features, &targets, &classifier)?),
+    };
     println!("Result:");
-    println!("zeroshot-top1: {}", fraction(top1));
+    println!("zeroshot-top1: {top1_text}");
     println!("zeroshot-top5: {}, mean-per-class-recall: {}", fraction(top5), python_float(mean_per_class));
     eprintln!(
         "cnclip zeroshot-evaluation: {n} images, {classes} classes, {} templates → {}",

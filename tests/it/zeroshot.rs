@@ -3,7 +3,8 @@
 //! the same top-1 line, and the same ELEVATER JSON — every field equal, the predicted
 //! probabilities within 1e-4 (features from two implementations differ by ~1e-6, and the
 //! softmax of 100 × cosine amplifies that a hundredfold) — for a dataset name with its own
-//! template set and one without. The built-in template sets equal cn_clip's.
+//! template set and one without; the SQL engine's top-1 too. The built-in template sets equal
+//! cn_clip's.
 
 use std::path::Path;
 use std::process::Command;
@@ -104,6 +105,16 @@ fn zeroshot_matches_cn_clip_with_and_without_a_template_set_of_its_own() {
         assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
         assert_eq!(top1_line(&ours_stdout), top1_line(&theirs_stdout), "{dataset}");
         assert!(ours_stdout.contains("mean-per-class-recall: "), "{ours_stdout}");
+        if dataset == "food-101" {
+            // The SQL job (jobs/sql/zeroshot_top1.sql) gives the same top-1.
+            let output = Command::new(cnclip_tests::cnclip_bin())
+                .args(["zeroshot-evaluation", "--engine", "sql", "--save-dir", &s("sql")])
+                .args(common)
+                .output()
+                .unwrap();
+            assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+            assert_eq!(top1_line(&String::from_utf8_lossy(&output.stdout)), top1_line(&theirs_stdout), "--engine sql");
+        }
 
         let read = |d: &str| -> serde_json::Value {
             serde_json::from_str(&std::fs::read_to_string(Path::new(d).join(format!("{dataset}.json"))).unwrap())
