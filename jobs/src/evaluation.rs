@@ -398,6 +398,19 @@ fn recall_sql(reference: &[(i64, Vec<i64>)], predictions: &HashMap<i64, Vec<i64>
     Ok([value(0), value(1), value(2)])
 }
 
+/// Recall@1/5/10 (percent) of `submit` against `standard`, or the checks' error message.
+#[allow(dead_code)] // called by cnclip-torch's bench-suite
+pub fn recall(standard: &PathBuf, submit: &PathBuf, image_to_text: bool) -> Result<[f64; 3], String> {
+    let d = if image_to_text { IMAGE_TO_TEXT } else { TEXT_TO_IMAGE };
+    let (json, error) = evaluate(standard, submit, d, Engine::Direct);
+    if let Some(message) = error {
+        return Err(message);
+    }
+    let value: Value = serde_json::from_str(&json).map_err(|e| e.to_string())?;
+    let get = |k: &str| value["scoreJson"][k].as_f64().unwrap_or(f64::NAN);
+    Ok([get("r1"), get("r5"), get("r10")])
+}
+
 pub fn run(args: Args, image_to_text: bool) -> Result<()> {
     let d = if image_to_text { IMAGE_TO_TEXT } else { TEXT_TO_IMAGE };
     println!("Read standard from {}", args.standard_path.display());
@@ -413,6 +426,15 @@ pub fn run(args: Args, image_to_text: bool) -> Result<()> {
 }
 
 pub fn transform(args: TransformArgs) -> Result<()> {
+    let output = format!("{}.tr.jsonl", args.input.replace(".jsonl", ""));
+    transpose(std::path::Path::new(&args.input), std::path::Path::new(&output))?;
+    println!("Done!");
+    Ok(())
+}
+
+/// Writes the image → text form of the text → image annotation file `input` to `output`.
+pub fn transpose(input: &std::path::Path, output: &std::path::Path) -> Result<()> {
+    let args = TransformArgs { input: input.display().to_string() };
     let text = std::fs::read_to_string(&args.input).with_context(|| format!("reading {}", args.input))?;
     let mut order: Vec<Value> = Vec::new();
     let mut records: HashMap<String, (Value, Vec<Value>)> = HashMap::new();
@@ -434,7 +456,6 @@ pub fn transform(args: TransformArgs) -> Result<()> {
             entry.1.push(text_id.clone());
         }
     }
-    let output = format!("{}.tr.jsonl", args.input.replace(".jsonl", ""));
     let mut lines = String::new();
     for image_id in &order {
         let (id, text_ids) = &records[&py_dumps(image_id)];
@@ -445,10 +466,7 @@ pub fn transform(args: TransformArgs) -> Result<()> {
         ));
         lines.push('\n');
     }
-    cnclip_operators::write_atomically(std::path::Path::new(&output), |f| {
-        std::io::Write::write_all(f, lines.as_bytes())
-    })
-    .with_context(|| format!("writing {output}"))?;
-    println!("Done!");
+    cnclip_operators::write_atomically(output, |f| std::io::Write::write_all(f, lines.as_bytes()))
+        .with_context(|| format!("writing {}", output.display()))?;
     Ok(())
 }

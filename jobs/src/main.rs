@@ -77,6 +77,9 @@ enum Command {
     /// Zero-shot classification of an image folder (cn_clip's zeroshot_evaluation.py).
     #[command(name = "zeroshot-evaluation", alias = "zeroshot", disable_help_flag = true)]
     ZeroshotEvaluation(ModelCommand),
+    /// Scheduled benchmark evaluation from a suite file (checkpoint × dataset × task).
+    #[command(name = "bench-suite", disable_help_flag = true)]
+    BenchSuite(ModelCommand),
     /// Measure encode or preprocess throughput (`benchmark encode|preprocess`).
     #[command(disable_help_flag = true)]
     Benchmark(ModelCommand),
@@ -147,6 +150,7 @@ fn main() -> ExitCode {
         Command::Convert(command) => exec_torch("convert", command.args),
         Command::Benchmark(command) => exec_torch("benchmark", command.args),
         Command::ExtractFeatures(command) => exec_torch("extract-features", command.args),
+        Command::BenchSuite(command) => exec_torch("bench-suite", command.args),
         Command::ZeroshotEvaluation(command) => exec_torch("zeroshot-evaluation", command.args),
         Command::MakeTopkPredictions(command) => exec_torch("make-topk-predictions", command.args),
         Command::MakeTopkPredictionsTr(command) => exec_torch("make-topk-predictions-tr", command.args),

@@ -10,9 +10,13 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use cnclip_operators::spec::Registry;
 
+mod bench_suite;
 mod benchmark;
 mod common;
 mod convert;
+/// The scorers bench-suite calls; their commands live in `cnclip`.
+#[allow(dead_code)]
+mod evaluation;
 mod evaluation_engine;
 mod extract;
 mod knn;
@@ -49,6 +53,9 @@ enum Command {
     /// Zero-shot classification of an image folder (cn_clip's zeroshot_evaluation.py).
     #[command(name = "zeroshot-evaluation", alias = "zeroshot")]
     ZeroshotEvaluation(zeroshot::Args),
+    /// Scheduled benchmark evaluation: checkpoint × dataset × task runs, results as JSON and Parquet.
+    #[command(name = "bench-suite")]
+    BenchSuite(bench_suite::Args),
     /// Run a pipeline; `cnclip run` hands over pipelines that use a kind only this binary has.
     Run(run::Args),
     /// Measure encode throughput (model only, random weights), e.g. against scripts/bench/encode.py.
@@ -80,6 +87,7 @@ fn main() -> ExitCode {
         Command::ExtractFeatures(args) => extract::run(args),
         Command::MakeTopkPredictions(args) => knn::run(args, false),
         Command::ZeroshotEvaluation(args) => zeroshot::run(args),
+        Command::BenchSuite(args) => bench_suite::run(args),
         Command::MakeTopkPredictionsTr(args) => knn::run(args, true),
         // The built-in kinds and the model kinds (the encoders).
         Command::Run(args) => run::run(args, &registry()),

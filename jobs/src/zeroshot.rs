@@ -143,7 +143,20 @@ fn features(defs: Vec<NodeDef>, settings: JobSettings) -> Result<(Vec<i64>, Tens
     Ok((ids, Tensor::from_slice(&values).view([n, dim.max(1)])))
 }
 
+/// What a zero-shot run measured (fractions).
+#[derive(Debug, Clone, Copy)]
+pub struct Metrics {
+    pub top1: f64,
+    pub top5: f64,
+    pub mean_per_class_recall: f64,
+}
+
 pub fn run(args: Args) -> Result<()> {
+    run_with(args).map(|_| ())
+}
+
+/// Runs it (printing and writing as `run` does) and returns the metrics.
+pub fn run_with(args: Args) -> Result<Metrics> {
     cnclip_operators::signals::catch_interrupts()?;
     let classnames: Vec<String> = std::fs::read_to_string(&args.label_file)
         .with_context(|| format!("reading {}", args.label_file.display()))?
@@ -328,5 +341,6 @@ pub fn run(args: Args) -> Result<()> {
         templates.len(),
         out.display()
     );
-    Ok(())
+    let share = |k: usize| k as f64 / n.max(1) as f64;
+    Ok(Metrics { top1: share(top1), top5: share(top5), mean_per_class_recall: mean_per_class })
 }

@@ -4,6 +4,7 @@
 //! (`scripts/setup.sh` makes it); they fail, not skip, when it is missing.
 
 mod bad_lmdb;
+mod bench_suite;
 mod checkpoints;
 mod decode;
 mod evaluation;

@@ -1,0 +1,260 @@
+//! `cnclip bench-suite SUITE.toml`: scheduled benchmark evaluation. A suite lists runs
+//! (checkpoint × dataset × task); each run is carried out by the jobs users run by hand —
+//! `extract-features`, `make-topk-predictions` (both directions) and `evaluation` for
+//! `retrieval`, `zeroshot-evaluation` for `zeroshot` — and leaves one CLIP_benchmark-style JSON
+//! (`{out}/{run}.json`: `dataset`, `model`, `pretrained`, `task`, `metrics`) and a row in
+//! `{out}/results.parquet` (every run's metrics, for SQL and notebooks). A rerun skips the
+//! runs whose JSON is there, made from the same settings, so a suite on a schedule (or one
+//! stopped halfway) does only what is new.
+//!
+//! ```toml
+//! [suite]
+//! out = "bench"                  # results directory
+//! devices = "cpu"                # as --devices
+//!
+//! [[runs]]
+//! name = "rn50-valid"
+//! task = "retrieval"             # or "zeroshot"
+//! checkpoint = "rn50.pt"
+//! vision_model = "RN50"          # for a cn_clip .pt
+//! text_model = "RBT3-chinese"
+//! dataset = "valid"
+//! images = "lmdb/valid/imgs"     # retrieval: --image-data
+//! texts = "data/valid_texts.jsonl"  # retrieval: --text-data and the ground truth
+//! # zeroshot: datapath = "…", label_file = "…" (dataset picks the templates)
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use serde::Deserialize;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The suite file.
+    suite: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Suite {
+    suite: Settings,
+    runs: Vec<Run>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Settings {
+    out: PathBuf,
+    #[serde(default = "cpu")]
+    devices: String,
+    #[serde(default = "amp")]
+    precision: String,
+}
+
+fn cpu() -> String {
+    "cpu".into()
+}
+fn amp() -> String {
+    "amp".into()
+}
+
+#[derive(Deserialize, serde::Serialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+struct Run {
+    name: String,
+    task: String,
+    checkpoint: PathBuf,
+    vision_model: Option<String>,
+    text_model: Option<String>,
+    dataset: String,
+    images: Option<String>,
+    texts: Option<String>,
+    datapath: Option<PathBuf>,
+    label_file: Option<PathBuf>,
+}
+
+#[derive(Parser)]
+struct Extract {
+    #[command(flatten)]
+    args: crate::extract::Args,
+}
+
+#[derive(Parser)]
+struct Knn {
+    #[command(flatten)]
+    args: crate::knn::Args,
+}
+
+#[derive(Parser)]
+struct Zeroshot {
+    #[command(flatten)]
+    args: crate::zeroshot::Args,
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let base = args.suite.parent().unwrap_or(Path::new("")).to_path_buf();
+    let text = std::fs::read_to_string(&args.suite).with_context(|| format!("reading {}", args.suite.display()))?;
+    let suite: Suite = toml::from_str(&text).with_context(|| format!("{}", args.suite.display()))?;
+    let resolve = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
+    let out = resolve(&suite.suite.out);
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let mut names = std::collections::BTreeSet::new();
+    for run in &suite.runs {
+        if !names.insert(&run.name) {
+            bail!("{}: two runs are named `{}`", args.suite.display(), run.name);
+        }
+        if !matches!(run.task.as_str(), "retrieval" | "zeroshot") {
+            bail!("run `{}`: task `{}` is not retrieval or zeroshot", run.name, run.task);
+        }
+    }
+    let mut rows = Vec::new();
+    for run in &suite.runs {
+        let json_path = out.join(format!("{}.json", run.name));
+        let settings =
+            serde_json::json!({"run": run, "devices": suite.suite.devices, "precision": suite.suite.precision});
+        if let Ok(done) = std::fs::read_to_string(&json_path)
+            && let Ok(done) = serde_json::from_str::<serde_json::Value>(&done)
+            && done["cnclip_settings"] == settings
+        {
+            eprintln!("cnclip bench-suite: {}: done already, skipped", run.name);
+            rows.push(done);
+            continue;
+        }
+        let work = out.join(&run.name);
+        std::fs::create_dir_all(&work)?;
+        let model = match (&run.vision_model, &run.text_model) {
+            (Some(v), Some(t)) => vec!["--vision-model".to_string(), v.clone(), "--text-model".into(), t.clone()],
+            _ => vec![],
+        };
+        let checkpoint = s(&resolve(&run.checkpoint));
+        let metrics = match run.task.as_str() {
+            "retrieval" => {
+                let images = run.images.as_ref().context("a retrieval run needs `images`")?;
+                let texts = run.texts.as_ref().context("a retrieval run needs `texts`")?;
+                let (images, texts) = (s(&resolve(Path::new(images))), s(&resolve(Path::new(texts))));
+                let (img, txt) = (work.join("img_feat.jsonl"), work.join("txt_feat.jsonl"));
+                let mut argv =
+                    vec!["extract".to_string(), "--extract-image-feats".into(), "--extract-text-feats".into()];
+                argv.extend(["--image-data".into(), images, "--text-data".into(), texts.clone()]);
+                argv.extend(["--image-feat-output-path".into(), s(&img), "--text-feat-output-path".into(), s(&txt)]);
+                argv.extend(["--resume".into(), checkpoint.clone(), "--devices".into(), suite.suite.devices.clone()]);
+                argv.extend(["--precision".into(), suite.suite.precision.clone()]);
+                argv.extend(model.clone());
+                crate::extract::run(Extract::try_parse_from(&argv)?.args)?;
+                let knn = |output: &Path| {
+                    vec![
+                        "knn".to_string(),
+                        "--image-feats".into(),
+                        s(&img),
+                        "--text-feats".into(),
+                        s(&txt),
+                        "--top-k".into(),
+                        "10".into(),
+                        "--output".into(),
+                        s(output),
+                    ]
+                };
+                let (t2i, i2t) = (work.join("t2i.jsonl"), work.join("i2t.jsonl"));
+                crate::knn::run(Knn::try_parse_from(knn(&t2i))?.args, false)?;
+                crate::knn::run(Knn::try_parse_from(knn(&i2t))?.args, true)?;
+                let truth_tr = work.join("truth.tr.jsonl");
+                crate::evaluation::transpose(Path::new(&texts), &truth_tr)?;
+                let image_retrieval = crate::evaluation::recall(&PathBuf::from(&texts), &t2i, false)
+                    .map_err(|e| anyhow::anyhow!("run `{}`: {e}", run.name))?;
+                let text_retrieval = crate::evaluation::recall(&truth_tr, &i2t, true)
+                    .map_err(|e| anyhow::anyhow!("run `{}`: {e}", run.name))?;
+                let mut m = serde_json::Map::new();
+                for (k, (a, b)) in [1, 5, 10].iter().zip(image_retrieval.iter().zip(&text_retrieval)) {
+                    m.insert(format!("image_retrieval_recall@{k}"), serde_json::json!(a / 100.0));
+                    m.insert(format!("text_retrieval_recall@{k}"), serde_json::json!(b / 100.0));
+                }
+                serde_json::Value::Object(m)
+            }
+            _ => {
+                let datapath = run.datapath.as_ref().context("a zeroshot run needs `datapath`")?;
+                let label_file = run.label_file.as_ref().context("a zeroshot run needs `label_file`")?;
+                let mut argv = vec!["zeroshot".to_string(), "--datapath".into(), s(&resolve(datapath))];
+                argv.extend(["--label-file".into(), s(&resolve(label_file)), "--dataset".into(), run.dataset.clone()]);
+                argv.extend(["--save-dir".into(), s(&work), "--resume".into(), checkpoint.clone()]);
+                argv.extend([
+                    "--devices".into(),
+                    suite.suite.devices.clone(),
+                    "--precision".into(),
+                    suite.suite.precision.clone(),
+                ]);
+                argv.extend(model.clone());
+                let m = crate::zeroshot::run_with(Zeroshot::try_parse_from(&argv)?.args)?;
+                serde_json::json!({"acc1": m.top1, "acc5": m.top5, "mean_per_class_recall": m.mean_per_class_recall})
+            }
+        };
+        let model_name = match (&run.vision_model, &run.text_model) {
+            (Some(v), Some(t)) => format!("{v}@{t}"),
+            _ => "cnclip".into(),
+        };
+        let result = serde_json::json!({
+            "dataset": run.dataset,
+            "model": model_name,
+            "pretrained": checkpoint,
+            "task": if run.task == "retrieval" { "zeroshot_retrieval" } else { "zeroshot_classification" },
+            "metrics": metrics,
+            "cnclip_settings": settings,
+        });
+        let text = serde_json::to_string_pretty(&result)?;
+        cnclip_operators::write_atomically(&json_path, |f| std::io::Write::write_all(f, text.as_bytes()))?;
+        eprintln!("cnclip bench-suite: {}: {}", run.name, result["metrics"]);
+        rows.push(result);
+    }
+    write_results(&out.join("results.parquet"), &rows)
+}
+
+/// Every run's metrics as one table: run order, one row per (run, metric).
+fn write_results(path: &Path, rows: &[serde_json::Value]) -> Result<()> {
+    use arrow::array::{Float64Array, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+    let (mut run, mut dataset, mut model, mut task, mut metric, mut value) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for row in rows {
+        if let Some(metrics) = row["metrics"].as_object() {
+            for (name, v) in metrics {
+                run.push(row["cnclip_settings"]["run"]["name"].as_str().unwrap_or_default().to_string());
+                dataset.push(row["dataset"].as_str().unwrap_or_default().to_string());
+                model.push(row["model"].as_str().unwrap_or_default().to_string());
+                task.push(row["task"].as_str().unwrap_or_default().to_string());
+                metric.push(name.clone());
+                value.push(v.as_f64().unwrap_or(f64::NAN));
+            }
+        }
+    }
+    let schema = Arc::new(Schema::new(
+        ["run", "dataset", "model", "task", "metric"]
+            .into_iter()
+            .map(|n| Field::new(n, DataType::Utf8, false))
+            .chain([Field::new("value", DataType::Float64, false)])
+            .collect::<Vec<_>>(),
+    ));
+    let batch = arrow::record_batch::RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(StringArray::from(run)),
+            Arc::new(StringArray::from(dataset)),
+            Arc::new(StringArray::from(model)),
+            Arc::new(StringArray::from(task)),
+            Arc::new(StringArray::from(metric)),
+            Arc::new(Float64Array::from(value)),
+        ],
+    )?;
+    cnclip_operators::write_atomically(path, |file| {
+        let mut writer = parquet::arrow::ArrowWriter::try_new(file, schema, None).map_err(std::io::Error::other)?;
+        writer.write(&batch).map_err(std::io::Error::other)?;
+        writer.finish().map_err(std::io::Error::other)?;
+        Ok::<_, std::io::Error>(())
+    })?;
+    Ok(())
+}
