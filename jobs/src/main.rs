@@ -80,6 +80,9 @@ enum Command {
     /// Scheduled benchmark evaluation from a suite file (checkpoint × dataset × task).
     #[command(name = "bench-suite", disable_help_flag = true)]
     BenchSuite(ModelCommand),
+    /// A randomly initialised model as a cnclip checkpoint (for trying the job chain offline).
+    #[command(name = "init-model", disable_help_flag = true)]
+    InitModel(ModelCommand),
     /// Measure encode or preprocess throughput (`benchmark encode|preprocess`).
     #[command(disable_help_flag = true)]
     Benchmark(ModelCommand),
@@ -151,6 +154,7 @@ fn main() -> ExitCode {
         Command::Benchmark(command) => exec_torch("benchmark", command.args),
         Command::ExtractFeatures(command) => exec_torch("extract-features", command.args),
         Command::BenchSuite(command) => exec_torch("bench-suite", command.args),
+        Command::InitModel(command) => exec_torch("init-model", command.args),
         Command::ZeroshotEvaluation(command) => exec_torch("zeroshot-evaluation", command.args),
         Command::MakeTopkPredictions(command) => exec_torch("make-topk-predictions", command.args),
         Command::MakeTopkPredictionsTr(command) => exec_torch("make-topk-predictions-tr", command.args),

@@ -19,6 +19,7 @@ mod convert;
 mod evaluation;
 mod evaluation_engine;
 mod extract;
+mod init_model;
 mod knn;
 mod model_args;
 mod run;
@@ -56,6 +57,9 @@ enum Command {
     /// Scheduled benchmark evaluation: checkpoint × dataset × task runs, results as JSON and Parquet.
     #[command(name = "bench-suite")]
     BenchSuite(bench_suite::Args),
+    /// A randomly initialised model as a cnclip checkpoint (for trying the job chain offline).
+    #[command(name = "init-model")]
+    InitModel(init_model::Args),
     /// Run a pipeline; `cnclip run` hands over pipelines that use a kind only this binary has.
     Run(run::Args),
     /// Measure encode throughput (model only, random weights), e.g. against scripts/bench/encode.py.
@@ -88,6 +92,7 @@ fn main() -> ExitCode {
         Command::MakeTopkPredictions(args) => knn::run(args, false),
         Command::ZeroshotEvaluation(args) => zeroshot::run(args),
         Command::BenchSuite(args) => bench_suite::run(args),
+        Command::InitModel(args) => init_model::run(args),
         Command::MakeTopkPredictionsTr(args) => knn::run(args, true),
         // The built-in kinds and the model kinds (the encoders).
         Command::Run(args) => run::run(args, &registry()),

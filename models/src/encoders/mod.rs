@@ -207,17 +207,28 @@ impl EncoderConfig {
     }
 }
 
-/// The hex sha256 of a file (or of a Hugging Face directory's weights file).
+/// The hex sha256 of a file (or of a Hugging Face directory's weights file), computed once per
+/// process for a given file, size and modification time (an image and a text encoder of one
+/// checkpoint share it).
 fn sha256_of(path: &Path) -> Result<String, String> {
     use sha2::Digest;
+    type Key = (PathBuf, u64, Option<std::time::SystemTime>);
+    static CACHE: std::sync::LazyLock<Mutex<BTreeMap<Key, String>>> = std::sync::LazyLock::new(Default::default);
     let file = match checkpoint::hf::locate(path) {
         Some((_, weights)) => weights,
         None => path.to_path_buf(),
     };
+    let meta = std::fs::metadata(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let key = (file.clone(), meta.len(), meta.modified().ok());
+    if let Some(known) = CACHE.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        return Ok(known.clone());
+    }
     let mut reader = std::fs::File::open(&file).map_err(|e| format!("{}: {e}", file.display()))?;
     let mut hasher = sha2::Sha256::new();
     std::io::copy(&mut reader, &mut hasher).map_err(|e| format!("{}: {e}", file.display()))?;
-    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    let hex: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    CACHE.lock().unwrap_or_else(|e| e.into_inner()).insert(key, hex.clone());
+    Ok(hex)
 }
 
 /// `encode_image`.
