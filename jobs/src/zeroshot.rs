@@ -307,6 +307,11 @@ pub fn run_with(args: Args) -> Result<Metrics> {
         index
     };
     let model = cnclip_models::checkpoint::load_clip(&args.resume, named.as_ref(), tch::Device::Cpu)?.0;
+    // A self-describing checkpoint names its own towers (`custom` for sizes of no preset).
+    let vision_name = match &named {
+        Some(_) => args.vision_model.clone(),
+        None => config.name().split('@').next().unwrap_or("custom").to_string(),
+    };
     let (params, visual) = model.parameter_counts();
     let round6 = |x: f32| -> String { python_float(format!("{:.6}", x as f64).parse::<f64>().unwrap_or(f64::NAN)) };
     let predictions: Vec<String> = order
@@ -317,7 +322,7 @@ pub fn run_with(args: Args) -> Result<Metrics> {
         "{{\"model_name\": \"CN-CLIP-{}\", \"dataset_name\": {}, \"num_trainable_params\": 0, \"num_params\": {params}, \
          \"num_visual_params\": {visual}, \"num_backbone_params\": {params}, \"n_shot\": 0, \"rnd_seeds\": [123], \
          \"predictions\": [[{}]]}}",
-        args.vision_model,
+        vision_name,
         serde_json::to_string(&args.dataset)?,
         predictions.join(", ")
     );
