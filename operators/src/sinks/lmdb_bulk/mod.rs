@@ -11,7 +11,7 @@
 //! turned into full leaf pages and the branch levels above them (`tree`) at
 //! [`BulkWriter::finish`]. The result is an ordinary LMDB 0.9 environment (data version 1,
 //! 4 KiB pages, default database only, as py-lmdb makes with `lmdb.open(path)`; the format is
-//! in [`crate::lmdb_file::page`]): py-lmdb and lmdb-rkv read it, and LMDB can keep writing to it (both tested).
+//! in `lmdb_file::page`): py-lmdb and lmdb-rkv read it, and LMDB can keep writing to it (both tested).
 //! The layout mirrors what LMDB itself leaves after its first commit: meta page 0 holds the
 //! empty database (txn 0), meta page 1 the loaded one (txn 1), the free list is empty, and
 //! `last_pg` is the last page written.

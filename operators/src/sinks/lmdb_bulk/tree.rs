@@ -3,7 +3,7 @@
 //!
 //! Apart from the writer because it is the one place that decides the tree's shape (which
 //! keys share a page, how branch pages group their children); the bytes of each page come
-//! from [`crate::lmdb_file::page`]. Leaf pages are written as they fill, branch levels at the end (they
+//! from `lmdb_file::page`. Leaf pages are written as they fill, branch levels at the end (they
 //! need the first key of every page below), all appended after the overflow values.
 
 use std::fs::File;
