@@ -20,6 +20,7 @@ use anyhow::{Context, Result, bail};
 use cnclip_models::checkpoint::{Format, architecture};
 use cnclip_models::encoders::{EncodeImageConfig, EncodeTextConfig, EncoderConfig};
 use cnclip_operators::quarantine::OnError;
+use cnclip_operators::sinks::parquet::ParquetSink;
 use cnclip_operators::sources::lmdb::Database;
 use cnclip_operators::spec::builtin::{
     DecodeBase64Config, ExcludeIdsConfig, ImageFolderConfig, JsonlConfig, LmdbConfig, ParquetConfig, PreprocessConfig,
@@ -335,52 +336,32 @@ fn extract(
         .plan(settings, defs)
         .map_err(|problems| anyhow::anyhow!("{}", problems.join("; ")))?;
     let mut stream = pipeline.stream()?;
-    let schema = stream.schema();
-    let mut pending: Vec<arrow::record_batch::RecordBatch> = Vec::new();
-    let mut pending_rows = 0usize;
-    let write_part = |batches: &mut Vec<arrow::record_batch::RecordBatch>, manifest: &mut Manifest| -> Result<()> {
-        let file = format!("part-{:05}.parquet", manifest.parts.len());
-        let path = dir.join(&file);
-        let batch = arrow::compute::concat_batches(&schema, batches.iter())?;
-        batches.clear();
-        write_part_file(&path, &batch)?;
-        let ids = batch.column(0).as_any().downcast_ref::<arrow::array::Int64Array>().context("id column")?;
-        manifest.parts.push(Part {
-            file,
-            rows: batch.num_rows() as u64,
-            first_id: (!ids.is_empty()).then(|| ids.value(0)),
-            last_id: (!ids.is_empty()).then(|| ids.value(ids.len() - 1)),
-        });
-        let json = serde_json::to_vec_pretty(manifest)?;
-        cnclip_operators::write_atomically(&manifest_path, |f| std::io::Write::write_all(f, &json))?;
-        Ok(())
-    };
+    let mut parts = PartWriter { dir: &dir, manifest_path: &manifest_path, schema: stream.schema(), open: None };
     for batch in stream.by_ref() {
         if let Some(signal) = cnclip_operators::signals::interrupted() {
             return Err(cnclip_operators::Error::Interrupted { signal }.into());
         }
-        let batch = batch?;
-        let mut batch = Some(batch);
-        while let Some(b) = batch.take() {
-            let room = args.part_rows - pending_rows;
-            if b.num_rows() <= room {
-                pending_rows += b.num_rows();
-                pending.push(b);
-            } else {
-                pending.push(b.slice(0, room));
-                pending_rows += room;
-                batch = Some(b.slice(room, b.num_rows() - room));
-            }
-            if pending_rows == args.part_rows {
-                write_part(&mut pending, &mut manifest)?;
-                pending_rows = 0;
+        let mut batch = batch?;
+        // Each batch goes straight into the open part: memory stays one row group whatever the
+        // part size or corpus.
+        while batch.num_rows() > 0 {
+            let written = parts.open.as_ref().map_or(0, |p| p.rows);
+            let take = batch.num_rows().min(args.part_rows - written);
+            parts.write(&batch.slice(0, take), &manifest)?;
+            batch = batch.slice(take, batch.num_rows() - take);
+            if written + take == args.part_rows {
+                parts.finish(&mut manifest)?;
             }
         }
     }
     let quarantined = stream.report().map_or(0, |r| r.quarantined);
     drop(stream);
-    if pending_rows > 0 || manifest.parts.is_empty() {
-        write_part(&mut pending, &mut manifest)?;
+    if parts.open.is_some() || manifest.parts.is_empty() {
+        if parts.open.is_none() {
+            let empty = arrow::record_batch::RecordBatch::new_empty(parts.schema.clone());
+            parts.write(&empty, &manifest)?;
+        }
+        parts.finish(&mut manifest)?;
     }
     let rows: u64 = manifest.parts.iter().map(|p| p.rows).sum();
 
@@ -410,16 +391,64 @@ fn extract(
     Ok(())
 }
 
-/// Writes one part, synced, under its final name only once complete.
-fn write_part_file(path: &Path, batch: &arrow::record_batch::RecordBatch) -> Result<()> {
-    cnclip_operators::write_atomically(path, |file| {
-        let mut writer = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None)
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        writer.write(batch).map_err(|e| std::io::Error::other(e.to_string()))?;
-        writer.finish().map_err(|e| std::io::Error::other(e.to_string()))?;
-        Ok::<_, std::io::Error>(())
-    })?;
-    Ok(())
+/// Rows per row group in a part: parts are read back in order by the final join, and a
+/// writer buffers one group, so small groups keep memory flat.
+const PART_ROW_GROUP_BYTES: usize = 8 << 20;
+
+/// The part being written and where finished ones are recorded.
+struct PartWriter<'a> {
+    dir: &'a Path,
+    manifest_path: &'a Path,
+    schema: arrow::datatypes::SchemaRef,
+    open: Option<OpenPart>,
+}
+
+struct OpenPart {
+    file: String,
+    sink: ParquetSink,
+    rows: usize,
+    first_id: Option<i64>,
+    last_id: Option<i64>,
+}
+
+impl PartWriter<'_> {
+    /// Appends `batch` to the open part, starting the next part if none is open.
+    fn write(&mut self, batch: &arrow::record_batch::RecordBatch, manifest: &Manifest) -> Result<()> {
+        if self.open.is_none() {
+            let file = format!("part-{:05}.parquet", manifest.parts.len());
+            let sink = ParquetSink::create_with_row_group_bytes(
+                &self.dir.join(&file),
+                "features",
+                self.schema.clone(),
+                PART_ROW_GROUP_BYTES,
+            )?;
+            self.open = Some(OpenPart { file, sink, rows: 0, first_id: None, last_id: None });
+        }
+        let part = self.open.as_mut().expect("opened above");
+        part.sink.write(batch)?;
+        let ids = batch.column(0).as_any().downcast_ref::<arrow::array::Int64Array>().context("id column")?;
+        if !ids.is_empty() {
+            part.first_id = part.first_id.or(Some(ids.value(0)));
+            part.last_id = Some(ids.value(ids.len() - 1));
+        }
+        part.rows += batch.num_rows();
+        Ok(())
+    }
+
+    /// Closes the open part (synced, renamed into place) and records it in the manifest.
+    fn finish(&mut self, manifest: &mut Manifest) -> Result<()> {
+        let Some(part) = self.open.take() else { return Ok(()) };
+        part.sink.finish()?;
+        manifest.parts.push(Part {
+            file: part.file,
+            rows: part.rows as u64,
+            first_id: part.first_id,
+            last_id: part.last_id,
+        });
+        let json = serde_json::to_vec_pretty(manifest)?;
+        cnclip_operators::write_atomically(self.manifest_path, |f| std::io::Write::write_all(f, &json))?;
+        Ok(())
+    }
 }
 
 /// What the parts depend on: the checkpoint's bytes and every setting that changes a row.

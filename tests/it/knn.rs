@@ -217,3 +217,28 @@ fn knn_matches_cn_clip_scripts_with_both_backends_and_both_formats() {
         std::fs::read_to_string(root.join("b.jsonl")).unwrap()
     );
 }
+
+/// FAISS on a GPU is a build feature: without it, a CUDA device with the faiss backend is
+/// refused before anything is read, naming the feature and the torch alternative.
+#[test]
+fn faiss_on_a_gpu_without_the_feature_is_refused_with_the_way_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::write(root.join("img.jsonl"), "{\"image_id\": 1, \"feature\": [1.0, 0.0]}\n").unwrap();
+    std::fs::write(root.join("txt.jsonl"), "{\"text_id\": 7, \"feature\": [0.0, 1.0]}\n").unwrap();
+    let base =
+        ["make-topk-predictions", "--image-feats", "img.jsonl", "--text-feats", "txt.jsonl", "--output", "p.jsonl"];
+    let output = Command::new(cnclip_tests::cnclip_bin())
+        .args(base)
+        .args(["--device", "cuda:0"])
+        .current_dir(root)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--features faiss-gpu") && stderr.contains("--backend torch"), "{stderr}");
+    assert!(!root.join("p.jsonl").exists());
+    // The same job on the CPU runs.
+    cnclip(root, &base);
+    assert_eq!(predictions(&root.join("p.jsonl"), "text_id", "image_ids")[&7], vec![1]);
+}

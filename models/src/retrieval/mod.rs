@@ -10,6 +10,12 @@
 //! `index_path`; `torch` is an exact matmul + top-k in libtorch, on the CPU or a CUDA device
 //! (the GPU path on any machine), the gallery taken in chunks of `eval_batch_size` rows as
 //! cn_clip's script does.
+//!
+//! FAISS on a GPU: a build with the `faiss-gpu` cargo feature (FAISS compiled against the CUDA
+//! toolkit) moves the built index to `device` (`cuda:N`) for search — Flat, IVF-Flat, IVF-PQ and
+//! IVF-SQ indexes; HNSW stays a CPU index in FAISS. Without the feature, a CUDA `device` with
+//! the faiss backend is refused at planning and points at `backend = "torch"`, the exact GPU
+//! search that needs no toolkit.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -59,7 +65,8 @@ pub struct KnnConfig {
     /// Vectors the index is trained on (evenly spaced over the gallery).
     #[serde(default = "train_sample")]
     pub train_sample: usize,
-    /// `cpu`, `cuda` or `cuda:N` (the torch backend).
+    /// `cpu`, `cuda` or `cuda:N`: where the torch backend searches, and where a FAISS index is
+    /// searched in a `faiss-gpu` build.
     #[serde(default = "cpu")]
     pub device: String,
     /// Gallery rows per matmul (torch), as cn_clip's `--eval-batch-size`.
@@ -161,9 +168,13 @@ impl NodeConfig for KnnConfig {
         if self.top_k == 0 {
             problems.push("`top_k` must be at least 1".to_string());
         }
-        if self.backend == Backend::Torch
-            && let Err(e) = crate::device::device(&self.device)
-        {
+        if self.backend == Backend::Faiss && !cfg!(feature = "faiss-gpu") && self.device.trim() != "cpu" {
+            problems.push(format!(
+                "device `{}`: FAISS on a GPU needs cnclip built with `--features faiss-gpu` (and the CUDA \
+                 toolkit); `backend = \"torch\"` (--backend torch) is an exact search on the GPU without it",
+                self.device
+            ));
+        } else if let Err(e) = crate::device::device(&self.device) {
             problems.push(e.to_string());
         }
         let files = gallery_files(cx, &self.gallery)?;
@@ -285,8 +296,7 @@ impl Transform for Knn {
     }
 
     fn execution(&self) -> Execution {
-        let device = if self.config.backend == Backend::Torch { self.config.device.clone() } else { "cpu".into() };
-        Execution::Devices { devices: vec![device], batch_rows: self.config.query_batch.max(1) }
+        Execution::Devices { devices: vec![self.config.device.clone()], batch_rows: self.config.query_batch.max(1) }
     }
 
     fn open_replica(&self, device: &str) -> cnclip_operators::Result<Option<Box<dyn TransformReplica>>> {
@@ -301,7 +311,13 @@ impl Transform for Knn {
                 Engine::Torch { features, device, chunk: self.config.eval_batch_size.max(1) }
             }
             Backend::Faiss => {
-                Engine::Faiss(build_index(&self.config, self.index_path.as_deref(), &gallery).map_err(fail)?)
+                let index = build_index(&self.config, self.index_path.as_deref(), &gallery).map_err(fail)?;
+                match crate::device::device(device).map_err(|e| fail(e.to_string()))? {
+                    tch::Device::Cpu => Engine::Faiss(index),
+                    #[cfg(feature = "faiss-gpu")]
+                    tch::Device::Cuda(ordinal) => Engine::FaissGpu(gpu::to_gpu(index, ordinal).map_err(fail)?),
+                    other => return Err(fail(format!("knn: FAISS cannot search on {other:?} in this build"))),
+                }
             }
         };
         Ok(Some(Box::new(KnnReplica {
@@ -371,7 +387,13 @@ fn build_index(
 
 enum Engine {
     Faiss(faiss::index::IndexImpl),
-    Torch { features: Tensor, device: tch::Device, chunk: usize },
+    #[cfg(feature = "faiss-gpu")]
+    FaissGpu(faiss::GpuIndexImpl<'static, faiss::index::IndexImpl>),
+    Torch {
+        features: Tensor,
+        device: tch::Device,
+        chunk: usize,
+    },
 }
 
 struct KnnReplica {
@@ -390,19 +412,9 @@ impl KnnReplica {
             return Ok(vec![Vec::new(); n]);
         }
         match &mut self.engine {
-            Engine::Faiss(index) => {
-                let found = index.search(queries, k).map_err(|e| e.to_string())?;
-                Ok((0..n)
-                    .map(|q| {
-                        (0..k)
-                            .filter_map(|j| {
-                                let at = q * k + j;
-                                found.labels[at].get().map(|row| (row as usize, found.distances[at]))
-                            })
-                            .collect()
-                    })
-                    .collect())
-            }
+            Engine::Faiss(index) => Ok(hits(index.search(queries, k).map_err(|e| e.to_string())?, n, k)),
+            #[cfg(feature = "faiss-gpu")]
+            Engine::FaissGpu(index) => Ok(hits(index.search(queries, k).map_err(|e| e.to_string())?, n, k)),
             Engine::Torch { features, device, chunk } => tch::no_grad(|| {
                 let d = features.size()[1];
                 let q = Tensor::from_slice(queries).view([n as i64, d]).to_device(*device);
@@ -430,6 +442,56 @@ impl KnnReplica {
                 Ok((0..n).map(|q| (0..k).map(|j| (i[q * k + j] as usize, v[q * k + j])).collect()).collect())
             }),
         }
+    }
+}
+
+/// FAISS results as (gallery row, score) pairs per query; rows FAISS could not fill (-1) are
+/// left out.
+fn hits(found: faiss::index::SearchResult, n: usize, k: usize) -> Vec<Vec<(usize, f32)>> {
+    (0..n)
+        .map(|q| {
+            (0..k)
+                .filter_map(|j| {
+                    let at = q * k + j;
+                    found.labels[at].get().map(|row| (row as usize, found.distances[at]))
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// FAISS's GPU indexes (the `faiss-gpu` feature).
+#[cfg(feature = "faiss-gpu")]
+mod gpu {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+
+    use faiss::gpu::StandardGpuResources;
+    use faiss::index::IndexImpl;
+
+    /// One `StandardGpuResources` per device for the life of the process, as FAISS advises
+    /// (its scratch memory and streams are reused by every index on that device); leaked so
+    /// that indexes can borrow it for `'static`.
+    fn resources(device: usize) -> Result<&'static StandardGpuResources, String> {
+        static ALL: OnceLock<Mutex<HashMap<usize, usize>>> = OnceLock::new();
+        let mut all = ALL.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+        let address = match all.get(&device) {
+            Some(&address) => address,
+            None => {
+                let made = StandardGpuResources::new().map_err(|e| format!("FAISS GPU resources: {e}"))?;
+                let address = Box::leak(Box::new(made)) as *const StandardGpuResources as usize;
+                all.insert(device, address);
+                address
+            }
+        };
+        // SAFETY: `address` is a leaked box, never freed, so the reference lives for 'static.
+        Ok(unsafe { &*(address as *const StandardGpuResources) })
+    }
+
+    /// Moves `index` to CUDA device `ordinal`.
+    pub(super) fn to_gpu(index: IndexImpl, ordinal: usize) -> Result<faiss::GpuIndexImpl<'static, IndexImpl>, String> {
+        let res = resources(ordinal)?;
+        index.into_gpu(res, ordinal as i32).map_err(|e| format!("FAISS index to cuda:{ordinal}: {e}"))
     }
 }
 

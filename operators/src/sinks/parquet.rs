@@ -36,13 +36,27 @@ impl ParquetSink {
     /// # Errors
     /// IO errors creating the temporary file.
     pub fn create(path: &Path, table: &str, schema: SchemaRef) -> Result<Self> {
+        Self::create_with_row_group_bytes(path, table, schema, ROW_GROUP_BYTES)
+    }
+
+    /// As [`ParquetSink::create`], closing row groups at `row_group_bytes` instead of
+    /// [`ROW_GROUP_BYTES`]: a writer buffers one group, so this bounds its memory.
+    ///
+    /// # Errors
+    /// IO errors creating the temporary file.
+    pub fn create_with_row_group_bytes(
+        path: &Path,
+        table: &str,
+        schema: SchemaRef,
+        row_group_bytes: usize,
+    ) -> Result<Self> {
         super::create_parent(path)?;
         let tmp = super::tmp_path(path);
         let file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::default()))
             .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
-            .set_max_row_group_bytes(Some(ROW_GROUP_BYTES))
+            .set_max_row_group_bytes(Some(row_group_bytes))
             .build();
         let writer = ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(|e| parquet_err(&tmp, e))?;
         Ok(ParquetSink {
