@@ -13,6 +13,7 @@ pub mod encoders;
 pub mod error;
 pub mod preprocess;
 pub mod retrieval;
+pub mod training;
 pub mod zeroshot;
 /// cn_clip's tokenizer, which the data layer also uses (a pipeline `tokenize` node).
 pub use cnclip_operators::transforms::tokenizer;

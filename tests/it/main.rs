@@ -20,4 +20,5 @@ mod signals;
 mod smoke;
 mod sql;
 mod tokenizer;
+mod train;
 mod zeroshot;

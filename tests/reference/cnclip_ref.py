@@ -114,6 +114,20 @@ def cmd_build_model(args):
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * args.perturb)
+    if args.calibrate_bn:
+        # Running BatchNorm statistics of random images (cumulative average), so that a model
+        # used in eval mode (a frozen RN50) does not map every image to the same feature.
+        r = info["image_resolution"]
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.momentum = None
+                    m.reset_running_stats()
+            model.train()
+            model.encode_image(torch.randn(args.calibrate_bn, 3, r, r))
+            for m in model.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.momentum = 0.1
     if args.fp16:
         convert_weights(model)  # what released checkpoints hold
     model.eval()
@@ -224,6 +238,106 @@ def cmd_run_module(args):
     runpy.run_module(args.module, run_name="__main__", alter_sys=True)
 
 
+def _train_rank(rank, args):
+    """One DDP rank (gloo, CPU) of cn_clip's own training loop, `cn_clip.training.train.train`."""
+    import logging
+    import types
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import load_file, save_file
+    import cn_clip.training.train as train_module
+    from cn_clip.training.scheduler import cosine_lr
+
+    install_cpu_shim()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{args.rendezvous}", rank=rank, world_size=args.world)
+    config = json.loads(args.config)
+    model, _ = load_checkpoint_model(config, args.checkpoint)
+    data = load_file(args.data)
+    images, texts = data["images"], data["texts"]  # [S, A, W, n, ...]
+    steps, accum = images.shape[0], images.shape[1]
+    vision_model = args.vision_model
+    # main.py: freeze the vision tower (and RN50's BatchNorm statistics) before DDP.
+    if args.freeze_vision:
+        for _, v in model.visual.named_parameters():
+            v.requires_grad = False
+    model.train()
+    model = torch.nn.parallel.DistributedDataParallel(model)
+    exclude = lambda n: "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
+    named = list(model.named_parameters())
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for n, p in named if exclude(n) and p.requires_grad], "weight_decay": 0.0},
+         {"params": [p for n, p in named if not exclude(n) and p.requires_grad], "weight_decay": args.wd}],
+        lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps)
+    scheduler = cosine_lr(optimizer, args.lr, args.warmup, steps)
+    names = {id(p): n[len("module."):] for n, p in named}
+    first = {}
+    original_step = optimizer.step
+
+    def step(*a, **k):
+        if not first:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        first[names[id(p)]] = p.grad.detach().clone()
+        return original_step(*a, **k)
+
+    optimizer.step = step
+    losses = []
+    original_get_loss = train_module.get_loss
+
+    def get_loss(*a, **k):
+        loss, acc = original_get_loss(*a, **k)
+        losses.append(loss.item())
+        return loss, acc
+
+    train_module.get_loss = get_loss
+    teacher = None
+    if args.teacher:
+        teacher_model, _ = load_checkpoint_model(json.loads(args.teacher_config), args.teacher)
+        teacher = types.SimpleNamespace(module=types.SimpleNamespace(get_feature=teacher_model.encode_image))
+
+    class Loader:
+        num_batches = steps * accum
+        num_samples = steps * accum * images.shape[3] * args.world
+
+        def __iter__(self):
+            for s in range(steps):
+                for j in range(accum):
+                    yield images[s, j, rank], texts[s, j, rank], torch.zeros(images.shape[3], dtype=torch.long)
+
+    train_args = types.SimpleNamespace(
+        accum_freq=accum, mask_ratio=args.mask_ratio, distillation=teacher is not None, aggregate=not args.skip_aggregate,
+        gather_with_grad=args.gather_with_grad, report_training_batch_acc=True, kd_loss_weight=args.kd_loss_weight,
+        local_device_rank=0, precision="fp32", rank=rank, world_size=args.world, max_steps=steps, log_interval=10**9,
+        val_data=None, valid_step_interval=None, should_save=False, save_step_frequency=-1,
+        freeze_vision=args.freeze_vision, vision_model=vision_model, use_flash_attention=False)
+    logging.disable(logging.CRITICAL)
+    torch.manual_seed(args.seed)
+    data_dict = {"train": types.SimpleNamespace(dataloader=Loader(), sampler=None)}
+    train_module.train(model, data_dict, 0, optimizer, None, scheduler, train_args, 0, teacher)
+    if rank == 0:
+        # The loss of the last micro-batch of each step (what cn_clip logs); accum runs also
+        # call get_loss for every micro-batch.
+        per_step = losses[accum - 1::accum] if accum > 1 else losses
+        out = {"loss": torch.tensor(per_step, dtype=torch.float64)}
+        out.update({f"grad.{k}": v.contiguous() for k, v in first.items()})
+        out.update({f"param.{k}": v.detach().contiguous() for k, v in model.module.state_dict().items()})
+        save_file(out, args.out)
+    dist.destroy_process_group()
+
+
+def cmd_train_steps(args):
+    """Runs cn_clip's training loop for every step of --data on --world gloo ranks and saves the
+    losses, the first step's (all-reduced) gradients and the final parameters."""
+    import tempfile
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args.rendezvous = f"{tmp}/rendezvous"
+        mp.spawn(_train_rank, args=(args,), nprocs=args.world, join=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -236,6 +350,7 @@ def main():
     p.add_argument("--config", required=True, help='"ViT-B-16@RBT3-chinese" or a JSON object of CLIP(**kwargs)')
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--perturb", type=float, default=0.0)
+    p.add_argument("--calibrate-bn", type=int, default=0, help="set BatchNorm statistics from N random images")
     p.add_argument("--fp16", action="store_true", help="convert weights to fp16 as released checkpoints are")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_build_model)
@@ -255,6 +370,29 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("files", nargs="+")
     p.set_defaults(func=cmd_preprocess)
+
+    p = sub.add_parser("train-steps", help="cn_clip's training loop over given batches on gloo CPU ranks")
+    p.add_argument("--config", required=True, help="JSON of CLIP(**kwargs)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True, help="safetensors: images [S, A, W, n, 3, R, R], texts [S, A, W, n, L]")
+    p.add_argument("--world", type=int, default=1)
+    p.add_argument("--vision-model", default="ViT-B-16", help="cn_clip tests 'RN' in it for --freeze-vision")
+    p.add_argument("--freeze-vision", action="store_true")
+    p.add_argument("--mask-ratio", type=float, default=0.0)
+    p.add_argument("--skip-aggregate", action="store_true")
+    p.add_argument("--gather-with-grad", action="store_true")
+    p.add_argument("--teacher")
+    p.add_argument("--teacher-config")
+    p.add_argument("--kd-loss-weight", type=float, default=0.5)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--beta1", type=float, default=0.9)
+    p.add_argument("--beta2", type=float, default=0.98)
+    p.add_argument("--eps", type=float, default=1e-6)
+    p.add_argument("--wd", type=float, default=0.2)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_train_steps)
 
     p = sub.add_parser("run-module", help="run a cn_clip script (python -m MODULE) with the CPU shim")
     p.add_argument("module")

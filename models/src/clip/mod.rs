@@ -29,6 +29,15 @@ pub enum Visual {
     ResNet(resnet::ModifiedResNet),
 }
 
+/// What `train()` mode changes in cn_clip's model; all off (inference) unless a trainer sets it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Mode {
+    /// BERT's dropout (the config's `text_hidden_dropout_prob`, `text_attention_probs_dropout_prob`).
+    pub dropout: bool,
+    /// RN50's BatchNorm on batch statistics, updating the running ones (off for a frozen tower).
+    pub batch_norm: bool,
+}
+
 /// A Chinese-CLIP model on one device.
 #[derive(Debug)]
 pub struct Clip {
@@ -39,6 +48,7 @@ pub struct Clip {
     text_projection: Tensor,
     logit_scale: Tensor,
     pad_id: i64,
+    mode: Mode,
 }
 
 /// Checkpoint keys cn_clip itself drops or that hold no parameters we use.
@@ -80,7 +90,30 @@ impl Clip {
             nn::Init::Randn { mean: 0.0, stdev: (config.text.text_hidden_size as f64).powf(-0.5) },
         );
         let logit_scale = root.var("logit_scale", &[], nn::Init::Const((1.0f64 / 0.07).ln()));
-        Ok(Clip { config, vs, visual, bert, text_projection, logit_scale, pad_id: Tokenizer::chinese().pad_id() })
+        Ok(Clip {
+            config,
+            vs,
+            visual,
+            bert,
+            text_projection,
+            logit_scale,
+            pad_id: Tokenizer::chinese().pad_id(),
+            mode: Mode::default(),
+        })
+    }
+
+    /// Sets what `train()` mode changes for the `_t` (autograd) forwards.
+    pub fn set_mode(&mut self, mode: Mode) {
+        self.mode = mode;
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// The learned `logit_scale` parameter itself (its log), for training.
+    pub fn logit_scale_parameter(&self) -> &Tensor {
+        &self.logit_scale
     }
 
     pub fn device(&self) -> Device {
@@ -174,14 +207,19 @@ impl Clip {
                 return Err(Error::Shape(format!("images must be [N, 3, {r}, {r}], got {other:?}")));
             }
         }
-        Ok(tch::no_grad(|| self.encode_image_t(pixels, 0.0)))
+        Ok(tch::no_grad(|| self.image_features(pixels, 0.0, false)))
     }
 
-    /// Image features with autograd (training); `mask_ratio` is FLIP masking (ViT only).
+    /// Image features with autograd (training), in the model's [`Mode`]; `mask_ratio` is FLIP
+    /// masking (ViT only).
     pub fn encode_image_t(&self, pixels: &Tensor, mask_ratio: f64) -> Tensor {
+        self.image_features(pixels, mask_ratio, self.mode.batch_norm)
+    }
+
+    fn image_features(&self, pixels: &Tensor, mask_ratio: f64, batch_norm: bool) -> Tensor {
         match &self.visual {
             Visual::Transformer(vit) => vit.forward(pixels, mask_ratio),
-            Visual::ResNet(resnet) => resnet.forward(pixels),
+            Visual::ResNet(resnet) => resnet.forward(pixels, batch_norm),
         }
     }
 
@@ -197,12 +235,16 @@ impl Clip {
                 return Err(Error::Shape(format!("token ids must be [N, L ≤ {max}] integers, got {shape:?} {kind:?}")));
             }
         }
-        Ok(tch::no_grad(|| self.encode_text_t(&ids.to_kind(Kind::Int64))))
+        Ok(tch::no_grad(|| self.text_features(&ids.to_kind(Kind::Int64), false)))
     }
 
-    /// Text features with autograd (training).
+    /// Text features with autograd (training), in the model's [`Mode`].
     pub fn encode_text_t(&self, ids: &Tensor) -> Tensor {
-        let hidden = self.bert.forward(ids, self.pad_id);
+        self.text_features(ids, self.mode.dropout)
+    }
+
+    fn text_features(&self, ids: &Tensor, dropout: bool) -> Tensor {
+        let hidden = self.bert.forward(ids, self.pad_id, dropout);
         hidden.select(1, 0).matmul(&self.text_projection)
     }
 

@@ -2,8 +2,9 @@
 //! stem with average pooling, anti-aliased strided Bottlenecks (avgpool before the stride), and
 //! QKV attention pooling (`AttentionPool2d`) in place of global average pooling.
 //!
-//! Inference only: BatchNorm uses its running statistics (cn_clip evaluates in `eval()` mode,
-//! and its training script freezes nothing here but never trains RN50's BN statistics on CPU).
+//! BatchNorm uses its running statistics unless `train` is set (cn_clip's `train()` mode:
+//! batch statistics, running statistics updated); a frozen vision tower keeps them in eval
+//! mode, as cn_clip's `--freeze-vision` does.
 
 use tch::{Tensor, nn, nn::Module, nn::ModuleT};
 
@@ -52,19 +53,19 @@ impl Bottleneck {
         }
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         // In-place ReLU and residual add, as cn_clip's `ReLU(inplace=True)` and `out += identity`:
         // fewer allocations on the largest activations of the model.
-        let out = self.bn1.forward_t(&self.conv1.forward(x), false).relu_();
-        let mut out = self.bn2.forward_t(&self.conv2.forward(&out), false).relu_();
+        let out = self.bn1.forward_t(&self.conv1.forward(x), train).relu_();
+        let mut out = self.bn2.forward_t(&self.conv2.forward(&out), train).relu_();
         if self.stride > 1 {
             out = avg_pool(&out, self.stride);
         }
-        let mut out = self.bn3.forward_t(&self.conv3.forward(&out), false);
+        let mut out = self.bn3.forward_t(&self.conv3.forward(&out), train);
         let identity = match &self.downsample {
             Some((conv, bn)) => {
                 let pooled = if self.stride > 1 { avg_pool(x, self.stride) } else { x.shallow_clone() };
-                bn.forward_t(&conv.forward(&pooled), false)
+                bn.forward_t(&conv.forward(&pooled), train)
             }
             None => x.shallow_clone(),
         };
@@ -162,15 +163,16 @@ impl ModifiedResNet {
         }
     }
 
-    /// Image features `[N, output_dim]` (not normalised) of pixels `[N, 3, R, R]`.
-    pub fn forward(&self, pixels: &Tensor) -> Tensor {
+    /// Image features `[N, output_dim]` (not normalised) of pixels `[N, 3, R, R]`; `train`
+    /// normalises with batch statistics and updates the running ones.
+    pub fn forward(&self, pixels: &Tensor, train: bool) -> Tensor {
         let mut x = pixels.to_kind(self.stem[0].0.ws.kind());
         for (conv, bn) in &self.stem {
-            x = bn.forward_t(&conv.forward(&x), false).relu_();
+            x = bn.forward_t(&conv.forward(&x), train).relu_();
         }
         x = avg_pool(&x, 2);
         for block in self.stages.iter().flatten() {
-            x = block.forward(&x);
+            x = block.forward(&x, train);
         }
         self.attnpool.forward(&x)
     }

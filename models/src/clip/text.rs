@@ -43,6 +43,8 @@ struct BertLayer {
     output_norm: LayerNorm,
     heads: i64,
     activation: Activation,
+    hidden_dropout: f64,
+    attention_dropout: f64,
 }
 
 impl BertLayer {
@@ -61,17 +63,23 @@ impl BertLayer {
             output_norm: LayerNorm::new(p / "output" / "LayerNorm", hidden, LAYER_NORM_EPS),
             heads: c.text_num_attention_heads,
             activation,
+            hidden_dropout: c.text_hidden_dropout_prob,
+            attention_dropout: c.text_attention_probs_dropout_prob,
         }
     }
 
-    fn forward(&self, x: &Tensor, additive_mask: &Tensor) -> Tensor {
+    /// `train` applies the config's dropout (attention probabilities, and each sub-layer's
+    /// output before its residual LayerNorm, as `BertSelfOutput` / `BertOutput`).
+    fn forward(&self, x: &Tensor, additive_mask: &Tensor, train: bool) -> Tensor {
         let q = attention_heads(&self.query.forward(x), self.heads);
         let k = attention_heads(&self.key.forward(x), self.heads);
         let v = attention_heads(&self.value.forward(x), self.heads);
-        let context = Tensor::scaled_dot_product_attention(&q, &k, &v, Some(additive_mask), 0.0, false, None, false);
-        let attended = self.attention_norm.forward(&(self.attention_output.forward(&merge_heads(&context)) + x));
+        let p = if train { self.attention_dropout } else { 0.0 };
+        let context = Tensor::scaled_dot_product_attention(&q, &k, &v, Some(additive_mask), p, false, None, false);
+        let out = self.attention_output.forward(&merge_heads(&context)).dropout(self.hidden_dropout, train);
+        let attended = self.attention_norm.forward(&(out + x));
         let inter = self.activation.apply(&self.intermediate.forward(&attended));
-        self.output_norm.forward(&(self.output.forward(&inter) + &attended))
+        self.output_norm.forward(&(self.output.forward(&inter).dropout(self.hidden_dropout, train) + &attended))
     }
 }
 
@@ -83,6 +91,7 @@ pub struct Bert {
     token_type_embeddings: nn::Embedding,
     embeddings_norm: LayerNorm,
     layers: Vec<BertLayer>,
+    hidden_dropout: f64,
 }
 
 impl Bert {
@@ -103,11 +112,13 @@ impl Bert {
             token_type_embeddings: emb("token_type_embeddings", c.text_type_vocab_size),
             embeddings_norm: LayerNorm::new(&e / "LayerNorm", hidden, LAYER_NORM_EPS),
             layers: (0..c.text_num_hidden_layers).map(|i| BertLayer::new(&(&layers / i), c, activation)).collect(),
+            hidden_dropout: c.text_hidden_dropout_prob,
         }
     }
 
     /// Last hidden states `[N, L, hidden]` of token ids `[N, L]`; `pad_id` positions are masked.
-    pub fn forward(&self, ids: &Tensor, pad_id: i64) -> Tensor {
+    /// `train` applies dropout as cn_clip's BERT in `train()` mode.
+    pub fn forward(&self, ids: &Tensor, pad_id: i64, train: bool) -> Tensor {
         let (_, seq_len) = ids.size2().expect("[N, L] token ids");
         let kind = self.word_embeddings.ws.kind();
         let keep = ids.ne(pad_id).to_kind(kind);
@@ -116,9 +127,9 @@ impl Bert {
         let embedded = self.word_embeddings.forward(ids)
             + self.position_embeddings.forward(&positions)
             + self.token_type_embeddings.forward(&ids.zeros_like());
-        let mut x = self.embeddings_norm.forward(&embedded);
+        let mut x = self.embeddings_norm.forward(&embedded).dropout(self.hidden_dropout, train);
         for layer in &self.layers {
-            x = layer.forward(&x, &additive_mask);
+            x = layer.forward(&x, &additive_mask, train);
         }
         x
     }

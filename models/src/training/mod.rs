@@ -1,0 +1,23 @@
+//! Contrastive fine-tuning as cn_clip 1.6.0's trainer does it (`cn_clip/training/train.py`,
+//! `main.py`, `scheduler.py`), on one or several model replicas in one process: the loss of
+//! `get_loss` (symmetric cross-entropy over image/text logits scaled by the learned
+//! `logit_scale`, optional distillation), `--accum-freq` feature accumulation, the gathering of
+//! features across replicas with and without gradient, AdamW with cn_clip's two parameter
+//! groups, linear warmup then cosine, and the `logit_scale` clamp to ln 100.
+//!
+//! Several replicas stand for cn_clip's DDP ranks: each takes its share of the global batch,
+//! each rank's loss is built exactly as `get_loss` builds it on that rank, and the gradients
+//! are what DDP would leave (features gathered with gradient receive the sum over ranks; the
+//! ranks' gradients are then averaged). Replica 0 holds the optimizer; after each step its
+//! variables (parameters and BatchNorm statistics, as DDP's buffer broadcast) are copied to
+//! the others, so replicas stay identical.
+
+pub mod loss;
+pub mod optim;
+pub mod schedule;
+pub mod step;
+
+pub use loss::{LossInputs, cosine_similarity_loss, rank_loss};
+pub use optim::{AdamW, AdamWConfig, decays};
+pub use schedule::cosine_lr;
+pub use step::{Batch, StepOptions, StepReport, Trainer};

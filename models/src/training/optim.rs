@@ -1,0 +1,107 @@
+//! AdamW as `torch.optim.AdamW` (single-tensor path, `amsgrad=False`, not maximising) with
+//! cn_clip's parameter groups: no weight decay for parameters whose name contains `bn`, `ln`,
+//! `bias` or `logit_scale`, `--wd` for the rest; frozen parameters are left out. The learning
+//! rate is set for every group before each step (cn_clip's scheduler does).
+
+use tch::Tensor;
+
+/// `--lr`, `--beta1`, `--beta2`, `--eps`, `--wd`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+/// Whether cn_clip's `main.py` decays parameter `name` (`exclude` there: `bn`, `ln`, `bias`,
+/// `logit_scale` anywhere in the name).
+pub fn decays(name: &str) -> bool {
+    !["bn", "ln", "bias", "logit_scale"].iter().any(|part| name.contains(part))
+}
+
+struct Slot {
+    name: String,
+    param: Tensor,
+    decay: bool,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: u64,
+}
+
+/// The optimizer over one model's trainable parameters.
+pub struct AdamW {
+    config: AdamWConfig,
+    slots: Vec<Slot>,
+    lr: f64,
+}
+
+impl AdamW {
+    /// Over `params` (name, variable), keeping only those that require grad.
+    pub fn new(config: AdamWConfig, params: impl IntoIterator<Item = (String, Tensor)>) -> Self {
+        let mut slots: Vec<Slot> = params
+            .into_iter()
+            .filter(|(_, p)| p.requires_grad())
+            .map(|(name, param)| Slot {
+                decay: decays(&name),
+                exp_avg: param.zeros_like(),
+                exp_avg_sq: param.zeros_like(),
+                name,
+                param,
+                step: 0,
+            })
+            .collect();
+        slots.sort_by(|a, b| a.name.cmp(&b.name));
+        AdamW { config, slots, lr: config.lr }
+    }
+
+    pub fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+
+    pub fn lr(&self) -> f64 {
+        self.lr
+    }
+
+    /// The parameters it updates, by name.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.slots.iter().map(|s| s.name.as_str())
+    }
+
+    /// `optimizer.zero_grad()`.
+    pub fn zero_grad(&mut self) {
+        for slot in &mut self.slots {
+            let mut grad = slot.param.grad();
+            if grad.defined() {
+                let _ = grad.zero_();
+            }
+        }
+    }
+
+    /// One update from the parameters' `.grad`; a parameter without a gradient is skipped
+    /// (torch skips `p.grad is None`).
+    pub fn step(&mut self) {
+        let AdamWConfig { beta1, beta2, eps, weight_decay, .. } = self.config;
+        let lr = self.lr;
+        tch::no_grad(|| {
+            for slot in &mut self.slots {
+                let grad = slot.param.grad();
+                if !grad.defined() {
+                    continue;
+                }
+                slot.step += 1;
+                let wd = if slot.decay { weight_decay } else { 0.0 };
+                let _ = slot.param.g_mul_scalar_(1.0 - lr * wd);
+                let _ = slot.exp_avg.lerp_(&grad, 1.0 - beta1);
+                let _ = slot.exp_avg_sq.g_mul_scalar_(beta2).addcmul_(&(&grad * (1.0 - beta2)), &grad);
+                let step = slot.step as i32;
+                let bias_correction1 = 1.0 - beta1.powi(step);
+                let bias_correction2 = 1.0 - beta2.powi(step);
+                let step_size = lr / bias_correction1;
+                let denom = slot.exp_avg_sq.sqrt() / bias_correction2.sqrt() + eps;
+                let _ = slot.param.addcdiv_(&(&slot.exp_avg * -step_size), &denom);
+            }
+        });
+    }
+}

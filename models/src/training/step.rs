@@ -1,0 +1,343 @@
+//! One optimisation step over all replicas: `train.py`'s loop body (forward, `get_loss`,
+//! backward, `optimizer.step()`, the `logit_scale` clamp) with DDP's gradient semantics.
+
+use std::collections::BTreeMap;
+
+use tch::Tensor;
+
+use super::loss::{LossInputs, rank_loss};
+use super::optim::{AdamW, AdamWConfig};
+use crate::clip::{Clip, Mode, normalize};
+
+/// cn_clip clamps `logit_scale` to [0, ln 100] after every step (4.6052, its constant).
+pub const LOGIT_SCALE_MAX: f64 = 4.6052;
+
+/// The loss options of `get_loss` and the loop around it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepOptions {
+    /// `--accum-freq`: micro-batches per step, their features cached and recomputed.
+    pub accum_freq: usize,
+    /// `--mask-ratio`: FLIP patch masking (ViT) in the loss forward.
+    pub mask_ratio: f64,
+    /// `not --skip-aggregate`: gather features across replicas for the loss.
+    pub aggregate: bool,
+    /// `--gather-with-grad`.
+    pub gather_with_grad: bool,
+    /// `--kd_loss_weight` when distilling from a teacher.
+    pub kd_loss_weight: Option<f64>,
+    /// `--freeze-vision`: the vision tower is not trained (and RN50's BatchNorm stays in eval).
+    pub freeze_vision: bool,
+}
+
+impl Default for StepOptions {
+    fn default() -> Self {
+        StepOptions {
+            accum_freq: 1,
+            mask_ratio: 0.0,
+            aggregate: true,
+            gather_with_grad: false,
+            kd_loss_weight: None,
+            freeze_vision: false,
+        }
+    }
+}
+
+/// One replica's micro-batch: preprocessed pixels `[n, 3, R, R]` and token ids `[n, L]`.
+pub struct Batch {
+    pub images: Tensor,
+    pub texts: Tensor,
+}
+
+/// What a step reports (rank 0's view, as cn_clip logs it).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepReport {
+    /// The loss of the last micro-batch on replica 0.
+    pub loss: f64,
+    /// Image→text and text→image accuracy of that loss's logits (fractions).
+    pub i2t: f64,
+    pub t2i: f64,
+    /// `logit_scale` after the clamp (its log, as cn_clip prints `m.logit_scale.data`).
+    pub logit_scale: f64,
+}
+
+/// Replicas, an optional teacher per replica, and the optimizer (on replica 0).
+pub struct Trainer {
+    replicas: Vec<Clip>,
+    teachers: Vec<Clip>,
+    params: Vec<BTreeMap<String, Tensor>>,
+    optimizer: AdamW,
+    options: StepOptions,
+}
+
+impl Trainer {
+    /// `replicas` must hold the same weights (one per device entry); `teachers`, when
+    /// distilling, one teacher per replica on the same devices.
+    ///
+    /// # Panics
+    /// With no replica, or teachers that do not pair with the replicas.
+    pub fn new(mut replicas: Vec<Clip>, teachers: Vec<Clip>, adamw: AdamWConfig, options: StepOptions) -> Self {
+        assert!(!replicas.is_empty(), "at least one replica");
+        assert!(teachers.is_empty() || teachers.len() == replicas.len(), "one teacher per replica");
+        for model in &mut replicas {
+            if options.freeze_vision {
+                for (name, var) in model.var_store().variables() {
+                    if name.starts_with("visual.") {
+                        let _ = var.set_requires_grad(false);
+                    }
+                }
+            }
+            model.set_mode(Mode { dropout: true, batch_norm: !options.freeze_vision });
+        }
+        let params: Vec<BTreeMap<String, Tensor>> = replicas
+            .iter()
+            .map(|m| m.var_store().variables().into_iter().filter(|(_, v)| v.requires_grad()).collect())
+            .collect();
+        let optimizer = AdamW::new(adamw, params[0].iter().map(|(n, v)| (n.clone(), v.shallow_clone())));
+        Trainer { replicas, teachers, params, optimizer, options }
+    }
+
+    pub fn replicas(&self) -> &[Clip] {
+        &self.replicas
+    }
+
+    pub fn optimizer(&self) -> &AdamW {
+        &self.optimizer
+    }
+
+    /// One step at learning rate `lr` over `micro[j][r]`: micro-batch `j` (of `accum_freq`)
+    /// of replica `r`.
+    ///
+    /// # Panics
+    /// When `micro` is not `accum_freq` × replicas.
+    pub fn step(&mut self, micro: &[Vec<Batch>], lr: f64) -> StepReport {
+        let world = self.replicas.len();
+        assert_eq!(micro.len(), self.options.accum_freq, "one micro-batch list per accumulation step");
+        assert!(micro.iter().all(|m| m.len() == world), "one micro-batch per replica");
+        self.optimizer.set_lr(lr);
+        for params in &self.params {
+            for var in params.values() {
+                let mut grad = var.grad();
+                if grad.defined() {
+                    let _ = grad.zero_();
+                }
+            }
+        }
+        let report =
+            if self.options.accum_freq == 1 { self.forward_backward(&micro[0]) } else { self.accumulate(micro) };
+        self.average_gradients();
+        self.optimizer.step();
+        tch::no_grad(|| {
+            let _ = self.replicas[0].logit_scale_parameter().shallow_clone().clamp_(0.0, LOGIT_SCALE_MAX);
+        });
+        self.broadcast();
+        StepReport { logit_scale: self.replicas[0].logit_scale_parameter().double_value(&[]), ..report }
+    }
+
+    /// `accum_freq == 1`: each replica's features with gradient, every rank's loss, backward.
+    fn forward_backward(&self, batches: &[Batch]) -> StepReport {
+        let local: Vec<Local> = self
+            .replicas
+            .iter()
+            .zip(batches)
+            .enumerate()
+            .map(|(r, (model, batch))| Local {
+                image: normalize(&model.encode_image_t(&batch.images, self.options.mask_ratio)),
+                text: normalize(&model.encode_text_t(&batch.texts)),
+                scale: model.logit_scale_parameter().exp(),
+                teacher: self.teacher_features(r, &batch.images),
+            })
+            .collect();
+        self.backward(&local)
+    }
+
+    /// `accum_freq > 1`: cache every micro-batch's features without gradient, then for each
+    /// micro-batch recompute its features with gradient among the cached others and backward
+    /// (gradients add up over the micro-batches), as `train.py` does.
+    fn accumulate(&self, micro: &[Vec<Batch>]) -> StepReport {
+        let cached: Vec<Vec<(Tensor, Tensor, Option<Tensor>)>> = micro
+            .iter()
+            .map(|batches| {
+                self.replicas
+                    .iter()
+                    .zip(batches)
+                    .enumerate()
+                    .map(|(r, (model, batch))| {
+                        tch::no_grad(|| {
+                            (
+                                normalize(&model.encode_image_t(&batch.images, 0.0)),
+                                normalize(&model.encode_text_t(&batch.texts)),
+                                self.teacher_features(r, &batch.images),
+                            )
+                        })
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut report = None;
+        for (j, batches) in micro.iter().enumerate() {
+            let local: Vec<Local> = self
+                .replicas
+                .iter()
+                .zip(batches)
+                .enumerate()
+                .map(|(r, (model, batch))| {
+                    let live_image = normalize(&model.encode_image_t(&batch.images, self.options.mask_ratio));
+                    let live_text = normalize(&model.encode_text_t(&batch.texts));
+                    let pick = |which: usize, live: &Tensor| -> Tensor {
+                        let parts: Vec<Tensor> = cached
+                            .iter()
+                            .enumerate()
+                            .map(|(i, c)| {
+                                if i == j {
+                                    live.shallow_clone()
+                                } else if which == 0 {
+                                    c[r].0.shallow_clone()
+                                } else {
+                                    c[r].1.shallow_clone()
+                                }
+                            })
+                            .collect();
+                        Tensor::cat(&parts, 0)
+                    };
+                    let teacher = self.teachers.get(r).map(|_| {
+                        let parts: Vec<Tensor> =
+                            cached.iter().map(|c| c[r].2.as_ref().expect("teacher features").shallow_clone()).collect();
+                        Tensor::cat(&parts, 0)
+                    });
+                    Local {
+                        image: pick(0, &live_image),
+                        text: pick(1, &live_text),
+                        scale: model.logit_scale_parameter().exp(),
+                        teacher,
+                    }
+                })
+                .collect();
+            report = Some(self.backward(&local));
+        }
+        report.expect("accum_freq >= 1")
+    }
+
+    /// The teacher's image features for replica `r` (none without a teacher).
+    fn teacher_features(&self, r: usize, images: &Tensor) -> Option<Tensor> {
+        self.teachers.get(r).map(|t| tch::no_grad(|| t.encode_image_t(images, 0.0)))
+    }
+
+    /// Builds each rank's loss as `get_loss` does on that rank and backpropagates their sum:
+    /// a replica's parameters then hold what its DDP rank holds before the all-reduce.
+    fn backward(&self, local: &[Local]) -> StepReport {
+        let world = local.len();
+        let mut total: Option<Tensor> = None;
+        let mut report = StepReport { loss: 0.0, i2t: 0.0, t2i: 0.0, logit_scale: 0.0 };
+        for r in 0..world {
+            let device = local[r].image.device();
+            let weight = self.options.kd_loss_weight;
+            let (loss, (i2t, t2i)) = if !self.options.aggregate {
+                rank_loss(&LossInputs {
+                    image: &local[r].image,
+                    text: &local[r].text,
+                    logit_scale: &local[r].scale,
+                    aggregated: false,
+                    teacher: local[r].teacher.as_ref().zip(weight),
+                })
+            } else {
+                // With gradient: every rank sees all ranks' live features in rank order; without:
+                // its own live features first, the others' detached, in rank order.
+                let order: Vec<usize> = if self.options.gather_with_grad {
+                    (0..world).collect()
+                } else {
+                    std::iter::once(r).chain((0..world).filter(|&j| j != r)).collect()
+                };
+                let gather = |f: &dyn Fn(&Local) -> &Tensor, order: &[usize], grad: bool| -> Tensor {
+                    let parts: Vec<Tensor> = order
+                        .iter()
+                        .map(|&j| {
+                            let t = f(&local[j]).to_device(device);
+                            if grad || j == r { t } else { t.detach() }
+                        })
+                        .collect();
+                    Tensor::cat(&parts, 0)
+                };
+                let image = gather(&|l| &l.image, &order, self.options.gather_with_grad);
+                let text = gather(&|l| &l.text, &order, self.options.gather_with_grad);
+                // The teacher's features are always gathered without gradient, own rank first.
+                let teacher_order: Vec<usize> = std::iter::once(r).chain((0..world).filter(|&j| j != r)).collect();
+                let teacher = local[r].teacher.as_ref().map(|_| {
+                    let parts: Vec<Tensor> = teacher_order
+                        .iter()
+                        .map(|&j| local[j].teacher.as_ref().expect("a teacher per replica").to_device(device))
+                        .collect();
+                    Tensor::cat(&parts, 0)
+                });
+                rank_loss(&LossInputs {
+                    image: &image,
+                    text: &text,
+                    logit_scale: &local[r].scale,
+                    aggregated: true,
+                    teacher: teacher.as_ref().zip(weight),
+                })
+            };
+            if r == 0 {
+                report = StepReport { loss: loss.double_value(&[]), i2t, t2i, logit_scale: 0.0 };
+            }
+            let loss = loss.to_device(local[0].image.device());
+            total = Some(match total {
+                None => loss,
+                Some(t) => t + loss,
+            });
+        }
+        total.expect("at least one replica").backward();
+        report
+    }
+
+    /// DDP's all-reduce: replica 0's gradients become the mean over replicas.
+    fn average_gradients(&mut self) {
+        let world = self.replicas.len();
+        if world == 1 {
+            return;
+        }
+        tch::no_grad(|| {
+            for (name, var) in &self.params[0] {
+                let mut sum: Option<Tensor> = None;
+                for params in &self.params {
+                    let grad = params[name].grad();
+                    if grad.defined() {
+                        let g = grad.to_device(var.device());
+                        sum = Some(match sum {
+                            None => g,
+                            Some(s) => s + g,
+                        });
+                    }
+                }
+                // Replica 0 always takes part in the loss, so its gradient is defined wherever
+                // any replica's is.
+                let mut grad = var.grad();
+                if let Some(sum) = sum
+                    && grad.defined()
+                {
+                    grad.copy_(&(sum / world as f64));
+                }
+            }
+        });
+    }
+
+    /// Copies replica 0's variables (parameters and BatchNorm statistics) to the others.
+    fn broadcast(&mut self) {
+        let (first, rest) = self.replicas.split_at_mut(1);
+        let source = first[0].var_store().variables();
+        tch::no_grad(|| {
+            for model in rest {
+                for (name, mut var) in model.var_store().variables() {
+                    var.copy_(&source[&name].to_device(var.device()));
+                }
+            }
+        });
+    }
+}
+
+/// One replica's loss inputs for a micro-batch.
+struct Local {
+    image: Tensor,
+    text: Tensor,
+    scale: Tensor,
+    teacher: Option<Tensor>,
+}
