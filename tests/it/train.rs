@@ -351,3 +351,30 @@ fn two_replicas_match_two_cn_clip_ranks() {
     );
     run("2-replicas-distill-accum-2", Case { world: 2, per_replica: 3, accum: 2, teacher: true, ..Case::default() });
 }
+
+/// The data order: `training::sampler` equals torch's `DistributedSampler(shuffle=True, seed)`
+/// after `set_epoch`, for one and several ranks, including a length that needs padding.
+#[test]
+fn sample_order_equals_torch_distributed_sampler() {
+    let script = r#"
+import json, sys, torch
+from torch.utils.data.distributed import DistributedSampler
+out = []
+for n, seed, epoch, world in json.loads(sys.argv[1]):
+    for rank in range(world):
+        s = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        s.set_epoch(epoch)
+        out.append(list(s))
+print(json.dumps(out))
+"#;
+    let cases = [(10usize, 123u64, 0u64, 1usize), (1000, 123, 3, 2), (37, 7, 1, 4), (100_000, (1 << 31) + 5, 2, 3)];
+    let spec = serde_json::to_string(&cases).unwrap();
+    let theirs: Vec<Vec<usize>> = serde_json::from_str(&python(script, &[&spec], "")).unwrap();
+    let ours: Vec<Vec<usize>> = cases
+        .iter()
+        .flat_map(|&(n, seed, epoch, world)| {
+            (0..world).map(move |rank| cnclip_models::training::sampler::distributed_order(n, seed, epoch, world, rank))
+        })
+        .collect();
+    assert!(ours == theirs, "sample order differs from torch's DistributedSampler");
+}

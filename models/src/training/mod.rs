@@ -14,6 +14,7 @@
 
 pub mod loss;
 pub mod optim;
+pub mod sampler;
 pub mod schedule;
 pub mod step;
 
