@@ -356,13 +356,11 @@ fn extract(
     }
     let quarantined = stream.report().map_or(0, |r| r.quarantined);
     drop(stream);
-    if parts.open.is_some() || manifest.parts.is_empty() {
-        if parts.open.is_none() {
-            let empty = arrow::record_batch::RecordBatch::new_empty(parts.schema.clone());
-            parts.write(&empty, &manifest)?;
-        }
-        parts.finish(&mut manifest)?;
+    if manifest.parts.is_empty() && parts.open.is_none() {
+        // No rows at all: still one (empty) part, so the output exists with its schema.
+        parts.write(&arrow::record_batch::RecordBatch::new_empty(parts.schema.clone()), &manifest)?;
     }
+    parts.finish(&mut manifest)?;
     let rows: u64 = manifest.parts.iter().map(|p| p.rows).sum();
 
     // The parts, in order, into the output.

@@ -463,35 +463,16 @@ fn hits(found: faiss::index::SearchResult, n: usize, k: usize) -> Vec<Vec<(usize
 /// FAISS's GPU indexes (the `faiss-gpu` feature).
 #[cfg(feature = "faiss-gpu")]
 mod gpu {
-    use std::collections::HashMap;
-    use std::sync::{Mutex, OnceLock};
-
     use faiss::gpu::StandardGpuResources;
     use faiss::index::IndexImpl;
 
-    /// One `StandardGpuResources` per device for the life of the process, as FAISS advises
-    /// (its scratch memory and streams are reused by every index on that device); leaked so
-    /// that indexes can borrow it for `'static`.
-    fn resources(device: usize) -> Result<&'static StandardGpuResources, String> {
-        static ALL: OnceLock<Mutex<HashMap<usize, usize>>> = OnceLock::new();
-        let mut all = ALL.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
-        let address = match all.get(&device) {
-            Some(&address) => address,
-            None => {
-                let made = StandardGpuResources::new().map_err(|e| format!("FAISS GPU resources: {e}"))?;
-                let address = Box::leak(Box::new(made)) as *const StandardGpuResources as usize;
-                all.insert(device, address);
-                address
-            }
-        };
-        // SAFETY: `address` is a leaked box, never freed, so the reference lives for 'static.
-        Ok(unsafe { &*(address as *const StandardGpuResources) })
-    }
-
-    /// Moves `index` to CUDA device `ordinal`.
+    /// Moves `index` to CUDA device `ordinal`. The index borrows its `StandardGpuResources`
+    /// (scratch memory and streams) for its whole life; a knn replica lives as long as its
+    /// job's process, so the resources are leaked rather than tied to it.
     pub(super) fn to_gpu(index: IndexImpl, ordinal: usize) -> Result<faiss::GpuIndexImpl<'static, IndexImpl>, String> {
-        let res = resources(ordinal)?;
-        index.into_gpu(res, ordinal as i32).map_err(|e| format!("FAISS index to cuda:{ordinal}: {e}"))
+        let resources = StandardGpuResources::new().map_err(|e| format!("FAISS GPU resources: {e}"))?;
+        let resources: &'static StandardGpuResources = Box::leak(Box::new(resources));
+        index.into_gpu(resources, ordinal as i32).map_err(|e| format!("FAISS index to cuda:{ordinal}: {e}"))
     }
 }
 

@@ -60,25 +60,6 @@ impl AdamW {
         self.lr = lr;
     }
 
-    pub fn lr(&self) -> f64 {
-        self.lr
-    }
-
-    /// The parameters it updates, by name.
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.slots.iter().map(|s| s.name.as_str())
-    }
-
-    /// `optimizer.zero_grad()`.
-    pub fn zero_grad(&mut self) {
-        for slot in &mut self.slots {
-            let mut grad = slot.param.grad();
-            if grad.defined() {
-                let _ = grad.zero_();
-            }
-        }
-    }
-
     /// One update from the parameters' `.grad`; a parameter without a gradient is skipped
     /// (torch skips `p.grad is None`).
     pub fn step(&mut self) {

@@ -100,10 +100,6 @@ impl Trainer {
         &self.replicas
     }
 
-    pub fn optimizer(&self) -> &AdamW {
-        &self.optimizer
-    }
-
     /// One step at learning rate `lr` over `micro[j][r]`: micro-batch `j` (of `accum_freq`)
     /// of replica `r`.
     ///
@@ -154,7 +150,9 @@ impl Trainer {
     /// micro-batch recompute its features with gradient among the cached others and backward
     /// (gradients add up over the micro-batches), as `train.py` does.
     fn accumulate(&self, micro: &[Vec<Batch>]) -> StepReport {
-        let cached: Vec<Vec<(Tensor, Tensor, Option<Tensor>)>> = micro
+        // cached[j][r]: micro-batch j of replica r, without gradient (and without masking, as
+        // cn_clip's caching forward).
+        let cached: Vec<Vec<Cached>> = micro
             .iter()
             .map(|batches| {
                 self.replicas
@@ -162,15 +160,20 @@ impl Trainer {
                     .zip(batches)
                     .enumerate()
                     .map(|(r, (model, batch))| {
-                        tch::no_grad(|| {
-                            (
-                                normalize(&model.encode_image_t(&batch.images, 0.0)),
-                                normalize(&model.encode_text_t(&batch.texts)),
-                                self.teacher_features(r, &batch.images),
-                            )
+                        tch::no_grad(|| Cached {
+                            image: normalize(&model.encode_image_t(&batch.images, 0.0)),
+                            text: normalize(&model.encode_text_t(&batch.texts)),
+                            teacher: self.teacher_features(r, &batch.images),
                         })
                     })
                     .collect()
+            })
+            .collect();
+        // A replica's teacher features over all its micro-batches: the same for every j.
+        let teachers: Vec<Option<Tensor>> = (0..self.replicas.len())
+            .map(|r| {
+                let parts: Option<Vec<&Tensor>> = cached.iter().map(|c| c[r].teacher.as_ref()).collect();
+                parts.map(|p| Tensor::cat(&p, 0))
             })
             .collect();
         let mut report = None;
@@ -181,34 +184,19 @@ impl Trainer {
                 .zip(batches)
                 .enumerate()
                 .map(|(r, (model, batch))| {
-                    let live_image = normalize(&model.encode_image_t(&batch.images, self.options.mask_ratio));
-                    let live_text = normalize(&model.encode_text_t(&batch.texts));
-                    let pick = |which: usize, live: &Tensor| -> Tensor {
-                        let parts: Vec<Tensor> = cached
-                            .iter()
-                            .enumerate()
-                            .map(|(i, c)| {
-                                if i == j {
-                                    live.shallow_clone()
-                                } else if which == 0 {
-                                    c[r].0.shallow_clone()
-                                } else {
-                                    c[r].1.shallow_clone()
-                                }
-                            })
-                            .collect();
+                    // Micro-batch j live (with gradient) among the others' cached features.
+                    let splice = |live: Tensor, of: fn(&Cached) -> &Tensor| -> Tensor {
+                        let parts: Vec<&Tensor> =
+                            cached.iter().enumerate().map(|(i, c)| if i == j { &live } else { of(&c[r]) }).collect();
                         Tensor::cat(&parts, 0)
                     };
-                    let teacher = self.teachers.get(r).map(|_| {
-                        let parts: Vec<Tensor> =
-                            cached.iter().map(|c| c[r].2.as_ref().expect("teacher features").shallow_clone()).collect();
-                        Tensor::cat(&parts, 0)
-                    });
                     Local {
-                        image: pick(0, &live_image),
-                        text: pick(1, &live_text),
+                        image: splice(normalize(&model.encode_image_t(&batch.images, self.options.mask_ratio)), |c| {
+                            &c.image
+                        }),
+                        text: splice(normalize(&model.encode_text_t(&batch.texts)), |c| &c.text),
                         scale: model.logit_scale_parameter().exp(),
-                        teacher,
+                        teacher: teachers[r].as_ref().map(Tensor::shallow_clone),
                     }
                 })
                 .collect();
@@ -241,13 +229,12 @@ impl Trainer {
                 })
             } else {
                 // With gradient: every rank sees all ranks' live features in rank order; without:
-                // its own live features first, the others' detached, in rank order.
-                let order: Vec<usize> = if self.options.gather_with_grad {
-                    (0..world).collect()
-                } else {
-                    std::iter::once(r).chain((0..world).filter(|&j| j != r)).collect()
-                };
-                let gather = |f: &dyn Fn(&Local) -> &Tensor, order: &[usize], grad: bool| -> Tensor {
+                // its own live features first, the others' detached, in rank order. The teacher's
+                // features are always gathered without gradient, own rank first.
+                let own_first: Vec<usize> = std::iter::once(r).chain((0..world).filter(|&j| j != r)).collect();
+                let grad = self.options.gather_with_grad;
+                let order: Vec<usize> = if grad { (0..world).collect() } else { own_first.clone() };
+                let gather = |f: fn(&Local) -> &Tensor| -> Tensor {
                     let parts: Vec<Tensor> = order
                         .iter()
                         .map(|&j| {
@@ -257,12 +244,9 @@ impl Trainer {
                         .collect();
                     Tensor::cat(&parts, 0)
                 };
-                let image = gather(&|l| &l.image, &order, self.options.gather_with_grad);
-                let text = gather(&|l| &l.text, &order, self.options.gather_with_grad);
-                // The teacher's features are always gathered without gradient, own rank first.
-                let teacher_order: Vec<usize> = std::iter::once(r).chain((0..world).filter(|&j| j != r)).collect();
+                let (image, text) = (gather(|l| &l.image), gather(|l| &l.text));
                 let teacher = local[r].teacher.as_ref().map(|_| {
-                    let parts: Vec<Tensor> = teacher_order
+                    let parts: Vec<Tensor> = own_first
                         .iter()
                         .map(|&j| local[j].teacher.as_ref().expect("a teacher per replica").to_device(device))
                         .collect();
@@ -332,6 +316,13 @@ impl Trainer {
             }
         });
     }
+}
+
+/// One replica's features of a micro-batch, cached without gradient.
+struct Cached {
+    image: Tensor,
+    text: Tensor,
+    teacher: Option<Tensor>,
 }
 
 /// One replica's loss inputs for a micro-batch.
