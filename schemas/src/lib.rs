@@ -25,6 +25,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Column names, as every producer and consumer spells them.
 pub mod columns {
     pub const IMAGE_ID: &str = "image_id";
+    pub const SAMPLE: &str = "sample";
     pub const IMAGE: &str = "image";
     pub const IMAGE_BASE64: &str = "image_base64";
     pub const PIXELS: &str = "pixels";
@@ -127,6 +128,18 @@ pub fn pairs() -> SchemaRef {
         Field::new(IMAGE_ID, DataType::Int64, false),
         Field::new(TEXT_ID, DataType::Int64, false),
         Field::new(TEXT, DataType::Utf8, false),
+    ]))
+}
+
+/// `train_samples`: what a training step reads per sample — the pair (`sample` is its `pairs`
+/// key) with its image, as cn_clip's `LMDBDataset.__getitem__` fetches them.
+pub fn train_samples() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new(columns::SAMPLE, DataType::Int64, false),
+        Field::new(IMAGE_ID, DataType::Int64, false),
+        Field::new(TEXT_ID, DataType::Int64, false),
+        Field::new(TEXT, DataType::Utf8, false),
+        Field::new(IMAGE_BASE64, DataType::Binary, false),
     ]))
 }
 

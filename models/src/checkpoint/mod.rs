@@ -11,7 +11,7 @@ pub mod own;
 pub use cnclip_operators::decoders::pickle;
 pub mod torch_save;
 
-pub use torch_save::save_cn_clip;
+pub use torch_save::{Py, cn_clip_state_dict, save_cn_clip, save_torch};
 
 use std::collections::BTreeMap;
 use std::io::Read;

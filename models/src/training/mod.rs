@@ -14,11 +14,13 @@
 
 pub mod loss;
 pub mod optim;
-pub mod sampler;
+pub mod order;
+/// cn_clip's data order (it drives the training source, in `cnclip-operators`).
+pub use cnclip_operators::sources::sampler;
 pub mod schedule;
 pub mod step;
 
 pub use loss::{LossInputs, cosine_similarity_loss, rank_loss};
-pub use optim::{AdamW, AdamWConfig, decays};
+pub use optim::{AdamW, AdamWConfig, SlotState, decays};
 pub use schedule::cosine_lr;
 pub use step::{Batch, StepOptions, StepReport, Trainer};

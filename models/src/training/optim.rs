@@ -2,6 +2,10 @@
 //! cn_clip's parameter groups: no weight decay for parameters whose name contains `bn`, `ln`,
 //! `bias` or `logit_scale`, `--wd` for the rest; frozen parameters are left out. The learning
 //! rate is set for every group before each step (cn_clip's scheduler does).
+//!
+//! The parameters are held in the order of cn_clip's optimizer (`main.py`'s two groups, each in
+//! `named_parameters()` order: [`super::order`]), so that position `i` is the id `i` of
+//! `optimizer.state_dict()` and a checkpoint's optimizer state moves between cn_clip and us.
 
 use tch::Tensor;
 
@@ -30,6 +34,17 @@ struct Slot {
     step: u64,
 }
 
+/// One parameter's optimizer state, as `optimizer.state_dict()["state"][i]` holds it.
+pub struct SlotState<'a> {
+    pub name: &'a str,
+    /// In group 1 (`--wd`) rather than group 0 (no decay).
+    pub decay: bool,
+    /// Steps taken (0: never stepped, no entry in the state dict).
+    pub step: u64,
+    pub exp_avg: &'a Tensor,
+    pub exp_avg_sq: &'a Tensor,
+}
+
 /// The optimizer over one model's trainable parameters.
 pub struct AdamW {
     config: AdamWConfig,
@@ -52,8 +67,67 @@ impl AdamW {
                 step: 0,
             })
             .collect();
-        slots.sort_by(|a, b| a.name.cmp(&b.name));
+        // Group 0 (no decay) then group 1, each in named_parameters() order.
+        slots.sort_by(|a, b| a.decay.cmp(&b.decay).then_with(|| super::order::compare(&a.name, &b.name)));
         AdamW { config, slots, lr: config.lr }
+    }
+
+    pub fn config(&self) -> AdamWConfig {
+        self.config
+    }
+
+    /// The learning rate of the last step (`optimizer.param_groups[0]['lr']`).
+    pub fn lr(&self) -> f64 {
+        self.lr
+    }
+
+    /// Every parameter's state in the optimizer's order (position = `state_dict()` id).
+    pub fn states(&self) -> Vec<SlotState<'_>> {
+        self.slots
+            .iter()
+            .map(|s| SlotState {
+                name: &s.name,
+                decay: s.decay,
+                step: s.step,
+                exp_avg: &s.exp_avg,
+                exp_avg_sq: &s.exp_avg_sq,
+            })
+            .collect()
+    }
+
+    /// Restores a saved state: `saved[i]` is `(step, exp_avg, exp_avg_sq)` of parameter id `i`,
+    /// `None` for one never stepped.
+    ///
+    /// # Errors
+    /// When the number of parameters or a shape differs (another model or freeze setting).
+    pub fn load(&mut self, saved: Vec<Option<(u64, Tensor, Tensor)>>) -> Result<(), String> {
+        if saved.len() != self.slots.len() {
+            return Err(format!(
+                "the saved optimizer has {} parameters, this model trains {}",
+                saved.len(),
+                self.slots.len()
+            ));
+        }
+        for (slot, state) in self.slots.iter_mut().zip(saved) {
+            let (step, exp_avg, exp_avg_sq) = match state {
+                Some(s) => s,
+                None => (0, slot.param.zeros_like(), slot.param.zeros_like()),
+            };
+            if exp_avg.size() != slot.param.size() || exp_avg_sq.size() != slot.param.size() {
+                return Err(format!(
+                    "saved optimizer state of {} has shape {:?}, the parameter {:?}",
+                    slot.name,
+                    exp_avg.size(),
+                    slot.param.size()
+                ));
+            }
+            let device = slot.param.device();
+            let kind = slot.param.kind();
+            slot.step = step;
+            slot.exp_avg = exp_avg.to_device(device).to_kind(kind);
+            slot.exp_avg_sq = exp_avg_sq.to_device(device).to_kind(kind);
+        }
+        Ok(())
     }
 
     pub fn set_lr(&mut self, lr: f64) {

@@ -100,6 +100,25 @@ impl Trainer {
         &self.replicas
     }
 
+    pub fn optimizer(&self) -> &AdamW {
+        &self.optimizer
+    }
+
+    pub fn optimizer_mut(&mut self) -> &mut AdamW {
+        &mut self.optimizer
+    }
+
+    /// Runs `f` on replica 0 in evaluation mode (no dropout, BatchNorm on its running
+    /// statistics), then puts it back in training mode (cn_clip's `evaluate()` between
+    /// `model.eval()` and `model.train()`).
+    pub fn evaluate<R>(&mut self, f: impl FnOnce(&Clip) -> R) -> R {
+        let model = &mut self.replicas[0];
+        model.set_mode(Mode { dropout: false, batch_norm: false });
+        let result = tch::no_grad(|| f(model));
+        model.set_mode(Mode { dropout: true, batch_norm: !self.options.freeze_vision });
+        result
+    }
+
     /// One step at learning rate `lr` over `micro[j][r]`: micro-batch `j` (of `accum_freq`)
     /// of replica `r`.
     ///

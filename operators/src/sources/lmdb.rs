@@ -64,16 +64,7 @@ pub fn for_each_pair(dir: &Path, mut on_pair: impl FnMut(Result<Pair, Rejected>)
     let source = path.display().to_string();
     let limits = Limits::RECORD.from_env();
     for_each(&path, b"num_samples", |key, value| {
-        let parsed = match pickle::load_with(value, &limits) {
-            Ok(Value::Tuple(items)) => match items.as_slice() {
-                [Value::Int(image_id), Value::Int(text_id), Value::Str(text)] => {
-                    Ok(Pair { image_id: *image_id, text_id: *text_id, text: text.clone() })
-                }
-                _ => Err("not an (int image_id, int text_id, str text) tuple".to_string()),
-            },
-            Ok(_) => Err("not a tuple".to_string()),
-            Err(e) => Err(e.to_string()),
-        };
+        let parsed = parse_pair(value, &limits);
         on_pair(parsed.map_err(|reason| Rejected {
             source: source.clone(),
             location: format!("key {:?}", String::from_utf8_lossy(key)),
@@ -81,6 +72,23 @@ pub fn for_each_pair(dir: &Path, mut on_pair: impl FnMut(Result<Pair, Rejected>)
             reason,
         }))
     })
+}
+
+/// One `pairs` value: the pickled `(image_id, text_id, text)`, read within `limits`.
+///
+/// # Errors
+/// Why it is not such a tuple (or its pickle goes over a budget).
+pub fn parse_pair(value: &[u8], limits: &Limits) -> std::result::Result<Pair, String> {
+    match pickle::load_with(value, limits) {
+        Ok(Value::Tuple(items)) => match items.as_slice() {
+            [Value::Int(image_id), Value::Int(text_id), Value::Str(text)] => {
+                Ok(Pair { image_id: *image_id, text_id: *text_id, text: text.clone() })
+            }
+            _ => Err("not an (int image_id, int text_id, str text) tuple".to_string()),
+        },
+        Ok(_) => Err("not a tuple".to_string()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// The `num_images` / `num_samples` counts cn_clip's datasets read.

@@ -9,7 +9,9 @@ pub mod features;
 pub mod folder;
 pub mod jsonl;
 pub mod lmdb;
+pub mod lmdb_train;
 pub mod parquet;
+pub mod sampler;
 pub mod synth;
 pub mod tsv;
 

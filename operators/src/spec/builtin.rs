@@ -32,6 +32,7 @@ pub fn register(registry: &mut Registry) {
         .register::<TsvConfig>()
         .register::<JsonlConfig>()
         .register::<LmdbConfig>()
+        .register::<LmdbTrainConfig>()
         .register::<ImageFolderConfig>()
         .register::<ParquetConfig>()
         .register::<FeatureJsonlConfig>()
@@ -145,6 +146,42 @@ impl NodeConfig for LmdbConfig {
             Database::Imgs => cnclip_schemas::images_base64(),
             Database::Pairs => cnclip_schemas::pairs(),
         })
+    }
+}
+
+/// `lmdb_train`: a cn_clip LMDB split in its training loader's order (see
+/// [`crate::sources::lmdb_train`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LmdbTrainConfig {
+    /// The split directory (holding `imgs/` and `pairs/`).
+    pub path: PathBuf,
+    pub order: crate::sources::lmdb_train::TrainOrder,
+}
+
+impl NodeConfig for LmdbTrainConfig {
+    const KIND: &'static str = "lmdb_train";
+    const ROLE: Role = Role::Source;
+    const DOC: &'static str =
+        "`path` (a split dir), `order` = {seed, epoch, world, batch_size, start, end} → train_samples, sampler order";
+    fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
+        let dir = cx.dir(&self.path, "LMDB split")?;
+        let missing: Vec<String> = ["imgs", "pairs"]
+            .iter()
+            .filter(|db| !dir.join(db).join("data.mdb").is_file())
+            .map(|db| format!("{} is not an LMDB (no data.mdb)", dir.join(db).display()))
+            .collect();
+        if !missing.is_empty() {
+            return Err(missing);
+        }
+        if self.order.batch_size == 0 || self.order.world == 0 {
+            return Err(vec!["order: batch_size and world must be at least 1".into()]);
+        }
+        Ok(Operator::Source(Box::new(crate::sources::lmdb_train::LmdbTrainSource { dir, order: self.order })))
+    }
+
+    fn known_schema(&self) -> Option<SchemaRef> {
+        Some(cnclip_schemas::train_samples())
     }
 }
 
