@@ -83,6 +83,9 @@ enum Command {
     /// A randomly initialised model as a cnclip checkpoint (for trying the job chain offline).
     #[command(name = "init-model", disable_help_flag = true)]
     InitModel(ModelCommand),
+    /// Contrastive fine-tuning (cn_clip's training/main.py), on one or several replicas, resumable.
+    #[command(disable_help_flag = true)]
+    Train(ModelCommand),
     /// Measure encode or preprocess throughput (`benchmark encode|preprocess`).
     #[command(disable_help_flag = true)]
     Benchmark(ModelCommand),
@@ -155,6 +158,7 @@ fn main() -> ExitCode {
         Command::ExtractFeatures(command) => exec_torch("extract-features", command.args),
         Command::BenchSuite(command) => exec_torch("bench-suite", command.args),
         Command::InitModel(command) => exec_torch("init-model", command.args),
+        Command::Train(command) => exec_torch("train", command.args),
         Command::ZeroshotEvaluation(command) => exec_torch("zeroshot-evaluation", command.args),
         Command::MakeTopkPredictions(command) => exec_torch("make-topk-predictions", command.args),
         Command::MakeTopkPredictionsTr(command) => exec_torch("make-topk-predictions-tr", command.args),

@@ -22,11 +22,15 @@ mod extract;
 mod init_model;
 mod knn;
 mod model_args;
+/// The demo's report (HTML + SVG plots); used by `demo`.
+#[allow(dead_code)]
+mod report;
 mod run;
 mod similarity;
 /// The SQL session (UDFs) the zero-shot SQL engine runs on; its command lives in `cnclip`.
 #[allow(dead_code)]
 mod sql;
+mod train;
 mod zeroshot;
 
 #[derive(Parser)]
@@ -62,6 +66,8 @@ enum Command {
     InitModel(init_model::Args),
     /// Run a pipeline; `cnclip run` hands over pipelines that use a kind only this binary has.
     Run(run::Args),
+    /// Contrastive fine-tuning (cn_clip's training/main.py), on one or several replicas, resumable.
+    Train(Box<train::Args>),
     /// Measure encode throughput (model only, random weights), e.g. against scripts/bench/encode.py.
     #[command(subcommand)]
     Benchmark(BenchmarkCommand),
@@ -93,6 +99,7 @@ fn main() -> ExitCode {
         Command::ZeroshotEvaluation(args) => zeroshot::run(args),
         Command::BenchSuite(args) => bench_suite::run(args),
         Command::InitModel(args) => init_model::run(args),
+        Command::Train(args) => train::run(args),
         Command::MakeTopkPredictionsTr(args) => knn::run(args, true),
         // The built-in kinds and the model kinds (the encoders).
         Command::Run(args) => run::run(args, &registry()),

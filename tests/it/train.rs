@@ -378,3 +378,29 @@ print(json.dumps(out))
         .collect();
     assert!(ours == theirs, "sample order differs from torch's DistributedSampler");
 }
+
+/// The optimizer's parameter order (the ids of `optimizer.state_dict()`) is cn_clip's
+/// `named_parameters()` order, for a ViT and a ResNet model: checkpoints' optimizer state then
+/// moves between cn_clip and cnclip.
+#[test]
+fn parameter_order_equals_cn_clip_named_parameters() {
+    let script = r#"
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from cnclip_ref import model_info
+from cn_clip.clip.model import CLIP
+print(json.dumps([[n for n, _ in CLIP(**model_info(json.loads(c))).named_parameters()] for c in sys.argv[2:]]))
+"#;
+    let harness = cnclip_tests::workspace_root().join("tests/reference").display().to_string();
+    let theirs: Vec<Vec<String>> = serde_json::from_str(&python(script, &[&harness, VIT, RN], "")).unwrap();
+    for (config, theirs) in [VIT, RN].iter().zip(theirs) {
+        let model = cnclip_models::Clip::new(ClipConfig::from_json(config).unwrap(), Device::Cpu).unwrap();
+        let mut ours: Vec<String> =
+            model.var_store().variables().into_iter().filter(|(_, v)| v.requires_grad()).map(|(n, _)| n).collect();
+        cnclip_models::training::order::sort(&mut ours);
+        assert_eq!(ours.len(), theirs.len(), "parameter count");
+        if let Some(i) = (0..ours.len()).find(|&i| ours[i] != theirs[i]) {
+            panic!("position {i}: ours {} theirs {}", ours[i], theirs[i]);
+        }
+    }
+}

@@ -59,6 +59,7 @@ const CHILDREN: [&str; 44] = [
     "word_embeddings",
     "position_embeddings",
     "token_type_embeddings",
+    "dense",
     "LayerNorm",
     "layer",
     "attention",
@@ -68,7 +69,6 @@ const CHILDREN: [&str; 44] = [
     "query",
     "key",
     "value",
-    "dense",
 ];
 
 /// Where one path segment sorts among its siblings: own parameters first, then children;

@@ -1,0 +1,162 @@
+//! Training checkpoints in cn_clip's format: `{"epoch", "step", "name", "state_dict" (with the
+//! DDP `module.` prefix), "optimizer": optimizer.state_dict()}`, which cn_clip's `create_model`,
+//! eval scripts and `main.py --resume` load, plus a `cnclip` entry with the exact position in
+//! the data (epoch, next micro-batch, steps) that cn_clip ignores and our resume uses to
+//! continue mid-epoch with exactly the samples not yet seen. Written atomically.
+//!
+//! The optimizer state is torch's AdamW `state_dict()`: per-parameter `step` (a float32
+//! scalar), `exp_avg`, `exp_avg_sq` keyed by the parameter's position in cn_clip's optimizer
+//! (its two groups, each in `named_parameters()` order), and the two `param_groups`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use cnclip_models::checkpoint::pickle::Value;
+use cnclip_models::checkpoint::{CheckpointInfo, Py, TorchArchive, cn_clip_state_dict, load_cn_clip, save_torch};
+use cnclip_models::training::{AdamW, Trainer};
+use tch::{Kind, Tensor};
+
+/// Where a run is in its data: epoch `epoch` (0-based) from micro-batch `batch` on, after
+/// `steps` optimizer steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    pub epoch: u64,
+    pub batch: usize,
+    pub steps: u64,
+}
+
+/// What cn_clip records (`epoch`, `step`) and where we are.
+pub struct Saved<'a> {
+    pub name: &'a str,
+    pub epoch: i64,
+    pub step: i64,
+    pub position: Position,
+}
+
+/// torch's `AdamW.state_dict()` of `optimizer`.
+fn optimizer_state(optimizer: &AdamW) -> Py {
+    let config = optimizer.config();
+    let states = optimizer.states();
+    let stepped = states
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.step > 0)
+        .map(|(i, s)| {
+            (
+                Py::Int(i as i64),
+                Py::dict(vec![
+                    ("step", Py::Tensor(Tensor::from(s.step as f32))),
+                    ("exp_avg", Py::Tensor(s.exp_avg.shallow_clone())),
+                    ("exp_avg_sq", Py::Tensor(s.exp_avg_sq.shallow_clone())),
+                ]),
+            )
+        })
+        .collect();
+    let group = |decay: bool| {
+        let params = states.iter().enumerate().filter(|(_, s)| s.decay == decay).map(|(i, _)| Py::Int(i as i64));
+        Py::dict(vec![
+            ("weight_decay", Py::Float(if decay { config.weight_decay } else { 0.0 })),
+            ("lr", Py::Float(optimizer.lr())),
+            ("betas", Py::Tuple(vec![Py::Float(config.beta1), Py::Float(config.beta2)])),
+            ("eps", Py::Float(config.eps)),
+            ("amsgrad", Py::Bool(false)),
+            ("maximize", Py::Bool(false)),
+            ("foreach", Py::None),
+            ("capturable", Py::Bool(false)),
+            ("differentiable", Py::Bool(false)),
+            ("fused", Py::None),
+            ("decoupled_weight_decay", Py::Bool(true)),
+            ("params", Py::List(params.collect())),
+        ])
+    };
+    Py::dict(vec![("state", Py::Dict(stepped)), ("param_groups", Py::List(vec![group(false), group(true)]))])
+}
+
+/// Writes replica 0's weights, the optimizer and the position to `path`, atomically.
+pub fn save(path: &Path, trainer: &Trainer, saved: &Saved<'_>) -> Result<()> {
+    let state_dict = trainer.replicas()[0].state_dict();
+    let Position { epoch, batch, steps } = saved.position;
+    let value = Py::dict(vec![
+        ("epoch", Py::Int(saved.epoch)),
+        ("step", Py::Int(saved.step)),
+        ("name", Py::str(saved.name)),
+        ("state_dict", cn_clip_state_dict(&state_dict)),
+        ("optimizer", optimizer_state(trainer.optimizer())),
+        (
+            "cnclip",
+            Py::dict(vec![
+                ("epoch", Py::Int(epoch as i64)),
+                ("batch", Py::Int(batch as i64)),
+                ("steps", Py::Int(steps as i64)),
+            ]),
+        ),
+    ]);
+    save_torch(path, &value).with_context(|| format!("writing checkpoint {}", path.display()))
+}
+
+/// A checkpoint read back for `--resume`.
+pub struct Loaded {
+    pub state_dict: BTreeMap<String, Tensor>,
+    pub info: CheckpointInfo,
+    /// Per optimizer id: `(step, exp_avg, exp_avg_sq)`; `None` when the file has no optimizer
+    /// state (a released or extracted checkpoint).
+    pub optimizer: Option<Vec<Option<(u64, Tensor, Tensor)>>>,
+    /// Ours only: the exact position in the data.
+    pub position: Option<Position>,
+}
+
+/// Reads a cn_clip-format checkpoint (ours or cn_clip's) with the restricted reader.
+pub fn load(path: &Path) -> Result<Loaded> {
+    let (state_dict, info) = load_cn_clip(path)?;
+    let mut archive = TorchArchive::open(path)?;
+    let top = std::mem::replace(&mut archive.value, Value::None);
+    let name = path.display();
+    let optimizer = match top.get("optimizer") {
+        Some(Value::Dict(items)) if !items.is_empty() => Some(
+            read_optimizer(&mut archive, top.get("optimizer").expect("matched"))
+                .with_context(|| format!("{name}: the optimizer state"))?,
+        ),
+        _ => None,
+    };
+    let position = match top.get("cnclip") {
+        Some(entry) => {
+            let int = |key: &str| match entry.get(key) {
+                Some(Value::Int(v)) if *v >= 0 => Ok(*v as u64),
+                _ => bail!("{name}: cnclip.{key} is not a count"),
+            };
+            Some(Position { epoch: int("epoch")?, batch: int("batch")? as usize, steps: int("steps")? })
+        }
+        None => None,
+    };
+    Ok(Loaded { state_dict, info, optimizer, position })
+}
+
+fn read_optimizer(archive: &mut TorchArchive, value: &Value) -> Result<Vec<Option<(u64, Tensor, Tensor)>>> {
+    let Some(Value::List(groups)) = value.get("param_groups") else { bail!("no param_groups list") };
+    let mut count = 0;
+    for group in groups {
+        let Some(Value::List(params)) = group.get("params") else { bail!("a param group without params") };
+        count += params.len();
+    }
+    let mut out: Vec<Option<(u64, Tensor, Tensor)>> = (0..count).map(|_| None).collect();
+    let Some(Value::Dict(state)) = value.get("state") else { bail!("no state dict") };
+    for (key, entry) in state {
+        let Value::Int(id) = key else { bail!("state key {key:?} is not a parameter id") };
+        let slot = out.get_mut(*id as usize).with_context(|| format!("state for parameter {id} of {count}"))?;
+        let step = match entry.get("step") {
+            Some(Value::Tensor(t)) => archive.tensor(t)?.to_kind(Kind::Double).double_value(&[]) as u64,
+            Some(Value::Int(v)) => *v as u64,
+            Some(Value::Float(v)) => *v as u64,
+            _ => bail!("parameter {id}: no step"),
+        };
+        let mut tensor = |field: &str| -> Result<Tensor> {
+            match entry.get(field) {
+                Some(Value::Tensor(t)) => Ok(archive.tensor(t)?),
+                _ => bail!("parameter {id}: no {field} tensor"),
+            }
+        };
+        *slot = Some((step, tensor("exp_avg")?, tensor("exp_avg_sq")?));
+    }
+    Ok(out)
+}

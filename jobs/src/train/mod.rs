@@ -1,0 +1,862 @@
+//! `cnclip train`: cn_clip's `training/main.py` with its flags and defaults — contrastive
+//! fine-tuning on a cn_clip LMDB split, on one or several replicas (`--devices cpu,cpu` stands
+//! for two ranks), with cn_clip's losses, optimizer, schedule, logs and checkpoints.
+//!
+//! Each epoch is a pipeline: `lmdb_train` (the split in cn_clip's sampler order, from the
+//! first micro-batch not yet trained on) → `decode_base64` → `preprocess` → `tokenize`, on the
+//! worker pool, streamed to this job, which cuts the rows into per-replica micro-batches and
+//! steps the [`Trainer`] — decoding runs ahead of the step through the pipeline's bounded
+//! edges. Validation (`--val-data`) is the same pipeline over the validation split, as cn_clip's
+//! `evaluate()`.
+//!
+//! Checkpoints (`{logs}/{name}/checkpoints/epoch{N}.pt`, `epoch_{N}_{step}.pt`,
+//! `epoch_latest.pt`) are cn_clip's files and carry the exact data position; a rerun of the
+//! same command resumes from `epoch_latest.pt` (as cn_clip does) and, from one of ours, goes on
+//! with exactly the samples not yet seen. Dropout and FLIP masks are drawn from a generator
+//! seeded per step (`--seed`, step), so an interrupted and resumed run equals an uninterrupted
+//! one.
+
+mod checkpoint;
+mod log;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::Int64Type;
+use arrow::record_batch::RecordBatch;
+use cnclip_models::checkpoint::{Format, architecture, load_clip};
+use cnclip_models::training::{AdamWConfig, Batch, StepOptions, StepReport, Trainer, cosine_lr, rank_loss};
+use cnclip_models::{Clip, ClipConfig};
+use cnclip_operators::quarantine::OnError;
+use cnclip_operators::sources::lmdb::counts;
+use cnclip_operators::sources::lmdb_train::TrainOrder;
+use cnclip_operators::spec::PipelineStream;
+use cnclip_operators::spec::builtin::{DecodeBase64Config, LmdbTrainConfig, PreprocessConfig, TokenizeConfig};
+use cnclip_operators::spec::{JobSettings, NodeDef, Planner};
+use cnclip_operators::transforms::preprocess::Order;
+use cnclip_schemas::columns::{PIXELS, SAMPLE, TOKEN_IDS};
+use tch::{Device, Tensor};
+
+use self::checkpoint::{Position, Saved};
+use self::log::{Log, Metric, Metrics};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The training data: a cn_clip LMDB split directory (with `imgs/` and `pairs/`).
+    #[arg(long)]
+    train_data: PathBuf,
+    /// The validation split (default: none, no validation).
+    #[arg(long)]
+    val_data: Option<PathBuf>,
+    /// Decode/preprocess threads of the training pipeline (0: one per core).
+    #[arg(long, default_value_t = 4)]
+    num_workers: usize,
+    /// Threads of the validation pipeline.
+    #[arg(long, default_value_t = 1)]
+    valid_num_workers: usize,
+    /// Where logs and checkpoints go (`{logs}/{name}/`).
+    #[arg(long, default_value = "./logs/")]
+    logs: String,
+    #[arg(long, default_value = "train_clip")]
+    name: String,
+    /// Log every this many steps.
+    #[arg(long, default_value_t = 10)]
+    log_interval: u64,
+    /// Also log the training batch's image→text and text→image accuracy.
+    #[arg(long)]
+    report_training_batch_acc: bool,
+    /// Batch size per replica.
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// Validation batch size per replica.
+    #[arg(long, default_value_t = 64)]
+    valid_batch_size: usize,
+    /// Steps to train for (over --max-epochs).
+    #[arg(long)]
+    max_steps: Option<u64>,
+    #[arg(long, default_value_t = 32)]
+    max_epochs: u64,
+    /// Validate every this many steps (default: only between epochs).
+    #[arg(long)]
+    valid_step_interval: Option<u64>,
+    /// Validate every this many epochs (0: never).
+    #[arg(long, default_value_t = 1)]
+    valid_epoch_interval: u64,
+    #[arg(long, default_value_t = 52)]
+    context_length: usize,
+    /// Learning rate (default by --vision-model, as cn_clip's get_default_params).
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    beta1: Option<f64>,
+    #[arg(long)]
+    beta2: Option<f64>,
+    #[arg(long)]
+    eps: Option<f64>,
+    #[arg(long, default_value_t = 0.2)]
+    wd: f64,
+    /// Warmup steps.
+    #[arg(long, default_value_t = 500)]
+    warmup: u64,
+    /// Synchronised BatchNorm across replicas (only one replica is supported yet).
+    #[arg(long)]
+    use_bn_sync: bool,
+    /// AutoAugment of training images (not supported yet).
+    #[arg(long)]
+    use_augment: bool,
+    /// Keep the learning rate at --lr (no warmup, no cosine).
+    #[arg(long)]
+    skip_scheduler: bool,
+    /// Save `epoch{N}.pt` every this many epochs.
+    #[arg(long, default_value_t = 1)]
+    save_epoch_frequency: i64,
+    /// Save `epoch_{N}_{step}.pt` every this many steps (-1: never).
+    #[arg(long, default_value_t = -1)]
+    save_step_frequency: i64,
+    /// A checkpoint to resume from (default: `{logs}/{name}/checkpoints/epoch_latest.pt` if there).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Resume the weights but not the optimizer state.
+    #[arg(long)]
+    reset_optimizer: bool,
+    /// Resume the weights but start at epoch 0, step 0.
+    #[arg(long)]
+    reset_data_offset: bool,
+    /// amp (fp32 on the CPU) or fp32.
+    #[arg(long, default_value = "amp")]
+    precision: String,
+    /// Vision tower (cn_clip's default ViT-B-16).
+    #[arg(long)]
+    vision_model: Option<String>,
+    /// Text tower (cn_clip's default RoBERTa-wwm-ext-base-chinese).
+    #[arg(long)]
+    text_model: Option<String>,
+    /// A model config file (cn_clip's merged model_info JSON) for other sizes.
+    #[arg(long, conflicts_with_all = ["vision_model", "text_model"])]
+    model_config: Option<PathBuf>,
+    /// FLIP: the share of image patches dropped in training (ViT).
+    #[arg(long, default_value_t = 0.0)]
+    mask_ratio: f64,
+    /// Pretrained vision weights (not supported yet: use --resume with a cn_clip checkpoint).
+    #[arg(long)]
+    clip_weight_path: Option<PathBuf>,
+    /// Pretrained text weights (not supported yet: use --resume with a cn_clip checkpoint).
+    #[arg(long)]
+    bert_weight_path: Option<PathBuf>,
+    /// Do not train the vision tower (RN50's BatchNorm statistics stay frozen too).
+    #[arg(long)]
+    freeze_vision: bool,
+    /// Recompute activations in the backward pass (not supported yet).
+    #[arg(long)]
+    grad_checkpointing: bool,
+    /// Accepted: attention runs through libtorch's fused kernels wherever the device has them.
+    #[arg(long)]
+    use_flash_attention: bool,
+    /// Micro-batches per step, their features accumulated as cn_clip does.
+    #[arg(long, default_value_t = 1)]
+    accum_freq: usize,
+    /// Gather features across replicas with their gradients.
+    #[arg(long)]
+    gather_with_grad: bool,
+    /// Each replica's loss over its own batch only.
+    #[arg(long)]
+    skip_aggregate: bool,
+    /// Also record each step's samples in the metrics table.
+    #[arg(long)]
+    debug: bool,
+    #[arg(long, default_value_t = 123)]
+    seed: u64,
+    /// Distil from a teacher's image features (--teacher-model-name).
+    #[arg(long)]
+    distillation: bool,
+    /// The teacher: any checkpoint cnclip loads that records its architecture (.safetensors,
+    /// a Hugging Face directory), or a cn_clip .pt of the student's architecture.
+    #[arg(long)]
+    teacher_model_name: Option<PathBuf>,
+    #[arg(long = "kd_loss_weight", default_value_t = 0.5)]
+    kd_loss_weight: f64,
+    /// Devices, one replica each: cpu, cuda, cuda:0,cuda:1, cpu,cpu.
+    #[arg(long, default_value = "cpu")]
+    devices: String,
+}
+
+/// cn_clip's `get_default_params(vision_model)`: (lr, beta1, beta2, eps).
+fn default_params(vision_model: &str) -> Option<(f64, f64, f64, f64)> {
+    match vision_model {
+        "RN50" | "RN101" | "RN50x4" => Some((5.0e-4, 0.9, 0.999, 1.0e-8)),
+        "ViT-B-32" | "ViT-B-16" | "ViT-H-14" => Some((5.0e-4, 0.9, 0.98, 1.0e-6)),
+        "ViT-L-14" | "ViT-L-14-336" => Some((4.0e-4, 0.9, 0.98, 1.0e-6)),
+        _ => None,
+    }
+}
+
+/// The settings after cn_clip's defaults and the data's size are applied.
+struct Plan {
+    config: ClipConfig,
+    devices: Vec<Device>,
+    adamw: AdamWConfig,
+    options: StepOptions,
+    num_batches: usize,
+    steps_per_epoch: u64,
+    max_steps: u64,
+    max_epochs: u64,
+    dir: PathBuf,
+    checkpoints: PathBuf,
+}
+
+fn plan(args: &Args) -> Result<Plan> {
+    for (set, flag, instead) in [
+        (args.use_augment, "--use-augment", "train without it"),
+        (args.grad_checkpointing, "--grad-checkpointing", "lower --batch-size and raise --accum-freq"),
+        (args.clip_weight_path.is_some(), "--clip-weight-path", "start from a cn_clip checkpoint with --resume"),
+        (args.bert_weight_path.is_some(), "--bert-weight-path", "start from a cn_clip checkpoint with --resume"),
+    ] {
+        if set {
+            bail!("{flag} is not supported by cnclip train yet: {instead}");
+        }
+    }
+    if !matches!(args.precision.as_str(), "amp" | "fp32") {
+        bail!("--precision {}: cnclip train runs amp (fp32 on the CPU) or fp32", args.precision);
+    }
+    if args.accum_freq == 0 || args.batch_size == 0 || args.valid_batch_size == 0 || args.log_interval == 0 {
+        bail!("--accum-freq, --batch-size, --valid-batch-size and --log-interval must be at least 1");
+    }
+    if args.distillation && args.teacher_model_name.is_none() {
+        bail!("--distillation needs --teacher-model-name (a checkpoint)");
+    }
+    let devices: Vec<Device> = args
+        .devices
+        .split(',')
+        .map(|d| cnclip_models::device::device(d.trim()))
+        .collect::<std::result::Result<_, _>>()?;
+    if args.use_bn_sync && devices.len() > 1 {
+        bail!(
+            "--use-bn-sync over several replicas is not supported yet (one replica: BatchNorm is already synchronised)"
+        );
+    }
+    let (config, vision_name) = match &args.model_config {
+        Some(path) => {
+            let json = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            (ClipConfig::from_json(&json)?, None)
+        }
+        None => {
+            let vision = args.vision_model.as_deref().unwrap_or("ViT-B-16");
+            let text = args.text_model.as_deref().unwrap_or("RoBERTa-wwm-ext-base-chinese");
+            (ClipConfig::from_name(&format!("{vision}@{text}"))?, Some(vision.to_string()))
+        }
+    };
+    let defaults = vision_name.as_deref().and_then(default_params);
+    let pick = |value: Option<f64>, default: Option<f64>, flag: &str| {
+        value.or(default).with_context(|| format!("{flag} has no default for this model: give it"))
+    };
+    let adamw = AdamWConfig {
+        lr: pick(args.lr, defaults.map(|d| d.0), "--lr")?,
+        beta1: pick(args.beta1, defaults.map(|d| d.1), "--beta1")?,
+        beta2: pick(args.beta2, defaults.map(|d| d.2), "--beta2")?,
+        eps: pick(args.eps, defaults.map(|d| d.3), "--eps")?,
+        weight_decay: args.wd,
+    };
+    let (_, samples) =
+        counts(&args.train_data).with_context(|| format!("--train-data {}", args.train_data.display()))?;
+    let samples = samples as usize;
+    if samples == 0 {
+        bail!("--train-data {}: no samples", args.train_data.display());
+    }
+    let order = TrainOrder {
+        seed: args.seed,
+        epoch: 0,
+        world: devices.len(),
+        batch_size: args.batch_size,
+        start: 0,
+        end: None,
+    };
+    let num_batches = order.num_batches(samples);
+    let steps_per_epoch = (num_batches / args.accum_freq) as u64;
+    if steps_per_epoch == 0 {
+        bail!("--accum-freq {} is more than the {num_batches} batches of an epoch", args.accum_freq);
+    }
+    // main.py: --max-steps decides the epochs, else the epochs decide the steps.
+    let (max_steps, max_epochs) = match args.max_steps {
+        Some(steps) => (steps, (steps * args.accum_freq as u64).div_ceil(num_batches as u64)),
+        None => (steps_per_epoch * args.max_epochs, args.max_epochs),
+    };
+    let dir = Path::new(&args.logs).join(&args.name);
+    let checkpoints = dir.join("checkpoints");
+    Ok(Plan {
+        config,
+        devices,
+        adamw,
+        options: StepOptions {
+            accum_freq: args.accum_freq,
+            mask_ratio: args.mask_ratio,
+            aggregate: !args.skip_aggregate,
+            gather_with_grad: args.gather_with_grad,
+            kd_loss_weight: args.distillation.then_some(args.kd_loss_weight),
+            freeze_vision: args.freeze_vision,
+        },
+        num_batches,
+        steps_per_epoch,
+        max_steps,
+        max_epochs,
+        dir,
+        checkpoints,
+    })
+}
+
+/// cn_clip's params file: every setting, sorted, Python's spelling of values.
+fn params(args: &Args, plan: &Plan) -> BTreeMap<String, String> {
+    fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
+        v.as_ref().map_or("None".into(), |v| v.to_string())
+    }
+    fn path(v: &Option<PathBuf>) -> String {
+        v.as_ref().map_or("None".into(), |v| v.display().to_string())
+    }
+    let flag = |b: bool| if b { "True" } else { "False" }.to_string();
+    let mut p = BTreeMap::new();
+    let mut set = |k: &str, v: String| {
+        p.insert(k.to_string(), v);
+    };
+    set("train_data", args.train_data.display().to_string());
+    set("val_data", path(&args.val_data));
+    set("num_workers", args.num_workers.to_string());
+    set("valid_num_workers", args.valid_num_workers.to_string());
+    set("logs", args.logs.clone());
+    set("name", args.name.clone());
+    set("log_interval", args.log_interval.to_string());
+    set("report_training_batch_acc", flag(args.report_training_batch_acc));
+    set("batch_size", args.batch_size.to_string());
+    set("valid_batch_size", args.valid_batch_size.to_string());
+    set("max_steps", plan.max_steps.to_string());
+    set("max_epochs", plan.max_epochs.to_string());
+    set("valid_step_interval", opt(&args.valid_step_interval));
+    set("valid_epoch_interval", args.valid_epoch_interval.to_string());
+    set("context_length", args.context_length.to_string());
+    set("lr", plan.adamw.lr.to_string());
+    set("beta1", plan.adamw.beta1.to_string());
+    set("beta2", plan.adamw.beta2.to_string());
+    set("eps", plan.adamw.eps.to_string());
+    set("wd", args.wd.to_string());
+    set("warmup", args.warmup.to_string());
+    set("use_bn_sync", flag(args.use_bn_sync));
+    set("use_augment", flag(args.use_augment));
+    set("skip_scheduler", flag(args.skip_scheduler));
+    set("save_epoch_frequency", args.save_epoch_frequency.to_string());
+    set("save_step_frequency", args.save_step_frequency.to_string());
+    set("resume", path(&args.resume));
+    set("reset_optimizer", flag(args.reset_optimizer));
+    set("reset_data_offset", flag(args.reset_data_offset));
+    set("precision", args.precision.clone());
+    set("vision_model", opt(&args.vision_model));
+    set("text_model", opt(&args.text_model));
+    set("model_config", path(&args.model_config));
+    set("mask_ratio", args.mask_ratio.to_string());
+    set("freeze_vision", flag(args.freeze_vision));
+    set("use_flash_attention", flag(args.use_flash_attention));
+    set("accum_freq", args.accum_freq.to_string());
+    set("gather_with_grad", flag(args.gather_with_grad));
+    set("skip_aggregate", flag(args.skip_aggregate));
+    set("aggregate", flag(!args.skip_aggregate));
+    set("debug", flag(args.debug));
+    set("seed", args.seed.to_string());
+    set("distillation", flag(args.distillation));
+    set("teacher_model_name", path(&args.teacher_model_name));
+    set("kd_loss_weight", args.kd_loss_weight.to_string());
+    set("devices", args.devices.clone());
+    set("world_size", plan.devices.len().to_string());
+    set("log_path", plan.dir.display().to_string());
+    set("checkpoint_path", plan.checkpoints.display().to_string());
+    p
+}
+
+/// One epoch's (or the validation split's) samples as a stream of preprocessed, tokenized rows.
+fn data_stream(
+    split: &Path,
+    order: TrainOrder,
+    resolution: usize,
+    context_length: usize,
+    threads: usize,
+    quarantine: PathBuf,
+) -> Result<PipelineStream> {
+    let defs = vec![
+        NodeDef::new("samples", None, LmdbTrainConfig { path: split.to_path_buf(), order }),
+        NodeDef::new("decoded", Some("samples"), DecodeBase64Config {}),
+        NodeDef::new(
+            "pixels",
+            Some("decoded"),
+            PreprocessConfig {
+                resolution,
+                order: Order::ResizeThenConvert,
+                max_pixels: cnclip_operators::decoders::image::DEFAULT_MAX_PIXELS,
+            },
+        ),
+        NodeDef::new("tokens", Some("pixels"), TokenizeConfig { context_length, preprocess: true }),
+    ];
+    // A training batch cannot drop a sample: a bad one stops the run, naming it.
+    let settings = JobSettings { on_error: OnError::Fail, quarantine, threads, ..JobSettings::default() };
+    let registry = crate::registry();
+    let pipeline = Planner::new(&registry)
+        .stream("tokens")
+        .plan(settings, defs)
+        .map_err(|problems| anyhow::anyhow!("{}", problems.join("; ")))?;
+    Ok(pipeline.stream()?)
+}
+
+/// Cuts a stream of rows into batches of exactly the asked number of rows.
+struct Feed {
+    stream: PipelineStream,
+    pending: Vec<RecordBatch>,
+    rows: usize,
+}
+
+impl Feed {
+    fn new(stream: PipelineStream) -> Feed {
+        Feed { stream, pending: Vec::new(), rows: 0 }
+    }
+
+    fn take(&mut self, n: usize) -> Result<RecordBatch> {
+        while self.rows < n {
+            if let Some(signal) = cnclip_operators::signals::interrupted() {
+                return Err(cnclip_operators::Error::Interrupted { signal }.into());
+            }
+            let batch = self.stream.next().context("the data ended before the epoch's last batch")??;
+            self.rows += batch.num_rows();
+            self.pending.push(batch);
+        }
+        let all = arrow::compute::concat_batches(&self.pending[0].schema(), &self.pending)?;
+        let rest = all.slice(n, all.num_rows() - n);
+        self.rows = rest.num_rows();
+        self.pending = if rest.num_rows() > 0 { vec![rest] } else { Vec::new() };
+        Ok(all.slice(0, n))
+    }
+}
+
+/// A micro-batch's rows as the model's inputs on `device`, and their `pairs` keys.
+fn to_batch(rows: &RecordBatch, resolution: usize, device: Device) -> Result<(Batch, Vec<i64>)> {
+    let pixels = rows.column_by_name(PIXELS).context("pixels column")?.as_fixed_size_binary();
+    let mut rgb = Vec::with_capacity(pixels.len() * pixels.value_length() as usize);
+    for row in 0..pixels.len() {
+        rgb.extend_from_slice(pixels.value(row));
+    }
+    let images = cnclip_models::preprocess::pixels_to_tensor(&rgb, resolution).to_device(device);
+    let lists = rows.column_by_name(TOKEN_IDS).context("token_ids column")?.as_fixed_size_list();
+    let length = lists.value_length() as usize;
+    let ids = lists.values().as_primitive::<Int64Type>();
+    let ids = &ids.values()[lists.offset() * length..][..lists.len() * length];
+    let texts = Tensor::from_slice(ids).view([lists.len() as i64, length as i64]).to_device(device);
+    let samples = rows.column_by_name(SAMPLE).context("sample column")?.as_primitive::<Int64Type>().values().to_vec();
+    Ok((Batch { images, texts }, samples))
+}
+
+/// The student's replicas, at the resumed weights if any.
+fn replicas(plan: &Plan, seed: u64, weights: Option<&BTreeMap<String, Tensor>>) -> Result<Vec<Clip>> {
+    tch::manual_seed(seed as i64);
+    let mut first = Clip::new(plan.config.clone(), plan.devices[0])?;
+    if let Some(weights) = weights {
+        first.load_state_dict(weights).context("the --resume checkpoint does not fit the model")?;
+    }
+    let state = first.state_dict();
+    let mut all = vec![first];
+    for &device in &plan.devices[1..] {
+        let mut replica = Clip::new(plan.config.clone(), device)?;
+        replica.load_state_dict(&state)?;
+        all.push(replica);
+    }
+    Ok(all)
+}
+
+fn teachers(args: &Args, plan: &Plan) -> Result<Vec<Clip>> {
+    let Some(path) = &args.teacher_model_name else { return Ok(Vec::new()) };
+    if !args.distillation {
+        return Ok(Vec::new());
+    }
+    let named = (Format::detect(path) == Format::CnClip).then_some(&plan.config);
+    let config = architecture(path, named).with_context(|| format!("--teacher-model-name {}", path.display()))?;
+    plan.devices
+        .iter()
+        .map(|&device| Ok(load_clip(path, Some(&config), device)?.0))
+        .collect::<Result<Vec<_>>>()
+        .with_context(|| format!("loading the teacher {}", path.display()))
+}
+
+/// Per-step generator seed: dropout and FLIP masks depend only on (--seed, step), so a
+/// resumed run draws what an uninterrupted one draws.
+fn step_seed(seed: u64, step: u64) -> i64 {
+    (seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ step.wrapping_mul(0xbf58_476d_1ce4_e5b9)) as i64
+}
+
+pub fn run(args: Box<Args>) -> Result<()> {
+    cnclip_operators::signals::catch_interrupts()?;
+    let plan = plan(&args)?;
+    std::fs::create_dir_all(&plan.checkpoints).with_context(|| format!("creating {}", plan.checkpoints.display()))?;
+    let suffix = chrono::Utc::now().format("%Y-%m-%d-%H-%M-%S").to_string();
+    let mut log = Log::open(&plan.dir.join(format!("out_{suffix}.log")))?;
+    let params = params(&args, &plan);
+    log::write_params(&plan.dir.join(format!("params_{suffix}.txt")), &params)?;
+    log.info("Params:");
+    for (k, v) in &params {
+        log.info(&format!("  {k}: {v}"));
+    }
+    let resolution = plan.config.vision.image_resolution as usize;
+
+    // --resume, or the latest checkpoint of this run (cn_clip resumes it automatically).
+    let latest = plan.checkpoints.join("epoch_latest.pt");
+    let resume = args.resume.clone().or_else(|| latest.is_file().then(|| latest.clone()));
+    let mut position = Position { epoch: 0, batch: 0, steps: 0 };
+    let mut optimizer_state = None;
+    let weights = match &resume {
+        None => None,
+        Some(path) => {
+            log.info(&format!("=> begin to load checkpoint '{}'", path.display()));
+            let loaded = checkpoint::load(path)?;
+            if !args.reset_data_offset {
+                position = match loaded.position {
+                    Some(exact) => exact,
+                    // cn_clip's own: the epoch it records is done; its within-epoch step
+                    // checkpoints restart that epoch's successor (as cn_clip does).
+                    None => Position {
+                        epoch: loaded.info.epoch.unwrap_or(0).max(0) as u64,
+                        batch: 0,
+                        steps: loaded.info.step.unwrap_or(0).max(0) as u64,
+                    },
+                };
+            }
+            if !args.reset_optimizer {
+                optimizer_state = Some(loaded.optimizer.with_context(|| {
+                    format!("{} has no optimizer state: add --reset-optimizer to start a new one", path.display())
+                })?);
+            }
+            log.info(&format!(
+                "=> loaded checkpoint '{}' (epoch {} @ {} steps)",
+                path.display(),
+                loaded.info.epoch.unwrap_or(0),
+                position.steps
+            ));
+            Some(loaded.state_dict)
+        }
+    };
+    let models = replicas(&plan, args.seed, weights.as_ref())?;
+    let teachers = teachers(&args, &plan)?;
+    let mut trainer = Trainer::new(models, teachers, plan.adamw, plan.options);
+    if let Some(state) = optimizer_state {
+        trainer.optimizer_mut().load(state).map_err(anyhow::Error::msg)?;
+        log.info("=> optimizer state is restored from the checkpoint");
+    }
+    let metrics_path = plan.dir.join("metrics.parquet");
+    let mut metrics = Metrics::open(&metrics_path, position.steps)?;
+    let quarantine = plan.dir.join("quarantine.jsonl");
+    let mut run = Run { args: &args, plan: &plan, log, metrics: &mut metrics, quarantine, resolution };
+
+    let started = Instant::now();
+    let first_step = position.steps;
+    let mut steps = position.steps;
+    for epoch in position.epoch..plan.max_epochs {
+        if steps >= plan.max_steps {
+            break;
+        }
+        run.log.info(&format!("Start epoch {}", epoch + 1));
+        let start_batch = if epoch == position.epoch { position.batch } else { 0 };
+        let trained = run.epoch(&mut trainer, epoch, start_batch, steps, started, first_step)?;
+        steps += trained;
+        if args.val_data.is_some() && args.valid_epoch_interval > 0 && (epoch + 1).is_multiple_of(args.valid_epoch_interval) {
+            run.validate(&mut trainer, epoch, steps)?;
+        }
+        if let Some(row) = run.metrics.rows.iter_mut().rev().find(|r| r.kind == "train") {
+            row.rss_bytes = log::rss_bytes();
+        }
+        if trained > 0 {
+            let saved = |epoch_done: u64| Saved {
+                name: &args.name,
+                epoch: epoch_done as i64,
+                step: steps as i64,
+                position: Position { epoch: epoch + 1, batch: 0, steps },
+            };
+            let done = epoch + 1;
+            if done == plan.max_epochs
+                || (args.save_epoch_frequency > 0 && done.is_multiple_of(args.save_epoch_frequency as u64))
+            {
+                run.save(&trainer, &plan.checkpoints.join(format!("epoch{done}.pt")), &saved(done))?;
+            }
+            run.save(&trainer, &latest, &saved(done))?;
+        }
+    }
+    run.metrics.write()?;
+    let (steps_done, seconds) = (steps - first_step, started.elapsed().as_secs_f64());
+    run.log.info(&format!(
+        "Training done: {steps} steps ({steps_done} in this run, {:.2} steps/s); checkpoints in {}",
+        steps_done as f64 / seconds.max(1e-9),
+        plan.checkpoints.display()
+    ));
+    Ok(())
+}
+
+/// A run's state between epochs.
+struct Run<'a> {
+    args: &'a Args,
+    plan: &'a Plan,
+    log: Log,
+    metrics: &'a mut Metrics,
+    quarantine: PathBuf,
+    resolution: usize,
+}
+
+impl Run<'_> {
+    /// Trains epoch `epoch` from micro-batch `start_batch`; returns the steps taken.
+    fn epoch(
+        &mut self,
+        trainer: &mut Trainer,
+        epoch: u64,
+        start_batch: usize,
+        steps_before: u64,
+        started: Instant,
+        first_step: u64,
+    ) -> Result<u64> {
+        let (args, plan) = (self.args, self.plan);
+        let world = plan.devices.len();
+        let accum = args.accum_freq;
+        let first = (start_batch / accum) as u64;
+        // Steps of this epoch still to take: up to the epoch's end or --max-steps.
+        let last = plan.steps_per_epoch.min(plan.max_steps.saturating_sub(plan.steps_per_epoch * epoch));
+        if first >= last {
+            return Ok(0);
+        }
+        let order = TrainOrder {
+            seed: args.seed,
+            epoch,
+            world,
+            batch_size: args.batch_size,
+            start: first as usize * accum,
+            end: Some(last as usize * accum),
+        };
+        let stream = data_stream(
+            &args.train_data,
+            order,
+            self.resolution,
+            args.context_length,
+            args.num_workers,
+            self.quarantine.clone(),
+        )?;
+        let mut feed = Feed::new(stream);
+        let mut trained = 0;
+        let mut since_log = (Instant::now(), 0usize);
+        for i_accum in first..last {
+            let step = plan.steps_per_epoch * epoch + i_accum;
+            let begin = Instant::now();
+            let mut micro = Vec::with_capacity(accum);
+            let mut seen = Vec::new();
+            for _ in 0..accum {
+                let mut per_replica = Vec::with_capacity(world);
+                for &device in &plan.devices {
+                    let rows = feed.take(args.batch_size)?;
+                    let (batch, samples) = to_batch(&rows, self.resolution, device)?;
+                    per_replica.push(batch);
+                    seen.extend(samples);
+                }
+                micro.push(per_replica);
+            }
+            let data_time = begin.elapsed().as_secs_f64();
+            let lr = if args.skip_scheduler {
+                plan.adamw.lr
+            } else {
+                cosine_lr(plan.adamw.lr, args.warmup, plan.max_steps, step)
+            };
+            tch::manual_seed(step_seed(args.seed, step));
+            let report = trainer.step(&micro, lr);
+            let batch_time = begin.elapsed().as_secs_f64();
+            trained += 1;
+            since_log.1 += seen.len();
+            if (step + 1).is_multiple_of(args.log_interval) {
+                self.log_step(step, epoch, i_accum, lr, &report, data_time, batch_time);
+                let rate = since_log.1 as f64 / since_log.0.elapsed().as_secs_f64().max(1e-9);
+                since_log = (Instant::now(), 0);
+                self.metrics.rows.push(Metric {
+                    kind: "train",
+                    step: step + 1,
+                    epoch: epoch + 1,
+                    loss: report.loss,
+                    i2t_acc: report.i2t,
+                    t2i_acc: report.t2i,
+                    lr: Some(lr),
+                    logit_scale: report.logit_scale,
+                    samples_per_s: Some(rate),
+                    rss_bytes: None,
+                    samples: args.debug.then(|| seen.clone()),
+                });
+            } else if args.debug {
+                self.metrics.rows.push(Metric {
+                    kind: "train",
+                    step: step + 1,
+                    epoch: epoch + 1,
+                    loss: report.loss,
+                    i2t_acc: report.i2t,
+                    t2i_acc: report.t2i,
+                    lr: Some(lr),
+                    logit_scale: report.logit_scale,
+                    samples_per_s: None,
+                    rss_bytes: None,
+                    samples: Some(seen.clone()),
+                });
+            }
+            let done = steps_before + trained - first_step;
+            let elapsed = started.elapsed().as_secs_f64();
+            let rate = done as f64 / elapsed.max(1e-9);
+            let left = plan.max_steps.saturating_sub(step + 1) as f64 / rate.max(1e-9);
+            self.log.progress(&format!(
+                "step {}/{} | {rate:.2} steps/s | ETA {:.0}s | loss {:.4}",
+                step + 1,
+                plan.max_steps,
+                left,
+                report.loss
+            ));
+            if args.val_data.is_some() && args.valid_step_interval.is_some_and(|n| n > 0 && (step + 1).is_multiple_of(n)) {
+                self.validate(trainer, epoch, step + 1)?;
+            }
+            if args.save_step_frequency > 0 && (step + 1).is_multiple_of(args.save_step_frequency as u64) {
+                let saved = Saved {
+                    name: &args.name,
+                    epoch: epoch as i64 + 1,
+                    step: step as i64 + 1,
+                    position: Position { epoch, batch: (i_accum as usize + 1) * accum, steps: step + 1 },
+                };
+                let path = plan.checkpoints.join(format!("epoch_{}_{}.pt", epoch + 1, step + 1));
+                self.save(trainer, &path, &saved)?;
+                self.save(trainer, &plan.checkpoints.join("epoch_latest.pt"), &saved)?;
+            }
+        }
+        if last < plan.steps_per_epoch {
+            self.log.info(&format!(
+                "Stopping training due to step {} has reached max_steps {}",
+                plan.steps_per_epoch * epoch + last,
+                plan.max_steps
+            ));
+        }
+        Ok(trained)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn log_step(
+        &mut self,
+        step: u64,
+        epoch: u64,
+        i_accum: u64,
+        lr: f64,
+        report: &StepReport,
+        data_time: f64,
+        batch_time: f64,
+    ) {
+        let (args, plan) = (self.args, self.plan);
+        let world = plan.devices.len();
+        let batch_size = args.batch_size * args.accum_freq;
+        let num_samples = (i_accum as usize + 1) * batch_size * world;
+        let samples_per_epoch = plan.num_batches * args.batch_size * world;
+        let percent = 100.0 * (i_accum + 1) as f64 / plan.steps_per_epoch as f64;
+        let acc = if args.report_training_batch_acc {
+            format!("Image2Text Acc: {:.2} | Text2Image Acc: {:.2} | ", report.i2t * 100.0, report.t2i * 100.0)
+        } else {
+            String::new()
+        };
+        self.log.info(&format!(
+            "Global Steps: {}/{} | Train Epoch: {} [{num_samples}/{samples_per_epoch} ({percent:.0}%)] | Loss: {:.6} | \
+             {acc}Data Time: {data_time:.3}s | Batch Time: {batch_time:.3}s | LR: {lr:5.6} | logit_scale: {:.3} | \
+             Global Batch Size: {}",
+            step + 1,
+            plan.max_steps,
+            epoch + 1,
+            report.loss,
+            report.logit_scale,
+            batch_size * world
+        ));
+    }
+
+    /// cn_clip's `evaluate()`: the loss and accuracies over the validation split's local
+    /// batches (shuffled with --seed, epoch 0), averaged over samples.
+    fn validate(&mut self, trainer: &mut Trainer, epoch: u64, steps: u64) -> Result<()> {
+        let (args, plan) = (self.args, self.plan);
+        let split = args.val_data.as_ref().expect("checked by the caller");
+        self.log.info(&format!("Begin to eval on validation set (epoch {} @ {steps} steps)...", epoch + 1));
+        let world = plan.devices.len();
+        let (_, samples) = counts(split).with_context(|| format!("--val-data {}", split.display()))?;
+        let order =
+            TrainOrder { seed: args.seed, epoch: 0, world, batch_size: args.valid_batch_size, start: 0, end: None };
+        let batches = order.num_batches(samples as usize) * world;
+        let stream = data_stream(
+            split,
+            order,
+            self.resolution,
+            args.context_length,
+            args.valid_num_workers,
+            self.quarantine.clone(),
+        )?;
+        let mut feed = Feed::new(stream);
+        let (mut loss_sum, mut i2t_sum, mut t2i_sum, mut count) = (0.0, 0.0, 0.0, 0usize);
+        let resolution = self.resolution;
+        for i in 0..batches {
+            let rows = feed.take(args.valid_batch_size)?;
+            let (loss, i2t, t2i) = trainer.evaluate(|model| -> Result<(f64, f64, f64)> {
+                let (batch, _) = to_batch(&rows, resolution, model.device())?;
+                let image = cnclip_models::normalize(&model.encode_image_t(&batch.images, 0.0));
+                let text = cnclip_models::normalize(&model.encode_text_t(&batch.texts));
+                let scale = model.logit_scale_parameter().exp();
+                let (loss, (i2t, t2i)) = rank_loss(&cnclip_models::training::LossInputs {
+                    image: &image,
+                    text: &text,
+                    logit_scale: &scale,
+                    aggregated: false,
+                    teacher: None,
+                });
+                Ok((loss.double_value(&[]), i2t, t2i))
+            })?;
+            let n = rows.num_rows();
+            loss_sum += loss * n as f64;
+            i2t_sum += i2t * n as f64;
+            t2i_sum += t2i * n as f64;
+            count += n;
+            if (i + 1) % 100 == 0 {
+                self.log.info(&format!("Evaluated {}/{batches} batches...", i + 1));
+            }
+        }
+        let n = count.max(1) as f64;
+        let logit_scale = trainer.replicas()[0].logit_scale_parameter().double_value(&[]);
+        self.log.info(&format!(
+            "Validation Result (epoch {} @ {steps} steps) | Valid Loss: {:.6} | Image2Text Acc: {:.2} | \
+             Text2Image Acc: {:.2} | logit_scale: {logit_scale:.3} | Valid Batch Size: {}",
+            epoch + 1,
+            loss_sum / n,
+            i2t_sum / n * 100.0,
+            t2i_sum / n * 100.0,
+            args.valid_batch_size
+        ));
+        self.metrics.rows.push(Metric {
+            kind: "valid",
+            step: steps,
+            epoch: epoch + 1,
+            loss: loss_sum / n,
+            i2t_acc: i2t_sum / n,
+            t2i_acc: t2i_sum / n,
+            lr: None,
+            logit_scale,
+            samples_per_s: None,
+            rss_bytes: log::rss_bytes(),
+            samples: None,
+        });
+        Ok(())
+    }
+
+    /// The metrics first, then the checkpoint: a crash in between leaves metrics ahead of the
+    /// checkpoint, which the resumed run trims.
+    fn save(&mut self, trainer: &Trainer, path: &Path, saved: &Saved<'_>) -> Result<()> {
+        let t = Instant::now();
+        self.metrics.write()?;
+        checkpoint::save(path, trainer, saved)?;
+        self.log.info(&format!(
+            "Saved checkpoint {} (epoch {} @ {} steps) (writing took {} seconds)",
+            path.display(),
+            saved.epoch,
+            saved.step,
+            t.elapsed().as_secs_f64()
+        ));
+        Ok(())
+    }
+}
