@@ -21,4 +21,5 @@ mod smoke;
 mod sql;
 mod tokenizer;
 mod train;
+mod train_cli;
 mod zeroshot;

@@ -560,8 +560,17 @@ pub fn run(args: Box<Args>) -> Result<()> {
         let start_batch = if epoch == position.epoch { position.batch } else { 0 };
         let trained = run.epoch(&mut trainer, epoch, start_batch, steps, started, first_step)?;
         steps += trained;
-        if args.val_data.is_some() && args.valid_epoch_interval > 0 && (epoch + 1).is_multiple_of(args.valid_epoch_interval) {
+        if args.val_data.is_some()
+            && args.valid_epoch_interval > 0
+            && (epoch + 1).is_multiple_of(args.valid_epoch_interval)
+        {
             run.validate(&mut trainer, epoch, steps)?;
+        }
+        // libtorch allocates through glibc's malloc, whose arenas keep freed pages: hand them
+        // back between epochs so that memory stays flat over a long run (cn_clip's #246).
+        // SAFETY: malloc_trim only releases free memory; it is safe to call at any time.
+        unsafe {
+            libc::malloc_trim(0);
         }
         if let Some(row) = run.metrics.rows.iter_mut().rev().find(|r| r.kind == "train") {
             row.rss_bytes = log::rss_bytes();
@@ -710,7 +719,9 @@ impl Run<'_> {
                 left,
                 report.loss
             ));
-            if args.val_data.is_some() && args.valid_step_interval.is_some_and(|n| n > 0 && (step + 1).is_multiple_of(n)) {
+            if args.val_data.is_some()
+                && args.valid_step_interval.is_some_and(|n| n > 0 && (step + 1).is_multiple_of(n))
+            {
                 self.validate(trainer, epoch, step + 1)?;
             }
             if args.save_step_frequency > 0 && (step + 1).is_multiple_of(args.save_step_frequency as u64) {

@@ -1,0 +1,275 @@
+//! `cnclip train` end to end (issue #12): on a synthetic corpus built into cn_clip LMDB splits,
+//! a tiny CLIP is trained by the command as a user runs it; its log lines, params file,
+//! checkpoints and metrics table are cn_clip's (checked against cn_clip's own loaders), a run
+//! killed with SIGKILL mid-epoch and rerun ends where an uninterrupted run ends, and memory
+//! stays flat over epochs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cnclip_models::ClipConfig;
+use cnclip_models::checkpoint::load_cn_clip;
+use cnclip_tests::{cnclip_bin, python, workspace_root};
+use tch::Tensor;
+
+/// A small ViT with BERT dropout on (so that per-step seeding is exercised).
+const TINY: &str = r#"{"embed_dim": 32, "image_resolution": 32, "vision_layers": 2,
+  "vision_width": 64, "vision_patch_size": 8, "vocab_size": 21128,
+  "text_attention_probs_dropout_prob": 0.1, "text_hidden_act": "gelu", "text_hidden_dropout_prob": 0.1,
+  "text_hidden_size": 64, "text_initializer_range": 0.02, "text_intermediate_size": 128,
+  "text_max_position_embeddings": 64, "text_num_attention_heads": 2, "text_num_hidden_layers": 2,
+  "text_type_vocab_size": 2}"#;
+
+fn cnclip(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new(cnclip_bin()).current_dir(dir).args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "cnclip {args:?} failed:\n{}", &stderr[stderr.len().saturating_sub(3000)..]);
+    stderr.into_owned()
+}
+
+/// A corpus of `train` training and 32 validation pairs as cn_clip LMDB splits, and the model config.
+fn corpus(dir: &Path, train: usize) {
+    let train = train.to_string();
+    cnclip(dir, &["synth", "--out", "corpus", "--train", &train, "--valid", "32", "--test", "4"]);
+    cnclip(dir, &["build-lmdb", "--data-dir", "corpus", "--splits", "train,valid"]);
+    std::fs::write(dir.join("tiny.json"), TINY).unwrap();
+}
+
+fn train_args<'a>(name: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "train",
+        "--train-data",
+        "corpus/lmdb/train",
+        "--val-data",
+        "corpus/lmdb/valid",
+        "--model-config",
+        "tiny.json",
+        "--batch-size",
+        "16",
+        "--valid-batch-size",
+        "16",
+        "--lr",
+        "1e-3",
+        "--beta1",
+        "0.9",
+        "--beta2",
+        "0.98",
+        "--eps",
+        "1e-6",
+        "--warmup",
+        "4",
+        "--context-length",
+        "24",
+        "--num-workers",
+        "2",
+        "--logs",
+        "logs",
+        "--name",
+        name,
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+fn read_metrics(path: &Path) -> arrow::record_batch::RecordBatch {
+    let file = std::fs::File::open(path).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap().build().unwrap();
+    let batches: Vec<_> = reader.map(Result::unwrap).collect();
+    arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap()
+}
+
+fn the_log(dir: &Path) -> String {
+    let logs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("out_"))
+        .collect();
+    logs.iter().map(|p| std::fs::read_to_string(p).unwrap()).collect::<Vec<_>>().join("")
+}
+
+#[test]
+fn train_writes_cn_clip_logs_and_checkpoints_that_cn_clip_loads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    corpus(dir, 96);
+    // 96 samples, batch 16: 6 steps an epoch, 12 in all; a log line every 3 steps.
+    cnclip(dir, &train_args("run", &["--max-epochs", "2", "--log-interval", "3", "--report-training-batch-acc"]));
+    let run = dir.join("logs/run");
+    let log = the_log(&run);
+    let line = regex::Regex::new(
+        r"(?m)^\d{4}-\d\d-\d\d,\d\d:\d\d:\d\d \| INFO \| Rank 0 \| Global Steps: (\d+)/12 \| Train Epoch: (\d) \[(\d+)/96 \(\d+%\)\] \| Loss: \d+\.\d{6} \| Image2Text Acc: \d+\.\d\d \| Text2Image Acc: \d+\.\d\d \| Data Time: \d+\.\d{3}s \| Batch Time: \d+\.\d{3}s \| LR: \d\.\d{6} \| logit_scale: \d\.\d{3} \| Global Batch Size: 16$",
+    )
+    .unwrap();
+    let steps: Vec<(u64, u64, u64)> = line
+        .captures_iter(&log)
+        .map(|c| (c[1].parse().unwrap(), c[2].parse().unwrap(), c[3].parse().unwrap()))
+        .collect();
+    assert_eq!(steps, [(3, 1, 48), (6, 1, 96), (9, 2, 48), (12, 2, 96)], "training log lines:\n{log}");
+    let valid = regex::Regex::new(
+        r"(?m)\| Validation Result \(epoch (\d) @ (\d+) steps\) \| Valid Loss: \d+\.\d{6} \| Image2Text Acc: \d+\.\d\d \| Text2Image Acc: \d+\.\d\d \| logit_scale: \d\.\d{3} \| Valid Batch Size: 16$",
+    )
+    .unwrap();
+    let valid: Vec<String> = valid.captures_iter(&log).map(|c| format!("{}@{}", &c[1], &c[2])).collect();
+    assert_eq!(valid, ["1@6", "2@12"]);
+    let params = std::fs::read_dir(&run)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("params_"))
+        .expect("a params file");
+    let params = std::fs::read_to_string(params).unwrap();
+    assert!(params.contains("batch_size: 16\n") && params.contains("max_steps: 12\n"), "{params}");
+    for file in ["epoch1.pt", "epoch2.pt", "epoch_latest.pt"] {
+        assert!(run.join("checkpoints").join(file).is_file(), "{file}");
+    }
+    let metrics = read_metrics(&run.join("metrics.parquet"));
+    assert_eq!(metrics.num_rows(), 6, "4 logged steps and 2 validations");
+
+    // cn_clip loads the checkpoint: weights strictly, the optimizer state into AdamW with the
+    // parameter groups main.py builds (every state of its parameter's shape), and gives the
+    // features we give.
+    let checkpoint = run.join("checkpoints/epoch2.pt");
+    let script = r#"
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+from cnclip_ref import model_info
+from cn_clip.clip.model import CLIP
+from safetensors.torch import save_file
+model = CLIP(**model_info(json.loads(sys.argv[2])))
+ck = torch.load(sys.argv[3], map_location="cpu", weights_only=True)
+model.load_state_dict({k[len("module."):]: v for k, v in ck["state_dict"].items()})
+exclude = lambda n: "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
+named = list(model.named_parameters())
+opt = torch.optim.AdamW([
+    {"params": [p for n, p in named if exclude(n) and p.requires_grad], "weight_decay": 0.},
+    {"params": [p for n, p in named if not exclude(n) and p.requires_grad], "weight_decay": 0.2}], lr=1.0)
+opt.load_state_dict(ck["optimizer"])
+wrong = [n for n, p in named if opt.state[p]["exp_avg"].shape != p.shape or opt.state[p]["step"].item() != ck["step"]]
+model.eval()
+g = torch.Generator().manual_seed(3)
+images = torch.randn(4, 3, 32, 32, generator=g)
+texts = torch.randint(672, 21128, (4, 24), generator=g)
+texts[:, 0] = 101; texts[:, 10] = 102; texts[:, 11:] = 0
+with torch.no_grad():
+    save_file({"images": images, "texts": texts, "image": model.encode_image(images).contiguous(),
+               "text": model.encode_text(texts).contiguous()}, sys.argv[4])
+print(json.dumps({"epoch": ck["epoch"], "step": ck["step"], "wrong": wrong, "states": len(opt.state)}))
+"#;
+    let harness = workspace_root().join("tests/reference").display().to_string();
+    let out = dir.join("theirs.safetensors");
+    let report: serde_json::Value = serde_json::from_str(
+        python(script, &[&harness, TINY, checkpoint.to_str().unwrap(), out.to_str().unwrap()], "").trim(),
+    )
+    .unwrap();
+    assert_eq!(report["epoch"], 2);
+    assert_eq!(report["step"], 12);
+    assert_eq!(report["wrong"], serde_json::json!([]), "optimizer states that do not fit their parameter");
+    let theirs: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(&out).unwrap().into_iter().collect();
+    let (model, _) = cnclip_models::checkpoint::load_clip(
+        &checkpoint,
+        Some(&ClipConfig::from_json(TINY).unwrap()),
+        tch::Device::Cpu,
+    )
+    .unwrap();
+    let image = model.encode_image(&theirs["images"]).unwrap();
+    let text = model.encode_text(&theirs["texts"]).unwrap();
+    for (ours, theirs, what) in [(&image, &theirs["image"], "image"), (&text, &theirs["text"], "text")] {
+        let diff = (ours - theirs).abs().max().double_value(&[]);
+        assert!(diff < 1e-5, "{what} features differ by {diff}");
+    }
+}
+
+/// Each step's `pairs` keys from a `--debug` run's metrics table.
+fn samples_by_step(path: &Path) -> Vec<(i64, Vec<i64>)> {
+    use arrow::array::AsArray;
+    let metrics = read_metrics(path);
+    let kind = metrics.column_by_name("kind").unwrap().as_string::<i32>();
+    let step = metrics.column_by_name("step").unwrap().as_primitive::<arrow::datatypes::Int64Type>();
+    let samples = metrics.column_by_name("samples").unwrap().as_list::<i32>();
+    (0..metrics.num_rows())
+        .filter(|&i| kind.value(i) == "train")
+        .map(|i| {
+            let s = samples.value(i);
+            (step.value(i), s.as_primitive::<arrow::datatypes::Int64Type>().values().to_vec())
+        })
+        .collect()
+}
+
+#[test]
+fn a_run_killed_mid_epoch_and_rerun_ends_as_an_uninterrupted_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    corpus(dir, 96);
+    let extra = ["--max-epochs", "2", "--log-interval", "1", "--save-step-frequency", "2", "--debug"];
+    cnclip(dir, &train_args("whole", &extra));
+
+    // The same run, killed (SIGKILL) once its first step checkpoint is in place: mid-epoch 1.
+    let args = train_args("killed", &extra);
+    let mut child = Command::new(cnclip_bin())
+        .current_dir(dir)
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let marker = dir.join("logs/killed/checkpoints/epoch_latest.pt");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !marker.is_file() {
+        assert!(Instant::now() < deadline, "no step checkpoint within 300 s");
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "killed");
+    assert!(!dir.join("logs/killed/checkpoints/epoch2.pt").exists(), "killed before the end");
+    // Rerun the same command: it resumes from epoch_latest.pt.
+    cnclip(dir, &args);
+    let log = the_log(&dir.join("logs/killed"));
+    let resumed_at = regex::Regex::new(r"=> loaded checkpoint '.*epoch_latest.pt' \(epoch 1 @ (\d+) steps\)").unwrap();
+    let at: u64 =
+        resumed_at.captures(&log).unwrap_or_else(|| panic!("the rerun did not resume:\n{log}"))[1].parse().unwrap();
+    assert!(at < 6, "killed at step {at}, not mid-epoch (6 steps an epoch)");
+
+    let (whole, _) = load_cn_clip(&dir.join("logs/whole/checkpoints/epoch2.pt")).unwrap();
+    let (resumed, info) = load_cn_clip(&dir.join("logs/killed/checkpoints/epoch2.pt")).unwrap();
+    assert_eq!(info.step, Some(12));
+    assert_eq!(whole.len(), resumed.len());
+    for (name, a) in &whole {
+        let b = &resumed[name];
+        let scale = a.abs().max().double_value(&[]).max(1e-12);
+        let diff = (a - b).abs().max().double_value(&[]) / scale;
+        assert!(diff < 1e-6, "{name} differs by {diff} (relative)");
+    }
+    // The same samples at every step, each step once.
+    let (a, b) = (
+        samples_by_step(&dir.join("logs/whole/metrics.parquet")),
+        samples_by_step(&dir.join("logs/killed/metrics.parquet")),
+    );
+    assert_eq!(a.len(), 12);
+    assert!(a == b, "the resumed run trained on other samples");
+    let mut all: Vec<i64> = a.iter().filter(|(s, _)| *s <= 6).flat_map(|(_, s)| s.clone()).collect();
+    all.sort_unstable();
+    assert_eq!(all, (0..96).collect::<Vec<_>>(), "an epoch sees every sample once");
+}
+
+#[test]
+fn memory_after_epoch_5_is_within_5_percent_of_epoch_1() {
+    use arrow::array::{Array, AsArray};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    corpus(dir, 128);
+    cnclip(dir, &train_args("rss", &["--max-epochs", "5", "--log-interval", "1", "--valid-epoch-interval", "0"]));
+    let metrics = read_metrics(&dir.join("logs/rss/metrics.parquet"));
+    let epoch = metrics.column_by_name("epoch").unwrap().as_primitive::<arrow::datatypes::Int64Type>();
+    let rss = metrics.column_by_name("rss_bytes").unwrap().as_primitive::<arrow::datatypes::UInt64Type>();
+    let at = |e: i64| -> f64 {
+        let rows: Vec<usize> = (0..metrics.num_rows()).filter(|&i| epoch.value(i) == e && rss.is_valid(i)).collect();
+        assert_eq!(rows.len(), 1, "one RSS reading at the end of epoch {e}");
+        rss.value(rows[0]) as f64
+    };
+    let (first, fifth) = (at(1), at(5));
+    eprintln!("RSS after epoch 1: {:.1} MiB, after epoch 5: {:.1} MiB", first / 1048576.0, fifth / 1048576.0);
+    assert!(fifth <= first * 1.05, "RSS grew from {first} to {fifth} bytes");
+}
