@@ -86,6 +86,9 @@ enum Command {
     /// Contrastive fine-tuning (cn_clip's training/main.py), on one or several replicas, resumable.
     #[command(disable_help_flag = true)]
     Train(ModelCommand),
+    /// The whole of cnclip on the synthetic corpus: train from scratch, extract, retrieve, score, report.
+    #[command(disable_help_flag = true)]
+    Demo(ModelCommand),
     /// Measure encode or preprocess throughput (`benchmark encode|preprocess`).
     #[command(disable_help_flag = true)]
     Benchmark(ModelCommand),
@@ -159,6 +162,7 @@ fn main() -> ExitCode {
         Command::BenchSuite(command) => exec_torch("bench-suite", command.args),
         Command::InitModel(command) => exec_torch("init-model", command.args),
         Command::Train(command) => exec_torch("train", command.args),
+        Command::Demo(command) => exec_torch("demo", command.args),
         Command::ZeroshotEvaluation(command) => exec_torch("zeroshot-evaluation", command.args),
         Command::MakeTopkPredictions(command) => exec_torch("make-topk-predictions", command.args),
         Command::MakeTopkPredictionsTr(command) => exec_torch("make-topk-predictions-tr", command.args),

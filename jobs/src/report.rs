@@ -18,7 +18,8 @@ use anyhow::{Context, bail};
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-/// One line of a chart: `(x, y)` points in drawing order; non-finite points are skipped.
+/// One line of a chart: `(x, y)` points in drawing order; points that are not finite or beyond
+/// ±[`LIMIT`] are skipped.
 pub struct Series {
     pub name: String,
     pub points: Vec<(f64, f64)>,
@@ -47,6 +48,14 @@ pub struct Report {
     pub summary: Vec<String>,
     pub plots: Vec<Plot>,
     pub tables: Vec<Table>,
+}
+
+/// The largest magnitude drawn: the axis ranges' spans (padded) stay finite, which `plotters`
+/// needs (its tick search never ends on an infinite span).
+const LIMIT: f64 = 1e300;
+
+fn drawable(&(x, y): &(f64, f64)) -> bool {
+    x.abs() <= LIMIT && y.abs() <= LIMIT
 }
 
 /// The size of each chart, in SVG pixels.
@@ -102,11 +111,8 @@ fn axis_ranges(plot: &Plot) -> Option<((f64, f64), (f64, f64))> {
     }
     let pad = |lo: f64, hi: f64, fraction: f64| {
         let span = hi - lo;
-        // A span that overflows (±f64::MAX) would make an infinite range: keep it unpadded.
-        if span > 0.0 && span.is_finite() {
+        if span > 0.0 {
             (lo - span * fraction, hi + span * fraction)
-        } else if span > 0.0 {
-            (lo, hi)
         } else {
             let half = (lo.abs() * 0.05).max(0.5);
             (lo - half, hi + half)
@@ -130,7 +136,7 @@ fn legend_corner(plot: &Plot, ((x0, x1), (y0, y1)): ((f64, f64), (f64, f64))) ->
     let mut hits = [0usize; 4];
     let unit = |(x, y): (f64, f64)| ((x - x0) / (x1 - x0), (y - y0) / (y1 - y0));
     for series in &plot.series {
-        let points: Vec<_> = series.points.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
+        let points: Vec<_> = series.points.iter().copied().filter(drawable).collect();
         let segments = points.windows(2).map(|w| (w[0], w[1])).chain(points.first().map(|&p| (p, p)));
         for ((ax, ay), (bx, by)) in segments {
             for k in 0..=SAMPLES {
@@ -147,7 +153,7 @@ fn legend_corner(plot: &Plot, ((x0, x1), (y0, y1)): ((f64, f64), (f64, f64))) ->
 }
 
 fn finite_points(plot: &Plot) -> impl Iterator<Item = (f64, f64)> + '_ {
-    plot.series.iter().flat_map(|s| s.points.iter().copied()).filter(|(x, y)| x.is_finite() && y.is_finite())
+    plot.series.iter().flat_map(|s| s.points.iter().copied()).filter(drawable)
 }
 
 /// Draws one chart as an SVG document.
@@ -173,7 +179,7 @@ fn render_svg(plot: &Plot) -> anyhow::Result<String> {
             .draw()?;
         for (i, series) in plot.series.iter().enumerate() {
             let color = Palette99::pick(i).to_rgba();
-            let points = series.points.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite());
+            let points = series.points.iter().copied().filter(drawable);
             // Markers keep a series of a single point visible.
             chart
                 .draw_series(LineSeries::new(points, color.stroke_width(2)).point_size(3))?
@@ -469,10 +475,15 @@ mod tests {
         roxmltree::Document::parse(&svg).unwrap();
         assert!(svg.contains("<circle"), "{svg}");
         assert!(!svg.contains("NaN"));
-        // The widest finite range: its span overflows to infinity.
-        let huge = plot(vec![(-f64::MAX, -f64::MAX), (f64::MAX, f64::MAX)]);
-        assert_eq!(axis_ranges(&huge), Some(((-f64::MAX, f64::MAX), (-f64::MAX, f64::MAX))));
-        let svg = render_svg(&huge).unwrap();
+        // Beyond the limit is skipped like NaN (plotters hangs on a span that overflows).
+        assert_eq!(axis_ranges(&plot(vec![(-f64::MAX, 0.0), (0.0, f64::MAX)])), None);
+        let huge = plot(vec![(-LIMIT, -LIMIT), (LIMIT, LIMIT), (f64::MAX, 0.0)]);
+        let pad = 2.0 * LIMIT * 0.05;
+        assert_eq!(axis_ranges(&huge), Some(((-LIMIT, LIMIT), (-LIMIT - pad, LIMIT + pad))));
+        // On a thread: a hang fails the test instead of stalling the suite.
+        let (done, result) = std::sync::mpsc::channel();
+        std::thread::spawn(move || done.send(render_svg(&huge).map_err(|e| e.to_string())));
+        let svg = result.recv_timeout(std::time::Duration::from_secs(60)).expect("drawing ±1e300 hangs").unwrap();
         roxmltree::Document::parse(&svg).unwrap();
         assert!(!svg.contains("NaN"), "{svg}");
     }

@@ -12,24 +12,32 @@ use cnclip_operators::spec::Registry;
 
 mod bench_suite;
 mod benchmark;
+/// `build-lmdb`, run by `demo` (its command lives in `cnclip`).
+#[allow(dead_code)]
+mod build_lmdb;
 mod common;
 mod convert;
+mod demo;
 /// The scorers bench-suite calls; their commands live in `cnclip`.
 #[allow(dead_code)]
 mod evaluation;
 mod evaluation_engine;
 mod extract;
+/// The splits parser `build-lmdb` shares (the commands live in `cnclip`).
+#[allow(dead_code)]
+mod import;
 mod init_model;
 mod knn;
 mod model_args;
-/// The demo's report (HTML + SVG plots); used by `demo`.
-#[allow(dead_code)]
+/// The demo's report (HTML + SVG plots).
 mod report;
 mod run;
 mod similarity;
 /// The SQL session (UDFs) the zero-shot SQL engine runs on; its command lives in `cnclip`.
 #[allow(dead_code)]
 mod sql;
+/// `synth`, run by `demo` (its command lives in `cnclip`).
+mod synth;
 mod train;
 mod zeroshot;
 
@@ -68,6 +76,8 @@ enum Command {
     Run(run::Args),
     /// Contrastive fine-tuning (cn_clip's training/main.py), on one or several replicas, resumable.
     Train(Box<train::Args>),
+    /// The whole of cnclip on the synthetic corpus: train from scratch, extract, retrieve, score, report.
+    Demo(demo::Args),
     /// Measure encode throughput (model only, random weights), e.g. against scripts/bench/encode.py.
     #[command(subcommand)]
     Benchmark(BenchmarkCommand),
@@ -100,6 +110,7 @@ fn main() -> ExitCode {
         Command::BenchSuite(args) => bench_suite::run(args),
         Command::InitModel(args) => init_model::run(args),
         Command::Train(args) => train::run(args),
+        Command::Demo(args) => demo::run(args),
         Command::MakeTopkPredictionsTr(args) => knn::run(args, true),
         // The built-in kinds and the model kinds (the encoders).
         Command::Run(args) => run::run(args, &registry()),
