@@ -273,3 +273,25 @@ fn memory_after_epoch_5_is_within_5_percent_of_epoch_1() {
     eprintln!("RSS after epoch 1: {:.1} MiB, after epoch 5: {:.1} MiB", first / 1048576.0, fifth / 1048576.0);
     assert!(fifth <= first * 1.05, "RSS grew from {first} to {fifth} bytes");
 }
+
+/// `cnclip demo` at a small size: every step runs, and the report (HTML and Markdown) shows
+/// the training curves (SVG files it references) and the scores next to chance.
+#[test]
+fn demo_runs_every_step_and_writes_its_report() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("demo");
+    let args = ["demo", "--out", out.to_str().unwrap(), "--train", "128", "--test", "20", "--epochs", "1"];
+    let stderr = cnclip(tmp.path(), &[&args[..], &["--batch-size", "32"]].concat());
+    assert!(stderr.contains("[8/8] zero-shot classification"), "{stderr}");
+    let headline = regex::Regex::new(r"text→image R@1 (\d+\.\d)% on 20 test images \(chance 5\.0%").unwrap();
+    assert!(headline.is_match(&stderr), "no headline in:\n{}", &stderr[stderr.len().saturating_sub(2000)..]);
+    let html = std::fs::read_to_string(out.join("report/report.html")).unwrap();
+    for svg in ["loss.svg", "accuracy.svg"] {
+        assert!(html.contains(&format!("src=\"{svg}\"")), "the report shows {svg}");
+        let text = std::fs::read_to_string(out.join("report").join(svg)).unwrap();
+        assert!(text.contains("<polyline") || text.contains("<path"), "{svg} draws a line");
+    }
+    assert!(html.contains("R@1") && html.contains("top-1") && html.contains("chance"), "result tables");
+    assert!(out.join("report/report.md").is_file());
+    assert!(out.join("results/test_recall.json").is_file() && out.join("model.safetensors").is_file());
+}
