@@ -2,7 +2,7 @@
 that does what cn_clip's `training/train.py` does per step, same tiny model config, batch, data,
 workers and steps, fp32, one run each.
 
-    .venv/bin/python scripts/bench/train.py [--batch-size 32] [--steps 40] [--warmup-steps 5]
+    .venv/bin/python scripts/bench/train.py [--batch-size 32] [--steps 200] [--warmup-steps 5]
         [--samples 0] [--num-workers 2] [--cnclip target/release/cnclip] [--work /tmp/cnclip-bench-train]
 
 Data: `cnclip synth` (96×96 JPEGs, short Chinese captions) + `cnclip build-lmdb`, read by both
@@ -125,7 +125,7 @@ def reference_loop(args):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--steps", type=int, default=200)
     p.add_argument("--warmup-steps", type=int, default=5, help="first steps left out of the timing")
     p.add_argument("--samples", type=int, default=0, help="training pairs (default batch × steps: one epoch)")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader processes / cnclip pipeline threads")
