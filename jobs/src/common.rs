@@ -69,3 +69,16 @@ fn is_broken_pipe(error: &anyhow::Error) -> bool {
         .chain()
         .any(|cause| cause.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe))
 }
+
+/// Parses `argv` as subcommand `name`'s arguments, exactly as its command line would be (for
+/// jobs that run other subcommands: `demo`, `train`'s data preparation).
+///
+/// # Errors
+/// clap's message for arguments the subcommand does not take.
+#[allow(dead_code)]
+pub fn parse_args<A: clap::Args + clap::FromArgMatches>(name: &'static str, argv: &[String]) -> anyhow::Result<A> {
+    use anyhow::Context;
+    let command = A::augment_args(clap::Command::new(name).no_binary_name(true));
+    let matches = command.try_get_matches_from(argv).with_context(|| format!("cnclip {name} {}", argv.join(" ")))?;
+    Ok(A::from_arg_matches(&matches)?)
+}

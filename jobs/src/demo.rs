@@ -13,8 +13,8 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::{Float64Type, Int64Type};
-use clap::FromArgMatches;
 
+use crate::common::parse_args as parse;
 use crate::report::{Plot, Report, Series, Table};
 
 #[derive(clap::Args)]
@@ -23,13 +23,13 @@ pub struct Args {
     #[arg(long, default_value = "cnclip-demo")]
     out: PathBuf,
     /// Training pairs to synthesize.
-    #[arg(long, default_value_t = 4000)]
+    #[arg(long, default_value_t = 3000)]
     train: u64,
     /// Test pairs (the retrieval gallery: chance R@1 is 1/test).
     #[arg(long, default_value_t = 100)]
     test: u64,
     /// Training epochs.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 6)]
     epochs: u64,
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
@@ -56,13 +56,6 @@ const MODEL: &str = r#"{
 const TEMPLATES: &str = "{}\n一个{}\n图中有一个{}\n";
 
 const CONTEXT_LENGTH: &str = "32";
-
-/// Parses `argv` as subcommand `name`'s arguments, exactly as the command line would.
-fn parse<A: clap::Args + FromArgMatches>(name: &'static str, argv: &[String]) -> Result<A> {
-    let command = A::augment_args(clap::Command::new(name).no_binary_name(true));
-    let matches = command.try_get_matches_from(argv).with_context(|| format!("cnclip {name} {}", argv.join(" ")))?;
-    Ok(A::from_arg_matches(&matches)?)
-}
 
 /// Runs the demo's steps in order, timing each and keeping its command line for the report.
 struct Steps {

@@ -295,3 +295,43 @@ fn demo_runs_every_step_and_writes_its_report() {
     assert!(out.join("report/report.md").is_file());
     assert!(out.join("results/test_recall.json").is_file() && out.join("model.safetensors").is_file());
 }
+
+/// `--train-data` as cn_clip's TSV + JSONL or as our Parquet tables: serialized into an LMDB
+/// split under the run (once: a rerun reuses it) and trained on exactly as the LMDB that
+/// `build-lmdb` makes — the same final parameters.
+#[test]
+fn tsv_and_parquet_training_data_train_as_their_lmdb_split() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    corpus(dir, 64);
+    cnclip(dir, &["import", "--data-dir", "corpus", "--splits", "train,valid", "--out", "tables"]);
+    let extra = ["--max-epochs", "1", "--log-interval", "2"];
+    let runs = [
+        ("lmdb", "corpus/lmdb/train", "corpus/lmdb/valid"),
+        ("tsv", "corpus/train_imgs.tsv", "corpus/valid_imgs.tsv"),
+        ("parquet", "tables/train_images.parquet", "tables/valid_images.parquet"),
+    ];
+    for (name, train, valid) in runs {
+        let mut args = train_args(name, &extra);
+        let at = |flag: &str| args.iter().position(|a| *a == flag).unwrap() + 1;
+        let (t, v) = (at("--train-data"), at("--val-data"));
+        args[t] = train;
+        args[v] = valid;
+        cnclip(dir, &args);
+    }
+    let (lmdb, _) = load_cn_clip(&dir.join("logs/lmdb/checkpoints/epoch1.pt")).unwrap();
+    for name in ["tsv", "parquet"] {
+        let (other, _) = load_cn_clip(&dir.join(format!("logs/{name}/checkpoints/epoch1.pt"))).unwrap();
+        for (key, a) in &lmdb {
+            assert!(a.equal(&other[key]), "{name}: {key} differs from the LMDB run's");
+        }
+    }
+    // A rerun (here resumed at its end) reuses the serialized split.
+    let mut args = train_args("tsv", &["--max-epochs", "1"]);
+    let t = args.iter().position(|a| *a == "--train-data").unwrap() + 1;
+    args[t] = "corpus/train_imgs.tsv";
+    let v = args.iter().position(|a| *a == "--val-data").unwrap() + 1;
+    args[v] = "corpus/valid_imgs.tsv";
+    cnclip(dir, &args);
+    assert!(the_log(&dir.join("logs/tsv")).contains("--train-data: reusing"), "the split was reused");
+}

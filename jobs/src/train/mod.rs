@@ -17,6 +17,7 @@
 //! one.
 
 mod checkpoint;
+mod data;
 mod log;
 
 use std::collections::BTreeMap;
@@ -45,10 +46,12 @@ use self::log::{Log, Metric, Metrics};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// The training data: a cn_clip LMDB split directory (with `imgs/` and `pairs/`).
+    /// The training data: a cn_clip LMDB split directory (with `imgs/` and `pairs/`), or a
+    /// `{split}_imgs.tsv` (with `{split}_texts.jsonl`) or `{split}_images.parquet` (with
+    /// `_pairs`/`_texts`), serialized into an LMDB split under `{logs}/{name}/data` first.
     #[arg(long)]
     train_data: PathBuf,
-    /// The validation split (default: none, no validation).
+    /// The validation split, in any layout --train-data takes (default: none, no validation).
     #[arg(long)]
     val_data: Option<PathBuf>,
     /// Decode/preprocess threads of the training pipeline (0: one per core).
@@ -487,12 +490,19 @@ fn step_seed(seed: u64, step: u64) -> i64 {
     (seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ step.wrapping_mul(0xbf58_476d_1ce4_e5b9)) as i64
 }
 
-pub fn run(args: Box<Args>) -> Result<()> {
+pub fn run(mut args: Box<Args>) -> Result<()> {
     cnclip_operators::signals::catch_interrupts()?;
-    let plan = plan(&args)?;
-    std::fs::create_dir_all(&plan.checkpoints).with_context(|| format!("creating {}", plan.checkpoints.display()))?;
+    let dir = Path::new(&args.logs).join(&args.name);
+    let checkpoints = dir.join("checkpoints");
+    std::fs::create_dir_all(&checkpoints).with_context(|| format!("creating {}", checkpoints.display()))?;
     let suffix = chrono::Utc::now().format("%Y-%m-%d-%H-%M-%S").to_string();
-    let mut log = Log::open(&plan.dir.join(format!("out_{suffix}.log")))?;
+    let mut log = Log::open(&dir.join(format!("out_{suffix}.log")))?;
+    // TSV+JSONL or Parquet data: serialized into LMDB splits under the run's directory.
+    args.train_data = data::lmdb_split(&args.train_data, &dir.join("data"), "--train-data", &mut log)?;
+    if let Some(val) = &args.val_data {
+        args.val_data = Some(data::lmdb_split(val, &dir.join("data"), "--val-data", &mut log)?);
+    }
+    let plan = plan(&args)?;
     let params = params(&args, &plan);
     log::write_params(&plan.dir.join(format!("params_{suffix}.txt")), &params)?;
     log.info("Params:");
