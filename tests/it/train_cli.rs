@@ -335,3 +335,70 @@ fn tsv_and_parquet_training_data_train_as_their_lmdb_split() {
     cnclip(dir, &args);
     assert!(the_log(&dir.join("logs/tsv")).contains("--train-data: reusing"), "the split was reused");
 }
+
+/// `--resume` from cn_clip's own checkpoints: its weights, epoch and step as cn_clip's main.py
+/// loads them (the recorded epoch is done: training goes on with the next), its optimizer state
+/// into ours, and `--reset-optimizer` / `--reset-data-offset` honoured.
+#[test]
+fn resume_from_cn_clip_checkpoints_as_cn_clip_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    corpus(dir, 64);
+    // cn_clip's format: one without optimizer state (as released), one with torch's AdamW
+    // state after 3 steps (as its training writes), both at epoch 1, step 3.
+    let script = r#"
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+from cnclip_ref import model_info
+from cn_clip.clip.model import CLIP
+torch.manual_seed(0)
+model = CLIP(**model_info(json.loads(sys.argv[2])))
+sd = {"module." + k: v for k, v in model.state_dict().items()}
+torch.save({"epoch": 1, "step": 3, "name": "released", "state_dict": sd, "optimizer": {}}, sys.argv[3])
+exclude = lambda n: "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
+named = list(model.named_parameters())
+opt = torch.optim.AdamW([
+    {"params": [p for n, p in named if exclude(n)], "weight_decay": 0.},
+    {"params": [p for n, p in named if not exclude(n)], "weight_decay": 0.2}], lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
+for _ in range(3):
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    opt.step()
+sd = {"module." + k: v for k, v in model.state_dict().items()}
+torch.save({"epoch": 1, "step": 3, "name": "trained", "state_dict": sd, "optimizer": opt.state_dict()}, sys.argv[4])
+"#;
+    let harness = workspace_root().join("tests/reference").display().to_string();
+    let (released, trained) = (dir.join("released.pt"), dir.join("trained.pt"));
+    python(script, &[&harness, TINY, released.to_str().unwrap(), trained.to_str().unwrap()], "");
+    let run = |name: &str, resume: &Path, flags: &[&str]| {
+        let mut args = train_args(name, &["--max-epochs", "2", "--log-interval", "1", "--resume"]);
+        args.push(resume.to_str().unwrap());
+        args.extend_from_slice(flags);
+        Command::new(cnclip_bin()).current_dir(dir).args(&args).output().unwrap()
+    };
+    // Released weights without optimizer state: cn_clip's recipe adds --reset-optimizer.
+    let refused = run("refused", &released, &[]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && stderr.contains("--reset-optimizer"), "{stderr}");
+    // 64 samples, batch 16: 4 steps an epoch. Epoch 1 is recorded done: epoch 2 runs steps 4..8.
+    assert!(run("reset-optimizer", &released, &["--reset-optimizer"]).status.success());
+    let log = the_log(&dir.join("logs/reset-optimizer"));
+    assert!(log.contains("(epoch 1 @ 3 steps)") && log.contains("Start epoch 2") && !log.contains("Start epoch 1"));
+    assert!(log.contains("Global Steps: 5/8 | Train Epoch: 2 [16/64"), "{log}");
+    // --reset-data-offset: from epoch 1, step 0.
+    assert!(run("reset-both", &released, &["--reset-optimizer", "--reset-data-offset"]).status.success());
+    let log = the_log(&dir.join("logs/reset-both"));
+    assert!(log.contains("Start epoch 1") && log.contains("Global Steps: 1/8 | Train Epoch: 1 [16/64"), "{log}");
+    // With torch's optimizer state: restored (its step counts go on from 3).
+    assert!(run("restored", &trained, &[]).status.success());
+    let log = the_log(&dir.join("logs/restored"));
+    assert!(log.contains("=> optimizer state is restored from the checkpoint"), "{log}");
+    let check = r#"
+import sys, torch
+ck = torch.load(sys.argv[1], map_location="cpu", weights_only=True)
+print(sorted({int(s["step"].item()) for s in ck["optimizer"]["state"].values()}))
+"#;
+    let latest = dir.join("logs/restored/checkpoints/epoch2.pt");
+    let steps = python(check, &[latest.to_str().unwrap()], "");
+    assert_eq!(steps.trim(), "[7]", "3 restored steps + 4 in epoch 2");
+}
