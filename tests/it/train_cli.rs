@@ -402,3 +402,18 @@ print(sorted({int(s["step"].item()) for s in ck["optimizer"]["state"].values()})
     let steps = python(check, &[latest.to_str().unwrap()], "");
     assert_eq!(steps.trim(), "[7]", "3 restored steps + 4 in epoch 2");
 }
+
+/// `--devices cpu,cpu`: two replicas stand for two ranks — the global batch is twice the
+/// per-replica batch, an epoch has half the steps, and the replicas' checkpoint is one model.
+#[test]
+fn two_replicas_train_with_the_global_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    corpus(dir, 64);
+    cnclip(dir, &train_args("two", &["--max-epochs", "1", "--log-interval", "1", "--devices", "cpu,cpu"]));
+    let log = the_log(&dir.join("logs/two"));
+    // 64 samples, 2 × 16 per step: 2 steps.
+    assert!(log.contains("Global Steps: 2/2 | Train Epoch: 1 [64/64 (100%)]"), "{log}");
+    assert!(log.contains("Global Batch Size: 32"), "{log}");
+    assert!(dir.join("logs/two/checkpoints/epoch1.pt").is_file());
+}
