@@ -417,3 +417,56 @@ fn two_replicas_train_with_the_global_batch() {
     assert!(log.contains("Global Batch Size: 32"), "{log}");
     assert!(dir.join("logs/two/checkpoints/epoch1.pt").is_file());
 }
+
+/// `--clip-weight-path` / `--bert-weight-path`: the vision tower and `logit_scale` from one
+/// state dict, the text tower from another, as cn_clip's `restore_model` (here checked with a
+/// learning rate and weight decay of 0, so the epoch's checkpoint holds the initial weights).
+#[test]
+fn clip_and_bert_weight_paths_initialise_their_towers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    corpus(dir, 32);
+    let script = r#"
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+from cnclip_ref import model_info
+from cn_clip.clip.model import CLIP
+for seed, out in ((1, sys.argv[3]), (2, sys.argv[4])):
+    torch.manual_seed(seed)
+    torch.save(CLIP(**model_info(json.loads(sys.argv[2]))).state_dict(), out)
+"#;
+    let harness = workspace_root().join("tests/reference").display().to_string();
+    let (vision, text) = (dir.join("vision.pt"), dir.join("text.pt"));
+    python(script, &[&harness, TINY, vision.to_str().unwrap(), text.to_str().unwrap()], "");
+    let mut args = train_args("init", &["--max-epochs", "1", "--wd", "0", "--valid-epoch-interval", "0"]);
+    let lr = args.iter().position(|a| *a == "--lr").unwrap() + 1;
+    args[lr] = "0";
+    args.extend_from_slice(&[
+        "--clip-weight-path",
+        vision.to_str().unwrap(),
+        "--bert-weight-path",
+        text.to_str().unwrap(),
+    ]);
+    cnclip(dir, &args);
+    let (trained, _) = load_cn_clip(&dir.join("logs/init/checkpoints/epoch1.pt")).unwrap();
+    let read = |p: &Path| -> std::collections::HashMap<String, Tensor> {
+        let script = "import sys, torch\nfrom safetensors.torch import save_file\nsave_file({k: v.contiguous() for k, v in torch.load(sys.argv[1]).items()}, sys.argv[2])";
+        let out = p.with_extension("safetensors");
+        python(script, &[p.to_str().unwrap(), out.to_str().unwrap()], "");
+        Tensor::read_safetensors(&out).unwrap().into_iter().collect()
+    };
+    let (v, t) = (read(&vision), read(&text));
+    let (mut from_vision, mut from_text) = (0, 0);
+    for (name, ours) in &trained {
+        if name.starts_with("visual") || name == "logit_scale" {
+            assert!(ours.equal(&v[name]), "{name}: not the --clip-weight-path tensor");
+            from_vision += 1;
+        } else if name.starts_with("bert") {
+            assert!(ours.equal(&t[name]), "{name}: not the --bert-weight-path tensor");
+            from_text += 1;
+        } else {
+            assert!(!ours.equal(&v[name]) && !ours.equal(&t[name]), "{name} comes from neither");
+        }
+    }
+    assert!(from_vision > 10 && from_text > 10);
+}

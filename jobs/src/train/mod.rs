@@ -143,10 +143,12 @@ pub struct Args {
     /// FLIP: the share of image patches dropped in training (ViT).
     #[arg(long, default_value_t = 0.0)]
     mask_ratio: f64,
-    /// Pretrained vision weights (not supported yet: use --resume with a cn_clip checkpoint).
+    /// Initial vision tower and logit_scale from this torch state dict (`visual.*`,
+    /// `logit_scale`), as cn_clip's `restore_model`.
     #[arg(long)]
     clip_weight_path: Option<PathBuf>,
-    /// Pretrained text weights (not supported yet: use --resume with a cn_clip checkpoint).
+    /// Initial text tower from this torch state dict (`bert.*` but the pooler), e.g. a Hugging
+    /// Face `pytorch_model.bin`, as cn_clip's `restore_model`.
     #[arg(long)]
     bert_weight_path: Option<PathBuf>,
     /// Do not train the vision tower (RN50's BatchNorm statistics stay frozen too).
@@ -214,8 +216,6 @@ fn plan(args: &Args) -> Result<Plan> {
     for (set, flag, instead) in [
         (args.use_augment, "--use-augment", "train without it"),
         (args.grad_checkpointing, "--grad-checkpointing", "lower --batch-size and raise --accum-freq"),
-        (args.clip_weight_path.is_some(), "--clip-weight-path", "start from a cn_clip checkpoint with --resume"),
-        (args.bert_weight_path.is_some(), "--bert-weight-path", "start from a cn_clip checkpoint with --resume"),
     ] {
         if set {
             bail!("{flag} is not supported by cnclip train yet: {instead}");
@@ -454,9 +454,22 @@ fn to_batch(rows: &RecordBatch, resolution: usize, device: Device) -> Result<(Ba
 }
 
 /// The student's replicas, at the resumed weights if any.
-fn replicas(plan: &Plan, seed: u64, weights: Option<&BTreeMap<String, Tensor>>) -> Result<Vec<Clip>> {
-    tch::manual_seed(seed as i64);
+fn replicas(args: &Args, plan: &Plan, weights: Option<&BTreeMap<String, Tensor>>) -> Result<Vec<Clip>> {
+    tch::manual_seed(args.seed as i64);
     let mut first = Clip::new(plan.config.clone(), plan.devices[0])?;
+    let pretrained = [
+        (
+            &args.clip_weight_path,
+            "--clip-weight-path",
+            (|k: &str| k.starts_with("visual") || k == "logit_scale") as fn(&str) -> bool,
+        ),
+        (&args.bert_weight_path, "--bert-weight-path", |k: &str| k.starts_with("bert") && !k.contains("bert.pooler")),
+    ];
+    for (path, flag, wanted) in pretrained {
+        if let Some(path) = path {
+            initialise(&mut first, path, wanted).with_context(|| format!("{flag} {}", path.display()))?;
+        }
+    }
     if let Some(weights) = weights {
         first.load_state_dict(weights).context("the --resume checkpoint does not fit the model")?;
     }
@@ -468,6 +481,37 @@ fn replicas(plan: &Plan, seed: u64, weights: Option<&BTreeMap<String, Tensor>>) 
         all.push(replica);
     }
     Ok(all)
+}
+
+/// Copies the tensors of a torch state dict file (a bare dict, or a checkpoint's `state_dict`;
+/// DDP's `module.` stripped) whose names `wanted` keeps into `model` — cn_clip's
+/// `restore_model`, which loads them non-strictly. A kept tensor of another shape is an error.
+fn initialise(model: &mut Clip, path: &Path, wanted: fn(&str) -> bool) -> Result<()> {
+    let mut archive = cnclip_models::checkpoint::TorchArchive::open(path)?;
+    let top = std::mem::replace(&mut archive.value, cnclip_models::checkpoint::pickle::Value::None);
+    let dict = top.get("state_dict").unwrap_or(&top);
+    let tensors = archive.state_dict(dict)?;
+    let variables = model.var_store().variables();
+    let mut copied = 0;
+    tch::no_grad(|| -> Result<()> {
+        for (name, tensor) in &tensors {
+            let name = name.strip_prefix("module.").unwrap_or(name);
+            if !wanted(name) {
+                continue;
+            }
+            let Some(var) = variables.get(name) else { continue };
+            if var.size() != tensor.size() {
+                bail!("{name} has shape {:?}, the model's {:?}", tensor.size(), var.size());
+            }
+            var.shallow_clone().copy_(&tensor.to_kind(var.kind()));
+            copied += 1;
+        }
+        Ok(())
+    })?;
+    if copied == 0 {
+        bail!("no tensor of the model in this state dict");
+    }
+    Ok(())
 }
 
 fn teachers(args: &Args, plan: &Plan) -> Result<Vec<Clip>> {
@@ -547,7 +591,7 @@ pub fn run(mut args: Box<Args>) -> Result<()> {
             Some(loaded.state_dict)
         }
     };
-    let models = replicas(&plan, args.seed, weights.as_ref())?;
+    let models = replicas(&args, &plan, weights.as_ref())?;
     let teachers = teachers(&args, &plan)?;
     let mut trainer = Trainer::new(models, teachers, plan.adamw, plan.options);
     if let Some(state) = optimizer_state {
