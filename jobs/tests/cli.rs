@@ -352,9 +352,14 @@ fn run_lists_the_registered_kinds() {
             (words.next().unwrap(), words.next().unwrap())
         })
         .collect();
-    assert_eq!(kinds.len(), 15, "{listing}");
+    assert_eq!(kinds.len(), 16, "{listing}");
     assert!(kinds.contains(&("tsv", "source")) && kinds.contains(&("preprocess", "transform")), "{listing}");
-    for kind in [("feature_jsonl", "source"), ("require_images", "transform"), ("exclude_ids", "transform")] {
+    for kind in [
+        ("feature_jsonl", "source"),
+        ("lmdb_train", "source"),
+        ("require_images", "transform"),
+        ("exclude_ids", "transform"),
+    ] {
         assert!(kinds.contains(&kind), "{kind:?} missing from {listing}");
     }
     assert!(listing.lines().any(|l| l.starts_with("write_lmdb") && l.contains("`writer` = bulk | txn")), "{listing}");
