@@ -3,6 +3,7 @@
 //! Tests that compare against cn_clip run the reference harness in the project venv
 //! (`scripts/setup.sh` makes it); they fail, not skip, when it is missing.
 
+mod augment;
 mod bad_lmdb;
 mod bench_suite;
 mod checkpoints;

@@ -470,3 +470,24 @@ for seed, out in ((1, sys.argv[3]), (2, sys.argv[4])):
     }
     assert!(from_vision > 10 && from_text > 10);
 }
+
+/// `--use-augment`: cn_clip's train transform (the `random_augment` node, op-level parity in
+/// `augment.rs`) in the training pipeline, drawn from --seed per sample and epoch — two runs
+/// give the same parameters, which differ from a run without augmentation.
+#[test]
+fn use_augment_trains_deterministically_on_augmented_images() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    corpus(dir, 32);
+    for name in ["aug-a", "aug-b"] {
+        cnclip(dir, &train_args(name, &["--max-epochs", "2", "--use-augment", "--valid-epoch-interval", "0"]));
+    }
+    cnclip(dir, &train_args("plain", &["--max-epochs", "2", "--valid-epoch-interval", "0"]));
+    let load = |name: &str| load_cn_clip(&dir.join(format!("logs/{name}/checkpoints/epoch2.pt"))).unwrap().0;
+    let (a, b, plain) = (load("aug-a"), load("aug-b"), load("plain"));
+    let key = "visual.conv1.weight";
+    for (name, t) in &a {
+        assert!(t.equal(&b[name]), "{name}: two --use-augment runs differ");
+    }
+    assert!(!a[key].equal(&plain[key]), "augmentation changed nothing");
+}

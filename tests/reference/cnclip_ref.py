@@ -238,6 +238,103 @@ def cmd_run_module(args):
     runpy.run_module(args.module, run_name="__main__", alter_sys=True)
 
 
+def _augment_steps(resolution):
+    """cn_clip's `--use-augment` train transform (`LMDBDataset._build_transform`) up to ToTensor:
+    timm's RandomResizedCropAndInterpolation, RandomHorizontalFlip, cn_clip's _convert_to_rgb and
+    timm's AutoAugment('original')."""
+    import types
+    from timm.data.auto_augment import AutoAugment
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+    from cn_clip.training.data import LMDBDataset
+
+    owner = types.SimpleNamespace(split="train", use_augment=True)
+    steps = LMDBDataset._build_transform(owner, resolution).transforms
+    crop, flip, to_rgb, auto = steps[:4]
+    assert isinstance(crop, RandomResizedCropAndInterpolation) and isinstance(auto, AutoAugment), steps
+    assert type(flip).__name__ == "RandomHorizontalFlip" and to_rgb.__name__ == "_convert_to_rgb", steps
+    assert [type(t).__name__ for t in steps[4:]] == ["MaybeToTensor", "Normalize"], steps
+    return crop, flip, to_rgb, auto
+
+
+def _write_rgb(path, image):
+    import numpy as np
+
+    assert image.mode == "RGB", image.mode
+    path.write_bytes(np.asarray(image, dtype=np.uint8).tobytes())
+
+
+def cmd_augment_op(args):
+    """One step of the augmentation, by timm's own code, per stdin JSON line:
+    {"image", "crop": [i, j, h, w], "flip"}: resized_crop with the transform's size and
+    interpolation, hflip, convert("RGB"), from the file as opened;
+    {"image", "op", "magnitude", "negate"}: AugmentOp(op, prob=1, magnitude) with the transform's
+    hparams, `_randomly_negate` fixed to `negate`, on the image converted to RGB;
+    {"image", "function", "args"}: timm.data.auto_augment.<function>(img, *args, **kwargs).
+    Writes OUT/N.rgb (the result) and, for ops, OUT/N.in.rgb (their RGB input); prints sizes."""
+    from pathlib import Path
+    from PIL import Image
+    import torchvision.transforms.functional as F
+    import timm.data.auto_augment as aa
+
+    crop, _, to_rgb, auto = _augment_steps(args.resolution)
+    template = auto.policy[0][0]  # every op of the policy has the same hparams and kwargs
+    randomly_negate = aa._randomly_negate
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for n, line in enumerate(sys.stdin):
+        case = json.loads(line)
+        image = Image.open(case["image"])
+        if "crop" in case:
+            i, j, h, w = case["crop"]
+            result = F.resized_crop(image, i, j, h, w, list(crop.size), crop.interpolation)
+            if case.get("flip"):
+                result = F.hflip(result)
+            result = to_rgb(result)
+        else:
+            image = image.convert("RGB")
+            _write_rgb(out / f"{n}.in.rgb", image)
+            if "function" in case:
+                result = getattr(aa, case["function"])(image, *case.get("args", []), **template.kwargs)
+            else:
+                op = aa.AugmentOp(case["op"], prob=1.0, magnitude=case["magnitude"], hparams=template.hparams)
+                negate = bool(case.get("negate"))
+                aa._randomly_negate = lambda v: -v if negate else v
+                try:
+                    result = op(image)
+                finally:
+                    aa._randomly_negate = randomly_negate
+        _write_rgb(out / f"{n}.rgb", result)
+        print(json.dumps({"width": result.width, "height": result.height, "source_mode": Image.open(case["image"]).mode}))
+
+
+def cmd_augment_replay(args):
+    """The whole augmentation of each stdin JSON line {"image", "seed", "key"} with Python's
+    `random` seeded `seed << 64 | key` (what cnclip's `random_augment` draws from). The flip
+    draws `random.random() < 0.5` from the same generator instead of `torch.rand`; the rest is
+    cn_clip's transform untouched. Writes OUT/N.rgb; prints the crop drawn."""
+    import random
+    from pathlib import Path
+    from PIL import Image
+    import torchvision.transforms.functional as F
+
+    crop, _, to_rgb, auto = _augment_steps(args.resolution)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for n, line in enumerate(sys.stdin):
+        case = json.loads(line)
+        random.seed((case["seed"] << 64) | (case["key"] & (2**64 - 1)))
+        image = Image.open(case["image"])
+        # RandomResizedCropAndInterpolation.__call__, keeping its parameters to report.
+        i, j, h, w = crop.get_params(image, crop.scale, crop.ratio)
+        image = F.resized_crop(image, i, j, h, w, list(crop.size), crop.interpolation)
+        flip = random.random() < 0.5
+        if flip:
+            image = F.hflip(image)
+        image = auto(to_rgb(image))
+        _write_rgb(out / f"{n}.rgb", image)
+        print(json.dumps({"crop": [i, j, h, w], "flip": flip}))
+
+
 def _train_rank(rank, args):
     """One DDP rank (gloo, CPU) of cn_clip's own training loop, `cn_clip.training.train.train`."""
     import logging
@@ -398,6 +495,16 @@ def main():
     p.add_argument("module")
     p.add_argument("args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_run_module)
+
+    p = sub.add_parser("augment-op", help="one step of cn_clip's --use-augment transform (timm's code) per stdin line")
+    p.add_argument("--resolution", type=int, default=224)
+    p.add_argument("--out", required=True, help="directory for the N.rgb results")
+    p.set_defaults(func=cmd_augment_op)
+
+    p = sub.add_parser("augment-replay", help="cn_clip's --use-augment transform with Python's random seeded per line")
+    p.add_argument("--resolution", type=int, default=224)
+    p.add_argument("--out", required=True, help="directory for the N.rgb results")
+    p.set_defaults(func=cmd_augment_replay)
 
     args = parser.parse_args()
     args.func(args)

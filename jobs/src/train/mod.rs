@@ -35,7 +35,9 @@ use cnclip_operators::quarantine::OnError;
 use cnclip_operators::sources::lmdb::counts;
 use cnclip_operators::sources::lmdb_train::TrainOrder;
 use cnclip_operators::spec::PipelineStream;
-use cnclip_operators::spec::builtin::{DecodeBase64Config, LmdbTrainConfig, PreprocessConfig, TokenizeConfig};
+use cnclip_operators::spec::builtin::{
+    DecodeBase64Config, LmdbTrainConfig, PreprocessConfig, RandomAugmentConfig, TokenizeConfig,
+};
 use cnclip_operators::spec::{JobSettings, NodeDef, Planner};
 use cnclip_operators::transforms::preprocess::Order;
 use cnclip_schemas::columns::{PIXELS, SAMPLE, TOKEN_IDS};
@@ -107,7 +109,8 @@ pub struct Args {
     /// Synchronised BatchNorm across replicas (only one replica is supported yet).
     #[arg(long)]
     use_bn_sync: bool,
-    /// AutoAugment of training images (not supported yet).
+    /// cn_clip's training augmentation (timm's RandomResizedCrop 0.9–1, flip, AutoAugment
+    /// 'original'), drawn per sample and epoch from --seed.
     #[arg(long)]
     use_augment: bool,
     /// Keep the learning rate at --lr (no warmup, no cosine).
@@ -213,10 +216,9 @@ struct Plan {
 }
 
 fn plan(args: &Args) -> Result<Plan> {
-    for (set, flag, instead) in [
-        (args.use_augment, "--use-augment", "train without it"),
-        (args.grad_checkpointing, "--grad-checkpointing", "lower --batch-size and raise --accum-freq"),
-    ] {
+    for (set, flag, instead) in
+        [(args.grad_checkpointing, "--grad-checkpointing", "lower --batch-size and raise --accum-freq")]
+    {
         if set {
             bail!("{flag} is not supported by cnclip train yet: {instead}");
         }
@@ -382,19 +384,23 @@ fn data_stream(
     context_length: usize,
     threads: usize,
     quarantine: PathBuf,
+    augment: Option<u64>,
 ) -> Result<PipelineStream> {
+    let max_pixels = cnclip_operators::decoders::image::DEFAULT_MAX_PIXELS;
+    // cn_clip's eval transform (Resize, convert to RGB), or with --use-augment its train
+    // transform (timm's RandomResizedCrop, flip, AutoAugment 'original') drawn per sample.
+    let pixels = match augment {
+        None => NodeDef::new(
+            "pixels",
+            Some("decoded"),
+            PreprocessConfig { resolution, order: Order::ResizeThenConvert, max_pixels },
+        ),
+        Some(seed) => NodeDef::new("pixels", Some("decoded"), RandomAugmentConfig { resolution, seed, max_pixels }),
+    };
     let defs = vec![
         NodeDef::new("samples", None, LmdbTrainConfig { path: split.to_path_buf(), order }),
         NodeDef::new("decoded", Some("samples"), DecodeBase64Config {}),
-        NodeDef::new(
-            "pixels",
-            Some("decoded"),
-            PreprocessConfig {
-                resolution,
-                order: Order::ResizeThenConvert,
-                max_pixels: cnclip_operators::decoders::image::DEFAULT_MAX_PIXELS,
-            },
-        ),
+        pixels,
         NodeDef::new("tokens", Some("pixels"), TokenizeConfig { context_length, preprocess: true }),
     ];
     // A training batch cannot drop a sample: a bad one stops the run, naming it.
@@ -700,6 +706,8 @@ impl Run<'_> {
             args.context_length,
             args.num_workers,
             self.quarantine.clone(),
+            // Fresh draws every epoch, the same ones in a resumed run.
+            args.use_augment.then(|| args.seed.wrapping_mul(1_000_003).wrapping_add(epoch)),
         )?;
         let mut feed = Feed::new(stream);
         let mut trained = 0;
@@ -853,6 +861,7 @@ impl Run<'_> {
             args.context_length,
             args.valid_num_workers,
             self.quarantine.clone(),
+            None,
         )?;
         let mut feed = Feed::new(stream);
         let (mut loss_sum, mut i2t_sum, mut t2i_sum, mut count) = (0.0, 0.0, 0.0, 0usize);

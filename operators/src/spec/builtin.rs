@@ -40,6 +40,7 @@ pub fn register(registry: &mut Registry) {
         .register::<RequireImagesConfig>()
         .register::<ExcludeIdsConfig>()
         .register::<PreprocessConfig>()
+        .register::<RandomAugmentConfig>()
         .register::<TokenizeConfig>()
         .register::<WriteParquetConfig>()
         .register::<WriteJsonlConfig>()
@@ -356,6 +357,34 @@ impl NodeConfig for PreprocessConfig {
         }
         let preprocess = Preprocess { resolution: self.resolution, max_pixels: self.max_pixels, order: self.order };
         Ok(Operator::Transform(Arc::new(preprocess)))
+    }
+}
+
+/// `random_augment`: image decode + cn_clip's `--use-augment` training transform (random
+/// resized crop, flip, timm's 'original' AutoAugment), drawn per row from `seed` and the row's
+/// `sample` (else `image_id`); the same `pixels` as `preprocess`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RandomAugmentConfig {
+    #[serde(default = "default_resolution")]
+    pub resolution: usize,
+    pub seed: u64,
+    #[serde(default = "default_max_pixels")]
+    pub max_pixels: u64,
+}
+
+impl NodeConfig for RandomAugmentConfig {
+    const KIND: &'static str = "random_augment";
+    const ROLE: Role = Role::Transform;
+    const DOC: &'static str =
+        "image → pixels with cn_clip's train augmentation drawn from `seed` + `sample`; `resolution`, `max_pixels`";
+    fn build(self, _: &BuildContext) -> Result<Operator, Vec<String>> {
+        use crate::transforms::augment::RandomAugment;
+        if !(1..=4096).contains(&self.resolution) {
+            return Err(vec![format!("resolution {} is not between 1 and 4096", self.resolution)]);
+        }
+        let augment = RandomAugment { resolution: self.resolution, seed: self.seed, max_pixels: self.max_pixels };
+        Ok(Operator::Transform(Arc::new(augment)))
     }
 }
 

@@ -4,6 +4,7 @@
 //! ([`Transform::execution`]): in small pieces on the CPU worker pool (the default, for these
 //! cheap per-row functions), or on device threads that each own a [`TransformReplica`].
 
+pub mod augment;
 pub mod base64;
 pub mod exclude_ids;
 pub mod preprocess;
