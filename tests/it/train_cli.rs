@@ -491,3 +491,25 @@ fn use_augment_trains_deterministically_on_augmented_images() {
     }
     assert!(!a[key].equal(&plain[key]), "augmentation changed nothing");
 }
+
+/// A mid-epoch position only holds for the settings that made it: resumed with another batch
+/// size, the run says so and resumes at the checkpoint's epoch end, as cn_clip would.
+#[test]
+fn a_mid_epoch_position_with_other_settings_resumes_at_the_epoch_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    corpus(dir, 64);
+    cnclip(
+        dir,
+        &train_args("first", &["--max-steps", "1", "--save-step-frequency", "1", "--valid-epoch-interval", "0"]),
+    );
+    let step = dir.join("logs/first/checkpoints/epoch_1_1.pt");
+    let mut args = train_args("second", &["--max-epochs", "2", "--valid-epoch-interval", "0", "--resume"]);
+    args.push(step.to_str().unwrap());
+    let bs = args.iter().position(|a| *a == "--batch-size").unwrap() + 1;
+    args[bs] = "8";
+    cnclip(dir, &args);
+    let log = the_log(&dir.join("logs/second"));
+    assert!(log.contains("made with other settings") && log.contains("(epoch 1 @ 1 steps)"), "{log}");
+    assert!(log.contains("Start epoch 2") && !log.contains("Start epoch 1"), "{log}");
+}

@@ -32,6 +32,9 @@ pub struct Saved<'a> {
     pub epoch: i64,
     pub step: i64,
     pub position: Position,
+    /// What the position's micro-batch index means: `[seed, batch size, replicas,
+    /// accum_freq, samples]`; a resume with other values cannot continue mid-epoch.
+    pub layout: [i64; 5],
 }
 
 /// torch's `AdamW.state_dict()` of `optimizer`.
@@ -89,6 +92,7 @@ pub fn save(path: &Path, trainer: &Trainer, saved: &Saved<'_>) -> Result<()> {
                 ("epoch", Py::Int(epoch as i64)),
                 ("batch", Py::Int(batch as i64)),
                 ("steps", Py::Int(steps as i64)),
+                ("layout", Py::List(saved.layout.iter().map(|&v| Py::Int(v)).collect())),
             ]),
         ),
     ]);
@@ -102,8 +106,8 @@ pub struct Loaded {
     /// Per optimizer id: `(step, exp_avg, exp_avg_sq)`; `None` when the file has no optimizer
     /// state (a released or extracted checkpoint).
     pub optimizer: Option<Vec<Option<(u64, Tensor, Tensor)>>>,
-    /// Ours only: the exact position in the data.
-    pub position: Option<Position>,
+    /// Ours only: the exact position in the data, and its [`Saved::layout`].
+    pub position: Option<(Position, Vec<i64>)>,
 }
 
 /// Reads a cn_clip-format checkpoint (ours or cn_clip's) with the restricted reader.
@@ -125,7 +129,11 @@ pub fn load(path: &Path) -> Result<Loaded> {
                 Some(Value::Int(v)) if *v >= 0 => Ok(*v as u64),
                 _ => bail!("{name}: cnclip.{key} is not a count"),
             };
-            Some(Position { epoch: int("epoch")?, batch: int("batch")? as usize, steps: int("steps")? })
+            let layout = match entry.get("layout") {
+                Some(Value::List(items)) => items.iter().map(|v| if let Value::Int(v) = v { *v } else { -1 }).collect(),
+                _ => Vec::new(),
+            };
+            Some((Position { epoch: int("epoch")?, batch: int("batch")? as usize, steps: int("steps")? }, layout))
         }
         None => None,
     };
@@ -146,7 +154,7 @@ fn read_optimizer(archive: &mut TorchArchive, value: &Value) -> Result<Vec<Optio
         let slot = out.get_mut(*id as usize).with_context(|| format!("state for parameter {id} of {count}"))?;
         let step = match entry.get("step") {
             Some(Value::Tensor(t)) => archive.tensor(t)?.to_kind(Kind::Double).double_value(&[]) as u64,
-            Some(Value::Int(v)) => *v as u64,
+            Some(Value::Int(v)) => *v as f64 as u64,
             Some(Value::Float(v)) => *v as u64,
             _ => bail!("parameter {id}: no step"),
         };
@@ -156,6 +164,9 @@ fn read_optimizer(archive: &mut TorchArchive, value: &Value) -> Result<Vec<Optio
                 _ => bail!("parameter {id}: no {field} tensor"),
             }
         };
+        if step > i32::MAX as u64 {
+            bail!("parameter {id}: step {step} is not a step count");
+        }
         *slot = Some((step, tensor("exp_avg")?, tensor("exp_avg_sq")?));
     }
     Ok(out)

@@ -113,7 +113,7 @@ pub struct Args {
     /// 'original'), drawn per sample and epoch from --seed.
     #[arg(long)]
     use_augment: bool,
-    /// Keep the learning rate at --lr (no warmup, no cosine).
+    /// Accepted as cn_clip 1.6.0 accepts it: it has no effect there (warmup + cosine always run).
     #[arg(long)]
     skip_scheduler: bool,
     /// Save `epoch{N}.pt` every this many epochs.
@@ -207,6 +207,7 @@ struct Plan {
     devices: Vec<Device>,
     adamw: AdamWConfig,
     options: StepOptions,
+    samples: usize,
     num_batches: usize,
     steps_per_epoch: u64,
     max_steps: u64,
@@ -285,7 +286,10 @@ fn plan(args: &Args) -> Result<Plan> {
     }
     // main.py: --max-steps decides the epochs, else the epochs decide the steps.
     let (max_steps, max_epochs) = match args.max_steps {
-        Some(steps) => (steps, (steps * args.accum_freq as u64).div_ceil(num_batches as u64)),
+        Some(steps) => {
+            let micro = steps.checked_mul(args.accum_freq as u64).context("--max-steps × --accum-freq overflows")?;
+            (steps, micro.div_ceil(num_batches as u64))
+        }
         None => (steps_per_epoch * args.max_epochs, args.max_epochs),
     };
     let dir = Path::new(&args.logs).join(&args.name);
@@ -302,6 +306,7 @@ fn plan(args: &Args) -> Result<Plan> {
             kd_loss_weight: args.distillation.then_some(args.kd_loss_weight),
             freeze_vision: args.freeze_vision,
         },
+        samples,
         num_batches,
         steps_per_epoch,
         max_steps,
@@ -534,6 +539,11 @@ fn teachers(args: &Args, plan: &Plan) -> Result<Vec<Clip>> {
         .with_context(|| format!("loading the teacher {}", path.display()))
 }
 
+/// What a saved micro-batch index means (see [`checkpoint::Saved::layout`]).
+fn data_layout(args: &Args, plan: &Plan) -> [i64; 5] {
+    [args.seed as i64, args.batch_size as i64, plan.devices.len() as i64, args.accum_freq as i64, plan.samples as i64]
+}
+
 /// Per-step generator seed: dropout and FLIP masks depend only on (--seed, step), so a
 /// resumed run draws what an uninterrupted one draws.
 fn step_seed(seed: u64, step: u64) -> i64 {
@@ -572,8 +582,21 @@ pub fn run(mut args: Box<Args>) -> Result<()> {
             log.info(&format!("=> begin to load checkpoint '{}'", path.display()));
             let loaded = checkpoint::load(path)?;
             if !args.reset_data_offset {
+                let layout = data_layout(&args, &plan);
                 position = match loaded.position {
-                    Some(exact) => exact,
+                    Some((exact, saved)) if saved[..] == layout[..] => exact,
+                    Some((_, saved)) => {
+                        log.info(&format!(
+                            "=> the checkpoint's data position was made with other settings ([seed, batch size, \
+                             replicas, accum_freq, samples] {saved:?}, now {layout:?}): resuming at its epoch's end \
+                             as cn_clip does"
+                        ));
+                        Position {
+                            epoch: loaded.info.epoch.unwrap_or(0).max(0) as u64,
+                            batch: 0,
+                            steps: loaded.info.step.unwrap_or(0).max(0) as u64,
+                        }
+                    }
                     // cn_clip's own: the epoch it records is done; its within-epoch step
                     // checkpoints restart that epoch's successor (as cn_clip does).
                     None => Position {
@@ -612,10 +635,9 @@ pub fn run(mut args: Box<Args>) -> Result<()> {
     let started = Instant::now();
     let first_step = position.steps;
     let mut steps = position.steps;
+    // No stop on `steps` here: as cn_clip, an epoch past --max-steps trains nothing (its steps
+    // are numbered from the epoch) but still validates.
     for epoch in position.epoch..plan.max_epochs {
-        if steps >= plan.max_steps {
-            break;
-        }
         run.log.info(&format!("Start epoch {}", epoch + 1));
         let start_batch = if epoch == position.epoch { position.batch } else { 0 };
         let trained = run.epoch(&mut trainer, epoch, start_batch, steps, started, first_step)?;
@@ -635,12 +657,17 @@ pub fn run(mut args: Box<Args>) -> Result<()> {
         if let Some(row) = run.metrics.rows.iter_mut().rev().find(|r| r.kind == "train") {
             row.rss_bytes = log::rss_bytes();
         }
-        if trained > 0 {
+        // A run resumed from a step checkpoint on its epoch's last step has the epoch's end
+        // (validation above, checkpoints here) still to do.
+        let resumed_at_end = epoch == position.epoch && position.batch > 0;
+        let layout = data_layout(&args, &plan);
+        if trained > 0 || resumed_at_end {
             let saved = |epoch_done: u64| Saved {
                 name: &args.name,
                 epoch: epoch_done as i64,
                 step: steps as i64,
                 position: Position { epoch: epoch + 1, batch: 0, steps },
+                layout,
             };
             let done = epoch + 1;
             if done == plan.max_epochs
@@ -728,11 +755,8 @@ impl Run<'_> {
                 micro.push(per_replica);
             }
             let data_time = begin.elapsed().as_secs_f64();
-            let lr = if args.skip_scheduler {
-                plan.adamw.lr
-            } else {
-                cosine_lr(plan.adamw.lr, args.warmup, plan.max_steps, step)
-            };
+            // cn_clip 1.6.0 parses --skip-scheduler but never reads it: the schedule always runs.
+            let lr = cosine_lr(plan.adamw.lr, args.warmup, plan.max_steps, step);
             tch::manual_seed(step_seed(args.seed, step));
             let report = trainer.step(&micro, lr);
             let batch_time = begin.elapsed().as_secs_f64();
@@ -792,6 +816,7 @@ impl Run<'_> {
                     epoch: epoch as i64 + 1,
                     step: step as i64 + 1,
                     position: Position { epoch, batch: (i_accum as usize + 1) * accum, steps: step + 1 },
+                    layout: data_layout(args, plan),
                 };
                 let path = plan.checkpoints.join(format!("epoch_{}_{}.pt", epoch + 1, step + 1));
                 self.save(trainer, &path, &saved)?;
@@ -802,7 +827,7 @@ impl Run<'_> {
             self.log.info(&format!(
                 "Stopping training due to step {} has reached max_steps {}",
                 plan.steps_per_epoch * epoch + last,
-                plan.max_steps
+                plan.max_steps / args.accum_freq as u64
             ));
         }
         Ok(trained)
@@ -888,10 +913,13 @@ impl Run<'_> {
             t2i_sum += t2i * n as f64;
             count += n;
             if (i + 1) % 100 == 0 {
-                self.log.info(&format!("Evaluated {}/{batches} batches...", i + 1));
+                self.log.info(&format!("Evaluated {}/{} batches...", i + 1, batches / world));
             }
         }
-        let n = count.max(1) as f64;
+        if count == 0 {
+            bail!("--val-data {}: no samples to validate on", split.display());
+        }
+        let n = count as f64;
         let logit_scale = trainer.replicas()[0].logit_scale_parameter().double_value(&[]);
         self.log.info(&format!(
             "Validation Result (epoch {} @ {steps} steps) | Valid Loss: {:.6} | Image2Text Acc: {:.2} | \
