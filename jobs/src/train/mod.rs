@@ -32,6 +32,7 @@ use cnclip_models::checkpoint::{Format, architecture, load_clip};
 use cnclip_models::training::{AdamWConfig, Batch, StepOptions, StepReport, Trainer, cosine_lr, rank_loss};
 use cnclip_models::{Clip, ClipConfig};
 use cnclip_operators::quarantine::OnError;
+use cnclip_operators::sinks::jsonl::python_float;
 use cnclip_operators::sources::lmdb::counts;
 use cnclip_operators::sources::lmdb_train::TrainOrder;
 use cnclip_operators::spec::PipelineStream;
@@ -344,11 +345,11 @@ fn params(args: &Args, plan: &Plan) -> BTreeMap<String, String> {
     set("valid_step_interval", opt(&args.valid_step_interval));
     set("valid_epoch_interval", args.valid_epoch_interval.to_string());
     set("context_length", args.context_length.to_string());
-    set("lr", plan.adamw.lr.to_string());
-    set("beta1", plan.adamw.beta1.to_string());
-    set("beta2", plan.adamw.beta2.to_string());
-    set("eps", plan.adamw.eps.to_string());
-    set("wd", args.wd.to_string());
+    set("lr", python_float(plan.adamw.lr));
+    set("beta1", python_float(plan.adamw.beta1));
+    set("beta2", python_float(plan.adamw.beta2));
+    set("eps", python_float(plan.adamw.eps));
+    set("wd", python_float(args.wd));
     set("warmup", args.warmup.to_string());
     set("use_bn_sync", flag(args.use_bn_sync));
     set("use_augment", flag(args.use_augment));
@@ -359,10 +360,19 @@ fn params(args: &Args, plan: &Plan) -> BTreeMap<String, String> {
     set("reset_optimizer", flag(args.reset_optimizer));
     set("reset_data_offset", flag(args.reset_data_offset));
     set("precision", args.precision.clone());
-    set("vision_model", opt(&args.vision_model));
-    set("text_model", opt(&args.text_model));
+    // cn_clip's defaults, unless a model config file names the architecture.
+    let named = |given: &Option<String>, default: &str| match (given, &args.model_config) {
+        (Some(name), _) => name.clone(),
+        (None, None) => default.to_string(),
+        (None, Some(_)) => "None".to_string(),
+    };
+    set("vision_model", named(&args.vision_model, "ViT-B-16"));
+    set("text_model", named(&args.text_model, "RoBERTa-wwm-ext-base-chinese"));
+    set("clip_weight_path", path(&args.clip_weight_path));
+    set("bert_weight_path", path(&args.bert_weight_path));
+    set("grad_checkpointing", flag(args.grad_checkpointing));
     set("model_config", path(&args.model_config));
-    set("mask_ratio", args.mask_ratio.to_string());
+    set("mask_ratio", python_float(args.mask_ratio));
     set("freeze_vision", flag(args.freeze_vision));
     set("use_flash_attention", flag(args.use_flash_attention));
     set("accum_freq", args.accum_freq.to_string());
@@ -373,7 +383,7 @@ fn params(args: &Args, plan: &Plan) -> BTreeMap<String, String> {
     set("seed", args.seed.to_string());
     set("distillation", flag(args.distillation));
     set("teacher_model_name", path(&args.teacher_model_name));
-    set("kd_loss_weight", args.kd_loss_weight.to_string());
+    set("kd_loss_weight", python_float(args.kd_loss_weight));
     set("devices", args.devices.clone());
     set("world_size", plan.devices.len().to_string());
     set("log_path", plan.dir.display().to_string());
@@ -558,12 +568,16 @@ pub fn run(mut args: Box<Args>) -> Result<()> {
     let suffix = chrono::Utc::now().format("%Y-%m-%d-%H-%M-%S").to_string();
     let mut log = Log::open(&dir.join(format!("out_{suffix}.log")))?;
     // TSV+JSONL or Parquet data: serialized into LMDB splits under the run's directory.
+    let given = (args.train_data.display().to_string(), args.val_data.as_ref().map(|v| v.display().to_string()));
     args.train_data = data::lmdb_split(&args.train_data, &dir.join("data"), "--train-data", &mut log)?;
     if let Some(val) = &args.val_data {
         args.val_data = Some(data::lmdb_split(val, &dir.join("data"), "--val-data", &mut log)?);
     }
     let plan = plan(&args)?;
-    let params = params(&args, &plan);
+    let mut params = params(&args, &plan);
+    // The data as given (the params list what the user ran).
+    params.insert("train_data".into(), given.0);
+    params.insert("val_data".into(), given.1.unwrap_or_else(|| "None".into()));
     log::write_params(&plan.dir.join(format!("params_{suffix}.txt")), &params)?;
     log.info("Params:");
     for (k, v) in &params {
