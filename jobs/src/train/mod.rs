@@ -662,15 +662,6 @@ pub fn run(mut args: Box<Args>) -> Result<()> {
         {
             run.validate(&mut trainer, epoch, steps)?;
         }
-        // libtorch allocates through glibc's malloc, whose arenas keep freed pages: hand them
-        // back between epochs so that memory stays flat over a long run (cn_clip's #246).
-        // SAFETY: malloc_trim only releases free memory; it is safe to call at any time.
-        unsafe {
-            libc::malloc_trim(0);
-        }
-        if let Some(row) = run.metrics.rows.iter_mut().rev().find(|r| r.kind == "train") {
-            row.rss_bytes = log::rss_bytes();
-        }
         // A run resumed from a step checkpoint on its epoch's last step has the epoch's end
         // (validation above, checkpoints here) still to do.
         let resumed_at_end = epoch == position.epoch && position.batch > 0;
@@ -690,6 +681,19 @@ pub fn run(mut args: Box<Args>) -> Result<()> {
                 run.save(&trainer, &plan.checkpoints.join(format!("epoch{done}.pt")), &saved(done))?;
             }
             run.save(&trainer, &latest, &saved(done))?;
+        }
+        // libtorch allocates through glibc's malloc, whose arenas keep freed pages, and the
+        // pipelines through mimalloc, whose abandoned thread heaps (each epoch's workers) keep
+        // theirs: hand both back between epochs so that memory stays flat over a long run
+        // (cn_clip's #246).
+        // SAFETY: both only release memory that is free; they are safe to call at any time.
+        unsafe {
+            libmimalloc_sys::mi_collect(true);
+            libc::malloc_trim(0);
+        }
+        // RSS after the epoch's whole work, its checkpoints included.
+        if let Some(row) = run.metrics.rows.iter_mut().rev().find(|r| r.kind == "train") {
+            row.rss_bytes = log::rss_bytes();
         }
     }
     run.metrics.write()?;
