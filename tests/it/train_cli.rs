@@ -112,6 +112,8 @@ fn train_writes_cn_clip_logs_and_checkpoints_that_cn_clip_loads() {
     .unwrap();
     let valid: Vec<String> = valid.captures_iter(&log).map(|c| format!("{}@{}", &c[1], &c[2])).collect();
     assert_eq!(valid, ["1@6", "2@12"]);
+    assert!(log.contains("| train LMDB file contains 96 images and 96 pairs.\n"), "{log}");
+    assert!(log.contains("| val LMDB file contains 32 images and 32 pairs.\n"), "{log}");
     let params = std::fs::read_dir(&run)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -389,10 +391,16 @@ torch.save({"epoch": 1, "step": 3, "name": "trained", "state_dict": sd, "optimiz
     assert!(run("reset-both", &released, &["--reset-optimizer", "--reset-data-offset"]).status.success());
     let log = the_log(&dir.join("logs/reset-both"));
     assert!(log.contains("Start epoch 1") && log.contains("Global Steps: 1/8 | Train Epoch: 1 [16/64"), "{log}");
-    // With torch's optimizer state: restored (its step counts go on from 3).
-    assert!(run("restored", &trained, &[]).status.success());
+    // With torch's optimizer state: restored (its step counts go on from 3), its weight decay
+    // (0.2) kept over the flag's, as torch's load_state_dict does; groups of another size (a
+    // frozen vision tower trains fewer parameters) are refused.
+    let frozen = run("frozen", &trained, &["--freeze-vision"]);
+    let stderr = String::from_utf8_lossy(&frozen.stderr);
+    assert!(!frozen.status.success() && stderr.contains("optimizer groups hold"), "{stderr}");
+    assert!(run("restored", &trained, &["--wd", "0.1"]).status.success());
     let log = the_log(&dir.join("logs/restored"));
     assert!(log.contains("=> optimizer state is restored from the checkpoint"), "{log}");
+    assert!(log.contains("weight decay 0.2 (as torch's load_state_dict)"), "{log}");
     let check = r#"
 import sys, torch
 ck = torch.load(sys.argv[1], map_location="cpu", weights_only=True)

@@ -103,9 +103,8 @@ pub fn save(path: &Path, trainer: &Trainer, saved: &Saved<'_>) -> Result<()> {
 pub struct Loaded {
     pub state_dict: BTreeMap<String, Tensor>,
     pub info: CheckpointInfo,
-    /// Per optimizer id: `(step, exp_avg, exp_avg_sq)`; `None` when the file has no optimizer
-    /// state (a released or extracted checkpoint).
-    pub optimizer: Option<Vec<Option<(u64, Tensor, Tensor)>>>,
+    /// The optimizer state; `None` when the file has none (a released or extracted checkpoint).
+    pub optimizer: Option<SavedOptimizer>,
     /// Ours only: the exact position in the data, and its [`Saved::layout`].
     pub position: Option<(Position, Vec<i64>)>,
 }
@@ -140,13 +139,41 @@ pub fn load(path: &Path) -> Result<Loaded> {
     Ok(Loaded { state_dict, info, optimizer, position })
 }
 
-fn read_optimizer(archive: &mut TorchArchive, value: &Value) -> Result<Vec<Option<(u64, Tensor, Tensor)>>> {
+/// A saved `optimizer.state_dict()`.
+pub struct SavedOptimizer {
+    /// Parameters per group (cn_clip: no decay, then decay).
+    pub group_sizes: Vec<usize>,
+    /// The first group's `betas` and `eps`, the last group's `weight_decay` (torch's
+    /// `load_state_dict` takes these over whatever the optimizer was built with).
+    pub betas: Option<(f64, f64)>,
+    pub eps: Option<f64>,
+    pub weight_decay: Option<f64>,
+    /// Per optimizer id: `(step, exp_avg, exp_avg_sq)`, `None` for one never stepped.
+    pub states: Vec<Option<(u64, Tensor, Tensor)>>,
+}
+
+fn float(value: Option<&Value>) -> Option<f64> {
+    match value {
+        Some(Value::Float(v)) => Some(*v),
+        Some(Value::Int(v)) => Some(*v as f64),
+        _ => None,
+    }
+}
+
+fn read_optimizer(archive: &mut TorchArchive, value: &Value) -> Result<SavedOptimizer> {
     let Some(Value::List(groups)) = value.get("param_groups") else { bail!("no param_groups list") };
-    let mut count = 0;
+    let mut group_sizes = Vec::new();
     for group in groups {
         let Some(Value::List(params)) = group.get("params") else { bail!("a param group without params") };
-        count += params.len();
+        group_sizes.push(params.len());
     }
+    let count = group_sizes.iter().sum();
+    let betas = match groups.first().and_then(|g| g.get("betas")) {
+        Some(Value::Tuple(b) | Value::List(b)) if b.len() == 2 => float(b.first()).zip(float(b.get(1))),
+        _ => None,
+    };
+    let eps = float(groups.first().and_then(|g| g.get("eps")));
+    let weight_decay = float(groups.last().and_then(|g| g.get("weight_decay")));
     let mut out: Vec<Option<(u64, Tensor, Tensor)>> = (0..count).map(|_| None).collect();
     let Some(Value::Dict(state)) = value.get("state") else { bail!("no state dict") };
     for (key, entry) in state {
@@ -169,5 +196,5 @@ fn read_optimizer(archive: &mut TorchArchive, value: &Value) -> Result<Vec<Optio
         }
         *slot = Some((step, tensor("exp_avg")?, tensor("exp_avg_sq")?));
     }
-    Ok(out)
+    Ok(SavedOptimizer { group_sizes, betas, eps, weight_decay, states: out })
 }

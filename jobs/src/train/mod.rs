@@ -549,6 +549,15 @@ fn teachers(args: &Args, plan: &Plan) -> Result<Vec<Clip>> {
         .with_context(|| format!("loading the teacher {}", path.display()))
 }
 
+/// cn_clip's `LMDBDataset` line for the splits, logged whenever its `get_data` builds them.
+fn log_datasets(args: &Args, log: &mut Log) {
+    for (split, dir) in [("train", Some(&args.train_data)), ("val", args.val_data.as_ref())] {
+        if let Some((images, pairs)) = dir.and_then(|d| counts(d).ok()) {
+            log.info(&format!("{split} LMDB file contains {images} images and {pairs} pairs."));
+        }
+    }
+}
+
 /// What a saved micro-batch index means (see [`checkpoint::Saved::layout`]).
 fn data_layout(args: &Args, plan: &Plan) -> [i64; 5] {
     [args.seed as i64, args.batch_size as i64, plan.devices.len() as i64, args.accum_freq as i64, plan.samples as i64]
@@ -574,6 +583,7 @@ pub fn run(mut args: Box<Args>) -> Result<()> {
         args.val_data = Some(data::lmdb_split(val, &dir.join("data"), "--val-data", &mut log)?);
     }
     let plan = plan(&args)?;
+    log_datasets(&args, &mut log);
     let mut params = params(&args, &plan);
     // The data as given (the params list what the user ran).
     params.insert("train_data".into(), given.0);
@@ -638,7 +648,36 @@ pub fn run(mut args: Box<Args>) -> Result<()> {
     let teachers = teachers(&args, &plan)?;
     let mut trainer = Trainer::new(models, teachers, plan.adamw, plan.options);
     if let Some(state) = optimizer_state {
-        trainer.optimizer_mut().load(state).map_err(anyhow::Error::msg)?;
+        let ours = trainer.optimizer().states();
+        let decayed = ours.iter().filter(|s| s.decay).count();
+        let sizes = vec![ours.len() - decayed, decayed];
+        if state.group_sizes != sizes {
+            bail!(
+                "the checkpoint's optimizer groups hold {:?} parameters, this model trains {sizes:?} (another model or \
+                 --freeze-vision setting): add --reset-optimizer",
+                state.group_sizes
+            );
+        }
+        // torch's load_state_dict takes the saved betas, eps and weight decay over the flags.
+        let flags = trainer.optimizer().config();
+        let mut config = flags;
+        if let Some((beta1, beta2)) = state.betas {
+            (config.beta1, config.beta2) = (beta1, beta2);
+        }
+        config.eps = state.eps.unwrap_or(config.eps);
+        config.weight_decay = state.weight_decay.unwrap_or(config.weight_decay);
+        if config != flags {
+            log.info(&format!(
+                "=> the optimizer keeps the checkpoint's betas ({}, {}), eps {} and weight decay {} (as torch's \
+                 load_state_dict), not the flags'",
+                python_float(config.beta1),
+                python_float(config.beta2),
+                python_float(config.eps),
+                python_float(config.weight_decay)
+            ));
+        }
+        trainer.optimizer_mut().set_config(config);
+        trainer.optimizer_mut().load(state.states).map_err(anyhow::Error::msg)?;
         log.info("=> optimizer state is restored from the checkpoint");
     }
     let metrics_path = plan.dir.join("metrics.parquet");
@@ -681,6 +720,9 @@ pub fn run(mut args: Box<Args>) -> Result<()> {
                 run.save(&trainer, &plan.checkpoints.join(format!("epoch{done}.pt")), &saved(done))?;
             }
             run.save(&trainer, &latest, &saved(done))?;
+        }
+        if epoch + 1 < plan.max_epochs {
+            log_datasets(&args, &mut run.log);
         }
         // libtorch allocates through glibc's malloc, whose arenas keep freed pages, and the
         // pipelines through mimalloc, whose abandoned thread heaps (each epoch's workers) keep

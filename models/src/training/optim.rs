@@ -76,6 +76,11 @@ impl AdamW {
         self.config
     }
 
+    /// Replaces the hyperparameters (torch's `load_state_dict` takes a checkpoint's).
+    pub fn set_config(&mut self, config: AdamWConfig) {
+        self.config = config;
+    }
+
     /// The learning rate of the last step (`optimizer.param_groups[0]['lr']`).
     pub fn lr(&self) -> f64 {
         self.lr
