@@ -13,7 +13,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use cnclip_models::checkpoint::pickle::Value;
-use cnclip_models::checkpoint::{CheckpointInfo, Py, TorchArchive, cn_clip_state_dict, load_cn_clip, save_torch};
+use cnclip_models::checkpoint::{CheckpointInfo, Py, TorchArchive, cn_clip_state_dict, read_cn_clip, save_torch};
 use cnclip_models::training::{AdamW, Trainer};
 use tch::{Kind, Tensor};
 
@@ -111,9 +111,9 @@ pub struct Loaded {
 
 /// Reads a cn_clip-format checkpoint (ours or cn_clip's) with the restricted reader.
 pub fn load(path: &Path) -> Result<Loaded> {
-    let (state_dict, info) = load_cn_clip(path)?;
     let mut archive = TorchArchive::open(path)?;
     let top = std::mem::replace(&mut archive.value, Value::None);
+    let (state_dict, info) = read_cn_clip(&mut archive, &top)?;
     let name = path.display();
     let optimizer = match top.get("optimizer") {
         Some(Value::Dict(items)) if !items.is_empty() => Some(

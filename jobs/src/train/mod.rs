@@ -822,10 +822,15 @@ impl Run<'_> {
             let batch_time = begin.elapsed().as_secs_f64();
             trained += 1;
             since_log.1 += seen.len();
-            if (step + 1).is_multiple_of(args.log_interval) {
+            // A row per logged step (with its rate), and per step with --debug (with its samples).
+            let logged = (step + 1).is_multiple_of(args.log_interval);
+            let mut rate = None;
+            if logged {
                 self.log_step(step, epoch, i_accum, lr, &report, data_time, batch_time);
-                let rate = since_log.1 as f64 / since_log.0.elapsed().as_secs_f64().max(1e-9);
+                rate = Some(since_log.1 as f64 / since_log.0.elapsed().as_secs_f64().max(1e-9));
                 since_log = (Instant::now(), 0);
+            }
+            if logged || args.debug {
                 self.metrics.rows.push(Metric {
                     kind: "train",
                     step: step + 1,
@@ -835,23 +840,9 @@ impl Run<'_> {
                     t2i_acc: report.t2i,
                     lr: Some(lr),
                     logit_scale: report.logit_scale,
-                    samples_per_s: Some(rate),
+                    samples_per_s: rate,
                     rss_bytes: None,
                     samples: args.debug.then(|| seen.clone()),
-                });
-            } else if args.debug {
-                self.metrics.rows.push(Metric {
-                    kind: "train",
-                    step: step + 1,
-                    epoch: epoch + 1,
-                    loss: report.loss,
-                    i2t_acc: report.i2t,
-                    t2i_acc: report.t2i,
-                    lr: Some(lr),
-                    logit_scale: report.logit_scale,
-                    samples_per_s: None,
-                    rss_bytes: None,
-                    samples: Some(seen.clone()),
                 });
             }
             let done = steps_before + trained - first_step;

@@ -195,6 +195,15 @@ pub struct CheckpointInfo {
 pub fn load_cn_clip(path: &Path) -> Result<(BTreeMap<String, Tensor>, CheckpointInfo)> {
     let mut archive = TorchArchive::open(path)?;
     let top = std::mem::replace(&mut archive.value, Value::None);
+    read_cn_clip(&mut archive, &top)
+}
+
+/// [`load_cn_clip`] on an open archive whose pickled value is `top` (taken out of it), for
+/// callers that read more of the checkpoint (a training run's optimizer state).
+///
+/// # Errors
+/// As [`load_cn_clip`].
+pub fn read_cn_clip(archive: &mut TorchArchive, top: &Value) -> Result<(BTreeMap<String, Tensor>, CheckpointInfo)> {
     let state_dict = top
         .get("state_dict")
         .ok_or_else(|| checkpoint_error(&archive.path, "no `state_dict` entry: not a cn_clip checkpoint"))?;

@@ -47,43 +47,60 @@ impl Preprocess {
 
 impl Transform for Preprocess {
     fn output_schema(&self, input: &SchemaRef) -> Result<SchemaRef, String> {
-        let index = require(input, IMAGE, &DataType::Binary)?;
-        let bytes = 3 * self.resolution * self.resolution;
-        let schema = replace_field(input, index, Field::new(PIXELS, DataType::FixedSizeBinary(bytes as i32), false));
-        let mut meta: HashMap<String, String> = schema.metadata().clone();
-        meta.insert(metadata::RESOLUTION.into(), self.resolution.to_string());
-        meta.insert(
-            metadata::PREPROCESSING.into(),
-            format!(
-                "cn_clip image_transform: {}, bicubic {r}x{r}, RGB u8 (normalise with OpenAI CLIP mean/std)",
-                match self.order {
-                    Order::ResizeThenConvert => "resize then convert(RGB)",
-                    Order::ConvertThenResize => "convert(RGB) then resize",
-                },
-                r = self.resolution
-            ),
+        let description = format!(
+            "cn_clip image_transform: {}, bicubic {r}x{r}, RGB u8 (normalise with OpenAI CLIP mean/std)",
+            match self.order {
+                Order::ResizeThenConvert => "resize then convert(RGB)",
+                Order::ConvertThenResize => "convert(RGB) then resize",
+            },
+            r = self.resolution
         );
-        Ok(Arc::new(schema.as_ref().clone().with_metadata(meta)))
+        pixels_schema(input, self.resolution, description)
     }
 
     fn apply(&self, batch: &RecordBatch, source: &str) -> Result<Output> {
         let schema = self.output_schema(&batch.schema()).map_err(Error::Internal)?;
-        let index = batch.schema().index_of(IMAGE).expect("checked by output_schema");
-        let images = batch.column(index).as_any().downcast_ref::<BinaryArray>().expect("checked by output_schema");
-        let bytes = 3 * self.resolution * self.resolution;
-        let mut out = FixedSizeBinaryBuilder::with_capacity(images.len(), bytes as i32);
-        let mut resizer = Resizer::new();
-        let (mut keep, mut rejected) = (Vec::with_capacity(images.len()), Vec::new());
-        for row in 0..images.len() {
-            match self.image(images.value(row), &mut resizer) {
-                Ok(rgb) => {
-                    out.append_value(&rgb)?;
-                    keep.push(row as u32);
-                }
-                Err(reason) => rejected.push(reject_image(batch, row, source, reason)),
-            }
-        }
-        let batch = rebuild(batch, schema, index, &keep, Arc::new(out.finish()))?;
-        Ok(Output { batch, rejected })
+        map_images(batch, source, schema, self.resolution, |_, bytes, resizer| self.image(bytes, resizer))
     }
+}
+
+/// `input` with its `image` column replaced by `pixels` (`resolution`² RGB bytes), recording
+/// the resolution and how the pixels were made (`description`) in the schema's metadata.
+/// Shared by the transforms that make pixels (`preprocess`, `random_augment`).
+pub(crate) fn pixels_schema(input: &SchemaRef, resolution: usize, description: String) -> Result<SchemaRef, String> {
+    let index = require(input, IMAGE, &DataType::Binary)?;
+    let bytes = 3 * resolution * resolution;
+    let schema = replace_field(input, index, Field::new(PIXELS, DataType::FixedSizeBinary(bytes as i32), false));
+    let mut meta: HashMap<String, String> = schema.metadata().clone();
+    meta.insert(metadata::RESOLUTION.into(), resolution.to_string());
+    meta.insert(metadata::PREPROCESSING.into(), description);
+    Ok(Arc::new(schema.as_ref().clone().with_metadata(meta)))
+}
+
+/// Each row's `image` through `pixels(row, bytes, resizer)` into the `pixels` column of
+/// `schema` (from [`pixels_schema`]); a row whose image fails is rejected with the reason.
+pub(crate) fn map_images(
+    batch: &RecordBatch,
+    source: &str,
+    schema: SchemaRef,
+    resolution: usize,
+    mut pixels: impl FnMut(usize, &[u8], &mut Resizer) -> Result<Vec<u8>, String>,
+) -> Result<Output> {
+    let index = batch.schema().index_of(IMAGE).expect("checked by output_schema");
+    let images = batch.column(index).as_any().downcast_ref::<BinaryArray>().expect("checked by output_schema");
+    let bytes = 3 * resolution * resolution;
+    let mut out = FixedSizeBinaryBuilder::with_capacity(images.len(), bytes as i32);
+    let mut resizer = Resizer::new();
+    let (mut keep, mut rejected) = (Vec::with_capacity(images.len()), Vec::new());
+    for row in 0..images.len() {
+        match pixels(row, images.value(row), &mut resizer) {
+            Ok(rgb) => {
+                out.append_value(&rgb)?;
+                keep.push(row as u32);
+            }
+            Err(reason) => rejected.push(reject_image(batch, row, source, reason)),
+        }
+    }
+    let batch = rebuild(batch, schema, index, &keep, Arc::new(out.finish()))?;
+    Ok(Output { batch, rejected })
 }

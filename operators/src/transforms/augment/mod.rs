@@ -39,20 +39,17 @@
 pub mod ops;
 pub mod pyrandom;
 
-use std::collections::HashMap;
-use std::sync::Arc;
-
-use arrow::array::{Array, AsArray, BinaryArray, FixedSizeBinaryBuilder};
-use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::{DataType, Int64Type, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
-use cnclip_schemas::columns::{IMAGE, IMAGE_ID, PIXELS, SAMPLE};
-use cnclip_schemas::metadata;
+use cnclip_schemas::columns::{IMAGE_ID, SAMPLE};
 use fast_image_resize::Resizer;
 
 pub use ops::RgbImage;
 pub use pyrandom::PyRandom;
 
-use super::{Output, Transform, column_list, rebuild, reject_image, replace_field, require};
+use super::preprocess::{map_images, pixels_schema};
+use super::{Output, Transform, column_list, require};
 use crate::decoders::image::{Image, Mode, PreprocessError, resize_to_rgb};
 use crate::error::{Error, Result};
 
@@ -403,56 +400,37 @@ fn key_column(schema: &Schema) -> Result<usize, String> {
 
 impl Transform for RandomAugment {
     fn output_schema(&self, input: &SchemaRef) -> Result<SchemaRef, String> {
-        let index = require(input, IMAGE, &DataType::Binary)?;
         key_column(input)?;
-        let bytes = 3 * self.resolution * self.resolution;
-        let schema = replace_field(input, index, Field::new(PIXELS, DataType::FixedSizeBinary(bytes as i32), false));
-        let mut meta: HashMap<String, String> = schema.metadata().clone();
-        meta.insert(metadata::RESOLUTION.into(), self.resolution.to_string());
-        meta.insert(
-            metadata::PREPROCESSING.into(),
-            format!(
-                "cn_clip --use-augment train transform: RandomResizedCrop(scale 0.9-1, ratio 3/4-4/3, bicubic) \
-                 {r}x{r}, hflip 0.5, convert(RGB), timm AutoAugment 'original' (fill {FILL:?}, bicubic), \
-                 seed {seed} per sample; RGB u8 (normalise with OpenAI CLIP mean/std)",
-                r = self.resolution,
-                seed = self.seed
-            ),
+        let description = format!(
+            "cn_clip --use-augment train transform: RandomResizedCrop(scale 0.9-1, ratio 3/4-4/3, bicubic) \
+             {r}x{r}, hflip 0.5, convert(RGB), timm AutoAugment 'original' (fill {FILL:?}, bicubic), \
+             seed {seed} per sample; RGB u8 (normalise with OpenAI CLIP mean/std)",
+            r = self.resolution,
+            seed = self.seed
         );
-        Ok(Arc::new(schema.as_ref().clone().with_metadata(meta)))
+        pixels_schema(input, self.resolution, description)
     }
 
     fn apply(&self, batch: &RecordBatch, source: &str) -> Result<Output> {
         let schema = self.output_schema(&batch.schema()).map_err(Error::Internal)?;
-        let index = batch.schema().index_of(IMAGE).expect("checked by output_schema");
-        let images = batch.column(index).as_any().downcast_ref::<BinaryArray>().expect("checked by output_schema");
         let keys = batch.column(key_column(&batch.schema()).map_err(Error::Internal)?).as_primitive::<Int64Type>();
-        let bytes = 3 * self.resolution * self.resolution;
-        let mut out = FixedSizeBinaryBuilder::with_capacity(images.len(), bytes as i32);
-        let mut resizer = Resizer::new();
-        let (mut keep, mut rejected) = (Vec::with_capacity(images.len()), Vec::new());
-        for row in 0..images.len() {
-            let result = if keys.is_null(row) {
-                Err("no sample or image id to seed its augmentation".to_string())
-            } else {
-                self.augment(images.value(row), keys.value(row), &mut resizer).map_err(|e| e.to_string())
-            };
-            match result {
-                Ok((rgb, _)) => {
-                    out.append_value(&rgb.data)?;
-                    keep.push(row as u32);
-                }
-                Err(reason) => rejected.push(reject_image(batch, row, source, reason)),
+        map_images(batch, source, schema, self.resolution, |row, bytes, resizer| {
+            if keys.is_null(row) {
+                return Err("no sample or image id to seed its augmentation".to_string());
             }
-        }
-        let batch = rebuild(batch, schema, index, &keep, Arc::new(out.finish()))?;
-        Ok(Output { batch, rejected })
+            self.augment(bytes, keys.value(row), resizer).map(|(rgb, _)| rgb.data).map_err(|e| e.to_string())
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use arrow::array::{BinaryArray, FixedSizeBinaryArray, Int64Array};
+    use arrow::datatypes::Field;
+    use cnclip_schemas::columns::{IMAGE, PIXELS};
+    use cnclip_schemas::metadata;
 
     use super::*;
 
