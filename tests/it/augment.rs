@@ -20,22 +20,9 @@ use cnclip_operators::decoders::image::{DEFAULT_MAX_PIXELS, Image};
 use cnclip_operators::transforms::augment::{
     CropBox, FILL, OpKind, PyRandom, RandomAugment, RgbImage, apply_op, ops, resized_crop,
 };
-use cnclip_tests::{python, reference, workspace_root};
+use cnclip_tests::{make_images, python, reference};
 use fast_image_resize::Resizer;
 use serde_json::{Value, json};
-
-fn make_images(dir: &Path) -> BTreeMap<String, String> {
-    let script = workspace_root().join("tests/reference/make_images.py");
-    let out = python(
-        &format!(
-            "import runpy, sys; sys.argv = ['make_images', sys.argv[1]]; runpy.run_path({:?}, run_name='__main__')",
-            script
-        ),
-        &[dir.to_str().unwrap()],
-        "",
-    );
-    serde_json::from_str(&out).unwrap()
-}
 
 /// Images the AutoAugment ops find interesting beyond `make_images.py`'s: low contrast (so
 /// autocontrast stretches), few levels (equalize's steps), flat, and tiny (filter borders).

@@ -11,22 +11,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use cnclip_models::preprocess::{DEFAULT_MAX_PIXELS, Image, PreprocessError, resize_to_rgb};
-use cnclip_tests::{python, reference, workspace_root};
+use cnclip_tests::{make_images, reference};
 use fast_image_resize::Resizer;
 use tch::Tensor;
-
-fn make_images(dir: &Path) -> BTreeMap<String, String> {
-    let script = workspace_root().join("tests/reference/make_images.py");
-    let out = python(
-        &format!(
-            "import runpy, sys; sys.argv = ['make_images', sys.argv[1]]; runpy.run_path({:?}, run_name='__main__')",
-            script
-        ),
-        &[dir.to_str().unwrap()],
-        "",
-    );
-    serde_json::from_str(&out).unwrap()
-}
 
 fn reference_pixels(files: &[PathBuf], resolution: usize, out: &Path) -> (Vec<Tensor>, Vec<String>) {
     let mut args = vec![

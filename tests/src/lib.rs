@@ -95,3 +95,21 @@ pub fn reference_token_ids(texts: &[String], context_length: usize) -> Vec<Vec<i
     assert_eq!(rows.len(), texts.len(), "the harness returns one row per text");
     rows
 }
+
+/// The test images of `tests/reference/make_images.py` (every mode and format the decoders
+/// meet), written into `dir`: name → path.
+///
+/// # Panics
+/// When the script fails.
+pub fn make_images(dir: &Path) -> std::collections::BTreeMap<String, String> {
+    let script = workspace_root().join("tests/reference/make_images.py");
+    let out = python(
+        &format!(
+            "import runpy, sys; sys.argv = ['make_images', sys.argv[1]]; runpy.run_path({:?}, run_name='__main__')",
+            script
+        ),
+        &[dir.to_str().unwrap()],
+        "",
+    );
+    serde_json::from_str(&out).unwrap()
+}
