@@ -18,10 +18,12 @@ use clap::{Parser, Subcommand};
 use cnclip_operators::spec::Registry;
 
 mod build_lmdb;
+mod cluster;
 mod common;
 mod evaluation;
 mod evaluation_engine;
 mod import;
+mod manifest;
 mod run;
 mod sql;
 mod synth;
@@ -92,6 +94,15 @@ enum Command {
     /// Measure encode or preprocess throughput (`benchmark encode|preprocess`).
     #[command(disable_help_flag = true)]
     Benchmark(ModelCommand),
+    /// A FAISS index (IVF…,PQ…) from a feature table, built in shards and merged, saved to disk.
+    #[command(name = "build-index", disable_help_flag = true)]
+    BuildIndex(ModelCommand),
+    /// Check a sharded output directory (`manifest check DIR`): every shard once, consistent, complete.
+    #[command(subcommand)]
+    Manifest(manifest::Command),
+    /// A Ballista cluster for the SQL jobs: `cluster scheduler` and `cluster executor`.
+    #[command(subcommand)]
+    Cluster(cluster::Command),
 }
 
 /// The arguments of a model command, handed to `cnclip-torch` untouched (`--help` included).
@@ -166,6 +177,9 @@ fn main() -> ExitCode {
         Command::ZeroshotEvaluation(command) => exec_torch("zeroshot-evaluation", command.args),
         Command::MakeTopkPredictions(command) => exec_torch("make-topk-predictions", command.args),
         Command::MakeTopkPredictionsTr(command) => exec_torch("make-topk-predictions-tr", command.args),
+        Command::BuildIndex(command) => exec_torch("build-index", command.args),
+        Command::Manifest(command) => manifest::run(command),
+        Command::Cluster(command) => cluster::run(command),
     };
     common::exit_code(result)
 }

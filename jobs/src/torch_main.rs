@@ -14,6 +14,7 @@ mod bench_suite;
 mod benchmark;
 /// `build-lmdb`, run by `demo` (its command lives in `cnclip`).
 #[allow(dead_code)]
+mod build_index;
 mod build_lmdb;
 mod common;
 mod convert;
@@ -81,6 +82,9 @@ enum Command {
     /// Measure encode throughput (model only, random weights), e.g. against scripts/bench/encode.py.
     #[command(subcommand)]
     Benchmark(BenchmarkCommand),
+    /// A FAISS index (IVF…,PQ…) from a feature table, built in shards and merged, saved to disk.
+    #[command(name = "build-index")]
+    BuildIndex(build_index::Args),
 }
 
 #[derive(Subcommand)]
@@ -136,6 +140,7 @@ fn main() -> ExitCode {
         Command::Train(args) => train::run(args),
         Command::Demo(args) => demo::run(args),
         Command::MakeTopkPredictionsTr(args) => knn::run(args, true),
+        Command::BuildIndex(args) => build_index::run(args),
         // The built-in kinds and the model kinds (the encoders).
         Command::Run(args) => run::run(args, &registry()),
         Command::Benchmark(BenchmarkCommand::Encode(args)) => benchmark::run(args),

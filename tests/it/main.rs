@@ -6,13 +6,16 @@
 mod augment;
 mod bad_lmdb;
 mod bench_suite;
+mod build_index;
 mod checkpoints;
+mod cluster;
 mod decode;
 mod evaluation;
 mod extract;
 mod hostile_pickle;
 mod knn;
 mod lmdb;
+mod manifest;
 mod models;
 mod pipeline;
 mod preprocess;
