@@ -10,9 +10,9 @@
 //! images annotations turned into images → texts (`{input stem}.tr.jsonl`).
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use cnclip_operators::sinks::jsonl::python_float;
 use serde_json::Value;
 
@@ -61,6 +61,10 @@ pub struct Args {
     submit_path: PathBuf,
     /// Where the score JSON goes.
     out_path: PathBuf,
+    /// Run the SQL engine on a Ballista cluster (`df://HOST:PORT`, see `cnclip cluster`); its
+    /// input tables are written next to OUT_PATH, which every executor must read.
+    #[arg(long, value_name = "df://HOST:PORT")]
+    cluster: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -307,7 +311,13 @@ fn read_submission(
 }
 
 /// The score JSON of a submission, or the error JSON (and its message).
-fn evaluate(standard: &PathBuf, submit: &PathBuf, d: Direction, engine: Engine) -> (String, Option<String>) {
+fn evaluate(
+    standard: &PathBuf,
+    submit: &PathBuf,
+    d: Direction,
+    engine: Engine,
+    cluster: Option<(&str, &Path)>,
+) -> (String, Option<String>) {
     let result = (|| -> Result<[f64; 3], String> {
         let reference = read_reference(standard, d)?;
         let predictions = read_submission(submit, &reference, 10, d)?;
@@ -315,7 +325,7 @@ fn evaluate(standard: &PathBuf, submit: &PathBuf, d: Direction, engine: Engine) 
             if reference.is_empty() {
                 return Err("float division by zero".into());
             }
-            return recall_sql(&reference, &predictions).map_err(|e| format!("{e:#}"));
+            return recall_sql(&reference, &predictions, cluster).map_err(|e| format!("{e:#}"));
         }
         let mut hits = [0usize; 3];
         for (id, truth) in &reference {
@@ -357,8 +367,13 @@ fn evaluate(standard: &PathBuf, submit: &PathBuf, d: Direction, engine: Engine) 
     }
 }
 
-/// Recall@1/5/10 by [`RECALL_SQL`] over in-memory tables of the checked inputs.
-fn recall_sql(reference: &[(i64, Vec<i64>)], predictions: &HashMap<i64, Vec<i64>>) -> Result<[f64; 3]> {
+/// Recall@1/5/10 by [`RECALL_SQL`] over tables of the checked inputs: in memory, or on a
+/// cluster (address, a path whose directory the executors share) as Parquet files there.
+fn recall_sql(
+    reference: &[(i64, Vec<i64>)],
+    predictions: &HashMap<i64, Vec<i64>>,
+    cluster: Option<(&str, &Path)>,
+) -> Result<[f64; 3]> {
     use arrow::array::{Array, Int64Array, Int64Builder, ListBuilder};
     use arrow::datatypes::{DataType, Field, Schema};
     use std::sync::Arc;
@@ -384,11 +399,13 @@ fn recall_sql(reference: &[(i64, Vec<i64>)], predictions: &HashMap<i64, Vec<i64>
         predicted.iter().map(|(_, p)| *p).collect(),
         "predicted",
     )?;
-    let runtime = tokio::runtime::Builder::new_current_thread().build()?;
+    let scratch = cluster.map(|(_, near)| crate::sql::scratch(near)).transpose()?;
+    let scratch_dir = scratch.as_ref().map(|d| d.path());
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let batches = runtime.block_on(async {
-        let ctx = crate::sql::context(&[]).await?;
-        ctx.register_batch("truth", truth)?;
-        ctx.register_batch("predictions", predicted)?;
+        let ctx = crate::sql::session(cluster.map(|(url, _)| url)).await?;
+        crate::sql::register_batch(&ctx, "truth", truth, scratch_dir).await?;
+        crate::sql::register_batch(&ctx, "predictions", predicted, scratch_dir).await?;
         let frame = ctx.sql(RECALL_SQL).await?;
         anyhow::Ok(frame.collect().await?)
     })?;
@@ -402,7 +419,7 @@ fn recall_sql(reference: &[(i64, Vec<i64>)], predictions: &HashMap<i64, Vec<i64>
 #[allow(dead_code)] // called by cnclip-torch's bench-suite
 pub fn recall(standard: &PathBuf, submit: &PathBuf, image_to_text: bool) -> Result<[f64; 3], String> {
     let d = if image_to_text { IMAGE_TO_TEXT } else { TEXT_TO_IMAGE };
-    let (json, error) = evaluate(standard, submit, d, Engine::Direct);
+    let (json, error) = evaluate(standard, submit, d, Engine::Direct, None);
     if let Some(message) = error {
         return Err(message);
     }
@@ -415,7 +432,11 @@ pub fn run(args: Args, image_to_text: bool) -> Result<()> {
     let d = if image_to_text { IMAGE_TO_TEXT } else { TEXT_TO_IMAGE };
     println!("Read standard from {}", args.standard_path.display());
     println!("Read user submit file from {}", args.submit_path.display());
-    let (text, error) = evaluate(&args.standard_path, &args.submit_path, d, args.engine);
+    if args.cluster.is_some() && args.engine != Engine::Sql {
+        bail!("--cluster runs the SQL engine: add --engine sql");
+    }
+    let cluster = args.cluster.as_deref().map(|url| (url, args.out_path.as_path()));
+    let (text, error) = evaluate(&args.standard_path, &args.submit_path, d, args.engine, cluster);
     cnclip_operators::write_atomically(&args.out_path, |f| std::io::Write::write_all(f, text.as_bytes()))
         .with_context(|| format!("writing {}", args.out_path.display()))?;
     match error {

@@ -1,10 +1,15 @@
-//! `cnclip sql "QUERY" [--table name=PATH …]`: DataFusion over our Parquet tables (a file, a
-//! glob's directory or a directory of parts each), with the vector UDFs `dot(a, b)` and
-//! `cosine_similarity(a, b)` over feature columns (fixed-size or variable lists of float32 or
-//! float64). The result prints as a table, or goes out as CSV, JSON lines or Parquet
-//! (`--format`, `--output`).
+//! `cnclip sql "QUERY" [--table name=PATH …] [--cluster df://HOST:PORT]`: DataFusion over our
+//! Parquet tables (a file, a glob's directory or a directory of parts each), with the vector
+//! UDFs `dot(a, b)` and `cosine_similarity(a, b)` over feature columns (fixed-size or variable
+//! lists of float32 or float64), in this process or distributed on a Ballista cluster
+//! (`cnclip cluster`, whose scheduler and executors register the same UDFs). The result prints
+//! as a table, or goes out as CSV, JSON lines or Parquet (`--format`, `--output`).
+//!
+//! The evaluation jobs' SQL engines run through [`session`] and [`register_batch`] too: on a
+//! cluster their in-memory inputs are written as Parquet to a scratch directory the executors
+//! read (a shared path), since Ballista ships plans, not data.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
@@ -35,6 +40,10 @@ pub struct Args {
     /// Where to write (stdout when not given; required for parquet).
     #[arg(long)]
     output: Option<PathBuf>,
+    /// Run on a Ballista cluster (`cnclip cluster scheduler`): `df://HOST:PORT`. Table paths
+    /// must be readable by every executor at the same path.
+    #[arg(long, value_name = "df://HOST:PORT")]
+    cluster: Option<String>,
 }
 
 /// `dot(a, b)` or `cosine_similarity(a, b)` of two vector columns.
@@ -80,6 +89,45 @@ fn is_vector(data_type: &DataType) -> bool {
     }
 }
 
+/// A fixed-size list column of float32 without null values: (rows' validity, values, width).
+type F32Rows<'a> = (Option<&'a arrow::buffer::NullBuffer>, &'a [f32], usize);
+
+/// `array` as [`F32Rows`], when it is one (the feature tables' layout).
+fn f32_rows(array: &ArrayRef) -> Option<F32Rows<'_>> {
+    let list = array.as_fixed_size_list_opt()?;
+    let values = list.values().as_primitive_opt::<Float32Type>()?;
+    if values.null_count() > 0 {
+        return None;
+    }
+    let width = list.value_length() as usize;
+    let start = list.offset() * width;
+    Some((list.nulls(), &values.values()[start..start + list.len() * width], width))
+}
+
+impl VectorUdf {
+    /// The feature-table case without a copy per row; the same sums in the same order as the
+    /// general path (each product in f64, left to right), so the same results bit for bit.
+    fn fixed_f32(&self, x: F32Rows<'_>, y: F32Rows<'_>, rows: usize) -> datafusion::common::Result<ColumnarValue> {
+        let ((x_nulls, xs, dx), (y_nulls, ys, dy)) = (x, y);
+        if dx != dy {
+            return Err(DataFusionError::Execution(format!("{}: vectors of {dx} and {dy} values", self.name)));
+        }
+        let valid = |nulls: Option<&arrow::buffer::NullBuffer>, i: usize| nulls.is_none_or(|n| n.is_valid(i));
+        let dot = |p: &[f32], q: &[f32]| p.iter().zip(q).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum::<f64>();
+        let out: Float64Array = (0..rows)
+            .map(|i| {
+                if !valid(x_nulls, i) || !valid(y_nulls, i) {
+                    return None;
+                }
+                let (p, q) = (&xs[i * dx..(i + 1) * dx], &ys[i * dx..(i + 1) * dx]);
+                let d = dot(p, q);
+                Some(if self.cosine { d / (dot(p, p).sqrt() * dot(q, q).sqrt()) } else { d })
+            })
+            .collect();
+        Ok(ColumnarValue::Array(Arc::new(out)))
+    }
+}
+
 impl ScalarUDFImpl for VectorUdf {
     fn name(&self) -> &str {
         self.name
@@ -99,6 +147,9 @@ impl ScalarUDFImpl for VectorUdf {
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> datafusion::common::Result<ColumnarValue> {
         let arrays = ColumnarValue::values_to_arrays(&args.args)?;
         let (a, b) = (&arrays[0], &arrays[1]);
+        if let (Some(x), Some(y)) = (f32_rows(a), f32_rows(b)) {
+            return self.fixed_f32(x, y, args.number_rows);
+        }
         let mut out = Vec::with_capacity(args.number_rows);
         for i in 0..args.number_rows {
             out.push(match (row(a, i), row(b, i)) {
@@ -126,14 +177,88 @@ impl ScalarUDFImpl for VectorUdf {
     }
 }
 
-/// A session with cnclip's UDFs and `tables` (`name=PATH`) registered.
+/// cnclip's SQL functions, registered in every session — and on every cluster process.
+pub fn udfs() -> Vec<ScalarUDF> {
+    vec![
+        ScalarUDF::new_from_impl(VectorUdf::new("dot", false)),
+        ScalarUDF::new_from_impl(VectorUdf::new("cosine_similarity", true)),
+    ]
+}
+
+/// A session with cnclip's UDFs: in this process, or a client of the Ballista scheduler at
+/// `cluster` (`df://HOST:PORT`).
+///
+/// # Errors
+/// A malformed cluster address.
+pub async fn session(cluster: Option<&str>) -> Result<SessionContext> {
+    let ctx = match cluster {
+        None => SessionContext::new(),
+        Some(url) => {
+            use ballista::prelude::{SessionConfigExt, SessionContextExt};
+            if !url.starts_with("df://") {
+                bail!("--cluster {url}: use df://HOST:PORT");
+            }
+            let state = datafusion::execution::SessionStateBuilder::new()
+                .with_default_features()
+                .with_config(datafusion::prelude::SessionConfig::new_with_ballista())
+                .build();
+            SessionContext::remote_with_state(url, state).await.with_context(|| format!("--cluster {url}"))?
+        }
+    };
+    for udf in udfs() {
+        ctx.register_udf(udf);
+    }
+    Ok(ctx)
+}
+
+/// Registers `batch` as table `name`: in memory, or — on a cluster, which ships plans and not
+/// data — as a Parquet file written under `scratch`, a directory every executor reads.
+///
+/// # Errors
+/// Writing the file, or a name already taken.
+pub async fn register_batch(
+    ctx: &SessionContext,
+    name: &str,
+    batch: RecordBatch,
+    scratch: Option<&Path>,
+) -> Result<()> {
+    let Some(dir) = scratch else {
+        ctx.register_batch(name, batch)?;
+        return Ok(());
+    };
+    let path = std::path::absolute(dir.join(format!("{name}.parquet")))?;
+    cnclip_operators::write_atomically(&path, |file| {
+        let mut writer =
+            parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).map_err(std::io::Error::other)?;
+        writer.write(&batch).map_err(std::io::Error::other)?;
+        writer.finish().map_err(std::io::Error::other)?;
+        Ok::<_, std::io::Error>(())
+    })
+    .with_context(|| format!("writing {}", path.display()))?;
+    ctx.register_parquet(name, path.display().to_string(), ParquetReadOptions::default()).await?;
+    Ok(())
+}
+
+/// A scratch directory for [`register_batch`] on a cluster, next to `near` (a path the user
+/// chose, so one the cluster shares); removed when dropped.
+///
+/// # Errors
+/// The directory cannot be made.
+pub fn scratch(near: &Path) -> Result<tempfile::TempDir> {
+    let parent = std::path::absolute(near)?.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    let dir = tempfile::Builder::new()
+        .prefix(".cnclip-sql-")
+        .tempdir_in(&parent)
+        .with_context(|| format!("making a scratch directory in {}", parent.display()))?;
+    Ok(dir)
+}
+
+/// A session with cnclip's UDFs and `tables` (`name=PATH`) registered, local or on `cluster`.
 ///
 /// # Errors
 /// A malformed `name=PATH`, or a path DataFusion cannot read as Parquet.
-pub async fn context(tables: &[String]) -> Result<SessionContext> {
-    let ctx = SessionContext::new();
-    ctx.register_udf(ScalarUDF::new_from_impl(VectorUdf::new("dot", false)));
-    ctx.register_udf(ScalarUDF::new_from_impl(VectorUdf::new("cosine_similarity", true)));
+pub async fn context(tables: &[String], cluster: Option<&str>) -> Result<SessionContext> {
+    let ctx = session(cluster).await?;
     for table in tables {
         let Some((name, path)) = table.split_once('=') else {
             bail!("--table {table}: use NAME=PATH");
@@ -142,6 +267,8 @@ pub async fn context(tables: &[String]) -> Result<SessionContext> {
         if !path.exists() {
             bail!("--table {table}: {} does not exist", path.display());
         }
+        // Absolute: on a cluster, the executors resolve it, not this process.
+        let path = &std::path::absolute(path)?;
         let location = if path.is_dir() { format!("{}/", path.display()) } else { path.display().to_string() };
         ctx.register_parquet(name, &location, ParquetReadOptions::default())
             .await
@@ -150,21 +277,21 @@ pub async fn context(tables: &[String]) -> Result<SessionContext> {
     Ok(ctx)
 }
 
-/// Runs `query` on a session of `tables`.
+/// Runs `query` on a session of `tables`, local or on `cluster`.
 ///
 /// # Errors
 /// As [`context`], or the query's planning or execution error.
-pub fn query(query: &str, tables: &[String]) -> Result<Vec<RecordBatch>> {
+pub fn query(query: &str, tables: &[String], cluster: Option<&str>) -> Result<Vec<RecordBatch>> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     runtime.block_on(async {
-        let ctx = context(tables).await?;
+        let ctx = context(tables, cluster).await?;
         let frame = ctx.sql(query).await.context("planning the query")?;
         frame.collect().await.context("running the query")
     })
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let batches = query(&args.query, &args.tables)?;
+    let batches = query(&args.query, &args.tables, args.cluster.as_deref())?;
     let mut out: Box<dyn std::io::Write> = match (&args.output, args.format) {
         (None, Format::Parquet) => bail!("--format parquet needs --output"),
         (Some(path), Format::Parquet) => {

@@ -11,7 +11,7 @@ use std::process::Command;
 
 use cnclip_tests::{python, reference};
 
-const MAKE_FOLDER: &str = r#"
+pub(crate) const MAKE_FOLDER: &str = r#"
 import sys, os, numpy as np
 from PIL import Image
 root = sys.argv[1]
