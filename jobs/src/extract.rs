@@ -13,6 +13,15 @@
 //! atomically, and the parts are removed. Since rows come out in input order, the result equals
 //! an uninterrupted run's. Bad images are quarantined to `{output stem}.quarantine.jsonl` (or
 //! stop the job with `--on-error fail`).
+//!
+//! Sharded (`--shard i/n` given, as an array task runs it): the output path is a directory, a
+//! table of parts, and this job writes its share as `part-{i:05}-of-{n:05}.parquet` (the feature
+//! table, the shard's rows in input order) plus its manifest entry `part-{i:05}-of-{n:05}.json`
+//! (see `manifest.rs`, which defines the layout and `cnclip manifest check`). The resumable
+//! parts live in the hidden `.part-{i:05}-of-{n:05}.cnclip-parts/` inside the directory, the
+//! finished part is renamed from there over its previous version and its entry written after
+//! it: a rerun replaces its own part and entry, nothing else, whatever the other shards are
+//! doing.
 
 use std::path::{Path, PathBuf};
 
@@ -21,16 +30,24 @@ use cnclip_models::checkpoint::{Format, architecture};
 use cnclip_models::encoders::{EncodeImageConfig, EncodeTextConfig, EncoderConfig};
 use cnclip_operators::quarantine::OnError;
 use cnclip_operators::sinks::parquet::ParquetSink;
-use cnclip_operators::sources::lmdb::Database;
+use cnclip_operators::sources::Shard;
 use cnclip_operators::spec::builtin::{
-    DecodeBase64Config, ExcludeIdsConfig, ImageFolderConfig, JsonlConfig, LmdbConfig, ParquetConfig, PreprocessConfig,
-    TokenizeConfig, TsvConfig, WriteJsonlConfig, WriteParquetConfig,
+    DecodeBase64Config, ExcludeIdsConfig, ParquetConfig, PreprocessConfig, TokenizeConfig, WriteJsonlConfig,
+    WriteParquetConfig,
 };
 use cnclip_operators::spec::{JobSettings, NodeDef, Planner};
-use cnclip_operators::transforms::preprocess::Order;
+use cnclip_schemas::metadata;
 use serde::{Deserialize, Serialize};
 
 use crate::registry;
+
+/// The shard layout and entry format, shared with `cnclip manifest check` (which lives in the
+/// `cnclip` binary; the two binaries share no library of their own).
+#[path = "manifest.rs"]
+#[allow(dead_code)]
+mod manifest;
+
+use manifest::Tower;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -47,10 +64,11 @@ pub struct Args {
     /// Texts: a cn_clip JSONL file or a Parquet texts table.
     #[arg(long)]
     text_data: Option<String>,
-    /// Image features output (`.jsonl`: cn_clip's lines; `.parquet`: a feature table).
+    /// Image features output (`.jsonl`: cn_clip's lines; `.parquet`: a feature table; with
+    /// `--shard`, a directory of Parquet parts).
     #[arg(long)]
     image_feat_output_path: Option<PathBuf>,
-    /// Text features output (`.jsonl` or `.parquet`).
+    /// Text features output (`.jsonl`, `.parquet`, or with `--shard` a directory).
     #[arg(long)]
     text_feat_output_path: Option<PathBuf>,
     #[arg(long, default_value_t = 64)]
@@ -80,29 +98,17 @@ pub struct Args {
     /// Decode/preprocess threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     num_workers: usize,
-    /// This job's share `i/n` of the input.
-    #[arg(long, default_value = "0/1")]
-    shard: String,
+    /// This job's share `i/n` of the input (record k where k mod n = i), as an array task
+    /// (`$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT`, `$JOB_COMPLETION_INDEX/N`) runs it. The
+    /// output paths are then directories: the job writes `part-{i:05}-of-{n:05}.parquet` and
+    /// its entry `.json` there (`cnclip manifest check DIR` verifies the whole).
+    #[arg(long)]
+    shard: Option<String>,
     #[arg(long, value_enum, default_value_t = OnError::Skip)]
     on_error: OnError,
     /// Rows per part (a crash loses at most one part's work).
     #[arg(long, default_value_t = 50_000)]
     part_rows: usize,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Tower {
-    Image,
-    Text,
-}
-
-impl Tower {
-    fn id_column(self) -> &'static str {
-        match self {
-            Tower::Image => "image_id",
-            Tower::Text => "text_id",
-        }
-    }
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -111,6 +117,36 @@ pub fn run(args: Args) -> Result<()> {
     }
     if args.part_rows == 0 {
         bail!("--part-rows must be at least 1");
+    }
+    let shard =
+        args.shard.as_deref().map(str::parse::<Shard>).transpose().map_err(|e| anyhow::anyhow!("--shard: {e}"))?;
+    let sharded_output = |flag: &str, path: &Option<PathBuf>| -> Result<()> {
+        match path {
+            None if shard.is_some() => {
+                bail!("--shard writes a directory of Parquet parts: give {flag} DIR")
+            }
+            Some(p) if shard.is_some() && p.extension().is_some_and(|e| e == "jsonl") => bail!(
+                "{flag} {}: with --shard the output is a directory of Parquet parts (a table), not JSON lines",
+                p.display()
+            ),
+            Some(p) if shard.is_some() && p.exists() && !p.is_dir() => {
+                bail!("{flag} {}: with --shard the output is a directory, and this is a file", p.display())
+            }
+            _ => Ok(()),
+        }
+    };
+    if args.extract_text_feats {
+        sharded_output("--text-feat-output-path", &args.text_feat_output_path)?;
+    }
+    if args.extract_image_feats {
+        sharded_output("--image-feat-output-path", &args.image_feat_output_path)?;
+    }
+    if shard.is_some()
+        && args.extract_image_feats
+        && args.extract_text_feats
+        && args.image_feat_output_path == args.text_feat_output_path
+    {
+        bail!("--shard: image and text features are two tables, give them two directories");
     }
     cnclip_operators::signals::catch_interrupts()?;
     // cn_clip's defaults apply to its own checkpoints, which do not record their architecture.
@@ -142,7 +178,7 @@ pub fn run(args: Args) -> Result<()> {
             None => PathBuf::from(format!("{}.txt_feat.jsonl", data.strip_suffix(".jsonl").unwrap_or(data))),
         };
         let encoder = EncoderConfig { batch_size: args.text_batch_size, ..encoder.clone() };
-        extract(&args, Tower::Text, &output, &config, encoder)?;
+        extract(&args, Tower::Text, &target(&output, shard), &config, encoder)?;
     }
     if args.extract_image_feats {
         if args.image_data.is_empty() {
@@ -157,7 +193,7 @@ pub fn run(args: Args) -> Result<()> {
             }
         };
         let encoder = EncoderConfig { batch_size: args.img_batch_size, ..encoder };
-        extract(&args, Tower::Image, &output, &config, encoder)?;
+        extract(&args, Tower::Image, &target(&output, shard), &config, encoder)?;
     }
     Ok(())
 }
@@ -177,13 +213,88 @@ struct Part {
     last_id: Option<i64>,
 }
 
-fn parts_dir(output: &Path) -> PathBuf {
-    let name = output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    output.with_file_name(format!("{name}.cnclip-parts"))
+/// Where a tower's features go: one file, or a shard's part of a directory.
+enum Target {
+    File(PathBuf),
+    Shard { dir: PathBuf, shard: Shard },
 }
 
-fn quarantine_path(output: &Path) -> PathBuf {
-    output.with_extension("quarantine.jsonl")
+fn target(output: &Path, shard: Option<Shard>) -> Target {
+    match shard {
+        Some(shard) => Target::Shard { dir: output.to_path_buf(), shard },
+        None => Target::File(output.to_path_buf()),
+    }
+}
+
+impl Target {
+    /// The resumable parts' directory.
+    fn parts_dir(&self) -> PathBuf {
+        match self {
+            Target::File(output) => {
+                let name = output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                output.with_file_name(format!("{name}.cnclip-parts"))
+            }
+            Target::Shard { dir, shard } => manifest::work_dir(dir, *shard),
+        }
+    }
+
+    fn quarantine_path(&self) -> PathBuf {
+        match self {
+            Target::File(output) => output.with_extension("quarantine.jsonl"),
+            Target::Shard { dir, shard } => manifest::quarantine_path(dir, *shard),
+        }
+    }
+
+    /// What the parts are joined into: the output, or the shard's part, in its work directory
+    /// until [`publish`] moves it into place.
+    fn joined(&self) -> PathBuf {
+        match self {
+            Target::File(output) => output.clone(),
+            Target::Shard { shard, .. } => self.parts_dir().join(format!("{}.parquet", manifest::part_stem(*shard))),
+        }
+    }
+
+    /// Where the features end up, for the log.
+    fn display(&self) -> String {
+        match self {
+            Target::File(output) => output.display().to_string(),
+            Target::Shard { dir, shard } => {
+                dir.join(format!("{}.parquet", manifest::part_stem(*shard))).display().to_string()
+            }
+        }
+    }
+}
+
+/// A sharded output directory, ready for shard `shard`: created if need be, and holding no
+/// other split's parts (a table is one split; mixing `n` would leave ids twice or never).
+fn prepare_shard_dir(dir: &Path, shard: Shard) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let others: Vec<String> = std::fs::read_dir(dir)
+        .with_context(|| format!("listing {}", dir.display()))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| {
+            manifest::parse_name(name).is_some_and(|(s, kind)| {
+                s.count != shard.count && matches!(kind, manifest::FileKind::Part | manifest::FileKind::Entry)
+            })
+        })
+        .collect();
+    if let Some(other) = others.first() {
+        bail!(
+            "{} holds parts of another split ({other}, …): --shard {shard} would mix two splits in one table; \
+             remove them or use the same n",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// A tower's input, as given.
+fn data(args: &Args, tower: Tower) -> Vec<String> {
+    match tower {
+        Tower::Text => args.text_data.iter().cloned().collect(),
+        Tower::Image => args.image_data.clone(),
+    }
 }
 
 /// The sources and transforms of one tower, up to the encoder, skipping the ids in `done`.
@@ -198,28 +309,10 @@ fn nodes(
         column: tower.id_column().into(),
         tables: done.iter().map(|p| p.display().to_string()).collect(),
     };
-    let mut defs = Vec::new();
+    let source = manifest::source(tower, &data(args, tower))?;
+    let mut defs = vec![source.node, NodeDef::new("todo", Some("source"), exclude())];
     match tower {
         Tower::Text => {
-            let data = args.text_data.clone().expect("checked by run");
-            if data.ends_with(".parquet") {
-                defs.push(NodeDef::new(
-                    "texts",
-                    None,
-                    ParquetConfig { paths: vec![data], table: Some("texts".into()), dedupe: true },
-                ));
-            } else {
-                defs.push(NodeDef::new(
-                    "texts",
-                    None,
-                    JsonlConfig {
-                        paths: vec![data],
-                        dedupe: true,
-                        max_record_bytes: cnclip_operators::sources::MAX_RECORD_BYTES,
-                    },
-                ));
-            }
-            defs.push(NodeDef::new("todo", Some("texts"), exclude()));
             defs.push(NodeDef::new(
                 "tokens",
                 Some("todo"),
@@ -228,55 +321,18 @@ fn nodes(
             defs.push(NodeDef::new("features", Some("tokens"), EncodeTextConfig(encoder)));
         }
         Tower::Image => {
-            let first = Path::new(&args.image_data[0]);
-            let lmdb_split = if first.join("data.mdb").is_file() {
-                first.parent().map(Path::to_path_buf)
-            } else if first.join("imgs").join("data.mdb").is_file() {
-                Some(first.to_path_buf())
-            } else {
-                None
-            };
-            let (decoded, order) = if let Some(split) = lmdb_split {
-                if args.image_data.len() > 1 {
-                    bail!("--image-data: give one LMDB directory");
-                }
-                defs.push(NodeDef::new("images", None, LmdbConfig { path: split, database: Database::Imgs }));
-                defs.push(NodeDef::new("todo", Some("images"), exclude()));
+            let decoded = if source.base64 {
                 defs.push(NodeDef::new("decoded", Some("todo"), DecodeBase64Config {}));
-                ("decoded", Order::ResizeThenConvert)
-            } else if first.is_dir() {
-                defs.push(NodeDef::new("images", None, ImageFolderConfig { path: first.to_path_buf() }));
-                defs.push(NodeDef::new("todo", Some("images"), exclude()));
-                // torchvision's ImageFolder loader converts to RGB before the transform resizes.
-                ("todo", Order::ConvertThenResize)
-            } else if args.image_data.iter().all(|p| p.ends_with(".parquet")) {
-                defs.push(NodeDef::new(
-                    "images",
-                    None,
-                    ParquetConfig { paths: args.image_data.clone(), table: Some("images".into()), dedupe: true },
-                ));
-                defs.push(NodeDef::new("todo", Some("images"), exclude()));
-                ("todo", Order::ResizeThenConvert)
+                "decoded"
             } else {
-                defs.push(NodeDef::new(
-                    "images",
-                    None,
-                    TsvConfig {
-                        paths: args.image_data.clone(),
-                        dedupe: true,
-                        max_record_bytes: cnclip_operators::sources::MAX_RECORD_BYTES,
-                    },
-                ));
-                defs.push(NodeDef::new("todo", Some("images"), exclude()));
-                defs.push(NodeDef::new("decoded", Some("todo"), DecodeBase64Config {}));
-                ("decoded", Order::ResizeThenConvert)
+                "todo"
             };
             defs.push(NodeDef::new(
                 "pixels",
                 Some(decoded),
                 PreprocessConfig {
                     resolution,
-                    order,
+                    order: source.order,
                     max_pixels: cnclip_operators::decoders::image::DEFAULT_MAX_PIXELS,
                 },
             ));
@@ -289,12 +345,15 @@ fn nodes(
 fn extract(
     args: &Args,
     tower: Tower,
-    output: &Path,
+    target: &Target,
     config: &cnclip_models::ClipConfig,
     encoder: EncoderConfig,
 ) -> Result<()> {
     let start = std::time::Instant::now();
-    let dir = parts_dir(output);
+    if let Target::Shard { dir, shard } = target {
+        prepare_shard_dir(dir, *shard)?;
+    }
+    let dir = target.parts_dir();
     let fingerprint = fingerprint(args, tower, &encoder)?;
     let manifest_path = dir.join("manifest.json");
     let mut manifest =
@@ -323,8 +382,8 @@ fn extract(
     }
     let settings = JobSettings {
         on_error: args.on_error,
-        quarantine: quarantine_path(output),
-        shard: args.shard.clone(),
+        quarantine: target.quarantine_path(),
+        shard: args.shard.clone().unwrap_or_else(|| Shard::ALL.to_string()),
         threads: args.num_workers,
         ..JobSettings::default()
     };
@@ -365,11 +424,12 @@ fn extract(
 
     // The parts, in order, into the output.
     let parts: Vec<String> = manifest.parts.iter().map(|p| dir.join(&p.file).display().to_string()).collect();
-    let sink = if output.extension().is_some_and(|e| e == "parquet") {
-        NodeDef::new("output", Some("parts"), WriteParquetConfig { path: output.to_path_buf() })
+    let joined = target.joined();
+    let sink = if joined.extension().is_some_and(|e| e == "parquet") {
+        NodeDef::new("output", Some("parts"), WriteParquetConfig { path: joined.clone() })
     } else {
         let rename = [("id".to_string(), tower.id_column().to_string())].into_iter().collect();
-        NodeDef::new("output", Some("parts"), WriteJsonlConfig { path: output.to_path_buf(), rename })
+        NodeDef::new("output", Some("parts"), WriteJsonlConfig { path: joined.clone(), rename })
     };
     let join = Planner::new(&registry)
         .plan(
@@ -378,14 +438,78 @@ fn extract(
         )
         .map_err(|problems| anyhow::anyhow!("{}", problems.join("; ")))?;
     join.run()?;
+    if let Target::Shard { dir: output, shard } = target {
+        publish(args, tower, output, *shard, &joined, quarantined as u64)?;
+    }
     std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
-    let what = if tower == Tower::Image { "image" } else { "text" };
     eprintln!(
-        "cnclip extract-features: {rows} {what} features, {quarantined} quarantined{} → {} ({:.1} s)",
-        if quarantined > 0 { format!(" (see {})", quarantine_path(output).display()) } else { String::new() },
-        output.display(),
+        "cnclip extract-features: {rows} {} features, {quarantined} quarantined{} → {} ({:.1} s)",
+        tower.name(),
+        if quarantined > 0 { format!(" (see {})", target.quarantine_path().display()) } else { String::new() },
+        target.display(),
         start.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+/// Moves a shard's finished part (`joined`, in its work directory) into `dir` over its previous
+/// version, then writes its entry. The old entry goes first: at no moment does an entry vouch
+/// for a part it does not describe, and a crash in between leaves a part without an entry,
+/// which `manifest check` names (and a rerun repairs).
+fn publish(args: &Args, tower: Tower, dir: &Path, shard: Shard, joined: &Path, quarantined: u64) -> Result<()> {
+    let part = manifest::inspect_part(joined).with_context(|| format!("reading back {}", joined.display()))?;
+    let meta = |key: &str| part.metadata.get(key).cloned();
+    let model = meta(metadata::MODEL).unwrap_or_default();
+    let (vision_model, text_model) = match model.split_once('@') {
+        Some((v, t)) => (Some(v.to_string()), Some(t.to_string())),
+        None => (args.vision_model.clone(), args.text_model.clone()),
+    };
+    let stem = manifest::part_stem(shard);
+    let entry = manifest::Entry {
+        format: manifest::ENTRY_FORMAT.into(),
+        shard: shard.to_string(),
+        index: shard.index,
+        count: shard.count,
+        part: format!("{stem}.parquet"),
+        rows: part.rows,
+        first_id: part.ids.first().copied(),
+        last_id: part.ids.last().copied(),
+        min_id: part.ids.iter().min().copied(),
+        max_id: part.ids.iter().max().copied(),
+        bytes: part.bytes,
+        sha256: part.sha256.clone(),
+        tower,
+        model,
+        vision_model,
+        text_model,
+        precision: meta(metadata::PRECISION).unwrap_or_default(),
+        dim: meta(metadata::DIM).and_then(|d| d.parse().ok()),
+        checkpoint: args.resume.display().to_string(),
+        checkpoint_sha256: meta(metadata::CHECKPOINT_SHA256).unwrap_or_default(),
+        source: data(args, tower),
+        quarantined,
+        created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        cnclip_version: env!("CARGO_PKG_VERSION").into(),
+        job: manifest::JOB_VARIABLES
+            .iter()
+            .filter_map(|var| std::env::var(var).ok().map(|value| (var.to_string(), value)))
+            .collect(),
+    };
+    let (part_path, entry_path) = (dir.join(&entry.part), dir.join(format!("{stem}.json")));
+    match std::fs::remove_file(&entry_path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing {}", entry_path.display()));
+        }
+        _ => {}
+    }
+    std::fs::rename(joined, &part_path).with_context(|| format!("moving {} into place", part_path.display()))?;
+    let mut json = serde_json::to_vec_pretty(&entry)?;
+    json.push(b'\n');
+    cnclip_operators::write_atomically(&entry_path, |f| std::io::Write::write_all(f, &json))?;
+    if quarantined == 0 {
+        // A previous run's bad records, which this run no longer met.
+        let _ = std::fs::remove_file(manifest::quarantine_path(dir, shard));
+    }
     Ok(())
 }
 
@@ -455,7 +579,7 @@ fn fingerprint(args: &Args, tower: Tower, encoder: &EncoderConfig) -> Result<Str
         .map(|m| (m.len(), m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())))
         .with_context(|| format!("{}", args.resume.display()))?;
     Ok(serde_json::json!({
-        "tower": if tower == Tower::Image { "image" } else { "text" },
+        "tower": tower.name(),
         "checkpoint": std::fs::canonicalize(&args.resume).unwrap_or_else(|_| args.resume.clone()),
         "checkpoint_size": size,
         "checkpoint_modified": modified.map(|d| d.as_nanos().to_string()),
