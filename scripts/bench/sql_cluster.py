@@ -58,10 +58,11 @@ def tables(work, queries, gallery):
 
 
 def run_query(cnclip, data, cluster):
-    args = [cnclip, "sql", RECALL_SQL, "--table", f"truth={data}/truth", "--table", f"predictions={data}/predictions",
+    args = [cnclip, "sql", "--table", f"truth={data}/truth", "--table", f"predictions={data}/predictions",
             "--format", "csv"]
     if cluster:
         args += ["--cluster", cluster]
+    args += ["--", RECALL_SQL]  # the query starts with `--` comments
     start = time.perf_counter()
     out = subprocess.run(args, check=True, capture_output=True, text=True)
     return time.perf_counter() - start, out.stdout.strip().splitlines()[-1]
