@@ -30,7 +30,8 @@ pub enum Format {
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The query (DataFusion SQL).
+    /// The query (DataFusion SQL; it may start with `--` comments, as `jobs/sql/*.sql` do).
+    #[arg(allow_hyphen_values = true)]
     query: String,
     /// A table for the query: `name=PATH` (a Parquet file or a directory of parts), repeatable.
     #[arg(long = "table", value_name = "NAME=PATH")]
