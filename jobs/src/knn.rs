@@ -5,6 +5,11 @@
 //! cn_clip's prediction lines (`{"text_id": …, "image_ids": […]}`) for `.jsonl`, or a
 //! predictions table with scores for `.parquet`. Queries stream in batches; memory is the
 //! gallery plus one batch.
+//!
+//! `--index-path DIR`, a directory made by `cnclip build-index`, searches that index instead:
+//! its FAISS ids are the gallery's ids, so the gallery features (`--image-feats`, or
+//! `--text-feats` for `-tr`) are not needed and, if given, not read; `--index` and
+//! `--train-sample` do not apply, and `--nprobe` defaults to the one the build recorded.
 
 use std::path::{Path, PathBuf};
 
@@ -18,11 +23,12 @@ use crate::registry;
 #[derive(clap::Args)]
 pub struct Args {
     /// Image features: cn_clip JSON lines, or Parquet feature tables (files or directories).
+    /// As the gallery, not needed with `--index-path DIR` from build-index.
     #[arg(long)]
-    image_feats: String,
+    image_feats: Option<String>,
     /// Text features, likewise.
     #[arg(long)]
-    text_feats: String,
+    text_feats: Option<String>,
     #[arg(long, default_value_t = 10)]
     top_k: usize,
     /// Gallery rows per matmul (torch backend), as cn_clip's.
@@ -40,7 +46,8 @@ pub struct Args {
     nprobe: Option<usize>,
     #[arg(long)]
     ef_search: Option<usize>,
-    /// Save the FAISS index here (or load it, if it exists).
+    /// Save the FAISS index here (or load it, if it exists); or a directory made by
+    /// `cnclip build-index`, searched as it is.
     #[arg(long)]
     index_path: Option<PathBuf>,
     /// Vectors a trained index (IVF, PQ) learns from.
@@ -59,6 +66,25 @@ pub fn run(args: Args, image_to_text: bool) -> Result<()> {
         (&args.image_feats, "image_id", &args.text_feats, "text_id", "text_ids")
     } else {
         (&args.text_feats, "text_id", &args.image_feats, "image_id", "image_ids")
+    };
+    let (query_flag, gallery_flag) =
+        if image_to_text { ("--image-feats", "--text-feats") } else { ("--text-feats", "--image-feats") };
+    let Some(queries) = queries else { bail!("{query_flag} is required (the queries)") };
+    let built_index = args.index_path.as_ref().filter(|p| p.is_dir());
+    let gallery = match (gallery, built_index) {
+        (Some(_), Some(dir)) => {
+            eprintln!(
+                "cnclip make-topk-predictions: {} is a build-index directory, whose ids are the gallery's: \
+                 {gallery_flag} is not read",
+                dir.display()
+            );
+            Vec::new()
+        }
+        (None, Some(_)) => Vec::new(),
+        (Some(gallery), None) => vec![gallery.clone()],
+        (None, None) => {
+            bail!("{gallery_flag} is required (the gallery), unless --index-path names a build-index directory")
+        }
     };
     let jsonl = match args.output.extension().and_then(|e| e.to_str()) {
         Some("parquet") => false,
@@ -80,7 +106,7 @@ pub fn run(args: Args, image_to_text: bool) -> Result<()> {
         NodeDef::new("queries", None, ParquetConfig { paths: vec![path], table: None, dedupe: false })
     };
     let knn = KnnConfig {
-        gallery: vec![gallery.clone()],
+        gallery,
         gallery_id: gallery_key.into(),
         top_k: args.top_k,
         backend: args.backend,

@@ -11,6 +11,11 @@
 //! (the GPU path on any machine), the gallery taken in chunks of `eval_batch_size` rows as
 //! cn_clip's script does.
 //!
+//! `index_path` may also name a directory made by `cnclip build-index` ([`built`]): an IVF index
+//! built in shards from a feature table, whose FAISS ids are the table's ids. The gallery is then
+//! not read (the index holds it); the merged index is searched, or each shard in turn with the
+//! per-query results merged, and `nprobe` defaults to the one the build recorded.
+//!
 //! FAISS on a GPU: a build with the `faiss-gpu` cargo feature (FAISS compiled against the CUDA
 //! toolkit) moves the built index to `device` (`cuda:N`) for search — Flat, IVF-Flat, IVF-PQ and
 //! IVF-SQ indexes; HNSW stays a CPU index in FAISS. Without the feature, a CUDA `device` with
@@ -30,6 +35,11 @@ use faiss::Index as _;
 use serde::Deserialize;
 use tch::{Kind, Tensor};
 
+pub mod built;
+pub mod ivf;
+
+use built::BuiltIndex;
+
 /// Which engine searches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -46,7 +56,9 @@ pub enum Backend {
 #[serde(deny_unknown_fields)]
 pub struct KnnConfig {
     /// The gallery: feature JSON lines (`.jsonl`) or Parquet feature tables (files, globs or
-    /// directories of parts).
+    /// directories of parts). Not read (and may be empty) when `index_path` is a build-index
+    /// directory.
+    #[serde(default)]
     pub gallery: Vec<String>,
     /// The id key of gallery JSON lines (`image_id`, `text_id`).
     #[serde(default = "image_id")]
@@ -60,7 +72,8 @@ pub struct KnnConfig {
     pub index: String,
     pub nprobe: Option<usize>,
     pub ef_search: Option<usize>,
-    /// Where the FAISS index is saved (built there if missing, loaded if present).
+    /// Where the FAISS index is saved (built there if missing, loaded if present), or a
+    /// directory made by `cnclip build-index` (searched as it is; `index` is not used).
     pub index_path: Option<PathBuf>,
     /// Vectors the index is trained on (evenly spaced over the gallery).
     #[serde(default = "train_sample")]
@@ -177,6 +190,29 @@ impl NodeConfig for KnnConfig {
         } else if let Err(e) = crate::device::device(&self.device) {
             problems.push(e.to_string());
         }
+        let index_path = self.index_path.as_ref().map(|p| cx.resolve(p));
+        if let Some(dir) = index_path.as_ref().filter(|p| p.is_dir()) {
+            if self.backend != Backend::Faiss {
+                problems.push(format!("{}: a build-index directory is searched with the faiss backend", dir.display()));
+            } else if self.device.trim() != "cpu" {
+                problems.push(format!("{}: a build-index directory is searched on the CPU", dir.display()));
+            }
+            match BuiltIndex::open(dir) {
+                Ok(built) if problems.is_empty() => {
+                    let dim = built.manifest.dim;
+                    return Ok(Operator::Transform(Arc::new(Knn {
+                        config: self,
+                        files: Vec::new(),
+                        dim,
+                        index_path,
+                        built: Some(built),
+                    })));
+                }
+                Ok(_) => {}
+                Err(more) => problems.extend(more),
+            }
+            return Err(problems);
+        }
         let files = gallery_files(cx, &self.gallery)?;
         let mut dim = None;
         for file in &files {
@@ -191,8 +227,7 @@ impl NodeConfig for KnnConfig {
         if !problems.is_empty() {
             return Err(problems);
         }
-        let index_path = self.index_path.as_ref().map(|p| cx.resolve(p));
-        Ok(Operator::Transform(Arc::new(Knn { config: self, files, dim: dim.unwrap_or(0), index_path })))
+        Ok(Operator::Transform(Arc::new(Knn { config: self, files, dim: dim.unwrap_or(0), index_path, built: None })))
     }
 }
 
@@ -207,6 +242,8 @@ pub struct Knn {
     files: Vec<PathBuf>,
     dim: usize,
     index_path: Option<PathBuf>,
+    /// `index_path` is a build-index directory.
+    built: Option<BuiltIndex>,
 }
 
 /// The predictions table (`scores` optional).
@@ -281,9 +318,11 @@ impl Transform for Knn {
         let names: Vec<&str> = input.fields().iter().map(|f| f.name().as_str()).collect();
         match (input.field_with_name(ID).map(|f| f.data_type().clone()), feature_dim(input)) {
             (Ok(DataType::Int64), Some(d)) if d == self.dim => Ok(predictions_schema(self.config.scores)),
-            (Ok(DataType::Int64), Some(d)) => {
-                Err(format!("query features have {d} values, the gallery's {}", self.dim))
-            }
+            (Ok(DataType::Int64), Some(d)) => Err(format!(
+                "query features have {d} values, the {}'s {}",
+                if self.built.is_some() { "index" } else { "gallery" },
+                self.dim
+            )),
             _ => Err(format!(
                 "needs a feature table (id int64, feature float32 vectors); the input has {}",
                 names.join(", ")
@@ -301,6 +340,23 @@ impl Transform for Knn {
 
     fn open_replica(&self, device: &str) -> cnclip_operators::Result<Option<Box<dyn TransformReplica>>> {
         let fail = |e: String| cnclip_operators::Error::Internal(e);
+        if let Some(built) = &self.built {
+            let indexes = built.load().map_err(fail)?;
+            let nprobe = self.config.nprobe.unwrap_or(built.manifest.nprobe);
+            let space = faiss::index::autotune::ParameterSpace::new().map_err(|e| fail(e.to_string()))?;
+            for index in &indexes {
+                space.set_index_parameter(index, "nprobe", nprobe as f64).map_err(|e| fail(e.to_string()))?;
+            }
+            let gallery_len = built.manifest.total_rows.unwrap_or(0) as usize;
+            return Ok(Some(Box::new(KnnReplica {
+                engine: Engine::Built(indexes),
+                ids: Vec::new(),
+                gallery_len,
+                top_k: self.config.top_k,
+                scores: self.config.scores,
+                schema: predictions_schema(self.config.scores),
+            })));
+        }
         let gallery = Gallery::read(&self.files, &self.config.gallery_id, self.dim).map_err(fail)?;
         let engine = match self.config.backend {
             Backend::Torch => {
@@ -322,6 +378,7 @@ impl Transform for Knn {
         };
         Ok(Some(Box::new(KnnReplica {
             engine,
+            gallery_len: gallery.len(),
             ids: gallery.ids,
             top_k: self.config.top_k,
             scores: self.config.scores,
@@ -387,6 +444,8 @@ fn build_index(
 
 enum Engine {
     Faiss(faiss::index::IndexImpl),
+    /// A build-index directory: its merged index, or its shards in turn (labels are ids).
+    Built(Vec<faiss::index::IndexImpl>),
     #[cfg(feature = "faiss-gpu")]
     FaissGpu(faiss::GpuIndexImpl<'static, faiss::index::IndexImpl>),
     Torch {
@@ -398,23 +457,30 @@ enum Engine {
 
 struct KnnReplica {
     engine: Engine,
+    /// Gallery ids by row (empty for a build-index directory, whose labels are the ids).
     ids: Vec<i64>,
+    gallery_len: usize,
     top_k: usize,
     scores: bool,
     schema: SchemaRef,
 }
 
 impl KnnReplica {
-    /// For each query: (gallery row, score) pairs, best first.
-    fn search(&mut self, queries: &[f32], n: usize) -> Result<Vec<Vec<(usize, f32)>>, String> {
-        let k = self.top_k.min(self.ids.len());
+    /// For each query: (gallery id, score) pairs, best first.
+    fn search(&mut self, queries: &[f32], n: usize) -> Result<Vec<Vec<(i64, f32)>>, String> {
+        let k = self.top_k.min(self.gallery_len);
         if k == 0 || n == 0 {
             return Ok(vec![Vec::new(); n]);
         }
+        let ids = &self.ids;
+        let to_ids = |rows: Vec<Vec<(usize, f32)>>| -> Vec<Vec<(i64, f32)>> {
+            rows.into_iter().map(|hits| hits.into_iter().map(|(row, score)| (ids[row], score)).collect()).collect()
+        };
         match &mut self.engine {
-            Engine::Faiss(index) => Ok(hits(index.search(queries, k).map_err(|e| e.to_string())?, n, k)),
+            Engine::Faiss(index) => Ok(to_ids(hits(index.search(queries, k).map_err(|e| e.to_string())?, n, k))),
             #[cfg(feature = "faiss-gpu")]
-            Engine::FaissGpu(index) => Ok(hits(index.search(queries, k).map_err(|e| e.to_string())?, n, k)),
+            Engine::FaissGpu(index) => Ok(to_ids(hits(index.search(queries, k).map_err(|e| e.to_string())?, n, k))),
+            Engine::Built(indexes) => built::search(indexes, queries, queries.len() / n, k),
             Engine::Torch { features, device, chunk } => tch::no_grad(|| {
                 let d = features.size()[1];
                 let q = Tensor::from_slice(queries).view([n as i64, d]).to_device(*device);
@@ -439,7 +505,7 @@ impl KnnReplica {
                     .map_err(|e: tch::TchError| e.to_string())?;
                 let i: Vec<i64> = Vec::try_from(i.to_device(tch::Device::Cpu).flatten(0, -1))
                     .map_err(|e: tch::TchError| e.to_string())?;
-                Ok((0..n).map(|q| (0..k).map(|j| (i[q * k + j] as usize, v[q * k + j])).collect()).collect())
+                Ok((0..n).map(|q| (0..k).map(|j| (ids[i[q * k + j] as usize], v[q * k + j])).collect()).collect())
             }),
         }
     }
@@ -487,8 +553,8 @@ impl TransformReplica for KnnReplica {
         let mut scores =
             ListBuilder::new(Float32Builder::new()).with_field(Arc::new(Field::new("item", DataType::Float32, true)));
         for hits in &found {
-            for &(row, score) in hits {
-                neighbours.values().append_value(self.ids[row]);
+            for &(id, score) in hits {
+                neighbours.values().append_value(id);
                 scores.values().append_value(score);
             }
             neighbours.append(true);
