@@ -21,6 +21,12 @@
 //! sample or seed) or rebuild the shards only (another `--shard-rows`). The merge reads the
 //! shards one at a time into a copy of the trained index (memory: the merged index plus one
 //! shard); `--no-merge` leaves the shards apart for searches to go through in turn.
+//!
+//! A factory string ending in `,RFlat` (`IVF4096,PQ64np,RFlat`) adds FAISS's refinement stage
+//! with the vectors on disk instead of in memory ([`cnclip_models::retrieval::refine`]): each
+//! shard also writes its exact vectors and an id → row map, and a search re-scores
+//! `k_factor · k` candidates of the compressed index with them. The codes are what memory
+//! holds; the recall is nearly the exact search's.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -29,8 +35,9 @@ use anyhow::{Context, Result, bail};
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::{DataType, Float32Type, Int64Type};
 use arrow::record_batch::RecordBatch;
-use cnclip_models::retrieval::built::{self, BuiltIndex, IndexFile, Manifest, Shard, Training};
+use cnclip_models::retrieval::built::{self, BuiltIndex, IndexFile, Manifest, Refine, Shard, ShardRefine, Training};
 use cnclip_models::retrieval::ivf::IvfIndex;
+use cnclip_models::retrieval::refine::{self, RefineStore, RefineWriter};
 use cnclip_operators::quarantine::OnError;
 use cnclip_operators::spec::builtin::{FeatureJsonlConfig, ParquetConfig};
 use cnclip_operators::spec::{JobSettings, NodeDef, Planner};
@@ -48,9 +55,14 @@ pub struct Args {
     #[arg(long)]
     id_column: Option<String>,
     /// FAISS factory string of an IVF index: IVF4096,PQ64np · IVF1024,SQ8 · IVF256,Flat (`np`:
-    /// no polysemous training, see below).
+    /// no polysemous training, see below); `…,RFlat` adds a refinement stage (the exact vectors
+    /// on disk re-rank the candidates).
     #[arg(long)]
     index: String,
+    /// With `,RFlat`: candidates per result a search re-ranks (`k_factor · k`) unless it says
+    /// otherwise (recorded in the manifest).
+    #[arg(long, default_value_t = 4)]
+    k_factor: usize,
     /// Vectors the index is trained on (a seeded uniform sample of the table).
     #[arg(long, default_value_t = 100_000)]
     train_sample: usize,
@@ -81,6 +93,9 @@ pub fn run(args: Args) -> Result<()> {
     if args.train_sample == 0 {
         bail!("--train-sample must be at least 1");
     }
+    if args.k_factor == 0 {
+        bail!("--k-factor must be at least 1");
+    }
     cnclip_operators::signals::catch_interrupts()?;
     let start = Instant::now();
     let dir = args.index_path.clone();
@@ -89,8 +104,10 @@ pub fn run(args: Args) -> Result<()> {
     }
     let table = Table::open(&args)?;
     // The index string first: a bad or non-IVF one stops the job before any data is read.
-    let nlist = IvfIndex::new(table.dim, &args.index).map_err(|e| anyhow::anyhow!("--index {e}"))?.nlist();
-    if polysemous(&args.index) {
+    let (ivf, refine_kind) = refine::split(&args.index).map_err(|e| anyhow::anyhow!("--index {e}"))?;
+    let nlist = IvfIndex::new(table.dim, &ivf).map_err(|e| anyhow::anyhow!("--index {e}"))?.nlist();
+    let refine = refine_kind.map(|kind| Refine { kind: kind.into(), k_factor: args.k_factor });
+    if polysemous(&ivf) {
         eprintln!(
             "cnclip build-index: note: `{}` trains polysemous PQ codes (seconds per codebook; they serve a Hamming \
              pre-filter cnclip's search does not use): append `np` to the PQ part (`PQ64np`) to skip that",
@@ -102,14 +119,16 @@ pub fn run(args: Args) -> Result<()> {
     let training_fingerprint = serde_json::json!({
         "files": table.fingerprint()?,
         "id_column": table.json_key.as_ref().unwrap_or(&table.id_column),
-        "index": args.index,
+        "index": ivf,
         "dim": table.dim,
         "metric": built::METRIC,
         "train_sample": args.train_sample,
         "seed": args.seed,
     })
     .to_string();
-    let shards_fingerprint = serde_json::json!({ "shard_rows": args.shard_rows }).to_string();
+    // The refinement files are made with the shards: adding or dropping `,RFlat` rebuilds the
+    // shards, not the training.
+    let shards_fingerprint = serde_json::json!({ "shard_rows": args.shard_rows, "refine": refine_kind }).to_string();
 
     // What a previous run left that still holds.
     let mut trained_now = false;
@@ -125,7 +144,7 @@ pub fn run(args: Args) -> Result<()> {
             }
             remove_index_files(&dir)?;
             // Dropped: every run, fresh or resumed, copies its shards from the file.
-            let (trained, training) = train(&args, &table, nlist, &dir, training_fingerprint)?;
+            let (trained, training) = train(&args, &ivf, &table, nlist, &dir, training_fingerprint)?;
             drop(trained);
             Manifest {
                 format: built::FORMAT.into(),
@@ -140,14 +159,23 @@ pub fn run(args: Args) -> Result<()> {
                 shards: Vec::new(),
                 total_rows: None,
                 merged: None,
+                refine: None,
             }
         }
     };
     manifest.nprobe = args.nprobe.min(nlist).max(1);
+    manifest.index = args.index.clone();
+    manifest.refine = refine;
     if manifest.shards_fingerprint != shards_fingerprint {
-        eprintln!("cnclip build-index: --shard-rows changed: keeping the trained index, rebuilding the shards");
+        eprintln!(
+            "cnclip build-index: --shard-rows or the refinement changed: keeping the trained index, rebuilding the \
+             shards"
+        );
         for shard in &manifest.shards {
             let _ = std::fs::remove_file(dir.join(&shard.file.file));
+            for file in shard.refine.iter().flat_map(|r| [&r.vectors, &r.ids]) {
+                let _ = std::fs::remove_file(dir.join(&file.file));
+            }
         }
         manifest.shards.clear();
         manifest.total_rows = None;
@@ -156,7 +184,7 @@ pub fn run(args: Args) -> Result<()> {
         manifest.shards_fingerprint = shards_fingerprint;
     }
     let before = manifest.shards.len();
-    manifest.shards.retain(|s| s.file.intact(&dir));
+    manifest.shards.retain(|s| s.intact(&dir));
     if manifest.shards.len() < before {
         eprintln!(
             "cnclip build-index: {} recorded shard(s) missing or damaged: rebuilding them",
@@ -177,6 +205,19 @@ pub fn run(args: Args) -> Result<()> {
         (built_now, add_seconds) = add_shards(&args, &table, &trained, &dir, &mut manifest)?;
     }
     let total = manifest.total_rows.unwrap_or(0);
+    if manifest.refine.is_some() {
+        let store = RefineStore::open(&dir, &manifest).map_err(anyhow::Error::msg)?;
+        if let Some((id, a, b)) = store.duplicate() {
+            // Not finished: a search would not know which vector the id names.
+            manifest.total_rows = None;
+            manifest.merged = None;
+            manifest.write(&dir)?;
+            bail!(
+                "id {id} is in shard {a} and shard {b}: a refined index (…,RFlat) looks vectors up by id, so ids must \
+                 be unique (or build without ,RFlat)"
+            );
+        }
+    }
 
     let merged_path = dir.join(built::MERGED);
     let mut merge_seconds = None;
@@ -228,6 +269,16 @@ pub fn run(args: Args) -> Result<()> {
         merge_seconds.map_or(String::new(), |s| format!(", merged in {s:.1} s")),
         start.elapsed().as_secs_f64()
     );
+    if let Some(refine) = &manifest.refine {
+        let on_disk: u64 =
+            manifest.shards.iter().flat_map(|s| s.refine.iter()).map(|r| r.vectors.bytes + r.ids.bytes).sum();
+        eprintln!(
+            "cnclip build-index: refinement: exact vectors and id map on disk, {on_disk} bytes ({:.1} bytes/vector, \
+             memory-mapped by a search), k_factor {}",
+            on_disk as f64 / total.max(1) as f64,
+            refine.k_factor
+        );
+    }
     Ok(())
 }
 
@@ -252,7 +303,8 @@ fn remove_index_files(dir: &Path) -> Result<()> {
         let ours = name == built::MANIFEST
             || name == built::TRAINED
             || name == built::MERGED
-            || (name.starts_with("shard-") && name.ends_with(".index"));
+            || (name.starts_with("shard-")
+                && [".index", ".vectors", ".ids"].iter().any(|extension| name.ends_with(extension)));
         if ours {
             std::fs::remove_file(entry.path()).or_else(ignore_missing)?;
         }
@@ -531,7 +583,14 @@ impl Reservoir {
 
 /// Draws the training sample (one pass over the table), trains the index and writes
 /// `trained.index`.
-fn train(args: &Args, table: &Table, nlist: usize, dir: &Path, fingerprint: String) -> Result<(IvfIndex, Training)> {
+fn train(
+    args: &Args,
+    ivf: &str,
+    table: &Table,
+    nlist: usize,
+    dir: &Path,
+    fingerprint: String,
+) -> Result<(IvfIndex, Training)> {
     let start = Instant::now();
     let mut reservoir = Reservoir::new(args.train_sample, table.dim, args.seed);
     let mut stream = table.stream()?;
@@ -563,9 +622,9 @@ fn train(args: &Args, table: &Table, nlist: usize, dir: &Path, fingerprint: Stri
             39 * nlist
         );
     }
-    eprintln!("cnclip build-index: training `{}` on {drawn} of {total} vectors (seed {}) …", args.index, args.seed);
-    let mut index = IvfIndex::new(table.dim, &args.index).map_err(|e| anyhow::anyhow!("--index {e}"))?;
-    index.train(&sample).map_err(|e| anyhow::anyhow!("training `{}` on {drawn} vectors: {e}", args.index))?;
+    eprintln!("cnclip build-index: training `{ivf}` on {drawn} of {total} vectors (seed {}) …", args.seed);
+    let mut index = IvfIndex::new(table.dim, ivf).map_err(|e| anyhow::anyhow!("--index {e}"))?;
+    index.train(&sample).map_err(|e| anyhow::anyhow!("training `{ivf}` on {drawn} vectors: {e}"))?;
     let bytes = index.write_atomically(&dir.join(built::TRAINED)).map_err(anyhow::Error::msg)?;
     let training = Training {
         fingerprint,
@@ -583,6 +642,8 @@ struct OpenShard {
     number: usize,
     first_row: u64,
     index: IvfIndex,
+    /// The exact vectors, with `,RFlat`.
+    refine: Option<RefineWriter>,
     rows: u64,
     min_id: Option<i64>,
     max_id: Option<i64>,
@@ -597,6 +658,9 @@ impl OpenShard {
         for &id in ids {
             self.min_id = Some(self.min_id.map_or(id, |m| m.min(id)));
             self.max_id = Some(self.max_id.map_or(id, |m| m.max(id)));
+        }
+        if let Some(refine) = &mut self.refine {
+            refine.push(ids, vectors).map_err(anyhow::Error::msg)?;
         }
         self.pending_ids.extend_from_slice(ids);
         self.pending.extend_from_slice(vectors);
@@ -621,6 +685,14 @@ impl OpenShard {
     /// Writes the shard atomically and records it.
     fn finish(mut self, dir: &Path, manifest: &mut Manifest) -> Result<f64> {
         self.flush()?;
+        // The refinement files first: the shard counts once its index is written and recorded.
+        let refine = match self.refine.take() {
+            Some(writer) => {
+                let (vectors, ids) = writer.finish(self.first_row).map_err(anyhow::Error::msg)?;
+                Some(ShardRefine { vectors, ids })
+            }
+            None => None,
+        };
         let file = built::shard_file(self.number);
         let bytes = self.index.write_atomically(&dir.join(&file)).map_err(anyhow::Error::msg)?;
         let seconds = self.start.elapsed().as_secs_f64();
@@ -640,6 +712,7 @@ impl OpenShard {
             max_id: self.max_id,
             seconds,
             file: IndexFile { file, bytes },
+            refine,
         };
         let at = manifest.shards.partition_point(|s| s.number < shard.number);
         manifest.shards.insert(at, shard);
@@ -679,6 +752,10 @@ fn add_shards(
                         number,
                         first_row: row,
                         index: trained.try_clone().map_err(|e| anyhow::anyhow!("copying the trained index: {e}"))?,
+                        refine: match &manifest.refine {
+                            Some(_) => Some(RefineWriter::create(dir, number, table.dim).map_err(anyhow::Error::msg)?),
+                            None => None,
+                        },
                         rows: 0,
                         min_id: None,
                         max_id: None,

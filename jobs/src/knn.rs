@@ -9,7 +9,8 @@
 //! `--index-path DIR`, a directory made by `cnclip build-index`, searches that index instead:
 //! its FAISS ids are the gallery's ids, so the gallery features (`--image-feats`, or
 //! `--text-feats` for `-tr`) are not needed and, if given, not read; `--index` and
-//! `--train-sample` do not apply, and `--nprobe` defaults to the one the build recorded.
+//! `--train-sample` do not apply, and `--nprobe` (and, for an index refined with exact vectors,
+//! `--k-factor`) defaults to the one the build recorded.
 
 use std::path::{Path, PathBuf};
 
@@ -46,6 +47,10 @@ pub struct Args {
     nprobe: Option<usize>,
     #[arg(long)]
     ef_search: Option<usize>,
+    /// With a refined index (build-index `…,RFlat`): candidates per result re-scored with the
+    /// exact vectors (`k_factor · top_k`); default the one the build recorded.
+    #[arg(long)]
+    k_factor: Option<usize>,
     /// Save the FAISS index here (or load it, if it exists); or a directory made by
     /// `cnclip build-index`, searched as it is.
     #[arg(long)]
@@ -113,6 +118,7 @@ pub fn run(args: Args, image_to_text: bool) -> Result<()> {
         index: args.index.clone(),
         nprobe: args.nprobe,
         ef_search: args.ef_search,
+        k_factor: args.k_factor,
         index_path: args.index_path.clone(),
         train_sample: args.train_sample,
         device: args.device.clone(),

@@ -7,6 +7,8 @@
 //! DIR/trained.index        the trained, empty IVF index every shard is a copy of
 //! DIR/shard-NNNNN.index    rows [N·shard_rows, (N+1)·shard_rows) of the table, FAISS ids = table ids
 //! DIR/merged.index         every shard's lists merged (absent with --no-merge)
+//! DIR/shard-NNNNN.vectors  with `…,RFlat`: the shard's exact vectors, and
+//! DIR/shard-NNNNN.ids      their id → row map, which re-rank candidates ([`super::refine`])
 //! ```
 //!
 //! The FAISS ids are the table's int64 ids, so a search needs no gallery file: its labels are
@@ -21,6 +23,8 @@ use std::path::{Path, PathBuf};
 use faiss::Index as _;
 use faiss::index::IndexImpl;
 use serde::{Deserialize, Serialize};
+
+use super::refine::RefineStore;
 
 /// The manifest's `format`.
 pub const FORMAT: &str = "cnclip-index/1";
@@ -59,6 +63,26 @@ pub struct Manifest {
     pub total_rows: Option<u64>,
     /// The merged index, once made.
     pub merged: Option<IndexFile>,
+    /// The refinement stage (`…,RFlat`), if the index has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refine: Option<Refine>,
+}
+
+/// A refinement stage: candidates re-scored with the exact vectors kept on disk.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Refine {
+    /// What is kept: `flat` (float32 vectors).
+    pub kind: String,
+    /// Candidates a search asks the compressed index for, per result (`k_factor · k`), unless
+    /// it says otherwise.
+    pub k_factor: usize,
+}
+
+/// A shard's refinement files.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardRefine {
+    pub vectors: IndexFile,
+    pub ids: IndexFile,
 }
 
 /// How the trained index was made.
@@ -87,6 +111,16 @@ pub struct Shard {
     pub seconds: f64,
     #[serde(flatten)]
     pub file: IndexFile,
+    /// The shard's exact vectors, when the index has a refinement stage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refine: Option<ShardRefine>,
+}
+
+impl Shard {
+    /// Whether the shard's files are all there with their recorded sizes.
+    pub fn intact(&self, dir: &Path) -> bool {
+        self.file.intact(dir) && self.refine.as_ref().is_none_or(|r| r.vectors.intact(dir) && r.ids.intact(dir))
+    }
 }
 
 /// A file of the directory and its size when written (a later size is a damaged file).
@@ -188,10 +222,24 @@ impl BuiltIndex {
                 dir.display()
             )]);
         }
-        let problems: Vec<String> = match &manifest.merged {
+        let mut problems: Vec<String> = match &manifest.merged {
             Some(merged) => merged.check(dir).err().into_iter().collect(),
             None => manifest.shards.iter().filter_map(|s| s.file.check(dir).err()).collect(),
         };
+        if manifest.refine.is_some() {
+            for shard in &manifest.shards {
+                match &shard.refine {
+                    Some(refine) => {
+                        problems.extend([&refine.vectors, &refine.ids].into_iter().filter_map(|f| f.check(dir).err()))
+                    }
+                    None => problems.push(format!(
+                        "{}: shard {} has no refinement vectors (rerun `cnclip build-index`)",
+                        dir.display(),
+                        shard.number
+                    )),
+                }
+            }
+        }
         if problems.is_empty() { Ok(BuiltIndex { dir: dir.to_path_buf(), manifest }) } else { Err(problems) }
     }
 
@@ -223,6 +271,17 @@ impl BuiltIndex {
             indexes.push(index);
         }
         Ok(indexes)
+    }
+
+    /// Maps the refinement vectors, if the index has a refinement stage.
+    ///
+    /// # Errors
+    /// As [`RefineStore::open`].
+    pub fn refine_store(&self) -> Result<Option<RefineStore>, String> {
+        match &self.manifest.refine {
+            Some(_) => RefineStore::open(&self.dir, &self.manifest).map(Some),
+            None => Ok(None),
+        }
     }
 }
 
@@ -311,6 +370,23 @@ pub fn search(
     Ok(hits)
 }
 
+/// [`search`] through a refinement stage: `k_factor · k` candidates from `indexes`, re-scored
+/// with the exact vectors of `store`, the top `k` by exact score (ties by the smaller id).
+///
+/// # Errors
+/// FAISS's, or a candidate `store` lacks.
+pub fn search_refined(
+    indexes: &mut [IndexImpl],
+    store: &RefineStore,
+    queries: &[f32],
+    dim: usize,
+    k: usize,
+    k_factor: usize,
+) -> Result<Vec<Vec<(i64, f32)>>, String> {
+    let candidates = search(indexes, queries, dim, k.saturating_mul(k_factor.max(1)))?;
+    store.rerank(queries, candidates, k)
+}
+
 /// By score, highest first, ties by the smaller id.
 fn sort_hits(hits: &mut [(i64, f32)]) {
     hits.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
@@ -366,6 +442,7 @@ mod tests {
             max_id: None,
             seconds: 0.0,
             file: file(&shard_file(number)),
+            refine: None,
         };
         let mut manifest = Manifest {
             format: FORMAT.into(),
@@ -387,6 +464,7 @@ mod tests {
             shards: vec![shard(0, 0, 10), shard(1, 10, 5)],
             total_rows: None,
             merged: None,
+            refine: None,
         };
         assert!(!manifest.complete());
         manifest.total_rows = Some(15);

@@ -37,6 +37,7 @@ use tch::{Kind, Tensor};
 
 pub mod built;
 pub mod ivf;
+pub mod refine;
 
 use built::BuiltIndex;
 
@@ -72,6 +73,10 @@ pub struct KnnConfig {
     pub index: String,
     pub nprobe: Option<usize>,
     pub ef_search: Option<usize>,
+    /// Candidates per result re-scored by a refinement stage (a build-index directory made with
+    /// `…,RFlat`, or a FAISS `…,RFlat` index): `k_factor · top_k`. Default: the build's.
+    #[serde(default)]
+    pub k_factor: Option<usize>,
     /// Where the FAISS index is saved (built there if missing, loaded if present), or a
     /// directory made by `cnclip build-index` (searched as it is; `index` is not used).
     pub index_path: Option<PathBuf>,
@@ -181,6 +186,9 @@ impl NodeConfig for KnnConfig {
         if self.top_k == 0 {
             problems.push("`top_k` must be at least 1".to_string());
         }
+        if self.k_factor == Some(0) {
+            problems.push("`k_factor` must be at least 1".to_string());
+        }
         if self.backend == Backend::Faiss && !cfg!(feature = "faiss-gpu") && self.device.trim() != "cpu" {
             problems.push(format!(
                 "device `{}`: FAISS on a GPU needs cnclip built with `--features faiss-gpu` (and the CUDA \
@@ -197,7 +205,17 @@ impl NodeConfig for KnnConfig {
             } else if self.device.trim() != "cpu" {
                 problems.push(format!("{}: a build-index directory is searched on the CPU", dir.display()));
             }
-            match BuiltIndex::open(dir) {
+            let opened = BuiltIndex::open(dir);
+            if let (Ok(built), Some(_)) = (&opened, self.k_factor)
+                && built.manifest.refine.is_none()
+            {
+                problems.push(format!(
+                    "{}: `k_factor` re-ranks with a refinement stage, which this index has none of (built without \
+                     `,RFlat`)",
+                    dir.display()
+                ));
+            }
+            match opened {
                 Ok(built) if problems.is_empty() => {
                     let dim = built.manifest.dim;
                     return Ok(Operator::Transform(Arc::new(Knn {
@@ -348,8 +366,12 @@ impl Transform for Knn {
                 space.set_index_parameter(index, "nprobe", nprobe as f64).map_err(|e| fail(e.to_string()))?;
             }
             let gallery_len = built.manifest.total_rows.unwrap_or(0) as usize;
+            let refine = match (built.refine_store().map_err(fail)?, &built.manifest.refine) {
+                (Some(store), Some(recorded)) => Some((store, self.config.k_factor.unwrap_or(recorded.k_factor))),
+                _ => None,
+            };
             return Ok(Some(Box::new(KnnReplica {
-                engine: Engine::Built(indexes),
+                engine: Engine::Built { indexes, refine },
                 ids: Vec::new(),
                 gallery_len,
                 top_k: self.config.top_k,
@@ -438,14 +460,21 @@ fn build_index(
     if let Some(ef) = config.ef_search {
         space.set_index_parameter(&index, "efSearch", ef as f64).map_err(faiss_err)?;
     }
+    if let Some(k_factor) = config.k_factor {
+        space.set_index_parameter(&index, "k_factor", k_factor as f64).map_err(faiss_err)?;
+    }
     let _ = &mut index;
     Ok(index)
 }
 
 enum Engine {
     Faiss(faiss::index::IndexImpl),
-    /// A build-index directory: its merged index, or its shards in turn (labels are ids).
-    Built(Vec<faiss::index::IndexImpl>),
+    /// A build-index directory: its merged index, or its shards in turn (labels are ids), and
+    /// its refinement vectors with the `k_factor` searched.
+    Built {
+        indexes: Vec<faiss::index::IndexImpl>,
+        refine: Option<(refine::RefineStore, usize)>,
+    },
     #[cfg(feature = "faiss-gpu")]
     FaissGpu(faiss::GpuIndexImpl<'static, faiss::index::IndexImpl>),
     Torch {
@@ -480,7 +509,10 @@ impl KnnReplica {
             Engine::Faiss(index) => Ok(to_ids(hits(index.search(queries, k).map_err(|e| e.to_string())?, n, k))),
             #[cfg(feature = "faiss-gpu")]
             Engine::FaissGpu(index) => Ok(to_ids(hits(index.search(queries, k).map_err(|e| e.to_string())?, n, k))),
-            Engine::Built(indexes) => built::search(indexes, queries, queries.len() / n, k),
+            Engine::Built { indexes, refine: None } => built::search(indexes, queries, queries.len() / n, k),
+            Engine::Built { indexes, refine: Some((store, k_factor)) } => {
+                built::search_refined(indexes, store, queries, queries.len() / n, k, *k_factor)
+            }
             Engine::Torch { features, device, chunk } => tch::no_grad(|| {
                 let d = features.size()[1];
                 let q = Tensor::from_slice(queries).view([n as i64, d]).to_device(*device);
