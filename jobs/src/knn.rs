@@ -51,6 +51,10 @@ pub struct Args {
     /// exact vectors (`k_factor · top_k`); default the one the build recorded.
     #[arg(long)]
     k_factor: Option<usize>,
+    /// With a build-index directory: memory-map its inverted lists instead of loading them
+    /// (FAISS's IO_FLAG_MMAP), for an index larger than memory.
+    #[arg(long)]
+    mmap: bool,
     /// Save the FAISS index here (or load it, if it exists); or a directory made by
     /// `cnclip build-index`, searched as it is.
     #[arg(long)]
@@ -119,6 +123,7 @@ pub fn run(args: Args, image_to_text: bool) -> Result<()> {
         nprobe: args.nprobe,
         ef_search: args.ef_search,
         k_factor: args.k_factor,
+        mmap: args.mmap,
         index_path: args.index_path.clone(),
         train_sample: args.train_sample,
         device: args.device.clone(),

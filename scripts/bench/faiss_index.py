@@ -4,7 +4,12 @@ top-10 (a float32 matmul in torch), and the sizing of 1B vectors extrapolated fr
 
     .venv/bin/python scripts/bench/faiss_index.py [--gallery 1000000] [--queries 10000]
         [--index IVF1024,PQ64np --index IVF1024,PQ128np --index IVF1024,SQ8] [--nprobe 32 --nprobe 64]
-        [--train-sample 50000] [--shard-rows 250000] [--cnclip target/release/cnclip]
+        [--k-factor 4 --k-factor 10] [--train-sample 50000] [--shard-rows 250000]
+        [--cnclip target/release/cnclip]
+
+An index ending in `,RFlat` (`IVF1024,PQ64np,RFlat`) has cnclip's refinement stage: the exact
+vectors on disk (memory-mapped) re-rank k_factor x 10 candidates of the codes; it is searched
+once per --k-factor.
 
 The features are synthetic, made to look like CLIP embeddings rather than uniform noise: a
 mixture of 2,000 Gaussian clusters in a random 96-dimensional subspace of R^512, plus isotropic
@@ -13,9 +18,11 @@ draws from the same mixture. Real features may be easier or harder for product q
 the recall figures hold for this data only.
 
 For each index: `build-index` (wall time with every core; the manifest gives the training and
-add times), the index's bytes per vector, then one search run per nprobe with OMP_NUM_THREADS=1
-(queries/s per core = queries / (run − a one-query run's start-up)), scored against the exact
-top-10: 10-recall@10 (the share of the exact top-10 found) and 1-recall@10 (the share of queries
+add times), the index's bytes per vector (in memory; a refined index's exact vectors and id map
+on disk apart), then one search run per nprobe with OMP_NUM_THREADS=1
+(queries/s per core = queries / (run − a one-query run's start-up); the search process's peak
+resident memory, heap and mapped files apart, sampled from /proc), and the last setting again
+with the inverted lists memory-mapped (--mmap), scored against the exact top-10: 10-recall@10 (the share of the exact top-10 found) and 1-recall@10 (the share of queries
 whose nearest neighbour is in the top 10, FAISS's R@10). Last, the 1B sizing table, with its
 formula. On 2 cores it takes about 22 minutes, plus 4 to make the data and the exact top-10 the
 first time (kept in --work for the next run).
@@ -97,12 +104,37 @@ def data(work, n, q, dim):
     return gallery, queries, best_ids.numpy()
 
 
-def run(cmd, env=None):
+def memory(pid):
+    """(anonymous, file-backed) resident bytes of a process now, from /proc (0s once it is gone)."""
+    found = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("RssAnon", "RssFile"):
+                    found[key] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return found.get("RssAnon", 0), found.get("RssFile", 0)
+
+
+def run(cmd, env=None, peaks=None):
+    """Runs cmd; returns (seconds, stderr). With `peaks` (a dict), samples the process's resident
+    memory every 20 ms and stores the peaks: `anon` (heap: what must fit in memory) and `file`
+    (mapped file pages: page cache, given back under pressure)."""
     start = time.perf_counter()
-    done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if done.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{done.stderr}")
-    return time.perf_counter() - start, done.stderr
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:
+        if peaks is not None:
+            peaks.update(anon=0, file=0)
+            # cnclip execs cnclip-torch in the same process, so the pid stays the one to watch.
+            while p.poll() is None:
+                anon, mapped = memory(p.pid)
+                peaks["anon"], peaks["file"] = max(peaks["anon"], anon), max(peaks["file"], mapped)
+                time.sleep(0.02)
+        _, stderr = p.communicate()
+    if p.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{stderr}")
+    return time.perf_counter() - start, stderr
 
 
 def recalls(path, exact):
@@ -124,6 +156,8 @@ def main():
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--index", action="append", help="IVF factory strings (repeatable)")
     p.add_argument("--nprobe", action="append", type=int, help="nprobe values searched (repeatable)")
+    p.add_argument("--k-factor", action="append", type=int,
+                   help="candidates per result re-ranked by a ,RFlat index (repeatable)")
     p.add_argument("--train-sample", type=int, default=50_000)
     p.add_argument("--shard-rows", type=int, default=250_000)
     p.add_argument("--cnclip", default="target/release/cnclip")
@@ -131,6 +165,7 @@ def main():
     args = p.parse_args()
     indexes = args.index or ["IVF1024,PQ64np", "IVF1024,PQ128np", "IVF1024,SQ8"]
     nprobes = args.nprobe or [32, 64]
+    k_factors = args.k_factor or [4, 10]
     cnclip = os.path.abspath(args.cnclip)
     os.makedirs(args.work, exist_ok=True)
     cores = os.cpu_count()
@@ -144,8 +179,9 @@ def main():
     print(f"build: --train-sample {args.train_sample:,}, --shard-rows {args.shard_rows:,} "
           f"({-(-args.gallery // args.shard_rows)} shards, merged); search: OMP_NUM_THREADS=1")
     print()
-    header = (f"{'index':16} {'build s':>8} {'train s':>8} {'add s':>7} {'merge s':>8} {'B/vector':>9} "
-              f"{'nprobe':>6} {'10-R@10':>8} {'1-R@10':>7} {'q/s/core':>9}")
+    header = (f"{'index':22} {'build s':>8} {'train s':>8} {'add s':>7} {'merge s':>8} {'B/vector':>9} "
+              f"{'disk B/v':>8} {'nprobe':>6} {'k_factor':>8} {'lists':>8} {'10-R@10':>8} {'1-R@10':>7} "
+              f"{'q/s/core':>9} {'heap MiB':>8} {'mapped MiB':>10}")
     print(header)
     rows = []
     single = dict(os.environ, OMP_NUM_THREADS="1")
@@ -157,41 +193,62 @@ def main():
                              "--index-path", out])
         manifest = json.load(open(os.path.join(out, "manifest.json")))
         merged = manifest["merged"]["bytes"]
+        refined = manifest.get("refine") is not None
+        disk = sum(s["refine"]["vectors"]["bytes"] + s["refine"]["ids"]["bytes"]
+                   for s in manifest["shards"]) if refined else 0
         train = manifest["training"]["seconds"]
         add = sum(s["seconds"] for s in manifest["shards"])
         merge = float(re.search(r"merged in ([0-9.]+) s", stderr).group(1))
         d, nlist = manifest["dim"], manifest["nlist"]
-        for nprobe in nprobes:
+        # Every nprobe (and k_factor) with the lists in memory, then the last one with the lists
+        # memory-mapped (--mmap): the same results; the memory moves from the heap to the page cache.
+        settings = [(nprobe, k_factor, False) for nprobe in nprobes for k_factor in (k_factors if refined else [None])]
+        settings.append(settings[-1][:2] + (True,))
+        for nprobe, k_factor, mapped in settings:
             search = [cnclip, "make-topk-predictions", "--index-path", out, "--nprobe", str(nprobe)]
+            if k_factor is not None:
+                search += ["--k-factor", str(k_factor)]
+            if mapped:
+                search.append("--mmap")
             startup, _ = run(search + ["--text-feats", one, "--output", os.path.join(args.work, "one.parquet")],
                              env=single)
             result = os.path.join(args.work, "found.parquet")
-            total, _ = run(search + ["--text-feats", queries, "--output", result], env=single)
+            peaks = {}
+            total, _ = run(search + ["--text-feats", queries, "--output", result], env=single, peaks=peaks)
             qps = args.queries / max(total - startup, 1e-9)
             ten, first = recalls(result, exact)
-            print(f"{index:16} {build:8.1f} {train:8.1f} {add:7.1f} {merge:8.1f} {merged / args.gallery:9.1f} "
-                  f"{nprobe:6d} {ten:8.4f} {first:7.4f} {qps:9.1f}")
-            rows.append(dict(index=index, build=build, train=train, add=add, merge=merge, bytes=merged, d=d,
-                             nlist=nlist, nprobe=nprobe, ten=ten, one=first, qps=qps))
+            print(f"{index:22} {build:8.1f} {train:8.1f} {add:7.1f} {merge:8.1f} {merged / args.gallery:9.1f} "
+                  f"{disk / args.gallery:8.1f} {nprobe:6d} {k_factor or '-':>8} {'mmap' if mapped else 'memory':>8} "
+                  f"{ten:8.4f} {first:7.4f} {qps:9.1f} {peaks['anon'] / 2**20:8.0f} {peaks['file'] / 2**20:10.0f}",
+                  flush=True)
+            if not mapped:
+                rows.append(dict(index=index, build=build, train=train, add=add, merge=merge, bytes=merged, d=d,
+                                 nlist=nlist, nprobe=nprobe, k_factor=k_factor, disk=disk, ten=ten, one=first,
+                                 qps=qps))
+        if refined:
+            shutil.rmtree(out, ignore_errors=True)  # its vectors are as large as the gallery
     print()
     print("goal: 10-recall@10 vs exact >= 0.9 for some index:",
-          ", ".join(f"{r['index']} nprobe {r['nprobe']}" for r in rows if r["ten"] >= 0.9) or "none reached it")
+          ", ".join(f"{r['index']} nprobe {r['nprobe']}" + (f" k_factor {r['k_factor']}" if r["k_factor"] else "")
+                    for r in rows if r["ten"] >= 0.9) or "none reached it")
 
     # Sizing for 1B, extrapolated from the 1M measurements (none of it measured at 1B).
     n, big = args.gallery, 10**9
     print()
     print(f"Sizing for 1B vectors, extrapolated from {n:,} (formulas below; 10M not measured: its 20 GB of "
-          f"features and exact search do not fit this 24 GiB, 2-core machine's time budget)")
-    print(f"{'index':16} {'nprobe':>6} {'B/vector':>9} {'RAM 1B GiB':>11} {'build 1B core-h':>16} "
-          f"{'10-R@10':>8} {'q/s/core 1B, same nlist':>24} {'q/s/core 1B, nlist x1000':>25}")
+          f"features, 20 GB more for a refined index's vectors, exceed this machine's free disk, and its exact "
+          f"search its 2 cores' time budget)")
+    print(f"{'index':22} {'nprobe':>6} {'k_factor':>8} {'B/vector':>9} {'RAM 1B GiB':>11} {'disk 1B GiB':>12} "
+          f"{'build 1B core-h':>16} {'10-R@10':>8} {'q/s/core 1B, same nlist':>24} {'q/s/core 1B, nlist x1000':>25}")
     for r in rows:
         centroids = r["nlist"] * r["d"] * 4
         per_vector = (r["bytes"] - centroids) / n
         ram = big * per_vector + 1000 * centroids
         add_core_s = r["add"] * cores / n  # core-seconds per vector added
         core_hours = (r["train"] * cores + big * add_core_s + r["merge"] * cores * big / n) / 3600
-        print(f"{r['index']:16} {r['nprobe']:6d} {per_vector:9.1f} {gib(ram):11.1f} {core_hours:16.0f} "
-              f"{r['ten']:8.4f} {r['qps'] * n / big:24.2f} {r['qps']:25.1f}")
+        print(f"{r['index']:22} {r['nprobe']:6d} {r['k_factor'] or '-':>8} {per_vector:9.1f} {gib(ram):11.1f} "
+              f"{gib(r['disk'] * big / n):12.1f} {core_hours:16.0f} {r['ten']:8.4f} {r['qps'] * n / big:24.2f} "
+              f"{r['qps']:25.1f}")
     print("""
 formulas (N = 1e9; measured at N0 = 1e6 on C0 cores):
   bytes/vector b   = (merged.index bytes - nlist*d*4) / N0      (codes + 8-byte id + list overhead)
@@ -205,6 +262,11 @@ formulas (N = 1e9; measured at N0 = 1e6 on C0 cores):
   q/s/core, same nlist      = q/s/core(N0) * N0/N           (each probe scans N/nlist codes)
   q/s/core, nlist x1000     = q/s/core(N0)                  (same codes per probe; plus the coarse search
                      over 1000x the centroids, not measured)
+  disk(N), ,RFlat  = N*(4*d + 16)                               (the exact vectors and the id -> row map,
+                     memory-mapped; RAM holds only the codes. At N0 they sit in the page cache; at 1B
+                     (2 TB) each of the k*k_factor candidates of a query is a random 2 KiB read:
+                     q/s <= the disk's read IOPS / (k*k_factor), e.g. 25,000 q/s for 1M IOPS and
+                     k_factor 4 — not measured here)
   recall           : as measured at N0, for the same codes; a larger N packs neighbours closer, so expect
                      lower recall at equal nprobe""")
     print(f"(total {time.perf_counter() - began:.0f} s)")

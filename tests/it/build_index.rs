@@ -442,8 +442,8 @@ fn every_form_of_feature_table_builds_the_same_index() {
 /// find about 0.4 of the exact top-10 alone re-rank 8 × 10 candidates to nearly all of it; the
 /// training is kept when the suffix is added (only the shards are rebuilt); with `--k-factor 1`
 /// the neighbours are the plain index's, re-ordered; the scores are the exact inner products;
-/// shards searched in turn equal the merged index; a damaged vectors file is named, and a rerun
-/// rebuilds that shard only; an id twice refuses the build.
+/// shards searched in turn equal the merged index, loaded or memory-mapped; a damaged vectors
+/// file is named, and a rerun rebuilds that shard only; an id twice refuses the build.
 #[test]
 fn a_refinement_stage_reranks_the_codes_with_the_exact_vectors_on_disk() {
     let dir = tempfile::tempdir().unwrap();
@@ -497,9 +497,15 @@ fn a_refinement_stage_reranks_the_codes_with_the_exact_vectors_on_disk() {
         assert_eq!(a, b, "query {q}: k_factor 1 re-ranks the plain top-10 only");
     }
 
-    // The same build with the shards apart, searched in turn: the same answer.
+    // The same build with the shards apart, searched in turn: the same answer; and both with
+    // their inverted lists memory-mapped (--mmap) rather than loaded.
     cnclip(root, &with("IVF16,PQ8x4np,RFlat", "apart", &["--k-factor", "8", "--no-merge"]));
     assert_eq!(search(root, "apart", "apart.parquet"), refined);
+    for dir in ["idx", "apart"] {
+        let args = ["make-topk-predictions", "--text-feats", "queries.parquet", "--index-path", dir, "--mmap"];
+        cnclip(root, &[&args[..], &["--output", "mapped.parquet"]].concat());
+        assert_eq!(predictions(&root.join("mapped.parquet")), refined, "{dir} with --mmap");
+    }
 
     // A damaged vectors file is named; a rerun rebuilds that shard alone, to the same bytes.
     let vectors = root.join("idx/shard-00002.vectors");

@@ -251,14 +251,15 @@ impl BuiltIndex {
         }
     }
 
-    /// Loads the indexes a search goes through (all in memory: as much as the merged index).
+    /// Loads the indexes a search goes through: in memory (as much as the merged index), or,
+    /// with `mapped`, with their inverted lists memory-mapped ([`super::ivf::read_mapped`]).
     ///
     /// # Errors
     /// A file FAISS cannot read, or an index other than the manifest says.
-    pub fn load(&self) -> Result<Vec<IndexImpl>, String> {
+    pub fn load(&self, mapped: bool) -> Result<Vec<IndexImpl>, String> {
         let mut indexes = Vec::new();
         for path in self.files() {
-            let index = read(&path)?;
+            let index = if mapped { super::ivf::read_mapped(&path)? } else { read(&path)? };
             if index.d() as usize != self.manifest.dim || !index.is_trained() {
                 return Err(format!(
                     "{}: an index of {}-value vectors{}, the manifest says {}-value vectors",

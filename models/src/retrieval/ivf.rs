@@ -123,6 +123,36 @@ unsafe extern "C" {
     fn faiss_IndexIVF_merge_from(index: *mut c_void, other: *mut c_void, add_id: i64) -> c_int;
     /// The message of the last exception a C API call on this thread caught.
     fn faiss_get_last_error() -> *const c_char;
+    /// `faiss::read_index(fname, io_flags)`; the new index in `*out`.
+    fn faiss_read_index_fname(fname: *const c_char, io_flags: c_int, out: *mut *mut c_void) -> c_int;
+}
+
+/// FAISS's `IO_FLAG_MMAP` (`index_io.h`: `IO_FLAG_SKIP_IVF_DATA | 0x646f0000`): an IVF index's
+/// inverted lists are not read but memory-mapped from the file (as `OnDiskInvertedLists`). The
+/// `faiss` crate's `IoFlags` holds 16 bits and cannot pass it.
+const IO_FLAG_MMAP: c_int = 8 | 0x646f_0000;
+
+/// Reads an index file with its inverted lists memory-mapped, not loaded: the codes stay in the
+/// file and the OS pages in the lists a search probes (page cache, shared between processes and
+/// given back under memory pressure), so an index larger than memory can be searched. The index
+/// is read-only.
+///
+/// # Errors
+/// FAISS cannot read or map the file.
+pub fn read_mapped(path: &Path) -> Result<IndexImpl, String> {
+    use faiss::index::FromInnerPtr as _;
+    let name = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| format!("{}: a path with a NUL byte", path.display()))?;
+    let mut out: *mut c_void = std::ptr::null_mut();
+    // SAFETY: `name` is a NUL-terminated path that outlives the call and `out` a valid place for
+    // the result; FAISS catches its exceptions and returns a non-zero code instead.
+    let code = unsafe { faiss_read_index_fname(name.as_ptr(), IO_FLAG_MMAP, &mut out) };
+    if code != 0 || out.is_null() {
+        return Err(format!("{}: not a FAISS index that can be memory-mapped: {}", path.display(), last_error()));
+    }
+    // SAFETY: FAISS allocated a new `faiss::Index` for us; `IndexImpl` takes ownership and frees
+    // it on drop (the C API's `FaissIndex*` is that same pointer).
+    Ok(unsafe { IndexImpl::from_inner_ptr(out.cast()) })
 }
 
 /// The IVF index inside `index`, if it is one (a plain `IVF…` factory string; not one wrapped
@@ -218,6 +248,34 @@ mod tests {
         let (a, b) = (whole.search(&queries, 10).unwrap(), first.search(&queries, 10).unwrap());
         assert_eq!(a.labels, b.labels);
         assert_eq!(a.distances, b.distances);
+    }
+
+    #[test]
+    fn a_mapped_index_searches_as_the_loaded_one_with_its_lists_left_in_the_file() {
+        let (d, n) = (8, 400);
+        let data = vectors(n, d, 4);
+        let mut index = index_factory(d as u32, "IVF4,PQ4x4np", MetricType::InnerProduct).unwrap();
+        index.train(&data).unwrap();
+        index.add(&data).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lists.index");
+        faiss::write_index(&index, path.to_str().unwrap()).unwrap();
+        let mut loaded = crate::retrieval::built::read(&path).unwrap();
+        let mut mapped = read_mapped(&path).unwrap();
+        assert_eq!(mapped.ntotal(), n as u64);
+        let queries = vectors(20, d, 11);
+        let (a, b) = (loaded.search(&queries, 5).unwrap(), mapped.search(&queries, 5).unwrap());
+        assert_eq!(a.labels, b.labels);
+        assert_eq!(a.distances, b.distances);
+        // The lists are a mapping of the file, not a copy.
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        assert!(maps.contains(path.to_str().unwrap()), "{} is not mapped", path.display());
+        drop(mapped);
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        assert!(!maps.contains(path.to_str().unwrap()), "unmapped on drop");
+        // Not an index.
+        std::fs::write(dir.path().join("junk.index"), b"junk").unwrap();
+        assert!(read_mapped(&dir.path().join("junk.index")).unwrap_err().contains("junk.index"));
     }
 
     #[test]

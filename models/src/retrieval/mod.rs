@@ -77,6 +77,10 @@ pub struct KnnConfig {
     /// `…,RFlat`, or a FAISS `…,RFlat` index): `k_factor · top_k`. Default: the build's.
     #[serde(default)]
     pub k_factor: Option<usize>,
+    /// A build-index directory's inverted lists memory-mapped rather than loaded (an index
+    /// larger than memory; pages shared between processes).
+    #[serde(default)]
+    pub mmap: bool,
     /// Where the FAISS index is saved (built there if missing, loaded if present), or a
     /// directory made by `cnclip build-index` (searched as it is; `index` is not used).
     pub index_path: Option<PathBuf>,
@@ -231,6 +235,9 @@ impl NodeConfig for KnnConfig {
             }
             return Err(problems);
         }
+        if self.mmap {
+            return Err(vec!["`mmap` maps a directory made by `cnclip build-index` (`index_path`)".to_string()]);
+        }
         let files = gallery_files(cx, &self.gallery)?;
         let mut dim = None;
         for file in &files {
@@ -359,7 +366,7 @@ impl Transform for Knn {
     fn open_replica(&self, device: &str) -> cnclip_operators::Result<Option<Box<dyn TransformReplica>>> {
         let fail = |e: String| cnclip_operators::Error::Internal(e);
         if let Some(built) = &self.built {
-            let indexes = built.load().map_err(fail)?;
+            let indexes = built.load(self.config.mmap).map_err(fail)?;
             let nprobe = self.config.nprobe.unwrap_or(built.manifest.nprobe);
             let space = faiss::index::autotune::ParameterSpace::new().map_err(|e| fail(e.to_string()))?;
             for index in &indexes {
