@@ -127,8 +127,13 @@ pub fn run(args: Args) -> Result<()> {
     })
     .to_string();
     // The refinement files are made with the shards: adding or dropping `,RFlat` rebuilds the
-    // shards, not the training.
-    let shards_fingerprint = serde_json::json!({ "shard_rows": args.shard_rows, "refine": refine_kind }).to_string();
+    // shards, not the training. (No `refine` key without one: directories built before there
+    // was a refinement stage keep their shards.)
+    let mut shards_fingerprint = serde_json::json!({ "shard_rows": args.shard_rows });
+    if let Some(kind) = refine_kind {
+        shards_fingerprint["refine"] = kind.into();
+    }
+    let shards_fingerprint = shards_fingerprint.to_string();
 
     // What a previous run left that still holds.
     let mut trained_now = false;
@@ -300,11 +305,11 @@ fn ignore_missing(e: std::io::Error) -> std::io::Result<()> {
 fn remove_index_files(dir: &Path) -> Result<()> {
     for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let ours = name == built::MANIFEST
-            || name == built::TRAINED
-            || name == built::MERGED
-            || (name.starts_with("shard-")
-                && [".index", ".vectors", ".ids"].iter().any(|extension| name.ends_with(extension)));
+        // A killed build's temporary files too (`.cnclip-tmp-PID-shard-…`).
+        let file = name.strip_prefix(".cnclip-tmp-").and_then(|rest| rest.split_once('-')).map_or(&*name, |(_, f)| f);
+        let ours = [built::MANIFEST, built::TRAINED, built::MERGED].contains(&file)
+            || (file.starts_with("shard-")
+                && [".index", ".vectors", ".ids"].iter().any(|extension| file.ends_with(extension)));
         if ours {
             std::fs::remove_file(entry.path()).or_else(ignore_missing)?;
         }

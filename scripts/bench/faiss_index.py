@@ -21,7 +21,8 @@ For each index: `build-index` (wall time with every core; the manifest gives the
 add times), the index's bytes per vector (in memory; a refined index's exact vectors and id map
 on disk apart), then one search run per nprobe with OMP_NUM_THREADS=1
 (queries/s per core = queries / (run − a one-query run's start-up); the search process's peak
-resident memory, heap and mapped files apart, sampled from /proc), and the last setting again
+resident memory, heap and mapped files apart, sampled from /proc; the mapped pages include the
+binary's own code and libraries, about the same in every run), and the last setting again
 with the inverted lists memory-mapped (--mmap), scored against the exact top-10: 10-recall@10 (the share of the exact top-10 found) and 1-recall@10 (the share of queries
 whose nearest neighbour is in the top 10, FAISS's R@10). Last, the 1B sizing table, with its
 formula. On 2 cores it takes about 22 minutes, plus 4 to make the data and the exact top-10 the
@@ -34,6 +35,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -123,15 +125,20 @@ def run(cmd, env=None, peaks=None):
     memory every 20 ms and stores the peaks: `anon` (heap: what must fit in memory) and `file`
     (mapped file pages: page cache, given back under pressure)."""
     start = time.perf_counter()
-    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:
-        if peaks is not None:
-            peaks.update(anon=0, file=0)
-            # cnclip execs cnclip-torch in the same process, so the pid stays the one to watch.
-            while p.poll() is None:
-                anon, mapped = memory(p.pid)
-                peaks["anon"], peaks["file"] = max(peaks["anon"], anon), max(peaks["file"], mapped)
-                time.sleep(0.02)
-        _, stderr = p.communicate()
+    # The output goes to files, not pipes: a pipe nobody reads while the process is watched
+    # would fill and stall it.
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        with subprocess.Popen(cmd, env=env, stdout=out, stderr=err) as p:
+            if peaks is not None:
+                peaks.update(anon=0, file=0)
+                # cnclip execs cnclip-torch in the same process, so the pid stays the one to watch.
+                while p.poll() is None:
+                    anon, mapped = memory(p.pid)
+                    peaks["anon"], peaks["file"] = max(peaks["anon"], anon), max(peaks["file"], mapped)
+                    time.sleep(0.02)
+            p.wait()
+        err.seek(0)
+        stderr = err.read().decode(errors="replace")
     if p.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{stderr}")
     return time.perf_counter() - start, stderr

@@ -521,6 +521,28 @@ fn a_refinement_stage_reranks_the_codes_with_the_exact_vectors_on_disk() {
     assert!(std::fs::read(&vectors).unwrap() == bytes);
     assert_eq!(search(root, "idx", "again.parquet"), refined);
 
+    // FAISS's own in-memory `…,RFlat` (no build-index directory) takes --k-factor as well.
+    let in_memory = [
+        "make-topk-predictions",
+        "--image-feats",
+        "gallery.parquet",
+        "--text-feats",
+        "queries.parquet",
+        "--index",
+        "IVF16,PQ8x4np,RFlat",
+        "--nprobe",
+        "6",
+        "--train-sample",
+        "2000",
+    ];
+    let mut memory_recalls = Vec::new();
+    for k_factor in ["1", "8"] {
+        cnclip(root, &[&in_memory[..], &["--k-factor", k_factor, "--output", "memory.parquet"]].concat());
+        memory_recalls.push(recalls(&predictions(&root.join("memory.parquet")), &exact).0);
+    }
+    eprintln!("FAISS in-memory IVF16,PQ8x4np,RFlat: 10-recall@10 {memory_recalls:?} (k_factor 1, 8)");
+    assert!(memory_recalls[0] < 0.6 && memory_recalls[1] >= 0.95, "{memory_recalls:?}");
+
     // --k-factor without a refinement stage, and refinements build-index does not keep.
     cnclip(root, &with("IVF16,PQ8x4np", "noref", &[]));
     let stderr = cnclip_fails(root, &[&k1_args("noref")[..], &["--k-factor", "4"]].concat());
@@ -530,15 +552,15 @@ fn a_refinement_stage_reranks_the_codes_with_the_exact_vectors_on_disk() {
 
     // An id twice: in one shard, refused as the shard is written; in two shards, at the end,
     // and the directory is not searchable.
-    let mut ids = data.gallery_ids.clone();
-    ids[10] = ids[20];
-    write_table(&root.join("dup-in-shard.parquet"), &ids, &data.gallery, DIM);
-    let mut ids = data.gallery_ids.clone();
-    ids[2500] = ids[5];
-    write_table(&root.join("dup-across.parquet"), &ids, &data.gallery, DIM);
+    let mut in_shard = data.gallery_ids.clone();
+    in_shard[10] = in_shard[20];
+    write_table(&root.join("dup-in-shard.parquet"), &in_shard, &data.gallery, DIM);
+    let mut across = data.gallery_ids.clone();
+    across[2500] = across[5];
+    write_table(&root.join("dup-across.parquet"), &across, &data.gallery, DIM);
     for (table, expected) in [
-        ("dup-in-shard.parquet", format!("id {} is on rows 10 and 20", ids[20])),
-        ("dup-across.parquet", format!("id {} is in shard 0 and shard 2", ids[5])),
+        ("dup-in-shard.parquet", format!("id {} is on rows 10 and 20", in_shard[20])),
+        ("dup-across.parquet", format!("id {} is in shard 0 and shard 2", across[5])),
     ] {
         let mut args = with("IVF16,PQ8x4np,RFlat", "dup", &[]);
         let at = args.iter().position(|a| *a == "gallery.parquet").unwrap();

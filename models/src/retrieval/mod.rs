@@ -193,6 +193,9 @@ impl NodeConfig for KnnConfig {
         if self.k_factor == Some(0) {
             problems.push("`k_factor` must be at least 1".to_string());
         }
+        if self.k_factor.is_some() && self.backend == Backend::Torch {
+            problems.push("`k_factor` re-ranks a FAISS index's candidates; the torch backend is exact".to_string());
+        }
         if self.backend == Backend::Faiss && !cfg!(feature = "faiss-gpu") && self.device.trim() != "cpu" {
             problems.push(format!(
                 "device `{}`: FAISS on a GPU needs cnclip built with `--features faiss-gpu` (and the CUDA \
@@ -236,9 +239,13 @@ impl NodeConfig for KnnConfig {
             return Err(problems);
         }
         if self.mmap {
-            return Err(vec!["`mmap` maps a directory made by `cnclip build-index` (`index_path`)".to_string()]);
+            problems.push("`mmap` maps a directory made by `cnclip build-index` (`index_path`)".to_string());
         }
-        let files = gallery_files(cx, &self.gallery)?;
+        let files = match gallery_files(cx, &self.gallery) {
+            Ok(files) if problems.is_empty() => files,
+            Ok(_) => return Err(problems),
+            Err(more) => return Err(problems.into_iter().chain(more).collect()),
+        };
         let mut dim = None;
         for file in &files {
             match gallery_dim(file, &self.gallery_id) {
@@ -468,7 +475,16 @@ fn build_index(
         space.set_index_parameter(&index, "efSearch", ef as f64).map_err(faiss_err)?;
     }
     if let Some(k_factor) = config.k_factor {
-        space.set_index_parameter(&index, "k_factor", k_factor as f64).map_err(faiss_err)?;
+        // `k_factor_rf` is IndexRefine's (`…,RFlat`), `k_factor` IndexIVFPQR's (`…,PQ…+…`).
+        space
+            .set_index_parameter(&index, "k_factor_rf", k_factor as f64)
+            .or_else(|_| space.set_index_parameter(&index, "k_factor", k_factor as f64))
+            .map_err(|e| {
+                format!(
+                    "FAISS index `{}`: `k_factor` applies to an index with a refinement stage (…,RFlat): {e}",
+                    config.index
+                )
+            })?;
     }
     let _ = &mut index;
     Ok(index)

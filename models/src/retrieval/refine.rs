@@ -78,6 +78,17 @@ pub struct RefineWriter {
     dim: usize,
     /// (id, row in the shard), in row order until [`RefineWriter::finish`] sorts them.
     entries: Vec<(i64, u64)>,
+    /// Set once the files are in place; until then, dropping the writer removes the temporary.
+    finished: bool,
+}
+
+impl Drop for RefineWriter {
+    /// A shard left unfinished (an error, an interrupt) leaves no partial vectors file behind.
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 impl RefineWriter {
@@ -97,6 +108,7 @@ impl RefineWriter {
             out: std::io::BufWriter::with_capacity(1 << 20, file),
             dim,
             entries: Vec::new(),
+            finished: false,
         })
     }
 
@@ -143,14 +155,13 @@ impl RefineWriter {
             }
             cnclip_operators::write_atomically(&self.ids_path, |f| f.write_all(&bytes)).map_err(|e| e.to_string())?;
             std::fs::rename(&self.tmp, &self.vectors_path).map_err(fail)?;
+            self.finished = true;
             Ok((
                 IndexFile { file: name(&self.vectors_path), bytes: vectors_bytes },
                 IndexFile { file: name(&self.ids_path), bytes: bytes.len() as u64 },
             ))
         })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
+        // On an error, dropping `self` removes the temporary vectors file.
         result
     }
 }
@@ -162,6 +173,8 @@ fn name(path: &Path) -> String {
 /// One shard's files, mapped.
 struct ShardVectors {
     number: usize,
+    /// The `.ids` file, for errors.
+    ids_path: PathBuf,
     min_id: i64,
     max_id: i64,
     ids: Mmap,
@@ -221,27 +234,49 @@ impl RefineStore {
             let ids = map(dir, &refine.ids, rows * ENTRY)?;
             let vectors = map(dir, &refine.vectors, rows * dim as u64 * 4)?;
             let (Some(min_id), Some(max_id)) = (shard.min_id, shard.max_id) else { continue };
-            shards.push(ShardVectors { number: shard.number, min_id, max_id, ids, vectors, rows: rows as usize });
+            let ids_path = dir.join(&refine.ids.file);
+            shards.push(ShardVectors {
+                number: shard.number,
+                ids_path,
+                min_id,
+                max_id,
+                ids,
+                vectors,
+                rows: rows as usize,
+            });
         }
         shards.sort_by_key(|s| s.min_id);
         Ok(RefineStore { dim, shards })
     }
 
     /// The stored vector of `id`, or `None` if no shard holds it.
-    pub fn vector(&self, id: i64) -> Option<impl Iterator<Item = f32> + '_> {
+    ///
+    /// Shards with disjoint id ranges (a table in id order) cost one binary search; with
+    /// overlapping ranges (ids in no order) every shard whose range holds `id` is searched.
+    ///
+    /// # Errors
+    /// An `.ids` entry pointing past its shard's rows (a damaged file).
+    pub fn vector(&self, id: i64) -> Result<Option<impl Iterator<Item = f32> + '_>, String> {
         // Shards whose range can hold `id`: those starting at or below it, of which those whose
         // range reaches it (with disjoint ranges, just the last).
         let end = self.shards.partition_point(|s| s.min_id <= id);
         let shard_and_row =
             self.shards[..end].iter().rev().filter(|s| s.max_id >= id).find_map(|s| Some((s, s.row(id)?)));
-        let (shard, row) = shard_and_row?;
+        let Some((shard, row)) = shard_and_row else { return Ok(None) };
+        if row >= shard.rows as u64 {
+            return Err(format!(
+                "{}: id {id} is mapped to row {row} of a shard of {} rows (damaged; rebuild the index)",
+                shard.ids_path.display(),
+                shard.rows
+            ));
+        }
         let bytes = self.dim * 4;
         let start = row as usize * bytes;
-        Some(
+        Ok(Some(
             shard.vectors[start..start + bytes]
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))),
-        )
+        ))
     }
 
     /// Re-scores each query's `candidates` with the stored vectors (`queries` back to back) and
@@ -264,7 +299,7 @@ impl RefineStore {
                 let mut rescored = found
                     .into_iter()
                     .map(|(id, _)| {
-                        let vector = self.vector(id).ok_or_else(|| {
+                        let vector = self.vector(id)?.ok_or_else(|| {
                             format!("id {id} is in the index but in no shard's refinement vectors (rebuild the index)")
                         })?;
                         Ok((id, dot(query, vector)))
@@ -407,11 +442,11 @@ mod tests {
         let b = write_shard(dir.path(), 1, 4, &[40, 9, 100], dim).unwrap();
         let store = RefineStore::open(dir.path(), &manifest(dim, vec![a, b])).unwrap();
         for id in [50, 7, 31, 12, 40, 9, 100] {
-            let v: Vec<f32> = store.vector(id).unwrap().collect();
+            let v: Vec<f32> = store.vector(id).unwrap().unwrap().collect();
             assert_eq!(v, vec![(id * 10) as f32, (id * 10 + 1) as f32, (id * 10 + 2) as f32], "id {id}");
         }
         for absent in [0, 8, 41, 101, -3] {
-            assert!(store.vector(absent).is_none(), "{absent}");
+            assert!(store.vector(absent).unwrap().is_none(), "{absent}");
         }
         assert_eq!(store.duplicate(), None);
         // The query (1, 0, -1) scores id x at (10x) - (10x + 2) = -2 for every x: all tie, so the
@@ -428,12 +463,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let e = write_shard(dir.path(), 0, 100, &[5, 6, 5], 2).unwrap_err();
         assert!(e.contains("id 5 is on rows 100 and 102"), "{e}");
-        assert!(!dir.path().join(vectors_file(0)).exists(), "no file left for a refused shard");
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert!(left.is_empty(), "a refused shard leaves no file (temporary included): {left:?}");
         let a = write_shard(dir.path(), 0, 0, &[1, 2, 30], 2).unwrap();
         let b = write_shard(dir.path(), 1, 3, &[4, 30, 31], 2).unwrap();
         let c = write_shard(dir.path(), 2, 6, &[32, 33], 2).unwrap();
-        let store = RefineStore::open(dir.path(), &manifest(2, vec![a.clone(), b, c])).unwrap();
+        let store = RefineStore::open(dir.path(), &manifest(2, vec![a.clone(), b.clone(), c])).unwrap();
         assert_eq!(store.duplicate(), Some((30, 0, 1)));
+        // An entry pointing past its shard's rows (the right size, a damaged row) is named.
+        let ids_path = dir.path().join(ids_file(1));
+        let mut ids = std::fs::read(&ids_path).unwrap();
+        ids[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+        std::fs::write(&ids_path, &ids).unwrap();
+        let store = RefineStore::open(dir.path(), &manifest(2, vec![a.clone(), b.clone()])).unwrap();
+        let e = store.vector(4).err().unwrap();
+        assert!(e.contains("shard-00001.ids") && e.contains("id 4"), "{e}");
+        assert!(store.vector(31).unwrap().is_some());
         // A truncated vectors file is named.
         let path = dir.path().join(vectors_file(0));
         let len = std::fs::metadata(&path).unwrap().len();
