@@ -37,7 +37,7 @@ use arrow::datatypes::{DataType, Float32Type, Int64Type};
 use arrow::record_batch::RecordBatch;
 use cnclip_models::retrieval::built::{self, BuiltIndex, IndexFile, Manifest, Refine, Shard, ShardRefine, Training};
 use cnclip_models::retrieval::ivf::IvfIndex;
-use cnclip_models::retrieval::refine::{self, RefineStore, RefineWriter};
+use cnclip_models::retrieval::refine::{self, Ids, RefineStore, RefineWriter};
 use cnclip_operators::quarantine::OnError;
 use cnclip_operators::spec::builtin::{FeatureJsonlConfig, ParquetConfig};
 use cnclip_operators::spec::{JobSettings, NodeDef, Planner};
@@ -106,7 +106,7 @@ pub fn run(args: Args) -> Result<()> {
     // The index string first: a bad or non-IVF one stops the job before any data is read.
     let (ivf, refine_kind) = refine::split(&args.index).map_err(|e| anyhow::anyhow!("--index {e}"))?;
     let nlist = IvfIndex::new(table.dim, &ivf).map_err(|e| anyhow::anyhow!("--index {e}"))?.nlist();
-    let refine = refine_kind.map(|kind| Refine { kind: kind.into(), k_factor: args.k_factor });
+    let refine = refine_kind.map(|kind| Refine { kind: kind.into(), k_factor: args.k_factor, id_map: None });
     if polysemous(&ivf) {
         eprintln!(
             "cnclip build-index: note: `{}` trains polysemous PQ codes (seconds per codebook; they serve a Hamming \
@@ -170,6 +170,8 @@ pub fn run(args: Args) -> Result<()> {
     };
     manifest.nprobe = args.nprobe.min(nlist).max(1);
     manifest.index = args.index.clone();
+    // The global id map of a previous run, kept only if no shard is rebuilt (below).
+    let previous_map = manifest.refine.as_ref().and_then(|r| r.id_map.clone()).filter(|f| f.intact(&dir));
     manifest.refine = refine;
     if manifest.shards_fingerprint != shards_fingerprint {
         eprintln!(
@@ -211,17 +213,40 @@ pub fn run(args: Args) -> Result<()> {
     }
     let total = manifest.total_rows.unwrap_or(0);
     if manifest.refine.is_some() {
-        let store = RefineStore::open(&dir, &manifest).map_err(anyhow::Error::msg)?;
-        if let Some((id, a, b)) = store.duplicate() {
-            // Not finished: a search would not know which vector the id names.
-            manifest.total_rows = None;
-            manifest.merged = None;
-            manifest.write(&dir)?;
-            bail!(
-                "id {id} is in shard {a} and shard {b}: a refined index (…,RFlat) looks vectors up by id, so ids must \
-                 be unique (or build without ,RFlat)"
-            );
+        let kept_map = previous_map.filter(|_| built_now == 0);
+        let id_map = match kept_map {
+            Some(map) => Some(map),
+            None => {
+                let store = RefineStore::open(&dir, &manifest).map_err(anyhow::Error::msg)?;
+                match store.check_ids(&dir).map_err(anyhow::Error::msg)? {
+                    Ids::Disjoint => None,
+                    Ids::Mapped(map) => {
+                        eprintln!(
+                            "cnclip build-index: the shards' id ranges overlap: wrote the global id map {} ({} bytes)",
+                            refine::ID_MAP,
+                            map.bytes
+                        );
+                        Some(map)
+                    }
+                    Ids::Duplicate { id, first, second } => {
+                        // Not finished: a search would not know which vector the id names.
+                        manifest.total_rows = None;
+                        manifest.merged = None;
+                        manifest.write(&dir)?;
+                        bail!(
+                            "id {id} is in shard {first} and shard {second}: a refined index (…,RFlat) looks vectors \
+                             up by id, so ids must be unique (or build without ,RFlat)"
+                        );
+                    }
+                }
+            }
+        };
+        if let Some(refine) = &mut manifest.refine {
+            refine.id_map = id_map;
         }
+        manifest.write(&dir)?;
+    } else {
+        let _ = std::fs::remove_file(dir.join(refine::ID_MAP));
     }
 
     let merged_path = dir.join(built::MERGED);
@@ -276,7 +301,8 @@ pub fn run(args: Args) -> Result<()> {
     );
     if let Some(refine) = &manifest.refine {
         let on_disk: u64 =
-            manifest.shards.iter().flat_map(|s| s.refine.iter()).map(|r| r.vectors.bytes + r.ids.bytes).sum();
+            manifest.shards.iter().flat_map(|s| s.refine.iter()).map(|r| r.vectors.bytes + r.ids.bytes).sum::<u64>()
+                + refine.id_map.as_ref().map_or(0, |m| m.bytes);
         eprintln!(
             "cnclip build-index: refinement: exact vectors and id map on disk, {on_disk} bytes ({:.1} bytes/vector, \
              memory-mapped by a search), k_factor {}",
@@ -307,7 +333,7 @@ fn remove_index_files(dir: &Path) -> Result<()> {
         let name = entry.file_name().to_string_lossy().into_owned();
         // A killed build's temporary files too (`.cnclip-tmp-PID-shard-…`).
         let file = name.strip_prefix(".cnclip-tmp-").and_then(|rest| rest.split_once('-')).map_or(&*name, |(_, f)| f);
-        let ours = [built::MANIFEST, built::TRAINED, built::MERGED].contains(&file)
+        let ours = [built::MANIFEST, built::TRAINED, built::MERGED, refine::ID_MAP].contains(&file)
             || (file.starts_with("shard-")
                 && [".index", ".vectors", ".ids"].iter().any(|extension| file.ends_with(extension)));
         if ours {

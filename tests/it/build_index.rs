@@ -521,6 +521,38 @@ fn a_refinement_stage_reranks_the_codes_with_the_exact_vectors_on_disk() {
     assert!(std::fs::read(&vectors).unwrap() == bytes);
     assert_eq!(search(root, "idx", "again.parquet"), refined);
 
+    // Ids in no order (every shard's range spans the others'): the build writes the global id
+    // map, the lookups go through it, and the answer is as exact; a rerun keeps the map.
+    let scrambled = Data {
+        gallery_ids: (0..GALLERY as i64).map(|row| 10_000 + 7 * ((row * 1237) % GALLERY as i64)).collect(),
+        gallery: data.gallery.clone(),
+        query_ids: data.query_ids.clone(),
+        queries: data.queries.clone(),
+    };
+    write_table(&root.join("scrambled.parquet"), &scrambled.gallery_ids, &scrambled.gallery, DIM);
+    let mut args = with("IVF16,PQ8x4np,RFlat", "scrambled", &["--k-factor", "8"]);
+    let at = args.iter().position(|a| *a == "gallery.parquet").unwrap();
+    args[at] = "scrambled.parquet";
+    let stderr = cnclip(root, &args);
+    assert!(stderr.contains("wrote the global id map ids.map (48000 bytes)"), "{stderr}");
+    let map_time = std::fs::metadata(root.join("scrambled/ids.map")).unwrap().modified().unwrap();
+    let found = search(root, "scrambled", "scrambled-top.parquet");
+    let (recall, _) = recalls(&found, &exact_top10(&scrambled));
+    assert!(recall >= 0.95, "scrambled ids: 10-recall@10 {recall:.3}");
+    let vectors: BTreeMap<i64, &[f32]> =
+        scrambled.gallery_ids.iter().copied().zip(scrambled.gallery.chunks_exact(DIM)).collect();
+    for (q, (ids, scores)) in &found {
+        let query = &data.queries[*q as usize * DIM..(*q as usize + 1) * DIM];
+        for (id, score) in ids.iter().zip(scores) {
+            let exact: f64 = vectors[id].iter().zip(query).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum();
+            assert!((f64::from(*score) - exact).abs() < 1e-5, "scrambled, query {q}, id {id}: {score} vs {exact}");
+        }
+    }
+    let stderr = cnclip(root, &args);
+    assert!(stderr.contains("(0 built now, 3 kept)") && !stderr.contains("global id map"), "{stderr}");
+    assert_eq!(std::fs::metadata(root.join("scrambled/ids.map")).unwrap().modified().unwrap(), map_time);
+    assert!(!root.join("idx/ids.map").exists(), "ids in order need no map");
+
     // FAISS's own in-memory `…,RFlat` (no build-index directory) takes --k-factor as well.
     let in_memory = [
         "make-topk-predictions",

@@ -9,6 +9,7 @@
 //! DIR/merged.index         every shard's lists merged (absent with --no-merge)
 //! DIR/shard-NNNNN.vectors  with `…,RFlat`: the shard's exact vectors, and
 //! DIR/shard-NNNNN.ids      their id → row map, which re-rank candidates ([`super::refine`])
+//! DIR/ids.map              with `…,RFlat` and shards of overlapping id ranges: id → shard, row
 //! ```
 //!
 //! The FAISS ids are the table's int64 ids, so a search needs no gallery file: its labels are
@@ -76,6 +77,9 @@ pub struct Refine {
     /// Candidates a search asks the compressed index for, per result (`k_factor · k`), unless
     /// it says otherwise.
     pub k_factor: usize,
+    /// The global id map (`ids.map`), written when the shards' id ranges overlap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_map: Option<IndexFile>,
 }
 
 /// A shard's refinement files.
@@ -226,7 +230,8 @@ impl BuiltIndex {
             Some(merged) => merged.check(dir).err().into_iter().collect(),
             None => manifest.shards.iter().filter_map(|s| s.file.check(dir).err()).collect(),
         };
-        if manifest.refine.is_some() {
+        if let Some(refine) = &manifest.refine {
+            problems.extend(refine.id_map.iter().filter_map(|f| f.check(dir).err()));
             for shard in &manifest.shards {
                 match &shard.refine {
                     Some(refine) => {

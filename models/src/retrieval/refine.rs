@@ -11,17 +11,21 @@
 //! ```text
 //! DIR/shard-NNNNN.vectors   the shard's float32 vectors, little-endian, in shard row order
 //! DIR/shard-NNNNN.ids       (id: i64, row: u64) little-endian pairs sorted by id: id → row
+//! DIR/ids.map               only when shards' id ranges overlap: (id: i64, shard: u32,
+//!                           row: u32) sorted by id, every shard's ids merged
 //! ```
 //!
-//! A candidate's id is found by a binary search among the shards whose id range holds it
-//! (one, when shards hold disjoint id ranges, as a table in id order gives) and then in that
-//! shard's pairs. Its score is recomputed as the inner product of the query and the stored
+//! A candidate's id is found by one binary search: when the shards hold disjoint id ranges (a
+//! table in id order), the range names the shard and its pairs give the row; otherwise the
+//! global map gives both (without it, every shard whose range spans the id would be searched:
+//! all of them, for ids in no order). Its score is recomputed as the inner product of the query and the stored
 //! vector; the top `k` by that score (ties by the smaller id) is the answer, so the scores
 //! returned are exact inner products, and the result does not depend on whether the shards were
 //! merged (the candidates do not: see [`super::built::search`]).
 //!
 //! An id must name one vector: a shard with an id twice is refused when it is written, and
-//! build-index checks the shards against each other before the build counts as finished.
+//! build-index checks the shards against each other (in the merge that writes the map) before
+//! the build counts as finished.
 
 use std::fs::File;
 use std::io::Write;
@@ -33,8 +37,11 @@ use super::built::{IndexFile, Manifest};
 
 /// The only refinement build-index keeps: float32 vectors (FAISS's `RFlat`).
 pub const FLAT: &str = "flat";
-/// Bytes of one `(id, row)` entry of a `.ids` file.
+/// Bytes of one `(id, row)` entry of a `.ids` file, and of one `(id, shard, row)` entry of
+/// the global map.
 const ENTRY: u64 = 16;
+/// The global id map, written when the shards' id ranges overlap ([`RefineStore::check_ids`]).
+pub const ID_MAP: &str = "ids.map";
 
 /// The vectors file of shard `number`.
 pub fn vectors_file(number: usize) -> String {
@@ -209,8 +216,12 @@ impl ShardVectors {
 /// Every shard's exact vectors, memory-mapped, looked up by id.
 pub struct RefineStore {
     dim: usize,
-    /// By smallest id.
+    /// In the manifest's (shard number) order.
     shards: Vec<ShardVectors>,
+    /// `shards` positions by smallest id.
+    by_min: Vec<usize>,
+    /// The global id map, when the build wrote one, and its entries.
+    global: Option<(Mmap, usize)>,
 }
 
 impl RefineStore {
@@ -245,8 +256,16 @@ impl RefineStore {
                 rows: rows as usize,
             });
         }
-        shards.sort_by_key(|s| s.min_id);
-        Ok(RefineStore { dim, shards })
+        let mut by_min: Vec<usize> = (0..shards.len()).collect();
+        by_min.sort_by_key(|&s| shards[s].min_id);
+        let global = match manifest.refine.as_ref().and_then(|r| r.id_map.as_ref()) {
+            Some(file) => {
+                let rows: u64 = manifest.shards.iter().map(|s| s.rows).sum();
+                Some((map(dir, file, rows * ENTRY)?, rows as usize))
+            }
+            None => None,
+        };
+        Ok(RefineStore { dim, shards, by_min, global })
     }
 
     /// The stored vector of `id`, or `None` if no shard holds it.
@@ -257,11 +276,26 @@ impl RefineStore {
     /// # Errors
     /// An `.ids` entry pointing past its shard's rows (a damaged file).
     pub fn vector(&self, id: i64) -> Result<Option<impl Iterator<Item = f32> + '_>, String> {
-        // Shards whose range can hold `id`: those starting at or below it, of which those whose
-        // range reaches it (with disjoint ranges, just the last).
-        let end = self.shards.partition_point(|s| s.min_id <= id);
-        let shard_and_row =
-            self.shards[..end].iter().rev().filter(|s| s.max_id >= id).find_map(|s| Some((s, s.row(id)?)));
+        let shard_and_row = match &self.global {
+            Some((global, entries)) => match global_row(global, *entries, id) {
+                None => None,
+                Some((number, row)) => match self.shards.iter().find(|s| s.number == number as usize) {
+                    Some(shard) => Some((shard, u64::from(row))),
+                    None => return Err(format!("{ID_MAP}: id {id} is mapped to shard {number}, which is not there")),
+                },
+            },
+            None => {
+                // Shards whose range can hold `id`: those starting at or below it, of which those
+                // whose range reaches it (with disjoint ranges, just the last).
+                let end = self.by_min.partition_point(|&s| self.shards[s].min_id <= id);
+                self.by_min[..end]
+                    .iter()
+                    .rev()
+                    .map(|&s| &self.shards[s])
+                    .filter(|s| s.max_id >= id)
+                    .find_map(|s| Some((s, s.row(id)?)))
+            }
+        };
         let Some((shard, row)) = shard_and_row else { return Ok(None) };
         if row >= shard.rows as u64 {
             return Err(format!(
@@ -312,34 +346,105 @@ impl RefineStore {
             .collect()
     }
 
-    /// The first id held by two shards, with their numbers (the shards' id ranges are compared
-    /// first: disjoint ranges cannot share an id, so their pairs are not read).
-    pub fn duplicate(&self) -> Option<(i64, usize, usize)> {
-        let overlapping = self.shards.windows(2).any(|w| w[1].min_id <= w[0].max_id);
+    /// Checks that no id is in two shards and, when the shards' id ranges overlap (ids in no
+    /// order), writes the global id map `DIR/ids.map` — `(id: i64, shard: u32, row: u32)`
+    /// little-endian, sorted by id — so that a lookup is one binary search however many shards
+    /// there are. Disjoint ranges need neither: they cannot share an id, and the shard of an id
+    /// is found from the ranges.
+    ///
+    /// # Errors
+    /// The file system's, or a shard of more than 2³² rows (the map's row field).
+    pub fn check_ids(&self, dir: &Path) -> Result<Ids, String> {
+        let overlapping = self.by_min.windows(2).any(|w| self.shards[w[1]].min_id <= self.shards[w[0]].max_id);
+        let path = dir.join(ID_MAP);
         if !overlapping {
-            return None;
+            let _ = std::fs::remove_file(&path);
+            return Ok(Ids::Disjoint);
         }
-        // A k-way merge of the shards' sorted ids.
-        let mut heap = std::collections::BinaryHeap::new();
-        for (s, shard) in self.shards.iter().enumerate() {
-            if shard.rows > 0 {
-                heap.push(std::cmp::Reverse((shard.entry(0).0, s, 0usize)));
+        enum Stop {
+            Io(std::io::Error),
+            Duplicate(i64, usize, usize),
+        }
+        impl From<std::io::Error> for Stop {
+            fn from(e: std::io::Error) -> Stop {
+                Stop::Io(e)
             }
         }
-        let mut last: Option<(i64, usize)> = None;
-        while let Some(std::cmp::Reverse((id, s, at))) = heap.pop() {
-            if let Some((previous, from)) = last
-                && previous == id
-            {
-                return Some((id, self.shards[from].number, self.shards[s].number));
+        // A k-way merge of the shards' sorted ids, written as it goes.
+        let merged = cnclip_operators::write_atomically(&path, |out| {
+            let mut heap = std::collections::BinaryHeap::new();
+            for (s, shard) in self.shards.iter().enumerate() {
+                if shard.rows > 0 {
+                    heap.push(std::cmp::Reverse((shard.entry(0).0, s, 0usize)));
+                }
             }
-            last = Some((id, s));
-            if at + 1 < self.shards[s].rows {
-                heap.push(std::cmp::Reverse((self.shards[s].entry(at + 1).0, s, at + 1)));
+            let mut last: Option<(i64, usize)> = None;
+            while let Some(std::cmp::Reverse((id, s, at))) = heap.pop() {
+                if let Some((previous, from)) = last
+                    && previous == id
+                {
+                    return Err(Stop::Duplicate(id, self.shards[from].number, self.shards[s].number));
+                }
+                last = Some((id, s));
+                let shard = &self.shards[s];
+                let (_, row) = shard.entry(at);
+                let (Ok(number), Ok(row)) = (u32::try_from(shard.number), u32::try_from(row)) else {
+                    return Err(Stop::Io(std::io::Error::other(format!(
+                        "shard {} row {row}: past the id map's 32-bit fields (use smaller --shard-rows)",
+                        shard.number
+                    ))));
+                };
+                out.write_all(&id.to_le_bytes())?;
+                out.write_all(&number.to_le_bytes())?;
+                out.write_all(&row.to_le_bytes())?;
+                if at + 1 < shard.rows {
+                    heap.push(std::cmp::Reverse((shard.entry(at + 1).0, s, at + 1)));
+                }
             }
+            Ok(())
+        });
+        match merged {
+            Ok(()) => {
+                let bytes = std::fs::metadata(&path).map_err(|e| format!("{}: {e}", path.display()))?.len();
+                Ok(Ids::Mapped(IndexFile { file: ID_MAP.into(), bytes }))
+            }
+            Err(Stop::Duplicate(id, a, b)) => Ok(Ids::Duplicate { id, first: a, second: b }),
+            Err(Stop::Io(e)) => Err(format!("writing {}: {e}", path.display())),
         }
-        None
     }
+}
+
+/// What [`RefineStore::check_ids`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Ids {
+    /// The shards hold disjoint id ranges: no map needed.
+    Disjoint,
+    /// Overlapping ranges, no id twice: the global map written.
+    Mapped(IndexFile),
+    /// An id in two shards (by number).
+    Duplicate { id: i64, first: usize, second: usize },
+}
+
+/// The (shard number, row) of `id` in the global map of `entries` entries.
+fn global_row(map: &[u8], entries: usize, id: i64) -> Option<(u32, u32)> {
+    let entry = |at: usize| {
+        let at = at * ENTRY as usize;
+        let found = i64::from_le_bytes(map[at..at + 8].try_into().expect("8 bytes"));
+        let shard = u32::from_le_bytes(map[at + 8..at + 12].try_into().expect("4 bytes"));
+        let row = u32::from_le_bytes(map[at + 12..at + 16].try_into().expect("4 bytes"));
+        (found, shard, row)
+    };
+    let (mut lo, mut hi) = (0, entries);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        let (found, shard, row) = entry(mid);
+        match found.cmp(&id) {
+            std::cmp::Ordering::Less => lo = mid + 1,
+            std::cmp::Ordering::Greater => hi = mid,
+            std::cmp::Ordering::Equal => return Some((shard, row)),
+        }
+    }
+    None
 }
 
 /// The inner product, accumulated in eight float32 lanes (vectorised by the compiler).
@@ -411,7 +516,7 @@ mod tests {
             shards,
             total_rows: None,
             merged: None,
-            refine: Some(built::Refine { kind: FLAT.into(), k_factor: 4 }),
+            refine: Some(built::Refine { kind: FLAT.into(), k_factor: 4, id_map: None }),
         }
     }
 
@@ -440,15 +545,31 @@ mod tests {
         // Unsorted ids; shard 1's range overlaps shard 0's.
         let a = write_shard(dir.path(), 0, 0, &[50, 7, 31, 12], dim).unwrap();
         let b = write_shard(dir.path(), 1, 4, &[40, 9, 100], dim).unwrap();
-        let store = RefineStore::open(dir.path(), &manifest(dim, vec![a, b])).unwrap();
-        for id in [50, 7, 31, 12, 40, 9, 100] {
-            let v: Vec<f32> = store.vector(id).unwrap().unwrap().collect();
-            assert_eq!(v, vec![(id * 10) as f32, (id * 10 + 1) as f32, (id * 10 + 2) as f32], "id {id}");
+        let mut manifest = manifest(dim, vec![a, b]);
+        let by_ranges = RefineStore::open(dir.path(), &manifest).unwrap();
+        // The ranges overlap: the global map is written, and looked up the same.
+        let Ids::Mapped(map) = by_ranges.check_ids(dir.path()).unwrap() else { panic!("no map written") };
+        assert_eq!(map.bytes, 7 * 16);
+        manifest.refine.as_mut().unwrap().id_map = Some(map);
+        let by_map = RefineStore::open(dir.path(), &manifest).unwrap();
+        assert!(by_map.global.is_some());
+        for store in [&by_ranges, &by_map] {
+            for id in [50, 7, 31, 12, 40, 9, 100] {
+                let v: Vec<f32> = store.vector(id).unwrap().unwrap().collect();
+                assert_eq!(v, vec![(id * 10) as f32, (id * 10 + 1) as f32, (id * 10 + 2) as f32], "id {id}");
+            }
+            for absent in [0, 8, 41, 101, -3] {
+                assert!(store.vector(absent).unwrap().is_none(), "{absent}");
+            }
         }
-        for absent in [0, 8, 41, 101, -3] {
-            assert!(store.vector(absent).unwrap().is_none(), "{absent}");
-        }
-        assert_eq!(store.duplicate(), None);
+        let store = by_map;
+        // Disjoint ranges need no map (and a stale one is removed).
+        let c = write_shard(dir.path(), 2, 7, &[200, 300], dim).unwrap();
+        let d = write_shard(dir.path(), 3, 9, &[350, 301], dim).unwrap();
+        let disjoint = RefineStore::open(dir.path(), &self::manifest(dim, vec![d, c])).unwrap();
+        assert_eq!(disjoint.check_ids(dir.path()).unwrap(), Ids::Disjoint);
+        assert!(!dir.path().join(ID_MAP).exists());
+        assert_eq!(disjoint.vector(350).unwrap().unwrap().next(), Some(3500.0));
         // The query (1, 0, -1) scores id x at (10x) - (10x + 2) = -2 for every x: all tie, so the
         // smaller ids win; (0, 0, 1) scores 10x + 2.
         let queries = [1.0, 0.0, -1.0, 0.0, 0.0, 1.0];
@@ -469,7 +590,8 @@ mod tests {
         let b = write_shard(dir.path(), 1, 3, &[4, 30, 31], 2).unwrap();
         let c = write_shard(dir.path(), 2, 6, &[32, 33], 2).unwrap();
         let store = RefineStore::open(dir.path(), &manifest(2, vec![a.clone(), b.clone(), c])).unwrap();
-        assert_eq!(store.duplicate(), Some((30, 0, 1)));
+        assert_eq!(store.check_ids(dir.path()).unwrap(), Ids::Duplicate { id: 30, first: 0, second: 1 });
+        assert!(!dir.path().join(ID_MAP).exists(), "no map is left for a table with an id twice");
         // An entry pointing past its shard's rows (the right size, a damaged row) is named.
         let ids_path = dir.path().join(ids_file(1));
         let mut ids = std::fs::read(&ids_path).unwrap();
