@@ -362,6 +362,7 @@ impl Table {
         let path = Path::new(&args.features);
         let jsonl = cnclip_operators::sources::features::is_jsonl(path);
         let files = if path.is_dir() {
+            cnclip_operators::sources::parts::check_complete(path).map_err(|e| anyhow::anyhow!("--features {e}"))?;
             let mut parts: Vec<PathBuf> = std::fs::read_dir(path)
                 .with_context(|| format!("--features {}", path.display()))?
                 .flatten()

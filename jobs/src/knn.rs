@@ -111,7 +111,13 @@ pub fn run(args: Args, image_to_text: bool) -> Result<()> {
             },
         )
     } else {
-        let path = if Path::new(queries).is_dir() { format!("{queries}/*.parquet") } else { queries.clone() };
+        let path = if Path::new(queries).is_dir() {
+            cnclip_operators::sources::parts::check_complete(Path::new(queries))
+                .map_err(|e| anyhow::anyhow!("{query_flag} {e}"))?;
+            format!("{queries}/*.parquet")
+        } else {
+            queries.clone()
+        };
         NodeDef::new("queries", None, ParquetConfig { paths: vec![path], table: None, dedupe: false })
     };
     let knn = KnnConfig {

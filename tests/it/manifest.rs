@@ -4,7 +4,7 @@
 //! `manifest check` passes on them and names the fault when a part is missing, duplicated,
 //! truncated or made with another checkpoint, or an id of the source is in no part; a shard
 //! rerun replaces its own part and nothing else; `sql` and `make-topk-predictions` read the
-//! directory as one table.
+//! directory as one table, and every reader refuses one with a shard missing.
 //!
 //! The features are compared bit for bit: every run encodes one row per batch
 //! (`--img-batch-size 1`), so a row meets the same kernels whichever shard holds it.
@@ -299,6 +299,19 @@ fn manifest_check_names_a_missing_duplicated_truncated_or_foreign_part_and_a_rer
     assert!(stderr.contains("shard 2/4 is missing: no part-00002-of-00004.parquet (.part-00002-of-00004.cnclip-parts exists: the shard is still running"), "{stderr}");
     assert!(stderr.contains(&format!("{} ids of the source in no part", IMAGES / 2)), "{stderr}");
     assert!(stderr.contains("3 problems"), "{stderr}");
+    // Every reader that takes the directory as one table refuses it rather than read half of it.
+    let short = "a sharded table missing 2 of its 4 shards (part-00001-of-00004.parquet, part-00002-of-00004.parquet)";
+    let readers: [&[&str]; 4] = [
+        &["sql", "SELECT count(*) FROM t", "--table", "t=missing"],
+        &["make-topk-predictions", "--image-feats", "missing", "--text-feats", "ok_img", "--output", "p.jsonl"],
+        &["make-topk-predictions", "--image-feats", "ok_img", "--text-feats", "missing", "--output", "p.jsonl"],
+        &["build-index", "--features", "missing", "--index", "IVF1,Flat", "--index-path", "idx"],
+    ];
+    for args in readers {
+        let stderr = cnclip_fails(root, args);
+        assert!(stderr.contains(short) && stderr.contains("manifest check"), "{args:?}: {stderr}");
+    }
+    assert!(!root.join("p.jsonl").exists() && !root.join("idx").exists());
 
     // A part without its entry, an entry without its part, a stray table.
     copy_dir(&ok, &root.join("unpaired"));

@@ -134,6 +134,7 @@ fn gallery_files(cx: &BuildContext, paths: &[String]) -> Result<Vec<PathBuf>, Ve
     for path in paths {
         let resolved = cx.resolve(Path::new(path));
         if resolved.is_dir() {
+            cnclip_operators::sources::parts::check_complete(&resolved).map_err(|e| vec![e])?;
             let mut parts: Vec<PathBuf> = std::fs::read_dir(&resolved)
                 .map_err(|e| vec![format!("{}: {e}", resolved.display())])?
                 .flatten()

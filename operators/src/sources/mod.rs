@@ -11,6 +11,7 @@ pub mod jsonl;
 pub mod lmdb;
 pub mod lmdb_train;
 pub mod parquet;
+pub mod parts;
 pub mod sampler;
 pub mod synth;
 pub mod tsv;

@@ -1,0 +1,106 @@
+//! Directories of sharded parts — `part-{i:05}-of-{n:05}.parquet`, as `extract-features --shard
+//! i/n` writes them from an array job — read as one table. Every reader that takes such a
+//! directory (knn's gallery and queries, build-index, `cnclip sql`) first checks that each of
+//! the n shards' parts is there: an array job with a shard still running or failed is then an
+//! error naming the missing shards, not a table silently short of their rows. This is the cheap
+//! check, on file names only; `cnclip manifest check DIR` verifies the rest (entries, sizes,
+//! checksums, model, duplicate ids).
+//!
+//! Directories whose `.parquet` files carry no `-of-` shard names (parts written by other tools)
+//! are read as they are.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// The shard a part's file name stands for: `part-00002-of-00008.parquet` → (2, 8).
+pub fn part_shard(name: &str) -> Option<(u64, u64)> {
+    let rest = name.strip_prefix("part-")?.strip_suffix(".parquet")?;
+    let (index, count) = rest.split_once("-of-")?;
+    let number =
+        |s: &str| (s.len() >= 5 && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse::<u64>().ok()).flatten();
+    let (index, count) = (number(index)?, number(count)?);
+    (index < count).then_some((index, count))
+}
+
+/// Checks that a directory holding sharded parts holds every shard's.
+///
+/// # Errors
+/// Shards missing (named, with their files), parts of different shard counts mixed, or the
+/// directory unreadable.
+pub fn check_complete(dir: &Path) -> Result<(), String> {
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    // Shard count → indexes present.
+    let mut found: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    for entry in entries.flatten() {
+        if let Some((index, count)) = part_shard(&entry.file_name().to_string_lossy()) {
+            found.entry(count).or_default().push(index);
+        }
+    }
+    if found.len() > 1 {
+        let counts: Vec<String> = found.keys().map(u64::to_string).collect();
+        return Err(format!(
+            "{}: parts of {} shard runs mixed (part-…-of-N.parquet with N = {}): one directory holds one sharded \
+             table",
+            dir.display(),
+            counts.len(),
+            counts.join(", ")
+        ));
+    }
+    let Some((&count, indexes)) = found.iter().next() else { return Ok(()) };
+    let present: std::collections::BTreeSet<u64> = indexes.iter().copied().collect();
+    let missing: Vec<u64> = (0..count).filter(|i| !present.contains(i)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let listed: Vec<String> = missing.iter().take(5).map(|i| format!("part-{i:05}-of-{count:05}.parquet")).collect();
+    Err(format!(
+        "{}: a sharded table missing {} of its {count} shards ({}{}): run them (`--shard i/{count}`) before reading \
+         it; `cnclip manifest check {}` lists every problem",
+        dir.display(),
+        missing.len(),
+        listed.join(", "),
+        if missing.len() > listed.len() { ", …" } else { "" },
+        dir.display()
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_names_are_read_strictly() {
+        assert_eq!(part_shard("part-00002-of-00008.parquet"), Some((2, 8)));
+        assert_eq!(part_shard("part-123456-of-200000.parquet"), Some((123_456, 200_000)));
+        for not in [
+            "part-00008-of-00008.parquet",
+            "part-2-of-8.parquet",
+            "part-00002-of-00008.json",
+            "part-00000.parquet",
+            "xpart-00002-of-00008.parquet",
+            "part-0000a-of-00008.parquet",
+        ] {
+            assert_eq!(part_shard(not), None, "{not}");
+        }
+    }
+
+    #[test]
+    fn a_missing_shard_or_mixed_runs_are_named_and_plain_directories_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let touch = |name: &str| std::fs::write(dir.path().join(name), b"").unwrap();
+        touch("notes.txt");
+        touch("part-00000.parquet");
+        assert_eq!(check_complete(dir.path()), Ok(()), "no shard names: read as it is");
+        for i in [0, 1, 3] {
+            touch(&format!("part-{i:05}-of-00004.parquet"));
+        }
+        let e = check_complete(dir.path()).unwrap_err();
+        assert!(e.contains("missing 1 of its 4 shards (part-00002-of-00004.parquet)"), "{e}");
+        assert!(e.contains("manifest check"), "{e}");
+        touch("part-00002-of-00004.parquet");
+        assert_eq!(check_complete(dir.path()), Ok(()));
+        touch("part-00000-of-00002.parquet");
+        let e = check_complete(dir.path()).unwrap_err();
+        assert!(e.contains("N = 2, 4"), "{e}");
+    }
+}
