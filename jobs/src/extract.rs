@@ -21,7 +21,10 @@
 //! parts live in the hidden `.part-{i:05}-of-{n:05}.cnclip-parts/` inside the directory, the
 //! finished part is renamed from there over its previous version and its entry written after
 //! it: a rerun replaces its own part and entry, nothing else, whatever the other shards are
-//! doing.
+//! doing. A rerun of a shard that finished — the whole array resubmitted after a few tasks
+//! failed — keeps its part when the entry says it was made from the same checkpoint, settings
+//! and input files (sizes and modification times) and the part has the size the entry records;
+//! anything else extracts the shard again.
 
 use std::path::{Path, PathBuf};
 
@@ -350,9 +353,25 @@ fn extract(
     encoder: EncoderConfig,
 ) -> Result<()> {
     let start = std::time::Instant::now();
-    if let Target::Shard { dir, shard } = target {
-        prepare_shard_dir(dir, *shard)?;
-    }
+    let made_from = match target {
+        Target::Shard { dir, shard } => {
+            prepare_shard_dir(dir, *shard)?;
+            let made_from = made_from(args, tower, &encoder)?;
+            if let Some(entry) = finished(dir, *shard, &made_from) {
+                eprintln!(
+                    "cnclip extract-features: shard {shard} is done: {} ({} {} features, made {}) was made from the same \
+                     checkpoint, settings and input; kept (delete it to extract the shard again)",
+                    dir.join(&entry.part).display(),
+                    entry.rows,
+                    tower.name(),
+                    entry.created
+                );
+                return Ok(());
+            }
+            Some(made_from)
+        }
+        Target::File(_) => None,
+    };
     let dir = target.parts_dir();
     let fingerprint = fingerprint(args, tower, &encoder)?;
     let manifest_path = dir.join("manifest.json");
@@ -439,7 +458,8 @@ fn extract(
         .map_err(|problems| anyhow::anyhow!("{}", problems.join("; ")))?;
     join.run()?;
     if let Target::Shard { dir: output, shard } = target {
-        publish(args, tower, output, *shard, &joined, quarantined as u64)?;
+        let made_from = made_from.as_deref().unwrap_or_default();
+        publish(args, tower, output, *shard, &joined, quarantined as u64, made_from)?;
     }
     std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     eprintln!(
@@ -456,7 +476,15 @@ fn extract(
 /// version, then writes its entry. The old entry goes first: at no moment does an entry vouch
 /// for a part it does not describe, and a crash in between leaves a part without an entry,
 /// which `manifest check` names (and a rerun repairs).
-fn publish(args: &Args, tower: Tower, dir: &Path, shard: Shard, joined: &Path, quarantined: u64) -> Result<()> {
+fn publish(
+    args: &Args,
+    tower: Tower,
+    dir: &Path,
+    shard: Shard,
+    joined: &Path,
+    quarantined: u64,
+    made_from: &str,
+) -> Result<()> {
     let part = manifest::inspect_part(joined).with_context(|| format!("reading back {}", joined.display()))?;
     let meta = |key: &str| part.metadata.get(key).cloned();
     let model = meta(metadata::MODEL).unwrap_or_default();
@@ -494,6 +522,7 @@ fn publish(args: &Args, tower: Tower, dir: &Path, shard: Shard, joined: &Path, q
             .iter()
             .filter_map(|var| std::env::var(var).ok().map(|value| (var.to_string(), value)))
             .collect(),
+        made_from: Some(made_from.to_string()),
     };
     let (part_path, entry_path) = (dir.join(&entry.part), dir.join(format!("{stem}.json")));
     match std::fs::remove_file(&entry_path) {
@@ -574,6 +603,68 @@ impl PartWriter<'_> {
 }
 
 /// What the parts depend on: the checkpoint's bytes and every setting that changes a row.
+/// What a shard's part is made from, hashed: [`fingerprint`]'s settings and checkpoint, and the
+/// tower's input files with their sizes and modification times (an LMDB by its `data.mdb`, whose
+/// `lock.mdb` changes on every read; a directory by every file under it).
+fn made_from(args: &Args, tower: Tower, encoder: &EncoderConfig) -> Result<String> {
+    use sha2::Digest;
+    let mut files = Vec::new();
+    for given in data(args, tower) {
+        let path = PathBuf::from(&given);
+        let mut found = if given.contains(['*', '?', '[']) {
+            cnclip_operators::sources::expand_paths(std::slice::from_ref(&given)).unwrap_or_default()
+        } else {
+            vec![path]
+        };
+        found.sort();
+        for path in found {
+            if path.join("data.mdb").is_file() {
+                files.push(path.join("data.mdb"));
+            } else if path.is_dir() {
+                let mut under = Vec::new();
+                walk(&path, &mut under)?;
+                under.sort();
+                files.extend(under);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    let mut stamps = Vec::new();
+    for file in files {
+        let meta = std::fs::metadata(&file).with_context(|| format!("{}", file.display()))?;
+        let modified = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+        stamps.push(serde_json::json!([
+            std::fs::canonicalize(&file).unwrap_or(file),
+            meta.len(),
+            modified.map(|d| d.as_nanos().to_string())
+        ]));
+    }
+    let text = serde_json::json!({ "settings": fingerprint(args, tower, encoder)?, "input": stamps }).to_string();
+    Ok(format!("{:x}", sha2::Sha256::digest(text.as_bytes())))
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))?.flatten() {
+        let path = entry.path();
+        if path.is_dir() { walk(&path, out)? } else { out.push(path) }
+    }
+    Ok(())
+}
+
+/// Shard `shard`'s entry in `dir`, if it vouches for a part made from `made_from` that is there
+/// with the size it records.
+fn finished(dir: &Path, shard: Shard, made_from: &str) -> Option<manifest::Entry> {
+    let stem = manifest::part_stem(shard);
+    let entry: manifest::Entry = serde_json::from_slice(&std::fs::read(dir.join(format!("{stem}.json"))).ok()?).ok()?;
+    let part = std::fs::metadata(dir.join(&entry.part)).ok()?;
+    (entry.made_from.as_deref() == Some(made_from)
+        && entry.part == format!("{stem}.parquet")
+        && part.len() == entry.bytes)
+        .then_some(entry)
+}
+
 fn fingerprint(args: &Args, tower: Tower, encoder: &EncoderConfig) -> Result<String> {
     let (size, modified) = std::fs::metadata(&args.resume)
         .map(|m| (m.len(), m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())))

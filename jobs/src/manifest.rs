@@ -160,6 +160,11 @@ pub struct Entry {
     /// The scheduler's ids, where it set them (`SLURM_ARRAY_JOB_ID`, `JOB_COMPLETION_INDEX`, …).
     #[serde(default)]
     pub job: BTreeMap<String, String>,
+    /// sha256 of what the part was made from: the extraction's settings, the checkpoint's and
+    /// the input files' sizes and modification times. A rerun that would make the same keeps
+    /// the part (absent in entries of older versions: those shards are extracted again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub made_from: Option<String>,
 }
 
 /// The scheduler variables an entry records.
@@ -814,6 +819,7 @@ mod tests {
             created: "2025-01-01T00:00:00Z".into(),
             cnclip_version: "0".into(),
             job: BTreeMap::new(),
+            made_from: None,
         };
         std::fs::write(dir.join(format!("{stem}.json")), serde_json::to_vec(&entry).unwrap()).unwrap();
     }

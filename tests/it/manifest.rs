@@ -275,6 +275,34 @@ fn four_concurrent_shards_equal_one_unsharded_run_and_read_as_one_table_issue_13
     let from_dir = sorted("from_dir.jsonl");
     assert!(!from_dir.is_empty());
     assert_eq!(from_dir, sorted("from_file.jsonl"), "kNN over the directories differs from kNN over the files");
+
+    // The whole array resubmitted: a finished shard made from the same checkpoint, settings and
+    // input keeps its part and entry (not rewritten); once its input file changes, it is
+    // extracted again (the texts), while the unchanged input's part is still kept (the images).
+    let state = |dir: &str, ext: &str| {
+        let path = root.join(format!("{dir}/part-00001-of-00004.{ext}"));
+        (std::fs::read(&path).unwrap(), std::fs::metadata(&path).unwrap().modified().unwrap())
+    };
+    let before: Vec<_> = [("sharded_img", "parquet"), ("sharded_img", "json"), ("sharded_txt", "parquet")]
+        .iter()
+        .map(|(d, e)| state(d, e))
+        .collect();
+    let resubmit = || {
+        succeeds(extract(root, "sharded_img", Some("sharded_txt"), &["--resume", "tiny.safetensors", "--shard", "1/4"]))
+    };
+    let stderr = resubmit();
+    assert_eq!(stderr.matches("shard 1/4 is done").count(), 2, "{stderr}");
+    assert!(state("sharded_img", "parquet") == before[0] && state("sharded_img", "json") == before[1]);
+    assert!(state("sharded_txt", "parquet") == before[2], "an unchanged shard was rewritten");
+    let texts = std::fs::File::options().append(true).open(root.join("data/valid_texts.jsonl")).unwrap();
+    texts.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(5)).unwrap();
+    drop(texts);
+    let stderr = resubmit();
+    assert_eq!(stderr.matches("shard 1/4 is done").count(), 1, "{stderr}");
+    assert!(stderr.contains("text features") && state("sharded_img", "parquet") == before[0], "{stderr}");
+    let (bytes, modified) = state("sharded_txt", "parquet");
+    assert!(bytes == before[2].0 && modified != before[2].1, "the texts' part was not extracted again");
+    cnclip(root, &["manifest", "check", "sharded_txt", "--text-data", "data/valid_texts.jsonl"]);
 }
 
 #[test]
