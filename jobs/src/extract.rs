@@ -22,9 +22,10 @@
 //! finished part is renamed from there over its previous version and its entry written after
 //! it: a rerun replaces its own part and entry, nothing else, whatever the other shards are
 //! doing. A rerun of a shard that finished — the whole array resubmitted after a few tasks
-//! failed — keeps its part when the entry says it was made from the same checkpoint, settings
-//! and input files (sizes and modification times) and the part has the size the entry records;
-//! anything else extracts the shard again.
+//! failed — keeps its part when the entry says it was made by the same cnclip version from the
+//! same checkpoint, settings and input files (sizes and modification times), with no record
+//! quarantined, and the part has the size and sha256 the entry records; anything else extracts
+//! the shard again.
 
 use std::path::{Path, PathBuf};
 
@@ -602,69 +603,96 @@ impl PartWriter<'_> {
     }
 }
 
-/// What the parts depend on: the checkpoint's bytes and every setting that changes a row.
-/// What a shard's part is made from, hashed: [`fingerprint`]'s settings and checkpoint, and the
-/// tower's input files with their sizes and modification times (an LMDB by its `data.mdb`, whose
-/// `lock.mdb` changes on every read; a directory by every file under it).
+/// What a shard's part is made from, hashed: this cnclip's version, the tower's own settings,
+/// and the checkpoint's and the tower's input files with their sizes and modification times
+/// (an LMDB by its `data.mdb`, whose `lock.mdb` changes on every read; a directory by every
+/// file under it, symbolic links to directories not followed). A file that cannot be read is
+/// recorded as such (the job quarantines or fails on it, as the settings say).
 fn made_from(args: &Args, tower: Tower, encoder: &EncoderConfig) -> Result<String> {
     use sha2::Digest;
-    let mut files = Vec::new();
-    for given in data(args, tower) {
-        let path = PathBuf::from(&given);
-        let mut found = if given.contains(['*', '?', '[']) {
-            cnclip_operators::sources::expand_paths(std::slice::from_ref(&given)).unwrap_or_default()
-        } else {
-            vec![path]
-        };
-        found.sort();
-        for path in found {
-            if path.join("data.mdb").is_file() {
-                files.push(path.join("data.mdb"));
-            } else if path.is_dir() {
-                let mut under = Vec::new();
-                walk(&path, &mut under)?;
-                under.sort();
-                files.extend(under);
+    let stamps = |given: &[String]| -> Vec<serde_json::Value> {
+        let mut files = Vec::new();
+        for given in given {
+            let mut found = if given.contains(['*', '?', '[']) {
+                cnclip_operators::sources::expand_paths(std::slice::from_ref(given)).unwrap_or_default()
             } else {
-                files.push(path);
+                vec![PathBuf::from(given)]
+            };
+            found.sort();
+            for path in found {
+                if let Some(lmdb) =
+                    [path.join("data.mdb"), path.join("imgs").join("data.mdb")].into_iter().find(|p| p.is_file())
+                {
+                    files.push(lmdb);
+                } else if path.is_dir() {
+                    let mut under = Vec::new();
+                    walk(&path, &mut under);
+                    under.sort();
+                    files.extend(under);
+                } else {
+                    files.push(path);
+                }
             }
         }
-    }
-    let mut stamps = Vec::new();
-    for file in files {
-        let meta = std::fs::metadata(&file).with_context(|| format!("{}", file.display()))?;
-        let modified = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
-        stamps.push(serde_json::json!([
-            std::fs::canonicalize(&file).unwrap_or(file),
-            meta.len(),
-            modified.map(|d| d.as_nanos().to_string())
-        ]));
-    }
-    let text = serde_json::json!({ "settings": fingerprint(args, tower, encoder)?, "input": stamps }).to_string();
+        files
+            .into_iter()
+            .map(|file| match std::fs::metadata(&file) {
+                Ok(meta) => {
+                    let modified = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+                    serde_json::json!([file, meta.len(), modified.map(|d| d.as_nanos().to_string())])
+                }
+                Err(e) => serde_json::json!([file, e.kind().to_string()]),
+            })
+            .collect()
+    };
+    let checkpoint = std::fs::canonicalize(&args.resume).unwrap_or_else(|_| args.resume.clone());
+    let text = serde_json::json!({
+        "cnclip_version": env!("CARGO_PKG_VERSION"),
+        "tower": tower.name(),
+        "checkpoint": stamps(&[checkpoint.display().to_string()]),
+        "vision_model": encoder.vision_model,
+        "text_model": encoder.text_model,
+        "precision": encoder.precision,
+        "devices_kind": encoder.devices.contains("cuda"),
+        "context_length": (tower == Tower::Text).then_some(args.context_length),
+        "input": stamps(&data(args, tower)),
+        "shard": args.shard,
+        "on_error": format!("{:?}", args.on_error),
+    })
+    .to_string();
     Ok(format!("{:x}", sha2::Sha256::digest(text.as_bytes())))
 }
 
-/// Every file under `dir`.
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))?.flatten() {
-        let path = entry.path();
-        if path.is_dir() { walk(&path, out)? } else { out.push(path) }
+/// Every file under `dir` (entries that cannot be listed are left out; symbolic links are
+/// listed as files, so a link to a directory is not followed and a loop cannot recur).
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        match entry.file_type() {
+            Ok(kind) if kind.is_dir() => walk(&entry.path(), out),
+            _ => out.push(entry.path()),
+        }
     }
-    Ok(())
 }
 
-/// Shard `shard`'s entry in `dir`, if it vouches for a part made from `made_from` that is there
-/// with the size it records.
+/// Shard `shard`'s entry in `dir`, if it vouches for a part made from `made_from`, with no
+/// record quarantined (a rerun retries those), that is there with the size and sha256 it
+/// records (reading the part costs far less than extracting it again).
 fn finished(dir: &Path, shard: Shard, made_from: &str) -> Option<manifest::Entry> {
     let stem = manifest::part_stem(shard);
     let entry: manifest::Entry = serde_json::from_slice(&std::fs::read(dir.join(format!("{stem}.json"))).ok()?).ok()?;
-    let part = std::fs::metadata(dir.join(&entry.part)).ok()?;
-    (entry.made_from.as_deref() == Some(made_from)
+    let ours = entry.made_from.as_deref() == Some(made_from)
+        && entry.quarantined == 0
         && entry.part == format!("{stem}.parquet")
-        && part.len() == entry.bytes)
-        .then_some(entry)
+        && std::fs::metadata(dir.join(&entry.part)).ok()?.len() == entry.bytes;
+    if !ours {
+        return None;
+    }
+    let (sha256, _) = manifest::sha256_file(&dir.join(&entry.part)).ok()?;
+    (sha256 == entry.sha256).then_some(entry)
 }
 
+/// What the parts depend on: the checkpoint's bytes and every setting that changes a row.
 fn fingerprint(args: &Args, tower: Tower, encoder: &EncoderConfig) -> Result<String> {
     let (size, modified) = std::fs::metadata(&args.resume)
         .map(|m| (m.len(), m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())))

@@ -303,6 +303,17 @@ fn four_concurrent_shards_equal_one_unsharded_run_and_read_as_one_table_issue_13
     let (bytes, modified) = state("sharded_txt", "parquet");
     assert!(bytes == before[2].0 && modified != before[2].1, "the texts' part was not extracted again");
     cnclip(root, &["manifest", "check", "sharded_txt", "--text-data", "data/valid_texts.jsonl"]);
+    // A part altered in place (same size, other bytes) is not vouched for: extracted again, to
+    // the original bytes.
+    let part = root.join("sharded_img/part-00001-of-00004.parquet");
+    let mut altered = before[0].0.clone();
+    let middle = altered.len() / 2;
+    altered[middle] ^= 0xff;
+    std::fs::write(&part, &altered).unwrap();
+    let stderr = resubmit();
+    assert_eq!(stderr.matches("shard 1/4 is done").count(), 1, "{stderr}");
+    assert!(stderr.contains("image features"), "{stderr}");
+    assert!(std::fs::read(&part).unwrap() == before[0].0, "the altered part was not extracted again");
 }
 
 #[test]

@@ -279,7 +279,8 @@ impl RefineStore {
         let shard_and_row = match &self.global {
             Some((global, entries)) => match global_row(global, *entries, id) {
                 None => None,
-                Some((number, row)) => match self.shards.iter().find(|s| s.number == number as usize) {
+                // The shards are in number order (0, 1, …) in a finished build.
+                Some((number, row)) => match self.shards.get(number as usize).filter(|s| s.number == number as usize) {
                     Some(shard) => Some((shard, u64::from(row))),
                     None => return Err(format!("{ID_MAP}: id {id} is mapped to shard {number}, which is not there")),
                 },
@@ -398,7 +399,15 @@ impl RefineStore {
                 out.write_all(&number.to_le_bytes())?;
                 out.write_all(&row.to_le_bytes())?;
                 if at + 1 < shard.rows {
-                    heap.push(std::cmp::Reverse((shard.entry(at + 1).0, s, at + 1)));
+                    let next = shard.entry(at + 1).0;
+                    if next <= id {
+                        return Err(Stop::Io(std::io::Error::other(format!(
+                            "{}: ids out of order at entry {} (damaged; rebuild the index)",
+                            shard.ids_path.display(),
+                            at + 1
+                        ))));
+                    }
+                    heap.push(std::cmp::Reverse((next, s, at + 1)));
                 }
             }
             Ok(())
@@ -601,6 +610,18 @@ mod tests {
         let e = store.vector(4).err().unwrap();
         assert!(e.contains("shard-00001.ids") && e.contains("id 4"), "{e}");
         assert!(store.vector(31).unwrap().is_some());
+        // Ids out of order in a damaged `.ids` file (the right size) are named by the merge.
+        let other = tempfile::tempdir().unwrap();
+        let e = write_shard(other.path(), 0, 0, &[1, 5, 9], 2).unwrap();
+        let f = write_shard(other.path(), 1, 3, &[2, 6], 2).unwrap();
+        let ids_path = other.path().join(ids_file(0));
+        let mut ids = std::fs::read(&ids_path).unwrap();
+        let (first, second) = ids.split_at_mut(16);
+        first.swap_with_slice(&mut second[..16]);
+        std::fs::write(&ids_path, &ids).unwrap();
+        let store = RefineStore::open(other.path(), &manifest(2, vec![e, f])).unwrap();
+        let e = store.check_ids(other.path()).unwrap_err();
+        assert!(e.contains("shard-00000.ids: ids out of order"), "{e}");
         // A truncated vectors file is named.
         let path = dir.path().join(vectors_file(0));
         let len = std::fs::metadata(&path).unwrap().len();
