@@ -43,15 +43,8 @@ use cnclip_operators::spec::{JobSettings, NodeDef, Planner};
 use cnclip_schemas::metadata;
 use serde::{Deserialize, Serialize};
 
+use crate::manifest::{self, Tower};
 use crate::registry;
-
-/// The shard layout and entry format, shared with `cnclip manifest check` (which lives in the
-/// `cnclip` binary; the two binaries share no library of their own).
-#[path = "manifest.rs"]
-#[allow(dead_code)]
-mod manifest;
-
-use manifest::Tower;
 
 #[derive(clap::Args)]
 pub struct Args {

@@ -25,7 +25,7 @@
 //! what a reader of the directory will meet.
 //!
 //! The entry format and the source rule are also what `extract-features` (in `cnclip-torch`)
-//! writes and reads: it includes this file, since the two binaries share no library of their own.
+//! writes and reads: both binaries build this module.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -168,7 +168,7 @@ pub struct Entry {
 }
 
 /// The scheduler variables an entry records.
-// Used by extract-features (in `cnclip-torch`, which includes this file).
+// Used by extract-features (in `cnclip-torch`, which builds this module too).
 #[allow(dead_code)]
 pub const JOB_VARIABLES: [&str; 6] =
     ["SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX", "JOB_NAME", "HOSTNAME"];
@@ -184,7 +184,7 @@ pub fn work_dir(dir: &Path, shard: Shard) -> PathBuf {
 }
 
 /// A shard's quarantine file.
-// Used by extract-features (in `cnclip-torch`, which includes this file).
+// Used by extract-features (in `cnclip-torch`, which builds this module too).
 #[allow(dead_code)]
 pub fn quarantine_path(dir: &Path, shard: Shard) -> PathBuf {
     dir.join(format!("{}.quarantine.jsonl", part_stem(shard)))
@@ -226,7 +226,7 @@ pub fn parse_name(name: &str) -> Option<(Shard, FileKind)> {
 
 /// A part file as a reader meets it.
 #[derive(Debug, Clone)]
-// Used by extract-features (in `cnclip-torch`, which includes this file).
+// Used by extract-features (in `cnclip-torch`, which builds this module too).
 #[allow(dead_code)]
 pub struct PartFacts {
     pub bytes: u64,
@@ -251,7 +251,7 @@ pub fn sha256_file(path: &Path) -> Result<(String, u64)> {
 
 /// Size, checksum, rows, ids and metadata of a part. The bytes are hashed before the file is
 /// parsed, so a part that no longer parses still reports them: see [`read_part`].
-// Used by extract-features (in `cnclip-torch`, which includes this file).
+// Used by extract-features (in `cnclip-torch`, which builds this module too).
 #[allow(dead_code)]
 pub fn inspect_part(path: &Path) -> Result<PartFacts> {
     let (sha256, bytes) = sha256_file(path)?;
@@ -282,7 +282,7 @@ fn read_part(path: &Path, sha256: String, bytes: u64) -> Result<PartFacts> {
 
 /// A tower's source node (named `source`), as extraction reads it, and what it needs before
 /// the encoder: base64 decoding, and the preprocessing order.
-// Used by extract-features (in `cnclip-torch`, which includes this file).
+// Used by extract-features (in `cnclip-torch`, which builds this module too).
 #[allow(dead_code)]
 pub struct Source {
     pub node: NodeDef,

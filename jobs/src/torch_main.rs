@@ -12,9 +12,9 @@ use cnclip_operators::spec::Registry;
 
 mod bench_suite;
 mod benchmark;
+mod build_index;
 /// `build-lmdb`, run by `demo` (its command lives in `cnclip`).
 #[allow(dead_code)]
-mod build_index;
 mod build_lmdb;
 mod common;
 mod convert;
@@ -29,6 +29,10 @@ mod extract;
 mod import;
 mod init_model;
 mod knn;
+/// The shard layout and entry format `extract-features` writes (`manifest check` lives in
+/// `cnclip`).
+#[allow(dead_code)]
+mod manifest;
 mod model_args;
 /// The demo's report (HTML + SVG plots).
 mod report;

@@ -10,6 +10,7 @@ mod build_index;
 mod checkpoints;
 mod cluster;
 mod decode;
+mod deploy;
 mod evaluation;
 mod extract;
 mod hostile_pickle;

@@ -25,14 +25,14 @@ const TINY: &str = r#"{"embed_dim": 32, "image_resolution": 32, "vision_layers":
   "text_max_position_embeddings": 64, "text_num_attention_heads": 2, "text_num_hidden_layers": 2,
   "text_type_vocab_size": 2}"#;
 
-const IMAGES: usize = 40;
+pub(crate) const IMAGES: usize = 40;
 
 fn run(root: &Path, args: &[&str]) -> Output {
     Command::new(cnclip_tests::cnclip_bin()).args(args).current_dir(root).output().unwrap()
 }
 
 /// Runs `cnclip ARGS…`, which must succeed; returns stdout and stderr.
-fn cnclip(root: &Path, args: &[&str]) -> (String, String) {
+pub(crate) fn cnclip(root: &Path, args: &[&str]) -> (String, String) {
     let output = run(root, args);
     let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
     assert!(output.status.success(), "cnclip {args:?} failed:\n{stderr}");
@@ -48,7 +48,7 @@ fn cnclip_fails(root: &Path, args: &[&str]) -> String {
 }
 
 /// The synthetic corpus (its valid split as TSV, JSONL and an LMDB) and two tiny checkpoints.
-fn corpus() -> tempfile::TempDir {
+pub(crate) fn corpus() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let n = IMAGES.to_string();
@@ -92,7 +92,7 @@ fn extract(root: &Path, images: &str, texts: Option<&str>, extra: &[&str]) -> Co
     command
 }
 
-fn succeeds(mut command: Command) -> String {
+pub(crate) fn succeeds(mut command: Command) -> String {
     let output = command.output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     assert!(output.status.success(), "{command:?} failed:\n{stderr}");
@@ -117,14 +117,14 @@ fn extract_sharded(root: &Path, out: &str, texts: bool) {
 }
 
 /// A feature table: its schema's metadata and, by id, each feature's bits.
-struct Table {
-    metadata: std::collections::HashMap<String, String>,
-    columns: String,
-    rows: BTreeMap<i64, Vec<u32>>,
-    ids_in_order: Vec<i64>,
+pub(crate) struct Table {
+    pub metadata: std::collections::HashMap<String, String>,
+    pub columns: String,
+    pub rows: BTreeMap<i64, Vec<u32>>,
+    pub ids_in_order: Vec<i64>,
 }
 
-fn read_table(paths: &[PathBuf]) -> Table {
+pub(crate) fn read_table(paths: &[PathBuf]) -> Table {
     let mut table =
         Table { metadata: Default::default(), columns: String::new(), rows: BTreeMap::new(), ids_in_order: Vec::new() };
     for path in paths {
@@ -147,11 +147,11 @@ fn read_table(paths: &[PathBuf]) -> Table {
     table
 }
 
-fn parts(dir: &Path) -> Vec<PathBuf> {
+pub(crate) fn parts(dir: &Path) -> Vec<PathBuf> {
     (0..4).map(|i| dir.join(format!("part-{i:05}-of-00004.parquet"))).collect()
 }
 
-fn listing(dir: &Path) -> Vec<String> {
+pub(crate) fn listing(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> =
         std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     names.sort();
