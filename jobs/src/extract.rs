@@ -26,6 +26,11 @@
 //! same checkpoint, settings and input files (sizes and modification times), with no record
 //! quarantined, and the part has the size and sha256 the entry records; anything else extracts
 //! the shard again.
+//!
+//! One writer per output: a run first claims its output (`staging::WriterLock`, a lock file
+//! beside it), so a second run on the same output or shard while the first still runs (an
+//! array submitted twice, a task requeued from an unresponsive node) fails at once, naming the
+//! first, instead of both writing one work directory.
 
 use std::path::{Path, PathBuf};
 
@@ -251,13 +256,11 @@ impl Target {
         }
     }
 
-    /// Where the features end up, for the log.
-    fn display(&self) -> String {
+    /// Where the features end up.
+    fn output(&self) -> PathBuf {
         match self {
-            Target::File(output) => output.display().to_string(),
-            Target::Shard { dir, shard } => {
-                dir.join(format!("{}.parquet", manifest::part_stem(*shard))).display().to_string()
-            }
+            Target::File(output) => output.clone(),
+            Target::Shard { dir, shard } => dir.join(format!("{}.parquet", manifest::part_stem(*shard))),
         }
     }
 }
@@ -347,9 +350,19 @@ fn extract(
     encoder: EncoderConfig,
 ) -> Result<()> {
     let start = std::time::Instant::now();
+    match target {
+        Target::Shard { dir, shard } => prepare_shard_dir(dir, *shard)?,
+        Target::File(output) => {
+            if let Some(parent) = output.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+            }
+        }
+    }
+    // One writer at a time: a second run on this output (an array task submitted twice) fails
+    // here, naming the first, instead of sharing its work directory.
+    let _writer = cnclip_operators::staging::WriterLock::acquire(&target.output())?;
     let made_from = match target {
         Target::Shard { dir, shard } => {
-            prepare_shard_dir(dir, *shard)?;
             let made_from = made_from(args, tower, &encoder)?;
             if let Some(entry) = finished(dir, *shard, &made_from) {
                 eprintln!(
@@ -460,7 +473,7 @@ fn extract(
         "cnclip extract-features: {rows} {} features, {quarantined} quarantined{} → {} ({:.1} s)",
         tower.name(),
         if quarantined > 0 { format!(" (see {})", target.quarantine_path().display()) } else { String::new() },
-        target.display(),
+        target.output().display(),
         start.elapsed().as_secs_f64()
     );
     Ok(())

@@ -5,6 +5,9 @@
 //! could clean up leaves something a later run can recognise: before writing a target, cnclip
 //! removes that target's leftovers whose process is gone, and never those of a live process
 //! (two jobs may write beside each other).
+//!
+//! An output built in resumable steps (extraction's parts) is claimed by one job at a time:
+//! [`WriterLock`].
 
 use std::path::{Path, PathBuf};
 
@@ -54,9 +57,143 @@ fn alive(pid: u32) -> bool {
     result == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
+/// An exclusive claim on writing one output, held until dropped: a lock (`flock`) on
+/// `.{name}.cnclip-lock` beside the output. A job whose output is built in steps it can resume
+/// (extraction's parts) takes it first, so a second job on the same output (an array task
+/// submitted twice, or requeued while its first run still writes from an unresponsive node)
+/// fails at once, naming the holder, instead of both writing one work directory. The lock dies
+/// with its process, however it ends; the file, holding the holder's pid and host for the
+/// message, is removed on drop (a killed job's stays, unlocked, for the next run to take).
+#[derive(Debug)]
+pub struct WriterLock {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl WriterLock {
+    /// Takes the claim on writing `target`, or fails with [`Error::Busy`](crate::Error::Busy)
+    /// when another process holds it.
+    ///
+    /// # Errors
+    /// The lock file cannot be created, or another process holds the lock.
+    pub fn acquire(target: &Path) -> crate::Result<WriterLock> {
+        use std::io::{Read, Seek, Write};
+        let name = target.file_name().unwrap_or_default().to_string_lossy();
+        let path = target.with_file_name(format!(".{}.cnclip-lock", name.trim_start_matches('.')));
+        let io = |source: std::io::Error| crate::Error::Io { path: path.display().to_string(), source };
+        loop {
+            let mut file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(io)?;
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    let mut holder = String::new();
+                    let _ = file.read_to_string(&mut holder);
+                    let holder =
+                        if holder.trim().is_empty() { "starting".to_string() } else { holder.trim().to_string() };
+                    return Err(crate::Error::Busy {
+                        target: target.display().to_string(),
+                        lock: path.display().to_string(),
+                        holder,
+                    });
+                }
+                // A file system without locks (some FUSE and old NFS mounts): the job goes on,
+                // unguarded, as before there was a lock.
+                Err(std::fs::TryLockError::Error(e))
+                    if [libc::ENOLCK, libc::EOPNOTSUPP, libc::ENOSYS].contains(&e.raw_os_error().unwrap_or(0)) =>
+                {
+                    tracing::warn!(lock = %path.display(), error = %e, "Cannot lock: two jobs on this output would not be stopped");
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+            }
+            // The holder before us may have removed the file after we opened it: our lock is then
+            // on a file nobody else will open. Lock again, by name.
+            let same = |a: &std::fs::Metadata, b: &std::fs::Metadata| {
+                use std::os::unix::fs::MetadataExt;
+                a.ino() == b.ino() && a.dev() == b.dev()
+            };
+            match (file.metadata(), std::fs::metadata(&path)) {
+                (Ok(ours), Ok(named)) if same(&ours, &named) => {}
+                _ => continue,
+            }
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            let holder = format!("pid {} on {}", std::process::id(), host.trim());
+            file.set_len(0).map_err(io)?;
+            file.rewind().map_err(io)?;
+            file.write_all(holder.as_bytes()).map_err(io)?;
+            return Ok(WriterLock { file, path });
+        }
+    }
+
+    /// The lock file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for WriterLock {
+    fn drop(&mut self) {
+        // Removed while still locked, so no other process can lock this file and then find it
+        // gone; closing the file (after this) releases the lock.
+        let _ = std::fs::remove_file(&self.path);
+        let _ = self.file.unlock();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_second_writer_of_one_output_is_refused_naming_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("part-00001-of-00004.parquet");
+        let first = WriterLock::acquire(&target).unwrap();
+        assert_eq!(first.path(), dir.path().join(".part-00001-of-00004.parquet.cnclip-lock"));
+        // flock locks belong to an open file: a second opening conflicts, in this process too.
+        let busy = WriterLock::acquire(&target).unwrap_err().to_string();
+        assert!(busy.contains(&format!("pid {}", std::process::id())), "{busy}");
+        assert!(busy.contains("another job is writing it") && busy.contains("part-00001-of-00004.parquet"), "{busy}");
+        // Another output is not this one's.
+        let other = WriterLock::acquire(&dir.path().join("part-00002-of-00004.parquet")).unwrap();
+        drop(first);
+        assert!(!dir.path().join(".part-00001-of-00004.parquet.cnclip-lock").exists(), "the lock file stays");
+        let again = WriterLock::acquire(&target).unwrap();
+        drop((again, other));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_killed_writers_lock_file_is_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("features.parquet");
+        // A process that held the lock and was killed: its file stays, its lock is gone. (flock(1)
+        // holds it; `-o` keeps it from the command it waits for.)
+        let mut holder = std::process::Command::new("flock")
+            .arg("-o")
+            .arg(dir.path().join(".features.parquet.cnclip-lock"))
+            .args(["sleep", "30"])
+            .spawn()
+            .unwrap();
+        let start = std::time::Instant::now();
+        while !dir.path().join(".features.parquet.cnclip-lock").exists() {
+            assert!(start.elapsed().as_secs() < 10, "flock(1) made no lock file");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let busy = WriterLock::acquire(&target).unwrap_err().to_string();
+        assert!(busy.contains("another job is writing it"), "{busy}");
+        holder.kill().unwrap();
+        holder.wait().unwrap();
+        let lock = WriterLock::acquire(&target).unwrap();
+        let holder = std::fs::read_to_string(lock.path()).unwrap();
+        assert!(holder.starts_with(&format!("pid {} on ", std::process::id())), "{holder}");
+    }
 
     #[test]
     fn leftovers_of_dead_processes_go_and_live_ones_stay() {

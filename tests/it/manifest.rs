@@ -474,3 +474,43 @@ fn manifest_check_names_a_missing_duplicated_truncated_or_foreign_part_and_a_rer
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success() && stderr.contains("give them two directories"), "{stderr}");
 }
+
+#[test]
+fn a_second_writer_of_one_output_fails_naming_the_first_which_is_unharmed() {
+    let dir = corpus();
+    let root = dir.path();
+    let signal = |sig: &str, pid: u32| {
+        assert!(Command::new("kill").args([sig, &pid.to_string()]).status().unwrap().success(), "kill {sig}");
+    };
+    // A shard submitted twice, and an unsharded output run twice at once.
+    for (output, shard, lock) in [
+        ("twice_img", Some("1/4"), "twice_img/.part-00001-of-00004.parquet.cnclip-lock"),
+        ("twice.parquet", None, ".twice.parquet.cnclip-lock"),
+    ] {
+        let shard_args: Vec<&str> = shard.map(|s| vec!["--shard", s]).unwrap_or_default();
+        let args = [&["--resume", "tiny.safetensors"][..], &shard_args].concat();
+        let first = extract(root, output, None, &args).stderr(std::process::Stdio::piped()).spawn().unwrap();
+        // Held still once it holds the claim, so the second surely meets it.
+        let start = std::time::Instant::now();
+        while !root.join(lock).exists() {
+            assert!(start.elapsed().as_secs() < 60, "{output}: no lock file in 60 s");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        signal("-STOP", first.id());
+        let output_2 = extract(root, output, None, &args).output().unwrap();
+        signal("-CONT", first.id());
+        let stderr = String::from_utf8_lossy(&output_2.stderr);
+        assert_eq!(output_2.status.code(), Some(1), "{output}: the second writer: {stderr}");
+        assert!(stderr.contains("another job is writing it"), "{stderr}");
+        assert!(stderr.contains(&format!("pid {}", first.id())), "{output}: the holder is not named: {stderr}");
+        let first = first.wait_with_output().unwrap();
+        assert!(first.status.success(), "{output}: the first writer: {}", String::from_utf8_lossy(&first.stderr));
+        assert!(!root.join(lock).exists(), "{output}: the lock file stays");
+        let written = match shard {
+            Some(_) => root.join("twice_img/part-00001-of-00004.parquet"),
+            None => root.join("twice.parquet"),
+        };
+        let rows = read_table(&[written]).rows.len();
+        assert_eq!(rows, if shard.is_some() { IMAGES / 4 } else { IMAGES }, "{output}");
+    }
+}
