@@ -40,13 +40,13 @@ pub enum Error {
     Tokenizer(#[from] crate::transforms::tokenizer::Error),
     #[error(transparent)]
     Json(#[from] serde_json::Error),
-    /// SIGINT or SIGTERM stopped the job (its outputs were removed).
     /// Another process is writing the same output (see [`crate::staging::WriterLock`]).
     #[error(
         "{target}: another job is writing it ({holder}; its lock is {lock}): two writers would mix their work; \
          wait for that job, or stop it, and run again"
     )]
     Busy { target: String, lock: String, holder: String },
+    /// SIGINT or SIGTERM stopped the job (its outputs were removed).
     #[error("interrupted by {signal}: nothing was written")]
     Interrupted { signal: &'static str },
     /// Starting the async runtime.

@@ -64,6 +64,10 @@ fn alive(pid: u32) -> bool {
 /// fails at once, naming the holder, instead of both writing one work directory. The lock dies
 /// with its process, however it ends; the file, holding the holder's pid and host for the
 /// message, is removed on drop (a killed job's stays, unlocked, for the next run to take).
+///
+/// Across machines the guard is only as good as the shared file system's locks: NFSv4 and
+/// CephFS lock for every client; an NFS mount with `nolock` or Lustre with `localflock` lock
+/// for one node only, so there a job on another node is not stopped.
 #[derive(Debug)]
 pub struct WriterLock {
     file: std::fs::File,
@@ -107,7 +111,10 @@ impl WriterLock {
                 Err(std::fs::TryLockError::Error(e))
                     if [libc::ENOLCK, libc::EOPNOTSUPP, libc::ENOSYS].contains(&e.raw_os_error().unwrap_or(0)) =>
                 {
-                    tracing::warn!(lock = %path.display(), error = %e, "Cannot lock: two jobs on this output would not be stopped");
+                    eprintln!(
+                        "cnclip: warning: cannot lock {} ({e}): a second job on this output would not be stopped",
+                        path.display()
+                    );
                 }
                 Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
             }
@@ -170,27 +177,47 @@ mod tests {
 
     #[test]
     fn a_killed_writers_lock_file_is_taken_over() {
+        use std::os::unix::process::CommandExt;
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("features.parquet");
-        // A process that held the lock and was killed: its file stays, its lock is gone. (flock(1)
-        // holds it; `-o` keeps it from the command it waits for.)
+        // A process that held the lock and was killed: its file stays, its lock is gone.
+        // (flock(1), of util-linux, holds it for `sleep`; both in a group of their own, killed
+        // together.)
         let mut holder = std::process::Command::new("flock")
-            .arg("-o")
             .arg(dir.path().join(".features.parquet.cnclip-lock"))
-            .args(["sleep", "30"])
+            .args(["sleep", "60"])
+            .process_group(0)
             .spawn()
             .unwrap();
+        let kill_group = |pid: u32| {
+            let status = std::process::Command::new("kill").args(["-KILL", "--", &format!("-{pid}")]).status();
+            assert!(status.unwrap().success(), "kill the holder's group");
+        };
+        // Held once a lock of our own on the file would block (ours, if taken, goes with `file`).
+        let lock_file = dir.path().join(".features.parquet.cnclip-lock");
         let start = std::time::Instant::now();
-        while !dir.path().join(".features.parquet.cnclip-lock").exists() {
-            assert!(start.elapsed().as_secs() < 10, "flock(1) made no lock file");
+        while !std::fs::File::open(&lock_file)
+            .is_ok_and(|file| matches!(file.try_lock(), Err(std::fs::TryLockError::WouldBlock)))
+        {
+            if start.elapsed().as_secs() > 30 {
+                kill_group(holder.id());
+                panic!("flock(1) took no lock in 30 s");
+            }
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        std::thread::sleep(std::time::Duration::from_millis(200));
         let busy = WriterLock::acquire(&target).unwrap_err().to_string();
         assert!(busy.contains("another job is writing it"), "{busy}");
-        holder.kill().unwrap();
+        kill_group(holder.id());
         holder.wait().unwrap();
-        let lock = WriterLock::acquire(&target).unwrap();
+        // `sleep`, not our child, may take a moment more to exit and drop the lock.
+        let start = std::time::Instant::now();
+        let lock = loop {
+            match WriterLock::acquire(&target) {
+                Ok(lock) => break lock,
+                Err(e) => assert!(start.elapsed().as_secs() < 10, "not taken over 10 s after the kill: {e}"),
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
         let holder = std::fs::read_to_string(lock.path()).unwrap();
         assert!(holder.starts_with(&format!("pid {} on ", std::process::id())), "{holder}");
     }

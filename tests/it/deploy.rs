@@ -62,7 +62,10 @@ fn srun_shim(root: &Path) -> String {
 fn slurm_task(root: &Path, path: &str, id: usize, (min, max): (usize, usize), shards: Option<&str>) -> Command {
     let mut command = Command::new("bash");
     command.arg(cnclip_tests::workspace_root().join("deploy/slurm/extract.sbatch")).current_dir(root);
-    command.env("PATH", path).env_remove("SHARDS");
+    command.env("PATH", path);
+    for name in ["SHARDS", "VISION_MODEL", "TEXT_MODEL"] {
+        command.env_remove(name);
+    }
     for (name, value) in [
         ("SLURM_ARRAY_TASK_ID", id),
         ("SLURM_ARRAY_TASK_MIN", min),
@@ -182,4 +185,45 @@ fn the_slurm_array_and_the_indexed_job_run_as_their_schedulers_run_them() {
     all_succeed(pods, "pod");
     checks(root, "k8s_img");
     equals_whole(root, "k8s_img", "whole_img.parquet");
+
+    // And with the file's own settings, as a GPU cluster runs it: the command line `cnclip` gets
+    // (a stand-in that prints it), pod 3 of 8.
+    let stand_in = root.join("stand-in");
+    std::fs::create_dir_all(&stand_in).unwrap();
+    let printer = stand_in.join("cnclip");
+    std::fs::write(&printer, "#!/bin/sh\nprintf '%s\\n' \"$@\"\n").unwrap();
+    std::fs::set_permissions(&printer, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let pod = Command::new(&argv[0])
+        .args(&argv[1..])
+        .env_clear()
+        .envs(&env)
+        .env("PATH", format!("{}:/usr/bin:/bin", stand_in.display()))
+        .env("JOB_COMPLETION_INDEX", "3")
+        .output()
+        .unwrap();
+    assert!(pod.status.success(), "{}", String::from_utf8_lossy(&pod.stderr));
+    let got: Vec<String> = String::from_utf8_lossy(&pod.stdout).lines().map(str::to_string).collect();
+    let want = [
+        "extract-features",
+        "--extract-image-feats",
+        "--image-data",
+        &env["IMAGE_DATA"],
+        "--image-feat-output-path",
+        &env["OUTPUT"],
+        "--resume",
+        &env["CHECKPOINT"],
+        "--vision-model",
+        "ViT-B-16",
+        "--text-model",
+        "RoBERTa-wwm-ext-base-chinese",
+        "--img-batch-size",
+        "256",
+        "--devices",
+        "cuda",
+        "--num-workers",
+        "8",
+        "--shard",
+        &format!("3/{}", env["SHARDS"]),
+    ];
+    assert_eq!(got, want, "the pod's command line with the file's settings");
 }

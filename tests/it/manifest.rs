@@ -490,19 +490,24 @@ fn a_second_writer_of_one_output_fails_naming_the_first_which_is_unharmed() {
         let shard_args: Vec<&str> = shard.map(|s| vec!["--shard", s]).unwrap_or_default();
         let args = [&["--resume", "tiny.safetensors"][..], &shard_args].concat();
         let first = extract(root, output, None, &args).stderr(std::process::Stdio::piped()).spawn().unwrap();
-        // Held still once it holds the claim, so the second surely meets it.
+        // Continued and killed if the test fails while it is stopped.
+        let mut first = Stopped(Some(first));
+        let pid = first.0.as_ref().unwrap().id();
+        // Held still once it holds the claim (its pid is written after the lock is taken), so
+        // the second surely meets it.
         let start = std::time::Instant::now();
-        while !root.join(lock).exists() {
-            assert!(start.elapsed().as_secs() < 60, "{output}: no lock file in 60 s");
+        while !std::fs::read_to_string(root.join(lock)).is_ok_and(|holder| holder.starts_with("pid ")) {
+            assert!(start.elapsed().as_secs() < 60, "{output}: no lock taken in 60 s");
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
-        signal("-STOP", first.id());
+        signal("-STOP", pid);
         let output_2 = extract(root, output, None, &args).output().unwrap();
-        signal("-CONT", first.id());
+        signal("-CONT", pid);
+        let first = first.0.take().unwrap();
         let stderr = String::from_utf8_lossy(&output_2.stderr);
         assert_eq!(output_2.status.code(), Some(1), "{output}: the second writer: {stderr}");
         assert!(stderr.contains("another job is writing it"), "{stderr}");
-        assert!(stderr.contains(&format!("pid {}", first.id())), "{output}: the holder is not named: {stderr}");
+        assert!(stderr.contains(&format!("pid {pid}")), "{output}: the holder is not named: {stderr}");
         let first = first.wait_with_output().unwrap();
         assert!(first.status.success(), "{output}: the first writer: {}", String::from_utf8_lossy(&first.stderr));
         assert!(!root.join(lock).exists(), "{output}: the lock file stays");
@@ -512,5 +517,18 @@ fn a_second_writer_of_one_output_fails_naming_the_first_which_is_unharmed() {
         };
         let rows = read_table(&[written]).rows.len();
         assert_eq!(rows, if shard.is_some() { IMAGES / 4 } else { IMAGES }, "{output}");
+    }
+}
+
+/// A child that may be stopped (SIGSTOP): continued and killed on drop, unless taken.
+struct Stopped(Option<std::process::Child>);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = Command::new("kill").args(["-CONT", &child.id().to_string()]).status();
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
