@@ -10,7 +10,8 @@
 //! its FAISS ids are the gallery's ids, so the gallery features (`--image-feats`, or
 //! `--text-feats` for `-tr`) are not needed and, if given, not read; `--index` and
 //! `--train-sample` do not apply, and `--nprobe` (and, for an index refined with exact vectors,
-//! `--k-factor`) defaults to the one the build recorded.
+//! `--k-factor`) defaults to the one the build recorded; `--ef-search` sets how deep an HNSW
+//! coarse quantizer (`IVF…_HNSW…`) is searched for the lists to probe.
 
 use std::path::{Path, PathBuf};
 
@@ -45,6 +46,8 @@ pub struct Args {
     index: String,
     #[arg(long)]
     nprobe: Option<usize>,
+    /// HNSW search depth: of an `HNSW…` index, or, with `--index-path DIR`, of the coarse
+    /// quantizer of an `IVF…_HNSW…` index (FAISS's default: max(16, nprobe)).
     #[arg(long)]
     ef_search: Option<usize>,
     /// With a refined index (build-index `…,RFlat`): candidates per result re-scored with the

@@ -607,3 +607,68 @@ fn a_refinement_stage_reranks_the_codes_with_the_exact_vectors_on_disk() {
 fn k1_args(dir: &'static str) -> [&'static str; 7] {
     ["make-topk-predictions", "--text-feats", "queries.parquet", "--index-path", dir, "--output", "y.parquet"]
 }
+
+/// An HNSW coarse quantizer (`IVF…_HNSW…`), which a billion-vector index of millions of lists
+/// needs to assign vectors and queries without scanning every centroid, builds, merges and
+/// searches as the flat one: the shards searched in turn equal the merged index, the merged
+/// index is the trained one filled in one piece, and probing every list of exact codes
+/// (`,Flat`) gives the exact top-10 scores. `--ef-search` (how deep the quantizer is searched)
+/// is taken, and refused, naming the directory, where the quantizer is flat.
+#[test]
+fn an_hnsw_coarse_quantizer_builds_merges_and_searches_as_a_flat_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let data = setup(root);
+    let build = |index: &str, out: &str, extra: &[&str]| {
+        let args = [&build_args(index, "2000", out)[..], &["--shard-rows", "1000"], extra].concat();
+        cnclip(root, &args)
+    };
+    let search = |out: &str, extra: &[&str], output: &str| {
+        let args = ["make-topk-predictions", "--text-feats", "queries.parquet", "--index-path", out, "--nprobe", "16"];
+        cnclip(root, &[&args[..], extra, &["--output", output]].concat());
+        predictions(&root.join(output))
+    };
+    let stderr = build("IVF16_HNSW8,Flat", "hnsw", &["--no-merge"]);
+    assert!(stderr.contains("3 shard(s) (3 built now, 0 kept)"), "{stderr}");
+    let shards = search("hnsw", &[], "shards.parquet");
+    let stderr = build("IVF16_HNSW8,Flat", "hnsw", &[]);
+    assert!(stderr.contains("(0 built now, 3 kept)") && stderr.contains("merged in"), "{stderr}");
+    let merged = search("hnsw", &[], "merged.parquet");
+    assert!(shards == merged, "the shards searched in turn differ from the merged index");
+
+    let mut whole = faiss::read_index(root.join("hnsw/trained.index").to_str().unwrap()).unwrap();
+    let ids: Vec<Idx> = data.gallery_ids.iter().map(|&id| Idx::new(id as u64)).collect();
+    whole.add_with_ids(&data.gallery, &ids).unwrap();
+    let one_piece = root.join("one-piece.index");
+    faiss::write_index(&whole, one_piece.to_str().unwrap()).unwrap();
+    assert!(
+        std::fs::read(&one_piece).unwrap() == std::fs::read(root.join("hnsw/merged.index")).unwrap(),
+        "the merged index differs from the trained index filled in one piece"
+    );
+
+    // Every list probed, exact codes: the exact top-10 (by score: rows repeat, so ids tie).
+    for (q, query) in data.query_ids.iter().zip(data.queries.chunks_exact(DIM)) {
+        let mut exact: Vec<f64> = data
+            .gallery
+            .chunks_exact(DIM)
+            .map(|g| g.iter().zip(query).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum())
+            .collect();
+        exact.sort_by(|a, b| b.total_cmp(a));
+        let found = &merged[q].1;
+        assert_eq!(found.len(), 10);
+        for (f, e) in found.iter().zip(&exact) {
+            assert!((f64::from(*f) - e).abs() < 1e-5, "query {q}: scores {found:?}, exact {:?}", &exact[..10]);
+        }
+    }
+    let (recall, _) = recalls(&merged, &exact_top10(&data));
+    assert!(recall >= 0.97, "10-recall@10 {recall:.3} with every list probed");
+
+    // --ef-search reaches the HNSW quantizer; a flat quantizer has none to set.
+    assert!(search("hnsw", &["--ef-search", "64"], "deep.parquet") == merged);
+    build("IVF16,Flat", "flat", &[]);
+    let args = ["make-topk-predictions", "--text-feats", "queries.parquet", "--index-path", "flat", "--ef-search"];
+    let stderr = cnclip_fails(root, &[&args[..], &["64", "--output", "bad.parquet"]].concat());
+    assert!(stderr.contains("--ef-search 64") && stderr.contains("no HNSW coarse quantizer"), "{stderr}");
+    assert!(stderr.contains("flat"), "{stderr}");
+    assert!(!root.join("bad.parquet").exists());
+}

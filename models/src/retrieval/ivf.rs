@@ -32,7 +32,8 @@ impl IvfIndex {
         IvfIndex::from_index(index).map_err(|_| {
             format!(
                 "`{description}` is not an IVF index: build-index merges shards by their inverted lists, so it \
-                 builds `IVF…` indexes (IVF4096,PQ64; IVF1024,SQ8; IVF256,Flat), without a pre-transform (OPQ…, \
+                 builds `IVF…` indexes (IVF4096,PQ64; IVF1024,SQ8; IVF256,Flat; IVF65536_HNSW32,PQ64 with an HNSW \
+                 coarse quantizer), without a pre-transform (OPQ…, \
                  PCA…) or a refinement (…,RFlat); for other indexes use `make-topk-predictions --index … \
                  --index-path FILE`"
             )

@@ -379,6 +379,19 @@ impl Transform for Knn {
             let space = faiss::index::autotune::ParameterSpace::new().map_err(|e| fail(e.to_string()))?;
             for index in &indexes {
                 space.set_index_parameter(index, "nprobe", nprobe as f64).map_err(|e| fail(e.to_string()))?;
+                // An HNSW coarse quantizer (`IVF…_HNSW…`, for millions of lists) is searched as
+                // deep as `ef_search`; FAISS's own default is max(16, nprobe).
+                if let Some(ef) = self.config.ef_search {
+                    space.set_index_parameter(index, "quantizer_efSearch", ef as f64).map_err(|e| {
+                        cnclip_operators::Error::Format {
+                            path: built.dir.display().to_string(),
+                            reason: format!(
+                                "--ef-search {ef}: the index has no HNSW coarse quantizer (it applies to \
+                                 `IVF…_HNSW…` indexes): {e}"
+                            ),
+                        }
+                    })?;
+                }
             }
             let gallery_len = built.manifest.total_rows.unwrap_or(0) as usize;
             let refine = match (built.refine_store().map_err(fail)?, &built.manifest.refine) {
