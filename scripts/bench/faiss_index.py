@@ -4,7 +4,7 @@ top-10 (a float32 matmul in torch), and the sizing of 1B vectors extrapolated fr
 
     .venv/bin/python scripts/bench/faiss_index.py [--gallery 1000000] [--queries 10000]
         [--index IVF1024,PQ64np --index IVF1024,PQ128np --index IVF1024,SQ8] [--nprobe 32 --nprobe 64]
-        [--k-factor 4 --k-factor 10] [--train-sample 50000] [--shard-rows 250000]
+        [--k-factor 4 --k-factor 10] [--ef-search 128] [--train-sample 50000] [--shard-rows 250000]
         [--cnclip target/release/cnclip] [--work DIR] [--keep]
 
 An index ending in `,RFlat` (`IVF1024,PQ64np,RFlat`) has cnclip's refinement stage: the exact
@@ -170,6 +170,8 @@ def main():
     p.add_argument("--nprobe", action="append", type=int, help="nprobe values searched (repeatable)")
     p.add_argument("--k-factor", action="append", type=int,
                    help="candidates per result re-ranked by a ,RFlat index (repeatable)")
+    p.add_argument("--ef-search", action="append", type=int,
+                   help="search depths of an HNSW coarse quantizer (IVF…_HNSW…), besides FAISS's default (repeatable)")
     p.add_argument("--train-sample", type=int, default=50_000)
     p.add_argument("--shard-rows", type=int, default=250_000)
     p.add_argument("--cnclip", default="target/release/cnclip")
@@ -193,8 +195,8 @@ def main():
     print(f"build: --train-sample {args.train_sample:,}, --shard-rows {args.shard_rows:,} "
           f"({-(-args.gallery // args.shard_rows)} shards, merged); search: OMP_NUM_THREADS=1")
     print()
-    header = (f"{'index':22} {'build s':>8} {'train s':>8} {'add s':>7} {'merge s':>8} {'B/vector':>9} "
-              f"{'disk B/v':>8} {'nprobe':>6} {'k_factor':>8} {'lists':>8} {'10-R@10':>8} {'1-R@10':>7} "
+    header = (f"{'index':27} {'build s':>8} {'train s':>8} {'add s':>7} {'merge s':>8} {'B/vector':>9} "
+              f"{'disk B/v':>8} {'nprobe':>6} {'ef':>4} {'k_factor':>8} {'lists':>8} {'10-R@10':>8} {'1-R@10':>7} "
               f"{'q/s/core':>9} {'heap MiB':>8} {'mapped MiB':>10}")
     print(header)
     rows = []
@@ -216,10 +218,15 @@ def main():
         d, nlist = manifest["dim"], manifest["nlist"]
         # Every nprobe (and k_factor) with the lists in memory, then the last one with the lists
         # memory-mapped (--mmap): the same results; the memory moves from the heap to the page cache.
-        settings = [(nprobe, k_factor, False) for nprobe in nprobes for k_factor in (k_factors if refined else [None])]
-        settings.append(settings[-1][:2] + (True,))
-        for nprobe, k_factor, mapped in settings:
+        # An HNSW coarse quantizer is also searched at each --ef-search (None: FAISS's max(16, nprobe)).
+        efs = [None] + (args.ef_search or []) if "_HNSW" in index else [None]
+        settings = [(nprobe, ef, k_factor, False) for nprobe in nprobes for ef in efs
+                    for k_factor in (k_factors if refined else [None])]
+        settings.append(settings[-1][:3] + (True,))
+        for nprobe, ef, k_factor, mapped in settings:
             search = [cnclip, "make-topk-predictions", "--index-path", out, "--nprobe", str(nprobe)]
+            if ef is not None:
+                search += ["--ef-search", str(ef)]
             if k_factor is not None:
                 search += ["--k-factor", str(k_factor)]
             if mapped:
@@ -231,19 +238,19 @@ def main():
             total, _ = run(search + ["--text-feats", queries, "--output", result], env=single, peaks=peaks)
             qps = args.queries / max(total - startup, 1e-9)
             ten, first = recalls(result, exact)
-            print(f"{index:22} {build:8.1f} {train:8.1f} {add:7.1f} {merge:8.1f} {merged / args.gallery:9.1f} "
-                  f"{disk / args.gallery:8.1f} {nprobe:6d} {k_factor or '-':>8} {'mmap' if mapped else 'memory':>8} "
+            print(f"{index:27} {build:8.1f} {train:8.1f} {add:7.1f} {merge:8.1f} {merged / args.gallery:9.1f} "
+                  f"{disk / args.gallery:8.1f} {nprobe:6d} {ef or '-':>4} {k_factor or '-':>8} {'mmap' if mapped else 'memory':>8} "
                   f"{ten:8.4f} {first:7.4f} {qps:9.1f} {peaks['anon'] / 2**20:8.0f} {peaks['file'] / 2**20:10.0f}",
                   flush=True)
             if not mapped:
                 rows.append(dict(index=index, build=build, train=train, add=add, merge=merge, bytes=merged, d=d,
-                                 nlist=nlist, nprobe=nprobe, k_factor=k_factor, disk=disk, ten=ten, one=first,
+                                 nlist=nlist, nprobe=nprobe, ef=ef, k_factor=k_factor, disk=disk, ten=ten, one=first,
                                  qps=qps))
         if refined and not args.keep:
             shutil.rmtree(out, ignore_errors=True)  # its vectors are as large as the gallery
     print()
     print("goal: 10-recall@10 vs exact >= 0.9 for some index:",
-          ", ".join(f"{r['index']} nprobe {r['nprobe']}" + (f" k_factor {r['k_factor']}" if r["k_factor"] else "")
+          ", ".join(f"{r['index']} nprobe {r['nprobe']}" + (f" ef {r['ef']}" if r["ef"] else "") + (f" k_factor {r['k_factor']}" if r["k_factor"] else "")
                     for r in rows if r["ten"] >= 0.9) or "none reached it")
 
     # Sizing for 1B, extrapolated from the 1M measurements (none of it measured at 1B).
@@ -252,7 +259,7 @@ def main():
     print()
     print(f"Sizing for 1B vectors, extrapolated from {n:,} (formulas below; the README compares the runs at 1M "
           f"and 10M: 10M needs ~20 GB of disk for the features and as much again for a refined index's vectors)")
-    print(f"{'index':22} {'nprobe':>6} {'k_factor':>8} {'B/vector':>9} {'RAM 1B GiB':>11} {'disk 1B GiB':>12} "
+    print(f"{'index':27} {'nprobe':>6} {'ef':>4} {'k_factor':>8} {'B/vector':>9} {'RAM 1B GiB':>11} {'disk 1B GiB':>12} "
           f"{'build 1B core-h':>16} {'10-R@10':>8} {'q/s/core 1B, same nlist':>24} "
           f"{f'q/s/core 1B, nlist x{scale:,}':>25}")
     for r in rows:
@@ -261,7 +268,7 @@ def main():
         ram = big * per_vector + scale * centroids
         add_core_s = r["add"] * cores / n  # core-seconds per vector added
         core_hours = (r["train"] * cores + big * add_core_s + r["merge"] * cores * big / n) / 3600
-        print(f"{r['index']:22} {r['nprobe']:6d} {r['k_factor'] or '-':>8} {per_vector:9.1f} {gib(ram):11.1f} "
+        print(f"{r['index']:27} {r['nprobe']:6d} {r['ef'] or '-':>4} {r['k_factor'] or '-':>8} {per_vector:9.1f} {gib(ram):11.1f} "
               f"{gib(r['disk'] * big / n):12.1f} {core_hours:16.0f} {r['ten']:8.4f} {r['qps'] * n / big:24.2f} "
               f"{r['qps']:25.1f}")
     print(f"""
