@@ -279,11 +279,14 @@ formulas (N = 1e9; measured at N0 = {n:,} on C0 cores; m = N/N0 = {scale:,}):
   build core-h(N)  = (train*C0 + N*(add s*C0/N0) + merge s*C0*N/N0) / 3600
                      (training on a fixed sample does not grow with N; shards add independently, so the
                      wall time is core-h / cores over all machines; the merge is file I/O, linear in N;
-                     m times the lists makes assignment ~m times dearer per vector with a flat quantizer: an
-                     HNSW coarse quantizer (IVF…_HNSW32) is needed there — not measured here)
+                     m times the lists makes assignment ~m times dearer per vector with a flat quantizer,
+                     which this column leaves out; an HNSW coarse quantizer (IVF…_HNSW32) keeps it about
+                     flat — measured at 1M: add 64-67 s with HNSW32 at nlist 4096 and 16384, 72.5 and 102 s
+                     with a flat quantizer)
   q/s/core, same nlist      = q/s/core(N0) * N0/N           (each probe scans N/nlist codes)
   q/s/core, nlist x m       = q/s/core(N0)                  (same codes per probe; plus the coarse search
-                     over m times the centroids, not measured)
+                     over m times the centroids: nlist*d per query when flat, ~log(nlist) hops with HNSW;
+                     not measured at 1B's nlist)
   disk(N), ,RFlat  = N*(4*d + 16)                               (the exact vectors and the id -> row map,
                      memory-mapped; RAM holds only the codes. At N0 they sit in the page cache; at 1B
                      (2 TB) each of the k*k_factor candidates of a query is a random 2 KiB read:
