@@ -4,8 +4,10 @@
 //! `retrieval`, `zeroshot-evaluation` for `zeroshot` — and leaves one CLIP_benchmark-style JSON
 //! (`{out}/{run}.json`: `dataset`, `model`, `pretrained`, `task`, `metrics`) and a row in
 //! `{out}/results.parquet` (every run's metrics, for SQL and notebooks). A rerun skips the
-//! runs whose JSON is there, made from the same settings, so a suite on a schedule (or one
-//! stopped halfway) does only what is new.
+//! runs whose JSON is there, made from the same settings and the same files — the checkpoint's
+//! by sha256, the data's by size and modification time (`cnclip_made_from` in the JSON) — so a
+//! suite on a schedule (or one stopped halfway) does only what is new, and a checkpoint
+//! replaced at the same path is evaluated again instead of keeping its predecessor's numbers.
 //!
 //! ```toml
 //! [suite]
@@ -107,6 +109,15 @@ pub fn run(args: Args) -> Result<()> {
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let mut names = std::collections::BTreeSet::new();
     for run in &suite.runs {
+        // A run's name becomes file names under `out`: a path there would write elsewhere.
+        if run.name.is_empty() || run.name.starts_with('.') || run.name.contains(['/', '\\', '\0']) {
+            bail!(
+                "{}: run name `{}` must be a plain file name (no `/`, not starting with `.`): results are written as \
+                 {{out}}/{{name}}.json",
+                args.suite.display(),
+                run.name
+            );
+        }
         if !names.insert(&run.name) {
             bail!("{}: two runs are named `{}`", args.suite.display(), run.name);
         }
@@ -119,13 +130,26 @@ pub fn run(args: Args) -> Result<()> {
         let json_path = out.join(format!("{}.json", run.name));
         let settings =
             serde_json::json!({"run": run, "devices": suite.suite.devices, "precision": suite.suite.precision});
+        let made_from = made_from(run, &resolve);
         if let Ok(done) = std::fs::read_to_string(&json_path)
             && let Ok(done) = serde_json::from_str::<serde_json::Value>(&done)
             && done["cnclip_settings"] == settings
         {
-            eprintln!("cnclip bench-suite: {}: done already, skipped", run.name);
-            rows.push(done);
-            continue;
+            let was: Option<MadeFrom> = serde_json::from_value(done["cnclip_made_from"].clone()).ok();
+            match was.as_ref().map(|was| was.difference(&made_from)) {
+                Some(None) => {
+                    eprintln!("cnclip bench-suite: {}: done already, skipped", run.name);
+                    rows.push(done);
+                    continue;
+                }
+                Some(Some(why)) => {
+                    eprintln!("cnclip bench-suite: {}: {why} since its result: running it again", run.name)
+                }
+                None => eprintln!(
+                    "cnclip bench-suite: {}: its result does not record what it was made from: running it again",
+                    run.name
+                ),
+            }
         }
         let work = out.join(&run.name);
         std::fs::create_dir_all(&work)?;
@@ -205,6 +229,7 @@ pub fn run(args: Args) -> Result<()> {
             "task": if run.task == "retrieval" { "zeroshot_retrieval" } else { "zeroshot_classification" },
             "metrics": metrics,
             "cnclip_settings": settings,
+            "cnclip_made_from": made_from,
         });
         let text = serde_json::to_string_pretty(&result)?;
         cnclip_operators::write_atomically(&json_path, |f| std::io::Write::write_all(f, text.as_bytes()))?;
@@ -212,6 +237,36 @@ pub fn run(args: Args) -> Result<()> {
         rows.push(result);
     }
     write_results(&out.join("results.parquet"), &rows)
+}
+
+/// What a run's result was made from: its checkpoint's files with their sha256 (a checkpoint
+/// replaced at the same path must not keep last week's numbers), and its data's files by size
+/// and modification time.
+#[derive(Deserialize, serde::Serialize, PartialEq)]
+struct MadeFrom {
+    checkpoint: Vec<cnclip_operators::fingerprint::Stamp>,
+    data: Vec<cnclip_operators::fingerprint::Stamp>,
+}
+
+impl MadeFrom {
+    fn difference(&self, now: &MadeFrom) -> Option<String> {
+        use cnclip_operators::fingerprint::difference;
+        difference(&self.checkpoint, &now.checkpoint)
+            .map(|d| format!("the checkpoint {d}"))
+            .or_else(|| difference(&self.data, &now.data).map(|d| format!("the data {d}")))
+    }
+}
+
+fn made_from(run: &Run, resolve: &impl Fn(&Path) -> PathBuf) -> MadeFrom {
+    use cnclip_operators::fingerprint::stamps;
+    let given = |p: &Path| s(&resolve(p));
+    let data: Vec<String> = [run.images.as_deref().map(Path::new), run.texts.as_deref().map(Path::new)]
+        .into_iter()
+        .chain([run.datapath.as_deref(), run.label_file.as_deref()])
+        .flatten()
+        .map(given)
+        .collect();
+    MadeFrom { checkpoint: stamps(&[given(&run.checkpoint)], true), data: stamps(&data, false) }
 }
 
 /// Every run's metrics as one table: run order, one row per (run, metric).

@@ -524,7 +524,11 @@ fn rows(batch: &RecordBatch, table: &Table, first_row: u64) -> Result<(Vec<i64>,
         DataType::FixedSizeList(_, d) if *d as usize == table.dim => {
             let lists = column.as_fixed_size_list();
             let values = lists.values().as_primitive_opt::<Float32Type>().context("feature values are not float32")?;
-            values.values()[lists.offset() * table.dim..(lists.offset() + lists.len()) * table.dim].to_vec()
+            let range = lists.offset() * table.dim..(lists.offset() + lists.len()) * table.dim;
+            if values.slice(range.start, range.len()).null_count() > 0 {
+                bail!("{}: a null feature value", where_());
+            }
+            values.values()[range].to_vec()
         }
         DataType::FixedSizeList(_, d) => return Err(bad_length(0, *d as usize)),
         DataType::List(_) | DataType::LargeList(_) => {
@@ -551,6 +555,11 @@ fn rows(batch: &RecordBatch, table: &Table, first_row: u64) -> Result<(Vec<i64>,
         }
         other => bail!("{}: `feature` is {other}, not float32 vectors", where_()),
     };
+    for (row, feature) in features.chunks(table.dim.max(1)).enumerate() {
+        if let Err(reason) = cnclip_operators::sources::features::check_finite(feature) {
+            bail!("{}: row {} (id {}): {reason}", where_(), first_row + row as u64, ids.value(row));
+        }
+    }
     Ok((ids.values().to_vec(), features))
 }
 

@@ -78,8 +78,15 @@ pub fn run(args: Args) -> Result<()> {
     let mut missing = Vec::new();
     for split in &splits {
         for file in [format!("{split}_imgs.tsv"), format!("{split}_texts.jsonl")] {
-            if !args.data_dir.join(&file).is_file() {
-                missing.push(format!("split `{split}`: {} does not exist", args.data_dir.join(file).display()));
+            let path = args.data_dir.join(&file);
+            match std::fs::metadata(&path) {
+                Ok(meta) if meta.is_file() => {}
+                Ok(meta) => missing.push(format!(
+                    "split `{split}`: {} is {}, not a regular file",
+                    path.display(),
+                    cnclip_operators::sources::parts::kind_of(&meta)
+                )),
+                Err(_) => missing.push(format!("split `{split}`: {} does not exist", path.display())),
             }
         }
     }
@@ -98,7 +105,7 @@ fn build_split(args: &Args, lmdb_dir: &Path, split: &str) -> Result<()> {
     let texts_path = args.data_dir.join(format!("{split}_texts.jsonl"));
     for path in [&images_path, &texts_path] {
         if !path.is_file() {
-            bail!("split `{split}`: {} does not exist", path.display());
+            bail!("split `{split}`: {} does not exist or is not a regular file", path.display());
         }
     }
     let final_dir = lmdb_dir.join(split);

@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::{Float64Type, Int64Type};
 
@@ -86,7 +86,36 @@ fn strings(parts: &[&str]) -> Vec<String> {
     parts.iter().map(|s| s.to_string()).collect()
 }
 
+/// Top-k of the demo's retrieval step (as cn_clip's evaluation scores it: recall@1/5/10).
+const TOP_K: u64 = 10;
+
+/// Every argument checked before any step runs, naming the flag.
+fn check(args: &Args) -> Result<()> {
+    let mut problems = Vec::new();
+    if args.test < TOP_K {
+        problems.push(format!(
+            "--test {}: the retrieval step ranks the top {TOP_K} images of each caption, so the test split needs at \
+             least {TOP_K} images",
+            args.test
+        ));
+    }
+    if args.train == 0 {
+        problems.push("--train 0: training needs at least one pair".to_string());
+    }
+    if args.epochs == 0 {
+        problems.push("--epochs 0: training needs at least one epoch".to_string());
+    }
+    if args.batch_size == 0 {
+        problems.push("--batch-size 0: a batch needs at least one pair".to_string());
+    }
+    if !(args.lr.is_finite() && args.lr > 0.0) {
+        problems.push(format!("--lr {}: a learning rate is a positive number", args.lr));
+    }
+    if problems.is_empty() { Ok(()) } else { bail!("{}", problems.join("; ")) }
+}
+
 pub fn run(args: Args) -> Result<()> {
+    check(&args)?;
     let started = Instant::now();
     let out = &args.out;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
@@ -262,8 +291,14 @@ pub fn run(args: Args) -> Result<()> {
     let recall: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(&recall_json).with_context(|| format!("reading {recall_json}"))?,
     )?;
-    let score = |k: &str| recall["scoreJson"][k].as_f64().unwrap_or(f64::NAN);
-    let (r1, r5, r10, mean) = (score("r1"), score("r5"), score("r10"), score("mean_recall"));
+    // A result that is not a number is an error, never a headline.
+    let score = |k: &str| {
+        recall["scoreJson"][k]
+            .as_f64()
+            .filter(|x| x.is_finite())
+            .with_context(|| format!("{recall_json}: no `{k}` score (the evaluation said: {})", recall["errorMessage"]))
+    };
+    let (r1, r5, r10, mean) = (score("r1")?, score("r5")?, score("r10")?, score("mean_recall")?);
     let gallery = args.test as f64;
     let chance = |k: f64| 100.0 * (k / gallery).min(1.0);
     let classes = std::fs::read_to_string(out.join("corpus/zeroshot/label_cn.txt"))?.lines().count() as f64;

@@ -310,14 +310,17 @@ fn read_submission(
     Ok(submission)
 }
 
-/// The score JSON of a submission, or the error JSON (and its message).
+/// The score JSON of a submission, or the error JSON (and its message) for a submission that
+/// fails cn_clip's checks — or `Err` when the engine itself failed (the SQL engine's cluster
+/// unreachable, say): that says nothing about the submission, so no score file is written.
 fn evaluate(
     standard: &PathBuf,
     submit: &PathBuf,
     d: Direction,
     engine: Engine,
     cluster: Option<(&str, &Path)>,
-) -> (String, Option<String>) {
+) -> Result<(String, Option<String>)> {
+    let mut failed = None;
     let result = (|| -> Result<[f64; 3], String> {
         let reference = read_reference(standard, d)?;
         let predictions = read_submission(submit, &reference, 10, d)?;
@@ -325,7 +328,11 @@ fn evaluate(
             if reference.is_empty() {
                 return Err("float division by zero".into());
             }
-            return recall_sql(&reference, &predictions, cluster).map_err(|e| format!("{e:#}"));
+            return recall_sql(&reference, &predictions, cluster).map_err(|e| {
+                let message = format!("{e:#}");
+                failed = Some(e);
+                message
+            });
         }
         let mut hits = [0usize; 3];
         for (id, truth) in &reference {
@@ -355,14 +362,15 @@ fn evaluate(
                 f(r5),
                 f(r10)
             );
-            (json, None)
+            Ok((json, None))
         }
+        Err(_) if failed.is_some() => Err(failed.expect("checked").context("the SQL engine failed")),
         Err(message) => {
             let m = py_dumps(&Value::String(message.clone()));
             let json = format!(
                 "{{\"errorDetail\": {m}, \"errorMsg\": {m}, \"score\": 0, \"scoreJson\": {{}}, \"success\": false}}"
             );
-            (json, Some(message))
+            Ok((json, Some(message)))
         }
     }
 }
@@ -419,7 +427,7 @@ fn recall_sql(
 #[allow(dead_code)] // called by cnclip-torch's bench-suite
 pub fn recall(standard: &PathBuf, submit: &PathBuf, image_to_text: bool) -> Result<[f64; 3], String> {
     let d = if image_to_text { IMAGE_TO_TEXT } else { TEXT_TO_IMAGE };
-    let (json, error) = evaluate(standard, submit, d, Engine::Direct, None);
+    let (json, error) = evaluate(standard, submit, d, Engine::Direct, None).map_err(|e| format!("{e:#}"))?;
     if let Some(message) = error {
         return Err(message);
     }
@@ -436,7 +444,7 @@ pub fn run(args: Args, image_to_text: bool) -> Result<()> {
         bail!("--cluster runs the SQL engine: add --engine sql");
     }
     let cluster = args.cluster.as_deref().map(|url| (url, args.out_path.as_path()));
-    let (text, error) = evaluate(&args.standard_path, &args.submit_path, d, args.engine, cluster);
+    let (text, error) = evaluate(&args.standard_path, &args.submit_path, d, args.engine, cluster)?;
     cnclip_operators::write_atomically(&args.out_path, |f| std::io::Write::write_all(f, text.as_bytes()))
         .with_context(|| format!("writing {}", args.out_path.display()))?;
     match error {

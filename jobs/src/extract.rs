@@ -164,6 +164,10 @@ pub fn run(args: Args) -> Result<()> {
         _ => bail!("--vision-model and --text-model go together"),
     };
     let config = architecture(&args.resume, named.as_ref()).with_context(|| format!("{}", args.resume.display()))?;
+    let positions = config.text.text_max_position_embeddings;
+    if args.extract_text_feats && (args.context_length == 0 || args.context_length as i64 > positions) {
+        bail!("--context-length {}: the model's text tower takes from 1 to {positions} tokens", args.context_length);
+    }
     let encoder = EncoderConfig {
         checkpoint: args.resume.clone(),
         vision_model: vision,
@@ -172,28 +176,40 @@ pub fn run(args: Args) -> Result<()> {
         batch_size: 0,
         devices: args.devices.clone(),
     };
-    // cn_clip does texts first, then images.
-    if args.extract_text_feats {
+    // The outputs, cn_clip's defaults filled in, checked against each other and the inputs
+    // before anything is written: one path for both towers would have the images overwrite
+    // the texts, and an output on an input would overwrite the data.
+    let text_output = if args.extract_text_feats {
         let data = args.text_data.as_deref().context("--extract-text-feats needs --text-data")?;
-        let output = match &args.text_feat_output_path {
+        Some(match &args.text_feat_output_path {
             Some(path) => path.clone(),
             None => PathBuf::from(format!("{}.txt_feat.jsonl", data.strip_suffix(".jsonl").unwrap_or(data))),
-        };
-        let encoder = EncoderConfig { batch_size: args.text_batch_size, ..encoder.clone() };
-        extract(&args, Tower::Text, &target(&output, shard), &config, encoder)?;
-    }
-    if args.extract_image_feats {
+        })
+    } else {
+        None
+    };
+    let image_output = if args.extract_image_feats {
         if args.image_data.is_empty() {
             bail!("--extract-image-feats needs --image-data");
         }
-        let output = match &args.image_feat_output_path {
+        Some(match &args.image_feat_output_path {
             Some(path) => path.clone(),
             None => {
                 // cn_clip's default: beside the texts, `{split}_imgs.img_feat.jsonl`.
                 let texts = args.text_data.as_deref().context("give --image-feat-output-path (or --text-data)")?;
                 PathBuf::from(format!("{}.img_feat.jsonl", texts.replace("_texts.jsonl", "_imgs")))
             }
-        };
+        })
+    } else {
+        None
+    };
+    check_outputs(&args, text_output.as_deref(), image_output.as_deref())?;
+    // cn_clip does texts first, then images.
+    if let Some(output) = text_output {
+        let encoder = EncoderConfig { batch_size: args.text_batch_size, ..encoder.clone() };
+        extract(&args, Tower::Text, &target(&output, shard), &config, encoder)?;
+    }
+    if let Some(output) = image_output {
         let encoder = EncoderConfig { batch_size: args.img_batch_size, ..encoder };
         extract(&args, Tower::Image, &target(&output, shard), &config, encoder)?;
     }
@@ -219,6 +235,41 @@ struct Part {
 enum Target {
     File(PathBuf),
     Shard { dir: PathBuf, shard: Shard },
+}
+
+/// Refuses outputs that would destroy something: the two towers' outputs on one path (the
+/// images would overwrite the texts), or an output on an input or the checkpoint.
+fn check_outputs(args: &Args, text: Option<&Path>, image: Option<&Path>) -> Result<()> {
+    use cnclip_operators::staging::same_path;
+    if let (Some(text), Some(image)) = (text, image)
+        && same_path(text, image)
+    {
+        bail!(
+            "the text and image features would both be written to {}: the images would overwrite the texts; give \
+             --text-feat-output-path and --image-feat-output-path two paths",
+            text.display()
+        );
+    }
+    let inputs: Vec<(&str, PathBuf)> = args
+        .text_data
+        .iter()
+        .map(|t| ("--text-data", PathBuf::from(t)))
+        .chain(args.image_data.iter().map(|i| ("--image-data", PathBuf::from(i))))
+        .chain([("--resume", args.resume.clone())])
+        .collect();
+    for (flag, output) in [("--text-feat-output-path", text), ("--image-feat-output-path", image)] {
+        let Some(output) = output else { continue };
+        for (input_flag, input) in &inputs {
+            if same_path(output, input) {
+                bail!(
+                    "{flag} {} is also {input_flag}: writing the features would overwrite the input; give another \
+                     output path",
+                    output.display()
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 fn target(output: &Path, shard: Option<Shard>) -> Target {
@@ -617,37 +668,11 @@ impl PartWriter<'_> {
 fn made_from(args: &Args, tower: Tower, encoder: &EncoderConfig) -> Result<String> {
     use sha2::Digest;
     let stamps = |given: &[String]| -> Vec<serde_json::Value> {
-        let mut files = Vec::new();
-        for given in given {
-            let mut found = if given.contains(['*', '?', '[']) {
-                cnclip_operators::sources::expand_paths(std::slice::from_ref(given)).unwrap_or_default()
-            } else {
-                vec![PathBuf::from(given)]
-            };
-            found.sort();
-            for path in found {
-                if let Some(lmdb) =
-                    [path.join("data.mdb"), path.join("imgs").join("data.mdb")].into_iter().find(|p| p.is_file())
-                {
-                    files.push(lmdb);
-                } else if path.is_dir() {
-                    let mut under = Vec::new();
-                    walk(&path, &mut under);
-                    under.sort();
-                    files.extend(under);
-                } else {
-                    files.push(path);
-                }
-            }
-        }
-        files
+        cnclip_operators::fingerprint::stamps(given, false)
             .into_iter()
-            .map(|file| match std::fs::metadata(&file) {
-                Ok(meta) => {
-                    let modified = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
-                    serde_json::json!([file, meta.len(), modified.map(|d| d.as_nanos().to_string())])
-                }
-                Err(e) => serde_json::json!([file, e.kind().to_string()]),
+            .map(|s| match s.error {
+                None => serde_json::json!([s.path, s.bytes, s.modified]),
+                Some(error) => serde_json::json!([s.path, error]),
             })
             .collect()
     };
@@ -667,18 +692,6 @@ fn made_from(args: &Args, tower: Tower, encoder: &EncoderConfig) -> Result<Strin
     })
     .to_string();
     Ok(format!("{:x}", sha2::Sha256::digest(text.as_bytes())))
-}
-
-/// Every file under `dir` (entries that cannot be listed are left out; symbolic links are
-/// listed as files, so a link to a directory is not followed and a loop cannot recur).
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
-    for entry in entries.flatten() {
-        match entry.file_type() {
-            Ok(kind) if kind.is_dir() => walk(&entry.path(), out),
-            _ => out.push(entry.path()),
-        }
-    }
 }
 
 /// Shard `shard`'s entry in `dir`, if it vouches for a part made from `made_from`, with no

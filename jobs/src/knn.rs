@@ -156,8 +156,14 @@ pub fn run(args: Args, image_to_text: bool) -> Result<()> {
         .map_err(|problems| anyhow::anyhow!("{}", problems.join("; ")))?;
     let report = pipeline.run()?;
     let rows = report.written.first().map_or(0, |(_, w)| w.rows);
+    let quarantined = match &report.quarantine_file {
+        Some(path) if report.quarantined > 0 => {
+            format!("; {} quarantined → {}", report.quarantined, path.display())
+        }
+        _ => String::new(),
+    };
     eprintln!(
-        "cnclip make-topk-predictions: top-{} of {rows} queries → {} ({:.1} s)",
+        "cnclip make-topk-predictions: top-{} of {rows} queries → {}{quarantined} ({:.1} s)",
         args.top_k,
         args.output.display(),
         start.elapsed().as_secs_f64()

@@ -65,6 +65,7 @@ pub struct CheckArgs {
 }
 
 pub fn run(command: Command) -> Result<()> {
+    cnclip_operators::signals::catch_interrupts()?;
     match command {
         Command::Check(args) => {
             let source = match (&args.text_data, args.image_data.is_empty()) {
@@ -241,12 +242,37 @@ pub struct PartFacts {
 }
 
 /// The sha256 (hex) and size of a file, streamed.
+/// Only a regular file (links followed) is read: a FIFO or a device named like a part would
+/// block or never end. SIGINT and SIGTERM stop the read between chunks.
 pub fn sha256_file(path: &Path) -> Result<(String, u64)> {
     use sha2::Digest;
+    use std::io::Read;
+    regular(path)?;
     let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut hasher = sha2::Sha256::new();
-    let bytes = std::io::copy(&mut file, &mut hasher).with_context(|| format!("reading {}", path.display()))?;
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut bytes = 0u64;
+    loop {
+        if let Some(signal) = cnclip_operators::signals::interrupted() {
+            return Err(cnclip_operators::Error::Interrupted { signal }.into());
+        }
+        let n = file.read(&mut buffer).with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+        bytes += n as u64;
+    }
     Ok((format!("{:x}", hasher.finalize()), bytes))
+}
+
+/// `Ok` when `path` is a regular file (links followed), else an error saying what it is.
+fn regular(path: &Path) -> Result<()> {
+    let meta = std::fs::metadata(path).with_context(|| format!("opening {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("{} is {}, not a regular file", path.display(), cnclip_operators::sources::parts::kind_of(&meta));
+    }
+    Ok(())
 }
 
 /// Size, checksum, rows, ids and metadata of a part. The bytes are hashed before the file is
@@ -527,8 +553,8 @@ pub fn check(dir: &Path, source: Option<(Tower, &[String])>) -> Result<Report> {
     let mut claims: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (k, name) in &entries {
         let shard = shard(*k);
-        let entry = std::fs::read(dir.join(name))
-            .map_err(anyhow::Error::from)
+        let entry = regular(&dir.join(name))
+            .and_then(|()| std::fs::read(dir.join(name)).map_err(anyhow::Error::from))
             .and_then(|bytes| Ok(serde_json::from_slice::<Entry>(&bytes)?));
         let entry = match entry {
             Ok(entry) => entry,
@@ -564,6 +590,12 @@ pub fn check(dir: &Path, source: Option<(Tower, &[String])>) -> Result<Report> {
         let entry = read_entries.get(k);
         let (sha256, bytes) = match sha256_file(&path) {
             Ok(hash) => hash,
+            Err(e)
+                if e.downcast_ref::<cnclip_operators::Error>()
+                    .is_some_and(|e| matches!(e, cnclip_operators::Error::Interrupted { .. })) =>
+            {
+                return Err(e);
+            }
             Err(e) => {
                 problems.push(format!("{name}: {e:#}"));
                 continue;
@@ -746,6 +778,9 @@ pub fn check(dir: &Path, source: Option<(Tower, &[String])>) -> Result<Report> {
 fn quarantined_ids(files: &[PathBuf]) -> BTreeSet<i64> {
     let mut ids = BTreeSet::new();
     for file in files {
+        if regular(file).is_err() {
+            continue;
+        }
         let Ok(text) = std::fs::read_to_string(file) else { continue };
         for line in text.lines() {
             let id = serde_json::from_str::<serde_json::Value>(line).ok().and_then(|v| match &v["id"] {

@@ -11,6 +11,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use arrow::array::{Array, ArrayRef, AsArray, Float64Array};
@@ -45,6 +46,10 @@ pub struct Args {
     /// must be readable by every executor at the same path.
     #[arg(long, value_name = "df://HOST:PORT")]
     cluster: Option<String>,
+    /// With --cluster: seconds to wait for the query's first result before giving up (a
+    /// scheduler without executors never answers); 0 waits for ever.
+    #[arg(long, default_value_t = 600)]
+    cluster_timeout: u64,
 }
 
 /// `dot(a, b)` or `cosine_similarity(a, b)` of two vector columns.
@@ -284,59 +289,118 @@ pub async fn context(tables: &[String], cluster: Option<&str>) -> Result<Session
     Ok(ctx)
 }
 
-/// Runs `query` on a session of `tables`, local or on `cluster`.
-///
-/// # Errors
-/// As [`context`], or the query's planning or execution error.
-pub fn query(query: &str, tables: &[String], cluster: Option<&str>) -> Result<Vec<RecordBatch>> {
+pub fn run(args: Args) -> Result<()> {
+    if let Some(output) = &args.output {
+        for table in &args.tables {
+            let Some((_, path)) = table.split_once('=') else { continue };
+            let path = Path::new(path);
+            let inside = path.is_dir()
+                && std::fs::canonicalize(path).is_ok_and(|dir| {
+                    std::path::absolute(output).is_ok_and(|out| out.starts_with(&dir))
+                        || std::fs::canonicalize(output.parent().unwrap_or(Path::new(".")))
+                            .is_ok_and(|p| p.starts_with(&dir))
+                });
+            if cnclip_operators::staging::same_path(output, path) || inside {
+                bail!(
+                    "--output {} would overwrite --table {table} (or write into its directory) while the query reads \
+                     it: give another output path",
+                    output.display()
+                );
+            }
+        }
+    }
+    if let (None, Format::Parquet) = (&args.output, args.format) {
+        bail!("--format parquet needs --output");
+    }
+    cnclip_operators::signals::catch_interrupts()?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
-    runtime.block_on(async {
-        let ctx = context(tables, cluster).await?;
-        let frame = ctx.sql(query).await.context("planning the query")?;
-        frame.collect().await.context("running the query")
-    })
+    let cluster = args.cluster.as_deref();
+    let wait = (cluster.is_some() && args.cluster_timeout > 0).then(|| Duration::from_secs(args.cluster_timeout));
+    // The stream and its first batch: on a cluster both wait on the executors, so both are
+    // bounded by --cluster-timeout.
+    let (mut stream, first) = runtime.block_on(interruptible(async {
+        let ctx = context(&args.tables, cluster).await?;
+        let frame = ctx.sql(&args.query).await.context("planning the query")?;
+        let started = async {
+            let mut stream = frame.execute_stream().await.context("running the query")?;
+            let first = std::future::poll_fn(|cx| futures_core::Stream::poll_next(stream.as_mut(), cx)).await;
+            anyhow::Ok((stream, first.transpose().context("running the query")?))
+        };
+        match wait {
+            None => started.await,
+            Some(limit) => tokio::time::timeout(limit, started).await.map_err(|_| {
+                anyhow::anyhow!(
+                    "no result from the cluster {} within {} s (--cluster-timeout): is an executor connected to its \
+                     scheduler (`cnclip cluster executor --scheduler HOST:PORT`)?",
+                    cluster.unwrap_or_default(),
+                    limit.as_secs()
+                )
+            })?,
+        }
+    }))?;
+    let schema = stream.schema();
+    // One batch at a time from the stream to the output: memory stays at a batch, whatever the
+    // size of the result (only `--format table` gathers it all, to size its columns).
+    let mut first = Some(first);
+    let mut next = || -> Result<Option<RecordBatch>> {
+        if let Some(first) = first.take() {
+            return Ok(first);
+        }
+        let batch = std::future::poll_fn(|cx| futures_core::Stream::poll_next(stream.as_mut(), cx));
+        runtime.block_on(interruptible(async { batch.await.transpose().context("running the query") }))
+    };
+    let write =
+        |out: &mut (dyn std::io::Write + Send), next: &mut dyn FnMut() -> Result<Option<RecordBatch>>| -> Result<()> {
+            match args.format {
+                Format::Table => {
+                    let mut batches = Vec::new();
+                    while let Some(batch) = next()? {
+                        batches.push(batch);
+                    }
+                    writeln!(out, "{}", arrow::util::pretty::pretty_format_batches(&batches)?)?;
+                }
+                Format::Csv => {
+                    let mut writer = arrow::csv::Writer::new(out);
+                    while let Some(batch) = next()? {
+                        writer.write(&batch)?;
+                    }
+                }
+                Format::Jsonl => {
+                    let mut writer = arrow::json::LineDelimitedWriter::new(out);
+                    while let Some(batch) = next()? {
+                        writer.write(&batch)?;
+                    }
+                    writer.finish()?;
+                }
+                Format::Parquet => {
+                    let mut writer = parquet::arrow::ArrowWriter::try_new(out, schema.clone(), None)?;
+                    while let Some(batch) = next()? {
+                        writer.write(&batch)?;
+                    }
+                    writer.close()?;
+                }
+            }
+            Ok(())
+        };
+    match &args.output {
+        Some(path) => cnclip_operators::write_atomically(path, |file| write(file, &mut next))
+            .with_context(|| format!("--output {}", path.display())),
+        None => {
+            let mut out = std::io::BufWriter::new(std::io::stdout());
+            write(&mut out, &mut next)?;
+            std::io::Write::flush(&mut out)?;
+            Ok(())
+        }
+    }
 }
 
-pub fn run(args: Args) -> Result<()> {
-    let batches = query(&args.query, &args.tables, args.cluster.as_deref())?;
-    let mut out: Box<dyn std::io::Write> = match (&args.output, args.format) {
-        (None, Format::Parquet) => bail!("--format parquet needs --output"),
-        (Some(path), Format::Parquet) => {
-            let schema =
-                batches.first().map(|b| b.schema()).unwrap_or_else(|| Arc::new(arrow::datatypes::Schema::empty()));
-            cnclip_operators::write_atomically(path, |file| {
-                let mut writer =
-                    parquet::arrow::ArrowWriter::try_new(file, schema, None).map_err(std::io::Error::other)?;
-                for batch in &batches {
-                    writer.write(batch).map_err(std::io::Error::other)?;
-                }
-                writer.finish().map_err(std::io::Error::other)?;
-                Ok::<_, std::io::Error>(())
-            })?;
-            return Ok(());
+/// `work`, or the interruption error as soon as SIGINT or SIGTERM arrives (the output's
+/// temporary file is then removed as the error unwinds).
+async fn interruptible<T>(work: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    tokio::select! {
+        result = work => result,
+        signal = cnclip_operators::signals::until_interrupted() => {
+            Err(cnclip_operators::Error::Interrupted { signal }.into())
         }
-        (Some(path), _) => Box::new(std::io::BufWriter::new(
-            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
-        )),
-        (None, _) => Box::new(std::io::stdout().lock()),
-    };
-    match args.format {
-        Format::Table => writeln!(out, "{}", arrow::util::pretty::pretty_format_batches(&batches)?)?,
-        Format::Csv => {
-            let mut writer = arrow::csv::Writer::new(&mut out);
-            for batch in &batches {
-                writer.write(batch)?;
-            }
-        }
-        Format::Jsonl => {
-            let mut writer = arrow::json::LineDelimitedWriter::new(&mut out);
-            for batch in &batches {
-                writer.write(batch)?;
-            }
-            writer.finish()?;
-        }
-        Format::Parquet => unreachable!("handled above"),
     }
-    out.flush()?;
-    Ok(())
 }

@@ -19,7 +19,16 @@ pub struct Args {
     preprocess: bool,
 }
 
+/// The longest context a Chinese-CLIP text tower takes (its BERT's position embeddings).
+const MAX_CONTEXT_LENGTH: usize = 512;
+
 pub fn run(args: Args) -> Result<()> {
+    if args.context_length > MAX_CONTEXT_LENGTH {
+        anyhow::bail!(
+            "--context-length {}: at most {MAX_CONTEXT_LENGTH}, the most any Chinese-CLIP text tower takes",
+            args.context_length
+        );
+    }
     let tokenizer = Tokenizer::chinese();
     let stdin = std::io::stdin().lock();
     let mut out = BufWriter::with_capacity(1 << 16, std::io::stdout().lock());

@@ -182,8 +182,44 @@ pub fn run_with(args: Args) -> Result<Metrics> {
             .collect(),
         None => zeroshot::templates_for(&args.dataset).iter().map(|t| t.to_string()).collect(),
     };
+    if classnames.is_empty() {
+        bail!("--label-file {}: no class names (one per line, in class folder order)", args.label_file.display());
+    }
+    if let Some(path) = &args.templates
+        && templates.is_empty()
+    {
+        bail!(
+            "--templates {}: no templates (one per line, each with `{{}}` where the class name goes)",
+            path.display()
+        );
+    }
     if templates.iter().any(|t| !t.contains("{}")) {
         bail!("every template needs `{{}}` where the class name goes");
+    }
+    // The folder's classes against the labels, before any model runs.
+    let folder_classes =
+        folder::classes(&args.datapath).with_context(|| format!("--datapath {}", args.datapath.display()))?;
+    if folder_classes.len() > classnames.len() {
+        bail!(
+            "--datapath {} has {} class folders, --label-file {} names {} classes: every folder needs its label \
+             (line k of the label file names the k-th folder in sorted order)",
+            args.datapath.display(),
+            folder_classes.len(),
+            args.label_file.display(),
+            classnames.len()
+        );
+    }
+    if folder_classes.len() < classnames.len() {
+        eprintln!(
+            "cnclip zeroshot-evaluation: note: --label-file names {} classes, --datapath has {} class folders: the \
+             other classes compete in the classifier but have no image",
+            classnames.len(),
+            folder_classes.len()
+        );
+    }
+    let hidden = folder::hidden_folders(&args.datapath);
+    if !hidden.is_empty() {
+        eprintln!("cnclip zeroshot-evaluation: note: hidden folders are not classes, left out: {}", hidden.join(", "));
     }
     let named = match Format::detect(&args.resume) {
         Format::CnClip => {
@@ -272,7 +308,27 @@ pub fn run_with(args: Args) -> Result<Metrics> {
         ),
         NodeDef::new("features", Some("pixels"), EncodeImageConfig(encoder)),
     ];
-    let (ids, image_features) = features(image_defs, settings("images"))?;
+    // Images that cannot be read are quarantined beside the results, where the user finds them
+    // (not in the scratch directory, which goes when the job ends).
+    let save_dir = Path::new(&args.save_dir);
+    let quarantine = save_dir.join(format!("{}.quarantine.jsonl", args.dataset));
+    if !args.save_dir.is_empty() {
+        std::fs::create_dir_all(save_dir).with_context(|| format!("creating {}", save_dir.display()))?;
+    }
+    let _ = std::fs::remove_file(&quarantine);
+    let (ids, image_features) =
+        features(image_defs, JobSettings { quarantine: quarantine.clone(), ..settings("images") })?;
+    if ids.len() < entries.len() {
+        eprintln!(
+            "cnclip zeroshot-evaluation: {} of {} images could not be read and are not scored: quarantined → {}",
+            entries.len() - ids.len(),
+            entries.len(),
+            quarantine.display()
+        );
+    }
+    if ids.is_empty() {
+        bail!("--datapath {}: no image could be read (see {})", args.datapath.display(), quarantine.display());
+    }
     let targets: Vec<i64> = ids.iter().map(|&id| entries[id as usize].label as i64).collect();
     let probs = tch::no_grad(|| (&image_features * 100.0).matmul(&classifier).softmax(-1, Kind::Float));
     let n = ids.len();
@@ -336,10 +392,6 @@ pub fn run_with(args: Args) -> Result<Metrics> {
         serde_json::to_string(&args.dataset)?,
         predictions.join(", ")
     );
-    let save_dir = Path::new(&args.save_dir);
-    if !args.save_dir.is_empty() {
-        std::fs::create_dir_all(save_dir).with_context(|| format!("creating {}", save_dir.display()))?;
-    }
     let out = save_dir.join(format!("{}.json", args.dataset));
     cnclip_operators::write_atomically(&out, |f| std::io::Write::write_all(f, json.as_bytes()))
         .with_context(|| format!("writing {}", out.display()))?;

@@ -12,6 +12,7 @@
 
 pub mod decoders;
 pub mod error;
+pub mod fingerprint;
 pub mod lmdb_file;
 pub mod quarantine;
 pub mod signals;

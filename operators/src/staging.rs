@@ -21,6 +21,26 @@ pub fn temp_path(path: &Path) -> PathBuf {
     path.with_file_name(format!("{PREFIX}{}-{name}", std::process::id()))
 }
 
+/// Whether `a` and `b` name the same file or directory, whether or not they exist yet: both
+/// made absolute with symbolic links resolved as far as they exist (`out/../data.jsonl`,
+/// `./data.jsonl` and a link to it are one path). Jobs compare their outputs with their inputs
+/// (and with each other) through this before writing anything.
+pub fn same_path(a: &Path, b: &Path) -> bool {
+    fn resolve(path: &Path) -> Option<PathBuf> {
+        if let Ok(real) = std::fs::canonicalize(path) {
+            return Some(real);
+        }
+        let absolute = std::path::absolute(path).ok()?;
+        let name = absolute.file_name()?;
+        let parent = absolute.parent()?;
+        Some(resolve(parent)?.join(name))
+    }
+    match (resolve(a), resolve(b)) {
+        (Some(a), Some(b)) => a == b,
+        _ => a == b,
+    }
+}
+
 /// Removes `.cnclip-tmp-{pid}-{name}` beside `path` (files or directories) whose process no
 /// longer runs; returns what it removed. Errors are ignored: a leftover that cannot be removed
 /// does not stop a new job.

@@ -4,7 +4,10 @@
 //! (`scripts/setup.sh` makes it); they fail, not skip, when it is missing.
 
 mod augment;
+mod bad_extract;
+mod bad_knn;
 mod bad_lmdb;
+mod bad_tables;
 mod bench_suite;
 mod build_index;
 mod checkpoints;

@@ -23,6 +23,11 @@ pub fn workspace_root() -> PathBuf {
 /// # Panics
 /// When it has not been built, saying how to build it.
 pub fn cnclip_bin() -> PathBuf {
+    // `CNCLIP_TEST_BIN_DIR` runs the tests against other binaries (e.g. an older build, to see
+    // a regression test fail before its fix).
+    if let Some(dir) = std::env::var_os("CNCLIP_TEST_BIN_DIR") {
+        return PathBuf::from(dir).join("cnclip");
+    }
     let exe = std::env::current_exe().expect("the test binary knows its path");
     let target = exe.parent().and_then(Path::parent).expect("test binaries live in target/<profile>/deps");
     let bin = target.join("cnclip");
@@ -85,6 +90,7 @@ fn run(command: &mut Command, stdin: &str) -> String {
 }
 
 pub mod corpus;
+pub mod hostile;
 
 /// `cn_clip.clip.tokenize(text, context_length)` for each text, through the reference harness.
 pub fn reference_token_ids(texts: &[String], context_length: usize) -> Vec<Vec<i64>> {

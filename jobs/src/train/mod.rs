@@ -190,6 +190,10 @@ pub struct Args {
     /// Devices, one replica each: cpu, cuda, cuda:0,cuda:1, cpu,cpu.
     #[arg(long, default_value = "cpu")]
     devices: String,
+    /// Go on when the loss becomes NaN or inf, as cn_clip does (by default the run stops
+    /// there: the parameters are no longer numbers, and every later checkpoint would be NaN).
+    #[arg(long)]
+    allow_non_finite_loss: bool,
 }
 
 /// cn_clip's `get_default_params(vision_model)`: (lr, beta1, beta2, eps).
@@ -604,7 +608,17 @@ pub fn run(mut args: Box<Args>) -> Result<()> {
         None => None,
         Some(path) => {
             log.info(&format!("=> begin to load checkpoint '{}'", path.display()));
-            let loaded = checkpoint::load(path)?;
+            let loaded = checkpoint::load(path).with_context(|| {
+                if args.resume.is_none() {
+                    format!(
+                        "resuming from {} (this run's latest checkpoint, picked up automatically): if a crash left \
+                         it damaged, remove it to resume from an earlier epoch{{N}}.pt with --resume, or start over",
+                        path.display()
+                    )
+                } else {
+                    format!("--resume {}", path.display())
+                }
+            })?;
             if !args.reset_data_offset {
                 let layout = data_layout(&args, &plan);
                 position = match loaded.position {
@@ -829,6 +843,18 @@ impl Run<'_> {
                 self.log_step(step, epoch, i_accum, lr, &report, data_time, batch_time);
                 rate = Some(since_log.1 as f64 / since_log.0.elapsed().as_secs_f64().max(1e-9));
                 since_log = (Instant::now(), 0);
+            }
+            if !report.loss.is_finite() && !args.allow_non_finite_loss {
+                if !logged {
+                    self.log_step(step, epoch, i_accum, lr, &report, data_time, batch_time);
+                }
+                bail!(
+                    "step {}: the loss is {} (lr {lr:e}): training diverged and the parameters are no longer \
+                     finite numbers, so the run stops here; the checkpoints saved before this step are kept \
+                     (cn_clip would run on: --allow-non-finite-loss does too)",
+                    step + 1,
+                    report.loss
+                );
             }
             if logged || args.debug {
                 self.metrics.rows.push(Metric {

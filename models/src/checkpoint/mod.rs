@@ -54,12 +54,22 @@ impl TorchArchive {
     /// As [`TorchArchive::open`].
     pub fn open_with(path: &Path, limits: &Limits) -> Result<Self> {
         let name = path.display().to_string();
-        let file = std::fs::File::open(path).map_err(|e| checkpoint_error(&name, e))?;
+        let mut file = std::fs::File::open(path).map_err(|e| checkpoint_error(&name, e))?;
+        let mut head = [0u8; 4];
+        let len = std::io::Read::read(&mut file, &mut head).map_err(|e| checkpoint_error(&name, e))?;
+        std::io::Seek::rewind(&mut file).map_err(|e| checkpoint_error(&name, e))?;
         let mut zip = zip::ZipArchive::new(file).map_err(|e| {
-            checkpoint_error(
-                &name,
-                format!("not a torch.save zip archive ({e}); legacy (torch < 1.6) checkpoints are not supported"),
-            )
+            // Say what the file is, not only what it is not: an empty or cut-off file (a job
+            // killed while saving) is not a legacy checkpoint.
+            let what = match &head[..len] {
+                [] => "the file is empty (a job stopped while writing it?)".to_string(),
+                [b'P', b'K', ..] => format!("a damaged zip archive, truncated or corrupted ({e})"),
+                [0x80, 2..=5, ..] => "a pickle: a legacy (torch < 1.6) torch.save file, which cnclip does not read; \
+                                      load it in python and save it again with torch.save"
+                    .to_string(),
+                _ => format!("not a torch.save zip archive ({e})"),
+            };
+            checkpoint_error(&name, what)
         })?;
         let pkl = (0..zip.len())
             .filter_map(|i| zip.name_for_index(i).and_then(|n| n.ok()).map(|n| n.to_string()))

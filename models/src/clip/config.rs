@@ -203,6 +203,55 @@ impl ClipConfig {
         let v = &self.vision;
         let t = &self.text;
         let mut problems = Vec::new();
+        // Sizes first: libtorch takes a negative or absurd size as an allocation it cannot make
+        // and aborts, and a zero size builds a model that computes nothing.
+        let layers = match v.vision_layers {
+            VisionLayers::Transformer(n) => vec![("vision_layers", n)],
+            VisionLayers::ResNet(stages) => stages.iter().map(|&n| ("vision_layers (a stage)", n)).collect(),
+        };
+        let sizes = [
+            ("embed_dim", v.embed_dim, 1 << 16),
+            ("image_resolution", v.image_resolution, 1 << 13),
+            ("vision_width", v.vision_width, 1 << 16),
+            ("vision_head_width", v.vision_head_width, 1 << 16),
+            ("vision_patch_size", v.vision_patch_size.unwrap_or(1), 1 << 13),
+            ("vocab_size", t.vocab_size, 1 << 24),
+            ("text_hidden_size", t.text_hidden_size, 1 << 16),
+            ("text_intermediate_size", t.text_intermediate_size, 1 << 18),
+            ("text_max_position_embeddings", t.text_max_position_embeddings, 1 << 16),
+            ("text_num_attention_heads", t.text_num_attention_heads, 1 << 12),
+            ("text_num_hidden_layers", t.text_num_hidden_layers, 1 << 10),
+            ("text_type_vocab_size", t.text_type_vocab_size, 1 << 10),
+        ];
+        let mut sizes_ok = true;
+        for (name, value, max) in sizes.into_iter().chain(layers.into_iter().map(|(n, v)| (n, v, 1 << 10))) {
+            if !(1..=max).contains(&value) {
+                problems.push(format!("{name} is {value}: it must be from 1 to {max}"));
+                sizes_ok = false;
+            }
+        }
+        for (name, p) in [
+            ("text_attention_probs_dropout_prob", t.text_attention_probs_dropout_prob),
+            ("text_hidden_dropout_prob", t.text_hidden_dropout_prob),
+        ] {
+            if !(0.0..=1.0).contains(&p) {
+                problems.push(format!("{name} is {p}: a probability, from 0 to 1"));
+            }
+        }
+        if !(t.text_initializer_range.is_finite() && t.text_initializer_range >= 0.0) {
+            problems.push(format!("text_initializer_range is {}: a standard deviation, ≥ 0", t.text_initializer_range));
+        }
+        if sizes_ok && self.parameter_estimate() > MAX_PARAMETERS {
+            problems.push(format!(
+                "the config makes a model of about {:.3e} parameters ({:.0} GiB in float32), past cnclip's limit of \
+                 {MAX_PARAMETERS:.1e} (ViT-H-14 has 1e9): check its sizes",
+                self.parameter_estimate(),
+                self.parameter_estimate() * 4.0 / f64::from(1u32 << 30)
+            ));
+        }
+        if !problems.is_empty() {
+            return Err(Error::Config(problems.join("; ")));
+        }
         match v.vision_layers {
             VisionLayers::Transformer(_) => match v.vision_patch_size {
                 Some(p) if p > 0 && v.image_resolution % p == 0 => {}
@@ -237,10 +286,40 @@ impl ClipConfig {
         if problems.is_empty() { Ok(()) } else { Err(Error::Config(problems.join("; "))) }
     }
 
+    /// Roughly how many parameters the config makes (the big matrices; within a few percent
+    /// for the presets), to refuse a config no machine can build before libtorch tries.
+    pub fn parameter_estimate(&self) -> f64 {
+        let v = &self.vision;
+        let t = &self.text;
+        let f = |x: i64| x as f64;
+        let (h, inter) = (f(t.text_hidden_size), f(t.text_intermediate_size));
+        let text = (f(t.vocab_size) + f(t.text_max_position_embeddings) + f(t.text_type_vocab_size)) * h
+            + f(t.text_num_hidden_layers) * (4.0 * h * h + 2.0 * h * inter)
+            + h * f(v.embed_dim);
+        let w = f(v.vision_width);
+        let vision = match v.vision_layers {
+            VisionLayers::Transformer(layers) => {
+                let patch = f(v.vision_patch_size.unwrap_or(1).max(1));
+                let grid = (f(v.image_resolution) / patch).powi(2);
+                f(layers) * 12.0 * w * w + (grid + 1.0) * w + 3.0 * patch * patch * w + w * f(v.embed_dim)
+            }
+            VisionLayers::ResNet(stages) => {
+                let blocks: f64 = stages.iter().enumerate().map(|(i, &n)| f(n) * 17.0 * (w * f(1 << i)).powi(2)).sum();
+                let pool = w * 32.0;
+                blocks + 3.0 * pool * pool + pool * f(v.embed_dim)
+            }
+        };
+        text + vision
+    }
+
     pub fn is_resnet(&self) -> bool {
         matches!(self.vision.vision_layers, VisionLayers::ResNet(_))
     }
 }
+
+/// The largest model [`ClipConfig::validate`] lets through, in parameters (8.6e9, 32 GiB of
+/// float32 weights; the largest released Chinese-CLIP, ViT-H-14, has 1e9).
+pub const MAX_PARAMETERS: f64 = (1u64 << 33) as f64;
 
 fn unknown(tower: &str, name: &str, known: &[&str]) -> Error {
     Error::Config(format!("unknown {tower} model `{name}`: known are {}", known.join(", ")))
@@ -282,6 +361,28 @@ mod tests {
     fn unknown_names_list_the_known_ones() {
         let err = ClipConfig::from_name("ViT-X-1@RBT3-chinese").unwrap_err().to_string();
         assert!(err.contains("unknown vision model `ViT-X-1`") && err.contains("ViT-B-16"), "{err}");
+    }
+
+    #[test]
+    fn zero_negative_and_absurd_sizes_are_refused_and_the_presets_pass() {
+        for name in ["ViT-B-16", "ViT-H-14", "RN50", "ViT-L-14-336"] {
+            let config = ClipConfig::from_name(name).unwrap();
+            config.validate().unwrap();
+            let estimate = config.parameter_estimate();
+            assert!(estimate > 3e7 && estimate < 1.2e9, "{name}: {estimate}");
+        }
+        let base = ClipConfig::from_name("RN50").unwrap();
+        let mut zero = base.clone();
+        zero.vision.embed_dim = 0;
+        assert!(zero.validate().unwrap_err().to_string().contains("embed_dim is 0"));
+        let mut negative = base.clone();
+        negative.text.text_hidden_size = -768;
+        assert!(negative.validate().unwrap_err().to_string().contains("text_hidden_size is -768"));
+        let mut absurd = base.clone();
+        absurd.text.vocab_size = 1 << 24;
+        absurd.text.text_hidden_size = 1 << 16;
+        let said = absurd.validate().unwrap_err().to_string();
+        assert!(said.contains("parameters"), "{said}");
     }
 
     #[test]

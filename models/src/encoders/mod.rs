@@ -372,6 +372,7 @@ impl Transform for Encoder {
             kind: self.precision.kind(),
             schema: self.schema(),
             resolution: self.config.vision.image_resolution as usize,
+            checkpoint: self.checkpoint.clone(),
         })))
     }
 }
@@ -387,6 +388,8 @@ struct EncoderReplica {
     kind: Kind,
     schema: SchemaRef,
     resolution: usize,
+    /// For the error naming a checkpoint that gives non-finite features.
+    checkpoint: PathBuf,
 }
 
 impl EncoderReplica {
@@ -430,6 +433,28 @@ impl TransformReplica for EncoderReplica {
             DataType::FixedSizeList(_, dim) => *dim,
             other => return Err(internal(format!("feature column is {other}"))),
         };
+        // A checkpoint with NaN or inf weights (a diverged training run) gives NaN features,
+        // which a search would rank first or drop: refused here, before anything is written.
+        let bad: Vec<i64> = flat
+            .chunks(dim.max(1) as usize)
+            .zip(ids.values().iter())
+            .filter(|(feature, _)| feature.iter().any(|v| !v.is_finite()))
+            .map(|(_, &id)| id)
+            .collect();
+        if !bad.is_empty() {
+            let shown: Vec<String> = bad.iter().take(10).map(i64::to_string).collect();
+            return Err(cnclip_operators::Error::Format {
+                path: self.checkpoint.display().to_string(),
+                reason: format!(
+                    "the model gives non-finite features (NaN or inf) for {} of {} rows of a batch ({id} {}{}): \
+                     its weights are not finite numbers (a diverged training run?); no features were written",
+                    bad.len(),
+                    ids.len(),
+                    shown.join(", "),
+                    if bad.len() > shown.len() { ", …" } else { "" }
+                ),
+            });
+        }
         let item = Arc::new(Field::new("item", DataType::Float32, false));
         let feature = FixedSizeListArray::try_new(item, dim, Arc::new(Float32Array::from(flat)), None)?;
         let ids: ArrayRef = Arc::new(Int64Array::from(ids.values().to_vec()));

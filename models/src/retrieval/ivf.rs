@@ -26,6 +26,7 @@ impl IvfIndex {
     /// # Errors
     /// FAISS does not accept `description`, or it is not a plain IVF index.
     pub fn new(dim: usize, description: &str) -> Result<IvfIndex, String> {
+        super::factory::check(description)?;
         let index = faiss::index_factory(dim as u32, description, MetricType::InnerProduct).map_err(|e| {
             format!("`{description}` is not a factory string FAISS accepts for {dim}-value vectors ({e})")
         })?;

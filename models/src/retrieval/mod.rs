@@ -36,6 +36,7 @@ use serde::Deserialize;
 use tch::{Kind, Tensor};
 
 pub mod built;
+pub mod factory;
 pub mod ivf;
 pub mod refine;
 
@@ -194,6 +195,18 @@ impl NodeConfig for KnnConfig {
         if self.k_factor == Some(0) {
             problems.push("`k_factor` must be at least 1".to_string());
         }
+        // libtorch takes sizes as i64: past that a chunk size wraps negative and panics.
+        if self.eval_batch_size == 0 || self.eval_batch_size > i64::MAX as usize {
+            problems.push(format!("`eval_batch_size` {} must be from 1 to {}", self.eval_batch_size, i64::MAX));
+        }
+        if self.top_k > i64::MAX as usize {
+            problems.push(format!("`top_k` {} must be at most {}", self.top_k, i64::MAX));
+        }
+        if self.backend == Backend::Faiss
+            && let Err(e) = factory::check(&self.index)
+        {
+            problems.push(format!("`index` {e}"));
+        }
         if self.k_factor.is_some() && self.backend == Backend::Torch {
             problems.push("`k_factor` re-ranks a FAISS index's candidates; the torch backend is exact".to_string());
         }
@@ -315,8 +328,22 @@ impl Gallery {
                 let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(open)
                     .and_then(|b| b.build())
                     .map_err(|e| format!("{}: {e}", file.display()))?;
+                let mut first_row = 0;
                 for batch in reader {
                     let batch = batch.map_err(|e| format!("{}: {e}", file.display()))?;
+                    let bad = cnclip_operators::sources::features::bad_rows(&batch)
+                        .map_err(|e| format!("{}: {e}", file.display()))?;
+                    if let Some((row, id, reason)) = bad.first() {
+                        let id = id.map_or_else(String::new, |id| format!(" (id {id})"));
+                        return Err(format!(
+                            "{}: row {}{id}: {reason}; {} row(s) of this batch cannot be searched (a gallery must \
+                             be whole: fix or drop them)",
+                            file.display(),
+                            first_row + row,
+                            bad.len()
+                        ));
+                    }
+                    first_row += batch.num_rows();
                     let (ids, features) = id_and_features(&batch).ok_or_else(|| {
                         format!("{}: not a feature table (id int64, feature float32 vectors)", file.display())
                     })?;
@@ -405,9 +432,19 @@ impl Transform for Knn {
                 top_k: self.config.top_k,
                 scores: self.config.scores,
                 schema: predictions_schema(self.config.scores),
+                rows_seen: 0,
             })));
         }
         let gallery = Gallery::read(&self.files, &self.config.gallery_id, self.dim).map_err(fail)?;
+        if gallery.len() < self.config.top_k {
+            // cn_clip's `topk` raises here; every query gets the whole gallery, said once.
+            eprintln!(
+                "cnclip knn: note: the gallery has {} rows, fewer than top_k {}: each query gets all {} of them",
+                gallery.len(),
+                self.config.top_k,
+                gallery.len()
+            );
+        }
         let engine = match self.config.backend {
             Backend::Torch => {
                 let device = crate::device::device(device).map_err(|e| fail(e.to_string()))?;
@@ -417,7 +454,8 @@ impl Transform for Knn {
                 Engine::Torch { features, device, chunk: self.config.eval_batch_size.max(1) }
             }
             Backend::Faiss => {
-                let index = build_index(&self.config, self.index_path.as_deref(), &gallery).map_err(fail)?;
+                let index =
+                    build_index(&self.config, self.index_path.as_deref(), &gallery, &self.files).map_err(fail)?;
                 match crate::device::device(device).map_err(|e| fail(e.to_string()))? {
                     tch::Device::Cpu => Engine::Faiss(index),
                     #[cfg(feature = "faiss-gpu")]
@@ -433,18 +471,113 @@ impl Transform for Knn {
             top_k: self.config.top_k,
             scores: self.config.scores,
             schema: predictions_schema(self.config.scores),
+            rows_seen: 0,
         })))
     }
 }
 
-/// Builds (or loads from `index_path`) the FAISS index of `gallery`.
+/// What a FAISS index saved at `index_path` (a file) was built from, kept beside it as
+/// `{index_path}.cnclip.json`: a saved index is loaded only when the gallery's files (path,
+/// size, modification time and sha256), the id key and the index settings are the ones it was
+/// built from. Counts and dimension alone would pass an index of another gallery of the same
+/// shape, whose neighbours would then be silently wrong.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, Deserialize)]
+struct SavedIndex {
+    index: String,
+    train_sample: usize,
+    gallery_id: String,
+    dim: usize,
+    rows: usize,
+    gallery: Vec<cnclip_operators::fingerprint::Stamp>,
+}
+
+impl SavedIndex {
+    fn record_path(index_path: &Path) -> PathBuf {
+        let mut name = index_path.file_name().unwrap_or_default().to_os_string();
+        name.push(".cnclip.json");
+        index_path.with_file_name(name)
+    }
+
+    /// What differs from `now`, in a few words (`None`: the same).
+    fn difference(&self, now: &SavedIndex) -> Option<String> {
+        if self == now {
+            return None;
+        }
+        if self.index != now.index || self.train_sample != now.train_sample {
+            return Some(format!(
+                "it was built as `{}` (train_sample {}), this run asks for `{}` (train_sample {})",
+                self.index, self.train_sample, now.index, now.train_sample
+            ));
+        }
+        if self.gallery_id != now.gallery_id || self.dim != now.dim || self.rows != now.rows {
+            return Some(format!(
+                "it was built from a gallery of {} `{}` rows of {} values, this one has {} `{}` rows of {}",
+                self.rows, self.gallery_id, self.dim, now.rows, now.gallery_id, now.dim
+            ));
+        }
+        cnclip_operators::fingerprint::difference(&self.gallery, &now.gallery)
+            .map(|d| format!("its gallery {d}"))
+            .or_else(|| Some("its record differs".into()))
+    }
+}
+
+/// Builds (or loads from `index_path`) the FAISS index of `gallery`, read from `files`. A saved
+/// index is loaded only when its record ([`SavedIndex`]) matches this gallery and these settings;
+/// one whose record differs is built again (and saved over it); one without a record (saved by
+/// another tool, or by a cnclip before records) is refused, since nothing says what it holds.
 fn build_index(
     config: &KnnConfig,
     index_path: Option<&Path>,
     gallery: &Gallery,
+    files: &[PathBuf],
 ) -> Result<faiss::index::IndexImpl, String> {
     let faiss_err = |e: faiss::error::Error| format!("FAISS index `{}`: {e}", config.index);
-    let mut index = match index_path.filter(|p| p.exists()) {
+    let record = index_path.map(|_| SavedIndex {
+        index: config.index.clone(),
+        train_sample: config.train_sample,
+        gallery_id: config.gallery_id.clone(),
+        dim: gallery.dim,
+        rows: gallery.len(),
+        gallery: files
+            .iter()
+            .map(|f| {
+                cnclip_operators::fingerprint::Stamp::of(&std::fs::canonicalize(f).unwrap_or_else(|_| f.clone()), true)
+            })
+            .collect(),
+    });
+    let saved = match (index_path.filter(|p| p.exists()), &record) {
+        (Some(path), Some(record)) => {
+            let record_path = SavedIndex::record_path(path);
+            let was: SavedIndex = match std::fs::read(&record_path) {
+                Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                    format!(
+                        "{}: not a saved index's record ({e}); remove it and {} to build the index again",
+                        record_path.display(),
+                        path.display()
+                    )
+                })?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(format!(
+                        "{}: a saved index without its record {} of what it was built from (saved by another tool \
+                         or an older cnclip): it may hold another gallery; remove it to build it again, or give \
+                         another --index-path",
+                        path.display(),
+                        record_path.display()
+                    ));
+                }
+                Err(e) => return Err(format!("{}: {e}", record_path.display())),
+            };
+            match was.difference(record) {
+                None => Some(path),
+                Some(why) => {
+                    eprintln!("cnclip knn: {}: not this gallery's index ({why}): building it again", path.display());
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    let mut index = match saved {
         Some(path) => {
             let index = faiss::read_index(path.to_string_lossy()).map_err(|e| format!("{}: {e}", path.display()))?;
             if index.ntotal() != gallery.len() as u64 || index.d() as usize != gallery.dim {
@@ -473,9 +606,20 @@ fn build_index(
                 index.train(&sample).map_err(faiss_err)?;
             }
             index.add(&gallery.features).map_err(faiss_err)?;
-            if let Some(path) = index_path {
+            if let (Some(path), Some(record)) = (index_path, &record) {
+                // The record goes first and the index over it last: a crash between the two
+                // leaves a record that does not match the old index's file (rebuilt next run)
+                // or no index at all.
+                let json = serde_json::to_vec_pretty(record).map_err(|e| e.to_string())?;
+                let record_path = SavedIndex::record_path(path);
+                let _ = std::fs::remove_file(path);
+                cnclip_operators::write_atomically(&record_path, |f| std::io::Write::write_all(f, &json))
+                    .map_err(|e: std::io::Error| format!("{}: {e}", record_path.display()))?;
                 let tmp = cnclip_operators::staging::temp_path(path);
-                faiss::write_index(&index, tmp.to_string_lossy()).map_err(|e| format!("{}: {e}", path.display()))?;
+                if let Err(e) = faiss::write_index(&index, tmp.to_string_lossy()) {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(format!("{}: {e}", path.display()));
+                }
                 std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))?;
             }
             index
@@ -529,6 +673,8 @@ struct KnnReplica {
     top_k: usize,
     scores: bool,
     schema: SchemaRef,
+    /// Query rows seen so far (for the quarantine's row numbers).
+    rows_seen: usize,
 }
 
 impl KnnReplica {
@@ -614,6 +760,30 @@ mod gpu {
 impl TransformReplica for KnnReplica {
     fn apply(&mut self, batch: &RecordBatch, _: &str) -> cnclip_operators::Result<Output> {
         let internal = cnclip_operators::Error::Internal;
+        // Queries that are not numbers (null ids or features, NaN, inf) are quarantined, not
+        // searched: FAISS returns nothing for them and a matmul ranks NaN first.
+        let bad = cnclip_operators::sources::features::bad_rows(batch).map_err(internal)?;
+        let kept;
+        let (batch, rejected) = if bad.is_empty() {
+            (batch, Vec::new())
+        } else {
+            let mut keep = vec![true; batch.num_rows()];
+            let rejected = bad
+                .into_iter()
+                .map(|(row, id, reason)| {
+                    keep[row] = false;
+                    cnclip_operators::quarantine::Rejected {
+                        source: "queries".into(),
+                        location: format!("query row {}", self.rows_seen + row),
+                        id: id.map(|id| id.to_string()),
+                        reason,
+                    }
+                })
+                .collect();
+            kept = arrow::compute::filter_record_batch(batch, &arrow::array::BooleanArray::from(keep))?;
+            (&kept, rejected)
+        };
+        self.rows_seen += batch.num_rows() + rejected.len();
         let (query_ids, features) =
             id_and_features(batch).ok_or_else(|| internal("knn: not a feature batch".into()))?;
         let found = self.search(features, query_ids.len()).map_err(internal)?;
@@ -635,7 +805,7 @@ impl TransformReplica for KnnReplica {
             columns.push(Arc::new(scores.finish()));
         }
         let batch = RecordBatch::try_new(self.schema.clone(), columns)?;
-        Ok(Output { batch, rejected: Vec::new() })
+        Ok(Output { batch, rejected })
     }
 }
 

@@ -51,6 +51,19 @@ pub fn python_float(x: f64) -> String {
     }
 }
 
+/// A finite value as [`python_float`] writes it. `NaN` and `Infinity` are Python's extension,
+/// not JSON: cnclip's own readers and most others refuse them, so they are never written.
+fn finite(x: f64) -> Result<String> {
+    if x.is_finite() {
+        Ok(python_float(x))
+    } else {
+        Err(Error::Record {
+            location: String::new(),
+            reason: format!("{} is not a finite number, which JSON cannot carry", python_float(x)),
+        })
+    }
+}
+
 fn supported(data_type: &DataType) -> bool {
     match data_type {
         DataType::Int64 | DataType::Int32 | DataType::Utf8 | DataType::Boolean => true,
@@ -81,13 +94,14 @@ fn write_value(array: &dyn Array, row: usize, out: &mut String) -> Result<()> {
             let s = array.as_any().downcast_ref::<StringArray>().expect("type").value(row);
             out.push_str(&serde_json::to_string(s)?);
         }
-        DataType::Float16 => out
-            .push_str(&python_float(array.as_any().downcast_ref::<Float16Array>().expect("type").value(row).to_f64())),
+        DataType::Float16 => {
+            out.push_str(&finite(array.as_any().downcast_ref::<Float16Array>().expect("type").value(row).to_f64())?)
+        }
         DataType::Float32 => {
-            out.push_str(&python_float(array.as_any().downcast_ref::<Float32Array>().expect("type").value(row) as f64))
+            out.push_str(&finite(array.as_any().downcast_ref::<Float32Array>().expect("type").value(row) as f64)?)
         }
         DataType::Float64 => {
-            out.push_str(&python_float(array.as_any().downcast_ref::<Float64Array>().expect("type").value(row)))
+            out.push_str(&finite(array.as_any().downcast_ref::<Float64Array>().expect("type").value(row))?)
         }
         DataType::List(_) => {
             write_list(array.as_any().downcast_ref::<ListArray>().expect("type").value(row).as_ref(), out)?
@@ -174,7 +188,13 @@ impl Sink for JsonlSink {
                 }
                 self.line.push_str(key);
                 self.line.push_str(": ");
-                write_value(*column, row, &mut self.line)?;
+                write_value(*column, row, &mut self.line).map_err(|e| match e {
+                    Error::Record { reason, .. } => Error::Format {
+                        path: self.file.path.display().to_string(),
+                        reason: format!("row {} key {key}: {reason}; nothing written", self.rows + row as u64 + 1),
+                    },
+                    other => other,
+                })?;
             }
             self.line.push_str("}\n");
             self.file.write_all(self.line.as_bytes())?;

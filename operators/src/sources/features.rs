@@ -3,12 +3,20 @@
 //! (`id` + `feature`, float32). The dimension is taken from the first line when the source is
 //! opened; a line with another dimension, bad JSON or a missing field is quarantined naming its
 //! line, like every other line source.
+//!
+//! Features are numbers a search ranks by, so a value that is not one is never let through: a
+//! non-finite value in a line (`1e39` overflows float32 to `inf`), and in a Parquet feature
+//! table a null id, a null feature or a null inside a vector, are refused by every feature
+//! reader ([`check_finite`], [`bad_rows`]) — quarantined naming the row where a job streams,
+//! an error naming the file and row where a gallery is read whole. Read as numbers, a null id
+//! takes whatever id its slot holds, a null scores 0 and `NaN`/`inf` rank first or break the
+//! order.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::{FixedSizeListArray, Float32Array, Int64Array};
-use arrow::datatypes::{DataType, Field, SchemaRef};
+use arrow::array::{Array, AsArray, FixedSizeListArray, Float32Array, Int64Array};
+use arrow::datatypes::{DataType, Field, Float32Type, Int64Type, SchemaRef};
 use arrow::record_batch::RecordBatch;
 
 use super::{Emit, Line, ReadContext, SeenIds, ShardFilter, Source};
@@ -164,6 +172,10 @@ impl Source for FeatureJsonlSource {
                         id: Some(row.id.to_string()),
                         ..reject(format!("a feature of {} values; the first line's has {dim}", row.feature.len()))
                     }),
+                    Ok(row) if check_finite(&row.feature).is_err() => ctx.quarantine.reject(Rejected {
+                        id: Some(row.id.to_string()),
+                        ..reject(check_finite(&row.feature).err().unwrap_or_default())
+                    }),
                     Ok(row) => match seen.duplicate(row.id, path, &self.id_key.replace("_id", "")) {
                         Some(rejected) => ctx.quarantine.reject(rejected),
                         None => {
@@ -199,11 +211,75 @@ pub fn read_all(path: &Path, id_key: &str) -> Result<(Vec<i64>, Vec<f32>, usize)
             let reason = format!("a feature of {} values; the first line's has {expected}", row.feature.len());
             return Err(Error::Record { location: location(), reason });
         }
+        check_finite(&row.feature)
+            .map_err(|reason| Error::Record { location: format!("{} ({id_key} {})", location(), row.id), reason })?;
         ids.push(row.id);
         values.extend_from_slice(&row.feature);
         Ok(())
     })?;
     Ok((ids, values, dim.unwrap_or(0)))
+}
+
+/// `Err` naming the first value of `feature` that is not a finite number (`NaN`, `inf`, or a
+/// number past float32's range, which parsing made `inf`).
+///
+/// # Errors
+/// The first non-finite value, with its position.
+pub fn check_finite(feature: &[f32]) -> std::result::Result<(), String> {
+    match feature.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(at) => Err(format!(
+            "feature value {at} is {} (not a finite float32: features must be finite numbers)",
+            feature[at]
+        )),
+    }
+}
+
+/// A feature-table batch's rows that cannot be used as features: (row, id if it has one,
+/// reason) for a null id, a null feature, a null value inside a feature, or a non-finite value.
+/// Empty for a clean batch — the common case costs one pass over the values.
+///
+/// # Errors
+/// When the batch is not a feature table (`id` int64, `feature` fixed-size list of float32).
+pub fn bad_rows(batch: &RecordBatch) -> std::result::Result<Vec<(usize, Option<i64>, String)>, String> {
+    let not_a_table = || "not a feature table (id int64, feature float32 vectors)".to_string();
+    let ids = batch
+        .column_by_name(cnclip_schemas::columns::ID)
+        .and_then(|c| c.as_primitive_opt::<Int64Type>())
+        .ok_or_else(not_a_table)?;
+    let lists = batch
+        .column_by_name(cnclip_schemas::columns::FEATURE)
+        .and_then(|c| c.as_fixed_size_list_opt())
+        .ok_or_else(not_a_table)?;
+    let values = lists.values().as_primitive_opt::<Float32Type>().ok_or_else(not_a_table)?;
+    let d = lists.value_length() as usize;
+    let offset = lists.offset() * d;
+    let clean = ids.null_count() == 0
+        && lists.null_count() == 0
+        && values.slice(offset, lists.len() * d).null_count() == 0
+        && values.values()[offset..offset + lists.len() * d].iter().all(|v| v.is_finite());
+    if clean {
+        return Ok(Vec::new());
+    }
+    let mut bad = Vec::new();
+    for row in 0..batch.num_rows() {
+        let id = ids.is_valid(row).then(|| ids.value(row));
+        let reason = if ids.is_null(row) {
+            Some("a null id".to_string())
+        } else if lists.is_null(row) {
+            Some("a null feature".to_string())
+        } else {
+            let start = offset + row * d;
+            match (start..start + d).find(|&i| values.is_null(i)) {
+                Some(i) => Some(format!("feature value {} is null", i - start)),
+                None => check_finite(&values.values()[start..start + d]).err(),
+            }
+        };
+        if let Some(reason) = reason {
+            bad.push((row, id, reason));
+        }
+    }
+    Ok(bad)
 }
 
 /// Whether `path` looks like a feature JSON lines file (`.jsonl`).

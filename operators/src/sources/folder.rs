@@ -21,6 +21,9 @@ use crate::quarantine::Rejected;
 /// torchvision's `IMG_EXTENSIONS`.
 const EXTENSIONS: [&str; 9] = [".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"];
 
+/// The largest image file read (the record limit of the line sources).
+const MAX_IMAGE_BYTES: u64 = super::MAX_RECORD_BYTES as u64;
+
 /// One image of the set, in `ImageFolder`'s order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -28,7 +31,9 @@ pub struct Entry {
     pub label: usize,
 }
 
-/// The class folder names, sorted (their index is the label).
+/// The class folder names, sorted (their index is the label). Hidden folders (`.name`, as
+/// `.ipynb_checkpoints` that Jupyter leaves) are not classes: torchvision would count them, and
+/// sorted first they would shift every label by one (see [`hidden_folders`]).
 ///
 /// # Errors
 /// When `root` is not a readable directory or has no class folders.
@@ -36,8 +41,9 @@ pub fn classes(root: &Path) -> Result<Vec<String>> {
     let mut classes = Vec::new();
     for entry in std::fs::read_dir(root).map_err(io(root))? {
         let entry = entry.map_err(io(root))?;
-        if entry.path().is_dir() {
-            classes.push(entry.file_name().to_string_lossy().into_owned());
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if entry.path().is_dir() && !name.starts_with('.') {
+            classes.push(name);
         }
     }
     classes.sort();
@@ -50,23 +56,62 @@ pub fn classes(root: &Path) -> Result<Vec<String>> {
     Ok(classes)
 }
 
-/// Every image of the set, in `ImageFolder`'s order.
+/// The hidden folders of `root` that [`classes`] leaves out, sorted (for a note to the user).
+pub fn hidden_folders(root: &Path) -> Vec<String> {
+    let mut hidden: Vec<String> = std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with('.'))
+        .collect();
+    hidden.sort();
+    hidden
+}
+
+/// A directory's identity (device, inode), to recognise one reached again through a link.
+fn identity(path: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path)?;
+    Ok((meta.dev(), meta.ino()))
+}
+
+/// Every image of the set, in `ImageFolder`'s order. Links are followed as `os.walk(…,
+/// followlinks=True)` does, but a link back to a folder being walked (a loop, which os.walk
+/// would follow until paths grow too long) is an error naming it; SIGINT and SIGTERM stop the
+/// walk.
 ///
 /// # Errors
-/// IO errors walking `root`.
+/// IO errors walking `root`, a link loop, an interruption.
 pub fn entries(root: &Path) -> Result<Vec<Entry>> {
     let mut entries = Vec::new();
     for (label, class) in classes(root)?.iter().enumerate() {
         // os.walk's (root, dirs, files) triples, sorted by their root string.
         let mut walk: Vec<(String, Vec<String>)> = Vec::new();
-        let mut stack = vec![root.join(class)];
-        while let Some(dir) = stack.pop() {
+        let top = root.join(class);
+        let mut stack = vec![(top.clone(), Arc::new(vec![identity(&top).map_err(io(&top))?]))];
+        while let Some((dir, ancestors)) = stack.pop() {
+            if let Some(signal) = crate::signals::interrupted() {
+                return Err(Error::Interrupted { signal });
+            }
             let mut files = Vec::new();
             for entry in std::fs::read_dir(&dir).map_err(io(&dir))? {
                 let entry = entry.map_err(io(&dir))?;
                 let path = entry.path();
                 if path.is_dir() {
-                    stack.push(path);
+                    let id = identity(&path).map_err(io(&path))?;
+                    if ancestors.contains(&id) {
+                        return Err(Error::Format {
+                            path: path.display().to_string(),
+                            reason: "a symbolic link loop (it leads back to a folder that contains it): the walk \
+                                     would never end; remove the link"
+                                .into(),
+                        });
+                    }
+                    let mut inner = ancestors.as_ref().clone();
+                    inner.push(id);
+                    stack.push((path, Arc::new(inner)));
                 } else {
                     files.push(entry.file_name().to_string_lossy().into_owned());
                 }
@@ -140,10 +185,20 @@ impl Source for ImageFolderSource {
                 continue;
             }
             let relative = entry.path.strip_prefix(&self.root).unwrap_or(&entry.path).to_string_lossy().into_owned();
-            let data = match std::fs::read(&entry.path) {
-                Ok(data) if data.is_empty() => Err("empty file".to_string()),
-                Ok(data) => Ok(data),
-                Err(e) => Err(e.to_string()),
+            if let Some(signal) = crate::signals::interrupted() {
+                return Err(Error::Interrupted { signal });
+            }
+            // A FIFO or a device named like an image would block or never end: not read.
+            let data = match std::fs::metadata(&entry.path) {
+                Ok(meta) if !meta.is_file() => Err(format!("{}, not a regular file", super::parts::kind_of(&meta))),
+                Ok(meta) if meta.len() > MAX_IMAGE_BYTES => {
+                    Err(format!("a file of {} bytes, past the limit of {MAX_IMAGE_BYTES} for an image", meta.len()))
+                }
+                _ => match std::fs::read(&entry.path) {
+                    Ok(data) if data.is_empty() => Err("empty file".to_string()),
+                    Ok(data) => Ok(data),
+                    Err(e) => Err(e.to_string()),
+                },
             };
             let data = match data {
                 Ok(data) => data,

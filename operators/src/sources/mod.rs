@@ -119,12 +119,18 @@ pub fn expand_paths(patterns: &[String]) -> Result<Vec<PathBuf>, Vec<String>> {
     for pattern in patterns {
         if !pattern.contains(['*', '?', '[']) {
             let path = PathBuf::from(pattern);
-            if path.is_dir() {
-                problems.push(format!("{pattern} is a directory, not a file"))
-            } else if path.exists() {
-                paths.push(path)
-            } else {
-                problems.push(format!("{pattern} does not exist"))
+            match std::fs::metadata(&path) {
+                Ok(meta) if meta.is_dir() => problems.push(format!("{pattern} is a directory, not a file")),
+                Ok(meta) if meta.is_file() => paths.push(path),
+                // A FIFO or a device (`/dev/zero`) would block or never end.
+                Ok(meta) => problems.push(format!(
+                    "{pattern} is {}, not a regular file: cnclip reads inputs from files",
+                    parts::kind_of(&meta)
+                )),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    problems.push(format!("{pattern} does not exist"))
+                }
+                Err(e) => problems.push(format!("{pattern}: {e}")),
             }
             continue;
         }

@@ -7,7 +7,9 @@
 //! checksums, model, duplicate ids).
 //!
 //! Directories whose `.parquet` files carry no `-of-` shard names (parts written by other tools)
-//! are read as they are.
+//! are read as they are. In every directory, a `.parquet` entry that is not a regular file (a
+//! FIFO, a device, a directory) is refused by name, and a sharded table holding other Parquet
+//! files beside its parts (strays, which readers would take as rows) is refused too.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -31,10 +33,40 @@ pub fn check_complete(dir: &Path) -> Result<(), String> {
     let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     // Shard count → indexes present.
     let mut found: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    let mut stray = Vec::new();
     for entry in entries.flatten() {
-        if let Some((index, count)) = part_shard(&entry.file_name().to_string_lossy()) {
-            found.entry(count).or_default().push(index);
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.ends_with(".parquet") || name.starts_with('.') {
+            continue;
         }
+        // A FIFO or a device read as a part would hang or never end, a directory fails
+        // somewhere deep in the reader: refused here, by name (links followed).
+        match std::fs::metadata(entry.path()) {
+            Ok(meta) if meta.is_file() => {}
+            Ok(meta) => {
+                return Err(format!(
+                    "{}: {}, not a regular file: a table's parts are Parquet files",
+                    entry.path().display(),
+                    kind_of(&meta)
+                ));
+            }
+            Err(e) => return Err(format!("{}: {e}", entry.path().display())),
+        }
+        match part_shard(&name) {
+            Some((index, count)) => found.entry(count).or_default().push(index),
+            None => stray.push(name),
+        }
+    }
+    if !found.is_empty() && !stray.is_empty() {
+        stray.sort();
+        return Err(format!(
+            "{}: a sharded table (part-…-of-N.parquet) also holding {} other Parquet file(s) ({}): they would be read \
+             as rows of the table; move them out (`cnclip manifest check {}` lists every problem)",
+            dir.display(),
+            stray.len(),
+            stray.join(", "),
+            dir.display()
+        ));
     }
     if found.len() > 1 {
         let counts: Vec<String> = found.keys().map(u64::to_string).collect();
@@ -62,6 +94,27 @@ pub fn check_complete(dir: &Path) -> Result<(), String> {
         if missing.len() > listed.len() { ", …" } else { "" },
         dir.display()
     ))
+}
+
+/// What a file that is not a regular one is, in a word or two.
+pub fn kind_of(meta: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let kind = meta.file_type();
+    if kind.is_dir() {
+        "a directory"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_block_device() {
+        "a block device"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_file() {
+        "a regular file"
+    } else {
+        "not a regular file"
+    }
 }
 
 #[cfg(test)]

@@ -207,6 +207,11 @@ impl<'r> Planner<'r> {
                 }
             }
         }
+        // Cycles, from the inputs alone: a node in one may also have failed to build, and its
+        // cycle must be reported all the same.
+        for cycle in cycles(&shapes) {
+            problems.push(format!("the graph has a cycle through {}", cycle.join(", ")));
+        }
         // Who reads whom: sinks must not be read, everything else must be (or be streamed).
         for (name, _, role) in &shapes {
             let streamed = self.stream.as_deref() == Some(name.as_str());
@@ -305,13 +310,32 @@ fn derive_schemas(
             break;
         }
     }
-    let cyclic: Vec<&str> = nodes
-        .iter()
-        .filter(|n| !schemas.contains_key(&n.name) && !failed.contains(&n.name))
-        .map(|n| n.name.as_str())
-        .collect();
-    if !cyclic.is_empty() {
-        problems.push(format!("the graph has a cycle through {}", cyclic.join(", ")));
-    }
+    // Nodes left unresolved are on a cycle or read one: [`cycles`] reported it.
     (schemas, origins)
+}
+
+/// Every cycle of the graph (each node has at most one input, so each cycle is found by
+/// following inputs from any of its nodes), each named by its nodes in sorted order.
+fn cycles(shapes: &[(String, Option<String>, Option<Role>)]) -> Vec<Vec<String>> {
+    let input: BTreeMap<&str, &str> =
+        shapes.iter().filter_map(|(name, input, _)| Some((name.as_str(), input.as_deref()?))).collect();
+    let mut found: BTreeSet<Vec<String>> = BTreeSet::new();
+    for (start, _, _) in shapes {
+        let mut path: Vec<&str> = vec![start.as_str()];
+        let mut at = start.as_str();
+        while let Some(&next) = input.get(at) {
+            if next == at {
+                break; // reads from itself: reported where inputs are checked
+            }
+            if let Some(position) = path.iter().position(|n| *n == next) {
+                let mut cycle: Vec<String> = path[position..].iter().map(|n| n.to_string()).collect();
+                cycle.sort();
+                found.insert(cycle);
+                break;
+            }
+            path.push(next);
+            at = next;
+        }
+    }
+    found.into_iter().collect()
 }

@@ -1,0 +1,69 @@
+//! FAISS factory strings checked before FAISS sees them. FAISS trusts the sizes in a factory
+//! string: `IVF0,Flat` segfaults in the index factory, `IVF0,PQ8np` aborts, and an absurd size
+//! asks for terabytes; none of these come back as an error a job could report. Every size in
+//! the string (the digits of `IVF4096`, `PQ64`, `HNSW32`, `OPQ16_64`, …) must therefore be a
+//! number from 1 to [`MAX_SIZE`]; what is left (an unknown component, `PQ` not dividing the
+//! dimension) FAISS reports itself, as an error.
+
+/// The largest size a factory string may name (2²⁶: 67M lists is past any IVF in use; the
+/// 1B-vector indexes use 65,536 to 1M).
+pub const MAX_SIZE: u64 = 1 << 26;
+
+/// Checks the sizes in `description`.
+///
+/// # Errors
+/// A sentence naming the component whose size is 0 or too large.
+pub fn check(description: &str) -> Result<(), String> {
+    if description.trim().is_empty() {
+        return Err("an empty FAISS factory string (e.g. Flat, IVF1024,Flat, HNSW32, IVF4096,PQ64)".into());
+    }
+    for component in description.split(',') {
+        let bytes = component.as_bytes();
+        let mut i = 0;
+        while i < bytes.len() {
+            if !bytes[i].is_ascii_digit() {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < bytes.len() && bytes[i].is_ascii_digit() {
+                i += 1;
+            }
+            let size = component[start..i].parse::<u64>().unwrap_or(u64::MAX);
+            if size == 0 || size > MAX_SIZE {
+                return Err(format!(
+                    "`{description}`: `{}` asks for a size of {}: sizes in a FAISS factory string go from 1 to {MAX_SIZE}",
+                    component.trim(),
+                    &component[start..i]
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check;
+
+    #[test]
+    fn zero_and_absurd_sizes_are_refused_before_faiss() {
+        for good in
+            ["Flat", "IVF1024,Flat", "IVF4096_HNSW32,PQ64np,RFlat", "HNSW32", "IVF256,SQ8", "OPQ16_64,IVF1,PQ16"]
+        {
+            assert_eq!(check(good), Ok(()), "{good}");
+        }
+        for (bad, named) in [
+            ("IVF0,Flat", "IVF0"),
+            ("IVF0,PQ8np", "IVF0"),
+            ("IVF16,PQ0", "PQ0"),
+            ("HNSW0", "HNSW0"),
+            ("IVF99999999999999999999999,Flat", "IVF99999999999999999999999"),
+            ("IVF134217728,Flat", "IVF134217728"),
+        ] {
+            let said = check(bad).unwrap_err();
+            assert!(said.contains(named), "{bad}: {said}");
+        }
+        assert!(check(" ").is_err());
+    }
+}
