@@ -12,6 +12,7 @@
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use ballista_core::config::TaskSchedulingPolicy;
@@ -71,6 +72,10 @@ pub struct ExecutorArgs {
     /// Seconds between heartbeats to the scheduler (below the scheduler's executor timeout).
     #[arg(long, default_value_t = 60)]
     heartbeat_interval_seconds: u64,
+    /// Stop (exit 1) when the scheduler has not accepted a connection for this many seconds:
+    /// an executor whose scheduler is gone would otherwise run on idle, unnoticed. 0: never.
+    #[arg(long, default_value_t = 120)]
+    scheduler_timeout_seconds: u64,
 }
 
 pub fn run(command: Command) -> Result<()> {
@@ -181,8 +186,34 @@ async fn executor(args: ExecutorArgs) -> Result<()> {
     tokio::select! {
         result = served => result.map_err(|e| anyhow::anyhow!("{e}")).context("the executor stopped")?,
         () = stopped() => eprintln!("cnclip cluster executor: stopping"),
+        gone = scheduler_gone(&args.scheduler, args.scheduler_timeout_seconds) => return Err(gone),
     }
     Ok(())
+}
+
+/// Resolves (with the error to stop on) once the scheduler at `address` has refused or not
+/// answered every connection for `timeout` seconds; never when `timeout` is 0. Checked every
+/// few seconds with a plain TCP connect: cheap, and independent of Ballista's heartbeat, which
+/// only logs its failures.
+async fn scheduler_gone(address: &str, timeout: u64) -> anyhow::Error {
+    if timeout == 0 {
+        return std::future::pending().await;
+    }
+    let every = Duration::from_secs(timeout.clamp(1, 5));
+    let mut last_seen = std::time::Instant::now();
+    loop {
+        tokio::time::sleep(every).await;
+        let reached = tokio::time::timeout(every, tokio::net::TcpStream::connect(address)).await;
+        if matches!(reached, Ok(Ok(_))) {
+            last_seen = std::time::Instant::now();
+        } else if last_seen.elapsed() >= Duration::from_secs(timeout) {
+            return anyhow::anyhow!(
+                "the scheduler at {address} has not answered for {} s (--scheduler-timeout-seconds): stopping; start \
+                 the executor again once the scheduler is back",
+                last_seen.elapsed().as_secs()
+            );
+        }
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

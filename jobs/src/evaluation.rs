@@ -443,6 +443,20 @@ pub fn run(args: Args, image_to_text: bool) -> Result<()> {
     if args.cluster.is_some() && args.engine != Engine::Sql {
         bail!("--cluster runs the SQL engine: add --engine sql");
     }
+    // A FIFO or a device would block or never end: not a submission cn_clip's checks could
+    // judge, so an error (exit 1, no score file) rather than a score JSON.
+    for path in [&args.standard_path, &args.submit_path] {
+        if let Ok(meta) = std::fs::metadata(path)
+            && !meta.is_file()
+        {
+            bail!("{} is {}, not a regular file", path.display(), cnclip_operators::sources::parts::kind_of(&meta));
+        }
+    }
+    if cnclip_operators::staging::same_path(&args.out_path, &args.standard_path)
+        || cnclip_operators::staging::same_path(&args.out_path, &args.submit_path)
+    {
+        bail!("{}: the score file would overwrite an input; give another output path", args.out_path.display());
+    }
     let cluster = args.cluster.as_deref().map(|url| (url, args.out_path.as_path()));
     let (text, error) = evaluate(&args.standard_path, &args.submit_path, d, args.engine, cluster)?;
     cnclip_operators::write_atomically(&args.out_path, |f| std::io::Write::write_all(f, text.as_bytes()))

@@ -70,6 +70,31 @@ pub struct Args {
     device: String,
 }
 
+/// The checkpoint (name, sha256) a Parquet feature table (a file, or a directory's first part)
+/// says it was extracted with; `None` for JSON lines or a table without the metadata.
+fn made_with(path: &str) -> Option<(String, String)> {
+    let path = Path::new(path);
+    let file = if path.is_dir() {
+        let mut parts: Vec<PathBuf> = std::fs::read_dir(path)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+            .collect();
+        parts.sort();
+        parts.into_iter().next()?
+    } else if path.extension().is_some_and(|e| e == "parquet") && path.is_file() {
+        path.to_path_buf()
+    } else {
+        return None;
+    };
+    let schema = cnclip_operators::sources::parquet::file_schema(&file).ok()?;
+    let meta = schema.metadata();
+    let sha = meta.get(cnclip_schemas::metadata::CHECKPOINT_SHA256)?.clone();
+    let name = meta.get(cnclip_schemas::metadata::CHECKPOINT).cloned().unwrap_or_default();
+    Some((name, sha))
+}
+
 /// Texts → images (`false`) or images → texts (`true`, the `-tr` script).
 pub fn run(args: Args, image_to_text: bool) -> Result<()> {
     cnclip_operators::signals::catch_interrupts()?;
@@ -98,6 +123,15 @@ pub fn run(args: Args, image_to_text: bool) -> Result<()> {
             bail!("{gallery_flag} is required (the gallery), unless --index-path names a build-index directory")
         }
     };
+    if let (Some(ours), Some(theirs)) = (made_with(queries), gallery.first().and_then(|g| made_with(g)))
+        && ours.1 != theirs.1
+    {
+        eprintln!(
+            "cnclip make-topk-predictions: warning: the queries ({query_flag}) were extracted with {} (sha256 {}) and \
+             the gallery ({gallery_flag}) with {} (sha256 {}): features of two checkpoints are not comparable",
+            ours.0, ours.1, theirs.0, theirs.1
+        );
+    }
     let jsonl = match args.output.extension().and_then(|e| e.to_str()) {
         Some("parquet") => false,
         Some("jsonl" | "json" | "txt") | None => true,

@@ -22,7 +22,9 @@ impl ModelArgs {
     pub fn config(&self) -> Result<Option<ClipConfig>> {
         if let Some(path) = &self.model_config {
             let json = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
-            return Ok(Some(ClipConfig::from_json(&json)?));
+            return Ok(Some(
+                ClipConfig::from_json(&json).map_err(|e| anyhow::anyhow!("--model-config {}: {e}", path.display()))?,
+            ));
         }
         match (&self.vision_model, &self.text_model) {
             (Some(v), Some(t)) => Ok(Some(ClipConfig::from_name(&format!("{v}@{t}"))?)),

@@ -294,13 +294,7 @@ pub fn run(args: Args) -> Result<()> {
         for table in &args.tables {
             let Some((_, path)) = table.split_once('=') else { continue };
             let path = Path::new(path);
-            let inside = path.is_dir()
-                && std::fs::canonicalize(path).is_ok_and(|dir| {
-                    std::path::absolute(output).is_ok_and(|out| out.starts_with(&dir))
-                        || std::fs::canonicalize(output.parent().unwrap_or(Path::new(".")))
-                            .is_ok_and(|p| p.starts_with(&dir))
-                });
-            if cnclip_operators::staging::same_path(output, path) || inside {
+            if cnclip_operators::staging::within(output, path) {
                 bail!(
                     "--output {} would overwrite --table {table} (or write into its directory) while the query reads \
                      it: give another output path",

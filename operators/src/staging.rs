@@ -26,19 +26,29 @@ pub fn temp_path(path: &Path) -> PathBuf {
 /// `./data.jsonl` and a link to it are one path). Jobs compare their outputs with their inputs
 /// (and with each other) through this before writing anything.
 pub fn same_path(a: &Path, b: &Path) -> bool {
-    fn resolve(path: &Path) -> Option<PathBuf> {
-        if let Ok(real) = std::fs::canonicalize(path) {
-            return Some(real);
-        }
-        let absolute = std::path::absolute(path).ok()?;
-        let name = absolute.file_name()?;
-        let parent = absolute.parent()?;
-        Some(resolve(parent)?.join(name))
-    }
-    match (resolve(a), resolve(b)) {
+    match (resolved(a), resolved(b)) {
         (Some(a), Some(b)) => a == b,
         _ => a == b,
     }
+}
+
+/// Whether `path` is `dir` or lies under it (as [`same_path`] resolves them).
+pub fn within(path: &Path, dir: &Path) -> bool {
+    match (resolved(path), resolved(dir)) {
+        (Some(path), Some(dir)) => path.starts_with(dir),
+        _ => path.starts_with(dir),
+    }
+}
+
+/// `path` absolute, with the links of its existing part resolved.
+fn resolved(path: &Path) -> Option<PathBuf> {
+    if let Ok(real) = std::fs::canonicalize(path) {
+        return Some(real);
+    }
+    let absolute = std::path::absolute(path).ok()?;
+    let name = absolute.file_name()?;
+    let parent = absolute.parent()?;
+    Some(resolved(parent)?.join(name))
 }
 
 /// Removes `.cnclip-tmp-{pid}-{name}` beside `path` (files or directories) whose process no

@@ -233,6 +233,23 @@ fn a_bad_input_battery_for_make_topk_predictions() {
         cnclip_tests::hostile::check_refused(&ran, root, &names, &format!("gallery {gallery}, queries {queries}"));
         assert!(!root.join("out.jsonl").exists(), "{gallery}/{queries}: wrote an output");
     }
+    // The same id twice in a gallery would come back twice in one list.
+    let text = std::fs::read_to_string(root.join("a.jsonl")).unwrap();
+    let first = text.lines().next().unwrap().replacen("\"image_id\": 0,", "\"image_id\": 42,", 1);
+    std::fs::write(root.join("dup.jsonl"), format!("{first}\n{}", text.lines().skip(1).collect::<Vec<_>>().join("\n")))
+        .unwrap();
+    for backend in ["faiss", "torch"] {
+        refused(
+            root,
+            &knn("dup.jsonl", "q.jsonl", "out.jsonl", &["--backend", backend]),
+            &["gallery id 42 appears twice"],
+        );
+    }
+    // Sizes past what a search can give.
+    let huge = u64::MAX.to_string();
+    refused(root, &knn("a.jsonl", "q.jsonl", "out.jsonl", &["--top-k", &huge]), &["top_k"]);
+    refused(root, &knn("a.jsonl", "q.jsonl", "out.jsonl", &["--top-k", "0"]), &["top_k"]);
+    assert!(!root.join("out.jsonl").exists());
     // --top-k past the gallery: cn_clip's topk raises; here every query gets the whole gallery,
     // and the summary says so.
     let ran = succeeds(root, &knn("a.jsonl", "q.jsonl", "all.jsonl", &["--top-k", "100"]));

@@ -202,3 +202,46 @@ fn run_check_reports_a_cycle_through_a_node_that_failed_to_build_issue_23_item_7
     .unwrap();
     refused(root, &["run", "--check", "cycle.toml"], &["unknown field `colour`", "the graph has a cycle through a, b"]);
 }
+
+#[test]
+fn an_executor_whose_scheduler_died_stops_with_a_message_issue_23_item_7() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let mut scheduler = Command::new(cnclip_tests::cnclip_bin())
+        .args(["cluster", "scheduler", "--bind", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(scheduler.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let address = line.split_whitespace().find(|w| w.starts_with("127.0.0.1:")).map(str::to_string);
+    let Some(address) = address else {
+        let _ = scheduler.kill();
+        panic!("no address in `{line}`");
+    };
+    let executor = cnclip_tests::hostile::start(
+        root,
+        &[
+            "cluster",
+            "executor",
+            "--scheduler",
+            &address,
+            "--bind-host",
+            "127.0.0.1",
+            "--heartbeat-interval-seconds",
+            "1",
+            "--scheduler-timeout-seconds",
+            "4",
+            "--work-dir",
+            root.to_str().unwrap(),
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let _ = scheduler.kill();
+    let _ = scheduler.wait();
+    let ran = cnclip_tests::hostile::wait_within(executor, Duration::from_secs(60), "the executor");
+    assert_eq!(ran.output.status.code(), Some(1), "{}", ran.stderr);
+    assert!(ran.stderr.contains("has not answered") && ran.stderr.contains(&address), "{}", ran.stderr);
+}

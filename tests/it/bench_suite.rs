@@ -88,3 +88,56 @@ fn a_suite_writes_results_and_a_rerun_skips_finished_runs() {
     let stderr = cnclip(root, &["bench-suite", "suite.toml"]);
     assert_eq!(stderr.matches("done already, skipped").count(), 1, "{stderr}");
 }
+
+/// The file's hex sha256 (coreutils' `sha256sum`).
+fn sha256(path: &Path) -> String {
+    let output = Command::new("sha256sum").arg(path).output().unwrap();
+    assert!(output.status.success(), "sha256sum {}", path.display());
+    String::from_utf8(output.stdout).unwrap().split_whitespace().next().unwrap().to_string()
+}
+
+#[test]
+fn a_checkpoint_replaced_at_the_same_path_with_its_size_and_time_kept_is_evaluated_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    cnclip(root, &["synth", "--out", "demo", "--train", "2", "--valid", "24", "--test", "2"]);
+    std::fs::write(root.join("tiny.json"), TINY_VIT_BERT).unwrap();
+    for (seed, name) in [("1", "tiny.safetensors"), ("2", "other.safetensors")] {
+        cnclip(root, &["init-model", "--model-config", "tiny.json", "--seed", seed, "--output", name]);
+    }
+    let (tiny, other) = (root.join("tiny.safetensors"), root.join("other.safetensors"));
+    std::fs::write(root.join("suite.toml"), SUITE).unwrap();
+    cnclip(root, &["bench-suite", "suite.toml"]);
+    let made_from = |run: &str| -> serde_json::Value {
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(root.join("bench").join(format!("{run}.json"))).unwrap())
+                .unwrap();
+        json["cnclip_made_from"]["checkpoint"][0]["sha256"].clone()
+    };
+    let first = [made_from("tiny-valid"), made_from("tiny-zeroshot")];
+    let (old, new) = (sha256(&tiny), sha256(&other));
+    assert_ne!(old, new);
+    let stderr = cnclip(root, &["bench-suite", "suite.toml"]);
+    assert_eq!(stderr.matches("done already, skipped").count(), 2, "{stderr}");
+
+    // The other checkpoint's bytes written over it, its modification time put back: a `stat`
+    // sees the file it saw (as after `cp -p` or `rsync -t` of a retrained model).
+    let before = std::fs::metadata(&tiny).unwrap();
+    assert_eq!(before.len(), std::fs::metadata(&other).unwrap().len(), "the two checkpoints differ in size");
+    std::fs::write(&tiny, std::fs::read(&other).unwrap()).unwrap();
+    std::fs::File::options().write(true).open(&tiny).unwrap().set_modified(before.modified().unwrap()).unwrap();
+    let after = std::fs::metadata(&tiny).unwrap();
+    assert_eq!((after.len(), after.modified().unwrap()), (before.len(), before.modified().unwrap()));
+
+    let stderr = cnclip(root, &["bench-suite", "suite.toml"]);
+    assert_eq!(stderr.matches("running it again").count(), 2, "{stderr}");
+    assert_eq!(stderr.matches("done already, skipped").count(), 0, "{stderr}");
+    for (run, first) in ["tiny-valid", "tiny-zeroshot"].into_iter().zip(first) {
+        assert_eq!(first, old.as_str(), "{run}: the first result's checkpoint");
+        assert_eq!(made_from(run), new.as_str(), "{run}: the rerun's checkpoint");
+    }
+
+    // Nothing changed since: both skipped.
+    let stderr = cnclip(root, &["bench-suite", "suite.toml"]);
+    assert_eq!(stderr.matches("done already, skipped").count(), 2, "{stderr}");
+}

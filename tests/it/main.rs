@@ -4,10 +4,13 @@
 //! (`scripts/setup.sh` makes it); they fail, not skip, when it is missing.
 
 mod augment;
+mod bad_eval;
 mod bad_extract;
 mod bad_knn;
 mod bad_lmdb;
 mod bad_tables;
+mod bad_train;
+mod bad_zeroshot;
 mod bench_suite;
 mod build_index;
 mod checkpoints;

@@ -251,7 +251,7 @@ fn plan(args: &Args) -> Result<Plan> {
     let (config, vision_name) = match &args.model_config {
         Some(path) => {
             let json = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            (ClipConfig::from_json(&json)?, None)
+            (ClipConfig::from_json(&json).with_context(|| format!("--model-config {}", path.display()))?, None)
         }
         None => {
             let vision = args.vision_model.as_deref().unwrap_or("ViT-B-16");

@@ -53,6 +53,7 @@ impl TorchArchive {
     /// # Errors
     /// As [`TorchArchive::open`].
     pub fn open_with(path: &Path, limits: &Limits) -> Result<Self> {
+        readable(path)?;
         let name = path.display().to_string();
         let mut file = std::fs::File::open(path).map_err(|e| checkpoint_error(&name, e))?;
         let mut head = [0u8; 4];
@@ -254,11 +255,34 @@ impl Format {
             return Format::HuggingFace;
         }
         let mut magic = [0u8; 4];
-        let is_zip =
-            std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && &magic == b"PK\x03\x04";
+        // Only a regular file is opened: opening a FIFO blocks until something writes to it.
+        let is_zip = std::fs::metadata(path).is_ok_and(|m| m.is_file())
+            && std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok()
+            && &magic == b"PK\x03\x04";
         let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
         if is_zip || (!path.exists() && matches!(ext, "pt" | "pth" | "bin")) { Format::CnClip } else { Format::Cnclip }
     }
+}
+
+/// `Ok` for a regular file or a directory (a Hugging Face checkpoint); a FIFO or a device
+/// (`/dev/zero`) would block or never end, and is named for what it is.
+///
+/// # Errors
+/// [`Error::Checkpoint`] for anything else; a missing path is left to the reader's message.
+pub fn readable(path: &Path) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(meta) = std::fs::metadata(path) else { return Ok(()) };
+    let kind = meta.file_type();
+    let what = if kind.is_file() || kind.is_dir() {
+        return Ok(());
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_char_device() || kind.is_block_device() {
+        "a device"
+    } else {
+        "not a regular file"
+    };
+    Err(checkpoint_error(&path.display().to_string(), format!("{what}, not a regular file: a checkpoint is a file")))
 }
 
 /// Loads a model from any supported checkpoint onto `device`.
@@ -275,6 +299,7 @@ pub fn load_clip(
     architecture: Option<&ClipConfig>,
     device: tch::Device,
 ) -> Result<(Clip, CheckpointInfo)> {
+    readable(path)?;
     let (config, state_dict, info) = match Format::detect(path) {
         Format::CnClip => {
             let config = architecture.cloned().ok_or_else(|| {
@@ -309,6 +334,7 @@ pub fn load_clip(
 /// # Errors
 /// As [`load_clip`].
 pub fn architecture(path: &Path, named: Option<&ClipConfig>) -> Result<ClipConfig> {
+    readable(path)?;
     match Format::detect(path) {
         Format::CnClip => named.cloned().ok_or_else(|| {
             Error::Config(format!(

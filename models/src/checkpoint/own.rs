@@ -92,6 +92,7 @@ fn not_safetensors(bytes: &[u8], error: &str) -> String {
 /// # Errors
 /// [`Error::Checkpoint`] naming the file when it is not valid safetensors.
 pub fn read_safetensors(path: &Path) -> Result<(BTreeMap<String, Tensor>, HashMap<String, String>)> {
+    super::readable(path)?;
     let name = path.display().to_string();
     let bad = |reason: String| Error::Checkpoint { path: name.clone(), reason };
     let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;

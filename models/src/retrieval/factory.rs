@@ -42,9 +42,39 @@ pub fn check(description: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// FAISS's C++ exception text in its own words, without the C++ signature and source location
+/// it wraps them in (`Error in void faiss::Clustering::train_encoded(…) at …/Clustering.cpp:275:
+/// Error: 'nx >= k' failed: Number of training points (60) should be at least as large as number
+/// of clusters (1024)` → `Number of training points (60) …`).
+pub fn words(error: &impl std::fmt::Display) -> String {
+    let text = error.to_string();
+    let reason = match (text.rfind("' failed: "), text.rfind("Error: ")) {
+        (Some(at), _) => &text[at + "' failed: ".len()..],
+        (None, Some(at)) => &text[at + "Error: ".len()..],
+        (None, None) => &text,
+    };
+    reason.trim().to_string()
+}
+
 #[cfg(test)]
 mod tests {
-    use super::check;
+    use super::{check, words};
+
+    #[test]
+    fn faiss_messages_lose_their_cpp_wrapping() {
+        let raw = "Error in void faiss::Clustering::train_encoded(idx_t, const uint8_t*, const Index*, Index&, \
+                   const float*) at /faiss/faiss/Clustering.cpp:275: Error: 'nx >= k' failed: Number of training \
+                   points (60) should be at least as large as number of clusters (1024)";
+        assert_eq!(
+            words(&raw),
+            "Number of training points (60) should be at least as large as number of clusters (1024)"
+        );
+        assert_eq!(
+            words(&"Error in f at x.cpp:1: Error: could not open a.index for reading"),
+            "could not open a.index for reading"
+        );
+        assert_eq!(words(&"plain"), "plain");
+    }
 
     #[test]
     fn zero_and_absurd_sizes_are_refused_before_faiss() {

@@ -28,7 +28,10 @@ impl IvfIndex {
     pub fn new(dim: usize, description: &str) -> Result<IvfIndex, String> {
         super::factory::check(description)?;
         let index = faiss::index_factory(dim as u32, description, MetricType::InnerProduct).map_err(|e| {
-            format!("`{description}` is not a factory string FAISS accepts for {dim}-value vectors ({e})")
+            format!(
+                "`{description}` is not a factory string FAISS accepts for {dim}-value vectors ({})",
+                super::factory::words(&e)
+            )
         })?;
         IvfIndex::from_index(index).map_err(|_| {
             format!(
@@ -80,7 +83,7 @@ impl IvfIndex {
     /// # Errors
     /// FAISS's, e.g. a sample smaller than a k-means it runs (the lists, or PQ's 256 centroids).
     pub fn train(&mut self, sample: &[f32]) -> Result<(), String> {
-        self.0.train(sample).map_err(|e| e.to_string())
+        self.0.train(sample).map_err(|e| super::factory::words(&e))
     }
 
     /// An independent copy (trained centroids and codebooks included).
@@ -100,7 +103,7 @@ impl IvfIndex {
             return Err(format!("id {id} is negative; FAISS reserves negative ids"));
         }
         let ids: Vec<Idx> = ids.iter().map(|&id| Idx::new(id as u64)).collect();
-        self.0.add_with_ids(vectors, &ids).map_err(|e| e.to_string())
+        self.0.add_with_ids(vectors, &ids).map_err(|e| super::factory::words(&e))
     }
 
     /// Moves every entry of `other` into this index (see [`merge_from`]).
@@ -200,7 +203,7 @@ fn last_error() -> String {
         return "FAISS failed without a message".into();
     }
     // SAFETY: non-null and NUL-terminated, as above.
-    unsafe { CStr::from_ptr(message) }.to_string_lossy().trim().to_string()
+    super::factory::words(&unsafe { CStr::from_ptr(message) }.to_string_lossy())
 }
 
 #[cfg(test)]

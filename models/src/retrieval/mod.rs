@@ -352,7 +352,23 @@ impl Gallery {
                 }
             }
         }
+        gallery.check_unique(files)?;
         Ok(gallery)
+    }
+
+    /// An id twice in a gallery would come back twice in one neighbour list (and count twice
+    /// in a recall): refused, naming it and where its rows are.
+    fn check_unique(&self, files: &[PathBuf]) -> Result<(), String> {
+        let mut order: Vec<usize> = (0..self.ids.len()).collect();
+        order.sort_unstable_by_key(|&row| self.ids[row]);
+        let Some(pair) = order.windows(2).find(|pair| self.ids[pair[0]] == self.ids[pair[1]]) else { return Ok(()) };
+        let (first, second) = (pair[0].min(pair[1]), pair[0].max(pair[1]));
+        let listed: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+        Err(format!(
+            "gallery id {} appears twice (rows {first} and {second} of {}): every gallery item needs its own id",
+            self.ids[first],
+            listed.join(", ")
+        ))
     }
 
     pub fn len(&self) -> usize {
@@ -531,7 +547,7 @@ fn build_index(
     gallery: &Gallery,
     files: &[PathBuf],
 ) -> Result<faiss::index::IndexImpl, String> {
-    let faiss_err = |e: faiss::error::Error| format!("FAISS index `{}`: {e}", config.index);
+    let faiss_err = |e: faiss::error::Error| format!("FAISS index `{}`: {}", config.index, factory::words(&e));
     let record = index_path.map(|_| SavedIndex {
         index: config.index.clone(),
         train_sample: config.train_sample,
@@ -579,7 +595,9 @@ fn build_index(
     };
     let mut index = match saved {
         Some(path) => {
-            let index = faiss::read_index(path.to_string_lossy()).map_err(|e| format!("{}: {e}", path.display()))?;
+            let index = faiss::read_index(path.to_string_lossy()).map_err(|e| {
+                format!("{}: not a FAISS index FAISS can read ({})", path.display(), factory::words(&e))
+            })?;
             if index.ntotal() != gallery.len() as u64 || index.d() as usize != gallery.dim {
                 return Err(format!(
                     "{}: an index of {} vectors of {} values, the gallery has {} of {}",

@@ -79,8 +79,9 @@ fn identity(path: &Path) -> std::io::Result<(u64, u64)> {
 
 /// Every image of the set, in `ImageFolder`'s order. Links are followed as `os.walk(…,
 /// followlinks=True)` does, but a link back to a folder being walked (a loop, which os.walk
-/// would follow until paths grow too long) is an error naming it; SIGINT and SIGTERM stop the
-/// walk.
+/// follows until paths grow too long, counting the same images again at every level) or to a
+/// folder the class already reaches (links fanning out, which multiply the walk) is an error
+/// naming it; SIGINT and SIGTERM stop the walk.
 ///
 /// # Errors
 /// IO errors walking `root`, a link loop, an interruption.
@@ -90,7 +91,12 @@ pub fn entries(root: &Path) -> Result<Vec<Entry>> {
         // os.walk's (root, dirs, files) triples, sorted by their root string.
         let mut walk: Vec<(String, Vec<String>)> = Vec::new();
         let top = root.join(class);
-        let mut stack = vec![(top.clone(), Arc::new(vec![identity(&top).map_err(io(&top))?]))];
+        let root_id = identity(root).map_err(io(root))?;
+        let top_id = identity(&top).map_err(io(&top))?;
+        // Every folder of the class, once: a second way in (links fanning out to the same
+        // folders) would multiply the walk without end in sight.
+        let mut visited = std::collections::HashSet::from([top_id]);
+        let mut stack = vec![(top.clone(), Arc::new(vec![root_id, top_id]))];
         while let Some((dir, ancestors)) = stack.pop() {
             if let Some(signal) = crate::signals::interrupted() {
                 return Err(Error::Interrupted { signal });
@@ -106,6 +112,15 @@ pub fn entries(root: &Path) -> Result<Vec<Entry>> {
                             path: path.display().to_string(),
                             reason: "a symbolic link loop (it leads back to a folder that contains it): the walk \
                                      would never end; remove the link"
+                                .into(),
+                        });
+                    }
+                    if !visited.insert(id) {
+                        return Err(Error::Format {
+                            path: path.display().to_string(),
+                            reason: "a folder this class already reaches another way (through symbolic links): its \
+                                     images would count twice, and links fanning out this way multiply without \
+                                     end; remove the link"
                                 .into(),
                         });
                     }

@@ -144,6 +144,11 @@ mod tests {
         touch("notes.txt");
         touch("part-00000.parquet");
         assert_eq!(check_complete(dir.path()), Ok(()), "no shard names: read as it is");
+        touch("part-00000-of-00001.parquet");
+        let e = check_complete(dir.path()).unwrap_err();
+        assert!(e.contains("1 other Parquet file(s) (part-00000.parquet)"), "a stray beside a shard: {e}");
+        std::fs::remove_file(dir.path().join("part-00000-of-00001.parquet")).unwrap();
+        std::fs::remove_file(dir.path().join("part-00000.parquet")).unwrap();
         for i in [0, 1, 3] {
             touch(&format!("part-{i:05}-of-00004.parquet"));
         }
@@ -155,5 +160,18 @@ mod tests {
         touch("part-00000-of-00002.parquet");
         let e = check_complete(dir.path()).unwrap_err();
         assert!(e.contains("N = 2, 4"), "{e}");
+    }
+
+    #[test]
+    fn a_part_that_is_not_a_regular_file_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("part-00000-of-00002.parquet"), b"").unwrap();
+        std::os::unix::fs::symlink("/dev/null", dir.path().join("part-00001-of-00002.parquet")).unwrap();
+        let e = check_complete(dir.path()).unwrap_err();
+        assert!(e.contains("part-00001-of-00002.parquet: a character device, not a regular file"), "{e}");
+        std::fs::remove_file(dir.path().join("part-00001-of-00002.parquet")).unwrap();
+        std::fs::create_dir(dir.path().join("part-00001-of-00002.parquet")).unwrap();
+        let e = check_complete(dir.path()).unwrap_err();
+        assert!(e.contains("a directory, not a regular file"), "{e}");
     }
 }
