@@ -102,12 +102,8 @@ fn s(p: &Path) -> String {
 
 pub fn run(args: Args) -> Result<()> {
     let base = args.suite.parent().unwrap_or(Path::new("")).to_path_buf();
-    if let Ok(meta) = std::fs::metadata(&args.suite)
-        && !meta.is_file()
-    {
-        bail!("{} is {}, not a regular file", args.suite.display(), cnclip_operators::sources::parts::kind_of(&meta));
-    }
-    let text = std::fs::read_to_string(&args.suite).with_context(|| format!("reading {}", args.suite.display()))?;
+    let text = cnclip_operators::sources::read_text(&args.suite, cnclip_operators::sources::MAX_TEXT_BYTES)
+        .with_context(|| format!("reading {}", args.suite.display()))?;
     let suite: Suite = toml::from_str(&text).with_context(|| format!("{}", args.suite.display()))?;
     let resolve = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
     let out = resolve(&suite.suite.out);

@@ -478,7 +478,8 @@ pub fn transform(args: TransformArgs) -> Result<()> {
 /// Writes the image → text form of the text → image annotation file `input` to `output`.
 pub fn transpose(input: &std::path::Path, output: &std::path::Path) -> Result<()> {
     let args = TransformArgs { input: input.display().to_string() };
-    let text = std::fs::read_to_string(&args.input).with_context(|| format!("reading {}", args.input))?;
+    let text = cnclip_operators::sources::read_text(std::path::Path::new(&args.input), u64::MAX)
+        .with_context(|| format!("reading {}", args.input))?;
     let mut order: Vec<Value> = Vec::new();
     let mut records: HashMap<String, (Value, Vec<Value>)> = HashMap::new();
     for (number, line) in text.lines().enumerate() {

@@ -134,7 +134,9 @@ fn exec_torch(subcommand: &str, args: impl IntoIterator<Item = OsString>) -> Res
 /// Whether the pipeline file names a node kind that `registry` lacks (then another binary
 /// may know it). A file that cannot be read or parsed says no: [`run`] reports it.
 fn needs_other_kinds(pipeline: &std::path::Path, registry: &Registry) -> bool {
-    let Ok(text) = std::fs::read_to_string(pipeline) else { return false };
+    let Ok(text) = cnclip_operators::sources::read_text(pipeline, cnclip_operators::sources::MAX_TEXT_BYTES) else {
+        return false;
+    };
     let Ok(table) = text.parse::<toml::Table>() else { return false };
     let Some(toml::Value::Table(nodes)) = table.get("nodes") else { return false };
     nodes.values().any(|node| match node.get("kind") {

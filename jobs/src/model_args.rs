@@ -21,7 +21,8 @@ impl ModelArgs {
     /// The named architecture, if any (cnclip checkpoints carry their own).
     pub fn config(&self) -> Result<Option<ClipConfig>> {
         if let Some(path) = &self.model_config {
-            let json = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+            let json = cnclip_operators::sources::read_text(path, cnclip_operators::sources::MAX_TEXT_BYTES)
+                .map_err(|e| anyhow::anyhow!("--model-config {e}"))?;
             return Ok(Some(
                 ClipConfig::from_json(&json).map_err(|e| anyhow::anyhow!("--model-config {}: {e}", path.display()))?,
             ));

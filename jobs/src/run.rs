@@ -45,7 +45,8 @@ pub fn run(args: Args, registry: &Registry) -> Result<()> {
         return Ok(());
     }
     let Some(path) = args.pipeline.clone() else { bail!("give a pipeline file (or --kinds)") };
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let text = cnclip_operators::sources::read_text(&path, cnclip_operators::sources::MAX_TEXT_BYTES)
+        .with_context(|| format!("reading {}", path.display()))?;
     let base = path.parent().map(PathBuf::from).unwrap_or_default();
     let mut text_table: toml::Table = match text.parse() {
         Ok(t) => t,

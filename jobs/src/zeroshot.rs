@@ -168,13 +168,14 @@ pub fn run_with(args: Args) -> Result<Metrics> {
     if args.cluster.is_some() && args.engine != crate::evaluation_engine::Engine::Sql {
         bail!("--cluster runs the SQL engine: add --engine sql");
     }
-    let classnames: Vec<String> = std::fs::read_to_string(&args.label_file)
-        .with_context(|| format!("reading {}", args.label_file.display()))?
-        .lines()
-        .map(|l| l.trim().to_string())
-        .collect();
+    let classnames: Vec<String> =
+        cnclip_operators::sources::read_text(&args.label_file, cnclip_operators::sources::MAX_TEXT_BYTES)
+            .with_context(|| format!("reading {}", args.label_file.display()))?
+            .lines()
+            .map(|l| l.trim().to_string())
+            .collect();
     let templates: Vec<String> = match &args.templates {
-        Some(path) => std::fs::read_to_string(path)
+        Some(path) => cnclip_operators::sources::read_text(path, cnclip_operators::sources::MAX_TEXT_BYTES)
             .with_context(|| format!("reading {}", path.display()))?
             .lines()
             .filter(|l| !l.trim().is_empty())
@@ -364,7 +365,9 @@ pub fn run_with(args: Args) -> Result<Metrics> {
     let order: Vec<usize> = if args.index.is_empty() {
         (0..n).collect()
     } else {
-        let text = std::fs::read_to_string(&args.index).with_context(|| format!("reading {}", args.index))?;
+        let text =
+            cnclip_operators::sources::read_text(Path::new(&args.index), cnclip_operators::sources::MAX_TEXT_BYTES)
+                .with_context(|| format!("reading {}", args.index))?;
         let index: Vec<usize> =
             serde_json::from_str(&text).with_context(|| format!("{}: a JSON list of row numbers", args.index))?;
         if let Some(bad) = index.iter().find(|&&i| i >= n) {

@@ -125,3 +125,28 @@ fn a_bad_input_battery_for_convert_tokenize_and_build_lmdb() {
     std::fs::write(root.join("data/train_texts.jsonl"), "").unwrap();
     refused(root, &["build-lmdb", "--data-dir", "data", "--splits", "train"], &["train_imgs.tsv", "a directory"]);
 }
+
+#[test]
+fn small_text_inputs_that_are_not_regular_files_are_refused_not_read_for_ever() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    mkfifo(&root.join("fifo"));
+    std::fs::write(root.join("tiny.json"), crate::smoke::TINY_VIT_BERT).unwrap();
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["init-model", "--model-config", "fifo", "--output", "x.safetensors"],
+        vec!["init-model", "--model-config", "/dev/zero", "--output", "x.safetensors"],
+        vec!["run", "fifo"],
+        vec!["run", "--check", "/dev/zero"],
+        vec!["make-topk-predictions", "--image-feats", "a.jsonl", "--text-feats", "b.jsonl", "--output", "o.jsonl"],
+    ];
+    for args in &cases[..4] {
+        let named = args.iter().find(|a| **a == "fifo" || **a == "/dev/zero").unwrap();
+        refused(root, args, &[named, "not a regular file"]);
+    }
+    // A saved index path that is a FIFO.
+    std::fs::write(root.join("a.jsonl"), "{\"image_id\": 1, \"feature\": [1.0, 0.0]}\n").unwrap();
+    std::fs::write(root.join("b.jsonl"), "{\"text_id\": 1, \"feature\": [1.0, 0.0]}\n").unwrap();
+    let mut args = cases[4].clone();
+    args.extend(["--index-path", "fifo"]);
+    refused(root, &args, &["fifo", "not a saved index"]);
+}

@@ -184,3 +184,14 @@ fn links_fanning_out_to_one_folder_are_refused_not_walked_for_ever() {
     check_refused(&ran, root, &["000/tree/", "already reaches another way"], "links fanning out");
     assert!(!root.join("out/synth.json").exists(), "a result was written");
 }
+
+#[test]
+fn label_and_template_files_that_are_not_regular_files_are_refused() {
+    let dir = fixture(1);
+    let root = dir.path();
+    assert!(std::process::Command::new("mkfifo").arg(root.join("fifo.txt")).status().unwrap().success());
+    for (flag, file) in [("--label-file", "fifo.txt"), ("--templates", "fifo.txt"), ("--label-file", "/dev/zero")] {
+        let ran = run_within(root, &zeroshot(&[(flag, file)]), Duration::from_secs(60));
+        check_refused(&ran, root, &[file, "not a regular file"], &format!("{flag} {file}"));
+    }
+}

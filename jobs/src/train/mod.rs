@@ -250,7 +250,8 @@ fn plan(args: &Args) -> Result<Plan> {
     }
     let (config, vision_name) = match &args.model_config {
         Some(path) => {
-            let json = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let json = cnclip_operators::sources::read_text(path, cnclip_operators::sources::MAX_TEXT_BYTES)
+                .context("--model-config")?;
             (ClipConfig::from_json(&json).with_context(|| format!("--model-config {}", path.display()))?, None)
         }
         None => {

@@ -220,6 +220,18 @@ impl NodeConfig for KnnConfig {
             problems.push(e.to_string());
         }
         let index_path = self.index_path.as_ref().map(|p| cx.resolve(p));
+        if let Some(path) = &index_path
+            && let Ok(meta) = std::fs::metadata(path)
+            && !meta.is_file()
+            && !meta.is_dir()
+        {
+            problems.push(format!(
+                "`index_path` {} is {}, not a saved index or a build-index directory",
+                path.display(),
+                cnclip_operators::sources::parts::kind_of(&meta)
+            ));
+            return Err(problems);
+        }
         if let Some(dir) = index_path.as_ref().filter(|p| p.is_dir()) {
             if self.backend != Backend::Faiss {
                 problems.push(format!("{}: a build-index directory is searched with the faiss backend", dir.display()));

@@ -105,6 +105,33 @@ pub trait Source: Send + 'static {
     fn read(self: Box<Self>, ctx: &ReadContext, emit: Emit<'_>) -> Result<()>;
 }
 
+/// The contents of a small text input (a pipeline file, a label or templates file, a model
+/// config), read only when it is a regular file of at most `max_bytes`: a FIFO would block the
+/// read, `/dev/zero` would fill memory. The error names the path and what it is.
+///
+/// # Errors
+/// The path is not a regular file, is larger than `max_bytes`, or cannot be read as UTF-8.
+pub fn read_text(path: &Path, max_bytes: u64) -> std::io::Result<String> {
+    let meta =
+        std::fs::metadata(path).map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} is {}, not a regular file", path.display(), parts::kind_of(&meta)),
+        ));
+    }
+    if meta.len() > max_bytes {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} is {} bytes, more than the {max_bytes} this input may have", path.display(), meta.len()),
+        ));
+    }
+    std::fs::read_to_string(path).map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+}
+
+/// The most a small text input read by [`read_text`] may hold (64 MiB).
+pub const MAX_TEXT_BYTES: u64 = 64 << 20;
+
 /// Expands file arguments: plain paths (which must exist) and glob patterns (`*`, `?`, `[…]`,
 /// which must match at least one file; matches in sorted order). Every problem is reported.
 ///
