@@ -282,6 +282,26 @@ pub async fn context(tables: &[String], cluster: Option<&str>) -> Result<Session
         } else {
             path.display().to_string()
         };
+        // Every file's footer read first, by the checked reader: DataFusion skips an empty file
+        // (a table silently short of its rows) and panics on some damaged footers.
+        let files: Vec<PathBuf> = if path.is_dir() {
+            let mut parts: Vec<PathBuf> = std::fs::read_dir(path)
+                .with_context(|| format!("--table {table}"))?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.extension().is_some_and(|e| e == "parquet")
+                        && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'))
+                })
+                .collect();
+            parts.sort();
+            parts
+        } else {
+            vec![path.clone()]
+        };
+        for file in &files {
+            cnclip_operators::sources::parquet::file_schema(file).with_context(|| format!("--table {table}"))?;
+        }
         ctx.register_parquet(name, &location, ParquetReadOptions::default())
             .await
             .with_context(|| format!("--table {table}"))?;

@@ -280,3 +280,33 @@ fn sql_streams_a_large_result_to_its_output_in_bounded_memory_issue_23_item_5() 
     let peak = ran["peak_mib"].as_f64().unwrap();
     assert!(peak < 240.0, "sql peaked at {peak:.0} MiB writing 18M rows: the result was gathered, not streamed");
 }
+
+#[test]
+fn a_bad_input_battery_for_sql_and_cluster() {
+    let dir = tables();
+    let root = dir.path();
+    std::fs::write(root.join("garbage.parquet"), b"PAR1garbagePAR1").unwrap();
+    std::fs::write(root.join("empty.parquet"), b"").unwrap();
+    std::fs::create_dir(root.join("nothing")).unwrap();
+    std::fs::create_dir(root.join("damaged")).unwrap();
+    std::fs::copy(root.join("t.parquet"), root.join("damaged/a.parquet")).unwrap();
+    std::fs::write(root.join("damaged/b.parquet"), b"").unwrap();
+    for (table, named) in [
+        ("t=garbage.parquet", "garbage.parquet"),
+        ("t=empty.parquet", "empty.parquet"),
+        ("t=nothing", "nothing"),
+        ("t=damaged", "b.parquet"),
+        ("t=missing.parquet", "missing.parquet"),
+        ("t", "NAME=PATH"),
+        ("t=/dev/zero", "/dev/zero"),
+    ] {
+        refused(root, &["sql", "SELECT count(*) FROM t", "--table", table], &[named]);
+    }
+    refused(root, &["sql", "SELEC", "--table", "t=t.parquet"], &["SELEC"]);
+    refused(root, &["sql", "SELECT * FROM nope", "--table", "t=t.parquet"], &["nope"]);
+    refused(root, &["sql", "SELECT 1", "--format", "parquet"], &["--output"]);
+    refused(root, &["sql", "SELECT 1", "--cluster", "http://x:1"], &["df://"]);
+    refused(root, &["cluster", "scheduler", "--bind", "not-an-address"], &["not-an-address"]);
+    refused(root, &["cluster", "executor", "--scheduler", "nohost"], &["HOST:PORT"]);
+    refused(root, &["cluster", "executor", "--scheduler", "127.0.0.1:notaport"], &["notaport"]);
+}

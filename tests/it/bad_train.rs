@@ -143,3 +143,37 @@ fn demo_refuses_sizes_it_cannot_score_before_any_step_runs() {
     refused(root, &demo("epochs", "--epochs", "0"), &["--epochs"]);
     assert!(!root.join("epochs/logs").exists(), "a step ran before the check");
 }
+
+#[test]
+fn a_bad_input_battery_for_train_data() {
+    let dir = corpus();
+    let root = dir.path();
+    std::fs::create_dir(root.join("emptysplit")).unwrap();
+    for name in ["fifo_imgs.tsv", "fifo_texts.jsonl"] {
+        assert!(std::process::Command::new("mkfifo").arg(root.join(name)).status().unwrap().success());
+    }
+    std::fs::write(root.join("z_imgs.tsv"), "").unwrap();
+    std::fs::write(root.join("z_texts.jsonl"), "").unwrap();
+    let copy = |from: &str, to: &str| {
+        std::fs::create_dir_all(root.join(to)).unwrap();
+        for entry in std::fs::read_dir(root.join(from)).unwrap().flatten() {
+            std::fs::copy(entry.path(), root.join(to).join(entry.file_name())).unwrap();
+        }
+    };
+    std::fs::create_dir(root.join("cut")).unwrap();
+    copy("corpus/lmdb/train/imgs", "cut/imgs");
+    copy("corpus/lmdb/train/pairs", "cut/pairs");
+    std::fs::File::options().write(true).open(root.join("cut/imgs/data.mdb")).unwrap().set_len(10_000).unwrap();
+    for (data, named) in [
+        ("missing", vec!["missing", "not a cn_clip LMDB split"]),
+        ("emptysplit", vec!["emptysplit"]),
+        ("fifo_imgs.tsv", vec!["fifo_imgs.tsv", "not a regular file"]),
+        ("z_imgs.tsv", vec!["no samples"]),
+        ("cut", vec!["cut/imgs/data.mdb", "truncated"]),
+        ("/dev/zero", vec!["/dev/zero"]),
+    ] {
+        let mut args = train_args("bad", "tiny.json", "1e-3", &[]);
+        args[2] = data;
+        refused(root, &args, &named);
+    }
+}
