@@ -210,7 +210,14 @@ fn read_submission(
     if !path.exists() {
         return Err("The submission file is not found!".into());
     }
-    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    // cn_clip reports an unreadable file by the exception's first argument: the errno for an
+    // OSError (21 for a directory, written as a number), the codec's name for bytes that are
+    // not UTF-8.
+    let text = std::fs::read_to_string(path).map_err(|e| match (e.raw_os_error(), e.kind()) {
+        (Some(errno), _) => errno.to_string(),
+        (None, std::io::ErrorKind::InvalidData) => "utf-8".to_string(),
+        _ => e.to_string(),
+    })?;
     let mut submission: HashMap<i64, Vec<i64>> = HashMap::new();
     let mut last_query: Option<Value> = None;
     for raw in text.split_inclusive('\n') {
@@ -366,7 +373,11 @@ fn evaluate(
         }
         Err(_) if failed.is_some() => Err(failed.expect("checked").context("the SQL engine failed")),
         Err(message) => {
-            let m = py_dumps(&Value::String(message.clone()));
+            // An errno (see `read_submission`) is a number in cn_clip's JSON; messages are text.
+            let m = match message.parse::<i64>() {
+                Ok(errno) => errno.to_string(),
+                Err(_) => py_dumps(&Value::String(message.clone())),
+            };
             let json = format!(
                 "{{\"errorDetail\": {m}, \"errorMsg\": {m}, \"score\": 0, \"scoreJson\": {{}}, \"success\": false}}"
             );
@@ -448,6 +459,7 @@ pub fn run(args: Args, image_to_text: bool) -> Result<()> {
     for path in [&args.standard_path, &args.submit_path] {
         if let Ok(meta) = std::fs::metadata(path)
             && !meta.is_file()
+            && !meta.is_dir()
         {
             bail!("{} is {}, not a regular file", path.display(), cnclip_operators::sources::parts::kind_of(&meta));
         }

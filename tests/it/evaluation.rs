@@ -63,6 +63,13 @@ fn write_inputs(root: &Path) {
     for (name, content) in invalid {
         std::fs::write(root.join(format!("{name}.jsonl")), content).unwrap();
     }
+    // What cn_clip reports by the exception's argument (issue #23): a directory (errno 21) and
+    // bytes that are not UTF-8.
+    std::fs::create_dir(root.join("a_directory.jsonl")).unwrap();
+    let mut bytes = format!("{}\n", lines[0]).into_bytes();
+    bytes.extend_from_slice(b"{\"text_id\": 1, \"image_ids\": [1,2,3,4,5,6,7,8,9,10], \"x\": \"\xff\xfe\"}\n");
+    bytes.extend_from_slice(rest.split_once('\n').map_or("", |(_, r)| r).as_bytes());
+    std::fs::write(root.join("not_utf8.jsonl"), bytes).unwrap();
 }
 
 #[test]
