@@ -377,7 +377,14 @@ impl Table {
         } else if path.is_file() {
             vec![path.to_path_buf()]
         } else {
-            bail!("--features {}: no such file or directory", path.display());
+            match std::fs::metadata(path) {
+                Ok(meta) => bail!(
+                    "--features {}: {}, not a regular file",
+                    path.display(),
+                    cnclip_operators::sources::parts::kind_of(&meta)
+                ),
+                Err(_) => bail!("--features {}: no such file or directory", path.display()),
+            }
         };
         let (json_key, id_column, dim) = if jsonl {
             let key = args.id_column.clone().unwrap_or_else(|| "image_id".into());

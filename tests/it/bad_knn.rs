@@ -256,3 +256,45 @@ fn a_bad_input_battery_for_make_topk_predictions() {
     assert!(predictions(&root.join("all.jsonl")).values().all(|n| n.len() == 60));
     assert!(ran.stderr.contains("60"), "{}", ran.stderr);
 }
+
+#[test]
+fn a_bad_input_battery_for_build_index() {
+    let dir = data();
+    let root = dir.path();
+    std::fs::write(root.join("garbage.parquet"), b"PAR1garbagePAR1").unwrap();
+    std::fs::write(root.join("empty.parquet"), b"").unwrap();
+    std::fs::create_dir(root.join("nothing")).unwrap();
+    assert!(std::process::Command::new("mkfifo").arg(root.join("fifo.parquet")).status().unwrap().success());
+    for (table, named) in [
+        ("garbage.parquet", "garbage.parquet"),
+        ("empty.parquet", "empty.parquet"),
+        ("nothing", "nothing"),
+        ("fifo.parquet", "a FIFO, not a regular file"),
+        ("/dev/zero", "a character device, not a regular file"),
+        ("missing.parquet", "missing.parquet"),
+        ("huge.jsonl", "line 6"),
+    ] {
+        refused(
+            root,
+            &["build-index", "--features", table, "--index", "IVF2,Flat", "--train-sample", "60", "--index-path", "ix"],
+            &[named],
+        );
+    }
+    // Training needs at least as many vectors as lists: FAISS says so in its own words.
+    let stderr = refused(
+        root,
+        &[
+            "build-index",
+            "--features",
+            "a.parquet",
+            "--index",
+            "IVF256,Flat",
+            "--train-sample",
+            "60",
+            "--index-path",
+            "ix",
+        ],
+        &["IVF256"],
+    );
+    assert!(!stderr.contains("Clustering.cpp"), "FAISS's C++ location leaked: {stderr}");
+}
