@@ -150,3 +150,21 @@ fn small_text_inputs_that_are_not_regular_files_are_refused_not_read_for_ever() 
     args.extend(["--index-path", "fifo"]);
     refused(root, &args, &["fifo", "not a saved index"]);
 }
+
+#[test]
+fn oversized_small_inputs_are_refused_before_they_are_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    // Sparse files just past the 64 MiB a small text input may hold.
+    for name in ["big.toml", "big.json"] {
+        std::fs::File::create(root.join(name)).unwrap().set_len((64 << 20) + 1).unwrap();
+    }
+    for args in [
+        vec!["run", "big.toml"],
+        vec!["bench-suite", "big.toml"],
+        vec!["init-model", "--model-config", "big.json", "--output", "x.safetensors"],
+    ] {
+        let named = if args.contains(&"big.json") { "big.json" } else { "big.toml" };
+        refused(root, &args, &[named, "more than"]);
+    }
+}

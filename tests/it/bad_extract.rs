@@ -112,6 +112,24 @@ fn a_bad_input_battery_for_extract_features() {
 }
 
 #[test]
+fn repeated_ids_are_quarantined_and_counted() {
+    let dir = corpus();
+    let root = dir.path();
+    let texts = std::fs::read_to_string(root.join("data/valid_texts.jsonl")).unwrap();
+    let first = texts.lines().next().unwrap();
+    std::fs::write(root.join("dup_texts.jsonl"), format!("{texts}{first}\n")).unwrap();
+    let ran = succeeds(
+        root,
+        &extract(&["--extract-text-feats", "--text-data", "dup_texts.jsonl", "--text-feat-output-path", "dup.jsonl"]),
+    );
+    assert!(ran.stderr.contains("1 quarantined"), "{}", ran.stderr);
+    let quarantine = std::fs::read_to_string(root.join("dup.quarantine.jsonl")).unwrap();
+    assert_eq!(quarantine.lines().count(), 1, "{quarantine}");
+    let rows = std::fs::read_to_string(root.join("dup.jsonl")).unwrap().lines().count();
+    assert_eq!(rows, texts.lines().count(), "each text once");
+}
+
+#[test]
 fn sigterm_stops_extract_features_and_leaves_no_output() {
     let dir = corpus();
     let root = dir.path();
