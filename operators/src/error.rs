@@ -52,6 +52,11 @@ pub enum Error {
     /// Starting the async runtime.
     #[error("starting the runtime: {0}")]
     Start(#[source] std::io::Error),
+    /// A model or an index could not be built or used on its device (a checkpoint's weights, a
+    /// FAISS index that cannot be trained on the data given): the reason says which. Bad input
+    /// or settings, unlike [`Error::Internal`].
+    #[error("{0}")]
+    Model(String),
     #[error("internal error: {0}")]
     Internal(String),
 }

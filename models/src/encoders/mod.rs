@@ -361,7 +361,7 @@ impl Transform for Encoder {
     }
 
     fn open_replica(&self, device: &str) -> cnclip_operators::Result<Option<Box<dyn TransformReplica>>> {
-        let fail = |e: crate::Error| cnclip_operators::Error::Internal(e.to_string());
+        let fail = |e: crate::Error| cnclip_operators::Error::Model(e.to_string());
         let on = crate::device::device(device).map_err(fail)?;
         // Replicas on the CPU share libtorch's one intra-op pool, at its size: the same kernels
         // with the same thread count, so features do not depend on the number of replicas.

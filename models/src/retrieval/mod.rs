@@ -427,7 +427,7 @@ impl Transform for Knn {
     }
 
     fn open_replica(&self, device: &str) -> cnclip_operators::Result<Option<Box<dyn TransformReplica>>> {
-        let fail = |e: String| cnclip_operators::Error::Internal(e);
+        let fail = |e: String| cnclip_operators::Error::Model(e);
         if let Some(built) = &self.built {
             let indexes = built.load(self.config.mmap).map_err(fail)?;
             let nprobe = self.config.nprobe.unwrap_or(built.manifest.nprobe);
