@@ -250,6 +250,13 @@ fn a_bad_input_battery_for_make_topk_predictions() {
     refused(root, &knn("a.jsonl", "q.jsonl", "out.jsonl", &["--top-k", &huge]), &["top_k"]);
     refused(root, &knn("a.jsonl", "q.jsonl", "out.jsonl", &["--top-k", "0"]), &["top_k"]);
     assert!(!root.join("out.jsonl").exists());
+    // An approximate index whose probed lists hold fewer than k: said, not silent.
+    // (8 lists of 60 vectors, one probed: about 8 candidates for a top 20.)
+    let ivf = ["--index", "IVF8,Flat", "--nprobe", "1", "--top-k", "20"];
+    let ran = succeeds(root, &knn("a.jsonl", "q.jsonl", "ivf.jsonl", &ivf));
+    let short = predictions(&root.join("ivf.jsonl")).values().filter(|n| n.len() < 20).count();
+    assert!(short > 0, "no query got fewer than 20");
+    assert!(ran.stderr.contains(&format!("{short} of 12 queries got fewer than 20")), "{}", ran.stderr);
     // --top-k past the gallery: cn_clip's topk raises; here every query gets the whole gallery,
     // and the summary says so.
     let ran = succeeds(root, &knn("a.jsonl", "q.jsonl", "all.jsonl", &["--top-k", "100"]));

@@ -461,6 +461,7 @@ impl Transform for Knn {
                 scores: self.config.scores,
                 schema: predictions_schema(self.config.scores),
                 rows_seen: 0,
+                short: 0,
             })));
         }
         let gallery = Gallery::read(&self.files, &self.config.gallery_id, self.dim).map_err(fail)?;
@@ -500,6 +501,7 @@ impl Transform for Knn {
             scores: self.config.scores,
             schema: predictions_schema(self.config.scores),
             rows_seen: 0,
+            short: 0,
         })))
     }
 }
@@ -705,6 +707,23 @@ struct KnnReplica {
     schema: SchemaRef,
     /// Query rows seen so far (for the quarantine's row numbers).
     rows_seen: usize,
+    /// Queries that got fewer than `min(top_k, gallery)` neighbours (an approximate index whose
+    /// probed lists held fewer): said once, when the replica ends.
+    short: usize,
+}
+
+impl Drop for KnnReplica {
+    fn drop(&mut self) {
+        if self.short > 0 {
+            eprintln!(
+                "cnclip knn: note: {} of {} queries got fewer than {} neighbours: the index's probed lists held \
+                 fewer (probe more lists: --nprobe, or --ef-search)",
+                self.short,
+                self.rows_seen,
+                self.top_k.min(self.gallery_len)
+            );
+        }
+    }
 }
 
 impl KnnReplica {
@@ -817,6 +836,8 @@ impl TransformReplica for KnnReplica {
         let (query_ids, features) =
             id_and_features(batch).ok_or_else(|| internal("knn: not a feature batch".into()))?;
         let found = self.search(features, query_ids.len()).map_err(internal)?;
+        let want = self.top_k.min(self.gallery_len);
+        self.short += found.iter().filter(|hits| hits.len() < want).count();
         let mut neighbours =
             ListBuilder::new(Int64Builder::new()).with_field(Arc::new(Field::new("item", DataType::Int64, true)));
         let mut scores =
