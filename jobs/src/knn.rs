@@ -132,6 +132,13 @@ pub fn run(args: Args, image_to_text: bool) -> Result<()> {
             ours.0, ours.1, theirs.0, theirs.1
         );
     }
+    for (flag, input) in [("--text-feats", &args.text_feats), ("--image-feats", &args.image_feats)] {
+        if let Some(input) = input
+            && cnclip_operators::staging::within(&args.output, Path::new(input))
+        {
+            bail!("--output {} would overwrite {flag} {input}: give another output path", args.output.display());
+        }
+    }
     let jsonl = match args.output.extension().and_then(|e| e.to_str()) {
         Some("parquet") => false,
         Some("jsonl" | "json" | "txt") | None => true,

@@ -397,6 +397,17 @@ pub fn run(args: Args) -> Result<()> {
             Ok(())
         };
     match &args.output {
+        // A FIFO or a device (`/dev/stdout`) is written as it is: nothing to rename into place.
+        Some(path) if std::fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir()) => {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .with_context(|| format!("--output {}", path.display()))?;
+            let mut out = std::io::BufWriter::new(file);
+            write(&mut out, &mut next)?;
+            std::io::Write::flush(&mut out)?;
+            Ok(())
+        }
         Some(path) => cnclip_operators::write_atomically(path, |file| write(file, &mut next))
             .with_context(|| format!("--output {}", path.display())),
         None => {

@@ -319,16 +319,18 @@ pub fn run_with(args: Args) -> Result<Metrics> {
     let _ = std::fs::remove_file(&quarantine);
     let (ids, image_features) =
         features(image_defs, JobSettings { quarantine: quarantine.clone(), ..settings("images") })?;
+    // The predictions are one row per image of the folder, in its order (what `--index` and the
+    // ELEVATER readers index into): with an image missing, every later row would be another
+    // image's. cn_clip stops on an unreadable image; so does this job, naming them.
     if ids.len() < entries.len() {
-        eprintln!(
-            "cnclip zeroshot-evaluation: {} of {} images could not be read and are not scored: quarantined → {}",
+        bail!(
+            "--datapath {}: {} of {} images could not be read (quarantined → {}, with their reasons): the \
+             predictions would not line up with the folder's images; fix or remove them and run again",
+            args.datapath.display(),
             entries.len() - ids.len(),
             entries.len(),
             quarantine.display()
         );
-    }
-    if ids.is_empty() {
-        bail!("--datapath {}: no image could be read (see {})", args.datapath.display(), quarantine.display());
     }
     let targets: Vec<i64> = ids.iter().map(|&id| entries[id as usize].label as i64).collect();
     let probs = tch::no_grad(|| (&image_features * 100.0).matmul(&classifier).softmax(-1, Kind::Float));

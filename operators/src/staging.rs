@@ -40,15 +40,32 @@ pub fn within(path: &Path, dir: &Path) -> bool {
     }
 }
 
-/// `path` absolute, with the links of its existing part resolved.
+/// `path` absolute, with the links of its existing part resolved and `.`/`..` taken out of the
+/// part that does not exist yet (`out/../data.jsonl` with no `out/` is `./data.jsonl`).
 fn resolved(path: &Path) -> Option<PathBuf> {
     if let Ok(real) = std::fs::canonicalize(path) {
         return Some(real);
     }
     let absolute = std::path::absolute(path).ok()?;
-    let name = absolute.file_name()?;
-    let parent = absolute.parent()?;
-    Some(resolved(parent)?.join(name))
+    let mut existing = PathBuf::new();
+    let mut rest: Vec<std::ffi::OsString> = Vec::new();
+    for component in absolute.components() {
+        match component {
+            std::path::Component::ParentDir if !rest.is_empty() => {
+                rest.pop();
+            }
+            std::path::Component::ParentDir => {
+                existing = std::fs::canonicalize(&existing).unwrap_or(existing);
+                existing.pop();
+            }
+            std::path::Component::CurDir => {}
+            other if rest.is_empty() && existing.join(other).exists() => existing.push(other),
+            other => rest.push(other.as_os_str().to_os_string()),
+        }
+    }
+    let mut out = std::fs::canonicalize(&existing).unwrap_or(existing);
+    out.extend(rest);
+    Some(out)
 }
 
 /// Removes `.cnclip-tmp-{pid}-{name}` beside `path` (files or directories) whose process no
@@ -185,6 +202,24 @@ impl Drop for WriterLock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn same_path_sees_through_dots_links_and_missing_folders() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::write(root.join("data.jsonl"), b"x").unwrap();
+        std::os::unix::fs::symlink(root.join("data.jsonl"), root.join("link.jsonl")).unwrap();
+        let data = root.join("data.jsonl");
+        for same in ["data.jsonl", "./data.jsonl", "link.jsonl", "missing/../data.jsonl", "a/b/../../data.jsonl"] {
+            assert!(same_path(&root.join(same), &data), "{same}");
+        }
+        for other in ["missing/data.jsonl", "data.jsonl.out", "missing/.."] {
+            assert!(!same_path(&root.join(other), &data), "{other}");
+        }
+        assert!(within(&root.join("missing/x.parquet"), root));
+        assert!(within(&root.join("missing/../x"), root));
+        assert!(!within(&root.join("../x"), root));
+    }
 
     #[test]
     fn a_second_writer_of_one_output_is_refused_naming_the_first() {

@@ -124,6 +124,15 @@ fn a_saved_index_of_another_gallery_or_index_is_never_reused_issue_23_item_1() {
         succeeds(root, &knn("b.jsonl", "q.jsonl", "hnsw.jsonl", &["--index", "HNSW8", "--index-path", "saved.faiss"]));
     assert!(ran.stderr.contains("HNSW8"), "{}", ran.stderr);
 
+    // The index file replaced by another of the same shape (gallery a's), its record kept.
+    succeeds(root, &knn("a.jsonl", "q.jsonl", "other.jsonl", &["--index-path", "other.faiss"]));
+    succeeds(root, &knn("b.jsonl", "q.jsonl", "b3.jsonl", &saved));
+    std::fs::copy(root.join("other.faiss"), root.join("saved.faiss")).unwrap();
+    let ran = succeeds(root, &knn("b.jsonl", "q.jsonl", "b4.jsonl", &saved));
+    assert!(ran.stderr.contains("not the one its record was written with"), "{}", ran.stderr);
+    succeeds(root, &knn("b.jsonl", "q.jsonl", "b_exact2.jsonl", &[]));
+    assert_eq!(predictions(&root.join("b4.jsonl")), predictions(&root.join("b_exact2.jsonl")));
+
     // An index file without its record (another tool's, or an older cnclip's) is refused.
     std::fs::remove_file(root.join("saved.faiss.cnclip.json")).unwrap();
     refused(root, &knn("b.jsonl", "q.jsonl", "x.jsonl", &saved), &["saved.faiss", "record"]);

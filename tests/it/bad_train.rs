@@ -84,6 +84,25 @@ fn a_loss_that_is_no_longer_finite_stops_training_unless_allowed() {
 }
 
 #[test]
+fn no_checkpoint_of_non_finite_weights_is_written() {
+    let dir = corpus();
+    let root = dir.path();
+    // Step 1's loss is finite; its update (a rate past float32's range) makes the weights inf,
+    // and step 1 is a save point.
+    let said = refused(
+        root,
+        &train_args("nan_save", "tiny.json", "1e39", &["--save-step-frequency", "1"]),
+        &["no longer a finite number", "not written"],
+    );
+    let checkpoints = root.join("logs/nan_save/checkpoints");
+    let written: Vec<String> = std::fs::read_dir(&checkpoints)
+        .map(|entries| entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    assert!(written.iter().all(|name| !name.contains("_1.pt")), "a NaN checkpoint was written: {written:?}\n{said}");
+    assert!(root.join("logs/nan_save/metrics.parquet").exists(), "the curve up to the divergence is kept");
+}
+
+#[test]
 fn model_configs_with_zero_negative_or_absurd_sizes_are_refused_naming_the_field() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();

@@ -3,7 +3,7 @@
 //! folders than labels, a hidden folder left by Jupyter, an image that cannot be read and a
 //! SIGTERM while it works each end as a hostile input must end it — exit 1 naming the file and
 //! what is wrong, or a run that scores what it can and says what it left out (the hidden folder
-//! not taken for a class, the bad image quarantined beside the results), or exit 143 leaving no
+//! not taken for a class), an unreadable image quarantined beside the results and named, or exit 143 leaving no
 //! temporary file and no result — never a panic, a hang or silently shifted labels.
 
 use std::path::Path;
@@ -132,23 +132,19 @@ fn an_empty_templates_file_is_refused_naming_it() {
 }
 
 #[test]
-fn an_unreadable_image_is_quarantined_beside_the_results_and_counted() {
+fn an_unreadable_image_is_quarantined_beside_the_results_and_stops_the_job() {
     let dir = fixture(2);
     let root = dir.path();
     std::fs::write(root.join(DATAPATH).join("003/bad.jpg"), b"this is not a JPEG at all").unwrap();
-    let ran = succeeds(root, &zeroshot(&[]));
+    // 18 classes × 2 images, and the bad one: the predictions (one row per image of the folder)
+    // would be shifted past it, so the job stops, naming the quarantine.
+    let stderr = refused(root, &zeroshot(&[]), &["1 of 37 images", "synth.quarantine.jsonl"]);
     let quarantine = root.join("out/synth.quarantine.jsonl");
     let listed = std::fs::read_to_string(&quarantine)
-        .unwrap_or_else(|e| panic!("{}: {e}; stderr:\n{}", quarantine.display(), ran.stderr));
+        .unwrap_or_else(|e| panic!("{}: {e}; stderr:\n{stderr}", quarantine.display()));
     assert_eq!(listed.lines().count(), 1, "{listed}");
     assert!(listed.contains("bad.jpg"), "the quarantine does not name bad.jpg: {listed}");
-    // 18 classes × 2 images, and the bad one.
-    assert!(
-        ran.stderr.contains("1 of 37 images") && ran.stderr.contains("quarantined"),
-        "stderr does not count the quarantined image:\n{}",
-        ran.stderr
-    );
-    assert!(root.join("out/synth.json").is_file(), "no result JSON");
+    assert!(!root.join("out/synth.json").exists(), "predictions written without the bad image's row");
     assert_eq!(leftovers(root), Vec::<std::path::PathBuf>::new());
 }
 

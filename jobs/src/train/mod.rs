@@ -849,6 +849,8 @@ impl Run<'_> {
                 if !logged {
                     self.log_step(step, epoch, i_accum, lr, &report, data_time, batch_time);
                 }
+                // The curve up to the divergence stays in metrics.parquet.
+                self.metrics.write()?;
                 bail!(
                     "step {}: the loss is {} (lr {lr:e}): training diverged and the parameters are no longer \
                      finite numbers, so the run stops here; the checkpoints saved before this step are kept \
@@ -1029,6 +1031,18 @@ impl Run<'_> {
     fn save(&mut self, trainer: &Trainer, path: &Path, saved: &Saved<'_>) -> Result<()> {
         let t = Instant::now();
         self.metrics.write()?;
+        // A finite loss does not make finite weights (an infinite gradient does not show in the
+        // loss that made it): a checkpoint of NaN weights is never written.
+        if !self.args.allow_non_finite_loss
+            && let Some(name) = non_finite_parameter(trainer)
+        {
+            bail!(
+                "step {}: parameter `{name}` is no longer a finite number (training diverged): {} not written; the \
+                 checkpoints saved before this step are kept (--allow-non-finite-loss saves it all the same)",
+                saved.step,
+                path.display()
+            );
+        }
         checkpoint::save(path, trainer, saved)?;
         self.log.info(&format!(
             "Saved checkpoint {} (epoch {} @ {} steps) (writing took {} seconds)",
@@ -1039,4 +1053,16 @@ impl Run<'_> {
         ));
         Ok(())
     }
+}
+
+/// The name of a parameter of the first replica holding NaN or inf, if any.
+fn non_finite_parameter(trainer: &Trainer) -> Option<String> {
+    let model = trainer.replicas().first()?;
+    tch::no_grad(|| {
+        model
+            .state_dict()
+            .into_iter()
+            .find(|(_, tensor)| tensor.is_floating_point() && !bool::try_from(tensor.isfinite().all()).unwrap_or(true))
+            .map(|(name, _)| name)
+    })
 }

@@ -433,32 +433,45 @@ impl TransformReplica for EncoderReplica {
             DataType::FixedSizeList(_, dim) => *dim,
             other => return Err(internal(format!("feature column is {other}"))),
         };
-        // A checkpoint with NaN or inf weights (a diverged training run) gives NaN features,
-        // which a search would rank first or drop: refused here, before anything is written.
-        let bad: Vec<i64> = flat
-            .chunks(dim.max(1) as usize)
-            .zip(ids.values().iter())
-            .filter(|(feature, _)| feature.iter().any(|v| !v.is_finite()))
-            .map(|(_, &id)| id)
-            .collect();
-        if !bad.is_empty() {
-            let shown: Vec<String> = bad.iter().take(10).map(i64::to_string).collect();
+        // Features must be finite numbers: a search would rank NaN first or drop it. A whole
+        // batch of them is the model's doing (NaN or inf weights, a diverged training run) and
+        // stops the job naming the checkpoint, before anything is written; a few rows of a
+        // batch (a half-precision overflow on one input) are those rows' own fault, and are
+        // quarantined under the job's --on-error.
+        let d = dim.max(1) as usize;
+        let bad: Vec<usize> =
+            (0..ids.len()).filter(|&row| flat[row * d..(row + 1) * d].iter().any(|v| !v.is_finite())).collect();
+        if !bad.is_empty() && bad.len() == ids.len() {
+            let shown: Vec<String> = bad.iter().take(10).map(|&row| ids.value(row).to_string()).collect();
             return Err(cnclip_operators::Error::Format {
                 path: self.checkpoint.display().to_string(),
                 reason: format!(
-                    "the model gives non-finite features (NaN or inf) for {} of {} rows of a batch ({id} {}{}): \
-                     its weights are not finite numbers (a diverged training run?); no features were written",
-                    bad.len(),
-                    ids.len(),
+                    "the model gives non-finite features (NaN or inf) for every row of a batch ({id} {}{}): its \
+                     weights are not finite numbers (a diverged training run?); no features were written",
                     shown.join(", "),
                     if bad.len() > shown.len() { ", …" } else { "" }
                 ),
             });
         }
+        let rejected: Vec<cnclip_operators::quarantine::Rejected> = bad
+            .iter()
+            .map(|&row| cnclip_operators::quarantine::Rejected {
+                source: self.checkpoint.display().to_string(),
+                location: format!("{id} {}", ids.value(row)),
+                id: Some(ids.value(row).to_string()),
+                reason: "the model gives a non-finite feature (NaN or inf) for it".into(),
+            })
+            .collect();
+        let keep: Vec<usize> = (0..ids.len()).filter(|row| !bad.contains(row)).collect();
+        let flat: Vec<f32> = if bad.is_empty() {
+            flat
+        } else {
+            keep.iter().flat_map(|&row| flat[row * d..(row + 1) * d].iter().copied()).collect()
+        };
         let item = Arc::new(Field::new("item", DataType::Float32, false));
         let feature = FixedSizeListArray::try_new(item, dim, Arc::new(Float32Array::from(flat)), None)?;
-        let ids: ArrayRef = Arc::new(Int64Array::from(ids.values().to_vec()));
+        let ids: ArrayRef = Arc::new(Int64Array::from(keep.iter().map(|&row| ids.value(row)).collect::<Vec<i64>>()));
         let batch = RecordBatch::try_new(self.schema.clone(), vec![ids, Arc::new(feature)])?;
-        Ok(Output { batch, rejected: Vec::new() })
+        Ok(Output { batch, rejected })
     }
 }

@@ -519,9 +519,20 @@ struct SavedIndex {
     dim: usize,
     rows: usize,
     gallery: Vec<cnclip_operators::fingerprint::Stamp>,
+    /// The index file written with this record: (bytes, sha256). A file replaced since (by hand,
+    /// or by another run between its index and its record) does not match and is built again.
+    #[serde(default)]
+    file: Option<(u64, String)>,
 }
 
 impl SavedIndex {
+    /// The (bytes, sha256) of an index file.
+    fn stamp(path: &Path) -> Result<(u64, String), String> {
+        let bytes = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?.len();
+        let sha = cnclip_operators::fingerprint::sha256_file(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok((bytes, sha))
+    }
+
     fn record_path(index_path: &Path) -> PathBuf {
         let mut name = index_path.file_name().unwrap_or_default().to_os_string();
         name.push(".cnclip.json");
@@ -530,7 +541,8 @@ impl SavedIndex {
 
     /// What differs from `now`, in a few words (`None`: the same).
     fn difference(&self, now: &SavedIndex) -> Option<String> {
-        if self == now {
+        let without_file = |record: &SavedIndex| SavedIndex { file: None, ..record.clone() };
+        if without_file(self) == without_file(now) {
             return None;
         }
         if self.index != now.index || self.train_sample != now.train_sample {
@@ -568,6 +580,7 @@ fn build_index(
         gallery_id: config.gallery_id.clone(),
         dim: gallery.dim,
         rows: gallery.len(),
+        file: None,
         gallery: files
             .iter()
             .map(|f| {
@@ -597,8 +610,17 @@ fn build_index(
                 }
                 Err(e) => return Err(format!("{}: {e}", record_path.display())),
             };
+            let file = SavedIndex::stamp(path)?;
             match was.difference(record) {
-                None => Some(path),
+                None if was.file.as_ref() == Some(&file) => Some(path),
+                None => {
+                    eprintln!(
+                        "cnclip knn: {}: the index file is not the one its record was written with (replaced since?): \
+                         building it again",
+                        path.display()
+                    );
+                    None
+                }
                 Some(why) => {
                     eprintln!("cnclip knn: {}: not this gallery's index ({why}): building it again", path.display());
                     None
@@ -639,20 +661,24 @@ fn build_index(
             }
             index.add(&gallery.features).map_err(faiss_err)?;
             if let (Some(path), Some(record)) = (index_path, &record) {
-                // The record goes first and the index over it last: a crash between the two
-                // leaves a record that does not match the old index's file (rebuilt next run)
-                // or no index at all.
-                let json = serde_json::to_vec_pretty(record).map_err(|e| e.to_string())?;
-                let record_path = SavedIndex::record_path(path);
-                let _ = std::fs::remove_file(path);
-                cnclip_operators::write_atomically(&record_path, |f| std::io::Write::write_all(f, &json))
-                    .map_err(|e: std::io::Error| format!("{}: {e}", record_path.display()))?;
+                // The index goes to its temporary file, the record (naming that file's size and
+                // sha256) beside the target, then the index into place: a crash in between
+                // leaves a record that matches no index file, which is then built again.
                 let tmp = cnclip_operators::staging::temp_path(path);
-                if let Err(e) = faiss::write_index(&index, tmp.to_string_lossy()) {
+                let saved = (|| {
+                    faiss::write_index(&index, tmp.to_string_lossy())
+                        .map_err(|e| format!("{}: {e}", path.display()))?;
+                    let record = SavedIndex { file: Some(SavedIndex::stamp(&tmp)?), ..record.clone() };
+                    let json = serde_json::to_vec_pretty(&record).map_err(|e| e.to_string())?;
+                    let record_path = SavedIndex::record_path(path);
+                    cnclip_operators::write_atomically(&record_path, |f| std::io::Write::write_all(f, &json))
+                        .map_err(|e: std::io::Error| format!("{}: {e}", record_path.display()))?;
+                    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+                })();
+                if let Err(e) = saved {
                     let _ = std::fs::remove_file(&tmp);
-                    return Err(format!("{}: {e}", path.display()));
+                    return Err(e);
                 }
-                std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))?;
             }
             index
         }

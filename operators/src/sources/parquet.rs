@@ -28,6 +28,15 @@ fn arrow_err(path: &Path, source: arrow::error::ArrowError) -> Error {
 /// # Errors
 /// A missing file or one that is not Parquet.
 pub fn file_schema(path: &Path) -> Result<SchemaRef> {
+    // Opening a FIFO blocks until something writes to it: only regular files are opened.
+    if let Ok(meta) = std::fs::metadata(path)
+        && !meta.is_file()
+    {
+        return Err(Error::Format {
+            path: path.display().to_string(),
+            reason: format!("{}, not a regular file", super::parts::kind_of(&meta)),
+        });
+    }
     let file = File::open(path).map_err(io(path))?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| parquet_err(path, e))?;
     Ok(builder.schema().clone())
