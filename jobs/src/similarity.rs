@@ -47,11 +47,26 @@ pub fn run(args: Args) -> Result<()> {
     let (model, _) = load_clip(&args.resume, architecture.as_ref(), device)
         .with_context(|| format!("loading {}", args.resume.display()))?;
     let r = model.input_resolution() as usize;
+    let positions = model.config.text.text_max_position_embeddings;
+    if args.context_length < 2 || args.context_length as i64 > positions {
+        anyhow::bail!(
+            "--context-length {}: the model's text tower takes from 2 to {positions} tokens",
+            args.context_length
+        );
+    }
     let pixels = args
         .image
         .iter()
         .map(|path| {
-            let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            // A FIFO would block the read, /dev/zero fill memory: image files only.
+            let bytes = match std::fs::metadata(path) {
+                Ok(meta) if !meta.is_file() => anyhow::bail!(
+                    "--image {}: {}, not a regular file",
+                    path.display(),
+                    cnclip_operators::sources::parts::kind_of(&meta)
+                ),
+                _ => std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+            };
             preprocess(&bytes, r).with_context(|| format!("image {}", path.display()))
         })
         .collect::<Result<Vec<_>>>()?;

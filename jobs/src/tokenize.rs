@@ -19,13 +19,15 @@ pub struct Args {
     preprocess: bool,
 }
 
-/// The longest context a Chinese-CLIP text tower takes (its BERT's position embeddings).
-const MAX_CONTEXT_LENGTH: usize = 512;
+/// The longest context tokenized (2¹⁶): cn_clip's `tokenize()` takes any length, and every
+/// model cnclip knows takes at most 512; past this bound a row alone is megabytes, and a
+/// mistyped length (10⁸) would ask for gigabytes per line.
+const MAX_CONTEXT_LENGTH: usize = 1 << 16;
 
 pub fn run(args: Args) -> Result<()> {
     if args.context_length > MAX_CONTEXT_LENGTH {
         anyhow::bail!(
-            "--context-length {}: at most {MAX_CONTEXT_LENGTH}, the most any Chinese-CLIP text tower takes",
+            "--context-length {}: at most {MAX_CONTEXT_LENGTH} (Chinese-CLIP's text towers take 512 at most)",
             args.context_length
         );
     }

@@ -74,8 +74,8 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
 }
 
 /// The files an input names: globs expanded, an LMDB split or directory by its `data.mdb` (its
-/// `lock.mdb` changes on every read), any other directory by every file under it (symbolic
-/// links to directories listed, not followed, so a loop cannot recur), in sorted order.
+/// `lock.mdb` changes on every read), any other directory by every file under it (links to
+/// directories followed, each directory once), in sorted order.
 pub fn files_of(given: &[String]) -> Vec<PathBuf> {
     let mut files = Vec::new();
     for given in given {
@@ -92,7 +92,7 @@ pub fn files_of(given: &[String]) -> Vec<PathBuf> {
                 files.push(lmdb);
             } else if path.is_dir() {
                 let mut under = Vec::new();
-                walk(&path, &mut under);
+                walk(&path, &mut under, &mut std::collections::HashSet::new());
                 under.sort();
                 files.extend(under);
             } else {
@@ -103,14 +103,22 @@ pub fn files_of(given: &[String]) -> Vec<PathBuf> {
     files
 }
 
-/// Every file under `dir` (entries that cannot be listed are left out; symbolic links are
-/// listed as files, so a link to a directory is not followed).
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+/// Every file under `dir` (entries that cannot be listed are left out), following links to
+/// directories as the image-folder walk does — a class folder that is a link is its files —
+/// each directory once (`seen`: device and inode), so a loop or links fanning out cannot recur.
+fn walk(dir: &Path, out: &mut Vec<PathBuf>, seen: &mut std::collections::HashSet<(u64, u64)>) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(dir) else { return };
+    if !seen.insert((meta.dev(), meta.ino())) {
+        return;
+    }
     let Ok(entries) = std::fs::read_dir(dir) else { return };
     for entry in entries.flatten() {
-        match entry.file_type() {
-            Ok(kind) if kind.is_dir() => walk(&entry.path(), out),
-            _ => out.push(entry.path()),
+        let path = entry.path();
+        if path.is_dir() {
+            walk(&path, out, seen);
+        } else {
+            out.push(path);
         }
     }
 }
@@ -185,9 +193,15 @@ mod tests {
         std::os::unix::fs::symlink(dir.path().join("folder"), dir.path().join("folder/a/loop")).unwrap();
         let given = |p: &str| vec![dir.path().join(p).display().to_string()];
         assert_eq!(files_of(&given("split")), vec![dir.path().join("split/imgs/data.mdb")]);
+        // The loop back to `folder` leads to a folder already listed: nothing more.
+        assert_eq!(files_of(&given("folder")), vec![dir.path().join("folder/a/1.png")]);
+        std::fs::create_dir_all(dir.path().join("elsewhere")).unwrap();
+        std::fs::write(dir.path().join("elsewhere/2.png"), b"x").unwrap();
+        std::os::unix::fs::symlink(dir.path().join("elsewhere"), dir.path().join("folder/b")).unwrap();
         assert_eq!(
             files_of(&given("folder")),
-            vec![dir.path().join("folder/a/1.png"), dir.path().join("folder/a/loop")]
+            vec![dir.path().join("folder/a/1.png"), dir.path().join("folder/b/2.png")],
+            "a class folder that is a link is its files"
         );
     }
 }

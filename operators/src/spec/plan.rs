@@ -232,8 +232,14 @@ impl<'r> Planner<'r> {
         }
         let mut seen_outputs = BTreeMap::new();
         for node in &nodes {
+            // Compared resolved: `out/a.parquet` and `./out/../out/a.parquet` are one file.
+            let resolved = |path: &std::path::Path| {
+                std::fs::canonicalize(path.parent().unwrap_or(path))
+                    .map(|dir| dir.join(path.file_name().unwrap_or_default()))
+                    .unwrap_or_else(|_| path.to_path_buf())
+            };
             if let Operator::Sink(sink) = &node.op
-                && let Some(other) = seen_outputs.insert(sink.path().to_path_buf(), node.name.clone())
+                && let Some(other) = seen_outputs.insert(resolved(sink.path()), node.name.clone())
             {
                 problems.push(format!("nodes `{other}` and `{}` both write {}", node.name, sink.path().display()));
             }
