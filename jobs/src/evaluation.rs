@@ -74,6 +74,75 @@ pub struct TransformArgs {
     input: String,
 }
 
+/// Marks a float JSON cannot carry (`NaN`, `Infinity`, or a number past f64's range, which
+/// Python's `json` reads as `inf`) inside a string value: `\u{10FFFF}` and Python's `str()`
+/// of it (`nan`, `inf`, `-inf`). See [`python_literals`].
+const NON_FINITE: char = '\u{10FFFF}';
+
+/// The Python `str()` of a float [`python_literals`] marked, if `v` is one.
+fn non_finite(v: &Value) -> Option<&str> {
+    match v {
+        Value::String(s) => s.strip_prefix(NON_FINITE),
+        _ => None,
+    }
+}
+
+/// A submission line as Python's `json.loads` reads it, rewritten for serde_json: `NaN`,
+/// `Infinity`, `-Infinity` and numbers past f64's range (`1e400`) become marked strings
+/// ([`NON_FINITE`]: floats to every check, as in Python), and the integer `-0` becomes `0`
+/// (Python's `int`, where serde_json reads a float). Strings are copied as they are.
+fn python_literals(line: &str) -> String {
+    let bytes = line.as_bytes();
+    let mut out = String::with_capacity(line.len());
+    let mut i = 0;
+    let marked = |word: &str| format!("\"{NON_FINITE}{word}\"");
+    while i < bytes.len() {
+        let rest = &line[i..];
+        match bytes[i] {
+            b'"' => {
+                // A string: up to its closing quote, escapes skipped.
+                let mut j = i + 1;
+                while j < bytes.len() && bytes[j] != b'"' {
+                    j += if bytes[j] == b'\\' { 2 } else { 1 };
+                }
+                let end = (j + 1).min(bytes.len());
+                out.push_str(&line[i..end]);
+                i = end;
+            }
+            _ if rest.starts_with("NaN") => {
+                out.push_str(&marked("nan"));
+                i += 3;
+            }
+            _ if rest.starts_with("Infinity") => {
+                out.push_str(&marked("inf"));
+                i += 8;
+            }
+            _ if rest.starts_with("-Infinity") => {
+                out.push_str(&marked("-inf"));
+                i += 9;
+            }
+            b'-' | b'0'..=b'9' => {
+                let len =
+                    rest.bytes().take_while(|b| matches!(b, b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')).count();
+                let token = &rest[..len.max(1)];
+                let integer = token.trim_start_matches('-').bytes().all(|b| b.is_ascii_digit());
+                match token.parse::<f64>() {
+                    _ if integer && token == "-0" => out.push('0'),
+                    Ok(x) if !integer && x.is_infinite() => out.push_str(&marked(if x > 0.0 { "inf" } else { "-inf" })),
+                    _ => out.push_str(token),
+                }
+                i += token.len();
+            }
+            _ => {
+                let c = rest.chars().next().expect("not at the end");
+                out.push(c);
+                i += c.len_utf8();
+            }
+        }
+    }
+    out
+}
+
 /// Python's `isinstance(v, int)` for a JSON value (`bool` is an `int` in Python).
 fn py_int(v: &Value) -> Option<i64> {
     match v {
@@ -85,6 +154,9 @@ fn py_int(v: &Value) -> Option<i64> {
 
 /// Python's `str()` of a value `json.loads` made.
 fn py_str(v: &Value) -> String {
+    if let Some(word) = non_finite(v) {
+        return word.to_string();
+    }
     match v {
         Value::String(s) => s.clone(),
         other => py_repr(other),
@@ -93,6 +165,9 @@ fn py_str(v: &Value) -> String {
 
 /// Python's `repr()` of a value `json.loads` made.
 fn py_repr(v: &Value) -> String {
+    if let Some(word) = non_finite(v) {
+        return word.to_string();
+    }
     match v {
         Value::Null => "None".into(),
         Value::Bool(true) => "True".into(),
@@ -134,6 +209,12 @@ fn py_repr(v: &Value) -> String {
 
 /// Python's `json.dumps` (default settings) of a value.
 fn py_dumps(v: &Value) -> String {
+    match non_finite(v) {
+        Some("nan") => return "NaN".into(),
+        Some("inf") => return "Infinity".into(),
+        Some(_) => return "-Infinity".into(),
+        None => {}
+    }
     match v {
         Value::Null => "null".into(),
         Value::Bool(b) => b.to_string(),
@@ -222,10 +303,11 @@ fn read_submission(
     let mut last_query: Option<Value> = None;
     for raw in text.split_inclusive('\n') {
         let line = raw.trim();
-        let Ok(obj) = serde_json::from_str::<Value>(line) else {
+        let Ok(obj) = serde_json::from_str::<Value>(&python_literals(line)) else {
             return Err(format!("Cannot parse this line into json object: {line}"));
         };
         let contains = |key: &str| match &obj {
+            v if non_finite(v).is_some() => Err("argument of type 'float' is not iterable".to_string()),
             Value::Object(map) => Ok(map.contains_key(key)),
             Value::Array(items) => Ok(items.iter().any(|v| v.as_str() == Some(key))),
             Value::String(s) => Ok(s.contains(key)),
