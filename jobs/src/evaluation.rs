@@ -79,6 +79,18 @@ pub struct TransformArgs {
 /// of it (`nan`, `inf`, `-inf`). See [`python_literals`].
 const NON_FINITE: char = '\u{10FFFF}';
 
+/// Marks an integer past 64 bits (Python's `int` has no bound) inside a string value:
+/// `\u{10FFFE}` and its digits. See [`python_literals`].
+const BIG_INT: char = '\u{10FFFE}';
+
+/// The digits of an integer [`python_literals`] marked, if `v` is one.
+fn big_int(v: &Value) -> Option<&str> {
+    match v {
+        Value::String(s) => s.strip_prefix(BIG_INT),
+        _ => None,
+    }
+}
+
 /// The Python `str()` of a float [`python_literals`] marked, if `v` is one.
 fn non_finite(v: &Value) -> Option<&str> {
     match v {
@@ -89,8 +101,9 @@ fn non_finite(v: &Value) -> Option<&str> {
 
 /// A submission line as Python's `json.loads` reads it, rewritten for serde_json: `NaN`,
 /// `Infinity`, `-Infinity` and numbers past f64's range (`1e400`) become marked strings
-/// ([`NON_FINITE`]: floats to every check, as in Python), and the integer `-0` becomes `0`
-/// (Python's `int`, where serde_json reads a float). Strings are copied as they are.
+/// ([`NON_FINITE`]: floats to every check, as in Python), integers past 64 bits become marked
+/// strings ([`BIG_INT`]: ints to every check), and the integer `-0` becomes `0` (Python's
+/// `int`, where serde_json reads a float). Strings are copied as they are.
 fn python_literals(line: &str) -> String {
     let bytes = line.as_bytes();
     let mut out = String::with_capacity(line.len());
@@ -128,6 +141,9 @@ fn python_literals(line: &str) -> String {
                 let integer = token.trim_start_matches('-').bytes().all(|b| b.is_ascii_digit());
                 match token.parse::<f64>() {
                     _ if integer && token == "-0" => out.push('0'),
+                    _ if integer && token.parse::<i64>().is_err() && token.len() > 1 => {
+                        out.push_str(&format!("\"{BIG_INT}{token}\""));
+                    }
                     Ok(x) if !integer && x.is_infinite() => out.push_str(&marked(if x > 0.0 { "inf" } else { "-inf" })),
                     _ => out.push_str(token),
                 }
@@ -154,7 +170,7 @@ fn py_int(v: &Value) -> Option<i64> {
 
 /// Python's `str()` of a value `json.loads` made.
 fn py_str(v: &Value) -> String {
-    if let Some(word) = non_finite(v) {
+    if let Some(word) = non_finite(v).or_else(|| big_int(v)) {
         return word.to_string();
     }
     match v {
@@ -165,7 +181,7 @@ fn py_str(v: &Value) -> String {
 
 /// Python's `repr()` of a value `json.loads` made.
 fn py_repr(v: &Value) -> String {
-    if let Some(word) = non_finite(v) {
+    if let Some(word) = non_finite(v).or_else(|| big_int(v)) {
         return word.to_string();
     }
     match v {
@@ -209,6 +225,9 @@ fn py_repr(v: &Value) -> String {
 
 /// Python's `json.dumps` (default settings) of a value.
 fn py_dumps(v: &Value) -> String {
+    if let Some(digits) = big_int(v) {
+        return digits.to_string();
+    }
     match non_finite(v) {
         Some("nan") => return "NaN".into(),
         Some("inf") => return "Infinity".into(),
@@ -301,6 +320,25 @@ fn read_submission(
     })?;
     let mut submission: HashMap<i64, Vec<i64>> = HashMap::new();
     let mut last_query: Option<Value> = None;
+    // An integer past 64 bits is a valid id to Python, equal to no reference id: each one
+    // stands in as an i64 from the bottom of the range that no reference id uses, the same for
+    // the same digits (messages show the digits).
+    let used: BTreeSet<i64> =
+        reference.iter().flat_map(|(q, t)| std::iter::once(*q).chain(t.iter().copied())).collect();
+    let mut stand_ins: HashMap<String, i64> = HashMap::new();
+    let mut cursor = i64::MIN;
+    let mut int_of = |v: &Value| -> Option<i64> {
+        let Some(digits) = big_int(v) else { return py_int(v) };
+        if let Some(&id) = stand_ins.get(digits) {
+            return Some(id);
+        }
+        while used.contains(&cursor) {
+            cursor += 1;
+        }
+        stand_ins.insert(digits.to_string(), cursor);
+        cursor += 1;
+        Some(cursor - 1)
+    };
     for raw in text.split_inclusive('\n') {
         let line = raw.trim();
         let Ok(obj) = serde_json::from_str::<Value>(&python_literals(line)) else {
@@ -308,6 +346,7 @@ fn read_submission(
         };
         let contains = |key: &str| match &obj {
             v if non_finite(v).is_some() => Err("argument of type 'float' is not iterable".to_string()),
+            v if big_int(v).is_some() => Err("argument of type 'int' is not iterable".to_string()),
             Value::Object(map) => Ok(map.contains_key(key)),
             Value::Array(items) => Ok(items.iter().any(|v| v.as_str() == Some(key))),
             Value::String(s) => Ok(s.contains(key)),
@@ -327,7 +366,7 @@ fn read_submission(
             }
         };
         let query_value = index(d.query)?;
-        let Some(query) = py_int(query_value) else {
+        let Some(query) = int_of(query_value) else {
             return Err(if d.tr {
                 format!(
                     "Found an invalid image_id {}, it should be an integer (not string), please check your schema",
@@ -346,18 +385,19 @@ fn read_submission(
             });
         };
         last_query = Some(query_value.clone());
+        let query_text = py_str(query_value);
         if !contains(d.targets)? {
             return Err(format!("There exists one line not containing the predicted {}: {line}", d.targets));
         }
         let Value::Array(targets) = index(d.targets)? else {
             return Err(format!(
-                "The {} field of {} {query} is not a list, please check your schema",
+                "The {} field of {} {query_text} is not a list, please check your schema",
                 d.targets, d.query
             ));
         };
         if targets.len() != k {
             return Err(format!(
-                "{} {query} has wrong number of predicted {}! Require {k}, but {} founded.",
+                "{} {query_text} has wrong number of predicted {}! Require {k}, but {} founded.",
                 d.query_title,
                 d.targets,
                 targets.len()
@@ -365,11 +405,11 @@ fn read_submission(
         }
         let mut ids = Vec::with_capacity(k);
         for (rank, target) in targets.iter().enumerate() {
-            match py_int(target) {
+            match int_of(target) {
                 Some(id) => ids.push(id),
                 None => {
                     return Err(format!(
-                        "{} {query} has an invalid predicted {} {} at rank {}, it should be an integer (not string), please check your schema",
+                        "{} {query_text} has an invalid predicted {} {} at rank {}, it should be an integer (not string), please check your schema",
                         d.query_title,
                         d.target,
                         py_str(target),
@@ -380,7 +420,7 @@ fn read_submission(
         }
         if ids.iter().collect::<BTreeSet<_>>().len() != k {
             return Err(format!(
-                "{} {query} has duplicate topk {} in your prediction. Pleace check again!",
+                "{} {query_text} has duplicate topk {} in your prediction. Pleace check again!",
                 d.query_title, d.plural
             ));
         }

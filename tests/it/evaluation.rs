@@ -17,6 +17,9 @@ fn cn_clip(root: &Path, module: &str, args: &[&str]) {
     assert!(output.status.success(), "{module} {args:?}:\n{}", String::from_utf8_lossy(&output.stderr));
 }
 
+/// 2⁷⁰: an integer Python's `int` holds and no 64-bit type does.
+const BIG: &str = "1180591620717411303424";
+
 /// Ground truth for 12 texts; predictions that hit at rank 1, 3, 7 or never.
 fn write_inputs(root: &Path) {
     let mut truth = String::new();
@@ -59,6 +62,23 @@ fn write_inputs(root: &Path) {
         ("number_line", first_and("7")),
         ("non_ascii", first_and("{\"text_id\": 1, \"image_ids\": [\"一\",2,3,4,5,6,7,8,9,10]}")),
         ("no_trailing_newline", format!("{}\n{all_but_first}", lines[0])),
+        // What only Python's json reads (issue #23): integers past 64 bits, NaN, Infinity,
+        // numbers past f64's range, the integer -0.
+        ("big_text_id", first_and(&format!("{{\"text_id\": {BIG}, \"image_ids\": [1,2,3,4,5,6,7,8,9,10]}}"))),
+        ("big_text_id_few", first_and(&format!("{{\"text_id\": {BIG}, \"image_ids\": [1,2]}}"))),
+        ("big_image_id", first_and(&format!("{{\"text_id\": 1, \"image_ids\": [{BIG},2,3,4,5,6,7,8,9,10]}}"))),
+        (
+            "big_image_ids_twice",
+            first_and(&format!("{{\"text_id\": 1, \"image_ids\": [{BIG},2,3,4,5,6,7,8,9,{BIG}]}}")),
+        ),
+        ("u64_image_id", first_and("{\"text_id\": 1, \"image_ids\": [18446744073709551615,2,3,4,5,6,7,8,9,10]}")),
+        ("big_line", first_and(BIG)),
+        ("nan_image_id", first_and("{\"text_id\": 1, \"image_ids\": [NaN,2,3,4,5,6,7,8,9,10]}")),
+        ("infinite_image_id", first_and("{\"text_id\": 1, \"image_ids\": [-Infinity,2,3,4,5,6,7,8,9,10]}")),
+        ("e400_image_id", first_and("{\"text_id\": 1, \"image_ids\": [1e400,2,3,4,5,6,7,8,9,10]}")),
+        ("e400_text_id", first_and("{\"text_id\": 1e400, \"image_ids\": [1,2,3,4,5,6,7,8,9,10]}")),
+        ("nan_line", first_and("NaN")),
+        ("negative_zero_text_id", first_and("{\"text_id\": -0, \"image_ids\": [1,2,3,4,5,6,7,8,9,10]}")),
     ];
     for (name, content) in invalid {
         std::fs::write(root.join(format!("{name}.jsonl")), content).unwrap();
