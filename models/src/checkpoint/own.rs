@@ -70,8 +70,30 @@ pub fn save(path: &Path, config: &ClipConfig, state_dict: &BTreeMap<String, Tens
         (CONFIG_KEY.to_string(), serde_json::to_string(config).expect("configs serialise")),
         ("cnclip.version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
     ]);
-    let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| Error::Shape(e.to_string()))?;
+    let mut bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| Error::Shape(e.to_string()))?;
+    sort_header(&mut bytes)?;
     crate::write_atomically(path, |file| Ok::<_, Error>(std::io::Write::write_all(file, &bytes)?))
+}
+
+/// Rewrites a serialized safetensors file's JSON header with its keys sorted, in place: the
+/// crate writes the metadata from a `HashMap`, so the same checkpoint saved twice differed in
+/// its bytes (and its sha256, which manifests and bench-suite records compare). The sorted
+/// header has the same length; the space padding the crate aligns the data with is kept.
+fn sort_header(bytes: &mut [u8]) -> Result<()> {
+    let bad = |what: &str| Error::Shape(format!("safetensors header: {what}"));
+    let length =
+        bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes"))).ok_or_else(|| bad("too short"))?;
+    let end = usize::try_from(length).ok().and_then(|n| n.checked_add(8)).filter(|&e| e <= bytes.len());
+    let header = &mut bytes[8..end.ok_or_else(|| bad("length past the end"))?];
+    let sorted: BTreeMap<String, BTreeMap<String, serde_json::Value>> =
+        serde_json::from_slice(header).map_err(|e| bad(&e.to_string()))?;
+    let text = serde_json::to_vec(&sorted).map_err(|e| bad(&e.to_string()))?;
+    if text.len() > header.len() {
+        return Err(bad("sorting lengthened it"));
+    }
+    header[..text.len()].copy_from_slice(&text);
+    header[text.len()..].fill(b' ');
+    Ok(())
 }
 
 /// Why `bytes` cannot be read as a checkpoint, saying what they look like instead: an empty
@@ -167,5 +189,30 @@ mod tests {
             let message = crate::checkpoint::load_clip(&path, None, tch::Device::Cpu).unwrap_err().to_string();
             assert!(message.contains(name) && message.contains(expected), "{name}: {message}");
         }
+    }
+
+    /// The same weights saved twice give the same bytes, read back unchanged (the crate writes
+    /// the metadata in a `HashMap`'s order, which differs from map to map).
+    #[test]
+    fn a_checkpoint_saved_twice_has_the_same_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::clip::ClipConfig::from_name("ViT-B-16@RBT3-chinese").unwrap();
+        let state: std::collections::BTreeMap<String, tch::Tensor> = [
+            ("a.weight".to_string(), tch::Tensor::from_slice(&[1.0f32, -2.5, 3.0]).view([3, 1])),
+            ("b.bias".to_string(), tch::Tensor::from_slice(&[7i64, 8])),
+        ]
+        .into();
+        let saved: Vec<Vec<u8>> = (0..8)
+            .map(|i| {
+                let path = dir.path().join(format!("{i}.safetensors"));
+                super::save(&path, &config, &state).unwrap();
+                std::fs::read(path).unwrap()
+            })
+            .collect();
+        assert!(saved.iter().all(|bytes| *bytes == saved[0]), "the saves differ");
+        let (tensors, metadata) = super::read_safetensors(&dir.path().join("0.safetensors")).unwrap();
+        assert_eq!(metadata.get(super::FORMAT_KEY).map(String::as_str), Some(super::FORMAT));
+        assert_eq!(tensors.len(), 2);
+        assert!(tensors["a.weight"].equal(&state["a.weight"]) && tensors["b.bias"].equal(&state["b.bias"]));
     }
 }
