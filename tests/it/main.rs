@@ -14,6 +14,7 @@ mod bad_zeroshot;
 mod bench_suite;
 mod build_index;
 mod checkpoints;
+mod cli;
 mod cluster;
 mod decode;
 mod deploy;

@@ -17,8 +17,8 @@ pub fn workspace_root() -> PathBuf {
     manifest_dir.parent().expect("tests/ has a parent").to_path_buf()
 }
 
-/// The `cnclip` binary, which `cargo test --workspace` builds beside the test binaries (for
-/// `jobs/tests/cli.rs`).
+/// The `cnclip` binary, which `cargo test --workspace` builds beside the test binaries (for the
+/// CLI packages' own tests, `cli/*/tests/`).
 ///
 /// # Panics
 /// When it has not been built, saying how to build it.
@@ -33,10 +33,18 @@ pub fn cnclip_bin() -> PathBuf {
     let bin = target.join("cnclip");
     assert!(
         bin.exists(),
-        "{} not built: run `cargo test --workspace` (or `cargo build -p cnclip-jobs`)",
+        "{} not built: run `cargo test --workspace` (or `cargo build -p cnclip-cli -p cnclip-torch`)",
         bin.display()
     );
     bin
+}
+
+/// `cnclip-torch`, beside [`cnclip_bin`].
+///
+/// # Panics
+/// As [`cnclip_bin`].
+pub fn cnclip_torch_bin() -> PathBuf {
+    cnclip_bin().with_file_name("cnclip-torch")
 }
 
 /// The project venv's python, which has torch, cn_clip, py-lmdb and pyarrow.

@@ -52,7 +52,7 @@ pub struct Report {
 
 /// The largest magnitude drawn: the axis ranges' spans (padded) stay finite, which `plotters`
 /// needs (its tick search never ends on an infinite span).
-const LIMIT: f64 = 1e300;
+pub const LIMIT: f64 = 1e300;
 
 fn drawable(&(x, y): &(f64, f64)) -> bool {
     x.abs() <= LIMIT && y.abs() <= LIMIT

@@ -49,7 +49,7 @@ const IMAGE_TO_TEXT: Direction = Direction {
 pub use crate::evaluation_engine::Engine;
 
 /// The recall query (`jobs/sql/recall.sql`).
-pub const RECALL_SQL: &str = include_str!("../sql/recall.sql");
+pub const RECALL_SQL: &str = include_str!("../../sql/recall.sql");
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -557,7 +557,6 @@ fn recall_sql(
 }
 
 /// Recall@1/5/10 (percent) of `submit` against `standard`, or the checks' error message.
-#[allow(dead_code)] // called by cnclip-torch's bench-suite
 pub fn recall(standard: &PathBuf, submit: &PathBuf, image_to_text: bool) -> Result<[f64; 3], String> {
     let d = if image_to_text { IMAGE_TO_TEXT } else { TEXT_TO_IMAGE };
     let (json, error) = evaluate(standard, submit, d, Engine::Direct, None).map_err(|e| format!("{e:#}"))?;

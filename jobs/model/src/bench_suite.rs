@@ -190,10 +190,10 @@ pub fn run(args: Args) -> Result<()> {
                 crate::knn::run(Knn::try_parse_from(knn(&t2i))?.args, false)?;
                 crate::knn::run(Knn::try_parse_from(knn(&i2t))?.args, true)?;
                 let truth_tr = work.join("truth.tr.jsonl");
-                crate::evaluation::transpose(Path::new(&texts), &truth_tr)?;
-                let image_retrieval = crate::evaluation::recall(&PathBuf::from(&texts), &t2i, false)
+                cnclip_data_jobs::evaluation::transpose(Path::new(&texts), &truth_tr)?;
+                let image_retrieval = cnclip_data_jobs::evaluation::recall(&PathBuf::from(&texts), &t2i, false)
                     .map_err(|e| anyhow::anyhow!("run `{}`: {e}", run.name))?;
-                let text_retrieval = crate::evaluation::recall(&truth_tr, &i2t, true)
+                let text_retrieval = cnclip_data_jobs::evaluation::recall(&truth_tr, &i2t, true)
                     .map_err(|e| anyhow::anyhow!("run `{}`: {e}", run.name))?;
                 let mut m = serde_json::Map::new();
                 for (k, (a, b)) in [1, 5, 10].iter().zip(image_retrieval.iter().zip(&text_retrieval)) {

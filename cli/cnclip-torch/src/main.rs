@@ -8,43 +8,16 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use cnclip_operators::spec::Registry;
+use cnclip_data_jobs::{process, run};
+use cnclip_model_jobs::{
+    bench_suite, benchmark, build_index, convert, demo, extract, init_model, knn, registry, similarity, train, zeroshot,
+};
 
-mod bench_suite;
-mod benchmark;
-mod build_index;
-/// `build-lmdb`, run by `demo` (its command lives in `cnclip`).
-#[allow(dead_code)]
-mod build_lmdb;
-mod common;
-mod convert;
-mod demo;
-/// The scorers bench-suite calls; their commands live in `cnclip`.
-#[allow(dead_code)]
-mod evaluation;
-mod evaluation_engine;
-mod extract;
-/// The splits parser `build-lmdb` shares (the commands live in `cnclip`).
-#[allow(dead_code)]
-mod import;
-mod init_model;
-mod knn;
-/// The shard layout and entry format `extract-features` writes (`manifest check` lives in
-/// `cnclip`).
-#[allow(dead_code)]
-mod manifest;
-mod model_args;
-/// The demo's report (HTML + SVG plots).
-mod report;
-mod run;
-mod similarity;
-/// The SQL session (UDFs) the zero-shot SQL engine runs on; its command lives in `cnclip`.
-#[allow(dead_code)]
-mod sql;
-/// `synth`, run by `demo` (its command lives in `cnclip`).
-mod synth;
-mod train;
-mod zeroshot;
+/// mimalloc instead of glibc's malloc: the pipelines allocate and free many ~100 KB–5 MB
+/// buffers across threads, which glibc's per-thread arenas and dynamic mmap threshold keep as
+/// fragmented heap, so peak memory crept up with the length of a job.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(name = "cnclip", version, about = "Chinese-CLIP model commands (run as `cnclip COMMAND`)")]
@@ -99,14 +72,6 @@ enum BenchmarkCommand {
     Preprocess(benchmark::PreprocessArgs),
 }
 
-/// Every kind `cnclip-torch` runs: the built-in ones, the encoders and `knn`.
-fn registry() -> Registry {
-    let mut registry = Registry::builtin();
-    cnclip_models::encoders::register(&mut registry);
-    cnclip_models::retrieval::register(&mut registry);
-    registry
-}
-
 /// Training keeps the decode pipeline and libtorch's OpenMP threads busy at once on the same
 /// cores; OpenMP's default (active) waiting spins between parallel regions and takes the cores
 /// from the pipeline (measured on 2 cores: 4.2 steps/s, 7.8 with passive waiting). libgomp reads
@@ -132,7 +97,7 @@ fn wait_passively_in_training() {
 
 fn main() -> ExitCode {
     wait_passively_in_training();
-    common::init_logging();
+    process::init_logging();
     let result = match Cli::parse().command {
         Command::Similarity(args) => similarity::run(args),
         Command::Convert(args) => convert::run(args),
@@ -150,5 +115,5 @@ fn main() -> ExitCode {
         Command::Benchmark(BenchmarkCommand::Encode(args)) => benchmark::run(args),
         Command::Benchmark(BenchmarkCommand::Preprocess(args)) => benchmark::run_preprocess(args),
     };
-    common::exit_code(result)
+    process::exit_code(result)
 }

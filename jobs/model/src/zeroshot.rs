@@ -63,8 +63,8 @@ pub struct Args {
     #[arg(long, default_value = "cpu")]
     devices: String,
     /// How top-1 is computed: here, or by `jobs/sql/zeroshot_top1.sql` on DataFusion.
-    #[arg(long, value_enum, default_value_t = crate::evaluation_engine::Engine::Direct)]
-    engine: crate::evaluation_engine::Engine,
+    #[arg(long, value_enum, default_value_t = cnclip_data_jobs::evaluation_engine::Engine::Direct)]
+    engine: cnclip_data_jobs::evaluation_engine::Engine,
     /// Run the SQL engine on a Ballista cluster (`df://HOST:PORT`, see `cnclip cluster`); its
     /// input tables are written under --save-dir, which every executor must read.
     #[arg(long, value_name = "df://HOST:PORT")]
@@ -72,7 +72,7 @@ pub struct Args {
 }
 
 /// The top-1 query (`jobs/sql/zeroshot_top1.sql`).
-pub const TOP1_SQL: &str = include_str!("../sql/zeroshot_top1.sql");
+pub const TOP1_SQL: &str = include_str!("../../sql/zeroshot_top1.sql");
 
 /// Top-1 accuracy by [`TOP1_SQL`]: `features` `[N, D]` with `labels`, `classifier` `[D, C]`;
 /// on a cluster (address, a path whose directory the executors share) from Parquet files there.
@@ -110,13 +110,13 @@ fn top1_sql(features: &Tensor, labels: &[i64], classifier: &Tensor, cluster: Opt
         ])),
         vec![Arc::new(Int64Array::from((0..c).collect::<Vec<_>>())), Arc::new(class_vectors)],
     )?;
-    let scratch = cluster.map(|(_, near)| crate::sql::scratch(near)).transpose()?;
+    let scratch = cluster.map(|(_, near)| cnclip_data_jobs::sql::scratch(near)).transpose()?;
     let scratch_dir = scratch.as_ref().map(|d| d.path());
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let batches = runtime.block_on(async {
-        let ctx = crate::sql::session(cluster.map(|(url, _)| url)).await?;
-        crate::sql::register_batch(&ctx, "images", images, scratch_dir).await?;
-        crate::sql::register_batch(&ctx, "classes", classes, scratch_dir).await?;
+        let ctx = cnclip_data_jobs::sql::session(cluster.map(|(url, _)| url)).await?;
+        cnclip_data_jobs::sql::register_batch(&ctx, "images", images, scratch_dir).await?;
+        cnclip_data_jobs::sql::register_batch(&ctx, "classes", classes, scratch_dir).await?;
         anyhow::Ok(ctx.sql(TOP1_SQL).await?.collect().await?)
     })?;
     use arrow::array::{Array, AsArray};
@@ -165,7 +165,7 @@ pub fn run(args: Args) -> Result<()> {
 /// Runs it (printing and writing as `run` does) and returns the metrics.
 pub fn run_with(args: Args) -> Result<Metrics> {
     cnclip_operators::signals::catch_interrupts()?;
-    if args.cluster.is_some() && args.engine != crate::evaluation_engine::Engine::Sql {
+    if args.cluster.is_some() && args.engine != cnclip_data_jobs::evaluation_engine::Engine::Sql {
         bail!("--cluster runs the SQL engine: add --engine sql");
     }
     let classnames: Vec<String> =
@@ -402,8 +402,8 @@ pub fn run_with(args: Args) -> Result<Metrics> {
         .with_context(|| format!("writing {}", out.display()))?;
     let fraction = |k: usize| python_float(k as f64 / n.max(1) as f64);
     let top1_text = match args.engine {
-        crate::evaluation_engine::Engine::Direct => fraction(top1),
-        crate::evaluation_engine::Engine::Sql => python_float(top1_sql(
+        cnclip_data_jobs::evaluation_engine::Engine::Direct => fraction(top1),
+        cnclip_data_jobs::evaluation_engine::Engine::Sql => python_float(top1_sql(
             &image_features,
             &targets,
             &classifier,

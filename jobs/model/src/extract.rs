@@ -48,8 +48,8 @@ use cnclip_operators::spec::{JobSettings, NodeDef, Planner};
 use cnclip_schemas::metadata;
 use serde::{Deserialize, Serialize};
 
-use crate::manifest::{self, Tower};
 use crate::registry;
+use cnclip_data_jobs::manifest::{self, Tower};
 
 #[derive(clap::Args)]
 pub struct Args {

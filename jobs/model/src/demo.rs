@@ -14,8 +14,8 @@ use anyhow::{Context, Result, bail};
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::{Float64Type, Int64Type};
 
-use crate::common::parse_args as parse;
 use crate::report::{Plot, Report, Series, Table};
+use cnclip_data_jobs::process::parse_args as parse;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -134,13 +134,13 @@ pub fn run(args: Args) -> Result<()> {
         "synthesize the corpus (captioned shapes, cn_clip's TSV/JSONL layout, a zero-shot set)",
         "synth",
         strings(&["--out", &path("corpus"), "--train", &train, "--valid", "200", "--test", &test, "--seed", &seed]),
-        |a| crate::synth::run(parse("synth", a)?),
+        |a| cnclip_data_jobs::synth::run(parse("synth", a)?),
     )?;
     steps.run(
         "build cn_clip's LMDB splits",
         "build-lmdb",
         strings(&["--data-dir", &path("corpus"), "--splits", "train,valid,test"]),
-        |a| crate::build_lmdb::run(parse("build-lmdb", a)?),
+        |a| cnclip_data_jobs::build_lmdb::run(parse("build-lmdb", a)?),
     )?;
     let model = out.join("model.json");
     std::fs::write(&model, MODEL).with_context(|| format!("writing {}", model.display()))?;
@@ -254,7 +254,7 @@ pub fn run(args: Args) -> Result<()> {
         "score recall@1/5/10 (cn_clip's evaluation)",
         "evaluation",
         strings(&[&path("corpus/test_texts.jsonl"), &predictions, &recall_json]),
-        |a| crate::evaluation::run(parse("evaluation", a)?, false),
+        |a| cnclip_data_jobs::evaluation::run(parse("evaluation", a)?, false),
     )?;
     let templates = out.join("templates.txt");
     std::fs::write(&templates, TEMPLATES)?;

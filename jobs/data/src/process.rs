@@ -1,12 +1,6 @@
-//! What both binaries share: the allocator, logging set-up and exit codes.
+//! What both binaries share: logging set-up, exit codes and the error line a user sees.
 
 use std::process::ExitCode;
-
-/// mimalloc instead of glibc's malloc: the pipelines allocate and free many ~100 KB–5 MB
-/// buffers across threads, which glibc's per-thread arenas and dynamic mmap threshold keep as
-/// fragmented heap, so peak memory crept up with the length of a job.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Logs to stderr, filtered by `RUST_LOG`.
 pub fn init_logging() {
@@ -75,7 +69,6 @@ fn is_broken_pipe(error: &anyhow::Error) -> bool {
 ///
 /// # Errors
 /// clap's message for arguments the subcommand does not take.
-#[allow(dead_code)]
 pub fn parse_args<A: clap::Args + clap::FromArgMatches>(name: &'static str, argv: &[String]) -> anyhow::Result<A> {
     use anyhow::Context;
     let command = A::augment_args(clap::Command::new(name).no_binary_name(true));

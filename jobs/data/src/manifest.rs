@@ -170,7 +170,6 @@ pub struct Entry {
 
 /// The scheduler variables an entry records.
 // Used by extract-features (in `cnclip-torch`, which builds this module too).
-#[allow(dead_code)]
 pub const JOB_VARIABLES: [&str; 6] =
     ["SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX", "JOB_NAME", "HOSTNAME"];
 
@@ -186,7 +185,6 @@ pub fn work_dir(dir: &Path, shard: Shard) -> PathBuf {
 
 /// A shard's quarantine file.
 // Used by extract-features (in `cnclip-torch`, which builds this module too).
-#[allow(dead_code)]
 pub fn quarantine_path(dir: &Path, shard: Shard) -> PathBuf {
     dir.join(format!("{}.quarantine.jsonl", part_stem(shard)))
 }
@@ -228,7 +226,6 @@ pub fn parse_name(name: &str) -> Option<(Shard, FileKind)> {
 /// A part file as a reader meets it.
 #[derive(Debug, Clone)]
 // Used by extract-features (in `cnclip-torch`, which builds this module too).
-#[allow(dead_code)]
 pub struct PartFacts {
     pub bytes: u64,
     pub sha256: String,
@@ -278,13 +275,12 @@ fn regular(path: &Path) -> Result<()> {
 /// Size, checksum, rows, ids and metadata of a part. The bytes are hashed before the file is
 /// parsed, so a part that no longer parses still reports them: see [`read_part`].
 // Used by extract-features (in `cnclip-torch`, which builds this module too).
-#[allow(dead_code)]
 pub fn inspect_part(path: &Path) -> Result<PartFacts> {
     let (sha256, bytes) = sha256_file(path)?;
     read_part(path, sha256, bytes)
 }
 
-fn read_part(path: &Path, sha256: String, bytes: u64) -> Result<PartFacts> {
+pub fn read_part(path: &Path, sha256: String, bytes: u64) -> Result<PartFacts> {
     use parquet::arrow::ProjectionMask;
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
@@ -309,7 +305,6 @@ fn read_part(path: &Path, sha256: String, bytes: u64) -> Result<PartFacts> {
 /// A tower's source node (named `source`), as extraction reads it, and what it needs before
 /// the encoder: base64 decoding, and the preprocessing order.
 // Used by extract-features (in `cnclip-torch`, which builds this module too).
-#[allow(dead_code)]
 pub struct Source {
     pub node: NodeDef,
     pub base64: bool,

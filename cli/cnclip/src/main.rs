@@ -1,7 +1,7 @@
 //! `cnclip`: Chinese-CLIP's scripts as one fast, streaming command.
 //!
-//! Each subcommand lives in its own module and is named after the cn_clip script it replaces,
-//! with the same flag names. This binary holds every command that needs no model — data
+//! Each subcommand is a job of `cnclip-data-jobs` or `cnclip-model-jobs`, named after the
+//! cn_clip script it replaces, with the same flag names. This binary holds every command that needs no model — data
 //! preparation, pipelines, tokenizing — and links no libtorch, so those start in milliseconds
 //! and run where torch is not installed. Commands that run a model (`similarity`, `convert`,
 //! `benchmark`, …) are carried out by its sibling `cnclip-torch`, which it `exec`s with the same
@@ -17,17 +17,13 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use cnclip_operators::spec::Registry;
 
-mod build_lmdb;
-mod cluster;
-mod common;
-mod evaluation;
-mod evaluation_engine;
-mod import;
-mod manifest;
-mod run;
-mod sql;
-mod synth;
-mod tokenize;
+use cnclip_data_jobs::{build_lmdb, cluster, evaluation, import, manifest, process, run, sql, synth, tokenize};
+
+/// mimalloc instead of glibc's malloc: the pipelines allocate and free many ~100 KB–5 MB
+/// buffers across threads, which glibc's per-thread arenas and dynamic mmap threshold keep as
+/// fragmented heap, so peak memory crept up with the length of a job.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(name = "cnclip", version, about = "Chinese-CLIP feature extraction, retrieval and fine-tuning, streaming")]
@@ -146,7 +142,7 @@ fn needs_other_kinds(pipeline: &std::path::Path, registry: &Registry) -> bool {
 }
 
 fn main() -> ExitCode {
-    common::init_logging();
+    process::init_logging();
     let result = match Cli::parse().command {
         Command::Tokenize(args) => tokenize::run(args),
         Command::BuildLmdb(args) => build_lmdb::run(args),
@@ -183,5 +179,5 @@ fn main() -> ExitCode {
         Command::Manifest(command) => manifest::run(command),
         Command::Cluster(command) => cluster::run(command),
     };
-    common::exit_code(result)
+    process::exit_code(result)
 }

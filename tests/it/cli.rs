@@ -1,5 +1,5 @@
-//! End-to-end tests of the `cnclip` binary. They live in the binary's own package because only
-//! there does cargo build it for tests (`CARGO_BIN_EXE_cnclip`); everything else is in `tests/`.
+//! End-to-end tests of the `cnclip` binary's data commands: tokenize, similarity, synth, import,
+//! run, the hand-over of model pipelines to `cnclip-torch`.
 
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
@@ -7,7 +7,7 @@ use std::process::{Command, Output, Stdio};
 use cnclip_tests::{corpus, reference_token_ids};
 
 fn cnclip(args: &[&str], stdin: &[u8]) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cnclip"))
+    let mut child = Command::new(cnclip_tests::cnclip_bin())
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -273,7 +273,7 @@ fn run_hands_pipelines_with_model_kinds_to_cnclip_torch() {
     let dir = tempfile::tempdir().unwrap();
     let bin = dir.path().join("bin");
     std::fs::create_dir(&bin).unwrap();
-    std::fs::copy(env!("CARGO_BIN_EXE_cnclip"), bin.join("cnclip")).unwrap();
+    std::fs::copy(cnclip_tests::cnclip_bin(), bin.join("cnclip")).unwrap();
     let model_kind = dir.path().join("encode.toml");
     std::fs::write(
         &model_kind,
@@ -320,7 +320,7 @@ fn cnclip_torch_runs_pipelines_like_cnclip() {
         .collect();
     std::fs::write(dir.path().join("texts.jsonl"), texts.join("\n") + "\n").unwrap();
     let mut outputs = Vec::new();
-    for (binary, name) in [(env!("CARGO_BIN_EXE_cnclip"), "a"), (env!("CARGO_BIN_EXE_cnclip-torch"), "b")] {
+    for (binary, name) in [(cnclip_tests::cnclip_bin(), "a"), (cnclip_tests::cnclip_torch_bin(), "b")] {
         let pipeline = dir.path().join(format!("{name}.toml"));
         std::fs::write(
             &pipeline,
@@ -331,8 +331,8 @@ fn cnclip_torch_runs_pipelines_like_cnclip() {
             ),
         )
         .unwrap();
-        let output = Command::new(binary).args(["run", pipeline.to_str().unwrap()]).output().unwrap();
-        assert!(output.status.success(), "{binary}: {}", String::from_utf8_lossy(&output.stderr));
+        let output = Command::new(&binary).args(["run", pipeline.to_str().unwrap()]).output().unwrap();
+        assert!(output.status.success(), "{}: {}", binary.display(), String::from_utf8_lossy(&output.stderr));
         outputs.push(std::fs::read(dir.path().join(format!("{name}.jsonl"))).unwrap());
     }
     assert_eq!(String::from_utf8_lossy(&outputs[0]).lines().count(), 50);

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 
 use super::log::Log;
-use crate::common::parse_args;
+use cnclip_data_jobs::process::parse_args;
 
 /// The LMDB split to train on for `--train-data`/`--val-data` `given`, serializing it under
 /// `cache` first when it is not one already.
@@ -70,7 +70,7 @@ pub fn lmdb_split(given: &Path, cache: &Path, flag: &str, log: &mut Log) -> Resu
                 given.display(),
                 argv.join(" ")
             ));
-            crate::build_lmdb::run(parse_args("build-lmdb", &argv)?)?;
+            cnclip_data_jobs::build_lmdb::run(parse_args("build-lmdb", &argv)?)?;
         }
         Layout::Parquet => {
             let argv: Vec<String> =
@@ -83,7 +83,7 @@ pub fn lmdb_split(given: &Path, cache: &Path, flag: &str, log: &mut Log) -> Resu
                 given.display(),
                 argv.join(" ")
             ));
-            crate::import::export(parse_args("export", &argv)?)?;
+            cnclip_data_jobs::import::export(parse_args("export", &argv)?)?;
         }
     }
     cnclip_operators::write_atomically(&marker, |f| std::io::Write::write_all(f, fingerprint.as_bytes()))?;
