@@ -338,11 +338,15 @@ fn lmdb_source_reads_cn_clip_databases() {
     assert_eq!(images, expected_images);
 
     let mut pairs = Vec::new();
-    lmdb::for_each_pair(&split, |r| {
-        let p = r.unwrap();
-        pairs.push((p.image_id, p.text_id, p.text));
-        Ok(())
-    })
+    lmdb::for_each_pair(
+        &split,
+        |stray| panic!("{stray:?}"),
+        |r| {
+            let p = r.unwrap();
+            pairs.push((p.image_id, p.text_id, p.text));
+            Ok(())
+        },
+    )
     .unwrap();
     let mut expected_pairs = Vec::new();
     jsonl::for_each_line(
@@ -355,8 +359,7 @@ fn lmdb_source_reads_cn_clip_databases() {
         },
     )
     .unwrap();
-    pairs.sort();
-    expected_pairs.sort();
+    // In sample order: key `i` holds the `i`-th pair of the texts file, as cn_clip writes them.
     assert_eq!(pairs, expected_pairs);
     assert_eq!(lmdb::counts(&split).unwrap(), (20, expected_pairs.len() as u64));
 }
@@ -593,4 +596,86 @@ fn lmdb_tools_read_a_deep_bulk_loaded_tree_as_written_by_transactions() {
 #[should_panic(expected = "not found: run scripts/setup.sh (it installs lmdb-utils")]
 fn a_missing_lmdb_tool_fails_saying_how_to_install_it() {
     mdb("mdb_no_such_tool", &[Path::new("-V")]);
+}
+
+/// Issue #24 item 9: an LMDB split → `import --lmdb-dir` → Parquet → `export --format lmdb`
+/// gives back the same databases (`mdb_dump`): sample `i` stays key `"i"`. With more than ten
+/// pairs LMDB's key order (`0, 1, 10, 11, …, 2`) is not the samples' order, which import used
+/// to keep, so the export renumbered them (sample 2 became another pair).
+#[test]
+fn an_lmdb_split_imported_and_exported_again_dumps_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path(), 40);
+    let theirs = dir.path().join("theirs");
+    let output = Command::new(cnclip_tests::venv_python())
+        .args(["-m", "cn_clip.preprocess.build_lmdb_dataset", "--data_dir", &data, "--splits", "train"])
+        .args(["--lmdb_dir", theirs.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let (tables, back) = (dir.path().join("tables"), dir.path().join("back"));
+    let cnclip = |args: &[&str]| {
+        let output = Command::new(cnclip_tests::cnclip_bin()).args(args).output().unwrap();
+        assert!(output.status.success(), "cnclip {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    };
+    cnclip(&["import", "--lmdb-dir", theirs.to_str().unwrap(), "--splits", "train", "--out", tables.to_str().unwrap()]);
+    cnclip(&[
+        "export",
+        "--parquet-dir",
+        tables.to_str().unwrap(),
+        "--splits",
+        "train",
+        "--out",
+        back.to_str().unwrap(),
+        "--format",
+        "lmdb",
+    ]);
+    for db in ["imgs", "pairs"] {
+        let dump = mdb_dump(&theirs.join("train").join(db));
+        assert!(dump.len() > 2 * 11, "{db}: too few entries to tell the orders apart");
+        assert!(mdb_dump(&back.join("train").join(db)) == dump, "{db}: the round trip changed the database");
+    }
+}
+
+/// Pairs are read in sample order whatever the key order; a key cn_clip never reads (not one
+/// of `0…num_samples-1` as it writes them) is reported once as a stray, and a sample whose key
+/// is missing is reported in its place, so nothing is dropped or renumbered silently.
+#[test]
+fn pairs_come_in_sample_order_with_strays_and_missing_samples_reported() {
+    use cnclip_operators::sinks::lmdb::{LmdbWriter, LmdbWriterKind, pickle_pair};
+    use cnclip_operators::sources::lmdb;
+
+    let dir = tempfile::tempdir().unwrap();
+    let split = dir.path().join("split");
+    let mut entries: Vec<(String, Vec<u8>)> = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13]
+        .iter()
+        .map(|&i| (i.to_string(), pickle_pair(i, 100 + i, "t")))
+        .collect();
+    entries.extend(["012", "x", "14"].map(|key| (key.to_string(), pickle_pair(-1, -1, "stray"))));
+    entries.push(("num_samples".into(), b"14".to_vec()));
+    entries.sort();
+    let mut writer = LmdbWriter::create(&split.join("pairs"), LmdbWriterKind::Txn).unwrap();
+    for (key, value) in &entries {
+        writer.put(key.as_bytes(), value).unwrap();
+    }
+    writer.finish().unwrap();
+
+    let (mut strays, mut samples) = (Vec::new(), Vec::new());
+    lmdb::for_each_pair(
+        &split,
+        |stray| {
+            strays.push(stray.location);
+            Ok(())
+        },
+        |sample| {
+            samples.push(sample.map(|pair| pair.image_id).map_err(|rejected| rejected.reason));
+            Ok(())
+        },
+    )
+    .unwrap();
+    strays.sort();
+    assert_eq!(strays, ["key \"012\"", "key \"14\"", "key \"x\""]);
+    let expected: Vec<Result<i64, String>> =
+        (0..14).map(|i| if i == 12 { Err("sample 12 is missing (num_samples is 14)".into()) } else { Ok(i) }).collect();
+    assert_eq!(samples, expected);
 }

@@ -55,23 +55,84 @@ pub fn for_each_image(
     })
 }
 
-/// Reads `{dir}/pairs`: the unpickled `(image_id, text_id, text)` of each entry.
+/// Reads `{dir}/pairs` in sample order: the unpickled `(image_id, text_id, text)` of keys
+/// `"0"`, `"1"`, … `"n-1"`, as cn_clip's `LMDBDataset` reads sample `i` from key `str(i)` (`n`
+/// is `num_samples`, or the number of entries without it). LMDB keeps keys in byte order (`0, 1,
+/// 10, 11, …, 2`); rows in that order would renumber the samples when written back, so a pass
+/// over the file is made per key length (keys of one length are in numeric order, and shorter
+/// ones are smaller): as many passes as `n - 1` has digits, no buffering.
+///
+/// `on_pair` is called once per sample `0…n-1` in order: with its pair, or with why it cannot
+/// be read (a bad pickle, or a key missing from the file). `on_stray` gets each entry cn_clip
+/// never reads (a key that is not one of `0…n-1` written as cn_clip writes it), once.
 ///
 /// # Errors
-/// A missing or unreadable LMDB (structural), or whatever `on_pair` returns.
-pub fn for_each_pair(dir: &Path, mut on_pair: impl FnMut(Result<Pair, Rejected>) -> Result<()>) -> Result<()> {
+/// A missing or unreadable LMDB (structural), or whatever the callbacks return.
+pub fn for_each_pair(
+    dir: &Path,
+    mut on_stray: impl FnMut(Rejected) -> Result<()>,
+    mut on_pair: impl FnMut(Result<Pair, Rejected>) -> Result<()>,
+) -> Result<()> {
+    const COUNT_KEY: &[u8] = b"num_samples";
     let path = dir.join("pairs");
+    let file = LmdbFile::open(&path)?;
     let source = path.display().to_string();
     let limits = Limits::RECORD.from_env();
-    for_each(&path, b"num_samples", |key, value| {
-        let parsed = parse_pair(value, &limits);
-        on_pair(parsed.map_err(|reason| Rejected {
-            source: source.clone(),
-            location: format!("key {:?}", String::from_utf8_lossy(key)),
-            id: None,
-            reason,
-        }))
-    })
+    let recorded = file.get(COUNT_KEY)?;
+    let samples = match recorded.as_deref().map(std::str::from_utf8) {
+        Some(Ok(count)) => count.parse::<u64>().ok(),
+        Some(Err(_)) => None,
+        None => Some(file.entries()),
+    }
+    .ok_or_else(|| Error::Record {
+        location: format!("{source} key \"num_samples\""),
+        reason: "the sample count is not a number".into(),
+    })?;
+    let rejected = |key: &[u8], reason: String| Rejected {
+        source: source.clone(),
+        location: format!("key {:?}", String::from_utf8_lossy(key)),
+        id: None,
+        reason,
+    };
+    let digits = |n: u64| n.checked_ilog10().map_or(1, |d| d as usize + 1);
+    let widths = if samples == 0 { 0 } else { digits(samples - 1) };
+    let mut next = 0u64;
+    let mut missing = |upto: u64, on_pair: &mut dyn FnMut(Result<Pair, Rejected>) -> Result<()>| -> Result<()> {
+        while next < upto {
+            let key = next.to_string();
+            on_pair(Err(rejected(key.as_bytes(), format!("sample {next} is missing (num_samples is {samples})"))))?;
+            next += 1;
+        }
+        next += 1;
+        Ok(())
+    };
+    for width in 1..=widths.max(1) {
+        file.for_each(|key, value| {
+            if key == COUNT_KEY {
+                return Ok(());
+            }
+            let sample = std::str::from_utf8(key)
+                .ok()
+                .filter(|k| k.bytes().all(|b| b.is_ascii_digit()) && (k.len() == 1 || !k.starts_with('0')))
+                .and_then(|k| k.parse::<u64>().ok())
+                .filter(|&i| i < samples);
+            match sample {
+                None if width == 1 => on_stray(rejected(
+                    key,
+                    format!(
+                        "not a sample key: cn_clip reads the keys 0…{} (num_samples {samples})",
+                        samples.saturating_sub(1)
+                    ),
+                )),
+                Some(i) if key.len() == width => {
+                    missing(i, &mut on_pair)?;
+                    on_pair(parse_pair(value, &limits).map_err(|reason| rejected(key, reason)))
+                }
+                _ => Ok(()),
+            }
+        })?;
+    }
+    missing(samples, &mut on_pair)
 }
 
 /// One `pairs` value: the pickled `(image_id, text_id, text)`, read within `limits`.
@@ -179,7 +240,10 @@ impl Source for LmdbSource {
             }
             Database::Pairs => {
                 let mut batcher = PairsBatcher::new(ctx.batch_rows);
-                for_each_pair(&self.dir, |record| {
+                // A stray entry is no sample: the first shard reports it, none counts it.
+                let first = ctx.shard.index == 0;
+                let stray = |rejected| if first { ctx.quarantine.reject(rejected) } else { Ok(()) };
+                for_each_pair(&self.dir, stray, |record| {
                     if !shard.mine() {
                         return Ok(());
                     }
