@@ -117,3 +117,20 @@ fn main() -> ExitCode {
     };
     process::exit_code(result)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_argument_has_help() {
+        let missing = cnclip_data_jobs::process::arguments_without_help(&Cli::command());
+        assert!(missing.is_empty(), "{} arguments have no --help text:\n{}", missing.len(), missing.join("\n"));
+    }
+}

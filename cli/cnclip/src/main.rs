@@ -104,6 +104,7 @@ enum Command {
 /// The arguments of a model command, handed to `cnclip-torch` untouched (`--help` included).
 #[derive(clap::Args)]
 struct ModelCommand {
+    /// The command's arguments, handed to cnclip-torch (its --help lists them).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
     args: Vec<OsString>,
 }
@@ -180,4 +181,21 @@ fn main() -> ExitCode {
         Command::Cluster(command) => cluster::run(command),
     };
     process::exit_code(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_argument_has_help() {
+        let missing = cnclip_data_jobs::process::arguments_without_help(&Cli::command());
+        assert!(missing.is_empty(), "{} arguments have no --help text:\n{}", missing.len(), missing.join("\n"));
+    }
 }

@@ -53,6 +53,7 @@ pub const RECALL_SQL: &str = include_str!("../../sql/recall.sql");
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// Where the recall is computed: in Rust as cn_clip does, or by jobs/sql/recall.sql on DataFusion.
     #[arg(long, value_enum, default_value_t = Engine::Direct)]
     engine: Engine,
     /// The ground truth (e.g. test_texts.jsonl).

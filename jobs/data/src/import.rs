@@ -36,11 +36,13 @@ pub struct ImportArgs {
     /// Directory with cn_clip LMDB splits (`{split}/imgs`, `{split}/pairs`).
     #[arg(long)]
     lmdb_dir: Option<PathBuf>,
+    /// Comma-separated splits to import, e.g. train,valid,test.
     #[arg(long)]
     splits: String,
     /// Output directory for the Parquet tables.
     #[arg(long)]
     out: PathBuf,
+    /// What to do with a bad record: skip it into `{split}_quarantine.jsonl`, or fail.
     #[arg(long, value_enum, default_value_t = OnError::Skip)]
     on_error: OnError,
     /// This job's share `i/n` of every source.
@@ -64,15 +66,19 @@ pub struct ExportArgs {
     /// Directory with `{split}_images.parquet` and `{split}_texts.parquet` (or `_pairs`).
     #[arg(long)]
     parquet_dir: PathBuf,
+    /// Comma-separated splits to export, e.g. train,valid,test.
     #[arg(long)]
     splits: String,
+    /// Output directory for the cn_clip files (`{split}_imgs.tsv`, … or `{split}/imgs`, …).
     #[arg(long)]
     out: PathBuf,
+    /// The layout to write: cn_clip's TSV + JSONL files, or its LMDB splits.
     #[arg(long, value_enum, default_value_t = Format::Tsv)]
     format: Format,
     /// How `--format lmdb` writes: the bulk loader, or LMDB's own transactions.
     #[arg(long, value_enum, default_value_t = LmdbWriterKind::Bulk)]
     writer: LmdbWriterKind,
+    /// What to do with a bad record: skip it into `{split}_quarantine.jsonl`, or fail.
     #[arg(long, value_enum, default_value_t = OnError::Skip)]
     on_error: OnError,
 }

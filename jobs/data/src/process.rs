@@ -75,3 +75,35 @@ pub fn parse_args<A: clap::Args + clap::FromArgMatches>(name: &'static str, argv
     let matches = command.try_get_matches_from(argv).with_context(|| format!("cnclip {name} {}", argv.join(" ")))?;
     Ok(A::from_arg_matches(&matches)?)
 }
+
+/// Every argument of `command` and its subcommands that has no `--help` text, as `cnclip
+/// SUBCOMMAND --flag` lines (clap's own `--help` and `--version` aside): the binaries' tests
+/// require none.
+pub fn arguments_without_help(command: &clap::Command) -> Vec<String> {
+    fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+        for arg in command.get_arguments() {
+            let id = arg.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            let blank = |help: Option<&clap::builder::StyledStr>| help.is_none_or(|h| h.to_string().trim().is_empty());
+            if blank(arg.get_help()) && blank(arg.get_long_help()) {
+                let name = match (arg.get_long(), arg.get_short()) {
+                    (Some(long), _) => format!("--{long}"),
+                    (None, Some(short)) => format!("-{short}"),
+                    (None, None) => {
+                        format!("<{}>", arg.get_value_names().and_then(|v| v.first()).map_or(id, |v| v.as_str()))
+                    }
+                };
+                missing.push(format!("{path} {name}"));
+            }
+        }
+        for sub in command.get_subcommands() {
+            walk(sub, &format!("{path} {}", sub.get_name()), missing);
+        }
+    }
+
+    let mut missing = Vec::new();
+    walk(command, command.get_name(), &mut missing);
+    missing
+}

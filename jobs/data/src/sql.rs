@@ -37,6 +37,7 @@ pub struct Args {
     /// A table for the query: `name=PATH` (a Parquet file or a directory of parts), repeatable.
     #[arg(long = "table", value_name = "NAME=PATH")]
     tables: Vec<String>,
+    /// How the result is written: a printed table, CSV, JSON lines, or Parquet (needs --output).
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
     /// Where to write (stdout when not given; required for parquet).

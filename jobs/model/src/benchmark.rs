@@ -15,6 +15,7 @@ pub struct Args {
     /// Released name (ViT-B-16, RN50, …) or Vision@Text.
     #[arg(long, default_value = "ViT-B-16")]
     model: String,
+    /// Images, and texts, per encoded batch.
     #[arg(long, default_value_t = 32)]
     batch_size: i64,
     /// Timed batches per tower (after one warm-up batch).
@@ -29,6 +30,7 @@ pub struct Args {
     /// fp32, fp16 or bf16.
     #[arg(long, default_value = "fp32")]
     precision: String,
+    /// Text sequence length, [CLS] and [SEP] included (cn_clip's --context-length).
     #[arg(long, default_value_t = 52)]
     context_length: usize,
 }
@@ -88,6 +90,7 @@ pub struct PreprocessArgs {
     /// A cn_clip image TSV (`image_id<TAB>base64`).
     #[arg(long)]
     tsv: std::path::PathBuf,
+    /// Side in pixels of the square image the preprocessing makes (the model's input resolution).
     #[arg(long, default_value_t = 224)]
     resolution: usize,
     /// Images to process (from the start of the file).

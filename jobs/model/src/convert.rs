@@ -13,8 +13,10 @@ use crate::model_args::ModelArgs;
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// The checkpoint to read: a cn_clip .pt, a Hugging Face ChineseCLIPModel directory or a cnclip .safetensors.
     #[arg(long)]
     input: PathBuf,
+    /// Where to write the converted checkpoint; its extension picks the format unless --format does.
     #[arg(long)]
     output: PathBuf,
     #[command(flatten)]

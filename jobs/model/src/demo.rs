@@ -31,8 +31,10 @@ pub struct Args {
     /// Training epochs.
     #[arg(long, default_value_t = 6)]
     epochs: u64,
+    /// Training batch size (train's --batch-size).
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
+    /// Peak learning rate, after 50 warmup steps and before the cosine decay (train's --lr).
     #[arg(long, default_value_t = 2e-3)]
     lr: f64,
     /// Decode/preprocess threads (0: one per core).

@@ -73,10 +73,13 @@ pub struct Args {
     /// Text features output (`.jsonl`, `.parquet`, or with `--shard` a directory).
     #[arg(long)]
     text_feat_output_path: Option<PathBuf>,
+    /// Images per encoder batch, on each device (cn_clip's --img-batch-size).
     #[arg(long, default_value_t = 64)]
     img_batch_size: usize,
+    /// Texts per encoder batch, on each device (cn_clip's --text-batch-size).
     #[arg(long, default_value_t = 64)]
     text_batch_size: usize,
+    /// Sequence length, [CLS] and [SEP] included (cn_clip's --context-length).
     #[arg(long, default_value_t = 52)]
     context_length: usize,
     /// The checkpoint (cn_clip .pt, cnclip .safetensors or a Hugging Face directory).
@@ -106,6 +109,7 @@ pub struct Args {
     /// its entry `.json` there (`cnclip manifest check DIR` verifies the whole).
     #[arg(long)]
     shard: Option<String>,
+    /// What to do with a bad image or text: skip it into a quarantine file beside the output, or fail.
     #[arg(long, value_enum, default_value_t = OnError::Skip)]
     on_error: OnError,
     /// Rows per part (a crash loses at most one part's work).

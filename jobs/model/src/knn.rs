@@ -31,6 +31,7 @@ pub struct Args {
     /// Text features, likewise.
     #[arg(long)]
     text_feats: Option<String>,
+    /// Results per query: images per text, or texts per image for -tr (cn_clip's --top-k).
     #[arg(long, default_value_t = 10)]
     top_k: usize,
     /// Gallery rows per matmul (torch backend), as cn_clip's.
@@ -39,11 +40,13 @@ pub struct Args {
     /// `.jsonl` (cn_clip's lines) or `.parquet` (with scores).
     #[arg(long)]
     output: PathBuf,
+    /// Search engine: a FAISS index on the CPU, or exact matmul + top-k in libtorch as cn_clip (CPU or CUDA).
     #[arg(long, value_enum, default_value_t = Backend::Faiss)]
     backend: Backend,
     /// FAISS factory string: Flat (exact), IVF…, HNSW…, …PQ….
     #[arg(long, default_value = "Flat")]
     index: String,
+    /// Inverted lists an IVF index searches per query (FAISS's nprobe); default FAISS's, or the build's.
     #[arg(long)]
     nprobe: Option<usize>,
     /// HNSW search depth: of an `HNSW…` index, or, with `--index-path DIR`, of the coarse

@@ -24,6 +24,7 @@ pub struct Args {
     /// Candidate texts.
     #[arg(long, num_args = 1.., required = true)]
     text: Vec<String>,
+    /// Sequence length, [CLS] and [SEP] included (cn_clip's --context-length).
     #[arg(long, default_value_t = cnclip_models::DEFAULT_CONTEXT_LENGTH)]
     context_length: usize,
     /// cpu, cuda or cuda:N.

@@ -40,17 +40,22 @@ pub struct Args {
     /// Where `{dataset}.json` goes (created if missing).
     #[arg(long, default_value = "")]
     save_dir: String,
+    /// Images per encoder batch, on each device (cn_clip's --img-batch-size).
     #[arg(long, default_value_t = 64)]
     img_batch_size: usize,
+    /// Sequence length of the prompts, [CLS] and [SEP] included (cn_clip's --context-length).
     #[arg(long, default_value_t = 52)]
     context_length: usize,
+    /// The checkpoint (cn_clip .pt, cnclip .safetensors or a Hugging Face directory; cn_clip's --resume).
     #[arg(long)]
     resume: PathBuf,
     /// amp (fp16 on a GPU, fp32 on the CPU), fp16, fp32 or bf16.
     #[arg(long, default_value = "amp")]
     precision: String,
+    /// Vision tower of a cn_clip .pt (cn_clip's --vision-model); other checkpoints record their own.
     #[arg(long, default_value = "ViT-B-16")]
     vision_model: String,
+    /// Text tower of a cn_clip .pt (cn_clip's --text-model); other checkpoints record their own.
     #[arg(long, default_value = "RoBERTa-wwm-ext-base-chinese")]
     text_model: String,
     /// Decode/preprocess threads (0: one per core).

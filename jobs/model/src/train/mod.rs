@@ -66,6 +66,7 @@ pub struct Args {
     /// Where logs and checkpoints go (`{logs}/{name}/`).
     #[arg(long, default_value = "./logs/")]
     logs: String,
+    /// The run's name: its logs and checkpoints go under `{logs}/{name}/` (cn_clip's --name).
     #[arg(long, default_value = "train_clip")]
     name: String,
     /// Log every this many steps.
@@ -83,6 +84,7 @@ pub struct Args {
     /// Steps to train for (over --max-epochs).
     #[arg(long)]
     max_steps: Option<u64>,
+    /// Epochs to train for, unless --max-steps is given (cn_clip's --max-epochs).
     #[arg(long, default_value_t = 32)]
     max_epochs: u64,
     /// Validate every this many steps (default: only between epochs).
@@ -91,17 +93,22 @@ pub struct Args {
     /// Validate every this many epochs (0: never).
     #[arg(long, default_value_t = 1)]
     valid_epoch_interval: u64,
+    /// Sequence length, [CLS] and [SEP] included (cn_clip's --context-length).
     #[arg(long, default_value_t = 52)]
     context_length: usize,
     /// Learning rate (default by --vision-model, as cn_clip's get_default_params).
     #[arg(long)]
     lr: Option<f64>,
+    /// AdamW's beta1 (default by --vision-model, as cn_clip's get_default_params).
     #[arg(long)]
     beta1: Option<f64>,
+    /// AdamW's beta2 (default by --vision-model, as cn_clip's get_default_params).
     #[arg(long)]
     beta2: Option<f64>,
+    /// AdamW's epsilon (default by --vision-model, as cn_clip's get_default_params).
     #[arg(long)]
     eps: Option<f64>,
+    /// AdamW weight decay, for every parameter but bn, ln, bias and logit_scale (cn_clip's --wd).
     #[arg(long, default_value_t = 0.2)]
     wd: f64,
     /// Warmup steps.
@@ -176,6 +183,7 @@ pub struct Args {
     /// Also record each step's samples in the metrics table.
     #[arg(long)]
     debug: bool,
+    /// Random seed: initial weights, sample order, augmentation, dropout and FLIP masks (cn_clip's --seed).
     #[arg(long, default_value_t = 123)]
     seed: u64,
     /// Distil from a teacher's image features (--teacher-model-name).
@@ -185,6 +193,7 @@ pub struct Args {
     /// a Hugging Face directory), or a cn_clip .pt of the student's architecture.
     #[arg(long)]
     teacher_model_name: Option<PathBuf>,
+    /// Weight of the distillation loss added to the contrastive one (with --distillation; cn_clip's --kd_loss_weight).
     #[arg(long = "kd_loss_weight", default_value_t = 0.5)]
     kd_loss_weight: f64,
     /// Devices, one replica each: cpu, cuda, cuda:0,cuda:1, cpu,cpu.
