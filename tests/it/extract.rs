@@ -161,6 +161,20 @@ fn encoder_nodes_match_cn_clip_extract_features_with_one_or_two_replicas() {
     );
     assert_eq!(meta["cnclip.checkpoint_sha256"], sha.trim());
     assert_eq!(txt_one["meta"]["cnclip.checkpoint_sha256"], sha.trim());
+    // Issue #24 item 9: readers that do not decode the Arrow schema (duckdb) see the same keys,
+    // as Parquet key-value metadata.
+    let kv = python(
+        "import duckdb, json, sys\n\
+         rows = duckdb.sql(\"SELECT decode(key), decode(value) FROM parquet_kv_metadata(?)\", params=[sys.argv[1]])\n\
+         print(json.dumps(dict(rows.fetchall())))",
+        &[root.join("img_one.parquet").to_str().unwrap()],
+        "",
+    );
+    let kv: serde_json::Value = serde_json::from_str(&kv).unwrap();
+    let keys = ["model", "checkpoint", "checkpoint_sha256", "precision", "normalized", "dim"];
+    for key in keys.map(|k| format!("cnclip.{k}")) {
+        assert_eq!(kv[&key], meta[&key], "duckdb's parquet_kv_metadata: {key} in {kv}");
+    }
 
     // `extract-features` with cn_clip's flags: its JSON lines, the same ids in the same order.
     let extract = |out: &str, extra: &[&str]| {

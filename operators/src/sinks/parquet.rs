@@ -1,7 +1,8 @@
 //! Parquet tables: zstd-compressed, row groups of a bounded number of rows, written to a
 //! temporary file beside the target and renamed into place at [`ParquetSink::finish`], so a
 //! reader (a notebook, DataFusion) never sees a half-written table. Every batch is checked
-//! against the table's contract before it is written.
+//! against the table's contract before it is written. The schema's metadata is also written as
+//! Parquet key-value metadata, for readers that do not decode the Arrow schema.
 
 use std::path::{Path, PathBuf};
 
@@ -9,6 +10,7 @@ use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 
 use crate::error::{Error, Result, io};
@@ -57,6 +59,7 @@ impl ParquetSink {
             .set_compression(Compression::ZSTD(ZstdLevel::default()))
             .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
             .set_max_row_group_bytes(Some(row_group_bytes))
+            .set_key_value_metadata(key_value_metadata(&schema))
             .build();
         let writer = ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(|e| parquet_err(&tmp, e))?;
         Ok(ParquetSink {
@@ -100,6 +103,18 @@ impl ParquetSink {
         file.sync_all().map_err(io(&self.tmp))?;
         Ok(staged)
     }
+}
+
+/// The table's schema metadata (a feature table's `cnclip.model`, `cnclip.checkpoint`, …) as
+/// Parquet key-value metadata too, sorted by key: the Arrow writer keeps it only inside the
+/// serialized Arrow schema (`ARROW:schema`), which readers that are not Arrow-based (duckdb's
+/// `parquet_kv_metadata`, parquet-tools, Spark) cannot see. `None` when there is none, so
+/// tables without metadata are written as before.
+fn key_value_metadata(schema: &SchemaRef) -> Option<Vec<KeyValue>> {
+    let mut entries: Vec<KeyValue> =
+        schema.metadata().iter().map(|(key, value)| KeyValue::new(key.clone(), value.clone())).collect();
+    entries.sort_by(|a, b| a.key.cmp(&b.key));
+    (!entries.is_empty()).then_some(entries)
 }
 
 impl Drop for ParquetSink {
