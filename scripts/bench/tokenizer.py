@@ -5,7 +5,7 @@
 The reference time is `cn_clip.clip.tokenize(texts)` called in-process on the whole list (no
 I/O, no import: its best case). The cnclip time is the `cnclip tokenize` process reading
 stdin, tokenizing and writing every row as JSON; it is reported whole and less the process
-start-up (loading libtorch, ~0.25 s, measured on empty input), which is the comparable figure.
+start-up (measured on empty input; `cnclip` links no libtorch), which is the comparable figure.
 Both see the same texts.
 """
 import argparse

@@ -3,8 +3,8 @@
 //! every format, mode and awkward size `tests/reference/make_images.py` writes; end-to-end
 //! image features must have cosine ≥ 0.9999 with cn_clip's.
 //!
-//! Tolerance: 2/255 before normalisation, as the issue sets. The JPEG decoders differ
-//! (libjpeg-turbo in Pillow, zune-jpeg here) and premultiplied-alpha rounding may differ, by
+//! Tolerance: 2/255 before normalisation, as the issue sets. The JPEG decoders may differ
+//! (Pillow's bundled libjpeg-turbo, the turbojpeg crate's build here) and premultiplied-alpha rounding may differ, by
 //! a unit or two; everything else is the same arithmetic.
 
 use std::collections::BTreeMap;

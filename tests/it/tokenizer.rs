@@ -1,5 +1,5 @@
 //! Tokenizer parity with `cn_clip.clip.tokenize` (issue #3): ids must be identical, no tolerance,
-//! on a varied generated corpus at context lengths 52 and 24. `jobs/tests/cli.rs` checks
+//! on a varied generated corpus at context lengths 52 and 24. `tests/it/cli.rs` checks
 //! the same through `cnclip tokenize`.
 
 use cnclip_models::{Tokenizer, preprocess_text};
