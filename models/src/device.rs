@@ -12,6 +12,10 @@ pub fn load_cuda_backend() -> bool {
     static LOADED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *LOADED.get_or_init(|| {
         // RTLD_GLOBAL: its kernels and hooks register with libtorch_cpu as they would at link time.
+        // SAFETY: the name is a NUL-terminated literal; dlopen is thread-safe and runs only the
+        // library's initializers, here libtorch's own CUDA backend of the libtorch this binary
+        // links (found through its rpath), which registers with libtorch_cpu exactly as it would
+        // when linked; `OnceLock` runs it once, and the handle is only compared with null.
         let handle = unsafe { libc::dlopen(c"libtorch_cuda.so".as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
         !handle.is_null()
     })

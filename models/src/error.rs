@@ -9,6 +9,12 @@ pub enum Error {
     Config(String),
     #[error("{0}")]
     Device(String),
+    /// A `--precision` / `precision` name that is not one.
+    #[error("unknown precision `{0}`: use fp32, fp16, bf16 or amp")]
+    Precision(String),
+    /// A file that cannot be read (a checkpoint being hashed).
+    #[error("{}: {source}", .path.display())]
+    File { path: std::path::PathBuf, source: std::io::Error },
     #[error("checkpoint does not fit the model: {}", describe_state_dict(.missing, .unexpected, .mis_shaped))]
     StateDict { missing: Vec<String>, unexpected: Vec<String>, mis_shaped: Vec<String> },
     #[error("{0}")]

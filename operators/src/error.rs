@@ -53,10 +53,16 @@ pub enum Error {
     #[error("starting the runtime: {0}")]
     Start(#[source] std::io::Error),
     /// A model or an index could not be built or used on its device (a checkpoint's weights, a
-    /// FAISS index that cannot be trained on the data given): the reason says which. Bad input
-    /// or settings, unlike [`Error::Internal`].
-    #[error("{0}")]
-    Model(String),
+    /// FAISS index that cannot be trained on the data given): the model crate's error, which
+    /// says which. Bad input or settings, unlike [`Error::Internal`].
+    #[error(transparent)]
+    Model(cnclip_pipeline::BoxError),
+    /// A table a transform reads once, when its first batch arrives (`require_images`' image
+    /// ids), could not be read: `what` says what was being read; every batch after fails with
+    /// the same error. Bad input, unlike [`Error::Internal`].
+    #[error("{what}: {source}")]
+    Lookup { what: &'static str, source: std::sync::Arc<Error> },
+    /// A bug in cnclip, never bad input or settings.
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -65,4 +71,42 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 pub(crate) fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Io { path: path.display().to_string(), source }
+}
+
+/// Every problem a validation found, reported at once rather than the first alone (as Vector's
+/// topology builder and DataFusion's `Collection` do): one sentence each, shown on one line
+/// joined by `; `. What planning a pipeline, checking a build-index directory or checking a
+/// job's arguments returns, so a job passes them on with `?`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Problems(pub Vec<String>);
+
+impl std::fmt::Display for Problems {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.join("; "))
+    }
+}
+
+impl std::error::Error for Problems {}
+
+impl From<Vec<String>> for Problems {
+    fn from(problems: Vec<String>) -> Self {
+        Problems(problems)
+    }
+}
+
+impl std::ops::Deref for Problems {
+    type Target = [String];
+
+    fn deref(&self) -> &[String] {
+        &self.0
+    }
+}
+
+impl IntoIterator for Problems {
+    type Item = String;
+    type IntoIter = std::vec::IntoIter<String>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
 }

@@ -22,7 +22,7 @@ pub mod spec;
 pub mod staging;
 pub mod transforms;
 
-pub use error::{Error, Result};
+pub use error::{Error, Problems, Result};
 
 /// Writes a file atomically: through a buffered temporary file beside `path`, synced and then
 /// renamed over it, so a reader never sees a half-written file and a failed write leaves

@@ -13,7 +13,8 @@ use crate::sinks::AtomicFile;
 use crate::sinks::parquet::ParquetSink;
 
 /// What a job does with a bad record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum OnError {
     /// Stop the job with an error naming the record.
     Fail,

@@ -336,7 +336,7 @@ fn build_args<'a>(index: &'a str, sample: &'a str, out: &'a str) -> Vec<&'a str>
 }
 
 #[test]
-fn misuse_is_a_clear_error() {
+fn misuse_an_index_string_that_cannot_be_sharded_or_that_faiss_does_not_know_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     setup(root);
@@ -348,14 +348,26 @@ fn misuse_is_a_clear_error() {
     let stderr = cnclip_fails(root, &build_args("IVF16,Bogus", "500", "bad"));
     assert!(stderr.contains("not a factory string FAISS accepts"), "{stderr}");
     assert!(!root.join("bad").exists(), "nothing is written before the index string is checked");
+}
 
+#[test]
+fn misuse_too_small_a_training_sample_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    setup(root);
     // Too small a training sample: fewer vectors than lists (ours), or than PQ's 256 centroids
     // (FAISS's own check, passed on).
     let stderr = cnclip_fails(root, &build_args("IVF16,PQ8x4np", "10", "small"));
     assert!(stderr.contains("10 training vectors") && stderr.contains("16 inverted lists"), "{stderr}");
     let stderr = cnclip_fails(root, &build_args("IVF4,PQ8np", "100", "small"));
     assert!(stderr.contains("training `IVF4,PQ8np` on 100 vectors") && stderr.contains("256"), "{stderr}");
+}
 
+#[test]
+fn misuse_a_negative_id_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    setup(root);
     // A negative id (FAISS's "no result").
     write_table(&root.join("negative.parquet"), &[1, -5, 3], &[0.5; 3 * DIM], DIM);
     let stderr = cnclip_fails(
@@ -363,7 +375,13 @@ fn misuse_is_a_clear_error() {
         &["build-index", "--features", "negative.parquet", "--index", "IVF1,Flat", "--index-path", "neg"],
     );
     assert!(stderr.contains("id -5 is negative"), "{stderr}");
+}
 
+#[test]
+fn misuse_searching_with_other_queries_no_index_or_a_damaged_one_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    setup(root);
     // A small index to search wrongly.
     cnclip(root, &[&build_args("IVF4,SQ8", "1000", "idx")[..], &["--shard-rows", "1000", "--no-merge"]].concat());
     let knn = |dir: &'static str, queries: &'static str| {

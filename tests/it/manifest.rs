@@ -50,7 +50,12 @@ fn cnclip_fails(root: &Path, args: &[&str]) -> String {
 /// The synthetic corpus (its valid split as TSV, JSONL and an LMDB) and two tiny checkpoints.
 pub(crate) fn corpus() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
+    corpus_in(dir.path());
+    dir
+}
+
+/// [`corpus`], made in `root`.
+fn corpus_in(root: &Path) {
     let n = IMAGES.to_string();
     cnclip(root, &["synth", "--out", "data", "--train", "0", "--valid", &n, "--test", "0"]);
     cnclip(root, &["build-lmdb", "--data-dir", "data", "--splits", "valid", "--lmdb-dir", "lmdb"]);
@@ -58,7 +63,6 @@ pub(crate) fn corpus() -> tempfile::TempDir {
     for (seed, name) in [("1", "tiny.safetensors"), ("2", "other.safetensors")] {
         cnclip(root, &["init-model", "--model-config", "tiny.json", "--seed", seed, "--output", name]);
     }
-    dir
 }
 
 /// `extract-features` on the corpus's valid split: images into `images` (and texts into
@@ -316,13 +320,37 @@ fn four_concurrent_shards_equal_one_unsharded_run_and_read_as_one_table_issue_13
     assert!(std::fs::read(&part).unwrap() == before[0].0, "the altered part was not extracted again");
 }
 
+/// The corpus with its valid images extracted by four shards at once into `ok_img`, which
+/// `manifest check` passes: made once per test process (under cargo's directory for integration
+/// tests' files) and shared by the scenarios below, each of which copies what it alters to a
+/// directory of its own name, so one failing does not hide the others.
+fn sharded() -> &'static Path {
+    static FIXTURE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        // What earlier test processes left (a static is never dropped), unless one still runs.
+        for entry in std::fs::read_dir(tmp).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name.strip_prefix("manifest-sharded-")
+                && !Path::new("/proc").join(pid).exists()
+            {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        let root = tmp.join(format!("manifest-sharded-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        corpus_in(&root);
+        extract_sharded(&root, "ok", false);
+        cnclip(&root, &["manifest", "check", "ok_img", "--image-data", "lmdb/valid/imgs"]);
+        root
+    })
+}
+
 #[test]
-fn manifest_check_names_a_missing_duplicated_truncated_or_foreign_part_and_a_rerun_replaces_its_own_issue_13() {
-    let dir = corpus();
-    let root = dir.path();
-    extract_sharded(root, "ok", false);
+fn manifest_check_names_missing_parts_and_every_reader_refuses_the_table_issue_13() {
+    let root = sharded();
     let ok = root.join("ok_img");
-    cnclip(root, &["manifest", "check", "ok_img", "--image-data", "lmdb/valid/imgs"]);
     let check = |name: &str, extra: &[&str]| cnclip_fails(root, &[&["manifest", "check", name][..], extra].concat());
     let source: &[&str] = &["--image-data", "lmdb/valid/imgs"];
 
@@ -351,6 +379,13 @@ fn manifest_check_names_a_missing_duplicated_truncated_or_foreign_part_and_a_rer
         assert!(stderr.contains(short) && stderr.contains("manifest check"), "{args:?}: {stderr}");
     }
     assert!(!root.join("p.jsonl").exists() && !root.join("idx").exists());
+}
+
+#[test]
+fn manifest_check_names_unpaired_parts_and_entries_and_stray_tables_issue_13() {
+    let root = sharded();
+    let ok = root.join("ok_img");
+    let check = |name: &str, extra: &[&str]| cnclip_fails(root, &[&["manifest", "check", name][..], extra].concat());
 
     // A part without its entry, an entry without its part, a stray table.
     copy_dir(&ok, &root.join("unpaired"));
@@ -363,6 +398,14 @@ fn manifest_check_names_a_missing_duplicated_truncated_or_foreign_part_and_a_rer
     assert!(stderr.contains("part-00003-of-00004.json has no part part-00003-of-00004.parquet"), "{stderr}");
     assert!(stderr.contains("extra.parquet is not a shard part"), "{stderr}");
     assert!(!stderr.contains("notes.txt"), "{stderr}");
+}
+
+#[test]
+fn manifest_check_names_a_part_copied_under_another_shards_name_issue_13() {
+    let root = sharded();
+    let ok = root.join("ok_img");
+    let check = |name: &str, extra: &[&str]| cnclip_fails(root, &[&["manifest", "check", name][..], extra].concat());
+    let source: &[&str] = &["--image-data", "lmdb/valid/imgs"];
 
     // A part (and its entry) copied under another shard's name.
     copy_dir(&ok, &root.join("duplicated"));
@@ -398,6 +441,13 @@ fn manifest_check_names_a_missing_duplicated_truncated_or_foreign_part_and_a_rer
         "{stderr}"
     );
     assert!(stderr.contains("ids are in both part-00001-of-00004.parquet and part-00002-of-00004.parquet"), "{stderr}");
+}
+
+#[test]
+fn manifest_check_names_a_truncated_part_issue_13() {
+    let root = sharded();
+    let ok = root.join("ok_img");
+    let check = |name: &str, extra: &[&str]| cnclip_fails(root, &[&["manifest", "check", name][..], extra].concat());
 
     // A truncated part (an interrupted copy).
     copy_dir(&ok, &root.join("truncated"));
@@ -413,6 +463,12 @@ fn manifest_check_names_a_missing_duplicated_truncated_or_foreign_part_and_a_rer
         "{stderr}"
     );
     assert!(stderr.contains("part-00000-of-00004.parquet cannot be read as a feature table"), "{stderr}");
+}
+
+#[test]
+fn manifest_check_names_source_ids_in_no_part_and_part_ids_not_in_the_source_issue_13() {
+    let root = sharded();
+    let check = |name: &str, extra: &[&str]| cnclip_fails(root, &[&["manifest", "check", name][..], extra].concat());
 
     // An id of the source in no part, or a part's id not in the source (TSV sources here).
     let tsv = std::fs::read_to_string(root.join("data/valid_imgs.tsv")).unwrap();
@@ -426,6 +482,14 @@ fn manifest_check_names_a_missing_duplicated_truncated_or_foreign_part_and_a_rer
     assert!(stderr.contains(&format!("1 id in the parts but not in the source: {first_id}")), "{stderr}");
     let stderr = check("ok_img", &["--text-data", "data/valid_texts.jsonl"]);
     assert!(stderr.contains("the parts hold image features, the source given is texts"), "{stderr}");
+}
+
+#[test]
+fn a_shard_rerun_replaces_its_own_part_and_nothing_else_issue_13() {
+    let root = sharded();
+    let ok = root.join("ok_img");
+    let check = |name: &str, extra: &[&str]| cnclip_fails(root, &[&["manifest", "check", name][..], extra].concat());
+    let source: &[&str] = &["--image-data", "lmdb/valid/imgs"];
 
     // Shard 3 rerun with another checkpoint: it replaces its own part and entry, nothing else;
     // the check names the part made with the other checkpoint.

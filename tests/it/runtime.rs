@@ -9,7 +9,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use cnclip_operators::quarantine::Rejected;
 use cnclip_operators::spec::{BuildContext, NodeConfig, Operator, Planner, Registry, Role};
-use cnclip_operators::transforms::{Execution, Output, Transform, TransformReplica};
+use cnclip_operators::transforms::{Execution, InputError, Output, Transform, TransformReplica};
 
 /// `shout`: a toy device transform. Each replica upper-cases `text` into `shout`, says which
 /// device did it and how large its batch was, and rejects texts containing "bad".
@@ -47,10 +47,10 @@ fn shout_schema(input: &Schema) -> SchemaRef {
 }
 
 impl Transform for Shout {
-    fn output_schema(&self, input: &SchemaRef) -> Result<SchemaRef, String> {
+    fn output_schema(&self, input: &SchemaRef) -> Result<SchemaRef, InputError> {
         match input.field_with_name("text") {
             Ok(field) if field.data_type() == &DataType::Utf8 => Ok(shout_schema(input)),
-            _ => Err("needs a `text` column".into()),
+            _ => Err(InputError::Mismatch("needs a `text` column".into())),
         }
     }
 
@@ -296,10 +296,10 @@ fn a_stream_read_to_its_end_carries_every_row_and_commits_the_sinks() {
     else {
         panic!("a sink was streamed")
     };
-    assert_eq!(problems, ["node `file` is a sink: nothing can read from it"]);
+    assert_eq!(problems.0, ["node `file` is a sink: nothing can read from it"]);
     let Err(problems) = Planner::new(&Registry::builtin()).base(dir.path()).stream("nope").parse(STREAM_PIPELINE)
     else {
         panic!("an unknown node was streamed")
     };
-    assert_eq!(problems, ["cannot stream node `nope`: there is no such node"]);
+    assert_eq!(problems.0, ["cannot stream node `nope`: there is no such node"]);
 }

@@ -2,7 +2,7 @@
 //!
 //! The reference is cn_clip 1.6.0 running on CPU in the project venv (made by
 //! `scripts/setup.sh`). [`reference()`] runs `tests/reference/cnclip_ref.py` there; the tests
-//! themselves live in `integration.rs` and its modules.
+//! themselves live in `tests/it/` (one integration binary, `it/main.rs`, a module per topic).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -28,29 +28,29 @@ use cnclip_operators::sinks::Staged;
 use cnclip_operators::sinks::lmdb::{LmdbWriter, LmdbWriterKind, cn_clip_base64, pickle_pair};
 use cnclip_operators::sources::{jsonl, tsv};
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Args {
     /// Directory with `{split}_imgs.tsv` and `{split}_texts.jsonl` (cn_clip's --data_dir).
     #[arg(long, alias = "data_dir")]
-    data_dir: PathBuf,
+    pub data_dir: PathBuf,
     /// Comma-separated splits, e.g. train,valid,test.
     #[arg(long)]
-    splits: String,
+    pub splits: String,
     /// Output directory (default: DATA_DIR/lmdb), as cn_clip's --lmdb_dir.
     #[arg(long, alias = "lmdb_dir")]
-    lmdb_dir: Option<PathBuf>,
+    pub lmdb_dir: Option<PathBuf>,
     /// Split each split into N LMDBs by image_id mod N.
     #[arg(long, default_value_t = 1)]
-    shards: usize,
+    pub shards: usize,
     /// What to do with a bad record: skip it into the quarantine, or fail.
     #[arg(long, value_enum, default_value_t = OnError::Skip)]
-    on_error: OnError,
+    pub on_error: OnError,
     /// How the databases are written: the bulk loader, or LMDB's own write transactions.
     #[arg(long, value_enum, default_value_t = LmdbWriterKind::Bulk)]
-    writer: LmdbWriterKind,
+    pub writer: LmdbWriterKind,
     /// Lines longer than this many bytes are quarantined without being read whole.
     #[arg(long, default_value_t = cnclip_operators::sources::MAX_RECORD_BYTES)]
-    max_record_bytes: usize,
+    pub max_record_bytes: usize,
 }
 
 /// What one LMDB writer may hold (its default), and all of a split's writers together.
@@ -91,7 +91,7 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     if !missing.is_empty() {
-        bail!("{}", missing.join("; "));
+        return Err(cnclip_operators::Problems(missing).into());
     }
     for split in splits {
         build_split(&args, &lmdb_dir, split)?;

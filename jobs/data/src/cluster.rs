@@ -184,7 +184,7 @@ async fn executor(args: ExecutorArgs) -> Result<()> {
     );
     let served = start_executor_process(Arc::new(config));
     tokio::select! {
-        result = served => result.map_err(|e| anyhow::anyhow!("{e}")).context("the executor stopped")?,
+        result = served => result.context("the executor stopped")?,
         () = stopped() => eprintln!("cnclip cluster executor: stopping"),
         gone = scheduler_gone(&args.scheduler, args.scheduler_timeout_seconds) => return Err(gone),
     }

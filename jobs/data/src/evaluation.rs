@@ -51,21 +51,21 @@ pub use crate::evaluation_engine::Engine;
 /// The recall query (`jobs/sql/recall.sql`).
 pub const RECALL_SQL: &str = include_str!("../../sql/recall.sql");
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Args {
     /// Where the recall is computed: in Rust as cn_clip does, or by jobs/sql/recall.sql on DataFusion.
     #[arg(long, value_enum, default_value_t = Engine::Direct)]
-    engine: Engine,
+    pub engine: Engine,
     /// The ground truth (e.g. test_texts.jsonl).
-    standard_path: PathBuf,
+    pub standard_path: PathBuf,
     /// The predictions (make-topk-predictions' output).
-    submit_path: PathBuf,
+    pub submit_path: PathBuf,
     /// Where the score JSON goes.
-    out_path: PathBuf,
+    pub out_path: PathBuf,
     /// Run the SQL engine on a Ballista cluster (`df://HOST:PORT`, see `cnclip cluster`); its
     /// input tables are written next to OUT_PATH, which every executor must read.
     #[arg(long, value_name = "df://HOST:PORT")]
-    cluster: Option<String>,
+    pub cluster: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -277,16 +277,38 @@ fn py_dumps(v: &Value) -> String {
     }
 }
 
+/// A ground truth or a submission that cn_clip's checks refuse, with cn_clip's message word for
+/// word (Python's exception text; an errno alone for an unreadable file): the score file
+/// carries it as `errorMsg`, so the message is the error's whole content.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
+/// Why [`recall`] has no recall to give.
+#[derive(Debug, thiserror::Error)]
+pub enum RecallError {
+    /// cn_clip's checks refuse the submission or the ground truth.
+    #[error(transparent)]
+    Refused(#[from] Refused),
+    /// The evaluation itself failed (its causes on one line), which says nothing about the
+    /// submission.
+    #[error("{0:#}")]
+    Failed(anyhow::Error),
+    /// The score JSON did not read back.
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+}
+
 /// The ground truth: query id → the ids it should find.
-fn read_reference(path: &PathBuf, d: Direction) -> Result<Vec<(i64, Vec<i64>)>, String> {
+fn read_reference(path: &PathBuf, d: Direction) -> Result<Vec<(i64, Vec<i64>)>, Refused> {
     let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("[Errno 2] No such file or directory: '{}' ({e})", path.display()))?;
+        .map_err(|e| Refused(format!("[Errno 2] No such file or directory: '{}' ({e})", path.display())))?;
     let mut order: Vec<i64> = Vec::new();
     let mut reference: HashMap<i64, Vec<i64>> = HashMap::new();
     for line in text.lines() {
-        let obj: Value = serde_json::from_str(line.trim()).map_err(|e| e.to_string())?;
-        let id = obj.get(d.query).and_then(py_int).ok_or_else(|| d.query.to_string())?;
-        let targets = obj.get(d.targets).and_then(Value::as_array).ok_or_else(|| d.targets.to_string())?;
+        let obj: Value = serde_json::from_str(line.trim()).map_err(|e| Refused(e.to_string()))?;
+        let id = obj.get(d.query).and_then(py_int).ok_or_else(|| Refused(d.query.to_string()))?;
+        let targets = obj.get(d.targets).and_then(Value::as_array).ok_or_else(|| Refused(d.targets.to_string()))?;
         let targets = targets.iter().filter_map(py_int).collect();
         if reference.insert(id, targets).is_none() {
             order.push(id);
@@ -307,17 +329,19 @@ fn read_submission(
     reference: &[(i64, Vec<i64>)],
     k: usize,
     d: Direction,
-) -> Result<HashMap<i64, Vec<i64>>, String> {
+) -> Result<HashMap<i64, Vec<i64>>, Refused> {
     if !path.exists() {
-        return Err("The submission file is not found!".into());
+        return Err(Refused("The submission file is not found!".into()));
     }
     // cn_clip reports an unreadable file by the exception's first argument: the errno for an
     // OSError (21 for a directory, written as a number), the codec's name for bytes that are
     // not UTF-8.
-    let text = std::fs::read_to_string(path).map_err(|e| match (e.raw_os_error(), e.kind()) {
-        (Some(errno), _) => errno.to_string(),
-        (None, std::io::ErrorKind::InvalidData) => "utf-8".to_string(),
-        _ => e.to_string(),
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Refused(match (e.raw_os_error(), e.kind()) {
+            (Some(errno), _) => errno.to_string(),
+            (None, std::io::ErrorKind::InvalidData) => "utf-8".to_string(),
+            _ => e.to_string(),
+        })
     })?;
     let mut submission: HashMap<i64, Vec<i64>> = HashMap::new();
     let mut last_query: Option<Value> = None;
@@ -343,32 +367,32 @@ fn read_submission(
     for raw in text.split_inclusive('\n') {
         let line = raw.trim();
         let Ok(obj) = serde_json::from_str::<Value>(&python_literals(line)) else {
-            return Err(format!("Cannot parse this line into json object: {line}"));
+            return Err(Refused(format!("Cannot parse this line into json object: {line}")));
         };
         let contains = |key: &str| match &obj {
-            v if non_finite(v).is_some() => Err("argument of type 'float' is not iterable".to_string()),
-            v if big_int(v).is_some() => Err("argument of type 'int' is not iterable".to_string()),
+            v if non_finite(v).is_some() => Err(Refused("argument of type 'float' is not iterable".to_string())),
+            v if big_int(v).is_some() => Err(Refused("argument of type 'int' is not iterable".to_string())),
             Value::Object(map) => Ok(map.contains_key(key)),
             Value::Array(items) => Ok(items.iter().any(|v| v.as_str() == Some(key))),
             Value::String(s) => Ok(s.contains(key)),
-            Value::Null => Err("argument of type 'NoneType' is not iterable".to_string()),
-            Value::Bool(_) => Err("argument of type 'bool' is not iterable".to_string()),
-            Value::Number(n) if n.is_f64() => Err("argument of type 'float' is not iterable".to_string()),
-            Value::Number(_) => Err("argument of type 'int' is not iterable".to_string()),
+            Value::Null => Err(Refused("argument of type 'NoneType' is not iterable".to_string())),
+            Value::Bool(_) => Err(Refused("argument of type 'bool' is not iterable".to_string())),
+            Value::Number(n) if n.is_f64() => Err(Refused("argument of type 'float' is not iterable".to_string())),
+            Value::Number(_) => Err(Refused("argument of type 'int' is not iterable".to_string())),
         };
         if !contains(d.query)? {
-            return Err(format!("There exists one line not containing {}: {line}", d.query));
+            return Err(Refused(format!("There exists one line not containing {}: {line}", d.query)));
         }
-        let index = |key: &str| -> Result<&Value, String> {
+        let index = |key: &str| -> Result<&Value, Refused> {
             match &obj {
-                Value::Object(map) => map.get(key).ok_or_else(|| key.to_string()),
-                Value::Array(_) => Err("list indices must be integers or slices, not str".into()),
-                _ => Err("string indices must be integers, not 'str'".into()),
+                Value::Object(map) => map.get(key).ok_or_else(|| Refused(key.to_string())),
+                Value::Array(_) => Err(Refused("list indices must be integers or slices, not str".into())),
+                _ => Err(Refused("string indices must be integers, not 'str'".into())),
             }
         };
         let query_value = index(d.query)?;
         let Some(query) = int_of(query_value) else {
-            return Err(if d.tr {
+            return Err(Refused(if d.tr {
                 format!(
                     "Found an invalid image_id {}, it should be an integer (not string), please check your schema",
                     py_str(query_value)
@@ -383,47 +407,47 @@ fn read_submission(
                         py_str(previous)
                     ),
                 }
-            });
+            }));
         };
         last_query = Some(query_value.clone());
         let query_text = py_str(query_value);
         if !contains(d.targets)? {
-            return Err(format!("There exists one line not containing the predicted {}: {line}", d.targets));
+            return Err(Refused(format!("There exists one line not containing the predicted {}: {line}", d.targets)));
         }
         let Value::Array(targets) = index(d.targets)? else {
-            return Err(format!(
+            return Err(Refused(format!(
                 "The {} field of {} {query_text} is not a list, please check your schema",
                 d.targets, d.query
-            ));
+            )));
         };
         if targets.len() != k {
-            return Err(format!(
+            return Err(Refused(format!(
                 "{} {query_text} has wrong number of predicted {}! Require {k}, but {} founded.",
                 d.query_title,
                 d.targets,
                 targets.len()
-            ));
+            )));
         }
         let mut ids = Vec::with_capacity(k);
         for (rank, target) in targets.iter().enumerate() {
             match int_of(target) {
                 Some(id) => ids.push(id),
                 None => {
-                    return Err(format!(
+                    return Err(Refused(format!(
                         "{} {query_text} has an invalid predicted {} {} at rank {}, it should be an integer (not string), please check your schema",
                         d.query_title,
                         d.target,
                         py_str(target),
                         rank + 1
-                    ));
+                    )));
                 }
             }
         }
         if ids.iter().collect::<BTreeSet<_>>().len() != k {
-            return Err(format!(
+            return Err(Refused(format!(
                 "{} {query_text} has duplicate topk {} in your prediction. Pleace check again!",
                 d.query_title, d.plural
-            ));
+            )));
         }
         submission.insert(query, ids);
     }
@@ -431,11 +455,11 @@ fn read_submission(
         reference.iter().map(|(id, _)| *id).filter(|id| !submission.contains_key(id)).collect();
     if !missing.is_empty() {
         let list: Vec<String> = missing.iter().map(i64::to_string).collect();
-        return Err(format!(
+        return Err(Refused(format!(
             "The following {}s have no prediction in your submission, please check again: {}",
             d.query,
             list.join(", ")
-        ));
+        )));
     }
     Ok(submission)
 }
@@ -451,17 +475,17 @@ fn evaluate(
     cluster: Option<(&str, &Path)>,
 ) -> Result<(String, Option<String>)> {
     let mut failed = None;
-    let result = (|| -> Result<[f64; 3], String> {
+    let result = (|| -> Result<[f64; 3], Refused> {
         let reference = read_reference(standard, d)?;
         let predictions = read_submission(submit, &reference, 10, d)?;
         if engine == Engine::Sql {
             if reference.is_empty() {
-                return Err("float division by zero".into());
+                return Err(Refused("float division by zero".into()));
             }
             return recall_sql(&reference, &predictions, cluster).map_err(|e| {
                 let message = format!("{e:#}");
                 failed = Some(e);
-                message
+                Refused(message)
             });
         }
         let mut hits = [0usize; 3];
@@ -474,7 +498,7 @@ fn evaluate(
             }
         }
         if reference.is_empty() {
-            return Err("float division by zero".into());
+            return Err(Refused("float division by zero".into()));
         }
         Ok(hits.map(|h| h as f64 * 1.0 / reference.len() as f64))
     })();
@@ -495,7 +519,7 @@ fn evaluate(
             Ok((json, None))
         }
         Err(_) if failed.is_some() => Err(failed.expect("checked").context("the SQL engine failed")),
-        Err(message) => {
+        Err(Refused(message)) => {
             // An errno (see `read_submission`) is a number in cn_clip's JSON; messages are text.
             let m = match message.parse::<i64>() {
                 Ok(errno) => errno.to_string(),
@@ -557,14 +581,17 @@ fn recall_sql(
     Ok([value(0), value(1), value(2)])
 }
 
-/// Recall@1/5/10 (percent) of `submit` against `standard`, or the checks' error message.
-pub fn recall(standard: &PathBuf, submit: &PathBuf, image_to_text: bool) -> Result<[f64; 3], String> {
+/// Recall@1/5/10 (percent) of `submit` against `standard`.
+///
+/// # Errors
+/// [`RecallError::Refused`] with the checks' message, or the evaluation's own failure.
+pub fn recall(standard: &PathBuf, submit: &PathBuf, image_to_text: bool) -> Result<[f64; 3], RecallError> {
     let d = if image_to_text { IMAGE_TO_TEXT } else { TEXT_TO_IMAGE };
-    let (json, error) = evaluate(standard, submit, d, Engine::Direct, None).map_err(|e| format!("{e:#}"))?;
+    let (json, error) = evaluate(standard, submit, d, Engine::Direct, None).map_err(RecallError::Failed)?;
     if let Some(message) = error {
-        return Err(message);
+        return Err(Refused(message).into());
     }
-    let value: Value = serde_json::from_str(&json).map_err(|e| e.to_string())?;
+    let value: Value = serde_json::from_str(&json)?;
     let get = |k: &str| value["scoreJson"][k].as_f64().unwrap_or(f64::NAN);
     Ok([get("r1"), get("r5"), get("r10")])
 }

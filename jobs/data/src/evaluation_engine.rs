@@ -2,7 +2,8 @@
 //! `jobs/sql/` on DataFusion (the same numbers; tested against each other).
 
 /// `--engine`.
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum, Debug, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Engine {
     /// In Rust, as cn_clip's scripts compute it.
     Direct,

@@ -53,7 +53,8 @@ pub struct ImportArgs {
     max_record_bytes: usize,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum, Debug, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Format {
     /// `{split}_imgs.tsv` + `{split}_texts.jsonl`.
     Tsv,
@@ -61,26 +62,26 @@ pub enum Format {
     Lmdb,
 }
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ExportArgs {
     /// Directory with `{split}_images.parquet` and `{split}_texts.parquet` (or `_pairs`).
     #[arg(long)]
-    parquet_dir: PathBuf,
+    pub parquet_dir: PathBuf,
     /// Comma-separated splits to export, e.g. train,valid,test.
     #[arg(long)]
-    splits: String,
+    pub splits: String,
     /// Output directory for the cn_clip files (`{split}_imgs.tsv`, … or `{split}/imgs`, …).
     #[arg(long)]
-    out: PathBuf,
+    pub out: PathBuf,
     /// The layout to write: cn_clip's TSV + JSONL files, or its LMDB splits.
     #[arg(long, value_enum, default_value_t = Format::Tsv)]
-    format: Format,
+    pub format: Format,
     /// How `--format lmdb` writes: the bulk loader, or LMDB's own transactions.
     #[arg(long, value_enum, default_value_t = LmdbWriterKind::Bulk)]
-    writer: LmdbWriterKind,
+    pub writer: LmdbWriterKind,
     /// What to do with a bad record: skip it into `{split}_quarantine.jsonl`, or fail.
     #[arg(long, value_enum, default_value_t = OnError::Skip)]
-    on_error: OnError,
+    pub on_error: OnError,
 }
 
 fn paths(p: &Path) -> Vec<String> {
@@ -116,7 +117,7 @@ fn run_splits(what: &str, splits: Vec<(&str, JobSettings, Vec<NodeDef>)>) -> Res
         }
     }
     if !problems.is_empty() {
-        bail!("{}", problems.join("; "));
+        return Err(cnclip_operators::Problems(problems).into());
     }
     cnclip_operators::signals::catch_interrupts()?;
     for (split, pipeline) in planned {

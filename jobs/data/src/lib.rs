@@ -11,6 +11,7 @@
 
 pub mod build_lmdb;
 pub mod cluster;
+pub mod command_line;
 pub mod evaluation;
 pub mod evaluation_engine;
 pub mod import;

@@ -384,10 +384,7 @@ fn source_ids(tower: Tower, data: &[String]) -> Result<Vec<i64>> {
     let scratch = tempfile::tempdir()?;
     let registry = Registry::builtin();
     let settings = JobSettings { quarantine: scratch.path().join("source-quarantine.jsonl"), ..JobSettings::default() };
-    let pipeline = Planner::new(&registry)
-        .stream("source")
-        .plan(settings, vec![source(tower, data)?.node])
-        .map_err(|problems| anyhow::anyhow!("{}", problems.join("; ")))?;
+    let pipeline = Planner::new(&registry).stream("source").plan(settings, vec![source(tower, data)?.node])?;
     let mut ids = Vec::new();
     for batch in pipeline.stream()? {
         let batch = batch?;

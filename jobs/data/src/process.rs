@@ -64,18 +64,6 @@ fn is_broken_pipe(error: &anyhow::Error) -> bool {
         .any(|cause| cause.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe))
 }
 
-/// Parses `argv` as subcommand `name`'s arguments, exactly as its command line would be (for
-/// jobs that run other subcommands: `demo`, `train`'s data preparation).
-///
-/// # Errors
-/// clap's message for arguments the subcommand does not take.
-pub fn parse_args<A: clap::Args + clap::FromArgMatches>(name: &'static str, argv: &[String]) -> anyhow::Result<A> {
-    use anyhow::Context;
-    let command = A::augment_args(clap::Command::new(name).no_binary_name(true));
-    let matches = command.try_get_matches_from(argv).with_context(|| format!("cnclip {name} {}", argv.join(" ")))?;
-    Ok(A::from_arg_matches(&matches)?)
-}
-
 /// Every argument of `command` and its subcommands that has no `--help` text, as `cnclip
 /// SUBCOMMAND --flag` lines (clap's own `--help` and `--version` aside): the binaries' tests
 /// require none.

@@ -277,8 +277,7 @@ pub async fn context(tables: &[String], cluster: Option<&str>) -> Result<Session
         // Absolute: on a cluster, the executors resolve it, not this process.
         let path = &std::path::absolute(path)?;
         let location = if path.is_dir() {
-            cnclip_operators::sources::parts::check_complete(path)
-                .map_err(|e| anyhow::anyhow!("--table {table}: {e}"))?;
+            cnclip_operators::sources::parts::check_complete(path).with_context(|| format!("--table {table}"))?;
             format!("{}/", path.display())
         } else {
             path.display().to_string()

@@ -10,26 +10,26 @@ use anyhow::{Context, Result};
 use base64::Engine;
 use cnclip_operators::sources::synth::{SIZE, labels, sample};
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Args {
     /// Output directory for `{split}_imgs.tsv`, `{split}_texts.jsonl` and `zeroshot/` (created if missing).
     #[arg(long)]
-    out: PathBuf,
+    pub out: PathBuf,
     /// Image–caption pairs in the train split.
     #[arg(long, default_value_t = 1000)]
-    train: u64,
+    pub train: u64,
     /// Image–caption pairs in the valid split.
     #[arg(long, default_value_t = 100)]
-    valid: u64,
+    pub valid: u64,
     /// Image–caption pairs in the test split.
     #[arg(long, default_value_t = 100)]
-    test: u64,
+    pub test: u64,
     /// Images per zero-shot class.
     #[arg(long, default_value_t = 5)]
-    zeroshot_per_class: u64,
+    pub zeroshot_per_class: u64,
     /// Random seed of the corpus: the same seed and counts give the same images and captions.
     #[arg(long, default_value_t = 0)]
-    seed: u64,
+    pub seed: u64,
 }
 
 fn jpeg(pixels: &[u8]) -> Result<Vec<u8>> {

@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use clap::Parser;
+use cnclip_data_jobs::command_line;
 use serde::Deserialize;
 
 #[derive(clap::Args)]
@@ -76,24 +76,6 @@ struct Run {
     texts: Option<String>,
     datapath: Option<PathBuf>,
     label_file: Option<PathBuf>,
-}
-
-#[derive(Parser)]
-struct Extract {
-    #[command(flatten)]
-    args: crate::extract::Args,
-}
-
-#[derive(Parser)]
-struct Knn {
-    #[command(flatten)]
-    args: crate::knn::Args,
-}
-
-#[derive(Parser)]
-struct Zeroshot {
-    #[command(flatten)]
-    args: crate::zeroshot::Args,
 }
 
 fn s(p: &Path) -> String {
@@ -154,47 +136,54 @@ pub fn run(args: Args) -> Result<()> {
         }
         let work = out.join(&run.name);
         std::fs::create_dir_all(&work)?;
-        let model = match (&run.vision_model, &run.text_model) {
-            (Some(v), Some(t)) => vec!["--vision-model".to_string(), v.clone(), "--text-model".into(), t.clone()],
-            _ => vec![],
+        let checkpoint_path = resolve(&run.checkpoint);
+        let checkpoint = s(&checkpoint_path);
+        let named = run.vision_model.clone().zip(run.text_model.clone());
+        // Each job is called with typed options; its command line goes to the log first.
+        let show = |name: &str, line: Vec<String>| {
+            eprintln!("cnclip bench-suite: {}: $ cnclip {name} {}", run.name, line.join(" "))
         };
-        let checkpoint = s(&resolve(&run.checkpoint));
         let metrics = match run.task.as_str() {
             "retrieval" => {
                 let images = run.images.as_ref().context("a retrieval run needs `images`")?;
                 let texts = run.texts.as_ref().context("a retrieval run needs `texts`")?;
-                let (images, texts) = (s(&resolve(Path::new(images))), s(&resolve(Path::new(texts))));
+                let (images, texts) = (s(&resolve(Path::new(images))), resolve(Path::new(texts)));
                 let (img, txt) = (work.join("img_feat.jsonl"), work.join("txt_feat.jsonl"));
-                let mut argv =
-                    vec!["extract".to_string(), "--extract-image-feats".into(), "--extract-text-feats".into()];
-                argv.extend(["--image-data".into(), images, "--text-data".into(), texts.clone()]);
-                argv.extend(["--image-feat-output-path".into(), s(&img), "--text-feat-output-path".into(), s(&txt)]);
-                argv.extend(["--resume".into(), checkpoint.clone(), "--devices".into(), suite.suite.devices.clone()]);
-                argv.extend(["--precision".into(), suite.suite.precision.clone()]);
-                argv.extend(model.clone());
-                crate::extract::run(Extract::try_parse_from(&argv)?.args)?;
-                let knn = |output: &Path| {
-                    vec![
-                        "knn".to_string(),
-                        "--image-feats".into(),
-                        s(&img),
-                        "--text-feats".into(),
-                        s(&txt),
-                        "--top-k".into(),
-                        "10".into(),
-                        "--output".into(),
-                        s(output),
-                    ]
+                let (vision_model, text_model) = named.clone().unzip();
+                let extract = crate::extract::Args {
+                    extract_image_feats: true,
+                    extract_text_feats: true,
+                    image_data: vec![images],
+                    text_data: Some(s(&texts)),
+                    image_feat_output_path: Some(img.clone()),
+                    text_feat_output_path: Some(txt.clone()),
+                    devices: suite.suite.devices.clone(),
+                    precision: suite.suite.precision.clone(),
+                    vision_model,
+                    text_model,
+                    ..crate::extract::Args::new(checkpoint_path.clone())
+                };
+                show("extract-features", command_line::render(&extract)?);
+                crate::extract::run(extract)?;
+                let knn = |output: &Path| crate::knn::Args {
+                    image_feats: Some(s(&img)),
+                    text_feats: Some(s(&txt)),
+                    top_k: 10,
+                    ..crate::knn::Args::new(output.to_path_buf())
                 };
                 let (t2i, i2t) = (work.join("t2i.jsonl"), work.join("i2t.jsonl"));
-                crate::knn::run(Knn::try_parse_from(knn(&t2i))?.args, false)?;
-                crate::knn::run(Knn::try_parse_from(knn(&i2t))?.args, true)?;
+                for (output, tr, name) in
+                    [(&t2i, false, "make-topk-predictions"), (&i2t, true, "make-topk-predictions-tr")]
+                {
+                    show(name, command_line::render(&knn(output))?);
+                    crate::knn::run(knn(output), tr)?;
+                }
                 let truth_tr = work.join("truth.tr.jsonl");
-                cnclip_data_jobs::evaluation::transpose(Path::new(&texts), &truth_tr)?;
-                let image_retrieval = cnclip_data_jobs::evaluation::recall(&PathBuf::from(&texts), &t2i, false)
-                    .map_err(|e| anyhow::anyhow!("run `{}`: {e}", run.name))?;
+                cnclip_data_jobs::evaluation::transpose(&texts, &truth_tr)?;
+                let image_retrieval = cnclip_data_jobs::evaluation::recall(&texts, &t2i, false)
+                    .with_context(|| format!("run `{}`", run.name))?;
                 let text_retrieval = cnclip_data_jobs::evaluation::recall(&truth_tr, &i2t, true)
-                    .map_err(|e| anyhow::anyhow!("run `{}`: {e}", run.name))?;
+                    .with_context(|| format!("run `{}`", run.name))?;
                 let mut m = serde_json::Map::new();
                 for (k, (a, b)) in [1, 5, 10].iter().zip(image_retrieval.iter().zip(&text_retrieval)) {
                     m.insert(format!("image_retrieval_recall@{k}"), serde_json::json!(a / 100.0));
@@ -205,17 +194,17 @@ pub fn run(args: Args) -> Result<()> {
             _ => {
                 let datapath = run.datapath.as_ref().context("a zeroshot run needs `datapath`")?;
                 let label_file = run.label_file.as_ref().context("a zeroshot run needs `label_file`")?;
-                let mut argv = vec!["zeroshot".to_string(), "--datapath".into(), s(&resolve(datapath))];
-                argv.extend(["--label-file".into(), s(&resolve(label_file)), "--dataset".into(), run.dataset.clone()]);
-                argv.extend(["--save-dir".into(), s(&work), "--resume".into(), checkpoint.clone()]);
-                argv.extend([
-                    "--devices".into(),
-                    suite.suite.devices.clone(),
-                    "--precision".into(),
-                    suite.suite.precision.clone(),
-                ]);
-                argv.extend(model.clone());
-                let m = crate::zeroshot::run_with(Zeroshot::try_parse_from(&argv)?.args)?;
+                let mut zeroshot =
+                    crate::zeroshot::Args::new(resolve(datapath), resolve(label_file), checkpoint_path.clone());
+                zeroshot.dataset = run.dataset.clone();
+                zeroshot.save_dir = s(&work);
+                zeroshot.devices = suite.suite.devices.clone();
+                zeroshot.precision = suite.suite.precision.clone();
+                if let Some((vision_model, text_model)) = named.clone() {
+                    (zeroshot.vision_model, zeroshot.text_model) = (vision_model, text_model);
+                }
+                show("zeroshot-evaluation", command_line::render(&zeroshot)?);
+                let m = crate::zeroshot::run_with(zeroshot)?;
                 serde_json::json!({"acc1": m.top1, "acc5": m.top5, "mean_per_class_recall": m.mean_per_class_recall})
             }
         };

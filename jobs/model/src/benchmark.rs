@@ -110,7 +110,7 @@ pub fn run_preprocess(args: PreprocessArgs) -> Result<()> {
     for line in &lines {
         let field = line.splitn(2, |&b| b == b'\t').nth(1).context("no tab")?;
         let field = field.strip_suffix(b"\r").unwrap_or(field);
-        cnclip_operators::decoders::base64::decode_into(field, &mut scratch, &mut bytes).map_err(anyhow::Error::msg)?;
+        cnclip_operators::decoders::base64::decode_into(field, &mut scratch, &mut bytes)?;
         let pixels = cnclip_models::preprocess::preprocess(&bytes, args.resolution)?;
         checksum += pixels.double_value(&[0, 0, 0]);
     }

@@ -104,8 +104,8 @@ pub fn run(args: Args) -> Result<()> {
     }
     let table = Table::open(&args)?;
     // The index string first: a bad or non-IVF one stops the job before any data is read.
-    let (ivf, refine_kind) = refine::split(&args.index).map_err(|e| anyhow::anyhow!("--index {e}"))?;
-    let nlist = IvfIndex::new(table.dim, &ivf).map_err(|e| anyhow::anyhow!("--index {e}"))?.nlist();
+    let (ivf, refine_kind) = refine::split(&args.index).map_err(crate::quoted("--index"))?;
+    let nlist = IvfIndex::new(table.dim, &ivf).map_err(crate::quoted("--index"))?.nlist();
     let refine = refine_kind.map(|kind| Refine { kind: kind.into(), k_factor: args.k_factor, id_map: None });
     if polysemous(&ivf) {
         eprintln!(
@@ -200,7 +200,7 @@ pub fn run(args: Args) -> Result<()> {
         manifest.merged = None;
     }
     manifest.write(&dir)?;
-    let trained = IvfIndex::read(&dir.join(built::TRAINED)).map_err(anyhow::Error::msg)?;
+    let trained = IvfIndex::read(&dir.join(built::TRAINED))?;
 
     let kept = manifest.shards.len();
     let (mut built_now, mut add_seconds) = (0, 0.0);
@@ -217,8 +217,8 @@ pub fn run(args: Args) -> Result<()> {
         let id_map = match kept_map {
             Some(map) => Some(map),
             None => {
-                let store = RefineStore::open(&dir, &manifest).map_err(anyhow::Error::msg)?;
-                match store.check_ids(&dir).map_err(anyhow::Error::msg)? {
+                let store = RefineStore::open(&dir, &manifest)?;
+                match store.check_ids(&dir)? {
                     Ids::Disjoint => None,
                     Ids::Mapped(map) => {
                         eprintln!(
@@ -258,22 +258,22 @@ pub fn run(args: Args) -> Result<()> {
         manifest.write(&dir)?;
     } else if manifest.merged.as_ref().is_none_or(|m| !m.intact(&dir)) {
         let merging = Instant::now();
-        let mut merged = trained.try_clone().map_err(|e| anyhow::anyhow!("copying the trained index: {e}"))?;
+        let mut merged = trained.try_clone().context("copying the trained index")?;
         for shard in &manifest.shards {
             let path = dir.join(&shard.file.file);
-            let mut index = IvfIndex::read(&path).map_err(anyhow::Error::msg)?;
-            merged.merge_from(&mut index).map_err(|e| anyhow::anyhow!("merging {}: {e}", path.display()))?;
+            let mut index = IvfIndex::read(&path)?;
+            merged.merge_from(&mut index).with_context(|| format!("merging {}", path.display()))?;
         }
         if merged.ntotal() != total {
             bail!("the merged index holds {} vectors, the shards {total}", merged.ntotal());
         }
-        let bytes = merged.write_atomically(&merged_path).map_err(anyhow::Error::msg)?;
+        let bytes = merged.write_atomically(&merged_path)?;
         manifest.merged = Some(IndexFile { file: built::MERGED.into(), bytes });
         manifest.write(&dir)?;
         merge_seconds = Some(merging.elapsed().as_secs_f64());
     }
     // The directory as a search will see it.
-    BuiltIndex::open(&dir).map_err(|problems| anyhow::anyhow!("{}", problems.join("; ")))?;
+    BuiltIndex::open(&dir)?;
 
     let shard_bytes: u64 = manifest.shards.iter().map(|s| s.file.bytes).sum();
     let (what, bytes) = match &manifest.merged {
@@ -362,7 +362,7 @@ impl Table {
         let path = Path::new(&args.features);
         let jsonl = cnclip_operators::sources::features::is_jsonl(path);
         let files = if path.is_dir() {
-            cnclip_operators::sources::parts::check_complete(path).map_err(|e| anyhow::anyhow!("--features {e}"))?;
+            cnclip_operators::sources::parts::check_complete(path).map_err(crate::quoted("--features"))?;
             let mut parts: Vec<PathBuf> = std::fs::read_dir(path)
                 .with_context(|| format!("--features {}", path.display()))?
                 .flatten()
@@ -487,10 +487,7 @@ impl Table {
             ..JobSettings::default()
         };
         let registry = registry();
-        let pipeline = Planner::new(&registry)
-            .stream("features")
-            .plan(settings, vec![source])
-            .map_err(|problems| anyhow::anyhow!("{}", problems.join("; ")))?;
+        let pipeline = Planner::new(&registry).stream("features").plan(settings, vec![source])?;
         Ok(pipeline.stream()?)
     }
 }
@@ -671,9 +668,9 @@ fn train(
         );
     }
     eprintln!("cnclip build-index: training `{ivf}` on {drawn} of {total} vectors (seed {}) …", args.seed);
-    let mut index = IvfIndex::new(table.dim, ivf).map_err(|e| anyhow::anyhow!("--index {e}"))?;
-    index.train(&sample).map_err(|e| anyhow::anyhow!("training `{ivf}` on {drawn} vectors: {e}"))?;
-    let bytes = index.write_atomically(&dir.join(built::TRAINED)).map_err(anyhow::Error::msg)?;
+    let mut index = IvfIndex::new(table.dim, ivf).map_err(crate::quoted("--index"))?;
+    index.train(&sample).with_context(|| format!("training `{ivf}` on {drawn} vectors"))?;
+    let bytes = index.write_atomically(&dir.join(built::TRAINED))?;
     let training = Training {
         fingerprint,
         sample: args.train_sample,
@@ -708,7 +705,7 @@ impl OpenShard {
             self.max_id = Some(self.max_id.map_or(id, |m| m.max(id)));
         }
         if let Some(refine) = &mut self.refine {
-            refine.push(ids, vectors).map_err(anyhow::Error::msg)?;
+            refine.push(ids, vectors)?;
         }
         self.pending_ids.extend_from_slice(ids);
         self.pending.extend_from_slice(vectors);
@@ -723,7 +720,7 @@ impl OpenShard {
         let start = Instant::now();
         self.index
             .add_with_ids(&self.pending, &self.pending_ids)
-            .map_err(|e| anyhow::anyhow!("adding to shard {}: {e}", self.number))?;
+            .with_context(|| format!("adding to shard {}", self.number))?;
         self.add_seconds += start.elapsed().as_secs_f64();
         self.pending_ids.clear();
         self.pending.clear();
@@ -736,13 +733,13 @@ impl OpenShard {
         // The refinement files first: the shard counts once its index is written and recorded.
         let refine = match self.refine.take() {
             Some(writer) => {
-                let (vectors, ids) = writer.finish(self.first_row).map_err(anyhow::Error::msg)?;
+                let (vectors, ids) = writer.finish(self.first_row)?;
                 Some(ShardRefine { vectors, ids })
             }
             None => None,
         };
         let file = built::shard_file(self.number);
-        let bytes = self.index.write_atomically(&dir.join(&file)).map_err(anyhow::Error::msg)?;
+        let bytes = self.index.write_atomically(&dir.join(&file))?;
         let seconds = self.start.elapsed().as_secs_f64();
         eprintln!(
             "cnclip build-index: shard {}: rows {}..{} (ids {}..={}) → {file} ({bytes} bytes, {seconds:.1} s)",
@@ -799,9 +796,9 @@ fn add_shards(
                     None => open.insert(OpenShard {
                         number,
                         first_row: row,
-                        index: trained.try_clone().map_err(|e| anyhow::anyhow!("copying the trained index: {e}"))?,
+                        index: trained.try_clone().context("copying the trained index")?,
                         refine: match &manifest.refine {
-                            Some(_) => Some(RefineWriter::create(dir, number, table.dim).map_err(anyhow::Error::msg)?),
+                            Some(_) => Some(RefineWriter::create(dir, number, table.dim)?),
                             None => None,
                         },
                         rows: 0,

@@ -11,22 +11,23 @@ use tch::Device;
 
 use crate::model_args::ModelArgs;
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Args {
     /// The checkpoint to read: a cn_clip .pt, a Hugging Face ChineseCLIPModel directory or a cnclip .safetensors.
     #[arg(long)]
-    input: PathBuf,
+    pub input: PathBuf,
     /// Where to write the converted checkpoint; its extension picks the format unless --format does.
     #[arg(long)]
-    output: PathBuf,
+    pub output: PathBuf,
     #[command(flatten)]
-    model: ModelArgs,
+    #[serde(flatten)]
+    pub model: ModelArgs,
     /// Output format: cn-clip (.pt) or cnclip (.safetensors); default from the extension.
     #[arg(long, value_parser = ["cn-clip", "cnclip"])]
-    format: Option<String>,
+    pub format: Option<String>,
     /// Weight precision of the output: fp32, fp16 or bf16.
     #[arg(long, default_value = "fp32")]
-    precision: String,
+    pub precision: String,
 }
 
 pub fn run(args: Args) -> Result<()> {

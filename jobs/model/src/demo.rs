@@ -4,18 +4,25 @@
 //! zero-shot accuracy, and write a report (HTML and Markdown, with SVG plots of the training
 //! curves and the result tables next to chance).
 //!
-//! Every step is the subcommand a user would type, given the arguments printed before it runs
-//! (each builds its own pipeline); the demo only chains them and reads back their outputs.
+//! Every step is the subcommand a user would type: the demo calls its job with typed options and
+//! prints them first as that command line (each job builds its own pipeline); the demo only
+//! chains them and reads back their outputs.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::{Float64Type, Int64Type};
 
 use crate::report::{Plot, Report, Series, Table};
-use cnclip_data_jobs::process::parse_args as parse;
+use cnclip_data_jobs::evaluation_engine::Engine;
+use cnclip_data_jobs::{build_lmdb, command_line, evaluation, synth};
+use cnclip_operators::quarantine::OnError;
+use cnclip_operators::sinks::lmdb::LmdbWriterKind;
+
+use crate::model_args::ModelArgs;
+use crate::{convert, extract, knn, train, zeroshot};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -57,7 +64,7 @@ const MODEL: &str = r#"{
 /// Zero-shot prompts that read like the corpus's captions.
 const TEMPLATES: &str = "{}\n一个{}\n图中有一个{}\n";
 
-const CONTEXT_LENGTH: &str = "32";
+const CONTEXT_LENGTH: usize = 32;
 
 /// Runs the demo's steps in order, timing each and keeping its command line for the report.
 struct Steps {
@@ -67,20 +74,21 @@ struct Steps {
 }
 
 impl Steps {
-    fn run(
+    /// Runs `job` on `options`, after printing the command line a user would type for it.
+    fn run<A: clap::Args + serde::Serialize, T>(
         &mut self,
         what: &str,
         name: &str,
-        argv: Vec<String>,
-        job: impl FnOnce(&[String]) -> Result<()>,
-    ) -> Result<()> {
+        options: A,
+        job: impl FnOnce(A) -> Result<T>,
+    ) -> Result<T> {
         self.done += 1;
-        let line = format!("cnclip {name} {}", argv.join(" "));
+        let line = format!("cnclip {name} {}", command_line::render(&options)?.join(" "));
         eprintln!("\n[{}/{}] {what}\n$ {line}", self.done, self.total);
         let start = Instant::now();
-        job(&argv).with_context(|| format!("step {} ({what})", self.done))?;
+        let result = job(options).with_context(|| format!("step {} ({what})", self.done))?;
         self.ran.push((line, start.elapsed().as_secs_f64()));
-        Ok(())
+        Ok(result)
     }
 }
 
@@ -113,7 +121,7 @@ fn check(args: &Args) -> Result<()> {
     if !(args.lr.is_finite() && args.lr > 0.0) {
         problems.push(format!("--lr {}: a learning rate is a positive number", args.lr));
     }
-    if problems.is_empty() { Ok(()) } else { bail!("{}", problems.join("; ")) }
+    if problems.is_empty() { Ok(()) } else { Err(cnclip_operators::Problems(problems).into()) }
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -121,173 +129,52 @@ pub fn run(args: Args) -> Result<()> {
     let started = Instant::now();
     let out = &args.out;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let path = |p: &str| out.join(p).display().to_string();
+    let path = |p: &str| out.join(p);
     let mut steps = Steps { total: 8, done: 0, ran: Vec::new() };
-    let (train, test, epochs, batch, lr, workers, seed) = (
-        args.train.to_string(),
-        args.test.to_string(),
-        args.epochs.to_string(),
-        args.batch_size.to_string(),
-        args.lr.to_string(),
-        args.num_workers.to_string(),
-        args.seed.to_string(),
-    );
+    let plan = Plan::new(&args);
     steps.run(
         "synthesize the corpus (captioned shapes, cn_clip's TSV/JSONL layout, a zero-shot set)",
         "synth",
-        strings(&["--out", &path("corpus"), "--train", &train, "--valid", "200", "--test", &test, "--seed", &seed]),
-        |a| cnclip_data_jobs::synth::run(parse("synth", a)?),
+        plan.synth,
+        synth::run,
     )?;
-    steps.run(
-        "build cn_clip's LMDB splits",
-        "build-lmdb",
-        strings(&["--data-dir", &path("corpus"), "--splits", "train,valid,test"]),
-        |a| cnclip_data_jobs::build_lmdb::run(parse("build-lmdb", a)?),
-    )?;
-    let model = out.join("model.json");
+    steps.run("build cn_clip's LMDB splits", "build-lmdb", plan.build_lmdb, build_lmdb::run)?;
+    let model = path("model.json");
     std::fs::write(&model, MODEL).with_context(|| format!("writing {}", model.display()))?;
     // Start afresh: a previous demo's checkpoints would otherwise be resumed.
     let _ = std::fs::remove_dir_all(out.join("logs/demo"));
     steps.run(
         "train a small CLIP from scratch (cn_clip's training loop; log and checkpoints in logs/demo)",
         "train",
-        strings(&[
-            "--train-data",
-            &path("corpus/lmdb/train"),
-            "--val-data",
-            &path("corpus/lmdb/valid"),
-            "--model-config",
-            &model.display().to_string(),
-            "--batch-size",
-            &batch,
-            "--valid-batch-size",
-            "100",
-            "--max-epochs",
-            &epochs,
-            "--lr",
-            &lr,
-            "--beta1",
-            "0.9",
-            "--beta2",
-            "0.98",
-            "--eps",
-            "1e-6",
-            "--wd",
-            "0.1",
-            "--warmup",
-            "50",
-            "--context-length",
-            CONTEXT_LENGTH,
-            "--num-workers",
-            &workers,
-            "--logs",
-            &path("logs"),
-            "--name",
-            "demo",
-            "--log-interval",
-            "10",
-            "--report-training-batch-acc",
-            "--seed",
-            &seed,
-            "--save-epoch-frequency",
-            "0",
-        ]),
-        |a| crate::train::run(Box::new(parse("train", a)?)),
+        plan.train,
+        |options| train::run(Box::new(options)),
     )?;
-    let checkpoint = path("model.safetensors");
     steps.run(
         "convert the last checkpoint to a self-describing .safetensors",
         "convert",
-        strings(&[
-            "--input",
-            &path("logs/demo/checkpoints/epoch_latest.pt"),
-            "--model-config",
-            &model.display().to_string(),
-            "--output",
-            &checkpoint,
-        ]),
-        |a| crate::convert::run(parse("convert", a)?),
+        plan.convert,
+        convert::run,
     )?;
-    let (image_feats, text_feats) =
-        (path("features/test_imgs.img_feat.jsonl"), path("features/test_texts.txt_feat.jsonl"));
     std::fs::create_dir_all(out.join("features"))?;
-    steps.run(
-        "extract the test split's image and text features",
-        "extract-features",
-        strings(&[
-            "--extract-image-feats",
-            "--extract-text-feats",
-            "--image-data",
-            &path("corpus/lmdb/test/imgs"),
-            "--text-data",
-            &path("corpus/test_texts.jsonl"),
-            "--image-feat-output-path",
-            &image_feats,
-            "--text-feat-output-path",
-            &text_feats,
-            "--resume",
-            &checkpoint,
-            "--context-length",
-            CONTEXT_LENGTH,
-            "--num-workers",
-            &workers,
-        ]),
-        |a| crate::extract::run(parse("extract-features", a)?),
-    )?;
-    let predictions = path("results/test_predictions.jsonl");
+    steps.run("extract the test split's image and text features", "extract-features", plan.extract, extract::run)?;
     std::fs::create_dir_all(out.join("results"))?;
     steps.run(
         "retrieve the top-10 images of every caption (FAISS, exact)",
         "make-topk-predictions",
-        strings(&[
-            "--image-feats",
-            &image_feats,
-            "--text-feats",
-            &text_feats,
-            "--top-k",
-            "10",
-            "--output",
-            &predictions,
-        ]),
-        |a| crate::knn::run(parse("make-topk-predictions", a)?, false),
+        plan.knn,
+        |options| knn::run(options, false),
     )?;
-    let recall_json = path("results/test_recall.json");
-    steps.run(
-        "score recall@1/5/10 (cn_clip's evaluation)",
-        "evaluation",
-        strings(&[&path("corpus/test_texts.jsonl"), &predictions, &recall_json]),
-        |a| cnclip_data_jobs::evaluation::run(parse("evaluation", a)?, false),
-    )?;
-    let templates = out.join("templates.txt");
-    std::fs::write(&templates, TEMPLATES)?;
-    let mut zeroshot = None;
-    steps.run(
+    let recall_json = plan.evaluation.out_path.display().to_string();
+    steps.run("score recall@1/5/10 (cn_clip's evaluation)", "evaluation", plan.evaluation, |options| {
+        evaluation::run(options, false)
+    })?;
+    std::fs::write(path("templates.txt"), TEMPLATES)?;
+    let zeroshot = steps.run(
         "zero-shot classification of the shape/colour set",
         "zeroshot-evaluation",
-        strings(&[
-            "--datapath",
-            &path("corpus/zeroshot/test"),
-            "--label-file",
-            &path("corpus/zeroshot/label_cn.txt"),
-            "--templates",
-            &templates.display().to_string(),
-            "--dataset",
-            "synth-shapes",
-            "--save-dir",
-            &path("results"),
-            "--resume",
-            &checkpoint,
-            "--context-length",
-            CONTEXT_LENGTH,
-            "--num-workers",
-            &workers,
-        ]),
-        |a| {
-            zeroshot = Some(crate::zeroshot::run_with(parse("zeroshot-evaluation", a)?)?);
-            Ok(())
-        },
+        plan.zeroshot,
+        zeroshot::run_with,
     )?;
-    let zeroshot = zeroshot.expect("the step ran");
 
     // The report.
     let recall: serde_json::Value = serde_json::from_str(
@@ -399,6 +286,110 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
+/// Every step's options, as typed values (the command lines shown are written from them).
+pub(crate) struct Plan {
+    pub(crate) synth: synth::Args,
+    pub(crate) build_lmdb: build_lmdb::Args,
+    pub(crate) train: train::Args,
+    pub(crate) convert: convert::Args,
+    pub(crate) extract: extract::Args,
+    pub(crate) knn: knn::Args,
+    pub(crate) evaluation: evaluation::Args,
+    pub(crate) zeroshot: zeroshot::Args,
+}
+
+impl Plan {
+    pub(crate) fn new(args: &Args) -> Plan {
+        let path = |p: &str| args.out.join(p);
+        let text = |p: &str| path(p).display().to_string();
+        let model = path("model.json");
+        let checkpoint = path("model.safetensors");
+        let (image_feats, text_feats) =
+            (path("features/test_imgs.img_feat.jsonl"), path("features/test_texts.txt_feat.jsonl"));
+        let predictions = path("results/test_predictions.jsonl");
+        Plan {
+            synth: synth::Args {
+                out: path("corpus"),
+                train: args.train,
+                valid: 200,
+                test: args.test,
+                zeroshot_per_class: 5,
+                seed: args.seed,
+            },
+            build_lmdb: build_lmdb::Args {
+                data_dir: path("corpus"),
+                splits: "train,valid,test".into(),
+                lmdb_dir: None,
+                shards: 1,
+                on_error: OnError::Skip,
+                writer: LmdbWriterKind::Bulk,
+                max_record_bytes: cnclip_operators::sources::MAX_RECORD_BYTES,
+            },
+            train: train::Args {
+                val_data: Some(path("corpus/lmdb/valid")),
+                model_config: Some(model.clone()),
+                batch_size: args.batch_size,
+                valid_batch_size: 100,
+                max_epochs: args.epochs,
+                lr: Some(args.lr),
+                beta1: Some(0.9),
+                beta2: Some(0.98),
+                eps: Some(1e-6),
+                wd: 0.1,
+                warmup: 50,
+                context_length: CONTEXT_LENGTH,
+                num_workers: args.num_workers,
+                logs: text("logs"),
+                name: "demo".into(),
+                log_interval: 10,
+                report_training_batch_acc: true,
+                seed: args.seed,
+                save_epoch_frequency: 0,
+                ..train::Args::new(path("corpus/lmdb/train"))
+            },
+            convert: convert::Args {
+                input: path("logs/demo/checkpoints/epoch_latest.pt"),
+                output: checkpoint.clone(),
+                model: ModelArgs { vision_model: None, text_model: None, model_config: Some(model) },
+                format: None,
+                precision: "fp32".into(),
+            },
+            extract: extract::Args {
+                extract_image_feats: true,
+                extract_text_feats: true,
+                image_data: vec![text("corpus/lmdb/test/imgs")],
+                text_data: Some(text("corpus/test_texts.jsonl")),
+                image_feat_output_path: Some(image_feats.clone()),
+                text_feat_output_path: Some(text_feats.clone()),
+                context_length: CONTEXT_LENGTH,
+                num_workers: args.num_workers,
+                ..extract::Args::new(checkpoint.clone())
+            },
+            knn: knn::Args {
+                image_feats: Some(image_feats.display().to_string()),
+                text_feats: Some(text_feats.display().to_string()),
+                top_k: TOP_K as usize,
+                ..knn::Args::new(predictions.clone())
+            },
+            evaluation: evaluation::Args {
+                engine: Engine::Direct,
+                standard_path: path("corpus/test_texts.jsonl"),
+                submit_path: predictions,
+                out_path: path("results/test_recall.json"),
+                cluster: None,
+            },
+            zeroshot: zeroshot::Args {
+                templates: Some(path("templates.txt")),
+                dataset: "synth-shapes".into(),
+                save_dir: text("results"),
+                context_length: CONTEXT_LENGTH,
+                num_workers: args.num_workers,
+                ..zeroshot::Args::new(path("corpus/zeroshot/test"), path("corpus/zeroshot/label_cn.txt"), checkpoint)
+            },
+        }
+    }
+}
+
 /// The training run's curves from its metrics table.
 struct Curves {
     train_loss: Vec<(f64, f64)>,
@@ -431,4 +422,22 @@ fn training_curves(path: &Path) -> Result<Curves> {
         }
     }
     Ok(curves)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    /// The demo's steps for a demo writing under `out`, with its default flags.
+    pub(crate) fn plan(out: &std::path::Path) -> super::Plan {
+        let args = super::Args {
+            out: out.to_path_buf(),
+            train: 3000,
+            test: 100,
+            epochs: 6,
+            batch_size: 64,
+            lr: 2e-3,
+            num_workers: 0,
+            seed: 0,
+        };
+        super::Plan::new(&args)
+    }
 }

@@ -51,70 +51,97 @@ use serde::{Deserialize, Serialize};
 use crate::registry;
 use cnclip_data_jobs::manifest::{self, Tower};
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Args {
     /// Extract image features.
     #[arg(long)]
-    extract_image_feats: bool,
+    pub extract_image_feats: bool,
     /// Extract text features.
     #[arg(long)]
-    extract_text_feats: bool,
+    pub extract_text_feats: bool,
     /// Images: an LMDB `imgs` directory (cn_clip's), TSV shards (globs), a Parquet images table
     /// or an image folder.
     #[arg(long, num_args = 1..)]
-    image_data: Vec<String>,
+    pub image_data: Vec<String>,
     /// Texts: a cn_clip JSONL file or a Parquet texts table.
     #[arg(long)]
-    text_data: Option<String>,
+    pub text_data: Option<String>,
     /// Image features output (`.jsonl`: cn_clip's lines; `.parquet`: a feature table; with
     /// `--shard`, a directory of Parquet parts).
     #[arg(long)]
-    image_feat_output_path: Option<PathBuf>,
+    pub image_feat_output_path: Option<PathBuf>,
     /// Text features output (`.jsonl`, `.parquet`, or with `--shard` a directory).
     #[arg(long)]
-    text_feat_output_path: Option<PathBuf>,
+    pub text_feat_output_path: Option<PathBuf>,
     /// Images per encoder batch, on each device (cn_clip's --img-batch-size).
     #[arg(long, default_value_t = 64)]
-    img_batch_size: usize,
+    pub img_batch_size: usize,
     /// Texts per encoder batch, on each device (cn_clip's --text-batch-size).
     #[arg(long, default_value_t = 64)]
-    text_batch_size: usize,
+    pub text_batch_size: usize,
     /// Sequence length, [CLS] and [SEP] included (cn_clip's --context-length).
     #[arg(long, default_value_t = 52)]
-    context_length: usize,
+    pub context_length: usize,
     /// The checkpoint (cn_clip .pt, cnclip .safetensors or a Hugging Face directory).
     #[arg(long)]
-    resume: PathBuf,
+    pub resume: PathBuf,
     /// amp (cn_clip's default: fp16 on a GPU, fp32 on the CPU), fp16, fp32 or bf16.
     #[arg(long, default_value = "amp")]
-    precision: String,
+    pub precision: String,
     /// Vision tower of a cn_clip .pt (default ViT-B-16, as cn_clip's script).
     #[arg(long)]
-    vision_model: Option<String>,
+    pub vision_model: Option<String>,
     /// Text tower of a cn_clip .pt (default RoBERTa-wwm-ext-base-chinese).
     #[arg(long)]
-    text_model: Option<String>,
+    pub text_model: Option<String>,
     /// Accepted for cn_clip compatibility (set RUST_LOG=debug for more logging).
     #[arg(long)]
-    debug: bool,
+    pub debug: bool,
     /// Devices, one model replica each: cpu, cuda, cuda:0,cuda:1, cpu,cpu.
     #[arg(long, default_value = "cpu")]
-    devices: String,
+    pub devices: String,
     /// Decode/preprocess threads (0: one per core).
     #[arg(long, default_value_t = 0)]
-    num_workers: usize,
+    pub num_workers: usize,
     /// This job's share `i/n` of the input (record k where k mod n = i), as an array task
     /// (`$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT`, `$JOB_COMPLETION_INDEX/N`) runs it. The
     /// output paths are then directories: the job writes `part-{i:05}-of-{n:05}.parquet` and
     /// its entry `.json` there (`cnclip manifest check DIR` verifies the whole).
     #[arg(long)]
-    shard: Option<String>,
+    pub shard: Option<String>,
     /// What to do with a bad image or text: skip it into a quarantine file beside the output, or fail.
     #[arg(long, value_enum, default_value_t = OnError::Skip)]
-    on_error: OnError,
+    pub on_error: OnError,
     /// Rows per part (a crash loses at most one part's work).
     #[arg(long, default_value_t = 50_000)]
-    part_rows: usize,
+    pub part_rows: usize,
+}
+
+impl Args {
+    /// The options a command line with only the required flags gives (each flag's default).
+    pub fn new(resume: PathBuf) -> Self {
+        Args {
+            extract_image_feats: false,
+            extract_text_feats: false,
+            image_data: Vec::new(),
+            text_data: None,
+            image_feat_output_path: None,
+            text_feat_output_path: None,
+            img_batch_size: 64,
+            text_batch_size: 64,
+            context_length: 52,
+            resume,
+            precision: "amp".into(),
+            vision_model: None,
+            text_model: None,
+            debug: false,
+            devices: "cpu".into(),
+            num_workers: 0,
+            shard: None,
+            on_error: OnError::Skip,
+            part_rows: 50_000,
+        }
+    }
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -124,8 +151,7 @@ pub fn run(args: Args) -> Result<()> {
     if args.part_rows == 0 {
         bail!("--part-rows must be at least 1");
     }
-    let shard =
-        args.shard.as_deref().map(str::parse::<Shard>).transpose().map_err(|e| anyhow::anyhow!("--shard: {e}"))?;
+    let shard = args.shard.as_deref().map(str::parse::<Shard>).transpose().context("--shard")?;
     let sharded_output = |flag: &str, path: &Option<PathBuf>| -> Result<()> {
         match path {
             None if shard.is_some() => {
@@ -471,10 +497,7 @@ fn extract(
     let resolution = config.vision.image_resolution as usize;
     let defs = nodes(args, tower, &done, resolution, encoder)?;
     let registry = registry();
-    let pipeline = Planner::new(&registry)
-        .stream("features")
-        .plan(settings, defs)
-        .map_err(|problems| anyhow::anyhow!("{}", problems.join("; ")))?;
+    let pipeline = Planner::new(&registry).stream("features").plan(settings, defs)?;
     let mut stream = pipeline.stream()?;
     let mut parts = PartWriter { dir: &dir, manifest_path: &manifest_path, schema: stream.schema(), open: None };
     for batch in stream.by_ref() {
@@ -512,12 +535,10 @@ fn extract(
         let rename = [("id".to_string(), tower.id_column().to_string())].into_iter().collect();
         NodeDef::new("output", Some("parts"), WriteJsonlConfig { path: joined.clone(), rename })
     };
-    let join = Planner::new(&registry)
-        .plan(
-            JobSettings { quarantine: dir.join("join-quarantine.jsonl"), ..JobSettings::default() },
-            vec![NodeDef::new("parts", None, ParquetConfig { paths: parts, table: None, dedupe: false }), sink],
-        )
-        .map_err(|problems| anyhow::anyhow!("{}", problems.join("; ")))?;
+    let join = Planner::new(&registry).plan(
+        JobSettings { quarantine: dir.join("join-quarantine.jsonl"), ..JobSettings::default() },
+        vec![NodeDef::new("parts", None, ParquetConfig { paths: parts, table: None, dedupe: false }), sink],
+    )?;
     join.run()?;
     if let Target::Shard { dir: output, shard } = target {
         let made_from = made_from.as_deref().unwrap_or_default();

@@ -22,55 +22,77 @@ use cnclip_operators::spec::{JobSettings, NodeDef, Planner};
 
 use crate::registry;
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Args {
     /// Image features: cn_clip JSON lines, or Parquet feature tables (files or directories).
     /// As the gallery, not needed with `--index-path DIR` from build-index.
     #[arg(long)]
-    image_feats: Option<String>,
+    pub image_feats: Option<String>,
     /// Text features, likewise.
     #[arg(long)]
-    text_feats: Option<String>,
+    pub text_feats: Option<String>,
     /// Results per query: images per text, or texts per image for -tr (cn_clip's --top-k).
     #[arg(long, default_value_t = 10)]
-    top_k: usize,
+    pub top_k: usize,
     /// Gallery rows per matmul (torch backend), as cn_clip's.
     #[arg(long, default_value_t = 32768)]
-    eval_batch_size: usize,
+    pub eval_batch_size: usize,
     /// `.jsonl` (cn_clip's lines) or `.parquet` (with scores).
     #[arg(long)]
-    output: PathBuf,
+    pub output: PathBuf,
     /// Search engine: a FAISS index on the CPU, or exact matmul + top-k in libtorch as cn_clip (CPU or CUDA).
     #[arg(long, value_enum, default_value_t = Backend::Faiss)]
-    backend: Backend,
+    pub backend: Backend,
     /// FAISS factory string: Flat (exact), IVF…, HNSW…, …PQ….
     #[arg(long, default_value = "Flat")]
-    index: String,
+    pub index: String,
     /// Inverted lists an IVF index searches per query (FAISS's nprobe); default FAISS's, or the build's.
     #[arg(long)]
-    nprobe: Option<usize>,
+    pub nprobe: Option<usize>,
     /// HNSW search depth: of an `HNSW…` index, or, with `--index-path DIR`, of the coarse
     /// quantizer of an `IVF…_HNSW…` index (FAISS's default: max(16, nprobe)).
     #[arg(long)]
-    ef_search: Option<usize>,
+    pub ef_search: Option<usize>,
     /// With a refined index (build-index `…,RFlat`): candidates per result re-scored with the
     /// exact vectors (`k_factor · top_k`); default the one the build recorded.
     #[arg(long)]
-    k_factor: Option<usize>,
+    pub k_factor: Option<usize>,
     /// With a build-index directory: memory-map its inverted lists instead of loading them
     /// (FAISS's IO_FLAG_MMAP), for an index larger than memory.
     #[arg(long)]
-    mmap: bool,
+    pub mmap: bool,
     /// Save the FAISS index here (or load it, if it exists); or a directory made by
     /// `cnclip build-index`, searched as it is.
     #[arg(long)]
-    index_path: Option<PathBuf>,
+    pub index_path: Option<PathBuf>,
     /// Vectors a trained index (IVF, PQ) learns from.
     #[arg(long, default_value_t = 100_000)]
-    train_sample: usize,
+    pub train_sample: usize,
     /// cpu, cuda or cuda:N (torch backend).
     #[arg(long, default_value = "cpu")]
-    device: String,
+    pub device: String,
+}
+
+impl Args {
+    /// The options a command line with only the required flags gives (each flag's default).
+    pub fn new(output: PathBuf) -> Self {
+        Args {
+            image_feats: None,
+            text_feats: None,
+            top_k: 10,
+            eval_batch_size: 32768,
+            output,
+            backend: Backend::Faiss,
+            index: "Flat".into(),
+            nprobe: None,
+            ef_search: None,
+            k_factor: None,
+            mmap: false,
+            index_path: None,
+            train_sample: 100_000,
+            device: "cpu".into(),
+        }
+    }
 }
 
 /// The checkpoint (name, sha256) a Parquet feature table (a file, or a directory's first part)
@@ -159,8 +181,7 @@ pub fn run(args: Args, image_to_text: bool) -> Result<()> {
         )
     } else {
         let path = if Path::new(queries).is_dir() {
-            cnclip_operators::sources::parts::check_complete(Path::new(queries))
-                .map_err(|e| anyhow::anyhow!("{query_flag} {e}"))?;
+            cnclip_operators::sources::parts::check_complete(Path::new(queries)).map_err(crate::quoted(query_flag))?;
             format!("{queries}/*.parquet")
         } else {
             queries.clone()
@@ -195,9 +216,8 @@ pub fn run(args: Args, image_to_text: bool) -> Result<()> {
     };
     let settings = JobSettings { quarantine: args.output.with_extension("quarantine.jsonl"), ..JobSettings::default() };
     let registry = registry();
-    let pipeline = Planner::new(&registry)
-        .plan(settings, vec![source, NodeDef::new("neighbours", Some("queries"), knn), sink])
-        .map_err(|problems| anyhow::anyhow!("{}", problems.join("; ")))?;
+    let pipeline =
+        Planner::new(&registry).plan(settings, vec![source, NodeDef::new("neighbours", Some("queries"), knn), sink])?;
     let report = pipeline.run()?;
     let rows = report.written.first().map_or(0, |(_, w)| w.rows);
     let quarantined = match &report.quarantine_file {

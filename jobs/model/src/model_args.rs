@@ -1,10 +1,10 @@
 //! The model-selection flags shared by subcommands, named as in cn_clip's scripts.
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use cnclip_models::ClipConfig;
 use tch::Kind;
 
-#[derive(clap::Args, Debug, Clone)]
+#[derive(clap::Args, Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ModelArgs {
     /// Vision tower (ViT-B-32, ViT-B-16, ViT-L-14, ViT-L-14-336, ViT-H-14, RN50), as cn_clip's --vision-model.
     #[arg(long)]
@@ -22,9 +22,9 @@ impl ModelArgs {
     pub fn config(&self) -> Result<Option<ClipConfig>> {
         if let Some(path) = &self.model_config {
             let json = cnclip_operators::sources::read_text(path, cnclip_operators::sources::MAX_TEXT_BYTES)
-                .map_err(|e| anyhow::anyhow!("--model-config {e}"))?;
+                .map_err(crate::quoted("--model-config"))?;
             return Ok(Some(
-                ClipConfig::from_json(&json).map_err(|e| anyhow::anyhow!("--model-config {}: {e}", path.display()))?,
+                ClipConfig::from_json(&json).with_context(|| format!("--model-config {}", path.display()))?,
             ));
         }
         match (&self.vision_model, &self.text_model) {

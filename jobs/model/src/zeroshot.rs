@@ -23,57 +23,81 @@ use tch::{Kind, Tensor};
 
 use crate::registry;
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Args {
     /// The image folder (class subfolders, as torchvision's ImageFolder reads).
     #[arg(long)]
-    datapath: PathBuf,
+    pub datapath: PathBuf,
     /// Class names, one per line, in class-index order.
     #[arg(long)]
-    label_file: PathBuf,
+    pub label_file: PathBuf,
     /// The dataset's name: picks the template set as cn_clip does, and names the output JSON.
     #[arg(long, default_value = "imagenet")]
-    dataset: String,
+    pub dataset: String,
     /// A JSON list that reorders the predictions (and targets) before they are saved.
     #[arg(long, default_value = "")]
-    index: String,
+    pub index: String,
     /// Where `{dataset}.json` goes (created if missing).
     #[arg(long, default_value = "")]
-    save_dir: String,
+    pub save_dir: String,
     /// Images per encoder batch, on each device (cn_clip's --img-batch-size).
     #[arg(long, default_value_t = 64)]
-    img_batch_size: usize,
+    pub img_batch_size: usize,
     /// Sequence length of the prompts, [CLS] and [SEP] included (cn_clip's --context-length).
     #[arg(long, default_value_t = 52)]
-    context_length: usize,
+    pub context_length: usize,
     /// The checkpoint (cn_clip .pt, cnclip .safetensors or a Hugging Face directory; cn_clip's --resume).
     #[arg(long)]
-    resume: PathBuf,
+    pub resume: PathBuf,
     /// amp (fp16 on a GPU, fp32 on the CPU), fp16, fp32 or bf16.
     #[arg(long, default_value = "amp")]
-    precision: String,
+    pub precision: String,
     /// Vision tower of a cn_clip .pt (cn_clip's --vision-model); other checkpoints record their own.
     #[arg(long, default_value = "ViT-B-16")]
-    vision_model: String,
+    pub vision_model: String,
     /// Text tower of a cn_clip .pt (cn_clip's --text-model); other checkpoints record their own.
     #[arg(long, default_value = "RoBERTa-wwm-ext-base-chinese")]
-    text_model: String,
+    pub text_model: String,
     /// Decode/preprocess threads (0: one per core).
     #[arg(long, default_value_t = 4)]
-    num_workers: usize,
+    pub num_workers: usize,
     /// One template per line, `{}` where the class name goes (instead of the built-in set).
     #[arg(long)]
-    templates: Option<PathBuf>,
+    pub templates: Option<PathBuf>,
     /// cpu, cuda, cuda:N (one replica each).
     #[arg(long, default_value = "cpu")]
-    devices: String,
+    pub devices: String,
     /// How top-1 is computed: here, or by `jobs/sql/zeroshot_top1.sql` on DataFusion.
     #[arg(long, value_enum, default_value_t = cnclip_data_jobs::evaluation_engine::Engine::Direct)]
-    engine: cnclip_data_jobs::evaluation_engine::Engine,
+    pub engine: cnclip_data_jobs::evaluation_engine::Engine,
     /// Run the SQL engine on a Ballista cluster (`df://HOST:PORT`, see `cnclip cluster`); its
     /// input tables are written under --save-dir, which every executor must read.
     #[arg(long, value_name = "df://HOST:PORT")]
-    cluster: Option<String>,
+    pub cluster: Option<String>,
+}
+
+impl Args {
+    /// The options a command line with only the required flags gives (each flag's default).
+    pub fn new(datapath: PathBuf, label_file: PathBuf, resume: PathBuf) -> Self {
+        Args {
+            datapath,
+            label_file,
+            dataset: "imagenet".into(),
+            index: "".into(),
+            save_dir: "".into(),
+            img_batch_size: 64,
+            context_length: 52,
+            resume,
+            precision: "amp".into(),
+            vision_model: "ViT-B-16".into(),
+            text_model: "RoBERTa-wwm-ext-base-chinese".into(),
+            num_workers: 4,
+            templates: None,
+            devices: "cpu".into(),
+            engine: cnclip_data_jobs::evaluation_engine::Engine::Direct,
+            cluster: None,
+        }
+    }
 }
 
 /// The top-1 query (`jobs/sql/zeroshot_top1.sql`).
@@ -87,8 +111,7 @@ fn top1_sql(features: &Tensor, labels: &[i64], classifier: &Tensor, cluster: Opt
     use std::sync::Arc;
     let vectors = |t: &Tensor| -> Result<FixedSizeListArray> {
         let d = t.size()[1] as i32;
-        let flat: Vec<f32> =
-            Vec::try_from(t.contiguous().flatten(0, -1)).map_err(|e: tch::TchError| anyhow::anyhow!("{e}"))?;
+        let flat: Vec<f32> = Vec::try_from(t.contiguous().flatten(0, -1))?;
         let item = Arc::new(Field::new("item", DataType::Float32, false));
         Ok(FixedSizeListArray::try_new(item, d, Arc::new(Float32Array::from(flat)), None)?)
     };
@@ -133,10 +156,7 @@ fn top1_sql(features: &Tensor, labels: &[i64], classifier: &Tensor, cluster: Opt
 /// Streams the `features` node of a pipeline: (ids, features as one `[N, D]` tensor).
 fn features(defs: Vec<NodeDef>, settings: JobSettings) -> Result<(Vec<i64>, Tensor)> {
     let registry = registry();
-    let pipeline = Planner::new(&registry)
-        .stream("features")
-        .plan(settings, defs)
-        .map_err(|problems| anyhow::anyhow!("{}", problems.join("; ")))?;
+    let pipeline = Planner::new(&registry).stream("features").plan(settings, defs)?;
     let (mut ids, mut values, mut dim) = (Vec::new(), Vec::<f32>::new(), 0i64);
     for batch in pipeline.stream()? {
         if let Some(signal) = cnclip_operators::signals::interrupted() {
@@ -341,7 +361,7 @@ pub fn run_with(args: Args) -> Result<Metrics> {
     let probs = tch::no_grad(|| (&image_features * 100.0).matmul(&classifier).softmax(-1, Kind::Float));
     let n = ids.len();
     let classes = classnames.len();
-    let flat: Vec<f32> = Vec::try_from(probs.flatten(0, -1)).map_err(|e: tch::TchError| anyhow::anyhow!("{e}"))?;
+    let flat: Vec<f32> = Vec::try_from(probs.flatten(0, -1))?;
     let rows: Vec<&[f32]> = flat.chunks(classes.max(1)).collect();
     let ranked = |row: &[f32]| -> Vec<usize> {
         let mut order: Vec<usize> = (0..row.len()).collect();

@@ -19,7 +19,7 @@ use arrow::array::{Array, ArrayRef, AsArray, FixedSizeListArray, Float32Array, I
 use arrow::datatypes::{DataType, Field, Int64Type, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use cnclip_operators::spec::{BuildContext, NodeConfig, Operator, Role};
-use cnclip_operators::transforms::{Execution, Output, Transform, TransformReplica};
+use cnclip_operators::transforms::{Execution, InputError, Output, Transform, TransformReplica};
 use cnclip_schemas::columns::{IMAGE_ID, PIXELS, TEXT_ID, TOKEN_IDS};
 use cnclip_schemas::{FeatureMetadata, FeatureType};
 use serde::Deserialize;
@@ -59,14 +59,14 @@ impl Precision {
     ///
     /// # Errors
     /// Any other name.
-    pub fn parse(name: &str, gpu: bool) -> Result<Self, String> {
+    pub fn parse(name: &str, gpu: bool) -> crate::Result<Self> {
         Ok(match name {
             "fp32" => Precision::Fp32,
             "fp16" => Precision::Fp16,
             "bf16" => Precision::Bf16,
             "amp" if gpu => Precision::Fp16,
             "amp" => Precision::Fp32,
-            other => return Err(format!("unknown precision `{other}`: use fp32, fp16, bf16 or amp")),
+            other => return Err(crate::Error::Precision(other.to_string())),
         })
     }
 
@@ -141,7 +141,7 @@ impl EncoderConfig {
         }
         let gpu = devices.iter().any(|d| d.starts_with("cuda"));
         let precision = Precision::parse(&self.precision, gpu).unwrap_or_else(|e| {
-            problems.push(e);
+            problems.push(e.to_string());
             Precision::Fp32
         });
         if precision == Precision::Fp16 && !gpu {
@@ -173,7 +173,7 @@ impl EncoderConfig {
             None
         };
         let sha256 = match &config {
-            Some(_) => sha256_of(&checkpoint).map_err(|e| problems.push(e)).ok(),
+            Some(_) => sha256_of(&checkpoint).map_err(|e| problems.push(e.to_string())).ok(),
             None => None,
         };
         match (config, sha256) {
@@ -210,7 +210,7 @@ impl EncoderConfig {
 /// The hex sha256 of a file (or of a Hugging Face directory's weights file), computed once per
 /// process for a given file, size and modification time (an image and a text encoder of one
 /// checkpoint share it).
-fn sha256_of(path: &Path) -> Result<String, String> {
+fn sha256_of(path: &Path) -> crate::Result<String> {
     use sha2::Digest;
     type Key = (PathBuf, u64, Option<std::time::SystemTime>);
     static CACHE: std::sync::LazyLock<Mutex<BTreeMap<Key, String>>> = std::sync::LazyLock::new(Default::default);
@@ -218,14 +218,15 @@ fn sha256_of(path: &Path) -> Result<String, String> {
         Some((_, weights)) => weights,
         None => path.to_path_buf(),
     };
-    let meta = std::fs::metadata(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let io = |source| crate::Error::File { path: file.clone(), source };
+    let meta = std::fs::metadata(&file).map_err(io)?;
     let key = (file.clone(), meta.len(), meta.modified().ok());
     if let Some(known) = CACHE.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
         return Ok(known.clone());
     }
-    let mut reader = std::fs::File::open(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let mut reader = std::fs::File::open(&file).map_err(io)?;
     let mut hasher = sha2::Sha256::new();
-    std::io::copy(&mut reader, &mut hasher).map_err(|e| format!("{}: {e}", file.display()))?;
+    std::io::copy(&mut reader, &mut hasher).map_err(io)?;
     let hex: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
     CACHE.lock().unwrap_or_else(|e| e.into_inner()).insert(key, hex.clone());
     Ok(hex)
@@ -309,44 +310,49 @@ fn load_weights(path: &Path, config: &ClipConfig) -> crate::Result<BTreeMap<Stri
 }
 
 impl Transform for Encoder {
-    fn output_schema(&self, input: &SchemaRef) -> Result<SchemaRef, String> {
+    fn output_schema(&self, input: &SchemaRef) -> Result<SchemaRef, InputError> {
         let (id, values) = self.tower.columns();
-        let id_index = input
-            .index_of(id)
-            .map_err(|_| format!("needs an `{id}` column (Int64); the input has {}", columns(input)))?;
+        let id_index = input.index_of(id).map_err(|_| {
+            InputError::Mismatch(format!("needs an `{id}` column (Int64); the input has {}", columns(input)))
+        })?;
         if input.field(id_index).data_type() != &DataType::Int64 {
-            return Err(format!(
-                "needs column `{id}` to be Int64, the input's is {}",
-                input.field(id_index).data_type()
-            ));
+            return Err(InputError::ColumnType {
+                name: id.to_string(),
+                expected: DataType::Int64,
+                found: input.field(id_index).data_type().clone(),
+            });
         }
-        let index = input
-            .index_of(values)
-            .map_err(|_| format!("needs a `{values}` column; the input has {}", columns(input)))?;
+        let index = input.index_of(values).map_err(|_| {
+            InputError::Mismatch(format!("needs a `{values}` column; the input has {}", columns(input)))
+        })?;
         let found = input.field(index).data_type();
         match (self.tower, found) {
             (Tower::Image, DataType::FixedSizeBinary(bytes)) => {
                 let r = self.config.vision.image_resolution;
                 if *bytes as i64 != 3 * r * r {
-                    return Err(format!(
+                    return Err(InputError::Mismatch(format!(
                         "`pixels` are {bytes} bytes per image, the model takes {r}×{r} RGB ({} bytes): preprocess with resolution = {r}",
                         3 * r * r
-                    ));
+                    )));
                 }
             }
             (Tower::Text, DataType::FixedSizeList(item, length)) if item.data_type() == &DataType::Int64 => {
                 let max = self.config.text.text_max_position_embeddings;
                 if *length as i64 > max {
-                    return Err(format!("`token_ids` hold {length} ids; the model takes at most {max}"));
+                    return Err(InputError::Mismatch(format!(
+                        "`token_ids` hold {length} ids; the model takes at most {max}"
+                    )));
                 }
             }
             (Tower::Image, other) => {
-                return Err(format!("needs `pixels` as FixedSizeBinary (a preprocess node's output), got {other}"));
+                return Err(InputError::Mismatch(format!(
+                    "needs `pixels` as FixedSizeBinary (a preprocess node's output), got {other}"
+                )));
             }
             (Tower::Text, other) => {
-                return Err(format!(
+                return Err(InputError::Mismatch(format!(
                     "needs `token_ids` as FixedSizeList<Int64> (a tokenize node's output), got {other}"
-                ));
+                )));
             }
         }
         Ok(self.schema())
@@ -361,7 +367,7 @@ impl Transform for Encoder {
     }
 
     fn open_replica(&self, device: &str) -> cnclip_operators::Result<Option<Box<dyn TransformReplica>>> {
-        let fail = |e: crate::Error| cnclip_operators::Error::Model(e.to_string());
+        let fail = |e: crate::Error| cnclip_operators::Error::Model(Box::new(e));
         let on = crate::device::device(device).map_err(fail)?;
         // Replicas on the CPU share libtorch's one intra-op pool, at its size: the same kernels
         // with the same thread count, so features do not depend on the number of replicas.

@@ -37,7 +37,15 @@ pub fn pixels_to_tensor(rgb: &[u8], resolution: usize) -> Tensor {
         std::array::from_fn(|c| std::array::from_fn(|v| (v as f32 / 255.0 - MEAN[c]) / STD[c]));
     let r = resolution as i64;
     let tensor = Tensor::empty([n as i64, 3, r, r], (Kind::Float, tch::Device::Cpu));
-    // SAFETY: a fresh, contiguous CPU float tensor of n·3·plane elements that nothing else sees.
+    if n == 0 {
+        // No elements: libtorch may leave the data pointer null, which no slice may have.
+        return tensor;
+    }
+    // SAFETY: `tensor` is a fresh, contiguous CPU tensor of kind Float, so `data_ptr` is
+    // non-null (n > 0), f32-aligned and valid for the n·3·plane elements libtorch allocated for
+    // it alone. `empty` leaves them uninitialised, but f32 has no invalid bit patterns and the
+    // loops below write every element before anything reads one; no other handle to the tensor
+    // exists while the slice lives, and it ends before `tensor` is returned.
     let nchw = unsafe { std::slice::from_raw_parts_mut(tensor.data_ptr() as *mut f32, n * 3 * plane) };
     for (image, chw) in rgb.chunks_exact(3 * plane).zip(nchw.chunks_exact_mut(3 * plane)) {
         for (c, (table, out)) in tables.iter().zip(chw.chunks_exact_mut(plane)).enumerate() {

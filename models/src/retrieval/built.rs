@@ -25,7 +25,9 @@ use faiss::Index as _;
 use faiss::index::IndexImpl;
 use serde::{Deserialize, Serialize};
 
+use super::error::{Error, Result};
 use super::refine::RefineStore;
+use cnclip_operators::Problems;
 
 /// The manifest's `format`.
 pub const FORMAT: &str = "cnclip-index/1";
@@ -144,17 +146,11 @@ impl IndexFile {
     ///
     /// # Errors
     /// Missing, or of another size (truncated or replaced since it was written).
-    pub fn check(&self, dir: &Path) -> Result<(), String> {
+    pub fn check(&self, dir: &Path) -> Result<()> {
         let path = dir.join(&self.file);
         match std::fs::metadata(&path) {
-            Err(e) => Err(format!("{}: {e} (rerun `cnclip build-index` to rebuild it)", path.display())),
-            Ok(m) if m.len() != self.bytes => Err(format!(
-                "{}: {} bytes, but build-index wrote {} (damaged since; rerun `cnclip build-index` after \
-                 deleting it)",
-                path.display(),
-                m.len(),
-                self.bytes
-            )),
+            Err(source) => Err(Error::Missing { path, source }),
+            Ok(m) if m.len() != self.bytes => Err(Error::Damaged { path, bytes: m.len(), written: self.bytes }),
             Ok(_) => Ok(()),
         }
     }
@@ -165,19 +161,18 @@ impl Manifest {
     ///
     /// # Errors
     /// Missing, unreadable, or not a build-index manifest.
-    pub fn read(dir: &Path) -> Result<Manifest, String> {
+    pub fn read(dir: &Path) -> Result<Manifest> {
         let path = dir.join(MANIFEST);
-        let bytes = std::fs::read(&path).map_err(|e| {
-            format!(
-                "{}: {e} ({} is not an index directory made by `cnclip build-index`)",
-                path.display(),
-                dir.display()
-            )
-        })?;
-        let manifest: Manifest = serde_json::from_slice(&bytes)
-            .map_err(|e| format!("{}: not a build-index manifest: {e}", path.display()))?;
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(source) => return Err(Error::NoManifest { path, dir: dir.to_path_buf(), source }),
+        };
+        let manifest: Manifest = match serde_json::from_slice(&bytes) {
+            Ok(manifest) => manifest,
+            Err(source) => return Err(Error::ManifestJson { path, source }),
+        };
         if manifest.format != FORMAT {
-            return Err(format!("{}: format `{}`, this cnclip reads `{FORMAT}`", path.display(), manifest.format));
+            return Err(Error::ManifestFormat { path, format: manifest.format });
         }
         Ok(manifest)
     }
@@ -218,34 +213,31 @@ impl BuiltIndex {
     ///
     /// # Errors
     /// Every problem found.
-    pub fn open(dir: &Path) -> Result<BuiltIndex, Vec<String>> {
-        let manifest = Manifest::read(dir).map_err(|e| vec![e])?;
+    pub fn open(dir: &Path) -> Result<BuiltIndex, Problems> {
+        let manifest = Manifest::read(dir).map_err(|e| Problems(vec![e.to_string()]))?;
         if !manifest.complete() {
-            return Err(vec![format!(
+            return Err(Problems(vec![format!(
                 "{}: the build did not finish (rerun the same `cnclip build-index` to complete it)",
                 dir.display()
-            )]);
+            )]));
         }
+        let problem = |file: &IndexFile| file.check(dir).err().map(|e| e.to_string());
         let mut problems: Vec<String> = match &manifest.merged {
-            Some(merged) => merged.check(dir).err().into_iter().collect(),
-            None => manifest.shards.iter().filter_map(|s| s.file.check(dir).err()).collect(),
+            Some(merged) => problem(merged).into_iter().collect(),
+            None => manifest.shards.iter().filter_map(|s| problem(&s.file)).collect(),
         };
         if let Some(refine) = &manifest.refine {
-            problems.extend(refine.id_map.iter().filter_map(|f| f.check(dir).err()));
+            problems.extend(refine.id_map.iter().filter_map(problem));
             for shard in &manifest.shards {
                 match &shard.refine {
-                    Some(refine) => {
-                        problems.extend([&refine.vectors, &refine.ids].into_iter().filter_map(|f| f.check(dir).err()))
+                    Some(refine) => problems.extend([&refine.vectors, &refine.ids].into_iter().filter_map(problem)),
+                    None => {
+                        problems.push(Error::NoRefinement { dir: dir.to_path_buf(), shard: shard.number }.to_string())
                     }
-                    None => problems.push(format!(
-                        "{}: shard {} has no refinement vectors (rerun `cnclip build-index`)",
-                        dir.display(),
-                        shard.number
-                    )),
                 }
             }
         }
-        if problems.is_empty() { Ok(BuiltIndex { dir: dir.to_path_buf(), manifest }) } else { Err(problems) }
+        if problems.is_empty() { Ok(BuiltIndex { dir: dir.to_path_buf(), manifest }) } else { Err(Problems(problems)) }
     }
 
     /// The files a search reads: the merged index, or every shard.
@@ -261,18 +253,13 @@ impl BuiltIndex {
     ///
     /// # Errors
     /// A file FAISS cannot read, or an index other than the manifest says.
-    pub fn load(&self, mapped: bool) -> Result<Vec<IndexImpl>, String> {
+    pub fn load(&self, mapped: bool) -> Result<Vec<IndexImpl>> {
         let mut indexes = Vec::new();
         for path in self.files() {
             let index = if mapped { super::ivf::read_mapped(&path)? } else { read(&path)? };
             if index.d() as usize != self.manifest.dim || !index.is_trained() {
-                return Err(format!(
-                    "{}: an index of {}-value vectors{}, the manifest says {}-value vectors",
-                    path.display(),
-                    index.d(),
-                    if index.is_trained() { "" } else { " (untrained)" },
-                    self.manifest.dim
-                ));
+                let (d, trained) = (index.d(), index.is_trained());
+                return Err(Error::IndexShape { path, d, trained, dim: self.manifest.dim });
             }
             indexes.push(index);
         }
@@ -283,7 +270,7 @@ impl BuiltIndex {
     ///
     /// # Errors
     /// As [`RefineStore::open`].
-    pub fn refine_store(&self) -> Result<Option<RefineStore>, String> {
+    pub fn refine_store(&self) -> Result<Option<RefineStore>> {
         match &self.manifest.refine {
             Some(_) => RefineStore::open(&self.dir, &self.manifest).map(Some),
             None => Ok(None),
@@ -295,9 +282,8 @@ impl BuiltIndex {
 ///
 /// # Errors
 /// FAISS's message, naming the file.
-pub fn read(path: &Path) -> Result<IndexImpl, String> {
-    faiss::read_index(path.to_string_lossy())
-        .map_err(|e| format!("{}: not a readable FAISS index: {e}", path.display()))
+pub fn read(path: &Path) -> Result<IndexImpl> {
+    faiss::read_index(path.to_string_lossy()).map_err(|source| Error::Unreadable { path: path.to_path_buf(), source })
 }
 
 /// Writes `index` to `path` atomically (a temporary file beside it, synced, then renamed);
@@ -305,19 +291,21 @@ pub fn read(path: &Path) -> Result<IndexImpl, String> {
 ///
 /// # Errors
 /// FAISS's or the file system's message, naming the file.
-pub fn write_atomically(index: &IndexImpl, path: &Path) -> Result<u64, String> {
+pub fn write_atomically(index: &IndexImpl, path: &Path) -> Result<u64> {
     let tmp = cnclip_operators::staging::temp_path(path);
-    let fail = |e: String| {
+    let result = (|| {
+        faiss::write_index(index, tmp.to_string_lossy())
+            .map_err(|source| Error::WriteIndex { path: path.to_path_buf(), source })?;
+        let write = |source| Error::Write { path: path.to_path_buf(), source };
+        let bytes =
+            std::fs::File::open(&tmp).and_then(|f| f.sync_all().and_then(|()| f.metadata())).map_err(write)?.len();
+        std::fs::rename(&tmp, path).map_err(write)?;
+        Ok(bytes)
+    })();
+    if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
-        format!("writing {}: {e}", path.display())
-    };
-    faiss::write_index(index, tmp.to_string_lossy()).map_err(|e| fail(e.to_string()))?;
-    let bytes = std::fs::File::open(&tmp)
-        .and_then(|f| f.sync_all().and_then(|()| f.metadata()))
-        .map_err(|e| fail(e.to_string()))?
-        .len();
-    std::fs::rename(&tmp, path).map_err(|e| fail(e.to_string()))?;
-    Ok(bytes)
+    }
+    result
 }
 
 /// The top `k` of each query (`queries` back to back, `dim` values each) over all `indexes`
@@ -332,12 +320,7 @@ pub fn write_atomically(index: &IndexImpl, path: &Path) -> Result<u64, String> {
 ///
 /// # Errors
 /// FAISS's.
-pub fn search(
-    indexes: &mut [IndexImpl],
-    queries: &[f32],
-    dim: usize,
-    k: usize,
-) -> Result<Vec<Vec<(i64, f32)>>, String> {
+pub fn search(indexes: &mut [IndexImpl], queries: &[f32], dim: usize, k: usize) -> Result<Vec<Vec<(i64, f32)>>> {
     let n = queries.len() / dim.max(1);
     let mut hits: Vec<Vec<(i64, f32)>> = vec![Vec::new(); n];
     for index in indexes.iter_mut() {
@@ -347,7 +330,7 @@ pub fn search(
         while !pending.is_empty() && width > 0 {
             let batch: Vec<f32> =
                 pending.iter().flat_map(|&q| queries[q * dim..(q + 1) * dim].iter().copied()).collect();
-            let found = index.search(&batch, width).map_err(|e| e.to_string())?;
+            let found = index.search(&batch, width).map_err(Error::Faiss)?;
             let mut again = Vec::new();
             for (at, &q) in pending.iter().enumerate() {
                 let mut mine: Vec<(i64, f32)> = (at * width..(at + 1) * width)
@@ -388,7 +371,7 @@ pub fn search_refined(
     dim: usize,
     k: usize,
     k_factor: usize,
-) -> Result<Vec<Vec<(i64, f32)>>, String> {
+) -> Result<Vec<Vec<(i64, f32)>>> {
     let candidates = search(indexes, queries, dim, k.saturating_mul(k_factor.max(1)))?;
     store.rerank(queries, candidates, k)
 }

@@ -5,6 +5,8 @@
 //! number from 1 to [`MAX_SIZE`]; what is left (an unknown component, `PQ` not dividing the
 //! dimension) FAISS reports itself, as an error.
 
+use super::error::{Error, Result};
+
 /// The largest size a factory string may name (2²⁶: 67M lists is past any IVF in use; the
 /// 1B-vector indexes use 65,536 to 1M).
 pub const MAX_SIZE: u64 = 1 << 26;
@@ -12,10 +14,11 @@ pub const MAX_SIZE: u64 = 1 << 26;
 /// Checks the sizes in `description`.
 ///
 /// # Errors
-/// A sentence naming the component whose size is 0 or too large.
-pub fn check(description: &str) -> Result<(), String> {
+/// [`Error::FactorySize`] naming the component whose size is 0 or too large;
+/// [`Error::EmptyFactory`].
+pub fn check(description: &str) -> Result<()> {
     if description.trim().is_empty() {
-        return Err("an empty FAISS factory string (e.g. Flat, IVF1024,Flat, HNSW32, IVF4096,PQ64)".into());
+        return Err(Error::EmptyFactory);
     }
     for component in description.split(',') {
         let bytes = component.as_bytes();
@@ -31,11 +34,11 @@ pub fn check(description: &str) -> Result<(), String> {
             }
             let size = component[start..i].parse::<u64>().unwrap_or(u64::MAX);
             if size == 0 || size > MAX_SIZE {
-                return Err(format!(
-                    "`{description}`: `{}` asks for a size of {}: sizes in a FAISS factory string go from 1 to {MAX_SIZE}",
-                    component.trim(),
-                    &component[start..i]
-                ));
+                return Err(Error::FactorySize {
+                    description: description.to_string(),
+                    component: component.trim().to_string(),
+                    size: component[start..i].to_string(),
+                });
             }
         }
     }
@@ -81,7 +84,7 @@ mod tests {
         for good in
             ["Flat", "IVF1024,Flat", "IVF4096_HNSW32,PQ64np,RFlat", "HNSW32", "IVF256,SQ8", "OPQ16_64,IVF1,PQ16"]
         {
-            assert_eq!(check(good), Ok(()), "{good}");
+            assert!(check(good).is_ok(), "{good}");
         }
         for (bad, named) in [
             ("IVF0,Flat", "IVF0"),
@@ -91,7 +94,7 @@ mod tests {
             ("IVF99999999999999999999999,Flat", "IVF99999999999999999999999"),
             ("IVF134217728,Flat", "IVF134217728"),
         ] {
-            let said = check(bad).unwrap_err();
+            let said = check(bad).unwrap_err().to_string();
             assert!(said.contains(named), "{bad}: {said}");
         }
         assert!(check(" ").is_err());

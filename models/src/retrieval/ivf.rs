@@ -17,6 +17,8 @@ use std::path::Path;
 use faiss::index::{IndexImpl, TryClone};
 use faiss::{Idx, Index as _, MetricType};
 
+use super::error::{Error, Result};
+
 /// A FAISS IVF index with the inner-product metric.
 pub struct IvfIndex(IndexImpl);
 
@@ -25,23 +27,11 @@ impl IvfIndex {
     ///
     /// # Errors
     /// FAISS does not accept `description`, or it is not a plain IVF index.
-    pub fn new(dim: usize, description: &str) -> Result<IvfIndex, String> {
+    pub fn new(dim: usize, description: &str) -> Result<IvfIndex> {
         super::factory::check(description)?;
-        let index = faiss::index_factory(dim as u32, description, MetricType::InnerProduct).map_err(|e| {
-            format!(
-                "`{description}` is not a factory string FAISS accepts for {dim}-value vectors ({})",
-                super::factory::words(&e)
-            )
-        })?;
-        IvfIndex::from_index(index).map_err(|_| {
-            format!(
-                "`{description}` is not an IVF index: build-index merges shards by their inverted lists, so it \
-                 builds `IVF…` indexes (IVF4096,PQ64; IVF1024,SQ8; IVF256,Flat; IVF65536_HNSW32,PQ64 with an HNSW \
-                 coarse quantizer), without a pre-transform (OPQ…, \
-                 PCA…) or a refinement (…,RFlat); for other indexes use `make-topk-predictions --index … \
-                 --index-path FILE`"
-            )
-        })
+        let index = faiss::index_factory(dim as u32, description, MetricType::InnerProduct)
+            .map_err(|faiss| Error::Factory { description: description.to_string(), dim, faiss })?;
+        IvfIndex::from_index(index).map_err(|_| Error::NotIvf { description: description.to_string() })
     }
 
     fn from_index(index: IndexImpl) -> Result<IvfIndex, IndexImpl> {
@@ -52,16 +42,16 @@ impl IvfIndex {
     ///
     /// # Errors
     /// FAISS cannot read it, or it is not an IVF index.
-    pub fn read(path: &Path) -> Result<IvfIndex, String> {
+    pub fn read(path: &Path) -> Result<IvfIndex> {
         let index = crate::retrieval::built::read(path)?;
-        IvfIndex::from_index(index).map_err(|_| format!("{}: not an IVF index", path.display()))
+        IvfIndex::from_index(index).map_err(|_| Error::NotIvfFile { path: path.to_path_buf() })
     }
 
     /// Writes the index to `path` atomically; returns its size.
     ///
     /// # Errors
     /// As [`crate::retrieval::built::write_atomically`].
-    pub fn write_atomically(&self, path: &Path) -> Result<u64, String> {
+    pub fn write_atomically(&self, path: &Path) -> Result<u64> {
         crate::retrieval::built::write_atomically(&self.0, path)
     }
 
@@ -82,35 +72,35 @@ impl IvfIndex {
     ///
     /// # Errors
     /// FAISS's, e.g. a sample smaller than a k-means it runs (the lists, or PQ's 256 centroids).
-    pub fn train(&mut self, sample: &[f32]) -> Result<(), String> {
-        self.0.train(sample).map_err(|e| super::factory::words(&e))
+    pub fn train(&mut self, sample: &[f32]) -> Result<()> {
+        self.0.train(sample).map_err(Error::FaissRefused)
     }
 
     /// An independent copy (trained centroids and codebooks included).
     ///
     /// # Errors
     /// FAISS's.
-    pub fn try_clone(&self) -> Result<IvfIndex, String> {
-        self.0.try_clone().map(IvfIndex).map_err(|e| e.to_string())
+    pub fn try_clone(&self) -> Result<IvfIndex> {
+        self.0.try_clone().map(IvfIndex).map_err(Error::Faiss)
     }
 
     /// Adds `vectors` (back to back) with their `ids` (not negative: FAISS's -1 is "no result").
     ///
     /// # Errors
     /// FAISS's, or a negative id.
-    pub fn add_with_ids(&mut self, vectors: &[f32], ids: &[i64]) -> Result<(), String> {
-        if let Some(id) = ids.iter().find(|&&id| id < 0) {
-            return Err(format!("id {id} is negative; FAISS reserves negative ids"));
+    pub fn add_with_ids(&mut self, vectors: &[f32], ids: &[i64]) -> Result<()> {
+        if let Some(&id) = ids.iter().find(|&&id| id < 0) {
+            return Err(Error::NegativeId { id });
         }
         let ids: Vec<Idx> = ids.iter().map(|&id| Idx::new(id as u64)).collect();
-        self.0.add_with_ids(vectors, &ids).map_err(|e| super::factory::words(&e))
+        self.0.add_with_ids(vectors, &ids).map_err(Error::FaissRefused)
     }
 
     /// Moves every entry of `other` into this index (see [`merge_from`]).
     ///
     /// # Errors
     /// As [`merge_from`].
-    pub fn merge_from(&mut self, other: &mut IvfIndex) -> Result<(), String> {
+    pub fn merge_from(&mut self, other: &mut IvfIndex) -> Result<()> {
         merge_from(&mut self.0, &mut other.0)
     }
 
@@ -144,16 +134,16 @@ const IO_FLAG_MMAP: c_int = 8 | 0x646f_0000;
 ///
 /// # Errors
 /// FAISS cannot read or map the file.
-pub fn read_mapped(path: &Path) -> Result<IndexImpl, String> {
+pub fn read_mapped(path: &Path) -> Result<IndexImpl> {
     use faiss::index::FromInnerPtr as _;
     let name = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| format!("{}: a path with a NUL byte", path.display()))?;
+        .map_err(|_| Error::NulInPath { path: path.to_path_buf() })?;
     let mut out: *mut c_void = std::ptr::null_mut();
     // SAFETY: `name` is a NUL-terminated path that outlives the call and `out` a valid place for
     // the result; FAISS catches its exceptions and returns a non-zero code instead.
     let code = unsafe { faiss_read_index_fname(name.as_ptr(), IO_FLAG_MMAP, &mut out) };
     if code != 0 || out.is_null() {
-        return Err(format!("{}: not a FAISS index that can be memory-mapped: {}", path.display(), last_error()));
+        return Err(Error::NotMappable { path: path.to_path_buf(), message: last_error() });
     }
     // SAFETY: FAISS allocated a new `faiss::Index` for us; `IndexImpl` takes ownership and frees
     // it on drop (the C API's `FaissIndex*` is that same pointer).
@@ -182,16 +172,16 @@ pub fn nlist(index: &IndexImpl) -> Option<usize> {
 /// Either is not an IVF index, or FAISS finds them incompatible (another dimension, list
 /// count, code size or index type — indexes trained apart have other centroids and must not be
 /// merged; `build-index` only merges copies of one trained index).
-pub fn merge_from(index: &mut IndexImpl, other: &mut IndexImpl) -> Result<(), String> {
+pub fn merge_from(index: &mut IndexImpl, other: &mut IndexImpl) -> Result<()> {
     let (Some(to), Some(from)) = (ivf_ptr(index), ivf_ptr(other)) else {
-        return Err("only IVF indexes can be merged".into());
+        return Err(Error::MergeNotIvf);
     };
     // SAFETY: both pointers are live `IndexIVF*`s owned by `index` and `other`, which are
     // borrowed mutably for the call, so no other code touches either meanwhile (and they are
     // distinct objects: two `&mut` cannot alias). FAISS checks compatibility and throws
     // (caught by the C API, returned as a non-zero code) rather than merging mismatched lists.
     let code = unsafe { faiss_IndexIVF_merge_from(to, from, 0) };
-    if code == 0 { Ok(()) } else { Err(last_error()) }
+    if code == 0 { Ok(()) } else { Err(Error::FaissCall { message: last_error() }) }
 }
 
 /// FAISS's message for the last failed C API call on this thread.
@@ -280,7 +270,7 @@ mod tests {
         assert!(!maps.contains(path.to_str().unwrap()), "unmapped on drop");
         // Not an index.
         std::fs::write(dir.path().join("junk.index"), b"junk").unwrap();
-        assert!(read_mapped(&dir.path().join("junk.index")).unwrap_err().contains("junk.index"));
+        assert!(read_mapped(&dir.path().join("junk.index")).unwrap_err().to_string().contains("junk.index"));
     }
 
     #[test]
@@ -290,9 +280,9 @@ mod tests {
         four.train(&data).unwrap();
         let mut eight = index_factory(8, "IVF8,Flat", MetricType::InnerProduct).unwrap();
         eight.train(&data).unwrap();
-        let error = merge_from(&mut four, &mut eight).unwrap_err();
+        let error = merge_from(&mut four, &mut eight).unwrap_err().to_string();
         assert!(!error.is_empty(), "{error}");
         let mut flat = index_factory(8, "Flat", MetricType::InnerProduct).unwrap();
-        assert_eq!(merge_from(&mut four, &mut flat).unwrap_err(), "only IVF indexes can be merged");
+        assert_eq!(merge_from(&mut four, &mut flat).unwrap_err().to_string(), "only IVF indexes can be merged");
     }
 }

@@ -36,14 +36,17 @@ use serde::Deserialize;
 use tch::{Kind, Tensor};
 
 pub mod built;
+pub mod error;
 pub mod factory;
 pub mod ivf;
 pub mod refine;
 
 use built::BuiltIndex;
+use cnclip_operators::transforms::InputError;
+pub use error::Error;
 
 /// Which engine searches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
     /// A FAISS index (CPU) from a factory string.
@@ -135,7 +138,7 @@ fn gallery_files(cx: &BuildContext, paths: &[String]) -> Result<Vec<PathBuf>, Ve
     for path in paths {
         let resolved = cx.resolve(Path::new(path));
         if resolved.is_dir() {
-            cnclip_operators::sources::parts::check_complete(&resolved).map_err(|e| vec![e])?;
+            cnclip_operators::sources::parts::check_complete(&resolved).map_err(|e| vec![e.to_string()])?;
             let mut parts: Vec<PathBuf> = std::fs::read_dir(&resolved)
                 .map_err(|e| vec![format!("{}: {e}", resolved.display())])?
                 .flatten()
@@ -158,18 +161,17 @@ fn gallery_files(cx: &BuildContext, paths: &[String]) -> Result<Vec<PathBuf>, Ve
 }
 
 /// The dimension of a gallery file's features, from its first line or its schema.
-fn gallery_dim(path: &Path, id_key: &str) -> Result<usize, String> {
+fn gallery_dim(path: &Path, id_key: &str) -> Result<usize, Error> {
     if cnclip_operators::sources::features::is_jsonl(path) {
         let source = cnclip_operators::sources::features::FeatureJsonlSource::open(
             vec![path.to_path_buf()],
             id_key,
             cnclip_operators::sources::MAX_RECORD_BYTES,
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         Ok(source.dim)
     } else {
-        let schema = cnclip_operators::sources::parquet::file_schema(path).map_err(|e| e.to_string())?;
-        feature_dim(&schema).ok_or_else(|| format!("{}: no `feature` column of float32 vectors", path.display()))
+        let schema = cnclip_operators::sources::parquet::file_schema(path)?;
+        feature_dim(&schema).ok_or_else(|| Error::NoFeatureColumn { path: path.to_path_buf() })
     }
 }
 
@@ -279,7 +281,7 @@ impl NodeConfig for KnnConfig {
                 Ok(d) => {
                     problems.push(format!("{}: features of {d} values, the first file's have {dim:?}", file.display()))
                 }
-                Err(e) => problems.push(e),
+                Err(e) => problems.push(e.to_string()),
             }
         }
         if !problems.is_empty() {
@@ -324,41 +326,40 @@ impl Gallery {
     ///
     /// # Errors
     /// A file that cannot be read, a bad line, features of another dimension.
-    pub fn read(files: &[PathBuf], id_key: &str, dim: usize) -> Result<Gallery, String> {
+    pub fn read(files: &[PathBuf], id_key: &str, dim: usize) -> Result<Gallery, Error> {
+        use cnclip_operators::sources::features::FeatureError;
         let mut gallery = Gallery { ids: Vec::new(), features: Vec::new(), dim };
         for file in files {
+            let path = || file.to_path_buf();
             if cnclip_operators::sources::features::is_jsonl(file) {
-                let (ids, features, d) =
-                    cnclip_operators::sources::features::read_all(file, id_key).map_err(|e| e.to_string())?;
+                let (ids, features, d) = cnclip_operators::sources::features::read_all(file, id_key)?;
                 if d != dim && !ids.is_empty() {
-                    return Err(format!("{}: features of {d} values, expected {dim}", file.display()));
+                    return Err(Error::GalleryDim { path: path(), d, dim });
                 }
                 gallery.ids.extend(ids);
                 gallery.features.extend(features);
             } else {
-                let open = std::fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()))?;
+                let open = std::fs::File::open(file).map_err(|source| Error::File { path: path(), source })?;
                 let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(open)
                     .and_then(|b| b.build())
-                    .map_err(|e| format!("{}: {e}", file.display()))?;
+                    .map_err(|source| Error::Parquet { path: path(), source })?;
                 let mut first_row = 0;
                 for batch in reader {
-                    let batch = batch.map_err(|e| format!("{}: {e}", file.display()))?;
+                    let batch = batch.map_err(|source| Error::Arrow { path: path(), source })?;
                     let bad = cnclip_operators::sources::features::bad_rows(&batch)
-                        .map_err(|e| format!("{}: {e}", file.display()))?;
+                        .map_err(|source| Error::Features { path: path(), source })?;
                     if let Some((row, id, reason)) = bad.first() {
-                        let id = id.map_or_else(String::new, |id| format!(" (id {id})"));
-                        return Err(format!(
-                            "{}: row {}{id}: {reason}; {} row(s) of this batch cannot be searched (a gallery must \
-                             be whole: fix or drop them)",
-                            file.display(),
-                            first_row + row,
-                            bad.len()
-                        ));
+                        return Err(Error::BadGalleryRow {
+                            path: path(),
+                            row: first_row + row,
+                            id: *id,
+                            reason: reason.clone(),
+                            count: bad.len(),
+                        });
                     }
                     first_row += batch.num_rows();
-                    let (ids, features) = id_and_features(&batch).ok_or_else(|| {
-                        format!("{}: not a feature table (id int64, feature float32 vectors)", file.display())
-                    })?;
+                    let (ids, features) = id_and_features(&batch)
+                        .ok_or_else(|| Error::Features { path: path(), source: FeatureError::NotATable })?;
                     gallery.ids.extend_from_slice(ids.values());
                     gallery.features.extend_from_slice(features);
                 }
@@ -370,17 +371,13 @@ impl Gallery {
 
     /// An id twice in a gallery would come back twice in one neighbour list (and count twice
     /// in a recall): refused, naming it and where its rows are.
-    fn check_unique(&self, files: &[PathBuf]) -> Result<(), String> {
+    fn check_unique(&self, files: &[PathBuf]) -> Result<(), Error> {
         let mut order: Vec<usize> = (0..self.ids.len()).collect();
         order.sort_unstable_by_key(|&row| self.ids[row]);
         let Some(pair) = order.windows(2).find(|pair| self.ids[pair[0]] == self.ids[pair[1]]) else { return Ok(()) };
         let (first, second) = (pair[0].min(pair[1]), pair[0].max(pair[1]));
         let listed: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
-        Err(format!(
-            "gallery id {} appears twice (rows {first} and {second} of {}): every gallery item needs its own id",
-            self.ids[first],
-            listed.join(", ")
-        ))
+        Err(Error::DuplicateGalleryId { id: self.ids[first], first, second, files: listed.join(", ") })
     }
 
     pub fn len(&self) -> usize {
@@ -402,19 +399,19 @@ fn id_and_features(batch: &RecordBatch) -> Option<(&Int64Array, &[f32])> {
 }
 
 impl Transform for Knn {
-    fn output_schema(&self, input: &SchemaRef) -> Result<SchemaRef, String> {
+    fn output_schema(&self, input: &SchemaRef) -> Result<SchemaRef, InputError> {
         let names: Vec<&str> = input.fields().iter().map(|f| f.name().as_str()).collect();
         match (input.field_with_name(ID).map(|f| f.data_type().clone()), feature_dim(input)) {
             (Ok(DataType::Int64), Some(d)) if d == self.dim => Ok(predictions_schema(self.config.scores)),
-            (Ok(DataType::Int64), Some(d)) => Err(format!(
+            (Ok(DataType::Int64), Some(d)) => Err(InputError::Mismatch(format!(
                 "query features have {d} values, the {}'s {}",
                 if self.built.is_some() { "index" } else { "gallery" },
                 self.dim
-            )),
-            _ => Err(format!(
+            ))),
+            _ => Err(InputError::Mismatch(format!(
                 "needs a feature table (id int64, feature float32 vectors); the input has {}",
                 names.join(", ")
-            )),
+            ))),
         }
     }
 
@@ -427,13 +424,13 @@ impl Transform for Knn {
     }
 
     fn open_replica(&self, device: &str) -> cnclip_operators::Result<Option<Box<dyn TransformReplica>>> {
-        let fail = |e: String| cnclip_operators::Error::Model(e);
+        let fail = |e: Error| cnclip_operators::Error::Model(Box::new(e));
         if let Some(built) = &self.built {
             let indexes = built.load(self.config.mmap).map_err(fail)?;
             let nprobe = self.config.nprobe.unwrap_or(built.manifest.nprobe);
-            let space = faiss::index::autotune::ParameterSpace::new().map_err(|e| fail(e.to_string()))?;
+            let space = faiss::index::autotune::ParameterSpace::new().map_err(|e| fail(Error::Faiss(e)))?;
             for index in &indexes {
-                space.set_index_parameter(index, "nprobe", nprobe as f64).map_err(|e| fail(e.to_string()))?;
+                space.set_index_parameter(index, "nprobe", nprobe as f64).map_err(|e| fail(Error::Faiss(e)))?;
                 // An HNSW coarse quantizer (`IVF…_HNSW…`, for millions of lists) is searched as
                 // deep as `ef_search`; FAISS's own default is max(16, nprobe).
                 if let Some(ef) = self.config.ef_search {
@@ -476,7 +473,7 @@ impl Transform for Knn {
         }
         let engine = match self.config.backend {
             Backend::Torch => {
-                let device = crate::device::device(device).map_err(|e| fail(e.to_string()))?;
+                let device = crate::device::device(device).map_err(|e| cnclip_operators::Error::Model(Box::new(e)))?;
                 let features = Tensor::from_slice(&gallery.features)
                     .view([gallery.len() as i64, self.dim as i64])
                     .to_device(device);
@@ -485,11 +482,14 @@ impl Transform for Knn {
             Backend::Faiss => {
                 let index =
                     build_index(&self.config, self.index_path.as_deref(), &gallery, &self.files).map_err(fail)?;
-                match crate::device::device(device).map_err(|e| fail(e.to_string()))? {
+                match crate::device::device(device).map_err(|e| cnclip_operators::Error::Model(Box::new(e)))? {
                     tch::Device::Cpu => Engine::Faiss(index),
                     #[cfg(feature = "faiss-gpu")]
                     tch::Device::Cuda(ordinal) => Engine::FaissGpu(gpu::to_gpu(index, ordinal).map_err(fail)?),
-                    other => return Err(fail(format!("knn: FAISS cannot search on {other:?} in this build"))),
+                    other => {
+                        let message = format!("knn: FAISS cannot search on {other:?} in this build");
+                        return Err(cnclip_operators::Error::Model(message.into()));
+                    }
                 }
             }
         };
@@ -527,9 +527,10 @@ struct SavedIndex {
 
 impl SavedIndex {
     /// The (bytes, sha256) of an index file.
-    fn stamp(path: &Path) -> Result<(u64, String), String> {
-        let bytes = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?.len();
-        let sha = cnclip_operators::fingerprint::sha256_file(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    fn stamp(path: &Path) -> Result<(u64, String), Error> {
+        let file = |source| Error::File { path: path.to_path_buf(), source };
+        let bytes = std::fs::metadata(path).map_err(file)?.len();
+        let sha = cnclip_operators::fingerprint::sha256_file(path).map_err(file)?;
         Ok((bytes, sha))
     }
 
@@ -572,8 +573,8 @@ fn build_index(
     index_path: Option<&Path>,
     gallery: &Gallery,
     files: &[PathBuf],
-) -> Result<faiss::index::IndexImpl, String> {
-    let faiss_err = |e: faiss::error::Error| format!("FAISS index `{}`: {}", config.index, factory::words(&e));
+) -> Result<faiss::index::IndexImpl, Error> {
+    let faiss_err = |faiss: faiss::error::Error| Error::Index { index: config.index.clone(), faiss };
     let record = index_path.map(|_| SavedIndex {
         index: config.index.clone(),
         train_sample: config.train_sample,
@@ -592,23 +593,14 @@ fn build_index(
         (Some(path), Some(record)) => {
             let record_path = SavedIndex::record_path(path);
             let was: SavedIndex = match std::fs::read(&record_path) {
-                Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                    format!(
-                        "{}: not a saved index's record ({e}); remove it and {} to build the index again",
-                        record_path.display(),
-                        path.display()
-                    )
-                })?,
+                Ok(bytes) => match serde_json::from_slice(&bytes) {
+                    Ok(was) => was,
+                    Err(source) => return Err(Error::Record { record: record_path, path: path.to_path_buf(), source }),
+                },
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return Err(format!(
-                        "{}: a saved index without its record {} of what it was built from (saved by another tool \
-                         or an older cnclip): it may hold another gallery; remove it to build it again, or give \
-                         another --index-path",
-                        path.display(),
-                        record_path.display()
-                    ));
+                    return Err(Error::NoRecord { path: path.to_path_buf(), record: record_path });
                 }
-                Err(e) => return Err(format!("{}: {e}", record_path.display())),
+                Err(source) => return Err(Error::File { path: record_path, source }),
             };
             let file = SavedIndex::stamp(path)?;
             match was.difference(record) {
@@ -631,18 +623,16 @@ fn build_index(
     };
     let mut index = match saved {
         Some(path) => {
-            let index = faiss::read_index(path.to_string_lossy()).map_err(|e| {
-                format!("{}: not a FAISS index FAISS can read ({})", path.display(), factory::words(&e))
-            })?;
+            let index = faiss::read_index(path.to_string_lossy())
+                .map_err(|faiss| Error::SavedUnreadable { path: path.to_path_buf(), faiss })?;
             if index.ntotal() != gallery.len() as u64 || index.d() as usize != gallery.dim {
-                return Err(format!(
-                    "{}: an index of {} vectors of {} values, the gallery has {} of {}",
-                    path.display(),
-                    index.ntotal(),
-                    index.d(),
-                    gallery.len(),
-                    gallery.dim
-                ));
+                return Err(Error::SavedShape {
+                    path: path.to_path_buf(),
+                    ntotal: index.ntotal(),
+                    d: index.d(),
+                    rows: gallery.len(),
+                    dim: gallery.dim,
+                });
             }
             index
         }
@@ -667,13 +657,16 @@ fn build_index(
                 let tmp = cnclip_operators::staging::temp_path(path);
                 let saved = (|| {
                     faiss::write_index(&index, tmp.to_string_lossy())
-                        .map_err(|e| format!("{}: {e}", path.display()))?;
+                        .map_err(|source| Error::Save { path: path.to_path_buf(), source })?;
                     let record = SavedIndex { file: Some(SavedIndex::stamp(&tmp)?), ..record.clone() };
-                    let json = serde_json::to_vec_pretty(&record).map_err(|e| e.to_string())?;
+                    let json = serde_json::to_vec_pretty(&record)?;
                     let record_path = SavedIndex::record_path(path);
-                    cnclip_operators::write_atomically(&record_path, |f| std::io::Write::write_all(f, &json))
-                        .map_err(|e: std::io::Error| format!("{}: {e}", record_path.display()))?;
-                    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+                    if let Err(source) =
+                        cnclip_operators::write_atomically(&record_path, |f| std::io::Write::write_all(f, &json))
+                    {
+                        return Err(Error::File { path: record_path, source });
+                    }
+                    std::fs::rename(&tmp, path).map_err(|source| Error::File { path: path.to_path_buf(), source })
                 })();
                 if let Err(e) = saved {
                     let _ = std::fs::remove_file(&tmp);
@@ -695,12 +688,7 @@ fn build_index(
         space
             .set_index_parameter(&index, "k_factor_rf", k_factor as f64)
             .or_else(|_| space.set_index_parameter(&index, "k_factor", k_factor as f64))
-            .map_err(|e| {
-                format!(
-                    "FAISS index `{}`: `k_factor` applies to an index with a refinement stage (…,RFlat): {e}",
-                    config.index
-                )
-            })?;
+            .map_err(|source| Error::KFactor { index: config.index.clone(), source })?;
     }
     let _ = &mut index;
     Ok(index)
@@ -754,7 +742,7 @@ impl Drop for KnnReplica {
 
 impl KnnReplica {
     /// For each query: (gallery id, score) pairs, best first.
-    fn search(&mut self, queries: &[f32], n: usize) -> Result<Vec<Vec<(i64, f32)>>, String> {
+    fn search(&mut self, queries: &[f32], n: usize) -> Result<Vec<Vec<(i64, f32)>>, Error> {
         let k = self.top_k.min(self.gallery_len);
         if k == 0 || n == 0 {
             return Ok(vec![Vec::new(); n]);
@@ -764,9 +752,9 @@ impl KnnReplica {
             rows.into_iter().map(|hits| hits.into_iter().map(|(row, score)| (ids[row], score)).collect()).collect()
         };
         match &mut self.engine {
-            Engine::Faiss(index) => Ok(to_ids(hits(index.search(queries, k).map_err(|e| e.to_string())?, n, k))),
+            Engine::Faiss(index) => Ok(to_ids(hits(index.search(queries, k).map_err(Error::Faiss)?, n, k))),
             #[cfg(feature = "faiss-gpu")]
-            Engine::FaissGpu(index) => Ok(to_ids(hits(index.search(queries, k).map_err(|e| e.to_string())?, n, k))),
+            Engine::FaissGpu(index) => Ok(to_ids(hits(index.search(queries, k).map_err(Error::Faiss)?, n, k))),
             Engine::Built { indexes, refine: None } => built::search(indexes, queries, queries.len() / n, k),
             Engine::Built { indexes, refine: Some((store, k_factor)) } => {
                 built::search_refined(indexes, store, queries, queries.len() / n, k, *k_factor)
@@ -791,10 +779,8 @@ impl KnnReplica {
                     let (v, order) = Tensor::cat(&values, 1).topk(k as i64, -1, true, true);
                     (v, Tensor::cat(&indices, 1).gather(1, &order, false))
                 };
-                let v: Vec<f32> = Vec::try_from(v.to_device(tch::Device::Cpu).to_kind(Kind::Float).flatten(0, -1))
-                    .map_err(|e: tch::TchError| e.to_string())?;
-                let i: Vec<i64> = Vec::try_from(i.to_device(tch::Device::Cpu).flatten(0, -1))
-                    .map_err(|e: tch::TchError| e.to_string())?;
+                let v: Vec<f32> = Vec::try_from(v.to_device(tch::Device::Cpu).to_kind(Kind::Float).flatten(0, -1))?;
+                let i: Vec<i64> = Vec::try_from(i.to_device(tch::Device::Cpu).flatten(0, -1))?;
                 Ok((0..n).map(|q| (0..k).map(|j| (ids[i[q * k + j] as usize], v[q * k + j])).collect()).collect())
             }),
         }
@@ -825,10 +811,13 @@ mod gpu {
     /// Moves `index` to CUDA device `ordinal`. The index borrows its `StandardGpuResources`
     /// (scratch memory and streams) for its whole life; a knn replica lives as long as its
     /// job's process, so the resources are leaked rather than tied to it.
-    pub(super) fn to_gpu(index: IndexImpl, ordinal: usize) -> Result<faiss::GpuIndexImpl<'static, IndexImpl>, String> {
-        let resources = StandardGpuResources::new().map_err(|e| format!("FAISS GPU resources: {e}"))?;
+    pub(super) fn to_gpu(
+        index: IndexImpl,
+        ordinal: usize,
+    ) -> Result<faiss::GpuIndexImpl<'static, IndexImpl>, super::Error> {
+        let resources = StandardGpuResources::new().map_err(super::Error::GpuResources)?;
         let resources: &'static StandardGpuResources = Box::leak(Box::new(resources));
-        index.into_gpu(resources, ordinal as i32).map_err(|e| format!("FAISS index to cuda:{ordinal}: {e}"))
+        index.into_gpu(resources, ordinal as i32).map_err(|source| super::Error::ToGpu { ordinal, source })
     }
 }
 
@@ -837,7 +826,7 @@ impl TransformReplica for KnnReplica {
         let internal = cnclip_operators::Error::Internal;
         // Queries that are not numbers (null ids or features, NaN, inf) are quarantined, not
         // searched: FAISS returns nothing for them and a matmul ranks NaN first.
-        let bad = cnclip_operators::sources::features::bad_rows(batch).map_err(internal)?;
+        let bad = cnclip_operators::sources::features::bad_rows(batch).map_err(|e| internal(e.to_string()))?;
         let kept;
         let (batch, rejected) = if bad.is_empty() {
             (batch, Vec::new())
@@ -861,7 +850,7 @@ impl TransformReplica for KnnReplica {
         self.rows_seen += batch.num_rows() + rejected.len();
         let (query_ids, features) =
             id_and_features(batch).ok_or_else(|| internal("knn: not a feature batch".into()))?;
-        let found = self.search(features, query_ids.len()).map_err(internal)?;
+        let found = self.search(features, query_ids.len()).map_err(|e| internal(e.to_string()))?;
         let want = self.top_k.min(self.gallery_len);
         self.short += found.iter().filter(|hits| hits.len() < want).count();
         let mut neighbours =

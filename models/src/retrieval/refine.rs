@@ -34,6 +34,7 @@ use std::path::{Path, PathBuf};
 use memmap2::Mmap;
 
 use super::built::{IndexFile, Manifest};
+use super::error::{Error, Result};
 
 /// The only refinement build-index keeps: float32 vectors (FAISS's `RFlat`).
 pub const FLAT: &str = "flat";
@@ -58,20 +59,17 @@ pub fn ids_file(number: usize) -> String {
 ///
 /// # Errors
 /// A refinement other than flat vectors (`Refine(SQ8)`, …), or a refinement alone.
-pub fn split(description: &str) -> Result<(String, Option<&'static str>), String> {
+pub fn split(description: &str) -> Result<(String, Option<&'static str>)> {
     let Some((base, last)) = description.rsplit_once(',') else { return Ok((description.to_string(), None)) };
     let last = last.trim();
     if last == "RFlat" || last == "Refine(Flat)" {
         if base.trim().is_empty() {
-            return Err(format!("`{description}`: a refinement needs an index before it"));
+            return Err(Error::RefinementAlone { description: description.to_string() });
         }
         return Ok((base.to_string(), Some(FLAT)));
     }
     if last.starts_with("Refine(") || last.starts_with("RFlat") {
-        return Err(format!(
-            "`{description}`: build-index refines with the exact float32 vectors only (`,RFlat` or `,Refine(Flat)`), \
-             kept on disk"
-        ));
+        return Err(Error::RefinementKind { description: description.to_string() });
     }
     Ok((description.to_string(), None))
 }
@@ -104,10 +102,13 @@ impl RefineWriter {
     ///
     /// # Errors
     /// The file system's, naming the file.
-    pub fn create(dir: &Path, number: usize, dim: usize) -> Result<RefineWriter, String> {
+    pub fn create(dir: &Path, number: usize, dim: usize) -> Result<RefineWriter> {
         let vectors_path = dir.join(vectors_file(number));
         let tmp = cnclip_operators::staging::temp_path(&vectors_path);
-        let file = File::create(&tmp).map_err(|e| format!("writing {}: {e}", vectors_path.display()))?;
+        let file = match File::create(&tmp) {
+            Ok(file) => file,
+            Err(source) => return Err(Error::Write { path: vectors_path, source }),
+        };
         Ok(RefineWriter {
             ids_path: dir.join(ids_file(number)),
             vectors_path,
@@ -123,7 +124,7 @@ impl RefineWriter {
     ///
     /// # Errors
     /// The file system's.
-    pub fn push(&mut self, ids: &[i64], vectors: &[f32]) -> Result<(), String> {
+    pub fn push(&mut self, ids: &[i64], vectors: &[f32]) -> Result<()> {
         debug_assert_eq!(ids.len() * self.dim, vectors.len());
         let first = self.entries.len() as u64;
         self.entries.extend(ids.iter().enumerate().map(|(i, &id)| (id, first + i as u64)));
@@ -131,26 +132,24 @@ impl RefineWriter {
         for v in vectors {
             bytes.extend_from_slice(&v.to_le_bytes());
         }
-        self.out.write_all(&bytes).map_err(|e| format!("writing {}: {e}", self.vectors_path.display()))
+        self.out.write_all(&bytes).map_err(|source| Error::Write { path: self.vectors_path.clone(), source })
     }
 
     /// Sorts the ids, writes both files (atomically: synced, renamed) and returns them.
     ///
     /// # Errors
     /// An id that occurs twice in the shard (naming both rows), or the file system's.
-    pub fn finish(mut self, first_row: u64) -> Result<(IndexFile, IndexFile), String> {
+    pub fn finish(mut self, first_row: u64) -> Result<(IndexFile, IndexFile)> {
         let result = (|| {
             self.entries.sort_unstable();
             if let Some(pair) = self.entries.windows(2).find(|p| p[0].0 == p[1].0) {
-                return Err(format!(
-                    "id {} is on rows {} and {} of the table: a refined index (…,RFlat) looks vectors up by id, so \
-                     ids must be unique (or build without ,RFlat)",
-                    pair[0].0,
-                    first_row + pair[0].1,
-                    first_row + pair[1].1
-                ));
+                return Err(Error::DuplicateId {
+                    id: pair[0].0,
+                    first: first_row + pair[0].1,
+                    second: first_row + pair[1].1,
+                });
             }
-            let fail = |e: std::io::Error| format!("writing {}: {e}", self.vectors_path.display());
+            let fail = |source: std::io::Error| Error::Write { path: self.vectors_path.clone(), source };
             self.out.flush().map_err(fail)?;
             let file = self.out.get_ref();
             file.sync_all().map_err(fail)?;
@@ -160,7 +159,7 @@ impl RefineWriter {
                 bytes.extend_from_slice(&id.to_le_bytes());
                 bytes.extend_from_slice(&row.to_le_bytes());
             }
-            cnclip_operators::write_atomically(&self.ids_path, |f| f.write_all(&bytes)).map_err(|e| e.to_string())?;
+            cnclip_operators::write_atomically(&self.ids_path, |f| f.write_all(&bytes))?;
             std::fs::rename(&self.tmp, &self.vectors_path).map_err(fail)?;
             self.finished = true;
             Ok((
@@ -230,16 +229,12 @@ impl RefineStore {
     /// # Errors
     /// A shard without refinement files, or one whose files are missing or of another size than
     /// its rows need.
-    pub fn open(dir: &Path, manifest: &Manifest) -> Result<RefineStore, String> {
+    pub fn open(dir: &Path, manifest: &Manifest) -> Result<RefineStore> {
         let dim = manifest.dim;
         let mut shards = Vec::new();
         for shard in &manifest.shards {
             let Some(refine) = &shard.refine else {
-                return Err(format!(
-                    "{}: shard {} has no refinement vectors (rerun `cnclip build-index`)",
-                    dir.display(),
-                    shard.number
-                ));
+                return Err(Error::NoRefinement { dir: dir.to_path_buf(), shard: shard.number });
             };
             let rows = shard.rows;
             let ids = map(dir, &refine.ids, rows * ENTRY)?;
@@ -275,14 +270,14 @@ impl RefineStore {
     ///
     /// # Errors
     /// An `.ids` entry pointing past its shard's rows (a damaged file).
-    pub fn vector(&self, id: i64) -> Result<Option<impl Iterator<Item = f32> + '_>, String> {
+    pub fn vector(&self, id: i64) -> Result<Option<impl Iterator<Item = f32> + '_>> {
         let shard_and_row = match &self.global {
             Some((global, entries)) => match global_row(global, *entries, id) {
                 None => None,
                 // The shards are in number order (0, 1, …) in a finished build.
                 Some((number, row)) => match self.shards.get(number as usize).filter(|s| s.number == number as usize) {
                     Some(shard) => Some((shard, u64::from(row))),
-                    None => return Err(format!("{ID_MAP}: id {id} is mapped to shard {number}, which is not there")),
+                    None => return Err(Error::MappedShard { id, shard: number }),
                 },
             },
             None => {
@@ -299,11 +294,7 @@ impl RefineStore {
         };
         let Some((shard, row)) = shard_and_row else { return Ok(None) };
         if row >= shard.rows as u64 {
-            return Err(format!(
-                "{}: id {id} is mapped to row {row} of a shard of {} rows (damaged; rebuild the index)",
-                shard.ids_path.display(),
-                shard.rows
-            ));
+            return Err(Error::MappedRow { path: shard.ids_path.clone(), id, row, rows: shard.rows });
         }
         let bytes = self.dim * 4;
         let start = row as usize * bytes;
@@ -319,12 +310,7 @@ impl RefineStore {
     ///
     /// # Errors
     /// A candidate the store does not hold (the index and its vectors disagree).
-    pub fn rerank(
-        &self,
-        queries: &[f32],
-        candidates: Vec<Vec<(i64, f32)>>,
-        k: usize,
-    ) -> Result<Vec<Vec<(i64, f32)>>, String> {
+    pub fn rerank(&self, queries: &[f32], candidates: Vec<Vec<(i64, f32)>>, k: usize) -> Result<Vec<Vec<(i64, f32)>>> {
         let dim = self.dim;
         candidates
             .into_iter()
@@ -334,12 +320,10 @@ impl RefineStore {
                 let mut rescored = found
                     .into_iter()
                     .map(|(id, _)| {
-                        let vector = self.vector(id)?.ok_or_else(|| {
-                            format!("id {id} is in the index but in no shard's refinement vectors (rebuild the index)")
-                        })?;
+                        let vector = self.vector(id)?.ok_or(Error::NotRefined { id })?;
                         Ok((id, dot(query, vector)))
                     })
-                    .collect::<Result<Vec<_>, String>>()?;
+                    .collect::<Result<Vec<_>>>()?;
                 rescored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
                 rescored.truncate(k);
                 Ok(rescored)
@@ -355,7 +339,7 @@ impl RefineStore {
     ///
     /// # Errors
     /// The file system's, or a shard of more than 2³² rows (the map's row field).
-    pub fn check_ids(&self, dir: &Path) -> Result<Ids, String> {
+    pub fn check_ids(&self, dir: &Path) -> Result<Ids> {
         let overlapping = self.by_min.windows(2).any(|w| self.shards[w[1]].min_id <= self.shards[w[0]].max_id);
         let path = dir.join(ID_MAP);
         if !overlapping {
@@ -414,11 +398,14 @@ impl RefineStore {
         });
         match merged {
             Ok(()) => {
-                let bytes = std::fs::metadata(&path).map_err(|e| format!("{}: {e}", path.display()))?.len();
+                let bytes = match std::fs::metadata(&path) {
+                    Ok(meta) => meta.len(),
+                    Err(source) => return Err(Error::File { path, source }),
+                };
                 Ok(Ids::Mapped(IndexFile { file: ID_MAP.into(), bytes }))
             }
             Err(Stop::Duplicate(id, a, b)) => Ok(Ids::Duplicate { id, first: a, second: b }),
-            Err(Stop::Io(e)) => Err(format!("writing {}: {e}", path.display())),
+            Err(Stop::Io(source)) => Err(Error::Write { path, source }),
         }
     }
 }
@@ -467,22 +454,24 @@ fn dot(query: &[f32], vector: impl Iterator<Item = f32>) -> f32 {
 
 /// Maps `file` of `dir`, checking it has `expected` bytes (a shard's rows times the entry or
 /// vector size) and the size build-index recorded.
-fn map(dir: &Path, file: &IndexFile, expected: u64) -> Result<Mmap, String> {
+fn map(dir: &Path, file: &IndexFile, expected: u64) -> Result<Mmap> {
     file.check(dir)?;
     let path = dir.join(&file.file);
     if file.bytes != expected {
-        return Err(format!(
-            "{}: {} bytes, but its shard's rows need {expected} (rebuild the index)",
-            path.display(),
-            file.bytes
-        ));
+        return Err(Error::ShardSize { path, bytes: file.bytes, expected });
     }
-    let handle = File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let handle = match File::open(&path) {
+        Ok(handle) => handle,
+        Err(source) => return Err(Error::File { path, source }),
+    };
     // SAFETY: the map is read-only and build-index never rewrites a finished file in place (it
     // writes a new file and renames it over the old one, which leaves this mapping on the old
     // inode). Another program truncating the file while it is searched would fault the search;
     // that is the standing caveat of every memory-mapped reader (FAISS's mmap IO included).
-    let map = unsafe { Mmap::map(&handle) }.map_err(|e| format!("mapping {}: {e}", path.display()))?;
+    let map = match unsafe { Mmap::map(&handle) } {
+        Ok(map) => map,
+        Err(source) => return Err(Error::Map { path, source }),
+    };
     #[cfg(unix)]
     let _ = map.advise(memmap2::Advice::Random);
     Ok(map)
@@ -499,7 +488,7 @@ mod tests {
         assert_eq!(split("IVF16,PQ8,Refine(Flat)").unwrap(), ("IVF16,PQ8".to_string(), Some(FLAT)));
         assert_eq!(split("IVF1024,SQ8").unwrap(), ("IVF1024,SQ8".to_string(), None));
         assert_eq!(split("Flat").unwrap(), ("Flat".to_string(), None));
-        assert!(split("IVF16,PQ8,Refine(SQ8)").unwrap_err().contains("RFlat"));
+        assert!(split("IVF16,PQ8,Refine(SQ8)").unwrap_err().to_string().contains("RFlat"));
         assert!(split(",RFlat").is_err());
     }
 
@@ -529,7 +518,7 @@ mod tests {
         }
     }
 
-    fn write_shard(dir: &Path, number: usize, first_row: u64, ids: &[i64], dim: usize) -> Result<Shard, String> {
+    fn write_shard(dir: &Path, number: usize, first_row: u64, ids: &[i64], dim: usize) -> Result<Shard> {
         let vectors: Vec<f32> = ids.iter().flat_map(|&id| (0..dim).map(move |j| (id * 10 + j as i64) as f32)).collect();
         let mut writer = RefineWriter::create(dir, number, dim)?;
         writer.push(&ids[..ids.len() / 2], &vectors[..ids.len() / 2 * dim])?;
@@ -585,13 +574,13 @@ mod tests {
         let candidates = vec![vec![(100, 9.0), (9, 8.0), (50, 7.0)], vec![(9, 9.0), (100, 1.0), (31, 0.5)]];
         let top = store.rerank(&queries, candidates, 2).unwrap();
         assert_eq!(top, vec![vec![(9, -2.0), (50, -2.0)], vec![(100, 1002.0), (31, 312.0)]]);
-        assert!(store.rerank(&queries[..3], vec![vec![(8, 1.0)]], 1).unwrap_err().contains("id 8"));
+        assert!(store.rerank(&queries[..3], vec![vec![(8, 1.0)]], 1).unwrap_err().to_string().contains("id 8"));
     }
 
     #[test]
     fn an_id_twice_is_refused_in_a_shard_and_found_across_shards() {
         let dir = tempfile::tempdir().unwrap();
-        let e = write_shard(dir.path(), 0, 100, &[5, 6, 5], 2).unwrap_err();
+        let e = write_shard(dir.path(), 0, 100, &[5, 6, 5], 2).unwrap_err().to_string();
         assert!(e.contains("id 5 is on rows 100 and 102"), "{e}");
         let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.file_name()).collect();
         assert!(left.is_empty(), "a refused shard leaves no file (temporary included): {left:?}");
@@ -607,7 +596,7 @@ mod tests {
         ids[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
         std::fs::write(&ids_path, &ids).unwrap();
         let store = RefineStore::open(dir.path(), &manifest(2, vec![a.clone(), b.clone()])).unwrap();
-        let e = store.vector(4).err().unwrap();
+        let e = store.vector(4).err().unwrap().to_string();
         assert!(e.contains("shard-00001.ids") && e.contains("id 4"), "{e}");
         assert!(store.vector(31).unwrap().is_some());
         // Ids out of order in a damaged `.ids` file (the right size) are named by the merge.
@@ -620,13 +609,13 @@ mod tests {
         first.swap_with_slice(&mut second[..16]);
         std::fs::write(&ids_path, &ids).unwrap();
         let store = RefineStore::open(other.path(), &manifest(2, vec![e, f])).unwrap();
-        let e = store.check_ids(other.path()).unwrap_err();
+        let e = store.check_ids(other.path()).unwrap_err().to_string();
         assert!(e.contains("shard-00000.ids: ids out of order"), "{e}");
         // A truncated vectors file is named.
         let path = dir.path().join(vectors_file(0));
         let len = std::fs::metadata(&path).unwrap().len();
         std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(len - 4).unwrap();
-        let e = RefineStore::open(dir.path(), &manifest(2, vec![a])).err().unwrap();
+        let e = RefineStore::open(dir.path(), &manifest(2, vec![a])).err().unwrap().to_string();
         assert!(e.contains("shard-00000.vectors"), "{e}");
     }
 }

@@ -105,13 +105,13 @@ impl AdamW {
     ///
     /// # Errors
     /// When the number of parameters or a shape differs (another model or freeze setting).
-    pub fn load(&mut self, saved: Vec<Option<(u64, Tensor, Tensor)>>) -> Result<(), String> {
+    pub fn load(&mut self, saved: Vec<Option<(u64, Tensor, Tensor)>>) -> crate::Result<()> {
         if saved.len() != self.slots.len() {
-            return Err(format!(
+            return Err(crate::Error::Shape(format!(
                 "the saved optimizer has {} parameters, this model trains {}",
                 saved.len(),
                 self.slots.len()
-            ));
+            )));
         }
         for (slot, state) in self.slots.iter_mut().zip(saved) {
             let (step, exp_avg, exp_avg_sq) = match state {
@@ -119,12 +119,12 @@ impl AdamW {
                 None => (0, slot.param.zeros_like(), slot.param.zeros_like()),
             };
             if exp_avg.size() != slot.param.size() || exp_avg_sq.size() != slot.param.size() {
-                return Err(format!(
+                return Err(crate::Error::Shape(format!(
                     "saved optimizer state of {} has shape {:?}, the parameter {:?}",
                     slot.name,
                     exp_avg.size(),
                     slot.param.size()
-                ));
+                )));
             }
             let device = slot.param.device();
             let kind = slot.param.kind();

@@ -15,11 +15,31 @@ const ENGINE: GeneralPurpose = GeneralPurpose::new(
         .with_decode_allow_trailing_bits(true),
 );
 
+/// Why a field is not base64 (a record's quarantine reason).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Base64Error {
+    /// Byte `at` is in neither alphabet.
+    #[error("byte {at} of the base64 field is {:?}, not base64", char::from(*.byte))]
+    InvalidByte { at: usize, byte: u8 },
+    /// `len` characters (without padding): one past a whole number of bytes.
+    #[error("base64 field of {len} characters is truncated")]
+    Truncated { len: usize },
+    /// A tab in the field: the TSV line has more than its two fields.
+    #[error("more than two tab-separated fields")]
+    ExtraField,
+    /// An empty field (no image).
+    #[error("empty image value")]
+    Empty,
+    /// What else the decoder refuses.
+    #[error("invalid base64: {0}")]
+    Other(#[source] base64::DecodeError),
+}
+
 /// Decodes `field` into `out` (cleared first).
 ///
 /// # Errors
-/// A sentence naming the first invalid byte or the bad length.
-pub fn decode_into(field: &[u8], scratch: &mut Vec<u8>, out: &mut Vec<u8>) -> Result<(), String> {
+/// The first invalid byte, or the bad length.
+pub fn decode_into(field: &[u8], scratch: &mut Vec<u8>, out: &mut Vec<u8>) -> Result<(), Base64Error> {
     scratch.clear();
     scratch.extend(field.iter().map(|&c| match c {
         b'-' => b'+',
@@ -28,11 +48,9 @@ pub fn decode_into(field: &[u8], scratch: &mut Vec<u8>, out: &mut Vec<u8>) -> Re
     }));
     out.clear();
     ENGINE.decode_vec(&scratch[..], out).map_err(|e| match e {
-        base64::DecodeError::InvalidByte(at, byte) => {
-            format!("byte {at} of the base64 field is {:?}, not base64", byte as char)
-        }
-        base64::DecodeError::InvalidLength(n) => format!("base64 field of {n} characters is truncated"),
-        other => format!("invalid base64: {other}"),
+        base64::DecodeError::InvalidByte(at, byte) => Base64Error::InvalidByte { at, byte },
+        base64::DecodeError::InvalidLength(len) => Base64Error::Truncated { len },
+        other => Base64Error::Other(other),
     })
 }
 
@@ -40,7 +58,7 @@ pub fn decode_into(field: &[u8], scratch: &mut Vec<u8>, out: &mut Vec<u8>) -> Re
 ///
 /// # Errors
 /// As [`decode_into`].
-pub fn decode(field: &[u8]) -> Result<Vec<u8>, String> {
+pub fn decode(field: &[u8]) -> Result<Vec<u8>, Base64Error> {
     let mut out = Vec::with_capacity(field.len() / 4 * 3 + 3);
     decode_into(field, &mut Vec::with_capacity(field.len()), &mut out)?;
     Ok(out)
@@ -63,7 +81,7 @@ mod tests {
 
     #[test]
     fn errors_name_the_problem() {
-        assert_eq!(decode(b"aG k").unwrap_err(), "byte 2 of the base64 field is ' ', not base64");
-        assert!(decode(b"aGkxa").unwrap_err().contains("truncated"));
+        assert_eq!(decode(b"aG k").unwrap_err().to_string(), "byte 2 of the base64 field is ' ', not base64");
+        assert!(decode(b"aGkxa").unwrap_err().to_string().contains("truncated"));
     }
 }

@@ -18,6 +18,8 @@
 
 pub(crate) mod page;
 
+pub use page::PageError;
+
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -32,7 +34,7 @@ pub enum VerifyError {
     #[error("the file is {bytes} bytes: LMDB's are whole {PAGE}-byte pages, the two meta pages at least")]
     Size { bytes: u64 },
     #[error("meta page {pgno}: {reason}")]
-    Meta { pgno: u64, reason: String },
+    Meta { pgno: u64, reason: PageError },
     #[error("the file has {pages} pages; its meta page says the last is page {last_page}")]
     Length { pages: u64, last_page: u64 },
     #[error("the file is {bytes} bytes, shorter than the {expected} its meta page says it holds (truncated?)")]
@@ -44,7 +46,7 @@ pub enum VerifyError {
     #[error("page {pgno} should be a {expected} page; its flags are {flags:#06x}")]
     PageType { pgno: u64, expected: &'static str, flags: u16 },
     #[error("page {pgno}: {reason}")]
-    Page { pgno: u64, reason: String },
+    Page { pgno: u64, reason: PageError },
     #[error("keys out of order on page {pgno}: {detail}")]
     KeyOrder { pgno: u64, detail: String },
     #[error("{what}: the tree has {found}, its meta page says {recorded}")]
@@ -101,22 +103,19 @@ impl LmdbFile {
         file.read_exact_at(&mut second, page_size as u64).map_err(io(&path))?;
         let meta1 = MetaPage::read(1, &second).map_err(|reason| corrupt(VerifyError::Meta { pgno: 1, reason }))?;
         if meta1.page_size != page_size {
-            let reason = format!("page size {}, meta page 0 says {page_size}", meta1.page_size);
+            let reason = PageError::PageSizes { size: meta1.page_size, first: page_size };
             return Err(corrupt(VerifyError::Meta { pgno: 1, reason }));
         }
         // LMDB uses the meta page with the higher transaction id.
         let (pgno, meta) = if meta1.meta.txnid > meta0.meta.txnid { (1, meta1) } else { (0, meta0) };
-        let bad_meta = |reason: String| corrupt(VerifyError::Meta { pgno, reason });
+        let bad_meta = |reason: PageError| corrupt(VerifyError::Meta { pgno, reason });
         if meta.main_flags != 0 {
-            return Err(bad_meta(format!(
-                "main database flags {:#06x}: cn_clip's datasets use a plain one (no sorted duplicates, integer keys)",
-                meta.main_flags
-            )));
+            return Err(bad_meta(PageError::UnsupportedFlags { flags: meta.main_flags }));
         }
         let last_page = meta.meta.last_page;
         let expected = last_page.checked_add(1).and_then(|pages| pages.checked_mul(page_size as u64));
         match expected {
-            None => return Err(bad_meta(format!("last page {last_page} is past any file"))),
+            None => return Err(bad_meta(PageError::LastPage { last_page })),
             Some(expected) if expected > bytes => {
                 return Err(corrupt(VerifyError::Truncated { bytes, expected }));
             }
@@ -124,7 +123,7 @@ impl LmdbFile {
         }
         let main = meta.meta.main;
         if main.is_empty() != (main.depth == 0) || main.depth > 64 {
-            return Err(bad_meta(format!("root {} at depth {}", main.root as i64, main.depth)));
+            return Err(bad_meta(PageError::Root { root: main.root as i64, depth: main.depth }));
         }
         Ok(LmdbFile { file, path, page_size, last_page, main })
     }
@@ -175,12 +174,13 @@ impl LmdbFile {
             let bytes = walk.page(pgno, from, level)?;
             let page =
                 NodePage::read(pgno, &bytes).map_err(|reason| self.corrupt(VerifyError::Page { pgno, reason }))?;
-            let bad = |reason: String| self.corrupt(VerifyError::Page { pgno, reason });
+            let bad = |reason: PageError| self.corrupt(VerifyError::Page { pgno, reason });
             if level == self.main.depth {
                 for i in 0..page.count {
                     let node = page.node(i).map_err(bad)?;
                     if node.key == key {
-                        let value = node.value().map_err(|e| bad(format!("key {}: {e}", show(node.key))))?;
+                        let value =
+                            node.value().map_err(|e| bad(PageError::Key { key: show(node.key), source: e.into() }))?;
                         return walk.value(value, pgno).map(|v| Some(v.to_vec()));
                     }
                 }
@@ -283,12 +283,12 @@ impl<'a> Walk<'a> {
                 self.lmdb.file.read_exact_at(&mut self.value, offset).map_err(io(&self.lmdb.path))?;
                 let header = page::Header::read(&self.value);
                 if header.pgno != pgno || header.flags != P_OVERFLOW || header.overflow_count() != pages {
-                    let reason = format!(
-                        "not the first of {pages} overflow pages (its header: page {}, flags {:#06x}, {} pages)",
-                        header.pgno,
-                        header.flags,
-                        header.overflow_count()
-                    );
+                    let reason = PageError::Overflow {
+                        pages,
+                        found: header.pgno,
+                        flags: header.flags,
+                        count: header.overflow_count(),
+                    };
                     return Err(self.corrupt(VerifyError::Page { pgno, reason }));
                 }
                 Ok(&self.value[HEADER..])
@@ -298,7 +298,7 @@ impl<'a> Walk<'a> {
 
     fn visit(&mut self, pgno: u64, from: u64, level: u16, on_entry: &mut OnEntry<'_>) -> Result<()> {
         let bytes = self.page(pgno, from, level)?;
-        let bad = |reason: String| VerifyError::Page { pgno, reason };
+        let bad = |reason: PageError| VerifyError::Page { pgno, reason };
         let page = NodePage::read(pgno, &bytes).map_err(|e| self.corrupt(bad(e)))?;
         if level == self.lmdb.main.depth {
             for i in 0..page.count {
@@ -309,7 +309,9 @@ impl<'a> Walk<'a> {
                     let detail = format!("key {} comes after {}", show(node.key), show(previous));
                     return Err(self.corrupt(VerifyError::KeyOrder { pgno, detail }));
                 }
-                let value = node.value().map_err(|e| self.corrupt(bad(format!("key {}: {e}", show(node.key)))))?;
+                let value = node
+                    .value()
+                    .map_err(|e| self.corrupt(bad(PageError::Key { key: show(node.key), source: e.into() })))?;
                 let previous = self.previous.get_or_insert_with(Vec::new);
                 previous.clear();
                 previous.extend_from_slice(node.key);

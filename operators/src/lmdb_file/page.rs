@@ -26,6 +26,70 @@ const MDB_INTEGERKEY: u16 = 0x08;
 const MAGIC: u32 = 0xBEEF_C0DE;
 const DATA_VERSION: u32 = 1;
 const INVALID: u64 = u64::MAX;
+
+/// What is wrong with one page of an LMDB file: a meta page that LMDB (or the bulk loader's
+/// check) would refuse, or a tree page whose nodes do not lie within it. A [`super::VerifyError`]
+/// says which page.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PageError {
+    #[error("{bytes} bytes, too short for a meta page")]
+    TooShort { bytes: usize },
+    #[error("its header says page {found}")]
+    PageNumber { found: u64 },
+    #[error("flags {flags:#06x}, not a meta page")]
+    NotMeta { flags: u16 },
+    #[error("magic {found:#010x}, not LMDB's {MAGIC:#010x}")]
+    Magic { found: u32 },
+    #[error("data version {found}, not {DATA_VERSION}")]
+    DataVersion { found: u32 },
+    #[error("page size {size}, not a power of two of at least 512 bytes")]
+    PageSize { size: u32 },
+    /// The page size of meta page 1 differs from meta page 0's.
+    #[error("page size {size}, meta page 0 says {first}")]
+    PageSizes { size: usize, first: usize },
+    /// A page size other than the bulk loader writes.
+    #[error("page size {size}, not {PAGE}")]
+    NotWritten { size: usize },
+    #[error("the free list has a root (page {root}); none was written")]
+    FreeListRoot { root: u64 },
+    #[error("main database flags {flags:#06x}, not a plain one")]
+    MainFlags { flags: u16 },
+    /// Main database flags an input may not have (what the reader supports).
+    #[error(
+        "main database flags {flags:#06x}: cn_clip's datasets use a plain one (no sorted duplicates, integer keys)"
+    )]
+    UnsupportedFlags { flags: u16 },
+    #[error("last page {last_page} is past any file")]
+    LastPage { last_page: u64 },
+    #[error("root {root} at depth {depth}")]
+    Root { root: i64, depth: u16 },
+    #[error("a root (page {root}) at depth 0")]
+    RootAtDepthZero { root: u64 },
+    #[error("an empty database of depth {depth}")]
+    EmptyWithDepth { depth: u16 },
+    #[error("map size {map_size} is smaller than the file ({bytes} bytes)")]
+    MapSize { map_size: u64, bytes: u64 },
+    #[error("bad node bounds: lower {lower}, upper {upper}")]
+    NodeBounds { lower: usize, upper: usize },
+    #[error("no nodes")]
+    NoNodes,
+    #[error("node {node} at offset {at}, outside {upper}..{size}")]
+    NodeOutside { node: usize, at: usize, upper: u16, size: usize },
+    #[error("node {node}: a key of {key_len} bytes at offset {key_at} runs off the page")]
+    KeyOutside { node: usize, key_len: usize, key_at: usize },
+    #[error("{len} bytes run off the page")]
+    ValueOutside { len: u32 },
+    #[error("its overflow page number runs off the page")]
+    OverflowNumberOutside,
+    #[error("node flags {flags:#06x} (sub-databases and duplicates are not written)")]
+    NodeFlags { flags: u16 },
+    /// A leaf node's value is bad: `key` (quoted, shortened) names the node.
+    #[error("key {key}: {source}")]
+    Key { key: String, source: Box<PageError> },
+    /// The first page of an overflow value is not what its node says.
+    #[error("not the first of {pages} overflow pages (its header: page {found}, flags {flags:#06x}, {count} pages)")]
+    Overflow { pages: u64, found: u64, flags: u16, count: u64 },
+}
 pub(crate) static ZEROS: [u8; PAGE] = [0; PAGE];
 
 pub(crate) fn even(n: usize) -> usize {
@@ -194,28 +258,28 @@ impl MetaPage {
     /// Parses meta page `pgno` (`page` holds at least its first [`HEADER`] + 136 bytes),
     /// checking what LMDB checks when it opens a file: the page's number and flags, the magic
     /// and the data version, and a page size that is a power of two of at least 512 bytes.
-    pub(crate) fn read(pgno: u64, page: &[u8]) -> Result<MetaPage, String> {
+    pub(crate) fn read(pgno: u64, page: &[u8]) -> Result<MetaPage, PageError> {
         if page.len() < HEADER + 136 {
-            return Err(format!("{} bytes, too short for a meta page", page.len()));
+            return Err(PageError::TooShort { bytes: page.len() });
         }
         let header = Header::read(page);
         if header.pgno != pgno {
-            return Err(format!("its header says page {}", header.pgno));
+            return Err(PageError::PageNumber { found: header.pgno });
         }
         if header.flags != P_META {
-            return Err(format!("flags {:#06x}, not a meta page", header.flags));
+            return Err(PageError::NotMeta { flags: header.flags });
         }
         let u32_at = |at: usize| u32::from_le_bytes(page[at..at + 4].try_into().expect("4 bytes"));
         let u64_at = |at: usize| u64::from_le_bytes(page[at..at + 8].try_into().expect("8 bytes"));
         if u32_at(HEADER) != MAGIC {
-            return Err(format!("magic {:#010x}, not LMDB's {MAGIC:#010x}", u32_at(HEADER)));
+            return Err(PageError::Magic { found: u32_at(HEADER) });
         }
         if u32_at(HEADER + 4) != DATA_VERSION {
-            return Err(format!("data version {}, not {DATA_VERSION}", u32_at(HEADER + 4)));
+            return Err(PageError::DataVersion { found: u32_at(HEADER + 4) });
         }
         let (page_size, _, free) = Db::read(&page[HEADER + 24..HEADER + 72]);
         if page_size < 512 || !page_size.is_power_of_two() {
-            return Err(format!("page size {page_size}, not a power of two of at least 512 bytes"));
+            return Err(PageError::PageSize { size: page_size });
         }
         let (_, main_flags, main) = Db::read(&page[HEADER + 72..HEADER + 120]);
         let meta =
@@ -227,16 +291,16 @@ impl MetaPage {
 impl Meta {
     /// Reads meta page `pgno` back, checking what LMDB checks ([`MetaPage::read`]) and what
     /// the bulk loader writes (4 KiB pages, an empty free list, a plain main database).
-    pub(crate) fn read(pgno: u64, page: &[u8]) -> Result<Meta, String> {
+    pub(crate) fn read(pgno: u64, page: &[u8]) -> Result<Meta, PageError> {
         let MetaPage { meta, page_size, free, main_flags } = MetaPage::read(pgno, page)?;
         if page_size != PAGE {
-            return Err(format!("page size {page_size}, not {PAGE}"));
+            return Err(PageError::NotWritten { size: page_size });
         }
         if !free.is_empty() {
-            return Err(format!("the free list has a root (page {}); none was written", free.root));
+            return Err(PageError::FreeListRoot { root: free.root });
         }
         if main_flags != 0 {
-            return Err(format!("main database flags {main_flags:#06x}, not a plain one"));
+            return Err(PageError::MainFlags { flags: main_flags });
         }
         Ok(meta)
     }
@@ -286,36 +350,36 @@ pub(crate) struct Node<'a> {
 
 impl<'a> NodePage<'a> {
     /// Reads page `pgno` (`page` is all its bytes, of any page size) as a page of nodes.
-    pub(crate) fn read(pgno: u64, page: &'a [u8]) -> Result<Self, String> {
+    pub(crate) fn read(pgno: u64, page: &'a [u8]) -> Result<Self, PageError> {
         let header = Header::read(page);
         if header.pgno != pgno {
-            return Err(format!("its header says page {}", header.pgno));
+            return Err(PageError::PageNumber { found: header.pgno });
         }
         let (lower, upper) = (header.lower as usize, header.upper as usize);
         if lower < HEADER || !(lower - HEADER).is_multiple_of(2) || lower > upper || upper > page.len() {
-            return Err(format!("bad node bounds: lower {lower}, upper {upper}"));
+            return Err(PageError::NodeBounds { lower, upper });
         }
         let count = (lower - HEADER) / 2;
         if count == 0 {
-            return Err("no nodes".into());
+            return Err(PageError::NoNodes);
         }
         Ok(NodePage { page, header, count })
     }
 
     /// Node `i` (< `count`).
-    pub(crate) fn node(&self, i: usize) -> Result<Node<'a>, String> {
+    pub(crate) fn node(&self, i: usize) -> Result<Node<'a>, PageError> {
         let page = self.page;
         let size = page.len();
         let ptr = HEADER + 2 * i;
         let at = u16::from_le_bytes([page[ptr], page[ptr + 1]]) as usize;
         if at < self.header.upper as usize || at + NODE_HEADER > size {
-            return Err(format!("node {i} at offset {at}, outside {}..{size}", self.header.upper));
+            return Err(PageError::NodeOutside { node: i, at, upper: self.header.upper, size });
         }
         let u16_at = |at: usize| u16::from_le_bytes([page[at], page[at + 1]]);
         let key_len = u16_at(at + 6) as usize;
         let key_at = at + NODE_HEADER;
         if key_at + key_len > size {
-            return Err(format!("node {i}: a key of {key_len} bytes at offset {key_at} runs off the page"));
+            return Err(PageError::KeyOutside { node: i, key_len, key_at });
         }
         Ok(Node {
             key: &page[key_at..key_at + key_len],
@@ -333,17 +397,15 @@ impl<'a> Node<'a> {
     }
 
     /// A leaf node's value: inline bytes, or where its overflow pages are.
-    pub(crate) fn value(&self) -> Result<Value<'a>, String> {
+    pub(crate) fn value(&self) -> Result<Value<'a>, PageError> {
         let len = self.lo_hi;
         match self.flags {
-            0 => {
-                self.rest.get(..len as usize).map(Value::Inline).ok_or_else(|| format!("{len} bytes run off the page"))
-            }
+            0 => self.rest.get(..len as usize).map(Value::Inline).ok_or(PageError::ValueOutside { len }),
             F_BIGDATA => match self.rest.get(..8) {
                 Some(pgno) => Ok(Value::Overflow { pgno: u64::from_le_bytes(pgno.try_into().expect("8 bytes")), len }),
-                None => Err("its overflow page number runs off the page".into()),
+                None => Err(PageError::OverflowNumberOutside),
             },
-            flags => Err(format!("node flags {flags:#06x} (sub-databases and duplicates are not written)")),
+            flags => Err(PageError::NodeFlags { flags }),
         }
     }
 }

@@ -16,7 +16,7 @@ use super::lmdb_txn::TxnWriter;
 use crate::error::{Error, Result};
 
 /// Which writer builds an LMDB database (`--writer`, `writer = "…"`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LmdbWriterKind {
     /// The bulk loader: writes LMDB's file format directly, each value copied once; the file is
@@ -167,9 +167,12 @@ impl LmdbSink {
     ///
     /// # Errors
     /// Which columns are missing.
-    pub fn accepts(schema: &arrow::datatypes::Schema, database: crate::sources::lmdb::Database) -> Result<(), String> {
+    pub fn accepts(
+        schema: &arrow::datatypes::Schema,
+        database: crate::sources::lmdb::Database,
+    ) -> Result<(), crate::transforms::InputError> {
         use crate::sources::lmdb::Database;
-        use crate::transforms::require;
+        use crate::transforms::{InputError, require};
         use arrow::datatypes::DataType;
         use cnclip_schemas::columns::*;
         match database {
@@ -184,8 +187,11 @@ impl LmdbSink {
                 require(schema, TEXT, &DataType::Utf8)?;
                 match require(schema, IMAGE_ID, &DataType::Int64) {
                     Ok(_) => Ok(()),
-                    Err(_) => cnclip_schemas::check("texts", &cnclip_schemas::texts(), schema)
-                        .map_err(|_| format!("needs `{IMAGE_ID}` (a pairs table) or `{IMAGE_IDS}` (a texts table)")),
+                    Err(_) => cnclip_schemas::check("texts", &cnclip_schemas::texts(), schema).map_err(|_| {
+                        InputError::Mismatch(format!(
+                            "needs `{IMAGE_ID}` (a pairs table) or `{IMAGE_IDS}` (a texts table)"
+                        ))
+                    }),
                 }
             }
         }

@@ -11,7 +11,7 @@ use cnclip_schemas::columns::{IMAGE, IMAGE_BASE64, IMAGE_ID};
 
 use super::{AtomicFile, Sink, Staged, Written};
 use crate::error::{Error, Result};
-use crate::transforms::require;
+use crate::transforms::{InputError, require};
 
 pub struct TsvSink {
     file: AtomicFile,
@@ -20,14 +20,14 @@ pub struct TsvSink {
 }
 
 /// Which image column a batch carries: `(index, already base64)`.
-fn image_column(schema: &Schema) -> Result<(usize, bool), String> {
+fn image_column(schema: &Schema) -> Result<(usize, bool), InputError> {
     match (schema.index_of(IMAGE), schema.index_of(IMAGE_BASE64)) {
         (Ok(_), _) => Ok((require(schema, IMAGE, &DataType::Binary)?, false)),
         (_, Ok(_)) => Ok((require(schema, IMAGE_BASE64, &DataType::Binary)?, true)),
-        _ => Err(format!(
+        _ => Err(InputError::Mismatch(format!(
             "needs an `{IMAGE}` or `{IMAGE_BASE64}` column; the input has {}",
             crate::transforms::column_list(schema)
-        )),
+        ))),
     }
 }
 
@@ -36,7 +36,7 @@ impl TsvSink {
     ///
     /// # Errors
     /// Which columns are missing.
-    pub fn accepts(schema: &Schema) -> Result<(), String> {
+    pub fn accepts(schema: &Schema) -> Result<(), InputError> {
         require(schema, IMAGE_ID, &DataType::Int64)?;
         image_column(schema).map(|_| ())
     }
@@ -51,7 +51,7 @@ impl TsvSink {
 impl Sink for TsvSink {
     fn write(&mut self, batch: &RecordBatch) -> Result<()> {
         let schema = batch.schema();
-        let (index, encoded) = image_column(&schema).map_err(Error::Internal)?;
+        let (index, encoded) = image_column(&schema).map_err(|e| Error::Internal(e.to_string()))?;
         let ids = batch.column(schema.index_of(IMAGE_ID)?);
         let ids =
             ids.as_any().downcast_ref::<Int64Array>().ok_or_else(|| Error::Internal("image_id is not Int64".into()))?;

@@ -23,6 +23,27 @@ use super::{Emit, Line, ReadContext, SeenIds, ShardFilter, Source};
 use crate::error::{Error, Result};
 use crate::quarantine::Rejected;
 
+/// Why a feature line or row cannot be used (a record's quarantine reason), or why a batch is
+/// not a feature table at all.
+#[derive(Debug, thiserror::Error)]
+pub enum FeatureError {
+    #[error("malformed JSON: {0}")]
+    Json(#[source] serde_json::Error),
+    #[error("`{id_key}` is missing or not an integer")]
+    Id { id_key: String },
+    #[error("`feature` is missing or not a list")]
+    NoFeature,
+    #[error("a feature value is not a number")]
+    NotANumber,
+    /// Value `at` is `NaN`, `inf`, or a number past float32's range (which parsing made `inf`).
+    #[error("feature value {at} is {value} (not a finite float32: features must be finite numbers)")]
+    NotFinite { at: usize, value: f32 },
+    #[error("line of {bytes} bytes is longer than the limit (max_record_bytes)")]
+    TooLong { bytes: u64 },
+    #[error("not a feature table (id int64, feature float32 vectors)")]
+    NotATable,
+}
+
 /// Feature JSON lines as a source of feature-table batches.
 pub struct FeatureJsonlSource {
     pub paths: Vec<PathBuf>,
@@ -60,16 +81,16 @@ fn fast(line: &[u8], id_key: &str) -> Option<Row> {
     }
 }
 
-fn parse(line: &[u8], id_key: &str) -> std::result::Result<Row, String> {
-    let value: serde_json::Value = serde_json::from_slice(line).map_err(|e| format!("malformed JSON: {e}"))?;
+fn parse(line: &[u8], id_key: &str) -> std::result::Result<Row, FeatureError> {
+    let value: serde_json::Value = serde_json::from_slice(line).map_err(FeatureError::Json)?;
     let id =
-        value.get(id_key).and_then(|v| v.as_i64()).ok_or_else(|| format!("`{id_key}` is missing or not an integer"))?;
+        value.get(id_key).and_then(|v| v.as_i64()).ok_or_else(|| FeatureError::Id { id_key: id_key.to_string() })?;
     let feature = value
         .get("feature")
         .and_then(|v| v.as_array())
-        .ok_or("`feature` is missing or not a list")?
+        .ok_or(FeatureError::NoFeature)?
         .iter()
-        .map(|x| x.as_f64().map(|x| x as f32).ok_or("a feature value is not a number"))
+        .map(|x| x.as_f64().map(|x| x as f32).ok_or(FeatureError::NotANumber))
         .collect::<std::result::Result<Vec<f32>, _>>()?;
     Ok(Row { id, feature })
 }
@@ -89,8 +110,10 @@ impl FeatureJsonlSource {
                     reason: "too long".into(),
                 });
             };
-            let row = parse(line, id_key)
-                .map_err(|reason| Error::Record { location: format!("{} line {number}", first.display()), reason })?;
+            let row = parse(line, id_key).map_err(|reason| Error::Record {
+                location: format!("{} line {number}", first.display()),
+                reason: reason.to_string(),
+            })?;
             dim = Some(row.feature.len());
             Err(Error::Stopped)
         });
@@ -162,19 +185,17 @@ impl Source for FeatureJsonlSource {
                 };
                 let row = match line {
                     Line::Text(line) => fast(line, &self.id_key).map_or_else(|| parse(line, &self.id_key), Ok),
-                    Line::TooLong { bytes, .. } => {
-                        Err(format!("line of {bytes} bytes is longer than the limit (max_record_bytes)"))
-                    }
+                    Line::TooLong { bytes, .. } => Err(FeatureError::TooLong { bytes }),
                 };
                 match row {
-                    Err(reason) => ctx.quarantine.reject(reject(reason)),
+                    Err(reason) => ctx.quarantine.reject(reject(reason.to_string())),
                     Ok(row) if row.feature.len() != dim => ctx.quarantine.reject(Rejected {
                         id: Some(row.id.to_string()),
                         ..reject(format!("a feature of {} values; the first line's has {dim}", row.feature.len()))
                     }),
                     Ok(row) if check_finite(&row.feature).is_err() => ctx.quarantine.reject(Rejected {
                         id: Some(row.id.to_string()),
-                        ..reject(check_finite(&row.feature).err().unwrap_or_default())
+                        ..reject(check_finite(&row.feature).err().map(|e| e.to_string()).unwrap_or_default())
                     }),
                     Ok(row) => match seen.duplicate(row.id, path, &self.id_key.replace("_id", "")) {
                         Some(rejected) => ctx.quarantine.reject(rejected),
@@ -205,14 +226,16 @@ pub fn read_all(path: &Path, id_key: &str) -> Result<(Vec<i64>, Vec<f32>, usize)
         };
         let row = fast(line, id_key)
             .map_or_else(|| parse(line, id_key), Ok)
-            .map_err(|reason| Error::Record { location: location(), reason })?;
+            .map_err(|reason| Error::Record { location: location(), reason: reason.to_string() })?;
         let expected = *dim.get_or_insert(row.feature.len());
         if row.feature.len() != expected || expected == 0 {
             let reason = format!("a feature of {} values; the first line's has {expected}", row.feature.len());
             return Err(Error::Record { location: location(), reason });
         }
-        check_finite(&row.feature)
-            .map_err(|reason| Error::Record { location: format!("{} ({id_key} {})", location(), row.id), reason })?;
+        check_finite(&row.feature).map_err(|reason| Error::Record {
+            location: format!("{} ({id_key} {})", location(), row.id),
+            reason: reason.to_string(),
+        })?;
         ids.push(row.id);
         values.extend_from_slice(&row.feature);
         Ok(())
@@ -224,14 +247,11 @@ pub fn read_all(path: &Path, id_key: &str) -> Result<(Vec<i64>, Vec<f32>, usize)
 /// number past float32's range, which parsing made `inf`).
 ///
 /// # Errors
-/// The first non-finite value, with its position.
-pub fn check_finite(feature: &[f32]) -> std::result::Result<(), String> {
+/// [`FeatureError::NotFinite`]: the first non-finite value, with its position.
+pub fn check_finite(feature: &[f32]) -> std::result::Result<(), FeatureError> {
     match feature.iter().position(|v| !v.is_finite()) {
         None => Ok(()),
-        Some(at) => Err(format!(
-            "feature value {at} is {} (not a finite float32: features must be finite numbers)",
-            feature[at]
-        )),
+        Some(at) => Err(FeatureError::NotFinite { at, value: feature[at] }),
     }
 }
 
@@ -240,9 +260,10 @@ pub fn check_finite(feature: &[f32]) -> std::result::Result<(), String> {
 /// Empty for a clean batch — the common case costs one pass over the values.
 ///
 /// # Errors
-/// When the batch is not a feature table (`id` int64, `feature` fixed-size list of float32).
-pub fn bad_rows(batch: &RecordBatch) -> std::result::Result<Vec<(usize, Option<i64>, String)>, String> {
-    let not_a_table = || "not a feature table (id int64, feature float32 vectors)".to_string();
+/// [`FeatureError::NotATable`]: the batch is not a feature table (`id` int64, `feature`
+/// fixed-size list of float32).
+pub fn bad_rows(batch: &RecordBatch) -> std::result::Result<Vec<(usize, Option<i64>, String)>, FeatureError> {
+    let not_a_table = || FeatureError::NotATable;
     let ids = batch
         .column_by_name(cnclip_schemas::columns::ID)
         .and_then(|c| c.as_primitive_opt::<Int64Type>())
@@ -272,7 +293,7 @@ pub fn bad_rows(batch: &RecordBatch) -> std::result::Result<Vec<(usize, Option<i
             let start = offset + row * d;
             match (start..start + d).find(|&i| values.is_null(i)) {
                 Some(i) => Some(format!("feature value {} is null", i - start)),
-                None => check_finite(&values.values()[start..start + d]).err(),
+                None => check_finite(&values.values()[start..start + d]).err().map(|e| e.to_string()),
             }
         };
         if let Some(reason) = reason {

@@ -9,7 +9,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::decoders::pickle::{self, Limits, Value};
+use crate::decoders::base64::Base64Error;
+use crate::decoders::pickle::{self, Limits, PickleError, Value};
 use arrow::array::{ArrayBuilder, ArrayRef, Int64Builder, StringBuilder};
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
@@ -126,7 +127,7 @@ pub fn for_each_pair(
                 )),
                 Some(i) if key.len() == width => {
                     missing(i, &mut on_pair)?;
-                    on_pair(parse_pair(value, &limits).map_err(|reason| rejected(key, reason)))
+                    on_pair(parse_pair(value, &limits).map_err(|reason| rejected(key, reason.to_string())))
                 }
                 _ => Ok(()),
             }
@@ -135,20 +136,31 @@ pub fn for_each_pair(
     missing(samples, &mut on_pair)
 }
 
+/// Why a `pairs` value is not a pair (a record's quarantine reason).
+#[derive(Debug, thiserror::Error)]
+pub enum PairError {
+    #[error("not an (int image_id, int text_id, str text) tuple")]
+    NotAPair,
+    #[error("not a tuple")]
+    NotATuple,
+    /// Not a pickle we read, or one over a budget.
+    #[error(transparent)]
+    Pickle(#[from] PickleError),
+}
+
 /// One `pairs` value: the pickled `(image_id, text_id, text)`, read within `limits`.
 ///
 /// # Errors
 /// Why it is not such a tuple (or its pickle goes over a budget).
-pub fn parse_pair(value: &[u8], limits: &Limits) -> std::result::Result<Pair, String> {
-    match pickle::load_with(value, limits) {
-        Ok(Value::Tuple(items)) => match items.as_slice() {
+pub fn parse_pair(value: &[u8], limits: &Limits) -> std::result::Result<Pair, PairError> {
+    match pickle::load_with(value, limits)? {
+        Value::Tuple(items) => match items.as_slice() {
             [Value::Int(image_id), Value::Int(text_id), Value::Str(text)] => {
                 Ok(Pair { image_id: *image_id, text_id: *text_id, text: text.clone() })
             }
-            _ => Err("not an (int image_id, int text_id, str text) tuple".to_string()),
+            _ => Err(PairError::NotAPair),
         },
-        Ok(_) => Err("not a tuple".to_string()),
-        Err(e) => Err(e.to_string()),
+        _ => Err(PairError::NotATuple),
     }
 }
 
@@ -224,14 +236,13 @@ impl Source for LmdbSource {
                         Err(rejected) => return ctx.quarantine.reject(rejected),
                         Ok(entry) => entry,
                     };
-                    let check =
-                        if value.is_empty() { Err("empty image value".to_string()) } else { plausible_base64(value) };
+                    let check = if value.is_empty() { Err(Base64Error::Empty) } else { plausible_base64(value) };
                     match check {
                         Err(reason) => ctx.quarantine.reject(Rejected {
                             source: source.clone(),
                             location: format!("key \"{id}\""),
                             id: Some(id.to_string()),
-                            reason,
+                            reason: reason.to_string(),
                         }),
                         Ok(()) => batcher.push(id, value, emit),
                     }

@@ -108,8 +108,10 @@ impl Source for LmdbTrainSource {
                 location: format!("{pairs_name} key \"{key}\""),
                 reason: format!("no such pair, though num_samples is {samples}"),
             })?;
-            let pair = parse_pair(&value, &limits)
-                .map_err(|reason| Error::Record { location: format!("{pairs_name} key \"{key}\""), reason })?;
+            let pair = parse_pair(&value, &limits).map_err(|reason| Error::Record {
+                location: format!("{pairs_name} key \"{key}\""),
+                reason: reason.to_string(),
+            })?;
             let image = imgs.get(pair.image_id.to_string().as_bytes())?.ok_or_else(|| Error::Record {
                 location: format!("{imgs_name} key \"{}\"", pair.image_id),
                 reason: format!("no image {} for pair {key}", pair.image_id),

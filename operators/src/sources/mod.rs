@@ -55,11 +55,16 @@ impl std::fmt::Display for Shard {
     }
 }
 
-impl std::str::FromStr for Shard {
-    type Err = String;
+/// A shard that is not `i/n` with 0 <= i < n.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("shard `{0}` is not `i/n` with 0 <= i < n (e.g. 0/4)")]
+pub struct ShardError(pub String);
 
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("shard `{s}` is not `i/n` with 0 <= i < n (e.g. 0/4)");
+impl std::str::FromStr for Shard {
+    type Err = ShardError;
+
+    fn from_str(s: &str) -> Result<Self, ShardError> {
+        let bad = || ShardError(s.to_string());
         let (i, n) = s.split_once('/').ok_or_else(bad)?;
         let (index, count) = (i.trim().parse::<u64>().map_err(|_| bad())?, n.trim().parse::<u64>().map_err(|_| bad())?);
         if count == 0 || index >= count {

@@ -12,7 +12,7 @@
 //! files beside its parts (strays, which readers would take as rows) is refused too.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The shard a part's file name stands for: `part-00002-of-00008.parquet` → (2, 8).
 pub fn part_shard(name: &str) -> Option<(u64, u64)> {
@@ -24,13 +24,55 @@ pub fn part_shard(name: &str) -> Option<(u64, u64)> {
     (index < count).then_some((index, count))
 }
 
+/// Why a directory of parts cannot be read as one table.
+#[derive(Debug, thiserror::Error)]
+pub enum PartsError {
+    /// The directory, or an entry's metadata, cannot be read.
+    #[error("{}: {source}", .path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    /// A `.parquet` entry that is `kind` (a FIFO, a directory), not a file.
+    #[error("{}: {kind}, not a regular file: a table's parts are Parquet files", .path.display())]
+    NotAFile { path: PathBuf, kind: &'static str },
+    /// Parquet files that are not parts beside a sharded table's parts (sorted names).
+    #[error(
+        "{}: a sharded table (part-…-of-N.parquet) also holding {} other Parquet file(s) ({}): they would be read \
+         as rows of the table; move them out (`cnclip manifest check {}` lists every problem)",
+        .dir.display(), .strays.len(), .strays.join(", "), .dir.display()
+    )]
+    Strays { dir: PathBuf, strays: Vec<String> },
+    /// Parts of several shard counts `counts` (N of `-of-N`) in one directory.
+    #[error(
+        "{}: parts of {} shard runs mixed (part-…-of-N.parquet with N = {}): one directory holds one sharded \
+         table",
+        .dir.display(), .counts.len(), list(.counts)
+    )]
+    MixedRuns { dir: PathBuf, counts: Vec<u64> },
+    /// Shards `missing` (their indexes) of `count`.
+    #[error(
+        "{}: a sharded table missing {} of its {count} shards ({}): run them (`--shard i/{count}`) before reading \
+         it; `cnclip manifest check {}` lists every problem",
+        .dir.display(), .missing.len(), missing_parts(.missing, *.count), .dir.display()
+    )]
+    Missing { dir: PathBuf, count: u64, missing: Vec<u64> },
+}
+
+fn list(counts: &[u64]) -> String {
+    counts.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
+}
+
+/// The first five missing parts' file names, `, …` after them when there are more.
+fn missing_parts(missing: &[u64], count: u64) -> String {
+    let listed: Vec<String> = missing.iter().take(5).map(|i| format!("part-{i:05}-of-{count:05}.parquet")).collect();
+    format!("{}{}", listed.join(", "), if missing.len() > listed.len() { ", …" } else { "" })
+}
+
 /// Checks that a directory holding sharded parts holds every shard's.
 ///
 /// # Errors
 /// Shards missing (named, with their files), parts of different shard counts mixed, or the
 /// directory unreadable.
-pub fn check_complete(dir: &Path) -> Result<(), String> {
-    let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+pub fn check_complete(dir: &Path) -> Result<(), PartsError> {
+    let entries = std::fs::read_dir(dir).map_err(|source| PartsError::Io { path: dir.to_path_buf(), source })?;
     // Shard count → indexes present.
     let mut found: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
     let mut stray = Vec::new();
@@ -43,14 +85,8 @@ pub fn check_complete(dir: &Path) -> Result<(), String> {
         // somewhere deep in the reader: refused here, by name (links followed).
         match std::fs::metadata(entry.path()) {
             Ok(meta) if meta.is_file() => {}
-            Ok(meta) => {
-                return Err(format!(
-                    "{}: {}, not a regular file: a table's parts are Parquet files",
-                    entry.path().display(),
-                    kind_of(&meta)
-                ));
-            }
-            Err(e) => return Err(format!("{}: {e}", entry.path().display())),
+            Ok(meta) => return Err(PartsError::NotAFile { path: entry.path(), kind: kind_of(&meta) }),
+            Err(source) => return Err(PartsError::Io { path: entry.path(), source }),
         }
         match part_shard(&name) {
             Some((index, count)) => found.entry(count).or_default().push(index),
@@ -59,24 +95,10 @@ pub fn check_complete(dir: &Path) -> Result<(), String> {
     }
     if !found.is_empty() && !stray.is_empty() {
         stray.sort();
-        return Err(format!(
-            "{}: a sharded table (part-…-of-N.parquet) also holding {} other Parquet file(s) ({}): they would be read \
-             as rows of the table; move them out (`cnclip manifest check {}` lists every problem)",
-            dir.display(),
-            stray.len(),
-            stray.join(", "),
-            dir.display()
-        ));
+        return Err(PartsError::Strays { dir: dir.to_path_buf(), strays: stray });
     }
     if found.len() > 1 {
-        let counts: Vec<String> = found.keys().map(u64::to_string).collect();
-        return Err(format!(
-            "{}: parts of {} shard runs mixed (part-…-of-N.parquet with N = {}): one directory holds one sharded \
-             table",
-            dir.display(),
-            counts.len(),
-            counts.join(", ")
-        ));
+        return Err(PartsError::MixedRuns { dir: dir.to_path_buf(), counts: found.keys().copied().collect() });
     }
     let Some((&count, indexes)) = found.iter().next() else { return Ok(()) };
     let present: std::collections::BTreeSet<u64> = indexes.iter().copied().collect();
@@ -84,16 +106,7 @@ pub fn check_complete(dir: &Path) -> Result<(), String> {
     if missing.is_empty() {
         return Ok(());
     }
-    let listed: Vec<String> = missing.iter().take(5).map(|i| format!("part-{i:05}-of-{count:05}.parquet")).collect();
-    Err(format!(
-        "{}: a sharded table missing {} of its {count} shards ({}{}): run them (`--shard i/{count}`) before reading \
-         it; `cnclip manifest check {}` lists every problem",
-        dir.display(),
-        missing.len(),
-        listed.join(", "),
-        if missing.len() > listed.len() { ", …" } else { "" },
-        dir.display()
-    ))
+    Err(PartsError::Missing { dir: dir.to_path_buf(), count, missing })
 }
 
 /// What a file that is not a regular one is, in a word or two.
@@ -143,22 +156,22 @@ mod tests {
         let touch = |name: &str| std::fs::write(dir.path().join(name), b"").unwrap();
         touch("notes.txt");
         touch("part-00000.parquet");
-        assert_eq!(check_complete(dir.path()), Ok(()), "no shard names: read as it is");
+        assert!(check_complete(dir.path()).is_ok(), "no shard names: read as it is");
         touch("part-00000-of-00001.parquet");
-        let e = check_complete(dir.path()).unwrap_err();
+        let e = check_complete(dir.path()).unwrap_err().to_string();
         assert!(e.contains("1 other Parquet file(s) (part-00000.parquet)"), "a stray beside a shard: {e}");
         std::fs::remove_file(dir.path().join("part-00000-of-00001.parquet")).unwrap();
         std::fs::remove_file(dir.path().join("part-00000.parquet")).unwrap();
         for i in [0, 1, 3] {
             touch(&format!("part-{i:05}-of-00004.parquet"));
         }
-        let e = check_complete(dir.path()).unwrap_err();
+        let e = check_complete(dir.path()).unwrap_err().to_string();
         assert!(e.contains("missing 1 of its 4 shards (part-00002-of-00004.parquet)"), "{e}");
         assert!(e.contains("manifest check"), "{e}");
         touch("part-00002-of-00004.parquet");
-        assert_eq!(check_complete(dir.path()), Ok(()));
+        assert!(check_complete(dir.path()).is_ok());
         touch("part-00000-of-00002.parquet");
-        let e = check_complete(dir.path()).unwrap_err();
+        let e = check_complete(dir.path()).unwrap_err().to_string();
         assert!(e.contains("N = 2, 4"), "{e}");
     }
 
@@ -167,11 +180,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("part-00000-of-00002.parquet"), b"").unwrap();
         std::os::unix::fs::symlink("/dev/null", dir.path().join("part-00001-of-00002.parquet")).unwrap();
-        let e = check_complete(dir.path()).unwrap_err();
+        let e = check_complete(dir.path()).unwrap_err().to_string();
         assert!(e.contains("part-00001-of-00002.parquet: a character device, not a regular file"), "{e}");
         std::fs::remove_file(dir.path().join("part-00001-of-00002.parquet")).unwrap();
         std::fs::create_dir(dir.path().join("part-00001-of-00002.parquet")).unwrap();
-        let e = check_complete(dir.path()).unwrap_err();
+        let e = check_complete(dir.path()).unwrap_err().to_string();
         assert!(e.contains("a directory, not a regular file"), "{e}");
     }
 }

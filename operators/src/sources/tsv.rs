@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use arrow::datatypes::SchemaRef;
 
 use super::{Emit, IdBytesBatcher, Line, ReadContext, SeenIds, ShardFilter, Source};
+use crate::decoders::base64::Base64Error;
 use crate::error::Result;
 use crate::quarantine::Rejected;
 
@@ -35,7 +36,10 @@ fn is_base64(b: u8) -> bool {
 }
 
 /// Whether `field` can be base64 in the standard or URL-safe alphabet, padded or not.
-pub fn plausible_base64(field: &[u8]) -> Result<(), String> {
+///
+/// # Errors
+/// A tab in the field, the first byte in neither alphabet, or a truncated length.
+pub fn plausible_base64(field: &[u8]) -> Result<(), Base64Error> {
     let body = field.strip_suffix(b"==").or_else(|| field.strip_suffix(b"=")).unwrap_or(field);
     // The common case in branch-free passes over 64-byte blocks; the position only on failure.
     let blocks = body.chunks_exact(64);
@@ -43,13 +47,13 @@ pub fn plausible_base64(field: &[u8]) -> Result<(), String> {
     let blocks_ok = blocks.fold(true, |ok, block| ok & block.iter().fold(true, |all, &c| all & is_base64(c)));
     if !(tail_ok && blocks_ok) {
         if field.contains(&b'\t') {
-            return Err("more than two tab-separated fields".to_string());
+            return Err(Base64Error::ExtraField);
         }
         let at = body.iter().position(|&c| !is_base64(c)).expect("a byte failed");
-        return Err(format!("byte {at} of the base64 field is {:?}, not base64", body[at] as char));
+        return Err(Base64Error::InvalidByte { at, byte: body[at] });
     }
     if body.len() % 4 == 1 {
-        return Err(format!("base64 field of {} characters is truncated", body.len()));
+        return Err(Base64Error::Truncated { len: body.len() });
     }
     Ok(())
 }
@@ -92,7 +96,7 @@ pub fn for_each_line(
             None => Err(reject(Some(id), "image id is not an integer".into())),
             Some(_) if value.is_empty() => Err(reject(Some(id), "empty image value".into())),
             Some((id_text, image_id)) => match plausible_base64(value) {
-                Err(reason) => Err(reject(Some(id), reason)),
+                Err(reason) => Err(reject(Some(id), reason.to_string())),
                 Ok(()) => Ok(ImageLine { id: id_text, image_id, base64: value }),
             },
         };

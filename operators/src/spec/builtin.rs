@@ -282,7 +282,8 @@ impl NodeConfig for ExcludeIdsConfig {
     fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
         use crate::transforms::exclude_ids::ExcludeIds;
         let tables = if self.tables.is_empty() { Vec::new() } else { cx.files(&self.tables)? };
-        let exclude = ExcludeIds::open(&self.column, &tables, cnclip_schemas::columns::ID).map_err(|e| vec![e])?;
+        let exclude =
+            ExcludeIds::open(&self.column, &tables, cnclip_schemas::columns::ID).map_err(|e| vec![e.to_string()])?;
         Ok(Operator::Transform(Arc::new(exclude)))
     }
 }
@@ -491,7 +492,7 @@ impl SinkSpec for WriteTsvConfig {
         &self.path
     }
     fn accepts(&self, schema: &SchemaRef) -> Result<(), Vec<String>> {
-        TsvSink::accepts(schema).map_err(|e| vec![e])
+        TsvSink::accepts(schema).map_err(|e| vec![e.to_string()])
     }
     fn open(&self, _: &SchemaRef) -> Result<Box<dyn Sink>> {
         Ok(Box::new(TsvSink::create(&self.path)?))
@@ -524,7 +525,7 @@ impl SinkSpec for WriteLmdbConfig {
         &self.path
     }
     fn accepts(&self, schema: &SchemaRef) -> Result<(), Vec<String>> {
-        LmdbSink::accepts(schema, self.database).map_err(|e| vec![e])
+        LmdbSink::accepts(schema, self.database).map_err(|e| vec![e.to_string()])
     }
     fn open(&self, _: &SchemaRef) -> Result<Box<dyn Sink>> {
         Ok(Box::new(LmdbSink::create(&self.path, self.database, self.writer)?))

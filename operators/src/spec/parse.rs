@@ -103,20 +103,33 @@ fn job_settings(job: toml::Table, problems: &mut Vec<String>) -> JobSettings {
     toml::Value::Table(good).try_into().expect("every key checked")
 }
 
+/// What is wrong with the shape of a `[nodes.NAME]` entry.
+#[derive(Debug, thiserror::Error)]
+enum NodeShapeError {
+    #[error("expected a table ([nodes.{name}])")]
+    NotATable { name: String },
+    #[error("kind must be a string, not {0}")]
+    KindNotAString(toml::Value),
+    #[error("missing `kind`")]
+    NoKind,
+    #[error("input must be a node name, not {0}")]
+    InputNotAString(toml::Value),
+}
+
 /// `[nodes.NAME]`: its `kind`, its `input` and the rest of its keys (the kind's config).
-fn node_def(name: &str, node: toml::Value) -> Result<NodeDef, String> {
+fn node_def(name: &str, node: toml::Value) -> Result<NodeDef, NodeShapeError> {
     let toml::Value::Table(mut config) = node else {
-        return Err(format!("expected a table ([nodes.{name}])"));
+        return Err(NodeShapeError::NotATable { name: name.to_string() });
     };
     let kind = match config.remove("kind") {
         Some(toml::Value::String(kind)) => kind,
-        Some(other) => return Err(format!("kind must be a string, not {other}")),
-        None => return Err("missing `kind`".into()),
+        Some(other) => return Err(NodeShapeError::KindNotAString(other)),
+        None => return Err(NodeShapeError::NoKind),
     };
     let input = match config.remove("input") {
         None => None,
         Some(toml::Value::String(input)) => Some(input),
-        Some(other) => return Err(format!("input must be a node name, not {other}")),
+        Some(other) => return Err(NodeShapeError::InputNotAString(other)),
     };
     Ok(NodeDef::toml(name, &kind, input.as_deref(), config))
 }

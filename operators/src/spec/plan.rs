@@ -11,6 +11,7 @@ use arrow::datatypes::SchemaRef;
 
 use super::parse::{JobSettings, parse};
 use super::registry::{BuildContext, BuildFailure, NodeConfig, Operator, Registry, Role, build_config};
+use crate::error::Problems;
 use crate::sources::Shard;
 
 type BuildTyped = Box<dyn FnOnce(&BuildContext) -> Result<Operator, BuildFailure> + Send>;
@@ -94,16 +95,16 @@ impl Pipeline {
     /// from `base`.
     ///
     /// # Errors
-    /// Every problem found, one line each.
-    pub fn parse(text: &str, base: &Path) -> Result<Self, Vec<String>> {
+    /// Every problem found, one sentence each.
+    pub fn parse(text: &str, base: &Path) -> Result<Self, Problems> {
         Planner::new(&Registry::builtin()).base(base).parse(text)
     }
 
     /// Validates nodes built in code (as `cnclip import`/`export` do) with the built-in kinds.
     ///
     /// # Errors
-    /// Every problem found, one line each.
-    pub fn plan(settings: JobSettings, defs: Vec<NodeDef>, base: &Path) -> Result<Self, Vec<String>> {
+    /// Every problem found, one sentence each.
+    pub fn plan(settings: JobSettings, defs: Vec<NodeDef>, base: &Path) -> Result<Self, Problems> {
         Planner::new(&Registry::builtin()).base(base).plan(settings, defs)
     }
 
@@ -142,16 +143,16 @@ impl<'r> Planner<'r> {
     /// Parses and validates a pipeline file.
     ///
     /// # Errors
-    /// Every problem found, one line each.
-    pub fn parse(&self, text: &str) -> Result<Pipeline, Vec<String>> {
-        let parsed = parse(text)?;
+    /// Every problem found, one sentence each.
+    pub fn parse(&self, text: &str) -> Result<Pipeline, Problems> {
+        let parsed = parse(text).map_err(Problems)?;
         let mut problems = parsed.problems;
         match self.plan(parsed.settings, parsed.defs) {
             Ok(pipeline) if problems.is_empty() => Ok(pipeline),
-            Ok(_) => Err(problems),
+            Ok(_) => Err(Problems(problems)),
             Err(more) => {
                 problems.extend(more);
-                Err(problems)
+                Err(Problems(problems))
             }
         }
     }
@@ -159,8 +160,8 @@ impl<'r> Planner<'r> {
     /// Validates nodes and the graph they make.
     ///
     /// # Errors
-    /// Every problem found, one line each.
-    pub fn plan(&self, settings: JobSettings, defs: Vec<NodeDef>) -> Result<Pipeline, Vec<String>> {
+    /// Every problem found, one sentence each.
+    pub fn plan(&self, settings: JobSettings, defs: Vec<NodeDef>) -> Result<Pipeline, Problems> {
         let cx = BuildContext::new(&self.base);
         let mut problems = Vec::new();
         let shard = settings.shard.parse::<Shard>().unwrap_or_else(|e| {
@@ -249,7 +250,7 @@ impl<'r> Planner<'r> {
             let settings = JobSettings { quarantine: cx.resolve(&settings.quarantine), ..settings };
             Ok(Pipeline { settings, shard, nodes, schemas, origins, stream: self.stream.clone() })
         } else {
-            Err(problems)
+            Err(Problems(problems))
         }
     }
 }
@@ -293,7 +294,7 @@ fn derive_schemas(
             };
             let result = match (&node.op, input_schema) {
                 (Operator::Source(source), _) => Ok(source.schema()),
-                (Operator::Transform(t), Some(schema)) => t.output_schema(&schema).map_err(|e| vec![e]),
+                (Operator::Transform(t), Some(schema)) => t.output_schema(&schema).map_err(|e| vec![e.to_string()]),
                 (Operator::Sink(sink), Some(schema)) => sink.accepts(&schema).map(|()| schema),
                 (_, None) => Err(vec![]),
             };

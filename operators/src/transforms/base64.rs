@@ -8,20 +8,20 @@ use arrow::datatypes::{DataType, Field, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use cnclip_schemas::columns::{IMAGE, IMAGE_BASE64};
 
-use super::{Output, Transform, rebuild, reject_image, replace_field, require};
-use crate::decoders::base64::decode_into;
+use super::{InputError, Output, Transform, rebuild, reject_image, replace_field, require};
+use crate::decoders::base64::{Base64Error, decode_into};
 use crate::error::Result;
 
 pub struct DecodeBase64;
 
 impl Transform for DecodeBase64 {
-    fn output_schema(&self, input: &SchemaRef) -> Result<SchemaRef, String> {
+    fn output_schema(&self, input: &SchemaRef) -> Result<SchemaRef, InputError> {
         let index = require(input, IMAGE_BASE64, &DataType::Binary)?;
         Ok(replace_field(input, index, Field::new(IMAGE, DataType::Binary, false)))
     }
 
     fn apply(&self, batch: &RecordBatch, source: &str) -> Result<Output> {
-        let schema = self.output_schema(&batch.schema()).map_err(crate::error::Error::Internal)?;
+        let schema = self.output_schema(&batch.schema()).map_err(|e| crate::error::Error::Internal(e.to_string()))?;
         let index = batch.schema().index_of(IMAGE_BASE64).expect("checked by output_schema");
         let values = batch.column(index).as_any().downcast_ref::<BinaryArray>().expect("checked by output_schema");
         let mut out = BinaryBuilder::with_capacity(values.len(), values.value_data().len() / 4 * 3);
@@ -34,8 +34,8 @@ impl Transform for DecodeBase64 {
                     keep.push(row as u32);
                 }
                 result => {
-                    let reason = result.err().unwrap_or_else(|| "empty image value".into());
-                    rejected.push(reject_image(batch, row, source, reason));
+                    let reason = result.err().unwrap_or(Base64Error::Empty);
+                    rejected.push(reject_image(batch, row, source, reason.to_string()));
                 }
             }
         }

@@ -10,7 +10,7 @@ use arrow::record_batch::RecordBatch;
 use rustc_hash::FxHashSet;
 
 use super::require_images::read_ids;
-use super::{Output, Transform, require};
+use super::{InputError, Output, Transform, require};
 use crate::error::Result;
 
 pub struct ExcludeIds {
@@ -25,10 +25,10 @@ impl ExcludeIds {
     ///
     /// # Errors
     /// A table that cannot be read, or lacks the column, named.
-    pub fn open(column: &str, tables: &[PathBuf], table_column: &str) -> Result<Self, String> {
+    pub fn open(column: &str, tables: &[PathBuf], table_column: &str) -> Result<Self> {
         let mut ids = FxHashSet::default();
         for table in tables {
-            read_ids(table, table_column, &mut ids).map_err(|e| format!("{}: {e}", table.display()))?;
+            read_ids(table, table_column, &mut ids)?;
         }
         Ok(ExcludeIds { column: column.to_string(), ids })
     }
@@ -44,7 +44,7 @@ impl ExcludeIds {
 }
 
 impl Transform for ExcludeIds {
-    fn output_schema(&self, input: &SchemaRef) -> Result<SchemaRef, String> {
+    fn output_schema(&self, input: &SchemaRef) -> Result<SchemaRef, InputError> {
         require(input, &self.column, &DataType::Int64)?;
         Ok(input.clone())
     }

@@ -29,12 +29,30 @@ pub struct Output {
     pub rejected: Vec<Rejected>,
 }
 
+/// Why a transform (or a sink) cannot take an input's schema: which columns it needs. Planning
+/// collects one per node, before anything runs, and names the node.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InputError {
+    /// Column `name` is missing; `columns` lists the input's (`columns a, b` or `no columns`).
+    #[error("needs a `{name}` column ({data_type}); the input has {columns}")]
+    MissingColumn { name: String, data_type: DataType, columns: String },
+    #[error("needs column `{name}` to be {expected}, the input's is {found}")]
+    ColumnType { name: String, expected: DataType, found: DataType },
+    /// The column it adds is there already.
+    #[error("the input already has a `{name}` column")]
+    ColumnExists { name: String },
+    /// Any other mismatch, in the transform's own words (what it needs, what the input has):
+    /// transforms outside this crate check what only they know (a model's resolution).
+    #[error("{0}")]
+    Mismatch(String),
+}
+
 pub trait Transform: Send + Sync + 'static {
     /// The schema of its output for an input of `input`.
     ///
     /// # Errors
-    /// A sentence saying which columns it needs.
-    fn output_schema(&self, input: &SchemaRef) -> Result<SchemaRef, String>;
+    /// Which columns it needs.
+    fn output_schema(&self, input: &SchemaRef) -> Result<SchemaRef, InputError>;
 
     /// Transforms one batch. `source` names where the rows came from, for rejected records.
     ///
@@ -70,12 +88,18 @@ pub trait TransformReplica: Send {
 }
 
 /// The index of column `name` in `schema` if it has type `data_type`.
-pub(crate) fn require(schema: &Schema, name: &str, data_type: &DataType) -> Result<usize, String> {
+pub(crate) fn require(schema: &Schema, name: &str, data_type: &DataType) -> Result<usize, InputError> {
     match schema.index_of(name) {
-        Err(_) => Err(format!("needs a `{name}` column ({data_type}); the input has {}", column_list(schema))),
-        Ok(i) if schema.field(i).data_type() != data_type => {
-            Err(format!("needs column `{name}` to be {data_type}, the input's is {}", schema.field(i).data_type()))
-        }
+        Err(_) => Err(InputError::MissingColumn {
+            name: name.to_string(),
+            data_type: data_type.clone(),
+            columns: column_list(schema),
+        }),
+        Ok(i) if schema.field(i).data_type() != data_type => Err(InputError::ColumnType {
+            name: name.to_string(),
+            expected: data_type.clone(),
+            found: schema.field(i).data_type().clone(),
+        }),
         Ok(i) => Ok(i),
     }
 }

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::decoders::image::{Image, resize_to_rgb};
+use crate::decoders::image::{Image, PreprocessError, resize_to_rgb};
 use arrow::array::{Array, BinaryArray, FixedSizeBinaryBuilder};
 use arrow::datatypes::{DataType, Field, SchemaRef};
 use arrow::record_batch::RecordBatch;
@@ -13,7 +13,7 @@ use cnclip_schemas::columns::{IMAGE, PIXELS};
 use cnclip_schemas::metadata;
 use fast_image_resize::Resizer;
 
-use super::{Output, Transform, rebuild, reject_image, replace_field, require};
+use super::{InputError, Output, Transform, rebuild, reject_image, replace_field, require};
 use crate::error::{Error, Result};
 
 /// In which order the RGB conversion and the resize happen.
@@ -38,15 +38,15 @@ impl Preprocess {
     ///
     /// # Errors
     /// The decoder's or resizer's reason.
-    pub fn image(&self, bytes: &[u8], resizer: &mut Resizer) -> Result<Vec<u8>, String> {
-        let image = Image::decode(bytes, self.max_pixels).map_err(|e| e.to_string())?;
+    pub fn image(&self, bytes: &[u8], resizer: &mut Resizer) -> Result<Vec<u8>, PreprocessError> {
+        let image = Image::decode(bytes, self.max_pixels)?;
         let image = if self.order == Order::ConvertThenResize { image.into_rgb() } else { image };
-        resize_to_rgb(&image, self.resolution, resizer).map_err(|e| e.to_string())
+        resize_to_rgb(&image, self.resolution, resizer)
     }
 }
 
 impl Transform for Preprocess {
-    fn output_schema(&self, input: &SchemaRef) -> Result<SchemaRef, String> {
+    fn output_schema(&self, input: &SchemaRef) -> Result<SchemaRef, InputError> {
         let description = format!(
             "cn_clip image_transform: {}, bicubic {r}x{r}, RGB u8 (normalise with OpenAI CLIP mean/std)",
             match self.order {
@@ -59,7 +59,7 @@ impl Transform for Preprocess {
     }
 
     fn apply(&self, batch: &RecordBatch, source: &str) -> Result<Output> {
-        let schema = self.output_schema(&batch.schema()).map_err(Error::Internal)?;
+        let schema = self.output_schema(&batch.schema()).map_err(|e| Error::Internal(e.to_string()))?;
         map_images(batch, source, schema, self.resolution, |_, bytes, resizer| self.image(bytes, resizer))
     }
 }
@@ -67,7 +67,11 @@ impl Transform for Preprocess {
 /// `input` with its `image` column replaced by `pixels` (`resolution`² RGB bytes), recording
 /// the resolution and how the pixels were made (`description`) in the schema's metadata.
 /// Shared by the transforms that make pixels (`preprocess`, `random_augment`).
-pub(crate) fn pixels_schema(input: &SchemaRef, resolution: usize, description: String) -> Result<SchemaRef, String> {
+pub(crate) fn pixels_schema(
+    input: &SchemaRef,
+    resolution: usize,
+    description: String,
+) -> Result<SchemaRef, InputError> {
     let index = require(input, IMAGE, &DataType::Binary)?;
     let bytes = 3 * resolution * resolution;
     let schema = replace_field(input, index, Field::new(PIXELS, DataType::FixedSizeBinary(bytes as i32), false));
@@ -79,12 +83,12 @@ pub(crate) fn pixels_schema(input: &SchemaRef, resolution: usize, description: S
 
 /// Each row's `image` through `pixels(row, bytes, resizer)` into the `pixels` column of
 /// `schema` (from [`pixels_schema`]); a row whose image fails is rejected with the reason.
-pub(crate) fn map_images(
+pub(crate) fn map_images<E: std::fmt::Display>(
     batch: &RecordBatch,
     source: &str,
     schema: SchemaRef,
     resolution: usize,
-    mut pixels: impl FnMut(usize, &[u8], &mut Resizer) -> Result<Vec<u8>, String>,
+    mut pixels: impl FnMut(usize, &[u8], &mut Resizer) -> Result<Vec<u8>, E>,
 ) -> Result<Output> {
     let index = batch.schema().index_of(IMAGE).expect("checked by output_schema");
     let images = batch.column(index).as_any().downcast_ref::<BinaryArray>().expect("checked by output_schema");
@@ -98,7 +102,7 @@ pub(crate) fn map_images(
                 out.append_value(&rgb)?;
                 keep.push(row as u32);
             }
-            Err(reason) => rejected.push(reject_image(batch, row, source, reason)),
+            Err(reason) => rejected.push(reject_image(batch, row, source, reason.to_string())),
         }
     }
     let batch = rebuild(batch, schema, index, &keep, Arc::new(out.finish()))?;

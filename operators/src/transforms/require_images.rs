@@ -17,14 +17,15 @@ use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use rustc_hash::FxHashSet;
 
-use super::{Output, Transform, rebuild, require};
+use super::{InputError, Output, Transform, rebuild, require};
 use crate::error::{Error, Result};
 use crate::quarantine::Rejected;
 
 pub struct RequireImages {
     /// The images tables (Parquet files with an `image_id` column).
     pub images: Vec<PathBuf>,
-    ids: OnceLock<Result<FxHashSet<i64>, String>>,
+    /// Read once; an error is kept for every batch after.
+    ids: OnceLock<Result<FxHashSet<i64>, Arc<Error>>>,
 }
 
 impl RequireImages {
@@ -36,11 +37,13 @@ impl RequireImages {
         let loaded = self.ids.get_or_init(|| {
             let mut ids = FxHashSet::default();
             for path in &self.images {
-                read_ids(path, IMAGE_ID, &mut ids).map_err(|e| format!("{}: {e}", path.display()))?;
+                read_ids(path, IMAGE_ID, &mut ids).map_err(Arc::new)?;
             }
             Ok(ids)
         });
-        loaded.as_ref().map_err(|reason| Error::Internal(format!("require_images: reading image ids: {reason}")))
+        loaded
+            .as_ref()
+            .map_err(|source| Error::Lookup { what: "require_images: reading image ids", source: source.clone() })
     }
 
     fn describe(&self) -> String {
@@ -49,30 +52,35 @@ impl RequireImages {
 }
 
 /// Adds the int64 column `column` of the Parquet file `path` (that column only is read) to `ids`.
-pub(crate) fn read_ids(
-    path: &std::path::Path,
-    column: &str,
-    ids: &mut FxHashSet<i64>,
-) -> std::result::Result<(), String> {
-    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| e.to_string())?;
+///
+/// # Errors
+/// The file cannot be read ([`Error::Io`], [`Error::Parquet`], [`Error::ArrowFile`]) or has no
+/// int64 `column` ([`Error::Format`]), naming `path`.
+pub(crate) fn read_ids(path: &std::path::Path, column: &str, ids: &mut FxHashSet<i64>) -> Result<()> {
+    let name = || path.display().to_string();
+    let file = std::fs::File::open(path).map_err(crate::error::io(path))?;
+    let parquet = |source| Error::Parquet { path: name(), source };
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(parquet)?;
     let mask = ProjectionMask::columns(builder.parquet_schema(), [column]);
-    for batch in builder.with_projection(mask).build().map_err(|e| e.to_string())? {
-        let batch = batch.map_err(|e| e.to_string())?;
-        let values = batch.column_by_name(column).ok_or_else(|| format!("no `{column}` column"))?;
-        let values = values.as_primitive_opt::<Int64Type>().ok_or_else(|| format!("`{column}` is not int64"))?;
+    for batch in builder.with_projection(mask).build().map_err(parquet)? {
+        let batch = batch.map_err(|source| Error::ArrowFile { path: name(), source })?;
+        let format = |reason| Error::Format { path: name(), reason };
+        let values = batch.column_by_name(column).ok_or_else(|| format(format!("no `{column}` column")))?;
+        let values =
+            values.as_primitive_opt::<Int64Type>().ok_or_else(|| format(format!("`{column}` is not int64")))?;
         ids.extend(values.iter().flatten());
     }
     Ok(())
 }
 
 impl Transform for RequireImages {
-    fn output_schema(&self, input: &SchemaRef) -> Result<SchemaRef, String> {
+    fn output_schema(&self, input: &SchemaRef) -> Result<SchemaRef, InputError> {
         require(input, TEXT_ID, &DataType::Int64)?;
         if input.index_of(IMAGE_ID).is_err() && input.index_of(IMAGE_IDS).is_err() {
-            return Err(format!("needs an `{IMAGE_ID}` or `{IMAGE_IDS}` column; the input has {}", {
+            return Err(InputError::Mismatch(format!(
+                "needs an `{IMAGE_ID}` or `{IMAGE_IDS}` column; the input has {}",
                 super::column_list(input)
-            }));
+            )));
         }
         Ok(input.clone())
     }

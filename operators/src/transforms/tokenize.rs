@@ -11,7 +11,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use cnclip_schemas::columns::{TEXT, TOKEN_IDS};
 
-use super::{Output, Transform, require};
+use super::{InputError, Output, Transform, require};
 use crate::error::{Error, Result};
 
 pub struct Tokenize {
@@ -20,10 +20,10 @@ pub struct Tokenize {
 }
 
 impl Transform for Tokenize {
-    fn output_schema(&self, input: &SchemaRef) -> Result<SchemaRef, String> {
+    fn output_schema(&self, input: &SchemaRef) -> Result<SchemaRef, InputError> {
         require(input, TEXT, &DataType::Utf8)?;
         if input.index_of(TOKEN_IDS).is_ok() {
-            return Err(format!("the input already has a `{TOKEN_IDS}` column"));
+            return Err(InputError::ColumnExists { name: TOKEN_IDS.to_string() });
         }
         let mut fields: Vec<Field> = input.fields().iter().map(|f| f.as_ref().clone()).collect();
         fields.push(Field::new(TOKEN_IDS, cnclip_schemas::token_ids_type(self.context_length), false));
@@ -31,7 +31,7 @@ impl Transform for Tokenize {
     }
 
     fn apply(&self, batch: &RecordBatch, _source: &str) -> Result<Output> {
-        let schema = self.output_schema(&batch.schema()).map_err(Error::Internal)?;
+        let schema = self.output_schema(&batch.schema()).map_err(|e| Error::Internal(e.to_string()))?;
         let texts = batch.column(batch.schema().index_of(TEXT).expect("checked"));
         let texts =
             texts.as_any().downcast_ref::<StringArray>().ok_or_else(|| Error::Internal("text is not Utf8".into()))?;

@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 
 use super::log::Log;
-use cnclip_data_jobs::process::parse_args;
+use cnclip_data_jobs::{build_lmdb, command_line, import};
+use cnclip_operators::quarantine::OnError;
+use cnclip_operators::sinks::lmdb::LmdbWriterKind;
 
 /// The LMDB split to train on for `--train-data`/`--val-data` `given`, serializing it under
 /// `cache` first when it is not one already.
@@ -58,32 +60,33 @@ pub fn lmdb_split(given: &Path, cache: &Path, flag: &str, log: &mut Log) -> Resu
     }
     let _ = std::fs::remove_dir_all(&out);
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let (parent, out_arg) = (parent.display().to_string(), out.display().to_string());
     match layout {
         Layout::Tsv => {
-            let argv: Vec<String> = ["--data-dir", &parent, "--splits", &split, "--lmdb-dir", &out_arg]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
-            log.info(&format!(
-                "{flag}: serializing {} into an LMDB split: cnclip build-lmdb {}",
-                given.display(),
-                argv.join(" ")
-            ));
-            cnclip_data_jobs::build_lmdb::run(parse_args("build-lmdb", &argv)?)?;
+            let options = build_lmdb::Args {
+                data_dir: parent.to_path_buf(),
+                splits: split.clone(),
+                lmdb_dir: Some(out.clone()),
+                shards: 1,
+                on_error: OnError::Skip,
+                writer: LmdbWriterKind::Bulk,
+                max_record_bytes: cnclip_operators::sources::MAX_RECORD_BYTES,
+            };
+            let line = command_line::render(&options)?.join(" ");
+            log.info(&format!("{flag}: serializing {} into an LMDB split: cnclip build-lmdb {line}", given.display()));
+            build_lmdb::run(options)?;
         }
         Layout::Parquet => {
-            let argv: Vec<String> =
-                ["--parquet-dir", &parent, "--splits", &split, "--out", &out_arg, "--format", "lmdb"]
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect();
-            log.info(&format!(
-                "{flag}: serializing {} into an LMDB split: cnclip export {}",
-                given.display(),
-                argv.join(" ")
-            ));
-            cnclip_data_jobs::import::export(parse_args("export", &argv)?)?;
+            let options = import::ExportArgs {
+                parquet_dir: parent.to_path_buf(),
+                splits: split.clone(),
+                out: out.clone(),
+                format: import::Format::Lmdb,
+                writer: LmdbWriterKind::Bulk,
+                on_error: OnError::Skip,
+            };
+            let line = command_line::render(&options)?.join(" ");
+            log.info(&format!("{flag}: serializing {} into an LMDB split: cnclip export {line}", given.display()));
+            import::export(options)?;
         }
     }
     cnclip_operators::write_atomically(&marker, |f| std::io::Write::write_all(f, fingerprint.as_bytes()))?;

@@ -47,162 +47,219 @@ use tch::{Device, Tensor};
 use self::checkpoint::{Position, Saved};
 use self::log::{Log, Metric, Metrics};
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Args {
     /// The training data: a cn_clip LMDB split directory (with `imgs/` and `pairs/`), or a
     /// `{split}_imgs.tsv` (with `{split}_texts.jsonl`) or `{split}_images.parquet` (with
     /// `_pairs`/`_texts`), serialized into an LMDB split under `{logs}/{name}/data` first.
     #[arg(long)]
-    train_data: PathBuf,
+    pub train_data: PathBuf,
     /// The validation split, in any layout --train-data takes (default: none, no validation).
     #[arg(long)]
-    val_data: Option<PathBuf>,
+    pub val_data: Option<PathBuf>,
     /// Decode/preprocess threads of the training pipeline (0: one per core).
     #[arg(long, default_value_t = 4)]
-    num_workers: usize,
+    pub num_workers: usize,
     /// Threads of the validation pipeline.
     #[arg(long, default_value_t = 1)]
-    valid_num_workers: usize,
+    pub valid_num_workers: usize,
     /// Where logs and checkpoints go (`{logs}/{name}/`).
     #[arg(long, default_value = "./logs/")]
-    logs: String,
+    pub logs: String,
     /// The run's name: its logs and checkpoints go under `{logs}/{name}/` (cn_clip's --name).
     #[arg(long, default_value = "train_clip")]
-    name: String,
+    pub name: String,
     /// Log every this many steps.
     #[arg(long, default_value_t = 10)]
-    log_interval: u64,
+    pub log_interval: u64,
     /// Also log the training batch's image→text and text→image accuracy.
     #[arg(long)]
-    report_training_batch_acc: bool,
+    pub report_training_batch_acc: bool,
     /// Batch size per replica.
     #[arg(long, default_value_t = 64)]
-    batch_size: usize,
+    pub batch_size: usize,
     /// Validation batch size per replica.
     #[arg(long, default_value_t = 64)]
-    valid_batch_size: usize,
+    pub valid_batch_size: usize,
     /// Steps to train for (over --max-epochs).
     #[arg(long)]
-    max_steps: Option<u64>,
+    pub max_steps: Option<u64>,
     /// Epochs to train for, unless --max-steps is given (cn_clip's --max-epochs).
     #[arg(long, default_value_t = 32)]
-    max_epochs: u64,
+    pub max_epochs: u64,
     /// Validate every this many steps (default: only between epochs).
     #[arg(long)]
-    valid_step_interval: Option<u64>,
+    pub valid_step_interval: Option<u64>,
     /// Validate every this many epochs (0: never).
     #[arg(long, default_value_t = 1)]
-    valid_epoch_interval: u64,
+    pub valid_epoch_interval: u64,
     /// Sequence length, [CLS] and [SEP] included (cn_clip's --context-length).
     #[arg(long, default_value_t = 52)]
-    context_length: usize,
+    pub context_length: usize,
     /// Learning rate (default by --vision-model, as cn_clip's get_default_params).
     #[arg(long)]
-    lr: Option<f64>,
+    pub lr: Option<f64>,
     /// AdamW's beta1 (default by --vision-model, as cn_clip's get_default_params).
     #[arg(long)]
-    beta1: Option<f64>,
+    pub beta1: Option<f64>,
     /// AdamW's beta2 (default by --vision-model, as cn_clip's get_default_params).
     #[arg(long)]
-    beta2: Option<f64>,
+    pub beta2: Option<f64>,
     /// AdamW's epsilon (default by --vision-model, as cn_clip's get_default_params).
     #[arg(long)]
-    eps: Option<f64>,
+    pub eps: Option<f64>,
     /// AdamW weight decay, for every parameter but bn, ln, bias and logit_scale (cn_clip's --wd).
     #[arg(long, default_value_t = 0.2)]
-    wd: f64,
+    pub wd: f64,
     /// Warmup steps.
     #[arg(long, default_value_t = 500)]
-    warmup: u64,
+    pub warmup: u64,
     /// Synchronised BatchNorm across replicas (only one replica is supported yet).
     #[arg(long)]
-    use_bn_sync: bool,
+    pub use_bn_sync: bool,
     /// cn_clip's training augmentation (timm's RandomResizedCrop 0.9–1, flip, AutoAugment
     /// 'original'), drawn per sample and epoch from --seed.
     #[arg(long)]
-    use_augment: bool,
+    pub use_augment: bool,
     /// Accepted as cn_clip 1.6.0 accepts it: it has no effect there (warmup + cosine always run).
     #[arg(long)]
-    skip_scheduler: bool,
+    pub skip_scheduler: bool,
     /// Save `epoch{N}.pt` every this many epochs.
     #[arg(long, default_value_t = 1)]
-    save_epoch_frequency: i64,
+    pub save_epoch_frequency: i64,
     /// Save `epoch_{N}_{step}.pt` every this many steps (-1: never).
     #[arg(long, default_value_t = -1)]
-    save_step_frequency: i64,
+    pub save_step_frequency: i64,
     /// A checkpoint to resume from (default: `{logs}/{name}/checkpoints/epoch_latest.pt` if there).
     #[arg(long)]
-    resume: Option<PathBuf>,
+    pub resume: Option<PathBuf>,
     /// Resume the weights but not the optimizer state.
     #[arg(long)]
-    reset_optimizer: bool,
+    pub reset_optimizer: bool,
     /// Resume the weights but start at epoch 0, step 0.
     #[arg(long)]
-    reset_data_offset: bool,
+    pub reset_data_offset: bool,
     /// amp (fp32 on the CPU) or fp32.
     #[arg(long, default_value = "amp")]
-    precision: String,
+    pub precision: String,
     /// Vision tower (cn_clip's default ViT-B-16).
     #[arg(long)]
-    vision_model: Option<String>,
+    pub vision_model: Option<String>,
     /// Text tower (cn_clip's default RoBERTa-wwm-ext-base-chinese).
     #[arg(long)]
-    text_model: Option<String>,
+    pub text_model: Option<String>,
     /// A model config file (cn_clip's merged model_info JSON) for other sizes.
     #[arg(long, conflicts_with_all = ["vision_model", "text_model"])]
-    model_config: Option<PathBuf>,
+    pub model_config: Option<PathBuf>,
     /// FLIP: the share of image patches dropped in training (ViT).
     #[arg(long, default_value_t = 0.0)]
-    mask_ratio: f64,
+    pub mask_ratio: f64,
     /// Initial vision tower and logit_scale from this torch state dict (`visual.*`,
     /// `logit_scale`), as cn_clip's `restore_model`.
     #[arg(long)]
-    clip_weight_path: Option<PathBuf>,
+    pub clip_weight_path: Option<PathBuf>,
     /// Initial text tower from this torch state dict (`bert.*` but the pooler), e.g. a Hugging
     /// Face `pytorch_model.bin`, as cn_clip's `restore_model`.
     #[arg(long)]
-    bert_weight_path: Option<PathBuf>,
+    pub bert_weight_path: Option<PathBuf>,
     /// Do not train the vision tower (RN50's BatchNorm statistics stay frozen too).
     #[arg(long)]
-    freeze_vision: bool,
+    pub freeze_vision: bool,
     /// Recompute activations in the backward pass (not supported yet).
     #[arg(long)]
-    grad_checkpointing: bool,
+    pub grad_checkpointing: bool,
     /// Accepted: attention runs through libtorch's fused kernels wherever the device has them.
     #[arg(long)]
-    use_flash_attention: bool,
+    pub use_flash_attention: bool,
     /// Micro-batches per step, their features accumulated as cn_clip does.
     #[arg(long, default_value_t = 1)]
-    accum_freq: usize,
+    pub accum_freq: usize,
     /// Gather features across replicas with their gradients.
     #[arg(long)]
-    gather_with_grad: bool,
+    pub gather_with_grad: bool,
     /// Each replica's loss over its own batch only.
     #[arg(long)]
-    skip_aggregate: bool,
+    pub skip_aggregate: bool,
     /// Also record each step's samples in the metrics table.
     #[arg(long)]
-    debug: bool,
+    pub debug: bool,
     /// Random seed: initial weights, sample order, augmentation, dropout and FLIP masks (cn_clip's --seed).
     #[arg(long, default_value_t = 123)]
-    seed: u64,
+    pub seed: u64,
     /// Distil from a teacher's image features (--teacher-model-name).
     #[arg(long)]
-    distillation: bool,
+    pub distillation: bool,
     /// The teacher: any checkpoint cnclip loads that records its architecture (.safetensors,
     /// a Hugging Face directory), or a cn_clip .pt of the student's architecture.
     #[arg(long)]
-    teacher_model_name: Option<PathBuf>,
+    pub teacher_model_name: Option<PathBuf>,
     /// Weight of the distillation loss added to the contrastive one (with --distillation; cn_clip's --kd_loss_weight).
     #[arg(long = "kd_loss_weight", default_value_t = 0.5)]
-    kd_loss_weight: f64,
+    pub kd_loss_weight: f64,
     /// Devices, one replica each: cpu, cuda, cuda:0,cuda:1, cpu,cpu.
     #[arg(long, default_value = "cpu")]
-    devices: String,
+    pub devices: String,
     /// Go on when the loss becomes NaN or inf, as cn_clip does (by default the run stops
     /// there: the parameters are no longer numbers, and every later checkpoint would be NaN).
     #[arg(long)]
-    allow_non_finite_loss: bool,
+    pub allow_non_finite_loss: bool,
+}
+
+impl Args {
+    /// The options a command line with only the required flags gives (each flag's default).
+    pub fn new(train_data: PathBuf) -> Self {
+        Args {
+            train_data,
+            val_data: None,
+            num_workers: 4,
+            valid_num_workers: 1,
+            logs: "./logs/".into(),
+            name: "train_clip".into(),
+            log_interval: 10,
+            report_training_batch_acc: false,
+            batch_size: 64,
+            valid_batch_size: 64,
+            max_steps: None,
+            max_epochs: 32,
+            valid_step_interval: None,
+            valid_epoch_interval: 1,
+            context_length: 52,
+            lr: None,
+            beta1: None,
+            beta2: None,
+            eps: None,
+            wd: 0.2,
+            warmup: 500,
+            use_bn_sync: false,
+            use_augment: false,
+            skip_scheduler: false,
+            save_epoch_frequency: 1,
+            save_step_frequency: -1,
+            resume: None,
+            reset_optimizer: false,
+            reset_data_offset: false,
+            precision: "amp".into(),
+            vision_model: None,
+            text_model: None,
+            model_config: None,
+            mask_ratio: 0.0,
+            clip_weight_path: None,
+            bert_weight_path: None,
+            freeze_vision: false,
+            grad_checkpointing: false,
+            use_flash_attention: false,
+            accum_freq: 1,
+            gather_with_grad: false,
+            skip_aggregate: false,
+            debug: false,
+            seed: 123,
+            distillation: false,
+            teacher_model_name: None,
+            kd_loss_weight: 0.5,
+            devices: "cpu".into(),
+            allow_non_finite_loss: false,
+        }
+    }
 }
 
 /// cn_clip's `get_default_params(vision_model)`: (lr, beta1, beta2, eps).
@@ -435,10 +492,7 @@ fn data_stream(
     // A training batch cannot drop a sample: a bad one stops the run, naming it.
     let settings = JobSettings { on_error: OnError::Fail, quarantine, threads, ..JobSettings::default() };
     let registry = crate::registry();
-    let pipeline = Planner::new(&registry)
-        .stream("tokens")
-        .plan(settings, defs)
-        .map_err(|problems| anyhow::anyhow!("{}", problems.join("; ")))?;
+    let pipeline = Planner::new(&registry).stream("tokens").plan(settings, defs)?;
     Ok(pipeline.stream()?)
 }
 
@@ -701,7 +755,7 @@ pub fn run(mut args: Box<Args>) -> Result<()> {
             ));
         }
         trainer.optimizer_mut().set_config(config);
-        trainer.optimizer_mut().load(state.states).map_err(anyhow::Error::msg)?;
+        trainer.optimizer_mut().load(state.states)?;
         log.info("=> optimizer state is restored from the checkpoint");
     }
     let metrics_path = plan.dir.join("metrics.parquet");
@@ -752,7 +806,9 @@ pub fn run(mut args: Box<Args>) -> Result<()> {
         // pipelines through mimalloc, whose abandoned thread heaps (each epoch's workers) keep
         // theirs: hand both back between epochs so that memory stays flat over a long run
         // (cn_clip's #246).
-        // SAFETY: both only release memory that is free; they are safe to call at any time.
+        // SAFETY: neither takes a pointer nor touches a live allocation: both only hand free pages
+        // back to the OS, and both may be called from any thread at any time (mimalloc collects
+        // this thread's heap and the abandoned ones; glibc locks each arena it trims).
         unsafe {
             libmimalloc_sys::mi_collect(true);
             libc::malloc_trim(0);

@@ -219,7 +219,8 @@ fn start_writeback(file: &File, from: u64, to: u64) {
     #[cfg(target_os = "linux")]
     if to > from {
         use std::os::fd::AsRawFd;
-        // SAFETY: a plain syscall on an open descriptor; failing only loses the hint.
+        // SAFETY: a plain syscall that takes no pointer, on `file`'s descriptor, open for the
+        // whole call since `file` is borrowed; a failure only loses the hint.
         unsafe {
             libc::sync_file_range(
                 file.as_raw_fd(),

@@ -17,8 +17,8 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::error::{Error, Result, io};
-use crate::lmdb_file::VerifyError;
 use crate::lmdb_file::page::{Header, Meta, NodePage, P_BRANCH, P_LEAF, PAGE, Value, overflow_pages};
+use crate::lmdb_file::{PageError, VerifyError};
 
 /// Checks the LMDB file `path` (a `data.mdb` the bulk loader wrote) holds a well-formed tree
 /// of `expected_entries` entries, with every page accounted for.
@@ -69,7 +69,7 @@ fn walk(file: &File, bytes: u64, expected_entries: u64) -> Result<(), Failure> {
         return Err(VerifyError::Length { pages, last_page }.into());
     }
     if meta.map_size < bytes {
-        let reason = format!("map size {} is smaller than the file ({bytes} bytes)", meta.map_size);
+        let reason = PageError::MapSize { map_size: meta.map_size, bytes };
         return Err(VerifyError::Meta { pgno, reason }.into());
     }
     let db = meta.main;
@@ -87,12 +87,12 @@ fn walk(file: &File, bytes: u64, expected_entries: u64) -> Result<(), Failure> {
     walk.seen[0] |= 0b11; // the meta pages
     if db.is_empty() {
         if db.depth != 0 {
-            let reason = format!("an empty database of depth {}", db.depth);
+            let reason = PageError::EmptyWithDepth { depth: db.depth };
             return Err(VerifyError::Meta { pgno, reason }.into());
         }
     } else {
         if db.depth == 0 {
-            let reason = format!("a root (page {}) at depth 0", db.root);
+            let reason = PageError::RootAtDepthZero { root: db.root };
             return Err(VerifyError::Meta { pgno, reason }.into());
         }
         walk.visit(db.root, pgno, 1, None, None)?;
@@ -171,7 +171,7 @@ impl Walk<'_> {
         if found != flags {
             return Err(VerifyError::PageType { pgno, expected, flags: found }.into());
         }
-        let bad = |reason: String| VerifyError::Page { pgno, reason };
+        let bad = |reason: PageError| VerifyError::Page { pgno, reason };
         let page = NodePage::read(pgno, &bytes).map_err(bad)?;
         let order = |detail: String| VerifyError::KeyOrder { pgno, detail };
         if leaf {
@@ -193,7 +193,7 @@ impl Walk<'_> {
                     );
                 }
                 if let Value::Overflow { pgno: first, len } =
-                    node.value().map_err(|e| bad(format!("key {}: {e}", show(key))))?
+                    node.value().map_err(|e| bad(PageError::Key { key: show(key), source: e.into() }))?
                 {
                     let count = overflow_pages(len as usize);
                     self.mark(first, count, pgno)?;

@@ -49,7 +49,7 @@ pub use ops::RgbImage;
 pub use pyrandom::PyRandom;
 
 use super::preprocess::{map_images, pixels_schema};
-use super::{Output, Transform, column_list, require};
+use super::{InputError, Output, Transform, column_list, require};
 use crate::decoders::image::{Image, Mode, PreprocessError, resize_to_rgb};
 use crate::error::{Error, Result};
 
@@ -71,6 +71,9 @@ pub enum AugmentError {
     Image(#[from] PreprocessError),
     #[error("crop {crop:?} does not lie within the {width}×{height} image")]
     CropOutside { crop: CropBox, width: usize, height: usize },
+    /// A row whose key column is null: nothing seeds its generator.
+    #[error("no sample or image id to seed its augmentation")]
+    NoKey,
 }
 
 /// The ops of the 'original' policy, by timm's names.
@@ -385,21 +388,21 @@ impl RandomAugment {
 }
 
 /// The column that keys each row's generator: `sample`, else `image_id` (both Int64).
-fn key_column(schema: &Schema) -> Result<usize, String> {
+fn key_column(schema: &Schema) -> Result<usize, InputError> {
     if schema.index_of(SAMPLE).is_ok() {
         require(schema, SAMPLE, &DataType::Int64)
     } else if schema.index_of(IMAGE_ID).is_ok() {
         require(schema, IMAGE_ID, &DataType::Int64)
     } else {
-        Err(format!(
+        Err(InputError::Mismatch(format!(
             "needs a `{SAMPLE}` or `{IMAGE_ID}` column (Int64) to seed each row's augmentation; the input has {}",
             column_list(schema)
-        ))
+        )))
     }
 }
 
 impl Transform for RandomAugment {
-    fn output_schema(&self, input: &SchemaRef) -> Result<SchemaRef, String> {
+    fn output_schema(&self, input: &SchemaRef) -> Result<SchemaRef, InputError> {
         key_column(input)?;
         let description = format!(
             "cn_clip --use-augment train transform: RandomResizedCrop(scale 0.9-1, ratio 3/4-4/3, bicubic) \
@@ -412,13 +415,14 @@ impl Transform for RandomAugment {
     }
 
     fn apply(&self, batch: &RecordBatch, source: &str) -> Result<Output> {
-        let schema = self.output_schema(&batch.schema()).map_err(Error::Internal)?;
-        let keys = batch.column(key_column(&batch.schema()).map_err(Error::Internal)?).as_primitive::<Int64Type>();
+        let internal = |e: InputError| Error::Internal(e.to_string());
+        let schema = self.output_schema(&batch.schema()).map_err(internal)?;
+        let keys = batch.column(key_column(&batch.schema()).map_err(internal)?).as_primitive::<Int64Type>();
         map_images(batch, source, schema, self.resolution, |row, bytes, resizer| {
             if keys.is_null(row) {
-                return Err("no sample or image id to seed its augmentation".to_string());
+                return Err(AugmentError::NoKey);
             }
-            self.augment(bytes, keys.value(row), resizer).map(|(rgb, _)| rgb.data).map_err(|e| e.to_string())
+            self.augment(bytes, keys.value(row), resizer).map(|(rgb, _)| rgb.data)
         })
     }
 }
@@ -562,7 +566,7 @@ mod tests {
         let by_sample = pixels(&augment.apply(&batch((SAMPLE, vec![41]), vec![png(20, 20)]), "x").unwrap().batch);
         assert_eq!(by_id, by_sample);
         let keyless = batch(("text_id", vec![41]), vec![png(20, 20)]);
-        let problem = augment.output_schema(&keyless.schema()).unwrap_err();
+        let problem = augment.output_schema(&keyless.schema()).unwrap_err().to_string();
         assert!(problem.contains("`sample` or `image_id`"), "{problem}");
     }
 
