@@ -14,6 +14,7 @@ pub mod decoders;
 pub mod error;
 pub mod fingerprint;
 pub mod lmdb_file;
+pub mod options;
 pub mod quarantine;
 pub mod signals;
 pub mod sinks;

@@ -230,6 +230,18 @@ pub fn quarantine() -> SchemaRef {
     ]))
 }
 
+/// `bench_results`: `bench-suite`'s results, one row per run and metric (CLIP_benchmark's
+/// `metrics` flattened), for notebooks comparing checkpoints.
+pub fn bench_results() -> SchemaRef {
+    Arc::new(Schema::new(
+        ["run", "dataset", "model", "task", "metric"]
+            .into_iter()
+            .map(|name| Field::new(name, DataType::Utf8, false))
+            .chain([Field::new("value", DataType::Float64, false)])
+            .collect::<Vec<_>>(),
+    ))
+}
+
 /// Checks `actual` against the contract `expected`, by column name and type.
 ///
 /// Extra columns are allowed (notebooks add their own); missing columns, type changes and

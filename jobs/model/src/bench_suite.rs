@@ -31,6 +31,8 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use cnclip_data_jobs::command_line;
+use cnclip_operators::options::{Devices, Precision};
+use cnclip_operators::sinks::parquet::ParquetSink;
 use serde::Deserialize;
 
 #[derive(clap::Args)]
@@ -50,17 +52,14 @@ struct Suite {
 #[serde(deny_unknown_fields)]
 struct Settings {
     out: PathBuf,
-    #[serde(default = "cpu")]
-    devices: String,
+    #[serde(default)]
+    devices: Devices,
     #[serde(default = "amp")]
-    precision: String,
+    precision: Precision,
 }
 
-fn cpu() -> String {
-    "cpu".into()
-}
-fn amp() -> String {
-    "amp".into()
+fn amp() -> Precision {
+    Precision::Amp
 }
 
 #[derive(Deserialize, serde::Serialize, Clone, PartialEq)]
@@ -158,7 +157,7 @@ pub fn run(args: Args) -> Result<()> {
                     image_feat_output_path: Some(img.clone()),
                     text_feat_output_path: Some(txt.clone()),
                     devices: suite.suite.devices.clone(),
-                    precision: suite.suite.precision.clone(),
+                    precision: suite.suite.precision,
                     vision_model,
                     text_model,
                     ..crate::extract::Args::new(checkpoint_path.clone())
@@ -199,7 +198,7 @@ pub fn run(args: Args) -> Result<()> {
                 zeroshot.dataset = run.dataset.clone();
                 zeroshot.save_dir = s(&work);
                 zeroshot.devices = suite.suite.devices.clone();
-                zeroshot.precision = suite.suite.precision.clone();
+                zeroshot.precision = suite.suite.precision;
                 if let Some((vision_model, text_model)) = named.clone() {
                     (zeroshot.vision_model, zeroshot.text_model) = (vision_model, text_model);
                 }
@@ -262,7 +261,6 @@ fn made_from(run: &Run, resolve: &impl Fn(&Path) -> PathBuf) -> MadeFrom {
 /// Every run's metrics as one table: run order, one row per (run, metric).
 fn write_results(path: &Path, rows: &[serde_json::Value]) -> Result<()> {
     use arrow::array::{Float64Array, StringArray};
-    use arrow::datatypes::{DataType, Field, Schema};
     let (mut run, mut dataset, mut model, mut task, mut metric, mut value) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for row in rows {
@@ -277,13 +275,7 @@ fn write_results(path: &Path, rows: &[serde_json::Value]) -> Result<()> {
             }
         }
     }
-    let schema = Arc::new(Schema::new(
-        ["run", "dataset", "model", "task", "metric"]
-            .into_iter()
-            .map(|n| Field::new(n, DataType::Utf8, false))
-            .chain([Field::new("value", DataType::Float64, false)])
-            .collect::<Vec<_>>(),
-    ));
+    let schema = cnclip_schemas::bench_results();
     let batch = arrow::record_batch::RecordBatch::try_new(
         schema.clone(),
         vec![
@@ -295,11 +287,10 @@ fn write_results(path: &Path, rows: &[serde_json::Value]) -> Result<()> {
             Arc::new(Float64Array::from(value)),
         ],
     )?;
-    cnclip_operators::write_atomically(path, |file| {
-        let mut writer = parquet::arrow::ArrowWriter::try_new(file, schema, None).map_err(std::io::Error::other)?;
-        writer.write(&batch).map_err(std::io::Error::other)?;
-        writer.finish().map_err(std::io::Error::other)?;
-        Ok::<_, std::io::Error>(())
-    })?;
+    // Through the Parquet sink (checked against the contract, staged and moved into place),
+    // uncompressed as the table always was.
+    let mut sink = ParquetSink::create_uncompressed(path, "bench_results", schema)?;
+    sink.write(&batch)?;
+    sink.finish()?;
     Ok(())
 }

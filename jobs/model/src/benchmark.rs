@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use cnclip_models::{Clip, ClipConfig, Tokenizer};
+use cnclip_operators::options::Precision;
 use tch::{Device, Tensor};
 
 #[derive(clap::Args)]
@@ -28,8 +29,8 @@ pub struct Args {
     #[arg(long, default_value = "cpu")]
     device: String,
     /// fp32, fp16 or bf16.
-    #[arg(long, default_value = "fp32")]
-    precision: String,
+    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
+    precision: Precision,
     /// Text sequence length, [CLS] and [SEP] included (cn_clip's --context-length).
     #[arg(long, default_value_t = 52)]
     context_length: usize,
@@ -40,7 +41,7 @@ pub fn run(args: Args) -> Result<()> {
         tch::set_num_threads(args.threads);
     }
     let device = cnclip_models::device::device(&args.device)?;
-    let kind = crate::model_args::parse_precision(&args.precision)?;
+    let kind = crate::model_args::weights_kind(args.precision)?;
     let config = ClipConfig::from_name(&args.model)?;
     let mut model = Clip::new(config, device).context("building the model")?;
     model.set_kind(kind);

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use cnclip_models::checkpoint::{self, Format};
+use cnclip_operators::options::Precision;
 use tch::Device;
 
 use crate::model_args::ModelArgs;
@@ -26,15 +27,15 @@ pub struct Args {
     #[arg(long, value_parser = ["cn-clip", "cnclip"])]
     pub format: Option<String>,
     /// Weight precision of the output: fp32, fp16 or bf16.
-    #[arg(long, default_value = "fp32")]
-    pub precision: String,
+    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
+    pub precision: Precision,
 }
 
 pub fn run(args: Args) -> Result<()> {
     let architecture = args.model.config()?;
     let (mut model, info) = checkpoint::load_clip(&args.input, architecture.as_ref(), Device::Cpu)
         .with_context(|| format!("loading {}", args.input.display()))?;
-    model.set_kind(crate::model_args::parse_precision(&args.precision)?);
+    model.set_kind(crate::model_args::weights_kind(args.precision)?);
     let format = match args.format.as_deref() {
         Some("cn-clip") => Format::CnClip,
         Some(_) => Format::Cnclip,

@@ -352,7 +352,7 @@ impl Plan {
                 output: checkpoint.clone(),
                 model: ModelArgs { vision_model: None, text_model: None, model_config: Some(model) },
                 format: None,
-                precision: "fp32".into(),
+                precision: cnclip_operators::options::Precision::Fp32,
             },
             extract: extract::Args {
                 extract_image_feats: true,

@@ -37,6 +37,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use cnclip_models::checkpoint::{Format, architecture};
 use cnclip_models::encoders::{EncodeImageConfig, EncodeTextConfig, EncoderConfig};
+use cnclip_operators::options::{Devices, Precision};
 use cnclip_operators::quarantine::OnError;
 use cnclip_operators::sinks::parquet::ParquetSink;
 use cnclip_operators::sources::Shard;
@@ -86,8 +87,8 @@ pub struct Args {
     #[arg(long)]
     pub resume: PathBuf,
     /// amp (cn_clip's default: fp16 on a GPU, fp32 on the CPU), fp16, fp32 or bf16.
-    #[arg(long, default_value = "amp")]
-    pub precision: String,
+    #[arg(long, value_enum, default_value_t = Precision::Amp)]
+    pub precision: Precision,
     /// Vision tower of a cn_clip .pt (default ViT-B-16, as cn_clip's script).
     #[arg(long)]
     pub vision_model: Option<String>,
@@ -98,8 +99,8 @@ pub struct Args {
     #[arg(long)]
     pub debug: bool,
     /// Devices, one model replica each: cpu, cuda, cuda:0,cuda:1, cpu,cpu.
-    #[arg(long, default_value = "cpu")]
-    pub devices: String,
+    #[arg(long, default_value_t = Devices::cpu())]
+    pub devices: Devices,
     /// Decode/preprocess threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     pub num_workers: usize,
@@ -131,11 +132,11 @@ impl Args {
             text_batch_size: 64,
             context_length: 52,
             resume,
-            precision: "amp".into(),
+            precision: Precision::Amp,
             vision_model: None,
             text_model: None,
             debug: false,
-            devices: "cpu".into(),
+            devices: Devices::cpu(),
             num_workers: 0,
             shard: None,
             on_error: OnError::Skip,
@@ -202,9 +203,9 @@ pub fn run(args: Args) -> Result<()> {
         checkpoint: args.resume.clone(),
         vision_model: vision,
         text_model: text,
-        precision: args.precision.clone(),
+        precision: args.precision.to_string(),
         batch_size: 0,
-        devices: args.devices.clone(),
+        devices: args.devices.to_string(),
     };
     // The outputs, cn_clip's defaults filled in, checked against each other and the inputs
     // before anything is written: one path for both towers would have the images overwrite
@@ -501,9 +502,6 @@ fn extract(
     let mut stream = pipeline.stream()?;
     let mut parts = PartWriter { dir: &dir, manifest_path: &manifest_path, schema: stream.schema(), open: None };
     for batch in stream.by_ref() {
-        if let Some(signal) = cnclip_operators::signals::interrupted() {
-            return Err(cnclip_operators::Error::Interrupted { signal }.into());
-        }
         let mut batch = batch?;
         // Each batch goes straight into the open part: memory stays one row group whatever the
         // part size or corpus.

@@ -108,10 +108,13 @@ mod options {
         let mut train = crate::train::Args::new("d".into());
         (train.lr, train.eps, train.wd, train.save_step_frequency) = (Some(3e-4), Some(1e-8), 0.0, 7);
         (train.use_augment, train.kd_loss_weight, train.max_steps) = (true, 0.25, Some(9));
+        train.devices = "cpu,cpu".parse().unwrap();
         round_trip("train", &train);
         let mut extract = crate::extract::Args::new("c.pt".into());
         extract.image_data = vec!["a.tsv".into(), "b.tsv".into()];
         (extract.on_error, extract.shard) = (cnclip_operators::quarantine::OnError::Fail, Some("1/4".into()));
+        (extract.precision, extract.devices) =
+            (cnclip_operators::options::Precision::Bf16, "cuda:0,cuda:1".parse().unwrap());
         round_trip("extract-features", &extract);
         let mut knn = crate::knn::Args::new("o.jsonl".into());
         (knn.backend, knn.nprobe, knn.mmap) = (cnclip_models::retrieval::Backend::Torch, Some(3), true);

@@ -2,6 +2,7 @@
 
 use anyhow::{Context, Result, bail};
 use cnclip_models::ClipConfig;
+use cnclip_operators::options::Precision;
 use tch::Kind;
 
 #[derive(clap::Args, Debug, Clone, PartialEq, serde::Serialize)]
@@ -35,12 +36,18 @@ impl ModelArgs {
     }
 }
 
-/// `--precision`: fp32, fp16 or bf16.
-pub fn parse_precision(name: &str) -> Result<Kind> {
-    Ok(match name {
-        "fp32" => Kind::Float,
-        "fp16" => Kind::Half,
-        "bf16" => Kind::BFloat16,
-        other => bail!("unknown precision `{other}`: use fp32, fp16 or bf16"),
+/// The tensor kind of `--precision` where weights are stored or timed in one kind: fp32, fp16
+/// or bf16 (`amp` is a way of computing, not a kind).
+///
+/// # Errors
+/// `amp`.
+pub fn weights_kind(precision: Precision) -> Result<Kind> {
+    Ok(match precision {
+        Precision::Fp32 => Kind::Float,
+        Precision::Fp16 => Kind::Half,
+        Precision::Bf16 => Kind::BFloat16,
+        Precision::Amp => bail!(
+            "--precision amp computes in fp16 on a GPU and fp32 on the CPU: here give one kind, fp32, fp16 or bf16"
+        ),
     })
 }

@@ -14,9 +14,12 @@ use anyhow::{Context, Result, bail};
 use cnclip_models::checkpoint::{Format, architecture};
 use cnclip_models::encoders::{EncodeImageConfig, EncodeTextConfig, EncoderConfig};
 use cnclip_models::zeroshot;
+use cnclip_operators::options::{Devices, Precision};
 use cnclip_operators::sinks::jsonl::python_float;
+use cnclip_operators::sources::batches::BatchesConfig;
 use cnclip_operators::sources::folder;
-use cnclip_operators::spec::builtin::{ImageFolderConfig, JsonlConfig, PreprocessConfig, TokenizeConfig};
+use cnclip_operators::sources::jsonl::{self, TextLine};
+use cnclip_operators::spec::builtin::{ImageFolderConfig, PreprocessConfig, TokenizeConfig};
 use cnclip_operators::spec::{JobSettings, NodeDef, Planner};
 use cnclip_operators::transforms::preprocess::Order;
 use tch::{Kind, Tensor};
@@ -50,8 +53,8 @@ pub struct Args {
     #[arg(long)]
     pub resume: PathBuf,
     /// amp (fp16 on a GPU, fp32 on the CPU), fp16, fp32 or bf16.
-    #[arg(long, default_value = "amp")]
-    pub precision: String,
+    #[arg(long, value_enum, default_value_t = Precision::Amp)]
+    pub precision: Precision,
     /// Vision tower of a cn_clip .pt (cn_clip's --vision-model); other checkpoints record their own.
     #[arg(long, default_value = "ViT-B-16")]
     pub vision_model: String,
@@ -65,8 +68,8 @@ pub struct Args {
     #[arg(long)]
     pub templates: Option<PathBuf>,
     /// cpu, cuda, cuda:N (one replica each).
-    #[arg(long, default_value = "cpu")]
-    pub devices: String,
+    #[arg(long, default_value_t = Devices::cpu())]
+    pub devices: Devices,
     /// How top-1 is computed: here, or by `jobs/sql/zeroshot_top1.sql` on DataFusion.
     #[arg(long, value_enum, default_value_t = cnclip_data_jobs::evaluation_engine::Engine::Direct)]
     pub engine: cnclip_data_jobs::evaluation_engine::Engine,
@@ -88,12 +91,12 @@ impl Args {
             img_batch_size: 64,
             context_length: 52,
             resume,
-            precision: "amp".into(),
+            precision: Precision::Amp,
             vision_model: "ViT-B-16".into(),
             text_model: "RoBERTa-wwm-ext-base-chinese".into(),
             num_workers: 4,
             templates: None,
-            devices: "cpu".into(),
+            devices: Devices::cpu(),
             engine: cnclip_data_jobs::evaluation_engine::Engine::Direct,
             cluster: None,
         }
@@ -159,9 +162,6 @@ fn features(defs: Vec<NodeDef>, settings: JobSettings) -> Result<(Vec<i64>, Tens
     let pipeline = Planner::new(&registry).stream("features").plan(settings, defs)?;
     let (mut ids, mut values, mut dim) = (Vec::new(), Vec::<f32>::new(), 0i64);
     for batch in pipeline.stream()? {
-        if let Some(signal) = cnclip_operators::signals::interrupted() {
-            return Err(cnclip_operators::Error::Interrupted { signal }.into());
-        }
         let batch = batch?;
         use arrow::array::{Array, AsArray};
         let id = batch.column(0).as_primitive::<arrow::datatypes::Int64Type>();
@@ -262,9 +262,9 @@ pub fn run_with(args: Args) -> Result<Metrics> {
         checkpoint: args.resume.clone(),
         vision_model: vision,
         text_model: text,
-        precision: args.precision.clone(),
+        precision: args.precision.to_string(),
         batch_size: args.img_batch_size,
-        devices: args.devices.clone(),
+        devices: args.devices.to_string(),
     };
     let scratch = tempfile::tempdir().context("a scratch directory")?;
     let settings = |name: &str| JobSettings {
@@ -274,27 +274,20 @@ pub fn run_with(args: Args) -> Result<Metrics> {
     };
 
     // The classifier: every template of every class, ensembled per class.
-    let prompts = scratch.path().join("prompts.jsonl");
-    let mut lines = String::new();
+    let mut prompts = Vec::with_capacity(classnames.len() * templates.len());
     for (c, name) in classnames.iter().enumerate() {
         for (t, template) in templates.iter().enumerate() {
             let text = template.replacen("{}", name, 1);
-            let id = (c * templates.len() + t) as i64;
-            lines.push_str(&serde_json::json!({"text_id": id, "text": text, "image_ids": []}).to_string());
-            lines.push('\n');
+            prompts.push(TextLine { text_id: (c * templates.len() + t) as i64, text, image_ids: Vec::new() });
         }
     }
-    std::fs::write(&prompts, lines)?;
+    let prompts = BatchesConfig {
+        schema: cnclip_schemas::texts(),
+        batches: vec![jsonl::texts_batch(&prompts)?],
+        origin: "the prompts (every template of every class)".into(),
+    };
     let text_defs = vec![
-        NodeDef::new(
-            "prompts",
-            None,
-            JsonlConfig {
-                paths: vec![prompts.display().to_string()],
-                dedupe: false,
-                max_record_bytes: cnclip_operators::sources::MAX_RECORD_BYTES,
-            },
-        ),
+        NodeDef::new("prompts", None, prompts),
         NodeDef::new(
             "tokens",
             Some("prompts"),

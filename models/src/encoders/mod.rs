@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use arrow::array::{Array, ArrayRef, AsArray, FixedSizeListArray, Float32Array, Int64Array};
 use arrow::datatypes::{DataType, Field, Int64Type, SchemaRef};
 use arrow::record_batch::RecordBatch;
+use cnclip_operators::options;
 use cnclip_operators::spec::{BuildContext, NodeConfig, Operator, Role};
 use cnclip_operators::transforms::{Execution, InputError, Output, Transform, TransformReplica};
 use cnclip_schemas::columns::{IMAGE_ID, PIXELS, TEXT_ID, TOKEN_IDS};
@@ -60,14 +61,19 @@ impl Precision {
     /// # Errors
     /// Any other name.
     pub fn parse(name: &str, gpu: bool) -> crate::Result<Self> {
-        Ok(match name {
-            "fp32" => Precision::Fp32,
-            "fp16" => Precision::Fp16,
-            "bf16" => Precision::Bf16,
-            "amp" if gpu => Precision::Fp16,
-            "amp" => Precision::Fp32,
-            other => return Err(crate::Error::Precision(other.to_string())),
-        })
+        let chosen = name.parse::<options::Precision>().map_err(|unknown| crate::Error::Precision(unknown.0))?;
+        Ok(Self::resolve(chosen, gpu))
+    }
+
+    /// What `chosen` computes in on a GPU or not.
+    pub fn resolve(chosen: options::Precision, gpu: bool) -> Self {
+        match chosen {
+            options::Precision::Fp32 => Precision::Fp32,
+            options::Precision::Fp16 => Precision::Fp16,
+            options::Precision::Bf16 => Precision::Bf16,
+            options::Precision::Amp if gpu => Precision::Fp16,
+            options::Precision::Amp => Precision::Fp32,
+        }
     }
 
     pub fn kind(self) -> Kind {
@@ -129,11 +135,14 @@ impl EncoderConfig {
     /// Every problem found, one sentence each.
     pub fn encoder(self, tower: Tower, cx: &BuildContext) -> Result<Encoder, Vec<String>> {
         let mut problems = Vec::new();
-        let devices: Vec<String> =
-            self.devices.split(',').map(str::trim).filter(|d| !d.is_empty()).map(String::from).collect();
-        if devices.is_empty() {
-            problems.push("`devices` names no device (e.g. \"cpu\", \"cuda:0,cuda:1\")".to_string());
-        }
+        // Spelled as `--devices` is (one parser); then each must be there.
+        let devices: Vec<String> = match self.devices.parse::<options::Devices>() {
+            Ok(devices) => devices.iter().map(|d| d.to_string()).collect(),
+            Err(options::BadDevices(bad)) => {
+                problems.extend(bad);
+                Vec::new()
+            }
+        };
         for device in &devices {
             if let Err(e) = crate::device::device(device) {
                 problems.push(e.to_string());

@@ -52,11 +52,30 @@ impl ParquetSink {
         schema: SchemaRef,
         row_group_bytes: usize,
     ) -> Result<Self> {
+        Self::create_with(path, table, schema, row_group_bytes, Compression::ZSTD(ZstdLevel::default()))
+    }
+
+    /// As [`ParquetSink::create`], with the column chunks compressed by `compression` (small
+    /// tables written uncompressed, as they always were, stay byte for byte what they were).
+    ///
+    /// # Errors
+    /// IO errors creating the temporary file.
+    pub fn create_uncompressed(path: &Path, table: &str, schema: SchemaRef) -> Result<Self> {
+        Self::create_with(path, table, schema, ROW_GROUP_BYTES, Compression::UNCOMPRESSED)
+    }
+
+    fn create_with(
+        path: &Path,
+        table: &str,
+        schema: SchemaRef,
+        row_group_bytes: usize,
+        compression: Compression,
+    ) -> Result<Self> {
         super::create_parent(path)?;
         let tmp = super::tmp_path(path);
         let file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
         let props = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(ZstdLevel::default()))
+            .set_compression(compression)
             .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
             .set_max_row_group_bytes(Some(row_group_bytes))
             .set_key_value_metadata(key_value_metadata(&schema))

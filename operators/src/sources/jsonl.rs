@@ -132,6 +132,24 @@ impl Source for JsonlSource {
     }
 }
 
+/// `texts` as one batch of the `texts` table (a job's in-memory texts, zero-shot's prompts).
+///
+/// # Errors
+/// Arrow errors building the batch.
+pub fn texts_batch(texts: &[TextLine]) -> Result<RecordBatch> {
+    let mut batcher = TextsBatcher::new(texts.len());
+    let mut out = None;
+    let mut keep = |batch| {
+        out = Some(batch);
+        Ok(())
+    };
+    for text in texts {
+        batcher.push(text, &mut keep)?;
+    }
+    batcher.flush(&mut keep)?;
+    Ok(out.unwrap_or_else(|| RecordBatch::new_empty(cnclip_schemas::texts())))
+}
+
 /// Accumulates rows of the `texts` table.
 pub(crate) struct TextsBatcher {
     batch_rows: usize,

@@ -5,6 +5,7 @@
 //! files in order) belongs to shard `k mod n` — so `n` jobs with `--shard 0/n … n-1/n` together
 //! read every record exactly once, and a bad record is quarantined by exactly one of them.
 
+pub mod batches;
 pub mod features;
 pub mod folder;
 pub mod jsonl;

@@ -52,6 +52,12 @@ impl futures_core::Stream for RecordBatchStream {
         if this.ended {
             return Poll::Ready(None);
         }
+        // A caught Ctrl-C or SIGTERM ends the stream at its next batch, whatever the consumer
+        // does between batches (a training step), so no job polls for signals by hand.
+        if let Some(signal) = crate::signals::interrupted() {
+            this.ended = true;
+            return Poll::Ready(Some(Err(Error::Interrupted { signal })));
+        }
         // The graph's end first: a failing node ends the stream at once, even while batches
         // from other branches are still queued.
         if let Some(completion) = this.completion.as_mut()

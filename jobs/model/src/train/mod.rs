@@ -31,6 +31,7 @@ use arrow::record_batch::RecordBatch;
 use cnclip_models::checkpoint::{Format, architecture, load_clip};
 use cnclip_models::training::{AdamWConfig, Batch, StepOptions, StepReport, Trainer, cosine_lr, rank_loss};
 use cnclip_models::{Clip, ClipConfig};
+use cnclip_operators::options::{Devices, Precision};
 use cnclip_operators::quarantine::OnError;
 use cnclip_operators::sinks::jsonl::python_float;
 use cnclip_operators::sources::lmdb::counts;
@@ -140,8 +141,8 @@ pub struct Args {
     #[arg(long)]
     pub reset_data_offset: bool,
     /// amp (fp32 on the CPU) or fp32.
-    #[arg(long, default_value = "amp")]
-    pub precision: String,
+    #[arg(long, value_enum, default_value_t = Precision::Amp)]
+    pub precision: Precision,
     /// Vision tower (cn_clip's default ViT-B-16).
     #[arg(long)]
     pub vision_model: Option<String>,
@@ -197,8 +198,8 @@ pub struct Args {
     #[arg(long = "kd_loss_weight", default_value_t = 0.5)]
     pub kd_loss_weight: f64,
     /// Devices, one replica each: cpu, cuda, cuda:0,cuda:1, cpu,cpu.
-    #[arg(long, default_value = "cpu")]
-    pub devices: String,
+    #[arg(long, default_value_t = Devices::cpu())]
+    pub devices: Devices,
     /// Go on when the loss becomes NaN or inf, as cn_clip does (by default the run stops
     /// there: the parameters are no longer numbers, and every later checkpoint would be NaN).
     #[arg(long)]
@@ -238,7 +239,7 @@ impl Args {
             resume: None,
             reset_optimizer: false,
             reset_data_offset: false,
-            precision: "amp".into(),
+            precision: Precision::Amp,
             vision_model: None,
             text_model: None,
             model_config: None,
@@ -256,7 +257,7 @@ impl Args {
             distillation: false,
             teacher_model_name: None,
             kd_loss_weight: 0.5,
-            devices: "cpu".into(),
+            devices: Devices::cpu(),
             allow_non_finite_loss: false,
         }
     }
@@ -295,7 +296,7 @@ fn plan(args: &Args) -> Result<Plan> {
             bail!("{flag} is not supported by cnclip train yet: {instead}");
         }
     }
-    if !matches!(args.precision.as_str(), "amp" | "fp32") {
+    if !matches!(args.precision, Precision::Amp | Precision::Fp32) {
         bail!("--precision {}: cnclip train runs amp (fp32 on the CPU) or fp32", args.precision);
     }
     if args.accum_freq == 0 || args.batch_size == 0 || args.valid_batch_size == 0 || args.log_interval == 0 {
@@ -306,8 +307,8 @@ fn plan(args: &Args) -> Result<Plan> {
     }
     let devices: Vec<Device> = args
         .devices
-        .split(',')
-        .map(|d| cnclip_models::device::device(d.trim()))
+        .iter()
+        .map(|d| cnclip_models::device::device(&d.to_string()))
         .collect::<std::result::Result<_, _>>()?;
     if args.use_bn_sync && devices.len() > 1 {
         bail!(
@@ -430,7 +431,7 @@ fn params(args: &Args, plan: &Plan) -> BTreeMap<String, String> {
     set("resume", path(&args.resume));
     set("reset_optimizer", flag(args.reset_optimizer));
     set("reset_data_offset", flag(args.reset_data_offset));
-    set("precision", args.precision.clone());
+    set("precision", args.precision.to_string());
     // cn_clip's defaults, unless a model config file names the architecture.
     let named = |given: &Option<String>, default: &str| match (given, &args.model_config) {
         (Some(name), _) => name.clone(),
@@ -455,7 +456,7 @@ fn params(args: &Args, plan: &Plan) -> BTreeMap<String, String> {
     set("distillation", flag(args.distillation));
     set("teacher_model_name", path(&args.teacher_model_name));
     set("kd_loss_weight", python_float(args.kd_loss_weight));
-    set("devices", args.devices.clone());
+    set("devices", args.devices.to_string());
     set("world_size", plan.devices.len().to_string());
     set("log_path", plan.dir.display().to_string());
     set("checkpoint_path", plan.checkpoints.display().to_string());
@@ -510,9 +511,6 @@ impl Feed {
 
     fn take(&mut self, n: usize) -> Result<RecordBatch> {
         while self.rows < n {
-            if let Some(signal) = cnclip_operators::signals::interrupted() {
-                return Err(cnclip_operators::Error::Interrupted { signal }.into());
-            }
             let batch = self.stream.next().context("the data ended before the epoch's last batch")??;
             self.rows += batch.num_rows();
             self.pending.push(batch);
