@@ -22,7 +22,7 @@ use cnclip_operators::sources::jsonl::{self, TextLine};
 use cnclip_operators::spec::builtin::{ImageFolderConfig, PreprocessConfig, TokenizeConfig};
 use cnclip_operators::spec::{JobSettings, NodeDef, Planner};
 use cnclip_operators::transforms::preprocess::Order;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use crate::registry;
 
@@ -274,13 +274,11 @@ pub fn run_with(args: Args) -> Result<Metrics> {
     };
 
     // The classifier: every template of every class, ensembled per class.
-    let mut prompts = Vec::with_capacity(classnames.len() * templates.len());
-    for (c, name) in classnames.iter().enumerate() {
-        for (t, template) in templates.iter().enumerate() {
-            let text = template.replacen("{}", name, 1);
-            prompts.push(TextLine { text_id: (c * templates.len() + t) as i64, text, image_ids: Vec::new() });
-        }
-    }
+    let prompts: Vec<TextLine> = zeroshot::prompts(&classnames, &templates)
+        .into_iter()
+        .enumerate()
+        .map(|(id, text)| TextLine { text_id: id as i64, text, image_ids: Vec::new() })
+        .collect();
     let prompts = BatchesConfig {
         schema: cnclip_schemas::texts(),
         batches: vec![jsonl::texts_batch(&prompts)?],
@@ -300,17 +298,7 @@ pub fn run_with(args: Args) -> Result<Metrics> {
         ),
     ];
     let (_, prompt_features) = features(text_defs, settings("prompts"))?;
-    let classifier = tch::no_grad(|| {
-        let per_class: Vec<Tensor> = (0..classnames.len() as i64)
-            .map(|c| {
-                let t = templates.len() as i64;
-                let embeddings = prompt_features.narrow(0, c * t, t);
-                let mean = embeddings.mean_dim(0, false, Kind::Float);
-                &mean / mean.norm()
-            })
-            .collect();
-        Tensor::stack(&per_class, 1)
-    });
+    let classifier = zeroshot::classifier(&prompt_features, classnames.len(), templates.len());
 
     // The images, scored.
     let entries = folder::entries(&args.datapath).with_context(|| format!("{}", args.datapath.display()))?;
@@ -351,35 +339,12 @@ pub fn run_with(args: Args) -> Result<Metrics> {
         );
     }
     let targets: Vec<i64> = ids.iter().map(|&id| entries[id as usize].label as i64).collect();
-    let probs = tch::no_grad(|| (&image_features * 100.0).matmul(&classifier).softmax(-1, Kind::Float));
+    let probs = zeroshot::probabilities(&image_features, &classifier);
     let n = ids.len();
     let classes = classnames.len();
     let flat: Vec<f32> = Vec::try_from(probs.flatten(0, -1))?;
     let rows: Vec<&[f32]> = flat.chunks(classes.max(1)).collect();
-    let ranked = |row: &[f32]| -> Vec<usize> {
-        let mut order: Vec<usize> = (0..row.len()).collect();
-        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
-        order
-    };
-    let (mut top1, mut top5) = (0usize, 0usize);
-    let (mut per_class_hits, mut per_class_count) = (vec![0usize; classes], vec![0usize; classes]);
-    for (row, &target) in rows.iter().zip(&targets) {
-        let order = ranked(row);
-        let hit1 = order.first() == Some(&(target as usize));
-        top1 += usize::from(hit1);
-        top5 += usize::from(order.iter().take(5).any(|&c| c == target as usize));
-        if (target as usize) < classes {
-            per_class_count[target as usize] += 1;
-            per_class_hits[target as usize] += usize::from(hit1);
-        }
-    }
-    let seen: Vec<f64> = per_class_count
-        .iter()
-        .zip(&per_class_hits)
-        .filter(|(count, _)| **count > 0)
-        .map(|(count, hits)| *hits as f64 / *count as f64)
-        .collect();
-    let mean_per_class = seen.iter().sum::<f64>() / seen.len().max(1) as f64;
+    let zeroshot::Scores { top1, top5, mean_per_class_recall: mean_per_class, .. } = zeroshot::score(&rows, &targets);
 
     // cn_clip reorders the saved predictions by --index.
     let order: Vec<usize> = if args.index.is_empty() {

@@ -367,10 +367,6 @@ impl Transform for Encoder {
         Ok(self.schema())
     }
 
-    fn apply(&self, _: &RecordBatch, _: &str) -> cnclip_operators::Result<Output> {
-        Err(cnclip_operators::Error::Internal("an encoder runs on its device replicas".into()))
-    }
-
     fn execution(&self) -> Execution {
         Execution::Devices { devices: self.devices.clone(), batch_rows: self.batch_size }
     }

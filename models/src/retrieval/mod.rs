@@ -415,10 +415,6 @@ impl Transform for Knn {
         }
     }
 
-    fn apply(&self, _: &RecordBatch, _: &str) -> cnclip_operators::Result<Output> {
-        Err(cnclip_operators::Error::Internal("knn runs on its device replica".into()))
-    }
-
     fn execution(&self) -> Execution {
         Execution::Devices { devices: vec![self.config.device.clone()], batch_rows: self.config.query_batch.max(1) }
     }

@@ -54,11 +54,24 @@ pub trait Transform: Send + Sync + 'static {
     /// Which columns it needs.
     fn output_schema(&self, input: &SchemaRef) -> Result<SchemaRef, InputError>;
 
-    /// Transforms one batch. `source` names where the rows came from, for rejected records.
+    /// Transforms one batch on the CPU. `source` names where the rows came from, for rejected
+    /// records. Every transform that runs on the worker pool (the default [`execution`]) gives
+    /// one. A device-only transform (an encoder, `knn`), whose work is done by the replica
+    /// [`open_replica`] gives each device, leaves it out: the wiring calls `apply` under
+    /// [`Execution::Devices`] only when `open_replica` gives no replica, so the default body,
+    /// an error naming the mistake, is never reached by a transform that gives one.
+    ///
+    /// [`execution`]: Transform::execution
+    /// [`open_replica`]: Transform::open_replica
     ///
     /// # Errors
     /// Faults that are not one row's (they stop the job).
-    fn apply(&self, batch: &RecordBatch, source: &str) -> Result<Output>;
+    fn apply(&self, batch: &RecordBatch, source: &str) -> Result<Output> {
+        let _ = (batch, source);
+        Err(crate::Error::Internal(
+            "a transform without a CPU apply was run on the CPU (it must give device replicas)".into(),
+        ))
+    }
 
     /// How the runtime runs it: by default in pieces of ≤ 32 rows on the CPU worker pool.
     fn execution(&self) -> Execution {
