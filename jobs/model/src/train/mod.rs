@@ -554,7 +554,8 @@ fn replicas(args: &Args, plan: &Plan, weights: Option<&BTreeMap<String, Tensor>>
     ];
     for (path, flag, wanted) in pretrained {
         if let Some(path) = path {
-            initialise(&mut first, path, wanted).with_context(|| format!("{flag} {}", path.display()))?;
+            cnclip_models::training::initialise(&mut first, path, wanted)
+                .with_context(|| format!("{flag} {}", path.display()))?;
         }
     }
     if let Some(weights) = weights {
@@ -568,37 +569,6 @@ fn replicas(args: &Args, plan: &Plan, weights: Option<&BTreeMap<String, Tensor>>
         all.push(replica);
     }
     Ok(all)
-}
-
-/// Copies the tensors of a torch state dict file (a bare dict, or a checkpoint's `state_dict`;
-/// DDP's `module.` stripped) whose names `wanted` keeps into `model` — cn_clip's
-/// `restore_model`, which loads them non-strictly. A kept tensor of another shape is an error.
-fn initialise(model: &mut Clip, path: &Path, wanted: fn(&str) -> bool) -> Result<()> {
-    let mut archive = cnclip_models::checkpoint::TorchArchive::open(path)?;
-    let top = std::mem::replace(&mut archive.value, cnclip_models::checkpoint::pickle::Value::None);
-    let dict = top.get("state_dict").unwrap_or(&top);
-    let tensors = archive.state_dict(dict)?;
-    let variables = model.var_store().variables();
-    let mut copied = 0;
-    tch::no_grad(|| -> Result<()> {
-        for (name, tensor) in &tensors {
-            let name = name.strip_prefix("module.").unwrap_or(name);
-            if !wanted(name) {
-                continue;
-            }
-            let Some(var) = variables.get(name) else { continue };
-            if var.size() != tensor.size() {
-                bail!("{name} has shape {:?}, the model's {:?}", tensor.size(), var.size());
-            }
-            var.shallow_clone().copy_(&tensor.to_kind(var.kind()));
-            copied += 1;
-        }
-        Ok(())
-    })?;
-    if copied == 0 {
-        bail!("no tensor of the model in this state dict");
-    }
-    Ok(())
 }
 
 fn teachers(args: &Args, plan: &Plan) -> Result<Vec<Clip>> {
