@@ -46,6 +46,13 @@ pub enum Error {
          wait for that job, or stop it, and run again"
     )]
     Busy { target: String, lock: String, holder: String },
+    /// A sharded output directory holds parts of another split (another `n`): writing shard
+    /// `shard` there would mix two splits in one table.
+    #[error(
+        "{dir} holds parts of another split ({other}, …): --shard {shard} would mix two splits in one table; remove \
+         them or use the same n"
+    )]
+    MixedSplits { dir: String, other: String, shard: crate::sources::Shard },
     /// SIGINT or SIGTERM stopped the job (its outputs were removed).
     #[error("interrupted by {signal}: nothing was written")]
     Interrupted { signal: &'static str },

@@ -352,7 +352,7 @@ fn run_lists_the_registered_kinds() {
             (words.next().unwrap(), words.next().unwrap())
         })
         .collect();
-    assert_eq!(kinds.len(), 17, "{listing}");
+    assert_eq!(kinds.len(), 18, "{listing}");
     assert!(kinds.contains(&("tsv", "source")) && kinds.contains(&("preprocess", "transform")), "{listing}");
     for kind in [
         ("feature_jsonl", "source"),
@@ -360,6 +360,7 @@ fn run_lists_the_registered_kinds() {
         ("random_augment", "transform"),
         ("require_images", "transform"),
         ("exclude_ids", "transform"),
+        ("write_parts", "sink"),
     ] {
         assert!(kinds.contains(&kind), "{kind:?} missing from {listing}");
     }

@@ -596,3 +596,57 @@ impl Drop for Stopped {
         }
     }
 }
+
+/// Issue #24 item 2: `write_parts` is one sink, so a pipeline run by `cnclip run p.toml --shard
+/// i/n` writes the same shard layout as `extract-features --shard`: two shards of a TOML
+/// pipeline make a directory `manifest check` accepts, with every id once; a rerun of a shard
+/// replaces its own part; without `--shard` the same node joins its parts into one file.
+#[test]
+fn a_toml_pipeline_with_write_parts_run_as_two_shards_passes_manifest_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let lines: String = (0..11).map(|id| format!("{{\"image_id\": {id}, \"feature\": [{id}.0, 0.5]}}\n")).collect();
+    std::fs::write(root.join("features.jsonl"), lines).unwrap();
+    let pipeline = |path: &str| {
+        format!(
+            "[job]\nquarantine = \"quarantine.jsonl\"\n\n[nodes.features]\nkind = \"feature_jsonl\"\n\
+             paths = [\"features.jsonl\"]\nid_key = \"image_id\"\n\n[nodes.out]\nkind = \"write_parts\"\n\
+             input = \"features\"\npath = \"{path}\"\ntower = \"image\"\npart_rows = 2\n"
+        )
+    };
+    std::fs::write(root.join("p.toml"), pipeline("parts")).unwrap();
+    for shard in ["0/2", "1/2"] {
+        cnclip(root, &["run", "p.toml", "--shard", shard]);
+    }
+    // The parts and their entries; no work directory left (the writers' lock files may stay).
+    let finished: Vec<String> =
+        listing(&root.join("parts")).into_iter().filter(|name| !name.ends_with(".cnclip-lock")).collect();
+    assert_eq!(
+        finished,
+        [
+            "part-00000-of-00002.json",
+            "part-00000-of-00002.parquet",
+            "part-00001-of-00002.json",
+            "part-00001-of-00002.parquet"
+        ]
+    );
+    let (summary, _) = cnclip(root, &["manifest", "check", "parts"]);
+    assert!(summary.contains("2 of 2 shards, 11 rows (ids 0–10), image features"), "{summary}");
+    let entry: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root.join("parts/part-00001-of-00002.json")).unwrap()).unwrap();
+    assert_eq!((entry["rows"].as_u64(), entry["first_id"].as_i64()), (Some(5), Some(1)), "{entry}");
+
+    // A rerun of one shard replaces its own part, and the whole still checks.
+    let before = std::fs::read(root.join("parts/part-00000-of-00002.parquet")).unwrap();
+    cnclip(root, &["run", "p.toml", "--shard", "0/2"]);
+    assert_eq!(std::fs::read(root.join("parts/part-00000-of-00002.parquet")).unwrap(), before);
+    cnclip(root, &["manifest", "check", "parts"]);
+
+    // Unsharded, the parts are joined into one file: cn_clip's lines for `.jsonl`.
+    std::fs::write(root.join("one.toml"), pipeline("one.jsonl")).unwrap();
+    cnclip(root, &["run", "one.toml"]);
+    let joined = std::fs::read_to_string(root.join("one.jsonl")).unwrap();
+    assert_eq!(joined.lines().count(), 11, "{joined}");
+    assert!(joined.starts_with("{\"image_id\": 0, \"feature\": [0.0, 0.5]}\n"), "{joined}");
+    assert!(!root.join("one.jsonl.cnclip-parts").exists());
+}

@@ -256,7 +256,7 @@ pub fn export(args: ExportArgs) -> Result<()> {
                 defs.push(NodeDef::new(
                     "with_images",
                     Some(&texts_in),
-                    RequireImagesConfig { images: paths(&parquet("images")) },
+                    RequireImagesConfig { images: paths(&parquet("images")), ..Default::default() },
                 ));
                 defs.push(NodeDef::new("pairs", Some("with_images"), lmdb(Database::Pairs, "pairs")));
             }

@@ -24,8 +24,9 @@
 //! ([`source`]) in a pipeline. Parts are checked as files (bytes, footer, id column), which is
 //! what a reader of the directory will meet.
 //!
-//! The entry format and the source rule are also what `extract-features` (in `cnclip-torch`)
-//! writes and reads: both binaries build this module.
+//! The layout and the entry format are defined beside the sink that writes them,
+//! `write_parts` (`operators/src/sinks/parts.rs`), and re-exported here. The source rule is
+//! also what `extract-features` (in `cnclip-torch`) reads: both binaries build this module.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -38,7 +39,6 @@ use cnclip_operators::spec::builtin::{ImageFolderConfig, JsonlConfig, LmdbConfig
 use cnclip_operators::spec::{JobSettings, NodeDef, Planner, Registry};
 use cnclip_operators::transforms::preprocess::Order;
 use cnclip_schemas::metadata;
-use serde::{Deserialize, Serialize};
 
 #[derive(clap::Subcommand)]
 pub enum Command {
@@ -94,138 +94,13 @@ pub fn run(command: Command) -> Result<()> {
     }
 }
 
-/// Which tower's features a table holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Tower {
-    Image,
-    Text,
-}
-
-impl Tower {
-    /// The id column of its sources.
-    pub fn id_column(self) -> &'static str {
-        match self {
-            Tower::Image => cnclip_schemas::columns::IMAGE_ID,
-            Tower::Text => cnclip_schemas::columns::TEXT_ID,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Tower::Image => "image",
-            Tower::Text => "text",
-        }
-    }
-}
-
-/// What the entries' `format` field says.
-pub const ENTRY_FORMAT: &str = "cnclip.shard-entry.v1";
-
-/// A finished shard, as `part-{i:05}-of-{n:05}.json` records it next to its part.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Entry {
-    pub format: String,
-    /// `i/n`.
-    pub shard: String,
-    pub index: u64,
-    pub count: u64,
-    /// The part's file name, in the same directory.
-    pub part: String,
-    pub rows: u64,
-    /// Ids in file order (the source's order within the shard) and their range.
-    pub first_id: Option<i64>,
-    pub last_id: Option<i64>,
-    pub min_id: Option<i64>,
-    pub max_id: Option<i64>,
-    /// The part file's size and sha256 (hex).
-    pub bytes: u64,
-    pub sha256: String,
-    pub tower: Tower,
-    /// `Vision@Text` (or `custom`), as the table's metadata says, and the towers it names.
-    pub model: String,
-    pub vision_model: Option<String>,
-    pub text_model: Option<String>,
-    pub precision: String,
-    pub dim: Option<usize>,
-    /// The checkpoint as given, and the sha256 of its file.
-    pub checkpoint: String,
-    pub checkpoint_sha256: String,
-    /// The input as given (`--image-data` or `--text-data`).
-    pub source: Vec<String>,
-    /// Records of the shard's input quarantined (see `part-….quarantine.jsonl`).
-    pub quarantined: u64,
-    /// RFC 3339, UTC.
-    pub created: String,
-    pub cnclip_version: String,
-    /// The scheduler's ids, where it set them (`SLURM_ARRAY_JOB_ID`, `JOB_COMPLETION_INDEX`, …).
-    #[serde(default)]
-    pub job: BTreeMap<String, String>,
-    /// sha256 of what the part was made from: the extraction's settings, the checkpoint's and
-    /// the input files' sizes and modification times. A rerun that would make the same keeps
-    /// the part (absent in entries of older versions: those shards are extracted again).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub made_from: Option<String>,
-}
-
-/// The scheduler variables an entry records.
-// Used by extract-features (in `cnclip-torch`, which builds this module too).
-pub const JOB_VARIABLES: [&str; 6] =
-    ["SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX", "JOB_NAME", "HOSTNAME"];
-
-/// `part-{i:05}-of-{n:05}`: the stem of a shard's part, entry and quarantine.
-pub fn part_stem(shard: Shard) -> String {
-    format!("part-{:05}-of-{:05}", shard.index, shard.count)
-}
-
-/// Where a shard's work in progress lives: hidden in `dir`, which readers do not descend into.
-pub fn work_dir(dir: &Path, shard: Shard) -> PathBuf {
-    dir.join(format!(".{}.cnclip-parts", part_stem(shard)))
-}
-
-/// A shard's quarantine file.
-// Used by extract-features (in `cnclip-torch`, which builds this module too).
-pub fn quarantine_path(dir: &Path, shard: Shard) -> PathBuf {
-    dir.join(format!("{}.quarantine.jsonl", part_stem(shard)))
-}
-
-/// What a file of a sharded directory is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FileKind {
-    Part,
-    Entry,
-    Quarantine,
-    /// A shard's work directory (`.part-….cnclip-parts`).
-    Work,
-}
-
-/// The shard and kind a file name stands for (`part-00001-of-00004.parquet` → 1/4, part).
-pub fn parse_name(name: &str) -> Option<(Shard, FileKind)> {
-    let (hidden, name) = match name.strip_prefix('.') {
-        Some(rest) => (true, rest),
-        None => (false, name),
-    };
-    let rest = name.strip_prefix("part-")?;
-    let (index, rest) = rest.split_once("-of-")?;
-    let (count, suffix) = rest.split_once('.')?;
-    let kind = match (hidden, suffix) {
-        (false, "parquet") => FileKind::Part,
-        (false, "json") => FileKind::Entry,
-        (false, "quarantine.jsonl") => FileKind::Quarantine,
-        (true, "cnclip-parts") => FileKind::Work,
-        _ => return None,
-    };
-    let digits = |s: &str| s.len() >= 5 && s.bytes().all(|b| b.is_ascii_digit());
-    if !digits(index) || !digits(count) {
-        return None;
-    }
-    let shard = format!("{index}/{count}").parse::<Shard>().ok()?;
-    (part_stem(shard) == format!("part-{index}-of-{count}")).then_some((shard, kind))
-}
+// The layout and the entry format live with the sink that writes them (`write_parts`).
+pub use cnclip_operators::sinks::parts::{
+    ENTRY_FORMAT, Entry, FileKind, JOB_VARIABLES, Tower, parse_name, part_stem, quarantine_path, work_dir,
+};
 
 /// A part file as a reader meets it.
 #[derive(Debug, Clone)]
-// Used by extract-features (in `cnclip-torch`, which builds this module too).
 pub struct PartFacts {
     pub bytes: u64,
     pub sha256: String,
@@ -274,7 +149,6 @@ fn regular(path: &Path) -> Result<()> {
 
 /// Size, checksum, rows, ids and metadata of a part. The bytes are hashed before the file is
 /// parsed, so a part that no longer parses still reports them: see [`read_part`].
-// Used by extract-features (in `cnclip-torch`, which builds this module too).
 pub fn inspect_part(path: &Path) -> Result<PartFacts> {
     let (sha256, bytes) = sha256_file(path)?;
     read_part(path, sha256, bytes)

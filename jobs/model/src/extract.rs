@@ -1,14 +1,15 @@
 //! `cnclip extract-features` (`extract`): cn_clip's `eval/extract_features.py`, with its flags,
 //! as pipelines: images (an LMDB `imgs` directory as cn_clip takes, or TSV shards, a Parquet
 //! images table, an image folder) → decode → preprocess → `encode_image`; texts (JSONL or a
-//! Parquet texts table) → tokenize → `encode_text`. The encoder's output is streamed to this
-//! job, which writes it in parts.
+//! Parquet texts table) → tokenize → `encode_text`, each pipeline ending in the resumable
+//! `write_parts` sink (`operators/src/sinks/parts.rs`).
 //!
 //! Resumable: rows are written to `{output}.cnclip-parts/part-NNNNN.parquet`, each part synced
 //! and recorded in `manifest.json` (with a fingerprint of the checkpoint and the settings)
 //! before the next begins. A rerun of the same command keeps the recorded parts, skips their
-//! ids at the source (`exclude_ids`, before any decoding) and goes on; when the input is done,
-//! a second pipeline joins the parts, in order, into the output — cn_clip's JSON lines
+//! ids at the source (`exclude_ids`, before any decoding: this job calls `parts::resume` before
+//! planning and hands the sink a `Prepared`) and goes on; when the input is done, the sink
+//! joins the parts, in order, into the output — cn_clip's JSON lines
 //! (`{"image_id": …, "feature": […]}`) for `.jsonl`, a feature table for `.parquet` — written
 //! atomically, and the parts are removed. Since rows come out in input order, the result equals
 //! an uninterrupted run's. Bad images are quarantined to `{output stem}.quarantine.jsonl` (or
@@ -17,7 +18,7 @@
 //! Sharded (`--shard i/n` given, as an array task runs it): the output path is a directory, a
 //! table of parts, and this job writes its share as `part-{i:05}-of-{n:05}.parquet` (the feature
 //! table, the shard's rows in input order) plus its manifest entry `part-{i:05}-of-{n:05}.json`
-//! (see `manifest.rs`, which defines the layout and `cnclip manifest check`). The resumable
+//! (the layout is the sink's; `cnclip manifest check` verifies it). The resumable
 //! parts live in the hidden `.part-{i:05}-of-{n:05}.cnclip-parts/` inside the directory, the
 //! finished part is renamed from there over its previous version and its entry written after
 //! it: a rerun replaces its own part and entry, nothing else, whatever the other shards are
@@ -39,18 +40,13 @@ use cnclip_models::checkpoint::{Format, architecture};
 use cnclip_models::encoders::{EncodeImageConfig, EncodeTextConfig, EncoderConfig};
 use cnclip_operators::options::{Devices, Precision};
 use cnclip_operators::quarantine::OnError;
-use cnclip_operators::sinks::parquet::ParquetSink;
+use cnclip_operators::sinks::parts::{self, Prepared, Target, Tower, WritePartsConfig};
 use cnclip_operators::sources::Shard;
-use cnclip_operators::spec::builtin::{
-    DecodeBase64Config, ExcludeIdsConfig, ParquetConfig, PreprocessConfig, TokenizeConfig, WriteJsonlConfig,
-    WriteParquetConfig,
-};
+use cnclip_operators::spec::builtin::{DecodeBase64Config, ExcludeIdsConfig, PreprocessConfig, TokenizeConfig};
 use cnclip_operators::spec::{JobSettings, NodeDef, Planner};
-use cnclip_schemas::metadata;
-use serde::{Deserialize, Serialize};
 
 use crate::registry;
-use cnclip_data_jobs::manifest::{self, Tower};
+use cnclip_data_jobs::manifest;
 
 #[derive(clap::Args, Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Args {
@@ -247,27 +243,6 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// What a part directory was made with: a rerun with anything else starts over.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct Manifest {
-    fingerprint: String,
-    parts: Vec<Part>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct Part {
-    file: String,
-    rows: u64,
-    first_id: Option<i64>,
-    last_id: Option<i64>,
-}
-
-/// Where a tower's features go: one file, or a shard's part of a directory.
-enum Target {
-    File(PathBuf),
-    Shard { dir: PathBuf, shard: Shard },
-}
-
 /// Refuses outputs that would destroy something: the two towers' outputs on one path (the
 /// images would overwrite the texts), or an output on an input or the checkpoint.
 fn check_outputs(args: &Args, text: Option<&Path>, image: Option<&Path>) -> Result<()> {
@@ -308,67 +283,6 @@ fn target(output: &Path, shard: Option<Shard>) -> Target {
         Some(shard) => Target::Shard { dir: output.to_path_buf(), shard },
         None => Target::File(output.to_path_buf()),
     }
-}
-
-impl Target {
-    /// The resumable parts' directory.
-    fn parts_dir(&self) -> PathBuf {
-        match self {
-            Target::File(output) => {
-                let name = output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                output.with_file_name(format!("{name}.cnclip-parts"))
-            }
-            Target::Shard { dir, shard } => manifest::work_dir(dir, *shard),
-        }
-    }
-
-    fn quarantine_path(&self) -> PathBuf {
-        match self {
-            Target::File(output) => output.with_extension("quarantine.jsonl"),
-            Target::Shard { dir, shard } => manifest::quarantine_path(dir, *shard),
-        }
-    }
-
-    /// What the parts are joined into: the output, or the shard's part, in its work directory
-    /// until [`publish`] moves it into place.
-    fn joined(&self) -> PathBuf {
-        match self {
-            Target::File(output) => output.clone(),
-            Target::Shard { shard, .. } => self.parts_dir().join(format!("{}.parquet", manifest::part_stem(*shard))),
-        }
-    }
-
-    /// Where the features end up.
-    fn output(&self) -> PathBuf {
-        match self {
-            Target::File(output) => output.clone(),
-            Target::Shard { dir, shard } => dir.join(format!("{}.parquet", manifest::part_stem(*shard))),
-        }
-    }
-}
-
-/// A sharded output directory, ready for shard `shard`: created if need be, and holding no
-/// other split's parts (a table is one split; mixing `n` would leave ids twice or never).
-fn prepare_shard_dir(dir: &Path, shard: Shard) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let others: Vec<String> = std::fs::read_dir(dir)
-        .with_context(|| format!("listing {}", dir.display()))?
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|name| {
-            manifest::parse_name(name).is_some_and(|(s, kind)| {
-                s.count != shard.count && matches!(kind, manifest::FileKind::Part | manifest::FileKind::Entry)
-            })
-        })
-        .collect();
-    if let Some(other) = others.first() {
-        bail!(
-            "{} holds parts of another split ({other}, …): --shard {shard} would mix two splits in one table; \
-             remove them or use the same n",
-            dir.display()
-        );
-    }
-    Ok(())
 }
 
 /// A tower's input, as given.
@@ -432,21 +346,14 @@ fn extract(
     encoder: EncoderConfig,
 ) -> Result<()> {
     let start = std::time::Instant::now();
-    match target {
-        Target::Shard { dir, shard } => prepare_shard_dir(dir, *shard)?,
-        Target::File(output) => {
-            if let Some(parent) = output.parent().filter(|p| !p.as_os_str().is_empty()) {
-                std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-            }
-        }
-    }
+    target.prepare()?;
     // One writer at a time: a second run on this output (an array task submitted twice) fails
     // here, naming the first, instead of sharing its work directory.
     let _writer = cnclip_operators::staging::WriterLock::acquire(&target.output())?;
     let made_from = match target {
         Target::Shard { dir, shard } => {
             let made_from = made_from(args, tower, &encoder)?;
-            if let Some(entry) = finished(dir, *shard, &made_from) {
+            if let Some(entry) = target.finished(&made_from) {
                 eprintln!(
                     "cnclip extract-features: shard {shard} is done: {} ({} {} features, made {}) was made from the same \
                      checkpoint, settings and input; kept (delete it to extract the shard again)",
@@ -461,33 +368,10 @@ fn extract(
         }
         Target::File(_) => None,
     };
-    let dir = target.parts_dir();
     let fingerprint = fingerprint(args, tower, &encoder)?;
-    let manifest_path = dir.join("manifest.json");
-    let mut manifest =
-        match std::fs::read(&manifest_path).ok().and_then(|b| serde_json::from_slice::<Manifest>(&b).ok()) {
-            Some(m) if m.fingerprint == fingerprint && m.parts.iter().all(|p| dir.join(&p.file).is_file()) => m,
-            found => {
-                if found.is_some() {
-                    eprintln!("cnclip extract-features: {} was made with other settings: starting over", dir.display());
-                }
-                let _ = std::fs::remove_dir_all(&dir);
-                Manifest { fingerprint: fingerprint.clone(), parts: Vec::new() }
-            }
-        };
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    // Files in the directory that no recorded part names are a crashed run's partial part.
-    for entry in std::fs::read_dir(&dir)?.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name != "manifest.json" && !manifest.parts.iter().any(|p| p.file == name) {
-            let _ = std::fs::remove_file(entry.path());
-        }
-    }
-    let done: Vec<PathBuf> = manifest.parts.iter().map(|p| dir.join(&p.file)).collect();
-    let resumed = manifest.parts.iter().map(|p| p.rows).sum::<u64>();
-    if resumed > 0 {
-        eprintln!("cnclip extract-features: resuming after {} parts ({resumed} rows)", manifest.parts.len());
-    }
+    // The kept parts' ids are skipped at the source, before any decoding.
+    let resumed = parts::resume(target, &fingerprint, Some("cnclip extract-features"))?;
+    let done = resumed.done();
     let settings = JobSettings {
         on_error: args.on_error,
         quarantine: target.quarantine_path(),
@@ -496,53 +380,26 @@ fn extract(
         ..JobSettings::default()
     };
     let resolution = config.vision.image_resolution as usize;
-    let defs = nodes(args, tower, &done, resolution, encoder)?;
-    let registry = registry();
-    let pipeline = Planner::new(&registry).stream("features").plan(settings, defs)?;
-    let mut stream = pipeline.stream()?;
-    let mut parts = PartWriter { dir: &dir, manifest_path: &manifest_path, schema: stream.schema(), open: None };
-    for batch in stream.by_ref() {
-        let mut batch = batch?;
-        // Each batch goes straight into the open part: memory stays one row group whatever the
-        // part size or corpus.
-        while batch.num_rows() > 0 {
-            let written = parts.open.as_ref().map_or(0, |p| p.rows);
-            let take = batch.num_rows().min(args.part_rows - written);
-            parts.write(&batch.slice(0, take), &manifest)?;
-            batch = batch.slice(take, batch.num_rows() - take);
-            if written + take == args.part_rows {
-                parts.finish(&mut manifest)?;
-            }
-        }
-    }
-    let quarantined = stream.report().map_or(0, |r| r.quarantined);
-    drop(stream);
-    if manifest.parts.is_empty() && parts.open.is_none() {
-        // No rows at all: still one (empty) part, so the output exists with its schema.
-        parts.write(&arrow::record_batch::RecordBatch::new_empty(parts.schema.clone()), &manifest)?;
-    }
-    parts.finish(&mut manifest)?;
-    let rows: u64 = manifest.parts.iter().map(|p| p.rows).sum();
-
-    // The parts, in order, into the output.
-    let parts: Vec<String> = manifest.parts.iter().map(|p| dir.join(&p.file).display().to_string()).collect();
-    let joined = target.joined();
-    let sink = if joined.extension().is_some_and(|e| e == "parquet") {
-        NodeDef::new("output", Some("parts"), WriteParquetConfig { path: joined.clone() })
-    } else {
-        let rename = [("id".to_string(), tower.id_column().to_string())].into_iter().collect();
-        NodeDef::new("output", Some("parts"), WriteJsonlConfig { path: joined.clone(), rename })
+    let (vision_model, text_model) = (args.vision_model.clone(), args.text_model.clone());
+    let mut defs = nodes(args, tower, &done, resolution, encoder)?;
+    let (path, sharded) = match target {
+        Target::File(output) => (output.clone(), false),
+        Target::Shard { dir, .. } => (dir.clone(), true),
     };
-    let join = Planner::new(&registry).plan(
-        JobSettings { quarantine: dir.join("join-quarantine.jsonl"), ..JobSettings::default() },
-        vec![NodeDef::new("parts", None, ParquetConfig { paths: parts, table: None, dedupe: false }), sink],
-    )?;
-    join.run()?;
-    if let Target::Shard { dir: output, shard } = target {
-        let made_from = made_from.as_deref().unwrap_or_default();
-        publish(args, tower, output, *shard, &joined, quarantined as u64, made_from)?;
-    }
-    std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    let sink = WritePartsConfig {
+        path,
+        part_rows: args.part_rows,
+        tower,
+        sharded: Some(sharded),
+        checkpoint: Some(args.resume.display().to_string()),
+        source: data(args, tower),
+        prepared: Some(Prepared { fingerprint, made_from, vision_model, text_model }),
+    };
+    defs.push(NodeDef::new("output", Some("features"), sink));
+    let registry = registry();
+    let report = Planner::new(&registry).plan(settings, defs)?.run()?;
+    let quarantined = report.quarantined;
+    let rows: u64 = report.written.iter().map(|(_, written)| written.rows).sum();
     eprintln!(
         "cnclip extract-features: {rows} {} features, {quarantined} quarantined{} → {} ({:.1} s)",
         tower.name(),
@@ -551,136 +408,6 @@ fn extract(
         start.elapsed().as_secs_f64()
     );
     Ok(())
-}
-
-/// Moves a shard's finished part (`joined`, in its work directory) into `dir` over its previous
-/// version, then writes its entry. The old entry goes first: at no moment does an entry vouch
-/// for a part it does not describe, and a crash in between leaves a part without an entry,
-/// which `manifest check` names (and a rerun repairs).
-fn publish(
-    args: &Args,
-    tower: Tower,
-    dir: &Path,
-    shard: Shard,
-    joined: &Path,
-    quarantined: u64,
-    made_from: &str,
-) -> Result<()> {
-    let part = manifest::inspect_part(joined).with_context(|| format!("reading back {}", joined.display()))?;
-    let meta = |key: &str| part.metadata.get(key).cloned();
-    let model = meta(metadata::MODEL).unwrap_or_default();
-    let (vision_model, text_model) = match model.split_once('@') {
-        Some((v, t)) => (Some(v.to_string()), Some(t.to_string())),
-        None => (args.vision_model.clone(), args.text_model.clone()),
-    };
-    let stem = manifest::part_stem(shard);
-    let entry = manifest::Entry {
-        format: manifest::ENTRY_FORMAT.into(),
-        shard: shard.to_string(),
-        index: shard.index,
-        count: shard.count,
-        part: format!("{stem}.parquet"),
-        rows: part.rows,
-        first_id: part.ids.first().copied(),
-        last_id: part.ids.last().copied(),
-        min_id: part.ids.iter().min().copied(),
-        max_id: part.ids.iter().max().copied(),
-        bytes: part.bytes,
-        sha256: part.sha256.clone(),
-        tower,
-        model,
-        vision_model,
-        text_model,
-        precision: meta(metadata::PRECISION).unwrap_or_default(),
-        dim: meta(metadata::DIM).and_then(|d| d.parse().ok()),
-        checkpoint: args.resume.display().to_string(),
-        checkpoint_sha256: meta(metadata::CHECKPOINT_SHA256).unwrap_or_default(),
-        source: data(args, tower),
-        quarantined,
-        created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-        cnclip_version: env!("CARGO_PKG_VERSION").into(),
-        job: manifest::JOB_VARIABLES
-            .iter()
-            .filter_map(|var| std::env::var(var).ok().map(|value| (var.to_string(), value)))
-            .collect(),
-        made_from: Some(made_from.to_string()),
-    };
-    let (part_path, entry_path) = (dir.join(&entry.part), dir.join(format!("{stem}.json")));
-    match std::fs::remove_file(&entry_path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(e).with_context(|| format!("removing {}", entry_path.display()));
-        }
-        _ => {}
-    }
-    std::fs::rename(joined, &part_path).with_context(|| format!("moving {} into place", part_path.display()))?;
-    let mut json = serde_json::to_vec_pretty(&entry)?;
-    json.push(b'\n');
-    cnclip_operators::write_atomically(&entry_path, |f| std::io::Write::write_all(f, &json))?;
-    if quarantined == 0 {
-        // A previous run's bad records, which this run no longer met.
-        let _ = std::fs::remove_file(manifest::quarantine_path(dir, shard));
-    }
-    Ok(())
-}
-
-/// Rows per row group in a part: parts are read back in order by the final join, and a
-/// writer buffers one group, so small groups keep memory flat.
-const PART_ROW_GROUP_BYTES: usize = 8 << 20;
-
-/// The part being written and where finished ones are recorded.
-struct PartWriter<'a> {
-    dir: &'a Path,
-    manifest_path: &'a Path,
-    schema: arrow::datatypes::SchemaRef,
-    open: Option<OpenPart>,
-}
-
-struct OpenPart {
-    file: String,
-    sink: ParquetSink,
-    rows: usize,
-    first_id: Option<i64>,
-    last_id: Option<i64>,
-}
-
-impl PartWriter<'_> {
-    /// Appends `batch` to the open part, starting the next part if none is open.
-    fn write(&mut self, batch: &arrow::record_batch::RecordBatch, manifest: &Manifest) -> Result<()> {
-        if self.open.is_none() {
-            let file = format!("part-{:05}.parquet", manifest.parts.len());
-            let sink = ParquetSink::create_with_row_group_bytes(
-                &self.dir.join(&file),
-                "features",
-                self.schema.clone(),
-                PART_ROW_GROUP_BYTES,
-            )?;
-            self.open = Some(OpenPart { file, sink, rows: 0, first_id: None, last_id: None });
-        }
-        let part = self.open.as_mut().expect("opened above");
-        part.sink.write(batch)?;
-        let ids = batch.column(0).as_any().downcast_ref::<arrow::array::Int64Array>().context("id column")?;
-        if !ids.is_empty() {
-            part.first_id = part.first_id.or(Some(ids.value(0)));
-            part.last_id = Some(ids.value(ids.len() - 1));
-        }
-        part.rows += batch.num_rows();
-        Ok(())
-    }
-
-    /// Closes the open part (synced, renamed into place) and records it in the manifest.
-    fn finish(&mut self, manifest: &mut Manifest) -> Result<()> {
-        let Some(part) = self.open.take() else { return Ok(()) };
-        part.sink.finish()?;
-        manifest.parts.push(Part {
-            file: part.file,
-            rows: part.rows as u64,
-            first_id: part.first_id,
-            last_id: part.last_id,
-        });
-        let json = serde_json::to_vec_pretty(manifest)?;
-        cnclip_operators::write_atomically(self.manifest_path, |f| std::io::Write::write_all(f, &json))?;
-        Ok(())
-    }
 }
 
 /// What a shard's part is made from, hashed: this cnclip's version, the tower's own settings,
@@ -715,23 +442,6 @@ fn made_from(args: &Args, tower: Tower, encoder: &EncoderConfig) -> Result<Strin
     })
     .to_string();
     Ok(format!("{:x}", sha2::Sha256::digest(text.as_bytes())))
-}
-
-/// Shard `shard`'s entry in `dir`, if it vouches for a part made from `made_from`, with no
-/// record quarantined (a rerun retries those), that is there with the size and sha256 it
-/// records (reading the part costs far less than extracting it again).
-fn finished(dir: &Path, shard: Shard, made_from: &str) -> Option<manifest::Entry> {
-    let stem = manifest::part_stem(shard);
-    let entry: manifest::Entry = serde_json::from_slice(&std::fs::read(dir.join(format!("{stem}.json"))).ok()?).ok()?;
-    let ours = entry.made_from.as_deref() == Some(made_from)
-        && entry.quarantined == 0
-        && entry.part == format!("{stem}.parquet")
-        && std::fs::metadata(dir.join(&entry.part)).ok()?.len() == entry.bytes;
-    if !ours {
-        return None;
-    }
-    let (sha256, _) = manifest::sha256_file(&dir.join(&entry.part)).ok()?;
-    (sha256 == entry.sha256).then_some(entry)
 }
 
 /// What the parts depend on: the checkpoint's bytes and every setting that changes a row.

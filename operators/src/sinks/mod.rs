@@ -8,6 +8,7 @@ pub mod lmdb;
 pub mod lmdb_bulk;
 pub mod lmdb_txn;
 pub mod parquet;
+pub mod parts;
 pub mod tsv;
 
 use arrow::record_batch::RecordBatch;
@@ -37,26 +38,70 @@ pub trait Sink: Send + 'static {
 }
 
 /// A complete output at its temporary path. [`Staged::commit`] renames it into place
-/// (replacing what was there); dropped uncommitted, it is removed.
-#[derive(Debug)]
+/// (replacing what was there), or runs the sink's own publishing step
+/// ([`Staged::with_publish`]); dropped uncommitted, it is removed.
 pub struct Staged {
     tmp: std::path::PathBuf,
     path: std::path::PathBuf,
     done: bool,
+    publish: Option<Publish>,
+}
+
+/// A sink's own way of moving its output into place (a shard's part and then its entry).
+type Publish = Box<dyn FnOnce(&Committed) -> Result<()> + Send>;
+
+/// What the job knows when it commits, for a sink whose output records it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Committed {
+    /// Records the job quarantined.
+    pub quarantined: u64,
+}
+
+impl std::fmt::Debug for Staged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Staged")
+            .field("tmp", &self.tmp)
+            .field("path", &self.path)
+            .field("done", &self.done)
+            .field("publish", &self.publish.is_some())
+            .finish()
+    }
 }
 
 impl Staged {
     /// `tmp` (a file or directory being written) is to become `path`: on [`commit`](Self::commit),
     /// or removed if dropped uncommitted.
     pub fn new(tmp: std::path::PathBuf, path: std::path::PathBuf) -> Self {
-        Staged { tmp, path, done: false }
+        Staged { tmp, path, done: false, publish: None }
+    }
+
+    /// `tmp` is to be moved into place by `publish` (which sees what the job knows then), or
+    /// removed if dropped uncommitted.
+    pub fn with_publish(
+        tmp: std::path::PathBuf,
+        path: std::path::PathBuf,
+        publish: impl FnOnce(&Committed) -> Result<()> + Send + 'static,
+    ) -> Self {
+        Staged { tmp, path, done: false, publish: Some(Box::new(publish)) }
     }
 
     /// Moves the output into place.
     ///
     /// # Errors
     /// IO errors renaming it (or removing the directory it replaces).
-    pub fn commit(mut self) -> Result<()> {
+    pub fn commit(self) -> Result<()> {
+        self.commit_with(&Committed::default())
+    }
+
+    /// Moves the output into place, telling a publishing sink what the job knows.
+    ///
+    /// # Errors
+    /// IO errors renaming it (or removing the directory it replaces), or the publishing step's.
+    pub fn commit_with(mut self, committed: &Committed) -> Result<()> {
+        if let Some(publish) = self.publish.take() {
+            self.done = true;
+            return publish(committed);
+        }
         if self.path.is_dir() && self.tmp.is_dir() {
             std::fs::remove_dir_all(&self.path).map_err(crate::error::io(&self.path))?;
         }

@@ -45,6 +45,7 @@ pub fn register(registry: &mut Registry) {
         .register::<WriteParquetConfig>()
         .register::<WriteJsonlConfig>()
         .register::<WriteTsvConfig>()
+        .register::<crate::sinks::parts::WritePartsConfig>()
         .register::<WriteLmdbConfig>();
 }
 
@@ -246,21 +247,32 @@ impl NodeConfig for ParquetConfig {
 }
 
 /// `require_images`: drops (and quarantines) the image references of a texts or pairs table
-/// that are not in the images table(s) `images`.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// that are not among the images `images`.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RequireImagesConfig {
-    /// Images tables (Parquet files, globs) with an `image_id` column.
+    /// Images tables (Parquet files, globs) with an `image_id` column, or cn_clip `.tsv` image
+    /// shards (the ids of their good lines).
     pub images: Vec<String>,
+    /// TSV lines longer than this name no image, as the `tsv` source's (default 256 MiB).
+    #[serde(default = "max_record_bytes")]
+    pub max_record_bytes: usize,
+}
+
+impl Default for RequireImagesConfig {
+    fn default() -> Self {
+        RequireImagesConfig { images: Vec::new(), max_record_bytes: max_record_bytes() }
+    }
 }
 
 impl NodeConfig for RequireImagesConfig {
     const KIND: &'static str = "require_images";
     const ROLE: Role = Role::Transform;
-    const DOC: &'static str =
-        "texts/pairs → only the image ids found in the images tables `images`; the others quarantined";
+    const DOC: &'static str = "texts/pairs → only the image ids found in `images` (Parquet tables or .tsv shards; \
+         `max_record_bytes`); the others quarantined";
     fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
-        Ok(Operator::Transform(Arc::new(RequireImages::new(cx.files(&self.images)?))))
+        let transform = RequireImages::new(cx.files(&self.images)?).with_max_record_bytes(self.max_record_bytes);
+        Ok(Operator::Transform(Arc::new(transform)))
     }
 }
 

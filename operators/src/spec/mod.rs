@@ -53,7 +53,7 @@ use arrow::datatypes::SchemaRef;
 
 pub use parse::JobSettings;
 pub use plan::{NodeDef, Pipeline, Planner};
-pub use registry::{BuildContext, KindInfo, NodeConfig, Operator, Registry, Role, SinkSpec};
+pub use registry::{BuildContext, KindInfo, NodeConfig, Operator, Registry, Role, SinkContext, SinkSpec};
 pub use report::Report;
 pub use stream::{PipelineStream, RecordBatchStream};
 

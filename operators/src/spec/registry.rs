@@ -64,6 +64,23 @@ pub trait SinkSpec: Send + Sync {
     /// # Errors
     /// IO errors naming the output.
     fn open(&self, schema: &SchemaRef) -> Result<Box<dyn Sink>>;
+
+    /// As [`open`](Self::open), for a sink whose output depends on the job (its shard, for
+    /// `write_parts`); the default ignores the job.
+    ///
+    /// # Errors
+    /// IO errors naming the output.
+    fn open_in(&self, schema: &SchemaRef, cx: &SinkContext) -> Result<Box<dyn Sink>> {
+        let _ = cx;
+        self.open(schema)
+    }
+}
+
+/// What a sink may need of the job when it opens.
+#[derive(Debug, Clone, Copy)]
+pub struct SinkContext {
+    /// The job's share of its sources (`--shard i/n`).
+    pub shard: crate::sources::Shard,
 }
 
 /// A node kind's configuration: the keys of its `[nodes.NAME]` table besides `kind` and `input`.

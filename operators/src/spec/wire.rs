@@ -15,11 +15,11 @@ use cnclip_pipeline::{
 use tokio::sync::mpsc;
 
 use super::plan::Pipeline;
-use super::registry::{Operator, SinkSpec};
+use super::registry::{Operator, SinkContext, SinkSpec};
 use super::report::Report;
 use crate::error::{Error, Result};
 use crate::quarantine::Quarantine;
-use crate::sinks::{Staged, Written};
+use crate::sinks::{Committed, Staged, Written};
 use crate::sources::ReadContext;
 use crate::transforms::{Output, Transform};
 
@@ -122,8 +122,9 @@ impl Pipeline {
                 Operator::Sink(spec) => {
                     let schema = self.schemas[&name].clone();
                     let (finished, sink_name) = (finished.clone(), name.clone());
+                    let sink_cx = SinkContext { shard: self.shard };
                     graph.add(&name, &inputs, capacity, move |mut ctx: NodeContext<RecordBatch>| async move {
-                        let (written, staged) = write(&mut ctx, spec.as_ref(), &schema).await?;
+                        let (written, staged) = write(&mut ctx, spec.as_ref(), &schema, &sink_cx).await?;
                         finished.lock().unwrap_or_else(|e| e.into_inner()).push((sink_name, written, staged));
                         Ok(())
                     });
@@ -163,8 +164,9 @@ impl Started {
         // Every node succeeded: now, and only now, the outputs move into place.
         let staged = std::mem::take(&mut *finished.lock().unwrap_or_else(|e| e.into_inner()));
         let mut written = Vec::new();
+        let committed = Committed { quarantined: quarantined as u64 };
         for (name, done, staged) in staged {
-            staged.commit()?;
+            staged.commit_with(&committed)?;
             written.push((name, done));
         }
         Ok(Report { nodes: summaries, written, quarantined, quarantine_file })
@@ -186,8 +188,9 @@ async fn write(
     ctx: &mut NodeContext<RecordBatch>,
     spec: &dyn SinkSpec,
     schema: &arrow::datatypes::SchemaRef,
+    cx: &SinkContext,
 ) -> Result<(Written, Staged), BoxError> {
-    let sink = spec.open(schema)?;
+    let sink = spec.open_in(schema, cx)?;
     consume_on_thread(
         ctx,
         sink,

@@ -4,7 +4,10 @@
 //!
 //! A pair (`image_id`) whose image is missing is dropped; a text (`image_ids`) keeps the images
 //! that exist, one quarantine record per missing one, and is dropped when none is left. The
-//! images table's ids are read (that column only) the first time a batch arrives.
+//! images' ids are read the first time a batch arrives: from a Parquet table its `image_id`
+//! column only; from a cn_clip `.tsv` image shard the ids of the lines its `tsv` source would
+//! emit (a line it quarantines — a bad base64 field, a line over `max_record_bytes` — names no
+//! image), so `build-lmdb` can require its texts' images without a Parquet copy of its TSV.
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
@@ -22,22 +25,33 @@ use crate::error::{Error, Result};
 use crate::quarantine::Rejected;
 
 pub struct RequireImages {
-    /// The images tables (Parquet files with an `image_id` column).
+    /// The images: Parquet tables with an `image_id` column, or `.tsv` image shards.
     pub images: Vec<PathBuf>,
+    /// TSV lines longer than this are not images (as the `tsv` source quarantines them).
+    pub max_record_bytes: usize,
     /// Read once; an error is kept for every batch after.
     ids: OnceLock<Result<FxHashSet<i64>, Arc<Error>>>,
 }
 
 impl RequireImages {
     pub fn new(images: Vec<PathBuf>) -> Self {
-        RequireImages { images, ids: OnceLock::new() }
+        RequireImages { images, max_record_bytes: crate::sources::MAX_RECORD_BYTES, ids: OnceLock::new() }
+    }
+
+    /// TSV lines longer than `bytes` name no image (the `tsv` source's `max_record_bytes`).
+    pub fn with_max_record_bytes(self, bytes: usize) -> Self {
+        RequireImages { max_record_bytes: bytes, ..self }
     }
 
     fn ids(&self) -> Result<&FxHashSet<i64>> {
         let loaded = self.ids.get_or_init(|| {
             let mut ids = FxHashSet::default();
             for path in &self.images {
-                read_ids(path, IMAGE_ID, &mut ids).map_err(Arc::new)?;
+                if path.extension().is_some_and(|e| e == "tsv") {
+                    read_tsv_ids(path, self.max_record_bytes, &mut ids).map_err(Arc::new)?;
+                } else {
+                    read_ids(path, IMAGE_ID, &mut ids).map_err(Arc::new)?;
+                }
             }
             Ok(ids)
         });
@@ -71,6 +85,20 @@ pub(crate) fn read_ids(path: &std::path::Path, column: &str, ids: &mut FxHashSet
         ids.extend(values.iter().flatten());
     }
     Ok(())
+}
+
+/// Adds the image ids of the good lines of the cn_clip image shard `path` to `ids`: those the
+/// `tsv` source emits or, repeated, drops as duplicates of an image it keeps.
+///
+/// # Errors
+/// The file cannot be read ([`Error::Io`]), naming `path`.
+fn read_tsv_ids(path: &std::path::Path, max_record_bytes: usize, ids: &mut FxHashSet<i64>) -> Result<()> {
+    crate::sources::tsv::for_each_line(path, max_record_bytes, |line| {
+        if let Ok(line) = line {
+            ids.insert(line.image_id);
+        }
+        Ok(())
+    })
 }
 
 impl Transform for RequireImages {
@@ -217,5 +245,23 @@ mod tests {
         assert_eq!(out.batch.column(1).as_primitive::<Int64Type>().values().to_vec(), vec![20, 22]);
         assert_eq!(out.batch.column(0).as_primitive::<Int64Type>().values().to_vec(), vec![1, 3]);
         assert_eq!(out.rejected.len(), 1);
+    }
+
+    /// From a `.tsv` shard, only the lines the `tsv` source keeps name images: not a line with
+    /// bad base64, an empty value, or one over `max_record_bytes`; a repeated id still does.
+    #[test]
+    fn tsv_shards_name_the_images_of_their_good_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("train_imgs.tsv");
+        let long = "QUFB".repeat(64);
+        std::fs::write(&path, format!("1\taGk=\r\n2\tnot base64!\n3\t\n4\taGk\n4\taGk=\n5\t{long}\nx\taGk=\n"))
+            .unwrap();
+        let transform = RequireImages::new(vec![path.clone()]).with_max_record_bytes(64);
+        let mut ids: Vec<i64> = transform.ids().unwrap().iter().copied().collect();
+        ids.sort();
+        assert_eq!(ids, vec![1, 4]);
+        let transform = RequireImages::new(vec![path]);
+        assert!(transform.ids().unwrap().contains(&5));
+        assert!(transform.describe().ends_with("train_imgs.tsv"));
     }
 }
