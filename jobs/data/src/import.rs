@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Result, bail};
 use cnclip_operators::quarantine::OnError;
 use cnclip_operators::sinks::lmdb::LmdbWriterKind;
+use cnclip_operators::sources::Shard;
 use cnclip_operators::sources::lmdb::Database;
 use cnclip_operators::spec::builtin::{
     DecodeBase64Config, JsonlConfig, LmdbConfig, ParquetConfig, RequireImagesConfig, TsvConfig, WriteJsonlConfig,
@@ -46,8 +47,8 @@ pub struct ImportArgs {
     #[arg(long, value_enum, default_value_t = OnError::Skip)]
     on_error: OnError,
     /// This job's share `i/n` of every source.
-    #[arg(long, default_value = "0/1")]
-    shard: String,
+    #[arg(long, default_value_t = Shard::ALL)]
+    shard: Shard,
     /// Lines longer than this many bytes are quarantined without being read whole.
     #[arg(long, default_value_t = cnclip_operators::sources::MAX_RECORD_BYTES)]
     max_record_bytes: usize,
@@ -151,7 +152,7 @@ pub fn import(args: ImportArgs) -> Result<()> {
         let settings = JobSettings {
             on_error: args.on_error,
             quarantine: args.out.join(format!("{split}_quarantine.jsonl")),
-            shard: args.shard.clone(),
+            shard: args.shard.to_string(),
             ..JobSettings::default()
         };
         let images_out = args.out.join(format!("{split}_images.parquet"));

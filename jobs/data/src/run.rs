@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use cnclip_operators::quarantine::OnError;
+use cnclip_operators::sources::Shard;
 use cnclip_operators::spec::{Planner, Registry};
 
 #[derive(clap::Args)]
@@ -25,7 +26,7 @@ pub struct Args {
     check: bool,
     /// Override [job] shard: this job's share `i/n` of every source.
     #[arg(long)]
-    shard: Option<String>,
+    shard: Option<Shard>,
     /// Override [job] on_error.
     #[arg(long, value_enum)]
     on_error: Option<OnError>,
@@ -56,7 +57,7 @@ pub fn run(args: Args, registry: &Registry) -> Result<()> {
     let job = text_table.entry("job").or_insert_with(|| toml::Value::Table(Default::default()));
     if let toml::Value::Table(job) = job {
         if let Some(shard) = &args.shard {
-            job.insert("shard".into(), toml::Value::String(shard.clone()));
+            job.insert("shard".into(), toml::Value::String(shard.to_string()));
         }
         if let Some(on_error) = args.on_error {
             job.insert(

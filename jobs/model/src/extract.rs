@@ -105,7 +105,7 @@ pub struct Args {
     /// output paths are then directories: the job writes `part-{i:05}-of-{n:05}.parquet` and
     /// its entry `.json` there (`cnclip manifest check DIR` verifies the whole).
     #[arg(long)]
-    pub shard: Option<String>,
+    pub shard: Option<Shard>,
     /// What to do with a bad image or text: skip it into a quarantine file beside the output, or fail.
     #[arg(long, value_enum, default_value_t = OnError::Skip)]
     pub on_error: OnError,
@@ -148,7 +148,7 @@ pub fn run(args: Args) -> Result<()> {
     if args.part_rows == 0 {
         bail!("--part-rows must be at least 1");
     }
-    let shard = args.shard.as_deref().map(str::parse::<Shard>).transpose().context("--shard")?;
+    let shard = args.shard;
     let sharded_output = |flag: &str, path: &Option<PathBuf>| -> Result<()> {
         match path {
             None if shard.is_some() => {
@@ -375,7 +375,7 @@ fn extract(
     let settings = JobSettings {
         on_error: args.on_error,
         quarantine: target.quarantine_path(),
-        shard: args.shard.clone().unwrap_or_else(|| Shard::ALL.to_string()),
+        shard: args.shard.unwrap_or(Shard::ALL).to_string(),
         threads: args.num_workers,
         ..JobSettings::default()
     };

@@ -112,7 +112,7 @@ mod options {
         round_trip("train", &train);
         let mut extract = crate::extract::Args::new("c.pt".into());
         extract.image_data = vec!["a.tsv".into(), "b.tsv".into()];
-        (extract.on_error, extract.shard) = (cnclip_operators::quarantine::OnError::Fail, Some("1/4".into()));
+        (extract.on_error, extract.shard) = (cnclip_operators::quarantine::OnError::Fail, Some("1/4".parse().unwrap()));
         (extract.precision, extract.devices) =
             (cnclip_operators::options::Precision::Bf16, "cuda:0,cuda:1".parse().unwrap());
         round_trip("extract-features", &extract);
