@@ -31,6 +31,16 @@ fn build_lmdb(args: &[&str]) -> std::process::Output {
     Command::new(cnclip_tests::cnclip_bin()).arg("build-lmdb").args(args).output().unwrap()
 }
 
+/// cn_clip's own `build_lmdb_dataset.py` on `splits` of `data`, into `out`.
+fn cn_clip_build_lmdb(data: &str, splits: &str, out: &Path) {
+    let output = Command::new(cnclip_tests::venv_python())
+        .args(["-m", "cn_clip.preprocess.build_lmdb_dataset", "--data_dir", data, "--splits", splits])
+        .args(["--lmdb_dir", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+}
+
 pub(crate) fn corpus(dir: &Path, n: usize) -> String {
     let data = dir.join("data");
     std::fs::create_dir_all(&data).unwrap();
@@ -60,12 +70,7 @@ fn build_lmdb_matches_cn_clip_and_its_datasets_read_it() {
     let dir = tempfile::tempdir().unwrap();
     let data = corpus(dir.path(), 40);
     let (theirs, ours) = (dir.path().join("theirs"), dir.path().join("ours"));
-    let output = Command::new(cnclip_tests::venv_python())
-        .args(["-m", "cn_clip.preprocess.build_lmdb_dataset", "--data_dir", &data, "--splits", "train,valid"])
-        .args(["--lmdb_dir", theirs.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    cn_clip_build_lmdb(&data, "train,valid", &theirs);
     let output = build_lmdb(&["--data-dir", &data, "--splits", "train,valid", "--lmdb-dir", ours.to_str().unwrap()]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
 
@@ -501,12 +506,7 @@ fn lmdb_tools_read_bulk_txn_and_cn_clip_databases_alike() {
     let dir = tempfile::tempdir().unwrap();
     let data = corpus(dir.path(), 40);
     let theirs = dir.path().join("theirs");
-    let output = Command::new(cnclip_tests::venv_python())
-        .args(["-m", "cn_clip.preprocess.build_lmdb_dataset", "--data_dir", &data, "--splits", "train"])
-        .args(["--lmdb_dir", theirs.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    cn_clip_build_lmdb(&data, "train", &theirs);
     let mut built = vec![theirs];
     for writer in ["bulk", "txn"] {
         let out = dir.path().join(writer);
@@ -607,12 +607,7 @@ fn an_lmdb_split_imported_and_exported_again_dumps_the_same() {
     let dir = tempfile::tempdir().unwrap();
     let data = corpus(dir.path(), 40);
     let theirs = dir.path().join("theirs");
-    let output = Command::new(cnclip_tests::venv_python())
-        .args(["-m", "cn_clip.preprocess.build_lmdb_dataset", "--data_dir", &data, "--splits", "train"])
-        .args(["--lmdb_dir", theirs.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    cn_clip_build_lmdb(&data, "train", &theirs);
     let (tables, back) = (dir.path().join("tables"), dir.path().join("back"));
     let cnclip = |args: &[&str]| {
         let output = Command::new(cnclip_tests::cnclip_bin()).args(args).output().unwrap();

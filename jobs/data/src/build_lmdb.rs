@@ -53,6 +53,21 @@ pub struct Args {
     pub max_record_bytes: usize,
 }
 
+impl Args {
+    /// The options of `build-lmdb --data-dir DATA_DIR --splits SPLITS` (each other flag's default).
+    pub fn new(data_dir: PathBuf, splits: String) -> Self {
+        Args {
+            data_dir,
+            splits,
+            lmdb_dir: None,
+            shards: 1,
+            on_error: OnError::Skip,
+            writer: LmdbWriterKind::Bulk,
+            max_record_bytes: cnclip_operators::sources::MAX_RECORD_BYTES,
+        }
+    }
+}
+
 /// What one LMDB writer may hold (its default), and all of a split's writers together.
 const WRITER_MEMORY: usize = 80 << 20;
 const WRITERS_MEMORY: usize = 256 << 20;

@@ -174,8 +174,9 @@ pub fn run(args: Args) -> Result<()> {
                 for (output, tr, name) in
                     [(&t2i, false, "make-topk-predictions"), (&i2t, true, "make-topk-predictions-tr")]
                 {
-                    show(name, command_line::render(&knn(output))?);
-                    crate::knn::run(knn(output), tr)?;
+                    let options = knn(output);
+                    show(name, command_line::render(&options)?);
+                    crate::knn::run(options, tr)?;
                 }
                 let truth_tr = work.join("truth.tr.jsonl");
                 cnclip_data_jobs::evaluation::transpose(&texts, &truth_tr)?;

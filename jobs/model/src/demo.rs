@@ -18,8 +18,6 @@ use arrow::datatypes::{Float64Type, Int64Type};
 use crate::report::{Plot, Report, Series, Table};
 use cnclip_data_jobs::evaluation_engine::Engine;
 use cnclip_data_jobs::{build_lmdb, command_line, evaluation, synth};
-use cnclip_operators::quarantine::OnError;
-use cnclip_operators::sinks::lmdb::LmdbWriterKind;
 
 use crate::model_args::ModelArgs;
 use crate::{convert, extract, knn, train, zeroshot};
@@ -316,15 +314,7 @@ impl Plan {
                 zeroshot_per_class: 5,
                 seed: args.seed,
             },
-            build_lmdb: build_lmdb::Args {
-                data_dir: path("corpus"),
-                splits: "train,valid,test".into(),
-                lmdb_dir: None,
-                shards: 1,
-                on_error: OnError::Skip,
-                writer: LmdbWriterKind::Bulk,
-                max_record_bytes: cnclip_operators::sources::MAX_RECORD_BYTES,
-            },
+            build_lmdb: build_lmdb::Args::new(path("corpus"), "train,valid,test".into()),
             train: train::Args {
                 val_data: Some(path("corpus/lmdb/valid")),
                 model_config: Some(model.clone()),

@@ -73,6 +73,11 @@ mod options {
             crate::train::Args::new(p.clone())
         );
         assert_eq!(
+            parse::<cnclip_data_jobs::build_lmdb::Args>("build-lmdb", &args(&["--data-dir", "p", "--splits", "train"]))
+                .unwrap(),
+            cnclip_data_jobs::build_lmdb::Args::new(p.clone(), "train".into())
+        );
+        assert_eq!(
             parse::<crate::extract::Args>("extract-features", &args(&["--resume", "p"])).unwrap(),
             crate::extract::Args::new(p.clone())
         );

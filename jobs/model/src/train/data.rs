@@ -63,13 +63,8 @@ pub fn lmdb_split(given: &Path, cache: &Path, flag: &str, log: &mut Log) -> Resu
     match layout {
         Layout::Tsv => {
             let options = build_lmdb::Args {
-                data_dir: parent.to_path_buf(),
-                splits: split.clone(),
                 lmdb_dir: Some(out.clone()),
-                shards: 1,
-                on_error: OnError::Skip,
-                writer: LmdbWriterKind::Bulk,
-                max_record_bytes: cnclip_operators::sources::MAX_RECORD_BYTES,
+                ..build_lmdb::Args::new(parent.to_path_buf(), split.clone())
             };
             let line = command_line::render(&options)?.join(" ");
             log.info(&format!("{flag}: serializing {} into an LMDB split: cnclip build-lmdb {line}", given.display()));
