@@ -40,7 +40,7 @@ pub enum Error {
     Tokenizer(#[from] crate::transforms::tokenizer::Error),
     #[error(transparent)]
     Json(#[from] serde_json::Error),
-    /// Another process is writing the same output (see [`crate::staging::WriterLock`]).
+    /// Another process is writing the same output (see [`crate::storage::staging::WriterLock`]).
     #[error(
         "{target}: another job is writing it ({holder}; its lock is {lock}): two writers would mix their work; \
          wait for that job, or stop it, and run again"

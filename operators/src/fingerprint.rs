@@ -10,6 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::storage;
 use serde::{Deserialize, Serialize};
 
 /// One input file as it was.
@@ -40,7 +41,7 @@ impl Stamp {
             sha256: None,
             error: Some(e.kind().to_string()),
         };
-        let meta = match std::fs::metadata(path) {
+        let meta = match storage::metadata(path) {
             Ok(meta) => meta,
             Err(e) => return failed(e),
         };
@@ -67,7 +68,7 @@ impl Stamp {
 /// The file cannot be read.
 pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     use sha2::Digest;
-    let mut reader = std::fs::File::open(path)?;
+    let mut reader = storage::open(path)?;
     let mut hasher = sha2::Sha256::new();
     std::io::copy(&mut reader, &mut hasher)?;
     Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
@@ -108,11 +109,11 @@ pub fn files_of(given: &[String]) -> Vec<PathBuf> {
 /// each directory once (`seen`: device and inode), so a loop or links fanning out cannot recur.
 fn walk(dir: &Path, out: &mut Vec<PathBuf>, seen: &mut std::collections::HashSet<(u64, u64)>) {
     use std::os::unix::fs::MetadataExt;
-    let Ok(meta) = std::fs::metadata(dir) else { return };
+    let Ok(meta) = storage::metadata(dir) else { return };
     if !seen.insert((meta.dev(), meta.ino())) {
         return;
     }
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let Ok(entries) = storage::read_dir(dir) else { return };
     for entry in entries.flatten() {
         let path = entry.path();
         if path.is_dir() {

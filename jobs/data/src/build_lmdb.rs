@@ -27,6 +27,7 @@ use cnclip_operators::signals;
 use cnclip_operators::sinks::Staged;
 use cnclip_operators::sinks::lmdb::{LmdbWriter, LmdbWriterKind, cn_clip_base64, pickle_pair};
 use cnclip_operators::sources::{jsonl, tsv};
+use cnclip_operators::storage;
 
 #[derive(clap::Args, Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Args {
@@ -94,7 +95,7 @@ pub fn run(args: Args) -> Result<()> {
     for split in &splits {
         for file in [format!("{split}_imgs.tsv"), format!("{split}_texts.jsonl")] {
             let path = args.data_dir.join(&file);
-            match std::fs::metadata(&path) {
+            match storage::metadata(&path) {
                 Ok(meta) if meta.is_file() => {}
                 Ok(meta) => missing.push(format!(
                     "split `{split}`: {} is {}, not a regular file",
@@ -124,8 +125,8 @@ fn build_split(args: &Args, lmdb_dir: &Path, split: &str) -> Result<()> {
         }
     }
     let final_dir = lmdb_dir.join(split);
-    let tmp_dir = cnclip_operators::staging::temp_path(&lmdb_dir.join(split));
-    let _ = std::fs::remove_dir_all(&tmp_dir);
+    let tmp_dir = storage::staging::temp_path(&lmdb_dir.join(split));
+    let _ = storage::remove_dir_all(&tmp_dir);
     // Declared before the writers, so a failure drops them (joining their threads) first and
     // then removes the half-built directory.
     let staged = Staged::new(tmp_dir.clone(), final_dir.clone());

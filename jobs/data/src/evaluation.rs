@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use cnclip_operators::sinks::jsonl::python_float;
+use cnclip_operators::storage;
 use serde_json::Value;
 
 /// Texts → images (`evaluation.py`) or images → texts (`evaluation_tr.py`).
@@ -301,7 +302,7 @@ pub enum RecallError {
 
 /// The ground truth: query id → the ids it should find.
 fn read_reference(path: &PathBuf, d: Direction) -> Result<Vec<(i64, Vec<i64>)>, Refused> {
-    let text = std::fs::read_to_string(path)
+    let text = storage::read_to_string(path)
         .map_err(|e| Refused(format!("[Errno 2] No such file or directory: '{}' ({e})", path.display())))?;
     let mut order: Vec<i64> = Vec::new();
     let mut reference: HashMap<i64, Vec<i64>> = HashMap::new();
@@ -336,7 +337,7 @@ fn read_submission(
     // cn_clip reports an unreadable file by the exception's first argument: the errno for an
     // OSError (21 for a directory, written as a number), the codec's name for bytes that are
     // not UTF-8.
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    let text = storage::read_to_string(path).map_err(|e| {
         Refused(match (e.raw_os_error(), e.kind()) {
             (Some(errno), _) => errno.to_string(),
             (None, std::io::ErrorKind::InvalidData) => "utf-8".to_string(),
@@ -606,15 +607,15 @@ pub fn run(args: Args, image_to_text: bool) -> Result<()> {
     // A FIFO or a device would block or never end: not a submission cn_clip's checks could
     // judge, so an error (exit 1, no score file) rather than a score JSON.
     for path in [&args.standard_path, &args.submit_path] {
-        if let Ok(meta) = std::fs::metadata(path)
+        if let Ok(meta) = storage::metadata(path)
             && !meta.is_file()
             && !meta.is_dir()
         {
             bail!("{} is {}, not a regular file", path.display(), cnclip_operators::sources::parts::kind_of(&meta));
         }
     }
-    if cnclip_operators::staging::same_path(&args.out_path, &args.standard_path)
-        || cnclip_operators::staging::same_path(&args.out_path, &args.submit_path)
+    if storage::staging::same_path(&args.out_path, &args.standard_path)
+        || storage::staging::same_path(&args.out_path, &args.submit_path)
     {
         bail!("{}: the score file would overwrite an input; give another output path", args.out_path.display());
     }

@@ -37,6 +37,7 @@ use cnclip_operators::sources::Shard;
 use cnclip_operators::sources::lmdb::Database;
 use cnclip_operators::spec::builtin::{ImageFolderConfig, JsonlConfig, LmdbConfig, ParquetConfig, TsvConfig};
 use cnclip_operators::spec::{JobSettings, NodeDef, Planner, Registry};
+use cnclip_operators::storage;
 use cnclip_operators::transforms::preprocess::Order;
 use cnclip_schemas::metadata;
 
@@ -120,7 +121,7 @@ pub fn sha256_file(path: &Path) -> Result<(String, u64)> {
     use sha2::Digest;
     use std::io::Read;
     regular(path)?;
-    let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut file = storage::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut hasher = sha2::Sha256::new();
     let mut buffer = vec![0u8; 1 << 20];
     let mut bytes = 0u64;
@@ -140,7 +141,7 @@ pub fn sha256_file(path: &Path) -> Result<(String, u64)> {
 
 /// `Ok` when `path` is a regular file (links followed), else an error saying what it is.
 fn regular(path: &Path) -> Result<()> {
-    let meta = std::fs::metadata(path).with_context(|| format!("opening {}", path.display()))?;
+    let meta = storage::metadata(path).with_context(|| format!("opening {}", path.display()))?;
     if !meta.is_file() {
         bail!("{} is {}, not a regular file", path.display(), cnclip_operators::sources::parts::kind_of(&meta));
     }
@@ -157,7 +158,7 @@ pub fn inspect_part(path: &Path) -> Result<PartFacts> {
 pub fn read_part(path: &Path, sha256: String, bytes: u64) -> Result<PartFacts> {
     use parquet::arrow::ProjectionMask;
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let file = storage::open(path).with_context(|| format!("opening {}", path.display()))?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file)?;
     let schema = builder.schema().clone();
     let Ok(id_index) = schema.index_of(cnclip_schemas::columns::ID) else { bail!("no `id` column") };
@@ -255,7 +256,7 @@ pub fn source(tower: Tower, data: &[String]) -> Result<Source> {
 /// Every id of a source, read through its pipeline (streamed; repeated ids are quarantined to
 /// a scratch file, as extraction quarantines them).
 fn source_ids(tower: Tower, data: &[String]) -> Result<Vec<i64>> {
-    let scratch = tempfile::tempdir()?;
+    let scratch = storage::scratch_dir(None, ".cnclip-manifest-")?;
     let registry = Registry::builtin();
     let settings = JobSettings { quarantine: scratch.path().join("source-quarantine.jsonl"), ..JobSettings::default() };
     let pipeline = Planner::new(&registry).stream("source").plan(settings, vec![source(tower, data)?.node])?;
@@ -328,7 +329,7 @@ pub fn check(dir: &Path, source: Option<(Tower, &[String])>) -> Result<Report> {
     let mut entries: BTreeMap<Key, String> = BTreeMap::new();
     let mut quarantines: Vec<PathBuf> = Vec::new();
     let mut unfinished: BTreeSet<Key> = BTreeSet::new();
-    let mut listing: Vec<_> = std::fs::read_dir(dir)
+    let mut listing: Vec<_> = storage::read_dir(dir)
         .with_context(|| format!("listing {}", dir.display()))?
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -420,7 +421,7 @@ pub fn check(dir: &Path, source: Option<(Tower, &[String])>) -> Result<Report> {
     for (k, name) in &entries {
         let shard = shard(*k);
         let entry = regular(&dir.join(name))
-            .and_then(|()| std::fs::read(dir.join(name)).map_err(anyhow::Error::from))
+            .and_then(|()| storage::read(dir.join(name)).map_err(anyhow::Error::from))
             .and_then(|bytes| Ok(serde_json::from_slice::<Entry>(&bytes)?));
         let entry = match entry {
             Ok(entry) => entry,
@@ -647,7 +648,7 @@ fn quarantined_ids(files: &[PathBuf]) -> BTreeSet<i64> {
         if regular(file).is_err() {
             continue;
         }
-        let Ok(text) = std::fs::read_to_string(file) else { continue };
+        let Ok(text) = storage::read_to_string(file) else { continue };
         for line in text.lines() {
             let id = serde_json::from_str::<serde_json::Value>(line).ok().and_then(|v| match &v["id"] {
                 serde_json::Value::String(s) => s.parse::<i64>().ok(),

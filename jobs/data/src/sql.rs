@@ -17,6 +17,7 @@ use anyhow::{Context, Result, bail};
 use arrow::array::{Array, ArrayRef, AsArray, Float64Array};
 use arrow::datatypes::{DataType, Float32Type, Float64Type};
 use arrow::record_batch::RecordBatch;
+use cnclip_operators::storage;
 use datafusion::common::{DataFusionError, plan_err};
 use datafusion::logical_expr::{ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility};
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
@@ -252,12 +253,7 @@ pub async fn register_batch(
 /// # Errors
 /// The directory cannot be made.
 pub fn scratch(near: &Path) -> Result<tempfile::TempDir> {
-    let parent = std::path::absolute(near)?.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
-    let dir = tempfile::Builder::new()
-        .prefix(".cnclip-sql-")
-        .tempdir_in(&parent)
-        .with_context(|| format!("making a scratch directory in {}", parent.display()))?;
-    Ok(dir)
+    Ok(storage::scratch_dir(Some(near), ".cnclip-sql-")?)
 }
 
 /// A session with cnclip's UDFs and `tables` (`name=PATH`) registered, local or on `cluster`.
@@ -285,7 +281,7 @@ pub async fn context(tables: &[String], cluster: Option<&str>) -> Result<Session
         // Every file's footer read first, by the checked reader: DataFusion skips an empty file
         // (a table silently short of its rows) and panics on some damaged footers.
         let files: Vec<PathBuf> = if path.is_dir() {
-            let mut parts: Vec<PathBuf> = std::fs::read_dir(path)
+            let mut parts: Vec<PathBuf> = storage::read_dir(path)
                 .with_context(|| format!("--table {table}"))?
                 .flatten()
                 .map(|e| e.path())
@@ -314,7 +310,7 @@ pub fn run(args: Args) -> Result<()> {
         for table in &args.tables {
             let Some((_, path)) = table.split_once('=') else { continue };
             let path = Path::new(path);
-            if cnclip_operators::staging::within(output, path) {
+            if storage::staging::within(output, path) {
                 bail!(
                     "--output {} would overwrite --table {table} (or write into its directory) while the query reads \
                      it: give another output path",
@@ -398,10 +394,8 @@ pub fn run(args: Args) -> Result<()> {
         };
     match &args.output {
         // A FIFO or a device (`/dev/stdout`) is written as it is: nothing to rename into place.
-        Some(path) if std::fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir()) => {
-            let file = std::fs::OpenOptions::new()
-                .write(true)
-                .open(path)
+        Some(path) if storage::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir()) => {
+            let file = storage::open_with(path, std::fs::OpenOptions::new().write(true))
                 .with_context(|| format!("--output {}", path.display()))?;
             let mut out = std::io::BufWriter::new(file);
             write(&mut out, &mut next)?;

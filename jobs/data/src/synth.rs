@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use base64::Engine;
 use cnclip_operators::sources::synth::{SIZE, labels, sample};
+use cnclip_operators::storage;
 
 #[derive(clap::Args, Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Args {
@@ -39,7 +40,7 @@ fn jpeg(pixels: &[u8]) -> Result<Vec<u8>> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    storage::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let mut next_id = 0u64;
     for (split, n) in [("train", args.train), ("valid", args.valid), ("test", args.test)] {
         let first = next_id;
@@ -74,7 +75,7 @@ pub fn run(args: Args) -> Result<()> {
             continue;
         }
         let dir = zeroshot.join("test").join(format!("{:03}", s.label));
-        std::fs::create_dir_all(&dir)?;
+        storage::create_dir_all(&dir)?;
         let path = dir.join(format!("{}.jpg", counts[s.label]));
         let bytes = jpeg(&s.pixels)?;
         cnclip_operators::write_atomically(&path, |out| Ok::<_, anyhow::Error>(out.write_all(&bytes)?))?;

@@ -33,6 +33,7 @@ use anyhow::{Context, Result, bail};
 use cnclip_data_jobs::command_line;
 use cnclip_operators::options::{Devices, Precision};
 use cnclip_operators::sinks::parquet::ParquetSink;
+use cnclip_operators::storage;
 use serde::Deserialize;
 
 #[derive(clap::Args)]
@@ -88,7 +89,7 @@ pub fn run(args: Args) -> Result<()> {
     let suite: Suite = toml::from_str(&text).with_context(|| format!("{}", args.suite.display()))?;
     let resolve = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
     let out = resolve(&suite.suite.out);
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    storage::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let mut names = std::collections::BTreeSet::new();
     for run in &suite.runs {
         // A run's name becomes file names under `out`: a path there would write elsewhere.
@@ -113,7 +114,7 @@ pub fn run(args: Args) -> Result<()> {
         let settings =
             serde_json::json!({"run": run, "devices": suite.suite.devices, "precision": suite.suite.precision});
         let made_from = made_from(run, &resolve);
-        if let Ok(done) = std::fs::read_to_string(&json_path)
+        if let Ok(done) = storage::read_to_string(&json_path)
             && let Ok(done) = serde_json::from_str::<serde_json::Value>(&done)
             && done["cnclip_settings"] == settings
         {
@@ -134,7 +135,7 @@ pub fn run(args: Args) -> Result<()> {
             }
         }
         let work = out.join(&run.name);
-        std::fs::create_dir_all(&work)?;
+        storage::create_dir_all(&work)?;
         let checkpoint_path = resolve(&run.checkpoint);
         let checkpoint = s(&checkpoint_path);
         let named = run.vision_model.clone().zip(run.text_model.clone());

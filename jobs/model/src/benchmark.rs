@@ -9,6 +9,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use cnclip_models::{Clip, ClipConfig, Tokenizer};
 use cnclip_operators::options::Precision;
+use cnclip_operators::storage;
 use tch::{Device, Tensor};
 
 #[derive(clap::Args)]
@@ -103,7 +104,7 @@ pub struct PreprocessArgs {
 pub fn run_preprocess(args: PreprocessArgs) -> Result<()> {
     use std::io::BufRead;
     tch::set_num_threads(1); // as the reference's torch.set_num_threads(1)
-    let file = std::fs::File::open(&args.tsv).with_context(|| format!("opening {}", args.tsv.display()))?;
+    let file = storage::open(&args.tsv).with_context(|| format!("opening {}", args.tsv.display()))?;
     let lines: Vec<Vec<u8>> = std::io::BufReader::new(file).split(b'\n').take(args.limit).collect::<Result<_, _>>()?;
     let start = Instant::now();
     let (mut scratch, mut bytes) = (Vec::new(), Vec::new());

@@ -43,6 +43,7 @@ use cnclip_operators::spec::builtin::{FeatureJsonlConfig, ParquetConfig};
 use cnclip_operators::spec::{JobSettings, NodeDef, Planner};
 
 use crate::registry;
+use cnclip_operators::storage;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -114,7 +115,7 @@ pub fn run(args: Args) -> Result<()> {
             args.index
         );
     }
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    storage::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
 
     let training_fingerprint = serde_json::json!({
         "files": table.fingerprint()?,
@@ -179,9 +180,9 @@ pub fn run(args: Args) -> Result<()> {
              shards"
         );
         for shard in &manifest.shards {
-            let _ = std::fs::remove_file(dir.join(&shard.file.file));
+            let _ = storage::remove_file(dir.join(&shard.file.file));
             for file in shard.refine.iter().flat_map(|r| [&r.vectors, &r.ids]) {
-                let _ = std::fs::remove_file(dir.join(&file.file));
+                let _ = storage::remove_file(dir.join(&file.file));
             }
         }
         manifest.shards.clear();
@@ -246,14 +247,14 @@ pub fn run(args: Args) -> Result<()> {
         }
         manifest.write(&dir)?;
     } else {
-        let _ = std::fs::remove_file(dir.join(refine::ID_MAP));
+        let _ = storage::remove_file(dir.join(refine::ID_MAP));
     }
 
     let merged_path = dir.join(built::MERGED);
     let mut merge_seconds = None;
     if args.no_merge {
         if manifest.merged.take().is_some() || merged_path.exists() {
-            std::fs::remove_file(&merged_path).or_else(ignore_missing)?;
+            storage::remove_file(&merged_path).or_else(ignore_missing)?;
         }
         manifest.write(&dir)?;
     } else if manifest.merged.as_ref().is_none_or(|m| !m.intact(&dir)) {
@@ -329,7 +330,7 @@ fn ignore_missing(e: std::io::Error) -> std::io::Result<()> {
 
 /// Removes what build-index writes in `dir` (and nothing else).
 fn remove_index_files(dir: &Path) -> Result<()> {
-    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?.flatten() {
+    for entry in storage::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         // A killed build's temporary files too (`.cnclip-tmp-PID-shard-…`).
         let file = name.strip_prefix(".cnclip-tmp-").and_then(|rest| rest.split_once('-')).map_or(&*name, |(_, f)| f);
@@ -337,7 +338,7 @@ fn remove_index_files(dir: &Path) -> Result<()> {
             || (file.starts_with("shard-")
                 && [".index", ".vectors", ".ids"].iter().any(|extension| file.ends_with(extension)));
         if ours {
-            std::fs::remove_file(entry.path()).or_else(ignore_missing)?;
+            storage::remove_file(entry.path()).or_else(ignore_missing)?;
         }
     }
     Ok(())
@@ -363,7 +364,7 @@ impl Table {
         let jsonl = cnclip_operators::sources::features::is_jsonl(path);
         let files = if path.is_dir() {
             cnclip_operators::sources::parts::check_complete(path).map_err(crate::quoted("--features"))?;
-            let mut parts: Vec<PathBuf> = std::fs::read_dir(path)
+            let mut parts: Vec<PathBuf> = storage::read_dir(path)
                 .with_context(|| format!("--features {}", path.display()))?
                 .flatten()
                 .map(|e| e.path())
@@ -377,7 +378,7 @@ impl Table {
         } else if path.is_file() {
             vec![path.to_path_buf()]
         } else {
-            match std::fs::metadata(path) {
+            match storage::metadata(path) {
                 Ok(meta) => bail!(
                     "--features {}: {}, not a regular file",
                     path.display(),
@@ -457,10 +458,10 @@ impl Table {
     fn fingerprint(&self) -> Result<serde_json::Value> {
         let mut files = Vec::new();
         for file in &self.files {
-            let meta = std::fs::metadata(file).with_context(|| format!("{}", file.display()))?;
+            let meta = storage::metadata(file).with_context(|| format!("{}", file.display()))?;
             let modified = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
             files.push(serde_json::json!({
-                "path": std::fs::canonicalize(file).unwrap_or_else(|_| file.clone()),
+                "path": storage::canonicalize(file).unwrap_or_else(|_| file.clone()),
                 "bytes": meta.len(),
                 "modified": modified.map(|d| d.as_nanos().to_string()),
             }));

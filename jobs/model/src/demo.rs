@@ -21,6 +21,7 @@ use cnclip_data_jobs::{build_lmdb, command_line, evaluation, synth};
 
 use crate::model_args::ModelArgs;
 use crate::{convert, extract, knn, train, zeroshot};
+use cnclip_operators::storage;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -126,7 +127,7 @@ pub fn run(args: Args) -> Result<()> {
     check(&args)?;
     let started = Instant::now();
     let out = &args.out;
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    storage::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let path = |p: &str| out.join(p);
     let mut steps = Steps { total: 8, done: 0, ran: Vec::new() };
     let plan = Plan::new(&args);
@@ -138,9 +139,9 @@ pub fn run(args: Args) -> Result<()> {
     )?;
     steps.run("build cn_clip's LMDB splits", "build-lmdb", plan.build_lmdb, build_lmdb::run)?;
     let model = path("model.json");
-    std::fs::write(&model, MODEL).with_context(|| format!("writing {}", model.display()))?;
+    storage::write(&model, MODEL).with_context(|| format!("writing {}", model.display()))?;
     // Start afresh: a previous demo's checkpoints would otherwise be resumed.
-    let _ = std::fs::remove_dir_all(out.join("logs/demo"));
+    let _ = storage::remove_dir_all(out.join("logs/demo"));
     steps.run(
         "train a small CLIP from scratch (cn_clip's training loop; log and checkpoints in logs/demo)",
         "train",
@@ -153,9 +154,9 @@ pub fn run(args: Args) -> Result<()> {
         plan.convert,
         convert::run,
     )?;
-    std::fs::create_dir_all(out.join("features"))?;
+    storage::create_dir_all(out.join("features"))?;
     steps.run("extract the test split's image and text features", "extract-features", plan.extract, extract::run)?;
-    std::fs::create_dir_all(out.join("results"))?;
+    storage::create_dir_all(out.join("results"))?;
     steps.run(
         "retrieve the top-10 images of every caption (FAISS, exact)",
         "make-topk-predictions",
@@ -166,7 +167,7 @@ pub fn run(args: Args) -> Result<()> {
     steps.run("score recall@1/5/10 (cn_clip's evaluation)", "evaluation", plan.evaluation, |options| {
         evaluation::run(options, false)
     })?;
-    std::fs::write(path("templates.txt"), TEMPLATES)?;
+    storage::write(path("templates.txt"), TEMPLATES)?;
     let zeroshot = steps.run(
         "zero-shot classification of the shape/colour set",
         "zeroshot-evaluation",
@@ -176,7 +177,7 @@ pub fn run(args: Args) -> Result<()> {
 
     // The report.
     let recall: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(&recall_json).with_context(|| format!("reading {recall_json}"))?,
+        &storage::read_to_string(&recall_json).with_context(|| format!("reading {recall_json}"))?,
     )?;
     // A result that is not a number is an error, never a headline.
     let score = |k: &str| {
@@ -188,7 +189,7 @@ pub fn run(args: Args) -> Result<()> {
     let (r1, r5, r10, mean) = (score("r1")?, score("r5")?, score("r10")?, score("mean_recall")?);
     let gallery = args.test as f64;
     let chance = |k: f64| 100.0 * (k / gallery).min(1.0);
-    let classes = std::fs::read_to_string(out.join("corpus/zeroshot/label_cn.txt"))?.lines().count() as f64;
+    let classes = storage::read_to_string(out.join("corpus/zeroshot/label_cn.txt"))?.lines().count() as f64;
     let curves = training_curves(&out.join("logs/demo/metrics.parquet"))?;
     let seconds = started.elapsed().as_secs_f64();
     let headline = format!(
@@ -389,7 +390,7 @@ struct Curves {
 }
 
 fn training_curves(path: &Path) -> Result<Curves> {
-    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let file = storage::open(path).with_context(|| format!("opening {}", path.display()))?;
     let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)?.build()?;
     let mut curves = Curves { train_loss: vec![], valid_loss: vec![], valid_i2t: vec![], valid_t2i: vec![] };
     for batch in reader {

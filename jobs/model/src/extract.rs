@@ -47,6 +47,7 @@ use cnclip_operators::spec::{JobSettings, NodeDef, Planner};
 
 use crate::registry;
 use cnclip_data_jobs::manifest;
+use cnclip_operators::storage;
 
 #[derive(clap::Args, Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Args {
@@ -246,7 +247,7 @@ pub fn run(args: Args) -> Result<()> {
 /// Refuses outputs that would destroy something: the two towers' outputs on one path (the
 /// images would overwrite the texts), or an output on an input or the checkpoint.
 fn check_outputs(args: &Args, text: Option<&Path>, image: Option<&Path>) -> Result<()> {
-    use cnclip_operators::staging::same_path;
+    use storage::staging::same_path;
     if let (Some(text), Some(image)) = (text, image)
         && same_path(text, image)
     {
@@ -349,7 +350,7 @@ fn extract(
     target.prepare()?;
     // One writer at a time: a second run on this output (an array task submitted twice) fails
     // here, naming the first, instead of sharing its work directory.
-    let _writer = cnclip_operators::staging::WriterLock::acquire(&target.output())?;
+    let _writer = storage::staging::WriterLock::acquire(&target.output())?;
     let made_from = match target {
         Target::Shard { dir, shard } => {
             let made_from = made_from(args, tower, &encoder)?;
@@ -426,7 +427,7 @@ fn made_from(args: &Args, tower: Tower, encoder: &EncoderConfig) -> Result<Strin
             })
             .collect()
     };
-    let checkpoint = std::fs::canonicalize(&args.resume).unwrap_or_else(|_| args.resume.clone());
+    let checkpoint = storage::canonicalize(&args.resume).unwrap_or_else(|_| args.resume.clone());
     let text = serde_json::json!({
         "cnclip_version": env!("CARGO_PKG_VERSION"),
         "tower": tower.name(),
@@ -446,12 +447,12 @@ fn made_from(args: &Args, tower: Tower, encoder: &EncoderConfig) -> Result<Strin
 
 /// What the parts depend on: the checkpoint's bytes and every setting that changes a row.
 fn fingerprint(args: &Args, tower: Tower, encoder: &EncoderConfig) -> Result<String> {
-    let (size, modified) = std::fs::metadata(&args.resume)
+    let (size, modified) = storage::metadata(&args.resume)
         .map(|m| (m.len(), m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())))
         .with_context(|| format!("{}", args.resume.display()))?;
     Ok(serde_json::json!({
         "tower": tower.name(),
-        "checkpoint": std::fs::canonicalize(&args.resume).unwrap_or_else(|_| args.resume.clone()),
+        "checkpoint": storage::canonicalize(&args.resume).unwrap_or_else(|_| args.resume.clone()),
         "checkpoint_size": size,
         "checkpoint_modified": modified.map(|d| d.as_nanos().to_string()),
         "vision_model": encoder.vision_model,

@@ -21,6 +21,7 @@ use cnclip_operators::spec::builtin::{FeatureJsonlConfig, ParquetConfig, WriteJs
 use cnclip_operators::spec::{JobSettings, NodeDef, Planner};
 
 use crate::registry;
+use cnclip_operators::storage;
 
 #[derive(clap::Args, Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Args {
@@ -100,7 +101,7 @@ impl Args {
 fn made_with(path: &str) -> Option<(String, String)> {
     let path = Path::new(path);
     let file = if path.is_dir() {
-        let mut parts: Vec<PathBuf> = std::fs::read_dir(path)
+        let mut parts: Vec<PathBuf> = storage::read_dir(path)
             .ok()?
             .flatten()
             .map(|e| e.path())
@@ -159,7 +160,7 @@ pub fn run(args: Args, image_to_text: bool) -> Result<()> {
     }
     for (flag, input) in [("--text-feats", &args.text_feats), ("--image-feats", &args.image_feats)] {
         if let Some(input) = input
-            && cnclip_operators::staging::within(&args.output, Path::new(input))
+            && storage::staging::within(&args.output, Path::new(input))
         {
             bail!("--output {} would overwrite {flag} {input}: give another output path", args.output.display());
         }

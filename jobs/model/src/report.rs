@@ -15,6 +15,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use cnclip_operators::storage;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
@@ -70,7 +71,7 @@ pub fn write(dir: &Path, report: &Report) -> anyhow::Result<PathBuf> {
             bail!("two plots of the report are both named {:?}", plot.file_stem);
         }
     }
-    std::fs::create_dir_all(dir).with_context(|| format!("creating the report folder {}", dir.display()))?;
+    storage::create_dir_all(dir).with_context(|| format!("creating the report folder {}", dir.display()))?;
     for plot in &report.plots {
         let path = dir.join(format!("{}.svg", plot.file_stem));
         let svg = render_svg(plot).with_context(|| format!("drawing {}", path.display()))?;

@@ -10,6 +10,7 @@ use cnclip_models::{Tokenizer, normalize};
 use tch::{Kind, Tensor};
 
 use crate::model_args::ModelArgs;
+use cnclip_operators::storage;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -60,13 +61,13 @@ pub fn run(args: Args) -> Result<()> {
         .iter()
         .map(|path| {
             // A FIFO would block the read, /dev/zero fill memory: image files only.
-            let bytes = match std::fs::metadata(path) {
+            let bytes = match storage::metadata(path) {
                 Ok(meta) if !meta.is_file() => anyhow::bail!(
                     "--image {}: {}, not a regular file",
                     path.display(),
                     cnclip_operators::sources::parts::kind_of(&meta)
                 ),
-                _ => std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+                _ => storage::read(path).with_context(|| format!("reading {}", path.display()))?,
             };
             preprocess(&bytes, r).with_context(|| format!("image {}", path.display()))
         })

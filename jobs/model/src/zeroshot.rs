@@ -25,6 +25,7 @@ use cnclip_operators::transforms::preprocess::Order;
 use tch::Tensor;
 
 use crate::registry;
+use cnclip_operators::storage;
 
 #[derive(clap::Args, Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Args {
@@ -266,7 +267,7 @@ pub fn run_with(args: Args) -> Result<Metrics> {
         batch_size: args.img_batch_size,
         devices: args.devices.to_string(),
     };
-    let scratch = tempfile::tempdir().context("a scratch directory")?;
+    let scratch = storage::scratch_dir(None, ".cnclip-zeroshot-").context("a scratch directory")?;
     let settings = |name: &str| JobSettings {
         quarantine: scratch.path().join(format!("{name}-quarantine.jsonl")),
         threads: args.num_workers,
@@ -320,9 +321,9 @@ pub fn run_with(args: Args) -> Result<Metrics> {
     let save_dir = Path::new(&args.save_dir);
     let quarantine = save_dir.join(format!("{}.quarantine.jsonl", args.dataset));
     if !args.save_dir.is_empty() {
-        std::fs::create_dir_all(save_dir).with_context(|| format!("creating {}", save_dir.display()))?;
+        storage::create_dir_all(save_dir).with_context(|| format!("creating {}", save_dir.display()))?;
     }
-    let _ = std::fs::remove_file(&quarantine);
+    let _ = storage::remove_file(&quarantine);
     let (ids, image_features) =
         features(image_defs, JobSettings { quarantine: quarantine.clone(), ..settings("images") })?;
     // The predictions are one row per image of the folder, in its order (what `--index` and the

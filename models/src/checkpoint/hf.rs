@@ -15,12 +15,13 @@ use tch::Tensor;
 use super::TorchArchive;
 use crate::clip::{ClipConfig, TextConfig, VisionConfig, VisionLayers};
 use crate::error::{Error, Result};
+use cnclip_operators::storage;
 
 /// The directory and weights file of an HF checkpoint, if `path` is one: a directory with a
 /// `config.json` of `model_type` `chinese_clip`, or a weights file inside such a directory.
 pub fn locate(path: &Path) -> Option<(PathBuf, PathBuf)> {
     let dir = if path.is_dir() { path.to_path_buf() } else { path.parent()?.to_path_buf() };
-    let config: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).ok()?).ok()?;
+    let config: Value = serde_json::from_str(&storage::read_to_string(dir.join("config.json")).ok()?).ok()?;
     if config.get("model_type").and_then(Value::as_str) != Some("chinese_clip") {
         return None;
     }
@@ -39,7 +40,7 @@ fn bad(path: &Path, reason: impl std::fmt::Display) -> Error {
 /// cn_clip's config from HF's `config.json` (HF defaults for absent fields).
 pub fn config(dir: &Path) -> Result<ClipConfig> {
     let file = dir.join("config.json");
-    let json: Value = serde_json::from_str(&std::fs::read_to_string(&file)?).map_err(|e| bad(&file, e))?;
+    let json: Value = serde_json::from_str(&storage::read_to_string(&file)?).map_err(|e| bad(&file, e))?;
     let empty = Value::Object(Default::default());
     let (text, vision) = (json.get("text_config").unwrap_or(&empty), json.get("vision_config").unwrap_or(&empty));
     let int = |v: &Value, key: &str, default: i64| v.get(key).and_then(Value::as_i64).unwrap_or(default);

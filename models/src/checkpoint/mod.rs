@@ -55,7 +55,7 @@ impl TorchArchive {
     pub fn open_with(path: &Path, limits: &Limits) -> Result<Self> {
         readable(path)?;
         let name = path.display().to_string();
-        let mut file = std::fs::File::open(path).map_err(|e| checkpoint_error(&name, e))?;
+        let mut file = cnclip_operators::storage::open(path).map_err(|e| checkpoint_error(&name, e))?;
         let mut head = [0u8; 4];
         let len = std::io::Read::read(&mut file, &mut head).map_err(|e| checkpoint_error(&name, e))?;
         std::io::Seek::rewind(&mut file).map_err(|e| checkpoint_error(&name, e))?;
@@ -256,8 +256,8 @@ impl Format {
         }
         let mut magic = [0u8; 4];
         // Only a regular file is opened: opening a FIFO blocks until something writes to it.
-        let is_zip = std::fs::metadata(path).is_ok_and(|m| m.is_file())
-            && std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok()
+        let is_zip = cnclip_operators::storage::metadata(path).is_ok_and(|m| m.is_file())
+            && cnclip_operators::storage::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok()
             && &magic == b"PK\x03\x04";
         let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
         if is_zip || (!path.exists() && matches!(ext, "pt" | "pth" | "bin")) { Format::CnClip } else { Format::Cnclip }
@@ -271,7 +271,7 @@ impl Format {
 /// [`Error::Checkpoint`] for anything else; a missing path is left to the reader's message.
 pub fn readable(path: &Path) -> Result<()> {
     use std::os::unix::fs::FileTypeExt;
-    let Ok(meta) = std::fs::metadata(path) else { return Ok(()) };
+    let Ok(meta) = cnclip_operators::storage::metadata(path) else { return Ok(()) };
     let kind = meta.file_type();
     let what = if kind.is_file() || kind.is_dir() {
         return Ok(());

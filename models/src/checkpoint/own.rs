@@ -10,6 +10,7 @@ use tch::{Kind, Tensor};
 
 use crate::clip::ClipConfig;
 use crate::error::{Error, Result};
+use cnclip_operators::storage;
 
 pub const FORMAT_KEY: &str = "format";
 pub const FORMAT: &str = "cnclip";
@@ -117,7 +118,7 @@ pub fn read_safetensors(path: &Path) -> Result<(BTreeMap<String, Tensor>, HashMa
     super::readable(path)?;
     let name = path.display().to_string();
     let bad = |reason: String| Error::Checkpoint { path: name.clone(), reason };
-    let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    let bytes = storage::read(path).map_err(|e| bad(e.to_string()))?;
     let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(not_safetensors(&bytes, &e.to_string())))?;
     let metadata = header.metadata().clone().unwrap_or_default();
     let tensors = SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
@@ -138,7 +139,7 @@ pub fn read_safetensors(path: &Path) -> Result<(BTreeMap<String, Tensor>, HashMa
 pub fn config(path: &Path) -> Result<ClipConfig> {
     use std::io::Read;
     let bad = |reason: String| Error::Checkpoint { path: path.display().to_string(), reason };
-    let mut file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+    let mut file = storage::open(path).map_err(|e| bad(e.to_string()))?;
     let mut len = [0u8; 8];
     file.read_exact(&mut len).map_err(|_| bad(not_safetensors(&[], "too short")))?;
     let len = u64::from_le_bytes(len);

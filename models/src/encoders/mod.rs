@@ -28,6 +28,7 @@ use tch::{Kind, Tensor};
 
 use crate::checkpoint::{self, CheckpointInfo};
 use crate::{Clip, ClipConfig, normalize};
+use cnclip_operators::storage;
 
 /// Which tower an encoder runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -228,12 +229,12 @@ fn sha256_of(path: &Path) -> crate::Result<String> {
         None => path.to_path_buf(),
     };
     let io = |source| crate::Error::File { path: file.clone(), source };
-    let meta = std::fs::metadata(&file).map_err(io)?;
+    let meta = storage::metadata(&file).map_err(io)?;
     let key = (file.clone(), meta.len(), meta.modified().ok());
     if let Some(known) = CACHE.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
         return Ok(known.clone());
     }
-    let mut reader = std::fs::File::open(&file).map_err(io)?;
+    let mut reader = storage::open(&file).map_err(io)?;
     let mut hasher = sha2::Sha256::new();
     std::io::copy(&mut reader, &mut hasher).map_err(io)?;
     let hex: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();

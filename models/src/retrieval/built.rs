@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use super::error::{Error, Result};
 use super::refine::RefineStore;
 use cnclip_operators::Problems;
+use cnclip_operators::storage;
 
 /// The manifest's `format`.
 pub const FORMAT: &str = "cnclip-index/1";
@@ -139,7 +140,7 @@ pub struct IndexFile {
 impl IndexFile {
     /// Whether the file is there with its recorded size.
     pub fn intact(&self, dir: &Path) -> bool {
-        std::fs::metadata(dir.join(&self.file)).is_ok_and(|m| m.is_file() && m.len() == self.bytes)
+        storage::metadata(dir.join(&self.file)).is_ok_and(|m| m.is_file() && m.len() == self.bytes)
     }
 
     /// Checks the file is there with its recorded size.
@@ -148,7 +149,7 @@ impl IndexFile {
     /// Missing, or of another size (truncated or replaced since it was written).
     pub fn check(&self, dir: &Path) -> Result<()> {
         let path = dir.join(&self.file);
-        match std::fs::metadata(&path) {
+        match storage::metadata(&path) {
             Err(source) => Err(Error::Missing { path, source }),
             Ok(m) if m.len() != self.bytes => Err(Error::Damaged { path, bytes: m.len(), written: self.bytes }),
             Ok(_) => Ok(()),
@@ -163,7 +164,7 @@ impl Manifest {
     /// Missing, unreadable, or not a build-index manifest.
     pub fn read(dir: &Path) -> Result<Manifest> {
         let path = dir.join(MANIFEST);
-        let bytes = match std::fs::read(&path) {
+        let bytes = match storage::read(&path) {
             Ok(bytes) => bytes,
             Err(source) => return Err(Error::NoManifest { path, dir: dir.to_path_buf(), source }),
         };
@@ -292,18 +293,17 @@ pub fn read(path: &Path) -> Result<IndexImpl> {
 /// # Errors
 /// FAISS's or the file system's message, naming the file.
 pub fn write_atomically(index: &IndexImpl, path: &Path) -> Result<u64> {
-    let tmp = cnclip_operators::staging::temp_path(path);
+    let tmp = storage::staging::temp_path(path);
     let result = (|| {
         faiss::write_index(index, tmp.to_string_lossy())
             .map_err(|source| Error::WriteIndex { path: path.to_path_buf(), source })?;
         let write = |source| Error::Write { path: path.to_path_buf(), source };
-        let bytes =
-            std::fs::File::open(&tmp).and_then(|f| f.sync_all().and_then(|()| f.metadata())).map_err(write)?.len();
-        std::fs::rename(&tmp, path).map_err(write)?;
+        let bytes = storage::open(&tmp).and_then(|f| f.sync_all().and_then(|()| f.metadata())).map_err(write)?.len();
+        storage::rename(&tmp, path).map_err(write)?;
         Ok(bytes)
     })();
     if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+        let _ = storage::remove_file(&tmp);
     }
     result
 }

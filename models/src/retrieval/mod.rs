@@ -42,6 +42,7 @@ pub mod ivf;
 pub mod refine;
 
 use built::BuiltIndex;
+use cnclip_operators::storage;
 use cnclip_operators::transforms::InputError;
 pub use error::Error;
 
@@ -139,7 +140,7 @@ fn gallery_files(cx: &BuildContext, paths: &[String]) -> Result<Vec<PathBuf>, Ve
         let resolved = cx.resolve(Path::new(path));
         if resolved.is_dir() {
             cnclip_operators::sources::parts::check_complete(&resolved).map_err(|e| vec![e.to_string()])?;
-            let mut parts: Vec<PathBuf> = std::fs::read_dir(&resolved)
+            let mut parts: Vec<PathBuf> = storage::read_dir(&resolved)
                 .map_err(|e| vec![format!("{}: {e}", resolved.display())])?
                 .flatten()
                 .map(|e| e.path())
@@ -223,7 +224,7 @@ impl NodeConfig for KnnConfig {
         }
         let index_path = self.index_path.as_ref().map(|p| cx.resolve(p));
         if let Some(path) = &index_path
-            && let Ok(meta) = std::fs::metadata(path)
+            && let Ok(meta) = storage::metadata(path)
             && !meta.is_file()
             && !meta.is_dir()
         {
@@ -339,7 +340,7 @@ impl Gallery {
                 gallery.ids.extend(ids);
                 gallery.features.extend(features);
             } else {
-                let open = std::fs::File::open(file).map_err(|source| Error::File { path: path(), source })?;
+                let open = storage::open(file).map_err(|source| Error::File { path: path(), source })?;
                 let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(open)
                     .and_then(|b| b.build())
                     .map_err(|source| Error::Parquet { path: path(), source })?;
@@ -525,7 +526,7 @@ impl SavedIndex {
     /// The (bytes, sha256) of an index file.
     fn stamp(path: &Path) -> Result<(u64, String), Error> {
         let file = |source| Error::File { path: path.to_path_buf(), source };
-        let bytes = std::fs::metadata(path).map_err(file)?.len();
+        let bytes = storage::metadata(path).map_err(file)?.len();
         let sha = cnclip_operators::fingerprint::sha256_file(path).map_err(file)?;
         Ok((bytes, sha))
     }
@@ -581,14 +582,14 @@ fn build_index(
         gallery: files
             .iter()
             .map(|f| {
-                cnclip_operators::fingerprint::Stamp::of(&std::fs::canonicalize(f).unwrap_or_else(|_| f.clone()), true)
+                cnclip_operators::fingerprint::Stamp::of(&storage::canonicalize(f).unwrap_or_else(|_| f.clone()), true)
             })
             .collect(),
     });
     let saved = match (index_path.filter(|p| p.exists()), &record) {
         (Some(path), Some(record)) => {
             let record_path = SavedIndex::record_path(path);
-            let was: SavedIndex = match std::fs::read(&record_path) {
+            let was: SavedIndex = match storage::read(&record_path) {
                 Ok(bytes) => match serde_json::from_slice(&bytes) {
                     Ok(was) => was,
                     Err(source) => return Err(Error::Record { record: record_path, path: path.to_path_buf(), source }),
@@ -650,7 +651,7 @@ fn build_index(
                 // The index goes to its temporary file, the record (naming that file's size and
                 // sha256) beside the target, then the index into place: a crash in between
                 // leaves a record that matches no index file, which is then built again.
-                let tmp = cnclip_operators::staging::temp_path(path);
+                let tmp = storage::staging::temp_path(path);
                 let saved = (|| {
                     faiss::write_index(&index, tmp.to_string_lossy())
                         .map_err(|source| Error::Save { path: path.to_path_buf(), source })?;
@@ -662,10 +663,10 @@ fn build_index(
                     {
                         return Err(Error::File { path: record_path, source });
                     }
-                    std::fs::rename(&tmp, path).map_err(|source| Error::File { path: path.to_path_buf(), source })
+                    storage::rename(&tmp, path).map_err(|source| Error::File { path: path.to_path_buf(), source })
                 })();
                 if let Err(e) = saved {
-                    let _ = std::fs::remove_file(&tmp);
+                    let _ = storage::remove_file(&tmp);
                     return Err(e);
                 }
             }

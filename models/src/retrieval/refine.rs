@@ -35,6 +35,7 @@ use memmap2::Mmap;
 
 use super::built::{IndexFile, Manifest};
 use super::error::{Error, Result};
+use cnclip_operators::storage;
 
 /// The only refinement build-index keeps: float32 vectors (FAISS's `RFlat`).
 pub const FLAT: &str = "flat";
@@ -91,7 +92,7 @@ impl Drop for RefineWriter {
     /// A shard left unfinished (an error, an interrupt) leaves no partial vectors file behind.
     fn drop(&mut self) {
         if !self.finished {
-            let _ = std::fs::remove_file(&self.tmp);
+            let _ = storage::remove_file(&self.tmp);
         }
     }
 }
@@ -104,8 +105,8 @@ impl RefineWriter {
     /// The file system's, naming the file.
     pub fn create(dir: &Path, number: usize, dim: usize) -> Result<RefineWriter> {
         let vectors_path = dir.join(vectors_file(number));
-        let tmp = cnclip_operators::staging::temp_path(&vectors_path);
-        let file = match File::create(&tmp) {
+        let tmp = storage::staging::temp_path(&vectors_path);
+        let file = match storage::create(&tmp) {
             Ok(file) => file,
             Err(source) => return Err(Error::Write { path: vectors_path, source }),
         };
@@ -160,7 +161,7 @@ impl RefineWriter {
                 bytes.extend_from_slice(&row.to_le_bytes());
             }
             cnclip_operators::write_atomically(&self.ids_path, |f| f.write_all(&bytes))?;
-            std::fs::rename(&self.tmp, &self.vectors_path).map_err(fail)?;
+            storage::rename(&self.tmp, &self.vectors_path).map_err(fail)?;
             self.finished = true;
             Ok((
                 IndexFile { file: name(&self.vectors_path), bytes: vectors_bytes },
@@ -343,7 +344,7 @@ impl RefineStore {
         let overlapping = self.by_min.windows(2).any(|w| self.shards[w[1]].min_id <= self.shards[w[0]].max_id);
         let path = dir.join(ID_MAP);
         if !overlapping {
-            let _ = std::fs::remove_file(&path);
+            let _ = storage::remove_file(&path);
             return Ok(Ids::Disjoint);
         }
         enum Stop {
@@ -398,7 +399,7 @@ impl RefineStore {
         });
         match merged {
             Ok(()) => {
-                let bytes = match std::fs::metadata(&path) {
+                let bytes = match storage::metadata(&path) {
                     Ok(meta) => meta.len(),
                     Err(source) => return Err(Error::File { path, source }),
                 };
@@ -460,7 +461,7 @@ fn map(dir: &Path, file: &IndexFile, expected: u64) -> Result<Mmap> {
     if file.bytes != expected {
         return Err(Error::ShardSize { path, bytes: file.bytes, expected });
     }
-    let handle = match File::open(&path) {
+    let handle = match storage::open(&path) {
         Ok(handle) => handle,
         Err(source) => return Err(Error::File { path, source }),
     };

@@ -25,6 +25,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result, io};
+use crate::storage;
 use page::{Db, HEADER, MetaPage, NodePage, P_BRANCH, P_LEAF, P_OVERFLOW, PAGE, Value, overflow_pages_of};
 
 /// What is wrong with an LMDB file: one we wrote that fails its end-of-job check
@@ -87,7 +88,7 @@ impl LmdbFile {
             });
         }
         let path = dir.join("data.mdb");
-        let file = File::open(&path).map_err(io(&path))?;
+        let file = storage::open(&path).map_err(io(&path))?;
         let bytes = file.metadata().map_err(io(&path))?.len();
         let corrupt = |problem| Error::LmdbCorrupt { path: path.display().to_string(), problem };
         // Meta page 0 gives the page size; meta page 1 starts one page in.

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use super::lmdb_bulk::BulkWriter;
 use super::lmdb_txn::TxnWriter;
 use crate::error::{Error, Result};
+use crate::storage;
 
 /// Which writer builds an LMDB database (`--writer`, `writer = "…"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize, serde::Serialize)]
@@ -204,7 +205,7 @@ impl LmdbSink {
     pub fn create(path: &Path, database: crate::sources::lmdb::Database, writer: LmdbWriterKind) -> Result<Self> {
         super::create_parent(path)?;
         let tmp = super::tmp_path(path);
-        let _ = std::fs::remove_dir_all(&tmp);
+        let _ = storage::remove_dir_all(&tmp);
         Ok(LmdbSink {
             writer: Some(LmdbWriter::create(&tmp, writer)?),
             database,
@@ -304,7 +305,7 @@ impl super::Sink for LmdbSink {
 impl Drop for LmdbSink {
     fn drop(&mut self) {
         if self.writer.take().is_some() {
-            let _ = std::fs::remove_dir_all(&self.tmp);
+            let _ = storage::remove_dir_all(&self.tmp);
         }
     }
 }

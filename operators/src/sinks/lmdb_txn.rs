@@ -17,6 +17,7 @@ use lmdb::{Database, Environment, EnvironmentFlags, Transaction, WriteFlags};
 
 use super::lmdb_bulk::{check_put, duplicate};
 use crate::error::{Error, Result, io};
+use crate::storage;
 
 const INITIAL_MAP_SIZE: usize = 64 << 20;
 /// Bytes of keys and values buffered per commit, by default.
@@ -45,10 +46,10 @@ impl TxnWriter {
     /// # Errors
     /// IO or LMDB errors naming `path`.
     pub fn create(path: &Path) -> Result<Self> {
-        std::fs::create_dir_all(path).map_err(io(path))?;
+        storage::create_dir_all(path).map_err(io(path))?;
         for file in ["data.mdb", "lock.mdb"] {
             let file = path.join(file);
-            match std::fs::remove_file(&file) {
+            match storage::remove_file(&file) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&file)(e)),
                 _ => {}
             }

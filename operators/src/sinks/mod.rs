@@ -14,6 +14,7 @@ pub mod tsv;
 use arrow::record_batch::RecordBatch;
 
 use crate::error::Result;
+use crate::storage;
 
 /// What a finished sink wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,9 +104,9 @@ impl Staged {
             return publish(committed);
         }
         if self.path.is_dir() && self.tmp.is_dir() {
-            std::fs::remove_dir_all(&self.path).map_err(crate::error::io(&self.path))?;
+            storage::remove_dir_all(&self.path).map_err(crate::error::io(&self.path))?;
         }
-        std::fs::rename(&self.tmp, &self.path).map_err(crate::error::io(&self.path))?;
+        storage::rename(&self.tmp, &self.path).map_err(crate::error::io(&self.path))?;
         self.done = true;
         Ok(())
     }
@@ -115,20 +116,20 @@ impl Drop for Staged {
     fn drop(&mut self) {
         if !self.done {
             let _ =
-                if self.tmp.is_dir() { std::fs::remove_dir_all(&self.tmp) } else { std::fs::remove_file(&self.tmp) };
+                if self.tmp.is_dir() { storage::remove_dir_all(&self.tmp) } else { storage::remove_file(&self.tmp) };
         }
     }
 }
 
-/// Where a sink writes before the rename ([`crate::staging::temp_path`]).
+/// Where a sink writes before the rename ([`storage::staging::temp_path`]).
 pub(crate) fn tmp_path(path: &std::path::Path) -> std::path::PathBuf {
-    crate::staging::temp_path(path)
+    storage::staging::temp_path(path)
 }
 
 /// Creates the parent directory of `path` if needed.
 pub(crate) fn create_parent(path: &std::path::Path) -> Result<()> {
     match path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        Some(dir) => std::fs::create_dir_all(dir).map_err(crate::error::io(dir)),
+        Some(dir) => storage::create_dir_all(dir).map_err(crate::error::io(dir)),
         None => Ok(()),
     }
 }
@@ -145,7 +146,7 @@ impl AtomicFile {
     pub(crate) fn create(path: &std::path::Path) -> Result<Self> {
         create_parent(path)?;
         let tmp = tmp_path(path);
-        let file = std::fs::File::create(&tmp).map_err(crate::error::io(&tmp))?;
+        let file = storage::create(&tmp).map_err(crate::error::io(&tmp))?;
         Ok(AtomicFile { out: Some(std::io::BufWriter::with_capacity(1 << 20, file)), path: path.to_path_buf(), tmp })
     }
 
@@ -166,7 +167,7 @@ impl AtomicFile {
 impl Drop for AtomicFile {
     fn drop(&mut self) {
         if self.out.take().is_some() {
-            let _ = std::fs::remove_file(&self.tmp);
+            let _ = storage::remove_file(&self.tmp);
         }
     }
 }

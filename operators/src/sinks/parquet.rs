@@ -14,6 +14,7 @@ use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 
 use crate::error::{Error, Result, io};
+use crate::storage;
 
 /// Rows per row group: large enough for good compression and scans, small enough that a
 /// writer's buffered group stays well under a gigabyte even for wide feature rows.
@@ -73,7 +74,7 @@ impl ParquetSink {
     ) -> Result<Self> {
         super::create_parent(path)?;
         let tmp = super::tmp_path(path);
-        let file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+        let file = storage::create(&tmp).map_err(io(&tmp))?;
         let props = WriterProperties::builder()
             .set_compression(compression)
             .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
@@ -140,7 +141,7 @@ impl Drop for ParquetSink {
     fn drop(&mut self) {
         // Dropped unfinished (the job failed or was cancelled): leave nothing behind.
         if self.writer.take().is_some() {
-            let _ = std::fs::remove_file(&self.tmp);
+            let _ = storage::remove_file(&self.tmp);
         }
     }
 }

@@ -34,6 +34,7 @@ use crate::sources::Shard;
 use crate::spec::builtin::{ParquetConfig, WriteJsonlConfig, WriteParquetConfig};
 use crate::spec::registry::{BuildContext, NodeConfig, Operator, Role, SinkContext, SinkSpec};
 use crate::spec::{JobSettings, NodeDef, Planner, Registry};
+use crate::storage;
 use cnclip_schemas::{columns, metadata};
 
 /// Which tower's features a table holds.
@@ -171,7 +172,7 @@ pub fn parse_name(name: &str) -> Option<(Shard, FileKind)> {
 pub fn sha256_file(path: &Path) -> Result<(String, u64)> {
     use sha2::Digest;
     use std::io::Read;
-    let mut file = std::fs::File::open(path).map_err(io(path))?;
+    let mut file = storage::open(path).map_err(io(path))?;
     let mut hasher = sha2::Sha256::new();
     let mut buffer = vec![0u8; 1 << 20];
     let mut bytes = 0u64;
@@ -240,8 +241,8 @@ impl Target {
     pub fn prepare(&self) -> Result<()> {
         match self {
             Target::Shard { dir, shard } => {
-                std::fs::create_dir_all(dir).map_err(io(dir))?;
-                let others: Vec<String> = std::fs::read_dir(dir)
+                storage::create_dir_all(dir).map_err(io(dir))?;
+                let others: Vec<String> = storage::read_dir(dir)
                     .map_err(io(dir))?
                     .flatten()
                     .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -270,11 +271,11 @@ impl Target {
     pub fn finished(&self, made_from: &str) -> Option<Entry> {
         let Target::Shard { dir, shard } = self else { return None };
         let stem = part_stem(*shard);
-        let entry: Entry = serde_json::from_slice(&std::fs::read(dir.join(format!("{stem}.json"))).ok()?).ok()?;
+        let entry: Entry = serde_json::from_slice(&storage::read(dir.join(format!("{stem}.json"))).ok()?).ok()?;
         let ours = entry.made_from.as_deref() == Some(made_from)
             && entry.quarantined == 0
             && entry.part == format!("{stem}.parquet")
-            && std::fs::metadata(dir.join(&entry.part)).ok()?.len() == entry.bytes;
+            && storage::metadata(dir.join(&entry.part)).ok()?.len() == entry.bytes;
         if !ours {
             return None;
         }
@@ -327,21 +328,21 @@ impl Resumed {
 pub fn resume(target: &Target, fingerprint: &str, label: Option<&str>) -> Result<Resumed> {
     let dir = target.parts_dir();
     let manifest_path = dir.join("manifest.json");
-    let manifest = match std::fs::read(&manifest_path).ok().and_then(|b| serde_json::from_slice::<Manifest>(&b).ok()) {
+    let manifest = match storage::read(&manifest_path).ok().and_then(|b| serde_json::from_slice::<Manifest>(&b).ok()) {
         Some(m) if m.fingerprint == fingerprint && m.parts.iter().all(|p| dir.join(&p.file).is_file()) => m,
         found => {
             if let (Some(label), Some(_)) = (label, &found) {
                 eprintln!("{label}: {} was made with other settings: starting over", dir.display());
             }
-            let _ = std::fs::remove_dir_all(&dir);
+            let _ = storage::remove_dir_all(&dir);
             Manifest { fingerprint: fingerprint.to_string(), parts: Vec::new() }
         }
     };
-    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-    for entry in std::fs::read_dir(&dir).map_err(io(&dir))?.flatten() {
+    storage::create_dir_all(&dir).map_err(io(&dir))?;
+    for entry in storage::read_dir(&dir).map_err(io(&dir))?.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if name != "manifest.json" && !manifest.parts.iter().any(|p| p.file == name) {
-            let _ = std::fs::remove_file(entry.path());
+            let _ = storage::remove_file(entry.path());
         }
     }
     let resumed = Resumed { manifest, dir };
@@ -353,7 +354,7 @@ pub fn resume(target: &Target, fingerprint: &str, label: Option<&str>) -> Result
 
 /// Set in code (not TOML) by a job that drives `write_parts` itself, as `extract-features`
 /// does: it has prepared the target ([`Target::prepare`]), holds the output's
-/// [`crate::staging::WriterLock`], called [`resume`] with `fingerprint` and skips the kept
+/// [`storage::staging::WriterLock`], called [`resume`] with `fingerprint` and skips the kept
 /// parts' ids upstream, so the sink neither locks nor skips rows; and what the entries record.
 #[derive(Debug, Clone, Default)]
 pub struct Prepared {
@@ -460,7 +461,7 @@ impl SinkSpec for WritePartsConfig {
             Some(prepared) => (resume(&target, &prepared.fingerprint, None)?, None, 0),
             None => {
                 target.prepare()?;
-                let lock = crate::staging::WriterLock::acquire(&target.output())?;
+                let lock = storage::staging::WriterLock::acquire(&target.output())?;
                 let resumed = resume(&target, &self.fingerprint(cx.shard, schema), Some("cnclip run"))?;
                 let skip = resumed.rows();
                 (resumed, Some(lock), skip)
@@ -487,7 +488,7 @@ struct PartsSink {
     open: Option<OpenPart>,
     /// Input rows the kept parts already hold (when nothing upstream skipped them).
     skip: u64,
-    _lock: Option<crate::staging::WriterLock>,
+    _lock: Option<storage::staging::WriterLock>,
 }
 
 struct OpenPart {
@@ -614,27 +615,27 @@ impl Sink for PartsSink {
 fn publish(config: &WritePartsConfig, target: &Target, quarantined: u64) -> Result<()> {
     let joined = target.joined();
     match target {
-        Target::File(output) => std::fs::rename(&joined, output).map_err(io(output))?,
+        Target::File(output) => storage::rename(&joined, output).map_err(io(output))?,
         Target::Shard { dir, shard } => {
             let entry = entry(config, *shard, &joined, quarantined)?;
             let entry_path = dir.join(format!("{}.json", part_stem(*shard)));
-            match std::fs::remove_file(&entry_path) {
+            match storage::remove_file(&entry_path) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&entry_path)(e)),
                 _ => {}
             }
             let part_path = dir.join(&entry.part);
-            std::fs::rename(&joined, &part_path).map_err(io(&part_path))?;
+            storage::rename(&joined, &part_path).map_err(io(&part_path))?;
             let mut json = serde_json::to_vec_pretty(&entry)?;
             json.push(b'\n');
             crate::write_atomically(&entry_path, |f| std::io::Write::write_all(f, &json)).map_err(io(&entry_path))?;
             if quarantined == 0 {
                 // A previous run's bad records, which this run no longer met.
-                let _ = std::fs::remove_file(quarantine_path(dir, *shard));
+                let _ = storage::remove_file(quarantine_path(dir, *shard));
             }
         }
     }
     let work = target.parts_dir();
-    std::fs::remove_dir_all(&work).map_err(io(&work))
+    storage::remove_dir_all(&work).map_err(io(&work))
 }
 
 /// Shard `shard`'s entry for its joined part, read back from the file as a reader will meet it.
@@ -643,7 +644,7 @@ fn entry(config: &WritePartsConfig, shard: Shard, joined: &Path, quarantined: u6
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     let (sha256, bytes) = sha256_file(joined)?;
     let parquet_error = |source| Error::Parquet { path: joined.display().to_string(), source };
-    let file = std::fs::File::open(joined).map_err(io(joined))?;
+    let file = storage::open(joined).map_err(io(joined))?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(parquet_error)?;
     let metadata = builder.schema().metadata().clone();
     let mask = ProjectionMask::roots(builder.parquet_schema(), [0]);

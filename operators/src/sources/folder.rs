@@ -17,6 +17,7 @@ use arrow::record_batch::RecordBatch;
 use super::{BATCH_BYTES, Emit, ReadContext, Source};
 use crate::error::{Error, Result, io};
 use crate::quarantine::Rejected;
+use crate::storage;
 
 /// torchvision's `IMG_EXTENSIONS`.
 const EXTENSIONS: [&str; 9] = [".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"];
@@ -39,7 +40,7 @@ pub struct Entry {
 /// When `root` is not a readable directory or has no class folders.
 pub fn classes(root: &Path) -> Result<Vec<String>> {
     let mut classes = Vec::new();
-    for entry in std::fs::read_dir(root).map_err(io(root))? {
+    for entry in storage::read_dir(root).map_err(io(root))? {
         let entry = entry.map_err(io(root))?;
         let name = entry.file_name().to_string_lossy().into_owned();
         if entry.path().is_dir() && !name.starts_with('.') {
@@ -58,7 +59,7 @@ pub fn classes(root: &Path) -> Result<Vec<String>> {
 
 /// The hidden folders of `root` that [`classes`] leaves out, sorted (for a note to the user).
 pub fn hidden_folders(root: &Path) -> Vec<String> {
-    let mut hidden: Vec<String> = std::fs::read_dir(root)
+    let mut hidden: Vec<String> = storage::read_dir(root)
         .into_iter()
         .flatten()
         .flatten()
@@ -73,7 +74,7 @@ pub fn hidden_folders(root: &Path) -> Vec<String> {
 /// A directory's identity (device, inode), to recognise one reached again through a link.
 fn identity(path: &Path) -> std::io::Result<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(path)?;
+    let meta = storage::metadata(path)?;
     Ok((meta.dev(), meta.ino()))
 }
 
@@ -102,7 +103,7 @@ pub fn entries(root: &Path) -> Result<Vec<Entry>> {
                 return Err(Error::Interrupted { signal });
             }
             let mut files = Vec::new();
-            for entry in std::fs::read_dir(&dir).map_err(io(&dir))? {
+            for entry in storage::read_dir(&dir).map_err(io(&dir))? {
                 let entry = entry.map_err(io(&dir))?;
                 let path = entry.path();
                 if path.is_dir() {
@@ -204,12 +205,12 @@ impl Source for ImageFolderSource {
                 return Err(Error::Interrupted { signal });
             }
             // A FIFO or a device named like an image would block or never end: not read.
-            let data = match std::fs::metadata(&entry.path) {
+            let data = match storage::metadata(&entry.path) {
                 Ok(meta) if !meta.is_file() => Err(format!("{}, not a regular file", super::parts::kind_of(&meta))),
                 Ok(meta) if meta.len() > MAX_IMAGE_BYTES => {
                     Err(format!("a file of {} bytes, past the limit of {MAX_IMAGE_BYTES} for an image", meta.len()))
                 }
-                _ => match std::fs::read(&entry.path) {
+                _ => match storage::read(&entry.path) {
                     Ok(data) if data.is_empty() => Err("empty file".to_string()),
                     Ok(data) => Ok(data),
                     Err(e) => Err(e.to_string()),

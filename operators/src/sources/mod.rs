@@ -26,6 +26,7 @@ use arrow::record_batch::RecordBatch;
 
 use crate::error::{Error, Result, io};
 use crate::quarantine::Quarantine;
+use crate::storage;
 
 /// Which records of a source a job reads: `index` of `count`, written `i/n`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,7 +132,7 @@ pub trait Source: Send + 'static {
 /// The path is not a regular file, is larger than `max_bytes`, or cannot be read as UTF-8.
 pub fn read_text(path: &Path, max_bytes: u64) -> std::io::Result<String> {
     let meta =
-        std::fs::metadata(path).map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        storage::metadata(path).map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
     if !meta.is_file() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
@@ -144,7 +145,7 @@ pub fn read_text(path: &Path, max_bytes: u64) -> std::io::Result<String> {
             format!("{} is {} bytes, more than the {max_bytes} this input may have", path.display(), meta.len()),
         ));
     }
-    std::fs::read_to_string(path).map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+    storage::read_to_string(path).map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))
 }
 
 /// The most a small text input read by [`read_text`] may hold (64 MiB).
@@ -164,7 +165,7 @@ pub fn expand_paths(patterns: &[String]) -> Result<Vec<PathBuf>, Vec<String>> {
     for pattern in patterns {
         if !pattern.contains(['*', '?', '[']) {
             let path = PathBuf::from(pattern);
-            match std::fs::metadata(&path) {
+            match storage::metadata(&path) {
                 Ok(meta) if meta.is_dir() => problems.push(format!("{pattern} is a directory, not a file")),
                 Ok(meta) if meta.is_file() => paths.push(path),
                 // A FIFO or a device (`/dev/zero`) would block or never end.
@@ -198,9 +199,9 @@ pub fn expand_paths(patterns: &[String]) -> Result<Vec<PathBuf>, Vec<String>> {
 /// (up to 1 MiB of) lines of the first file.
 pub(crate) fn estimate_lines(paths: &[PathBuf]) -> Option<u64> {
     use std::io::Read;
-    let total: u64 = paths.iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.len()).sum();
+    let total: u64 = paths.iter().filter_map(|p| storage::metadata(p).ok()).map(|m| m.len()).sum();
     let mut head = Vec::with_capacity(1 << 20);
-    std::fs::File::open(paths.first()?).ok()?.take(1 << 20).read_to_end(&mut head).ok()?;
+    storage::open(paths.first()?).ok()?.take(1 << 20).read_to_end(&mut head).ok()?;
     let lines = head.iter().filter(|&&b| b == b'\n').count() as u64;
     if lines == 0 {
         return None;
@@ -319,7 +320,7 @@ fn lines_with_buffer(
 ) -> Result<()> {
     use std::io::Read;
     use std::sync::mpsc::sync_channel;
-    let mut file = std::fs::File::open(path).map_err(io(path))?;
+    let mut file = storage::open(path).map_err(io(path))?;
     let newline = line_end(&mut file).map_err(io(path))?;
     let blank = |b: &u8| matches!(b, b' ' | b'\r' | b'\n');
     let mut number = 0usize;

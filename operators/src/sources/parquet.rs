@@ -2,7 +2,6 @@
 //! contract is named, that schema is checked against it before anything is read (columns the
 //! file declares nullable but the contract wants non-null are accepted, and checked per batch).
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -14,6 +13,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use super::{Emit, ReadContext, Source};
 use crate::error::{Error, Result, io};
+use crate::storage;
 
 fn parquet_err(path: &Path, source: parquet::errors::ParquetError) -> Error {
     Error::Parquet { path: path.display().to_string(), source }
@@ -29,7 +29,7 @@ fn arrow_err(path: &Path, source: arrow::error::ArrowError) -> Error {
 /// A missing file or one that is not Parquet.
 pub fn file_schema(path: &Path) -> Result<SchemaRef> {
     // Opening a FIFO blocks until something writes to it: only regular files are opened.
-    if let Ok(meta) = std::fs::metadata(path)
+    if let Ok(meta) = storage::metadata(path)
         && !meta.is_file()
     {
         return Err(Error::Format {
@@ -37,7 +37,7 @@ pub fn file_schema(path: &Path) -> Result<SchemaRef> {
             reason: format!("{}, not a regular file", super::parts::kind_of(&meta)),
         });
     }
-    let file = File::open(path).map_err(io(path))?;
+    let file = storage::open(path).map_err(io(path))?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| parquet_err(path, e))?;
     Ok(builder.schema().clone())
 }
@@ -155,7 +155,7 @@ impl Source for ParquetSource {
 
     fn estimated_records(&self) -> Option<u64> {
         let rows = |path: &PathBuf| -> Option<u64> {
-            let builder = ParquetRecordBatchReaderBuilder::try_new(File::open(path).ok()?).ok()?;
+            let builder = ParquetRecordBatchReaderBuilder::try_new(storage::open(path).ok()?).ok()?;
             Some(builder.metadata().file_metadata().num_rows() as u64)
         };
         self.paths.iter().map(rows).sum()
@@ -169,7 +169,7 @@ impl Source for ParquetSource {
         let mut ordinal = 0u64;
         let mut seen = super::SeenIds::new(self.dedupe.is_some());
         for path in &self.paths {
-            let file = File::open(path).map_err(io(path))?;
+            let file = storage::open(path).map_err(io(path))?;
             let reader = ParquetRecordBatchReaderBuilder::try_new(file)
                 .and_then(|b| b.with_batch_size(ctx.batch_rows.max(1)).build())
                 .map_err(|e| parquet_err(path, e))?;

@@ -11,6 +11,7 @@
 //! FIFO, a device, a directory) is refused by name, and a sharded table holding other Parquet
 //! files beside its parts (strays, which readers would take as rows) is refused too.
 
+use crate::storage;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -72,7 +73,7 @@ fn missing_parts(missing: &[u64], count: u64) -> String {
 /// Shards missing (named, with their files), parts of different shard counts mixed, or the
 /// directory unreadable.
 pub fn check_complete(dir: &Path) -> Result<(), PartsError> {
-    let entries = std::fs::read_dir(dir).map_err(|source| PartsError::Io { path: dir.to_path_buf(), source })?;
+    let entries = storage::read_dir(dir).map_err(|source| PartsError::Io { path: dir.to_path_buf(), source })?;
     // Shard count → indexes present.
     let mut found: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
     let mut stray = Vec::new();
@@ -83,7 +84,7 @@ pub fn check_complete(dir: &Path) -> Result<(), PartsError> {
         }
         // A FIFO or a device read as a part would hang or never end, a directory fails
         // somewhere deep in the reader: refused here, by name (links followed).
-        match std::fs::metadata(entry.path()) {
+        match storage::metadata(entry.path()) {
             Ok(meta) if meta.is_file() => {}
             Ok(meta) => return Err(PartsError::NotAFile { path: entry.path(), kind: kind_of(&meta) }),
             Err(source) => return Err(PartsError::Io { path: entry.path(), source }),

@@ -13,6 +13,7 @@ use super::parse::{JobSettings, parse};
 use super::registry::{BuildContext, BuildFailure, NodeConfig, Operator, Registry, Role, build_config};
 use crate::error::Problems;
 use crate::sources::Shard;
+use crate::storage;
 
 type BuildTyped = Box<dyn FnOnce(&BuildContext) -> Result<Operator, BuildFailure> + Send>;
 
@@ -235,7 +236,7 @@ impl<'r> Planner<'r> {
         for node in &nodes {
             // Compared resolved: `out/a.parquet` and `./out/../out/a.parquet` are one file.
             let resolved = |path: &std::path::Path| {
-                std::fs::canonicalize(path.parent().unwrap_or(path))
+                storage::canonicalize(path.parent().unwrap_or(path))
                     .map(|dir| dir.join(path.file_name().unwrap_or_default()))
                     .unwrap_or_else(|_| path.to_path_buf())
             };

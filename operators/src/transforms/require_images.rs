@@ -23,6 +23,7 @@ use rustc_hash::FxHashSet;
 use super::{InputError, Output, Transform, rebuild, require};
 use crate::error::{Error, Result};
 use crate::quarantine::Rejected;
+use crate::storage;
 
 pub struct RequireImages {
     /// The images: Parquet tables with an `image_id` column, or `.tsv` image shards.
@@ -72,7 +73,7 @@ impl RequireImages {
 /// int64 `column` ([`Error::Format`]), naming `path`.
 pub(crate) fn read_ids(path: &std::path::Path, column: &str, ids: &mut FxHashSet<i64>) -> Result<()> {
     let name = || path.display().to_string();
-    let file = std::fs::File::open(path).map_err(crate::error::io(path))?;
+    let file = storage::open(path).map_err(crate::error::io(path))?;
     let parquet = |source| Error::Parquet { path: name(), source };
     let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(parquet)?;
     let mask = ProjectionMask::columns(builder.parquet_schema(), [column]);

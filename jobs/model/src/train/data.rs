@@ -15,6 +15,7 @@ use super::log::Log;
 use cnclip_data_jobs::{build_lmdb, command_line, import};
 use cnclip_operators::quarantine::OnError;
 use cnclip_operators::sinks::lmdb::LmdbWriterKind;
+use cnclip_operators::storage;
 
 /// The LMDB split to train on for `--train-data`/`--val-data` `given`, serializing it under
 /// `cache` first when it is not one already.
@@ -42,10 +43,10 @@ pub fn lmdb_split(given: &Path, cache: &Path, flag: &str, log: &mut Log) -> Resu
     };
     let mut fingerprint = Vec::new();
     for input in &inputs {
-        let meta = std::fs::metadata(input).with_context(|| format!("{flag}: {}", input.display()))?;
+        let meta = storage::metadata(input).with_context(|| format!("{flag}: {}", input.display()))?;
         let modified = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
         fingerprint.push(serde_json::json!({
-            "path": std::fs::canonicalize(input).unwrap_or_else(|_| input.clone()),
+            "path": storage::canonicalize(input).unwrap_or_else(|_| input.clone()),
             "bytes": meta.len(),
             "modified_ns": modified.map(|d| d.as_nanos().to_string()),
         }));
@@ -54,12 +55,12 @@ pub fn lmdb_split(given: &Path, cache: &Path, flag: &str, log: &mut Log) -> Resu
     let out = cache.join(flag.trim_start_matches('-'));
     let lmdb = out.join(&split);
     let marker = out.join("source.json");
-    if lmdb.join("pairs/data.mdb").is_file() && std::fs::read_to_string(&marker).is_ok_and(|m| m == fingerprint) {
+    if lmdb.join("pairs/data.mdb").is_file() && storage::read_to_string(&marker).is_ok_and(|m| m == fingerprint) {
         log.info(&format!("{flag}: reusing {} (made from {})", lmdb.display(), given.display()));
         return Ok(lmdb);
     }
-    let _ = std::fs::remove_dir_all(&out);
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let _ = storage::remove_dir_all(&out);
+    storage::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     match layout {
         Layout::Tsv => {
             let options = build_lmdb::Args {

@@ -16,6 +16,7 @@ use arrow::array::{
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
+use cnclip_operators::storage;
 
 /// cn_clip's log: every line to the file and to stderr.
 pub struct Log {
@@ -28,10 +29,7 @@ pub struct Log {
 impl Log {
     /// Opens `{dir}/out_{suffix}.log` for appending.
     pub fn open(path: &Path) -> Result<Log> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
+        let file = storage::open_with(path, std::fs::OpenOptions::new().create(true).append(true))
             .with_context(|| format!("opening {}", path.display()))?;
         Ok(Log { file, terminal: std::io::stderr().is_terminal(), progress_shown: false })
     }
@@ -115,7 +113,7 @@ impl Metrics {
     pub fn open(path: &Path, through: u64) -> Result<Metrics> {
         let mut rows = Vec::new();
         if path.is_file() {
-            let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+            let file = storage::open(path).with_context(|| format!("opening {}", path.display()))?;
             let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
                 .and_then(|b| b.build())
                 .with_context(|| format!("reading {}", path.display()))?;
@@ -232,7 +230,7 @@ fn read_rows(batch: &RecordBatch) -> Result<Vec<Metric>> {
 
 /// The process's resident set size (Linux `/proc/self/status` `VmRSS`).
 pub fn rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let status = storage::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)

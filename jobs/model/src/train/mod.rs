@@ -47,6 +47,7 @@ use tch::{Device, Tensor};
 
 use self::checkpoint::{Position, Saved};
 use self::log::{Log, Metric, Metrics};
+use cnclip_operators::storage;
 
 #[derive(clap::Args, Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Args {
@@ -609,7 +610,7 @@ pub fn run(mut args: Box<Args>) -> Result<()> {
     cnclip_operators::signals::catch_interrupts()?;
     let dir = Path::new(&args.logs).join(&args.name);
     let checkpoints = dir.join("checkpoints");
-    std::fs::create_dir_all(&checkpoints).with_context(|| format!("creating {}", checkpoints.display()))?;
+    storage::create_dir_all(&checkpoints).with_context(|| format!("creating {}", checkpoints.display()))?;
     let suffix = chrono::Utc::now().format("%Y-%m-%d-%H-%M-%S").to_string();
     let mut log = Log::open(&dir.join(format!("out_{suffix}.log")))?;
     // TSV+JSONL or Parquet data: serialized into LMDB splits under the run's directory.

@@ -14,6 +14,7 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 
 use crate::lmdb_file::page::PAGE;
+use crate::storage;
 
 /// Appends bytes to a file from threads of its own, in chunks (4 MiB by default), so writing
 /// overlaps with producing the bytes (reading and checking the input): the job takes about as
@@ -91,7 +92,7 @@ fn open_direct(path: &Path) -> Option<File> {
     #[cfg(target_os = "linux")]
     {
         use std::os::unix::fs::OpenOptionsExt;
-        File::options().write(true).custom_flags(libc::O_DIRECT).open(path).ok()
+        storage::open_with(path, File::options().write(true).custom_flags(libc::O_DIRECT)).ok()
     }
     #[cfg(not(target_os = "linux"))]
     {

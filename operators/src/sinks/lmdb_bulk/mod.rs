@@ -38,6 +38,7 @@ pub use crate::lmdb_file::VerifyError;
 use crate::lmdb_file::page::{
     Db, MAX_KEY, Meta, NODE_HEADER, NODE_MAX, PAGE, Value, ZEROS, overflow_header, overflow_pages,
 };
+use crate::storage;
 use appender::{Appender, CHUNK, CHUNKS};
 use sort::Sorter;
 use tree::TreeBuilder;
@@ -73,10 +74,11 @@ impl BulkWriter {
 
     /// [`create`](Self::create), choosing whether to try `O_DIRECT` writes.
     fn create_with(path: &Path, direct: bool) -> Result<Self> {
-        std::fs::create_dir_all(path).map_err(io(path))?;
+        storage::create_dir_all(path).map_err(io(path))?;
         let data = path.join("data.mdb");
-        let _ = std::fs::remove_file(path.join("lock.mdb"));
-        let file = File::options().read(true).write(true).create(true).truncate(true).open(&data).map_err(io(&data))?;
+        let _ = storage::remove_file(path.join("lock.mdb"));
+        let file = storage::open_with(&data, File::options().read(true).write(true).create(true).truncate(true))
+            .map_err(io(&data))?;
         Ok(BulkWriter {
             dir: path.to_path_buf(),
             file: Some(file),

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Result, io};
 use crate::lmdb_file::page::{PAGE, Value};
+use crate::storage;
 
 /// Pending records (keys, small values, page numbers) held before a sorted run is spilled.
 pub(super) const RUN_BYTES: usize = 64 << 20;
@@ -119,7 +120,7 @@ impl Sorter {
         }
         self.sort_pending();
         if self.spill.is_none() {
-            let file = File::create(&self.path).map_err(io(&self.path))?;
+            let file = storage::create(&self.path).map_err(io(&self.path))?;
             self.spill = Some(BufWriter::with_capacity(1 << 20, file));
         }
         let spill = self.spill.as_mut().expect("just created");
@@ -168,7 +169,7 @@ impl Sorter {
             let (key, value, _) = decode(record);
             each(key, value)
         })?;
-        let _ = std::fs::remove_file(&self.path);
+        let _ = storage::remove_file(&self.path);
         Ok(())
     }
 }
@@ -176,7 +177,7 @@ impl Sorter {
 impl Drop for Sorter {
     fn drop(&mut self) {
         if self.spill.take().is_some() || !self.runs.is_empty() {
-            let _ = std::fs::remove_file(&self.path);
+            let _ = storage::remove_file(&self.path);
         }
     }
 }
@@ -186,7 +187,7 @@ impl Drop for Sorter {
 fn merge_runs(path: &Path, runs: &[(u64, u64)], mut each: impl FnMut(&[u8]) -> Result<()>) -> Result<()> {
     let mut heads = Vec::with_capacity(runs.len());
     for &(start, len) in runs {
-        let mut file = File::open(path).map_err(io(path))?;
+        let mut file = storage::open(path).map_err(io(path))?;
         file.seek(SeekFrom::Start(start)).map_err(io(path))?;
         heads.push(RunReader { reader: BufReader::with_capacity(256 << 10, file.take(len)), record: Vec::new() });
     }

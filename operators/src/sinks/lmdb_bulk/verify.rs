@@ -19,6 +19,7 @@ use std::path::Path;
 use crate::error::{Error, Result, io};
 use crate::lmdb_file::page::{Header, Meta, NodePage, P_BRANCH, P_LEAF, PAGE, Value, overflow_pages};
 use crate::lmdb_file::{PageError, VerifyError};
+use crate::storage;
 
 /// Checks the LMDB file `path` (a `data.mdb` the bulk loader wrote) holds a well-formed tree
 /// of `expected_entries` entries, with every page accounted for.
@@ -26,7 +27,7 @@ use crate::lmdb_file::{PageError, VerifyError};
 /// # Errors
 /// [`Error::LmdbCheck`] naming `path` and what is wrong; IO errors reading it.
 pub(crate) fn verify(path: &Path, expected_entries: u64) -> Result<()> {
-    let file = File::open(path).map_err(io(path))?;
+    let file = storage::open(path).map_err(io(path))?;
     let bytes = file.metadata().map_err(io(path))?.len();
     walk(&file, bytes, expected_entries).map_err(|e| match e {
         Failure::Io(source) => io(path)(source),

@@ -1,0 +1,444 @@
+//! The storage seam: every byte a job reads or writes goes through this module. Sources, sinks,
+//! parts and manifests, locks, the quarantine, checkpoints, indexes, logs and reports call these
+//! functions rather than `std::fs`, so a new place to keep data (the object stores of issue #25:
+//! S3, GCS, Azure, HTTP) is taught here once, not in each job.
+//!
+//! Today every location is local: a plain path or a `file://` URL (see [`local`]). A URL of
+//! another scheme (`s3://…`) is refused with an error that says so, by every function here.
+//!
+//! The functions mirror `std::fs` (same arguments, `std::io::Result`, the same OS errors), so a
+//! caller adds its own context (the path, what was being read) as before. What goes through the
+//! [`object_store`] crate (its `LocalFileSystem`) today:
+//!
+//! - whole-object reads ([`read`], [`read_to_string`]) and ranged reads ([`read_range`]);
+//! - [`create_if_absent`], which writes an object only if none exists (a manifest, a claim),
+//!   atomically;
+//! - the size of an object ([`size`]).
+//!
+//! What still needs a local file, and why:
+//!
+//! - **Streaming and seekable reads** ([`open`]): the line readers of TSV and JSONL shards, the
+//!   Parquet reader, the checked LMDB reader (`pread`) and the refinement vectors of an index
+//!   (memory-mapped) read a `std::fs::File`. A remote object will be staged (downloaded) to a
+//!   local file, or read through a buffered ranged reader, behind this same call.
+//! - **Staged writes** ([`create`], [`staging`]): every output is written at a temporary path
+//!   beside its target and renamed into place when the job succeeds ([`rename`]); killed jobs'
+//!   leftovers carry their process id so the next run can remove them
+//!   ([`staging::remove_stale`]). `object_store`'s own local uploads are not tied to a process,
+//!   so a killed job's would stay. A remote target will be written locally and uploaded on commit.
+//! - **LMDB writing**: the bulk loader writes pages with `O_DIRECT` and LMDB's own writer maps
+//!   its file (`operators/src/sinks/lmdb_bulk/`, `sinks/lmdb_txn.rs`); both write a local
+//!   staged directory, committed by [`rename`].
+//! - **FAISS indexes** are read and written by FAISS through a local path (`--mmap` maps the
+//!   inverted lists), as the refinement vectors are (`models/src/retrieval/`).
+//! - **Locks** ([`staging::WriterLock`]) are `flock`s on a local file: an object store has no
+//!   locks, and will use [`create_if_absent`] for its claims.
+//! - **Scratch space** ([`scratch_dir`]): quarantines nobody reads and DataFusion's registered
+//!   batches on a cluster, removed when the job ends.
+//! - **Metadata and listings** ([`metadata`], [`read_dir`]) keep `std::fs`'s types: modification
+//!   times to the nanosecond (fingerprints), file types, and names that are not UTF-8, which an
+//!   object store path cannot hold but a job must still report by name.
+
+pub mod staging;
+
+use std::borrow::Cow;
+use std::io;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, LazyLock};
+
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+
+/// The object store behind local paths.
+static LOCAL: LazyLock<Arc<LocalFileSystem>> = LazyLock::new(|| Arc::new(LocalFileSystem::new()));
+
+/// The local path a location names: `path` itself, or the path of a `file://` URL.
+///
+/// # Errors
+/// `Unsupported` for a URL of another scheme (`s3://`, `gs://`, `https://`…), naming it; an
+/// invalid `file://` URL.
+pub fn local(path: &Path) -> io::Result<Cow<'_, Path>> {
+    let Some(text) = path.to_str() else { return Ok(Cow::Borrowed(path)) };
+    let Some((scheme, _)) = text.split_once("://") else { return Ok(Cow::Borrowed(path)) };
+    let is_scheme = !scheme.is_empty()
+        && scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+        && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+    if !is_scheme {
+        return Ok(Cow::Borrowed(path));
+    }
+    if scheme.eq_ignore_ascii_case("file") {
+        let url = url::Url::parse(text)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{text} is not a valid URL: {e}")))?;
+        return url
+            .to_file_path()
+            .map(Cow::Owned)
+            .map_err(|()| io::Error::new(io::ErrorKind::InvalidInput, format!("{text} does not name a local file")));
+    }
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        format!("{text}: {scheme}:// storage is not supported yet (local paths and file:// URLs are)"),
+    ))
+}
+
+/// The object store path of a local path, when it has one: an absolute path without `.` or
+/// `..` components, in UTF-8. Other paths are read with `std::fs` directly (the same bytes).
+fn object_path(path: &Path) -> Option<ObjectPath> {
+    let absolute = std::path::absolute(path).ok()?;
+    ObjectPath::from_absolute_path(absolute).ok()
+}
+
+/// Runs one of the object store's futures to completion on this thread. `LocalFileSystem`'s
+/// operations are blocking work that it moves to tokio's blocking pool when called inside a
+/// runtime and runs in place otherwise, so this serves source and sink threads and async code
+/// alike.
+fn block_on<T>(future: impl std::future::Future<Output = T>) -> T {
+    futures_executor::block_on(future)
+}
+
+/// The OS error inside an object store error, so callers see what `std::fs` would have said
+/// ("No such file or directory (os error 2)"), not the store's wrapping of it.
+fn os_error(error: object_store::Error, path: &Path) -> io::Error {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+    while let Some(current) = cause {
+        if let Some(io) = current.downcast_ref::<io::Error>() {
+            if let Some(code) = io.raw_os_error() {
+                return io::Error::from_raw_os_error(code);
+            }
+            // `LocalFileSystem` reports a directory read as a file as "not found".
+            if path.is_dir() {
+                return io::Error::from_raw_os_error(libc::EISDIR);
+            }
+            return io::Error::new(io.kind(), io.to_string());
+        }
+        cause = current.source();
+    }
+    match error {
+        object_store::Error::NotFound { .. } => io::Error::from_raw_os_error(libc::ENOENT),
+        object_store::Error::AlreadyExists { .. } => io::Error::from_raw_os_error(libc::EEXIST),
+        other => io::Error::other(other.to_string()),
+    }
+}
+
+/// The whole contents of a file, as `std::fs::read` (a FIFO or a `/proc` file too, read to its
+/// end).
+///
+/// # Errors
+/// The OS error of opening or reading it.
+pub fn read(path: impl AsRef<Path>) -> io::Result<Vec<u8>> {
+    let path = local(path.as_ref())?;
+    // A file that says it is empty (a FIFO, `/dev/stdin`, a `/proc` file) is read to its end as a
+    // stream: the store reads as many bytes as the size says.
+    let sized = std::fs::metadata(&path)?.len() > 0;
+    let Some(location) = object_path(&path).filter(|_| sized) else { return std::fs::read(&path) };
+    let bytes = block_on(async { LOCAL.get(&location).await?.bytes().await }).map_err(|e| os_error(e, &path))?;
+    Ok(bytes.into())
+}
+
+/// The whole contents of a UTF-8 text file, as `std::fs::read_to_string`.
+///
+/// # Errors
+/// The OS error of opening or reading it; `InvalidData` when it is not UTF-8.
+pub fn read_to_string(path: impl AsRef<Path>) -> io::Result<String> {
+    String::from_utf8(read(path)?)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "stream did not contain valid UTF-8"))
+}
+
+/// Bytes `range` of a file.
+///
+/// # Errors
+/// The OS error of opening or reading it; `UnexpectedEof` for a range past its end.
+pub fn read_range(path: impl AsRef<Path>, range: Range<u64>) -> io::Result<bytes::Bytes> {
+    let path = local(path.as_ref())?;
+    if let Some(location) = object_path(&path) {
+        let wanted = range.end.saturating_sub(range.start);
+        let bytes = block_on(LOCAL.get_range(&location, range)).map_err(|e| os_error(e, &path))?;
+        // The store gives what there is of a range past the end; a caller asked for all of it.
+        if (bytes.len() as u64) < wanted {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "failed to fill whole buffer"));
+        }
+        return Ok(bytes);
+    }
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::open(&path)?;
+    let mut buffer = vec![0; usize::try_from(range.end.saturating_sub(range.start)).unwrap_or(usize::MAX)];
+    file.read_exact_at(&mut buffer, range.start)?;
+    Ok(buffer.into())
+}
+
+/// The size of a file in bytes.
+///
+/// # Errors
+/// The OS error of looking it up; a directory.
+pub fn size(path: impl AsRef<Path>) -> io::Result<u64> {
+    let path = local(path.as_ref())?;
+    let Some(location) = object_path(&path) else { return std::fs::metadata(&path).map(|m| m.len()) };
+    block_on(LOCAL.head(&location)).map(|meta| meta.size).map_err(|e| os_error(e, &path))
+}
+
+/// Writes `contents` at `path` only if nothing is there yet, atomically (a reader sees all of it
+/// or nothing): whether it wrote. Claims and records that must be made once go through here.
+/// The parent directory is created if missing.
+///
+/// # Errors
+/// The OS error of writing.
+pub fn create_if_absent(path: impl AsRef<Path>, contents: impl Into<bytes::Bytes>) -> io::Result<bool> {
+    let path = local(path.as_ref())?;
+    let location = object_path(&path).ok_or_else(|| {
+        io::Error::new(io::ErrorKind::InvalidInput, format!("{} cannot be created atomically", path.display()))
+    })?;
+    let options = PutOptions { mode: PutMode::Create, ..PutOptions::default() };
+    match block_on(LOCAL.put_opts(&location, PutPayload::from_bytes(contents.into()), options)) {
+        Ok(_) => Ok(true),
+        Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+        Err(e) => Err(os_error(e, &path)),
+    }
+}
+
+/// Opens a file for streaming or seekable reading (a local file; see the module docs).
+///
+/// # Errors
+/// The OS error of opening it.
+pub fn open(path: impl AsRef<Path>) -> io::Result<std::fs::File> {
+    std::fs::File::open(local(path.as_ref())?)
+}
+
+/// Creates (or truncates) a file for writing. Outputs are created at their staging path
+/// ([`staging::temp_path`]) and renamed into place.
+///
+/// # Errors
+/// The OS error of creating it.
+pub fn create(path: impl AsRef<Path>) -> io::Result<std::fs::File> {
+    std::fs::File::create(local(path.as_ref())?)
+}
+
+/// Opens a file with `options` (appending to a log, a lock file, `O_DIRECT`).
+///
+/// # Errors
+/// The OS error of opening it.
+pub fn open_with(path: impl AsRef<Path>, options: &std::fs::OpenOptions) -> io::Result<std::fs::File> {
+    options.open(local(path.as_ref())?)
+}
+
+/// Writes a whole file in place (not atomically: for files inside a staged directory, or
+/// scratch files). Outputs use [`write_atomically`].
+///
+/// # Errors
+/// The OS error of writing.
+pub fn write(path: impl AsRef<Path>, contents: impl AsRef<[u8]>) -> io::Result<()> {
+    std::fs::write(local(path.as_ref())?, contents)
+}
+
+/// A file's or directory's metadata, following symbolic links.
+///
+/// # Errors
+/// The OS error of looking it up.
+pub fn metadata(path: impl AsRef<Path>) -> io::Result<std::fs::Metadata> {
+    std::fs::metadata(local(path.as_ref())?)
+}
+
+/// A directory's entries, in the file system's order.
+///
+/// # Errors
+/// The OS error of opening the directory.
+pub fn read_dir(path: impl AsRef<Path>) -> io::Result<std::fs::ReadDir> {
+    std::fs::read_dir(local(path.as_ref())?)
+}
+
+/// The absolute path with every symbolic link resolved.
+///
+/// # Errors
+/// The OS error (the path does not exist).
+pub fn canonicalize(path: impl AsRef<Path>) -> io::Result<PathBuf> {
+    std::fs::canonicalize(local(path.as_ref())?)
+}
+
+/// Creates a directory and its missing parents.
+///
+/// # Errors
+/// The OS error of creating one.
+pub fn create_dir_all(path: impl AsRef<Path>) -> io::Result<()> {
+    std::fs::create_dir_all(local(path.as_ref())?)
+}
+
+/// Renames `from` to `to`, replacing a file at `to`: the atomic commit of a staged output.
+///
+/// # Errors
+/// The OS error of renaming.
+pub fn rename(from: impl AsRef<Path>, to: impl AsRef<Path>) -> io::Result<()> {
+    std::fs::rename(local(from.as_ref())?, local(to.as_ref())?)
+}
+
+/// Copies a file's contents to `to`, creating or truncating it.
+///
+/// # Errors
+/// The OS error of reading or writing.
+pub fn copy(from: impl AsRef<Path>, to: impl AsRef<Path>) -> io::Result<u64> {
+    std::fs::copy(local(from.as_ref())?, local(to.as_ref())?)
+}
+
+/// Removes a file.
+///
+/// # Errors
+/// The OS error of removing it.
+pub fn remove_file(path: impl AsRef<Path>) -> io::Result<()> {
+    std::fs::remove_file(local(path.as_ref())?)
+}
+
+/// Removes an empty directory.
+///
+/// # Errors
+/// The OS error of removing it.
+pub fn remove_dir(path: impl AsRef<Path>) -> io::Result<()> {
+    std::fs::remove_dir(local(path.as_ref())?)
+}
+
+/// Removes a directory and everything under it.
+///
+/// # Errors
+/// The OS error of removing one of them.
+pub fn remove_dir_all(path: impl AsRef<Path>) -> io::Result<()> {
+    std::fs::remove_dir_all(local(path.as_ref())?)
+}
+
+/// A scratch directory, removed when dropped: in the system's temporary directory, or beside
+/// `near` (a path the user chose, so one a cluster shares) when given. Scratch space is local.
+///
+/// # Errors
+/// The OS error of making it.
+pub fn scratch_dir(near: Option<&Path>, prefix: &str) -> io::Result<tempfile::TempDir> {
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(prefix);
+    match near {
+        None => builder.tempdir(),
+        Some(near) => {
+            let near = local(near)?;
+            let parent = std::path::absolute(&near)?.parent().map(Path::to_path_buf).unwrap_or_else(|| ".".into());
+            builder.tempdir_in(&parent).map_err(|e| {
+                io::Error::new(e.kind(), format!("making a scratch directory in {}: {e}", parent.display()))
+            })
+        }
+    }
+}
+
+/// Writes a file atomically: through a buffered temporary file beside `path`, synced and then
+/// renamed over it, so a reader never sees a half-written file and a failed write leaves
+/// nothing behind. Every cnclip output that is a single file goes through here.
+///
+/// # Errors
+/// Whatever `write` returns, or the IO error (naming `path`) of creating, syncing or renaming.
+pub fn write_atomically<E: From<io::Error>>(
+    path: &Path,
+    write: impl FnOnce(&mut io::BufWriter<std::fs::File>) -> Result<(), E>,
+) -> Result<(), E> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let tmp = staging::temp_path(&dir.join(path.file_name().unwrap_or_default()));
+    let context = |e: io::Error| io::Error::new(e.kind(), format!("writing {}: {e}", path.display()));
+    let result = (|| {
+        let mut out = io::BufWriter::with_capacity(1 << 20, create(&tmp).map_err(context)?);
+        write(&mut out)?;
+        out.into_inner().map_err(|e| context(e.into_error()))?.sync_all().map_err(context)?;
+        rename(&tmp, path).map_err(context)?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_match_std_fs_including_its_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a b#1.txt");
+        std::fs::write(&file, "héllo").unwrap();
+        assert_eq!(read(&file).unwrap(), std::fs::read(&file).unwrap());
+        assert_eq!(read_to_string(&file).unwrap(), "héllo");
+        assert_eq!(&read_range(&file, 1..3).unwrap()[..], "é".as_bytes());
+        assert_eq!(size(&file).unwrap(), 6);
+        // Paths object_store cannot name are read by std::fs: the same bytes.
+        let dotted = dir.path().join("x/../a b#1.txt");
+        std::fs::create_dir(dir.path().join("x")).unwrap();
+        assert_eq!(read(&dotted).unwrap(), b"h\xc3\xa9llo");
+        // The errors a caller sees are std::fs's.
+        let missing = dir.path().join("missing.txt");
+        assert_eq!(read(&missing).unwrap_err().to_string(), std::fs::read(&missing).unwrap_err().to_string());
+        assert_eq!(read(dir.path()).unwrap_err().to_string(), std::fs::read(dir.path()).unwrap_err().to_string());
+        std::fs::write(dir.path().join("latin1.txt"), b"caf\xe9").unwrap();
+        assert_eq!(
+            read_to_string(dir.path().join("latin1.txt")).unwrap_err().to_string(),
+            std::fs::read_to_string(dir.path().join("latin1.txt")).unwrap_err().to_string()
+        );
+        assert_eq!(read_range(&file, 4..10).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+        assert_eq!(read_range(&dotted, 4..10).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn special_files_are_read_to_their_end() {
+        // /proc files say they hold 0 bytes.
+        assert!(read_to_string("/proc/self/status").unwrap().contains("VmRSS"));
+        // A FIFO (as `<(cat file)` hands a job) is read whole, once.
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let name = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: `name` is a valid NUL-terminated path for the duration of the call.
+        assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
+        let writer = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || std::fs::write(fifo, "x\ty\n".repeat(50_000)))
+        };
+        assert_eq!(read(&fifo).unwrap().len(), 200_000);
+        writer.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn file_urls_name_local_files_and_other_schemes_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("data set.jsonl");
+        std::fs::write(&file, "{}").unwrap();
+        let url = url::Url::from_file_path(&file).unwrap();
+        assert!(url.as_str().contains("data%20set"), "{url}");
+        assert_eq!(read(Path::new(url.as_str())).unwrap(), b"{}");
+        assert_eq!(open(Path::new(url.as_str())).unwrap().metadata().unwrap().len(), 2);
+        for remote in ["s3://bucket/corpus/part-0.tar", "gs://b/x", "https://example.com/x.parquet"] {
+            let error = read(Path::new(remote)).unwrap_err();
+            assert_eq!(error.kind(), io::ErrorKind::Unsupported, "{remote}");
+            assert!(error.to_string().starts_with(remote), "{error}");
+        }
+        // Not URLs: local names that happen to hold "://".
+        assert!(matches!(local(Path::new("out/a://b")).unwrap(), Cow::Borrowed(_)));
+        assert!(matches!(local(Path::new("1x://b")).unwrap(), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn create_if_absent_writes_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let claim = dir.path().join("new/claim.json");
+        assert!(create_if_absent(&claim, "first").unwrap());
+        assert!(!create_if_absent(&claim, "second").unwrap());
+        assert_eq!(std::fs::read_to_string(&claim).unwrap(), "first");
+        // Nothing else is left beside it (no staging file).
+        assert_eq!(std::fs::read_dir(dir.path().join("new")).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn write_atomically_leaves_nothing_when_writing_fails() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out.txt");
+        write_atomically(&out, |w| w.write_all(b"done")).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), b"done");
+        let failed: io::Result<()> = write_atomically(&out, |w| {
+            w.write_all(b"half")?;
+            Err(io::Error::other("stopped"))
+        });
+        assert!(failed.is_err());
+        assert_eq!(std::fs::read(&out).unwrap(), b"done", "the old file stays whole");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file is left");
+    }
+}
