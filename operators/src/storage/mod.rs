@@ -1,19 +1,22 @@
-//! The storage seam: every byte a job reads or writes goes through this module. Sources, sinks,
-//! parts and manifests, locks, the quarantine, checkpoints, indexes, logs and reports call these
-//! functions rather than `std::fs`, so a new place to keep data (the object stores of issue #25:
-//! S3, GCS, Azure, HTTP) is taught here once, not in each job.
+//! The storage seam: every file a job opens, creates, reads whole, renames or removes goes
+//! through this module. Sources, sinks, parts and manifests, locks, the quarantine, checkpoints,
+//! indexes' side files, logs and reports call these functions rather than `std::fs`, so a new
+//! place to keep data (the object stores of issue #25: S3, GCS, Azure, HTTP) is taught here
+//! once, not in each job. (Jobs still check that a path exists with `Path::exists` and friends
+//! before they open it; #25 moves those checks here with the URL flags.)
 //!
-//! Today every location is local: a plain path or a `file://` URL (see [`local`]). A URL of
-//! another scheme (`s3://…`) is refused with an error that says so, by every function here.
+//! Locations are local today: a plain path, or a `file://` URL, which every function here and
+//! in [`staging`] turns into its path ([`local`]). A URL of another scheme (`s3://…`) is refused
+//! by them with an error that names it.
 //!
 //! The functions mirror `std::fs` (same arguments, `std::io::Result`, the same OS errors), so a
-//! caller adds its own context (the path, what was being read) as before. What goes through the
-//! [`object_store`] crate (its `LocalFileSystem`) today:
-//!
-//! - whole-object reads ([`read`], [`read_to_string`]) and ranged reads ([`read_range`]);
-//! - [`create_if_absent`], which writes an object only if none exists (a manifest, a claim),
-//!   atomically;
-//! - the size of an object ([`size`]).
+//! caller adds its own context (the path, what was being read) as before. Whole-file reads
+//! ([`read`], [`read_to_string`]) and ranged reads ([`read_range`]) go through the
+//! [`object_store`] crate (its `LocalFileSystem`), the interface the remote stores implement.
+//! Where the store's answer would differ from `std::fs`'s (a FIFO or a `/proc` file, which
+//! report size 0; a name the store reserves, `…#1`; any failure, whose OS error the store
+//! wraps), the same call reads with `std::fs`. [`create_if_absent`] writes what must be made
+//! once, atomically.
 //!
 //! What still needs a local file, and why:
 //!
@@ -47,9 +50,9 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock};
 
+use object_store::ObjectStoreExt;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
 /// The object store behind local paths.
 static LOCAL: LazyLock<Arc<LocalFileSystem>> = LazyLock::new(|| Arc::new(LocalFileSystem::new()));
@@ -83,57 +86,43 @@ pub fn local(path: &Path) -> io::Result<Cow<'_, Path>> {
 }
 
 /// The object store path of a local path, when it has one: an absolute path without `.` or
-/// `..` components, in UTF-8. Other paths are read with `std::fs` directly (the same bytes).
+/// `..` components, in UTF-8, whose file name does not end in `#` and digits (the store's own
+/// upload names). Other paths are read with `std::fs` directly (the same bytes).
 fn object_path(path: &Path) -> Option<ObjectPath> {
+    let name = path.file_name()?.to_str()?;
+    if name.rsplit_once('#').is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())) {
+        return None;
+    }
     let absolute = std::path::absolute(path).ok()?;
     ObjectPath::from_absolute_path(absolute).ok()
 }
 
 /// Runs one of the object store's futures to completion on this thread. `LocalFileSystem`'s
-/// operations are blocking work that it moves to tokio's blocking pool when called inside a
-/// runtime and runs in place otherwise, so this serves source and sink threads and async code
-/// alike.
+/// operations are blocking work that it runs in place outside a tokio runtime (source and sink
+/// threads) and moves to the runtime's blocking pool inside one. The future runs outside tokio's
+/// cooperative budget: a budget spent inside this call could never be refilled, since the
+/// thread waits here rather than yielding to its scheduler.
 fn block_on<T>(future: impl std::future::Future<Output = T>) -> T {
-    futures_executor::block_on(future)
-}
-
-/// The OS error inside an object store error, so callers see what `std::fs` would have said
-/// ("No such file or directory (os error 2)"), not the store's wrapping of it.
-fn os_error(error: object_store::Error, path: &Path) -> io::Error {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&error);
-    while let Some(current) = cause {
-        if let Some(io) = current.downcast_ref::<io::Error>() {
-            if let Some(code) = io.raw_os_error() {
-                return io::Error::from_raw_os_error(code);
-            }
-            // `LocalFileSystem` reports a directory read as a file as "not found".
-            if path.is_dir() {
-                return io::Error::from_raw_os_error(libc::EISDIR);
-            }
-            return io::Error::new(io.kind(), io.to_string());
-        }
-        cause = current.source();
-    }
-    match error {
-        object_store::Error::NotFound { .. } => io::Error::from_raw_os_error(libc::ENOENT),
-        object_store::Error::AlreadyExists { .. } => io::Error::from_raw_os_error(libc::EEXIST),
-        other => io::Error::other(other.to_string()),
-    }
+    futures_executor::block_on(tokio::task::unconstrained(future))
 }
 
 /// The whole contents of a file, as `std::fs::read` (a FIFO or a `/proc` file too, read to its
-/// end).
+/// end). Through the store, a regular file is read up to the size it had when opened.
 ///
 /// # Errors
-/// The OS error of opening or reading it.
+/// The OS error of opening or reading it, as `std::fs::read` gives it.
 pub fn read(path: impl AsRef<Path>) -> io::Result<Vec<u8>> {
     let path = local(path.as_ref())?;
     // A file that says it is empty (a FIFO, `/dev/stdin`, a `/proc` file) is read to its end as a
     // stream: the store reads as many bytes as the size says.
     let sized = std::fs::metadata(&path)?.len() > 0;
     let Some(location) = object_path(&path).filter(|_| sized) else { return std::fs::read(&path) };
-    let bytes = block_on(async { LOCAL.get(&location).await?.bytes().await }).map_err(|e| os_error(e, &path))?;
-    Ok(bytes.into())
+    match block_on(async { LOCAL.get(&location).await?.bytes().await }) {
+        Ok(bytes) => Ok(bytes.into()),
+        // The store wraps the OS error, or fails where std does not (a file that shrank while
+        // read): `std::fs` gives the answer, and the error a caller expects.
+        Err(_) => std::fs::read(&path),
+    }
 }
 
 /// The whole contents of a UTF-8 text file, as `std::fs::read_to_string`.
@@ -151,49 +140,57 @@ pub fn read_to_string(path: impl AsRef<Path>) -> io::Result<String> {
 /// The OS error of opening or reading it; `UnexpectedEof` for a range past its end.
 pub fn read_range(path: impl AsRef<Path>, range: Range<u64>) -> io::Result<bytes::Bytes> {
     let path = local(path.as_ref())?;
+    let wanted = range.end.saturating_sub(range.start);
+    if wanted == 0 {
+        return Ok(bytes::Bytes::new());
+    }
     if let Some(location) = object_path(&path) {
-        let wanted = range.end.saturating_sub(range.start);
-        let bytes = block_on(LOCAL.get_range(&location, range)).map_err(|e| os_error(e, &path))?;
-        // The store gives what there is of a range past the end; a caller asked for all of it.
-        if (bytes.len() as u64) < wanted {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "failed to fill whole buffer"));
+        // The store gives what there is of a range that runs past the end (a caller asked for all
+        // of it), and fails on one that starts past it: both are read below, to std's error.
+        if let Ok(bytes) = block_on(LOCAL.get_range(&location, range.clone()))
+            && bytes.len() as u64 == wanted
+        {
+            return Ok(bytes);
         }
-        return Ok(bytes);
     }
     use std::os::unix::fs::FileExt;
     let file = std::fs::File::open(&path)?;
-    let mut buffer = vec![0; usize::try_from(range.end.saturating_sub(range.start)).unwrap_or(usize::MAX)];
+    let mut buffer = vec![0; usize::try_from(wanted).unwrap_or(usize::MAX)];
     file.read_exact_at(&mut buffer, range.start)?;
     Ok(buffer.into())
 }
 
-/// The size of a file in bytes.
+/// Writes `contents` at `path` only if nothing is there yet (a file, a directory, a link),
+/// atomically: a reader sees all of it or nothing, and of two writers exactly one succeeds. For
+/// what must be made once, such as the claims and first records of a job on an object store
+/// (issue #25), where a lock file cannot serve; no job calls it yet. The contents are written
+/// and synced at a staging path ([`staging::temp_path`]) and linked into place. The parent
+/// directory is created if missing. Returns whether it wrote.
 ///
 /// # Errors
-/// The OS error of looking it up; a directory.
-pub fn size(path: impl AsRef<Path>) -> io::Result<u64> {
+/// The OS error of writing or linking (a file system without hard links: `EPERM`).
+pub fn create_if_absent(path: impl AsRef<Path>, contents: impl AsRef<[u8]>) -> io::Result<bool> {
+    use std::io::Write;
     let path = local(path.as_ref())?;
-    let Some(location) = object_path(&path) else { return std::fs::metadata(&path).map(|m| m.len()) };
-    block_on(LOCAL.head(&location)).map(|meta| meta.size).map_err(|e| os_error(e, &path))
-}
-
-/// Writes `contents` at `path` only if nothing is there yet, atomically (a reader sees all of it
-/// or nothing): whether it wrote. Claims and records that must be made once go through here.
-/// The parent directory is created if missing.
-///
-/// # Errors
-/// The OS error of writing.
-pub fn create_if_absent(path: impl AsRef<Path>, contents: impl Into<bytes::Bytes>) -> io::Result<bool> {
-    let path = local(path.as_ref())?;
-    let location = object_path(&path).ok_or_else(|| {
-        io::Error::new(io::ErrorKind::InvalidInput, format!("{} cannot be created atomically", path.display()))
-    })?;
-    let options = PutOptions { mode: PutMode::Create, ..PutOptions::default() };
-    match block_on(LOCAL.put_opts(&location, PutPayload::from_bytes(contents.into()), options)) {
-        Ok(_) => Ok(true),
-        Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
-        Err(e) => Err(os_error(e, &path)),
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
     }
+    // The staging name is per process ([`staging::temp_path`]): one writer at a time in this one.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let tmp = staging::temp_path(&path);
+    let result = (|| {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(contents.as_ref())?;
+        file.sync_all()?;
+        match std::fs::hard_link(&tmp, &path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(e),
+        }
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    result
 }
 
 /// Opens a file for streaming or seekable reading (a local file; see the module docs).
@@ -332,14 +329,15 @@ pub fn write_atomically<E: From<io::Error>>(
     path: &Path,
     write: impl FnOnce(&mut io::BufWriter<std::fs::File>) -> Result<(), E>,
 ) -> Result<(), E> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let tmp = staging::temp_path(&dir.join(path.file_name().unwrap_or_default()));
     let context = |e: io::Error| io::Error::new(e.kind(), format!("writing {}: {e}", path.display()));
+    let target = local(path).map_err(context)?;
+    let dir = target.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let tmp = staging::temp_path(&dir.join(target.file_name().unwrap_or_default()));
     let result = (|| {
         let mut out = io::BufWriter::with_capacity(1 << 20, create(&tmp).map_err(context)?);
         write(&mut out)?;
         out.into_inner().map_err(|e| context(e.into_error()))?.sync_all().map_err(context)?;
-        rename(&tmp, path).map_err(context)?;
+        rename(&tmp, &target).map_err(context)?;
         Ok(())
     })();
     if result.is_err() {
@@ -360,11 +358,14 @@ mod tests {
         assert_eq!(read(&file).unwrap(), std::fs::read(&file).unwrap());
         assert_eq!(read_to_string(&file).unwrap(), "héllo");
         assert_eq!(&read_range(&file, 1..3).unwrap()[..], "é".as_bytes());
-        assert_eq!(size(&file).unwrap(), 6);
-        // Paths object_store cannot name are read by std::fs: the same bytes.
+        assert_eq!(read_range(&file, 2..2).unwrap().len(), 0);
+        // Paths object_store cannot name (`..`, its own upload names) are read by std::fs.
         let dotted = dir.path().join("x/../a b#1.txt");
         std::fs::create_dir(dir.path().join("x")).unwrap();
         assert_eq!(read(&dotted).unwrap(), b"h\xc3\xa9llo");
+        std::fs::write(dir.path().join("model#2"), "w").unwrap();
+        assert_eq!(read(dir.path().join("model#2")).unwrap(), b"w");
+        assert_eq!(&read_range(dir.path().join("model#2"), 0..1).unwrap()[..], b"w");
         // The errors a caller sees are std::fs's.
         let missing = dir.path().join("missing.txt");
         assert_eq!(read(&missing).unwrap_err().to_string(), std::fs::read(&missing).unwrap_err().to_string());
@@ -374,7 +375,9 @@ mod tests {
             read_to_string(dir.path().join("latin1.txt")).unwrap_err().to_string(),
             std::fs::read_to_string(dir.path().join("latin1.txt")).unwrap_err().to_string()
         );
-        assert_eq!(read_range(&file, 4..10).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+        for past in [4..10, 6..7, 100..101] {
+            assert_eq!(read_range(&file, past.clone()).unwrap_err().kind(), io::ErrorKind::UnexpectedEof, "{past:?}");
+        }
         assert_eq!(read_range(&dotted, 4..10).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
     }
 
@@ -424,6 +427,25 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&claim).unwrap(), "first");
         // Nothing else is left beside it (no staging file).
         assert_eq!(std::fs::read_dir(dir.path().join("new")).unwrap().count(), 1);
+        // Anything at the path counts: a directory, a dangling link.
+        std::fs::create_dir(dir.path().join("new/dir")).unwrap();
+        assert!(!create_if_absent(dir.path().join("new/dir"), "x").unwrap());
+        std::os::unix::fs::symlink(dir.path().join("gone"), dir.path().join("new/link")).unwrap();
+        assert!(!create_if_absent(dir.path().join("new/link"), "x").unwrap());
+        // Of many writers racing for one path, one wins.
+        let race = dir.path().join("race.json");
+        let won: usize = std::thread::scope(|scope| {
+            let writers: Vec<_> = (0..8)
+                .map(|i| {
+                    scope.spawn({
+                        let race = &race;
+                        move || create_if_absent(race, format!("{i}")).unwrap()
+                    })
+                })
+                .collect();
+            writers.into_iter().map(|w| usize::from(w.join().unwrap())).sum()
+        });
+        assert_eq!(won, 1);
     }
 
     #[test]

@@ -16,6 +16,7 @@ const PREFIX: &str = ".cnclip-tmp-";
 /// The temporary path for `path`, in the same directory (so the final rename is atomic), after
 /// removing what dead processes left for the same target.
 pub fn temp_path(path: &Path) -> PathBuf {
+    let path = &local(path);
     remove_stale(path);
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     path.with_file_name(format!("{PREFIX}{}-{name}", std::process::id()))
@@ -26,6 +27,7 @@ pub fn temp_path(path: &Path) -> PathBuf {
 /// `./data.jsonl` and a link to it are one path). Jobs compare their outputs with their inputs
 /// (and with each other) through this before writing anything.
 pub fn same_path(a: &Path, b: &Path) -> bool {
+    let (a, b) = (&local(a), &local(b));
     match (resolved(a), resolved(b)) {
         (Some(a), Some(b)) => a == b,
         _ => a == b,
@@ -34,6 +36,7 @@ pub fn same_path(a: &Path, b: &Path) -> bool {
 
 /// Whether `path` is `dir` or lies under it (as [`same_path`] resolves them).
 pub fn within(path: &Path, dir: &Path) -> bool {
+    let (path, dir) = (&local(path), &local(dir));
     match (resolved(path), resolved(dir)) {
         (Some(path), Some(dir)) => path.starts_with(dir),
         _ => path.starts_with(dir),
@@ -72,6 +75,7 @@ fn resolved(path: &Path) -> Option<PathBuf> {
 /// longer runs; returns what it removed. Errors are ignored: a leftover that cannot be removed
 /// does not stop a new job.
 pub fn remove_stale(path: &Path) -> Vec<PathBuf> {
+    let path = &local(path);
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let Some(name) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else { return Vec::new() };
     let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
@@ -93,6 +97,12 @@ pub fn remove_stale(path: &Path) -> Vec<PathBuf> {
         }
     }
     removed
+}
+
+/// The local path of `path` (a `file://` URL's path). A location this cannot name (another
+/// scheme) is kept as given: the storage call that opens it refuses it, naming it.
+fn local(path: &Path) -> PathBuf {
+    super::local(path).map_or_else(|_| path.to_path_buf(), std::borrow::Cow::into_owned)
 }
 
 /// Whether process `pid` exists (signal 0 checks without sending; EPERM means it exists but
@@ -129,6 +139,7 @@ impl WriterLock {
     /// The lock file cannot be created, or another process holds the lock.
     pub fn acquire(target: &Path) -> crate::Result<WriterLock> {
         use std::io::{Read, Seek, Write};
+        let target = &local(target);
         let name = target.file_name().unwrap_or_default().to_string_lossy();
         let path = target.with_file_name(format!(".{}.cnclip-lock", name.trim_start_matches('.')));
         let io = |source: std::io::Error| crate::Error::Io { path: path.display().to_string(), source };
