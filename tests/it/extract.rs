@@ -287,3 +287,62 @@ fn encoder_node_problems_are_reported_before_anything_runs() {
     assert!(stderr.contains("unknown device `tpu`"), "{stderr}");
     assert!(stderr.contains("nope.pt does not exist"), "{stderr}");
 }
+
+/// A cn_clip `.pt` of another size (what `train --model-config` saves, which records no
+/// architecture) is read by `extract-features --model-config` naming it, as by `train` and
+/// `convert` (one `ModelArgs` for the towers' flags, issue #24 item 1). Its features are those
+/// of the same weights converted to a cnclip checkpoint, which carries its architecture.
+/// Without the flag the `.pt` is taken for cn_clip's default ViT-B-16 and refused.
+#[test]
+fn extract_features_reads_a_cn_clip_pt_of_another_size_with_model_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    cnclip(root, &["synth", "--out", "demo", "--train", "2", "--valid", "6", "--test", "2"]);
+    std::fs::write(root.join("tiny.json"), crate::smoke::TINY_VIT_BERT).unwrap();
+    let pt = root.join("tiny.pt");
+    reference(
+        &["build-model", "--config", crate::smoke::TINY_VIT_BERT, "--seed", "4", "--out", pt.to_str().unwrap()],
+        "",
+    );
+    cnclip(root, &["convert", "--input", "tiny.pt", "--output", "tiny.safetensors", "--model-config", "tiny.json"]);
+    let extract = |tag: &str, checkpoint: &str, extra: &[&str]| {
+        let (img, txt) = (format!("img_{tag}.jsonl"), format!("txt_{tag}.jsonl"));
+        let mut args = vec![
+            "extract-features",
+            "--extract-image-feats",
+            "--extract-text-feats",
+            "--image-data",
+            "demo/valid_imgs.tsv",
+            "--text-data",
+            "demo/valid_texts.jsonl",
+            "--image-feat-output-path",
+            &img,
+            "--text-feat-output-path",
+            &txt,
+            "--resume",
+            checkpoint,
+            "--precision",
+            "fp32",
+        ];
+        args.extend_from_slice(extra);
+        Command::new(cnclip_tests::cnclip_bin()).args(&args).current_dir(root).output().unwrap()
+    };
+    let run = extract("pt", "tiny.pt", &["--model-config", "tiny.json"]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let run = extract("st", "tiny.safetensors", &[]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    for (file, id) in [("img", "image_id"), ("txt", "text_id")] {
+        let from_pt = read_jsonl(&root.join(format!("{file}_pt.jsonl")), id);
+        let from_safetensors = read_jsonl(&root.join(format!("{file}_st.jsonl")), id);
+        assert!(from_pt.len() >= 6, "{file}: {} rows", from_pt.len());
+        assert_eq!(from_pt, from_safetensors, "{file}: the same weights give other features");
+    }
+    let refused = extract("default", "tiny.pt", &[]);
+    assert!(!refused.status.success(), "a tiny .pt read as ViT-B-16");
+    let both = extract("both", "tiny.pt", &["--model-config", "tiny.json", "--vision-model", "ViT-B-16"]);
+    let stderr = String::from_utf8_lossy(&both.stderr);
+    assert!(
+        !both.status.success() && stderr.contains("--model-config") && stderr.contains("--vision-model"),
+        "{stderr}"
+    );
+}

@@ -159,8 +159,7 @@ pub fn run(args: Args) -> Result<()> {
                     text_feat_output_path: Some(txt.clone()),
                     devices: suite.suite.devices.clone(),
                     precision: suite.suite.precision,
-                    vision_model,
-                    text_model,
+                    model: crate::model_args::ModelArgs { vision_model, text_model, model_config: None },
                     ..crate::extract::Args::new(checkpoint_path.clone())
                 };
                 show("extract-features", command_line::render(&extract)?);

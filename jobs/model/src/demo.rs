@@ -318,7 +318,7 @@ impl Plan {
             build_lmdb: build_lmdb::Args::new(path("corpus"), "train,valid,test".into()),
             train: train::Args {
                 val_data: Some(path("corpus/lmdb/valid")),
-                model_config: Some(model.clone()),
+                model: ModelArgs { model_config: Some(model.clone()), ..ModelArgs::default() },
                 batch_size: args.batch_size,
                 valid_batch_size: 100,
                 max_epochs: args.epochs,

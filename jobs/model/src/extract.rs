@@ -45,6 +45,7 @@ use cnclip_operators::sources::Shard;
 use cnclip_operators::spec::builtin::{DecodeBase64Config, ExcludeIdsConfig, PreprocessConfig, TokenizeConfig};
 use cnclip_operators::spec::{JobSettings, NodeDef, Planner};
 
+use crate::model_args::ModelArgs;
 use crate::registry;
 use cnclip_data_jobs::manifest;
 use cnclip_operators::storage;
@@ -86,12 +87,12 @@ pub struct Args {
     /// amp (cn_clip's default: fp16 on a GPU, fp32 on the CPU), fp16, fp32 or bf16.
     #[arg(long, value_enum, default_value_t = Precision::Amp)]
     pub precision: Precision,
-    /// Vision tower of a cn_clip .pt (default ViT-B-16, as cn_clip's script).
-    #[arg(long)]
-    pub vision_model: Option<String>,
-    /// Text tower of a cn_clip .pt (default RoBERTa-wwm-ext-base-chinese).
-    #[arg(long)]
-    pub text_model: Option<String>,
+    /// The architecture of a cn_clip .pt: `--vision-model` and `--text-model` (cn_clip's script's
+    /// defaults ViT-B-16 and RoBERTa-wwm-ext-base-chinese), or `--model-config` for other sizes.
+    /// cnclip and Hugging Face checkpoints carry their own.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub model: ModelArgs,
     /// Accepted for cn_clip compatibility (set RUST_LOG=debug for more logging).
     #[arg(long)]
     pub debug: bool,
@@ -130,8 +131,7 @@ impl Args {
             context_length: 52,
             resume,
             precision: Precision::Amp,
-            vision_model: None,
-            text_model: None,
+            model: ModelArgs::default(),
             debug: false,
             devices: Devices::cpu(),
             num_workers: 0,
@@ -180,17 +180,15 @@ pub fn run(args: Args) -> Result<()> {
     }
     cnclip_operators::signals::catch_interrupts()?;
     // cn_clip's defaults apply to its own checkpoints, which do not record their architecture.
-    let (vision, text) = match (&args.vision_model, &args.text_model, Format::detect(&args.resume)) {
-        (None, None, Format::CnClip) => {
-            (Some("ViT-B-16".to_string()), Some("RoBERTa-wwm-ext-base-chinese".to_string()))
-        }
-        (v, t, _) => (v.clone(), t.clone()),
-    };
-    let named = match (&vision, &text) {
-        (Some(v), Some(t)) => Some(cnclip_models::ClipConfig::from_name(&format!("{v}@{t}"))?),
-        (None, None) => None,
-        _ => bail!("--vision-model and --text-model go together"),
-    };
+    let given = &args.model;
+    let (vision, text) =
+        match (&given.vision_model, &given.text_model, &given.model_config, Format::detect(&args.resume)) {
+            (None, None, None, Format::CnClip) => {
+                (Some("ViT-B-16".to_string()), Some("RoBERTa-wwm-ext-base-chinese".to_string()))
+            }
+            (v, t, _, _) => (v.clone(), t.clone()),
+        };
+    let named = ModelArgs { vision_model: vision.clone(), text_model: text.clone(), ..given.clone() }.config()?;
     let config = architecture(&args.resume, named.as_ref()).with_context(|| format!("{}", args.resume.display()))?;
     let positions = config.text.text_max_position_embeddings;
     if args.extract_text_feats && (args.context_length == 0 || args.context_length as i64 > positions) {
@@ -200,6 +198,7 @@ pub fn run(args: Args) -> Result<()> {
         checkpoint: args.resume.clone(),
         vision_model: vision,
         text_model: text,
+        model_config: given.model_config.clone(),
         precision: args.precision.to_string(),
         batch_size: 0,
         devices: args.devices.to_string(),
@@ -381,7 +380,7 @@ fn extract(
         ..JobSettings::default()
     };
     let resolution = config.vision.image_resolution as usize;
-    let (vision_model, text_model) = (args.vision_model.clone(), args.text_model.clone());
+    let (vision_model, text_model) = (args.model.vision_model.clone(), args.model.text_model.clone());
     let mut defs = nodes(args, tower, &done, resolution, encoder)?;
     let (path, sharded) = match target {
         Target::File(output) => (output.clone(), false),
@@ -450,7 +449,7 @@ fn fingerprint(args: &Args, tower: Tower, encoder: &EncoderConfig) -> Result<Str
     let (size, modified) = storage::metadata(&args.resume)
         .map(|m| (m.len(), m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())))
         .with_context(|| format!("{}", args.resume.display()))?;
-    Ok(serde_json::json!({
+    let mut fingerprint = serde_json::json!({
         "tower": tower.name(),
         "checkpoint": storage::canonicalize(&args.resume).unwrap_or_else(|_| args.resume.clone()),
         "checkpoint_size": size,
@@ -464,6 +463,12 @@ fn fingerprint(args: &Args, tower: Tower, encoder: &EncoderConfig) -> Result<Str
         "context_length": args.context_length,
         "shard": args.shard,
         "on_error": format!("{:?}", args.on_error),
-    })
-    .to_string())
+    });
+    // Only when given, so the fingerprints of runs without one are those of earlier builds.
+    if let Some(config) = &encoder.model_config {
+        let text = cnclip_operators::sources::read_text(config, cnclip_operators::sources::MAX_TEXT_BYTES)
+            .map_err(crate::quoted("--model-config"))?;
+        fingerprint["model_config"] = text.into();
+    }
+    Ok(fingerprint.to_string())
 }

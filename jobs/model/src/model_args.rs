@@ -5,7 +5,7 @@ use cnclip_models::ClipConfig;
 use cnclip_operators::options::Precision;
 use tch::Kind;
 
-#[derive(clap::Args, Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(clap::Args, Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct ModelArgs {
     /// Vision tower (ViT-B-32, ViT-B-16, ViT-L-14, ViT-L-14-336, ViT-H-14, RN50), as cn_clip's --vision-model.
     #[arg(long)]

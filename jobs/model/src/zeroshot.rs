@@ -263,6 +263,7 @@ pub fn run_with(args: Args) -> Result<Metrics> {
         checkpoint: args.resume.clone(),
         vision_model: vision,
         text_model: text,
+        model_config: None,
         precision: args.precision.to_string(),
         batch_size: args.img_batch_size,
         devices: args.devices.to_string(),

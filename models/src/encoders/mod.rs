@@ -103,6 +103,10 @@ pub struct EncoderConfig {
     pub checkpoint: PathBuf,
     pub vision_model: Option<String>,
     pub text_model: Option<String>,
+    /// A model config file (cn_clip's merged model_info JSON) naming the architecture of a cn_clip
+    /// `.pt` of another size, instead of `vision_model` and `text_model`.
+    #[serde(default)]
+    pub model_config: Option<PathBuf>,
     /// `fp32` (default), `fp16`, `bf16` or cn_clip's `amp`.
     #[serde(default = "fp32")]
     pub precision: String,
@@ -162,15 +166,30 @@ impl EncoderConfig {
             problems.push("`batch_size` must be at least 1".into());
         }
         let checkpoint = cx.resolve(&self.checkpoint);
-        let named = match (&self.vision_model, &self.text_model) {
-            (Some(v), Some(t)) => match ClipConfig::from_name(&format!("{v}@{t}")) {
+        let named = match (&self.vision_model, &self.text_model, &self.model_config) {
+            (Some(v), Some(t), None) => match ClipConfig::from_name(&format!("{v}@{t}")) {
                 Ok(config) => Some(config),
                 Err(e) => {
                     problems.push(e.to_string());
                     None
                 }
             },
-            (None, None) => None,
+            (None, None, None) => None,
+            (None, None, Some(path)) => {
+                let path = cx.resolve(path);
+                let json = cnclip_operators::sources::read_text(&path, cnclip_operators::sources::MAX_TEXT_BYTES)
+                    .map_err(|e| problems.push(format!("`model_config`: {e}")))
+                    .ok();
+                json.and_then(|json| {
+                    ClipConfig::from_json(&json).map_err(|e| problems.push(format!("{}: {e}", path.display()))).ok()
+                })
+            }
+            (_, _, Some(_)) => {
+                problems.push(
+                    "`model_config` names the architecture alone, without `vision_model` and `text_model`".into(),
+                );
+                None
+            }
             _ => {
                 problems.push("`vision_model` and `text_model` go together".into());
                 None
@@ -256,7 +275,7 @@ impl NodeConfig for EncodeImageConfig {
     const KIND: &'static str = "encode_image";
     const ROLE: Role = Role::Transform;
     const DOC: &'static str = "pixels → image_features (id, feature), L2-normalised; keys: `checkpoint`, \
-                               `vision_model`/`text_model`, `precision`, `batch_size`, `devices`";
+                               `vision_model`/`text_model` or `model_config`, `precision`, `batch_size`, `devices`";
     fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
         Ok(Operator::Transform(Arc::new(self.0.encoder(Tower::Image, cx)?)))
     }
@@ -266,7 +285,7 @@ impl NodeConfig for EncodeTextConfig {
     const KIND: &'static str = "encode_text";
     const ROLE: Role = Role::Transform;
     const DOC: &'static str = "token_ids → text_features (id, feature), L2-normalised; keys: `checkpoint`, \
-                               `vision_model`/`text_model`, `precision`, `batch_size`, `devices`";
+                               `vision_model`/`text_model` or `model_config`, `precision`, `batch_size`, `devices`";
     fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
         Ok(Operator::Transform(Arc::new(self.0.encoder(Tower::Text, cx)?)))
     }

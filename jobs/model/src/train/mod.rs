@@ -43,6 +43,8 @@ use cnclip_operators::spec::builtin::{
 use cnclip_operators::spec::{JobSettings, NodeDef, Planner};
 use cnclip_operators::transforms::preprocess::Order;
 use cnclip_schemas::columns::{PIXELS, SAMPLE, TOKEN_IDS};
+
+use crate::model_args::ModelArgs;
 use tch::{Device, Tensor};
 
 use self::checkpoint::{Position, Saved};
@@ -144,15 +146,11 @@ pub struct Args {
     /// amp (fp32 on the CPU) or fp32.
     #[arg(long, value_enum, default_value_t = Precision::Amp)]
     pub precision: Precision,
-    /// Vision tower (cn_clip's default ViT-B-16).
-    #[arg(long)]
-    pub vision_model: Option<String>,
-    /// Text tower (cn_clip's default RoBERTa-wwm-ext-base-chinese).
-    #[arg(long)]
-    pub text_model: Option<String>,
-    /// A model config file (cn_clip's merged model_info JSON) for other sizes.
-    #[arg(long, conflicts_with_all = ["vision_model", "text_model"])]
-    pub model_config: Option<PathBuf>,
+    /// The architecture: `--vision-model` and `--text-model` (cn_clip's defaults ViT-B-16 and
+    /// RoBERTa-wwm-ext-base-chinese), or `--model-config`.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub model: ModelArgs,
     /// FLIP: the share of image patches dropped in training (ViT).
     #[arg(long, default_value_t = 0.0)]
     pub mask_ratio: f64,
@@ -241,9 +239,7 @@ impl Args {
             reset_optimizer: false,
             reset_data_offset: false,
             precision: Precision::Amp,
-            vision_model: None,
-            text_model: None,
-            model_config: None,
+            model: ModelArgs::default(),
             mask_ratio: 0.0,
             clip_weight_path: None,
             bert_weight_path: None,
@@ -316,15 +312,15 @@ fn plan(args: &Args) -> Result<Plan> {
             "--use-bn-sync over several replicas is not supported yet (one replica: BatchNorm is already synchronised)"
         );
     }
-    let (config, vision_name) = match &args.model_config {
+    let (config, vision_name) = match &args.model.model_config {
         Some(path) => {
             let json = cnclip_operators::sources::read_text(path, cnclip_operators::sources::MAX_TEXT_BYTES)
                 .context("--model-config")?;
             (ClipConfig::from_json(&json).with_context(|| format!("--model-config {}", path.display()))?, None)
         }
         None => {
-            let vision = args.vision_model.as_deref().unwrap_or("ViT-B-16");
-            let text = args.text_model.as_deref().unwrap_or("RoBERTa-wwm-ext-base-chinese");
+            let vision = args.model.vision_model.as_deref().unwrap_or("ViT-B-16");
+            let text = args.model.text_model.as_deref().unwrap_or("RoBERTa-wwm-ext-base-chinese");
             (ClipConfig::from_name(&format!("{vision}@{text}"))?, Some(vision.to_string()))
         }
     };
@@ -434,17 +430,17 @@ fn params(args: &Args, plan: &Plan) -> BTreeMap<String, String> {
     set("reset_data_offset", flag(args.reset_data_offset));
     set("precision", args.precision.to_string());
     // cn_clip's defaults, unless a model config file names the architecture.
-    let named = |given: &Option<String>, default: &str| match (given, &args.model_config) {
+    let named = |given: &Option<String>, default: &str| match (given, &args.model.model_config) {
         (Some(name), _) => name.clone(),
         (None, None) => default.to_string(),
         (None, Some(_)) => "None".to_string(),
     };
-    set("vision_model", named(&args.vision_model, "ViT-B-16"));
-    set("text_model", named(&args.text_model, "RoBERTa-wwm-ext-base-chinese"));
+    set("vision_model", named(&args.model.vision_model, "ViT-B-16"));
+    set("text_model", named(&args.model.text_model, "RoBERTa-wwm-ext-base-chinese"));
     set("clip_weight_path", path(&args.clip_weight_path));
     set("bert_weight_path", path(&args.bert_weight_path));
     set("grad_checkpointing", flag(args.grad_checkpointing));
-    set("model_config", path(&args.model_config));
+    set("model_config", path(&args.model.model_config));
     set("mask_ratio", python_float(args.mask_ratio));
     set("freeze_vision", flag(args.freeze_vision));
     set("use_flash_attention", flag(args.use_flash_attention));
