@@ -35,6 +35,7 @@ use faiss::Index as _;
 use serde::Deserialize;
 use tch::{Kind, Tensor};
 
+pub mod build;
 pub mod built;
 pub mod error;
 pub mod factory;
