@@ -36,7 +36,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use cnclip_models::checkpoint::{Format, architecture};
+use cnclip_models::checkpoint::{Checkpoint, Format};
 use cnclip_models::encoders::{EncodeImageConfig, EncodeTextConfig, EncoderConfig};
 use cnclip_operators::options::{Devices, Precision};
 use cnclip_operators::quarantine::OnError;
@@ -181,15 +181,29 @@ pub fn run(args: Args) -> Result<()> {
     cnclip_operators::signals::catch_interrupts()?;
     // cn_clip's defaults apply to its own checkpoints, which do not record their architecture.
     let given = &args.model;
-    let (vision, text) =
-        match (&given.vision_model, &given.text_model, &given.model_config, Format::detect(&args.resume)) {
-            (None, None, None, Format::CnClip) => {
-                (Some("ViT-B-16".to_string()), Some("RoBERTa-wwm-ext-base-chinese".to_string()))
-            }
-            (v, t, _, _) => (v.clone(), t.clone()),
-        };
-    let named = ModelArgs { vision_model: vision.clone(), text_model: text.clone(), ..given.clone() }.config()?;
-    let config = architecture(&args.resume, named.as_ref()).with_context(|| format!("{}", args.resume.display()))?;
+    let cn_clip_defaults = ModelArgs {
+        vision_model: Some("ViT-B-16".to_string()),
+        text_model: Some("RoBERTa-wwm-ext-base-chinese".to_string()),
+        model_config: None,
+    };
+    let named_by_user = given.config()?;
+    let named_for_cn_clip = match given {
+        ModelArgs { vision_model: None, text_model: None, model_config: None } => cn_clip_defaults.config()?,
+        _ => named_by_user.clone(),
+    };
+    // Opened once: the towers' encoder nodes take it as it is (and read its weights once).
+    let checkpoint = Checkpoint::open(&args.resume, |format| match format {
+        Format::CnClip => named_for_cn_clip,
+        _ => named_by_user,
+    })
+    .with_context(|| format!("{}", args.resume.display()))?;
+    let (vision, text) = match (given, checkpoint.format()) {
+        (ModelArgs { vision_model: None, text_model: None, model_config: None }, Format::CnClip) => {
+            (cn_clip_defaults.vision_model, cn_clip_defaults.text_model)
+        }
+        _ => (given.vision_model.clone(), given.text_model.clone()),
+    };
+    let config = checkpoint.config().clone();
     let positions = config.text.text_max_position_embeddings;
     if args.extract_text_feats && (args.context_length == 0 || args.context_length as i64 > positions) {
         bail!("--context-length {}: the model's text tower takes from 1 to {positions} tokens", args.context_length);
@@ -202,6 +216,7 @@ pub fn run(args: Args) -> Result<()> {
         precision: args.precision.to_string(),
         batch_size: 0,
         devices: args.devices.to_string(),
+        loaded: Some(std::sync::Arc::new(checkpoint)),
     };
     // The outputs, cn_clip's defaults filled in, checked against each other and the inputs
     // before anything is written: one path for both towers would have the images overwrite

@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use cnclip_models::checkpoint::{Format, architecture};
+use cnclip_models::checkpoint::{Checkpoint, Format};
 use cnclip_models::encoders::{EncodeImageConfig, EncodeTextConfig, EncoderConfig};
 use cnclip_models::zeroshot;
 use cnclip_operators::options::{Devices, Precision};
@@ -248,16 +248,23 @@ pub fn run_with(args: Args) -> Result<Metrics> {
     if !hidden.is_empty() {
         eprintln!("cnclip zeroshot-evaluation: note: hidden folders are not classes, left out: {}", hidden.join(", "));
     }
-    let named = match Format::detect(&args.resume) {
-        Format::CnClip => {
-            Some(cnclip_models::ClipConfig::from_name(&format!("{}@{}", args.vision_model, args.text_model))?)
-        }
+    // cn_clip's `.pt` records no architecture: the flags (with cn_clip's defaults) name it.
+    let named = cnclip_models::ClipConfig::from_name(&format!("{}@{}", args.vision_model, args.text_model));
+    let mut named_error = None;
+    // Opened once: the encoder nodes and the parameter counts take it as it is.
+    let checkpoint = Checkpoint::open(&args.resume, |format| match format {
+        Format::CnClip => named.map_err(|e| named_error = Some(e)).ok(),
         _ => None,
-    };
-    let config = architecture(&args.resume, named.as_ref()).with_context(|| format!("{}", args.resume.display()))?;
-    let (vision, text) = match &named {
-        Some(_) => (Some(args.vision_model.clone()), Some(args.text_model.clone())),
-        None => (None, None),
+    });
+    if let Some(e) = named_error {
+        return Err(e.into());
+    }
+    let checkpoint = std::sync::Arc::new(checkpoint.with_context(|| format!("{}", args.resume.display()))?);
+    let config = checkpoint.config().clone();
+    let named = checkpoint.format() == Format::CnClip;
+    let (vision, text) = match named {
+        true => (Some(args.vision_model.clone()), Some(args.text_model.clone())),
+        false => (None, None),
     };
     let encoder = EncoderConfig {
         checkpoint: args.resume.clone(),
@@ -267,6 +274,7 @@ pub fn run_with(args: Args) -> Result<Metrics> {
         precision: args.precision.to_string(),
         batch_size: args.img_batch_size,
         devices: args.devices.to_string(),
+        loaded: Some(std::sync::Arc::clone(&checkpoint)),
     };
     let scratch = storage::scratch_dir(None, ".cnclip-zeroshot-").context("a scratch directory")?;
     let settings = |name: &str| JobSettings {
@@ -362,13 +370,12 @@ pub fn run_with(args: Args) -> Result<Metrics> {
         }
         index
     };
-    let model = cnclip_models::checkpoint::load_clip(&args.resume, named.as_ref(), tch::Device::Cpu)?.0;
     // A self-describing checkpoint names its own towers (`custom` for sizes of no preset).
-    let vision_name = match &named {
-        Some(_) => args.vision_model.clone(),
-        None => config.name().split('@').next().unwrap_or("custom").to_string(),
+    let vision_name = match named {
+        true => args.vision_model.clone(),
+        false => config.name().split('@').next().unwrap_or("custom").to_string(),
     };
-    let (params, visual) = model.parameter_counts();
+    let (params, visual) = checkpoint.parameter_counts()?;
     let round6 = |x: f32| -> String { python_float(format!("{:.6}", x as f64).parse::<f64>().unwrap_or(f64::NAN)) };
     let predictions: Vec<String> = order
         .iter()

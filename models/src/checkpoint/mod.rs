@@ -15,7 +15,8 @@ pub use torch_save::{Py, cn_clip_state_dict, save_cn_clip, save_torch};
 
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use tch::{Kind, Tensor};
 
@@ -299,31 +300,9 @@ pub fn load_clip(
     architecture: Option<&ClipConfig>,
     device: tch::Device,
 ) -> Result<(Clip, CheckpointInfo)> {
-    readable(path)?;
-    let (config, state_dict, info) = match Format::detect(path) {
-        Format::CnClip => {
-            let config = architecture.cloned().ok_or_else(|| {
-                Error::Config(format!(
-                    "{} is a cn_clip checkpoint, which does not record its architecture: name it (e.g. --vision-model ViT-B-16 --text-model RoBERTa-wwm-ext-base-chinese)",
-                    path.display()
-                ))
-            })?;
-            let (state_dict, info) = load_cn_clip(path)?;
-            (config, state_dict, info)
-        }
-        Format::HuggingFace => {
-            let (dir, weights) = hf::locate(path).expect("detected as HF");
-            let config = hf::config(&dir)?;
-            check_named(path, &config, architecture)?;
-            (config, hf::state_dict(&weights)?, CheckpointInfo::default())
-        }
-        Format::Cnclip => {
-            let (config, state_dict) = own::load(path)?;
-            check_named(path, &config, architecture)?;
-            (config, state_dict, CheckpointInfo::default())
-        }
-    };
-    let mut model = Clip::new(config, device)?;
+    let checkpoint = Checkpoint::open(path, |_| architecture.cloned())?;
+    let (state_dict, info) = checkpoint.read_weights()?;
+    let mut model = Clip::new(checkpoint.config, device)?;
     model.load_state_dict(&state_dict)?;
     Ok((model, info))
 }
@@ -334,25 +313,151 @@ pub fn load_clip(
 /// # Errors
 /// As [`load_clip`].
 pub fn architecture(path: &Path, named: Option<&ClipConfig>) -> Result<ClipConfig> {
-    readable(path)?;
-    match Format::detect(path) {
-        Format::CnClip => named.cloned().ok_or_else(|| {
-            Error::Config(format!(
-                "{} is a cn_clip checkpoint, which does not record its architecture: name it (e.g. vision_model = \"ViT-B-16\", text_model = \"RoBERTa-wwm-ext-base-chinese\")",
-                path.display()
-            ))
-        }),
-        Format::HuggingFace => {
-            let (dir, _) = hf::locate(path).expect("detected as HF");
-            let config = hf::config(&dir)?;
-            check_named(path, &config, named)?;
-            Ok(config)
+    Ok(Checkpoint::open(path, |_| named.cloned())?.config)
+}
+
+/// How a user names an architecture: on the command line, and in a pipeline's node.
+const FLAG_NAMES: &str = "--vision-model ViT-B-16 --text-model RoBERTa-wwm-ext-base-chinese";
+const PIPELINE_NAMES: &str = "vision_model = \"ViT-B-16\", text_model = \"RoBERTa-wwm-ext-base-chinese\"";
+
+/// A checkpoint as a job holds it: its file, format and architecture, read when it is opened,
+/// and its weights, read on first use (a model on a device, the parameter counts) and kept in
+/// a model on the CPU. A job opens it once and passes it down (to its encoder nodes, both
+/// towers, every replica), so the file is not reopened layer by layer, and a job that ends
+/// before it needs the weights (a finished shard) never reads them.
+pub struct Checkpoint {
+    path: PathBuf,
+    format: Format,
+    config: ClipConfig,
+    /// The weights, checked against the architecture, and what the file records; copied onto
+    /// each device under the lock (a tensor is not shared between threads).
+    weights: Mutex<Option<(Clip, CheckpointInfo)>>,
+}
+
+impl std::fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoint")
+            .field("path", &self.path)
+            .field("format", &self.format)
+            .field("config", &self.config.name())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Checkpoint {
+    /// Opens the checkpoint at `path` and reads its architecture. `named(format)` is the
+    /// architecture the user named for the format found (`None`: none): cn_clip's `.pt` needs
+    /// one, as it does not record its own (cn_clip's scripts have defaults, which the caller
+    /// applies here); a self-describing checkpoint must agree with it.
+    ///
+    /// # Errors
+    /// As [`load_clip`], but for the weights, which are read later.
+    pub fn open(path: &Path, named: impl FnOnce(Format) -> Option<ClipConfig>) -> Result<Checkpoint> {
+        Checkpoint::open_naming(path, named, FLAG_NAMES)
+    }
+
+    /// [`Checkpoint::open`] for a pipeline's node, whose message names the architecture by the
+    /// node's keys.
+    ///
+    /// # Errors
+    /// As [`Checkpoint::open`].
+    pub fn open_in_pipeline(path: &Path, named: Option<&ClipConfig>) -> Result<Checkpoint> {
+        Checkpoint::open_naming(path, |_| named.cloned(), PIPELINE_NAMES)
+    }
+
+    /// [`Checkpoint::open`], with `how` (e.g. the flags) in the message asking for an architecture.
+    fn open_naming(path: &Path, named: impl FnOnce(Format) -> Option<ClipConfig>, how: &str) -> Result<Checkpoint> {
+        readable(path)?;
+        let format = Format::detect(path);
+        let named = named(format);
+        let config = match format {
+            Format::CnClip => named.ok_or_else(|| {
+                Error::Config(format!(
+                    "{} is a cn_clip checkpoint, which does not record its architecture: name it (e.g. {how})",
+                    path.display()
+                ))
+            })?,
+            Format::HuggingFace => {
+                let (dir, _) = hf::locate(path).expect("detected as HF");
+                let config = hf::config(&dir)?;
+                check_named(path, &config, named.as_ref())?;
+                config
+            }
+            Format::Cnclip => {
+                let config = own::config(path)?;
+                check_named(path, &config, named.as_ref())?;
+                config
+            }
+        };
+        Ok(Checkpoint { path: path.to_path_buf(), format, config, weights: Mutex::new(None) })
+    }
+
+    /// The file (or Hugging Face directory) it was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    /// The architecture.
+    pub fn config(&self) -> &ClipConfig {
+        &self.config
+    }
+
+    /// The state dict as the file holds it, and what it records.
+    fn read_weights(&self) -> Result<(BTreeMap<String, Tensor>, CheckpointInfo)> {
+        match self.format {
+            Format::CnClip => load_cn_clip(&self.path),
+            Format::HuggingFace => {
+                let (_, weights) = hf::locate(&self.path).expect("detected as HF");
+                Ok((hf::state_dict(&weights)?, CheckpointInfo::default()))
+            }
+            Format::Cnclip => Ok((own::load(&self.path)?.1, CheckpointInfo::default())),
         }
-        Format::Cnclip => {
-            let config = own::config(path)?;
-            check_named(path, &config, named)?;
-            Ok(config)
+    }
+
+    /// Runs `f` on the CPU model of the weights, reading them first if no one has.
+    fn with_weights<T>(&self, f: impl FnOnce(&Clip, &CheckpointInfo) -> Result<T>) -> Result<T> {
+        let mut slot = self.weights.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            let (state_dict, info) = self.read_weights()?;
+            let mut model = Clip::new(self.config.clone(), tch::Device::Cpu)?;
+            model.load_state_dict(&state_dict)?;
+            *slot = Some((model, info));
         }
+        let (model, info) = slot.as_ref().expect("read above");
+        f(model, info)
+    }
+
+    /// A model with these weights on `device` (a copy: the checkpoint keeps its own).
+    ///
+    /// # Errors
+    /// The weights cannot be read or do not fit (the first call), or the device cannot hold
+    /// the model.
+    pub fn model_on(&self, device: tch::Device) -> Result<Clip> {
+        self.with_weights(|cpu, _| {
+            let mut model = Clip::new(self.config.clone(), device)?;
+            model.load_state_dict(&cpu.state_dict())?;
+            Ok(model)
+        })
+    }
+
+    /// All parameters, and the vision tower's ([`Clip::parameter_counts`]).
+    ///
+    /// # Errors
+    /// The weights cannot be read or do not fit (the first call).
+    pub fn parameter_counts(&self) -> Result<(usize, usize)> {
+        self.with_weights(|cpu, _| Ok(cpu.parameter_counts()))
+    }
+
+    /// The epoch, step and name a cn_clip training checkpoint records.
+    ///
+    /// # Errors
+    /// The weights cannot be read or do not fit (the first call).
+    pub fn info(&self) -> Result<CheckpointInfo> {
+        self.with_weights(|_, info| Ok(info.clone()))
     }
 }
 

@@ -26,7 +26,7 @@ use cnclip_schemas::{FeatureMetadata, FeatureType};
 use serde::Deserialize;
 use tch::{Kind, Tensor};
 
-use crate::checkpoint::{self, CheckpointInfo};
+use crate::checkpoint::{self, Checkpoint};
 use crate::{Clip, ClipConfig, normalize};
 use cnclip_operators::storage;
 
@@ -117,6 +117,10 @@ pub struct EncoderConfig {
     /// `cpu,cpu`.
     #[serde(default = "cpu")]
     pub devices: String,
+    /// The checkpoint, already opened by the job that plans this node (not a TOML key): the
+    /// node then takes its architecture and weights from it instead of opening `checkpoint`.
+    #[serde(skip)]
+    pub loaded: Option<Arc<Checkpoint>>,
 }
 
 fn fp32() -> String {
@@ -195,18 +199,34 @@ impl EncoderConfig {
                 None
             }
         };
-        let config = if checkpoint.exists() {
-            checkpoint::architecture(&checkpoint, named.as_ref()).map_err(|e| problems.push(e.to_string())).ok()
-        } else {
-            problems.push(format!("checkpoint {} does not exist", checkpoint.display()));
-            None
+        let opened = match self.loaded {
+            Some(loaded) => match named.as_ref().filter(|named| *named != loaded.config()) {
+                None => Some(loaded),
+                Some(_) => {
+                    problems.push(format!(
+                        "{} was opened as {}, not as the architecture this node names",
+                        loaded.path().display(),
+                        loaded.config().name()
+                    ));
+                    None
+                }
+            },
+            None if checkpoint.exists() => checkpoint::Checkpoint::open_in_pipeline(&checkpoint, named.as_ref())
+                .map(Arc::new)
+                .map_err(|e| problems.push(e.to_string()))
+                .ok(),
+            None => {
+                problems.push(format!("checkpoint {} does not exist", checkpoint.display()));
+                None
+            }
         };
+        let config = opened.as_ref().map(|c| c.config().clone());
         let sha256 = match &config {
             Some(_) => sha256_of(&checkpoint).map_err(|e| problems.push(e.to_string())).ok(),
             None => None,
         };
-        match (config, sha256) {
-            (Some(config), Some(sha256)) if problems.is_empty() => {
+        match (opened, config, sha256) {
+            (Some(opened), Some(config), Some(sha256)) if problems.is_empty() => {
                 let dim = config.vision.embed_dim as usize;
                 let meta = FeatureMetadata {
                     model: config.name(),
@@ -220,16 +240,7 @@ impl EncoderConfig {
                         Tower::Text => "token_ids".into(),
                     },
                 };
-                Ok(Encoder {
-                    tower,
-                    checkpoint,
-                    config,
-                    precision,
-                    batch_size: self.batch_size,
-                    devices,
-                    meta,
-                    weights: Mutex::new(None),
-                })
+                Ok(Encoder { tower, checkpoint, config, precision, batch_size: self.batch_size, devices, meta, opened })
             }
             _ => Err(problems),
         }
@@ -305,9 +316,9 @@ pub struct Encoder {
     batch_size: usize,
     devices: Vec<String>,
     meta: FeatureMetadata,
-    /// The checkpoint's weights (CPU), read by the first replica to start, copied by each
-    /// (one at a time: a tensor is not shared between threads).
-    weights: Mutex<Option<BTreeMap<String, Tensor>>>,
+    /// The checkpoint, as the job opened it (or this node, for a pipeline file): its weights
+    /// are read by the first replica to start, and each replica copies them onto its device.
+    opened: Arc<Checkpoint>,
 }
 
 impl Encoder {
@@ -321,21 +332,10 @@ impl Encoder {
 
     /// A model on `device` with the checkpoint's weights (read on the first call).
     fn model_on(&self, device: tch::Device) -> crate::Result<Clip> {
-        let mut slot = self.weights.lock().unwrap_or_else(|e| e.into_inner());
-        if slot.is_none() {
-            *slot = Some(load_weights(&self.checkpoint, &self.config)?);
-        }
-        let mut model = Clip::new(self.config.clone(), device)?;
-        model.load_state_dict(slot.as_ref().expect("loaded above"))?;
+        let mut model = self.opened.model_on(device)?;
         model.set_kind(self.precision.kind());
         Ok(model)
     }
-}
-
-/// The state dict of any checkpoint format, on the CPU.
-fn load_weights(path: &Path, config: &ClipConfig) -> crate::Result<BTreeMap<String, Tensor>> {
-    let (model, _): (Clip, CheckpointInfo) = checkpoint::load_clip(path, Some(config), tch::Device::Cpu)?;
-    Ok(model.state_dict().into_iter().map(|(k, v)| (k, v.shallow_clone())).collect())
 }
 
 impl Transform for Encoder {

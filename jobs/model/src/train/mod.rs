@@ -28,7 +28,7 @@ use anyhow::{Context, Result, bail};
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::Int64Type;
 use arrow::record_batch::RecordBatch;
-use cnclip_models::checkpoint::{Format, architecture, load_clip};
+use cnclip_models::checkpoint::{Checkpoint, Format};
 use cnclip_models::training::{AdamWConfig, Batch, StepOptions, StepReport, Trainer, cosine_lr, rank_loss};
 use cnclip_models::{Clip, ClipConfig};
 use cnclip_operators::options::{Devices, Precision};
@@ -573,11 +573,12 @@ fn teachers(args: &Args, plan: &Plan) -> Result<Vec<Clip>> {
     if !args.distillation {
         return Ok(Vec::new());
     }
-    let named = (Format::detect(path) == Format::CnClip).then_some(&plan.config);
-    let config = architecture(path, named).with_context(|| format!("--teacher-model-name {}", path.display()))?;
+    // Opened and read once, then copied onto each replica's device.
+    let teacher = Checkpoint::open(path, |format| (format == Format::CnClip).then(|| plan.config.clone()))
+        .with_context(|| format!("--teacher-model-name {}", path.display()))?;
     plan.devices
         .iter()
-        .map(|&device| Ok(load_clip(path, Some(&config), device)?.0))
+        .map(|&device| Ok(teacher.model_on(device)?))
         .collect::<Result<Vec<_>>>()
         .with_context(|| format!("loading the teacher {}", path.display()))
 }
