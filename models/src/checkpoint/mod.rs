@@ -473,3 +473,41 @@ fn check_named(path: &Path, config: &ClipConfig, architecture: Option<&ClipConfi
         ))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A job's checkpoint is read once: opening it reads the architecture, the first use the
+    /// weights, which it keeps; later models (another device, the parameter counts) do not go
+    /// back to the file.
+    #[test]
+    fn a_checkpoint_reads_its_weights_once_on_first_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::clip::tests::tiny();
+        tch::manual_seed(3);
+        let saved = Clip::new(config.clone(), tch::Device::Cpu).unwrap();
+        let path = dir.path().join("tiny.safetensors");
+        own::save(&path, &config, &saved.state_dict()).unwrap();
+
+        let checkpoint = Checkpoint::open(&path, |_| None).unwrap();
+        assert_eq!((checkpoint.format(), checkpoint.config()), (Format::Cnclip, &config));
+        let first = checkpoint.model_on(tch::Device::Cpu).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let second = checkpoint.model_on(tch::Device::Cpu).unwrap();
+        assert_eq!(checkpoint.parameter_counts().unwrap(), saved.parameter_counts());
+        let expected = saved.state_dict();
+        for model in [first, second] {
+            let got = model.state_dict();
+            assert_eq!(got.len(), expected.len());
+            assert!(got.iter().all(|(name, tensor)| tensor.equal(&expected[name])), "weights differ");
+        }
+
+        // Opening does not read the weights: a file gone before their first use is named then.
+        own::save(&path, &config, &saved.state_dict()).unwrap();
+        let opened = Checkpoint::open(&path, |_| None).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let message = opened.model_on(tch::Device::Cpu).unwrap_err().to_string();
+        assert!(message.contains("tiny.safetensors"), "{message}");
+    }
+}

@@ -272,10 +272,11 @@ pub fn normalize(features: &Tensor) -> Tensor {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn tiny() -> ClipConfig {
+    /// A CLIP small enough to build in a test.
+    pub(crate) fn tiny() -> ClipConfig {
         let mut config = ClipConfig::from_name("ViT-B-32@RBT3-chinese").unwrap();
         config.vision.image_resolution = 64;
         config.vision.vision_layers = VisionLayers::Transformer(1);
