@@ -151,6 +151,65 @@ input = "pairs"
 path = "out/pairs.parquet"
 "#;
 
+/// The quarantine of a pipeline with several sources and transforms is the same file on every
+/// run: node by node in the pipeline's order (a pipeline file's nodes by name), each node's
+/// records in its file or input order, however the nodes' threads interleave; the Parquet form
+/// in the same order.
+#[test]
+fn the_quarantine_lists_records_node_by_node_the_same_on_every_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    python(MAKE_BAD_INPUT, &[root.to_str().unwrap()], "");
+    let pipeline = root.join("bad.toml");
+    std::fs::write(&pipeline, BAD_INPUT_PIPELINE).unwrap();
+    let run = || {
+        ok(cnclip(&["run", pipeline.to_str().unwrap()]));
+        std::fs::read_to_string(root.join("out/quarantine.jsonl")).unwrap()
+    };
+    let first = run();
+    let locations: Vec<String> = first
+        .lines()
+        .map(|l| {
+            let row = json(l);
+            let source = row["source"].as_str().unwrap().rsplit('/').next().unwrap().to_string();
+            format!("{source} {}", row["location"].as_str().unwrap())
+        })
+        .collect();
+    // A pipeline file's nodes in name order: lmdb_imgs, lmdb_pixels, pairs, texts, tsv,
+    // tsv_pixels (the images that do not decode are preprocess's). The LMDB sources read in key
+    // order ("200" < "203" < "abc").
+    let expected = [
+        "imgs key \"200\"",
+        "imgs key \"203\"",
+        "imgs key \"abc\"",
+        "imgs image 201",
+        "imgs image 202",
+        "pairs key \"4\"",
+        "pairs key \"5\"",
+        "pairs key \"6\"",
+        "bad_texts.jsonl line 6",
+        "bad_texts.jsonl line 7",
+        "bad_texts.jsonl line 8",
+        "bad_texts.jsonl line 9",
+        "bad_texts.jsonl text 1",
+        "bad_texts.jsonl line 11",
+        "bad_imgs.tsv line 9",
+        "bad_imgs.tsv line 10",
+        "bad_imgs.tsv image 1",
+        "bad_imgs.tsv line 12",
+        "bad_imgs.tsv image 100",
+        "bad_imgs.tsv image 101",
+    ];
+    assert_eq!(locations, expected, "{first}");
+    for _ in 0..2 {
+        assert_eq!(run(), first, "another run wrote another quarantine");
+    }
+    let table = root.join("q.parquet");
+    ok(cnclip(&["run", pipeline.to_str().unwrap(), "--quarantine", table.to_str().unwrap()]));
+    let from_jsonl: Vec<serde_json::Value> = first.lines().map(|l| json(l)["reason"].clone()).collect();
+    assert_eq!(parquet_column(&table, "reason"), serde_json::Value::Array(from_jsonl));
+}
+
 #[test]
 fn bad_input_is_quarantined_with_reasons_or_fails_the_job() {
     let dir = tempfile::tempdir().unwrap();

@@ -155,10 +155,31 @@ impl AtomicFile {
         self.out.as_mut().expect("not committed").write_all(bytes).map_err(crate::error::io(&self.tmp))
     }
 
+    /// Flushes what is buffered to the temporary file (which a reader may then open).
+    pub(crate) fn flush(&mut self) -> Result<()> {
+        use std::io::Write;
+        self.out.as_mut().expect("not committed").flush().map_err(crate::error::io(&self.tmp))
+    }
+
+    /// Appends the rest of `from` (the file `name`).
+    pub(crate) fn copy_from(&mut self, from: &mut impl std::io::Read, name: &std::path::Path) -> Result<()> {
+        let out = self.out.as_mut().expect("not committed");
+        std::io::copy(from, out).map(|_| ()).map_err(|e| {
+            // The error is on one side or the other; name both.
+            crate::error::Error::Io { path: format!("{} → {}", name.display(), self.tmp.display()), source: e }
+        })
+    }
+
     /// Flushes and syncs the file; it stays at its temporary path until committed.
-    pub(crate) fn finish(mut self) -> Result<Staged> {
+    pub(crate) fn finish(self) -> Result<Staged> {
+        let path = self.path.clone();
+        self.finish_as(&path)
+    }
+
+    /// [`AtomicFile::finish`], committing to `path` instead of the path it was created for.
+    pub(crate) fn finish_as(mut self, path: &std::path::Path) -> Result<Staged> {
         let out = self.out.take().expect("finished once");
-        let staged = Staged::new(self.tmp.clone(), self.path.clone());
+        let staged = Staged::new(self.tmp.clone(), path.to_path_buf());
         out.into_inner().map_err(|e| e.into_error()).and_then(|f| f.sync_all()).map_err(crate::error::io(&self.tmp))?;
         Ok(staged)
     }

@@ -106,7 +106,7 @@ mod tests {
         let ctx = ReadContext {
             shard,
             batch_rows,
-            quarantine: Arc::new(Quarantine::new(crate::quarantine::OnError::Fail, "unused".into())),
+            quarantine: Arc::new(Quarantine::new(crate::quarantine::OnError::Fail, "unused".into())).node(0),
         };
         let mut out = Vec::new();
         Box::new(config)

@@ -25,7 +25,7 @@ use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 
 use crate::error::{Error, Result, io};
-use crate::quarantine::Quarantine;
+use crate::quarantine::NodeQuarantine;
 use crate::storage;
 
 /// Which records of a source a job reads: `index` of `count`, written `i/n`.
@@ -94,7 +94,8 @@ pub struct ReadContext {
     pub shard: Shard,
     /// Rows per emitted batch (sources also cut a batch at [`BATCH_BYTES`]).
     pub batch_rows: usize,
-    pub quarantine: Arc<Quarantine>,
+    /// Where this source's bad records go.
+    pub quarantine: NodeQuarantine,
 }
 
 /// A batch is cut once its values pass this many bytes, whatever its row count.

@@ -18,7 +18,7 @@ use super::plan::Pipeline;
 use super::registry::{Operator, SinkContext, SinkSpec};
 use super::report::Report;
 use crate::error::{Error, Result};
-use crate::quarantine::Quarantine;
+use crate::quarantine::{NodeQuarantine, Quarantine};
 use crate::sinks::{Committed, Staged, Written};
 use crate::sources::ReadContext;
 use crate::transforms::{Output, Transform};
@@ -74,8 +74,7 @@ impl Pipeline {
     pub(crate) fn start(self, stream: Option<mpsc::Sender<RecordBatch>>) -> Result<Started> {
         let pool = Arc::new(WorkerPool::new(self.settings.threads));
         let quarantine = Arc::new(Quarantine::new(self.settings.on_error, self.settings.quarantine.clone()));
-        let read_ctx =
-            ReadContext { shard: self.shard, batch_rows: self.settings.batch_rows, quarantine: quarantine.clone() };
+        let (shard, batch_rows) = (self.shard, self.settings.batch_rows);
         let finished: Finished = Arc::default();
         // Progress counts the records the sources read; the total (for an ETA) is known when
         // every source can estimate its own.
@@ -90,12 +89,13 @@ impl Pipeline {
         let progress = Arc::new(Progress::new("cnclip", estimates.map(|total| total.div_ceil(self.shard.count))));
         let mut graph: Graph<RecordBatch> = Graph::new();
         let capacity = Capacity { rows: 4 * self.settings.batch_rows.max(64), bytes: 64 << 20 };
-        for node in self.nodes {
+        for (rank, node) in self.nodes.into_iter().enumerate() {
             let name = node.name.clone();
             let inputs: Vec<&str> = node.input.as_deref().into_iter().collect();
             match node.op {
                 Operator::Source(source) => {
-                    let (read_ctx, progress) = (read_ctx.clone(), progress.clone());
+                    let read_ctx = ReadContext { shard, batch_rows, quarantine: quarantine.node(rank) };
+                    let progress = progress.clone();
                     graph.add(&name, &inputs, capacity, move |ctx: NodeContext<RecordBatch>| async move {
                         produce_on_thread(&ctx, move |emit| {
                             let mut emit = |batch: RecordBatch| {
@@ -114,7 +114,7 @@ impl Pipeline {
                     let run = TransformRun {
                         transform,
                         pool: pool.clone(),
-                        quarantine: quarantine.clone(),
+                        quarantine: quarantine.node(rank),
                         origin: self.origins[&name].clone(),
                     };
                     graph.add(&name, &inputs, capacity, move |ctx: NodeContext<RecordBatch>| run.run(ctx));
@@ -145,7 +145,6 @@ impl Pipeline {
                 }
             });
         }
-        drop(read_ctx);
         let running = graph.start()?;
         Ok(Started { running, quarantine, finished, progress })
     }
@@ -204,7 +203,7 @@ async fn write(
 struct TransformRun {
     transform: Arc<dyn Transform>,
     pool: Arc<WorkerPool>,
-    quarantine: Arc<Quarantine>,
+    quarantine: NodeQuarantine,
     origin: String,
 }
 
