@@ -39,7 +39,8 @@ use cnclip_models::retrieval::built::{self, BuiltIndex, IndexFile, Manifest, Ref
 use cnclip_models::retrieval::ivf::IvfIndex;
 use cnclip_models::retrieval::refine::{self, Ids, RefineStore, RefineWriter};
 use cnclip_operators::quarantine::OnError;
-use cnclip_operators::spec::builtin::{FeatureJsonlConfig, ParquetConfig};
+use cnclip_operators::sources::features::FeatureJsonlConfig;
+use cnclip_operators::sources::parquet::ParquetConfig;
 use cnclip_operators::spec::{JobSettings, NodeDef, Planner};
 
 use crate::registry;
