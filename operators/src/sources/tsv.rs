@@ -148,9 +148,6 @@ impl Source for TsvSource {
 }
 
 /// cn_clip image shards (`image_id<TAB>base64` lines) → images_base64.
-///
-/// The `tsv` kind's keys. Fields are public so fixed pipelines (`cnclip import`, `export`)
-/// build nodes from typed values; the TOML form deserializes into the same type.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TsvConfig {

@@ -8,7 +8,9 @@
 //! (`TsvConfig` in `sources/tsv.rs`, `WriteLmdbConfig` in `sinks/lmdb.rs`): `deny_unknown_fields`
 //! gives the per-key messages, its `///` comments are its `--kinds` docs ([`KindDoc`]), and
 //! [`NodeConfig::build`] checks the values (files exist, numbers in range) and returns the
-//! runtime [`Operator`]. [`Registry::builtin`] lists this crate's kinds.
+//! runtime [`Operator`]. [`Registry::builtin`] lists this crate's kinds. Config fields are
+//! public, so fixed pipelines (`cnclip import`, `export`) build nodes from typed values
+//! ([`NodeDef::new`](super::NodeDef::new)); the TOML form deserializes into the same types.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
