@@ -11,7 +11,7 @@
 //!
 //! JSON Schema keeps no field order (`serde_json` without `preserve_order` sorts the
 //! properties), so keys are listed in the order serde's derived `Deserialize` declares them
-//! (read through [`declared_fields`]); keys of a nested table, which that does not reach, go
+//! (read through `declared_fields`); keys of a nested table, which that does not reach, go
 //! required first, then by name.
 
 use std::fmt;
@@ -202,7 +202,7 @@ fn nested_table(schema: &Map<String, Value>) -> Option<&Map<String, Value>> {
         .into_iter()
         .flatten()
         .filter_map(Value::as_object)
-        .find_map(|alternative| alternative.get("properties").is_some().then_some(alternative))
+        .find(|alternative| alternative.get("properties").is_some())
 }
 
 /// The field names `C`'s derived `Deserialize` hands to `deserialize_struct`, in declaration
