@@ -18,8 +18,8 @@ use crate::spec::{BuildContext, NodeConfig, Operator, Role};
 
 /// rows a job holds in memory → those rows (a job's node: no pipeline file can hold them).
 ///
-/// The rows, all of one schema, and a name for where they come from (quarantine records). No
-/// key has a TOML form, so none is documented as one.
+/// The rows, all of one schema, and a name for where they come from (quarantine records). Its
+/// fields are no pipeline keys (`#[schemars(skip)]`): no pipeline file can give them.
 #[derive(Debug, Clone, schemars::JsonSchema)]
 pub struct BatchesConfig {
     /// The rows' schema.

@@ -91,7 +91,7 @@ pub struct SinkContext {
 /// A node kind's configuration: the keys of its `[nodes.NAME]` table besides `kind` and `input`.
 ///
 /// Its docs are its [`JsonSchema`](schemars::JsonSchema) ([`KindDoc`]): the type's `///` comment
-/// says what the kind reads and writes (`images → pixels`), each field's says what its key
+/// says what the kind reads and writes (`image → pixels`), each field's says what its key
 /// means, and `#[serde(default = "…")]` gives the default `--kinds` shows. The first paragraph
 /// of each is what `--kinds` prints.
 pub trait NodeConfig: DeserializeOwned + schemars::JsonSchema + Send + 'static {
