@@ -2,8 +2,10 @@
 //! decoders (base64, images, pickles), transforms (preprocess, tokenize) and sinks (Parquet,
 //! cn_clip JSONL, TSV, LMDB), plus `spec`, which builds pipelines of them from TOML.
 //!
-//! One file per format under `sources/`, `decoders/`, `transforms/` and `sinks/`. Record-level
-//! faults never stop a source: they come back as [`quarantine::Rejected`] and the job's
+//! One file per format under `sources/`, `decoders/`, `transforms/` and `sinks/`; a file that
+//! implements a pipeline node kind also holds its config (`sources/tsv.rs`: `TsvConfig` →
+//! `TsvSource`), whose `///` comments are the kind's `--kinds` docs. Record-level faults never
+//! stop a source: they come back as [`quarantine::Rejected`] and the job's
 //! [`quarantine::OnError`] policy decides.
 //!
 //! This crate links no libtorch (a test checks its dependency tree), so the `cnclip` binary,

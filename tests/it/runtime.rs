@@ -11,19 +11,22 @@ use cnclip_operators::quarantine::Rejected;
 use cnclip_operators::spec::{BuildContext, NodeConfig, Operator, Planner, Registry, Role};
 use cnclip_operators::transforms::{Execution, InputError, Output, Transform, TransformReplica};
 
+/// text → + shout, device, batch_len (a test's toy).
+///
 /// `shout`: a toy device transform. Each replica upper-cases `text` into `shout`, says which
 /// device did it and how large its batch was, and rejects texts containing "bad".
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct ShoutConfig {
+    /// One replica per device.
     devices: Vec<String>,
+    /// Rows per replica call.
     batch_rows: usize,
 }
 
 impl NodeConfig for ShoutConfig {
     const KIND: &'static str = "shout";
     const ROLE: Role = Role::Transform;
-    const DOC: &'static str = "text → + shout, device, batch_len (a test's toy)";
     fn build(self, _: &BuildContext) -> Result<Operator, Vec<String>> {
         if self.devices.is_empty() {
             return Err(vec!["devices is empty".into()]);

@@ -20,14 +20,20 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 use cnclip_operators::quarantine::OnError;
+use cnclip_operators::sinks::jsonl::WriteJsonlConfig;
 use cnclip_operators::sinks::lmdb::LmdbWriterKind;
+use cnclip_operators::sinks::lmdb::WriteLmdbConfig;
+use cnclip_operators::sinks::parquet::WriteParquetConfig;
+use cnclip_operators::sinks::tsv::WriteTsvConfig;
 use cnclip_operators::sources::Shard;
+use cnclip_operators::sources::jsonl::JsonlConfig;
 use cnclip_operators::sources::lmdb::Database;
-use cnclip_operators::spec::builtin::{
-    DecodeBase64Config, JsonlConfig, LmdbConfig, ParquetConfig, RequireImagesConfig, TsvConfig, WriteJsonlConfig,
-    WriteLmdbConfig, WriteParquetConfig, WriteTsvConfig,
-};
+use cnclip_operators::sources::lmdb::LmdbConfig;
+use cnclip_operators::sources::parquet::ParquetConfig;
+use cnclip_operators::sources::tsv::TsvConfig;
 use cnclip_operators::spec::{JobSettings, NodeDef, Pipeline};
+use cnclip_operators::transforms::base64::DecodeBase64Config;
+use cnclip_operators::transforms::require_images::RequireImagesConfig;
 
 #[derive(clap::Args)]
 pub struct ImportArgs {

@@ -42,8 +42,11 @@ use cnclip_operators::options::{Devices, Precision};
 use cnclip_operators::quarantine::OnError;
 use cnclip_operators::sinks::parts::{self, Prepared, Target, Tower, WritePartsConfig};
 use cnclip_operators::sources::Shard;
-use cnclip_operators::spec::builtin::{DecodeBase64Config, ExcludeIdsConfig, PreprocessConfig, TokenizeConfig};
 use cnclip_operators::spec::{JobSettings, NodeDef, Planner};
+use cnclip_operators::transforms::base64::DecodeBase64Config;
+use cnclip_operators::transforms::exclude_ids::ExcludeIdsConfig;
+use cnclip_operators::transforms::preprocess::PreprocessConfig;
+use cnclip_operators::transforms::tokenize::TokenizeConfig;
 
 use crate::model_args::ModelArgs;
 use crate::registry;

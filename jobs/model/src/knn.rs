@@ -17,7 +17,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 use cnclip_models::retrieval::{Backend, KnnConfig};
-use cnclip_operators::spec::builtin::{FeatureJsonlConfig, ParquetConfig, WriteJsonlConfig, WriteParquetConfig};
+use cnclip_operators::sinks::jsonl::WriteJsonlConfig;
+use cnclip_operators::sinks::parquet::WriteParquetConfig;
+use cnclip_operators::sources::features::FeatureJsonlConfig;
+use cnclip_operators::sources::parquet::ParquetConfig;
 use cnclip_operators::spec::{JobSettings, NodeDef, Planner};
 
 use crate::registry;

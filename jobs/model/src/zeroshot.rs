@@ -18,10 +18,12 @@ use cnclip_operators::options::{Devices, Precision};
 use cnclip_operators::sinks::jsonl::python_float;
 use cnclip_operators::sources::batches::BatchesConfig;
 use cnclip_operators::sources::folder;
+use cnclip_operators::sources::folder::ImageFolderConfig;
 use cnclip_operators::sources::jsonl::{self, TextLine};
-use cnclip_operators::spec::builtin::{ImageFolderConfig, PreprocessConfig, TokenizeConfig};
 use cnclip_operators::spec::{JobSettings, NodeDef, Planner};
 use cnclip_operators::transforms::preprocess::Order;
+use cnclip_operators::transforms::preprocess::PreprocessConfig;
+use cnclip_operators::transforms::tokenize::TokenizeConfig;
 use tch::Tensor;
 
 use crate::registry;

@@ -23,6 +23,7 @@ use cnclip_operators::spec::{BuildContext, NodeConfig, Operator, Role};
 use cnclip_operators::transforms::{Execution, InputError, Output, Transform, TransformReplica};
 use cnclip_schemas::columns::{IMAGE_ID, PIXELS, TEXT_ID, TOKEN_IDS};
 use cnclip_schemas::{FeatureMetadata, FeatureType};
+use schemars::JsonSchema;
 use serde::Deserialize;
 use tch::{Kind, Tensor};
 
@@ -95,26 +96,31 @@ impl Precision {
 }
 
 /// What an encoder node is configured with (both kinds take the same keys).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EncoderConfig {
-    /// A cn_clip `.pt` (then name `vision_model` and `text_model`), a cnclip `.safetensors` or a
-    /// Hugging Face `ChineseCLIPModel` directory.
+    /// A cn_clip `.pt`, a cnclip `.safetensors` or a Hugging Face `ChineseCLIPModel` directory.
+    ///
+    /// A `.pt` needs `vision_model` and `text_model`, or `model_config`.
     pub checkpoint: PathBuf,
+    /// A cn_clip `.pt`'s vision tower, as `ViT-B-16`.
     pub vision_model: Option<String>,
+    /// A cn_clip `.pt`'s text tower, as `RoBERTa-wwm-ext-base-chinese`.
     pub text_model: Option<String>,
-    /// A model config file (cn_clip's merged model_info JSON) naming the architecture of a cn_clip
-    /// `.pt` of another size, instead of `vision_model` and `text_model`.
+    /// A model config file naming the architecture of a cn_clip `.pt` of another size, instead
+    /// of `vision_model` and `text_model`.
+    ///
+    /// cn_clip's merged model_info JSON.
     #[serde(default)]
     pub model_config: Option<PathBuf>,
-    /// `fp32` (default), `fp16`, `bf16` or cn_clip's `amp`.
+    /// What the model computes in; `amp` is cn_clip's mixed precision, fp16 on a GPU.
     #[serde(default = "fp32")]
+    #[schemars(with = "options::Precision")]
     pub precision: String,
     /// Rows per model call on each replica.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
-    /// Comma-separated devices, one replica each: `cpu` (default), `cuda`, `cuda:0,cuda:2`,
-    /// `cpu,cpu`.
+    /// Comma-separated devices, one replica each: `cuda`, `cuda:0,cuda:2`, `cpu,cpu`, ….
     #[serde(default = "cpu")]
     pub devices: String,
     /// The checkpoint, already opened by the job that plans this node (not a TOML key): the
@@ -272,21 +278,19 @@ fn sha256_of(path: &Path) -> crate::Result<String> {
     Ok(hex)
 }
 
-/// `encode_image`.
-#[derive(Debug, Clone, Deserialize)]
+/// pixels → image_features (id, feature), L2-normalised.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(transparent)]
 pub struct EncodeImageConfig(pub EncoderConfig);
 
-/// `encode_text`.
-#[derive(Debug, Clone, Deserialize)]
+/// token_ids → text_features (id, feature), L2-normalised.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(transparent)]
 pub struct EncodeTextConfig(pub EncoderConfig);
 
 impl NodeConfig for EncodeImageConfig {
     const KIND: &'static str = "encode_image";
     const ROLE: Role = Role::Transform;
-    const DOC: &'static str = "pixels → image_features (id, feature), L2-normalised; keys: `checkpoint`, \
-                               `vision_model`/`text_model` or `model_config`, `precision`, `batch_size`, `devices`";
     fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
         Ok(Operator::Transform(Arc::new(self.0.encoder(Tower::Image, cx)?)))
     }
@@ -295,8 +299,6 @@ impl NodeConfig for EncodeImageConfig {
 impl NodeConfig for EncodeTextConfig {
     const KIND: &'static str = "encode_text";
     const ROLE: Role = Role::Transform;
-    const DOC: &'static str = "token_ids → text_features (id, feature), L2-normalised; keys: `checkpoint`, \
-                               `vision_model`/`text_model` or `model_config`, `precision`, `batch_size`, `devices`";
     fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
         Ok(Operator::Transform(Arc::new(self.0.encoder(Tower::Text, cx)?)))
     }

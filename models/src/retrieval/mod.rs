@@ -32,6 +32,7 @@ use cnclip_operators::spec::{BuildContext, NodeConfig, Operator, Role};
 use cnclip_operators::transforms::{Execution, Output, Transform, TransformReplica};
 use cnclip_schemas::columns::{FEATURE, ID, NEIGHBOUR_IDS, QUERY_ID, SCORES};
 use faiss::Index as _;
+use schemars::JsonSchema;
 use serde::Deserialize;
 use tch::{Kind, Tensor};
 
@@ -48,7 +49,7 @@ use cnclip_operators::transforms::InputError;
 pub use error::Error;
 
 /// Which engine searches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum, serde::Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
     /// A FAISS index (CPU) from a factory string.
@@ -58,46 +59,62 @@ pub enum Backend {
     Torch,
 }
 
-/// The `knn` node's keys.
-#[derive(Debug, Clone, Deserialize)]
+/// query features → query_id, neighbour_ids, scores: the top `top_k` of the `gallery`.
+///
+/// The `knn` node's keys: a FAISS index (`index`, `nprobe`, `ef_search`, `index_path`) or an
+/// exact search in libtorch (`device`, `eval_batch_size`).
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KnnConfig {
-    /// The gallery: feature JSON lines (`.jsonl`) or Parquet feature tables (files, globs or
-    /// directories of parts). Not read (and may be empty) when `index_path` is a build-index
-    /// directory.
+    /// Feature JSON lines (`.jsonl`) or Parquet feature tables: files, globs, directories of parts.
+    ///
+    /// Not read (and may be empty) when `index_path` is a build-index directory.
     #[serde(default)]
     pub gallery: Vec<String>,
-    /// The id key of gallery JSON lines (`image_id`, `text_id`).
+    /// The id key of gallery JSON lines: `image_id` or `text_id`.
     #[serde(default = "image_id")]
     pub gallery_id: String,
+    /// Neighbours per query.
     #[serde(default = "ten")]
     pub top_k: usize,
+    /// Which engine searches.
     #[serde(default)]
     pub backend: Backend,
-    /// A FAISS factory string (`Flat`, `IVF1024,Flat`, `HNSW32`, `IVF4096,PQ64`, …).
+    /// A FAISS factory string: `Flat`, `IVF1024,Flat`, `HNSW32`, `IVF4096,PQ64`, ….
     #[serde(default = "flat")]
     pub index: String,
+    /// Inverted lists an IVF index visits per query.
+    ///
+    /// Default: the index's.
     pub nprobe: Option<usize>,
+    /// Candidates an HNSW index keeps while searching.
+    ///
+    /// Default: the index's.
     pub ef_search: Option<usize>,
-    /// Candidates per result re-scored by a refinement stage (a build-index directory made with
-    /// `…,RFlat`, or a FAISS `…,RFlat` index): `k_factor · top_k`. Default: the build's.
+    /// Candidates per result re-scored by a refinement stage: `k_factor · top_k`.
+    ///
+    /// For a build-index directory made with `…,RFlat`, or a FAISS `…,RFlat` index. Default: the
+    /// build's.
     #[serde(default)]
     pub k_factor: Option<usize>,
-    /// A build-index directory's inverted lists memory-mapped rather than loaded (an index
-    /// larger than memory; pages shared between processes).
+    /// Memory-map a build-index directory's inverted lists rather than load them.
+    ///
+    /// For an index larger than memory; the pages are shared between processes.
     #[serde(default)]
     pub mmap: bool,
-    /// Where the FAISS index is saved (built there if missing, loaded if present), or a
-    /// directory made by `cnclip build-index` (searched as it is; `index` is not used).
+    /// Where the FAISS index is saved, or a directory made by `cnclip build-index`.
+    ///
+    /// A saved index is built there if missing and loaded if present; a build-index directory is
+    /// searched as it is (`index` is not used).
     pub index_path: Option<PathBuf>,
-    /// Vectors the index is trained on (evenly spaced over the gallery).
+    /// Vectors the index is trained on, evenly spaced over the gallery.
     #[serde(default = "train_sample")]
     pub train_sample: usize,
-    /// `cpu`, `cuda` or `cuda:N`: where the torch backend searches, and where a FAISS index is
-    /// searched in a `faiss-gpu` build.
+    /// Where the torch backend searches (`cpu`, `cuda`, `cuda:N`), and a FAISS index in a
+    /// `faiss-gpu` build.
     #[serde(default = "cpu")]
     pub device: String,
-    /// Gallery rows per matmul (torch), as cn_clip's `--eval-batch-size`.
+    /// Gallery rows per matmul of the torch backend, as cn_clip's `--eval-batch-size`.
     #[serde(default = "eval_batch_size")]
     pub eval_batch_size: usize,
     /// Queries per search.
@@ -188,9 +205,6 @@ fn feature_dim(schema: &Schema) -> Option<usize> {
 impl NodeConfig for KnnConfig {
     const KIND: &'static str = "knn";
     const ROLE: Role = Role::Transform;
-    const DOC: &'static str = "query features → query_id, neighbour_ids, scores: top `top_k` of the `gallery` \
-                               (feature .jsonl or Parquet); `backend` faiss (`index`, `nprobe`, `ef_search`, \
-                               `index_path`) or torch (`device`, `eval_batch_size`)";
     fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
         let mut problems = Vec::new();
         if self.top_k == 0 {

@@ -18,6 +18,11 @@ use arrow::record_batch::RecordBatch;
 
 use super::{AtomicFile, Sink, Staged, Written};
 use crate::error::{Error, Result};
+use crate::spec::{BuildContext, NodeConfig, Operator, Role, SinkSpec};
+use arrow::datatypes::SchemaRef;
+use schemars::JsonSchema;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
 
 /// Python's `repr(float(x))`: the shortest digits that round-trip, in fixed notation for
 /// decimal exponents -4 … 15 and `d.ddde±XX` otherwise; `json.dumps` spells the non-finite
@@ -206,6 +211,37 @@ impl Sink for JsonlSink {
     fn finish(self: Box<Self>) -> Result<(Written, Staged)> {
         let path = self.file.path.clone();
         Ok((Written { rows: self.rows, path }, self.file.finish()?))
+    }
+}
+
+/// ints, strings, floats and lists → JSON lines at `path`, formatted as Python's `json.dumps`.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WriteJsonlConfig {
+    /// The output file.
+    pub path: PathBuf,
+    /// Output names for columns, as `{ id = "image_id" }`.
+    #[serde(default)]
+    pub rename: BTreeMap<String, String>,
+}
+
+impl NodeConfig for WriteJsonlConfig {
+    const KIND: &'static str = "write_jsonl";
+    const ROLE: Role = Role::Sink;
+    fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
+        Ok(Operator::Sink(Box::new(WriteJsonlConfig { path: cx.resolve(&self.path), rename: self.rename })))
+    }
+}
+
+impl SinkSpec for WriteJsonlConfig {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+    fn accepts(&self, schema: &SchemaRef) -> Result<(), Vec<String>> {
+        JsonlSink::accepts(schema, &self.rename)
+    }
+    fn open(&self, schema: &SchemaRef) -> Result<Box<dyn Sink>> {
+        Ok(Box::new(JsonlSink::create(&self.path, schema, &self.rename)?))
     }
 }
 

@@ -11,13 +11,21 @@
 
 use std::path::{Path, PathBuf};
 
+use super::Sink;
 use super::lmdb_bulk::BulkWriter;
 use super::lmdb_txn::TxnWriter;
 use crate::error::{Error, Result};
+use crate::sources::lmdb::Database;
+use crate::spec::{BuildContext, NodeConfig, Operator, Role, SinkSpec};
 use crate::storage;
+use arrow::datatypes::SchemaRef;
+use schemars::JsonSchema;
+use serde::Deserialize;
 
 /// Which writer builds an LMDB database (`--writer`, `writer = "…"`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize, serde::Serialize, JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum LmdbWriterKind {
     /// The bulk loader: writes LMDB's file format directly, each value copied once; the file is
@@ -156,7 +164,7 @@ fn pickle_int(out: &mut Vec<u8>, v: i64) {
 /// temporary directory and renamed into place.
 pub struct LmdbSink {
     writer: Option<LmdbWriter>,
-    database: crate::sources::lmdb::Database,
+    database: Database,
     path: PathBuf,
     tmp: PathBuf,
     count: u64,
@@ -168,11 +176,7 @@ impl LmdbSink {
     ///
     /// # Errors
     /// Which columns are missing.
-    pub fn accepts(
-        schema: &arrow::datatypes::Schema,
-        database: crate::sources::lmdb::Database,
-    ) -> Result<(), crate::transforms::InputError> {
-        use crate::sources::lmdb::Database;
+    pub fn accepts(schema: &arrow::datatypes::Schema, database: Database) -> Result<(), crate::transforms::InputError> {
         use crate::transforms::{InputError, require};
         use arrow::datatypes::DataType;
         use cnclip_schemas::columns::*;
@@ -202,7 +206,7 @@ impl LmdbSink {
     ///
     /// # Errors
     /// IO or LMDB errors creating the temporary database.
-    pub fn create(path: &Path, database: crate::sources::lmdb::Database, writer: LmdbWriterKind) -> Result<Self> {
+    pub fn create(path: &Path, database: Database, writer: LmdbWriterKind) -> Result<Self> {
         super::create_parent(path)?;
         let tmp = super::tmp_path(path);
         let _ = storage::remove_dir_all(&tmp);
@@ -226,7 +230,7 @@ impl super::Sink for LmdbSink {
         let internal = |what: &str| Error::Internal(format!("LMDB sink: {what}"));
         let writer = self.writer.as_mut().expect("not finished");
         match self.database {
-            crate::sources::lmdb::Database::Imgs => {
+            Database::Imgs => {
                 let ids = column(IMAGE_ID).ok_or_else(|| internal("no image_id"))?;
                 let ids = ids.as_any().downcast_ref::<Int64Array>().ok_or_else(|| internal("image_id type"))?;
                 let (values, encoded) = match column(IMAGE) {
@@ -246,7 +250,7 @@ impl super::Sink for LmdbSink {
                     self.count += 1;
                 }
             }
-            crate::sources::lmdb::Database::Pairs => {
+            Database::Pairs => {
                 let text_ids = column(TEXT_ID).ok_or_else(|| internal("no text_id"))?;
                 let text_ids =
                     text_ids.as_any().downcast_ref::<Int64Array>().ok_or_else(|| internal("text_id type"))?;
@@ -291,8 +295,8 @@ impl super::Sink for LmdbSink {
 
     fn finish(mut self: Box<Self>) -> Result<(super::Written, super::Staged)> {
         let key: &[u8] = match self.database {
-            crate::sources::lmdb::Database::Imgs => b"num_images",
-            crate::sources::lmdb::Database::Pairs => b"num_samples",
+            Database::Imgs => b"num_images",
+            Database::Pairs => b"num_samples",
         };
         let mut writer = self.writer.take().expect("finished once");
         let staged = super::Staged::new(self.tmp.clone(), self.path.clone());
@@ -307,6 +311,39 @@ impl Drop for LmdbSink {
         if self.writer.take().is_some() {
             let _ = storage::remove_dir_all(&self.tmp);
         }
+    }
+}
+
+/// images → cn_clip's `imgs` LMDB database, or pairs or texts → its `pairs` database.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WriteLmdbConfig {
+    /// The database's directory, as `lmdb/train/imgs`.
+    pub path: PathBuf,
+    /// Which of cn_clip's databases it is.
+    pub database: Database,
+    /// Which writer builds it.
+    #[serde(default)]
+    pub writer: LmdbWriterKind,
+}
+
+impl NodeConfig for WriteLmdbConfig {
+    const KIND: &'static str = "write_lmdb";
+    const ROLE: Role = Role::Sink;
+    fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
+        Ok(Operator::Sink(Box::new(WriteLmdbConfig { path: cx.resolve(&self.path), ..self })))
+    }
+}
+
+impl SinkSpec for WriteLmdbConfig {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+    fn accepts(&self, schema: &SchemaRef) -> Result<(), Vec<String>> {
+        LmdbSink::accepts(schema, self.database).map_err(|e| vec![e.to_string()])
+    }
+    fn open(&self, _: &SchemaRef) -> Result<Box<dyn Sink>> {
+        Ok(Box::new(LmdbSink::create(&self.path, self.database, self.writer)?))
     }
 }
 

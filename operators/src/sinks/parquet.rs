@@ -13,8 +13,12 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 
+use super::Sink;
 use crate::error::{Error, Result, io};
+use crate::spec::{BuildContext, NodeConfig, Operator, Role, SinkSpec};
 use crate::storage;
+use schemars::JsonSchema;
+use serde::Deserialize;
 
 /// Rows per row group: large enough for good compression and scans, small enough that a
 /// writer's buffered group stays well under a gigabyte even for wide feature rows.
@@ -159,6 +163,35 @@ impl super::Sink for ParquetSink {
 
 fn parquet_err(path: &Path, source: parquet::errors::ParquetError) -> Error {
     Error::Parquet { path: path.display().to_string(), source }
+}
+
+/// any table → a zstd Parquet file at `path` (row groups of at most 64k rows or 64 MiB).
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WriteParquetConfig {
+    /// The output file.
+    pub path: PathBuf,
+}
+
+impl NodeConfig for WriteParquetConfig {
+    const KIND: &'static str = "write_parquet";
+    const ROLE: Role = Role::Sink;
+    fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
+        Ok(Operator::Sink(Box::new(WriteParquetConfig { path: cx.resolve(&self.path) })))
+    }
+}
+
+impl SinkSpec for WriteParquetConfig {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+    fn accepts(&self, _: &SchemaRef) -> Result<(), Vec<String>> {
+        Ok(())
+    }
+    fn open(&self, schema: &SchemaRef) -> Result<Box<dyn Sink>> {
+        let table = self.path.file_stem().unwrap_or_default().to_string_lossy();
+        Ok(Box::new(ParquetSink::create(&self.path, &table, schema.clone())?))
+    }
 }
 
 #[cfg(test)]

@@ -25,20 +25,22 @@ use std::path::{Path, PathBuf};
 use arrow::array::{Array, Int64Array};
 use arrow::datatypes::{DataType, SchemaRef};
 use arrow::record_batch::RecordBatch;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::parquet::ParquetSink;
+use super::jsonl::WriteJsonlConfig;
+use super::parquet::{ParquetSink, WriteParquetConfig};
 use super::{Sink, Staged, Written};
 use crate::error::{Error, Result, io};
 use crate::sources::Shard;
-use crate::spec::builtin::{ParquetConfig, WriteJsonlConfig, WriteParquetConfig};
+use crate::sources::parquet::ParquetConfig;
 use crate::spec::registry::{BuildContext, NodeConfig, Operator, Role, SinkContext, SinkSpec};
 use crate::spec::{JobSettings, NodeDef, Planner, Registry};
 use crate::storage;
 use cnclip_schemas::{columns, metadata};
 
 /// Which tower's features a table holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Tower {
     Image,
@@ -371,22 +373,28 @@ pub struct Prepared {
 /// buffers one group, so small groups keep memory flat.
 const PART_ROW_GROUP_BYTES: usize = 8 << 20;
 
-/// `write_parts`: a feature table (an int64 `id` column first) → resumable parts joined into
-/// `path`; under `--shard i/n`, `path` is a directory of shard parts with their entries.
-#[derive(Debug, Clone, Deserialize)]
+/// feature table (`id` first) → resumable parts joined into `path` (`.parquet`, `.jsonl`), or
+/// under `--shard i/n` the shard's `part-IIIII-of-NNNNN.parquet` and `.json` entry in `path`.
+///
+/// The `write_parts` kind's keys: a feature table has an int64 `id` column first.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WritePartsConfig {
-    /// A `.parquet` or `.jsonl` file, or (sharded) a directory.
+    /// A `.parquet` or `.jsonl` file, or a directory when sharded.
     pub path: PathBuf,
     /// Rows per part: a crash loses at most one part's work.
     #[serde(default = "default_part_rows")]
     pub part_rows: usize,
     /// Which tower's features: the entries' `tower`, and the id column of `.jsonl` output.
     pub tower: Tower,
-    /// Whether `path` is a directory of shard parts (default: when the job is sharded, n > 1).
+    /// Whether `path` is a directory of shard parts.
+    ///
+    /// Default: when the job is sharded (n > 1).
     #[serde(default)]
     pub sharded: Option<bool>,
-    /// The checkpoint, as the entries record it (default: the table's metadata).
+    /// The checkpoint, as the entries record it.
+    ///
+    /// Default: the one the table's metadata names.
     #[serde(default)]
     pub checkpoint: Option<String>,
     /// The input, as the entries record it.
@@ -404,9 +412,6 @@ fn default_part_rows() -> usize {
 impl NodeConfig for WritePartsConfig {
     const KIND: &'static str = "write_parts";
     const ROLE: Role = Role::Sink;
-    const DOC: &'static str = "feature table (`id` first) → resumable parts joined into `path` (`.parquet`/`.jsonl`), \
-                               or under --shard i/n the directory `path`'s part-IIIII-of-NNNNN.parquet + .json entry; \
-                               `tower`, `part_rows`, `sharded`, `checkpoint`, `source`";
     fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
         if self.part_rows == 0 {
             return Err(vec!["part_rows must be at least 1".into()]);

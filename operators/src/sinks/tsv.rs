@@ -11,7 +11,12 @@ use cnclip_schemas::columns::{IMAGE, IMAGE_BASE64, IMAGE_ID};
 
 use super::{AtomicFile, Sink, Staged, Written};
 use crate::error::{Error, Result};
+use crate::spec::{BuildContext, NodeConfig, Operator, Role, SinkSpec};
 use crate::transforms::{InputError, require};
+use arrow::datatypes::SchemaRef;
+use schemars::JsonSchema;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
 
 pub struct TsvSink {
     file: AtomicFile,
@@ -84,5 +89,33 @@ impl Sink for TsvSink {
     fn finish(self: Box<Self>) -> Result<(Written, Staged)> {
         let path = self.file.path.clone();
         Ok((Written { rows: self.rows, path }, self.file.finish()?))
+    }
+}
+
+/// image or image_base64 → cn_clip's `image_id<TAB>base64` lines at `path` (URL-safe base64).
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WriteTsvConfig {
+    /// The output file.
+    pub path: PathBuf,
+}
+
+impl NodeConfig for WriteTsvConfig {
+    const KIND: &'static str = "write_tsv";
+    const ROLE: Role = Role::Sink;
+    fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
+        Ok(Operator::Sink(Box::new(WriteTsvConfig { path: cx.resolve(&self.path) })))
+    }
+}
+
+impl SinkSpec for WriteTsvConfig {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+    fn accepts(&self, schema: &SchemaRef) -> Result<(), Vec<String>> {
+        TsvSink::accepts(schema).map_err(|e| vec![e.to_string()])
+    }
+    fn open(&self, _: &SchemaRef) -> Result<Box<dyn Sink>> {
+        Ok(Box::new(TsvSink::create(&self.path)?))
     }
 }

@@ -16,11 +16,20 @@ use super::{Emit, ReadContext, ShardFilter, Source};
 use crate::error::Result;
 use crate::spec::{BuildContext, NodeConfig, Operator, Role};
 
-/// The rows, all of one schema, and a name for where they come from (quarantine records).
-#[derive(Debug, Clone)]
+/// rows a job holds in memory → those rows (a job's node: no pipeline file can hold them).
+///
+/// The rows, all of one schema, and a name for where they come from (quarantine records). Its
+/// fields are no pipeline keys (`#[schemars(skip)]`): no pipeline file can give them.
+#[derive(Debug, Clone, schemars::JsonSchema)]
 pub struct BatchesConfig {
+    /// The rows' schema.
+    #[schemars(skip)]
     pub schema: SchemaRef,
+    /// The rows.
+    #[schemars(skip)]
     pub batches: Vec<RecordBatch>,
+    /// Where the rows come from, as quarantine records name it.
+    #[schemars(skip)]
     pub origin: String,
 }
 
@@ -33,7 +42,6 @@ impl<'de> serde::Deserialize<'de> for BatchesConfig {
 impl NodeConfig for BatchesConfig {
     const KIND: &'static str = "batches";
     const ROLE: Role = Role::Source;
-    const DOC: &'static str = "rows a job holds in memory (not in pipeline files)";
 
     fn build(self, _: &BuildContext) -> std::result::Result<Operator, Vec<String>> {
         let problems: Vec<String> = self

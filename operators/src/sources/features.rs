@@ -22,6 +22,9 @@ use arrow::record_batch::RecordBatch;
 use super::{Emit, Line, ReadContext, SeenIds, ShardFilter, Source};
 use crate::error::{Error, Result};
 use crate::quarantine::Rejected;
+use crate::spec::{BuildContext, NodeConfig, Operator, Role};
+use schemars::JsonSchema;
+use serde::Deserialize;
 
 /// Why a feature line or row cannot be used (a record's quarantine reason), or why a batch is
 /// not a feature table at all.
@@ -306,4 +309,30 @@ pub fn bad_rows(batch: &RecordBatch) -> std::result::Result<Vec<(usize, Option<i
 /// Whether `path` looks like a feature JSON lines file (`.jsonl`).
 pub fn is_jsonl(path: &Path) -> bool {
     path.extension().is_some_and(|e| e == "jsonl" || e == "json")
+}
+
+/// cn_clip feature files (`{"image_id": …, "feature": […]}` per line) → a feature table (id,
+/// feature).
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureJsonlConfig {
+    /// Files and globs.
+    pub paths: Vec<String>,
+    /// The lines' id key.
+    #[schemars(extend("enum" = ["image_id", "text_id"]))]
+    pub id_key: String,
+    /// Longer lines are quarantined without being read whole.
+    #[serde(default = "super::default_max_record_bytes")]
+    pub max_record_bytes: usize,
+}
+
+impl NodeConfig for FeatureJsonlConfig {
+    const KIND: &'static str = "feature_jsonl";
+    const ROLE: Role = Role::Source;
+    fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
+        let paths = cx.files(&self.paths)?;
+        let source =
+            FeatureJsonlSource::open(paths, &self.id_key, self.max_record_bytes).map_err(|e| vec![e.to_string()])?;
+        Ok(Operator::Source(Box::new(source)))
+    }
 }

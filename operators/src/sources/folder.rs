@@ -17,7 +17,10 @@ use arrow::record_batch::RecordBatch;
 use super::{BATCH_BYTES, Emit, ReadContext, Source};
 use crate::error::{Error, Result, io};
 use crate::quarantine::Rejected;
+use crate::spec::{BuildContext, NodeConfig, Operator, Role};
 use crate::storage;
+use schemars::JsonSchema;
+use serde::Deserialize;
 
 /// torchvision's `IMG_EXTENSIONS`.
 const EXTENSIONS: [&str; 9] = [".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"];
@@ -242,6 +245,28 @@ impl Source for ImageFolderSource {
             flush(&mut ids, &mut images, &mut labels, &mut paths)?;
         }
         Ok(())
+    }
+}
+
+/// torchvision `ImageFolder`'s layout (cn_clip's zero-shot sets) → labeled_images, in
+/// `ImageFolder`'s order.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImageFolderConfig {
+    /// The root: one folder of images per class.
+    pub path: PathBuf,
+}
+
+impl NodeConfig for ImageFolderConfig {
+    const KIND: &'static str = "image_folder";
+    const ROLE: Role = Role::Source;
+    fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
+        let root = cx.dir(&self.path, "image folder")?;
+        Ok(Operator::Source(Box::new(ImageFolderSource::open(root).map_err(|e| vec![e.to_string()])?)))
+    }
+
+    fn known_schema(&self) -> Option<SchemaRef> {
+        Some(cnclip_schemas::labeled_images())
     }
 }
 

@@ -16,6 +16,9 @@ use serde_json::Value;
 use super::{Emit, ReadContext, SeenIds, ShardFilter, Source};
 use crate::error::Result;
 use crate::quarantine::Rejected;
+use crate::spec::{BuildContext, NodeConfig, Operator, Role};
+use schemars::JsonSchema;
+use serde::Deserialize;
 
 /// One text annotation.
 #[derive(Debug, Clone, PartialEq)]
@@ -191,6 +194,37 @@ impl TextsBatcher {
         let columns: Vec<ArrayRef> =
             vec![Arc::new(self.ids.finish()), Arc::new(self.texts.finish()), Arc::new(self.image_ids.finish())];
         emit(RecordBatch::try_new(cnclip_schemas::texts(), columns)?)
+    }
+}
+
+/// cn_clip text files (`{"text_id", "text", "image_ids"}` per line) → texts.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JsonlConfig {
+    /// Files and globs.
+    pub paths: Vec<String>,
+    /// Quarantine a line whose text id repeats an earlier line's.
+    #[serde(default = "super::yes")]
+    pub dedupe: bool,
+    /// Longer lines are quarantined without being read whole.
+    #[serde(default = "super::default_max_record_bytes")]
+    pub max_record_bytes: usize,
+}
+
+impl NodeConfig for JsonlConfig {
+    const KIND: &'static str = "jsonl";
+    const ROLE: Role = Role::Source;
+    fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
+        let paths = cx.files(&self.paths)?;
+        Ok(Operator::Source(Box::new(JsonlSource {
+            paths,
+            dedupe: self.dedupe,
+            max_record_bytes: self.max_record_bytes,
+        })))
+    }
+
+    fn known_schema(&self) -> Option<SchemaRef> {
+        Some(cnclip_schemas::texts())
     }
 }
 

@@ -20,6 +20,9 @@ use super::{Emit, IdBytesBatcher, ReadContext, Source};
 use crate::error::{Error, Result};
 use crate::lmdb_file::LmdbFile;
 use crate::quarantine::Rejected;
+use crate::spec::{BuildContext, NodeConfig, Operator, Role};
+use schemars::JsonSchema;
+use serde::Deserialize;
 
 /// One `pairs` entry.
 #[derive(Debug, Clone, PartialEq)]
@@ -184,7 +187,7 @@ pub fn counts(dir: &Path) -> Result<(u64, u64)> {
 }
 
 /// Which database of a cn_clip LMDB split to read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Database {
     /// `{dir}/imgs` → `images_base64`.
@@ -301,5 +304,38 @@ impl PairsBatcher {
         let columns: Vec<ArrayRef> =
             vec![Arc::new(self.image_ids.finish()), Arc::new(self.text_ids.finish()), Arc::new(self.texts.finish())];
         emit(RecordBatch::try_new(cnclip_schemas::pairs(), columns)?)
+    }
+}
+
+/// One database of a cn_clip LMDB split → images_base64 (`imgs`) or pairs (`pairs`).
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LmdbConfig {
+    /// The split directory, holding `imgs/` and `pairs/`.
+    pub path: PathBuf,
+    /// Which of its databases to read.
+    pub database: Database,
+}
+
+impl NodeConfig for LmdbConfig {
+    const KIND: &'static str = "lmdb";
+    const ROLE: Role = Role::Source;
+    fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
+        let path = cx.dir(&self.path, "LMDB split")?;
+        let db = path.join(match self.database {
+            Database::Imgs => "imgs",
+            Database::Pairs => "pairs",
+        });
+        if !db.join("data.mdb").is_file() {
+            return Err(vec![format!("{} is not an LMDB (no data.mdb)", db.display())]);
+        }
+        Ok(Operator::Source(Box::new(LmdbSource { dir: path, database: self.database })))
+    }
+
+    fn known_schema(&self) -> Option<SchemaRef> {
+        Some(match self.database {
+            Database::Imgs => cnclip_schemas::images_base64(),
+            Database::Pairs => cnclip_schemas::pairs(),
+        })
     }
 }

@@ -22,9 +22,12 @@ use super::{Emit, ReadContext, Source};
 use crate::decoders::pickle::Limits;
 use crate::error::{Error, Result};
 use crate::lmdb_file::LmdbFile;
+use crate::spec::{BuildContext, NodeConfig, Operator, Role};
+use schemars::JsonSchema;
+use serde::Deserialize;
 
 /// Which samples of which epoch, for how many replicas.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TrainOrder {
     /// `--seed`.
@@ -157,6 +160,43 @@ impl Rows {
         self.len = 0;
         self.bytes = 0;
         Ok(RecordBatch::try_new(cnclip_schemas::train_samples(), columns)?)
+    }
+}
+
+/// A cn_clip LMDB split → train_samples, in its training loader's order.
+///
+/// The `lmdb_train` kind's keys; the order is the sampler's, described at the top of this
+/// module.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LmdbTrainConfig {
+    /// The split directory, holding `imgs/` and `pairs/`.
+    pub path: PathBuf,
+    /// Which samples of which epoch, for how many replicas.
+    pub order: TrainOrder,
+}
+
+impl NodeConfig for LmdbTrainConfig {
+    const KIND: &'static str = "lmdb_train";
+    const ROLE: Role = Role::Source;
+    fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
+        let dir = cx.dir(&self.path, "LMDB split")?;
+        let missing: Vec<String> = ["imgs", "pairs"]
+            .iter()
+            .filter(|db| !dir.join(db).join("data.mdb").is_file())
+            .map(|db| format!("{} is not an LMDB (no data.mdb)", dir.join(db).display()))
+            .collect();
+        if !missing.is_empty() {
+            return Err(missing);
+        }
+        if self.order.batch_size == 0 || self.order.world == 0 {
+            return Err(vec!["order: batch_size and world must be at least 1".into()]);
+        }
+        Ok(Operator::Source(Box::new(LmdbTrainSource { dir, order: self.order })))
+    }
+
+    fn known_schema(&self) -> Option<SchemaRef> {
+        Some(cnclip_schemas::train_samples())
     }
 }
 

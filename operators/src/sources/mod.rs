@@ -263,6 +263,16 @@ impl IdBytesBatcher {
 /// enough that an endless line (a corrupt or hostile file) cannot exhaust memory.
 pub const MAX_RECORD_BYTES: usize = 256 << 20;
 
+/// The line sources' default `max_record_bytes` (a serde default).
+pub(crate) fn default_max_record_bytes() -> usize {
+    MAX_RECORD_BYTES
+}
+
+/// `true`, a serde default.
+pub(crate) fn yes() -> bool {
+    true
+}
+
 /// At most this many bytes of offending data are quoted in a message or a quarantine reason.
 pub const QUOTE_BYTES: usize = 64;
 

@@ -13,7 +13,10 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use super::{Emit, ReadContext, Source};
 use crate::error::{Error, Result, io};
+use crate::spec::{BuildContext, NodeConfig, Operator, Role};
 use crate::storage;
+use schemars::JsonSchema;
+use serde::Deserialize;
 
 fn parquet_err(path: &Path, source: parquet::errors::ParquetError) -> Error {
     Error::Parquet { path: path.display().to_string(), source }
@@ -195,5 +198,45 @@ impl Source for ParquetSource {
             }
         }
         Ok(())
+    }
+}
+
+/// Parquet files sharing one schema → their rows.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ParquetConfig {
+    /// Files and globs.
+    pub paths: Vec<String>,
+    /// A contract the files must match: `images`, `texts`, `pairs`, ….
+    pub table: Option<String>,
+    /// Quarantine a row whose id repeats an earlier row's, for `table` images or texts.
+    ///
+    /// The id is the `image_id` of an `images` table, the `text_id` of a `texts` table, as the
+    /// TSV and JSONL sources dedupe.
+    #[serde(default)]
+    pub dedupe: bool,
+}
+
+impl NodeConfig for ParquetConfig {
+    const KIND: &'static str = "parquet";
+    const ROLE: Role = Role::Source;
+    fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
+        use cnclip_schemas::columns::{IMAGE_ID, TEXT_ID};
+        let contract = match self.table.as_deref() {
+            None => None,
+            Some(name) => Some((
+                name,
+                crate::spec::contract(name).ok_or_else(|| vec![format!("unknown table contract `{name}`")])?,
+            )),
+        };
+        let dedupe = match (self.dedupe, self.table.as_deref()) {
+            (false, _) => None,
+            (true, Some("images")) => Some((IMAGE_ID, "image")),
+            (true, Some("texts")) => Some((TEXT_ID, "text")),
+            (true, _) => return Err(vec!["`dedupe` needs `table = \"images\"` or `table = \"texts\"`".into()]),
+        };
+        let mut source = ParquetSource::open(cx.files(&self.paths)?, contract)?;
+        source.dedupe = dedupe;
+        Ok(Operator::Source(Box::new(source)))
     }
 }

@@ -14,6 +14,9 @@ use super::{Emit, IdBytesBatcher, Line, ReadContext, SeenIds, ShardFilter, Sourc
 use crate::decoders::base64::Base64Error;
 use crate::error::Result;
 use crate::quarantine::Rejected;
+use crate::spec::{BuildContext, NodeConfig, Operator, Role};
+use schemars::JsonSchema;
+use serde::Deserialize;
 
 /// One image line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,6 +144,37 @@ impl Source for TsvSource {
             })?;
         }
         batcher.flush(emit)
+    }
+}
+
+/// cn_clip image shards (`image_id<TAB>base64` lines) → images_base64.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TsvConfig {
+    /// Files and globs.
+    pub paths: Vec<String>,
+    /// Quarantine a line whose image id repeats an earlier line's.
+    #[serde(default = "super::yes")]
+    pub dedupe: bool,
+    /// Longer lines are quarantined without being read whole.
+    #[serde(default = "super::default_max_record_bytes")]
+    pub max_record_bytes: usize,
+}
+
+impl NodeConfig for TsvConfig {
+    const KIND: &'static str = "tsv";
+    const ROLE: Role = Role::Source;
+    fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
+        let paths = cx.files(&self.paths)?;
+        Ok(Operator::Source(Box::new(TsvSource {
+            paths,
+            dedupe: self.dedupe,
+            max_record_bytes: self.max_record_bytes,
+        })))
+    }
+
+    fn known_schema(&self) -> Option<SchemaRef> {
+        Some(cnclip_schemas::images_base64())
     }
 }
 

@@ -29,9 +29,11 @@
 //!
 //! One module per concern, in the order a pipeline goes through them:
 //! - `parse`: TOML text → `[job]` settings and node definitions (shape only);
-//! - [`registry`]: kind → config type, constructor and docs; the built-in kinds are in
-//!   [`builtin`], and other crates add theirs ([`Registry::register`]) — `cnclip-torch` its
-//!   model kinds, so `cnclip run` hands it a pipeline that uses them;
+//! - [`registry`]: kind → config type, constructor and docs; the built-in kinds' configs live
+//!   beside their operators (`sources::tsv::TsvConfig`, …) and [`Registry::builtin`] lists
+//!   them, and other crates add theirs ([`Registry::register`]) — `cnclip-torch` its model
+//!   kinds, so `cnclip run` hands it a pipeline that uses them;
+//! - [`docs`]: a kind's `--kinds` line, read from its config's `///` comments;
 //! - `plan`: builds every node and validates the graph → [`Pipeline`];
 //! - `wire`: the graph on the runtime, each transform on its executor, outputs committed
 //!   only when every node has succeeded → [`Report`];
@@ -41,7 +43,7 @@
 //! at once: unknown kinds and keys, missing or unknown inputs, cycles, unused outputs, files
 //! that do not exist, globs that match nothing, and columns a node needs that its input lacks.
 
-pub mod builtin;
+pub mod docs;
 mod parse;
 mod plan;
 pub mod registry;
@@ -51,6 +53,7 @@ mod wire;
 
 use arrow::datatypes::SchemaRef;
 
+pub use docs::{KeyDoc, KindDoc};
 pub use parse::JobSettings;
 pub use plan::{NodeDef, Pipeline, Planner};
 pub use registry::{BuildContext, KindInfo, NodeConfig, Operator, Registry, Role, SinkContext, SinkSpec};

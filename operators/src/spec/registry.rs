@@ -4,9 +4,13 @@
 //! vocabulary by registering them, without editing this crate (Vector's component configs,
 //! DataFusion's `FunctionRegistry`).
 //!
-//! A kind is a serde config type implementing [`NodeConfig`]: `deny_unknown_fields` gives the
-//! per-key messages, and [`NodeConfig::build`] checks the values (files exist, numbers in
-//! range) and returns the runtime [`Operator`].
+//! A kind is a serde config type implementing [`NodeConfig`], kept beside the operator it builds
+//! (`TsvConfig` in `sources/tsv.rs`, `WriteLmdbConfig` in `sinks/lmdb.rs`): `deny_unknown_fields`
+//! gives the per-key messages, its `///` comments are its `--kinds` docs ([`KindDoc`]), and
+//! [`NodeConfig::build`] checks the values (files exist, numbers in range) and returns the
+//! runtime [`Operator`]. [`Registry::builtin`] lists this crate's kinds. Config fields are
+//! public, so fixed pipelines (`cnclip import`, `export`) build nodes from typed values
+//! ([`NodeDef::new`](super::NodeDef::new)); the TOML form deserializes into the same types.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,6 +18,7 @@ use std::sync::Arc;
 use arrow::datatypes::SchemaRef;
 use serde::de::DeserializeOwned;
 
+use super::docs::KindDoc;
 use crate::error::Result;
 use crate::sinks::Sink;
 use crate::sources::{Source, expand_paths};
@@ -84,12 +89,15 @@ pub struct SinkContext {
 }
 
 /// A node kind's configuration: the keys of its `[nodes.NAME]` table besides `kind` and `input`.
-pub trait NodeConfig: DeserializeOwned + Send + 'static {
+///
+/// Its docs are its [`JsonSchema`](schemars::JsonSchema) ([`KindDoc`]): the type's `///` comment
+/// says what the kind reads and writes (`image → pixels`), each field's says what its key
+/// means, and `#[serde(default = "…")]` gives the default `--kinds` shows. The first paragraph
+/// of each is what `--kinds` prints.
+pub trait NodeConfig: DeserializeOwned + schemars::JsonSchema + Send + 'static {
     /// The `kind = "…"` that selects it.
     const KIND: &'static str;
     const ROLE: Role;
-    /// One line for `cnclip run --kinds`: what it reads and writes, and its keys.
-    const DOC: &'static str;
 
     /// Checks the values and builds the operator; relative paths are resolved by `cx`.
     ///
@@ -165,11 +173,12 @@ impl BuildContext {
 }
 
 /// A registered kind: its name, role and docs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KindInfo {
     pub kind: &'static str,
     pub role: Role,
-    pub doc: &'static str,
+    /// Its `cnclip run --kinds` line ([`fmt::Display`](std::fmt::Display)), from its config.
+    pub doc: KindDoc,
 }
 
 type Constructor = Box<dyn Fn(&toml::Table, &BuildContext) -> Result<Operator, BuildFailure> + Send + Sync>;
@@ -191,10 +200,31 @@ impl Registry {
         Registry::default()
     }
 
-    /// The kinds of this crate: every source, transform and sink that needs no model.
+    /// The kinds of this crate: every source, transform and sink that needs no model, sources
+    /// first, then transforms, then sinks (the order `--kinds` lists them in). Each config lives
+    /// beside the operator it builds.
     pub fn builtin() -> Self {
+        use crate::{sinks, sources, transforms};
         let mut registry = Registry::empty();
-        super::builtin::register(&mut registry);
+        registry
+            .register::<sources::tsv::TsvConfig>()
+            .register::<sources::jsonl::JsonlConfig>()
+            .register::<sources::lmdb::LmdbConfig>()
+            .register::<sources::lmdb_train::LmdbTrainConfig>()
+            .register::<sources::folder::ImageFolderConfig>()
+            .register::<sources::parquet::ParquetConfig>()
+            .register::<sources::features::FeatureJsonlConfig>()
+            .register::<transforms::base64::DecodeBase64Config>()
+            .register::<transforms::require_images::RequireImagesConfig>()
+            .register::<transforms::exclude_ids::ExcludeIdsConfig>()
+            .register::<transforms::preprocess::PreprocessConfig>()
+            .register::<transforms::augment::RandomAugmentConfig>()
+            .register::<transforms::tokenize::TokenizeConfig>()
+            .register::<sinks::parquet::WriteParquetConfig>()
+            .register::<sinks::jsonl::WriteJsonlConfig>()
+            .register::<sinks::tsv::WriteTsvConfig>()
+            .register::<sinks::parts::WritePartsConfig>()
+            .register::<sinks::lmdb::WriteLmdbConfig>();
         registry
     }
 
@@ -206,7 +236,7 @@ impl Registry {
     pub fn register<C: NodeConfig>(&mut self) -> &mut Self {
         assert!(self.get(C::KIND).is_none(), "node kind `{}` is registered twice", C::KIND);
         self.entries.push(Entry {
-            info: KindInfo { kind: C::KIND, role: C::ROLE, doc: C::DOC },
+            info: KindInfo { kind: C::KIND, role: C::ROLE, doc: KindDoc::of::<C>() },
             build: Box::new(|table, cx| build_config(deserialize::<C>(table).map_err(|p| (p, None))?, cx)),
         });
         self

@@ -11,6 +11,9 @@ use cnclip_schemas::columns::{IMAGE, IMAGE_BASE64};
 use super::{InputError, Output, Transform, rebuild, reject_image, replace_field, require};
 use crate::decoders::base64::{Base64Error, decode_into};
 use crate::error::Result;
+use crate::spec::{BuildContext, NodeConfig, Operator, Role};
+use schemars::JsonSchema;
+use serde::Deserialize;
 
 pub struct DecodeBase64;
 
@@ -41,5 +44,18 @@ impl Transform for DecodeBase64 {
         }
         let batch = rebuild(batch, schema, index, &keep, Arc::new(out.finish()))?;
         Ok(Output { batch, rejected })
+    }
+}
+
+/// image_base64 → image (either base64 alphabet, padded or not); bad base64 quarantined.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DecodeBase64Config {}
+
+impl NodeConfig for DecodeBase64Config {
+    const KIND: &'static str = "decode_base64";
+    const ROLE: Role = Role::Transform;
+    fn build(self, _: &BuildContext) -> Result<Operator, Vec<String>> {
+        Ok(Operator::Transform(Arc::new(DecodeBase64)))
     }
 }

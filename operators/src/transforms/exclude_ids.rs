@@ -12,9 +12,13 @@ use rustc_hash::FxHashSet;
 use super::require_images::read_ids;
 use super::{InputError, Output, Transform, require};
 use crate::error::Result;
+use crate::spec::{BuildContext, NodeConfig, Operator, Role};
+use schemars::JsonSchema;
+use serde::Deserialize;
+use std::sync::Arc;
 
 pub struct ExcludeIds {
-    /// The input's id column (`image_id`, `text_id`).
+    /// The input's id column: `image_id` or `text_id`.
     pub column: String,
     ids: FxHashSet<i64>,
 }
@@ -54,5 +58,28 @@ impl Transform for ExcludeIds {
         let keep: BooleanArray = ids.values().iter().map(|id| Some(!self.ids.contains(id))).collect();
         let batch = arrow::compute::filter_record_batch(batch, &keep)?;
         Ok(Output { batch, rejected: Vec::new() })
+    }
+}
+
+/// any table → the rows whose `column` id is not in the `id` column of the Parquet `tables`.
+///
+/// A resumed job's finished parts are such tables.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExcludeIdsConfig {
+    /// The input's id column (`image_id`, `text_id`).
+    pub column: String,
+    /// Parquet files (globs) with an int64 `id` column; none excludes nothing.
+    pub tables: Vec<String>,
+}
+
+impl NodeConfig for ExcludeIdsConfig {
+    const KIND: &'static str = "exclude_ids";
+    const ROLE: Role = Role::Transform;
+    fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
+        let tables = if self.tables.is_empty() { Vec::new() } else { cx.files(&self.tables)? };
+        let exclude =
+            ExcludeIds::open(&self.column, &tables, cnclip_schemas::columns::ID).map_err(|e| vec![e.to_string()])?;
+        Ok(Operator::Transform(Arc::new(exclude)))
     }
 }

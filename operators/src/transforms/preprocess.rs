@@ -15,9 +15,12 @@ use fast_image_resize::Resizer;
 
 use super::{InputError, Output, Transform, rebuild, reject_image, replace_field, require};
 use crate::error::{Error, Result};
+use crate::spec::{BuildContext, NodeConfig, Operator, Role};
+use schemars::JsonSchema;
+use serde::Deserialize;
 
 /// In which order the RGB conversion and the resize happen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Order {
     /// cn_clip's TSV/LMDB datasets: `Resize` in the image's own mode, then `convert("RGB")`.
@@ -107,4 +110,42 @@ pub(crate) fn map_images<E: std::fmt::Display>(
     }
     let batch = rebuild(batch, schema, index, &keep, Arc::new(out.finish()))?;
     Ok(Output { batch, rejected })
+}
+
+/// image → pixels (`resolution`² RGB bytes): cn_clip's decode and resize; bad images
+/// quarantined.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PreprocessConfig {
+    /// The output's side in pixels, from 1 to 4096.
+    #[serde(default = "default_resolution")]
+    pub resolution: usize,
+    /// Images with more pixels are quarantined without being decoded.
+    #[serde(default = "default_max_pixels")]
+    pub max_pixels: u64,
+    /// Whether the RGB conversion comes after the resize, as in cn_clip's datasets, or before,
+    /// as in `ImageFolder`.
+    #[serde(default)]
+    pub order: Order,
+}
+
+/// cn_clip's image resolution (ViT-B/16).
+pub(crate) fn default_resolution() -> usize {
+    224
+}
+
+pub(crate) fn default_max_pixels() -> u64 {
+    crate::decoders::image::DEFAULT_MAX_PIXELS
+}
+
+impl NodeConfig for PreprocessConfig {
+    const KIND: &'static str = "preprocess";
+    const ROLE: Role = Role::Transform;
+    fn build(self, _: &BuildContext) -> Result<Operator, Vec<String>> {
+        if !(1..=4096).contains(&self.resolution) {
+            return Err(vec![format!("resolution {} is not between 1 and 4096", self.resolution)]);
+        }
+        let preprocess = Preprocess { resolution: self.resolution, max_pixels: self.max_pixels, order: self.order };
+        Ok(Operator::Transform(Arc::new(preprocess)))
+    }
 }

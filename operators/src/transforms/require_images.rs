@@ -23,7 +23,10 @@ use rustc_hash::FxHashSet;
 use super::{InputError, Output, Transform, rebuild, require};
 use crate::error::{Error, Result};
 use crate::quarantine::Rejected;
+use crate::spec::{BuildContext, NodeConfig, Operator, Role};
 use crate::storage;
+use schemars::JsonSchema;
+use serde::Deserialize;
 
 pub struct RequireImages {
     /// The images: Parquet tables with an `image_id` column, or `.tsv` image shards.
@@ -172,6 +175,35 @@ impl Transform for RequireImages {
         let column: ListArray = out.finish();
         let batch = rebuild(batch, schema.clone(), index, &keep, Arc::new(column))?;
         Ok(Output { batch, rejected })
+    }
+}
+
+/// texts or pairs → the same, without the image ids not found in `images` (those quarantined).
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RequireImagesConfig {
+    /// Images tables with an `image_id` column (Parquet files, globs), or cn_clip `.tsv` image
+    /// shards.
+    ///
+    /// A shard's ids are those of its good lines.
+    pub images: Vec<String>,
+    /// TSV lines longer than this name no image, as in the `tsv` source.
+    #[serde(default = "crate::sources::default_max_record_bytes")]
+    pub max_record_bytes: usize,
+}
+
+impl Default for RequireImagesConfig {
+    fn default() -> Self {
+        RequireImagesConfig { images: Vec::new(), max_record_bytes: crate::sources::MAX_RECORD_BYTES }
+    }
+}
+
+impl NodeConfig for RequireImagesConfig {
+    const KIND: &'static str = "require_images";
+    const ROLE: Role = Role::Transform;
+    fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
+        let transform = RequireImages::new(cx.files(&self.images)?).with_max_record_bytes(self.max_record_bytes);
+        Ok(Operator::Transform(Arc::new(transform)))
     }
 }
 

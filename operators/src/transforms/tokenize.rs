@@ -13,6 +13,9 @@ use cnclip_schemas::columns::{TEXT, TOKEN_IDS};
 
 use super::{InputError, Output, Transform, require};
 use crate::error::{Error, Result};
+use crate::spec::{BuildContext, NodeConfig, Operator, Role};
+use schemars::JsonSchema;
+use serde::Deserialize;
 
 pub struct Tokenize {
     pub context_length: usize,
@@ -51,5 +54,32 @@ impl Transform for Tokenize {
         columns.push(Arc::new(column));
         let batch = RecordBatch::try_new(schema, columns)?;
         Ok(Output { batch, rejected: Vec::new() })
+    }
+}
+
+/// text → + token_ids, as `cn_clip.clip.tokenize`.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizeConfig {
+    /// Token ids per text, `[CLS]` and `[SEP]` included, from 2 to 4096; longer texts are cut.
+    #[serde(default = "default_context_length")]
+    pub context_length: usize,
+    /// Lower-case and straighten curly quotes first, as cn_clip's datasets do.
+    #[serde(default)]
+    pub preprocess: bool,
+}
+
+fn default_context_length() -> usize {
+    super::tokenizer::DEFAULT_CONTEXT_LENGTH
+}
+
+impl NodeConfig for TokenizeConfig {
+    const KIND: &'static str = "tokenize";
+    const ROLE: Role = Role::Transform;
+    fn build(self, _: &BuildContext) -> Result<Operator, Vec<String>> {
+        if !(2..=4096).contains(&self.context_length) {
+            return Err(vec![format!("context_length {} is not between 2 and 4096", self.context_length)]);
+        }
+        Ok(Operator::Transform(Arc::new(Tokenize { context_length: self.context_length, preprocess: self.preprocess })))
     }
 }

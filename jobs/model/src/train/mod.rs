@@ -35,13 +35,15 @@ use cnclip_operators::options::{Devices, Precision};
 use cnclip_operators::quarantine::OnError;
 use cnclip_operators::sinks::jsonl::python_float;
 use cnclip_operators::sources::lmdb::counts;
+use cnclip_operators::sources::lmdb_train::LmdbTrainConfig;
 use cnclip_operators::sources::lmdb_train::TrainOrder;
 use cnclip_operators::spec::PipelineStream;
-use cnclip_operators::spec::builtin::{
-    DecodeBase64Config, LmdbTrainConfig, PreprocessConfig, RandomAugmentConfig, TokenizeConfig,
-};
 use cnclip_operators::spec::{JobSettings, NodeDef, Planner};
+use cnclip_operators::transforms::augment::RandomAugmentConfig;
+use cnclip_operators::transforms::base64::DecodeBase64Config;
 use cnclip_operators::transforms::preprocess::Order;
+use cnclip_operators::transforms::preprocess::PreprocessConfig;
+use cnclip_operators::transforms::tokenize::TokenizeConfig;
 use cnclip_schemas::columns::{PIXELS, SAMPLE, TOKEN_IDS};
 
 use crate::model_args::ModelArgs;

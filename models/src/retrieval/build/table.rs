@@ -10,8 +10,9 @@ use arrow::array::{Array, AsArray};
 use arrow::datatypes::{DataType, Float32Type, Int64Type};
 use arrow::record_batch::RecordBatch;
 use cnclip_operators::quarantine::OnError;
+use cnclip_operators::sources::features::FeatureJsonlConfig;
+use cnclip_operators::sources::parquet::ParquetConfig;
 use cnclip_operators::sources::{self, features as feature_files, parts};
-use cnclip_operators::spec::builtin::{FeatureJsonlConfig, ParquetConfig};
 use cnclip_operators::spec::{JobSettings, NodeDef, Planner, Registry};
 use cnclip_operators::storage;
 

@@ -39,6 +39,8 @@
 pub mod ops;
 pub mod pyrandom;
 
+use std::sync::Arc;
+
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::{DataType, Int64Type, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
@@ -52,6 +54,9 @@ use super::preprocess::{map_images, pixels_schema};
 use super::{InputError, Output, Transform, column_list, require};
 use crate::decoders::image::{Image, Mode, PreprocessError, resize_to_rgb};
 use crate::error::{Error, Result};
+use crate::spec::{BuildContext, NodeConfig, Operator, Role};
+use schemars::JsonSchema;
+use serde::Deserialize;
 
 /// OpenAI CLIP's mean, which cn_clip passes to `create_transform`.
 pub const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
@@ -424,6 +429,36 @@ impl Transform for RandomAugment {
             }
             self.augment(bytes, keys.value(row), resizer).map(|(rgb, _)| rgb.data)
         })
+    }
+}
+
+/// image → pixels with cn_clip's `--use-augment` training transform, drawn per row from `seed`
+/// and the row's `sample` (else `image_id`).
+///
+/// The same `pixels` as `preprocess`: random resized crop, flip and timm's 'original'
+/// AutoAugment, as this module's header describes.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RandomAugmentConfig {
+    /// The output's side in pixels, from 1 to 4096.
+    #[serde(default = "super::preprocess::default_resolution")]
+    pub resolution: usize,
+    /// The training run's seed (`--seed`).
+    pub seed: u64,
+    /// Images with more pixels are quarantined without being decoded.
+    #[serde(default = "super::preprocess::default_max_pixels")]
+    pub max_pixels: u64,
+}
+
+impl NodeConfig for RandomAugmentConfig {
+    const KIND: &'static str = "random_augment";
+    const ROLE: Role = Role::Transform;
+    fn build(self, _: &BuildContext) -> Result<Operator, Vec<String>> {
+        if !(1..=4096).contains(&self.resolution) {
+            return Err(vec![format!("resolution {} is not between 1 and 4096", self.resolution)]);
+        }
+        let augment = RandomAugment { resolution: self.resolution, seed: self.seed, max_pixels: self.max_pixels };
+        Ok(Operator::Transform(Arc::new(augment)))
     }
 }
 
