@@ -257,6 +257,7 @@ pub fn export(args: ExportArgs) -> Result<()> {
                     path: args.out.join(split).join(db),
                     database,
                     writer: args.writer,
+                    shards: 1,
                 };
                 defs.push(NodeDef::new("images", Some("images_in"), lmdb(Database::Imgs, "imgs")));
                 // A pair whose image is missing would fail cn_clip's LMDBDataset: quarantined.

@@ -162,13 +162,31 @@ fn pickle_int(out: &mut Vec<u8>, v: i64) {
 /// `pairs` from a `pairs` table or a `texts` table (one pair per image id, in order). The count
 /// key (`num_images` / `num_samples`) is written at the end; the database is built in a
 /// temporary directory and renamed into place.
+///
+/// Split into `shards` (build-lmdb's `--shards`, cn_clip #46), a row goes to shard
+/// `image_id mod shards`, each shard a self-contained database (a pair lives with its image,
+/// numbered from 0 within its shard) at `shard_NNN/NAME` beside `path`'s `NAME`
+/// (`lmdb/train/imgs` → `lmdb/train/shard_000/imgs`, …); the shards are built in one temporary
+/// directory and moved into place together.
 pub struct LmdbSink {
-    writer: Option<LmdbWriter>,
+    /// One writer per shard (taken when finished).
+    writers: Vec<LmdbWriter>,
+    counts: Vec<u64>,
     database: Database,
     path: PathBuf,
     tmp: PathBuf,
-    count: u64,
+    finished: bool,
     scratch: String,
+}
+
+/// What one LMDB writer may hold (its default), and all the writers of one sink together
+/// (build-lmdb opens two sinks, `imgs` and `pairs`, of `shards` writers each).
+const WRITER_MEMORY: usize = 80 << 20;
+const SINK_MEMORY: usize = 128 << 20;
+
+/// Where shard `shard` of the database `name` goes under the split's directory `dir`.
+fn shard_path(dir: &Path, shard: usize, name: &std::ffi::OsStr) -> PathBuf {
+    dir.join(format!("shard_{shard:03}")).join(name)
 }
 
 impl LmdbSink {
@@ -206,18 +224,43 @@ impl LmdbSink {
     ///
     /// # Errors
     /// IO or LMDB errors creating the temporary database.
-    pub fn create(path: &Path, database: Database, writer: LmdbWriterKind) -> Result<Self> {
+    /// Creates the sink of `database` at `path` (one database) or, with `shards` > 1, of
+    /// `shards` databases beside it (see [`LmdbSink`]).
+    ///
+    /// # Errors
+    /// IO or LMDB errors naming the path.
+    pub fn create(path: &Path, database: Database, writer: LmdbWriterKind, shards: usize) -> Result<Self> {
         super::create_parent(path)?;
-        let tmp = super::tmp_path(path);
+        let shards = shards.max(1);
+        let tmp = if shards == 1 {
+            super::tmp_path(path)
+        } else {
+            let mut name = std::ffi::OsString::from("shards-");
+            name.push(path.file_name().unwrap_or_default());
+            super::tmp_path(&path.with_file_name(name))
+        };
         let _ = storage::remove_dir_all(&tmp);
-        Ok(LmdbSink {
-            writer: Some(LmdbWriter::create(&tmp, writer)?),
+        let memory = (SINK_MEMORY / shards).min(WRITER_MEMORY);
+        let mut sink = LmdbSink {
+            writers: Vec::with_capacity(shards),
+            counts: vec![0; shards],
             database,
             path: path.to_path_buf(),
-            tmp,
-            count: 0,
+            tmp: tmp.clone(),
+            finished: false,
             scratch: String::new(),
-        })
+        };
+        for shard in 0..shards {
+            let at =
+                if shards == 1 { tmp.clone() } else { shard_path(&tmp, shard, path.file_name().unwrap_or_default()) };
+            sink.writers.push(LmdbWriter::create(&at, writer)?.with_memory(memory));
+        }
+        Ok(sink)
+    }
+
+    /// The shard of `image_id`.
+    fn shard_of(&self, image_id: i64) -> usize {
+        image_id.rem_euclid(self.writers.len() as i64) as usize
     }
 }
 
@@ -228,7 +271,6 @@ impl super::Sink for LmdbSink {
         use cnclip_schemas::columns::*;
         let column = |name: &str| batch.schema().index_of(name).ok().map(|i| batch.column(i).clone());
         let internal = |what: &str| Error::Internal(format!("LMDB sink: {what}"));
-        let writer = self.writer.as_mut().expect("not finished");
         match self.database {
             Database::Imgs => {
                 let ids = column(IMAGE_ID).ok_or_else(|| internal("no image_id"))?;
@@ -239,15 +281,17 @@ impl super::Sink for LmdbSink {
                 };
                 let values = values.as_any().downcast_ref::<BinaryArray>().ok_or_else(|| internal("image type"))?;
                 for row in 0..batch.num_rows() {
-                    let key = ids.value(row).to_string();
+                    let id = ids.value(row);
+                    let shard = self.shard_of(id);
+                    let key = id.to_string();
                     if encoded {
-                        writer.put(key.as_bytes(), &cn_clip_base64(values.value(row)))?;
+                        self.writers[shard].put(key.as_bytes(), &cn_clip_base64(values.value(row)))?;
                     } else {
                         self.scratch.clear();
                         base64::engine::general_purpose::URL_SAFE.encode_string(values.value(row), &mut self.scratch);
-                        writer.put(key.as_bytes(), self.scratch.as_bytes())?;
+                        self.writers[shard].put(key.as_bytes(), self.scratch.as_bytes())?;
                     }
-                    self.count += 1;
+                    self.counts[shard] += 1;
                 }
             }
             Database::Pairs => {
@@ -281,11 +325,12 @@ impl super::Sink for LmdbSink {
                         _ => return Err(internal("no image ids")),
                     };
                     for id in ids {
-                        writer.put(
-                            self.count.to_string().as_bytes(),
+                        let shard = self.shard_of(id);
+                        self.writers[shard].put(
+                            self.counts[shard].to_string().as_bytes(),
                             &pickle_pair(id, text_ids.value(row), texts.value(row)),
                         )?;
-                        self.count += 1;
+                        self.counts[shard] += 1;
                     }
                 }
             }
@@ -298,17 +343,41 @@ impl super::Sink for LmdbSink {
             Database::Imgs => b"num_images",
             Database::Pairs => b"num_samples",
         };
-        let mut writer = self.writer.take().expect("finished once");
-        let staged = super::Staged::new(self.tmp.clone(), self.path.clone());
-        writer.put(key, self.count.to_string().as_bytes())?;
-        writer.finish()?;
-        Ok((super::Written { rows: self.count, path: self.path.clone() }, staged))
+        let shards = self.writers.len();
+        for (mut writer, count) in std::mem::take(&mut self.writers).into_iter().zip(&self.counts) {
+            writer.put(key, count.to_string().as_bytes())?;
+            writer.finish()?;
+        }
+        let rows = self.counts.iter().sum();
+        let written = super::Written { rows, path: self.path.clone() };
+        // From here the staged output removes what is left if it is not committed.
+        self.finished = true;
+        if shards == 1 {
+            return Ok((written, super::Staged::new(self.tmp.clone(), self.path.clone())));
+        }
+        // Each shard's database into its place: `shard_NNN/NAME` beside `path`.
+        let (tmp, path) = (self.tmp.clone(), self.path.clone());
+        let publish = move |_: &super::Committed| -> Result<()> {
+            let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+            let name = path.file_name().unwrap_or_default();
+            for shard in 0..shards {
+                let (from, to) = (shard_path(&tmp, shard, name), shard_path(&dir, shard, name));
+                super::create_parent(&to)?;
+                if to.is_dir() {
+                    storage::remove_dir_all(&to).map_err(crate::error::io(&to))?;
+                }
+                storage::rename(&from, &to).map_err(crate::error::io(&to))?;
+            }
+            storage::remove_dir_all(&tmp).map_err(crate::error::io(&tmp))
+        };
+        Ok((written, super::Staged::with_publish(self.tmp.clone(), self.path.clone(), publish)))
     }
 }
 
 impl Drop for LmdbSink {
     fn drop(&mut self) {
-        if self.writer.take().is_some() {
+        if !self.finished {
+            self.writers.clear();
             let _ = storage::remove_dir_all(&self.tmp);
         }
     }
@@ -325,12 +394,24 @@ pub struct WriteLmdbConfig {
     /// Which writer builds it.
     #[serde(default)]
     pub writer: LmdbWriterKind,
+    /// Databases to split it into by `image_id mod shards` (`shard_000/NAME` … beside `path`).
+    ///
+    /// Each shard is self-contained, a pair with its image (`build-lmdb --shards`).
+    #[serde(default = "one")]
+    pub shards: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl NodeConfig for WriteLmdbConfig {
     const KIND: &'static str = "write_lmdb";
     const ROLE: Role = Role::Sink;
     fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
+        if self.shards == 0 {
+            return Err(vec!["`shards` must be at least 1".into()]);
+        }
         Ok(Operator::Sink(Box::new(WriteLmdbConfig { path: cx.resolve(&self.path), ..self })))
     }
 }
@@ -343,7 +424,7 @@ impl SinkSpec for WriteLmdbConfig {
         LmdbSink::accepts(schema, self.database).map_err(|e| vec![e.to_string()])
     }
     fn open(&self, _: &SchemaRef) -> Result<Box<dyn Sink>> {
-        Ok(Box::new(LmdbSink::create(&self.path, self.database, self.writer)?))
+        Ok(Box::new(LmdbSink::create(&self.path, self.database, self.writer, self.shards)?))
     }
 }
 

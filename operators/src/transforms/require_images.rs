@@ -10,7 +10,7 @@
 //! image), so `build-lmdb` can require its texts' images without a Parquet copy of its TSV.
 
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use arrow::array::{Array, AsArray, Int64Array, Int64Builder, ListArray, ListBuilder};
 use arrow::datatypes::{DataType, Int64Type, SchemaRef};
@@ -20,7 +20,7 @@ use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use rustc_hash::FxHashSet;
 
-use super::{InputError, Output, Transform, rebuild, require};
+use super::{Execution, InputError, Output, Transform, rebuild, require};
 use crate::error::{Error, Result};
 use crate::quarantine::Rejected;
 use crate::spec::{BuildContext, NodeConfig, Operator, Role};
@@ -35,16 +35,28 @@ pub struct RequireImages {
     pub max_record_bytes: usize,
     /// Read once; an error is kept for every batch after.
     ids: OnceLock<Result<FxHashSet<i64>, Arc<Error>>>,
+    /// The text ids seen so far, when repeated ones are quarantined ([`RequireImages::deduplicating`]).
+    seen: Option<Mutex<FxHashSet<i64>>>,
 }
+
+/// Rows per batch when texts are deduplicated (one thread, in order).
+const DEDUPE_BATCH_ROWS: usize = 4096;
 
 impl RequireImages {
     pub fn new(images: Vec<PathBuf>) -> Self {
-        RequireImages { images, max_record_bytes: crate::sources::MAX_RECORD_BYTES, ids: OnceLock::new() }
+        RequireImages { images, max_record_bytes: crate::sources::MAX_RECORD_BYTES, ids: OnceLock::new(), seen: None }
     }
 
     /// TSV lines longer than `bytes` name no image (the `tsv` source's `max_record_bytes`).
     pub fn with_max_record_bytes(self, bytes: usize) -> Self {
         RequireImages { max_record_bytes: bytes, ..self }
+    }
+
+    /// Also quarantines a text whose id repeats an earlier text's (the first is kept), before
+    /// its images are looked up, as build-lmdb does: one check per text, in file order, so the
+    /// node then runs on one thread, in order.
+    pub fn deduplicating(self) -> Self {
+        RequireImages { seen: Some(Mutex::new(FxHashSet::default())), ..self }
     }
 
     fn ids(&self) -> Result<&FxHashSet<i64>> {
@@ -114,7 +126,20 @@ impl Transform for RequireImages {
                 super::column_list(input)
             )));
         }
+        if self.seen.is_some() && input.index_of(IMAGE_IDS).is_err() {
+            return Err(InputError::Mismatch(format!(
+                "`dedupe` applies to a texts table (`{IMAGE_IDS}`), where a text id names one text"
+            )));
+        }
         Ok(input.clone())
+    }
+
+    fn execution(&self) -> Execution {
+        match self.seen {
+            // "The first one" is the first in the input: one replica takes the batches in order.
+            Some(_) => Execution::Devices { devices: vec!["cpu".into()], batch_rows: DEDUPE_BATCH_ROWS },
+            None => Execution::default(),
+        }
     }
 
     fn apply(&self, batch: &RecordBatch, source: &str) -> Result<Output> {
@@ -149,7 +174,19 @@ impl Transform for RequireImages {
             other => return Err(Error::Internal(format!("image_ids is {other}"))),
         };
         let mut out = ListBuilder::new(Int64Builder::new()).with_field(field);
+        let mut seen = self.seen.as_ref().map(|seen| seen.lock().unwrap_or_else(|e| e.into_inner()));
         for row in 0..lists.len() {
+            if let Some(seen) = seen.as_mut()
+                && !seen.insert(text_ids.value(row))
+            {
+                rejected.push(Rejected {
+                    source: source.to_string(),
+                    location: format!("text {}", text_ids.value(row)),
+                    id: Some(text_ids.value(row).to_string()),
+                    reason: "duplicate text id (the first one is kept)".into(),
+                });
+                continue;
+            }
             let list = lists.value(row);
             let ids =
                 list.as_any().downcast_ref::<Int64Array>().ok_or_else(|| Error::Internal("image_ids items".into()))?;
@@ -190,11 +227,17 @@ pub struct RequireImagesConfig {
     /// TSV lines longer than this name no image, as in the `tsv` source.
     #[serde(default = "crate::sources::default_max_record_bytes")]
     pub max_record_bytes: usize,
+    /// Quarantine a text whose text id repeats an earlier one's, keeping the first, before its
+    /// images are looked up (texts tables only; as build-lmdb).
+    ///
+    /// The node then runs on one thread, in input order.
+    #[serde(default)]
+    pub dedupe: bool,
 }
 
 impl Default for RequireImagesConfig {
     fn default() -> Self {
-        RequireImagesConfig { images: Vec::new(), max_record_bytes: crate::sources::MAX_RECORD_BYTES }
+        RequireImagesConfig { images: Vec::new(), max_record_bytes: crate::sources::MAX_RECORD_BYTES, dedupe: false }
     }
 }
 
@@ -203,6 +246,7 @@ impl NodeConfig for RequireImagesConfig {
     const ROLE: Role = Role::Transform;
     fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
         let transform = RequireImages::new(cx.files(&self.images)?).with_max_record_bytes(self.max_record_bytes);
+        let transform = if self.dedupe { transform.deduplicating() } else { transform };
         Ok(Operator::Transform(Arc::new(transform)))
     }
 }
