@@ -49,8 +49,6 @@ pub struct Rejected {
 pub struct Quarantine {
     policy: OnError,
     path: PathBuf,
-    /// Whether a file already at `path` is continued rather than replaced.
-    append: bool,
     state: Mutex<State>,
 }
 
@@ -98,13 +96,7 @@ impl NodeQuarantine {
 
 impl Quarantine {
     pub fn new(policy: OnError, path: PathBuf) -> Self {
-        Quarantine { policy, path, append: false, state: Mutex::new(State::default()) }
-    }
-
-    /// This quarantine continuing a file an earlier step of the job committed at its path (its
-    /// records first, then these), instead of replacing it. JSON lines only.
-    pub fn appending(self) -> Self {
-        Quarantine { append: true, ..self }
+        Quarantine { policy, path, state: Mutex::new(State::default()) }
     }
 
     /// The handle node number `node` (in the pipeline's order) rejects through.
@@ -194,15 +186,11 @@ impl Quarantine {
                 sink.write(&quarantine_batch(&rows)?)?;
             }
             sink.finish()?;
-        } else if spools.len() == 1 && !(self.append && self.path.exists()) {
+        } else if spools.len() == 1 {
             // One node rejected: its spool is the file.
             spools.pop().expect("one").finish_as(&self.path)?.commit()?;
         } else {
             let mut out = AtomicFile::create(&self.path)?;
-            if self.append && self.path.exists() {
-                let mut earlier = storage::open(&self.path).map_err(crate::error::io(&self.path))?;
-                out.copy_from(&mut earlier, &self.path)?;
-            }
             for spool in &spools {
                 let mut file = storage::open(&spool.tmp).map_err(crate::error::io(&spool.tmp))?;
                 out.copy_from(&mut file, &spool.tmp)?;

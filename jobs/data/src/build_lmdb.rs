@@ -15,28 +15,19 @@
 //! - each split is built in a temporary directory and renamed into place, so a failed run
 //!   leaves the previous database untouched (cn_clip writes into the existing one);
 //! - `--shards N` splits a split into `shard_000 … shard_{N-1}` by `image_id mod N`, each
-//!   self-contained (a pair lives with its image) and readable by cn_clip on its own (#46);
-//! - an image id written with leading zeros or a sign (`007`, `+7`) is stored under its number
-//!   (`7`), the key cn_clip's `LMDBDataset` looks up for the pairs' integer ids (cn_clip stores
-//!   the text as written, under which its own reader does not find the image).
-//!
-//! It runs as two pipelines per split (sources → `require_images` → `write_lmdb`; see
-//! `build_split`), the same nodes `cnclip run` and `export --format lmdb` use.
+//!   self-contained (a pair lives with its image) and readable by cn_clip on its own (#46).
 
+use rustc_hash::FxHashSet;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use cnclip_operators::quarantine::OnError;
+use cnclip_operators::quarantine::{OnError, Quarantine, Rejected};
 use cnclip_operators::signals;
 use cnclip_operators::sinks::Staged;
-use cnclip_operators::sinks::lmdb::{LmdbWriterKind, WriteLmdbConfig};
-use cnclip_operators::sources::jsonl::JsonlConfig;
-use cnclip_operators::sources::lmdb::Database;
-use cnclip_operators::sources::tsv::TsvConfig;
-use cnclip_operators::spec::{JobSettings, NodeDef, Planner, Registry};
+use cnclip_operators::sinks::lmdb::{LmdbWriter, LmdbWriterKind, cn_clip_base64, pickle_pair};
+use cnclip_operators::sources::{jsonl, tsv};
 use cnclip_operators::storage;
-use cnclip_operators::transforms::require_images::RequireImagesConfig;
 
 #[derive(clap::Args, Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Args {
@@ -78,6 +69,17 @@ impl Args {
     }
 }
 
+/// What one LMDB writer may hold (its default), and all of a split's writers together.
+const WRITER_MEMORY: usize = 80 << 20;
+const WRITERS_MEMORY: usize = 256 << 20;
+
+struct Shard {
+    imgs: LmdbWriter,
+    pairs: LmdbWriter,
+    num_images: u64,
+    num_samples: u64,
+}
+
 pub fn run(args: Args) -> Result<()> {
     signals::catch_interrupts()?;
     if !args.data_dir.is_dir() {
@@ -113,12 +115,6 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// One split through two pipelines in turn: the images (`tsv`, repeated ids quarantined) into
-/// `imgs`, then the texts (`jsonl`) through `require_images` (repeated text ids and missing
-/// images quarantined, one check per text in file order) into `pairs`, both split by
-/// `--shards`. The split is built in a temporary directory, quarantine included, and moved into
-/// place when both have succeeded. The quarantine lists the images' records, then the texts'
-/// unreadable lines, then their repeated ids and missing images, each in file order.
 fn build_split(args: &Args, lmdb_dir: &Path, split: &str) -> Result<()> {
     let start = Instant::now();
     let images_path = args.data_dir.join(format!("{split}_imgs.tsv"));
@@ -129,51 +125,98 @@ fn build_split(args: &Args, lmdb_dir: &Path, split: &str) -> Result<()> {
         }
     }
     let final_dir = lmdb_dir.join(split);
-    let tmp_dir = storage::staging::temp_path(&final_dir);
+    let tmp_dir = storage::staging::temp_path(&lmdb_dir.join(split));
     let _ = storage::remove_dir_all(&tmp_dir);
-    storage::create_dir_all(&tmp_dir).with_context(|| format!("creating {}", tmp_dir.display()))?;
-    // Removes the half-built split if anything fails.
+    // Declared before the writers, so a failure drops them (joining their threads) first and
+    // then removes the half-built directory.
     let staged = Staged::new(tmp_dir.clone(), final_dir.clone());
-    let (images, texts) = (images_path.display().to_string(), texts_path.display().to_string());
-    let database = |database, name: &str| WriteLmdbConfig {
-        path: tmp_dir.join(name),
-        database,
-        writer: args.writer,
-        shards: args.shards,
+    let shard_dir = |i: usize| if args.shards == 1 { tmp_dir.clone() } else { tmp_dir.join(format!("shard_{i:03}")) };
+    // Every shard's two writers are open at once: they share a memory budget.
+    let memory = (WRITERS_MEMORY / (2 * args.shards)).min(WRITER_MEMORY);
+    let mut shards = (0..args.shards)
+        .map(|i| {
+            Ok(Shard {
+                imgs: LmdbWriter::create(&shard_dir(i).join("imgs"), args.writer)?.with_memory(memory),
+                pairs: LmdbWriter::create(&shard_dir(i).join("pairs"), args.writer)?.with_memory(memory),
+                num_images: 0,
+                num_samples: 0,
+            })
+        })
+        .collect::<Result<Vec<_>, cnclip_operators::Error>>()?;
+    let quarantine = Quarantine::new(args.on_error, tmp_dir.join("quarantine.jsonl"));
+    let shard_of = |image_id: i64| image_id.rem_euclid(args.shards as i64) as usize;
+
+    // Images first: pairs must point at images that exist.
+    let mut image_ids = FxHashSet::default();
+    let stop_if_interrupted = || match signals::interrupted() {
+        Some(signal) => Err(cnclip_operators::Error::Interrupted { signal }),
+        None => Ok(()),
     };
-    let max_record_bytes = args.max_record_bytes;
-    // The images, then the texts: the first bad line is the images' under --on-error fail, as
-    // the texts need every image id.
-    let steps = [
-        vec![
-            NodeDef::new("images", None, TsvConfig { paths: vec![images.clone()], dedupe: true, max_record_bytes }),
-            NodeDef::new("imgs", Some("images"), database(Database::Imgs, "imgs")),
-        ],
-        vec![
-            NodeDef::new("texts", None, JsonlConfig { paths: vec![texts], dedupe: false, max_record_bytes }),
-            NodeDef::new(
-                "with_images",
-                Some("texts"),
-                RequireImagesConfig { images: vec![images], max_record_bytes, dedupe: true },
-            ),
-            NodeDef::new("pairs", Some("with_images"), database(Database::Pairs, "pairs")),
-        ],
-    ];
-    let (mut images, mut samples, mut quarantined) = (0, 0, 0);
-    let registry = Registry::builtin();
-    for (step, defs) in steps.into_iter().enumerate() {
-        let settings = JobSettings {
-            on_error: args.on_error,
-            quarantine: tmp_dir.join("quarantine.jsonl"),
-            quarantine_append: step > 0,
-            ..JobSettings::default()
+    tsv::for_each_line(&images_path, args.max_record_bytes, |record| {
+        stop_if_interrupted()?;
+        match record {
+            Err(rejected) => quarantine.reject(rejected),
+            Ok(line) if !image_ids.insert(line.image_id) => quarantine.reject(Rejected {
+                source: images_path.display().to_string(),
+                location: format!("image {}", line.id),
+                id: Some(line.id.to_string()),
+                reason: "duplicate image id (the first one is kept)".into(),
+            }),
+            Ok(line) => {
+                let shard = &mut shards[shard_of(line.image_id)];
+                shard.imgs.put(line.id.as_bytes(), &cn_clip_base64(line.base64))?;
+                shard.num_images += 1;
+                Ok(())
+            }
+        }
+    })?;
+
+    let mut text_ids = FxHashSet::default();
+    jsonl::for_each_line(&texts_path, args.max_record_bytes, |record| {
+        stop_if_interrupted()?;
+        let text = match record {
+            Err(rejected) => return quarantine.reject(rejected),
+            Ok(text) => text,
         };
-        let report = Planner::new(&registry).plan(settings, defs)?.run()?;
-        let rows =
-            |sink: &str| report.written.iter().filter(|(name, _)| name == sink).map(|(_, w)| w.rows).sum::<u64>();
-        (images, samples, quarantined) =
-            (images + rows("imgs"), samples + rows("pairs"), quarantined + report.quarantined);
+        let location = format!("text {}", text.text_id);
+        if !text_ids.insert(text.text_id) {
+            return quarantine.reject(Rejected {
+                source: texts_path.display().to_string(),
+                location,
+                id: Some(text.text_id.to_string()),
+                reason: "duplicate text id (the first one is kept)".into(),
+            });
+        }
+        for image_id in &text.image_ids {
+            if !image_ids.contains(image_id) {
+                quarantine.reject(Rejected {
+                    source: texts_path.display().to_string(),
+                    location: location.clone(),
+                    id: Some(text.text_id.to_string()),
+                    reason: format!("image {image_id} is not in {}", images_path.display()),
+                })?;
+                continue;
+            }
+            let shard = &mut shards[shard_of(*image_id)];
+            shard
+                .pairs
+                .put(shard.num_samples.to_string().as_bytes(), &pickle_pair(*image_id, text.text_id, &text.text))?;
+            shard.num_samples += 1;
+        }
+        Ok(())
+    })?;
+
+    let (mut images, mut samples) = (0, 0);
+    for mut shard in shards {
+        shard.imgs.put(b"num_images", shard.num_images.to_string().as_bytes())?;
+        shard.pairs.put(b"num_samples", shard.num_samples.to_string().as_bytes())?;
+        shard.imgs.finish()?;
+        shard.pairs.finish()?;
+        images += shard.num_images;
+        samples += shard.num_samples;
     }
+    let quarantined = quarantine.count();
+    quarantine.finish()?;
     staged.commit().with_context(|| format!("moving {} into place", final_dir.display()))?;
     eprintln!(
         "cnclip build-lmdb: {split}: {images} images, {samples} pairs, {quarantined} quarantined{} → {} ({:.1} s)",

@@ -307,15 +307,6 @@ pub fn load_clip(
     Ok((model, info))
 }
 
-/// The architecture of the checkpoint at `path` without loading its weights: the one named
-/// (required for cn_clip's `.pt`, which does not record it), else the file's own.
-///
-/// # Errors
-/// As [`load_clip`].
-pub fn architecture(path: &Path, named: Option<&ClipConfig>) -> Result<ClipConfig> {
-    Ok(Checkpoint::open(path, |_| named.cloned())?.config)
-}
-
 /// How a user names an architecture: on the command line, and in a pipeline's node.
 const FLAG_NAMES: &str = "--vision-model ViT-B-16 --text-model RoBERTa-wwm-ext-base-chinese";
 const PIPELINE_NAMES: &str = "vision_model = \"ViT-B-16\", text_model = \"RoBERTa-wwm-ext-base-chinese\"";

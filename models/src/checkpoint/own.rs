@@ -140,8 +140,11 @@ pub fn config(path: &Path) -> Result<ClipConfig> {
     use std::io::Read;
     let bad = |reason: String| Error::Checkpoint { path: path.display().to_string(), reason };
     let mut file = storage::open(path).map_err(|e| bad(e.to_string()))?;
-    let mut len = [0u8; 8];
-    file.read_exact(&mut len).map_err(|_| bad(not_safetensors(&[], "too short")))?;
+    let mut head = Vec::with_capacity(8);
+    file.by_ref().take(8).read_to_end(&mut head).map_err(|e| bad(e.to_string()))?;
+    let Ok(len) = <[u8; 8]>::try_from(head.as_slice()) else {
+        return Err(bad(not_safetensors(&head, "too short")));
+    };
     let len = u64::from_le_bytes(len);
     if len > 100 << 20 {
         return Err(bad(not_safetensors(&len.to_le_bytes(), "header length past 100 MB")));

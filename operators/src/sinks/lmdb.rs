@@ -349,26 +349,45 @@ impl super::Sink for LmdbSink {
             writer.finish()?;
         }
         let rows = self.counts.iter().sum();
-        let written = super::Written { rows, path: self.path.clone() };
+        // With shards, the split's directory holds them.
+        let shown = match shards {
+            1 => self.path.clone(),
+            _ => self.path.parent().map(Path::to_path_buf).unwrap_or_default(),
+        };
+        let written = super::Written { rows, path: shown };
         // From here the staged output removes what is left if it is not committed.
         self.finished = true;
         if shards == 1 {
             return Ok((written, super::Staged::new(self.tmp.clone(), self.path.clone())));
         }
-        // Each shard's database into its place: `shard_NNN/NAME` beside `path`.
+        // Each shard's database into its place, `shard_NNN/NAME` beside `path`, one after the
+        // other (a job that needs the set to appear at once stages the directory holding them,
+        // as build-lmdb stages its split); a database of a shard past `shards` that an earlier
+        // run left is removed, so the directory holds one set.
         let (tmp, path) = (self.tmp.clone(), self.path.clone());
         let publish = move |_: &super::Committed| -> Result<()> {
             let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
             let name = path.file_name().unwrap_or_default();
-            for shard in 0..shards {
-                let (from, to) = (shard_path(&tmp, shard, name), shard_path(&dir, shard, name));
-                super::create_parent(&to)?;
-                if to.is_dir() {
-                    storage::remove_dir_all(&to).map_err(crate::error::io(&to))?;
+            let moved = (|| -> Result<()> {
+                for shard in 0..shards {
+                    let (from, to) = (shard_path(&tmp, shard, name), shard_path(&dir, shard, name));
+                    super::create_parent(&to)?;
+                    if to.is_dir() {
+                        storage::remove_dir_all(&to).map_err(crate::error::io(&to))?;
+                    }
+                    storage::rename(&from, &to).map_err(crate::error::io(&to))?;
                 }
-                storage::rename(&from, &to).map_err(crate::error::io(&to))?;
-            }
-            storage::remove_dir_all(&tmp).map_err(crate::error::io(&tmp))
+                let mut stale = shards;
+                while shard_path(&dir, stale, name).is_dir() {
+                    let old = shard_path(&dir, stale, name);
+                    storage::remove_dir_all(&old).map_err(crate::error::io(&old))?;
+                    stale += 1;
+                }
+                Ok(())
+            })();
+            // What is left of the temporary directory goes, whatever happened.
+            let _ = storage::remove_dir_all(&tmp);
+            moved
         };
         Ok((written, super::Staged::with_publish(self.tmp.clone(), self.path.clone(), publish)))
     }

@@ -19,11 +19,6 @@ pub struct JobSettings {
     pub shard: String,
     pub batch_rows: usize,
     pub threads: usize,
-    /// Whether the quarantine continues the file an earlier pipeline of the same job committed
-    /// there (its records first), instead of replacing it: for a job that runs its steps as
-    /// pipelines in turn into one quarantine (`build-lmdb`). Not a `[job]` key.
-    #[serde(skip)]
-    pub quarantine_append: bool,
 }
 
 impl Default for JobSettings {
@@ -34,7 +29,6 @@ impl Default for JobSettings {
             shard: "0/1".into(),
             batch_rows: 256,
             threads: 0,
-            quarantine_append: false,
         }
     }
 }

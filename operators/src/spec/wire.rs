@@ -73,8 +73,7 @@ impl Pipeline {
     /// Wires the graph and starts every node; `stream` receives the streamed node's batches.
     pub(crate) fn start(self, stream: Option<mpsc::Sender<RecordBatch>>) -> Result<Started> {
         let pool = Arc::new(WorkerPool::new(self.settings.threads));
-        let quarantine = Quarantine::new(self.settings.on_error, self.settings.quarantine.clone());
-        let quarantine = Arc::new(if self.settings.quarantine_append { quarantine.appending() } else { quarantine });
+        let quarantine = Arc::new(Quarantine::new(self.settings.on_error, self.settings.quarantine.clone()));
         let (shard, batch_rows) = (self.shard, self.settings.batch_rows);
         let finished: Finished = Arc::default();
         // Progress counts the records the sources read; the total (for an ETA) is known when

@@ -110,6 +110,10 @@ pub(crate) fn read_ids(path: &std::path::Path, column: &str, ids: &mut FxHashSet
 /// The file cannot be read ([`Error::Io`]), naming `path`.
 fn read_tsv_ids(path: &std::path::Path, max_record_bytes: usize, ids: &mut FxHashSet<i64>) -> Result<()> {
     crate::sources::tsv::for_each_line(path, max_record_bytes, |line| {
+        // A caught signal stops the scan (a large shard takes a while), as it stops a source.
+        if let Some(signal) = crate::signals::interrupted() {
+            return Err(Error::Interrupted { signal });
+        }
         if let Ok(line) = line {
             ids.insert(line.image_id);
         }
