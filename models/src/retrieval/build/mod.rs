@@ -5,12 +5,12 @@
 //! [`super::built`]'s; a `knn` node (`make-topk-predictions --index-path DIR`) searches it.
 //! `cnclip build-index` is this module behind its flags.
 //!
-//! The table ([`table`]: a Parquet feature table, a directory of parts, or cn_clip feature JSON
+//! The table (`table.rs`: a Parquet feature table, a directory of parts, or cn_clip feature JSON
 //! lines) is read through a pipeline, twice:
 //!
-//! 1. the training sample ([`sample`]): a uniform random sample of `train_sample` rows without
+//! 1. the training sample (`sample.rs`): a uniform random sample of `train_sample` rows without
 //!    replacement, seeded by `seed`, so the same table and seed give the same trained index;
-//! 2. the shards ([`shards`]): shard N is rows [N·R, (N+1)·R) (`shard_rows` R) in table order,
+//! 2. the shards (`shards.rs`): shard N is rows [N·R, (N+1)·R) (`shard_rows` R) in table order,
 //!    added to a copy of the trained index with the table's ids as FAISS ids, written to
 //!    `shard-NNNNN.index` atomically and recorded in `manifest.json` before the next begins.
 //!
