@@ -358,6 +358,47 @@ fn write_lmdb_shards_and_require_images_dedupe_give_build_lmdbs_databases() {
     assert_eq!(reasons(&piped.join("quarantine.jsonl")), expected);
 }
 
+/// `write_lmdb` with `shards` run again with fewer shards: the directory holds one set (the
+/// extra shard of the earlier run removed) and no temporary directory is left.
+#[test]
+fn write_lmdb_shards_rerun_with_fewer_leaves_one_set_and_no_temporary_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path(), 12);
+    let out = dir.path().join("out");
+    let run = |shards: usize| {
+        let pipeline = dir.path().join(format!("imgs{shards}.toml"));
+        std::fs::write(
+            &pipeline,
+            format!(
+                "[job]\nquarantine = \"{q}\"\n[nodes.images]\nkind = \"tsv\"\npaths = [\"{data}/train_imgs.tsv\"]\n\
+                 [nodes.imgs]\nkind = \"write_lmdb\"\ninput = \"images\"\npath = \"{out}/imgs\"\ndatabase = \"imgs\"\n\
+                 shards = {shards}\n",
+                q = dir.path().join("q.jsonl").display(),
+                out = out.display(),
+            ),
+        )
+        .unwrap();
+        let output =
+            Command::new(cnclip_tests::cnclip_bin()).args(["run", pipeline.to_str().unwrap()]).output().unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    };
+    run(3);
+    assert!((0..3).all(|i| out.join(format!("shard_{i:03}/imgs/data.mdb")).is_file()));
+    run(2);
+    let mut left: Vec<String> =
+        std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    left.sort();
+    assert_eq!(left, ["shard_000", "shard_001", "shard_002"], "{left:?}");
+    assert!(!out.join("shard_002/imgs").exists(), "the third shard of the earlier run is still there");
+    // Every image once, in the shard of its id.
+    let keys = |shard: usize| {
+        let dump = mdb_dump(&out.join(format!("shard_{shard:03}/imgs")));
+        // Key lines (hex, after a space), `num_images` (6e756d…) and `DATA=END` left out.
+        dump.iter().step_by(2).filter(|k| k.starts_with(' ') && !k.trim().starts_with("6e756d")).count()
+    };
+    assert_eq!(keys(0) + keys(1), 12);
+}
+
 #[test]
 fn lmdb_source_reads_cn_clip_databases() {
     use cnclip_operators::sources::{jsonl, lmdb, tsv};
