@@ -25,7 +25,7 @@ use anyhow::{Context, Result, bail};
 use cnclip_operators::quarantine::{OnError, Quarantine, Rejected};
 use cnclip_operators::signals;
 use cnclip_operators::sinks::Staged;
-use cnclip_operators::sinks::lmdb::{LmdbWriter, LmdbWriterKind, cn_clip_base64, pickle_pair};
+use cnclip_operators::sinks::lmdb::{LmdbWriter, LmdbWriterKind, cn_clip_base64, pickle_pair, writer_memory};
 use cnclip_operators::sources::{jsonl, tsv};
 use cnclip_operators::storage;
 
@@ -68,10 +68,6 @@ impl Args {
         }
     }
 }
-
-/// What one LMDB writer may hold (its default), and all of a split's writers together.
-const WRITER_MEMORY: usize = 80 << 20;
-const WRITERS_MEMORY: usize = 256 << 20;
 
 struct Shard {
     imgs: LmdbWriter,
@@ -132,7 +128,7 @@ fn build_split(args: &Args, lmdb_dir: &Path, split: &str) -> Result<()> {
     let staged = Staged::new(tmp_dir.clone(), final_dir.clone());
     let shard_dir = |i: usize| if args.shards == 1 { tmp_dir.clone() } else { tmp_dir.join(format!("shard_{i:03}")) };
     // Every shard's two writers are open at once: they share a memory budget.
-    let memory = (WRITERS_MEMORY / (2 * args.shards)).min(WRITER_MEMORY);
+    let memory = writer_memory(args.shards);
     let mut shards = (0..args.shards)
         .map(|i| {
             Ok(Shard {

@@ -104,14 +104,7 @@ impl Args {
 fn made_with(path: &str) -> Option<(String, String)> {
     let path = Path::new(path);
     let file = if path.is_dir() {
-        let mut parts: Vec<PathBuf> = storage::read_dir(path)
-            .ok()?
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
-            .collect();
-        parts.sort();
-        parts.into_iter().next()?
+        cnclip_operators::sources::parts::parquet_files(path).ok()?.into_iter().next()?
     } else if path.extension().is_some_and(|e| e == "parquet") && path.is_file() {
         path.to_path_buf()
     } else {

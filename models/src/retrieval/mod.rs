@@ -158,13 +158,8 @@ fn gallery_files(cx: &BuildContext, paths: &[String]) -> Result<Vec<PathBuf>, Ve
         let resolved = cx.resolve(Path::new(path));
         if resolved.is_dir() {
             cnclip_operators::sources::parts::check_complete(&resolved).map_err(|e| vec![e.to_string()])?;
-            let mut parts: Vec<PathBuf> = storage::read_dir(&resolved)
-                .map_err(|e| vec![format!("{}: {e}", resolved.display())])?
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
-                .collect();
-            parts.sort();
+            let parts = cnclip_operators::sources::parts::parquet_files(&resolved)
+                .map_err(|e| vec![format!("{}: {e}", resolved.display())])?;
             if parts.is_empty() {
                 return Err(vec![format!("{} holds no .parquet part", resolved.display())]);
             }

@@ -179,10 +179,15 @@ pub struct LmdbSink {
     scratch: String,
 }
 
-/// What one LMDB writer may hold (its default), and all the writers of one sink together
-/// (build-lmdb opens two sinks, `imgs` and `pairs`, of `shards` writers each).
+/// What one LMDB writer may hold (its default), and all the writers of a split together.
 const WRITER_MEMORY: usize = 80 << 20;
-const SINK_MEMORY: usize = 128 << 20;
+const SPLIT_MEMORY: usize = 256 << 20;
+
+/// The memory budget of each writer of a split written `shards` ways, its `imgs` and `pairs`
+/// databases open at once (`build-lmdb --shards`, or two `write_lmdb` sinks).
+pub fn writer_memory(shards: usize) -> usize {
+    (SPLIT_MEMORY / (2 * shards.max(1))).min(WRITER_MEMORY)
+}
 
 /// Where shard `shard` of the database `name` goes under the split's directory `dir`.
 fn shard_path(dir: &Path, shard: usize, name: &std::ffi::OsStr) -> PathBuf {
@@ -240,7 +245,7 @@ impl LmdbSink {
             super::tmp_path(&path.with_file_name(name))
         };
         let _ = storage::remove_dir_all(&tmp);
-        let memory = (SINK_MEMORY / shards).min(WRITER_MEMORY);
+        let memory = writer_memory(shards);
         let mut sink = LmdbSink {
             writers: Vec::with_capacity(shards),
             counts: vec![0; shards],

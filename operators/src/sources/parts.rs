@@ -110,6 +110,21 @@ pub fn check_complete(dir: &Path) -> Result<(), PartsError> {
     Err(PartsError::Missing { dir: dir.to_path_buf(), count, missing })
 }
 
+/// The `*.parquet` files directly in `dir`, in name order: a table's parts, as its readers
+/// take them.
+///
+/// # Errors
+/// The directory cannot be read.
+pub fn parquet_files(dir: &Path) -> std::io::Result<Vec<std::path::PathBuf>> {
+    let mut files: Vec<std::path::PathBuf> = storage::read_dir(dir)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
 /// What a file that is not a regular one is, in a word or two.
 pub fn kind_of(meta: &std::fs::Metadata) -> &'static str {
     use std::os::unix::fs::FileTypeExt;

@@ -40,13 +40,8 @@ impl Table {
         let jsonl = feature_files::is_jsonl(path);
         let files = if path.is_dir() {
             parts::check_complete(path).map_err(BuildError::Parts)?;
-            let mut parts: Vec<PathBuf> = storage::read_dir(path)
-                .map_err(|source| BuildError::FeaturesDir { path: path.to_path_buf(), source })?
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
-                .collect();
-            parts.sort();
+            let parts = parts::parquet_files(path)
+                .map_err(|source| BuildError::FeaturesDir { path: path.to_path_buf(), source })?;
             if parts.is_empty() {
                 return Err(BuildError::NoParts { path: path.to_path_buf() });
             }
