@@ -1,4 +1,6 @@
-"""A refactor's no-regression check: runs build_lmdb.py, pipeline_rss.py and extract.py with an
+"""A refactor's no-regression check: runs build_lmdb.py, pipeline_rss.py, extract.py and
+sql_cluster.py (`--only sql_cluster`: its one-process query, and with `--cluster` its local
+Ballista cluster of 2 executors too) with an
 old and a new pair of binaries, interleaved (old, new, then new, old, … one run of each per
 round), and prints each figure's range per build and the median new/old ratio.
 
@@ -23,14 +25,19 @@ FIGURES = [
     ("pipeline_rss", "large run peak RSS", r"^\s*(\d+) images: peak RSS\s+([\d.]+) MiB", "MiB"),
     ("pipeline_rss", "large run time", r"^\s*(\d+) images: peak RSS\s+[\d.]+ MiB,\s+([\d.]+) s", "s"),
     ("extract", "cnclip extract", r"cnclip extract:\s+([\d.]+) s", "s"),
+    ("sql_cluster", "sql recall, one process", r"^one process \(reference\)\s+([\d.]+)", "s"),
+    ("sql_cluster", "sql recall, 2 executors", r"^cluster, 2 executors\s+([\d.]+)", "s"),
 ]
 
 
-def arguments(bench, quick, work):
+def arguments(bench, quick, work, cluster):
     if bench == "build_lmdb":
         return ["--repeat", "1", "--work", f"{work}/lmdb"] + (["--images", "5000"] if quick else [])
     if bench == "pipeline_rss":
         return ["--work", f"{work}/rss"] + (["--small", "2000", "--large", "20000"] if quick else [])
+    if bench == "sql_cluster":
+        return ["--work", f"{work}/sql", "--runs", "1", "--executors", "2" if cluster else ""] + (
+            ["--queries", "200000", "--gallery", "200000"] if quick else [])
     return ["--work", f"{work}/extract"] + (["--images", "128"] if quick else [])
 
 
@@ -52,6 +59,7 @@ def main():
     p.add_argument("--quick", action="store_true")
     p.add_argument("--work", default="/tmp/cnclip-bench-old-vs-new")
     p.add_argument("--only", default="build_lmdb,pipeline_rss,extract")
+    p.add_argument("--cluster", action="store_true", help="sql_cluster: also time a cluster of 2 executors")
     args = p.parse_args()
     benches = args.only.split(",")
     values = {(b, name, build): [] for b, name, _, _ in FIGURES for build in ("old", "new")}
@@ -61,18 +69,18 @@ def main():
             for build in order:
                 binary = os.path.join(getattr(args, build), "cnclip")
                 command = [sys.executable, os.path.join(HERE, f"{bench}.py"), "--cnclip", binary]
-                command += arguments(bench, args.quick, args.work)
+                command += arguments(bench, args.quick, args.work, args.cluster)
                 run = subprocess.run(command, capture_output=True, text=True)
                 if run.returncode != 0:
                     sys.exit(f"{' '.join(command)} failed:\n{run.stdout}\n{run.stderr}")
                 for b, name, pattern, _ in FIGURES:
-                    if b == bench:
+                    if b == bench and (name != "sql recall, 2 executors" or args.cluster):
                         values[(b, name, build)].append(figure(bench, pattern, run.stdout))
                 print(f"round {round_ + 1}: {bench} {build} done", file=sys.stderr, flush=True)
     print(f"old: {args.old}\nnew: {args.new}\n{args.rounds} rounds, interleaved{' (--quick)' if args.quick else ''}")
     print(f"{'figure':<36} {'old (range)':>24} {'new (range)':>24} {'new/old':>8}")
     for bench, name, _, unit in FIGURES:
-        if bench not in benches:
+        if bench not in benches or not values[(bench, name, "old")]:
             continue
         old, new = values[(bench, name, "old")], values[(bench, name, "new")]
         span = lambda v: f"{statistics.median(v):.2f} ({min(v):.2f}–{max(v):.2f}) {unit}"

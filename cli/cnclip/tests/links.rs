@@ -2,6 +2,9 @@
 //! package nor the data-jobs library it is built on depends on `tch` (or anything that builds
 //! libtorch bindings), so no module a binary declares can pull it in.
 //!
+//! Also read from the graph: the release profile's opt-level 1 list covers every DataFusion,
+//! Ballista and sqlparser crate in it (the build-time setting of `Cargo.toml`).
+//!
 //! These are the `cnclip-cli` package's integration tests, so `cargo test --workspace` builds
 //! the `cnclip` binary that `tests/` runs.
 
@@ -44,4 +47,39 @@ fn the_cnclip_binary_loads_no_libtorch() {
     let libraries = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success() && libraries.contains("libc.so"), "ldd: {libraries}");
     assert!(!libraries.contains("torch"), "cnclip loads libtorch:\n{libraries}");
+}
+
+/// The workspace's `[profile.release.package]` names whose opt-level is 1.
+fn release_opt_level_1() -> Vec<String> {
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../Cargo.toml");
+    let text = std::fs::read_to_string(&manifest).expect("the workspace manifest reads");
+    let manifest: toml::Table = text.parse().expect("the workspace manifest parses");
+    let packages = manifest["profile"]["release"]["package"].as_table().expect("[profile.release.package]");
+    packages
+        .iter()
+        .filter(|(_, profile)| profile.get("opt-level").and_then(toml::Value::as_integer) == Some(1))
+        .map(|(name, _)| name.clone())
+        .collect()
+}
+
+#[test]
+fn every_datafusion_ballista_and_sqlparser_crate_is_built_at_opt_level_1_in_release() {
+    let listed = release_opt_level_1();
+    let tree = dependencies("cnclip-torch") + &dependencies("cnclip-cli");
+    let mut sql_crates: Vec<&str> = crate_names(&tree)
+        .into_iter()
+        .filter(|name| ["datafusion", "ballista", "sqlparser"].iter().any(|prefix| name.starts_with(prefix)))
+        .collect();
+    sql_crates.sort_unstable();
+    sql_crates.dedup();
+    assert!(sql_crates.len() > 30 && sql_crates.contains(&"datafusion-physical-plan"), "an unexpected tree:\n{tree}");
+    let missing: Vec<&&str> = sql_crates.iter().filter(|name| !listed.iter().any(|l| l == **name)).collect();
+    assert!(missing.is_empty(), "add to Cargo.toml's [profile.release.package] at opt-level 1: {missing:?}");
+    // What is not a SQL crate stays at the release default: the arrow kernels and ours.
+    for name in &listed {
+        assert!(
+            sql_crates.contains(&name.as_str()) || name == "torch-sys",
+            "{name} is at opt-level 1 in release but is not a DataFusion, Ballista or sqlparser crate"
+        );
+    }
 }
