@@ -111,7 +111,8 @@ pub fn check_complete(dir: &Path) -> Result<(), PartsError> {
 }
 
 /// The `*.parquet` files directly in `dir`, in name order: a table's parts, as its readers
-/// take them.
+/// take them. Hidden files are not parts (a killed writer's `.cnclip-tmp-…` file, which would
+/// otherwise sort first), as in [`check_complete`] and `cnclip sql`'s tables.
 ///
 /// # Errors
 /// The directory cannot be read.
@@ -120,6 +121,7 @@ pub fn parquet_files(dir: &Path) -> std::io::Result<Vec<std::path::PathBuf>> {
         .flatten()
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .filter(|p| !p.file_name().is_some_and(|n| n.as_encoded_bytes().starts_with(b".")))
         .collect();
     files.sort();
     Ok(files)
@@ -164,6 +166,20 @@ mod tests {
         ] {
             assert_eq!(part_shard(not), None, "{not}");
         }
+    }
+
+    #[test]
+    fn a_tables_parts_leave_out_hidden_files_and_other_extensions() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["part-00001.parquet", ".cnclip-tmp-123-part-00000.parquet", "part-00000.parquet", "notes.txt"] {
+            std::fs::write(dir.path().join(name), b"").unwrap();
+        }
+        let names: Vec<String> = parquet_files(dir.path())
+            .unwrap()
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["part-00000.parquet", "part-00001.parquet"]);
     }
 
     #[test]
