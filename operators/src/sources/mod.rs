@@ -153,7 +153,9 @@ pub fn read_text(path: &Path, max_bytes: u64) -> std::io::Result<String> {
 pub const MAX_TEXT_BYTES: u64 = 64 << 20;
 
 /// Expands file arguments: plain paths (which must exist) and glob patterns (`*`, `?`, `[…]`,
-/// which must match at least one file; matches in sorted order). Every problem is reported.
+/// which must match at least one file; matches in sorted order). As in a shell, a wildcard does
+/// not match a file name's leading dot, so `'feats/*.parquet'` leaves out a killed writer's
+/// hidden `.cnclip-tmp-…` file, and `'feats/.*'` finds it. Every problem is reported.
 ///
 /// # Errors
 /// One line per path that does not exist or pattern that matches nothing.
@@ -181,10 +183,15 @@ pub fn expand_paths(patterns: &[String]) -> Result<Vec<PathBuf>, Vec<String>> {
             }
             continue;
         }
+        // As in a shell, a wildcard matches a hidden file only when the pattern's file name
+        // starts with a dot (the glob crate's own option leaves hidden files out altogether).
+        let hidden = |path: &Path| path.file_name().is_some_and(|n| n.as_encoded_bytes().starts_with(b"."));
+        let wants_hidden = hidden(Path::new(pattern));
         match glob::glob(pattern) {
             Err(e) => problems.push(format!("pattern `{pattern}` is not a valid glob: {e}")),
             Ok(matches) => {
-                let mut found: Vec<PathBuf> = matches.filter_map(|m| m.ok()).filter(|p| p.is_file()).collect();
+                let mut found: Vec<PathBuf> =
+                    matches.filter_map(|m| m.ok()).filter(|p| p.is_file() && (wants_hidden || !hidden(p))).collect();
                 found.sort();
                 if found.is_empty() {
                     problems.push(format!("pattern `{pattern}` matches no file"));
@@ -623,5 +630,19 @@ mod tests {
         assert_eq!(problems.len(), 3, "{problems:?}");
         assert!(problems[0].contains("matches no file") && problems[1].contains("does not exist"), "{problems:?}");
         assert_eq!(expand_paths(&[]).unwrap_err(), ["no input files given"]);
+    }
+
+    #[test]
+    fn a_wildcard_does_not_match_a_hidden_file_as_in_a_shell() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["part-1.parquet", ".cnclip-tmp-7-part-0.parquet", "part-0.parquet"] {
+            std::fs::write(dir.path().join(name), "").unwrap();
+        }
+        let d = dir.path().display();
+        let found = expand_paths(&[format!("{d}/*.parquet")]).unwrap();
+        let names: Vec<_> = found.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+        assert_eq!(names, ["part-0.parquet", "part-1.parquet"]);
+        // Named with its dot, a hidden file is still found.
+        assert_eq!(expand_paths(&[format!("{d}/.cnclip-tmp-*")]).unwrap().len(), 1);
     }
 }
