@@ -185,13 +185,14 @@ pub fn expand_paths(patterns: &[String]) -> Result<Vec<PathBuf>, Vec<String>> {
         }
         // As in a shell, a wildcard matches a hidden file only when the pattern's file name
         // starts with a dot (the glob crate's own option leaves hidden files out altogether).
-        let hidden = |path: &Path| path.file_name().is_some_and(|n| n.as_encoded_bytes().starts_with(b"."));
-        let wants_hidden = hidden(Path::new(pattern));
+        let wants_hidden = parts::is_hidden(Path::new(pattern));
         match glob::glob(pattern) {
             Err(e) => problems.push(format!("pattern `{pattern}` is not a valid glob: {e}")),
             Ok(matches) => {
-                let mut found: Vec<PathBuf> =
-                    matches.filter_map(|m| m.ok()).filter(|p| p.is_file() && (wants_hidden || !hidden(p))).collect();
+                let mut found: Vec<PathBuf> = matches
+                    .filter_map(|m| m.ok())
+                    .filter(|p| p.is_file() && (wants_hidden || !parts::is_hidden(p)))
+                    .collect();
                 found.sort();
                 if found.is_empty() {
                     problems.push(format!("pattern `{pattern}` matches no file"));

@@ -121,10 +121,16 @@ pub fn parquet_files(dir: &Path) -> std::io::Result<Vec<std::path::PathBuf>> {
         .flatten()
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
-        .filter(|p| !p.file_name().is_some_and(|n| n.as_encoded_bytes().starts_with(b".")))
+        .filter(|p| !is_hidden(p))
         .collect();
     files.sort();
     Ok(files)
+}
+
+/// Whether `path`'s file name starts with a dot: a hidden file, such as a killed writer's
+/// `.cnclip-tmp-…`, which is never a part of a table or a wildcard's match.
+pub fn is_hidden(path: &Path) -> bool {
+    path.file_name().is_some_and(|n| n.as_encoded_bytes().starts_with(b"."))
 }
 
 /// What a file that is not a regular one is, in a word or two.
