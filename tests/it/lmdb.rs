@@ -246,6 +246,35 @@ print(json.dumps({"imgs": sorted(imgs), "pairs": sorted(pickle.loads(v)[:2] for 
     assert!(String::from_utf8_lossy(&output.stderr).contains("nosuch_imgs.tsv does not exist"));
 }
 
+/// An image id written `0007` or `+8` in the TSV is stored under `7` and `8`: the keys cn_clip's
+/// `LMDBDataset` looks up for the pairs' integer ids (`build_lmdb_dataset.py` stores the text as
+/// written, under which its own reader then finds no image).
+#[test]
+fn an_image_id_with_leading_zeros_is_stored_under_the_key_cn_clips_reader_looks_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("test_imgs.tsv"), format!("0007\t{PNG_A}\n+8\t{PNG_B}\n")).unwrap();
+    std::fs::write(
+        data.join("test_texts.jsonl"),
+        "{\"text_id\": 1, \"text\": \"猫\", \"image_ids\": [7, 8]}\n{\"text_id\": 2, \"text\": \"狗\", \"image_ids\": [8]}\n",
+    )
+    .unwrap();
+    let out = dir.path().join("lmdb");
+    let output =
+        build_lmdb(&["--data-dir", data.to_str().unwrap(), "--splits", "test", "--lmdb-dir", out.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let keys: Vec<String> =
+        mdb_dump(&out.join("test/imgs")).into_iter().filter(|l| l != "DATA=END").step_by(2).collect();
+    assert_eq!(keys, [hex_key("7"), hex_key("8"), hex_key("num_images")]);
+    assert_eq!(cn_clip_reads_every_record(&out.join("test")), (3, 2));
+}
+
+/// A key as `mdb_dump` writes it (hex bytes after a space).
+fn hex_key(key: &str) -> String {
+    format!(" {}", key.bytes().map(|b| format!("{b:02x}")).collect::<String>())
+}
+
 #[test]
 fn shards_are_self_contained_and_together_hold_everything() {
     let dir = tempfile::tempdir().unwrap();

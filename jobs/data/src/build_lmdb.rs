@@ -15,7 +15,11 @@
 //! - each split is built in a temporary directory and renamed into place, so a failed run
 //!   leaves the previous database untouched (cn_clip writes into the existing one);
 //! - `--shards N` splits a split into `shard_000 … shard_{N-1}` by `image_id mod N`, each
-//!   self-contained (a pair lives with its image) and readable by cn_clip on its own (#46).
+//!   self-contained (a pair lives with its image) and readable by cn_clip on its own (#46);
+//! - an image id written with leading zeros or a sign (`0007`, `+8`) is stored under its number
+//!   (`7`, `8`), the key cn_clip's `LMDBDataset` looks up for the pairs' integer ids, as
+//!   `export --format lmdb` and the `write_lmdb` node store it (cn_clip stores the text as
+//!   written, under which its own reader then finds no image).
 
 use rustc_hash::FxHashSet;
 use std::path::{Path, PathBuf};
@@ -160,7 +164,8 @@ fn build_split(args: &Args, lmdb_dir: &Path, split: &str) -> Result<()> {
             }),
             Ok(line) => {
                 let shard = &mut shards[shard_of(line.image_id)];
-                shard.imgs.put(line.id.as_bytes(), &cn_clip_base64(line.base64))?;
+                // Keyed by the number, as the pairs refer to it (`0007` is stored as `7`).
+                shard.imgs.put(line.image_id.to_string().as_bytes(), &cn_clip_base64(line.base64))?;
                 shard.num_images += 1;
                 Ok(())
             }

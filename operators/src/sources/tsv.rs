@@ -21,7 +21,7 @@ use serde::Deserialize;
 /// One image line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ImageLine<'a> {
-    /// The id as written (cn_clip keys its LMDB by this text).
+    /// The id as written (for messages; an LMDB is keyed by `image_id`'s decimal text).
     pub id: &'a str,
     pub image_id: i64,
     /// The base64 field, unchanged.
