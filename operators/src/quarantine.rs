@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use cnclip_pipeline::Progress;
+
 use arrow::array::{ArrayRef, StringBuilder};
 use arrow::record_batch::RecordBatch;
 
@@ -50,6 +52,8 @@ pub struct Quarantine {
     policy: OnError,
     path: PathBuf,
     state: Mutex<State>,
+    /// Counts each record quarantined, for the job's progress lines.
+    progress: Option<Arc<Progress>>,
 }
 
 #[derive(Default)]
@@ -96,7 +100,12 @@ impl NodeQuarantine {
 
 impl Quarantine {
     pub fn new(policy: OnError, path: PathBuf) -> Self {
-        Quarantine { policy, path, state: Mutex::new(State::default()) }
+        Quarantine { policy, path, state: Mutex::new(State::default()), progress: None }
+    }
+
+    /// This quarantine counting each record it takes in `progress` too.
+    pub fn reporting_to(self, progress: Arc<Progress>) -> Self {
+        Quarantine { progress: Some(progress), ..self }
     }
 
     /// The handle node number `node` (in the pipeline's order) rejects through.
@@ -134,6 +143,9 @@ impl Quarantine {
         });
         spool.write_all(format!("{row}\n").as_bytes())?;
         state.count += 1;
+        if let Some(progress) = &self.progress {
+            progress.add_quarantined();
+        }
         Ok(())
     }
 

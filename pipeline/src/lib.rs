@@ -22,4 +22,4 @@ pub use error::{BoxError, Error, Result};
 pub use executor::{Execution, OpenReplica, Rebatch, Replica};
 pub use graph::{Graph, Node, NodeContext, NodeSummary, RunningGraph};
 pub use pool::WorkerPool;
-pub use progress::Progress;
+pub use progress::{Progress, ProgressMode, ProgressSettings};

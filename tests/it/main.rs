@@ -27,6 +27,7 @@ mod manifest;
 mod models;
 mod pipeline;
 mod preprocess;
+mod progress;
 mod runtime;
 mod signals;
 mod smoke;

@@ -24,6 +24,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    progress: process::ProgressArgs,
 }
 
 #[derive(Subcommand)]
@@ -98,7 +100,9 @@ fn wait_passively_in_training() {
 fn main() -> ExitCode {
     wait_passively_in_training();
     process::init_logging();
-    let result = match Cli::parse().command {
+    let cli = Cli::parse();
+    cli.progress.configure();
+    let result = match cli.command {
         Command::Similarity(args) => similarity::run(args),
         Command::Convert(args) => convert::run(args),
         Command::ExtractFeatures(args) => extract::run(args),

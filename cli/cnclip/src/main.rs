@@ -30,6 +30,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    progress: process::ProgressArgs,
 }
 
 #[derive(Subcommand)]
@@ -114,8 +116,13 @@ fn torch_binary() -> Result<std::path::PathBuf> {
     Ok(std::env::current_exe().context("locating the cnclip binary")?.with_file_name("cnclip-torch"))
 }
 
-/// Replaces this process with `cnclip-torch SUBCOMMAND ARGS…`.
-fn exec_torch(subcommand: &str, args: impl IntoIterator<Item = OsString>) -> Result<()> {
+/// Replaces this process with `cnclip-torch SUBCOMMAND ARGS…`, handing on the progress flags
+/// given before the subcommand (those after it are among `args`).
+fn exec_torch(
+    subcommand: &str,
+    args: impl IntoIterator<Item = OsString>,
+    progress: &process::ProgressArgs,
+) -> Result<()> {
     use std::os::unix::process::CommandExt;
     let exe = torch_binary()?;
     if !exe.is_file() {
@@ -124,7 +131,8 @@ fn exec_torch(subcommand: &str, args: impl IntoIterator<Item = OsString>) -> Res
             exe.display()
         );
     }
-    let error = std::process::Command::new(&exe).arg0("cnclip").arg(subcommand).args(args).exec();
+    let error =
+        std::process::Command::new(&exe).arg0("cnclip").arg(subcommand).args(args).envs(progress.environment()).exec();
     Err(error).with_context(|| format!("starting {}", exe.display()))
 }
 
@@ -144,7 +152,10 @@ fn needs_other_kinds(pipeline: &std::path::Path, registry: &Registry) -> bool {
 
 fn main() -> ExitCode {
     process::init_logging();
-    let result = match Cli::parse().command {
+    let cli = Cli::parse();
+    cli.progress.configure();
+    let progress = &cli.progress;
+    let result = match cli.command {
         Command::Tokenize(args) => tokenize::run(args),
         Command::BuildLmdb(args) => build_lmdb::run(args),
         Command::Synth(args) => synth::run(args),
@@ -160,23 +171,23 @@ fn main() -> ExitCode {
             if args.pipeline.as_deref().is_some_and(|p| needs_other_kinds(p, &registry))
                 && torch_binary().is_ok_and(|exe| exe.is_file())
             {
-                exec_torch("run", std::env::args_os().skip(2))
+                exec_torch("run", std::env::args_os().skip(1).skip_while(|arg| arg != "run").skip(1), progress)
             } else {
                 run::run(args, &registry)
             }
         }
-        Command::Similarity(command) => exec_torch("similarity", command.args),
-        Command::Convert(command) => exec_torch("convert", command.args),
-        Command::Benchmark(command) => exec_torch("benchmark", command.args),
-        Command::ExtractFeatures(command) => exec_torch("extract-features", command.args),
-        Command::BenchSuite(command) => exec_torch("bench-suite", command.args),
-        Command::InitModel(command) => exec_torch("init-model", command.args),
-        Command::Train(command) => exec_torch("train", command.args),
-        Command::Demo(command) => exec_torch("demo", command.args),
-        Command::ZeroshotEvaluation(command) => exec_torch("zeroshot-evaluation", command.args),
-        Command::MakeTopkPredictions(command) => exec_torch("make-topk-predictions", command.args),
-        Command::MakeTopkPredictionsTr(command) => exec_torch("make-topk-predictions-tr", command.args),
-        Command::BuildIndex(command) => exec_torch("build-index", command.args),
+        Command::Similarity(command) => exec_torch("similarity", command.args, progress),
+        Command::Convert(command) => exec_torch("convert", command.args, progress),
+        Command::Benchmark(command) => exec_torch("benchmark", command.args, progress),
+        Command::ExtractFeatures(command) => exec_torch("extract-features", command.args, progress),
+        Command::BenchSuite(command) => exec_torch("bench-suite", command.args, progress),
+        Command::InitModel(command) => exec_torch("init-model", command.args, progress),
+        Command::Train(command) => exec_torch("train", command.args, progress),
+        Command::Demo(command) => exec_torch("demo", command.args, progress),
+        Command::ZeroshotEvaluation(command) => exec_torch("zeroshot-evaluation", command.args, progress),
+        Command::MakeTopkPredictions(command) => exec_torch("make-topk-predictions", command.args, progress),
+        Command::MakeTopkPredictionsTr(command) => exec_torch("make-topk-predictions-tr", command.args, progress),
+        Command::BuildIndex(command) => exec_torch("build-index", command.args, progress),
         Command::Manifest(command) => manifest::run(command),
         Command::Cluster(command) => cluster::run(command),
     };

@@ -23,6 +23,7 @@
 
 use rustc_hash::FxHashSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -32,6 +33,7 @@ use cnclip_operators::sinks::Staged;
 use cnclip_operators::sinks::lmdb::{LmdbWriter, LmdbWriterKind, cn_clip_base64, pickle_pair, writer_memory};
 use cnclip_operators::sources::{jsonl, tsv};
 use cnclip_operators::storage;
+use cnclip_pipeline::Progress;
 
 #[derive(clap::Args, Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Args {
@@ -143,17 +145,22 @@ fn build_split(args: &Args, lmdb_dir: &Path, split: &str) -> Result<()> {
             })
         })
         .collect::<Result<Vec<_>, cnclip_operators::Error>>()?;
-    let quarantine = Quarantine::new(args.on_error, tmp_dir.join("quarantine.jsonl"));
+    // Rows are the lines read, images then texts (a log gets a line every --progress-interval).
+    let progress = Arc::new(Progress::new("cnclip", None));
+    let quarantine = Quarantine::new(args.on_error, tmp_dir.join("quarantine.jsonl")).reporting_to(progress.clone());
     let shard_of = |image_id: i64| image_id.rem_euclid(args.shards as i64) as usize;
 
     // Images first: pairs must point at images that exist.
     let mut image_ids = FxHashSet::default();
-    let stop_if_interrupted = || match signals::interrupted() {
-        Some(signal) => Err(cnclip_operators::Error::Interrupted { signal }),
-        None => Ok(()),
+    let next_record = || {
+        progress.add(1);
+        match signals::interrupted() {
+            Some(signal) => Err(cnclip_operators::Error::Interrupted { signal }),
+            None => Ok(()),
+        }
     };
     tsv::for_each_line(&images_path, args.max_record_bytes, |record| {
-        stop_if_interrupted()?;
+        next_record()?;
         match record {
             Err(rejected) => quarantine.reject(rejected),
             Ok(line) if !image_ids.insert(line.image_id) => quarantine.reject(Rejected {
@@ -163,6 +170,7 @@ fn build_split(args: &Args, lmdb_dir: &Path, split: &str) -> Result<()> {
                 reason: "duplicate image id (the first one is kept)".into(),
             }),
             Ok(line) => {
+                progress.add_bytes(line.base64.len() as u64);
                 let shard = &mut shards[shard_of(line.image_id)];
                 // Keyed by the number, as the pairs refer to it (`0007` is stored as `7`).
                 shard.imgs.put(line.image_id.to_string().as_bytes(), &cn_clip_base64(line.base64))?;
@@ -174,11 +182,12 @@ fn build_split(args: &Args, lmdb_dir: &Path, split: &str) -> Result<()> {
 
     let mut text_ids = FxHashSet::default();
     jsonl::for_each_line(&texts_path, args.max_record_bytes, |record| {
-        stop_if_interrupted()?;
+        next_record()?;
         let text = match record {
             Err(rejected) => return quarantine.reject(rejected),
             Ok(text) => text,
         };
+        progress.add_bytes(text.text.len() as u64);
         let location = format!("text {}", text.text_id);
         if !text_ids.insert(text.text_id) {
             return quarantine.reject(Rejected {
@@ -216,6 +225,7 @@ fn build_split(args: &Args, lmdb_dir: &Path, split: &str) -> Result<()> {
         images += shard.num_images;
         samples += shard.num_samples;
     }
+    progress.finish();
     let quarantined = quarantine.count();
     quarantine.finish()?;
     staged.commit().with_context(|| format!("moving {} into place", final_dir.display()))?;

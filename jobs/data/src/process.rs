@@ -1,6 +1,57 @@
-//! What both binaries share: logging set-up, exit codes and the error line a user sees.
+//! What both binaries share: logging and progress set-up, exit codes and the error line a user
+//! sees.
 
 use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::builder::TypedValueParser;
+use cnclip_pipeline::{ProgressMode, ProgressSettings};
+
+/// How long jobs show their progress: flags of both binaries, given before or after the
+/// subcommand, or as environment variables (so a model command run through `cnclip` and a
+/// batch script's jobs all get them).
+#[derive(clap::Args, Debug, Clone, PartialEq)]
+pub struct ProgressArgs {
+    /// Progress on stderr: auto (a bar on a terminal, else a line every --progress-interval seconds), text or json lines, none.
+    #[arg(
+        long,
+        global = true,
+        env = "CNCLIP_PROGRESS",
+        default_value = "auto",
+        value_parser = clap::builder::PossibleValuesParser::new(ProgressMode::NAMES)
+            .map(|name| name.parse::<ProgressMode>().expect("one of the names"))
+    )]
+    pub progress: ProgressMode,
+    /// Seconds between two progress lines in a log (stderr not a terminal), or with --progress text|json.
+    #[arg(long, global = true, env = "CNCLIP_PROGRESS_INTERVAL", default_value_t = 30.0, value_parser = positive_seconds)]
+    pub progress_interval: f64,
+}
+
+impl ProgressArgs {
+    /// Sets this process's progress display (once, in `main`).
+    pub fn configure(&self) {
+        cnclip_pipeline::progress::configure(ProgressSettings {
+            mode: self.progress,
+            interval: Duration::from_secs_f64(self.progress_interval),
+        });
+    }
+
+    /// The flags as the environment variables a child process (`cnclip-torch`) reads them from.
+    pub fn environment(&self) -> [(&'static str, String); 2] {
+        [
+            ("CNCLIP_PROGRESS", self.progress.to_string()),
+            ("CNCLIP_PROGRESS_INTERVAL", self.progress_interval.to_string()),
+        ]
+    }
+}
+
+/// A number of seconds above 0 and at most a day.
+fn positive_seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(seconds) if seconds > 0.0 && seconds <= 86_400.0 => Ok(seconds),
+        _ => Err(format!("`{text}` is not a number of seconds above 0 (at most 86400)")),
+    }
+}
 
 /// Logs to stderr, filtered by `RUST_LOG`.
 pub fn init_logging() {

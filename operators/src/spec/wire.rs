@@ -73,7 +73,6 @@ impl Pipeline {
     /// Wires the graph and starts every node; `stream` receives the streamed node's batches.
     pub(crate) fn start(self, stream: Option<mpsc::Sender<RecordBatch>>) -> Result<Started> {
         let pool = Arc::new(WorkerPool::new(self.settings.threads));
-        let quarantine = Arc::new(Quarantine::new(self.settings.on_error, self.settings.quarantine.clone()));
         let (shard, batch_rows) = (self.shard, self.settings.batch_rows);
         let finished: Finished = Arc::default();
         // Progress counts the records the sources read; the total (for an ETA) is known when
@@ -87,6 +86,8 @@ impl Pipeline {
             })
             .sum();
         let progress = Arc::new(Progress::new("cnclip", estimates.map(|total| total.div_ceil(self.shard.count))));
+        let quarantine = Quarantine::new(self.settings.on_error, self.settings.quarantine.clone());
+        let quarantine = Arc::new(quarantine.reporting_to(progress.clone()));
         let mut graph: Graph<RecordBatch> = Graph::new();
         let capacity = Capacity { rows: 4 * self.settings.batch_rows.max(64), bytes: 64 << 20 };
         for (rank, node) in self.nodes.into_iter().enumerate() {
@@ -100,6 +101,7 @@ impl Pipeline {
                         produce_on_thread(&ctx, move |emit| {
                             let mut emit = |batch: RecordBatch| {
                                 progress.add(batch.num_rows() as u64);
+                                progress.add_bytes(data_bytes(&batch));
                                 emit(batch).map_err(|_| Error::Stopped)
                             };
                             match source.read(&read_ctx, &mut emit) {
@@ -170,6 +172,12 @@ impl Started {
         }
         Ok(Report { nodes: summaries, written, quarantined, quarantine_file })
     }
+}
+
+/// The bytes of `batch`'s rows (its arrays' data, not their buffers' capacity): what a source
+/// read, for the progress lines' bytes/s.
+fn data_bytes(batch: &RecordBatch) -> u64 {
+    batch.columns().iter().map(|column| column.to_data().get_slice_memory_size().unwrap_or(0) as u64).sum()
 }
 
 /// The runtime a pipeline runs on when the caller has none.
