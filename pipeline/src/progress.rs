@@ -248,7 +248,9 @@ impl Shared {
             }
             drop(stopped);
             self.write_line(false);
-            next += self.interval;
+            // The next line an interval after this one: a stalled writer or a suspended
+            // process does not make the lines catch up in a burst.
+            next = Instant::now() + self.interval;
             stopped = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
         }
     }
