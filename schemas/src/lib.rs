@@ -43,6 +43,8 @@ pub mod columns {
     pub const SOURCE: &str = "source";
     pub const LOCATION: &str = "location";
     pub const REASON: &str = "reason";
+    /// A sample's string key (WebDataset, img2dataset), kept beside the int64 id.
+    pub const KEY: &str = "key";
 }
 
 /// Key-value metadata carried by feature tables.

@@ -352,10 +352,11 @@ fn run_lists_the_registered_kinds() {
             (words.next().unwrap(), words.next().unwrap())
         })
         .collect();
-    assert_eq!(kinds.len(), 18, "{listing}");
+    assert_eq!(kinds.len(), 19, "{listing}");
     assert!(kinds.contains(&("tsv", "source")) && kinds.contains(&("preprocess", "transform")), "{listing}");
     for kind in [
         ("feature_jsonl", "source"),
+        ("webdataset", "source"),
         ("lmdb_train", "source"),
         ("random_augment", "transform"),
         ("require_images", "transform"),

@@ -35,4 +35,5 @@ mod sql;
 mod tokenizer;
 mod train;
 mod train_cli;
+mod webdataset;
 mod zeroshot;

@@ -16,6 +16,7 @@ pub mod parts;
 pub mod sampler;
 pub mod synth;
 pub mod tsv;
+pub mod webdataset;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -214,6 +214,7 @@ impl Registry {
             .register::<sources::folder::ImageFolderConfig>()
             .register::<sources::parquet::ParquetConfig>()
             .register::<sources::features::FeatureJsonlConfig>()
+            .register::<sources::webdataset::WebDatasetConfig>()
             .register::<transforms::base64::DecodeBase64Config>()
             .register::<transforms::require_images::RequireImagesConfig>()
             .register::<transforms::exclude_ids::ExcludeIdsConfig>()

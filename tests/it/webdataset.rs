@@ -1,0 +1,290 @@
+//! WebDataset in (issue #25 item 2): the `webdataset` source reads tar shards as the
+//! `webdataset` Python package writes and reads them — samples grouped by key, brace patterns
+//! and globs expanded in its order, ids `(shard << 32) | sample` — into images and texts tables;
+//! samples without an image or text, truncated tars and corrupt member headers are quarantined
+//! and the rest read; `--shard i/n` splits by tar file.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use cnclip_tests::python;
+use serde_json::{Value, json};
+
+fn cnclip(args: &[&str]) -> Output {
+    Command::new(cnclip_tests::cnclip_bin()).args(args).output().unwrap()
+}
+
+fn ok(output: Output) -> String {
+    assert!(output.status.success(), "cnclip failed:\n{}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn parse(text: &str) -> Value {
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+/// `shards/000000.tar`, `000001.tar`, … with `webdataset.TarWriter`, a count of samples each:
+/// img2dataset's keys, a small random JPEG, a Chinese caption and a JSON member per sample.
+const MAKE_SHARDS: &str = r#"
+import io, os, sys, numpy as np, webdataset as wds
+from PIL import Image
+out, counts = sys.argv[1], [int(n) for n in sys.argv[2:]]
+rng = np.random.default_rng(25)
+os.makedirs(f"{out}/shards", exist_ok=True)
+for shard, n in enumerate(counts):
+    with wds.TarWriter(f"{out}/shards/{shard:06d}.tar") as sink:
+        for i in range(n):
+            buf = io.BytesIO()
+            pixels = rng.integers(0, 255, (int(rng.integers(16, 48)), int(rng.integers(16, 48)), 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(buf, format="JPEG")
+            # img2dataset's keys: the shard's number, then the sample's, 9 digits in all.
+            sink.write({"__key__": f"{shard:05d}{i:04d}", "jpg": buf.getvalue(),
+                        "txt": f"第{shard}组第{i}张图：一只“可爱”的猫", "json": {"i": i}})
+"#;
+
+/// What `webdataset.WebDataset` reads from a node's `paths` (brace patterns expanded by
+/// `braceexpand`, globs sorted): `[(shard << 32) | sample, key, jpg as hex, txt]` per sample.
+const READ_SHARDS: &str = r#"
+import glob, json, sys, webdataset as wds
+from braceexpand import braceexpand
+root, patterns = sys.argv[1], json.loads(sys.argv[2])
+urls = [u for p in patterns for u in (sorted(glob.glob(f"{root}/{p}")) if "*" in p else braceexpand(f"{root}/{p}"))]
+rows, counts = [], {}
+for s in wds.WebDataset(urls, shardshuffle=False):
+    shard = urls.index(s["__url__"])
+    i = counts[shard] = counts.get(shard, -1) + 1
+    rows.append([(shard << 32) | i, s["__key__"], s["jpg"].hex(), s["txt"].decode()])
+print(json.dumps(rows, ensure_ascii=False))
+"#;
+
+/// A Parquet table: its fields (`[name, type]`) and its columns by name, bytes as hex.
+const TABLE: &str = r#"
+import json, sys, pyarrow as pa, pyarrow.parquet as pq
+t = pq.read_table(sys.argv[1])
+kind = lambda ty: f"list<{ty.value_type}>" if pa.types.is_list(ty) else str(ty)
+value = lambda v: v.hex() if isinstance(v, bytes) else v
+columns = {c: [value(v) for v in t.column(c).to_pylist()] for c in t.column_names}
+print(json.dumps({"schema": [[f.name, kind(f.type)] for f in t.schema], "columns": columns}, ensure_ascii=False))
+"#;
+
+/// `bad/gaps.tar`, `bad/truncated.tar` and `bad/corrupt.tar` (the last two from
+/// `shards/000000.tar`); prints what webdataset reads of `gaps.tar` and of the good shard:
+/// `[key, image as hex or null, text or null (not UTF-8)]` per sample.
+const MAKE_BAD: &str = r#"
+import io, json, os, sys, tarfile, numpy as np, webdataset as wds
+from PIL import Image
+root = sys.argv[1]
+good, bad = f"{root}/shards/000000.tar", f"{root}/bad"
+os.makedirs(bad)
+rng = np.random.default_rng(7)
+def image(fmt):
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(buf, format=fmt)
+    return buf.getvalue()
+# gaps.tar: keys with a dot in their folder; a sample with no image, one whose text is not
+# UTF-8, an upper-case extension, a PNG; a member without extension and a meta member.
+k = [f"part.v1/{i:09d}" for i in range(6)]
+members = [("README", b"not a sample"), (f"{k[0]}.jpg", image("JPEG")), (f"{k[0]}.txt", "第一张".encode()),
+           (f"{k[1]}.json", b"{}"), (f"{k[1]}.txt", "没有图".encode()),
+           (f"{k[2]}.jpg", image("JPEG")), (f"{k[2]}.txt", "第三张".encode()), ("__info__", b"{}"),
+           (f"{k[3]}.jpg", image("JPEG")), (f"{k[3]}.txt", b"\xff\xfe not UTF-8"),
+           (f"{k[4]}.JPEG", image("JPEG")), (f"{k[4]}.txt", "大写扩展名".encode()),
+           (f"{k[5]}.png", image("PNG")), (f"{k[5]}.txt", "PNG 图".encode())]
+with tarfile.open(f"{bad}/gaps.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+    for name, data in members:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+# truncated.tar: the good shard cut in the middle of its 4th sample's jpg.
+jpgs = [m for m in tarfile.open(good).getmembers() if m.name.endswith(".jpg")]
+with open(good, "rb") as f:
+    data = f.read()
+open(f"{bad}/truncated.tar", "wb").write(data[: jpgs[3].offset_data + jpgs[3].size // 2])
+# corrupt.tar: the 3rd sample's jpg header's name overwritten, so its checksum fails. (TarWriter
+# puts a PAX header, for the float mtime, before each member: `offset` is that one's.)
+corrupt = bytearray(data)
+header = jpgs[2].offset_data - tarfile.BLOCKSIZE
+corrupt[header : header + 20] = b"X" * 20
+open(f"{bad}/corrupt.tar", "wb").write(corrupt)
+try:  # Python's tarfile, so webdataset, stops there.
+    list(tarfile.open(f"{bad}/corrupt.tar"))
+    raise AssertionError("the corrupt header still reads")
+except tarfile.ReadError as e:
+    assert "checksum" in str(e), e
+def read(url):
+    def text(s):
+        try:
+            return s["txt"].decode()
+        except UnicodeDecodeError:
+            return None
+    pick = lambda s: next((s[e].hex() for e in ("jpg", "jpeg", "png", "webp") if e in s), None)
+    return [[s["__key__"], pick(s), text(s)] for s in wds.WebDataset(url, shardshuffle=False)]
+print(json.dumps({"gaps": read(f"{bad}/gaps.tar"), "good": read(good)}, ensure_ascii=False))
+"#;
+
+fn make_shards(root: &Path, counts: &[usize]) {
+    let mut args = vec![root.to_str().unwrap().to_string()];
+    args.extend(counts.iter().map(usize::to_string));
+    python(MAKE_SHARDS, &args.iter().map(String::as_str).collect::<Vec<_>>(), "");
+}
+
+fn webdataset_rows(root: &Path, paths: &[&str]) -> Vec<Value> {
+    let rows = python(READ_SHARDS, &[root.to_str().unwrap(), &serde_json::to_string(paths).unwrap()], "");
+    parse(&rows).as_array().unwrap().clone()
+}
+
+fn table(path: &Path) -> Value {
+    parse(&python(TABLE, &[path.to_str().unwrap()], ""))
+}
+
+/// `pipeline.toml` in `root`: per `(name, paths, table)` a `webdataset` node and a
+/// `write_parquet` sink to `OUT/name.parquet`.
+fn pipeline(root: &Path, out: &str, nodes: &[(&str, &[&str], &str)]) -> PathBuf {
+    let mut toml = String::new();
+    for (name, paths, contract) in nodes {
+        let paths = serde_json::to_string(paths).unwrap();
+        toml += &format!(
+            "[nodes.{name}]\nkind = \"webdataset\"\npaths = {paths}\ntable = \"{contract}\"\n\n\
+             [nodes.{name}_out]\nkind = \"write_parquet\"\ninput = \"{name}\"\npath = \"{out}/{name}.parquet\"\n\n"
+        );
+    }
+    let path = root.join("pipeline.toml");
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+/// The images table of `[id, key, jpg hex, txt]` rows, as [`TABLE`] prints its columns.
+fn images_of(rows: &[Value]) -> Value {
+    let column = |i: usize| rows.iter().map(|r| r[i].clone()).collect::<Vec<_>>();
+    json!({"image_id": column(0), "image": column(2), "key": column(1)})
+}
+
+/// The texts table of the same rows: each text's `image_ids` is its sample's image id.
+fn texts_of(rows: &[Value]) -> Value {
+    let column = |i: usize| rows.iter().map(|r| r[i].clone()).collect::<Vec<_>>();
+    let image_ids: Vec<Value> = rows.iter().map(|r| json!([r[0]])).collect();
+    json!({"text_id": column(0), "text": column(3), "image_ids": image_ids, "key": column(1)})
+}
+
+#[test]
+fn webdataset_shards_read_as_the_webdataset_package_reads_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    make_shards(root, &[6, 7]);
+    let paths: &[&str] = &["shards/{000000..000001}.tar"];
+    let file = pipeline(root, "out", &[("images", paths, "images"), ("texts", paths, "texts")]);
+    ok(cnclip(&["run", file.to_str().unwrap()]));
+    let reference = webdataset_rows(root, paths);
+    assert_eq!(reference.len(), 13);
+    for row in &reference {
+        // Key `SSSSSIIII` is sample IIII of shard SSSSS.
+        let key = row[1].as_str().unwrap();
+        let (shard, sample): (u64, u64) = (key[..5].parse().unwrap(), key[5..].parse().unwrap());
+        assert_eq!(row[0], (shard << 32) | sample, "{row}");
+    }
+    let images = table(&root.join("out/images.parquet"));
+    assert_eq!(images["schema"], json!([["image_id", "int64"], ["image", "binary"], ["key", "string"]]));
+    assert_eq!(images["columns"], images_of(&reference));
+    let texts = table(&root.join("out/texts.parquet"));
+    let fields = json!([["text_id", "int64"], ["text", "string"], ["image_ids", "list<int64>"], ["key", "string"]]);
+    assert_eq!(texts["schema"], fields);
+    assert_eq!(texts["columns"], texts_of(&reference));
+}
+
+#[test]
+fn brace_patterns_and_globs_name_the_shards_in_braceexpand_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    make_shards(root, &[5, 6, 7]);
+    let cases: [(&str, &[&str]); 5] = [
+        ("range", &["shards/{000000..000002}.tar"]),
+        ("list", &["shards/000000.tar", "shards/000001.tar", "shards/000002.tar"]),
+        ("alternatives", &["shards/00000{2,0}.tar"]),
+        ("mixed", &["shards/000002.tar", "shards/{000000..000001}.tar"]),
+        ("glob", &["shards/*.tar"]),
+    ];
+    let nodes: Vec<(&str, &[&str], &str)> = cases.iter().map(|&(name, paths)| (name, paths, "images")).collect();
+    ok(cnclip(&["run", pipeline(root, "out", &nodes).to_str().unwrap()]));
+    let read = |name: &str| table(&root.join(format!("out/{name}.parquet")))["columns"].clone();
+    for (name, paths) in cases {
+        assert_eq!(read(name), images_of(&webdataset_rows(root, paths)), "{name}: {paths:?}");
+    }
+    assert_eq!(read("range"), read("list"));
+    assert_eq!(read("range"), read("glob"));
+    assert_eq!(read("alternatives")["image_id"].as_array().unwrap().len(), 7 + 5);
+
+    // A range naming a shard that does not exist stops the job before it runs, naming it.
+    let file = pipeline(root, "missing", &[("range", &["shards/{000001..000003}.tar"], "images")]);
+    let file = file.to_str().unwrap();
+    for args in [&["run", "--check", file][..], &["run", file][..]] {
+        let output = cnclip(args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?}: {stderr}");
+        assert!(stderr.contains("000003.tar") && !stderr.contains("000002.tar"), "{args:?}: {stderr}");
+    }
+    assert!(!root.join("missing").exists(), "a job that failed to start wrote its output");
+}
+
+#[test]
+fn bad_samples_truncated_tars_and_corrupt_headers_are_quarantined_and_the_rest_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    make_shards(root, &[6]);
+    let reference = parse(&python(MAKE_BAD, &[root.to_str().unwrap()], ""));
+    let (gaps, good) = (reference["gaps"].as_array().unwrap(), reference["good"].as_array().unwrap());
+    let tars: &[&str] = &["bad/gaps.tar", "bad/truncated.tar", "bad/corrupt.tar"];
+    let file = pipeline(root, "out", &[("images", tars, "images"), ("texts", &["bad/gaps.tar"], "texts")]);
+    let log = ok(cnclip(&["run", file.to_str().unwrap()]));
+
+    // `[id, key, image, text]` rows: sample i of tar s has id (s << 32) | i, quarantined or not.
+    let row = |shard: u64, i: usize, sample: &Value| json!([(shard << 32) | i as u64, sample[0], sample[1], sample[2]]);
+    let gaps_rows: Vec<Value> = gaps.iter().enumerate().map(|(i, s)| row(0, i, s)).collect();
+    let mut images: Vec<Value> = gaps_rows.iter().filter(|r| !r[2].is_null()).cloned().collect();
+    images.extend((0..3).map(|i| row(1, i, &good[i]))); // before the cut in the 4th sample
+    images.extend([0, 1, 3, 4, 5].map(|i| row(2, i, &good[i]))); // before and after the bad header
+    assert_eq!(table(&root.join("out/images.parquet"))["columns"], images_of(&images), "{log}");
+    let texts: Vec<Value> = gaps_rows.iter().filter(|r| !r[3].is_null()).cloned().collect();
+    assert_eq!(texts.len(), 5, "gaps.tar has one text that is not UTF-8");
+    assert_eq!(table(&root.join("out/texts.parquet"))["columns"], texts_of(&texts));
+
+    // The quarantine (beside the pipeline file by default): node by node, each in file order.
+    let quarantine = std::fs::read_to_string(root.join("quarantine.jsonl")).unwrap();
+    let rows: Vec<Value> = quarantine.lines().map(parse).collect();
+    let (samples, damage): (Vec<&Value>, Vec<&Value>) = rows.iter().partition(|r| !r["id"].is_null());
+    let expected = [
+        ("images", "gaps.tar", "part.v1/000000001", "no image"),
+        ("images", "truncated.tar", "000000003", "truncated"),
+        ("images", "corrupt.tar", "000000002", "corrupt"),
+        ("texts", "gaps.tar", "part.v1/000000003", "UTF-8"),
+    ];
+    assert_eq!(samples.len(), expected.len(), "{quarantine}");
+    for (row, (node, tar, key, reason)) in samples.iter().zip(expected) {
+        assert!(row["source"].as_str().unwrap().ends_with(tar), "{node}: {row}");
+        assert_eq!(row["id"], key, "{node}: {row}");
+        assert!(row["reason"].as_str().unwrap().contains(reason), "{node}: {row}");
+        assert!(row["location"].is_string(), "{node}: {row}");
+    }
+    // The bad header itself has a record of its own, with no key to name.
+    assert_eq!(damage.len(), 1, "{quarantine}");
+    for row in damage {
+        assert!(row["source"].as_str().unwrap().ends_with("corrupt.tar"), "{row}");
+        assert!(row["reason"].as_str().unwrap().contains("corrupt"), "{row}");
+    }
+    assert!(log.contains(&format!("{} records quarantined", rows.len())), "{log}");
+}
+
+#[test]
+fn shard_i_of_n_reads_the_tars_whose_number_is_i_mod_n() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    make_shards(root, &[5, 6, 7]);
+    let paths: &[&str] = &["shards/{000000..000002}.tar"];
+    let file = pipeline(root, "out", &[("images", paths, "images")]);
+    let reference = webdataset_rows(root, paths);
+    for (share, tars) in [("0/2", &[0, 2][..]), ("1/2", &[1][..])] {
+        ok(cnclip(&["run", file.to_str().unwrap(), "--shard", share]));
+        let rows: Vec<Value> =
+            reference.iter().filter(|r| tars.contains(&(r[0].as_u64().unwrap() >> 32))).cloned().collect();
+        assert_eq!(table(&root.join("out/images.parquet"))["columns"], images_of(&rows), "--shard {share}");
+    }
+}
