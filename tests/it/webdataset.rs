@@ -288,3 +288,67 @@ fn shard_i_of_n_reads_the_tars_whose_number_is_i_mod_n() {
         assert_eq!(table(&root.join("out/images.parquet"))["columns"], images_of(&rows), "--shard {share}");
     }
 }
+
+/// What `webdataset.WebDataset` reads from shards cnclip wrote: `[key, member extensions,
+/// image as hex or null, text or null]` per sample.
+const READ_WRITTEN: &str = r#"
+import json, sys, webdataset as wds
+rows = []
+for s in wds.WebDataset(sys.argv[1], shardshuffle=False):
+    exts = sorted(k for k in s if not k.startswith("__"))
+    image = next((s[e].hex() for e in ("jpg", "png", "webp", "gif") if e in s), None)
+    rows.append([s["__key__"], exts, image, s["txt"].decode() if "txt" in s else None])
+print(json.dumps(rows, ensure_ascii=False))
+"#;
+
+/// `write_webdataset` writes shards the `webdataset` package reads back sample for sample
+/// (keys, image bytes, captions), `samples_per_shard` each, the same bytes on a rerun; a table
+/// without a `key` column is keyed by its id in nine digits.
+#[test]
+fn write_webdataset_writes_shards_the_webdataset_package_reads_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    make_shards(root, &[6, 7]);
+    let reference = webdataset_rows(root, &["shards/{000000..000001}.tar"]);
+    let toml = "[nodes.images]\nkind = \"webdataset\"\npaths = [\"shards/*.tar\"]\n\n\
+                [nodes.texts]\nkind = \"webdataset\"\npaths = [\"shards/*.tar\"]\ntable = \"texts\"\n\n\
+                [nodes.images_out]\nkind = \"write_webdataset\"\ninput = \"images\"\npath = \"out/images\"\nsamples_per_shard = 5\n\n\
+                [nodes.texts_out]\nkind = \"write_webdataset\"\ninput = \"texts\"\npath = \"out/texts\"\nsamples_per_shard = 5\n";
+    std::fs::write(root.join("write.toml"), toml).unwrap();
+    ok(cnclip(&["run", root.join("write.toml").to_str().unwrap()]));
+    let shards = |name: &str| {
+        let mut names: Vec<String> = std::fs::read_dir(root.join("out").join(name))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(shards("images"), ["000000.tar", "000001.tar", "000002.tar"], "13 samples, 5 a shard");
+    let read = |name: &str| {
+        let pattern = root.join("out").join(name).join("{000000..000002}.tar");
+        parse(&python(READ_WRITTEN, &[pattern.to_str().unwrap()], ""))
+    };
+    let expected_images: Vec<Value> = reference.iter().map(|r| json!([r[1], ["jpg"], r[2], null])).collect();
+    assert_eq!(read("images"), json!(expected_images));
+    let expected_texts: Vec<Value> = reference.iter().map(|r| json!([r[1], ["txt"], null, r[3]])).collect();
+    assert_eq!(read("texts"), json!(expected_texts));
+
+    // A rerun writes the same bytes.
+    let bytes = |name: &str| std::fs::read(root.join("out/images").join(name)).unwrap();
+    let before: Vec<Vec<u8>> = shards("images").iter().map(|n| bytes(n)).collect();
+    ok(cnclip(&["run", root.join("write.toml").to_str().unwrap()]));
+    assert_eq!(shards("images").iter().map(|n| bytes(n)).collect::<Vec<_>>(), before);
+
+    // No key column: the id, nine digits.
+    let tsv = "7\taGk=\n12\taGk=\n";
+    std::fs::write(root.join("imgs.tsv"), tsv).unwrap();
+    let toml = "[nodes.b64]\nkind = \"tsv\"\npaths = [\"imgs.tsv\"]\n\n\
+                [nodes.images]\nkind = \"decode_base64\"\ninput = \"b64\"\n\n\
+                [nodes.out]\nkind = \"write_webdataset\"\ninput = \"images\"\npath = \"out/from_tsv\"\n";
+    std::fs::write(root.join("tsv.toml"), toml).unwrap();
+    ok(cnclip(&["run", root.join("tsv.toml").to_str().unwrap()]));
+    let pattern = root.join("out/from_tsv/000000.tar");
+    let rows = parse(&python(READ_WRITTEN, &[pattern.to_str().unwrap()], ""));
+    assert_eq!(rows, json!([["000000007", ["jpg"], "6869", null], ["000000012", ["jpg"], "6869", null]]));
+}

@@ -10,6 +10,7 @@ pub mod lmdb_txn;
 pub mod parquet;
 pub mod parts;
 pub mod tsv;
+pub mod webdataset;
 
 use arrow::record_batch::RecordBatch;
 

@@ -296,7 +296,7 @@ mod tests {
             );
         }
         assert!(undocumented.is_empty(), "undocumented: {undocumented:?}");
-        assert_eq!(registry.kinds().count(), 19);
+        assert_eq!(registry.kinds().count(), 20);
     }
 
     /// Keys come in declaration order, renamed and skipped fields as serde sees them.

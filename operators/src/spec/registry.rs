@@ -224,6 +224,7 @@ impl Registry {
             .register::<sinks::parquet::WriteParquetConfig>()
             .register::<sinks::jsonl::WriteJsonlConfig>()
             .register::<sinks::tsv::WriteTsvConfig>()
+            .register::<sinks::webdataset::WriteWebDatasetConfig>()
             .register::<sinks::parts::WritePartsConfig>()
             .register::<sinks::lmdb::WriteLmdbConfig>();
         registry
