@@ -352,3 +352,44 @@ fn write_webdataset_writes_shards_the_webdataset_package_reads_back() {
     let rows = parse(&python(READ_WRITTEN, &[pattern.to_str().unwrap()], ""));
     assert_eq!(rows, json!([["000000007", ["jpg"], "6869", null], ["000000012", ["jpg"], "6869", null]]));
 }
+
+/// A shard that is not a tar (here gzip-compressed) stops the job naming it, as Python's
+/// `tarfile` refuses it; the sink refuses a key that webdataset would read back as another
+/// (a file name with a `.`), naming it, and leaves no output behind.
+#[test]
+fn a_compressed_shard_and_a_key_webdataset_would_misread_stop_the_job_naming_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    make_shards(root, &[3]);
+    python(
+        "import gzip, shutil, sys\nwith open(sys.argv[1], 'rb') as f, gzip.open(sys.argv[2], 'wb') as g: shutil.copyfileobj(f, g)",
+        &[root.join("shards/000000.tar").to_str().unwrap(), root.join("packed.tar").to_str().unwrap()],
+        "",
+    );
+    let toml = "[nodes.s]\nkind = \"webdataset\"\npaths = [\"packed.tar\"]\n\n\
+                [nodes.o]\nkind = \"write_parquet\"\ninput = \"s\"\npath = \"out/s.parquet\"\n";
+    std::fs::write(root.join("gz.toml"), toml).unwrap();
+    let output = cnclip(&["run", root.join("gz.toml").to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("packed.tar") && stderr.contains("gzip"), "{stderr}");
+    assert!(!root.join("out/s.parquet").exists());
+
+    python(
+        "import sys, pyarrow as pa, pyarrow.parquet as pq\n\
+         pq.write_table(pa.table({'image_id': pa.array([1, 2], pa.int64()), 'image': pa.array([b'a', b'b']), \
+         'key': ['ok_1', 'img_002.jpg']}), sys.argv[1])",
+        &[root.join("keyed.parquet").to_str().unwrap()],
+        "",
+    );
+    let toml = "[nodes.s]\nkind = \"parquet\"\npaths = [\"keyed.parquet\"]\n\n\
+                [nodes.o]\nkind = \"write_webdataset\"\ninput = \"s\"\npath = \"out/wds\"\n";
+    std::fs::write(root.join("keys.toml"), toml).unwrap();
+    let output = cnclip(&["run", root.join("keys.toml").to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("img_002.jpg") && stderr.contains("first `.`"), "{stderr}");
+    assert!(!root.join("out/wds").exists(), "a failed job left its shards");
+    let leftovers: Vec<_> = std::fs::read_dir(root.join("out")).map(|d| d.flatten().collect()).unwrap_or_default();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}

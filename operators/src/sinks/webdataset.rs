@@ -71,6 +71,10 @@ pub struct WebDatasetSink {
     number: usize,
     in_shard: u64,
     rows: u64,
+    /// The last sample's key: a repeated one would merge two samples.
+    last_key: Option<String>,
+    /// Finished: the directory is the job's to commit, not this sink's to remove.
+    finished: bool,
 }
 
 impl WebDatasetSink {
@@ -88,6 +92,8 @@ impl WebDatasetSink {
             number: 0,
             in_shard: 0,
             rows: 0,
+            last_key: None,
+            finished: false,
         })
     }
 
@@ -132,6 +138,22 @@ impl WebDatasetSink {
     }
 }
 
+/// Why `key` cannot name a sample that webdataset reads back as written, if it cannot: its
+/// file name must be non-empty and hold no `.` (webdataset splits a member's name at the first
+/// one), and it must be a relative path without `.` or `..` parts.
+fn bad_key(key: &str) -> Option<&'static str> {
+    let file = key.rsplit('/').next().unwrap_or(key);
+    if file.is_empty() {
+        Some("its file name is empty")
+    } else if file.contains('.') {
+        Some("webdataset splits a member's name at the first `.` of its file name, so it would read another key")
+    } else if key.starts_with('/') || key.split('/').any(|part| part.is_empty() || part == "." || part == "..") {
+        Some("it is not a plain relative path")
+    } else {
+        None
+    }
+}
+
 impl Sink for WebDatasetSink {
     fn write(&mut self, batch: &RecordBatch) -> Result<()> {
         let columns = Columns::of(&batch.schema()).map_err(Error::Internal)?;
@@ -140,20 +162,36 @@ impl Sink for WebDatasetSink {
         let texts = columns.text.map(|i| batch.column(i).as_string::<i32>());
         let keys = columns.key.map(|i| batch.column(i).as_string::<i32>());
         for row in 0..batch.num_rows() {
+            let id = ids.value(row);
             let key = match keys {
                 Some(keys) if keys.is_valid(row) => keys.value(row).to_string(),
-                _ => format!("{:09}", ids.value(row)),
+                _ => format!("{id:09}"),
             };
+            let refuse = |reason: String| Error::Record {
+                location: format!("{} row {id} (key {key:?})", self.path.display()),
+                reason,
+            };
+            if let Some(reason) = bad_key(&key) {
+                return Err(refuse(format!("the key cannot name a WebDataset sample: {reason}")));
+            }
+            if self.last_key.as_deref() == Some(key.as_str()) {
+                return Err(refuse("the key repeats the row before's: webdataset would read one sample".into()));
+            }
+            let image = images.filter(|images| images.is_valid(row)).map(|images| images.value(row));
+            let text = texts.filter(|texts| texts.is_valid(row)).map(|texts| texts.value(row));
+            if image.is_none() && text.is_none() {
+                return Err(refuse("the row has neither an image nor a text to write".into()));
+            }
             // A full shard is closed before the sample's first member, so a sample never
             // spans two shards.
             self.shard()?;
-            if let Some(images) = images.filter(|images| images.is_valid(row)) {
-                let image = images.value(row);
+            if let Some(image) = image {
                 self.append(&format!("{key}.{}", image_extension(image)), image)?;
             }
-            if let Some(texts) = texts.filter(|texts| texts.is_valid(row)) {
-                self.append(&format!("{key}.txt"), texts.value(row).as_bytes())?;
+            if let Some(text) = text {
+                self.append(&format!("{key}.txt"), text.as_bytes())?;
             }
+            self.last_key = Some(key);
             self.in_shard += 1;
             self.rows += 1;
         }
@@ -162,8 +200,19 @@ impl Sink for WebDatasetSink {
 
     fn finish(mut self: Box<Self>) -> Result<(Written, Staged)> {
         self.close()?;
+        self.finished = true;
         let staged = Staged::new(self.tmp.clone(), self.path.clone());
         Ok((Written { rows: self.rows, path: self.path.clone() }, staged))
+    }
+}
+
+impl Drop for WebDatasetSink {
+    /// A job that failed leaves no half-written directory.
+    fn drop(&mut self) {
+        if !self.finished {
+            drop(self.shard.take());
+            let _ = storage::remove_dir_all(&self.tmp);
+        }
     }
 }
 
@@ -208,6 +257,16 @@ impl SinkSpec for WriteWebDatasetConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_that_webdataset_would_read_otherwise_are_refused() {
+        for good in ["000000007", "dir/sub/k_1", "键"] {
+            assert_eq!(bad_key(good), None, "{good}");
+        }
+        for bad in ["img_001.jpg", "", "dir/", "/abs/k", "../k", "a/./b", "a//b"] {
+            assert!(bad_key(bad).is_some(), "{bad}");
+        }
+    }
 
     #[test]
     fn image_extensions_come_from_the_bytes() {

@@ -276,16 +276,34 @@ fn read_shard(
             // The end of the archive, as tarfile (and so webdataset) reads it.
             break;
         }
-        if !checksum_holds(block) {
+        // A header is usable when its checksum holds and its size can be read (a pax `size`
+        // record stands in for the field).
+        let size = match checksum_holds(block) {
+            true => pax_size.take().or_else(|| tar::Header::from_byte_slice(block).entry_size().ok()),
+            false => None,
+        };
+        let Some(size) = size else {
+            if at == 0 {
+                // Not a tar at all (Python's tarfile refuses it too): the shard cannot be read.
+                let reason = match block {
+                    [0x1f, 0x8b, ..] => "a gzip-compressed tar: compressed shards are not read (decompress them)",
+                    _ => "not a tar file: its first header fails its checksum",
+                };
+                return Err(Error::Format { path: path.display().to_string(), reason: reason.into() });
+            }
             // A pax or GNU name read before it was for the member lost here.
             (long_name, pax_size) = (None, None);
             let resumed = reader.resync()?;
             let reason = match resumed {
                 Some(next) => format!(
-                    "corrupt tar header (its checksum fails): skipped to the next valid header, at byte {next}; the \
-                     member it announced, if any, is lost"
+                    "corrupt tar header (its checksum fails or its size is unreadable): skipped to the next valid \
+                     header, at byte {next}; the member it announced, if any, is lost"
                 ),
-                None => "corrupt tar header (its checksum fails), and no valid header follows it".to_string(),
+                None => {
+                    "corrupt tar header (its checksum fails or its size is unreadable), and no valid header follows \
+                         it"
+                    .to_string()
+                }
             };
             // The lost member was the open sample's or the next one's: both are marked, and
             // each is judged by the members it still has.
@@ -299,16 +317,24 @@ fn read_shard(
                 break;
             }
             continue;
-        }
-        let header = tar::Header::from_byte_slice(block);
-        let size = match pax_size.take() {
-            Some(size) => size,
-            None => header.entry_size().unwrap_or(u64::MAX),
         };
+        let header = tar::Header::from_byte_slice(block);
         let kind = header.entry_type();
         let padded = size.div_ceil(BLOCK as u64).saturating_mul(BLOCK as u64);
         if kind.is_pax_local_extensions() || kind.is_gnu_longname() {
-            let Some(data) = reader.data(size, padded, max_record_bytes.max(1 << 20))? else {
+            let limit = max_record_bytes.max(1 << 20);
+            if size > limit as u64 {
+                // The next member's name is in it: that member's sample is marked.
+                let note = format!("a {size}-byte pax or long-name header at byte {at} (over the limit, not read)");
+                let reason = format!("{note}: the next member's name is not known");
+                on_event(Event::Damage { key: None, offset: at, reason })?;
+                damage = Some(note);
+                if !reader.skip(padded)? {
+                    return cut(open, at, &mut on_event);
+                }
+                continue;
+            }
+            let Some(data) = reader.data(size, padded, limit)? else {
                 return cut(open, at, &mut on_event);
             };
             if kind.is_gnu_longname() {
@@ -629,7 +655,7 @@ pub struct WebDatasetConfig {
 }
 
 fn default_image_extensions() -> Vec<String> {
-    ["jpg", "jpeg", "png", "webp"].map(String::from).to_vec()
+    ["jpg", "jpeg", "png", "webp", "gif"].map(String::from).to_vec()
 }
 
 fn default_text_extension() -> String {
