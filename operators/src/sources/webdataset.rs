@@ -329,7 +329,7 @@ fn read_shard(
                 let reason = format!("{note}: the next member's name is not known");
                 on_event(Event::Damage { key: None, offset: at, reason })?;
                 damage = Some(note);
-                if !reader.skip(padded)? {
+                if !reader.skip_member(size, padded)? {
                     return cut(open, at, &mut on_event);
                 }
                 continue;
@@ -354,7 +354,7 @@ fn read_shard(
         let member = if kind.is_file() { key_and_extension(&name) } else { None };
         let Some((key, extension)) = member else {
             // A directory, a link, a meta or nameless member: skipped, as webdataset does.
-            if !reader.skip(padded)? {
+            if !reader.skip_member(size, padded)? {
                 return cut(open, at, &mut on_event);
             }
             continue;
@@ -379,7 +379,7 @@ fn read_shard(
         let data = if want && sample.problem.is_none() {
             reader.data(size, padded, max_record_bytes)?
         } else {
-            reader.skip(padded)?.then(Vec::new)
+            reader.skip_member(size, padded)?.then(Vec::new)
         };
         let Some(data) = data else {
             let reason = format!("truncated tar: the file ends inside member {name} (its header at byte {at})");
@@ -441,13 +441,26 @@ impl<R: Read> Blocks<'_, R> {
     /// `limit` bounds the allocation (the caller checked `size` against it).
     fn data(&mut self, size: u64, padded: u64, limit: usize) -> Result<Option<Vec<u8>>> {
         if size > limit as u64 {
-            return Ok(self.skip(padded)?.then(Vec::new));
+            return Ok(self.skip_member(size, padded)?.then(Vec::new));
         }
         let mut data = vec![0u8; size as usize];
         if self.fill(&mut data)? < data.len() {
             return Ok(None);
         }
-        Ok(self.skip(padded - size)?.then_some(data))
+        // A file that ends inside the padding after its last member holds that member whole
+        // (Python's tarfile reads it too).
+        self.skip(padded - size)?;
+        Ok(Some(data))
+    }
+
+    /// Skips a member of `size` bytes (`padded` in the file); whether the file held its bytes
+    /// (the padding after the last member may be cut).
+    fn skip_member(&mut self, size: u64, padded: u64) -> Result<bool> {
+        if !self.skip(size)? {
+            return Ok(false);
+        }
+        self.skip(padded - size)?;
+        Ok(true)
     }
 
     /// Skips `n` bytes; whether the file held them.
@@ -740,6 +753,46 @@ mod tests {
             .unwrap();
             assert_eq!(seen, ["k1 jpg=image one,txt=text one", "k2 jpg=image two"], "{format}");
         }
+    }
+
+    /// A shard cut inside the padding after its last member, before the end-of-archive
+    /// blocks, still holds that member whole: every sample is read, as Python's tarfile does.
+    #[test]
+    fn a_shard_cut_after_its_last_members_bytes_keeps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, body) in [("k1.jpg", "image one"), ("k1.txt", "text one"), ("k2.jpg", "image two")] {
+            std::fs::write(dir.path().join(name), body).unwrap();
+        }
+        let tar = dir.path().join("cut.tar");
+        let status = std::process::Command::new("tar")
+            .args(["--format", "gnu", "-cf"])
+            .arg(&tar)
+            .arg("-C")
+            .arg(dir.path())
+            .args(["k1.jpg", "k1.txt", "k2.jpg"])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        // Three members of one header and one data block each: the last one's data starts at
+        // 2 × 1024 + 512.
+        let bytes = std::fs::read(&tar).unwrap();
+        let read = |len: usize| {
+            std::fs::write(&tar, &bytes[..len]).unwrap();
+            let mut seen = Vec::new();
+            read_shard(&tar, 1 << 20, &|_| true, |event| {
+                seen.push(match event {
+                    Event::Sample(sample) => format!("{} {:?}", sample.key, sample.problem),
+                    Event::Damage { reason, .. } => reason,
+                });
+                Ok(())
+            })
+            .unwrap();
+            seen
+        };
+        assert_eq!(read(2 * 1024 + 512 + 9), ["k1 None", "k2 None"], "cut after the last member's bytes");
+        let cut = read(2 * 1024 + 512 + 5);
+        assert_eq!(cut[0], "k1 None");
+        assert!(cut[1].starts_with("k2 Some(\"truncated tar"), "{cut:?}");
     }
 
     #[test]
