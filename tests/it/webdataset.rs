@@ -368,10 +368,7 @@ fn a_compressed_shard_and_a_key_webdataset_would_misread_stop_the_job_naming_the
     );
     let toml = "[nodes.s]\nkind = \"webdataset\"\npaths = [\"packed.tar\"]\n\n\
                 [nodes.o]\nkind = \"write_parquet\"\ninput = \"s\"\npath = \"out/s.parquet\"\n";
-    std::fs::write(root.join("gz.toml"), toml).unwrap();
-    let output = cnclip(&["run", root.join("gz.toml").to_str().unwrap()]);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{stderr}");
+    let stderr = fails(root, "gz.toml", toml);
     assert!(stderr.contains("packed.tar") && stderr.contains("gzip"), "{stderr}");
     assert!(!root.join("out/s.parquet").exists());
 
@@ -384,12 +381,18 @@ fn a_compressed_shard_and_a_key_webdataset_would_misread_stop_the_job_naming_the
     );
     let toml = "[nodes.s]\nkind = \"parquet\"\npaths = [\"keyed.parquet\"]\n\n\
                 [nodes.o]\nkind = \"write_webdataset\"\ninput = \"s\"\npath = \"out/wds\"\n";
-    std::fs::write(root.join("keys.toml"), toml).unwrap();
-    let output = cnclip(&["run", root.join("keys.toml").to_str().unwrap()]);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{stderr}");
+    let stderr = fails(root, "keys.toml", toml);
     assert!(stderr.contains("img_002.jpg") && stderr.contains("first `.`"), "{stderr}");
     assert!(!root.join("out/wds").exists(), "a failed job left its shards");
     let leftovers: Vec<_> = std::fs::read_dir(root.join("out")).map(|d| d.flatten().collect()).unwrap_or_default();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// Runs the pipeline `toml`, written to `root/name`, which must fail; its stderr.
+fn fails(root: &Path, name: &str, toml: &str) -> String {
+    std::fs::write(root.join(name), toml).unwrap();
+    let output = cnclip(&["run", root.join(name).to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(!output.status.success(), "{stderr}");
+    stderr
 }

@@ -162,17 +162,23 @@ pub(crate) struct TextsBatcher {
     bytes: usize,
 }
 
+/// A builder of the `texts` table's `image_ids` column (its list item field as the contract
+/// declares it).
+pub(crate) fn image_ids_builder() -> ListBuilder<Int64Builder> {
+    let item = match cnclip_schemas::texts().field(2).data_type() {
+        DataType::List(item) => item.clone(),
+        other => unreachable!("texts.image_ids is {other}"),
+    };
+    ListBuilder::new(Int64Builder::new()).with_field(item)
+}
+
 impl TextsBatcher {
     pub(crate) fn new(batch_rows: usize) -> Self {
-        let item = match cnclip_schemas::texts().field(2).data_type() {
-            DataType::List(item) => item.clone(),
-            other => unreachable!("texts.image_ids is {other}"),
-        };
         TextsBatcher {
             batch_rows: batch_rows.max(1),
             ids: Int64Builder::new(),
             texts: StringBuilder::new(),
-            image_ids: ListBuilder::new(Int64Builder::new()).with_field(item),
+            image_ids: image_ids_builder(),
             bytes: 0,
         }
     }

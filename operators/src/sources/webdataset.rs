@@ -70,7 +70,28 @@ impl WebDatasetSource {
         Arc::new(Schema::new(fields))
     }
 
-    /// The extension of the member this table takes from a sample, among those it has.
+    /// The row this table takes from `sample`, or why it cannot (the quarantine's reason).
+    fn row_of<'s>(&self, sample: &'s Sample) -> std::result::Result<Row<'s>, String> {
+        if let Some(problem) = &sample.problem {
+            return Err(problem.clone());
+        }
+        let Some(member) = self.wanted(sample) else {
+            let what = match self.table {
+                WebDatasetTable::Images => format!("no image member (.{})", self.image_extensions.join("/.")),
+                WebDatasetTable::Texts => format!("no text member (.{})", self.text_extension),
+            };
+            let why = sample.damage.as_ref().map(|damage| format!(": {damage} may have held it")).unwrap_or_default();
+            return Err(format!("the sample has {what}{why}"));
+        };
+        match self.table {
+            WebDatasetTable::Images => Ok(Row::Image(&member.data)),
+            WebDatasetTable::Texts => std::str::from_utf8(&member.data)
+                .map(Row::Text)
+                .map_err(|e| format!("its .{} member is not UTF-8 ({e})", member.extension)),
+        }
+    }
+
+    /// The member this table takes from a sample, among those it has.
     fn wanted<'s>(&self, sample: &'s Sample) -> Option<&'s Member> {
         match self.table {
             WebDatasetTable::Images => {
@@ -120,42 +141,19 @@ impl Source for WebDatasetSource {
                     reason,
                 };
                 match event {
-                    Event::Damage { key, offset, reason } => {
-                        ctx.quarantine.reject(reject(key.as_deref(), format!("byte {offset}"), reason))
+                    Event::Damage { offset, reason } => {
+                        ctx.quarantine.reject(reject(None, format!("byte {offset}"), reason))
                     }
                     Event::Sample(sample) => {
                         let id = ((number as i64) << 32) | samples as i64;
                         samples += 1;
-                        let location = format!("sample {}", sample.key);
-                        if let Some(problem) = &sample.problem {
-                            return ctx.quarantine.reject(reject(Some(&sample.key), location, problem.clone()));
-                        }
-                        match self.wanted(&sample) {
-                            None => {
-                                let what = match self.table {
-                                    WebDatasetTable::Images => {
-                                        format!("no image member (.{})", self.image_extensions.join("/."))
-                                    }
-                                    WebDatasetTable::Texts => format!("no text member (.{})", self.text_extension),
-                                };
-                                let why = match &sample.damage {
-                                    Some(damage) => format!(": {damage} may have held it"),
-                                    None => String::new(),
-                                };
-                                let reason = format!("the sample has {what}{why}");
+                        match self.row_of(&sample) {
+                            Ok(Row::Image(image)) => batcher.push_image(id, image, &sample.key, emit),
+                            Ok(Row::Text(text)) => batcher.push_text(id, text, &sample.key, emit),
+                            Err(reason) => {
+                                let location = format!("sample {}", sample.key);
                                 ctx.quarantine.reject(reject(Some(&sample.key), location, reason))
                             }
-                            Some(member) => match self.table {
-                                WebDatasetTable::Images => batcher.push_image(id, &member.data, &sample.key, emit),
-                                WebDatasetTable::Texts => match std::str::from_utf8(&member.data) {
-                                    Ok(text) => batcher.push_text(id, text, &sample.key, emit),
-                                    Err(e) => ctx.quarantine.reject(reject(
-                                        Some(&sample.key),
-                                        location,
-                                        format!("its .{} member is not UTF-8 ({e})", member.extension),
-                                    )),
-                                },
-                            },
                         }
                     }
                 }
@@ -163,6 +161,12 @@ impl Source for WebDatasetSource {
         }
         batcher.flush(emit)
     }
+}
+
+/// What a usable sample gives its table.
+enum Row<'s> {
+    Image(&'s [u8]),
+    Text(&'s str),
 }
 
 /// One member of a sample: its extension and, when the table wants it, its bytes.
@@ -198,7 +202,6 @@ enum Event {
     /// Damage outside a sample's members: a header that fails its checksum (the reader resumed
     /// after it), or the file ending inside a header.
     Damage {
-        key: Option<String>,
         offset: u64,
         reason: String,
     },
@@ -260,7 +263,7 @@ fn read_shard(
     // The file ends inside the member whose header is at `at`: the open sample is cut.
     let cut = |open: Option<Sample>, at: u64, on_event: &mut dyn FnMut(Event) -> Result<()>| match open {
         Some(sample) => on_event(Event::Sample(sample.cut(truncated(at)))),
-        None => on_event(Event::Damage { key: None, offset: at, reason: truncated(at) }),
+        None => on_event(Event::Damage { offset: at, reason: truncated(at) }),
     };
     loop {
         let at = reader.offset;
@@ -312,7 +315,7 @@ fn read_shard(
                 sample.damage = Some(note.clone());
             }
             damage = Some(note);
-            on_event(Event::Damage { key: None, offset: at, reason })?;
+            on_event(Event::Damage { offset: at, reason })?;
             if resumed.is_none() {
                 break;
             }
@@ -327,7 +330,7 @@ fn read_shard(
                 // The next member's name is in it: that member's sample is marked.
                 let note = format!("a {size}-byte pax or long-name header at byte {at} (over the limit, not read)");
                 let reason = format!("{note}: the next member's name is not known");
-                on_event(Event::Damage { key: None, offset: at, reason })?;
+                on_event(Event::Damage { offset: at, reason })?;
                 damage = Some(note);
                 if !reader.skip_member(size, padded)? {
                     return cut(open, at, &mut on_event);
@@ -517,19 +520,11 @@ impl Batcher {
             ids: Int64Builder::new(),
             images: BinaryBuilder::new(),
             texts: StringBuilder::new(),
-            image_ids: Self::list_builder(),
+            image_ids: super::jsonl::image_ids_builder(),
             keys: StringBuilder::new(),
             rows: 0,
             bytes: 0,
         }
-    }
-
-    fn list_builder() -> ListBuilder<Int64Builder> {
-        let item = match cnclip_schemas::texts().field(2).data_type() {
-            DataType::List(item) => item.clone(),
-            other => unreachable!("texts.image_ids is {other}"),
-        };
-        ListBuilder::new(Int64Builder::new()).with_field(item)
     }
 
     fn push_image(&mut self, id: i64, image: &[u8], key: &str, emit: Emit<'_>) -> Result<()> {
