@@ -9,11 +9,16 @@
 #      links .venv to it) with torch, torchvision and cn_clip pinned together. torch's wheel is
 #      also our libtorch: .venv/libtorch links to its `torch/` folder, and .cargo/config.toml
 #      points LIBTORCH there, so a plain `cargo build` / `cargo test` needs no exported variable.
-#   3. cargo fetch, so the first build needs no network.
+#   3. The tools the tests start: s3s-fs, a real S3-compatible object store server (crates.io,
+#      pinned: 0.15 needs a newer rustc), built once into CNCLIP_TOOLS (default: .tools in the
+#      repository; elsewhere, linked as .tools, as the venv is).
+#   4. cargo fetch, so the first build needs no network.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${CNCLIP_VENV:-$root/.venv}
+tools=${CNCLIP_TOOLS:-$root/.tools}
+s3s_version=0.14.1
 requirements=$root/scripts/requirements.txt
 apt_packages=(cmake libopenblas-dev pkg-config g++ make nasm binutils lmdb-utils)
 
@@ -59,6 +64,24 @@ site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["pur
 [[ -f $site/torch/lib/libtorch_cpu.so ]] || { log "torch wheel has no lib/libtorch_cpu.so under $site/torch"; exit 1; }
 ln -sfn "${site#"$venv"/}/torch" "$venv/libtorch"
 
-# --- 3. crates ------------------------------------------------------------------------------
+# --- 3. tools -------------------------------------------------------------------------------
+if [[ "$("$tools/s3s-fs/bin/s3s-fs" --version 2>/dev/null)" == "s3s-fs $s3s_version" ]]; then
+    log "s3s-fs $s3s_version present in $tools"
+else
+    log "building s3s-fs $s3s_version into $tools (about 2.5 min)"
+    mkdir -p "$tools"
+    CARGO_TARGET_DIR="$tools/.build" cargo install --quiet --locked --root "$tools/s3s-fs" \
+        "s3s-fs@$s3s_version" --features binary
+    rm -rf "$tools/.build"
+fi
+if [[ $tools != "$root/.tools" ]]; then
+    if [[ -e $root/.tools && ! -L $root/.tools ]]; then
+        log "$root/.tools exists and is not a link to $tools: remove it or unset CNCLIP_TOOLS"
+        exit 1
+    fi
+    ln -sfn "$tools" "$root/.tools"
+fi
+
+# --- 4. crates ------------------------------------------------------------------------------
 (cd "$root" && cargo fetch --quiet)
 log "done: cargo build / cargo test now find libtorch at $venv/libtorch"

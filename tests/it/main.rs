@@ -25,6 +25,7 @@ mod knn;
 mod lmdb;
 mod manifest;
 mod models;
+mod object_store;
 mod pipeline;
 mod preprocess;
 mod progress;

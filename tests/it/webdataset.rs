@@ -25,7 +25,7 @@ fn parse(text: &str) -> Value {
 
 /// `shards/000000.tar`, `000001.tar`, … with `webdataset.TarWriter`, a count of samples each:
 /// img2dataset's keys, a small random JPEG, a Chinese caption and a JSON member per sample.
-const MAKE_SHARDS: &str = r#"
+pub(crate) const MAKE_SHARDS: &str = r#"
 import io, os, sys, numpy as np, webdataset as wds
 from PIL import Image
 out, counts = sys.argv[1], [int(n) for n in sys.argv[2:]]

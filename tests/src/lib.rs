@@ -99,6 +99,7 @@ fn run(command: &mut Command, stdin: &str) -> String {
 
 pub mod corpus;
 pub mod hostile;
+pub mod s3;
 
 /// `cn_clip.clip.tokenize(text, context_length)` for each text, through the reference harness.
 pub fn reference_token_ids(texts: &[String], context_length: usize) -> Vec<Vec<i64>> {

@@ -167,6 +167,13 @@ pub fn expand_paths(patterns: &[String]) -> Result<Vec<PathBuf>, Vec<String>> {
         problems.push("no input files given".to_string());
     }
     for pattern in patterns {
+        if storage::is_remote(Path::new(pattern)) {
+            match remote_paths(pattern) {
+                Ok(found) => paths.extend(found),
+                Err(problem) => problems.push(problem),
+            }
+            continue;
+        }
         if !pattern.contains(['*', '?', '[']) {
             let path = PathBuf::from(pattern);
             match storage::metadata(&path) {
@@ -205,13 +212,41 @@ pub fn expand_paths(patterns: &[String]) -> Result<Vec<PathBuf>, Vec<String>> {
     if problems.is_empty() { Ok(paths) } else { Err(problems) }
 }
 
+/// The objects a remote URL or pattern names: the object itself (which must exist), or the
+/// objects under the pattern's folder whose URLs match it (sorted; hidden names only when the
+/// pattern's file name starts with a dot, as for files).
+fn remote_paths(pattern: &str) -> Result<Vec<PathBuf>, String> {
+    if !pattern.contains(['*', '?', '[']) {
+        return match storage::size(pattern) {
+            Ok(_) => Ok(vec![PathBuf::from(pattern)]),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(format!("{pattern} does not exist")),
+            Err(e) => Err(e.to_string()),
+        };
+    }
+    let glob = glob::Pattern::new(pattern).map_err(|e| format!("pattern `{pattern}` is not a valid glob: {e}"))?;
+    let wildcard = pattern.find(['*', '?', '[']).unwrap_or(pattern.len());
+    let folder = &pattern[..pattern[..wildcard].rfind('/').unwrap_or(0)];
+    let wants_hidden = parts::is_hidden(Path::new(pattern));
+    let options = glob::MatchOptions { require_literal_separator: true, ..Default::default() };
+    let found: Vec<PathBuf> = storage::list_remote(folder)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|(url, _)| PathBuf::from(url))
+        .filter(|url| glob.matches_path_with(url, options) && (wants_hidden || !parts::is_hidden(url)))
+        .collect();
+    if found.is_empty() {
+        return Err(format!("pattern `{pattern}` matches no object"));
+    }
+    Ok(found)
+}
+
 /// Estimates the lines of `paths` from their total size and the mean length of the first
 /// (up to 1 MiB of) lines of the first file.
 pub(crate) fn estimate_lines(paths: &[PathBuf]) -> Option<u64> {
     use std::io::Read;
-    let total: u64 = paths.iter().filter_map(|p| storage::metadata(p).ok()).map(|m| m.len()).sum();
+    let total: u64 = paths.iter().filter_map(|p| storage::size(p).ok()).sum();
     let mut head = Vec::with_capacity(1 << 20);
-    storage::open(paths.first()?).ok()?.take(1 << 20).read_to_end(&mut head).ok()?;
+    storage::open_read(paths.first()?).ok()?.take(1 << 20).read_to_end(&mut head).ok()?;
     let lines = head.iter().filter(|&&b| b == b'\n').count() as u64;
     if lines == 0 {
         return None;

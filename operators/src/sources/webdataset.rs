@@ -252,7 +252,7 @@ fn read_shard(
     wants: &dyn Fn(&str) -> bool,
     mut on_event: impl FnMut(Event) -> Result<()>,
 ) -> Result<()> {
-    let file = storage::open(path).map_err(io(path))?;
+    let file = storage::open_read(path).map_err(io(path))?;
     let mut reader = Blocks { inner: BufReader::with_capacity(1 << 20, file), offset: 0, path, pending: None };
     let mut open: Option<Sample> = None;
     // A GNU long name or a pax `path` for the next member.

@@ -135,9 +135,13 @@ impl BuildContext {
     }
 
     /// `path` relative to the pipeline file's directory, with `.` and `..` folded lexically so
-    /// messages show `demo/x.tsv`, not `examples/pipelines/../../demo/x.tsv`.
+    /// messages show `demo/x.tsv`, not `examples/pipelines/../../demo/x.tsv`. A URL (`s3://…`,
+    /// `file://…`) is kept as written.
     pub fn resolve(&self, path: &Path) -> PathBuf {
         use std::path::Component;
+        if crate::storage::is_url(path) {
+            return path.to_path_buf();
+        }
         let joined = if path.is_absolute() { path.to_path_buf() } else { self.base.join(path) };
         let mut out = PathBuf::new();
         for part in joined.components() {

@@ -42,6 +42,7 @@
 //!   times to the nanosecond (fingerprints), file types, and names that are not UTF-8, which an
 //!   object store path cannot hold but a job must still report by name.
 
+pub mod remote;
 pub mod staging;
 
 use std::borrow::Cow;
@@ -60,28 +61,70 @@ static LOCAL: LazyLock<Arc<LocalFileSystem>> = LazyLock::new(|| Arc::new(LocalFi
 /// The local path a location names: `path` itself, or the path of a `file://` URL.
 ///
 /// # Errors
-/// `Unsupported` for a URL of another scheme (`s3://`, `gs://`, `https://`…), naming it; an
-/// invalid `file://` URL.
+/// `Unsupported` for a remote URL (`s3://`, `gs://`, `https://`…), naming it: the caller needs a
+/// local file; an invalid `file://` URL.
 pub fn local(path: &Path) -> io::Result<Cow<'_, Path>> {
-    let Some(text) = path.to_str() else { return Ok(Cow::Borrowed(path)) };
-    let Some((scheme, _)) = text.split_once("://") else { return Ok(Cow::Borrowed(path)) };
+    match locate(path)? {
+        Location::Local(path) => Ok(path),
+        Location::Remote(remote) => Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!(
+                "{}: this must be a local path or file:// URL (object storage is not supported here yet)",
+                remote.url
+            ),
+        )),
+    }
+}
+
+/// Where a location is: a local path (a plain path, or a `file://` URL's), or an object in a
+/// store ([`remote`]).
+pub enum Location<'a> {
+    Local(Cow<'a, Path>),
+    Remote(remote::Remote),
+}
+
+/// The scheme of `path` when it is a URL (`scheme://…`), lower-cased.
+fn scheme(path: &Path) -> Option<String> {
+    let (scheme, _) = path.to_str()?.split_once("://")?;
     let is_scheme = !scheme.is_empty()
         && scheme.starts_with(|c: char| c.is_ascii_alphabetic())
         && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
-    if !is_scheme {
-        return Ok(Cow::Borrowed(path));
-    }
-    if scheme.eq_ignore_ascii_case("file") {
+    is_scheme.then(|| scheme.to_ascii_lowercase())
+}
+
+/// Whether `path` is written as a URL (`scheme://…`), local (`file://`) or not.
+pub fn is_url(path: &Path) -> bool {
+    scheme(path).is_some()
+}
+
+/// Whether `path` names an object in a store (`s3://`, `gs://`, `az://`, `http(s)://`…).
+pub fn is_remote(path: &Path) -> bool {
+    scheme(path).is_some_and(|s| remote::is_remote_scheme(&s))
+}
+
+/// Where `path` is.
+///
+/// # Errors
+/// `Unsupported` for a URL of a scheme no store serves, naming it; an invalid URL.
+pub fn locate(path: &Path) -> io::Result<Location<'_>> {
+    let Some(scheme) = scheme(path) else { return Ok(Location::Local(Cow::Borrowed(path))) };
+    let text = path.to_str().unwrap_or_default();
+    if scheme == "file" {
         let url = url::Url::parse(text)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{text} is not a valid URL: {e}")))?;
         return url
             .to_file_path()
-            .map(Cow::Owned)
+            .map(|p| Location::Local(Cow::Owned(p)))
             .map_err(|()| io::Error::new(io::ErrorKind::InvalidInput, format!("{text} does not name a local file")));
+    }
+    if remote::is_remote_scheme(&scheme) {
+        return remote::parse(text).map(Location::Remote);
     }
     Err(io::Error::new(
         io::ErrorKind::Unsupported,
-        format!("{text}: {scheme}:// storage is not supported yet (local paths and file:// URLs are)"),
+        format!(
+            "{text}: {scheme}:// storage is not supported (local paths, file://, s3://, gs://, az://, http(s):// are)"
+        ),
     ))
 }
 
@@ -112,7 +155,10 @@ fn block_on<T>(future: impl std::future::Future<Output = T>) -> T {
 /// # Errors
 /// The OS error of opening or reading it, as `std::fs::read` gives it.
 pub fn read(path: impl AsRef<Path>) -> io::Result<Vec<u8>> {
-    let path = local(path.as_ref())?;
+    let path = match locate(path.as_ref())? {
+        Location::Local(path) => path,
+        Location::Remote(remote) => return remote.read().map(Vec::from),
+    };
     // A file that says it is empty (a FIFO, `/dev/stdin`, a `/proc` file) is read to its end as a
     // stream: the store reads as many bytes as the size says.
     let sized = std::fs::metadata(&path)?.len() > 0;
@@ -139,11 +185,14 @@ pub fn read_to_string(path: impl AsRef<Path>) -> io::Result<String> {
 /// # Errors
 /// The OS error of opening or reading it; `UnexpectedEof` for a range past its end.
 pub fn read_range(path: impl AsRef<Path>, range: Range<u64>) -> io::Result<bytes::Bytes> {
-    let path = local(path.as_ref())?;
     let wanted = range.end.saturating_sub(range.start);
     if wanted == 0 {
         return Ok(bytes::Bytes::new());
     }
+    let path = match locate(path.as_ref())? {
+        Location::Local(path) => path,
+        Location::Remote(remote) => return remote.read_range(range),
+    };
     if let Some(location) = object_path(&path) {
         // The store gives what there is of a range that runs past the end (a caller asked for all
         // of it), and fails on one that starts past it: both are read below, to std's error.
@@ -163,7 +212,8 @@ pub fn read_range(path: impl AsRef<Path>, range: Range<u64>) -> io::Result<bytes
 /// Writes `contents` at `path` only if nothing is there yet (a file, a directory, a link),
 /// atomically: a reader sees all of it or nothing, and of two writers exactly one succeeds. For
 /// what must be made once, such as the claims and first records of a job on an object store
-/// (issue #25), where a lock file cannot serve; no job calls it yet. The contents are written
+/// (issue #25), where a lock file cannot serve; no job calls it yet. On a store, the store's
+/// conditional write (`If-None-Match: *`) decides. The contents are written
 /// and synced at a staging path ([`staging::temp_path`]) and linked into place. The parent
 /// directory is created if missing. Returns whether it wrote.
 ///
@@ -171,7 +221,10 @@ pub fn read_range(path: impl AsRef<Path>, range: Range<u64>) -> io::Result<bytes
 /// The OS error of writing or linking (a file system without hard links: `EPERM`).
 pub fn create_if_absent(path: impl AsRef<Path>, contents: impl AsRef<[u8]>) -> io::Result<bool> {
     use std::io::Write;
-    let path = local(path.as_ref())?;
+    let path = match locate(path.as_ref())? {
+        Location::Local(path) => path,
+        Location::Remote(remote) => return remote.create_if_absent(bytes::Bytes::copy_from_slice(contents.as_ref())),
+    };
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)?;
     }
@@ -191,6 +244,61 @@ pub fn create_if_absent(path: impl AsRef<Path>, contents: impl AsRef<[u8]>) -> i
     })();
     let _ = std::fs::remove_file(&tmp);
     result
+}
+
+/// A file or an object opened for reading from its start to its end ([`open_read`]).
+pub enum Reader {
+    Local(std::fs::File),
+    Remote(remote::RemoteReader),
+}
+
+impl io::Read for Reader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Reader::Local(file) => file.read(buf),
+            Reader::Remote(reader) => reader.read(buf),
+        }
+    }
+}
+
+/// Opens a file or an object for streaming it once, in order (tar shards, TSV and JSONL lines):
+/// an object is read by ranged GETs with bounded read-ahead ([`remote::RemoteReader`]).
+///
+/// # Errors
+/// The OS error of opening a file; the store's (a missing object: `NotFound`).
+pub fn open_read(path: impl AsRef<Path>) -> io::Result<Reader> {
+    match locate(path.as_ref())? {
+        Location::Local(path) => std::fs::File::open(path).map(Reader::Local),
+        Location::Remote(remote) => remote::RemoteReader::open(&remote).map(Reader::Remote),
+    }
+}
+
+/// The size of a file or an object, in bytes.
+///
+/// # Errors
+/// The OS error of looking it up, or the store's.
+pub fn size(path: impl AsRef<Path>) -> io::Result<u64> {
+    match locate(path.as_ref())? {
+        Location::Local(path) => Ok(std::fs::metadata(path)?.len()),
+        Location::Remote(remote) => remote.size(),
+    }
+}
+
+/// The objects under a remote prefix (`s3://bucket/shards` lists `s3://bucket/shards/…`), as
+/// URLs, sorted, with their sizes.
+///
+/// # Errors
+/// `path` is local; the store's error.
+pub fn list_remote(path: impl AsRef<Path>) -> io::Result<Vec<(String, u64)>> {
+    match locate(path.as_ref())? {
+        Location::Local(path) => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is a local path, not an object store prefix", path.display()),
+        )),
+        Location::Remote(remote) => {
+            Ok(remote.list()?.into_iter().map(|(key, size)| (remote.sibling(key).url, size)).collect())
+        }
+    }
 }
 
 /// Opens a file for streaming or seekable reading (a local file; see the module docs).
@@ -251,20 +359,52 @@ pub fn canonicalize(path: impl AsRef<Path>) -> io::Result<PathBuf> {
     std::fs::canonicalize(local(path.as_ref())?)
 }
 
-/// Creates a directory and its missing parents.
+/// Creates a directory and its missing parents (nothing, for a store: keys need no folders).
 ///
 /// # Errors
 /// The OS error of creating one.
 pub fn create_dir_all(path: impl AsRef<Path>) -> io::Result<()> {
-    std::fs::create_dir_all(local(path.as_ref())?)
+    match locate(path.as_ref())? {
+        Location::Local(path) => std::fs::create_dir_all(path),
+        Location::Remote(_) => Ok(()),
+    }
 }
 
 /// Renames `from` to `to`, replacing a file at `to`: the atomic commit of a staged output.
+/// When `to` is an object, the staged file `from` (local: [`staging::temp_path`] spools a remote
+/// target's output on this machine) is uploaded as it, whole or not at all, and then removed; a
+/// staged directory is uploaded file by file under `to/` (each object whole, the set not
+/// atomically: a reader of the prefix may see some files before the others).
 ///
 /// # Errors
-/// The OS error of renaming.
+/// The OS error of renaming; the store's error of uploading, naming the object.
 pub fn rename(from: impl AsRef<Path>, to: impl AsRef<Path>) -> io::Result<()> {
-    std::fs::rename(local(from.as_ref())?, local(to.as_ref())?)
+    let from = local(from.as_ref())?;
+    match locate(to.as_ref())? {
+        Location::Local(to) => std::fs::rename(from, to),
+        Location::Remote(remote) => {
+            upload_tree(&from, &remote)?;
+            if from.is_dir() { std::fs::remove_dir_all(&from) } else { std::fs::remove_file(&from) }
+        }
+    }
+}
+
+/// Uploads the file `from` as `to`, or the files under the directory `from` as `to/RELATIVE`.
+fn upload_tree(from: &Path, to: &remote::Remote) -> io::Result<()> {
+    if !from.is_dir() {
+        return to.upload(from);
+    }
+    let mut entries: Vec<_> = std::fs::read_dir(from)?.collect::<io::Result<_>>()?;
+    entries.sort_by_key(std::fs::DirEntry::file_name);
+    for entry in entries {
+        let name = entry.file_name();
+        let name = name.to_str().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidData, format!("{}: not a UTF-8 name", entry.path().display()))
+        })?;
+        let key = object_store::path::Path::from(format!("{}/{name}", to.key));
+        upload_tree(&entry.path(), &to.sibling(key))?;
+    }
+    Ok(())
 }
 
 /// Copies a file's contents to `to`, creating or truncating it.
@@ -275,12 +415,15 @@ pub fn copy(from: impl AsRef<Path>, to: impl AsRef<Path>) -> io::Result<u64> {
     std::fs::copy(local(from.as_ref())?, local(to.as_ref())?)
 }
 
-/// Removes a file.
+/// Removes a file, or an object (a missing object is not an error: stores do not say).
 ///
 /// # Errors
 /// The OS error of removing it.
 pub fn remove_file(path: impl AsRef<Path>) -> io::Result<()> {
-    std::fs::remove_file(local(path.as_ref())?)
+    match locate(path.as_ref())? {
+        Location::Local(path) => std::fs::remove_file(path),
+        Location::Remote(remote) => remote.remove(),
+    }
 }
 
 /// Removes an empty directory.
@@ -321,7 +464,8 @@ pub fn scratch_dir(near: Option<&Path>, prefix: &str) -> io::Result<tempfile::Te
 
 /// Writes a file atomically: through a buffered temporary file beside `path`, synced and then
 /// renamed over it, so a reader never sees a half-written file and a failed write leaves
-/// nothing behind. Every cnclip output that is a single file goes through here.
+/// nothing behind. Every cnclip output that is a single file goes through here. An object is
+/// written to a local scratch file and uploaded ([`remote::Remote::upload`]).
 ///
 /// # Errors
 /// Whatever `write` returns, or the IO error (naming `path`) of creating, syncing or renaming.
@@ -330,7 +474,18 @@ pub fn write_atomically<E: From<io::Error>>(
     write: impl FnOnce(&mut io::BufWriter<std::fs::File>) -> Result<(), E>,
 ) -> Result<(), E> {
     let context = |e: io::Error| io::Error::new(e.kind(), format!("writing {}: {e}", path.display()));
-    let target = local(path).map_err(context)?;
+    let target = match locate(path).map_err(context)? {
+        Location::Local(target) => target,
+        Location::Remote(remote) => {
+            // Written whole to a local scratch file, then uploaded: the object appears complete
+            // or not at all (a multipart upload is completed last, or aborted).
+            let scratch = tempfile::NamedTempFile::new().map_err(context)?;
+            let mut out = io::BufWriter::with_capacity(1 << 20, scratch.reopen().map_err(context)?);
+            write(&mut out)?;
+            out.into_inner().map_err(|e| context(e.into_error()))?;
+            return remote.upload(scratch.path()).map_err(E::from);
+        }
+    };
     let dir = target.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let tmp = staging::temp_path(&dir.join(target.file_name().unwrap_or_default()));
     let result = (|| {
@@ -400,7 +555,7 @@ mod tests {
     }
 
     #[test]
-    fn file_urls_name_local_files_and_other_schemes_are_refused() {
+    fn file_urls_name_local_files_and_remote_ones_need_a_store() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("data set.jsonl");
         std::fs::write(&file, "{}").unwrap();
@@ -409,10 +564,15 @@ mod tests {
         assert_eq!(read(Path::new(url.as_str())).unwrap(), b"{}");
         assert_eq!(open(Path::new(url.as_str())).unwrap().metadata().unwrap().len(), 2);
         for remote in ["s3://bucket/corpus/part-0.tar", "gs://b/x", "https://example.com/x.parquet"] {
-            let error = read(Path::new(remote)).unwrap_err();
+            assert!(is_remote(Path::new(remote)), "{remote}");
+            // What needs a local file says so, naming it.
+            let error = open(Path::new(remote)).unwrap_err();
             assert_eq!(error.kind(), io::ErrorKind::Unsupported, "{remote}");
             assert!(error.to_string().starts_with(remote), "{error}");
         }
+        let error = read(Path::new("ftp://host/x.tsv")).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::Unsupported);
+        assert!(error.to_string().starts_with("ftp://host/x.tsv: ftp:// storage is not supported"), "{error}");
         // Not URLs: local names that happen to hold "://".
         assert!(matches!(local(Path::new("out/a://b")).unwrap(), Cow::Borrowed(_)));
         assert!(matches!(local(Path::new("1x://b")).unwrap(), Cow::Borrowed(_)));

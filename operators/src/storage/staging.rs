@@ -15,8 +15,12 @@ const PREFIX: &str = ".cnclip-tmp-";
 
 /// The temporary path for `path`, in the same directory (so the final rename is atomic), after
 /// removing what dead processes left for the same target.
+///
+/// An object's output is spooled on this machine, in `$TMPDIR/cnclip-spool/` (named after a hash
+/// of its URL and its file name), and uploaded when committed ([`super::rename`]).
 pub fn temp_path(path: &Path) -> PathBuf {
     let path = &local(path);
+    let path = &spooled(path).unwrap_or_else(|| path.clone());
     remove_stale(path);
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     path.with_file_name(format!("{PREFIX}{}-{name}", std::process::id()))
@@ -97,6 +101,21 @@ pub fn remove_stale(path: &Path) -> Vec<PathBuf> {
         }
     }
     removed
+}
+
+/// Where the output of the remote target `path` is spooled: `$TMPDIR/cnclip-spool/HASH-NAME`.
+/// `None` for a local path.
+fn spooled(path: &Path) -> Option<PathBuf> {
+    use sha2::Digest;
+    if !super::is_remote(path) {
+        return None;
+    }
+    let spool = std::env::temp_dir().join("cnclip-spool");
+    let _ = std::fs::create_dir_all(&spool);
+    let hash = sha2::Sha256::digest(path.as_os_str().as_encoded_bytes());
+    let hash: String = hash[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    Some(spool.join(format!("{hash}-{name}")))
 }
 
 /// The local path of `path` (a `file://` URL's path). A location this cannot name (another

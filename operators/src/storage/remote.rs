@@ -1,0 +1,605 @@
+//! Object stores: `s3://` (AWS S3 and the S3-compatible stores: MinIO, Aliyun OSS, Cloudflare
+//! R2, Ceph…), `gs://`, `az://` / `abfs://`, and `https://` (read-only), through the
+//! [`object_store`] crate. This module turns a location into a store and a key, configures the
+//! stores, and runs their requests; [`super`] decides per call whether a location is local or
+//! remote.
+//!
+//! **Configuration.** A store is built from the environment its SDKs read (`AWS_ACCESS_KEY_ID`,
+//! `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION`, `AWS_ENDPOINT_URL` for an
+//! S3-compatible store; `GOOGLE_*`; `AZURE_*`), then AWS's shared profile files for what the
+//! environment leaves unset (`~/.aws/credentials` and `~/.aws/config`, section
+//! `AWS_PROFILE` or `default`), then the job's `--storage-option KEY=VALUE` flags
+//! ([`configure`]), which win. Keys are `object_store`'s (`endpoint`, `region`,
+//! `access_key_id`, `timeout`, `connect_timeout`, `allow_http`, …) plus two of ours: `retries`
+//! (attempts after the first, default 10) and `retry_timeout` (how long one request may keep
+//! retrying, default 3 min). An `http://` endpoint is allowed without TLS: the user named it.
+//!
+//! **Requests** run on a small tokio runtime of their own ([`run`]), so a source thread, a sink
+//! thread or a task of the pipeline's runtime can wait on one. Transient failures (timeouts, a
+//! connection refused or cut, 5xx, 429 SlowDown) are retried by the store with exponential
+//! backoff; each failed attempt is counted ([`Counters`]) for the job report. A request that
+//! still fails names the object, the attempts made and the last error.
+
+use std::collections::HashMap;
+use std::io;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use object_store::client::{
+    ClientOptions, HttpClient, HttpConnector, HttpError, HttpRequest, HttpResponse, HttpService, ReqwestConnector,
+};
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, RetryConfig};
+
+/// An object in a store: where requests go, and the URL it was given as (for messages).
+#[derive(Clone)]
+pub struct Remote {
+    pub store: Arc<dyn ObjectStore>,
+    pub key: ObjectPath,
+    pub url: String,
+    /// Whether the store can be written (`https://` cannot).
+    pub writable: bool,
+}
+
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.url)
+    }
+}
+
+/// An object store's failure, naming the object.
+#[derive(Debug, thiserror::Error)]
+#[error("{url}: {source}")]
+pub struct RemoteError {
+    pub url: String,
+    #[source]
+    pub source: object_store::Error,
+}
+
+impl RemoteError {
+    /// As an `io::Error` of the matching kind (`NotFound`, `AlreadyExists` for a lost
+    /// conditional write, `PermissionDenied`, else `Other`), keeping this error as its source.
+    pub fn into_io(url: &str, source: object_store::Error) -> io::Error {
+        use object_store::Error as E;
+        let kind = match &source {
+            E::NotFound { .. } => io::ErrorKind::NotFound,
+            E::AlreadyExists { .. } | E::Precondition { .. } => io::ErrorKind::AlreadyExists,
+            E::PermissionDenied { .. } | E::Unauthenticated { .. } => io::ErrorKind::PermissionDenied,
+            E::NotSupported { .. } | E::NotImplemented { .. } => io::ErrorKind::Unsupported,
+            E::InvalidPath { .. } => io::ErrorKind::InvalidInput,
+            _ => io::ErrorKind::Other,
+        };
+        io::Error::new(kind, RemoteError { url: url.to_string(), source })
+    }
+}
+
+/// Whether `text` is a URL of a remote scheme this module serves.
+pub fn is_remote_scheme(scheme: &str) -> bool {
+    matches!(
+        scheme.to_ascii_lowercase().as_str(),
+        "s3" | "s3a" | "gs" | "az" | "adl" | "azure" | "abfs" | "abfss" | "http" | "https"
+    )
+}
+
+/// The store and key of a remote URL.
+///
+/// # Errors
+/// `InvalidInput` for a URL that does not parse or names no bucket; the store's
+/// configuration error (an unknown `--storage-option`, a malformed endpoint).
+pub fn parse(text: &str) -> io::Result<Remote> {
+    let invalid = |why: String| io::Error::new(io::ErrorKind::InvalidInput, format!("{text}: {why}"));
+    let url = url::Url::parse(text).map_err(|e| invalid(format!("not a valid URL ({e})")))?;
+    let scheme = url.scheme().to_ascii_lowercase();
+    let http = scheme == "http" || scheme == "https";
+    // One store per scheme and bucket (or host): its connections are shared by every object.
+    let root = if http {
+        url[..url::Position::BeforePath].to_string()
+    } else {
+        let bucket = url.host_str().filter(|h| !h.is_empty()).ok_or_else(|| invalid("names no bucket".into()))?;
+        format!("{scheme}://{bucket}")
+    };
+    let key_text = url.path().trim_start_matches('/');
+    let key = ObjectPath::from_url_path(key_text).map_err(|e| invalid(format!("not a valid object key ({e})")))?;
+    let store = store(&scheme, &root)?;
+    Ok(Remote { store, key, url: text.trim_end_matches('/').to_string(), writable: !http })
+}
+
+/// The stores built so far, by scheme and bucket.
+static STORES: LazyLock<Mutex<HashMap<String, Arc<dyn ObjectStore>>>> = LazyLock::new(Default::default);
+
+fn store(scheme: &str, root: &str) -> io::Result<Arc<dyn ObjectStore>> {
+    let mut stores = STORES.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(store) = stores.get(root) {
+        return Ok(store.clone());
+    }
+    let built = build(scheme, root).map_err(|e| match e {
+        BuildError::Option(message) => io::Error::new(io::ErrorKind::InvalidInput, message),
+        BuildError::Store(source) => RemoteError::into_io(root, source),
+    })?;
+    stores.insert(root.to_string(), built.clone());
+    Ok(built)
+}
+
+enum BuildError {
+    Option(String),
+    Store(object_store::Error),
+}
+
+impl From<object_store::Error> for BuildError {
+    fn from(e: object_store::Error) -> Self {
+        BuildError::Store(e)
+    }
+}
+
+/// The options given with `--storage-option`, set once per process by the CLI.
+static OPTIONS: OnceLock<Vec<(String, String)>> = OnceLock::new();
+
+/// Sets the `--storage-option KEY=VALUE` pairs every store of this process is built with
+/// (later ones win). Called once, before the job opens anything; a second call is ignored.
+pub fn configure(options: Vec<(String, String)>) {
+    let _ = OPTIONS.set(options);
+}
+
+/// The options this process was configured with.
+pub fn options() -> &'static [(String, String)] {
+    OPTIONS.get().map_or(&[], Vec::as_slice)
+}
+
+/// Our own keys among the options, and the store's.
+struct Settings {
+    retry: RetryConfig,
+    store: Vec<(String, String)>,
+}
+
+fn settings() -> Result<Settings, BuildError> {
+    let mut retry = RetryConfig::default();
+    let mut store = Vec::new();
+    for (key, value) in options() {
+        let bad = |why: &str| BuildError::Option(format!("--storage-option {key}={value}: {why}"));
+        match key.to_ascii_lowercase().as_str() {
+            "retries" => retry.max_retries = value.parse().map_err(|_| bad("not a whole number"))?,
+            "retry_timeout" => {
+                retry.retry_timeout = parse_duration(value).ok_or_else(|| bad("not a duration (30s, 2min, 500ms)"))?
+            }
+            _ => store.push((key.to_ascii_lowercase(), value.clone())),
+        }
+    }
+    Ok(Settings { retry, store })
+}
+
+/// `30s`, `500ms`, `2min`, `1h` or a number of seconds.
+fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    let seconds = match unit.trim() {
+        "" | "s" | "sec" | "secs" => number,
+        "ms" => number / 1000.0,
+        "m" | "min" | "mins" => number * 60.0,
+        "h" => number * 3600.0,
+        _ => return None,
+    };
+    (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds))
+}
+
+fn build(scheme: &str, root: &str) -> Result<Arc<dyn ObjectStore>, BuildError> {
+    let Settings { retry, store: options } = settings()?;
+    let unknown =
+        |key: &str| BuildError::Option(format!("--storage-option {key}: not an option of {scheme}:// stores"));
+    let connector = Counting(ReqwestConnector::default());
+    Ok(match scheme {
+        "s3" | "s3a" => {
+            use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+            let mut builder = AmazonS3Builder::from_env().with_url(root);
+            for (key, value) in aws_profile() {
+                let key: AmazonS3ConfigKey = key.parse()?;
+                if builder.get_config_value(&key).is_none() {
+                    builder = builder.with_config(key, value);
+                }
+            }
+            for (key, value) in &options {
+                builder = builder.with_config(key.parse().map_err(|_| unknown(key))?, value);
+            }
+            // An `http://` endpoint (a MinIO in the same cluster) is the user's own choice.
+            let endpoint = [AmazonS3ConfigKey::S3Endpoint, AmazonS3ConfigKey::Endpoint]
+                .iter()
+                .find_map(|key| builder.get_config_value(key));
+            if endpoint.is_some_and(|e| e.starts_with("http://")) {
+                builder = builder.with_allow_http(true);
+            }
+            if builder.get_config_value(&AmazonS3ConfigKey::Region).is_none() {
+                builder = builder.with_region("us-east-1");
+            }
+            Arc::new(builder.with_retry(retry).with_http_connector(connector).build()?)
+        }
+        "gs" => {
+            let mut builder = object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(root);
+            for (key, value) in &options {
+                builder = builder.with_config(key.parse().map_err(|_| unknown(key))?, value);
+            }
+            Arc::new(builder.with_retry(retry).with_http_connector(connector).build()?)
+        }
+        "az" | "adl" | "azure" | "abfs" | "abfss" => {
+            let mut builder = object_store::azure::MicrosoftAzureBuilder::from_env().with_url(root);
+            for (key, value) in &options {
+                builder = builder.with_config(key.parse().map_err(|_| unknown(key))?, value);
+            }
+            Arc::new(builder.with_retry(retry).with_http_connector(connector).build()?)
+        }
+        _ => {
+            let mut builder = object_store::http::HttpBuilder::new().with_url(root);
+            for (key, value) in &options {
+                builder = builder.with_config(key.parse().map_err(|_| unknown(key))?, value);
+            }
+            Arc::new(builder.with_retry(retry).with_http_connector(connector).build()?)
+        }
+    })
+}
+
+/// What AWS's shared files say for the profile `AWS_PROFILE` (or `default`): credentials from
+/// `AWS_SHARED_CREDENTIALS_FILE` (`~/.aws/credentials`), region and endpoint from
+/// `AWS_CONFIG_FILE` (`~/.aws/config`, where a profile's section is `[profile NAME]`). As
+/// `object_store` keys; files that are missing give nothing.
+fn aws_profile() -> Vec<(&'static str, String)> {
+    let home = std::env::var_os("HOME").map(std::path::PathBuf::from);
+    let file = |variable: &str, default: &str| {
+        std::env::var_os(variable).map(std::path::PathBuf::from).or_else(|| home.as_ref().map(|h| h.join(default)))
+    };
+    let profile = std::env::var("AWS_PROFILE").unwrap_or_else(|_| "default".into());
+    let mut found = Vec::new();
+    let wanted = [
+        ("aws_access_key_id", "aws_access_key_id"),
+        ("aws_secret_access_key", "aws_secret_access_key"),
+        ("aws_session_token", "aws_session_token"),
+        ("region", "aws_region"),
+        ("endpoint_url", "aws_endpoint"),
+    ];
+    let sections = [
+        (file("AWS_SHARED_CREDENTIALS_FILE", ".aws/credentials"), profile.clone()),
+        (
+            file("AWS_CONFIG_FILE", ".aws/config"),
+            if profile == "default" { profile.clone() } else { format!("profile {profile}") },
+        ),
+    ];
+    for (path, section) in sections {
+        let Some(text) = path.and_then(|p| std::fs::read_to_string(p).ok()) else { continue };
+        for (name, value) in ini_section(&text, &section) {
+            if let Some((_, key)) = wanted.iter().find(|(n, _)| *n == name)
+                && !found.iter().any(|(k, _)| k == key)
+            {
+                found.push((*key, value));
+            }
+        }
+    }
+    found
+}
+
+/// The `name = value` lines of `[section]` in an INI text.
+fn ini_section(text: &str, section: &str) -> Vec<(String, String)> {
+    let mut inside = false;
+    let mut out = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') && line.ends_with(']') {
+            inside = line[1..line.len() - 1].trim() == section;
+        } else if inside
+            && !line.starts_with(['#', ';'])
+            && let Some((name, value)) = line.split_once('=')
+        {
+            out.push((name.trim().to_ascii_lowercase(), value.trim().to_string()));
+        }
+    }
+    out
+}
+
+/// Requests made and failed attempts, over every store of this process.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub requests: AtomicU64,
+    /// Attempts that failed with a timeout, a connection error, 5xx or 429: the store retried
+    /// them (or gave up, and the job fails).
+    pub failed_attempts: AtomicU64,
+}
+
+/// This process's counters.
+pub static COUNTERS: Counters = Counters { requests: AtomicU64::new(0), failed_attempts: AtomicU64::new(0) };
+
+/// The HTTP client every store uses: reqwest's, counting what it does.
+#[derive(Debug)]
+struct Counting(ReqwestConnector);
+
+impl HttpConnector for Counting {
+    fn connect(&self, options: &ClientOptions) -> object_store::Result<HttpClient> {
+        Ok(HttpClient::new(CountingService(self.0.connect(options)?)))
+    }
+}
+
+#[derive(Debug)]
+struct CountingService(HttpClient);
+
+#[async_trait::async_trait]
+impl HttpService for CountingService {
+    async fn call(&self, request: HttpRequest) -> Result<HttpResponse, HttpError> {
+        COUNTERS.requests.fetch_add(1, Ordering::Relaxed);
+        let response = self.0.execute(request).await;
+        let failed = match &response {
+            Ok(response) => response.status().is_server_error() || response.status().as_u16() == 429,
+            Err(_) => true,
+        };
+        if failed {
+            COUNTERS.failed_attempts.fetch_add(1, Ordering::Relaxed);
+        }
+        response
+    }
+}
+
+/// The runtime the stores' requests run on: two threads of their own, so that a caller on any
+/// thread (the pipeline's runtime included) can wait on a request.
+static RUNTIME: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("cnclip-storage")
+        .enable_all()
+        .build()
+        .expect("a tokio runtime for object storage")
+});
+
+/// Runs `future` on the storage runtime and waits for it on this thread.
+///
+/// # Errors
+/// `Other` if the request's task panicked.
+pub fn run<T: Send + 'static>(future: impl Future<Output = T> + Send + 'static) -> io::Result<T> {
+    let task = RUNTIME.spawn(future);
+    futures_executor::block_on(tokio::task::unconstrained(task)).map_err(io::Error::other)
+}
+
+impl Remote {
+    fn err(&self) -> impl Fn(object_store::Error) -> io::Error + '_ {
+        |e| RemoteError::into_io(&self.url, e)
+    }
+
+    /// The whole object.
+    pub fn read(&self) -> io::Result<Bytes> {
+        let (store, key) = (self.store.clone(), self.key.clone());
+        run(async move { store.get(&key).await?.bytes().await })?.map_err(self.err())
+    }
+
+    /// Bytes `range` of the object; `UnexpectedEof` when the object is shorter.
+    pub fn read_range(&self, range: Range<u64>) -> io::Result<Bytes> {
+        let wanted = range.end - range.start;
+        let (store, key) = (self.store.clone(), self.key.clone());
+        let bytes = run(async move { store.get_range(&key, range).await })?.map_err(self.err())?;
+        if bytes.len() as u64 != wanted {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("{}: shorter than asked", self.url)));
+        }
+        Ok(bytes)
+    }
+
+    /// The object's size in bytes.
+    pub fn size(&self) -> io::Result<u64> {
+        let (store, key) = (self.store.clone(), self.key.clone());
+        Ok(run(async move { store.head(&key).await })?.map_err(self.err())?.size)
+    }
+
+    /// Whether the object exists.
+    pub fn exists(&self) -> io::Result<bool> {
+        match self.size() {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The keys under this one as a prefix (`key/…`), sorted, with their sizes.
+    pub fn list(&self) -> io::Result<Vec<(ObjectPath, u64)>> {
+        use futures_util::TryStreamExt;
+        let (store, key) = (self.store.clone(), self.key.clone());
+        let mut listed = run(async move {
+            let prefix = (!key.as_ref().is_empty()).then_some(&key);
+            store.list(prefix).map_ok(|meta| (meta.location, meta.size)).try_collect::<Vec<_>>().await
+        })?
+        .map_err(self.err())?;
+        listed.sort();
+        Ok(listed)
+    }
+
+    /// The object `key` of the same store, named as a URL beside this one's.
+    pub fn sibling(&self, key: ObjectPath) -> Remote {
+        let base = self.url.strip_suffix(self.key.as_ref()).unwrap_or(&self.url).trim_end_matches('/');
+        Remote { url: format!("{base}/{key}"), store: self.store.clone(), key, writable: self.writable }
+    }
+
+    fn writable(&self) -> io::Result<()> {
+        if self.writable {
+            Ok(())
+        } else {
+            Err(io::Error::new(io::ErrorKind::Unsupported, format!("{}: http(s):// locations are read-only", self.url)))
+        }
+    }
+
+    /// Writes `contents` as the object only if there is none yet; of two writers exactly one
+    /// succeeds (the store's conditional write, `If-None-Match: *`). Returns whether it wrote.
+    pub fn create_if_absent(&self, contents: Bytes) -> io::Result<bool> {
+        self.writable()?;
+        let (store, key) = (self.store.clone(), self.key.clone());
+        let result = run(async move {
+            let options = object_store::PutOptions { mode: object_store::PutMode::Create, ..Default::default() };
+            store.put_opts(&key, contents.into(), options).await
+        })?;
+        match result {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => Ok(false),
+            Err(e) => Err(self.err()(e)),
+        }
+    }
+
+    /// Uploads the local file `from` as the object, whole or not at all: a single PUT for a small
+    /// file, else a multipart upload, completed only once every part is in and aborted when one
+    /// fails (no part stays behind in the store).
+    pub fn upload(&self, from: &std::path::Path) -> io::Result<()> {
+        self.writable()?;
+        let size = std::fs::metadata(from)?.len();
+        let (store, key) = (self.store.clone(), self.key.clone());
+        if size <= PART_BYTES as u64 {
+            let contents = Bytes::from(std::fs::read(from)?);
+            return run(async move { store.put(&key, contents.into()).await })?.map(drop).map_err(self.err());
+        }
+        let from = from.to_path_buf();
+        run(async move { upload_parts(store, key, from).await })?.map_err(|e| match e {
+            UploadError::Store(e) => self.err()(e),
+            UploadError::Io(e) => io::Error::new(e.kind(), format!("uploading to {}: {e}", self.url)),
+        })
+    }
+
+    /// Removes the object (a missing one is not an error).
+    pub fn remove(&self) -> io::Result<()> {
+        self.writable()?;
+        let (store, key) = (self.store.clone(), self.key.clone());
+        match run(async move { store.delete(&key).await })? {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.err()(e)),
+        }
+    }
+}
+
+/// The size of an upload's parts (and the largest file sent in one PUT).
+const PART_BYTES: usize = 16 << 20;
+
+enum UploadError {
+    Store(object_store::Error),
+    Io(io::Error),
+}
+
+async fn upload_parts(
+    store: Arc<dyn ObjectStore>,
+    key: ObjectPath,
+    from: std::path::PathBuf,
+) -> Result<(), UploadError> {
+    use tokio::io::AsyncReadExt;
+    let mut upload = object_store::WriteMultipart::new_with_chunk_size(
+        store.put_multipart(&key).await.map_err(UploadError::Store)?,
+        PART_BYTES,
+    );
+    let sent: Result<(), UploadError> = async {
+        let mut file = tokio::fs::File::open(&from).await.map_err(UploadError::Io)?;
+        let mut buffer = vec![0u8; PART_BYTES];
+        loop {
+            // At most two parts in flight: memory stays bounded whatever the file's size.
+            upload.wait_for_capacity(2).await.map_err(UploadError::Store)?;
+            let mut filled = 0;
+            while filled < buffer.len() {
+                let n = file.read(&mut buffer[filled..]).await.map_err(UploadError::Io)?;
+                if n == 0 {
+                    break;
+                }
+                filled += n;
+            }
+            if filled == 0 {
+                return Ok(());
+            }
+            upload.write(&buffer[..filled]);
+            if filled < buffer.len() {
+                return Ok(());
+            }
+        }
+    }
+    .await;
+    match sent {
+        Ok(()) => upload.finish().await.map(drop).map_err(UploadError::Store),
+        Err(e) => {
+            let _ = upload.abort().await;
+            Err(e)
+        }
+    }
+}
+
+/// A streaming reader of an object: ranged GETs of [`CHUNK_BYTES`] in order, fetched by a
+/// thread of its own at most [`READ_AHEAD`] chunks ahead of the reader, so memory stays
+/// bounded however large the object. Dropping the reader stops the fetching.
+pub struct RemoteReader {
+    chunks: std::sync::mpsc::Receiver<io::Result<Bytes>>,
+    current: Bytes,
+    done: bool,
+}
+
+/// The bytes of one ranged GET.
+pub const CHUNK_BYTES: u64 = 8 << 20;
+/// Chunks fetched ahead of the reader.
+pub const READ_AHEAD: usize = 2;
+
+impl RemoteReader {
+    /// Starts reading `remote`.
+    ///
+    /// # Errors
+    /// The object's size cannot be had (missing: `NotFound`).
+    pub fn open(remote: &Remote) -> io::Result<RemoteReader> {
+        let size = remote.size()?;
+        let (sender, chunks) = std::sync::mpsc::sync_channel(READ_AHEAD);
+        let remote = remote.clone();
+        std::thread::Builder::new().name("remote-read".into()).spawn(move || {
+            let mut offset = 0;
+            while offset < size {
+                let end = (offset + CHUNK_BYTES).min(size);
+                let chunk = remote.read_range(offset..end);
+                let failed = chunk.is_err();
+                if sender.send(chunk).is_err() || failed {
+                    return;
+                }
+                offset = end;
+            }
+        })?;
+        Ok(RemoteReader { chunks, current: Bytes::new(), done: size == 0 })
+    }
+}
+
+impl io::Read for RemoteReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.current.is_empty() {
+            if self.done {
+                return Ok(0);
+            }
+            match self.chunks.recv() {
+                Ok(chunk) => self.current = chunk?,
+                // The fetcher ends after the last chunk.
+                Err(_) => self.done = true,
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current[..n]);
+        bytes::Buf::advance(&mut self.current, n);
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_profiles_parse() {
+        assert_eq!(parse_duration("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2min"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("7"), Some(Duration::from_secs(7)));
+        assert_eq!(parse_duration("soon"), None);
+        let ini =
+            "[default]\naws_access_key_id = A\n\n[profile lab]\nregion=cn-north-1\n# c\nendpoint_url = http://x\n";
+        assert_eq!(ini_section(ini, "default"), [("aws_access_key_id".to_string(), "A".to_string())]);
+        assert_eq!(
+            ini_section(ini, "profile lab"),
+            [("region".to_string(), "cn-north-1".to_string()), ("endpoint_url".to_string(), "http://x".to_string())]
+        );
+    }
+
+    #[test]
+    fn urls_name_a_bucket_and_a_key() {
+        let remote = parse("s3://bucket/corpus/shard-0.tar").unwrap();
+        assert_eq!(remote.key.as_ref(), "corpus/shard-0.tar");
+        assert_eq!(remote.sibling(ObjectPath::from("corpus/x.json")).url, "s3://bucket/corpus/x.json");
+        assert!(parse("s3:///key").unwrap_err().to_string().contains("names no bucket"));
+        assert!(!parse("https://example.com/data/x.parquet").unwrap().writable);
+    }
+}
