@@ -124,3 +124,111 @@ fn walk(dir: &Path) -> Vec<String> {
     }
     out
 }
+
+/// `big/000000.tar`: `samples` samples of a 1 MiB random "image" each (the source does not
+/// decode them), so the images table written from it takes several upload parts.
+fn big_shard(root: &Path, samples: usize) {
+    let script = r#"
+import io, os, sys, tarfile
+root, n = sys.argv[1], int(sys.argv[2])
+os.makedirs(f"{root}/big", exist_ok=True)
+rng = __import__("random").Random(25)
+with tarfile.open(f"{root}/big/000000.tar", "w", format=tarfile.GNU_FORMAT) as tar:
+    for i in range(n):
+        data = rng.randbytes(1 << 20)
+        info = tarfile.TarInfo(f"{i:09d}.jpg"); info.size = len(data); info.mtime = 0
+        tar.addfile(info, io.BytesIO(data))
+"#;
+    python(script, &[root.to_str().unwrap(), &samples.to_string()], "");
+}
+
+/// The multipart uploads the server holds open.
+fn open_uploads(server: &S3Server) -> Vec<String> {
+    objects_and_uploads(server).into_iter().filter(|p| p.starts_with(".upload-")).collect()
+}
+
+/// Starts `cnclip run FILE` in `dir` against `server` with `options`, in a process group of its
+/// own, as a batch system would.
+fn spawn_run(server: &S3Server, dir: &Path, file: &str, options: &[&str]) -> std::process::Child {
+    use std::os::unix::process::CommandExt;
+    let mut command = Command::new(cnclip_tests::cnclip_bin());
+    command.current_dir(dir).arg("run").arg(file);
+    for option in options {
+        command.args(["--storage-option", option]);
+    }
+    server
+        .configure(&mut command)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap()
+}
+
+/// Waits (up to 60 s) until the server holds an open multipart upload.
+fn until_an_upload_is_open(server: &S3Server, job: &mut std::process::Child) {
+    let start = std::time::Instant::now();
+    while open_uploads(server).is_empty() {
+        assert!(job.try_wait().unwrap().is_none(), "the job ended before it began its upload");
+        assert!(start.elapsed().as_secs() < 60, "no upload began in 60 s");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn a_server_lost_mid_upload_fails_the_job_and_a_rerun_finishes_it_whole() {
+    let mut server = S3Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    big_shard(root, 60);
+    server.bucket("out");
+    let toml = webdataset_pipeline("big/000000.tar", "images", "s3://out/images.parquet");
+    std::fs::write(root.join("p.toml"), toml).unwrap();
+    std::fs::write(root.join("local.toml"), webdataset_pipeline("big/000000.tar", "images", "local.parquet")).unwrap();
+    ok(cnclip(&server, root, &["run", "local.toml"]));
+    let expected = std::fs::read(root.join("local.parquet")).unwrap();
+    assert!(expected.len() > 3 * (16 << 20), "the table takes several parts: {} bytes", expected.len());
+
+    // The server goes away once the upload has begun.
+    let options = ["retries=1", "retry_timeout=5s", "connect_timeout=1s", "timeout=5s"];
+    let mut job = spawn_run(&server, root, "p.toml", &options);
+    until_an_upload_is_open(&server, &mut job);
+    server.stop();
+    let output = job.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("s3://out/images.parquet"), "the error names the object: {stderr}");
+    // Nothing at the target; the upload the job could not abort stays open on the server.
+    server.restart();
+    assert!(!server.data().join("out/images.parquet").exists());
+    assert_eq!(open_uploads(&server).len(), 1, "{:?}", objects_and_uploads(&server));
+
+    // The rerun aborts it (the spool's journal names it) and writes the whole table.
+    let log = ok(spawn_run(&server, root, "p.toml", &[]).wait_with_output().unwrap());
+    assert!(log.contains("60 rows → s3://out/images.parquet"), "{log}");
+    assert_eq!(std::fs::read(server.data().join("out/images.parquet")).unwrap(), expected);
+    assert_eq!(open_uploads(&server), Vec::<String>::new());
+}
+
+#[test]
+fn sigterm_mid_upload_exits_143_quickly_and_aborts_the_upload() {
+    let server = S3Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    big_shard(root, 60);
+    server.bucket("out");
+    std::fs::write(root.join("p.toml"), webdataset_pipeline("big/000000.tar", "images", "s3://out/images.parquet"))
+        .unwrap();
+    let mut job = spawn_run(&server, root, "p.toml", &[]);
+    until_an_upload_is_open(&server, &mut job);
+    let signalled = std::time::Instant::now();
+    let status = Command::new("kill").args(["-TERM", &job.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let output = job.wait_with_output().unwrap();
+    let took = signalled.elapsed();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(143), "{stderr}");
+    assert!(took.as_secs_f64() < 5.0, "exited {took:?} after SIGTERM");
+    assert!(!server.data().join("out/images.parquet").exists(), "{stderr}");
+    assert_eq!(open_uploads(&server), Vec::<String>::new(), "{stderr}");
+}

@@ -98,6 +98,7 @@ fn run(command: &mut Command, stdin: &str) -> String {
 }
 
 pub mod corpus;
+pub mod faulty;
 pub mod hostile;
 pub mod s3;
 

@@ -26,6 +26,8 @@ struct Cli {
     command: Command,
     #[command(flatten)]
     progress: process::ProgressArgs,
+    #[command(flatten)]
+    storage: process::StorageArgs,
 }
 
 #[derive(Subcommand)]
@@ -102,6 +104,7 @@ fn main() -> ExitCode {
     process::init_logging();
     let cli = Cli::parse();
     cli.progress.configure();
+    cli.storage.configure();
     let result = match cli.command {
         Command::Similarity(args) => similarity::run(args),
         Command::Convert(args) => convert::run(args),

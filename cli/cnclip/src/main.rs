@@ -32,6 +32,8 @@ struct Cli {
     command: Command,
     #[command(flatten)]
     progress: process::ProgressArgs,
+    #[command(flatten)]
+    storage: process::StorageArgs,
 }
 
 #[derive(Subcommand)]
@@ -116,12 +118,12 @@ fn torch_binary() -> Result<std::path::PathBuf> {
     Ok(std::env::current_exe().context("locating the cnclip binary")?.with_file_name("cnclip-torch"))
 }
 
-/// Replaces this process with `cnclip-torch SUBCOMMAND ARGS…`, handing on the progress flags
-/// given before the subcommand (those after it are among `args`).
+/// Replaces this process with `cnclip-torch SUBCOMMAND ARGS…`, handing on the progress and
+/// storage flags given before the subcommand (those after it are among `args`) in `environment`.
 fn exec_torch(
     subcommand: &str,
     args: impl IntoIterator<Item = OsString>,
-    progress: &process::ProgressArgs,
+    environment: &[(&'static str, String)],
 ) -> Result<()> {
     use std::os::unix::process::CommandExt;
     let exe = torch_binary()?;
@@ -131,8 +133,12 @@ fn exec_torch(
             exe.display()
         );
     }
-    let error =
-        std::process::Command::new(&exe).arg0("cnclip").arg(subcommand).args(args).envs(progress.environment()).exec();
+    let error = std::process::Command::new(&exe)
+        .arg0("cnclip")
+        .arg(subcommand)
+        .args(args)
+        .envs(environment.iter().cloned())
+        .exec();
     Err(error).with_context(|| format!("starting {}", exe.display()))
 }
 
@@ -154,7 +160,9 @@ fn main() -> ExitCode {
     process::init_logging();
     let cli = Cli::parse();
     cli.progress.configure();
-    let progress = &cli.progress;
+    cli.storage.configure();
+    let environment: Vec<_> = cli.progress.environment().into_iter().chain(cli.storage.environment()).collect();
+    let progress = environment.as_slice();
     let result = match cli.command {
         Command::Tokenize(args) => tokenize::run(args),
         Command::BuildLmdb(args) => build_lmdb::run(args),

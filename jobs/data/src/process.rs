@@ -45,6 +45,48 @@ impl ProgressArgs {
     }
 }
 
+/// Where object storage is and how to reach it: `--storage-option KEY=VALUE` flags of both
+/// binaries (given before or after the subcommand, or as `CNCLIP_STORAGE_OPTIONS=K=V,K=V`), on top
+/// of the environment the stores' SDKs read (`AWS_*`, `GOOGLE_*`, `AZURE_*`); see
+/// `cnclip_operators::storage::remote`.
+#[derive(clap::Args, Debug, Clone, PartialEq, Default)]
+pub struct StorageArgs {
+    /// An object store setting, KEY=VALUE (repeatable): endpoint, region, access_key_id, secret_access_key, timeout, connect_timeout, allow_http, retries, retry_timeout, … for s3://, gs://, az://, https:// paths.
+    #[arg(
+        long = "storage-option",
+        global = true,
+        env = "CNCLIP_STORAGE_OPTIONS",
+        value_delimiter = ',',
+        value_name = "KEY=VALUE",
+        value_parser = key_value
+    )]
+    pub storage_options: Vec<(String, String)>,
+}
+
+impl StorageArgs {
+    /// Sets this process's object store options (once, in `main`).
+    pub fn configure(&self) {
+        cnclip_operators::storage::remote::configure(self.storage_options.clone());
+    }
+
+    /// The flags as the environment variable a child process (`cnclip-torch`) reads them from.
+    pub fn environment(&self) -> Vec<(&'static str, String)> {
+        if self.storage_options.is_empty() {
+            return Vec::new();
+        }
+        let joined = self.storage_options.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+        vec![("CNCLIP_STORAGE_OPTIONS", joined)]
+    }
+}
+
+/// `KEY=VALUE`, the key not empty.
+fn key_value(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.trim().is_empty() => Ok((key.trim().to_string(), value.to_string())),
+        _ => Err(format!("`{text}` is not KEY=VALUE")),
+    }
+}
+
 /// A number of seconds above 0 and at most a day.
 fn positive_seconds(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
@@ -101,12 +143,21 @@ fn message(error: &anyhow::Error) -> String {
     message
 }
 
-/// The signal that stopped the job, if one did.
+/// The signal that stopped the job, if one did: named by the error, or (an error that a
+/// stopped request became, `Interrupted`) the signal the job caught.
 fn interrupted_by(error: &anyhow::Error) -> Option<&'static str> {
-    error.chain().find_map(|cause| match cause.downcast_ref::<cnclip_operators::Error>() {
-        Some(cnclip_operators::Error::Interrupted { signal }) => Some(*signal),
-        _ => None,
-    })
+    error
+        .chain()
+        .find_map(|cause| match cause.downcast_ref::<cnclip_operators::Error>() {
+            Some(cnclip_operators::Error::Interrupted { signal }) => Some(*signal),
+            _ => None,
+        })
+        .or_else(|| {
+            let stopped = error.chain().any(|cause| {
+                cause.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::Interrupted)
+            });
+            stopped.then(cnclip_operators::signals::interrupted).flatten()
+        })
 }
 
 fn is_broken_pipe(error: &anyhow::Error) -> bool {

@@ -14,6 +14,10 @@ pub struct Report {
     pub written: Vec<(String, Written)>,
     pub quarantined: usize,
     pub quarantine_file: Option<PathBuf>,
+    /// Object storage requests of this process so far, and the attempts among them that failed
+    /// transiently (and were retried, or failed the job).
+    pub storage_requests: u64,
+    pub storage_retries: u64,
 }
 
 impl std::fmt::Display for Report {
@@ -31,6 +35,13 @@ impl std::fmt::Display for Report {
         }
         for (name, w) in &self.written {
             writeln!(f, "  {name}: {} rows → {}", w.rows, w.path.display())?;
+        }
+        if self.storage_requests > 0 {
+            writeln!(
+                f,
+                "  object storage: {} requests, {} failed attempts retried",
+                self.storage_requests, self.storage_retries
+            )?;
         }
         match &self.quarantine_file {
             Some(path) => write!(f, "  {} records quarantined → {}", self.quarantined, path.display()),

@@ -170,7 +170,15 @@ impl Started {
             staged.commit_with(&committed)?;
             written.push((name, done));
         }
-        Ok(Report { nodes: summaries, written, quarantined, quarantine_file })
+        let counters = &crate::storage::remote::COUNTERS;
+        Ok(Report {
+            nodes: summaries,
+            written,
+            quarantined,
+            quarantine_file,
+            storage_requests: counters.requests.load(std::sync::atomic::Ordering::Relaxed),
+            storage_retries: counters.failed_attempts.load(std::sync::atomic::Ordering::Relaxed),
+        })
     }
 }
 

@@ -31,13 +31,27 @@ use bytes::Bytes;
 use object_store::client::{
     ClientOptions, HttpClient, HttpConnector, HttpError, HttpRequest, HttpResponse, HttpService, ReqwestConnector,
 };
+use object_store::multipart::MultipartStore;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, RetryConfig};
+
+/// A store: its object interface and, where it has one, its multipart interface (which names
+/// uploads, so one left behind by a killed job can be aborted later: [`Remote::upload`]).
+#[derive(Clone)]
+pub struct Store {
+    pub objects: Arc<dyn ObjectStore>,
+    multipart: Option<Arc<dyn MultipartStore>>,
+    /// Which store this is: the bucket's root URL and, for S3, its endpoint (one bucket name
+    /// may exist on several S3-compatible servers).
+    place: String,
+}
 
 /// An object in a store: where requests go, and the URL it was given as (for messages).
 #[derive(Clone)]
 pub struct Remote {
     pub store: Arc<dyn ObjectStore>,
+    multipart: Option<Arc<dyn MultipartStore>>,
+    place: String,
     pub key: ObjectPath,
     pub url: String,
     /// Whether the store can be written (`https://` cannot).
@@ -103,14 +117,14 @@ pub fn parse(text: &str) -> io::Result<Remote> {
     };
     let key_text = url.path().trim_start_matches('/');
     let key = ObjectPath::from_url_path(key_text).map_err(|e| invalid(format!("not a valid object key ({e})")))?;
-    let store = store(&scheme, &root)?;
-    Ok(Remote { store, key, url: text.trim_end_matches('/').to_string(), writable: !http })
+    let Store { objects, multipart, place } = store(&scheme, &root)?;
+    Ok(Remote { store: objects, multipart, place, key, url: text.trim_end_matches('/').to_string(), writable: !http })
 }
 
 /// The stores built so far, by scheme and bucket.
-static STORES: LazyLock<Mutex<HashMap<String, Arc<dyn ObjectStore>>>> = LazyLock::new(Default::default);
+static STORES: LazyLock<Mutex<HashMap<String, Store>>> = LazyLock::new(Default::default);
 
-fn store(scheme: &str, root: &str) -> io::Result<Arc<dyn ObjectStore>> {
+fn store(scheme: &str, root: &str) -> io::Result<Store> {
     let mut stores = STORES.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Some(store) = stores.get(root) {
         return Ok(store.clone());
@@ -186,7 +200,13 @@ fn parse_duration(text: &str) -> Option<Duration> {
     (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds))
 }
 
-fn build(scheme: &str, root: &str) -> Result<Arc<dyn ObjectStore>, BuildError> {
+/// Both interfaces of a store that has multipart uploads.
+fn with_multipart<S: ObjectStore + MultipartStore>(store: S, place: String) -> Store {
+    let store = Arc::new(store);
+    Store { objects: store.clone(), multipart: Some(store), place }
+}
+
+fn build(scheme: &str, root: &str) -> Result<Store, BuildError> {
     let Settings { retry, store: options } = settings()?;
     let unknown =
         |key: &str| BuildError::Option(format!("--storage-option {key}: not an option of {scheme}:// stores"));
@@ -208,34 +228,36 @@ fn build(scheme: &str, root: &str) -> Result<Arc<dyn ObjectStore>, BuildError> {
             let endpoint = [AmazonS3ConfigKey::S3Endpoint, AmazonS3ConfigKey::Endpoint]
                 .iter()
                 .find_map(|key| builder.get_config_value(key));
-            if endpoint.is_some_and(|e| e.starts_with("http://")) {
+            if endpoint.as_deref().is_some_and(|e| e.starts_with("http://")) {
                 builder = builder.with_allow_http(true);
             }
             if builder.get_config_value(&AmazonS3ConfigKey::Region).is_none() {
                 builder = builder.with_region("us-east-1");
             }
-            Arc::new(builder.with_retry(retry).with_http_connector(connector).build()?)
+            let place = format!("{root} at {}", endpoint.as_deref().unwrap_or("AWS"));
+            with_multipart(builder.with_retry(retry).with_http_connector(connector).build()?, place)
         }
         "gs" => {
             let mut builder = object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(root);
             for (key, value) in &options {
                 builder = builder.with_config(key.parse().map_err(|_| unknown(key))?, value);
             }
-            Arc::new(builder.with_retry(retry).with_http_connector(connector).build()?)
+            with_multipart(builder.with_retry(retry).with_http_connector(connector).build()?, root.to_string())
         }
         "az" | "adl" | "azure" | "abfs" | "abfss" => {
             let mut builder = object_store::azure::MicrosoftAzureBuilder::from_env().with_url(root);
             for (key, value) in &options {
                 builder = builder.with_config(key.parse().map_err(|_| unknown(key))?, value);
             }
-            Arc::new(builder.with_retry(retry).with_http_connector(connector).build()?)
+            with_multipart(builder.with_retry(retry).with_http_connector(connector).build()?, root.to_string())
         }
         _ => {
             let mut builder = object_store::http::HttpBuilder::new().with_url(root);
             for (key, value) in &options {
                 builder = builder.with_config(key.parse().map_err(|_| unknown(key))?, value);
             }
-            Arc::new(builder.with_retry(retry).with_http_connector(connector).build()?)
+            let http = Arc::new(builder.with_retry(retry).with_http_connector(connector).build()?);
+            Store { objects: http, multipart: None, place: root.to_string() }
         }
     })
 }
@@ -347,13 +369,28 @@ static RUNTIME: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
         .expect("a tokio runtime for object storage")
 });
 
-/// Runs `future` on the storage runtime and waits for it on this thread.
+/// Runs `future` on the storage runtime and waits for it on this thread. A job that catches
+/// SIGINT and SIGTERM ([`crate::signals`]) stops waiting when one arrives: the request is
+/// dropped and the call fails with `Interrupted`.
 ///
 /// # Errors
-/// `Other` if the request's task panicked.
+/// `Interrupted`, or `Other` if the request's task panicked.
 pub fn run<T: Send + 'static>(future: impl Future<Output = T> + Send + 'static) -> io::Result<T> {
-    let task = RUNTIME.spawn(future);
-    futures_executor::block_on(tokio::task::unconstrained(task)).map_err(io::Error::other)
+    let task = RUNTIME.spawn(async move {
+        tokio::select! {
+            out = future => Ok(out),
+            signal = crate::signals::until_interrupted(), if crate::signals::catching() => Err(signal),
+        }
+    });
+    match futures_executor::block_on(tokio::task::unconstrained(task)).map_err(io::Error::other)? {
+        Ok(out) => Ok(out),
+        Err(signal) => Err(io::Error::new(io::ErrorKind::Interrupted, format!("stopped by {signal}"))),
+    }
+}
+
+/// [`run`] for a future that handles signals itself (an upload aborts before it returns).
+fn run_to_end<T: Send + 'static>(future: impl Future<Output = T> + Send + 'static) -> io::Result<T> {
+    futures_executor::block_on(tokio::task::unconstrained(RUNTIME.spawn(future))).map_err(io::Error::other)
 }
 
 impl Remote {
@@ -409,7 +446,14 @@ impl Remote {
     /// The object `key` of the same store, named as a URL beside this one's.
     pub fn sibling(&self, key: ObjectPath) -> Remote {
         let base = self.url.strip_suffix(self.key.as_ref()).unwrap_or(&self.url).trim_end_matches('/');
-        Remote { url: format!("{base}/{key}"), store: self.store.clone(), key, writable: self.writable }
+        Remote {
+            url: format!("{base}/{key}"),
+            store: self.store.clone(),
+            multipart: self.multipart.clone(),
+            place: self.place.clone(),
+            key,
+            writable: self.writable,
+        }
     }
 
     fn writable(&self) -> io::Result<()> {
@@ -437,18 +481,23 @@ impl Remote {
     }
 
     /// Uploads the local file `from` as the object, whole or not at all: a single PUT for a small
-    /// file, else a multipart upload, completed only once every part is in and aborted when one
-    /// fails (no part stays behind in the store).
+    /// file, else a multipart upload, completed only once every part is in. A part that fails
+    /// (after the store's retries), or SIGINT/SIGTERM, aborts the upload, so no part stays
+    /// behind in the store. An upload that could not be aborted (the process killed, the store
+    /// unreachable) is recorded in the spool's journal ([`journal_dir`]) and aborted by the next
+    /// upload this machine makes.
     pub fn upload(&self, from: &std::path::Path) -> io::Result<()> {
         self.writable()?;
+        abort_abandoned();
         let size = std::fs::metadata(from)?.len();
         let (store, key) = (self.store.clone(), self.key.clone());
-        if size <= PART_BYTES as u64 {
+        let multipart = self.multipart.clone().filter(|_| size > PART_BYTES as u64);
+        let Some(multipart) = multipart else {
             let contents = Bytes::from(std::fs::read(from)?);
             return run(async move { store.put(&key, contents.into()).await })?.map(drop).map_err(self.err());
-        }
-        let from = from.to_path_buf();
-        run(async move { upload_parts(store, key, from).await })?.map_err(|e| match e {
+        };
+        let (from, names) = (from.to_path_buf(), (self.url.clone(), self.place.clone()));
+        run_to_end(async move { upload_parts(multipart, key, names, from).await })?.map_err(|e| match e {
             UploadError::Store(e) => self.err()(e),
             UploadError::Io(e) => io::Error::new(e.kind(), format!("uploading to {}: {e}", self.url)),
         })
@@ -473,47 +522,162 @@ enum UploadError {
     Io(io::Error),
 }
 
+/// Uploads `from` in parts of [`PART_BYTES`] as `key`, journaled until completed or aborted.
 async fn upload_parts(
-    store: Arc<dyn ObjectStore>,
+    store: Arc<dyn MultipartStore>,
     key: ObjectPath,
+    (url, place): (String, String),
     from: std::path::PathBuf,
 ) -> Result<(), UploadError> {
+    let id = store.create_multipart(&key).await.map_err(UploadError::Store)?;
+    let journal = Journal::record(&url, &place, &id);
+    let sent = tokio::select! {
+        sent = send_parts(&*store, &key, &id, &from) => sent,
+        signal = crate::signals::until_interrupted(), if crate::signals::catching() => {
+            Err(UploadError::Io(io::Error::new(io::ErrorKind::Interrupted, format!("stopped by {signal}"))))
+        }
+    };
+    let result = match sent {
+        Ok(parts) => store.complete_multipart(&key, &id, parts).await.map(drop).map_err(UploadError::Store),
+        Err(e) => Err(e),
+    };
+    let settled = match &result {
+        Ok(()) => true,
+        // Aborted within a few seconds, or left to the journal: a stopped job must exit quickly.
+        Err(_) => matches!(
+            tokio::time::timeout(ABORT_WAIT, store.abort_multipart(&key, &id)).await,
+            Ok(Ok(()) | Err(object_store::Error::NotFound { .. }))
+        ),
+    };
+    if settled {
+        journal.remove();
+    }
+    result
+}
+
+/// How long a failed or stopped upload waits for its abort.
+const ABORT_WAIT: Duration = Duration::from_secs(3);
+
+/// Sends the parts of `from`, two at a time, in order of their index.
+async fn send_parts(
+    store: &dyn MultipartStore,
+    key: &ObjectPath,
+    id: &object_store::MultipartId,
+    from: &std::path::Path,
+) -> Result<Vec<object_store::multipart::PartId>, UploadError> {
+    use futures_util::StreamExt;
     use tokio::io::AsyncReadExt;
-    let mut upload = object_store::WriteMultipart::new_with_chunk_size(
-        store.put_multipart(&key).await.map_err(UploadError::Store)?,
-        PART_BYTES,
-    );
-    let sent: Result<(), UploadError> = async {
-        let mut file = tokio::fs::File::open(&from).await.map_err(UploadError::Io)?;
+    let mut file = tokio::fs::File::open(from).await.map_err(UploadError::Io)?;
+    let mut chunks = Vec::new();
+    let mut parts = Vec::new();
+    loop {
         let mut buffer = vec![0u8; PART_BYTES];
-        loop {
-            // At most two parts in flight: memory stays bounded whatever the file's size.
-            upload.wait_for_capacity(2).await.map_err(UploadError::Store)?;
-            let mut filled = 0;
-            while filled < buffer.len() {
-                let n = file.read(&mut buffer[filled..]).await.map_err(UploadError::Io)?;
-                if n == 0 {
-                    break;
-                }
-                filled += n;
+        let mut filled = 0;
+        while filled < buffer.len() {
+            let n = file.read(&mut buffer[filled..]).await.map_err(UploadError::Io)?;
+            if n == 0 {
+                break;
             }
-            if filled == 0 {
-                return Ok(());
+            filled += n;
+        }
+        if filled > 0 {
+            buffer.truncate(filled);
+            chunks.push(Bytes::from(buffer));
+        }
+        let last = filled < PART_BYTES;
+        // Two parts in flight at most: memory stays bounded whatever the file's size.
+        if chunks.len() == 2 || (last && !chunks.is_empty()) {
+            let start = parts.len();
+            let sent = futures_util::stream::iter(chunks.drain(..).enumerate())
+                .map(|(i, chunk)| store.put_part(key, id, start + i, chunk.into()))
+                .buffered(2)
+                .collect::<Vec<_>>()
+                .await;
+            for part in sent {
+                parts.push(part.map_err(UploadError::Store)?);
             }
-            upload.write(&buffer[..filled]);
-            if filled < buffer.len() {
-                return Ok(());
+        }
+        if last {
+            return Ok(parts);
+        }
+    }
+}
+
+/// Where uploads in progress are recorded: `$TMPDIR/cnclip-spool/uploads/`.
+pub fn journal_dir() -> std::path::PathBuf {
+    std::env::temp_dir().join("cnclip-spool/uploads")
+}
+
+/// One upload's record in the journal: a file naming its process, URL and upload id.
+struct Journal(Option<std::path::PathBuf>);
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct JournalEntry {
+    pid: u32,
+    url: String,
+    /// The store's [`Store::place`]: the upload is aborted only where it was begun.
+    place: String,
+    id: String,
+}
+
+impl Journal {
+    fn record(url: &str, place: &str, id: &str) -> Journal {
+        use sha2::Digest;
+        let dir = journal_dir();
+        let hash = sha2::Sha256::digest(format!("{url}\n{id}"));
+        let name: String = hash[..12].iter().map(|b| format!("{b:02x}")).collect();
+        let path = dir.join(format!("{name}.json"));
+        let entry = JournalEntry {
+            pid: std::process::id(),
+            url: url.to_string(),
+            place: place.to_string(),
+            id: id.to_string(),
+        };
+        let written = std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::write(&path, serde_json::to_vec(&entry).expect("serialisable")));
+        match written {
+            Ok(()) => Journal(Some(path)),
+            Err(e) => {
+                tracing::warn!(url, error = %e, "could not journal a multipart upload: if this job is killed, it stays in the store");
+                Journal(None)
             }
         }
     }
-    .await;
-    match sent {
-        Ok(()) => upload.finish().await.map(drop).map_err(UploadError::Store),
-        Err(e) => {
-            let _ = upload.abort().await;
-            Err(e)
+
+    fn remove(self) {
+        if let Some(path) = self.0 {
+            let _ = std::fs::remove_file(path);
         }
     }
+}
+
+/// Aborts the uploads the journal holds for processes that are gone (killed mid-upload, or
+/// unable to reach the store to abort), once per process.
+fn abort_abandoned() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let Ok(entries) = std::fs::read_dir(journal_dir()) else { return };
+        for entry in entries.flatten() {
+            let Ok(text) = std::fs::read(entry.path()) else { continue };
+            let Ok(record) = serde_json::from_slice::<JournalEntry>(&text) else {
+                let _ = std::fs::remove_file(entry.path());
+                continue;
+            };
+            if super::staging::alive(record.pid) {
+                continue;
+            }
+            // Another store's upload (the same bucket name at another endpoint) waits for a job
+            // configured for that store.
+            let Ok(remote) = parse(&record.url) else { continue };
+            let Some(store) = remote.multipart.clone().filter(|_| remote.place == record.place) else { continue };
+            let (key, id) = (remote.key.clone(), record.id.clone());
+            let aborted = run(async move { store.abort_multipart(&key, &id).await });
+            if matches!(aborted, Ok(Ok(()) | Err(object_store::Error::NotFound { .. }))) {
+                tracing::info!(url = record.url, "Aborted an upload a stopped cnclip job left");
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    });
 }
 
 /// A streaming reader of an object: ranged GETs of [`CHUNK_BYTES`] in order, fetched by a

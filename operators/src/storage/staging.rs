@@ -126,7 +126,7 @@ fn local(path: &Path) -> PathBuf {
 
 /// Whether process `pid` exists (signal 0 checks without sending; EPERM means it exists but
 /// belongs to someone else).
-fn alive(pid: u32) -> bool {
+pub(crate) fn alive(pid: u32) -> bool {
     let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
     // SAFETY: kill with signal 0 sends nothing; it only checks that the process exists.
     let result = unsafe { libc::kill(pid, 0) };
