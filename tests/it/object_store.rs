@@ -232,3 +232,157 @@ fn sigterm_mid_upload_exits_143_quickly_and_aborts_the_upload() {
     assert!(!server.data().join("out/images.parquet").exists(), "{stderr}");
     assert_eq!(open_uploads(&server), Vec::<String>::new(), "{stderr}");
 }
+
+/// `(shard << 32) | sample` → the sample's key, for the shards at `urls` (read from the
+/// server's files with Python's tarfile: the keys as webdataset names them).
+fn keys_by_id(server: &S3Server, bucket: &str, keys: &[String]) -> std::collections::BTreeMap<i64, i64> {
+    let script = r#"
+import json, sys, tarfile
+out = {}
+for shard, path in enumerate(sys.argv[1:]):
+    seen = []
+    for m in tarfile.open(path):
+        key = m.name.split("/")[-1].split(".")[0]
+        if not seen or seen[-1] != key:
+            seen.append(key)
+    for i, key in enumerate(seen):
+        out[(shard << 32) | i] = int(key)
+print(json.dumps(out))
+"#;
+    let paths: Vec<String> =
+        keys.iter().map(|k| server.data().join(bucket).join(k).to_string_lossy().into_owned()).collect();
+    let paths: Vec<&str> = paths.iter().map(String::as_str).collect();
+    let map: std::collections::BTreeMap<String, i64> = serde_json::from_str(&python(script, &paths, "")).unwrap();
+    map.into_iter().map(|(id, key)| (id.parse().unwrap(), key)).collect()
+}
+
+#[test]
+fn extraction_from_webdataset_shards_on_the_server_equals_the_lmdb_split() {
+    let server = S3Server::start();
+    let corpus = crate::manifest::corpus();
+    let root = corpus.path();
+    server.bucket("corpus");
+    server.bucket("features");
+    // The valid split as WebDataset shards in the store, written there by cnclip itself: images
+    // (the TSV's, keyed by image_id) in three shards, texts (keyed by text_id) in one.
+    let toml = "[nodes.b64]\nkind = \"tsv\"\npaths = [\"data/valid_imgs.tsv\"]\n\n\
+                [nodes.images]\nkind = \"decode_base64\"\ninput = \"b64\"\n\n\
+                [nodes.images_out]\nkind = \"write_webdataset\"\ninput = \"images\"\npath = \"s3://corpus/valid/images\"\n\
+                samples_per_shard = 15\n\n\
+                [nodes.texts]\nkind = \"jsonl\"\npaths = [\"data/valid_texts.jsonl\"]\n\n\
+                [nodes.texts_out]\nkind = \"write_webdataset\"\ninput = \"texts\"\npath = \"s3://corpus/valid/texts\"\n";
+    std::fs::write(root.join("to_shards.toml"), toml).unwrap();
+    ok(cnclip(&server, root, &["run", "to_shards.toml"]));
+    let image_shards: Vec<String> = (0..3).map(|i| format!("valid/images/{i:06}.tar")).collect();
+    for shard in image_shards.iter().chain([&"valid/texts/000000.tar".to_string()]) {
+        assert!(server.data().join("corpus").join(shard).is_file(), "{shard} was not uploaded");
+    }
+
+    let extract = |images: &str, texts: &str, out: &str| {
+        let (image_out, text_out) = (format!("{out}_img.parquet"), format!("{out}_txt.parquet"));
+        let args = [
+            "extract-features",
+            "--extract-image-feats",
+            "--extract-text-feats",
+            "--image-data",
+            images,
+            "--text-data",
+            texts,
+            "--image-feat-output-path",
+            &image_out,
+            "--text-feat-output-path",
+            &text_out,
+            "--resume",
+            "tiny.safetensors",
+            "--img-batch-size",
+            "1",
+            "--text-batch-size",
+            "1",
+            "--precision",
+            "fp32",
+        ];
+        ok(cnclip(&server, root, &args))
+    };
+    extract("lmdb/valid/imgs", "data/valid_texts.jsonl", "local");
+    let log =
+        extract("s3://corpus/valid/images/{000000..000002}.tar", "s3://corpus/valid/texts/*.tar", "s3://features/wds");
+    assert!(log.contains("object storage:"), "{log}");
+
+    let local_images = crate::manifest::read_table(&[root.join("local_img.parquet")]);
+    let local_texts = crate::manifest::read_table(&[root.join("local_txt.parquet")]);
+    let remote_images = crate::manifest::read_table(&[server.data().join("features/wds_img.parquet")]);
+    let remote_texts = crate::manifest::read_table(&[server.data().join("features/wds_txt.parquet")]);
+    for (what, local, remote, keys) in [
+        ("images", &local_images, &remote_images, keys_by_id(&server, "corpus", &image_shards)),
+        ("texts", &local_texts, &remote_texts, keys_by_id(&server, "corpus", &["valid/texts/000000.tar".into()])),
+    ] {
+        assert_eq!(local.rows.len(), keys.len(), "{what}: every sample has its row");
+        assert_eq!(remote.rows.len(), keys.len(), "{what}: every sample has its row");
+        for (id, bits) in &remote.rows {
+            let key = keys[id];
+            assert_eq!(Some(bits), local.rows.get(&key), "{what}: sample {key} (id {id:#x})");
+        }
+    }
+}
+
+#[test]
+fn a_part_in_the_store_has_one_writer_and_a_gone_writers_claim_is_taken_over() {
+    let server = S3Server::start();
+    let corpus = crate::manifest::corpus();
+    let root = corpus.path();
+    let bucket = server.bucket("features");
+    let extract = |shard: &str| {
+        let args = [
+            "extract-features",
+            "--extract-image-feats",
+            "--image-data",
+            "lmdb/valid/imgs",
+            "--image-feat-output-path",
+            "s3://features/sharded",
+            "--resume",
+            "tiny.safetensors",
+            "--shard",
+            shard,
+        ];
+        cnclip(&server, root, &args)
+    };
+    // Another machine's job holds shard 0's claim: this one fails, naming it, and writes nothing.
+    let claim = bucket.join("sharded/.part-00000-of-00002.parquet.cnclip-lock");
+    std::fs::create_dir_all(claim.parent().unwrap()).unwrap();
+    std::fs::write(&claim, "pid 4242 on another-node").unwrap();
+    let stderr = failed(extract("0/2"));
+    assert!(
+        stderr.contains("another job is writing it (pid 4242 on another-node")
+            && stderr.contains("s3://features/sharded/.part-00000-of-00002.parquet.cnclip-lock"),
+        "{stderr}"
+    );
+    assert!(!bucket.join("sharded/part-00000-of-00002.parquet").exists());
+    assert_eq!(std::fs::read_to_string(&claim).unwrap(), "pid 4242 on another-node", "the claim is not touched");
+    // A claim of this host's whose process is gone (a killed job) is taken over.
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let mut gone = Command::new("true").spawn().unwrap();
+    gone.wait().unwrap();
+    std::fs::write(&claim, format!("pid {} on {}", gone.id(), host.trim())).unwrap();
+    ok(extract("0/2"));
+    ok(extract("1/2"));
+    let mut names: Vec<String> = std::fs::read_dir(bucket.join("sharded"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "part-00000-of-00002.json",
+            "part-00000-of-00002.parquet",
+            "part-00001-of-00002.json",
+            "part-00001-of-00002.parquet"
+        ],
+        "the parts, their entries, and no claim left"
+    );
+    let table = crate::manifest::read_table(&[
+        bucket.join("sharded/part-00000-of-00002.parquet"),
+        bucket.join("sharded/part-00001-of-00002.parquet"),
+    ]);
+    assert_eq!(table.rows.len(), crate::manifest::IMAGES);
+}

@@ -40,6 +40,7 @@ use cnclip_operators::sources::lmdb::Database;
 use cnclip_operators::sources::lmdb::LmdbConfig;
 use cnclip_operators::sources::parquet::ParquetConfig;
 use cnclip_operators::sources::tsv::TsvConfig;
+use cnclip_operators::sources::webdataset::{self, WebDatasetConfig, WebDatasetTable};
 use cnclip_operators::spec::{JobSettings, NodeDef, Planner, Registry};
 use cnclip_operators::storage;
 use cnclip_operators::transforms::preprocess::Order;
@@ -190,9 +191,11 @@ pub struct Source {
     pub order: Order,
 }
 
-/// The source of `data` (`--image-data` or `--text-data`, as given): images from an LMDB `imgs`
-/// directory (or its split directory), an image folder, Parquet images tables or TSV shards;
-/// texts from Parquet texts tables or cn_clip's JSONL. Repeated ids are quarantined.
+/// The source of `data` (`--image-data` or `--text-data`, as given): WebDataset tar shards
+/// (`.tar` files, globs or brace patterns, local or in an object store) for either tower; images
+/// from an LMDB `imgs` directory (or its split directory), an image folder, Parquet images tables
+/// or TSV shards; texts from Parquet texts tables or cn_clip's JSONL. Repeated ids are
+/// quarantined.
 ///
 /// # Errors
 /// Several LMDB directories, or no data.
@@ -201,6 +204,17 @@ pub fn source(tower: Tower, data: &[String]) -> Result<Source> {
     let max_record_bytes = cnclip_operators::sources::MAX_RECORD_BYTES;
     let node = |config| NodeDef::new("source", None, config);
     Ok(match tower {
+        _ if data.iter().all(|p| webdataset::is_shard_path(p)) => {
+            let table = match tower {
+                Tower::Image => WebDatasetTable::Images,
+                Tower::Text => WebDatasetTable::Texts,
+            };
+            Source {
+                node: NodeDef::new("source", None, WebDatasetConfig::new(data.to_vec(), table)),
+                base64: false,
+                order: Order::ResizeThenConvert,
+            }
+        }
         Tower::Text if data.iter().all(|p| p.ends_with(".parquet")) => Source {
             node: node(ParquetConfig { paths: data.to_vec(), table: Some("texts".into()), dedupe: true }),
             base64: false,

@@ -61,11 +61,11 @@ pub struct Args {
     /// Extract text features.
     #[arg(long)]
     pub extract_text_feats: bool,
-    /// Images: an LMDB `imgs` directory (cn_clip's), TSV shards (globs), a Parquet images table
-    /// or an image folder.
+    /// Images: an LMDB `imgs` directory (cn_clip's), TSV shards (globs), a Parquet images table,
+    /// an image folder, or WebDataset `.tar` shards (globs, `{000..099}` patterns, s3:// URLs).
     #[arg(long, num_args = 1..)]
     pub image_data: Vec<String>,
-    /// Texts: a cn_clip JSONL file or a Parquet texts table.
+    /// Texts: a cn_clip JSONL file, a Parquet texts table, or WebDataset `.tar` shards (their `.txt` members).
     #[arg(long)]
     pub text_data: Option<String>,
     /// Image features output (`.jsonl`: cn_clip's lines; `.parquet`: a feature table; with
@@ -419,11 +419,19 @@ fn extract(
     let quarantined = report.quarantined;
     let rows: u64 = report.written.iter().map(|(_, written)| written.rows).sum();
     eprintln!(
-        "cnclip extract-features: {rows} {} features, {quarantined} quarantined{} → {} ({:.1} s)",
+        "cnclip extract-features: {rows} {} features, {quarantined} quarantined{} → {} ({:.1} s){}",
         tower.name(),
         if quarantined > 0 { format!(" (see {})", target.quarantine_path().display()) } else { String::new() },
         target.output().display(),
-        start.elapsed().as_secs_f64()
+        start.elapsed().as_secs_f64(),
+        if report.storage_requests > 0 {
+            format!(
+                "; object storage: {} requests, {} failed attempts retried",
+                report.storage_requests, report.storage_retries
+            )
+        } else {
+            String::new()
+        }
     );
     Ok(())
 }

@@ -174,7 +174,7 @@ pub fn parse_name(name: &str) -> Option<(Shard, FileKind)> {
 pub fn sha256_file(path: &Path) -> Result<(String, u64)> {
     use sha2::Digest;
     use std::io::Read;
-    let mut file = storage::open(path).map_err(io(path))?;
+    let mut file = storage::open_read(path).map_err(io(path))?;
     let mut hasher = sha2::Sha256::new();
     let mut buffer = vec![0u8; 1 << 20];
     let mut bytes = 0u64;
@@ -203,11 +203,13 @@ impl Target {
     /// The resumable parts' directory.
     pub fn parts_dir(&self) -> PathBuf {
         match self {
+            // An object's work is kept in the spool, on this machine.
             Target::File(output) => {
+                let output = storage::staging::local_stand_in(output);
                 let name = output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
                 output.with_file_name(format!("{name}.cnclip-parts"))
             }
-            Target::Shard { dir, shard } => work_dir(dir, *shard),
+            Target::Shard { dir, shard } => storage::staging::local_stand_in(&work_dir(dir, *shard)),
         }
     }
 
@@ -244,10 +246,15 @@ impl Target {
         match self {
             Target::Shard { dir, shard } => {
                 storage::create_dir_all(dir).map_err(io(dir))?;
-                let others: Vec<String> = storage::read_dir(dir)
-                    .map_err(io(dir))?
-                    .flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                let names: Vec<String> = if storage::is_remote(dir) {
+                    let listed = storage::list_remote(dir).map_err(io(dir))?;
+                    listed.into_iter().filter_map(|(url, _)| Some(url.rsplit_once('/')?.1.to_string())).collect()
+                } else {
+                    let entries = storage::read_dir(dir).map_err(io(dir))?;
+                    entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()
+                };
+                let others: Vec<String> = names
+                    .into_iter()
                     .filter(|name| {
                         parse_name(name).is_some_and(|(s, kind)| {
                             s.count != shard.count && matches!(kind, FileKind::Part | FileKind::Entry)
@@ -277,7 +284,7 @@ impl Target {
         let ours = entry.made_from.as_deref() == Some(made_from)
             && entry.quarantined == 0
             && entry.part == format!("{stem}.parquet")
-            && storage::metadata(dir.join(&entry.part)).ok()?.len() == entry.bytes;
+            && storage::size(dir.join(&entry.part)).ok()? == entry.bytes;
         if !ours {
             return None;
         }

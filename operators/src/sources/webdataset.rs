@@ -662,6 +662,24 @@ pub struct WebDatasetConfig {
     pub max_record_bytes: usize,
 }
 
+impl WebDatasetConfig {
+    /// The shards `paths` as `table`, with the default extensions and record limit.
+    pub fn new(paths: Vec<String>, table: WebDatasetTable) -> Self {
+        WebDatasetConfig {
+            paths,
+            table,
+            image_extensions: default_image_extensions(),
+            text_extension: default_text_extension(),
+            max_record_bytes: super::default_max_record_bytes(),
+        }
+    }
+}
+
+/// Whether `path` names WebDataset shards (`.tar` files, or a pattern of them).
+pub fn is_shard_path(path: &str) -> bool {
+    path.to_ascii_lowercase().ends_with(".tar")
+}
+
 fn default_image_extensions() -> Vec<String> {
     ["jpg", "jpeg", "png", "webp", "gif"].map(String::from).to_vec()
 }

@@ -103,6 +103,13 @@ pub fn remove_stale(path: &Path) -> Vec<PathBuf> {
     removed
 }
 
+/// Where work on `path` happens on this machine: `path` itself when it is local; for an object,
+/// its place in the spool ([`temp_path`]), where a job keeps what it resumes from (extraction's
+/// parts) until the finished output is uploaded.
+pub fn local_stand_in(path: &Path) -> PathBuf {
+    spooled(path).unwrap_or_else(|| local(path))
+}
+
 /// Where the output of the remote target `path` is spooled: `$TMPDIR/cnclip-spool/HASH-NAME`.
 /// `None` for a local path.
 fn spooled(path: &Path) -> Option<PathBuf> {
@@ -144,10 +151,18 @@ pub(crate) fn alive(pid: u32) -> bool {
 /// Across machines the guard is only as good as the shared file system's locks: NFSv4 and
 /// CephFS lock for every client; an NFS mount with `nolock` or Lustre with `localflock` lock
 /// for one node only, so there a job on another node is not stopped.
+///
+/// An object's output is claimed twice: by the same lock on its spooled stand-in (one machine),
+/// and by a lock object `.{name}.cnclip-lock` beside it in the store, created with a
+/// conditional write, so of two jobs anywhere exactly one gets it. The lock object is removed on
+/// drop; one a killed job left is taken over by a job on the same host (its process is gone),
+/// and otherwise names its holder, to be removed by hand once that job is known to be gone.
 #[derive(Debug)]
 pub struct WriterLock {
     file: std::fs::File,
     path: PathBuf,
+    /// The lock object of an object's output.
+    claim: Option<PathBuf>,
 }
 
 impl WriterLock {
@@ -157,6 +172,43 @@ impl WriterLock {
     /// # Errors
     /// The lock file cannot be created, or another process holds the lock.
     pub fn acquire(target: &Path) -> crate::Result<WriterLock> {
+        if !super::is_remote(target) {
+            return Self::acquire_local(target);
+        }
+        let mut lock = Self::acquire_local(&local_stand_in(target))?;
+        let name = target.file_name().unwrap_or_default().to_string_lossy();
+        let claim = target.with_file_name(format!(".{}.cnclip-lock", name.trim_start_matches('.')));
+        let io = |source: std::io::Error| crate::Error::Io { path: claim.display().to_string(), source };
+        let holder = holder();
+        for _ in 0..2 {
+            if super::create_if_absent(&claim, &holder).map_err(io)? {
+                lock.claim = Some(claim);
+                return Ok(lock);
+            }
+            let found = super::read_to_string(&claim).unwrap_or_default();
+            // A job of this host that is gone: its claim is taken over.
+            let ours = found.strip_prefix("pid ").and_then(|rest| rest.split_once(" on ")).and_then(|(pid, host)| {
+                (host == holder.split_once(" on ").map_or("", |(_, h)| h)).then(|| pid.parse::<u32>().ok()).flatten()
+            });
+            match ours {
+                Some(pid) if !alive(pid) => super::remove_file(&claim).map_err(io)?,
+                _ => {
+                    return Err(crate::Error::Busy {
+                        target: target.display().to_string(),
+                        lock: format!("{} (delete it if that job is gone)", claim.display()),
+                        holder: if found.trim().is_empty() { "starting".into() } else { found.trim().to_string() },
+                    });
+                }
+            }
+        }
+        Err(crate::Error::Busy {
+            target: target.display().to_string(),
+            lock: claim.display().to_string(),
+            holder: "another job, which took it over at the same time".into(),
+        })
+    }
+
+    fn acquire_local(target: &Path) -> crate::Result<WriterLock> {
         use std::io::{Read, Seek, Write};
         let target = &local(target);
         let name = target.file_name().unwrap_or_default().to_string_lossy();
@@ -205,12 +257,10 @@ impl WriterLock {
                 (Ok(ours), Ok(named)) if same(&ours, &named) => {}
                 _ => continue,
             }
-            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-            let holder = format!("pid {} on {}", std::process::id(), host.trim());
             file.set_len(0).map_err(io)?;
             file.rewind().map_err(io)?;
-            file.write_all(holder.as_bytes()).map_err(io)?;
-            return Ok(WriterLock { file, path });
+            file.write_all(holder().as_bytes()).map_err(io)?;
+            return Ok(WriterLock { file, path, claim: None });
         }
     }
 
@@ -220,8 +270,17 @@ impl WriterLock {
     }
 }
 
+/// `pid PID on HOST`: who holds a lock.
+fn holder() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("pid {} on {}", std::process::id(), host.trim())
+}
+
 impl Drop for WriterLock {
     fn drop(&mut self) {
+        if let Some(claim) = self.claim.take() {
+            let _ = super::remove_file(claim);
+        }
         // Removed while still locked, so no other process can lock this file and then find it
         // gone; closing the file (after this) releases the lock.
         let _ = std::fs::remove_file(&self.path);
