@@ -41,6 +41,19 @@ impl Stamp {
             sha256: None,
             error: Some(e.kind().to_string()),
         };
+        // An object: its size and version (ETag), from the store.
+        if let Ok(storage::Location::Remote(remote)) = storage::locate(path) {
+            return match remote.version() {
+                Ok((bytes, version)) => Stamp {
+                    path: path.to_path_buf(),
+                    bytes: Some(bytes),
+                    modified: Some(version),
+                    sha256: None,
+                    error: None,
+                },
+                Err(e) => failed(e),
+            };
+        }
         let meta = match storage::metadata(path) {
             Ok(meta) => meta,
             Err(e) => return failed(e),
@@ -74,16 +87,17 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// The files an input names: globs expanded, an LMDB split or directory by its `data.mdb` (its
+/// The files an input names: brace patterns (`{000..009}`) and globs expanded (objects in a
+/// store too, stamped by size and ETag), an LMDB split or directory by its `data.mdb` (its
 /// `lock.mdb` changes on every read), any other directory by every file under it (links to
 /// directories followed, each directory once), in sorted order.
 pub fn files_of(given: &[String]) -> Vec<PathBuf> {
     let mut files = Vec::new();
-    for given in given {
+    for given in given.iter().flat_map(|g| crate::sources::webdataset::expand_braces(g)) {
         let mut found = if given.contains(['*', '?', '[']) {
-            crate::sources::expand_paths(std::slice::from_ref(given)).unwrap_or_default()
+            crate::sources::expand_paths(std::slice::from_ref(&given)).unwrap_or_default()
         } else {
-            vec![PathBuf::from(given)]
+            vec![PathBuf::from(&given)]
         };
         found.sort();
         for path in found {

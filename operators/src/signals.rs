@@ -43,6 +43,18 @@ pub fn interrupted() -> Option<&'static str> {
     }
 }
 
+/// A wait that a caught signal ended (a request to an object store): the job stops, and exits
+/// 130 or 143. As an `io::Error` it is of kind `Other`, not `Interrupted`, which readers retry.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("stopped by {0}")]
+pub struct Stopped(pub &'static str);
+
+impl From<Stopped> for std::io::Error {
+    fn from(stopped: Stopped) -> Self {
+        std::io::Error::other(stopped)
+    }
+}
+
 /// Whether [`catch_interrupts`] is in force.
 pub fn catching() -> bool {
     RECEIVED.get().is_some()

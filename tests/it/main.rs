@@ -26,6 +26,7 @@ mod lmdb;
 mod manifest;
 mod models;
 mod object_store;
+mod object_store_faults;
 mod pipeline;
 mod preprocess;
 mod progress;

@@ -25,14 +25,16 @@ fn failed(output: Output) -> String {
     stderr
 }
 
-/// Copies the local folder `from` into the server's bucket as `prefix/…` (as `aws s3 cp
+/// Copies the files of the local folder `from` into the server's bucket as `prefix/…` (as `aws s3 cp
 /// --recursive` would put it: s3s-fs keeps an object as the file at BUCKET/KEY).
 fn put_tree(server: &S3Server, bucket: &str, from: &Path, prefix: &str) {
     let to = server.bucket(bucket).join(prefix);
     std::fs::create_dir_all(&to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {
         let entry = entry.unwrap();
-        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        if entry.path().is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
     }
 }
 
@@ -308,10 +310,24 @@ fn extraction_from_webdataset_shards_on_the_server_equals_the_lmdb_split() {
         extract("s3://corpus/valid/images/{000000..000002}.tar", "s3://corpus/valid/texts/*.tar", "s3://features/wds");
     assert!(log.contains("object storage:"), "{log}");
 
+    // The split as TSV and JSONL in the store, and as Parquet tables cnclip imports into it.
+    put_tree(&server, "corpus", &root.join("data"), "tsv");
+    ok(cnclip(&server, root, &["import", "--data-dir", "data", "--splits", "valid", "--out", "s3://corpus/parquet"]));
+    extract("s3://corpus/tsv/valid_imgs.tsv", "s3://corpus/tsv/valid_texts.jsonl", "s3://features/tsv");
+    extract("s3://corpus/parquet/valid_images.parquet", "s3://corpus/parquet/valid_texts.parquet", "s3://features/pq");
+
     let local_images = crate::manifest::read_table(&[root.join("local_img.parquet")]);
     let local_texts = crate::manifest::read_table(&[root.join("local_txt.parquet")]);
     let remote_images = crate::manifest::read_table(&[server.data().join("features/wds_img.parquet")]);
     let remote_texts = crate::manifest::read_table(&[server.data().join("features/wds_txt.parquet")]);
+    for format in ["tsv", "pq"] {
+        for (tower, local) in [("img", &local_images), ("txt", &local_texts)] {
+            let remote =
+                crate::manifest::read_table(&[server.data().join(format!("features/{format}_{tower}.parquet"))]);
+            assert_eq!(remote.rows.len(), local.rows.len(), "{format} {tower}");
+            assert!(remote.rows == local.rows, "{format} {tower}: the features differ from the LMDB split's");
+        }
+    }
     for (what, local, remote, keys) in [
         ("images", &local_images, &remote_images, keys_by_id(&server, "corpus", &image_shards)),
         ("texts", &local_texts, &remote_texts, keys_by_id(&server, "corpus", &["valid/texts/000000.tar".into()])),

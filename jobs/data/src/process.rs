@@ -143,8 +143,8 @@ fn message(error: &anyhow::Error) -> String {
     message
 }
 
-/// The signal that stopped the job, if one did: named by the error, or (an error that a
-/// stopped request became, `Interrupted`) the signal the job caught.
+/// The signal that stopped the job, if one did: named by the error, or by the
+/// [`Stopped`](cnclip_operators::signals::Stopped) error a request it cut short became.
 fn interrupted_by(error: &anyhow::Error) -> Option<&'static str> {
     error
         .chain()
@@ -153,10 +153,10 @@ fn interrupted_by(error: &anyhow::Error) -> Option<&'static str> {
             _ => None,
         })
         .or_else(|| {
-            let stopped = error.chain().any(|cause| {
-                cause.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::Interrupted)
-            });
-            stopped.then(cnclip_operators::signals::interrupted).flatten()
+            error.chain().find_map(|cause| {
+                let inner = cause.downcast_ref::<std::io::Error>().and_then(std::io::Error::get_ref);
+                inner.and_then(|e| e.downcast_ref::<cnclip_operators::signals::Stopped>()).map(|stopped| stopped.0)
+            })
         })
 }
 

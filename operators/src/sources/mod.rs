@@ -361,16 +361,11 @@ pub(crate) fn for_each_trimmed_line(
     lines_with_buffer(path, 4 << 20, max_line, on_line)
 }
 
-/// The byte that ends lines in `file`: `\n` (Unix and Windows files), or `\r` for a file
-/// written with classic Mac line endings (a `\r` and no `\n` in its first 64 KiB). Leaves the
-/// file at its start.
-fn line_end(file: &mut std::fs::File) -> std::io::Result<u8> {
-    use std::io::{Read, Seek};
-    let mut head = Vec::with_capacity(64 << 10);
-    file.by_ref().take(64 << 10).read_to_end(&mut head)?;
-    file.rewind()?;
-    let cr_only = memchr::memchr(b'\n', &head).is_none() && memchr::memchr(b'\r', &head).is_some();
-    Ok(if cr_only { b'\r' } else { b'\n' })
+/// The byte that ends lines in `head` (a file's first 64 KiB): `\n` (Unix and Windows files),
+/// or `\r` for a file written with classic Mac line endings (a `\r` and no `\n` in it).
+fn line_end(head: &[u8]) -> u8 {
+    let cr_only = memchr::memchr(b'\n', head).is_none() && memchr::memchr(b'\r', head).is_some();
+    if cr_only { b'\r' } else { b'\n' }
 }
 
 fn lines_with_buffer(
@@ -381,8 +376,12 @@ fn lines_with_buffer(
 ) -> Result<()> {
     use std::io::Read;
     use std::sync::mpsc::sync_channel;
-    let mut file = storage::open(path).map_err(io(path))?;
-    let newline = line_end(&mut file).map_err(io(path))?;
+    // A file, or an object read in ranged GETs ahead of the lines ([`storage::open_read`]).
+    let mut reader = storage::open_read(path).map_err(io(path))?;
+    let mut head = Vec::with_capacity(64 << 10);
+    reader.by_ref().take(64 << 10).read_to_end(&mut head).map_err(io(path))?;
+    let newline = line_end(&head);
+    let mut file = std::io::Cursor::new(head).chain(reader);
     let blank = |b: &u8| matches!(b, b' ' | b'\r' | b'\n');
     let mut number = 0usize;
     let mut emit = |line: Line<'_>| -> Result<()> {

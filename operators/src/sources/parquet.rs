@@ -40,7 +40,7 @@ pub fn file_schema(path: &Path) -> Result<SchemaRef> {
             reason: format!("{}, not a regular file", super::parts::kind_of(&meta)),
         });
     }
-    let file = storage::open(path).map_err(io(path))?;
+    let file = storage::open_chunks(path).map_err(io(path))?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| parquet_err(path, e))?;
     Ok(builder.schema().clone())
 }
@@ -158,7 +158,7 @@ impl Source for ParquetSource {
 
     fn estimated_records(&self) -> Option<u64> {
         let rows = |path: &PathBuf| -> Option<u64> {
-            let builder = ParquetRecordBatchReaderBuilder::try_new(storage::open(path).ok()?).ok()?;
+            let builder = ParquetRecordBatchReaderBuilder::try_new(storage::open_chunks(path).ok()?).ok()?;
             Some(builder.metadata().file_metadata().num_rows() as u64)
         };
         self.paths.iter().map(rows).sum()
@@ -172,7 +172,7 @@ impl Source for ParquetSource {
         let mut ordinal = 0u64;
         let mut seen = super::SeenIds::new(self.dedupe.is_some());
         for path in &self.paths {
-            let file = storage::open(path).map_err(io(path))?;
+            let file = storage::open_chunks(path).map_err(io(path))?;
             let reader = ParquetRecordBatchReaderBuilder::try_new(file)
                 .and_then(|b| b.with_batch_size(ctx.batch_rows.max(1)).build())
                 .map_err(|e| parquet_err(path, e))?;

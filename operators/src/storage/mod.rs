@@ -273,6 +273,55 @@ pub fn open_read(path: impl AsRef<Path>) -> io::Result<Reader> {
     }
 }
 
+/// A file or an object opened for reading in pieces, as the Parquet reader does (its footer,
+/// then its column chunks): [`open_chunks`].
+pub enum Chunks {
+    Local(std::fs::File),
+    Remote { remote: remote::Remote, size: u64 },
+}
+
+impl parquet::file::reader::Length for Chunks {
+    fn len(&self) -> u64 {
+        match self {
+            Chunks::Local(file) => file.len(),
+            Chunks::Remote { size, .. } => *size,
+        }
+    }
+}
+
+impl parquet::file::reader::ChunkReader for Chunks {
+    type T = Box<dyn io::Read + Send>;
+
+    fn get_read(&self, start: u64) -> parquet::errors::Result<Self::T> {
+        match self {
+            Chunks::Local(file) => Ok(Box::new(file.get_read(start)?)),
+            Chunks::Remote { remote, size } => Ok(Box::new(remote::RemoteReader::open_range(remote, start, *size)?)),
+        }
+    }
+
+    fn get_bytes(&self, start: u64, length: usize) -> parquet::errors::Result<bytes::Bytes> {
+        match self {
+            Chunks::Local(file) => file.get_bytes(start, length),
+            Chunks::Remote { remote, .. } => Ok(remote.read_range(start..start + length as u64)?),
+        }
+    }
+}
+
+/// Opens a file or an object for reading in pieces (a Parquet file: ranged GETs of its footer
+/// and of the column chunks read).
+///
+/// # Errors
+/// The OS error of opening a file; the store's (a missing object: `NotFound`).
+pub fn open_chunks(path: impl AsRef<Path>) -> io::Result<Chunks> {
+    match locate(path.as_ref())? {
+        Location::Local(path) => std::fs::File::open(path).map(Chunks::Local),
+        Location::Remote(remote) => {
+            let size = remote.size()?;
+            Ok(Chunks::Remote { remote, size })
+        }
+    }
+}
+
 /// The size of a file or an object, in bytes.
 ///
 /// # Errors

@@ -354,7 +354,39 @@ impl HttpService for CountingService {
         if failed {
             COUNTERS.failed_attempts.fetch_add(1, Ordering::Relaxed);
         }
-        response
+        // A body that fails (a store that stalls or cuts a download) is retried from where it
+        // stopped: that attempt counts too.
+        response.map(|response| {
+            let (parts, body) = response.into_parts();
+            HttpResponse::from_parts(parts, object_store::client::HttpResponseBody::new(CountingBody(body)))
+        })
+    }
+}
+
+/// A response body that counts its failure as a failed attempt.
+struct CountingBody(object_store::client::HttpResponseBody);
+
+impl http_body::Body for CountingBody {
+    type Data = Bytes;
+    type Error = HttpError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, HttpError>>> {
+        let polled = std::pin::Pin::new(&mut self.0).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Err(_))) = &polled {
+            COUNTERS.failed_attempts.fetch_add(1, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.0.size_hint()
     }
 }
 
@@ -371,10 +403,11 @@ static RUNTIME: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
 
 /// Runs `future` on the storage runtime and waits for it on this thread. A job that catches
 /// SIGINT and SIGTERM ([`crate::signals`]) stops waiting when one arrives: the request is
-/// dropped and the call fails with `Interrupted`.
+/// dropped and the call fails with [`crate::signals::Stopped`].
 ///
 /// # Errors
-/// `Interrupted`, or `Other` if the request's task panicked.
+/// [`crate::signals::Stopped`] (as an `Other` error: readers retry `Interrupted` reads), or
+/// `Other` if the request's task panicked.
 pub fn run<T: Send + 'static>(future: impl Future<Output = T> + Send + 'static) -> io::Result<T> {
     let task = RUNTIME.spawn(async move {
         tokio::select! {
@@ -384,7 +417,7 @@ pub fn run<T: Send + 'static>(future: impl Future<Output = T> + Send + 'static) 
     });
     match futures_executor::block_on(tokio::task::unconstrained(task)).map_err(io::Error::other)? {
         Ok(out) => Ok(out),
-        Err(signal) => Err(io::Error::new(io::ErrorKind::Interrupted, format!("stopped by {signal}"))),
+        Err(signal) => Err(crate::signals::Stopped(signal).into()),
     }
 }
 
@@ -419,6 +452,15 @@ impl Remote {
     pub fn size(&self) -> io::Result<u64> {
         let (store, key) = (self.store.clone(), self.key.clone());
         Ok(run(async move { store.head(&key).await })?.map_err(self.err())?.size)
+    }
+
+    /// The object's size and version: its ETag, or else its modification time (the stamp a
+    /// resumable job compares: [`crate::fingerprint`]).
+    pub fn version(&self) -> io::Result<(u64, String)> {
+        let (store, key) = (self.store.clone(), self.key.clone());
+        let meta = run(async move { store.head(&key).await })?.map_err(self.err())?;
+        let version = meta.e_tag.unwrap_or_else(|| meta.last_modified.to_rfc3339());
+        Ok((meta.size, version))
     }
 
     /// Whether the object exists.
@@ -499,6 +541,7 @@ impl Remote {
         let (from, names) = (from.to_path_buf(), (self.url.clone(), self.place.clone()));
         run_to_end(async move { upload_parts(multipart, key, names, from).await })?.map_err(|e| match e {
             UploadError::Store(e) => self.err()(e),
+            UploadError::Io(e) if e.get_ref().is_some_and(|inner| inner.is::<crate::signals::Stopped>()) => e,
             UploadError::Io(e) => io::Error::new(e.kind(), format!("uploading to {}: {e}", self.url)),
         })
     }
@@ -534,7 +577,7 @@ async fn upload_parts(
     let sent = tokio::select! {
         sent = send_parts(&*store, &key, &id, &from) => sent,
         signal = crate::signals::until_interrupted(), if crate::signals::catching() => {
-            Err(UploadError::Io(io::Error::new(io::ErrorKind::Interrupted, format!("stopped by {signal}"))))
+            Err(UploadError::Io(crate::signals::Stopped(signal).into()))
         }
     };
     let result = match sent {
@@ -687,6 +730,9 @@ pub struct RemoteReader {
     chunks: std::sync::mpsc::Receiver<io::Result<Bytes>>,
     current: Bytes,
     done: bool,
+    /// The error that stopped the reading, given again on every later read (the fetching
+    /// thread has ended: a read after it must not look like the object's end).
+    failed: Option<(io::ErrorKind, String)>,
 }
 
 /// The bytes of one ranged GET.
@@ -701,10 +747,18 @@ impl RemoteReader {
     /// The object's size cannot be had (missing: `NotFound`).
     pub fn open(remote: &Remote) -> io::Result<RemoteReader> {
         let size = remote.size()?;
+        Self::open_range(remote, 0, size)
+    }
+
+    /// Reads `remote` from byte `start` to `size` (its size, known to the caller).
+    ///
+    /// # Errors
+    /// The reading thread cannot be started.
+    pub fn open_range(remote: &Remote, start: u64, size: u64) -> io::Result<RemoteReader> {
         let (sender, chunks) = std::sync::mpsc::sync_channel(READ_AHEAD);
         let remote = remote.clone();
         std::thread::Builder::new().name("remote-read".into()).spawn(move || {
-            let mut offset = 0;
+            let mut offset = start;
             while offset < size {
                 let end = (offset + CHUNK_BYTES).min(size);
                 let chunk = remote.read_range(offset..end);
@@ -715,18 +769,25 @@ impl RemoteReader {
                 offset = end;
             }
         })?;
-        Ok(RemoteReader { chunks, current: Bytes::new(), done: size == 0 })
+        Ok(RemoteReader { chunks, current: Bytes::new(), done: start >= size, failed: None })
     }
 }
 
 impl io::Read for RemoteReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         while self.current.is_empty() {
+            if let Some((kind, message)) = &self.failed {
+                return Err(io::Error::new(*kind, message.clone()));
+            }
             if self.done {
                 return Ok(0);
             }
             match self.chunks.recv() {
-                Ok(chunk) => self.current = chunk?,
+                Ok(Ok(chunk)) => self.current = chunk,
+                Ok(Err(e)) => {
+                    self.failed = Some((e.kind(), e.to_string()));
+                    return Err(e);
+                }
                 // The fetcher ends after the last chunk.
                 Err(_) => self.done = true,
             }
