@@ -258,6 +258,68 @@ print(json.dumps(out))
     map.into_iter().map(|(id, key)| (id.parse().unwrap(), key)).collect()
 }
 
+/// `extract-features` of both towers with the tiny model, one row a batch (bit-exact).
+fn extract_args(images: &str, texts: &str, out: &str) -> Vec<String> {
+    let (image_out, text_out) = (format!("{out}_img.parquet"), format!("{out}_txt.parquet"));
+    [
+        "extract-features",
+        "--extract-image-feats",
+        "--extract-text-feats",
+        "--image-data",
+        images,
+        "--text-data",
+        texts,
+        "--image-feat-output-path",
+        &image_out,
+        "--text-feat-output-path",
+        &text_out,
+        "--resume",
+        "tiny.safetensors",
+        "--img-batch-size",
+        "1",
+        "--text-batch-size",
+        "1",
+        "--precision",
+        "fp32",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// The corpus's valid split as img2dataset and Hugging Face would store it: `images.parquet`
+/// (`key` as 9 digits, `jpg` bytes, `image` as `{bytes, path}`, a `url` column nobody reads)
+/// and `texts.parquet` (`key`, `caption`), in the folder argv[2].
+const I2D: &str = r#"
+import base64, json, os, sys, pyarrow as pa, pyarrow.parquet as pq
+root, out = sys.argv[1], sys.argv[2]
+os.makedirs(out, exist_ok=True)
+ids, jpgs = [], []
+for line in open(f"{root}/data/valid_imgs.tsv"):
+    i, b64 = line.rstrip("\n").split("\t")
+    ids.append(int(i)); jpgs.append(base64.urlsafe_b64decode(b64))
+keys = [f"{i:09d}" for i in ids]
+image = pa.array([{"bytes": b, "path": f"{k}.jpg"} for k, b in zip(keys, jpgs)])
+pq.write_table(pa.table({"key": keys, "url": [f"https://example.com/{k}.jpg" for k in keys], "jpg": jpgs, "image": image}),
+               f"{out}/images.parquet", row_group_size=16)
+texts = [json.loads(l) for l in open(f"{root}/data/valid_texts.jsonl")]
+pq.write_table(pa.table({"caption": [t["text"] for t in texts], "key": [f"{t['text_id']:09d}" for t in texts]}),
+               f"{out}/texts.parquet")
+"#;
+
+/// The `key` column of a feature table, if it has one.
+fn table_keys(path: &Path) -> Option<Vec<String>> {
+    use arrow::array::AsArray;
+    let file = std::fs::File::open(path).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap().build().unwrap();
+    let mut keys = Vec::new();
+    for batch in reader {
+        let batch = batch.unwrap();
+        let column = batch.column_by_name("key")?;
+        keys.extend(column.as_string::<i32>().iter().map(|k| k.unwrap().to_string()));
+    }
+    Some(keys)
+}
+
 #[test]
 fn extraction_from_webdataset_shards_on_the_server_equals_the_lmdb_split() {
     let server = S3Server::start();
@@ -281,29 +343,8 @@ fn extraction_from_webdataset_shards_on_the_server_equals_the_lmdb_split() {
     }
 
     let extract = |images: &str, texts: &str, out: &str| {
-        let (image_out, text_out) = (format!("{out}_img.parquet"), format!("{out}_txt.parquet"));
-        let args = [
-            "extract-features",
-            "--extract-image-feats",
-            "--extract-text-feats",
-            "--image-data",
-            images,
-            "--text-data",
-            texts,
-            "--image-feat-output-path",
-            &image_out,
-            "--text-feat-output-path",
-            &text_out,
-            "--resume",
-            "tiny.safetensors",
-            "--img-batch-size",
-            "1",
-            "--text-batch-size",
-            "1",
-            "--precision",
-            "fp32",
-        ];
-        ok(cnclip(&server, root, &args))
+        let args = extract_args(images, texts, out);
+        ok(cnclip(&server, root, &args.iter().map(String::as_str).collect::<Vec<_>>()))
     };
     extract("lmdb/valid/imgs", "data/valid_texts.jsonl", "local");
     let log =
@@ -315,22 +356,50 @@ fn extraction_from_webdataset_shards_on_the_server_equals_the_lmdb_split() {
     ok(cnclip(&server, root, &["import", "--data-dir", "data", "--splits", "valid", "--out", "s3://corpus/parquet"]));
     extract("s3://corpus/tsv/valid_imgs.tsv", "s3://corpus/tsv/valid_texts.jsonl", "s3://features/tsv");
     extract("s3://corpus/parquet/valid_images.parquet", "s3://corpus/parquet/valid_texts.parquet", "s3://features/pq");
+    // img2dataset's layout (`key`, `jpg`, `caption`, other columns beside) and Hugging Face's
+    // (`image` as `{bytes, path}`), mapped with --id-column and the tower's column.
+    python(I2D, &[root.to_str().unwrap(), server.bucket("corpus").join("i2d").to_str().unwrap()], "");
+    for (image_column, out) in [("jpg", "i2d"), ("image", "hf")] {
+        let mut args = extract_args(
+            "s3://corpus/i2d/images.parquet",
+            "s3://corpus/i2d/texts.parquet",
+            &format!("s3://features/{out}"),
+        );
+        args.extend(
+            ["--id-column", "key", "--image-column", image_column, "--text-column", "caption"].map(String::from),
+        );
+        ok(cnclip(&server, root, &args.iter().map(String::as_str).collect::<Vec<_>>()));
+    }
 
     let local_images = crate::manifest::read_table(&[root.join("local_img.parquet")]);
     let local_texts = crate::manifest::read_table(&[root.join("local_txt.parquet")]);
     let remote_images = crate::manifest::read_table(&[server.data().join("features/wds_img.parquet")]);
     let remote_texts = crate::manifest::read_table(&[server.data().join("features/wds_txt.parquet")]);
-    for format in ["tsv", "pq"] {
+    for format in ["tsv", "pq", "i2d", "hf"] {
         for (tower, local) in [("img", &local_images), ("txt", &local_texts)] {
-            let remote =
-                crate::manifest::read_table(&[server.data().join(format!("features/{format}_{tower}.parquet"))]);
+            let path = server.data().join(format!("features/{format}_{tower}.parquet"));
+            let remote = crate::manifest::read_table(std::slice::from_ref(&path));
             assert_eq!(remote.rows.len(), local.rows.len(), "{format} {tower}");
             assert!(remote.rows == local.rows, "{format} {tower}: the features differ from the LMDB split's");
+            // Mapped layouts carry their string keys; the others have none.
+            let keys = table_keys(&path);
+            if ["i2d", "hf"].contains(&format) {
+                let expected: Vec<String> = remote.ids_in_order.iter().map(|id| format!("{id:09}")).collect();
+                assert_eq!(keys, Some(expected), "{format} {tower}");
+            } else {
+                assert_eq!(keys, None, "{format} {tower}");
+            }
         }
     }
-    for (what, local, remote, keys) in [
-        ("images", &local_images, &remote_images, keys_by_id(&server, "corpus", &image_shards)),
-        ("texts", &local_texts, &remote_texts, keys_by_id(&server, "corpus", &["valid/texts/000000.tar".into()])),
+    for (what, local, remote, keys, tower) in [
+        ("images", &local_images, &remote_images, keys_by_id(&server, "corpus", &image_shards), "img"),
+        (
+            "texts",
+            &local_texts,
+            &remote_texts,
+            keys_by_id(&server, "corpus", &["valid/texts/000000.tar".into()]),
+            "txt",
+        ),
     ] {
         assert_eq!(local.rows.len(), keys.len(), "{what}: every sample has its row");
         assert_eq!(remote.rows.len(), keys.len(), "{what}: every sample has its row");
@@ -338,6 +407,9 @@ fn extraction_from_webdataset_shards_on_the_server_equals_the_lmdb_split() {
             let key = keys[id];
             assert_eq!(Some(bits), local.rows.get(&key), "{what}: sample {key} (id {id:#x})");
         }
+        // Each row carries its sample's key.
+        let expected: Vec<String> = remote.ids_in_order.iter().map(|id| format!("{:09}", keys[id])).collect();
+        assert_eq!(table_keys(&server.data().join(format!("features/wds_{tower}.parquet"))), Some(expected), "{what}");
     }
 }
 

@@ -221,11 +221,7 @@ pub fn export(args: ExportArgs) -> Result<()> {
         };
         let parquet = |table: &str| args.parquet_dir.join(format!("{split}_{table}.parquet"));
         // Repeated image and text ids are quarantined (the first is kept), as build-lmdb does.
-        let source = |table: &str| ParquetConfig {
-            paths: paths(&parquet(table)),
-            table: Some(table.into()),
-            dedupe: table != "pairs",
-        };
+        let source = |table: &str| ParquetConfig::new(paths(&parquet(table)), Some(table.into()), table != "pairs");
         let texts_table = if parquet("texts").exists() || !parquet("pairs").exists() { "texts" } else { "pairs" };
         let texts_in = format!("{texts_table}_in");
         let mut defs =

@@ -200,7 +200,43 @@ pub struct Source {
 /// # Errors
 /// Several LMDB directories, or no data.
 pub fn source(tower: Tower, data: &[String]) -> Result<Source> {
+    source_with(tower, data, &Columns::default())
+}
+
+/// The columns of Parquet data in another layout (img2dataset, Hugging Face): its id (or key)
+/// column and the tower's image or text column (`--id-column`, `--image-column`,
+/// `--text-column`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Columns {
+    pub id: Option<String>,
+    pub value: Option<String>,
+}
+
+/// [`source`], with Parquet data read through `columns` when they are given.
+///
+/// # Errors
+/// As [`source`]; a column mapping for data that is not Parquet, or without the tower's column.
+pub fn source_with(tower: Tower, data: &[String], columns: &Columns) -> Result<Source> {
     let Some(first) = data.first() else { bail!("no {} data given", tower.name()) };
+    if let Some(id) = &columns.id {
+        if !data.iter().all(|p| p.ends_with(".parquet")) {
+            bail!("--id-column maps the columns of Parquet data; the {} data is not Parquet", tower.name());
+        }
+        let Some(value) = &columns.value else {
+            bail!("--id-column: give the {} column too (--{}-column)", tower.name(), tower.name());
+        };
+        let mut config = ParquetConfig::new(data.to_vec(), None, true);
+        config.id_column = Some(id.clone());
+        match tower {
+            Tower::Image => config.image_column = Some(value.clone()),
+            Tower::Text => config.text_column = Some(value.clone()),
+        }
+        return Ok(Source {
+            node: NodeDef::new("source", None, config),
+            base64: false,
+            order: Order::ResizeThenConvert,
+        });
+    }
     let max_record_bytes = cnclip_operators::sources::MAX_RECORD_BYTES;
     let node = |config| NodeDef::new("source", None, config);
     Ok(match tower {
@@ -216,7 +252,7 @@ pub fn source(tower: Tower, data: &[String]) -> Result<Source> {
             }
         }
         Tower::Text if data.iter().all(|p| p.ends_with(".parquet")) => Source {
-            node: node(ParquetConfig { paths: data.to_vec(), table: Some("texts".into()), dedupe: true }),
+            node: node(ParquetConfig::new(data.to_vec(), Some("texts".into()), true)),
             base64: false,
             order: Order::ResizeThenConvert,
         },
@@ -252,7 +288,7 @@ pub fn source(tower: Tower, data: &[String]) -> Result<Source> {
                 }
             } else if data.iter().all(|p| p.ends_with(".parquet")) {
                 Source {
-                    node: node(ParquetConfig { paths: data.to_vec(), table: Some("images".into()), dedupe: true }),
+                    node: node(ParquetConfig::new(data.to_vec(), Some("images".into()), true)),
                     base64: false,
                     order: Order::ResizeThenConvert,
                 }

@@ -75,6 +75,15 @@ pub struct Args {
     /// Text features output (`.jsonl`, `.parquet`, or with `--shard` a directory).
     #[arg(long)]
     pub text_feat_output_path: Option<PathBuf>,
+    /// Parquet data in another layout (img2dataset, Hugging Face): the column of ids or string keys, e.g. `key`; the features then carry a `key` column.
+    #[arg(long)]
+    pub id_column: Option<String>,
+    /// With --id-column: the image column of --image-data (bytes, base64, or `{bytes, path}` structs), e.g. `jpg` or `image`.
+    #[arg(long, requires = "id_column")]
+    pub image_column: Option<String>,
+    /// With --id-column: the text column of --text-data, e.g. `caption`.
+    #[arg(long, requires = "id_column")]
+    pub text_column: Option<String>,
     /// Images per encoder batch, on each device (cn_clip's --img-batch-size).
     #[arg(long, default_value_t = 64)]
     pub img_batch_size: usize,
@@ -129,6 +138,9 @@ impl Args {
             text_data: None,
             image_feat_output_path: None,
             text_feat_output_path: None,
+            id_column: None,
+            image_column: None,
+            text_column: None,
             img_batch_size: 64,
             text_batch_size: 64,
             context_length: 52,
@@ -323,7 +335,14 @@ fn nodes(
         column: tower.id_column().into(),
         tables: done.iter().map(|p| p.display().to_string()).collect(),
     };
-    let source = manifest::source(tower, &data(args, tower))?;
+    let columns = manifest::Columns {
+        id: args.id_column.clone(),
+        value: match tower {
+            Tower::Image => args.image_column.clone(),
+            Tower::Text => args.text_column.clone(),
+        },
+    };
+    let source = manifest::source_with(tower, &data(args, tower), &columns)?;
     let mut defs = vec![source.node, NodeDef::new("todo", Some("source"), exclude())];
     match tower {
         Tower::Text => {
@@ -465,9 +484,12 @@ fn made_from(args: &Args, tower: Tower, encoder: &EncoderConfig) -> Result<Strin
         "input": stamps(&data(args, tower)),
         "shard": args.shard,
         "on_error": format!("{:?}", args.on_error),
-    })
-    .to_string();
-    Ok(format!("{:x}", sha2::Sha256::digest(text.as_bytes())))
+    });
+    let mut text = text;
+    if let Some(id) = &args.id_column {
+        text["columns"] = serde_json::json!([id, args.image_column, args.text_column]);
+    }
+    Ok(format!("{:x}", sha2::Sha256::digest(text.to_string().as_bytes())))
 }
 
 /// What the parts depend on: the checkpoint's bytes and every setting that changes a row.
@@ -490,7 +512,10 @@ fn fingerprint(args: &Args, tower: Tower, encoder: &EncoderConfig) -> Result<Str
         "shard": args.shard,
         "on_error": format!("{:?}", args.on_error),
     });
-    // Only when given, so the fingerprints of runs without one are those of earlier builds.
+    // Only when given, so the fingerprints of runs without them are those of earlier builds.
+    if let Some(id) = &args.id_column {
+        fingerprint["columns"] = serde_json::json!([id, args.image_column, args.text_column]);
+    }
     if let Some(config) = &encoder.model_config {
         let text = cnclip_operators::sources::read_text(config, cnclip_operators::sources::MAX_TEXT_BYTES)
             .map_err(crate::quoted("--model-config"))?;

@@ -183,7 +183,7 @@ pub fn run(args: Args, image_to_text: bool) -> Result<()> {
         } else {
             queries.clone()
         };
-        NodeDef::new("queries", None, ParquetConfig { paths: vec![path], table: None, dedupe: false })
+        NodeDef::new("queries", None, ParquetConfig::new(vec![path], None, false))
     };
     let knn = KnnConfig {
         gallery,

@@ -246,7 +246,17 @@ impl EncoderConfig {
                         Tower::Text => "token_ids".into(),
                     },
                 };
-                Ok(Encoder { tower, checkpoint, config, precision, batch_size: self.batch_size, devices, meta, opened })
+                Ok(Encoder {
+                    tower,
+                    checkpoint,
+                    config,
+                    precision,
+                    batch_size: self.batch_size,
+                    devices,
+                    meta,
+                    opened,
+                    keyed: Default::default(),
+                })
             }
             _ => Err(problems),
         }
@@ -321,15 +331,24 @@ pub struct Encoder {
     /// The checkpoint, as the job opened it (or this node, for a pipeline file): its weights
     /// are read by the first replica to start, and each replica copies them onto its device.
     opened: Arc<Checkpoint>,
+    /// Whether the input carries string keys (`key`: WebDataset, img2dataset), which the feature
+    /// table then carries too, so users join features back to their metadata. Set at planning.
+    keyed: std::sync::atomic::AtomicBool,
 }
 
 impl Encoder {
     /// The feature table it writes.
     pub fn schema(&self) -> SchemaRef {
-        match self.tower {
+        let table = match self.tower {
             Tower::Image => cnclip_schemas::image_features(&self.meta, FeatureType::Float32),
             Tower::Text => cnclip_schemas::text_features(&self.meta, FeatureType::Float32),
+        };
+        if !self.keyed.load(std::sync::atomic::Ordering::Relaxed) {
+            return table;
         }
+        let mut fields: Vec<Field> = table.fields().iter().map(|f| f.as_ref().clone()).collect();
+        fields.push(Field::new(cnclip_schemas::columns::KEY, DataType::Utf8, false));
+        Arc::new(arrow::datatypes::Schema::new_with_metadata(fields, table.metadata().clone()))
     }
 
     /// A model on `device` with the checkpoint's weights (read on the first call).
@@ -386,6 +405,10 @@ impl Transform for Encoder {
                 )));
             }
         }
+        let keyed = input
+            .field_with_name(cnclip_schemas::columns::KEY)
+            .is_ok_and(|f| f.data_type() == &DataType::Utf8 && !f.is_nullable());
+        self.keyed.store(keyed, std::sync::atomic::Ordering::Relaxed);
         Ok(self.schema())
     }
 
@@ -504,7 +527,13 @@ impl TransformReplica for EncoderReplica {
         let item = Arc::new(Field::new("item", DataType::Float32, false));
         let feature = FixedSizeListArray::try_new(item, dim, Arc::new(Float32Array::from(flat)), None)?;
         let ids: ArrayRef = Arc::new(Int64Array::from(keep.iter().map(|&row| ids.value(row)).collect::<Vec<i64>>()));
-        let batch = RecordBatch::try_new(self.schema.clone(), vec![ids, Arc::new(feature)])?;
+        let mut columns = vec![ids, Arc::new(feature) as ArrayRef];
+        if self.schema.field_with_name(cnclip_schemas::columns::KEY).is_ok() {
+            let keys = batch.column_by_name(cnclip_schemas::columns::KEY).expect("checked at planning");
+            let indices = arrow::array::UInt32Array::from(keep.iter().map(|&row| row as u32).collect::<Vec<_>>());
+            columns.push(arrow::compute::take(keys, &indices, None)?);
+        }
+        let batch = RecordBatch::try_new(self.schema.clone(), columns)?;
         Ok(Output { batch, rejected })
     }
 }

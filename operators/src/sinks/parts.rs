@@ -570,7 +570,7 @@ impl PartsSink {
         let join = Planner::new(&registry)
             .plan(
                 JobSettings { quarantine: dir.join("join-quarantine.jsonl"), ..JobSettings::default() },
-                vec![NodeDef::new("parts", None, ParquetConfig { paths: parts, table: None, dedupe: false }), sink],
+                vec![NodeDef::new("parts", None, ParquetConfig::new(parts, None, false)), sink],
             )
             .map_err(|problems| Error::Internal(format!("joining parts: {problems}")))?;
         join.run()?;

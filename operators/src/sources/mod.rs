@@ -8,6 +8,7 @@
 pub mod batches;
 pub mod features;
 pub mod folder;
+pub mod img2dataset;
 pub mod jsonl;
 pub mod lmdb;
 pub mod lmdb_train;

@@ -215,6 +215,65 @@ pub struct ParquetConfig {
     /// TSV and JSONL sources dedupe.
     #[serde(default)]
     pub dedupe: bool,
+    /// Read another project's layout (img2dataset, Hugging Face): the column holding ids or string keys, e.g. `key`.
+    ///
+    /// With `image_column` (an `images` table) or `text_column` (a `texts` table); rows keep their key in a `key` column (see `sources/img2dataset.rs` for the int64 ids).
+    #[serde(default)]
+    pub id_column: Option<String>,
+    /// The column of image bytes, base64 text, or `{bytes, path}` structs, e.g. `jpg` or `image`.
+    #[serde(default)]
+    pub image_column: Option<String>,
+    /// The column of texts, e.g. `caption` or `text`.
+    #[serde(default)]
+    pub text_column: Option<String>,
+}
+
+impl ParquetConfig {
+    /// Plain Parquet files as `table` (a contract name), deduplicated or not.
+    pub fn new(paths: Vec<String>, table: Option<String>, dedupe: bool) -> Self {
+        ParquetConfig { paths, table, dedupe, id_column: None, image_column: None, text_column: None }
+    }
+
+    /// The mapped source, when a column mapping is given.
+    fn mapped(&self, cx: &BuildContext) -> Option<Result<Operator, Vec<String>>> {
+        use super::img2dataset::MappedParquetSource;
+        use super::webdataset::WebDatasetTable;
+        if self.id_column.is_none() && self.image_column.is_none() && self.text_column.is_none() {
+            return None;
+        }
+        let build = || -> Result<Operator, Vec<String>> {
+            let id_column = self
+                .id_column
+                .clone()
+                .ok_or_else(|| vec!["`image_column`/`text_column` need `id_column`".to_string()])?;
+            let (table, value_column) = match (&self.image_column, &self.text_column, self.table.as_deref()) {
+                (Some(image), None, None | Some("images")) => (WebDatasetTable::Images, image.clone()),
+                (None, Some(text), None | Some("texts")) => (WebDatasetTable::Texts, text.clone()),
+                (Some(_), Some(_), _) => {
+                    return Err(vec![
+                        "give `image_column` or `text_column`, not both: a node reads one table (use two nodes)".into(),
+                    ]);
+                }
+                (None, None, _) => return Err(vec!["`id_column` needs `image_column` or `text_column`".into()]),
+                (_, _, Some(other)) => {
+                    return Err(vec![format!("a column mapping makes an `images` or `texts` table, not `{other}`")]);
+                }
+            };
+            if id_column == value_column {
+                return Err(vec![format!("`id_column` and the value column are both `{id_column}`")]);
+            }
+            let source = MappedParquetSource {
+                paths: cx.files(&self.paths)?,
+                table,
+                id_column,
+                value_column,
+                dedupe: self.dedupe,
+            };
+            source.check()?;
+            Ok(Operator::Source(Box::new(source)))
+        };
+        Some(build())
+    }
 }
 
 impl NodeConfig for ParquetConfig {
@@ -222,6 +281,9 @@ impl NodeConfig for ParquetConfig {
     const ROLE: Role = Role::Source;
     fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
         use cnclip_schemas::columns::{IMAGE_ID, TEXT_ID};
+        if let Some(mapped) = self.mapped(cx) {
+            return mapped;
+        }
         let contract = match self.table.as_deref() {
             None => None,
             Some(name) => Some((

@@ -60,7 +60,7 @@ pub struct WebDatasetSource {
 }
 
 impl WebDatasetSource {
-    fn schema_of(table: WebDatasetTable) -> SchemaRef {
+    pub(crate) fn schema_of(table: WebDatasetTable) -> SchemaRef {
         let base = match table {
             WebDatasetTable::Images => cnclip_schemas::images(),
             WebDatasetTable::Texts => cnclip_schemas::texts(),
@@ -498,7 +498,7 @@ fn is_header(block: &[u8]) -> bool {
 }
 
 /// Rows of the `images` or `texts` table, with their keys, cut into batches.
-struct Batcher {
+pub(crate) struct Batcher {
     table: WebDatasetTable,
     schema: SchemaRef,
     batch_rows: usize,
@@ -512,7 +512,7 @@ struct Batcher {
 }
 
 impl Batcher {
-    fn new(table: WebDatasetTable, schema: SchemaRef, batch_rows: usize) -> Self {
+    pub(crate) fn new(table: WebDatasetTable, schema: SchemaRef, batch_rows: usize) -> Self {
         Batcher {
             table,
             schema,
@@ -527,14 +527,14 @@ impl Batcher {
         }
     }
 
-    fn push_image(&mut self, id: i64, image: &[u8], key: &str, emit: Emit<'_>) -> Result<()> {
+    pub(crate) fn push_image(&mut self, id: i64, image: &[u8], key: &str, emit: Emit<'_>) -> Result<()> {
         self.ids.append_value(id);
         self.images.append_value(image);
         self.keys.append_value(key);
         self.pushed(image.len(), emit)
     }
 
-    fn push_text(&mut self, id: i64, text: &str, key: &str, emit: Emit<'_>) -> Result<()> {
+    pub(crate) fn push_text(&mut self, id: i64, text: &str, key: &str, emit: Emit<'_>) -> Result<()> {
         self.ids.append_value(id);
         self.texts.append_value(text);
         self.image_ids.values().append_value(id);
@@ -549,7 +549,7 @@ impl Batcher {
         if self.rows >= self.batch_rows || self.bytes >= BATCH_BYTES { self.flush(emit) } else { Ok(()) }
     }
 
-    fn flush(&mut self, emit: Emit<'_>) -> Result<()> {
+    pub(crate) fn flush(&mut self, emit: Emit<'_>) -> Result<()> {
         if self.rows == 0 {
             return Ok(());
         }

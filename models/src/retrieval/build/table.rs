@@ -150,7 +150,7 @@ impl Table {
                 FeatureJsonlConfig { paths, id_key, max_record_bytes: sources::MAX_RECORD_BYTES },
             )
         } else {
-            NodeDef::new("features", None, ParquetConfig { paths, table: None, dedupe: false })
+            NodeDef::new("features", None, ParquetConfig::new(paths, None, false))
         };
         let settings = JobSettings {
             on_error: OnError::Fail,
