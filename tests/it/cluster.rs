@@ -80,7 +80,19 @@ fn first_line(child: &mut Child, limit: Duration) -> String {
 impl Cluster {
     /// A scheduler on a free port and `executors` executors, each with its own work directory.
     fn start(root: &Path, executors: usize) -> Cluster {
-        let mut scheduler = Command::new(cnclip_tests::cnclip_bin())
+        Cluster::start_reaching(root, executors, None)
+    }
+
+    /// [`Cluster::start`], every process configured to reach `store`.
+    fn start_reaching(root: &Path, executors: usize, store: Option<&cnclip_tests::s3::S3Server>) -> Cluster {
+        let command = || {
+            let mut command = Command::new(cnclip_tests::cnclip_bin());
+            if let Some(store) = store {
+                store.configure(&mut command);
+            }
+            command
+        };
+        let mut scheduler = command()
             .args(["cluster", "scheduler", "--bind", "127.0.0.1:0", "--executor-timeout-seconds", "6"])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -102,7 +114,7 @@ impl Cluster {
         for e in 0..executors {
             let work = root.join(format!("executor-{e}"));
             std::fs::create_dir_all(&work).unwrap();
-            let mut child = Command::new(cnclip_tests::cnclip_bin())
+            let mut child = command()
                 .args(["cluster", "executor", "--scheduler", &address, "--bind-host", "127.0.0.1"])
                 .args(["--concurrent-tasks", "2", "--heartbeat-interval-seconds", "2", "--work-dir"])
                 .arg(&work)
@@ -173,6 +185,51 @@ fn ok(root: &Path, args: &[&str]) -> String {
     let output = cnclip(root, args, Duration::from_secs(300)).unwrap_or_else(|| panic!("cnclip {args:?} hung"));
     assert!(output.status.success(), "cnclip {args:?}:\n{}", String::from_utf8_lossy(&output.stderr));
     String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// `cnclip ARGS` in `root`, reaching `store`, which must succeed; its stdout.
+fn ok_reaching(root: &Path, store: &cnclip_tests::s3::S3Server, args: &[&str]) -> String {
+    let mut command = Command::new(cnclip_tests::cnclip_bin());
+    let output = store.configure(command.args(args).current_dir(root)).output().unwrap();
+    assert!(output.status.success(), "cnclip {args:?}:\n{}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn sql_over_tables_in_an_object_store_equals_the_local_results_here_and_on_a_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    python(MAKE_TABLES, &[root.to_str().unwrap(), "1000", "100"], "");
+    let store = cnclip_tests::s3::S3Server::start();
+    let bucket = store.bucket("tables");
+    std::fs::create_dir_all(bucket.join("img")).unwrap();
+    for entry in std::fs::read_dir(root.join("img")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), bucket.join("img").join(entry.file_name())).unwrap();
+    }
+    std::fs::copy(root.join("txt.parquet"), bucket.join("txt.parquet")).unwrap();
+    let local = ok(root, &["sql", TOP1, "--table", "img=img", "--table", "txt=txt.parquet", "--format", "jsonl"]);
+    assert_eq!(local.lines().count(), 100);
+    // The executors read the store themselves: the tables are nowhere on their disks.
+    let remote = ["--table", "img=s3://tables/img", "--table", "txt=s3://tables/txt.parquet", "--format", "jsonl"];
+    assert_eq!(ok_reaching(root, &store, &[&["sql", TOP1][..], &remote[..]].concat()), local, "sql here");
+    let cluster = Cluster::start_reaching(root, 2, Some(&store));
+    for _ in 0..10 {
+        let distributed =
+            ok_reaching(root, &store, &[&["sql", TOP1, "--cluster", &cluster.url][..], &remote[..]].concat());
+        assert_eq!(distributed, local, "the top-1 join over s3:// tables on the cluster differs from the local one");
+        if cluster.executors_used() == 2 {
+            break;
+        }
+    }
+    assert_eq!(cluster.executors_used(), 2, "one executor did all the work");
+    // A prefix missing a shard's part is refused, naming it, as a local directory is.
+    std::fs::remove_file(bucket.join("img/part-00002-of-00004.parquet")).unwrap();
+    let mut command = Command::new(cnclip_tests::cnclip_bin());
+    let output =
+        store.configure(command.args([&["sql", TOP1][..], &remote[..]].concat()).current_dir(root)).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && stderr.contains("s3://tables/img") && stderr.contains("2"), "{stderr}");
 }
 
 #[test]

@@ -97,7 +97,11 @@ pub fn run(command: Command) -> Result<()> {
 fn session_state(
     config: datafusion::prelude::SessionConfig,
 ) -> datafusion::common::Result<datafusion::execution::SessionState> {
-    let mut state = ballista_core::utils::default_session_builder(config)?;
+    let state = ballista_core::utils::default_session_builder(config)?;
+    // Tables in object stores are planned through cnclip's stores (listing a prefix).
+    let mut state = datafusion::execution::SessionStateBuilder::new_from_existing(state)
+        .with_runtime_env(crate::stores::runtime()?)
+        .build();
     for udf in crate::sql::udfs() {
         state.register_udf(Arc::new(udf))?;
     }
@@ -176,6 +180,17 @@ async fn executor(args: ExecutorArgs) -> Result<()> {
         work_dir: args.work_dir.clone(),
         executor_heartbeat_interval_seconds: args.heartbeat_interval_seconds,
         override_function_registry: Some(Arc::new(registry)),
+        // Executors read tables in object stores directly, through cnclip's stores; spill files
+        // go where Ballista's default puts them (the work directory, or the system's temporary one).
+        override_runtime_producer: Some({
+            let spill = args.work_dir.clone().unwrap_or_else(|| std::env::temp_dir().display().to_string());
+            Arc::new(move |_: &datafusion::prelude::SessionConfig| {
+                datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+                    .with_temp_file_path(spill.clone())
+                    .with_object_store_registry(Arc::new(crate::stores::Stores::default()))
+                    .build_arc()
+            })
+        }),
         ..defaults
     };
     println!(

@@ -19,5 +19,6 @@ pub mod manifest;
 pub mod process;
 pub mod run;
 pub mod sql;
+pub mod stores;
 pub mod synth;
 pub mod tokenize;

@@ -199,8 +199,11 @@ pub fn udfs() -> Vec<ScalarUDF> {
 /// # Errors
 /// A malformed cluster address.
 pub async fn session(cluster: Option<&str>) -> Result<SessionContext> {
+    // Tables in object stores are read through cnclip's stores ([`crate::stores`]).
     let ctx = match cluster {
-        None => SessionContext::new(),
+        None => {
+            SessionContext::new_with_config_rt(datafusion::prelude::SessionConfig::new(), crate::stores::runtime()?)
+        }
         Some(url) => {
             use ballista::prelude::{SessionConfigExt, SessionContextExt};
             if !url.starts_with("df://") {
@@ -209,6 +212,7 @@ pub async fn session(cluster: Option<&str>) -> Result<SessionContext> {
             let state = datafusion::execution::SessionStateBuilder::new()
                 .with_default_features()
                 .with_config(datafusion::prelude::SessionConfig::new_with_ballista())
+                .with_runtime_env(crate::stores::runtime()?)
                 .build();
             SessionContext::remote_with_state(url, state).await.with_context(|| format!("--cluster {url}"))?
         }
@@ -266,6 +270,10 @@ pub async fn context(tables: &[String], cluster: Option<&str>) -> Result<Session
         let Some((name, path)) = table.split_once('=') else {
             bail!("--table {table}: use NAME=PATH");
         };
+        if cnclip_operators::storage::is_remote(Path::new(path)) {
+            register_remote(&ctx, name, path).await.with_context(|| format!("--table {table}"))?;
+            continue;
+        }
         let path = std::path::Path::new(path);
         if !path.exists() {
             bail!("--table {table}: {} does not exist", path.display());
@@ -303,6 +311,43 @@ pub async fn context(tables: &[String], cluster: Option<&str>) -> Result<Session
             .with_context(|| format!("--table {table}"))?;
     }
     Ok(ctx)
+}
+
+/// Registers the object, or the Parquet objects under the prefix, at `url` as table `name`
+/// (every footer read first, as for local files). A prefix of shard parts must be complete.
+async fn register_remote(ctx: &SessionContext, name: &str, url: &str) -> Result<()> {
+    use cnclip_operators::storage;
+    let url = url.trim_end_matches('/');
+    // A prefix of Parquet objects (a table's parts), or else one object. (The prefix is looked
+    // up first: a store may answer a HEAD of a "folder" with an error rather than 404.)
+    let objects = storage::list_remote(url)?;
+    let parts: Vec<&String> = objects
+        .iter()
+        .map(|(object, _)| object)
+        .filter(|object| {
+            let file = object.rsplit('/').next().unwrap_or_default();
+            object.get(url.len() + 1..) == Some(file) && file.ends_with(".parquet") && !file.starts_with('.')
+        })
+        .collect();
+    let location = if parts.is_empty() {
+        match storage::size(url) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                bail!("{url}: no such object, and no Parquet objects under it")
+            }
+            Err(e) => return Err(e.into()),
+        }
+        cnclip_operators::sources::parquet::file_schema(Path::new(url))?;
+        url.to_string()
+    } else {
+        cnclip_operators::sources::parts::check_complete(Path::new(url))?;
+        for part in &parts {
+            cnclip_operators::sources::parquet::file_schema(Path::new(part.as_str()))?;
+        }
+        format!("{url}/")
+    };
+    ctx.register_parquet(name, &location, ParquetReadOptions::default()).await?;
+    Ok(())
 }
 
 pub fn run(args: Args) -> Result<()> {

@@ -73,21 +73,33 @@ fn missing_parts(missing: &[u64], count: u64) -> String {
 /// Shards missing (named, with their files), parts of different shard counts mixed, or the
 /// directory unreadable.
 pub fn check_complete(dir: &Path) -> Result<(), PartsError> {
-    let entries = storage::read_dir(dir).map_err(|source| PartsError::Io { path: dir.to_path_buf(), source })?;
+    let io = |source| PartsError::Io { path: dir.to_path_buf(), source };
+    // The names directly in the directory (or under the prefix, in a store).
+    let names: Vec<String> = if storage::is_remote(dir) {
+        let prefix = format!("{}/", dir.display().to_string().trim_end_matches('/'));
+        let listed = storage::list_remote(dir).map_err(io)?;
+        listed.into_iter().filter_map(|(url, _)| url.strip_prefix(&prefix).map(str::to_string)).collect()
+    } else {
+        let entries = storage::read_dir(dir).map_err(io)?;
+        entries.flatten().map(|entry| entry.file_name().to_string_lossy().into_owned()).collect()
+    };
     // Shard count → indexes present.
     let mut found: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
     let mut stray = Vec::new();
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if !name.ends_with(".parquet") || name.starts_with('.') {
+    for name in names {
+        if !name.ends_with(".parquet") || name.starts_with('.') || name.contains('/') {
             continue;
         }
         // A FIFO or a device read as a part would hang or never end, a directory fails
-        // somewhere deep in the reader: refused here, by name (links followed).
-        match storage::metadata(entry.path()) {
-            Ok(meta) if meta.is_file() => {}
-            Ok(meta) => return Err(PartsError::NotAFile { path: entry.path(), kind: kind_of(&meta) }),
-            Err(source) => return Err(PartsError::Io { path: entry.path(), source }),
+        // somewhere deep in the reader: refused here, by name (links followed). (Objects are
+        // objects.)
+        let path = dir.join(&name);
+        if !storage::is_remote(dir) {
+            match storage::metadata(&path) {
+                Ok(meta) if meta.is_file() => {}
+                Ok(meta) => return Err(PartsError::NotAFile { path, kind: kind_of(&meta) }),
+                Err(source) => return Err(PartsError::Io { path, source }),
+            }
         }
         match part_shard(&name) {
             Some((index, count)) => found.entry(count).or_default().push(index),
