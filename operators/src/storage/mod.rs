@@ -1,41 +1,36 @@
 //! The storage seam: every file a job opens, creates, reads whole, renames or removes goes
 //! through this module. Sources, sinks, parts and manifests, locks, the quarantine, checkpoints,
-//! indexes' side files, logs and reports call these functions rather than `std::fs`, so a new
-//! place to keep data (the object stores of issue #25: S3, GCS, Azure, HTTP) is taught here
-//! once, not in each job. (Jobs still check that a path exists with `Path::exists` and friends
-//! before they open it; #25 moves those checks here with the URL flags.)
+//! indexes' side files, logs and reports call these functions rather than `std::fs`, so a place
+//! to keep data is taught here once, not in each job.
 //!
-//! Locations are local today: a plain path, or a `file://` URL, which every function here and
-//! in [`staging`] turns into its path ([`local`]). A URL of another scheme (`s3://…`) is refused
-//! by them with an error that names it.
+//! A location ([`locate`]) is a plain path, a `file://` URL (its path: [`local`]), or an object
+//! in a store ([`remote`]: `s3://`, `gs://`, `az://`, `https://` read-only). The functions mirror
+//! `std::fs` (same arguments, `std::io::Result`, the same OS errors), so a caller adds its own
+//! context (the path, what was being read) as before. Whole-file reads ([`read`],
+//! [`read_to_string`]) and ranged reads ([`read_range`]) of local files go through the
+//! [`object_store`] crate's `LocalFileSystem`; where its answer would differ from `std::fs`'s
+//! (a FIFO or a `/proc` file, which report size 0; a name the store reserves, `…#1`; any
+//! failure, whose OS error the store wraps), the same call reads with `std::fs`.
 //!
-//! The functions mirror `std::fs` (same arguments, `std::io::Result`, the same OS errors), so a
-//! caller adds its own context (the path, what was being read) as before. Whole-file reads
-//! ([`read`], [`read_to_string`]) and ranged reads ([`read_range`]) go through the
-//! [`object_store`] crate (its `LocalFileSystem`), the interface the remote stores implement.
-//! Where the store's answer would differ from `std::fs`'s (a FIFO or a `/proc` file, which
-//! report size 0; a name the store reserves, `…#1`; any failure, whose OS error the store
-//! wraps), the same call reads with `std::fs`. [`create_if_absent`] writes what must be made
-//! once, atomically.
+//! Objects:
+//!
+//! - **Reads.** [`open_read`] streams one (ranged GETs with bounded read-ahead: tar shards, TSV
+//!   and JSONL lines); [`open_chunks`] serves the Parquet reader's ranged reads; [`read`],
+//!   [`read_range`], [`size`] and [`list_remote`] (sources' globs over a prefix) complete it.
+//! - **Writes.** An output is written in the spool on this machine ([`staging::temp_path`]) and
+//!   uploaded whole when the job commits ([`rename`]); [`write_atomically`] does the same for a
+//!   single file. [`create_if_absent`] is the store's conditional write: the claims of
+//!   [`staging::WriterLock`] on an object's output.
 //!
 //! What still needs a local file, and why:
 //!
-//! - **Streaming and seekable reads** ([`open`]): the line readers of TSV and JSONL shards, the
-//!   Parquet reader, the checked LMDB reader (`pread`) and the refinement vectors of an index
-//!   (memory-mapped) read a `std::fs::File`. A remote object will be staged (downloaded) to a
-//!   local file, or read through a buffered ranged reader, behind this same call.
-//! - **Staged writes** ([`create`], [`staging`]): every output is written at a temporary path
-//!   beside its target and renamed into place when the job succeeds ([`rename`]); killed jobs'
-//!   leftovers carry their process id so the next run can remove them
-//!   ([`staging::remove_stale`]). `object_store`'s own local uploads are not tied to a process,
-//!   so a killed job's would stay. A remote target will be written locally and uploaded on commit.
+//! - **Seekable reads** ([`open`]): the checked LMDB reader (`pread`) and the memory-mapped
+//!   refinement vectors of an index.
 //! - **LMDB writing**: the bulk loader writes pages with `O_DIRECT` and LMDB's own writer maps
 //!   its file (`operators/src/sinks/lmdb_bulk/`, `sinks/lmdb_txn.rs`); both write a local
 //!   staged directory, committed by [`rename`].
 //! - **FAISS indexes** are read and written by FAISS through a local path (`--mmap` maps the
 //!   inverted lists), as the refinement vectors are (`models/src/retrieval/`).
-//! - **Locks** ([`staging::WriterLock`]) are `flock`s on a local file: an object store has no
-//!   locks, and will use [`create_if_absent`] for its claims.
 //! - **Scratch space** ([`scratch_dir`]): quarantines nobody reads and DataFusion's registered
 //!   batches on a cluster, removed when the job ends.
 //! - **Metadata and listings** ([`metadata`], [`read_dir`]) keep `std::fs`'s types: modification
@@ -211,9 +206,8 @@ pub fn read_range(path: impl AsRef<Path>, range: Range<u64>) -> io::Result<bytes
 
 /// Writes `contents` at `path` only if nothing is there yet (a file, a directory, a link),
 /// atomically: a reader sees all of it or nothing, and of two writers exactly one succeeds. For
-/// what must be made once, such as the claims and first records of a job on an object store
-/// (issue #25), where a lock file cannot serve; no job calls it yet. On a store, the store's
-/// conditional write (`If-None-Match: *`) decides. The contents are written
+/// what must be made once, such as a job's claim on an output in an object store, where a lock
+/// file cannot serve. On a store, the store's conditional write (`If-None-Match: *`) decides. The contents are written
 /// and synced at a staging path ([`staging::temp_path`]) and linked into place. The parent
 /// directory is created if missing. Returns whether it wrote.
 ///
