@@ -167,10 +167,14 @@ fn spawn_run(server: &S3Server, dir: &Path, file: &str, options: &[&str]) -> std
         .unwrap()
 }
 
-/// Waits (up to 60 s) until the server holds an open multipart upload.
+/// Waits (up to 60 s) until the server holds an open multipart upload with a part in it (s3s-fs
+/// keeps one as `.upload_id-ID.part-N`): the job knows the upload's id, since it sent a part
+/// with it. (An upload the store made but whose answer never reached the job cannot be aborted
+/// by it: only a listing of the bucket's uploads, or a lifecycle rule, finds that one.)
 fn until_an_upload_is_open(server: &S3Server, job: &mut std::process::Child) {
     let start = std::time::Instant::now();
-    while open_uploads(server).is_empty() {
+    let has_a_part = || walk(server.data()).iter().any(|p| p.starts_with(".upload_id-"));
+    while open_uploads(server).is_empty() || !has_a_part() {
         assert!(job.try_wait().unwrap().is_none(), "the job ended before it began its upload");
         assert!(start.elapsed().as_secs() < 60, "no upload began in 60 s");
         std::thread::sleep(std::time::Duration::from_millis(2));
@@ -209,7 +213,7 @@ fn a_server_lost_mid_upload_fails_the_job_and_a_rerun_finishes_it_whole() {
     let log = ok(spawn_run(&server, root, "p.toml", &[]).wait_with_output().unwrap());
     assert!(log.contains("60 rows → s3://out/images.parquet"), "{log}");
     assert_eq!(std::fs::read(server.data().join("out/images.parquet")).unwrap(), expected);
-    assert_eq!(open_uploads(&server), Vec::<String>::new());
+    assert_eq!(open_uploads(&server), Vec::<String>::new(), "{log}");
 }
 
 #[test]
