@@ -723,9 +723,11 @@ fn abort_abandoned() {
     });
 }
 
-/// A streaming reader of an object: ranged GETs of [`CHUNK_BYTES`] in order, fetched by a
-/// thread of its own at most [`READ_AHEAD`] chunks ahead of the reader, so memory stays
-/// bounded however large the object. Dropping the reader stops the fetching.
+/// A streaming reader of an object: ranged GETs of [`CHUNK_BYTES`], [`IN_FLIGHT`] of them at
+/// once (one connection's speed is far below what a few give, on every store), handed to the
+/// reader in order by a thread of its own, which keeps at most one more chunk ready: memory stays
+/// bounded (about `(IN_FLIGHT + 2) × CHUNK_BYTES`) however large the object. Dropping the
+/// reader stops the fetching; a caught signal stops a reader that waits.
 pub struct RemoteReader {
     chunks: std::sync::mpsc::Receiver<io::Result<Bytes>>,
     current: Bytes,
@@ -737,8 +739,8 @@ pub struct RemoteReader {
 
 /// The bytes of one ranged GET.
 pub const CHUNK_BYTES: u64 = 8 << 20;
-/// Chunks fetched ahead of the reader.
-pub const READ_AHEAD: usize = 2;
+/// Ranged GETs a reader keeps in flight.
+pub const IN_FLIGHT: usize = 3;
 
 impl RemoteReader {
     /// Starts reading `remote`.
@@ -755,18 +757,36 @@ impl RemoteReader {
     /// # Errors
     /// The reading thread cannot be started.
     pub fn open_range(remote: &Remote, start: u64, size: u64) -> io::Result<RemoteReader> {
-        let (sender, chunks) = std::sync::mpsc::sync_channel(READ_AHEAD);
+        let (sender, chunks) = std::sync::mpsc::sync_channel(1);
         let remote = remote.clone();
         std::thread::Builder::new().name("remote-read".into()).spawn(move || {
-            let mut offset = start;
-            while offset < size {
-                let end = (offset + CHUNK_BYTES).min(size);
-                let chunk = remote.read_range(offset..end);
+            let fetch = |range: Range<u64>| {
+                let (store, key) = (remote.store.clone(), remote.key.clone());
+                RUNTIME.spawn(async move { store.get_range(&key, range).await })
+            };
+            let mut ranges = (start..size).step_by(CHUNK_BYTES as usize).map(|at| at..(at + CHUNK_BYTES).min(size));
+            let mut pending: std::collections::VecDeque<_> =
+                ranges.by_ref().take(IN_FLIGHT).map(|range| (range.clone(), fetch(range))).collect();
+            while let Some((range, task)) = pending.pop_front() {
+                let fetched = futures_executor::block_on(task).map_err(io::Error::other);
+                let chunk = match fetched {
+                    Ok(Ok(bytes)) if bytes.len() as u64 == range.end - range.start => Ok(bytes),
+                    Ok(Ok(_)) => Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("{}: shorter than its size", remote.url),
+                    )),
+                    Ok(Err(e)) => Err(RemoteError::into_io(&remote.url, e)),
+                    Err(e) => Err(e),
+                };
                 let failed = chunk.is_err();
                 if sender.send(chunk).is_err() || failed {
+                    // The requests still in flight are dropped with their tasks' handles (and
+                    // finish on the runtime, unread).
                     return;
                 }
-                offset = end;
+                if let Some(range) = ranges.next() {
+                    pending.push_back((range.clone(), fetch(range)));
+                }
             }
         })?;
         Ok(RemoteReader { chunks, current: Bytes::new(), done: start >= size, failed: None })
@@ -782,7 +802,18 @@ impl io::Read for RemoteReader {
             if self.done {
                 return Ok(0);
             }
-            match self.chunks.recv() {
+            let received = loop {
+                match self.chunks.recv_timeout(Duration::from_millis(100)) {
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                        if let Some(signal) = crate::signals::interrupted() {
+                            return Err(crate::signals::Stopped(signal).into());
+                        }
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break Err(()),
+                    Ok(chunk) => break Ok(chunk),
+                }
+            };
+            match received {
                 Ok(Ok(chunk)) => self.current = chunk,
                 Ok(Err(e)) => {
                     self.failed = Some((e.kind(), e.to_string()));
