@@ -14,12 +14,12 @@ fn cnclip(server: &S3Server, dir: &Path, args: &[&str]) -> Output {
     server.configure(command.current_dir(dir).args(args)).output().unwrap()
 }
 
-fn ok(output: Output) -> String {
+pub(crate) fn ok(output: Output) -> String {
     assert!(output.status.success(), "cnclip failed:\n{}", String::from_utf8_lossy(&output.stderr));
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
-fn failed(output: Output) -> String {
+pub(crate) fn failed(output: Output) -> String {
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     assert!(!output.status.success(), "cnclip succeeded:\n{stderr}");
     stderr
@@ -27,7 +27,7 @@ fn failed(output: Output) -> String {
 
 /// Copies the files of the local folder `from` into the server's bucket as `prefix/…` (as `aws s3 cp
 /// --recursive` would put it: s3s-fs keeps an object as the file at BUCKET/KEY).
-fn put_tree(server: &S3Server, bucket: &str, from: &Path, prefix: &str) {
+pub(crate) fn put_tree(server: &S3Server, bucket: &str, from: &Path, prefix: &str) {
     let to = server.bucket(bucket).join(prefix);
     std::fs::create_dir_all(&to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {

@@ -9,6 +9,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::object_store::{failed, ok, put_tree};
 use cnclip_tests::faulty::{Fault, FaultyProxy};
 use cnclip_tests::python;
 use cnclip_tests::s3::S3Server;
@@ -48,29 +49,6 @@ fn cnclip(server: &S3Server, proxy: &FaultyProxy, dir: &Path, args: &[&str]) -> 
     };
     let took = started.elapsed();
     (Output { status, stdout: stdout.join().unwrap(), stderr: stderr.join().unwrap() }, took)
-}
-
-fn ok(output: Output) -> String {
-    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    assert!(output.status.success(), "cnclip failed:\n{stderr}");
-    stderr
-}
-
-fn failed(output: Output) -> String {
-    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    assert!(!output.status.success(), "cnclip succeeded:\n{stderr}");
-    stderr
-}
-
-/// Copies the local folder `from` into the server's bucket as `prefix/…` (s3s-fs keeps an
-/// object as the file at BUCKET/KEY).
-fn put_tree(server: &S3Server, bucket: &str, from: &Path, prefix: &str) {
-    let to = server.bucket(bucket).join(prefix);
-    std::fs::create_dir_all(&to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
-    }
 }
 
 /// A pipeline with, per table, a `webdataset` source over `shards` and a `write_parquet` sink

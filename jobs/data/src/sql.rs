@@ -320,14 +320,10 @@ async fn register_remote(ctx: &SessionContext, name: &str, url: &str) -> Result<
     let url = url.trim_end_matches('/');
     // A prefix of Parquet objects (a table's parts), or else one object. (The prefix is looked
     // up first: a store may answer a HEAD of a "folder" with an error rather than 404.)
-    let objects = storage::list_remote(url)?;
-    let parts: Vec<&String> = objects
-        .iter()
-        .map(|(object, _)| object)
-        .filter(|object| {
-            let file = object.rsplit('/').next().unwrap_or_default();
-            object.get(url.len() + 1..) == Some(file) && file.ends_with(".parquet") && !file.starts_with('.')
-        })
+    let parts: Vec<String> = cnclip_operators::sources::parts::names_in(Path::new(url))?
+        .into_iter()
+        .filter(|name| name.ends_with(".parquet") && !name.starts_with('.'))
+        .map(|name| format!("{url}/{name}"))
         .collect();
     let location = if parts.is_empty() {
         match storage::size(url) {

@@ -472,7 +472,7 @@ fn made_from(args: &Args, tower: Tower, encoder: &EncoderConfig) -> Result<Strin
             .collect()
     };
     let checkpoint = storage::canonicalize(&args.resume).unwrap_or_else(|_| args.resume.clone());
-    let text = serde_json::json!({
+    let mut text = serde_json::json!({
         "cnclip_version": env!("CARGO_PKG_VERSION"),
         "tower": tower.name(),
         "checkpoint": stamps(&[checkpoint.display().to_string()]),
@@ -485,7 +485,6 @@ fn made_from(args: &Args, tower: Tower, encoder: &EncoderConfig) -> Result<Strin
         "shard": args.shard,
         "on_error": format!("{:?}", args.on_error),
     });
-    let mut text = text;
     if let Some(id) = &args.id_column {
         text["columns"] = serde_json::json!([id, args.image_column, args.text_column]);
     }

@@ -246,14 +246,8 @@ impl Target {
         match self {
             Target::Shard { dir, shard } => {
                 storage::create_dir_all(dir).map_err(io(dir))?;
-                let names: Vec<String> = if storage::is_remote(dir) {
-                    let listed = storage::list_remote(dir).map_err(io(dir))?;
-                    listed.into_iter().filter_map(|(url, _)| Some(url.rsplit_once('/')?.1.to_string())).collect()
-                } else {
-                    let entries = storage::read_dir(dir).map_err(io(dir))?;
-                    entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()
-                };
-                let others: Vec<String> = names
+                let others: Vec<String> = crate::sources::parts::names_in(dir)
+                    .map_err(io(dir))?
                     .into_iter()
                     .filter(|name| {
                         parse_name(name).is_some_and(|(s, kind)| {

@@ -167,11 +167,7 @@ impl Source for MappedParquetSource {
     }
 
     fn estimated_records(&self) -> Option<u64> {
-        let rows = |path: &PathBuf| -> Option<u64> {
-            let builder = ParquetRecordBatchReaderBuilder::try_new(storage::open_chunks(path).ok()?).ok()?;
-            Some(builder.metadata().file_metadata().num_rows() as u64)
-        };
-        self.paths.iter().map(rows).sum()
+        super::parquet::rows_in(&self.paths)
     }
 
     fn schema(&self) -> SchemaRef {
@@ -263,10 +259,7 @@ impl MappedParquetSource {
         ctx: &ReadContext,
         on_batch: &mut dyn FnMut(&arrow::record_batch::RecordBatch) -> Result<()>,
     ) -> Result<()> {
-        let parquet_err = |e: parquet::errors::ParquetError| Error::Format {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        };
+        let parquet_err = |e| super::parquet::parquet_err(path, e);
         let builder = ParquetRecordBatchReaderBuilder::try_new(storage::open_chunks(path).map_err(io(path))?)
             .map_err(parquet_err)?;
         let schema = builder.schema().clone();
@@ -280,7 +273,7 @@ impl MappedParquetSource {
         let reader =
             builder.with_projection(mask).with_batch_size(ctx.batch_rows.max(1)).build().map_err(parquet_err)?;
         for batch in reader {
-            let batch = batch.map_err(|e| Error::ArrowFile { path: path.display().to_string(), source: e })?;
+            let batch = batch.map_err(|e| super::parquet::arrow_err(path, e))?;
             // The projection keeps the file's column order: put the id first.
             let batch = if id < value {
                 batch

@@ -18,11 +18,11 @@ use crate::storage;
 use schemars::JsonSchema;
 use serde::Deserialize;
 
-fn parquet_err(path: &Path, source: parquet::errors::ParquetError) -> Error {
+pub(super) fn parquet_err(path: &Path, source: parquet::errors::ParquetError) -> Error {
     Error::Parquet { path: path.display().to_string(), source }
 }
 
-fn arrow_err(path: &Path, source: arrow::error::ArrowError) -> Error {
+pub(super) fn arrow_err(path: &Path, source: arrow::error::ArrowError) -> Error {
     Error::ArrowFile { path: path.display().to_string(), source }
 }
 
@@ -43,6 +43,15 @@ pub fn file_schema(path: &Path) -> Result<SchemaRef> {
     let file = storage::open_chunks(path).map_err(io(path))?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| parquet_err(path, e))?;
     Ok(builder.schema().clone())
+}
+
+/// The rows the footers of `paths` declare (`None` if one cannot be read).
+pub(super) fn rows_in(paths: &[PathBuf]) -> Option<u64> {
+    let rows = |path: &PathBuf| -> Option<u64> {
+        let builder = ParquetRecordBatchReaderBuilder::try_new(storage::open_chunks(path).ok()?).ok()?;
+        Some(builder.metadata().file_metadata().num_rows() as u64)
+    };
+    paths.iter().map(rows).sum()
 }
 
 pub struct ParquetSource {
@@ -157,11 +166,7 @@ impl Source for ParquetSource {
     }
 
     fn estimated_records(&self) -> Option<u64> {
-        let rows = |path: &PathBuf| -> Option<u64> {
-            let builder = ParquetRecordBatchReaderBuilder::try_new(storage::open_chunks(path).ok()?).ok()?;
-            Some(builder.metadata().file_metadata().num_rows() as u64)
-        };
-        self.paths.iter().map(rows).sum()
+        rows_in(&self.paths)
     }
 
     fn schema(&self) -> SchemaRef {

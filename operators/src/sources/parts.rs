@@ -67,27 +67,37 @@ fn missing_parts(missing: &[u64], count: u64) -> String {
     format!("{}{}", listed.join(", "), if missing.len() > listed.len() { ", …" } else { "" })
 }
 
+/// The names directly in the directory `dir`, or of the objects directly under the prefix `dir`
+/// in a store (not those in deeper "folders").
+///
+/// # Errors
+/// The directory or the prefix cannot be listed.
+pub fn names_in(dir: &Path) -> std::io::Result<Vec<String>> {
+    if storage::is_remote(dir) {
+        let prefix = format!("{}/", dir.display().to_string().trim_end_matches('/'));
+        let listed = storage::list_remote(dir)?;
+        Ok(listed
+            .into_iter()
+            .filter_map(|(url, _)| url.strip_prefix(&prefix).filter(|name| !name.contains('/')).map(str::to_string))
+            .collect())
+    } else {
+        let entries = storage::read_dir(dir)?;
+        Ok(entries.flatten().map(|entry| entry.file_name().to_string_lossy().into_owned()).collect())
+    }
+}
+
 /// Checks that a directory holding sharded parts holds every shard's.
 ///
 /// # Errors
 /// Shards missing (named, with their files), parts of different shard counts mixed, or the
 /// directory unreadable.
 pub fn check_complete(dir: &Path) -> Result<(), PartsError> {
-    let io = |source| PartsError::Io { path: dir.to_path_buf(), source };
-    // The names directly in the directory (or under the prefix, in a store).
-    let names: Vec<String> = if storage::is_remote(dir) {
-        let prefix = format!("{}/", dir.display().to_string().trim_end_matches('/'));
-        let listed = storage::list_remote(dir).map_err(io)?;
-        listed.into_iter().filter_map(|(url, _)| url.strip_prefix(&prefix).map(str::to_string)).collect()
-    } else {
-        let entries = storage::read_dir(dir).map_err(io)?;
-        entries.flatten().map(|entry| entry.file_name().to_string_lossy().into_owned()).collect()
-    };
+    let names = names_in(dir).map_err(|source| PartsError::Io { path: dir.to_path_buf(), source })?;
     // Shard count → indexes present.
     let mut found: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
     let mut stray = Vec::new();
     for name in names {
-        if !name.ends_with(".parquet") || name.starts_with('.') || name.contains('/') {
+        if !name.ends_with(".parquet") || name.starts_with('.') {
             continue;
         }
         // A FIFO or a device read as a part would hang or never end, a directory fails

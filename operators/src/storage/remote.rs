@@ -158,7 +158,7 @@ pub fn configure(options: Vec<(String, String)>) {
 }
 
 /// The options this process was configured with.
-pub fn options() -> &'static [(String, String)] {
+fn options() -> &'static [(String, String)] {
     OPTIONS.get().map_or(&[], Vec::as_slice)
 }
 
@@ -461,15 +461,6 @@ impl Remote {
         let meta = run(async move { store.head(&key).await })?.map_err(self.err())?;
         let version = meta.e_tag.unwrap_or_else(|| meta.last_modified.to_rfc3339());
         Ok((meta.size, version))
-    }
-
-    /// Whether the object exists.
-    pub fn exists(&self) -> io::Result<bool> {
-        match self.size() {
-            Ok(_) => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(e),
-        }
     }
 
     /// The keys under this one as a prefix (`key/…`), sorted, with their sizes.
