@@ -37,5 +37,6 @@ mod sql;
 mod tokenizer;
 mod train;
 mod train_cli;
+mod train_shards;
 mod webdataset;
 mod zeroshot;

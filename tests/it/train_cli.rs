@@ -21,7 +21,7 @@ const TINY: &str = r#"{"embed_dim": 32, "image_resolution": 32, "vision_layers":
   "text_max_position_embeddings": 64, "text_num_attention_heads": 2, "text_num_hidden_layers": 2,
   "text_type_vocab_size": 2}"#;
 
-fn cnclip(dir: &Path, args: &[&str]) -> String {
+pub(crate) fn cnclip(dir: &Path, args: &[&str]) -> String {
     let out = Command::new(cnclip_bin()).current_dir(dir).args(args).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "cnclip {args:?} failed:\n{}", &stderr[stderr.len().saturating_sub(3000)..]);
@@ -29,14 +29,14 @@ fn cnclip(dir: &Path, args: &[&str]) -> String {
 }
 
 /// A corpus of `train` training and 32 validation pairs as cn_clip LMDB splits, and the model config.
-fn corpus(dir: &Path, train: usize) {
+pub(crate) fn corpus(dir: &Path, train: usize) {
     let train = train.to_string();
     cnclip(dir, &["synth", "--out", "corpus", "--train", &train, "--valid", "32", "--test", "4"]);
     cnclip(dir, &["build-lmdb", "--data-dir", "corpus", "--splits", "train,valid"]);
     std::fs::write(dir.join("tiny.json"), TINY).unwrap();
 }
 
-fn train_args<'a>(name: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+pub(crate) fn train_args<'a>(name: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec![
         "train",
         "--train-data",
@@ -79,7 +79,7 @@ fn read_metrics(path: &Path) -> arrow::record_batch::RecordBatch {
     arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap()
 }
 
-fn the_log(dir: &Path) -> String {
+pub(crate) fn the_log(dir: &Path) -> String {
     let logs: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -183,7 +183,7 @@ print(json.dumps({"epoch": ck["epoch"], "step": ck["step"], "wrong": wrong, "sta
 }
 
 /// Each step's `pairs` keys from a `--debug` run's metrics table.
-fn samples_by_step(path: &Path) -> Vec<(i64, Vec<i64>)> {
+pub(crate) fn samples_by_step(path: &Path) -> Vec<(i64, Vec<i64>)> {
     use arrow::array::AsArray;
     let metrics = read_metrics(path);
     let kind = metrics.column_by_name("kind").unwrap().as_string::<i32>();

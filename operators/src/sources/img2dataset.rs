@@ -33,6 +33,7 @@ use crate::storage;
 /// Parquet files read through a column mapping.
 pub struct MappedParquetSource {
     pub paths: Vec<PathBuf>,
+    /// `images` or `texts` (the `parquet` node builds no other; `locations` reads as `images`).
     pub table: WebDatasetTable,
     /// The id (key) column.
     pub id_column: String,
@@ -62,7 +63,7 @@ impl MappedParquetSource {
             for (role, name) in [("id_column", &self.id_column), ("value", &self.value_column)] {
                 let role = if role == "value" {
                     match self.table {
-                        WebDatasetTable::Images => "image_column",
+                        WebDatasetTable::Images | WebDatasetTable::Locations => "image_column",
                         WebDatasetTable::Texts => "text_column",
                     }
                 } else {
@@ -189,12 +190,12 @@ impl Source for MappedParquetSource {
                 };
                 let integers = integers.as_ref().map(|ids| ids.as_primitive::<arrow::datatypes::Int64Type>());
                 let images = match self.table {
-                    WebDatasetTable::Images => Some(images(values)?),
+                    WebDatasetTable::Images | WebDatasetTable::Locations => Some(images(values)?),
                     WebDatasetTable::Texts => None,
                 };
                 let texts = match self.table {
                     WebDatasetTable::Texts => Some(arrow::compute::cast(values, &DataType::Utf8)?),
-                    WebDatasetTable::Images => None,
+                    WebDatasetTable::Images | WebDatasetTable::Locations => None,
                 };
                 for (row, key) in keys.iter().enumerate() {
                     let position = row_in_file;
@@ -247,7 +248,7 @@ impl Source for MappedParquetSource {
 impl MappedParquetSource {
     fn table_word(&self) -> &'static str {
         match self.table {
-            WebDatasetTable::Images => "image",
+            WebDatasetTable::Images | WebDatasetTable::Locations => "image",
             WebDatasetTable::Texts => "text",
         }
     }

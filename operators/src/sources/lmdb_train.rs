@@ -44,6 +44,11 @@ pub struct TrainOrder {
     /// One past the last micro-batch (default: the epoch's end).
     #[serde(default)]
     pub end: Option<usize>,
+    /// 0: cn_clip's sampler over the whole dataset (map-style). N: shards read as a stream in
+    /// an order shuffled per epoch, through a shuffle buffer of N samples (WebDataset-style;
+    /// only `train_shards` reads so), the last partial global batch dropped.
+    #[serde(default)]
+    pub shuffle_buffer: usize,
 }
 
 impl TrainOrder {
@@ -52,9 +57,20 @@ impl TrainOrder {
         padded_len(samples, self.batch_size * self.world.max(1))
     }
 
-    /// Micro-batches per replica in an epoch (the DataLoader's `num_batches`).
+    /// Micro-batches per replica in an epoch (the DataLoader's `num_batches`; a stream's whole
+    /// global batches).
     pub fn num_batches(&self, samples: usize) -> usize {
-        self.padded_len(samples) / (self.batch_size * self.world.max(1)).max(1)
+        let global = (self.batch_size * self.world.max(1)).max(1);
+        match self.shuffle_buffer {
+            0 => self.padded_len(samples) / global,
+            _ => samples / global,
+        }
+    }
+
+    /// The micro-batches this order reads: `start` up to `end` or the epoch's end.
+    pub fn batches(&self, samples: usize) -> std::ops::Range<usize> {
+        let end = self.end.unwrap_or(usize::MAX).min(self.num_batches(samples));
+        self.start.min(end)..end
     }
 
     /// The `pairs` keys of the epoch, in the order rows are emitted (micro-batch, replica, row).
@@ -64,9 +80,9 @@ impl TrainOrder {
         }
         let world = self.world.max(1);
         let perm = randperm(self.padded_len(samples), self.seed.wrapping_add(self.epoch));
-        let end = self.end.unwrap_or(usize::MAX).min(self.num_batches(samples));
-        let mut out = Vec::with_capacity(end.saturating_sub(self.start) * world * self.batch_size);
-        for i in self.start..end {
+        let batches = self.batches(samples);
+        let mut out = Vec::with_capacity(batches.len() * world * self.batch_size);
+        for i in batches {
             for r in 0..world {
                 for k in 0..self.batch_size {
                     // Rank r's sampler yields perm[r], perm[r + world], …; its batch i holds
@@ -192,6 +208,9 @@ impl NodeConfig for LmdbTrainConfig {
         if self.order.batch_size == 0 || self.order.world == 0 {
             return Err(vec!["order: batch_size and world must be at least 1".into()]);
         }
+        if self.order.shuffle_buffer > 0 {
+            return Err(vec!["order: shuffle_buffer: an LMDB split is read with cn_clip's sampler (0)".into()]);
+        }
         Ok(Operator::Source(Box::new(LmdbTrainSource { dir, order: self.order })))
     }
 
@@ -206,7 +225,7 @@ mod tests {
 
     #[test]
     fn micro_batches_interleave_the_ranks_samplers() {
-        let order = TrainOrder { seed: 3, epoch: 1, world: 2, batch_size: 2, start: 0, end: None };
+        let order = TrainOrder { seed: 3, epoch: 1, world: 2, batch_size: 2, start: 0, end: None, shuffle_buffer: 0 };
         // 10 samples padded to 12 (global batch 4): 3 micro-batches per replica.
         assert_eq!(order.num_batches(10), 3);
         let all = order.samples(10);

@@ -45,6 +45,37 @@ pub enum WebDatasetTable {
     Images,
     /// `text_id`, `text` (the text member), `image_ids` (`[id]`), `key`.
     Texts,
+    /// Where each sample's image and text members lie, their bytes not read: `shard`,
+    /// `sample` (its place in the shard), `key`, `image_offset`, `image_len`, `text_offset`,
+    /// `text_len` (see [`locations_schema`]). A sample without both is quarantined. Training
+    /// reads shards through this index (`train_shards`).
+    Locations,
+}
+
+/// The `locations` table's columns.
+pub mod location_columns {
+    pub const SHARD: &str = "shard";
+    pub const SAMPLE: &str = "sample";
+    pub const IMAGE_OFFSET: &str = "image_offset";
+    pub const IMAGE_LEN: &str = "image_len";
+    pub const TEXT_OFFSET: &str = "text_offset";
+    pub const TEXT_LEN: &str = "text_len";
+}
+
+/// The `locations` table: a sample's shard (its place in the expanded list) and place in it, its
+/// key, and the byte ranges of its image and text members in the shard.
+pub fn locations_schema() -> SchemaRef {
+    use location_columns::*;
+    let int = |name: &str| Field::new(name, DataType::Int64, false);
+    Arc::new(Schema::new(vec![
+        int(SHARD),
+        int(SAMPLE),
+        Field::new(KEY, DataType::Utf8, false),
+        int(IMAGE_OFFSET),
+        int(IMAGE_LEN),
+        int(TEXT_OFFSET),
+        int(TEXT_LEN),
+    ]))
 }
 
 /// WebDataset tar shards as a source.
@@ -64,6 +95,7 @@ impl WebDatasetSource {
         let base = match table {
             WebDatasetTable::Images => cnclip_schemas::images(),
             WebDatasetTable::Texts => cnclip_schemas::texts(),
+            WebDatasetTable::Locations => return locations_schema(),
         };
         let mut fields: Vec<Field> = base.fields().iter().map(|f| f.as_ref().clone()).collect();
         fields.push(Field::new(KEY, DataType::Utf8, false));
@@ -75,16 +107,28 @@ impl WebDatasetSource {
         if let Some(problem) = &sample.problem {
             return Err(problem.clone());
         }
+        let no_image = || format!("no image member (.{})", self.image_extensions.join("/."));
+        let no_text = || format!("no text member (.{})", self.text_extension);
+        let missing = |what: String| {
+            let why = sample.damage.as_ref().map(|damage| format!(": {damage} may have held it")).unwrap_or_default();
+            format!("the sample has {what}{why}")
+        };
+        if self.table == WebDatasetTable::Locations {
+            return match (self.image_of(sample), self.text_of(sample)) {
+                (Some(image), Some(text)) => Ok(Row::Location { image, text }),
+                (None, _) => Err(missing(no_image())),
+                (_, None) => Err(missing(no_text())),
+            };
+        }
         let Some(member) = self.wanted(sample) else {
             let what = match self.table {
-                WebDatasetTable::Images => format!("no image member (.{})", self.image_extensions.join("/.")),
-                WebDatasetTable::Texts => format!("no text member (.{})", self.text_extension),
+                WebDatasetTable::Images | WebDatasetTable::Locations => no_image(),
+                WebDatasetTable::Texts => no_text(),
             };
-            let why = sample.damage.as_ref().map(|damage| format!(": {damage} may have held it")).unwrap_or_default();
-            return Err(format!("the sample has {what}{why}"));
+            return Err(missing(what));
         };
         match self.table {
-            WebDatasetTable::Images => Ok(Row::Image(&member.data)),
+            WebDatasetTable::Images | WebDatasetTable::Locations => Ok(Row::Image(&member.data)),
             WebDatasetTable::Texts => std::str::from_utf8(&member.data)
                 .map(Row::Text)
                 .map_err(|e| format!("its .{} member is not UTF-8 ({e})", member.extension)),
@@ -94,17 +138,25 @@ impl WebDatasetSource {
     /// The member this table takes from a sample, among those it has.
     fn wanted<'s>(&self, sample: &'s Sample) -> Option<&'s Member> {
         match self.table {
-            WebDatasetTable::Images => {
-                self.image_extensions.iter().find_map(|ext| sample.members.iter().find(|m| &m.extension == ext))
-            }
-            WebDatasetTable::Texts => sample.members.iter().find(|m| m.extension == self.text_extension),
+            WebDatasetTable::Images | WebDatasetTable::Locations => self.image_of(sample),
+            WebDatasetTable::Texts => self.text_of(sample),
         }
     }
 
+    fn image_of<'s>(&self, sample: &'s Sample) -> Option<&'s Member> {
+        self.image_extensions.iter().find_map(|ext| sample.members.iter().find(|m| &m.extension == ext))
+    }
+
+    fn text_of<'s>(&self, sample: &'s Sample) -> Option<&'s Member> {
+        sample.members.iter().find(|m| m.extension == self.text_extension)
+    }
+
+    /// Whether this table reads a member's bytes (`locations` reads none).
     fn wants(&self, extension: &str) -> bool {
         match self.table {
             WebDatasetTable::Images => self.image_extensions.iter().any(|e| e == extension),
             WebDatasetTable::Texts => extension == self.text_extension,
+            WebDatasetTable::Locations => false,
         }
     }
 }
@@ -150,6 +202,11 @@ impl Source for WebDatasetSource {
                         match self.row_of(&sample) {
                             Ok(Row::Image(image)) => batcher.push_image(id, image, &sample.key, emit),
                             Ok(Row::Text(text)) => batcher.push_text(id, text, &sample.key, emit),
+                            Ok(Row::Location { image, text }) => {
+                                let place = [number as i64, id & 0xffff_ffff];
+                                let ranges = [image.offset, image.size, text.offset, text.size].map(|v| v as i64);
+                                batcher.push_location(place, &sample.key, ranges, emit)
+                            }
                             Err(reason) => {
                                 let location = format!("sample {}", sample.key);
                                 ctx.quarantine.reject(reject(Some(&sample.key), location, reason))
@@ -167,12 +224,16 @@ impl Source for WebDatasetSource {
 enum Row<'s> {
     Image(&'s [u8]),
     Text(&'s str),
+    Location { image: &'s Member, text: &'s Member },
 }
 
-/// One member of a sample: its extension and, when the table wants it, its bytes.
+/// One member of a sample: its extension, where its bytes lie in the shard and, when the table
+/// wants it, the bytes.
 struct Member {
     extension: String,
     data: Vec<u8>,
+    offset: u64,
+    size: u64,
 }
 
 /// The members of one key, or why the sample cannot be used.
@@ -379,6 +440,7 @@ fn read_shard(
         if repeated && sample.problem.is_none() {
             sample.problem = Some(format!("two .{extension} members"));
         }
+        let offset = reader.offset;
         let data = if want && sample.problem.is_none() {
             reader.data(size, padded, max_record_bytes)?
         } else {
@@ -389,7 +451,7 @@ fn read_shard(
             let sample = open.take().expect("opened above");
             return on_event(Event::Sample(sample.cut(reason)));
         };
-        sample.members.push(Member { extension, data });
+        sample.members.push(Member { extension, data, offset, size });
     }
     match open {
         Some(last) => on_event(Event::Sample(last)),
@@ -507,6 +569,9 @@ pub(crate) struct Batcher {
     texts: StringBuilder,
     image_ids: ListBuilder<Int64Builder>,
     keys: StringBuilder,
+    /// The `locations` table's integer columns after `shard`, `sample` and `key`.
+    places: [Int64Builder; 2],
+    ranges: [Int64Builder; 4],
     rows: usize,
     bytes: usize,
 }
@@ -522,6 +587,8 @@ impl Batcher {
             texts: StringBuilder::new(),
             image_ids: super::jsonl::image_ids_builder(),
             keys: StringBuilder::new(),
+            places: Default::default(),
+            ranges: Default::default(),
             rows: 0,
             bytes: 0,
         }
@@ -543,6 +610,19 @@ impl Batcher {
         self.pushed(text.len(), emit)
     }
 
+    /// A `locations` row: `[shard, sample]`, the key, `[image_offset, image_len, text_offset,
+    /// text_len]`.
+    fn push_location(&mut self, place: [i64; 2], key: &str, ranges: [i64; 4], emit: Emit<'_>) -> Result<()> {
+        for (builder, value) in self.places.iter_mut().zip(place) {
+            builder.append_value(value);
+        }
+        self.keys.append_value(key);
+        for (builder, value) in self.ranges.iter_mut().zip(ranges) {
+            builder.append_value(value);
+        }
+        self.pushed(key.len() + 48, emit)
+    }
+
     fn pushed(&mut self, bytes: usize, emit: Emit<'_>) -> Result<()> {
         self.rows += 1;
         self.bytes += bytes;
@@ -559,6 +639,12 @@ impl Batcher {
         let columns: Vec<ArrayRef> = match self.table {
             WebDatasetTable::Images => vec![ids, Arc::new(self.images.finish()), keys],
             WebDatasetTable::Texts => vec![ids, Arc::new(self.texts.finish()), Arc::new(self.image_ids.finish()), keys],
+            WebDatasetTable::Locations => {
+                let [shard, sample] = &mut self.places;
+                let mut columns: Vec<ArrayRef> = vec![Arc::new(shard.finish()), Arc::new(sample.finish()), keys];
+                columns.extend(self.ranges.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
+                columns
+            }
         };
         emit(RecordBatch::try_new(self.schema.clone(), columns)?)
     }
@@ -648,7 +734,8 @@ pub struct WebDatasetConfig {
     ///
     /// A shard's position in the expanded list is the high half of its samples' ids (`shard << 32 | sample`).
     pub paths: Vec<String>,
-    /// `images` (`image_id`, `image`, `key`) or `texts` (`text_id`, `text`, `image_ids`, `key`).
+    /// `images` (`image_id`, `image`, `key`), `texts` (`text_id`, `text`, `image_ids`, `key`) or
+    /// `locations` (where each sample's image and text members lie; no bytes read).
     #[serde(default)]
     pub table: WebDatasetTable,
     /// Image member extensions, the first present taken.

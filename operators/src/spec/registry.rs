@@ -215,6 +215,7 @@ impl Registry {
             .register::<sources::jsonl::JsonlConfig>()
             .register::<sources::lmdb::LmdbConfig>()
             .register::<sources::lmdb_train::LmdbTrainConfig>()
+            .register::<sources::train_shards::TrainShardsConfig>()
             .register::<sources::folder::ImageFolderConfig>()
             .register::<sources::parquet::ParquetConfig>()
             .register::<sources::features::FeatureJsonlConfig>()

@@ -33,8 +33,9 @@ pub struct Saved<'a> {
     pub step: i64,
     pub position: Position,
     /// What the position's micro-batch index means: `[seed, batch size, replicas,
-    /// accum_freq, samples]`; a resume with other values cannot continue mid-epoch.
-    pub layout: [i64; 5],
+    /// accum_freq, samples]`, and `--shuffle-buffer` when a stream; a resume with other values
+    /// cannot continue mid-epoch.
+    pub layout: Vec<i64>,
 }
 
 /// torch's `AdamW.state_dict()` of `optimizer`.

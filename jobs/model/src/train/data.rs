@@ -6,6 +6,12 @@
 //! unchanged: training then reads every layout as cn_clip's `LMDBDataset` reads, with its
 //! random access by pair index and the same pairs order. Bad records are quarantined there
 //! (`{split}/quarantine.jsonl`), as `build-lmdb` does.
+//!
+//! WebDataset shards (`.tar` files, globs or brace patterns, local or in an object store) are
+//! not copied: one pass writes their `locations` index (where each sample's image and text lie,
+//! `{flag}/locations.parquet`, samples without both quarantined beside it) and training reads
+//! the shards through it (the `train_shards` source), by ranged reads in cn_clip's sampler
+//! order or as a shuffled stream (`--shuffle-buffer`).
 
 use std::path::{Path, PathBuf};
 
@@ -13,13 +19,111 @@ use anyhow::{Context, Result, bail};
 
 use super::log::Log;
 use cnclip_data_jobs::{build_lmdb, command_line, import};
+use cnclip_operators::fingerprint::{self, Stamp};
 use cnclip_operators::quarantine::OnError;
 use cnclip_operators::sinks::lmdb::LmdbWriterKind;
+use cnclip_operators::sinks::parquet::WriteParquetConfig;
+use cnclip_operators::sources::lmdb::counts;
+use cnclip_operators::sources::webdataset::{WebDatasetConfig, WebDatasetTable, is_shard_path};
+use cnclip_operators::spec::{JobSettings, NodeDef, Planner};
 use cnclip_operators::storage;
+
+/// What a run trains or validates on.
+#[derive(Debug, Clone)]
+pub enum TrainData {
+    /// A cn_clip LMDB split (given, or serialized from another layout).
+    Lmdb(PathBuf),
+    /// WebDataset shards as given, with their `locations` index and its sample count.
+    Shards { shards: String, index: PathBuf, samples: usize },
+}
+
+impl TrainData {
+    /// Its samples (`pairs` of an LMDB split).
+    pub fn samples(&self) -> Result<usize> {
+        match self {
+            TrainData::Lmdb(split) => {
+                let (_, pairs) = counts(split).with_context(|| format!("{}", split.display()))?;
+                Ok(pairs as usize)
+            }
+            TrainData::Shards { samples, .. } => Ok(*samples),
+        }
+    }
+
+    /// Where it is, for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            TrainData::Lmdb(split) => split.display().to_string(),
+            TrainData::Shards { shards, .. } => shards.clone(),
+        }
+    }
+}
+
+/// What to train on for `--train-data`/`--val-data` `given`: an LMDB split as it is, shards
+/// through their index (made under `cache` when missing or stale), any other layout serialized
+/// into an LMDB split under `cache`.
+pub fn prepare(given: &Path, cache: &Path, flag: &str, log: &mut Log) -> Result<TrainData> {
+    let text = given.to_string_lossy();
+    if is_shard_path(&text) {
+        return shard_index(&text, cache, flag, log);
+    }
+    lmdb_split(given, cache, flag, log).map(TrainData::Lmdb)
+}
+
+/// Indexes the WebDataset shards `given` (once while they are unchanged: their sizes and
+/// modification times or ETags are the fingerprint) through a pipeline: the `webdataset`
+/// source's `locations` table → `write_parquet`.
+fn shard_index(given: &str, cache: &Path, flag: &str, log: &mut Log) -> Result<TrainData> {
+    let files = fingerprint::files_of(&[given.to_string()]);
+    if files.is_empty() {
+        bail!("{flag} {given}: no shards match");
+    }
+    let stamps: Vec<Stamp> = files.iter().map(|f| Stamp::of(f, false)).collect();
+    if let Some(bad) = stamps.iter().find(|s| s.error.is_some()) {
+        bail!("{flag} {given}: {} cannot be read ({})", bad.path.display(), bad.error.as_deref().unwrap_or_default());
+    }
+    let fingerprint = serde_json::json!({ "shards": given, "files": stamps }).to_string();
+    let out = cache.join(flag.trim_start_matches('-'));
+    let (index, marker) = (out.join("locations.parquet"), out.join("source.json"));
+    let samples = |index: &Path| -> Result<usize> {
+        let file = storage::open(index)?;
+        let meta = parquet::file::reader::FileReader::metadata(
+            &parquet::file::serialized_reader::SerializedFileReader::new(file)?,
+        )
+        .file_metadata()
+        .num_rows();
+        Ok(meta as usize)
+    };
+    if index.is_file() && storage::read_to_string(&marker).is_ok_and(|m| m == fingerprint) {
+        let samples = samples(&index)?;
+        log.info(&format!("{flag}: reusing the index {} of {given} ({samples} samples)", index.display()));
+        return Ok(TrainData::Shards { shards: given.to_string(), index, samples });
+    }
+    let _ = storage::remove_dir_all(&out);
+    storage::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    log.info(&format!("{flag}: indexing the WebDataset shards {given} ({} files) → {}", files.len(), index.display()));
+    let quarantine = out.join("quarantine.jsonl");
+    let defs = vec![
+        NodeDef::new("shards", None, WebDatasetConfig::new(vec![given.to_string()], WebDatasetTable::Locations)),
+        NodeDef::new("index", Some("shards"), WriteParquetConfig { path: index.clone() }),
+    ];
+    let settings = JobSettings { quarantine: quarantine.clone(), ..JobSettings::default() };
+    let registry = crate::registry();
+    let report = Planner::new(&registry).plan(settings, defs)?.run()?;
+    let samples = samples(&index)?;
+    if report.quarantined > 0 {
+        log.info(&format!(
+            "{flag}: {} samples without an image or a text member left out (see {})",
+            report.quarantined,
+            quarantine.display()
+        ));
+    }
+    cnclip_operators::write_atomically(&marker, |f| std::io::Write::write_all(f, fingerprint.as_bytes()))?;
+    Ok(TrainData::Shards { shards: given.to_string(), index, samples })
+}
 
 /// The LMDB split to train on for `--train-data`/`--val-data` `given`, serializing it under
 /// `cache` first when it is not one already.
-pub fn lmdb_split(given: &Path, cache: &Path, flag: &str, log: &mut Log) -> Result<PathBuf> {
+fn lmdb_split(given: &Path, cache: &Path, flag: &str, log: &mut Log) -> Result<PathBuf> {
     if given.join("imgs/data.mdb").is_file() && given.join("pairs/data.mdb").is_file() {
         return Ok(given.to_path_buf());
     }
@@ -36,8 +140,8 @@ pub fn lmdb_split(given: &Path, cache: &Path, flag: &str, log: &mut Log) -> Resu
     } else {
         bail!(
             "{flag} {}: not a cn_clip LMDB split (with imgs/ and pairs/), a {{split}}_imgs.tsv (with \
-             {{split}}_texts.jsonl beside it) or a {{split}}_images.parquet (with {{split}}_pairs.parquet or \
-             {{split}}_texts.parquet)",
+             {{split}}_texts.jsonl beside it), a {{split}}_images.parquet (with {{split}}_pairs.parquet or \
+             {{split}}_texts.parquet) or WebDataset shards (.tar files, globs or brace patterns)",
             given.display()
         );
     };

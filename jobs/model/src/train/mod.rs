@@ -37,6 +37,7 @@ use cnclip_operators::sinks::jsonl::python_float;
 use cnclip_operators::sources::lmdb::counts;
 use cnclip_operators::sources::lmdb_train::LmdbTrainConfig;
 use cnclip_operators::sources::lmdb_train::TrainOrder;
+use cnclip_operators::sources::train_shards::TrainShardsConfig;
 use cnclip_operators::spec::PipelineStream;
 use cnclip_operators::spec::{JobSettings, NodeDef, Planner};
 use cnclip_operators::transforms::augment::RandomAugmentConfig;
@@ -50,19 +51,26 @@ use crate::model_args::ModelArgs;
 use tch::{Device, Tensor};
 
 use self::checkpoint::{Position, Saved};
+use self::data::TrainData;
 use self::log::{Log, Metric, Metrics};
 use cnclip_operators::storage;
 
 #[derive(clap::Args, Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Args {
-    /// The training data: a cn_clip LMDB split directory (with `imgs/` and `pairs/`), or a
-    /// `{split}_imgs.tsv` (with `{split}_texts.jsonl`) or `{split}_images.parquet` (with
-    /// `_pairs`/`_texts`), serialized into an LMDB split under `{logs}/{name}/data` first.
+    /// The training data: a cn_clip LMDB split directory (with `imgs/` and `pairs/`); WebDataset
+    /// shards (`.tar` files, globs, `{000..099}` patterns; local or URLs), read in place through an
+    /// index made under `{logs}/{name}/data`; or a `{split}_imgs.tsv` (with `{split}_texts.jsonl`)
+    /// or `{split}_images.parquet` (with `_pairs`/`_texts`), serialized into an LMDB split there first.
     #[arg(long)]
     pub train_data: PathBuf,
     /// The validation split, in any layout --train-data takes (default: none, no validation).
     #[arg(long)]
     pub val_data: Option<PathBuf>,
+    /// WebDataset shards only: 0 reads them in cn_clip's sampler order (random reads, its
+    /// semantics); N streams each epoch's shards in a shuffled order through a shuffle buffer of N
+    /// samples, for corpora too big for random reads (the last partial global batch dropped).
+    #[arg(long, default_value_t = 0)]
+    pub shuffle_buffer: usize,
     /// Decode/preprocess threads of the training pipeline (0: one per core).
     #[arg(long, default_value_t = 4)]
     pub num_workers: usize,
@@ -213,6 +221,7 @@ impl Args {
         Args {
             train_data,
             val_data: None,
+            shuffle_buffer: 0,
             num_workers: 4,
             valid_num_workers: 1,
             logs: "./logs/".into(),
@@ -274,6 +283,8 @@ fn default_params(vision_model: &str) -> Option<(f64, f64, f64, f64)> {
 
 /// The settings after cn_clip's defaults and the data's size are applied.
 struct Plan {
+    train: TrainData,
+    val: Option<TrainData>,
     config: ClipConfig,
     devices: Vec<Device>,
     adamw: AdamWConfig,
@@ -287,7 +298,7 @@ struct Plan {
     checkpoints: PathBuf,
 }
 
-fn plan(args: &Args) -> Result<Plan> {
+fn plan(args: &Args, train: TrainData, val: Option<TrainData>) -> Result<Plan> {
     for (set, flag, instead) in
         [(args.grad_checkpointing, "--grad-checkpointing", "lower --batch-size and raise --accum-freq")]
     {
@@ -337,11 +348,15 @@ fn plan(args: &Args) -> Result<Plan> {
         eps: pick(args.eps, defaults.map(|d| d.3), "--eps")?,
         weight_decay: args.wd,
     };
-    let (_, samples) =
-        counts(&args.train_data).with_context(|| format!("--train-data {}", args.train_data.display()))?;
-    let samples = samples as usize;
+    let samples = train.samples().with_context(|| format!("--train-data {}", train.describe()))?;
     if samples == 0 {
-        bail!("--train-data {}: no samples", args.train_data.display());
+        bail!("--train-data {}: no samples", train.describe());
+    }
+    if args.shuffle_buffer > 0 && !matches!(train, TrainData::Shards { .. }) {
+        bail!(
+            "--shuffle-buffer streams WebDataset shards: --train-data {} is read with cn_clip's sampler",
+            train.describe()
+        );
     }
     let order = TrainOrder {
         seed: args.seed,
@@ -350,8 +365,16 @@ fn plan(args: &Args) -> Result<Plan> {
         batch_size: args.batch_size,
         start: 0,
         end: None,
+        shuffle_buffer: args.shuffle_buffer,
     };
     let num_batches = order.num_batches(samples);
+    if num_batches == 0 {
+        bail!(
+            "--train-data {}: its {samples} samples make no whole global batch of {} (a stream drops a partial one)",
+            train.describe(),
+            args.batch_size * devices.len()
+        );
+    }
     let steps_per_epoch = (num_batches / args.accum_freq) as u64;
     if steps_per_epoch == 0 {
         bail!("--accum-freq {} is more than the {num_batches} batches of an epoch", args.accum_freq);
@@ -367,6 +390,8 @@ fn plan(args: &Args) -> Result<Plan> {
     let dir = Path::new(&args.logs).join(&args.name);
     let checkpoints = dir.join("checkpoints");
     Ok(Plan {
+        train,
+        val,
         config,
         devices,
         adamw,
@@ -456,6 +481,7 @@ fn params(args: &Args, plan: &Plan) -> BTreeMap<String, String> {
     set("teacher_model_name", path(&args.teacher_model_name));
     set("kd_loss_weight", python_float(args.kd_loss_weight));
     set("devices", args.devices.to_string());
+    set("shuffle_buffer", args.shuffle_buffer.to_string());
     set("world_size", plan.devices.len().to_string());
     set("log_path", plan.dir.display().to_string());
     set("checkpoint_path", plan.checkpoints.display().to_string());
@@ -464,7 +490,7 @@ fn params(args: &Args, plan: &Plan) -> BTreeMap<String, String> {
 
 /// One epoch's (or the validation split's) samples as a stream of preprocessed, tokenized rows.
 fn data_stream(
-    split: &Path,
+    data: &TrainData,
     order: TrainOrder,
     resolution: usize,
     context_length: usize,
@@ -483,12 +509,19 @@ fn data_stream(
         ),
         Some(seed) => NodeDef::new("pixels", Some("decoded"), RandomAugmentConfig { resolution, seed, max_pixels }),
     };
-    let defs = vec![
-        NodeDef::new("samples", None, LmdbTrainConfig { path: split.to_path_buf(), order }),
-        NodeDef::new("decoded", Some("samples"), DecodeBase64Config {}),
-        pixels,
-        NodeDef::new("tokens", Some("pixels"), TokenizeConfig { context_length, preprocess: true }),
-    ];
+    let mut defs = match data {
+        TrainData::Lmdb(split) => vec![
+            NodeDef::new("samples", None, LmdbTrainConfig { path: split.to_path_buf(), order }),
+            NodeDef::new("decoded", Some("samples"), DecodeBase64Config {}),
+        ],
+        // The image members are the encoded bytes already.
+        TrainData::Shards { shards, index, .. } => vec![NodeDef::new(
+            "decoded",
+            None,
+            TrainShardsConfig { shards: vec![shards.clone()], index: index.clone(), order },
+        )],
+    };
+    defs.extend([pixels, NodeDef::new("tokens", Some("pixels"), TokenizeConfig { context_length, preprocess: true })]);
     // A training batch cannot drop a sample: a bad one stops the run, naming it.
     let settings = JobSettings { on_error: OnError::Fail, quarantine, threads, ..JobSettings::default() };
     let registry = crate::registry();
@@ -586,17 +619,35 @@ fn teachers(args: &Args, plan: &Plan) -> Result<Vec<Clip>> {
 }
 
 /// cn_clip's `LMDBDataset` line for the splits, logged whenever its `get_data` builds them.
-fn log_datasets(args: &Args, log: &mut Log) {
-    for (split, dir) in [("train", Some(&args.train_data)), ("val", args.val_data.as_ref())] {
-        if let Some((images, pairs)) = dir.and_then(|d| counts(d).ok()) {
-            log.info(&format!("{split} LMDB file contains {images} images and {pairs} pairs."));
+fn log_datasets(plan: &Plan, log: &mut Log) {
+    for (split, data) in [("train", Some(&plan.train)), ("val", plan.val.as_ref())] {
+        match data {
+            Some(TrainData::Lmdb(dir)) => {
+                if let Ok((images, pairs)) = counts(dir) {
+                    log.info(&format!("{split} LMDB file contains {images} images and {pairs} pairs."));
+                }
+            }
+            Some(TrainData::Shards { shards, samples, .. }) => {
+                log.info(&format!("{split} WebDataset shards {shards} contain {samples} samples."));
+            }
+            None => {}
         }
     }
 }
 
 /// What a saved micro-batch index means (see [`checkpoint::Saved::layout`]).
-fn data_layout(args: &Args, plan: &Plan) -> [i64; 5] {
-    [args.seed as i64, args.batch_size as i64, plan.devices.len() as i64, args.accum_freq as i64, plan.samples as i64]
+fn data_layout(args: &Args, plan: &Plan) -> Vec<i64> {
+    let mut layout = vec![
+        args.seed as i64,
+        args.batch_size as i64,
+        plan.devices.len() as i64,
+        args.accum_freq as i64,
+        plan.samples as i64,
+    ];
+    if args.shuffle_buffer > 0 {
+        layout.push(args.shuffle_buffer as i64);
+    }
+    layout
 }
 
 /// Per-step generator seed: dropout and FLIP masks depend only on (--seed, step), so a
@@ -605,25 +656,23 @@ fn step_seed(seed: u64, step: u64) -> i64 {
     (seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ step.wrapping_mul(0xbf58_476d_1ce4_e5b9)) as i64
 }
 
-pub fn run(mut args: Box<Args>) -> Result<()> {
+pub fn run(args: Box<Args>) -> Result<()> {
     cnclip_operators::signals::catch_interrupts()?;
     let dir = Path::new(&args.logs).join(&args.name);
     let checkpoints = dir.join("checkpoints");
     storage::create_dir_all(&checkpoints).with_context(|| format!("creating {}", checkpoints.display()))?;
     let suffix = chrono::Utc::now().format("%Y-%m-%d-%H-%M-%S").to_string();
     let mut log = Log::open(&dir.join(format!("out_{suffix}.log")))?;
-    // TSV+JSONL or Parquet data: serialized into LMDB splits under the run's directory.
-    let given = (args.train_data.display().to_string(), args.val_data.as_ref().map(|v| v.display().to_string()));
-    args.train_data = data::lmdb_split(&args.train_data, &dir.join("data"), "--train-data", &mut log)?;
-    if let Some(val) = &args.val_data {
-        args.val_data = Some(data::lmdb_split(val, &dir.join("data"), "--val-data", &mut log)?);
-    }
-    let plan = plan(&args)?;
-    log_datasets(&args, &mut log);
-    let mut params = params(&args, &plan);
-    // The data as given (the params list what the user ran).
-    params.insert("train_data".into(), given.0);
-    params.insert("val_data".into(), given.1.unwrap_or_else(|| "None".into()));
+    // Shards are indexed; TSV+JSONL or Parquet data serialized into LMDB splits under the run's
+    // directory.
+    let train = data::prepare(&args.train_data, &dir.join("data"), "--train-data", &mut log)?;
+    let val = match &args.val_data {
+        Some(val) => Some(data::prepare(val, &dir.join("data"), "--val-data", &mut log)?),
+        None => None,
+    };
+    let plan = plan(&args, train, val)?;
+    log_datasets(&plan, &mut log);
+    let params = params(&args, &plan);
     log::write_params(&plan.dir.join(format!("params_{suffix}.txt")), &params)?;
     log.info("Params:");
     for (k, v) in &params {
@@ -757,7 +806,7 @@ pub fn run(mut args: Box<Args>) -> Result<()> {
                 epoch: epoch_done as i64,
                 step: steps as i64,
                 position: Position { epoch: epoch + 1, batch: 0, steps },
-                layout,
+                layout: layout.clone(),
             };
             let done = epoch + 1;
             if done == plan.max_epochs
@@ -768,7 +817,7 @@ pub fn run(mut args: Box<Args>) -> Result<()> {
             run.save(&trainer, &latest, &saved(done))?;
         }
         if epoch + 1 < plan.max_epochs {
-            log_datasets(&args, &mut run.log);
+            log_datasets(&plan, &mut run.log);
         }
         // libtorch allocates through glibc's malloc, whose arenas keep freed pages, and the
         // pipelines through mimalloc, whose abandoned thread heaps (each epoch's workers) keep
@@ -833,9 +882,10 @@ impl Run<'_> {
             batch_size: args.batch_size,
             start: first as usize * accum,
             end: Some(last as usize * accum),
+            shuffle_buffer: args.shuffle_buffer,
         };
         let stream = data_stream(
-            &args.train_data,
+            &plan.train,
             order,
             self.resolution,
             args.context_length,
@@ -985,13 +1035,21 @@ impl Run<'_> {
     /// batches (shuffled with --seed, epoch 0), averaged over samples.
     fn validate(&mut self, trainer: &mut Trainer, epoch: u64, steps: u64) -> Result<()> {
         let (args, plan) = (self.args, self.plan);
-        let split = args.val_data.as_ref().expect("checked by the caller");
+        let split = plan.val.as_ref().expect("checked by the caller");
         self.log.info(&format!("Begin to eval on validation set (epoch {} @ {steps} steps)...", epoch + 1));
         let world = plan.devices.len();
-        let (_, samples) = counts(split).with_context(|| format!("--val-data {}", split.display()))?;
-        let order =
-            TrainOrder { seed: args.seed, epoch: 0, world, batch_size: args.valid_batch_size, start: 0, end: None };
-        let batches = order.num_batches(samples as usize) * world;
+        let samples = split.samples().with_context(|| format!("--val-data {}", split.describe()))?;
+        // cn_clip's sampler order, whatever --shuffle-buffer (validation sets are small).
+        let order = TrainOrder {
+            seed: args.seed,
+            epoch: 0,
+            world,
+            batch_size: args.valid_batch_size,
+            start: 0,
+            end: None,
+            shuffle_buffer: 0,
+        };
+        let batches = order.num_batches(samples) * world;
         let stream = data_stream(
             split,
             order,
@@ -1030,7 +1088,7 @@ impl Run<'_> {
             }
         }
         if count == 0 {
-            bail!("--val-data {}: no samples to validate on", split.display());
+            bail!("--val-data {}: no samples to validate on", split.describe());
         }
         let n = count as f64;
         let logit_scale = trainer.replicas()[0].logit_scale_parameter().double_value(&[]);

@@ -1,0 +1,531 @@
+//! `train_shards`: WebDataset shards (local or in an object store) read for training without
+//! copying them into an LMDB, through their `locations` index — where each sample's image and
+//! text members lie, made once by the `webdataset` source's `locations` table.
+//!
+//! Sample `i` is the index's row `i` (shards in their expanded order, samples in file order),
+//! so a corpus written as shards in the order of an LMDB split's `pairs` keys is the same
+//! dataset. Two orders, both functions of `--seed` and the epoch alone, so a resumed run reads
+//! exactly what an uninterrupted one reads from its resume point:
+//!
+//! - `shuffle_buffer = 0` — map-style, cn_clip's semantics: the order of `lmdb_train` (its
+//!   `DistributedSampler`, padded to whole global batches), each sample fetched by a ranged read
+//!   of its members, several in flight.
+//! - `shuffle_buffer = N` — a stream, for corpora too big for random reads: the shards in an
+//!   order drawn per epoch, read front to back, each sample through a buffer of `N` from which
+//!   a uniformly drawn one leaves as the next comes in (WebDataset's `shuffle`). The order of
+//!   sample numbers is computed from the shards' sample counts alone, so resuming at micro-batch
+//!   `i` replays it without reading, then reads again only what the buffer held at that point.
+//!   The last partial global batch is dropped. Memory: the buffer's samples.
+//!
+//! Rows come out as `lmdb_train`'s do (micro-batch by micro-batch, replica by replica) with
+//! the image bytes decoded from nothing: `sample`, `image_id`, `text_id` (both
+//! `shard << 32 | sample in shard`, as the `webdataset` source numbers them), `text`, `image`,
+//! `key`. A text member that is not UTF-8 or an object that changed under the index is an error
+//! naming the shard and key: a training batch cannot drop a sample.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, AsArray, BinaryBuilder, Int64Builder, RecordBatch, StringArray, StringBuilder};
+use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
+use bytes::Bytes;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::file::reader::ChunkReader;
+use rand_mt::Mt64;
+use schemars::JsonSchema;
+use serde::Deserialize;
+
+use super::lmdb_train::TrainOrder;
+use super::sampler::randperm;
+use super::webdataset::{expand_braces, location_columns, locations_schema};
+use super::{BATCH_BYTES, Emit, ReadContext, Source};
+use crate::error::{Error, Result, io};
+use crate::spec::{BuildContext, NodeConfig, Operator, Role};
+use crate::storage;
+use cnclip_schemas::columns::{IMAGE, IMAGE_ID, KEY, SAMPLE, TEXT, TEXT_ID};
+
+/// Ranged reads in flight in the map-style order.
+const FETCHERS: usize = 8;
+/// A stream skips a gap up to this many bytes by reading through it; a longer one by a new
+/// read from the next sample's offset.
+const SKIP_BY_READING: u64 = 4 << 20;
+
+/// The rows `train_shards` emits.
+pub fn schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new(SAMPLE, DataType::Int64, false),
+        Field::new(IMAGE_ID, DataType::Int64, false),
+        Field::new(TEXT_ID, DataType::Int64, false),
+        Field::new(TEXT, DataType::Utf8, false),
+        Field::new(IMAGE, DataType::Binary, false),
+        Field::new(KEY, DataType::Utf8, false),
+    ]))
+}
+
+/// The `locations` index in memory, sorted by shard and place: row `i` is sample `i`.
+pub struct Index {
+    shard: Vec<u32>,
+    place: Vec<u32>,
+    keys: StringArray,
+    /// `[image_offset, image_len, text_offset, text_len]` per sample.
+    ranges: Vec<[u64; 4]>,
+    /// Per shard: its first sample and how many it has.
+    spans: Vec<(usize, usize)>,
+}
+
+impl Index {
+    /// Reads the `locations` table at `path` for `shards` shards.
+    ///
+    /// # Errors
+    /// It cannot be read, is not a `locations` table, or names a shard past `shards`.
+    pub fn load(path: &Path, shards: usize) -> Result<Index> {
+        let name = path.display().to_string();
+        let bad = |reason: String| Error::Format { path: name.clone(), reason };
+        let parquet_err = |e: parquet::errors::ParquetError| bad(format!("not a readable Parquet file: {e}"));
+        let reader = ParquetRecordBatchReaderBuilder::try_new(storage::open_chunks(path).map_err(io(path))?)
+            .map_err(parquet_err)?
+            .build()
+            .map_err(parquet_err)?;
+        let mut batches = Vec::new();
+        for batch in reader {
+            batches.push(batch.map_err(|e| bad(e.to_string()))?);
+        }
+        let expected = locations_schema();
+        let all = arrow::compute::concat_batches(&expected, &batches)
+            .map_err(|e| bad(format!("not a `locations` table ({e})")))?;
+        let int = |column: &str| -> Result<Vec<i64>> {
+            let array = all.column_by_name(column).ok_or_else(|| bad(format!("no `{column}` column")))?;
+            let values =
+                array.as_primitive_opt::<Int64Type>().ok_or_else(|| bad(format!("`{column}` is not int64")))?;
+            Ok(values.values().to_vec())
+        };
+        use location_columns::*;
+        let (shard, place) = (int(SHARD)?, int(SAMPLE)?);
+        let columns = [int(IMAGE_OFFSET)?, int(IMAGE_LEN)?, int(TEXT_OFFSET)?, int(TEXT_LEN)?];
+        let keys =
+            all.column_by_name(KEY).and_then(|k| k.as_string_opt::<i32>()).ok_or_else(|| bad("no `key`".into()))?;
+        let mut rows: Vec<usize> = (0..all.num_rows()).collect();
+        rows.sort_by_key(|&i| (shard[i], place[i]));
+        let mut index = Index {
+            shard: Vec::with_capacity(rows.len()),
+            place: Vec::with_capacity(rows.len()),
+            keys: StringArray::from_iter_values(rows.iter().map(|&i| keys.value(i))),
+            ranges: Vec::with_capacity(rows.len()),
+            spans: vec![(0, 0); shards],
+        };
+        for (sample, &i) in rows.iter().enumerate() {
+            let in_range = |v: i64, max: i64| (0..=max).contains(&v);
+            if !in_range(shard[i], shards as i64 - 1) || !in_range(place[i], u32::MAX as i64) {
+                return Err(bad(format!(
+                    "row {i} names sample {} of shard {}, not one of the {shards} shards given: the index is not \
+                     these shards'",
+                    place[i], shard[i]
+                )));
+            }
+            if columns.iter().any(|c| c[i] < 0) {
+                return Err(bad(format!("row {i} has a negative offset or length")));
+            }
+            let s = shard[i] as usize;
+            if index.spans[s].1 == 0 {
+                index.spans[s].0 = sample;
+            }
+            index.spans[s].1 += 1;
+            index.shard.push(s as u32);
+            index.place.push(place[i] as u32);
+            index.ranges.push(columns.each_ref().map(|c| c[i] as u64));
+        }
+        Ok(index)
+    }
+
+    /// Samples in the index.
+    pub fn len(&self) -> usize {
+        self.shard.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.shard.is_empty()
+    }
+
+    /// The byte range holding sample `i`'s image and text members.
+    fn span_of(&self, i: usize) -> std::ops::Range<u64> {
+        let [io, il, to, tl] = self.ranges[i];
+        io.min(to)..(io + il).max(to + tl)
+    }
+
+    /// Sample `i` from `bytes`, the bytes of [`Index::span_of`].
+    fn sample_from(&self, i: usize, bytes: &Bytes, shards: &[PathBuf]) -> Result<Sample> {
+        let [io, il, to, tl] = self.ranges[i];
+        let start = self.span_of(i).start;
+        let slice = |offset: u64, len: u64| bytes.slice((offset - start) as usize..(offset - start + len) as usize);
+        let text = String::from_utf8(slice(to, tl).to_vec()).map_err(|e| Error::Record {
+            location: self.describe(i, shards),
+            reason: format!("its text member is not UTF-8 ({e})"),
+        })?;
+        Ok(Sample { image: slice(io, il), text })
+    }
+
+    fn describe(&self, i: usize, shards: &[PathBuf]) -> String {
+        format!("{} sample {}", shards[self.shard[i] as usize].display(), self.keys.value(i))
+    }
+}
+
+/// One sample's members.
+struct Sample {
+    image: Bytes,
+    text: String,
+}
+
+pub struct TrainShardsSource {
+    pub shards: Vec<PathBuf>,
+    pub index: PathBuf,
+    pub order: TrainOrder,
+}
+
+impl Source for TrainShardsSource {
+    fn schema(&self) -> SchemaRef {
+        schema()
+    }
+
+    fn origin(&self) -> String {
+        super::describe_paths(&self.shards)
+    }
+
+    fn estimated_records(&self) -> Option<u64> {
+        None
+    }
+
+    fn read(self: Box<Self>, ctx: &ReadContext, emit: Emit<'_>) -> Result<()> {
+        let index = Index::load(&self.index, self.shards.len())?;
+        let mut rows = Rows::default();
+        let mut push = |i: usize, sample: Sample| {
+            rows.push(i, &index, sample);
+            if rows.len >= ctx.batch_rows.max(1) || rows.bytes >= BATCH_BYTES { emit(rows.finish()?) } else { Ok(()) }
+        };
+        if self.order.shuffle_buffer == 0 {
+            let order = self.order.samples(index.len());
+            for chunk in order.chunks(ctx.batch_rows.max(1)) {
+                stop_on_signal()?;
+                for (i, sample) in chunk.iter().zip(fetch(&index, &self.shards, chunk)?) {
+                    push(*i, sample)?;
+                }
+            }
+        } else {
+            let order = StreamOrder::new(&index, &self.order);
+            let batches = self.order.batches(index.len());
+            let global = self.order.batch_size * self.order.world.max(1);
+            let (first, count) = (batches.start * global, batches.len() * global);
+            let (mut shuffle, held) = order.resumed_at(first);
+            let fresh = shuffle.next;
+            let mut reader = Sequential::new(&index, &self.shards, &order, held, fresh);
+            for _ in 0..count {
+                let position = shuffle.next().expect("an epoch's whole batches are within its samples");
+                let sample = order.sample_at(position);
+                push(sample, reader.take(position)?)?;
+            }
+        }
+        if rows.len > 0 {
+            emit(rows.finish()?)?;
+        }
+        Ok(())
+    }
+}
+
+fn stop_on_signal() -> Result<()> {
+    match crate::signals::interrupted() {
+        Some(signal) => Err(Error::Interrupted { signal }),
+        None => Ok(()),
+    }
+}
+
+/// Samples `chunk` of the index by ranged reads, [`FETCHERS`] in flight, in `chunk`'s order.
+fn fetch(index: &Index, shards: &[PathBuf], chunk: &[usize]) -> Result<Vec<Sample>> {
+    let one = |i: usize| -> Result<Sample> {
+        let path = &shards[index.shard[i] as usize];
+        let bytes = storage::read_range(path, index.span_of(i)).map_err(|e| Error::Record {
+            location: index.describe(i, shards),
+            reason: format!("its members cannot be read at the offsets the index gives ({e}): was the shard changed?"),
+        })?;
+        index.sample_from(i, &bytes, shards)
+    };
+    let mut out: Vec<Option<Result<Sample>>> = (0..chunk.len()).map(|_| None).collect();
+    std::thread::scope(|scope| {
+        let lanes: Vec<_> = (0..FETCHERS.min(chunk.len()))
+            .map(|lane| {
+                scope.spawn(move || {
+                    chunk
+                        .iter()
+                        .enumerate()
+                        .skip(lane)
+                        .step_by(FETCHERS)
+                        .map(|(at, &i)| (at, one(i)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for lane in lanes {
+            for (at, sample) in lane.join().expect("a fetch thread does not panic") {
+                out[at] = Some(sample);
+            }
+        }
+    });
+    out.into_iter().map(|s| s.expect("every place filled")).collect()
+}
+
+/// A stream epoch's order: shards in an order drawn from `seed + epoch`, samples in file
+/// order within each; a position in that sequence maps to a sample of the index.
+struct StreamOrder<'i> {
+    index: &'i Index,
+    /// The shards in this epoch's order.
+    shards: Vec<usize>,
+    /// Where each of them starts in the sequence.
+    starts: Vec<usize>,
+    buffer: usize,
+    seed: u64,
+}
+
+impl<'i> StreamOrder<'i> {
+    fn new(index: &'i Index, order: &TrainOrder) -> Self {
+        let seed = order.seed.wrapping_add(order.epoch);
+        let shards = randperm(index.spans.len(), seed);
+        let mut starts = Vec::with_capacity(shards.len());
+        let mut at = 0;
+        for &s in &shards {
+            starts.push(at);
+            at += index.spans[s].1;
+        }
+        StreamOrder { index, shards, starts, buffer: order.shuffle_buffer, seed }
+    }
+
+    /// The sample at `position` of the sequence shards are read in.
+    fn sample_at(&self, position: usize) -> usize {
+        let (slot, start) = self.slot_of(position);
+        self.index.spans[self.shards[slot]].0 + (position - start)
+    }
+
+    /// The place in `self.shards` of the shard holding `position`, and where it starts.
+    fn slot_of(&self, position: usize) -> (usize, usize) {
+        let slot = self.starts.partition_point(|&s| s <= position) - 1;
+        // Shards without samples start where the next one does: the last of those is the one.
+        (slot, self.starts[slot])
+    }
+
+    /// The shuffle after `emitted` samples have left it (replayed without reading), and the
+    /// positions it holds then that came in before: what a resumed stream reads again.
+    fn resumed_at(&self, emitted: usize) -> (Shuffle, HashSet<usize>) {
+        let mut shuffle = Shuffle::new(self.index.len(), self.buffer, self.seed);
+        for _ in 0..emitted {
+            shuffle.next();
+        }
+        let held = shuffle.held.iter().copied().collect();
+        (shuffle, held)
+    }
+}
+
+/// The shuffle buffer over positions `0..total` of the read sequence: filled to `capacity`,
+/// then each step a uniformly drawn held position leaves and the next one read takes its place.
+struct Shuffle {
+    rng: Mt64,
+    held: Vec<usize>,
+    next: usize,
+    total: usize,
+    capacity: usize,
+}
+
+impl Shuffle {
+    fn new(total: usize, capacity: usize, seed: u64) -> Self {
+        // A stream of its own: not the sampler's draws for the same seed.
+        let rng = Mt64::new(seed ^ 0x5eed_5eed_5eed_5eed);
+        Shuffle { rng, held: Vec::with_capacity(capacity.min(total)), next: 0, total, capacity: capacity.max(1) }
+    }
+}
+
+impl Iterator for Shuffle {
+    type Item = usize;
+
+    fn next(&mut self) -> Option<usize> {
+        while self.held.len() < self.capacity && self.next < self.total {
+            self.held.push(self.next);
+            self.next += 1;
+        }
+        if self.held.is_empty() {
+            return None;
+        }
+        let j = (self.rng.next_u64() % self.held.len() as u64) as usize;
+        let out = self.held[j];
+        if self.next < self.total {
+            self.held[j] = self.next;
+            self.next += 1;
+        } else {
+            self.held.swap_remove(j);
+        }
+        Some(out)
+    }
+}
+
+/// Reads a stream's samples front to back, keeping those still to leave the buffer.
+struct Sequential<'a> {
+    index: &'a Index,
+    shards: &'a [PathBuf],
+    order: &'a StreamOrder<'a>,
+    /// Positions before `fresh` that must be read again (a resumed buffer's).
+    again: HashSet<usize>,
+    fresh: usize,
+    /// The next position to read.
+    position: usize,
+    read: HashMap<usize, Sample>,
+    /// The open shard: its slot, a reader and the offset it is at.
+    open: Option<(usize, Box<dyn Read + Send>, u64)>,
+}
+
+impl<'a> Sequential<'a> {
+    /// A reader for a shuffle that has taken in the positions before `fresh`, of which it
+    /// still holds `again`.
+    fn new(
+        index: &'a Index,
+        shards: &'a [PathBuf],
+        order: &'a StreamOrder<'a>,
+        again: HashSet<usize>,
+        fresh: usize,
+    ) -> Self {
+        let position = again.iter().copied().min().unwrap_or(fresh).min(fresh);
+        Sequential { index, shards, order, again, fresh, position, read: HashMap::new(), open: None }
+    }
+
+    /// The sample at `position`, reading on to it.
+    fn take(&mut self, position: usize) -> Result<Sample> {
+        while self.position <= position {
+            let at = self.position;
+            self.position += 1;
+            if at >= self.fresh || self.again.remove(&at) {
+                stop_on_signal()?;
+                let sample = self.read_at(at)?;
+                self.read.insert(at, sample);
+            }
+        }
+        self.read.remove(&position).ok_or_else(|| {
+            Error::Internal(format!("the stream's position {position} left the buffer twice or was never read"))
+        })
+    }
+
+    fn read_at(&mut self, position: usize) -> Result<Sample> {
+        let (slot, _) = self.order.slot_of(position);
+        let i = self.order.sample_at(position);
+        let path = &self.shards[self.order.shards[slot]];
+        let span = self.index.span_of(i);
+        let reopen = match &self.open {
+            Some((open, _, offset)) => *open != slot || *offset > span.start || span.start - offset > SKIP_BY_READING,
+            None => true,
+        };
+        let failed = |e: std::io::Error| Error::Record {
+            location: self.index.describe(i, self.shards),
+            reason: format!("its members cannot be read at the offsets the index gives ({e}): was the shard changed?"),
+        };
+        if reopen {
+            let chunks = storage::open_chunks(path).map_err(io(path))?;
+            let reader = chunks.get_read(span.start).map_err(|e| failed(std::io::Error::other(e)))?;
+            self.open = Some((slot, Box::new(reader), span.start));
+        }
+        let (_, reader, offset) = self.open.as_mut().expect("opened above");
+        let gap = span.start - *offset;
+        let skipped = std::io::copy(&mut reader.take(gap), &mut std::io::sink()).map_err(failed)?;
+        let mut bytes = vec![0u8; (span.end - span.start) as usize];
+        let done = skipped == gap && reader.read_exact(&mut bytes).is_ok();
+        *offset = span.end;
+        if !done {
+            self.open = None;
+            return Err(failed(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        self.index.sample_from(i, &Bytes::from(bytes), self.shards)
+    }
+}
+
+#[derive(Default)]
+struct Rows {
+    sample: Int64Builder,
+    image_id: Int64Builder,
+    text: StringBuilder,
+    image: BinaryBuilder,
+    key: StringBuilder,
+    len: usize,
+    bytes: usize,
+}
+
+impl Rows {
+    fn push(&mut self, i: usize, index: &Index, sample: Sample) {
+        self.sample.append_value(i as i64);
+        self.image_id.append_value(((index.shard[i] as i64) << 32) | index.place[i] as i64);
+        self.text.append_value(&sample.text);
+        self.image.append_value(&sample.image);
+        self.key.append_value(index.keys.value(i));
+        self.len += 1;
+        self.bytes += sample.image.len() + sample.text.len();
+    }
+
+    fn finish(&mut self) -> Result<RecordBatch> {
+        let ids: ArrayRef = Arc::new(self.image_id.finish());
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(self.sample.finish()),
+            ids.clone(),
+            ids,
+            Arc::new(self.text.finish()),
+            Arc::new(self.image.finish()),
+            Arc::new(self.key.finish()),
+        ];
+        (self.len, self.bytes) = (0, 0);
+        Ok(RecordBatch::try_new(schema(), columns)?)
+    }
+}
+
+/// WebDataset shards → training rows, through their `locations` index, in cn_clip's sampler
+/// order or as a shuffled stream (see the top of this module).
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TrainShardsConfig {
+    /// The shards, as the `webdataset` source that made the index was given them (files, globs,
+    /// brace patterns; local or URLs).
+    pub shards: Vec<String>,
+    /// Their `locations` table (a Parquet file).
+    pub index: PathBuf,
+    /// Which samples of which epoch, for how many replicas, and how shuffled.
+    pub order: TrainOrder,
+}
+
+impl NodeConfig for TrainShardsConfig {
+    const KIND: &'static str = "train_shards";
+    const ROLE: Role = Role::Source;
+    fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
+        let patterns: Vec<String> = self.shards.iter().flat_map(|p| expand_braces(p)).collect();
+        let shards = cx.files(&patterns)?;
+        if self.order.batch_size == 0 || self.order.world == 0 {
+            return Err(vec!["order: batch_size and world must be at least 1".into()]);
+        }
+        Ok(Operator::Source(Box::new(TrainShardsSource { shards, index: cx.resolve(&self.index), order: self.order })))
+    }
+
+    fn known_schema(&self) -> Option<SchemaRef> {
+        Some(schema())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shuffle_emits_every_position_once_and_replays_from_any_point() {
+        let all: Vec<usize> = Shuffle::new(50, 8, 7).collect();
+        let mut sorted = all.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..50).collect::<Vec<_>>());
+        assert_ne!(all, sorted, "a buffer of 8 moves samples");
+        // Held positions are never more than the buffer ahead of where reading is.
+        let mut shuffle = Shuffle::new(50, 8, 7);
+        for (k, expected) in all.iter().enumerate() {
+            assert!(shuffle.held.len() <= 8);
+            assert_eq!(shuffle.next(), Some(*expected), "step {k}");
+        }
+        assert_eq!(Shuffle::new(50, 1, 7).collect::<Vec<_>>(), (0..50).collect::<Vec<_>>());
+    }
+}

@@ -1,0 +1,169 @@
+//! `cnclip train` on WebDataset shards in an object store (issue #25 item 4), read in place
+//! through their index: in cn_clip's sampler order it trains the same parameters as on the same
+//! pairs as an LMDB split, and as a shuffled stream (`--shuffle-buffer`) a run killed mid-epoch
+//! and rerun ends with the parameters and samples of an uninterrupted run. The shards are written
+//! by `webdataset`'s own `ShardWriter` and served by a real S3 server.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use cnclip_models::checkpoint::load_cn_clip;
+use cnclip_tests::python;
+use cnclip_tests::s3::S3Server;
+
+use crate::object_store::{ok, put_tree};
+use crate::train_cli::{corpus, samples_by_step, the_log, train_args};
+
+/// An LMDB split's pairs, in key order, as WebDataset shards of `per_shard` samples written by
+/// `webdataset.ShardWriter`: sample `i` is pair `i` (its image's bytes as `.jpg`, its text as
+/// `.txt`), read from the LMDB as cn_clip's `LMDBDataset` reads it.
+const LMDB_TO_SHARDS: &str = r#"
+import base64, os, pickle, sys, lmdb, webdataset as wds
+split, out, per_shard = sys.argv[1], sys.argv[2], int(sys.argv[3])
+os.makedirs(out, exist_ok=True)
+pairs = lmdb.open(f"{split}/pairs", readonly=True, lock=False).begin()
+imgs = lmdb.open(f"{split}/imgs", readonly=True, lock=False).begin()
+n = int(pairs.get(b"num_samples").decode())
+with wds.ShardWriter(f"{out}/%06d.tar", maxcount=per_shard, verbose=0) as sink:
+    for i in range(n):
+        image_id, text_id, text = pickle.loads(pairs.get(str(i).encode()))
+        image = base64.urlsafe_b64decode(imgs.get(str(image_id).encode()))
+        sink.write({"__key__": f"pair{i:06d}", "jpg": image, "txt": text})
+"#;
+
+fn cnclip(server: &S3Server, dir: &Path, args: &[&str]) -> Output {
+    let mut command = Command::new(cnclip_tests::cnclip_bin());
+    server.configure(command.current_dir(dir).args(args)).output().unwrap()
+}
+
+/// `train_args` with the data replaced.
+fn with_data<'a>(mut args: Vec<&'a str>, train: &'a str, valid: &'a str) -> Vec<&'a str> {
+    for (flag, value) in [("--train-data", train), ("--val-data", valid)] {
+        let at = args.iter().position(|a| *a == flag).unwrap() + 1;
+        args[at] = value;
+    }
+    args
+}
+
+/// A corpus of `train` pairs (and 32 validation pairs) as LMDB splits, and the same pairs as
+/// shards in the server's bucket `corpus` (`train/`, `valid/`).
+fn corpus_on_server(server: &S3Server, dir: &Path, train: usize) {
+    corpus(dir, train);
+    for split in ["train", "valid"] {
+        let (lmdb, shards) = (dir.join(format!("corpus/lmdb/{split}")), dir.join(format!("shards/{split}")));
+        python(LMDB_TO_SHARDS, &[lmdb.to_str().unwrap(), shards.to_str().unwrap(), "20"], "");
+        put_tree(server, "corpus", &shards, split);
+    }
+}
+
+fn assert_same_parameters(a: &Path, b: &Path) {
+    let (a, _) = load_cn_clip(a).unwrap();
+    let (b, _) = load_cn_clip(b).unwrap();
+    assert_eq!(a.len(), b.len());
+    for (key, value) in &a {
+        assert!(value.equal(&b[key]), "{key} differs");
+    }
+}
+
+fn validation_lines(log: &str) -> Vec<String> {
+    log.lines().filter_map(|l| l.find("Validation Result").map(|at| l[at..].to_string())).collect()
+}
+
+#[test]
+fn webdataset_shards_on_the_server_train_as_their_lmdb_split() {
+    let server = S3Server::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    corpus_on_server(&server, dir, 64);
+    let extra = ["--max-epochs", "2", "--log-interval", "1", "--debug"];
+    ok(cnclip(&server, dir, &train_args("lmdb", &extra)));
+    // 64 pairs in shards of 20: 4 shards (the last of 4 samples), named by a brace pattern; the
+    // validation shards by a glob over the bucket.
+    let shards = "s3://corpus/train/{000000..000003}.tar";
+    let args = with_data(train_args("shards", &extra), shards, "s3://corpus/valid/*.tar");
+    let log = ok(cnclip(&server, dir, &args));
+    assert!(log.contains("indexing the WebDataset shards"), "{log}");
+    for epoch in ["epoch1.pt", "epoch2.pt"] {
+        let at = |run: &str| dir.join(format!("logs/{run}/checkpoints/{epoch}"));
+        assert_same_parameters(&at("lmdb"), &at("shards"));
+    }
+    // The same samples in the same steps, and the same validation.
+    let metrics = |run: &str| samples_by_step(&dir.join(format!("logs/{run}/metrics.parquet")));
+    assert_eq!(metrics("lmdb"), metrics("shards"));
+    let (lmdb, shards_log) = (the_log(&dir.join("logs/lmdb")), the_log(&dir.join("logs/shards")));
+    assert_eq!(validation_lines(&lmdb).len(), 2, "{lmdb}");
+    assert_eq!(validation_lines(&lmdb), validation_lines(&shards_log));
+    assert!(shards_log.contains("train WebDataset shards s3://corpus/train/{000000..000003}.tar contain 64 samples."));
+    // Nothing was copied: the run's data folder holds the index, not the images.
+    let data = dir.join("logs/shards/data/train-data");
+    let held: u64 = std::fs::read_dir(&data).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+    let shard_bytes: u64 =
+        std::fs::read_dir(dir.join("shards/train")).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+    assert!(held * 10 < shard_bytes, "the index ({held} bytes) is not a copy of the shards ({shard_bytes} bytes)");
+
+    // A rerun of a finished run reuses the index.
+    let log = ok(cnclip(&server, dir, &args));
+    assert!(the_log(&dir.join("logs/shards")).contains("--train-data: reusing the index"), "{log}");
+}
+
+#[test]
+fn a_shuffled_stream_of_shards_killed_and_rerun_ends_as_an_uninterrupted_run() {
+    let server = S3Server::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    corpus_on_server(&server, dir, 96);
+    let extra =
+        ["--max-epochs", "2", "--log-interval", "1", "--save-step-frequency", "2", "--debug", "--shuffle-buffer", "12"];
+    let (train, valid) = ("s3://corpus/train/*.tar", "s3://corpus/valid/*.tar");
+    let whole = with_data(train_args("whole", &extra), train, valid);
+    ok(cnclip(&server, dir, &whole));
+
+    // The same run, killed (SIGKILL) once its first step checkpoint is in place: mid-epoch 1.
+    let args = with_data(train_args("killed", &extra), train, valid);
+    let mut child = server
+        .configure(Command::new(cnclip_tests::cnclip_bin()).current_dir(dir).args(&args))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let marker = dir.join("logs/killed/checkpoints/epoch_latest.pt");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !marker.is_file() {
+        assert!(Instant::now() < deadline, "no step checkpoint within 300 s");
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    assert!(!child.wait().unwrap().success(), "killed");
+    assert!(!dir.join("logs/killed/checkpoints/epoch2.pt").exists(), "killed before the end");
+    ok(cnclip(&server, dir, &args));
+    let log = the_log(&dir.join("logs/killed"));
+    let resumed_at = regex::Regex::new(r"=> loaded checkpoint '.*epoch_latest.pt' \(epoch 1 @ (\d+) steps\)").unwrap();
+    let at: u64 = resumed_at.captures(&log).unwrap_or_else(|| panic!("no resume:\n{log}"))[1].parse().unwrap();
+    assert!((1..6).contains(&at), "killed at step {at}, not mid-epoch (6 steps an epoch)");
+
+    assert_same_parameters(
+        &dir.join("logs/whole/checkpoints/epoch2.pt"),
+        &dir.join("logs/killed/checkpoints/epoch2.pt"),
+    );
+    let (a, b) = (
+        samples_by_step(&dir.join("logs/whole/metrics.parquet")),
+        samples_by_step(&dir.join("logs/killed/metrics.parquet")),
+    );
+    assert_eq!(a.len(), 12);
+    assert!(a == b, "the resumed run trained on other samples");
+    // Each epoch sees every sample once (96 = 6 whole global batches), in an order that is
+    // neither the shards' nor the same in both epochs.
+    let epoch = |e: i64| -> Vec<i64> {
+        a.iter().filter(|(s, _)| (s - 1) / 6 == e).flat_map(|(_, s)| s.clone()).collect::<Vec<_>>()
+    };
+    let (first, second) = (epoch(0), epoch(1));
+    for order in [&first, &second] {
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..96).collect::<Vec<_>>());
+        assert_ne!(order, &sorted, "the stream was shuffled");
+    }
+    assert_ne!(first, second, "each epoch is shuffled anew");
+}
