@@ -478,15 +478,15 @@ impl Rows {
     }
 }
 
-/// WebDataset shards → training rows, through their `locations` index, in cn_clip's sampler
-/// order or as a shuffled stream (see the top of this module).
+/// WebDataset shards → training rows through their `locations` index, in cn_clip's sampler
+/// order (`shuffle_buffer = 0`) or as a stream shuffled per epoch, micro-batch by micro-batch.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TrainShardsConfig {
     /// The shards, as the `webdataset` source that made the index was given them (files, globs,
     /// brace patterns; local or URLs).
     pub shards: Vec<String>,
-    /// Their `locations` table (a Parquet file).
+    /// Their `locations` table, a Parquet file (the `webdataset` source's `table = "locations"`).
     pub index: PathBuf,
     /// Which samples of which epoch, for how many replicas, and how shuffled.
     pub order: TrainOrder,
