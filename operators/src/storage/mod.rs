@@ -38,6 +38,7 @@
 //!   object store path cannot hold but a job must still report by name.
 
 pub mod remote;
+pub mod fetch;
 pub mod staging;
 
 use std::borrow::Cow;
