@@ -55,7 +55,7 @@ fn clustered(rng: &mut Rng, centres: &[Vec<f64>], n: usize, spread: f64) -> Vec<
     out
 }
 
-struct Data {
+pub(crate) struct Data {
     gallery_ids: Vec<i64>,
     gallery: Vec<f32>,
     query_ids: Vec<i64>,
@@ -125,7 +125,7 @@ fn cnclip_fails(root: &Path, args: &[&str]) -> String {
 }
 
 /// A predictions table: query id → (neighbour ids, scores).
-fn predictions(path: &Path) -> BTreeMap<i64, (Vec<i64>, Vec<f32>)> {
+pub(crate) fn predictions(path: &Path) -> BTreeMap<i64, (Vec<i64>, Vec<f32>)> {
     use arrow::array::{AsArray, ListArray};
     use arrow::datatypes::{Float32Type, Int64Type};
     let reader =
@@ -178,14 +178,14 @@ fn recalls(found: &BTreeMap<i64, (Vec<i64>, Vec<f32>)>, exact: &BTreeMap<i64, Ve
     (overlap as f64 / (10 * exact.len()) as f64, nearest as f64 / exact.len() as f64)
 }
 
-fn setup(root: &Path) -> Data {
+pub(crate) fn setup(root: &Path) -> Data {
     let data = data();
     write_table(&root.join("gallery.parquet"), &data.gallery_ids, &data.gallery, DIM);
     write_table(&root.join("queries.parquet"), &data.query_ids, &data.queries, DIM);
     data
 }
 
-const BUILD: [&str; 11] = [
+pub(crate) const BUILD: [&str; 11] = [
     "build-index",
     "--features",
     "gallery.parquet",

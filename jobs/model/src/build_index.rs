@@ -3,8 +3,9 @@
 //! [`cnclip_models::retrieval::build`]; this module is its flags and its summary line.
 //! `make-topk-predictions --index-path DIR` searches the result.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use cnclip_models::retrieval::build::{self, BuildOptions, BuildReport};
+use cnclip_operators::storage;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -67,8 +68,22 @@ impl Args {
 pub fn run(args: Args) -> Result<()> {
     cnclip_operators::signals::catch_interrupts()?;
     let start = std::time::Instant::now();
-    let options = args.options();
+    let mut options = args.options();
+    // A directory in an object store is built in the spool (from what the store holds of it, so
+    // a rerun keeps its finished shards) and uploaded when the build is done.
+    let target = options.index_path.clone();
+    let remote = storage::is_remote(&target);
+    if remote {
+        options.index_path =
+            storage::fetch::local_dir_for(&target).with_context(|| format!("--index-path {}", target.display()))?;
+    }
     let report = build::build(&options, &|line| eprintln!("cnclip build-index: {line}"))?;
+    if remote {
+        eprintln!("cnclip build-index: uploading {} → {}", options.index_path.display(), target.display());
+        storage::fetch::upload_dir(&options.index_path, &target)
+            .with_context(|| format!("uploading the index to {}", target.display()))?;
+        options.index_path = target;
+    }
     summarise(&options, &report, start.elapsed().as_secs_f64());
     Ok(())
 }

@@ -207,7 +207,9 @@ pub fn run(args: Args) -> Result<()> {
         _ => named_by_user.clone(),
     };
     // Opened once: the towers' encoder nodes take it as it is (and read its weights once).
-    let checkpoint = Checkpoint::open(&args.resume, |format| match format {
+    // A checkpoint in an object store is opened from its copy in the spool.
+    let local = storage::fetch::local_copy(&args.resume).with_context(|| format!("{}", args.resume.display()))?;
+    let checkpoint = Checkpoint::open(&local, |format| match format {
         Format::CnClip => named_for_cn_clip,
         _ => named_by_user,
     })
@@ -493,14 +495,16 @@ fn made_from(args: &Args, tower: Tower, encoder: &EncoderConfig) -> Result<Strin
 
 /// What the parts depend on: the checkpoint's bytes and every setting that changes a row.
 fn fingerprint(args: &Args, tower: Tower, encoder: &EncoderConfig) -> Result<String> {
-    let (size, modified) = storage::metadata(&args.resume)
-        .map(|m| (m.len(), m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())))
-        .with_context(|| format!("{}", args.resume.display()))?;
+    // Size and modification time (an object: size and ETag).
+    let stamp = cnclip_operators::fingerprint::Stamp::of(&args.resume, false);
+    if let Some(error) = &stamp.error {
+        bail!("{}: {error}", args.resume.display());
+    }
     let mut fingerprint = serde_json::json!({
         "tower": tower.name(),
         "checkpoint": storage::canonicalize(&args.resume).unwrap_or_else(|_| args.resume.clone()),
-        "checkpoint_size": size,
-        "checkpoint_modified": modified.map(|d| d.as_nanos().to_string()),
+        "checkpoint_size": stamp.bytes,
+        "checkpoint_modified": stamp.modified,
         "vision_model": encoder.vision_model,
         "text_model": encoder.text_model,
         "precision": encoder.precision,

@@ -15,7 +15,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use cnclip_models::retrieval::{Backend, KnnConfig};
 use cnclip_operators::sinks::jsonl::WriteJsonlConfig;
 use cnclip_operators::sinks::parquet::WriteParquetConfig;
@@ -118,8 +118,25 @@ fn made_with(path: &str) -> Option<(String, String)> {
 }
 
 /// Texts → images (`false`) or images → texts (`true`, the `-tr` script).
-pub fn run(args: Args, image_to_text: bool) -> Result<()> {
+pub fn run(mut args: Args, image_to_text: bool) -> Result<()> {
     cnclip_operators::signals::catch_interrupts()?;
+    // A build-index directory in an object store is searched from its copy in the spool.
+    if let Some(path) = args.index_path.clone().filter(|p| storage::is_remote(p)) {
+        if storage::size(&path).is_ok() {
+            bail!(
+                "--index-path {}: a saved FAISS index file is kept on a local disk; in an object store, give a \
+                 directory made by `cnclip build-index --index-path URL`",
+                path.display()
+            );
+        }
+        let local = storage::fetch::local_dir_copy(&path).with_context(|| {
+            format!(
+                "--index-path {}: no build-index directory there (make one with cnclip build-index)",
+                path.display()
+            )
+        })?;
+        args.index_path = Some(local);
+    }
     let start = std::time::Instant::now();
     let (queries, query_key, gallery, gallery_key, neighbours_key) = if image_to_text {
         (&args.image_feats, "image_id", &args.text_feats, "text_id", "text_ids")

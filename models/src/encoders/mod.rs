@@ -176,6 +176,15 @@ impl EncoderConfig {
             problems.push("`batch_size` must be at least 1".into());
         }
         let checkpoint = cx.resolve(&self.checkpoint);
+        // A checkpoint in an object store is opened from its copy in the spool (the feature
+        // tables still name the object).
+        let local = match storage::fetch::local_copy(&checkpoint) {
+            Ok(local) => local,
+            Err(e) => {
+                problems.push(format!("checkpoint {}: {e}", checkpoint.display()));
+                checkpoint.clone()
+            }
+        };
         let named = match (&self.vision_model, &self.text_model, &self.model_config) {
             (Some(v), Some(t), None) => match ClipConfig::from_name(&format!("{v}@{t}")) {
                 Ok(config) => Some(config),
@@ -217,7 +226,7 @@ impl EncoderConfig {
                     None
                 }
             },
-            None if checkpoint.exists() => checkpoint::Checkpoint::open_in_pipeline(&checkpoint, named.as_ref())
+            None if local.exists() => checkpoint::Checkpoint::open_in_pipeline(&local, named.as_ref())
                 .map(Arc::new)
                 .map_err(|e| problems.push(e.to_string()))
                 .ok(),
@@ -228,7 +237,7 @@ impl EncoderConfig {
         };
         let config = opened.as_ref().map(|c| c.config().clone());
         let sha256 = match &config {
-            Some(_) => sha256_of(&checkpoint).map_err(|e| problems.push(e.to_string())).ok(),
+            Some(_) => sha256_of(&local).map_err(|e| problems.push(e.to_string())).ok(),
             None => None,
         };
         match (opened, config, sha256) {

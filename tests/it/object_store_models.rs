@@ -1,0 +1,157 @@
+//! Model files and indexes in an object store (issue #25 item 1), against the real S3 server:
+//! a checkpoint given as `--resume s3://…` extracts the features the local file gives, from one
+//! copy in the spool that a rerun reuses and a new version of the object replaces; a
+//! `build-index` directory written to `s3://…` holds the files a local build writes, resumes
+//! from what the store holds, and `make-topk-predictions --index-path s3://…` searches it as the
+//! local directory.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use cnclip_tests::s3::S3Server;
+
+use crate::object_store::{failed, ok};
+
+/// `cnclip` reaching the server, with its own `TMPDIR` (so its spool can be looked at).
+fn cnclip(server: &S3Server, dir: &Path, tmp: &Path, args: &[&str]) -> Output {
+    let mut command = Command::new(cnclip_tests::cnclip_bin());
+    server.configure(command.current_dir(dir).env("TMPDIR", tmp).args(args)).output().unwrap()
+}
+
+/// The files under `dir` (relative paths), sorted.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(at) = stack.pop() {
+        for entry in std::fs::read_dir(&at).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.push(path.strip_prefix(dir).unwrap().to_path_buf());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn extract_images(checkpoint: &str, out: &str) -> Vec<String> {
+    [
+        "extract-features",
+        "--extract-image-feats",
+        "--image-data",
+        "lmdb/valid/imgs",
+        "--image-feat-output-path",
+        out,
+        "--resume",
+        checkpoint,
+        "--img-batch-size",
+        "1",
+        "--precision",
+        "fp32",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+#[test]
+fn a_checkpoint_in_the_store_extracts_as_the_local_file_from_one_copy() {
+    let server = S3Server::start();
+    let corpus = crate::manifest::corpus();
+    let root = corpus.path();
+    let spool = tempfile::tempdir().unwrap();
+    let models = server.bucket("models");
+    std::fs::copy(root.join("tiny.safetensors"), models.join("tiny.safetensors")).unwrap();
+    let run =
+        |args: Vec<String>| cnclip(&server, root, spool.path(), &args.iter().map(String::as_str).collect::<Vec<_>>());
+
+    ok(run(extract_images("tiny.safetensors", "local.parquet")));
+    ok(run(extract_images("s3://models/tiny.safetensors", "remote.parquet")));
+    let local = crate::manifest::read_table(&[root.join("local.parquet")]);
+    let remote = crate::manifest::read_table(&[root.join("remote.parquet")]);
+    assert!(!local.rows.is_empty() && remote.rows == local.rows, "the features differ from the local checkpoint's");
+    let fetched = spool.path().join("cnclip-spool/fetched");
+    let copies = || files_under(&fetched);
+    assert_eq!(copies().len(), 1, "one copy: {:?}", copies());
+    let copy = fetched.join(&copies()[0]);
+    assert_eq!(std::fs::read(&copy).unwrap(), std::fs::read(root.join("tiny.safetensors")).unwrap());
+    let modified = std::fs::metadata(&copy).unwrap().modified().unwrap();
+
+    // A rerun reuses the copy.
+    ok(run(extract_images("s3://models/tiny.safetensors", "again.parquet")));
+    assert_eq!(copies().len(), 1);
+    assert_eq!(std::fs::metadata(&copy).unwrap().modified().unwrap(), modified, "downloaded again");
+
+    // A new version of the object replaces it: the other model's features, one copy.
+    std::fs::copy(root.join("other.safetensors"), models.join("tiny.safetensors")).unwrap();
+    ok(run(extract_images("s3://models/tiny.safetensors", "other_remote.parquet")));
+    ok(run(extract_images("other.safetensors", "other_local.parquet")));
+    let other = crate::manifest::read_table(&[root.join("other_local.parquet")]);
+    assert!(crate::manifest::read_table(&[root.join("other_remote.parquet")]).rows == other.rows);
+    assert!(other.rows != local.rows, "two models, two tables");
+    assert_eq!(copies().len(), 1, "the old version's copy is gone: {:?}", copies());
+
+    // A checkpoint that is not there is named.
+    let log = failed(run(extract_images("s3://models/missing.safetensors", "x.parquet")));
+    assert!(log.contains("s3://models/missing.safetensors"), "{log}");
+}
+
+#[test]
+fn a_build_index_directory_in_the_store_is_built_resumed_and_searched_as_a_local_one() {
+    use crate::build_index::{BUILD, predictions, setup};
+    let server = S3Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let spool = tempfile::tempdir().unwrap();
+    setup(root);
+    let bucket = server.bucket("indexes");
+    let run = |extra: &[&str]| cnclip(&server, root, spool.path(), &[&BUILD[..], extra].concat());
+
+    ok(run(&["--index-path", "local"]));
+    let log = ok(run(&["--index-path", "s3://indexes/gallery"]));
+    assert!(log.contains("3 shard(s) (3 built now, 0 kept)"), "{log}");
+    // The same files, byte for byte, and nothing else (no spool bookkeeping) in the store.
+    let (local, remote) = (root.join("local"), bucket.join("gallery"));
+    assert_eq!(files_under(&remote), files_under(&local));
+    for file in files_under(&local) {
+        if file.as_os_str() == "manifest.json" {
+            continue; // it records times and the path it was built at
+        }
+        assert!(std::fs::read(local.join(&file)).unwrap() == std::fs::read(remote.join(&file)).unwrap(), "{file:?}");
+    }
+    // A rerun keeps what the store holds; a shard deleted from the store is built again.
+    let log = ok(run(&["--index-path", "s3://indexes/gallery"]));
+    assert!(log.contains("(0 built now, 3 kept)"), "{log}");
+    let shard = files_under(&remote).into_iter().find(|f| f.to_string_lossy().starts_with("shard-")).unwrap();
+    std::fs::remove_file(remote.join(&shard)).unwrap();
+    let log = ok(run(&["--index-path", "s3://indexes/gallery"]));
+    assert!(log.contains("(1 built now, 2 kept)"), "{log}");
+    assert!(remote.join(&shard).is_file());
+
+    let search = |index: &str, output: &str| {
+        let args =
+            ["make-topk-predictions", "--text-feats", "queries.parquet", "--index-path", index, "--output", output];
+        ok(cnclip(&server, root, spool.path(), &args));
+        predictions(&root.join(output))
+    };
+    let (here, there) = (search("local", "local.parquet"), search("s3://indexes/gallery", "remote.parquet"));
+    assert_eq!(here.len(), 100);
+    assert!(here == there, "the index in the store searches otherwise than the local one");
+
+    // A single saved index file in a store, or a prefix with nothing, is refused by name.
+    std::fs::write(bucket.join("one.index"), b"not an index").unwrap();
+    for index in ["s3://indexes/one.index", "s3://indexes/nothing"] {
+        let args = [
+            "make-topk-predictions",
+            "--text-feats",
+            "queries.parquet",
+            "--index-path",
+            index,
+            "--output",
+            "x.parquet",
+        ];
+        let log = failed(cnclip(&server, root, spool.path(), &args));
+        assert!(log.contains(index), "{log}");
+    }
+}
