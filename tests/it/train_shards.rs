@@ -1,8 +1,9 @@
 //! `cnclip train` on WebDataset shards in an object store (issue #25 item 4), read in place
 //! through their index: in cn_clip's sampler order it trains the same parameters as on the same
 //! pairs as an LMDB split, and as a shuffled stream (`--shuffle-buffer`) a run killed mid-epoch
-//! and rerun ends with the parameters and samples of an uninterrupted run. The shards are written
-//! by `webdataset`'s own `ShardWriter` and served by a real S3 server.
+//! and rerun ends with the parameters and samples of an uninterrupted run — its directory
+//! (`--logs`) in the store too, resumed from there. The shards are written by `webdataset`'s own
+//! `ShardWriter` and served by a real S3 server.
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -119,15 +120,19 @@ fn a_shuffled_stream_of_shards_killed_and_rerun_ends_as_an_uninterrupted_run() {
     let whole = with_data(train_args("whole", &extra), train, valid);
     ok(cnclip(&server, dir, &whole));
 
-    // The same run, killed (SIGKILL) once its first step checkpoint is in place: mid-epoch 1.
-    let args = with_data(train_args("killed", &extra), train, valid);
+    // The same run with its directory in the store (`--logs s3://runs`), killed (SIGKILL) once
+    // its first step checkpoint is there: mid-epoch 1.
+    let mut args = with_data(train_args("killed", &extra), train, valid);
+    let logs = args.iter().position(|a| *a == "--logs").unwrap() + 1;
+    args[logs] = "s3://runs";
+    let run_dir = server.bucket("runs").join("killed");
     let mut child = server
         .configure(Command::new(cnclip_tests::cnclip_bin()).current_dir(dir).args(&args))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let marker = dir.join("logs/killed/checkpoints/epoch_latest.pt");
+    let marker = run_dir.join("checkpoints/epoch_latest.pt");
     let deadline = Instant::now() + Duration::from_secs(300);
     while !marker.is_file() {
         assert!(Instant::now() < deadline, "no step checkpoint within 300 s");
@@ -136,21 +141,30 @@ fn a_shuffled_stream_of_shards_killed_and_rerun_ends_as_an_uninterrupted_run() {
     }
     child.kill().unwrap();
     assert!(!child.wait().unwrap().success(), "killed");
-    assert!(!dir.join("logs/killed/checkpoints/epoch2.pt").exists(), "killed before the end");
+    assert!(!run_dir.join("checkpoints/epoch2.pt").exists(), "killed before the end");
+    // Rerun: it resumes from the checkpoint in the store.
     ok(cnclip(&server, dir, &args));
-    let log = the_log(&dir.join("logs/killed"));
+    assert!(!dir.join("s3:").exists() && !dir.join("logs/killed").exists(), "nothing of the run written locally");
+    let log = the_log(&run_dir);
     let resumed_at = regex::Regex::new(r"=> loaded checkpoint '.*epoch_latest.pt' \(epoch 1 @ (\d+) steps\)").unwrap();
     let at: u64 = resumed_at.captures(&log).unwrap_or_else(|| panic!("no resume:\n{log}"))[1].parse().unwrap();
     assert!((1..6).contains(&at), "killed at step {at}, not mid-epoch (6 steps an epoch)");
 
-    assert_same_parameters(
-        &dir.join("logs/whole/checkpoints/epoch2.pt"),
-        &dir.join("logs/killed/checkpoints/epoch2.pt"),
-    );
-    let (a, b) = (
-        samples_by_step(&dir.join("logs/whole/metrics.parquet")),
-        samples_by_step(&dir.join("logs/killed/metrics.parquet")),
-    );
+    assert_same_parameters(&dir.join("logs/whole/checkpoints/epoch2.pt"), &run_dir.join("checkpoints/epoch2.pt"));
+    let (a, b) =
+        (samples_by_step(&dir.join("logs/whole/metrics.parquet")), samples_by_step(&run_dir.join("metrics.parquet")));
+    // The store holds the run's files as a local run writes them, and no spool bookkeeping.
+    let names = |d: &Path| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with("out_") && !n.starts_with("params_") && n != "data")
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(names(&run_dir), names(&dir.join("logs/whole")));
+    assert_eq!(names(&run_dir.join("checkpoints")), names(&dir.join("logs/whole/checkpoints")));
     assert_eq!(a.len(), 12);
     assert!(a == b, "the resumed run trained on other samples");
     // Each epoch sees every sample once (96 = 6 whole global batches), in an order that is

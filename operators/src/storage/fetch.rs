@@ -107,7 +107,8 @@ fn is_stamp(file: &Path) -> bool {
 
 /// Makes the prefix `to` hold what the local directory `dir` (from [`local_dir_for`]) holds:
 /// each file uploaded whole (objects appear one by one, not at once), then the objects under
-/// the prefix that `dir` no longer has deleted. The copies' stamps take the new ETags, so the
+/// the prefix that `dir` no longer has deleted. A file not changed since its stamp (the ETag
+/// of its last upload or download) is not sent again. The stamps take the new ETags, so the
 /// next [`local_dir_copy`] downloads nothing.
 ///
 /// # Errors
@@ -121,16 +122,23 @@ pub fn upload_dir(dir: &Path, to: &Path) -> io::Result<()> {
     walk(dir, &mut files)?;
     files.sort();
     let mut keys = std::collections::HashSet::new();
+    let listed: std::collections::HashSet<_> = remote.list()?.into_iter().map(|(key, _)| key).collect();
     for file in files.iter().filter(|f| !is_stamp(f)) {
         let relative = file.strip_prefix(dir).unwrap_or(file).to_string_lossy().into_owned();
         let key = object_store::path::Path::from(format!("{}/{relative}", remote.key.as_ref().trim_end_matches('/')));
+        keys.insert(key.clone());
+        // Unchanged since it was uploaded or downloaded (its stamp is newer, strictly: times
+        // have a coarse tick) and still there.
+        let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        if listed.contains(&key) && modified(&stamp_of(file)) > modified(file) && modified(file).is_some() {
+            continue;
+        }
         let object = remote.sibling(key.clone());
         object.upload(file)?;
         let (_, version) = object.version()?;
         std::fs::write(stamp_of(file), version.as_bytes())?;
-        keys.insert(key);
     }
-    for (key, _) in remote.list()? {
+    for key in listed {
         if !keys.contains(&key) {
             super::remove_file(Path::new(&remote.sibling(key).url))?;
         }

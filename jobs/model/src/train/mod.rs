@@ -586,7 +586,8 @@ fn replicas(args: &Args, plan: &Plan, weights: Option<&BTreeMap<String, Tensor>>
     ];
     for (path, flag, wanted) in pretrained {
         if let Some(path) = path {
-            cnclip_models::training::initialise(&mut first, path, wanted)
+            let local = storage::fetch::local_copy(path).with_context(|| format!("{flag} {}", path.display()))?;
+            cnclip_models::training::initialise(&mut first, &local, wanted)
                 .with_context(|| format!("{flag} {}", path.display()))?;
         }
     }
@@ -609,7 +610,8 @@ fn teachers(args: &Args, plan: &Plan) -> Result<Vec<Clip>> {
         return Ok(Vec::new());
     }
     // Opened and read once, then copied onto each replica's device.
-    let teacher = Checkpoint::open(path, |format| (format == Format::CnClip).then(|| plan.config.clone()))
+    let local = storage::fetch::local_copy(path).with_context(|| format!("--teacher-model-name {}", path.display()))?;
+    let teacher = Checkpoint::open(&local, |format| (format == Format::CnClip).then(|| plan.config.clone()))
         .with_context(|| format!("--teacher-model-name {}", path.display()))?;
     plan.devices
         .iter()
@@ -658,21 +660,34 @@ fn step_seed(seed: u64, step: u64) -> i64 {
 
 pub fn run(args: Box<Args>) -> Result<()> {
     cnclip_operators::signals::catch_interrupts()?;
-    let dir = Path::new(&args.logs).join(&args.name);
+    // A run directory in an object store (`--logs s3://…`) is worked on in the spool, from what
+    // the store holds of it (a rerun resumes from its checkpoints there), and uploaded after
+    // every checkpoint and at the end; its data cache stays in the spool.
+    let given = Path::new(&args.logs).join(&args.name);
+    let remote = storage::is_remote(&given).then(|| given.clone());
+    let (dir, cache) = match &remote {
+        Some(url) => (
+            storage::fetch::local_dir_for(url).with_context(|| format!("--logs {}", url.display()))?,
+            storage::staging::local_stand_in(&url.join("data")),
+        ),
+        None => (given.clone(), given.join("data")),
+    };
     let checkpoints = dir.join("checkpoints");
     storage::create_dir_all(&checkpoints).with_context(|| format!("creating {}", checkpoints.display()))?;
     let suffix = chrono::Utc::now().format("%Y-%m-%d-%H-%M-%S").to_string();
     let mut log = Log::open(&dir.join(format!("out_{suffix}.log")))?;
     // Shards are indexed; TSV+JSONL or Parquet data serialized into LMDB splits under the run's
     // directory.
-    let train = data::prepare(&args.train_data, &dir.join("data"), "--train-data", &mut log)?;
+    let train = data::prepare(&args.train_data, &cache, "--train-data", &mut log)?;
     let val = match &args.val_data {
-        Some(val) => Some(data::prepare(val, &dir.join("data"), "--val-data", &mut log)?),
+        Some(val) => Some(data::prepare(val, &cache, "--val-data", &mut log)?),
         None => None,
     };
-    let plan = plan(&args, train, val)?;
+    let mut plan = plan(&args, train, val)?;
     log_datasets(&plan, &mut log);
+    // The params name the run's directory as given; the work happens in `dir`.
     let params = params(&args, &plan);
+    (plan.dir, plan.checkpoints) = (dir.clone(), checkpoints.clone());
     log::write_params(&plan.dir.join(format!("params_{suffix}.txt")), &params)?;
     log.info("Params:");
     for (k, v) in &params {
@@ -689,17 +704,21 @@ pub fn run(args: Box<Args>) -> Result<()> {
         None => None,
         Some(path) => {
             log.info(&format!("=> begin to load checkpoint '{}'", path.display()));
-            let loaded = checkpoint::load(path).with_context(|| {
-                if args.resume.is_none() {
-                    format!(
-                        "resuming from {} (this run's latest checkpoint, picked up automatically): if a crash left \
+            // A checkpoint in an object store is read from its copy in the spool.
+            let loaded = storage::fetch::local_copy(path)
+                .map_err(anyhow::Error::from)
+                .and_then(|local| checkpoint::load(&local))
+                .with_context(|| {
+                    if args.resume.is_none() {
+                        format!(
+                            "resuming from {} (this run's latest checkpoint, picked up automatically): if a crash left \
                          it damaged, remove it to resume from an earlier epoch{{N}}.pt with --resume, or start over",
-                        path.display()
-                    )
-                } else {
-                    format!("--resume {}", path.display())
-                }
-            })?;
+                            path.display()
+                        )
+                    } else {
+                        format!("--resume {}", path.display())
+                    }
+                })?;
             if !args.reset_data_offset {
                 let layout = data_layout(&args, &plan);
                 position = match loaded.position {
@@ -778,7 +797,8 @@ pub fn run(args: Box<Args>) -> Result<()> {
     let metrics_path = plan.dir.join("metrics.parquet");
     let mut metrics = Metrics::open(&metrics_path, position.steps)?;
     let quarantine = plan.dir.join("quarantine.jsonl");
-    let mut run = Run { args: &args, plan: &plan, log, metrics: &mut metrics, quarantine, resolution };
+    let upload = remote.map(|url| (dir.clone(), url));
+    let mut run = Run { args: &args, plan: &plan, log, metrics: &mut metrics, quarantine, resolution, upload };
 
     let started = Instant::now();
     let first_step = position.steps;
@@ -837,12 +857,13 @@ pub fn run(args: Box<Args>) -> Result<()> {
     }
     run.metrics.write()?;
     let (steps_done, seconds) = (steps - first_step, started.elapsed().as_secs_f64());
+    let shown = run.upload.as_ref().map_or_else(|| plan.checkpoints.clone(), |(_, url)| url.join("checkpoints"));
     run.log.info(&format!(
         "Training done: {steps} steps ({steps_done} in this run, {:.2} steps/s); checkpoints in {}",
         steps_done as f64 / seconds.max(1e-9),
-        plan.checkpoints.display()
+        shown.display()
     ));
-    Ok(())
+    run.upload()
 }
 
 /// A run's state between epochs.
@@ -853,6 +874,8 @@ struct Run<'a> {
     metrics: &'a mut Metrics,
     quarantine: PathBuf,
     resolution: usize,
+    /// A run directory in an object store: the spool directory worked in, and its URL.
+    upload: Option<(PathBuf, PathBuf)>,
 }
 
 impl Run<'_> {
@@ -1142,7 +1165,15 @@ impl Run<'_> {
             saved.step,
             t.elapsed().as_secs_f64()
         ));
-        Ok(())
+        self.upload()
+    }
+
+    /// A run directory in an object store: what changed in it uploaded (logs, metrics,
+    /// checkpoints), so that a run killed later resumes from the store.
+    fn upload(&mut self) -> Result<()> {
+        let Some((dir, url)) = &self.upload else { return Ok(()) };
+        storage::fetch::upload_dir(dir, url)
+            .with_context(|| format!("uploading the run's directory to {}", url.display()))
     }
 }
 
