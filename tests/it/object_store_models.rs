@@ -155,3 +155,43 @@ fn a_build_index_directory_in_the_store_is_built_resumed_and_searched_as_a_local
         assert!(log.contains(index), "{log}");
     }
 }
+
+#[test]
+fn bench_suite_results_in_the_store_equal_a_local_suites_and_a_rerun_skips_them() {
+    let server = S3Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let spool = tempfile::tempdir().unwrap();
+    server.bucket("bench");
+    let run = |args: &[&str]| cnclip(&server, root, spool.path(), args);
+    ok(run(&["synth", "--out", "demo", "--train", "2", "--valid", "24", "--test", "2"]));
+    std::fs::write(root.join("tiny.json"), crate::smoke::TINY_VIT_BERT).unwrap();
+    ok(run(&["init-model", "--model-config", "tiny.json", "--seed", "3", "--output", "tiny.safetensors"]));
+    let suite = |out: &str| {
+        format!(
+            "[suite]\nout = \"{out}\"\n\n[[runs]]\nname = \"tiny-valid\"\ntask = \"retrieval\"\ncheckpoint = \
+             \"tiny.safetensors\"\ndataset = \"valid\"\nimages = \"demo/valid_imgs.tsv\"\ntexts = \
+             \"demo/valid_texts.jsonl\"\n\n[[runs]]\nname = \"tiny-zeroshot\"\ntask = \"zeroshot\"\ncheckpoint = \
+             \"tiny.safetensors\"\ndataset = \"synth-shapes\"\ndatapath = \"demo/zeroshot/test\"\nlabel_file = \
+             \"demo/zeroshot/label_cn.txt\"\n"
+        )
+    };
+    std::fs::write(root.join("local.toml"), suite("bench")).unwrap();
+    std::fs::write(root.join("remote.toml"), suite("s3://bench/results")).unwrap();
+    ok(run(&["bench-suite", "local.toml"]));
+    ok(run(&["bench-suite", "remote.toml"]));
+    let stored = server.data().join("bench/results");
+    for name in ["tiny-valid.json", "tiny-zeroshot.json"] {
+        let read = |path: PathBuf| -> serde_json::Value {
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+        };
+        let (local, remote) = (read(root.join("bench").join(name)), read(stored.join(name)));
+        assert!(local["metrics"].as_object().is_some_and(|m| !m.is_empty()), "{local}");
+        assert_eq!(local["metrics"], remote["metrics"], "{name}");
+    }
+    assert!(stored.join("results.parquet").is_file());
+    assert!(!root.join("s3:").exists(), "nothing written at a local path named like the URL");
+    // A rerun skips both runs, reading their results from the store.
+    let log = ok(run(&["bench-suite", "remote.toml"]));
+    assert_eq!(log.matches("done already, skipped").count(), 2, "{log}");
+}

@@ -87,8 +87,23 @@ pub fn run(args: Args) -> Result<()> {
     let text = cnclip_operators::sources::read_text(&args.suite, cnclip_operators::sources::MAX_TEXT_BYTES)
         .with_context(|| format!("reading {}", args.suite.display()))?;
     let suite: Suite = toml::from_str(&text).with_context(|| format!("{}", args.suite.display()))?;
-    let resolve = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
-    let out = resolve(&suite.suite.out);
+    let resolve = |p: &Path| if p.is_absolute() || storage::is_url(p) { p.to_path_buf() } else { base.join(p) };
+    // Results in an object store are written in a spool copy of `out` (what the store holds of
+    // it, so that finished runs are skipped) and uploaded after each run.
+    let given_out = resolve(&suite.suite.out);
+    let remote = storage::is_remote(&given_out).then(|| given_out.clone());
+    let out = match &remote {
+        Some(url) => storage::fetch::local_dir_for(url).with_context(|| format!("out = {}", url.display()))?,
+        None => given_out.clone(),
+    };
+    let upload = |what: &str| -> Result<()> {
+        match &remote {
+            Some(url) => {
+                storage::fetch::upload_dir(&out, url).with_context(|| format!("uploading {what} to {}", url.display()))
+            }
+            None => Ok(()),
+        }
+    };
     storage::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let mut names = std::collections::BTreeSet::new();
     for run in &suite.runs {
@@ -224,9 +239,11 @@ pub fn run(args: Args) -> Result<()> {
         let text = serde_json::to_string_pretty(&result)?;
         cnclip_operators::write_atomically(&json_path, |f| std::io::Write::write_all(f, text.as_bytes()))?;
         eprintln!("cnclip bench-suite: {}: {}", run.name, result["metrics"]);
+        upload(&format!("the result of run `{}`", run.name))?;
         rows.push(result);
     }
-    write_results(&out.join("results.parquet"), &rows)
+    write_results(&out.join("results.parquet"), &rows)?;
+    upload("results.parquet")
 }
 
 /// What a run's result was made from: its checkpoint's files with their sha256 (a checkpoint
