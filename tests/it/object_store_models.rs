@@ -1,9 +1,10 @@
 //! Model files and indexes in an object store (issue #25 item 1), against the real S3 server:
 //! a checkpoint given as `--resume s3://…` extracts the features the local file gives, from one
-//! copy in the spool that a rerun reuses and a new version of the object replaces; a
+//! copy in the spool that a rerun reuses and a new version of the object replaces (`convert`
+//! reads and writes checkpoints there too); a
 //! `build-index` directory written to `s3://…` holds the files a local build writes, resumes
 //! from what the store holds, and `make-topk-predictions --index-path s3://…` searches it as the
-//! local directory.
+//! local directory; `bench-suite` keeps its results there.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -95,6 +96,18 @@ fn a_checkpoint_in_the_store_extracts_as_the_local_file_from_one_copy() {
     // A checkpoint that is not there is named.
     let log = failed(run(extract_images("s3://models/missing.safetensors", "x.parquet")));
     assert!(log.contains("s3://models/missing.safetensors"), "{log}");
+
+    // `convert` reads from and writes to the store: cn_clip's .pt, as a local conversion writes it.
+    let convert = |input: &str, output: &str| {
+        let args = ["convert", "--input", input, "--output", output].map(String::from).to_vec();
+        ok(run(args))
+    };
+    convert("other.safetensors", "other.pt");
+    convert("s3://models/tiny.safetensors", "s3://models/converted/other.pt");
+    assert!(
+        std::fs::read(models.join("converted/other.pt")).unwrap() == std::fs::read(root.join("other.pt")).unwrap(),
+        "the converted checkpoint in the store differs from the local one"
+    );
 }
 
 #[test]

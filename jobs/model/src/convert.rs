@@ -33,7 +33,10 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let architecture = args.model.config()?;
-    let (mut model, info) = checkpoint::load_clip(&args.input, architecture.as_ref(), Device::Cpu)
+    // A checkpoint in an object store is read from its copy in the spool.
+    let input = cnclip_operators::storage::fetch::local_copy(&args.input)
+        .with_context(|| format!("loading {}", args.input.display()))?;
+    let (mut model, info) = checkpoint::load_clip(&input, architecture.as_ref(), Device::Cpu)
         .with_context(|| format!("loading {}", args.input.display()))?;
     model.set_kind(crate::model_args::weights_kind(args.precision)?);
     let format = match args.format.as_deref() {

@@ -46,7 +46,9 @@ fn rows(t: &Tensor) -> Result<Vec<Vec<f32>>> {
 pub fn run(args: Args) -> Result<()> {
     let device = cnclip_models::device::device(&args.device)?;
     let architecture = args.model.config()?;
-    let (model, _) = load_clip(&args.resume, architecture.as_ref(), device)
+    let resume = cnclip_operators::storage::fetch::local_copy(&args.resume)
+        .with_context(|| format!("loading {}", args.resume.display()))?;
+    let (model, _) = load_clip(&resume, architecture.as_ref(), device)
         .with_context(|| format!("loading {}", args.resume.display()))?;
     let r = model.input_resolution() as usize;
     let positions = model.config.text.text_max_position_embeddings;
