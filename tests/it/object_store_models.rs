@@ -208,3 +208,78 @@ fn bench_suite_results_in_the_store_equal_a_local_suites_and_a_rerun_skips_them(
     let log = ok(run(&["bench-suite", "remote.toml"]));
     assert_eq!(log.matches("done already, skipped").count(), 2, "{log}");
 }
+
+/// Predictions of queries with string keys (WebDataset features here) carry each query's `key`
+/// in a Parquet predictions table; cn_clip's JSON lines keep their two keys.
+#[test]
+fn predictions_of_keyed_queries_carry_their_keys() {
+    use arrow::array::AsArray;
+    let server = S3Server::start();
+    let corpus = crate::manifest::corpus();
+    let root = corpus.path();
+    let spool = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| ok(cnclip(&server, root, spool.path(), args));
+    let toml = "[nodes.b64]\nkind = \"tsv\"\npaths = [\"data/valid_imgs.tsv\"]\n\n\
+                [nodes.images]\nkind = \"decode_base64\"\ninput = \"b64\"\n\n\
+                [nodes.images_out]\nkind = \"write_webdataset\"\ninput = \"images\"\npath = \"wds/images\"\n\n\
+                [nodes.texts]\nkind = \"jsonl\"\npaths = [\"data/valid_texts.jsonl\"]\n\n\
+                [nodes.texts_out]\nkind = \"write_webdataset\"\ninput = \"texts\"\npath = \"wds/texts\"\n";
+    std::fs::write(root.join("to_shards.toml"), toml).unwrap();
+    run(&["run", "to_shards.toml"]);
+    run(&[
+        "extract-features",
+        "--extract-image-feats",
+        "--extract-text-feats",
+        "--image-data",
+        "wds/images/*.tar",
+        "--text-data",
+        "wds/texts/*.tar",
+        "--image-feat-output-path",
+        "img.parquet",
+        "--text-feat-output-path",
+        "txt.parquet",
+        "--resume",
+        "tiny.safetensors",
+        "--precision",
+        "fp32",
+    ]);
+    let knn = |output: &str| {
+        run(&[
+            "make-topk-predictions",
+            "--image-feats",
+            "img.parquet",
+            "--text-feats",
+            "txt.parquet",
+            "--top-k",
+            "3",
+            "--output",
+            output,
+        ]);
+    };
+    knn("predictions.parquet");
+    knn("predictions.jsonl");
+    let read = |name: &str| {
+        let file = std::fs::File::open(root.join(name)).unwrap();
+        let reader =
+            parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap().build().unwrap();
+        let batches: Vec<_> = reader.map(Result::unwrap).collect();
+        arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap()
+    };
+    let (texts, predictions) = (read("txt.parquet"), read("predictions.parquet"));
+    let key_of: std::collections::BTreeMap<i64, String> = {
+        let ids = texts.column_by_name("id").unwrap().as_primitive::<arrow::datatypes::Int64Type>();
+        let keys = texts.column_by_name("key").unwrap().as_string::<i32>();
+        (0..texts.num_rows()).map(|i| (ids.value(i), keys.value(i).to_string())).collect()
+    };
+    let queries = predictions.column_by_name("query_id").unwrap().as_primitive::<arrow::datatypes::Int64Type>();
+    let keys = predictions.column_by_name("key").expect("a key column").as_string::<i32>();
+    assert_eq!(predictions.num_rows(), key_of.len());
+    for row in 0..predictions.num_rows() {
+        assert_eq!(keys.value(row), key_of[&queries.value(row)], "row {row}");
+    }
+    let line = std::fs::read_to_string(root.join("predictions.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
+    let mut fields: Vec<&String> = first.as_object().unwrap().keys().collect();
+    fields.sort();
+    assert_eq!(fields, ["image_ids", "text_id"]);
+}

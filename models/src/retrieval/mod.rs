@@ -30,7 +30,7 @@ use arrow::datatypes::{DataType, Field, Float32Type, Int64Type, Schema, SchemaRe
 use arrow::record_batch::RecordBatch;
 use cnclip_operators::spec::{BuildContext, NodeConfig, Operator, Role};
 use cnclip_operators::transforms::{Execution, Output, Transform, TransformReplica};
-use cnclip_schemas::columns::{FEATURE, ID, NEIGHBOUR_IDS, QUERY_ID, SCORES};
+use cnclip_schemas::columns::{FEATURE, ID, KEY, NEIGHBOUR_IDS, QUERY_ID, SCORES};
 use faiss::Index as _;
 use schemars::JsonSchema;
 use serde::Deserialize;
@@ -325,6 +325,20 @@ pub fn predictions_schema(scores: bool) -> SchemaRef {
     Arc::new(Schema::new(fields))
 }
 
+/// Whether the predictions of queries with `input`'s schema carry their `key`: a Parquet
+/// predictions table (`scores`) of queries that have one (WebDataset, img2dataset features), so
+/// users join back to their metadata. cn_clip's JSON lines keep their two keys.
+fn carries_key(input: &Schema, scores: bool) -> bool {
+    scores && input.field_with_name(KEY).is_ok_and(|f| f.data_type() == &DataType::Utf8)
+}
+
+/// `schema` with the query's `key` after its columns.
+fn with_key(schema: &SchemaRef) -> SchemaRef {
+    let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields.push(Field::new(KEY, DataType::Utf8, true));
+    Arc::new(Schema::new(fields))
+}
+
 /// A gallery in memory: ids, and features back to back.
 pub struct Gallery {
     pub ids: Vec<i64>,
@@ -413,7 +427,10 @@ impl Transform for Knn {
     fn output_schema(&self, input: &SchemaRef) -> Result<SchemaRef, InputError> {
         let names: Vec<&str> = input.fields().iter().map(|f| f.name().as_str()).collect();
         match (input.field_with_name(ID).map(|f| f.data_type().clone()), feature_dim(input)) {
-            (Ok(DataType::Int64), Some(d)) if d == self.dim => Ok(predictions_schema(self.config.scores)),
+            (Ok(DataType::Int64), Some(d)) if d == self.dim => {
+                let schema = predictions_schema(self.config.scores);
+                Ok(if carries_key(input, self.config.scores) { with_key(&schema) } else { schema })
+            }
             (Ok(DataType::Int64), Some(d)) => Err(InputError::Mismatch(format!(
                 "query features have {d} values, the {}'s {}",
                 if self.built.is_some() { "index" } else { "gallery" },
@@ -877,7 +894,14 @@ impl TransformReplica for KnnReplica {
         if self.scores {
             columns.push(Arc::new(scores.finish()));
         }
-        let batch = RecordBatch::try_new(self.schema.clone(), columns)?;
+        let schema = match carries_key(&batch.schema(), self.scores) {
+            true => {
+                columns.push(batch.column_by_name(KEY).expect("checked by carries_key").clone());
+                with_key(&self.schema)
+            }
+            false => self.schema.clone(),
+        };
+        let batch = RecordBatch::try_new(schema, columns)?;
         Ok(Output { batch, rejected })
     }
 }
