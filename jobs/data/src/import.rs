@@ -40,7 +40,8 @@ pub struct ImportArgs {
     /// Directory with `{split}_imgs.tsv` and `{split}_texts.jsonl`.
     #[arg(long, conflicts_with = "lmdb_dir", required_unless_present = "lmdb_dir")]
     data_dir: Option<PathBuf>,
-    /// Directory with cn_clip LMDB splits (`{split}/imgs`, `{split}/pairs`).
+    /// Directory with cn_clip LMDB splits (`{split}/imgs`, `{split}/pairs`), or an object store prefix
+    /// holding them (`s3://bucket/lmdb`).
     #[arg(long)]
     lmdb_dir: Option<PathBuf>,
     /// Comma-separated splits to import, e.g. train,valid,test.

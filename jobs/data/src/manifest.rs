@@ -36,8 +36,8 @@ use arrow::array::{Array, Int64Array};
 use cnclip_operators::sources::Shard;
 use cnclip_operators::sources::folder::ImageFolderConfig;
 use cnclip_operators::sources::jsonl::JsonlConfig;
-use cnclip_operators::sources::lmdb::Database;
 use cnclip_operators::sources::lmdb::LmdbConfig;
+use cnclip_operators::sources::lmdb::{self, Database};
 use cnclip_operators::sources::parquet::ParquetConfig;
 use cnclip_operators::sources::tsv::TsvConfig;
 use cnclip_operators::sources::webdataset::{self, WebDatasetConfig, WebDatasetTable};
@@ -263,9 +263,10 @@ pub fn source_with(tower: Tower, data: &[String], columns: &Columns) -> Result<S
         },
         Tower::Image => {
             let first = Path::new(first);
-            let lmdb_split = if first.join("data.mdb").is_file() {
+            // An `imgs` directory or its split, local or an object store prefix.
+            let lmdb_split = if lmdb::is_environment(first) {
                 first.parent().map(Path::to_path_buf)
-            } else if first.join("imgs").join("data.mdb").is_file() {
+            } else if lmdb::is_environment(&first.join("imgs")) {
                 Some(first.to_path_buf())
             } else {
                 None

@@ -5,8 +5,8 @@
 //! truncated file or a flipped bit sends it outside the map (SIGBUS, SIGSEGV) with no message.
 //! So inputs are not handed to LMDB. [`LmdbFile::open`] checks the meta pages (page numbers,
 //! flags, magic, data version, page size; the newer one is used, as LMDB does) and that the
-//! file holds every page up to the meta page's last one; the walk then reads each page with
-//! `pread` and checks it before use: within the file, of the type its level calls for, nodes
+//! file holds every page up to the meta page's last one; the walk then reads each page (with
+//! `pread`, or from an object's cached blocks) and checks it before use: within the file, of the type its level calls for, nodes
 //! and keys within the page, keys in increasing order, overflow values within the file and
 //! headed by an overflow page of the right size, no page reached twice (a corrupt branch cannot
 //! loop). Every failure is a [`VerifyError`] saying where, in [`Error::LmdbCorrupt`] naming the
@@ -15,18 +15,22 @@
 //! Only what cn_clip's datasets hold is read: the default database of an environment written
 //! by py-lmdb or LMDB (any page size, free pages and older transactions' pages skipped),
 //! without duplicate-sort or integer-key flags.
+//!
+//! The directory may be an object store prefix (`s3://bucket/lmdb/train/imgs`): its `data.mdb`
+//! is then read by ranged GETs through a bounded block cache (`reader.rs`), never downloaded
+//! whole, and checked exactly as a local file is; errors name the object's URL.
 
 pub(crate) mod page;
+pub(crate) mod reader;
 
 pub use page::PageError;
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result, io};
-use crate::storage;
+use crate::storage::{self, Location};
 use page::{Db, HEADER, MetaPage, NodePage, P_BRANCH, P_LEAF, P_OVERFLOW, PAGE, Value, overflow_pages_of};
+use reader::Reader;
 
 /// What is wrong with an LMDB file: one we wrote that fails its end-of-job check
 /// ([`Error::LmdbCheck`]), or an input that cannot be read safely ([`Error::LmdbCorrupt`]).
@@ -65,7 +69,7 @@ pub(crate) fn show(key: &[u8]) -> String {
 
 /// An LMDB environment's `data.mdb`, opened for checked reading.
 pub struct LmdbFile {
-    file: File,
+    file: Reader,
     path: PathBuf,
     page_size: usize,
     last_page: u64,
@@ -74,26 +78,32 @@ pub struct LmdbFile {
 
 impl LmdbFile {
     /// Opens the environment directory `dir` (its `data.mdb`) and checks its meta pages and
-    /// length.
+    /// length. `dir` may be a `file://` URL or an object store prefix (`s3://…/imgs`).
     ///
     /// # Errors
-    /// [`Error::Io`] when `dir` or its `data.mdb` cannot be opened; [`Error::LmdbCorrupt`]
-    /// naming `data.mdb` and its problem.
+    /// [`Error::Io`] when `dir` or its `data.mdb` cannot be opened (a missing object: naming
+    /// its URL); [`Error::LmdbCorrupt`] naming `data.mdb` and its problem.
     pub fn open(dir: &Path) -> Result<Self> {
-        if !dir.is_dir() {
-            let kind = if dir.exists() { "is not a directory" } else { "does not exist" };
+        let path = dir.join("data.mdb");
+        if let Location::Local(local) = storage::locate(dir).map_err(io(dir))?
+            && !local.is_dir()
+        {
+            let kind = if local.exists() { "is not a directory" } else { "does not exist" };
             return Err(Error::Io {
                 path: dir.display().to_string(),
                 source: std::io::Error::new(std::io::ErrorKind::NotFound, format!("LMDB directory {kind}")),
             });
         }
-        let path = dir.join("data.mdb");
-        let file = storage::open(&path).map_err(io(&path))?;
-        let bytes = file.metadata().map_err(io(&path))?.len();
+        let (file, bytes) = Reader::open(&path).map_err(io(&path))?;
+        Self::checked(file, path, bytes)
+    }
+
+    /// Checks the meta pages and length of `file`, `bytes` long, read from `path`.
+    fn checked(file: Reader, path: PathBuf, bytes: u64) -> Result<Self> {
         let corrupt = |problem| Error::LmdbCorrupt { path: path.display().to_string(), problem };
         // Meta page 0 gives the page size; meta page 1 starts one page in.
         let mut first = vec![0u8; 512];
-        let got = read_up_to(&file, &mut first, 0).map_err(io(&path))?;
+        let got = file.read_up_to(&mut first, 0).map_err(io(&path))?;
         let meta0 =
             MetaPage::read(0, &first[..got]).map_err(|reason| corrupt(VerifyError::Meta { pgno: 0, reason }))?;
         let page_size = meta0.page_size;
@@ -200,20 +210,6 @@ impl LmdbFile {
         }
         Ok(None)
     }
-}
-
-/// Reads into `buf` from `offset` until it is full or the file ends; returns the bytes read.
-fn read_up_to(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
-    let mut got = 0;
-    while got < buf.len() {
-        match file.read_at(&mut buf[got..], offset + got as u64) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(got)
 }
 
 /// What a walk calls with each key and value.
@@ -335,6 +331,7 @@ mod tests {
     use super::*;
     use lmdb::{Cursor, Transaction};
     use rand::{Rng, SeedableRng, rngs::StdRng};
+    use std::os::unix::fs::FileExt;
 
     /// An environment written by LMDB itself as py-lmdb would (many commits, deletes that
     /// leave free pages, values inline and on overflow pages), and its entries as LMDB reads
@@ -390,6 +387,66 @@ mod tests {
         }
         assert_eq!(file.get(b"no such key").unwrap(), None);
         assert_eq!(file.get(b"!").unwrap(), None); // below every key
+    }
+
+    /// The ranges a cached reader asked for.
+    type Asked = std::sync::Arc<std::sync::Mutex<Vec<std::ops::Range<u64>>>>;
+
+    /// `dir`'s `data.mdb` opened as an object is: read by ranges (here through the storage
+    /// seam's local ranged reads) in cached blocks; with the ranges asked for.
+    fn open_cached(dir: &Path) -> (Result<LmdbFile>, Asked) {
+        let path = dir.join("data.mdb");
+        let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let bytes = std::fs::metadata(&path).unwrap().len();
+        let blocks = {
+            let (path, asked) = (path.clone(), asked.clone());
+            reader::Blocks::new(bytes, move |range| {
+                asked.lock().unwrap().push(range.clone());
+                storage::read_range(&path, range)
+            })
+        };
+        (LmdbFile::checked(Reader::Blocks(blocks), path, bytes), asked)
+    }
+
+    #[test]
+    fn reads_through_cached_blocks_as_through_pread() {
+        let dir = tempfile::tempdir().unwrap();
+        let expected = lmdb_written_with(dir.path(), 200_000);
+        let (file, asked) = open_cached(dir.path());
+        let file = file.unwrap();
+        let mut all = Vec::new();
+        file.for_each(|k, v| {
+            all.push((k.to_vec(), v.to_vec()));
+            Ok(())
+        })
+        .unwrap();
+        assert!(all == expected, "the walk through cached blocks differs");
+        // A walk costs about a request per run of blocks, not one per page.
+        let size = std::fs::metadata(dir.path().join("data.mdb")).unwrap().len();
+        let requests = asked.lock().unwrap().len() as u64;
+        let (pages, blocks) = (size / PAGE as u64, size.div_ceil(reader::BLOCK));
+        assert!(size > 8 * reader::BLOCK, "{size} bytes: too small a file to tell");
+        assert!(requests <= blocks && requests * 20 < pages, "{requests} requests for {pages} pages");
+        // Lookups through the same reader.
+        asked.lock().unwrap().clear();
+        for (key, value) in expected.iter().step_by(7) {
+            assert!(file.get(key).unwrap().as_ref() == Some(value), "{}", String::from_utf8_lossy(key));
+        }
+        assert_eq!(file.get(b"no such key").unwrap(), None);
+        assert!(asked.lock().unwrap().len() as u64 <= blocks, "the blocks are cached");
+    }
+
+    #[test]
+    fn truncated_objects_are_refused_as_truncated_files_are() {
+        let dir = tempfile::tempdir().unwrap();
+        lmdb_written(dir.path());
+        let data = std::fs::read(dir.path().join("data.mdb")).unwrap();
+        for len in [0, 100, 4096, 8192, data.len() / 2, data.len() - 1] {
+            std::fs::write(dir.path().join("data.mdb"), &data[..len]).unwrap();
+            let local = corrupt_problem(LmdbFile::open(dir.path()).map(|_| ()));
+            let cached = corrupt_problem(open_cached(dir.path()).0.map(|_| ()));
+            assert_eq!(local, cached, "{len} bytes");
+        }
     }
 
     #[test]

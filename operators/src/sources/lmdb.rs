@@ -5,6 +5,10 @@
 //! budget, comes back as [`Rejected`] naming its key. Files are read through
 //! [`LmdbFile`], which checks every page before use, so a truncated or corrupted database is
 //! an error naming it, never a crash.
+//!
+//! A split may be an object store prefix (`s3://bucket/lmdb/train`, holding the objects
+//! `imgs/data.mdb` and `pairs/data.mdb`): [`LmdbFile`] reads it by ranged GETs; building a node
+//! checks the objects exist ([`is_environment`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,6 +25,7 @@ use crate::error::{Error, Result};
 use crate::lmdb_file::LmdbFile;
 use crate::quarantine::Rejected;
 use crate::spec::{BuildContext, NodeConfig, Operator, Role};
+use crate::storage::{self, Location};
 use schemars::JsonSchema;
 use serde::Deserialize;
 
@@ -186,6 +191,54 @@ pub fn counts(dir: &Path) -> Result<(u64, u64)> {
     Ok((read("imgs", b"num_images")?, read("pairs", b"num_samples")?))
 }
 
+/// Whether `dir` holds an LMDB `data.mdb`: a file in a local directory, or an object under an
+/// object store prefix. A store that cannot be asked (no credentials, no such bucket) says no.
+pub fn is_environment(dir: &Path) -> bool {
+    holds_data_mdb(dir).is_ok_and(|held| held)
+}
+
+/// Whether `dir` is a cn_clip LMDB split: `imgs/` and `pairs/` each hold a `data.mdb` (files,
+/// or objects under an object store prefix).
+pub fn is_split(dir: &Path) -> bool {
+    is_environment(&dir.join("imgs")) && is_environment(&dir.join("pairs"))
+}
+
+/// Whether `dir/data.mdb` exists: a file, or an object (asked by its size).
+///
+/// # Errors
+/// A URL no store serves; the store's error other than `NotFound`.
+fn holds_data_mdb(dir: &Path) -> std::io::Result<bool> {
+    let path = dir.join("data.mdb");
+    match storage::locate(&path)? {
+        Location::Local(path) => Ok(path.is_file()),
+        Location::Remote(remote) => match remote.size() {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        },
+    }
+}
+
+/// The split directory `path` of a node (relative to the pipeline file, or an object store
+/// prefix, kept as written), checked to hold each of `databases`' `data.mdb`.
+///
+/// # Errors
+/// One line per problem: not a directory, or a database without `data.mdb` (or whose object
+/// cannot be asked for, with the store's error).
+pub(crate) fn split_dir(cx: &BuildContext, path: &Path, databases: &[&str]) -> Result<PathBuf, Vec<String>> {
+    let dir = if storage::is_remote(path) { cx.resolve(path) } else { cx.dir(path, "LMDB split")? };
+    let problems: Vec<String> = databases
+        .iter()
+        .map(|db| dir.join(db))
+        .filter_map(|db| match holds_data_mdb(&db) {
+            Ok(true) => None,
+            Ok(false) => Some(format!("{} is not an LMDB (no data.mdb)", db.display())),
+            Err(e) => Some(format!("{} cannot be read: {e}", db.display())),
+        })
+        .collect();
+    if problems.is_empty() { Ok(dir) } else { Err(problems) }
+}
+
 /// Which database of a cn_clip LMDB split to read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
@@ -311,7 +364,8 @@ impl PairsBatcher {
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LmdbConfig {
-    /// The split directory, holding `imgs/` and `pairs/`.
+    /// The split directory, holding `imgs/` and `pairs/` (or an object store prefix holding
+    /// `imgs/data.mdb` and `pairs/data.mdb`: `s3://bucket/lmdb/train`).
     pub path: PathBuf,
     /// Which of its databases to read.
     pub database: Database,
@@ -321,14 +375,11 @@ impl NodeConfig for LmdbConfig {
     const KIND: &'static str = "lmdb";
     const ROLE: Role = Role::Source;
     fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
-        let path = cx.dir(&self.path, "LMDB split")?;
-        let db = path.join(match self.database {
+        let db = match self.database {
             Database::Imgs => "imgs",
             Database::Pairs => "pairs",
-        });
-        if !db.join("data.mdb").is_file() {
-            return Err(vec![format!("{} is not an LMDB (no data.mdb)", db.display())]);
-        }
+        };
+        let path = split_dir(cx, &self.path, &[db])?;
         Ok(Operator::Source(Box::new(LmdbSource { dir: path, database: self.database })))
     }
 

@@ -8,6 +8,9 @@
 //! select a range of micro-batches, so a resumed run reads exactly what was not yet trained on.
 //! A missing pair or image, or a pair that is not cn_clip's tuple, is an error naming its key:
 //! a training batch cannot drop a sample.
+//!
+//! Each sample is two random lookups; in an object store (`s3://…/lmdb/train`) they are ranged
+//! GETs of a block each, the branch pages they share cached ([`crate::lmdb_file`]).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,7 +19,7 @@ use arrow::array::{ArrayRef, BinaryBuilder, Int64Builder, StringBuilder};
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 
-use super::lmdb::{counts, parse_pair};
+use super::lmdb::{counts, parse_pair, split_dir};
 use super::sampler::{padded_len, randperm};
 use super::{Emit, ReadContext, Source};
 use crate::decoders::pickle::Limits;
@@ -186,7 +189,8 @@ impl Rows {
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LmdbTrainConfig {
-    /// The split directory, holding `imgs/` and `pairs/`.
+    /// The split directory, holding `imgs/` and `pairs/` (or an object store prefix:
+    /// `s3://bucket/lmdb/train`, read by ranged GETs).
     pub path: PathBuf,
     /// Which samples of which epoch, for how many replicas.
     pub order: TrainOrder,
@@ -196,15 +200,7 @@ impl NodeConfig for LmdbTrainConfig {
     const KIND: &'static str = "lmdb_train";
     const ROLE: Role = Role::Source;
     fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
-        let dir = cx.dir(&self.path, "LMDB split")?;
-        let missing: Vec<String> = ["imgs", "pairs"]
-            .iter()
-            .filter(|db| !dir.join(db).join("data.mdb").is_file())
-            .map(|db| format!("{} is not an LMDB (no data.mdb)", dir.join(db).display()))
-            .collect();
-        if !missing.is_empty() {
-            return Err(missing);
-        }
+        let dir = split_dir(cx, &self.path, &["imgs", "pairs"])?;
         if self.order.batch_size == 0 || self.order.world == 0 {
             return Err(vec!["order: batch_size and world must be at least 1".into()]);
         }

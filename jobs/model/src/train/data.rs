@@ -124,7 +124,7 @@ fn shard_index(given: &str, cache: &Path, flag: &str, log: &mut Log) -> Result<T
 /// The LMDB split to train on for `--train-data`/`--val-data` `given`, serializing it under
 /// `cache` first when it is not one already.
 fn lmdb_split(given: &Path, cache: &Path, flag: &str, log: &mut Log) -> Result<PathBuf> {
-    if given.join("imgs/data.mdb").is_file() && given.join("pairs/data.mdb").is_file() {
+    if cnclip_operators::sources::lmdb::is_split(given) {
         return Ok(given.to_path_buf());
     }
     let name = given.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
