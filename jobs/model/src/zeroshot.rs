@@ -178,6 +178,24 @@ fn features(defs: Vec<NodeDef>, settings: JobSettings) -> Result<(Vec<i64>, Tens
     Ok((ids, Tensor::from_slice(&values).view([n, dim.max(1)])))
 }
 
+/// A small text input (the label file, the templates, the index): a local file through
+/// [`read_text`](cnclip_operators::sources::read_text), which checks its kind and size, or an
+/// object in a store, read whole once its size is checked.
+fn read_small_text(path: &Path) -> std::io::Result<String> {
+    use cnclip_operators::sources::{MAX_TEXT_BYTES, read_text};
+    if !storage::is_remote(path) {
+        return read_text(path, MAX_TEXT_BYTES);
+    }
+    let size = storage::size(path)?;
+    if size > MAX_TEXT_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} is {size} bytes, more than the {MAX_TEXT_BYTES} this input may have", path.display()),
+        ));
+    }
+    storage::read_to_string(path)
+}
+
 /// What a zero-shot run measured (fractions).
 #[derive(Debug, Clone, Copy)]
 pub struct Metrics {
@@ -196,14 +214,13 @@ pub fn run_with(args: Args) -> Result<Metrics> {
     if args.cluster.is_some() && args.engine != cnclip_data_jobs::evaluation_engine::Engine::Sql {
         bail!("--cluster runs the SQL engine: add --engine sql");
     }
-    let classnames: Vec<String> =
-        cnclip_operators::sources::read_text(&args.label_file, cnclip_operators::sources::MAX_TEXT_BYTES)
-            .with_context(|| format!("reading {}", args.label_file.display()))?
-            .lines()
-            .map(|l| l.trim().to_string())
-            .collect();
+    let classnames: Vec<String> = read_small_text(&args.label_file)
+        .with_context(|| format!("reading {}", args.label_file.display()))?
+        .lines()
+        .map(|l| l.trim().to_string())
+        .collect();
     let templates: Vec<String> = match &args.templates {
-        Some(path) => cnclip_operators::sources::read_text(path, cnclip_operators::sources::MAX_TEXT_BYTES)
+        Some(path) => read_small_text(path)
             .with_context(|| format!("reading {}", path.display()))?
             .lines()
             .filter(|l| !l.trim().is_empty())
@@ -253,8 +270,10 @@ pub fn run_with(args: Args) -> Result<Metrics> {
     // cn_clip's `.pt` records no architecture: the flags (with cn_clip's defaults) name it.
     let named = cnclip_models::ClipConfig::from_name(&format!("{}@{}", args.vision_model, args.text_model));
     let mut named_error = None;
-    // Opened once: the encoder nodes and the parameter counts take it as it is.
-    let checkpoint = Checkpoint::open(&args.resume, |format| match format {
+    // Opened once: the encoder nodes and the parameter counts take it as it is (a checkpoint in
+    // an object store, from its copy in the spool).
+    let local = storage::fetch::local_copy(&args.resume).with_context(|| format!("{}", args.resume.display()))?;
+    let checkpoint = Checkpoint::open(&local, |format| match format {
         Format::CnClip => named.map_err(|e| named_error = Some(e)).ok(),
         _ => None,
     });
@@ -362,9 +381,7 @@ pub fn run_with(args: Args) -> Result<Metrics> {
     let order: Vec<usize> = if args.index.is_empty() {
         (0..n).collect()
     } else {
-        let text =
-            cnclip_operators::sources::read_text(Path::new(&args.index), cnclip_operators::sources::MAX_TEXT_BYTES)
-                .with_context(|| format!("reading {}", args.index))?;
+        let text = read_small_text(Path::new(&args.index)).with_context(|| format!("reading {}", args.index))?;
         let index: Vec<usize> =
             serde_json::from_str(&text).with_context(|| format!("{}: a JSON list of row numbers", args.index))?;
         if let Some(bad) = index.iter().find(|&&i| i >= n) {

@@ -16,7 +16,8 @@
 //!
 //! - **Reads.** [`open_read`] streams one (ranged GETs with bounded read-ahead: tar shards, TSV
 //!   and JSONL lines); [`open_chunks`] serves the Parquet reader's ranged reads; [`read`],
-//!   [`read_range`], [`size`] and [`list_remote`] (sources' globs over a prefix) complete it.
+//!   [`read_range`], [`size`], [`list_remote`] (sources' globs over a prefix) and
+//!   [`list_remote_folders`] (an image folder's classes) complete it.
 //! - **Writes.** An output is written in the spool on this machine ([`staging::temp_path`]) and
 //!   uploaded whole when the job commits ([`rename`]); [`write_atomically`] does the same for a
 //!   single file. [`create_if_absent`] is the store's conditional write: the claims of
@@ -37,8 +38,8 @@
 //!   times to the nanosecond (fingerprints), file types, and names that are not UTF-8, which an
 //!   object store path cannot hold but a job must still report by name.
 
-pub mod remote;
 pub mod fetch;
+pub mod remote;
 pub mod staging;
 
 use std::borrow::Cow;
@@ -343,6 +344,35 @@ pub fn list_remote(path: impl AsRef<Path>) -> io::Result<Vec<(String, u64)>> {
             Ok(remote.list()?.into_iter().map(|(key, size)| (remote.sibling(key).url, size)).collect())
         }
     }
+}
+
+/// The "folders" directly under a remote prefix, as a delimited listing gives them: the names of
+/// its common prefixes, sorted (`s3://bucket/set` holding `set/a/x.jpg` and the marker object
+/// `set/b/` gives `a` and `b`: a folder holding only a marker counts, as an empty directory
+/// does), and how many objects lie directly under the prefix.
+///
+/// # Errors
+/// `path` is local; the store's error, naming the prefix.
+pub fn list_remote_folders(path: impl AsRef<Path>) -> io::Result<(Vec<String>, usize)> {
+    let remote = match locate(path.as_ref())? {
+        Location::Local(path) => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is a local path, not an object store prefix", path.display()),
+            ));
+        }
+        Location::Remote(remote) => remote,
+    };
+    let (store, key) = (remote.store.clone(), remote.key.clone());
+    let listed = remote::run(async move {
+        let prefix = (!key.as_ref().is_empty()).then_some(&key);
+        store.list_with_delimiter(prefix).await
+    })?
+    .map_err(|e| remote::RemoteError::into_io(&remote.url, e))?;
+    let mut folders: Vec<String> =
+        listed.common_prefixes.iter().filter_map(|prefix| prefix.filename().map(str::to_string)).collect();
+    folders.sort();
+    Ok((folders, listed.objects.len()))
 }
 
 /// Opens a file for streaming or seekable reading (a local file; see the module docs).
