@@ -239,7 +239,7 @@ fn sigterm_mid_upload_exits_143_quickly_and_aborts_the_upload() {
     assert_eq!(open_uploads(&server), Vec::<String>::new(), "{stderr}");
 }
 
-/// `(shard << 32) | sample` → the sample's key, for the shards at `urls` (read from the
+/// A sample's id (its decimal key's number, else `(shard << 32) | sample`) → its key, for the shards at `urls` (read from the
 /// server's files with Python's tarfile: the keys as webdataset names them).
 fn keys_by_id(server: &S3Server, bucket: &str, keys: &[String]) -> std::collections::BTreeMap<i64, i64> {
     let script = r#"
@@ -252,7 +252,7 @@ for shard, path in enumerate(sys.argv[1:]):
         if not seen or seen[-1] != key:
             seen.append(key)
     for i, key in enumerate(seen):
-        out[(shard << 32) | i] = int(key)
+        out[int(key) if key.isdigit() else (shard << 32) | i] = int(key)
 print(json.dumps(out))
 "#;
     let paths: Vec<String> =
@@ -411,9 +411,31 @@ fn extraction_from_webdataset_shards_on_the_server_equals_the_lmdb_split() {
             let key = keys[id];
             assert_eq!(Some(bits), local.rows.get(&key), "{what}: sample {key} (id {id:#x})");
         }
+        // Keys of decimal digits (cnclip's write_webdataset names samples by their ids) give
+        // those ids back: the same table, ids included.
+        assert!(remote.rows == local.rows, "{what}: the ids or features differ from the LMDB split's");
         // Each row carries its sample's key.
         let expected: Vec<String> = remote.ids_in_order.iter().map(|id| format!("{:09}", keys[id])).collect();
         assert_eq!(table_keys(&server.data().join(format!("features/wds_{tower}.parquet"))), Some(expected), "{what}");
+    }
+
+    // The same predictions and recall JSON from every form of the corpus, the tables read from
+    // the store.
+    let recall = |name: &str, images: &str, texts: &str| -> (String, String) {
+        let predictions = format!("predictions_{name}.jsonl");
+        let args = ["make-topk-predictions", "--image-feats", images, "--text-feats", texts, "--top-k", "10"];
+        ok(cnclip(&server, root, &[&args[..], &["--output", &predictions]].concat()));
+        let out = format!("recall_{name}.json");
+        ok(cnclip(&server, root, &["evaluation", "data/valid_texts.jsonl", &predictions, &out]));
+        let read = |file: &str| std::fs::read_to_string(root.join(file)).unwrap();
+        (read(&predictions), read(&out))
+    };
+    let local = recall("local", "local_img.parquet", "local_txt.parquet");
+    assert!(local.1.contains("r1"), "{}", local.1);
+    for name in ["wds", "tsv", "pq", "i2d", "hf"] {
+        let (images, texts) =
+            (format!("s3://features/{name}_img.parquet"), format!("s3://features/{name}_txt.parquet"));
+        assert!(recall(name, &images, &texts) == local, "{name}: other predictions or recall than the LMDB split's");
     }
 }
 

@@ -43,9 +43,10 @@ for shard, n in enumerate(counts):
 "#;
 
 /// What `webdataset.WebDataset` reads from a node's `paths` (brace patterns expanded by
-/// `braceexpand`, globs sorted): `[(shard << 32) | sample, key, jpg as hex, txt]` per sample.
+/// `braceexpand`, globs sorted): `[id, key, jpg as hex, txt]` per sample, the id being the
+/// number of a key of decimal digits, else `(shard << 32) | sample`.
 const READ_SHARDS: &str = r#"
-import glob, json, sys, webdataset as wds
+import glob, json, re, sys, webdataset as wds
 from braceexpand import braceexpand
 root, patterns = sys.argv[1], json.loads(sys.argv[2])
 urls = [u for p in patterns for u in (sorted(glob.glob(f"{root}/{p}")) if "*" in p else braceexpand(f"{root}/{p}"))]
@@ -53,7 +54,9 @@ rows, counts = [], {}
 for s in wds.WebDataset(urls, shardshuffle=False):
     shard = urls.index(s["__url__"])
     i = counts[shard] = counts.get(shard, -1) + 1
-    rows.append([(shard << 32) | i, s["__key__"], s["jpg"].hex(), s["txt"].decode()])
+    key = s["__key__"]
+    number = int(key) if re.fullmatch(r"[0-9]+", key) and int(key) < 2**63 else None
+    rows.append([number if number is not None else (shard << 32) | i, key, s["jpg"].hex(), s["txt"].decode()])
 print(json.dumps(rows, ensure_ascii=False))
 "#;
 
@@ -177,10 +180,9 @@ fn webdataset_shards_read_as_the_webdataset_package_reads_them() {
     let reference = webdataset_rows(root, paths);
     assert_eq!(reference.len(), 13);
     for row in &reference {
-        // Key `SSSSSIIII` is sample IIII of shard SSSSS.
+        // Key `SSSSSIIII` (img2dataset's: shard SSSSS, sample IIII) is decimal: the id is its number.
         let key = row[1].as_str().unwrap();
-        let (shard, sample): (u64, u64) = (key[..5].parse().unwrap(), key[5..].parse().unwrap());
-        assert_eq!(row[0], (shard << 32) | sample, "{row}");
+        assert_eq!(row[0], key.parse::<u64>().unwrap(), "{row}");
     }
     let images = table(&root.join("out/images.parquet"));
     assert_eq!(images["schema"], json!([["image_id", "int64"], ["image", "binary"], ["key", "string"]]));
@@ -236,8 +238,13 @@ fn bad_samples_truncated_tars_and_corrupt_headers_are_quarantined_and_the_rest_r
     let file = pipeline(root, "out", &[("images", tars, "images"), ("texts", &["bad/gaps.tar"], "texts")]);
     let log = ok(cnclip(&["run", file.to_str().unwrap()]));
 
-    // `[id, key, image, text]` rows: sample i of tar s has id (s << 32) | i, quarantined or not.
-    let row = |shard: u64, i: usize, sample: &Value| json!([(shard << 32) | i as u64, sample[0], sample[1], sample[2]]);
+    // `[id, key, image, text]` rows: a decimal key's number, else (s << 32) | i for sample i of tar
+    // s (counting every sample, quarantined or not).
+    let row = |shard: u64, i: usize, sample: &Value| {
+        let key = sample[0].as_str().unwrap();
+        let number = key.bytes().all(|b| b.is_ascii_digit()).then(|| key.parse::<u64>().ok()).flatten();
+        json!([number.unwrap_or((shard << 32) | i as u64), sample[0], sample[1], sample[2]])
+    };
     let gaps_rows: Vec<Value> = gaps.iter().enumerate().map(|(i, s)| row(0, i, s)).collect();
     let mut images: Vec<Value> = gaps_rows.iter().filter(|r| !r[2].is_null()).cloned().collect();
     images.extend((0..3).map(|i| row(1, i, &good[i]))); // before the cut in the 4th sample
@@ -284,7 +291,8 @@ fn shard_i_of_n_reads_the_tars_whose_number_is_i_mod_n() {
     for (share, tars) in [("0/2", &[0, 2][..]), ("1/2", &[1][..])] {
         ok(cnclip(&["run", file.to_str().unwrap(), "--shard", share]));
         let rows: Vec<Value> =
-            reference.iter().filter(|r| tars.contains(&(r[0].as_u64().unwrap() >> 32))).cloned().collect();
+            // Key `SSSSSIIII`: sample IIII of shard SSSSS.
+            reference.iter().filter(|r| tars.contains(&r[1].as_str().unwrap()[..5].parse().unwrap())).cloned().collect();
         assert_eq!(table(&root.join("out/images.parquet"))["columns"], images_of(&rows), "--shard {share}");
     }
 }

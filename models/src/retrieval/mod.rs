@@ -364,7 +364,8 @@ impl Gallery {
                 gallery.ids.extend(ids);
                 gallery.features.extend(features);
             } else {
-                let open = storage::open(file).map_err(|source| Error::File { path: path(), source })?;
+                // A table in an object store is read by ranged GETs.
+                let open = storage::open_chunks(file).map_err(|source| Error::File { path: path(), source })?;
                 let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(open)
                     .and_then(|b| b.build())
                     .map_err(|source| Error::Parquet { path: path(), source })?;

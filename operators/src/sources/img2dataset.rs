@@ -119,13 +119,7 @@ fn id_of(integers: Option<&arrow::array::Int64Array>, row: usize, key: &str, fil
     if let Some(integers) = integers {
         return integers.value(row);
     }
-    if !key.is_empty()
-        && key.bytes().all(|b| b.is_ascii_digit())
-        && let Ok(number) = key.parse::<i64>()
-    {
-        return number;
-    }
-    ((file as i64) << 32) | row_in_file as i64
+    super::webdataset::key_id(key).unwrap_or(((file as i64) << 32) | row_in_file as i64)
 }
 
 /// The bytes of each row's image (`Err`: why there are none).

@@ -5,10 +5,12 @@
 //! `.` of its file name; the rest, lower-cased, is the member's extension (`jpg`, `txt`,
 //! `json`, …), as `webdataset`'s `base_plus_ext` splits them. Members without a `.` and
 //! `__…__` meta members are skipped, as there. cn_clip's tables need int64 ids, so a sample's
-//! id is `shard << 32 | sample`: the shard's position in the source's expanded path list and
-//! the sample's position in its shard (every sample counts, quarantined or not). An image row
-//! and a text row of one sample thus share their id, and the `key` column carries the name a
-//! user joins back to their metadata with. `--shard i/n` splits by tar file.
+//! id is the number its key writes when the key is decimal digits (img2dataset's `000010023`,
+//! cn_clip's ids as `write_webdataset` names samples: the same ids as the corpus's Parquet or
+//! LMDB form), else `shard << 32 | sample`: the shard's position in the source's expanded path
+//! list and the sample's position in its shard (every sample counts, quarantined or not). An
+//! image row and a text row of one sample thus share their id, and the `key` column carries the
+//! name a user joins back to their metadata with. `--shard i/n` splits by tar file.
 //!
 //! The tar stream is read here rather than through the `tar` crate's reader, which stops at the
 //! first bad header: a header whose checksum fails is quarantined and the reader resumes at the
@@ -197,13 +199,14 @@ impl Source for WebDatasetSource {
                         ctx.quarantine.reject(reject(None, format!("byte {offset}"), reason))
                     }
                     Event::Sample(sample) => {
-                        let id = ((number as i64) << 32) | samples as i64;
+                        let place = samples as i64;
+                        let id = key_id(&sample.key).unwrap_or(((number as i64) << 32) | place);
                         samples += 1;
                         match self.row_of(&sample) {
                             Ok(Row::Image(image)) => batcher.push_image(id, image, &sample.key, emit),
                             Ok(Row::Text(text)) => batcher.push_text(id, text, &sample.key, emit),
                             Ok(Row::Location { image, text }) => {
-                                let place = [number as i64, id & 0xffff_ffff];
+                                let place = [number as i64, place];
                                 let ranges = [image.offset, image.size, text.offset, text.size].map(|v| v as i64);
                                 batcher.push_location(place, &sample.key, ranges, emit)
                             }
@@ -266,6 +269,16 @@ enum Event {
         offset: u64,
         reason: String,
     },
+}
+
+/// The id a string key stands for: the number a key of decimal digits writes (img2dataset's
+/// zero-padded `000010023` is 10023), when it fits an int64. Other keys have none: their
+/// samples take `shard << 32 | sample` (WebDataset) or `file << 32 | row` (Parquet).
+pub(crate) fn key_id(key: &str) -> Option<i64> {
+    if key.is_empty() || !key.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    key.parse().ok()
 }
 
 /// `name`'s sample key and lower-cased extension, as `webdataset`'s `base_plus_ext`: the key is
