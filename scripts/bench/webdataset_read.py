@@ -7,14 +7,14 @@ peak RSS reading --samples and --samples-large samples from the server (goal: wi
         [--rss [--samples-large 100000]] [--work /tmp/cnclip-bench-wds] [--cnclip PATH]
 
 "Extraction input" is what extract-features does before the encoder: read the shards, decode
-the JPEGs, resize to --resolution². cnclip runs `webdataset` → `preprocess` → `write_parquet`
-(as pipeline_rss.py: `cnclip run` has no discarding sink, so the Parquet writer — zstd over
-3·224² bytes a sample — is in cnclip's figures and not in the reference's; its busy time is
-shown, and a figure without it). A read-only pair (`webdataset` → `write_webdataset`, the JPEG
-bytes copied out to tar shards, against the reference's bare `webdataset` loop) isolates the
-reading of the shards, where the server's cost shows; --rss runs it (or, with --rss-pipeline
-full, the whole pipeline). Outputs go to --out (tmpfs by default: 10k samples are 1.5 GB of
-pixels), each deleted after its run.
+the JPEGs, resize to --resolution². cnclip runs `webdataset` → `preprocess` → `discard` (the
+sink that counts rows and writes nothing: the reference writes nothing either); with
+--sink write, → `write_parquet` as before (zstd over 3·224² bytes a sample, in cnclip's figures
+and not in the reference's). A read-only pair (`webdataset` → `discard`, or with --sink write
+→ `write_webdataset`, against the reference's bare `webdataset` loop) isolates the reading of
+the shards, where the server's cost shows; --rss runs it (or, with --rss-pipeline full, the
+whole pipeline). Outputs go to --out (tmpfs by default: 10k samples are 1.5 GB of pixels), each
+deleted after its run.
 
 Shards are made once in --work with `webdataset.TarWriter`: 1,000 samples each, keys %09d, a
 .jpg (96–192 px a side, ~9 KiB: a smooth background, shapes, grain) and a .txt. They are the
@@ -80,21 +80,21 @@ kind = "preprocess"
 input = "source"
 resolution = {resolution}
 
-[nodes.out]
-kind = "write_parquet"
-input = "pixels"
-path = "{out}/out.parquet"
-"""
+{sink}"""
 
 # Read only: the samples' JPEG bytes and keys straight out to tar shards, which costs little
 # and holds nothing back (the Parquet writer zstd-compresses the bytes and keeps a 64 MiB row
 # group and every page's index until it closes: its peak grows with the rows).
 READ = """
-[nodes.out]
-kind = "write_webdataset"
-input = "source"
-path = "{out}/out"
-"""
+{sink}"""
+
+# The sinks: nothing written (the default), or the formats (--sink write).
+SINKS = {
+    ("discard", False): '[nodes.out]\nkind = "discard"\ninput = "pixels"\n',
+    ("discard", True): '[nodes.out]\nkind = "discard"\ninput = "source"\n',
+    ("write", False): '[nodes.out]\nkind = "write_parquet"\ninput = "pixels"\npath = "{out}/out.parquet"\n',
+    ("write", True): '[nodes.out]\nkind = "write_webdataset"\ninput = "source"\npath = "{out}/out"\n',
+}
 
 # The reference (run as `--reference full|read --urls …` in a process of its own).
 REFERENCE = "webdataset + PIL (reference)"
@@ -306,7 +306,8 @@ def cnclip_run(args, server, samples, remote, read_only):
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
     shards = (f"s3://{BUCKET}/{PREFIX}/" if remote else shard_dir(args.work) + "/") + pattern(samples)
-    nodes = (READ if read_only else FULL).format(out=out, resolution=args.resolution)
+    sink = SINKS[(args.sink, read_only)].format(out=out)
+    nodes = (READ if read_only else FULL).format(out=out, resolution=args.resolution, sink=sink)
     pipeline = os.path.join(args.work, "pipeline.toml")
     with open(pipeline, "w") as f:
         f.write(PIPELINE.format(out=out, shards=shards, nodes=nodes))
@@ -393,6 +394,9 @@ def main():
                         "pixels (full: 150 KB of output a sample, 15 GB for 100k)")
     p.add_argument("--resolution", type=int, default=224, help="preprocess resolution (cn_clip's 224 for ViT-B-16)")
     p.add_argument("--threads", type=int, default=0, help="cnclip run --threads (0: one per core)")
+    p.add_argument("--sink", choices=["discard", "write"], default="discard",
+                   help="cnclip's sink: discard (nothing written, as the reference) or write (Parquet pixels; "
+                        "tar shards for the read-only runs)")
     p.add_argument("--work", default="/tmp/cnclip-bench-wds", help="shards (kept) and the server's directory")
     p.add_argument("--out", default="/dev/shm" if os.path.isdir("/dev/shm") else None,
                    help="where cnclip's outputs go, deleted after each run (default: /dev/shm, else --work)")
@@ -500,8 +504,9 @@ def report(args, results, cores, sample_bytes, endpoint):
     print(f"cnclip server / reference, per core:           {core:6.2f}x  ({goal(core, 3)})")
     print(f"cnclip server / reference, per CPU s:          {per_cpu['cnclip, server'] / per_cpu[REFERENCE]:6.2f}x"
           "  (the server's CPU counted)")
-    without = statistics.median(r["samples"] / (r["cpu"] - r["busy"]["out"]) for r in results["cnclip, server"])
-    print(f"  the same without the Parquet writer's busy s: {without / per_cpu[REFERENCE]:6.2f}x  (an estimate)")
+    if args.sink == "write":
+        without = statistics.median(r["samples"] / (r["cpu"] - r["busy"]["out"]) for r in results["cnclip, server"])
+        print(f"  the same without the Parquet writer's busy s: {without / per_cpu[REFERENCE]:6.2f}x  (an estimate)")
     if args.rss:
         small, large = ([r["rss"] for r in results[f"rss: server, {n} samples"]]
                         for n in (args.samples, args.samples_large))

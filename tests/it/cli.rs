@@ -352,12 +352,13 @@ fn run_lists_the_registered_kinds() {
             (words.next().unwrap(), words.next().unwrap())
         })
         .collect();
-    assert_eq!(kinds.len(), 21, "{listing}");
+    assert_eq!(kinds.len(), 22, "{listing}");
     assert!(kinds.contains(&("tsv", "source")) && kinds.contains(&("preprocess", "transform")), "{listing}");
     for kind in [
         ("feature_jsonl", "source"),
         ("webdataset", "source"),
         ("train_shards", "source"),
+        ("discard", "sink"),
         ("write_webdataset", "sink"),
         ("lmdb_train", "source"),
         ("random_augment", "transform"),

@@ -963,3 +963,31 @@ fn export_writes_only_what_cn_clip_reads() {
     ok(cnclip(&["run", toml.to_str().unwrap()]));
     assert_eq!(cn_clip_reads_every_record(&root.join("split")), (2, 2));
 }
+
+/// `discard` counts what reaches it and writes nothing; what its upstream quarantines is still
+/// recorded.
+#[test]
+fn discard_counts_its_rows_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path(), 25);
+    // One line that is not `id<TAB>base64`.
+    let mut imgs = std::fs::read_to_string(data.join("train_imgs.tsv")).unwrap();
+    imgs.push_str("not a record\n");
+    std::fs::write(data.join("train_imgs.tsv"), imgs).unwrap();
+    let pipeline = dir.path().join("p.toml");
+    std::fs::write(
+        &pipeline,
+        "[nodes.imgs]\nkind = \"tsv\"\npaths = [\"data/train_imgs.tsv\"]\n\
+         [nodes.images]\nkind = \"decode_base64\"\ninput = \"imgs\"\n\
+         [nodes.nothing]\nkind = \"discard\"\ninput = \"images\"\n",
+    )
+    .unwrap();
+    let before: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let log = ok(cnclip(&["run", pipeline.to_str().unwrap()]));
+    let rows = std::fs::read_to_string(data.join("train_imgs.tsv")).unwrap().lines().count() - 1;
+    assert!(log.contains(&format!("{rows} rows → /dev/null")), "{log}");
+    let quarantine = std::fs::read_to_string(dir.path().join("quarantine.jsonl")).unwrap();
+    assert_eq!(quarantine.lines().count(), 1, "{quarantine}");
+    let after: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(after.len(), before.len() + 1, "only the quarantine was written: {after:?}");
+}

@@ -3,6 +3,7 @@
 //! [`Staged`] output, which the job moves into place only once *every* node has succeeded — so
 //! a failed or cancelled job leaves no output at all, half-written or not.
 
+pub mod discard;
 pub mod jsonl;
 pub mod lmdb;
 pub mod lmdb_bulk;

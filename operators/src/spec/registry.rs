@@ -231,7 +231,8 @@ impl Registry {
             .register::<sinks::tsv::WriteTsvConfig>()
             .register::<sinks::webdataset::WriteWebDatasetConfig>()
             .register::<sinks::parts::WritePartsConfig>()
-            .register::<sinks::lmdb::WriteLmdbConfig>();
+            .register::<sinks::lmdb::WriteLmdbConfig>()
+            .register::<sinks::discard::DiscardConfig>();
         registry
     }
 
