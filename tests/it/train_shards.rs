@@ -110,13 +110,35 @@ fn webdataset_shards_on_the_server_train_as_their_lmdb_split() {
 
 #[test]
 fn a_shuffled_stream_of_shards_killed_and_rerun_ends_as_an_uninterrupted_run() {
+    let (train, valid) = ("s3://corpus/train/*.tar", "s3://corpus/valid/*.tar");
+    killed_stream_ends_as_an_uninterrupted_run(|server, dir| corpus_on_server(server, dir, 96), train, valid, &[]);
+}
+
+/// A `--shuffle-buffer 12` run of 96 training samples on `train` and `valid` (put in the store by
+/// `make`; `data_args` say how to read them), with its directory in the store, killed mid-epoch 1
+/// and rerun, ends with the parameters and samples of an uninterrupted run.
+fn killed_stream_ends_as_an_uninterrupted_run(
+    make: fn(&S3Server, &Path),
+    train: &str,
+    valid: &str,
+    data_args: &[&str],
+) {
     let server = S3Server::start();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    corpus_on_server(&server, dir, 96);
-    let extra =
-        ["--max-epochs", "2", "--log-interval", "1", "--save-step-frequency", "2", "--debug", "--shuffle-buffer", "12"];
-    let (train, valid) = ("s3://corpus/train/*.tar", "s3://corpus/valid/*.tar");
+    make(&server, dir);
+    let mut extra = vec![
+        "--max-epochs",
+        "2",
+        "--log-interval",
+        "1",
+        "--save-step-frequency",
+        "2",
+        "--debug",
+        "--shuffle-buffer",
+        "12",
+    ];
+    extra.extend_from_slice(data_args);
     let whole = with_data(train_args("whole", &extra), train, valid);
     ok(cnclip(&server, dir, &whole));
 
@@ -180,4 +202,84 @@ fn a_shuffled_stream_of_shards_killed_and_rerun_ends_as_an_uninterrupted_run() {
         assert_ne!(order, &sorted, "the stream was shuffled");
     }
     assert_ne!(first, second, "each epoch is shuffled anew");
+}
+
+/// An LMDB split's pairs as img2dataset writes Parquet (`key` as 9 digits, `jpg` bytes,
+/// `caption`, a `url` column nobody reads), in files of 40 rows with row groups of 7, in the
+/// folder argv[2].
+const LMDB_TO_I2D: &str = r#"
+import base64, os, pickle, sys, lmdb, pyarrow as pa, pyarrow.parquet as pq
+split, out = sys.argv[1], sys.argv[2]
+os.makedirs(out, exist_ok=True)
+pairs = lmdb.open(f"{split}/pairs", readonly=True, lock=False).begin()
+imgs = lmdb.open(f"{split}/imgs", readonly=True, lock=False).begin()
+n = int(pairs.get(b"num_samples").decode())
+rows = []
+for i in range(n):
+    image_id, text_id, text = pickle.loads(pairs.get(str(i).encode()))
+    rows.append((f"{i:09d}", base64.urlsafe_b64decode(imgs.get(str(image_id).encode())), text))
+for f, start in enumerate(range(0, n, 40)):
+    part = rows[start:start + 40]
+    table = pa.table({"key": [r[0] for r in part], "url": [f"https://example.com/{r[0]}.jpg" for r in part],
+                      "jpg": [r[1] for r in part], "caption": [r[2] for r in part]})
+    pq.write_table(table, f"{out}/{f:05d}.parquet", row_group_size=7)
+"#;
+
+/// The corpus's splits as img2dataset Parquet in the bucket `corpus` (`i2d/train/`, `i2d/valid/`).
+fn parquet_on_server(server: &S3Server, dir: &Path) {
+    for split in ["train", "valid"] {
+        let (lmdb, out) = (dir.join(format!("corpus/lmdb/{split}")), dir.join(format!("i2d/{split}")));
+        python(LMDB_TO_I2D, &[lmdb.to_str().unwrap(), out.to_str().unwrap()], "");
+        put_tree(server, "corpus", &out, &format!("i2d/{split}"));
+    }
+}
+
+const I2D_COLUMNS: [&str; 6] = ["--image-column", "jpg", "--text-column", "caption", "--id-column", "key"];
+
+#[test]
+fn img2dataset_parquet_on_the_server_trains_in_place_as_its_lmdb_split() {
+    let server = S3Server::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    corpus_on_server(&server, dir, 64);
+    parquet_on_server(&server, dir);
+    let mut extra = vec!["--max-epochs", "2", "--log-interval", "1", "--debug"];
+    ok(cnclip(&server, dir, &train_args("lmdb", &extra)));
+    extra.extend_from_slice(&I2D_COLUMNS);
+    let args =
+        with_data(train_args("i2d", &extra), "s3://corpus/i2d/train/*.parquet", "s3://corpus/i2d/valid/*.parquet");
+    let log = ok(cnclip(&server, dir, &args));
+    assert!(log.contains("reading the Parquet files"), "{log}");
+    for epoch in ["epoch1.pt", "epoch2.pt"] {
+        let at = |run: &str| dir.join(format!("logs/{run}/checkpoints/{epoch}"));
+        assert_same_parameters(&at("lmdb"), &at("i2d"));
+    }
+    let metrics = |run: &str| samples_by_step(&dir.join(format!("logs/{run}/metrics.parquet")));
+    assert_eq!(metrics("lmdb"), metrics("i2d"));
+    let (lmdb, i2d) = (the_log(&dir.join("logs/lmdb")), the_log(&dir.join("logs/i2d")));
+    assert_eq!(validation_lines(&lmdb), validation_lines(&i2d));
+    assert!(!dir.join("logs/i2d/data").exists(), "nothing was serialized");
+
+    // A null caption stops the run naming the file and row.
+    python(
+        "import sys, pyarrow as pa, pyarrow.parquet as pq\nt = pq.read_table(sys.argv[1])\n\
+         c = t.column('caption').to_pylist(); c[3] = None\n\
+         pq.write_table(t.set_column(t.schema.get_field_index('caption'), 'caption', pa.array(c)), sys.argv[1])",
+        &[server.bucket("corpus").join("i2d/train/00001.parquet").to_str().unwrap()],
+        "",
+    );
+    let args =
+        with_data(train_args("null", &extra), "s3://corpus/i2d/train/*.parquet", "s3://corpus/i2d/valid/*.parquet");
+    let log = crate::object_store::failed(cnclip(&server, dir, &args));
+    assert!(log.contains("s3://corpus/i2d/train/00001.parquet row 3") && log.contains("null"), "{log}");
+}
+
+#[test]
+fn a_shuffled_stream_of_parquet_files_killed_and_rerun_ends_as_an_uninterrupted_run() {
+    let make = |server: &S3Server, dir: &Path| {
+        corpus_on_server(server, dir, 96);
+        parquet_on_server(server, dir);
+    };
+    let (train, valid) = ("s3://corpus/i2d/train/*.parquet", "s3://corpus/i2d/valid/*.parquet");
+    killed_stream_ends_as_an_uninterrupted_run(make, train, valid, &I2D_COLUMNS);
 }

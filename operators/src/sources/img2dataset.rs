@@ -109,13 +109,19 @@ fn readable(role: &str, data_type: &DataType) -> bool {
 }
 
 /// The key of each row (`None`: null), as text.
-fn keys(column: &ArrayRef) -> Result<Vec<Option<String>>> {
+pub(super) fn keys(column: &ArrayRef) -> Result<Vec<Option<String>>> {
     let cast = arrow::compute::cast(column, &DataType::Utf8)?;
     Ok(cast.as_string::<i32>().iter().map(|k| k.map(str::to_string)).collect())
 }
 
 /// The id of a row: an integer column's value, a decimal key's number, else `file << 32 | row`.
-fn id_of(integers: Option<&arrow::array::Int64Array>, row: usize, key: &str, file: usize, row_in_file: u64) -> i64 {
+pub(super) fn id_of(
+    integers: Option<&arrow::array::Int64Array>,
+    row: usize,
+    key: &str,
+    file: usize,
+    row_in_file: u64,
+) -> i64 {
     if let Some(integers) = integers {
         return integers.value(row);
     }
@@ -123,7 +129,7 @@ fn id_of(integers: Option<&arrow::array::Int64Array>, row: usize, key: &str, fil
 }
 
 /// The bytes of each row's image (`Err`: why there are none).
-fn images(column: &ArrayRef) -> Result<Vec<std::result::Result<Vec<u8>, String>>> {
+pub(super) fn images(column: &ArrayRef) -> Result<Vec<std::result::Result<Vec<u8>, String>>> {
     use base64::Engine;
     let column: ArrayRef = match column.data_type() {
         DataType::Struct(_) => {

@@ -16,6 +16,7 @@ pub mod parquet;
 pub mod parts;
 pub mod sampler;
 pub mod synth;
+pub mod train_parquet;
 pub mod train_shards;
 pub mod tsv;
 pub mod webdataset;

@@ -17,6 +17,11 @@
 //!   `i` replays it without reading, then reads again only what the buffer held at that point.
 //!   The last partial global batch is dropped. Memory: the buffer's samples.
 //!
+//! Parquet files in another project's layout (img2dataset's `key`, `jpg`, `caption`; Hugging
+//! Face's `image` struct) are read the same way by their columns (`columns`;
+//! [`super::train_parquet`]): a file is a shard, a row a sample, row counts from the footers, and
+//! a null image or text stops the run naming the file and row.
+//!
 //! Rows come out as `lmdb_train`'s do (micro-batch by micro-batch, replica by replica) with
 //! the image bytes decoded from nothing: `sample`, `image_id`, `text_id` (both
 //! `shard << 32 | sample in shard`, as the `webdataset` source numbers them), `text`, `image`,
@@ -163,7 +168,8 @@ impl Index {
             location: self.describe(i, shards),
             reason: format!("its text member is not UTF-8 ({e})"),
         })?;
-        Ok(Sample { image: slice(io, il), text })
+        let (key, id) = (self.keys.value(i).to_string(), ((self.shard[i] as i64) << 32) | self.place[i] as i64);
+        Ok(Sample { image: slice(io, il), text, key, id })
     }
 
     fn describe(&self, i: usize, shards: &[PathBuf]) -> String {
@@ -171,15 +177,104 @@ impl Index {
     }
 }
 
-/// One sample's members.
-struct Sample {
-    image: Bytes,
-    text: String,
+/// One sample: its image's encoded bytes, its text, its key and the id its rows take.
+pub(crate) struct Sample {
+    pub(crate) image: Bytes,
+    pub(crate) text: String,
+    pub(crate) key: String,
+    pub(crate) id: i64,
+}
+
+/// A corpus read in place, as the two orders need it: samples numbered shard by shard (a tar
+/// shard or a Parquet file), read at random or front to back within a shard.
+pub(crate) trait Corpus: Sync {
+    /// Samples in all.
+    fn len(&self) -> usize;
+    /// Per shard: its first sample and how many it has.
+    fn spans(&self) -> &[(usize, usize)];
+    /// The samples `chunk`, in its order (random reads, several at once).
+    fn fetch(&self, chunk: &[usize]) -> Result<Vec<Sample>>;
+    /// A reader of samples that, within a shard, come in increasing order (a stream).
+    fn sequential(&self) -> Box<dyn SequentialRead + '_>;
+}
+
+/// Reads samples front to back within each shard, skipping those not asked for.
+pub(crate) trait SequentialRead {
+    fn read(&mut self, sample: usize) -> Result<Sample>;
+}
+
+/// WebDataset shards and their `locations` index.
+struct Tars {
+    index: Index,
+    shards: Vec<PathBuf>,
+}
+
+impl Corpus for Tars {
+    fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    fn spans(&self) -> &[(usize, usize)] {
+        &self.index.spans
+    }
+
+    fn fetch(&self, chunk: &[usize]) -> Result<Vec<Sample>> {
+        fetch(&self.index, &self.shards, chunk)
+    }
+
+    fn sequential(&self) -> Box<dyn SequentialRead + '_> {
+        Box::new(TarReader { tars: self, open: None })
+    }
+}
+
+/// The shard a stream reads: its number, a reader and the offset it is at.
+struct TarReader<'a> {
+    tars: &'a Tars,
+    open: Option<(u32, Box<dyn Read + Send>, u64)>,
+}
+
+impl SequentialRead for TarReader<'_> {
+    fn read(&mut self, i: usize) -> Result<Sample> {
+        let (index, shards) = (&self.tars.index, &self.tars.shards);
+        let shard = index.shard[i];
+        let path = &shards[shard as usize];
+        let span = index.span_of(i);
+        let reopen = match &self.open {
+            Some((open, _, offset)) => *open != shard || *offset > span.start || span.start - offset > SKIP_BY_READING,
+            None => true,
+        };
+        let failed = |e: std::io::Error| Error::Record {
+            location: index.describe(i, shards),
+            reason: format!("its members cannot be read at the offsets the index gives ({e}): was the shard changed?"),
+        };
+        if reopen {
+            let chunks = storage::open_chunks(path).map_err(io(path))?;
+            let reader = chunks.get_read(span.start).map_err(|e| failed(std::io::Error::other(e)))?;
+            self.open = Some((shard, Box::new(reader), span.start));
+        }
+        let (_, reader, offset) = self.open.as_mut().expect("opened above");
+        let gap = span.start - *offset;
+        let skipped = std::io::copy(&mut reader.take(gap), &mut std::io::sink()).map_err(failed)?;
+        let mut bytes = vec![0u8; (span.end - span.start) as usize];
+        let done = skipped == gap && reader.read_exact(&mut bytes).is_ok();
+        *offset = span.end;
+        if !done {
+            self.open = None;
+            return Err(failed(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        index.sample_from(i, &Bytes::from(bytes), shards)
+    }
+}
+
+/// What the source reads: tar shards through their index, or Parquet files by their columns.
+pub enum Layout {
+    Tars { index: PathBuf },
+    Parquet(super::train_parquet::Columns),
 }
 
 pub struct TrainShardsSource {
     pub shards: Vec<PathBuf>,
-    pub index: PathBuf,
+    pub layout: Layout,
     pub order: TrainOrder,
 }
 
@@ -197,28 +292,34 @@ impl Source for TrainShardsSource {
     }
 
     fn read(self: Box<Self>, ctx: &ReadContext, emit: Emit<'_>) -> Result<()> {
-        let index = Index::load(&self.index, self.shards.len())?;
+        let corpus: Box<dyn Corpus> = match self.layout {
+            Layout::Tars { index } => {
+                Box::new(Tars { index: Index::load(&index, self.shards.len())?, shards: self.shards.clone() })
+            }
+            Layout::Parquet(columns) => Box::new(super::train_parquet::Files::open(self.shards.clone(), columns)?),
+        };
+        let corpus = corpus.as_ref();
         let mut rows = Rows::default();
         let mut push = |i: usize, sample: Sample| {
-            rows.push(i, &index, sample);
+            rows.push(i, sample);
             if rows.len >= ctx.batch_rows.max(1) || rows.bytes >= BATCH_BYTES { emit(rows.finish()?) } else { Ok(()) }
         };
         if self.order.shuffle_buffer == 0 {
-            let order = self.order.samples(index.len());
+            let order = self.order.samples(corpus.len());
             for chunk in order.chunks(ctx.batch_rows.max(1)) {
                 stop_on_signal()?;
-                for (i, sample) in chunk.iter().zip(fetch(&index, &self.shards, chunk)?) {
+                for (i, sample) in chunk.iter().zip(corpus.fetch(chunk)?) {
                     push(*i, sample)?;
                 }
             }
         } else {
-            let order = StreamOrder::new(&index, &self.order);
-            let batches = self.order.batches(index.len());
+            let order = StreamOrder::new(corpus, &self.order);
+            let batches = self.order.batches(corpus.len());
             let global = self.order.batch_size * self.order.world.max(1);
             let (first, count) = (batches.start * global, batches.len() * global);
             let (mut shuffle, held) = order.resumed_at(first);
             let fresh = shuffle.next;
-            let mut reader = Sequential::new(&index, &self.shards, &order, held, fresh);
+            let mut reader = Sequential::new(corpus.sequential(), &order, held, fresh);
             for _ in 0..count {
                 let position = shuffle.next().expect("an epoch's whole batches are within its samples");
                 let sample = order.sample_at(position);
@@ -232,7 +333,7 @@ impl Source for TrainShardsSource {
     }
 }
 
-fn stop_on_signal() -> Result<()> {
+pub(crate) fn stop_on_signal() -> Result<()> {
     match crate::signals::interrupted() {
         Some(signal) => Err(Error::Interrupted { signal }),
         None => Ok(()),
@@ -276,7 +377,7 @@ fn fetch(index: &Index, shards: &[PathBuf], chunk: &[usize]) -> Result<Vec<Sampl
 /// A stream epoch's order: shards in an order drawn from `seed + epoch`, samples in file
 /// order within each; a position in that sequence maps to a sample of the index.
 struct StreamOrder<'i> {
-    index: &'i Index,
+    corpus: &'i dyn Corpus,
     /// The shards in this epoch's order.
     shards: Vec<usize>,
     /// Where each of them starts in the sequence.
@@ -286,22 +387,22 @@ struct StreamOrder<'i> {
 }
 
 impl<'i> StreamOrder<'i> {
-    fn new(index: &'i Index, order: &TrainOrder) -> Self {
+    fn new(corpus: &'i dyn Corpus, order: &TrainOrder) -> Self {
         let seed = order.seed.wrapping_add(order.epoch);
-        let shards = randperm(index.spans.len(), seed);
+        let shards = randperm(corpus.spans().len(), seed);
         let mut starts = Vec::with_capacity(shards.len());
         let mut at = 0;
         for &s in &shards {
             starts.push(at);
-            at += index.spans[s].1;
+            at += corpus.spans()[s].1;
         }
-        StreamOrder { index, shards, starts, buffer: order.shuffle_buffer, seed }
+        StreamOrder { corpus, shards, starts, buffer: order.shuffle_buffer, seed }
     }
 
     /// The sample at `position` of the sequence shards are read in.
     fn sample_at(&self, position: usize) -> usize {
         let (slot, start) = self.slot_of(position);
-        self.index.spans[self.shards[slot]].0 + (position - start)
+        self.corpus.spans()[self.shards[slot]].0 + (position - start)
     }
 
     /// The place in `self.shards` of the shard holding `position`, and where it starts.
@@ -314,7 +415,7 @@ impl<'i> StreamOrder<'i> {
     /// The shuffle after `emitted` samples have left it (replayed without reading), and the
     /// positions it holds then that came in before: what a resumed stream reads again.
     fn resumed_at(&self, emitted: usize) -> (Shuffle, HashSet<usize>) {
-        let mut shuffle = Shuffle::new(self.index.len(), self.buffer, self.seed);
+        let mut shuffle = Shuffle::new(self.corpus.len(), self.buffer, self.seed);
         for _ in 0..emitted {
             shuffle.next();
         }
@@ -366,8 +467,7 @@ impl Iterator for Shuffle {
 
 /// Reads a stream's samples front to back, keeping those still to leave the buffer.
 struct Sequential<'a> {
-    index: &'a Index,
-    shards: &'a [PathBuf],
+    reader: Box<dyn SequentialRead + 'a>,
     order: &'a StreamOrder<'a>,
     /// Positions before `fresh` that must be read again (a resumed buffer's).
     again: HashSet<usize>,
@@ -375,22 +475,19 @@ struct Sequential<'a> {
     /// The next position to read.
     position: usize,
     read: HashMap<usize, Sample>,
-    /// The open shard: its slot, a reader and the offset it is at.
-    open: Option<(usize, Box<dyn Read + Send>, u64)>,
 }
 
 impl<'a> Sequential<'a> {
     /// A reader for a shuffle that has taken in the positions before `fresh`, of which it
     /// still holds `again`.
     fn new(
-        index: &'a Index,
-        shards: &'a [PathBuf],
+        reader: Box<dyn SequentialRead + 'a>,
         order: &'a StreamOrder<'a>,
         again: HashSet<usize>,
         fresh: usize,
     ) -> Self {
         let position = again.iter().copied().min().unwrap_or(fresh).min(fresh);
-        Sequential { index, shards, order, again, fresh, position, read: HashMap::new(), open: None }
+        Sequential { reader, order, again, fresh, position, read: HashMap::new() }
     }
 
     /// The sample at `position`, reading on to it.
@@ -400,44 +497,13 @@ impl<'a> Sequential<'a> {
             self.position += 1;
             if at >= self.fresh || self.again.remove(&at) {
                 stop_on_signal()?;
-                let sample = self.read_at(at)?;
+                let sample = self.reader.read(self.order.sample_at(at))?;
                 self.read.insert(at, sample);
             }
         }
         self.read.remove(&position).ok_or_else(|| {
             Error::Internal(format!("the stream's position {position} left the buffer twice or was never read"))
         })
-    }
-
-    fn read_at(&mut self, position: usize) -> Result<Sample> {
-        let (slot, _) = self.order.slot_of(position);
-        let i = self.order.sample_at(position);
-        let path = &self.shards[self.order.shards[slot]];
-        let span = self.index.span_of(i);
-        let reopen = match &self.open {
-            Some((open, _, offset)) => *open != slot || *offset > span.start || span.start - offset > SKIP_BY_READING,
-            None => true,
-        };
-        let failed = |e: std::io::Error| Error::Record {
-            location: self.index.describe(i, self.shards),
-            reason: format!("its members cannot be read at the offsets the index gives ({e}): was the shard changed?"),
-        };
-        if reopen {
-            let chunks = storage::open_chunks(path).map_err(io(path))?;
-            let reader = chunks.get_read(span.start).map_err(|e| failed(std::io::Error::other(e)))?;
-            self.open = Some((slot, Box::new(reader), span.start));
-        }
-        let (_, reader, offset) = self.open.as_mut().expect("opened above");
-        let gap = span.start - *offset;
-        let skipped = std::io::copy(&mut reader.take(gap), &mut std::io::sink()).map_err(failed)?;
-        let mut bytes = vec![0u8; (span.end - span.start) as usize];
-        let done = skipped == gap && reader.read_exact(&mut bytes).is_ok();
-        *offset = span.end;
-        if !done {
-            self.open = None;
-            return Err(failed(std::io::ErrorKind::UnexpectedEof.into()));
-        }
-        self.index.sample_from(i, &Bytes::from(bytes), self.shards)
     }
 }
 
@@ -453,12 +519,12 @@ struct Rows {
 }
 
 impl Rows {
-    fn push(&mut self, i: usize, index: &Index, sample: Sample) {
+    fn push(&mut self, i: usize, sample: Sample) {
         self.sample.append_value(i as i64);
-        self.image_id.append_value(((index.shard[i] as i64) << 32) | index.place[i] as i64);
+        self.image_id.append_value(sample.id);
         self.text.append_value(&sample.text);
         self.image.append_value(&sample.image);
-        self.key.append_value(index.keys.value(i));
+        self.key.append_value(&sample.key);
         self.len += 1;
         self.bytes += sample.image.len() + sample.text.len();
     }
@@ -483,11 +549,17 @@ impl Rows {
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TrainShardsConfig {
-    /// The shards, as the `webdataset` source that made the index was given them (files, globs,
-    /// brace patterns; local or URLs).
+    /// The shards, as the `webdataset` source that made the index was given them, or Parquet
+    /// files (files, globs, brace patterns; local or URLs).
     pub shards: Vec<String>,
-    /// Their `locations` table, a Parquet file (the `webdataset` source's `table = "locations"`).
-    pub index: PathBuf,
+    /// Tar shards: their `locations` table, a Parquet file (the `webdataset` source's `table =
+    /// "locations"`).
+    #[serde(default)]
+    pub index: Option<PathBuf>,
+    /// Parquet files (img2dataset, Hugging Face): the image and text columns, and optionally
+    /// the id column (the ids and keys of `parquet`'s column mapping).
+    #[serde(default)]
+    pub columns: Option<super::train_parquet::Columns>,
     /// Which samples of which epoch, for how many replicas, and how shuffled.
     pub order: TrainOrder,
 }
@@ -501,7 +573,12 @@ impl NodeConfig for TrainShardsConfig {
         if self.order.batch_size == 0 || self.order.world == 0 {
             return Err(vec!["order: batch_size and world must be at least 1".into()]);
         }
-        Ok(Operator::Source(Box::new(TrainShardsSource { shards, index: cx.resolve(&self.index), order: self.order })))
+        let layout = match (self.index, self.columns) {
+            (Some(index), None) => Layout::Tars { index: cx.resolve(&index) },
+            (None, Some(columns)) => Layout::Parquet(columns),
+            _ => return Err(vec!["give `index` (tar shards) or `columns` (Parquet files), not both".into()]),
+        };
+        Ok(Operator::Source(Box::new(TrainShardsSource { shards, layout, order: self.order })))
     }
 
     fn known_schema(&self) -> Option<SchemaRef> {

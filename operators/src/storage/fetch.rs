@@ -1,6 +1,7 @@
 //! Inputs that must be local files — a checkpoint libtorch maps, a FAISS index directory a
 //! search memory-maps — given as objects in a store: downloaded once into the spool
-//! (`$TMPDIR/cnclip-spool/fetched/`), named after a hash of the URL and of the object's ETag,
+//! (`$TMPDIR/cnclip-spool/fetched/`), named after a hash of the object's identity (its store, the
+//! S3 endpoint included, and key: one URL may name objects of two servers) and of its ETag,
 //! and reused while the ETag holds; a new version replaces the old copy. A download is written
 //! under a temporary name and renamed when whole, so a killed job leaves no half copy that a
 //! later one would take for the object.
@@ -93,7 +94,7 @@ fn dir_copy(path: &Path, must_exist: bool) -> io::Result<PathBuf> {
 /// The spool directory that stands for the prefix `remote`.
 fn dir_of(remote: &Remote) -> io::Result<PathBuf> {
     let name = Path::new(&remote.url).file_name().unwrap_or_default().to_string_lossy().into_owned();
-    Ok(fetched_dir()?.join(format!("{}-{name}.d", short_hash(&remote.url))))
+    Ok(fetched_dir()?.join(format!("{}-{name}.d", short_hash(&remote.identity()))))
 }
 
 /// The ETag stamp kept beside a fetched file.
@@ -171,7 +172,7 @@ fn remove_unwanted(dir: &Path, wanted: &std::collections::HashSet<PathBuf>) -> i
 /// versions' copies of the same URL removed.
 fn copy_of(remote: &Remote, size: u64, version: &str, dir: &Path) -> io::Result<PathBuf> {
     let name = Path::new(&remote.url).file_name().unwrap_or_default().to_string_lossy().into_owned();
-    let url_hash = short_hash(&remote.url);
+    let url_hash = short_hash(&remote.identity());
     let target = dir.join(format!("{url_hash}-{}-{name}", short_hash(version)));
     if std::fs::metadata(&target).is_ok_and(|m| m.len() == size) {
         return Ok(target);

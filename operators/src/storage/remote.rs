@@ -58,6 +58,14 @@ pub struct Remote {
     pub writable: bool,
 }
 
+impl Remote {
+    /// Which object this is, wherever its URL may also name another: the store (for S3, with its
+    /// endpoint: a bucket name may exist on several servers) and the key.
+    pub fn identity(&self) -> String {
+        format!("{} {}", self.place, self.key)
+    }
+}
+
 impl std::fmt::Debug for Remote {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.url)

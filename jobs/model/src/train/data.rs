@@ -11,7 +11,9 @@
 //! not copied: one pass writes their `locations` index (where each sample's image and text lie,
 //! `{flag}/locations.parquet`, samples without both quarantined beside it) and training reads
 //! the shards through it (the `train_shards` source), by ranged reads in cn_clip's sampler
-//! order or as a shuffled stream (`--shuffle-buffer`).
+//! order or as a shuffled stream (`--shuffle-buffer`). Parquet files in another project's layout
+//! (img2dataset, Hugging Face; `--image-column`, `--text-column`, `--id-column`) are read in
+//! place the same way, a file a shard and a row a sample, counted from their footers.
 
 use std::path::{Path, PathBuf};
 
@@ -24,6 +26,7 @@ use cnclip_operators::quarantine::OnError;
 use cnclip_operators::sinks::lmdb::LmdbWriterKind;
 use cnclip_operators::sinks::parquet::WriteParquetConfig;
 use cnclip_operators::sources::lmdb::counts;
+use cnclip_operators::sources::train_parquet::{Columns, samples_in};
 use cnclip_operators::sources::webdataset::{WebDatasetConfig, WebDatasetTable, is_shard_path};
 use cnclip_operators::spec::{JobSettings, NodeDef, Planner};
 use cnclip_operators::storage;
@@ -35,6 +38,8 @@ pub enum TrainData {
     Lmdb(PathBuf),
     /// WebDataset shards as given, with their `locations` index and its sample count.
     Shards { shards: String, index: PathBuf, samples: usize },
+    /// Parquet files in another project's layout, read by their columns in place.
+    Parquet { files: String, columns: Columns, samples: usize },
 }
 
 impl TrainData {
@@ -45,7 +50,7 @@ impl TrainData {
                 let (_, pairs) = counts(split).with_context(|| format!("{}", split.display()))?;
                 Ok(pairs as usize)
             }
-            TrainData::Shards { samples, .. } => Ok(*samples),
+            TrainData::Shards { samples, .. } | TrainData::Parquet { samples, .. } => Ok(*samples),
         }
     }
 
@@ -54,6 +59,7 @@ impl TrainData {
         match self {
             TrainData::Lmdb(split) => split.display().to_string(),
             TrainData::Shards { shards, .. } => shards.clone(),
+            TrainData::Parquet { files, .. } => files.clone(),
         }
     }
 }
@@ -61,8 +67,16 @@ impl TrainData {
 /// What to train on for `--train-data`/`--val-data` `given`: an LMDB split as it is, shards
 /// through their index (made under `cache` when missing or stale), any other layout serialized
 /// into an LMDB split under `cache`.
-pub fn prepare(given: &Path, cache: &Path, flag: &str, log: &mut Log) -> Result<TrainData> {
+pub fn prepare(given: &Path, columns: Option<&Columns>, cache: &Path, flag: &str, log: &mut Log) -> Result<TrainData> {
     let text = given.to_string_lossy();
+    if let Some(columns) = columns {
+        if !text.ends_with(".parquet") {
+            bail!("{flag} {text}: --image-column and --text-column read Parquet files (.parquet, globs of them)");
+        }
+        let samples = samples_in(&[text.to_string()], columns).with_context(|| format!("{flag} {text}"))?;
+        log.info(&format!("{flag}: reading the Parquet files {text} in place by their columns ({samples} rows)"));
+        return Ok(TrainData::Parquet { files: text.to_string(), columns: columns.clone(), samples });
+    }
     if is_shard_path(&text) {
         return shard_index(&text, cache, flag, log);
     }

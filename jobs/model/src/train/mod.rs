@@ -37,6 +37,7 @@ use cnclip_operators::sinks::jsonl::python_float;
 use cnclip_operators::sources::lmdb::counts;
 use cnclip_operators::sources::lmdb_train::LmdbTrainConfig;
 use cnclip_operators::sources::lmdb_train::TrainOrder;
+use cnclip_operators::sources::train_parquet::Columns;
 use cnclip_operators::sources::train_shards::TrainShardsConfig;
 use cnclip_operators::spec::PipelineStream;
 use cnclip_operators::spec::{JobSettings, NodeDef, Planner};
@@ -71,6 +72,16 @@ pub struct Args {
     /// samples, for corpora too big for random reads (the last partial global batch dropped).
     #[arg(long, default_value_t = 0)]
     pub shuffle_buffer: usize,
+    /// Parquet training data in another project's layout, read in place: the image column
+    /// (bytes, base64 text or `{bytes, path}` structs: img2dataset's `jpg`, HF's `image`).
+    #[arg(long, requires = "text_column")]
+    pub image_column: Option<String>,
+    /// With --image-column: the text column (img2dataset's `caption`).
+    #[arg(long, requires = "image_column")]
+    pub text_column: Option<String>,
+    /// With --image-column: the id column, integer ids or string keys (img2dataset's `key`).
+    #[arg(long, requires = "image_column")]
+    pub id_column: Option<String>,
     /// Decode/preprocess threads of the training pipeline (0: one per core).
     #[arg(long, default_value_t = 4)]
     pub num_workers: usize,
@@ -222,6 +233,9 @@ impl Args {
             train_data,
             val_data: None,
             shuffle_buffer: 0,
+            image_column: None,
+            text_column: None,
+            id_column: None,
             num_workers: 4,
             valid_num_workers: 1,
             logs: "./logs/".into(),
@@ -352,9 +366,10 @@ fn plan(args: &Args, train: TrainData, val: Option<TrainData>) -> Result<Plan> {
     if samples == 0 {
         bail!("--train-data {}: no samples", train.describe());
     }
-    if args.shuffle_buffer > 0 && !matches!(train, TrainData::Shards { .. }) {
+    if args.shuffle_buffer > 0 && matches!(train, TrainData::Lmdb(_)) {
         bail!(
-            "--shuffle-buffer streams WebDataset shards: --train-data {} is read with cn_clip's sampler",
+            "--shuffle-buffer streams WebDataset shards or Parquet files read by their columns: --train-data {} is \
+             read with cn_clip's sampler",
             train.describe()
         );
     }
@@ -482,6 +497,9 @@ fn params(args: &Args, plan: &Plan) -> BTreeMap<String, String> {
     set("kd_loss_weight", python_float(args.kd_loss_weight));
     set("devices", args.devices.to_string());
     set("shuffle_buffer", args.shuffle_buffer.to_string());
+    set("image_column", opt(&args.image_column));
+    set("text_column", opt(&args.text_column));
+    set("id_column", opt(&args.id_column));
     set("world_size", plan.devices.len().to_string());
     set("log_path", plan.dir.display().to_string());
     set("checkpoint_path", plan.checkpoints.display().to_string());
@@ -518,7 +536,12 @@ fn data_stream(
         TrainData::Shards { shards, index, .. } => vec![NodeDef::new(
             "decoded",
             None,
-            TrainShardsConfig { shards: vec![shards.clone()], index: index.clone(), order },
+            TrainShardsConfig { shards: vec![shards.clone()], index: Some(index.clone()), columns: None, order },
+        )],
+        TrainData::Parquet { files, columns, .. } => vec![NodeDef::new(
+            "decoded",
+            None,
+            TrainShardsConfig { shards: vec![files.clone()], index: None, columns: Some(columns.clone()), order },
         )],
     };
     defs.extend([pixels, NodeDef::new("tokens", Some("pixels"), TokenizeConfig { context_length, preprocess: true })]);
@@ -632,6 +655,9 @@ fn log_datasets(plan: &Plan, log: &mut Log) {
             Some(TrainData::Shards { shards, samples, .. }) => {
                 log.info(&format!("{split} WebDataset shards {shards} contain {samples} samples."));
             }
+            Some(TrainData::Parquet { files, samples, .. }) => {
+                log.info(&format!("{split} Parquet files {files} contain {samples} samples."));
+            }
             None => {}
         }
     }
@@ -678,9 +704,15 @@ pub fn run(args: Box<Args>) -> Result<()> {
     let mut log = Log::open(&dir.join(format!("out_{suffix}.log")))?;
     // Shards are indexed; TSV+JSONL or Parquet data serialized into LMDB splits under the run's
     // directory.
-    let train = data::prepare(&args.train_data, &cache, "--train-data", &mut log)?;
+    let columns = match (&args.image_column, &args.text_column) {
+        (Some(image), Some(text)) => {
+            Some(Columns { image: image.clone(), text: text.clone(), id: args.id_column.clone() })
+        }
+        _ => None,
+    };
+    let train = data::prepare(&args.train_data, columns.as_ref(), &cache, "--train-data", &mut log)?;
     let val = match &args.val_data {
-        Some(val) => Some(data::prepare(val, &cache, "--val-data", &mut log)?),
+        Some(val) => Some(data::prepare(val, columns.as_ref(), &cache, "--val-data", &mut log)?),
         None => None,
     };
     let mut plan = plan(&args, train, val)?;
