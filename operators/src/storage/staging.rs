@@ -119,7 +119,13 @@ fn spooled(path: &Path) -> Option<PathBuf> {
     }
     let spool = std::env::temp_dir().join("cnclip-spool");
     let _ = std::fs::create_dir_all(&spool);
-    let hash = sha2::Sha256::digest(path.as_os_str().as_encoded_bytes());
+    // The object's identity (its store, the S3 endpoint included, and key): one URL may name
+    // objects of two servers, which two jobs may write at once.
+    let identity = match super::locate(path) {
+        Ok(super::Location::Remote(remote)) => remote.identity(),
+        _ => path.to_string_lossy().into_owned(),
+    };
+    let hash = sha2::Sha256::digest(identity.as_bytes());
     let hash: String = hash[..8].iter().map(|b| format!("{b:02x}")).collect();
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     Some(spool.join(format!("{hash}-{name}")))
