@@ -283,3 +283,35 @@ fn predictions_of_keyed_queries_carry_their_keys() {
     fields.sort();
     assert_eq!(fields, ["image_ids", "text_id"]);
 }
+
+/// `manifest check` of a sharded output in the store: the same report as of the local folder,
+/// naming the prefix; a part missing there is named.
+#[test]
+fn manifest_check_reads_a_sharded_output_in_the_store() {
+    let server = S3Server::start();
+    let corpus = crate::manifest::corpus();
+    let root = corpus.path();
+    let spool = tempfile::tempdir().unwrap();
+    server.bucket("features");
+    let run = |args: &[&str]| cnclip(&server, root, spool.path(), args);
+    for out in ["sharded", "s3://features/sharded"] {
+        for shard in ["0/2", "1/2"] {
+            let mut args = extract_images("tiny.safetensors", out);
+            args.extend(["--shard", shard].map(String::from));
+            ok(run(&args.iter().map(String::as_str).collect::<Vec<_>>()));
+        }
+    }
+    let summary = |output: Output| {
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let local = summary(run(&["manifest", "check", "sharded", "--image-data", "lmdb/valid/imgs"]));
+    let remote = summary(run(&["manifest", "check", "s3://features/sharded", "--image-data", "lmdb/valid/imgs"]));
+    assert!(remote.starts_with("s3://features/sharded: 2 of 2 shards"), "{remote}");
+    assert_eq!(remote.replacen("s3://features/sharded", "sharded", 1), local);
+    let stored = server.data().join("features/sharded");
+    let part = files_under(&stored).into_iter().find(|f| f.to_string_lossy().starts_with("part-00001")).unwrap();
+    std::fs::remove_file(stored.join(part)).unwrap();
+    let log = failed(run(&["manifest", "check", "s3://features/sharded"]));
+    assert!(log.contains("s3://features/sharded") && log.contains("shard 1/2"), "{log}");
+}

@@ -1,5 +1,5 @@
-//! Sharded outputs and `cnclip manifest check DIR`: is a directory of shard parts complete and
-//! consistent?
+//! Sharded outputs and `cnclip manifest check DIR` (a folder, or a prefix in an object store):
+//! is a directory of shard parts complete and consistent?
 //!
 //! A job given `--shard i/n` (an array task: Slurm's `SLURM_ARRAY_TASK_ID`, a Kubernetes
 //! Indexed Job's `JOB_COMPLETION_INDEX`) with a directory as its output writes its share as
@@ -371,10 +371,21 @@ fn plural(n: usize, one: &str, many: &str) -> String {
 /// Only when `dir` cannot be listed or the source cannot be read; what is wrong with the output
 /// comes back in [`Report::problems`].
 pub fn check(dir: &Path, source: Option<(Tower, &[String])>) -> Result<Report> {
+    // A prefix in an object store is checked in its copy in the spool (each part is read whole
+    // for its checksum anyway); messages name the prefix.
+    let shown = dir;
+    let copy;
+    let dir = match storage::is_remote(dir) {
+        true => {
+            copy = storage::fetch::local_dir_copy(dir).with_context(|| format!("{}", dir.display()))?;
+            copy.as_path()
+        }
+        false => dir,
+    };
     if !dir.is_dir() {
         bail!(
             "{} is not a directory (a sharded output is one: extract-features --shard i/n writes parts into it)",
-            dir.display()
+            shown.display()
         );
     }
     let mut report = Report::default();
@@ -385,7 +396,7 @@ pub fn check(dir: &Path, source: Option<(Tower, &[String])>) -> Result<Report> {
     let mut quarantines: Vec<PathBuf> = Vec::new();
     let mut unfinished: BTreeSet<Key> = BTreeSet::new();
     let mut listing: Vec<_> = storage::read_dir(dir)
-        .with_context(|| format!("listing {}", dir.display()))?
+        .with_context(|| format!("listing {}", shown.display()))?
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
@@ -414,10 +425,10 @@ pub fn check(dir: &Path, source: Option<(Tower, &[String])>) -> Result<Report> {
     if parts.is_empty() && entries.is_empty() {
         let running: Vec<String> = unfinished.iter().map(|k| shard(*k).to_string()).collect();
         problems.push(match running.is_empty() {
-            true => format!("{} holds no shard part (part-IIIII-of-NNNNN.parquet)", dir.display()),
+            true => format!("{} holds no shard part (part-IIIII-of-NNNNN.parquet)", shown.display()),
             false => format!(
                 "{} holds no finished shard part; shards {} are unfinished (still running, or they stopped — rerun them)",
-                dir.display(),
+                shown.display(),
                 running.join(", ")
             ),
         });
@@ -679,7 +690,7 @@ pub fn check(dir: &Path, source: Option<(Tower, &[String])>) -> Result<Report> {
     let first = read_entries.values().next();
     report.summary = format!(
         "{}: {} of {count} shards, {rows} rows{range}{}{}{against}",
-        dir.display(),
+        shown.display(),
         facts.len(),
         first.map(|e| format!(", {} features", e.tower.name())).unwrap_or_default(),
         first
