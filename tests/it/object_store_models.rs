@@ -133,7 +133,9 @@ fn a_build_index_directory_in_the_store_is_built_resumed_and_searched_as_a_local
         }
         assert!(std::fs::read(local.join(&file)).unwrap() == std::fs::read(remote.join(&file)).unwrap(), "{file:?}");
     }
-    // A rerun keeps what the store holds; a shard deleted from the store is built again.
+    // A rerun keeps what the store holds; a shard deleted from the store is built again; an
+    // object the job did not make is left alone.
+    std::fs::write(remote.join("README.txt"), "the team's notes").unwrap();
     let log = ok(run(&["--index-path", "s3://indexes/gallery"]));
     assert!(log.contains("(0 built now, 3 kept)"), "{log}");
     let shard = files_under(&remote).into_iter().find(|f| f.to_string_lossy().starts_with("shard-")).unwrap();
@@ -141,6 +143,7 @@ fn a_build_index_directory_in_the_store_is_built_resumed_and_searched_as_a_local
     let log = ok(run(&["--index-path", "s3://indexes/gallery"]));
     assert!(log.contains("(1 built now, 2 kept)"), "{log}");
     assert!(remote.join(&shard).is_file());
+    assert_eq!(std::fs::read_to_string(remote.join("README.txt")).unwrap(), "the team's notes");
 
     let search = |index: &str, output: &str| {
         let args =

@@ -94,7 +94,7 @@ impl MappedParquetSource {
 }
 
 /// Whether a column of type `data_type` can serve as `role`.
-fn readable(role: &str, data_type: &DataType) -> bool {
+pub(super) fn readable(role: &str, data_type: &DataType) -> bool {
     use DataType as T;
     match role {
         "id_column" => matches!(data_type, T::Utf8 | T::LargeUtf8 | T::Utf8View | T::Int64 | T::Int32 | T::UInt32),

@@ -60,14 +60,22 @@ impl Files {
         for path in &paths {
             let builder = builder(path)?;
             let schema = builder.schema().clone();
-            for name in [Some(&columns.image), Some(&columns.text), columns.id.as_ref()].into_iter().flatten() {
-                if schema.field_with_name(name).is_err() {
-                    let have: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
-                    return Err(Error::Format {
-                        path: path.display().to_string(),
-                        reason: format!("no column `{name}`; its columns are {}", have.join(", ")),
-                    });
-                }
+            let roles = [
+                ("image_column", Some(&columns.image)),
+                ("text_column", Some(&columns.text)),
+                ("id_column", columns.id.as_ref()),
+            ];
+            for (role, name) in roles.into_iter().filter_map(|(role, name)| Some((role, name?))) {
+                let have =
+                    || schema.fields().iter().map(|f| format!("{} {}", f.name(), f.data_type())).collect::<Vec<_>>();
+                let reason = match schema.field_with_name(name) {
+                    Err(_) => format!("no column `{name}`; its columns are {}", have().join(", ")),
+                    Ok(field) if !super::img2dataset::readable(role, field.data_type()) => {
+                        format!("column `{name}` ({role}) is {}, which cnclip cannot read as one", field.data_type())
+                    }
+                    Ok(_) => continue,
+                };
+                return Err(Error::Format { path: path.display().to_string(), reason });
             }
             let mut firsts = vec![0];
             for group in builder.metadata().row_groups() {
@@ -113,7 +121,7 @@ impl Files {
             .with_row_groups(vec![group])
             .with_projection(mask)
             .with_row_selection(RowSelection::from(selectors))
-            .with_batch_size(rows.len().max(1))
+            .with_batch_size(rows.len().clamp(1, 256))
             .build()
             .map_err(|e| parquet_err(path, e))?;
         let mut out = Vec::with_capacity(rows.len());

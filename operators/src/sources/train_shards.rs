@@ -23,9 +23,9 @@
 //! a null image or text stops the run naming the file and row.
 //!
 //! Rows come out as `lmdb_train`'s do (micro-batch by micro-batch, replica by replica) with
-//! the image bytes decoded from nothing: `sample`, `image_id`, `text_id` (both
-//! `shard << 32 | sample in shard`, as the `webdataset` source numbers them), `text`, `image`,
-//! `key`. A text member that is not UTF-8 or an object that changed under the index is an error
+//! the image bytes decoded from nothing: `sample`, `image_id`, `text_id` (both `shard << 32 |
+//! sample in shard` for tar shards; a Parquet row's id as the `parquet` source's column mapping
+//! gives it), `text`, `image`, `key`. A text member that is not UTF-8 or an object that changed under the index is an error
 //! naming the shard and key: a training batch cannot drop a sample.
 
 use std::collections::{HashMap, HashSet};
@@ -37,7 +37,6 @@ use arrow::array::{ArrayRef, AsArray, BinaryBuilder, Int64Builder, RecordBatch, 
 use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
 use bytes::Bytes;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::file::reader::ChunkReader;
 use rand_mt::Mt64;
 use schemars::JsonSchema;
 use serde::Deserialize;
@@ -248,8 +247,9 @@ impl SequentialRead for TarReader<'_> {
             reason: format!("its members cannot be read at the offsets the index gives ({e}): was the shard changed?"),
         };
         if reopen {
-            let chunks = storage::open_chunks(path).map_err(io(path))?;
-            let reader = chunks.get_read(span.start).map_err(|e| failed(std::io::Error::other(e)))?;
+            // Streamed from the sample on, with the read-ahead of any stream (ranged GETs in
+            // flight for an object).
+            let reader = storage::open_read_at(path, span.start).map_err(io(path))?;
             self.open = Some((shard, Box::new(reader), span.start));
         }
         let (_, reader, offset) = self.open.as_mut().expect("opened above");

@@ -107,10 +107,12 @@ fn is_stamp(file: &Path) -> bool {
 }
 
 /// Makes the prefix `to` hold what the local directory `dir` (from [`local_dir_for`]) holds:
-/// each file uploaded whole (objects appear one by one, not at once), then the objects under
-/// the prefix that `dir` no longer has deleted. A file not changed since its stamp (the ETag
-/// of its last upload or download) is not sent again. The stamps take the new ETags, so the
-/// next [`local_dir_copy`] downloads nothing.
+/// each file uploaded whole (objects appear one by one, not at once; files in sub-folders, such
+/// as a run's `checkpoints/`, after the top level's, so that a checkpoint is never in the store
+/// before the metrics that precede it), then the objects whose copies the job removed deleted
+/// (those with a stamp and no file: objects the job never saw are left alone). A file not
+/// changed since its stamp (the ETag of its last upload or download) is not sent again. The
+/// stamps take the new ETags, so the next [`local_dir_copy`] downloads nothing.
 ///
 /// # Errors
 /// The store's error, naming the object; the OS error of reading.
@@ -121,13 +123,15 @@ pub fn upload_dir(dir: &Path, to: &Path) -> io::Result<()> {
     };
     let mut files = Vec::new();
     walk(dir, &mut files)?;
-    files.sort();
-    let mut keys = std::collections::HashSet::new();
+    files.retain(|f| !is_temporary(f));
+    files.sort_by_key(|f| (f.components().count(), f.clone()));
     let listed: std::collections::HashSet<_> = remote.list()?.into_iter().map(|(key, _)| key).collect();
-    for file in files.iter().filter(|f| !is_stamp(f)) {
+    let key_of = |file: &Path| {
         let relative = file.strip_prefix(dir).unwrap_or(file).to_string_lossy().into_owned();
-        let key = object_store::path::Path::from(format!("{}/{relative}", remote.key.as_ref().trim_end_matches('/')));
-        keys.insert(key.clone());
+        object_store::path::Path::from(format!("{}/{relative}", remote.key.as_ref().trim_end_matches('/')))
+    };
+    for file in files.iter().filter(|f| !is_stamp(f)) {
+        let key = key_of(file);
         // Unchanged since it was uploaded or downloaded (its stamp is newer, strictly: times
         // have a coarse tick) and still there.
         let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
@@ -139,12 +143,24 @@ pub fn upload_dir(dir: &Path, to: &Path) -> io::Result<()> {
         let (_, version) = object.version()?;
         std::fs::write(stamp_of(file), version.as_bytes())?;
     }
-    for key in listed {
-        if !keys.contains(&key) {
-            super::remove_file(Path::new(&remote.sibling(key).url))?;
+    // A stamp without its file: the job removed a copy it had synced (a stale index shard).
+    for stamp in files.iter().filter(|f| is_stamp(f)) {
+        let name = stamp.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let file = stamp.with_file_name(&name[1..name.len() - ".etag".len()]);
+        if !file.exists() {
+            let key = key_of(&file);
+            if listed.contains(&key) {
+                super::remove_file(Path::new(&remote.sibling(key).url))?;
+            }
+            std::fs::remove_file(stamp)?;
         }
     }
     Ok(())
+}
+
+/// A file being written by a process (a download's or a job's staging name): never synced.
+fn is_temporary(file: &Path) -> bool {
+    file.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(".cnclip-tmp-"))
 }
 
 fn walk(dir: &Path, files: &mut Vec<PathBuf>) -> io::Result<()> {
@@ -161,7 +177,8 @@ fn remove_unwanted(dir: &Path, wanted: &std::collections::HashSet<PathBuf>) -> i
         let path = entry?.path();
         if path.is_dir() {
             remove_unwanted(&path, wanted)?;
-        } else if !wanted.contains(&path) {
+        } else if !wanted.contains(&path) && !is_temporary(&path) {
+            // (Another process's download in progress is left to it.)
             std::fs::remove_file(&path)?;
         }
     }

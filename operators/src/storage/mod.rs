@@ -269,6 +269,24 @@ pub fn open_read(path: impl AsRef<Path>) -> io::Result<Reader> {
     }
 }
 
+/// As [`open_read`], from byte `start` on (a stream resumed mid-file).
+///
+/// # Errors
+/// The OS error of opening or seeking a file; the store's (a missing object: `NotFound`).
+pub fn open_read_at(path: impl AsRef<Path>, start: u64) -> io::Result<Reader> {
+    match locate(path.as_ref())? {
+        Location::Local(path) => {
+            let mut file = std::fs::File::open(path)?;
+            io::Seek::seek(&mut file, io::SeekFrom::Start(start))?;
+            Ok(Reader::Local(file))
+        }
+        Location::Remote(remote) => {
+            let size = remote.size()?;
+            remote::RemoteReader::open_range(&remote, start.min(size), size).map(Reader::Remote)
+        }
+    }
+}
+
 /// A file or an object opened for reading in pieces, as the Parquet reader does (its footer,
 /// then its column chunks): [`open_chunks`].
 pub enum Chunks {
@@ -291,7 +309,8 @@ impl parquet::file::reader::ChunkReader for Chunks {
     fn get_read(&self, start: u64) -> parquet::errors::Result<Self::T> {
         match self {
             Chunks::Local(file) => Ok(Box::new(file.get_read(start)?)),
-            Chunks::Remote { remote, size } => Ok(Box::new(remote::RemoteReader::open_range(remote, start, *size)?)),
+            // Read as far as the Parquet reader reads (a page header), not megabytes ahead.
+            Chunks::Remote { remote, size } => Ok(Box::new(remote::LazyReader::new(remote, start, *size))),
         }
     }
 

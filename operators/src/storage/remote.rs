@@ -722,6 +722,48 @@ fn abort_abandoned() {
     });
 }
 
+/// A reader of an object from an offset that fetches only as it is read: ranged GETs, each
+/// twice the last, from [`FIRST_READ_BYTES`] up to [`CHUNK_BYTES`]. The Parquet reader opens one
+/// per page header (`ChunkReader::get_read`), reads a few hundred bytes and drops it: a
+/// [`RemoteReader`] there would start megabytes of GETs for each.
+pub struct LazyReader {
+    remote: Remote,
+    position: u64,
+    end: u64,
+    next: u64,
+    current: Bytes,
+}
+
+/// The first GET of a [`LazyReader`].
+pub const FIRST_READ_BYTES: u64 = 64 << 10;
+
+impl LazyReader {
+    /// Reads `remote` from `start` up to `end` (its size).
+    pub fn new(remote: &Remote, start: u64, end: u64) -> LazyReader {
+        LazyReader { remote: remote.clone(), position: start, end, next: FIRST_READ_BYTES, current: Bytes::new() }
+    }
+}
+
+impl io::Read for LazyReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.current.is_empty() {
+            if self.position >= self.end || buf.is_empty() {
+                return Ok(0);
+            }
+            let len = self.next.min(self.end - self.position);
+            self.current = self.remote.read_range(self.position..self.position + len)?;
+            if self.current.is_empty() {
+                return Ok(0);
+            }
+            self.position += self.current.len() as u64;
+            self.next = (self.next * 2).min(CHUNK_BYTES);
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current.split_to(n));
+        Ok(n)
+    }
+}
+
 /// A streaming reader of an object: ranged GETs of [`CHUNK_BYTES`], [`IN_FLIGHT`] of them at
 /// once (one connection's speed is far below what a few give, on every store), handed to the
 /// reader in order by a thread of its own, which keeps at most one more chunk ready: memory stays

@@ -698,6 +698,17 @@ pub fn run(args: Box<Args>) -> Result<()> {
         ),
         None => (given.clone(), given.join("data")),
     };
+    let result = train(args, dir.clone(), cache, remote.clone());
+    if let (Err(_), Some(url)) = (&result, &remote) {
+        // A run that failed (a diverged loss, a signal) leaves its log and metrics where its
+        // checkpoints are, saying why; the failure reported is the run's own.
+        let _ = storage::fetch::upload_dir(&dir, url);
+    }
+    result
+}
+
+/// [`run`] in the run's directory `dir` (its spool copy when `remote` names it in a store).
+fn train(args: Box<Args>, dir: PathBuf, cache: PathBuf, remote: Option<PathBuf>) -> Result<()> {
     let checkpoints = dir.join("checkpoints");
     storage::create_dir_all(&checkpoints).with_context(|| format!("creating {}", checkpoints.display()))?;
     let suffix = chrono::Utc::now().format("%Y-%m-%d-%H-%M-%S").to_string();
