@@ -33,7 +33,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, AsArray, BinaryBuilder, Int64Builder, RecordBatch, StringArray, StringBuilder};
+use arrow::array::{Array, ArrayRef, AsArray, BinaryBuilder, Int64Builder, RecordBatch, StringArray, StringBuilder};
 use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
 use bytes::Bytes;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -103,6 +103,9 @@ impl Index {
             let array = all.column_by_name(column).ok_or_else(|| bad(format!("no `{column}` column")))?;
             let values =
                 array.as_primitive_opt::<Int64Type>().ok_or_else(|| bad(format!("`{column}` is not int64")))?;
+            if values.null_count() > 0 {
+                return Err(bad(format!("`{column}` has {} null values", values.null_count())));
+            }
             Ok(values.values().to_vec())
         };
         use location_columns::*;
@@ -130,6 +133,13 @@ impl Index {
             }
             if columns.iter().any(|c| c[i] < 0) {
                 return Err(bad(format!("row {i} has a negative offset or length")));
+            }
+            // A member no shard holds (its end past what an i64 counts) or past what a record may
+            // be would have a sample read allocate it.
+            let limit = super::default_max_record_bytes() as i64;
+            let [io, il, to, tl] = columns.each_ref().map(|c| c[i]);
+            if il > limit || tl > limit || io.checked_add(il).is_none() || to.checked_add(tl).is_none() {
+                return Err(bad(format!("row {i} has a member of impossible size or place ({io}+{il}, {to}+{tl})")));
             }
             let s = shard[i] as usize;
             if index.spans[s].1 == 0 {
@@ -589,6 +599,45 @@ impl NodeConfig for TrainShardsConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A `locations` file of one row, its image length `image_len` (or null).
+    fn index_with(dir: &Path, image_len: Option<i64>) -> PathBuf {
+        use arrow::array::{Int64Array, StringArray};
+        let int = |v: Option<i64>| Arc::new(Int64Array::from(vec![v])) as ArrayRef;
+        let columns = vec![
+            int(Some(0)),
+            int(Some(0)),
+            Arc::new(StringArray::from(vec!["k"])) as ArrayRef,
+            int(Some(512)),
+            int(image_len),
+            int(Some(1536)),
+            int(Some(4)),
+        ];
+        let fields: Vec<Field> =
+            locations_schema().fields().iter().map(|f| f.as_ref().clone().with_nullable(true)).collect();
+        let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).unwrap();
+        let path = dir.join(format!("index-{image_len:?}.parquet"));
+        let mut writer =
+            parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), batch.schema(), None).unwrap();
+        writer.write(&batch).unwrap();
+        writer.close().unwrap();
+        path
+    }
+
+    #[test]
+    fn an_index_with_nulls_or_impossible_members_is_refused_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = Index::load(&index_with(dir.path(), Some(900)), 1).unwrap();
+        assert_eq!((good.len(), good.span_of(0)), (1, 512..1540));
+        for (len, why) in [(None, "null"), (Some(i64::MAX), "impossible size")] {
+            let path = index_with(dir.path(), len);
+            let error = Index::load(&path, 1).err().expect("refused").to_string();
+            assert!(error.contains(&path.display().to_string()) && error.contains(why), "{error}");
+        }
+        // An index naming a shard past those given is not theirs.
+        let error = Index::load(&index_with(dir.path(), Some(1)), 0).err().expect("refused").to_string();
+        assert!(error.contains("not these shards'"), "{error}");
+    }
 
     #[test]
     fn a_shuffle_emits_every_position_once_and_replays_from_any_point() {
