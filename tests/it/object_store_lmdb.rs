@@ -8,11 +8,11 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use cnclip_models::checkpoint::load_cn_clip;
 use cnclip_tests::s3::S3Server;
 
 use crate::object_store::{failed, ok, put_tree};
 use crate::train_cli::{corpus, samples_by_step, the_log, train_args};
+use crate::train_shards::assert_same_parameters;
 
 /// The block the reader fetches an object by (`operators/src/lmdb_file/reader.rs`'s `BLOCK`).
 const BLOCK: u64 = 256 << 10;
@@ -85,15 +85,6 @@ fn an_lmdb_split_on_the_server_reads_as_on_disk_by_a_request_per_block() {
     std::fs::write(dir.join("missing.toml"), missing).unwrap();
     let stderr = failed(cnclip(&server, dir, &["run", "missing.toml"]));
     assert!(stderr.contains("s3://corpus/lmdb/none/pairs is not an LMDB (no data.mdb)"), "{stderr}");
-}
-
-fn assert_same_parameters(a: &Path, b: &Path) {
-    let (a, _) = load_cn_clip(a).unwrap();
-    let (b, _) = load_cn_clip(b).unwrap();
-    assert_eq!(a.len(), b.len());
-    for (key, value) in &a {
-        assert!(value.equal(&b[key]), "{key} differs");
-    }
 }
 
 #[test]

@@ -183,6 +183,20 @@ print(json.dumps({"epoch": ck["epoch"], "step": ck["step"], "wrong": wrong, "sta
 }
 
 /// Each step's `pairs` keys from a `--debug` run's metrics table.
+/// Starts `command` (a training run) and kills it (SIGKILL) once `marker` exists: a step
+/// checkpoint, mid-epoch.
+pub(crate) fn kill_once_there(command: &mut Command, marker: &Path) {
+    let mut child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !marker.is_file() {
+        assert!(Instant::now() < deadline, "no step checkpoint within 300 s");
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    assert!(!child.wait().unwrap().success(), "killed");
+}
+
 pub(crate) fn samples_by_step(path: &Path) -> Vec<(i64, Vec<i64>)> {
     use arrow::array::AsArray;
     let metrics = read_metrics(path);
@@ -208,23 +222,10 @@ fn a_run_killed_mid_epoch_and_rerun_ends_as_an_uninterrupted_run() {
 
     // The same run, killed (SIGKILL) once its first step checkpoint is in place: mid-epoch 1.
     let args = train_args("killed", &extra);
-    let mut child = Command::new(cnclip_bin())
-        .current_dir(dir)
-        .args(&args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let marker = dir.join("logs/killed/checkpoints/epoch_latest.pt");
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while !marker.is_file() {
-        assert!(Instant::now() < deadline, "no step checkpoint within 300 s");
-        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    child.kill().unwrap();
-    let status = child.wait().unwrap();
-    assert!(!status.success(), "killed");
+    kill_once_there(
+        Command::new(cnclip_bin()).current_dir(dir).args(&args),
+        &dir.join("logs/killed/checkpoints/epoch_latest.pt"),
+    );
     assert!(!dir.join("logs/killed/checkpoints/epoch2.pt").exists(), "killed before the end");
     // Rerun the same command: it resumes from epoch_latest.pt.
     cnclip(dir, &args);

@@ -6,15 +6,14 @@
 //! `ShardWriter` and served by a real S3 server.
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
 
 use cnclip_models::checkpoint::load_cn_clip;
 use cnclip_tests::python;
 use cnclip_tests::s3::S3Server;
 
 use crate::object_store::{ok, put_tree};
-use crate::train_cli::{corpus, samples_by_step, the_log, train_args};
+use crate::train_cli::{corpus, kill_once_there, samples_by_step, the_log, train_args};
 
 /// An LMDB split's pairs, in key order, as WebDataset shards of `per_shard` samples written by
 /// `webdataset.ShardWriter`: sample `i` is pair `i` (its image's bytes as `.jpg`, its text as
@@ -58,7 +57,7 @@ fn corpus_on_server(server: &S3Server, dir: &Path, train: usize) {
     }
 }
 
-fn assert_same_parameters(a: &Path, b: &Path) {
+pub(crate) fn assert_same_parameters(a: &Path, b: &Path) {
     let (a, _) = load_cn_clip(a).unwrap();
     let (b, _) = load_cn_clip(b).unwrap();
     assert_eq!(a.len(), b.len());
@@ -148,21 +147,11 @@ fn killed_stream_ends_as_an_uninterrupted_run(
     let logs = args.iter().position(|a| *a == "--logs").unwrap() + 1;
     args[logs] = "s3://runs";
     let run_dir = server.bucket("runs").join("killed");
-    let mut child = server
-        .configure(Command::new(cnclip_tests::cnclip_bin()).current_dir(dir).args(&args))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let marker = run_dir.join("checkpoints/epoch_latest.pt");
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while !marker.is_file() {
-        assert!(Instant::now() < deadline, "no step checkpoint within 300 s");
-        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    child.kill().unwrap();
-    assert!(!child.wait().unwrap().success(), "killed");
+    let mut command = Command::new(cnclip_tests::cnclip_bin());
+    kill_once_there(
+        server.configure(command.current_dir(dir).args(&args)),
+        &run_dir.join("checkpoints/epoch_latest.pt"),
+    );
     assert!(!run_dir.join("checkpoints/epoch2.pt").exists(), "killed before the end");
     // Rerun: it resumes from the checkpoint in the store.
     ok(cnclip(&server, dir, &args));

@@ -20,7 +20,7 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 
 use super::img2dataset::{id_of, images, keys};
-use super::train_shards::{Corpus, Sample, SequentialRead, stop_on_signal};
+use super::train_shards::{Corpus, Sample, SequentialRead, in_lanes, stop_on_signal};
 use crate::error::{Error, Result, io};
 use crate::storage;
 
@@ -204,27 +204,7 @@ impl Corpus for Files {
                 (at, rows)
             })
             .collect();
-        let read: Vec<Result<Vec<Sample>>> = std::thread::scope(|scope| {
-            let lanes = 8.min(groups.len()).max(1);
-            let handles: Vec<_> = (0..lanes)
-                .map(|lane| {
-                    let groups = &groups;
-                    scope.spawn(move || {
-                        groups
-                            .iter()
-                            .enumerate()
-                            .skip(lane)
-                            .step_by(lanes)
-                            .map(|(n, ((file, group), rows))| (n, self.read_rows(*file, *group, rows)))
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            let mut all: Vec<(usize, Result<Vec<Sample>>)> =
-                handles.into_iter().flat_map(|h| h.join().expect("a read thread does not panic")).collect();
-            all.sort_by_key(|(n, _)| *n);
-            all.into_iter().map(|(_, r)| r).collect()
-        });
+        let read = in_lanes(&groups, 8, |((file, group), rows)| self.read_rows(*file, *group, rows));
         let mut found: BTreeMap<(usize, usize), Sample> = BTreeMap::new();
         for (((file, _), rows), samples) in groups.iter().zip(read) {
             for (row, sample) in rows.iter().zip(samples?) {

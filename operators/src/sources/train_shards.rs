@@ -181,6 +181,14 @@ impl Index {
         Ok(Sample { image: slice(io, il), text, key, id })
     }
 
+    /// Sample `i`'s members could not be read where the index says they lie.
+    fn unreadable(&self, i: usize, shards: &[PathBuf], e: std::io::Error) -> Error {
+        Error::Record {
+            location: self.describe(i, shards),
+            reason: format!("its members cannot be read at the offsets the index gives ({e}): was the shard changed?"),
+        }
+    }
+
     fn describe(&self, i: usize, shards: &[PathBuf]) -> String {
         format!("{} sample {}", shards[self.shard[i] as usize].display(), self.keys.value(i))
     }
@@ -252,10 +260,7 @@ impl SequentialRead for TarReader<'_> {
             Some((open, _, offset)) => *open != shard || *offset > span.start || span.start - offset > SKIP_BY_READING,
             None => true,
         };
-        let failed = |e: std::io::Error| Error::Record {
-            location: index.describe(i, shards),
-            reason: format!("its members cannot be read at the offsets the index gives ({e}): was the shard changed?"),
-        };
+        let failed = |e: std::io::Error| index.unreadable(i, shards, e);
         if reopen {
             // Streamed from the sample on, with the read-ahead of any stream (ranged GETs in
             // flight for an object).
@@ -352,36 +357,42 @@ pub(crate) fn stop_on_signal() -> Result<()> {
 
 /// Samples `chunk` of the index by ranged reads, [`FETCHERS`] in flight, in `chunk`'s order.
 fn fetch(index: &Index, shards: &[PathBuf], chunk: &[usize]) -> Result<Vec<Sample>> {
-    let one = |i: usize| -> Result<Sample> {
+    in_lanes(chunk, FETCHERS, |&i| {
         let path = &shards[index.shard[i] as usize];
-        let bytes = storage::read_range(path, index.span_of(i)).map_err(|e| Error::Record {
-            location: index.describe(i, shards),
-            reason: format!("its members cannot be read at the offsets the index gives ({e}): was the shard changed?"),
-        })?;
+        let bytes = storage::read_range(path, index.span_of(i)).map_err(|e| index.unreadable(i, shards, e))?;
         index.sample_from(i, &bytes, shards)
-    };
-    let mut out: Vec<Option<Result<Sample>>> = (0..chunk.len()).map(|_| None).collect();
+    })
+    .into_iter()
+    .collect()
+}
+
+/// `work` on every item, on up to `lanes` threads (item `k` on lane `k mod lanes`), the results
+/// in the items' order: reads of a store are bound by latency, not by cores.
+pub(crate) fn in_lanes<T: Sync, R: Send>(items: &[T], lanes: usize, work: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let lanes = lanes.clamp(1, items.len().max(1));
+    let mut out: Vec<Option<R>> = (0..items.len()).map(|_| None).collect();
     std::thread::scope(|scope| {
-        let lanes: Vec<_> = (0..FETCHERS.min(chunk.len()))
+        let work = &work;
+        let handles: Vec<_> = (0..lanes)
             .map(|lane| {
                 scope.spawn(move || {
-                    chunk
+                    items
                         .iter()
                         .enumerate()
                         .skip(lane)
-                        .step_by(FETCHERS)
-                        .map(|(at, &i)| (at, one(i)))
+                        .step_by(lanes)
+                        .map(|(at, item)| (at, work(item)))
                         .collect::<Vec<_>>()
                 })
             })
             .collect();
-        for lane in lanes {
-            for (at, sample) in lane.join().expect("a fetch thread does not panic") {
-                out[at] = Some(sample);
+        for handle in handles {
+            for (at, result) in handle.join().expect("a lane does not panic") {
+                out[at] = Some(result);
             }
         }
     });
-    out.into_iter().map(|s| s.expect("every place filled")).collect()
+    out.into_iter().map(|r| r.expect("every item done")).collect()
 }
 
 /// A stream epoch's order: shards in an order drawn from `seed + epoch`, samples in file
