@@ -299,9 +299,9 @@ fn demo_runs_every_step_and_writes_its_report() {
     assert!(out.join("results/test_recall.json").is_file() && out.join("model.safetensors").is_file());
 }
 
-/// `--train-data` as cn_clip's TSV + JSONL or as our Parquet tables: serialized into an LMDB
-/// split under the run (once: a rerun reuses it) and trained on exactly as the LMDB that
-/// `build-lmdb` makes — the same final parameters.
+/// `--train-data` as cn_clip's TSV + JSONL (read in place through an index) or as our Parquet
+/// tables (serialized into an LMDB split under the run), each made once (a rerun reuses it) and
+/// trained on exactly as the LMDB that `build-lmdb` makes — the same final parameters.
 #[test]
 fn tsv_and_parquet_training_data_train_as_their_lmdb_split() {
     let tmp = tempfile::tempdir().unwrap();

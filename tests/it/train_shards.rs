@@ -1,11 +1,11 @@
-//! `cnclip train` on WebDataset shards in an object store (issue #25 item 4), read in place
-//! through their index: in cn_clip's sampler order it trains the same parameters as on the same
-//! pairs as an LMDB split, and as a shuffled stream (`--shuffle-buffer`) a run killed mid-epoch
-//! and rerun ends with the parameters and samples of an uninterrupted run — its directory
-//! (`--logs`) in the store too, resumed from there. The shards are written by `webdataset`'s own
-//! `ShardWriter` and served by a real S3 server.
+//! `cnclip train` on data in an object store read in place (issue #25 item 4): WebDataset
+//! shards (written by `webdataset`'s own `ShardWriter`), img2dataset Parquet and cn_clip's TSV +
+//! JSONL, served by a real S3 server. In cn_clip's sampler order each trains the same parameters
+//! as the same pairs as an LMDB split; as a shuffled stream (`--shuffle-buffer`) a run killed
+//! mid-epoch and rerun ends with the parameters and samples of an uninterrupted run — its
+//! directory (`--logs`) in the store too, resumed from there.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use cnclip_models::checkpoint::load_cn_clip;
@@ -271,4 +271,90 @@ fn a_shuffled_stream_of_parquet_files_killed_and_rerun_ends_as_an_uninterrupted_
     };
     let (train, valid) = ("s3://corpus/i2d/train/*.parquet", "s3://corpus/i2d/valid/*.parquet");
     killed_stream_ends_as_an_uninterrupted_run(make, train, valid, &I2D_COLUMNS);
+}
+
+/// cn_clip's own `{split}_imgs.tsv` + `{split}_texts.jsonl`, with what `build-lmdb` leaves out
+/// added to the training split — a repeated image id (another image), a text naming an image
+/// the TSV lacks, a repeated text id — and a text of three images (one missing): the files as
+/// given, in the server's bucket `corpus` under `cn/`.
+fn tsv_on_server(server: &S3Server, dir: &Path, train: usize) {
+    corpus(dir, train);
+    let (tsv, jsonl) = (dir.join("corpus/train_imgs.tsv"), dir.join("corpus/train_texts.jsonl"));
+    let images = std::fs::read_to_string(&tsv).unwrap();
+    let lines: Vec<&str> = images.lines().collect();
+    let id = |line: &str| line.split('\t').next().unwrap().to_string();
+    let (a, b) = (id(lines[0]), id(lines[1]));
+    let other_image = lines[2].split('\t').nth(1).unwrap();
+    std::fs::write(&tsv, format!("{images}{a}\t{other_image}\n")).unwrap();
+    let texts = std::fs::read_to_string(&jsonl).unwrap();
+    let first: serde_json::Value = serde_json::from_str(texts.lines().next().unwrap()).unwrap();
+    let added = [
+        r#"{"text_id": 900001, "text": "无图的文字", "image_ids": [987654321]}"#.to_string(),
+        format!(r#"{{"text_id": {}, "text": "重复的编号", "image_ids": [{b}]}}"#, first["text_id"]),
+        format!(r#"{{"text_id": 900002, "text": "三张图, 缺一张", "image_ids": [{b}, 987654321, {a}]}}"#),
+    ];
+    std::fs::write(&jsonl, format!("{texts}{}\n", added.join("\n"))).unwrap();
+    ok(cnclip(server, dir, &["build-lmdb", "--data-dir", "corpus", "--splits", "train,valid"]));
+    put_tree(server, "corpus", &dir.join("corpus"), "cn");
+}
+
+#[test]
+fn a_cn_clip_tsv_on_the_server_trains_in_place_as_its_lmdb_split() {
+    let server = S3Server::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    tsv_on_server(&server, dir, 64);
+    let extra = ["--max-epochs", "2", "--log-interval", "1", "--debug"];
+    ok(cnclip(&server, dir, &train_args("lmdb", &extra)));
+    let args = with_data(train_args("tsv", &extra), "s3://corpus/cn/train_imgs.tsv", "s3://corpus/cn/valid_imgs.tsv");
+    let log = ok(cnclip(&server, dir, &args));
+    assert!(log.contains("in place"), "{log}");
+    for epoch in ["epoch1.pt", "epoch2.pt"] {
+        let at = |run: &str| dir.join(format!("logs/{run}/checkpoints/{epoch}"));
+        assert_same_parameters(&at("lmdb"), &at("tsv"));
+    }
+    let metrics = |run: &str| samples_by_step(&dir.join(format!("logs/{run}/metrics.parquet")));
+    assert_eq!(metrics("lmdb"), metrics("tsv"));
+    let (lmdb, tsv) = (the_log(&dir.join("logs/lmdb")), the_log(&dir.join("logs/tsv")));
+    assert_eq!(validation_lines(&lmdb).len(), 2, "{lmdb}");
+    assert_eq!(validation_lines(&lmdb), validation_lines(&tsv));
+    // 64 pairs, the repeated text id's left out, two of the three-image text's kept.
+    assert!(lmdb.contains("train LMDB file contains 64 images and 66 pairs."), "{lmdb}");
+    assert!(tsv.contains("train TSV s3://corpus/cn/train_imgs.tsv and its texts contain 66 pairs."), "{tsv}");
+    // What build-lmdb quarantined, and nothing else, is quarantined beside the index.
+    let ids = |paths: &[PathBuf]| -> Vec<String> {
+        let mut ids: Vec<String> = paths
+            .iter()
+            .flat_map(|path| std::fs::read_to_string(path).unwrap().lines().map(str::to_string).collect::<Vec<_>>())
+            .map(|l| serde_json::from_str::<serde_json::Value>(&l).unwrap()["id"].to_string())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let data = dir.join("logs/tsv/data/train-data");
+    let built = ids(&[dir.join("corpus/lmdb/train/quarantine.jsonl")]);
+    assert_eq!(built.len(), 4, "{built:?}");
+    assert_eq!(ids(&[data.join("quarantine-images.jsonl"), data.join("quarantine-texts.jsonl")]), built);
+    // Nothing was copied: no LMDB, and the index is a small fraction of the TSV.
+    let held: u64 = std::fs::read_dir(&data).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+    let tsv_bytes = std::fs::metadata(dir.join("corpus/train_imgs.tsv")).unwrap().len();
+    assert!(held * 10 < tsv_bytes, "the index ({held} bytes) is not a copy of the TSV ({tsv_bytes} bytes)");
+    fn any_lmdb(dir: &Path) -> bool {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .any(|p| if p.is_dir() { any_lmdb(&p) } else { p.file_name().is_some_and(|n| n == "data.mdb") })
+    }
+    assert!(!any_lmdb(&dir.join("logs/tsv")), "no LMDB was made");
+
+    // A rerun of a finished run reuses the index.
+    ok(cnclip(&server, dir, &args));
+    assert!(the_log(&dir.join("logs/tsv")).contains("--train-data: reusing the index"));
+}
+
+#[test]
+fn a_shuffled_stream_of_a_cn_clip_tsv_killed_and_rerun_ends_as_an_uninterrupted_run() {
+    let (train, valid) = ("s3://corpus/cn/train_imgs.tsv", "s3://corpus/cn/valid_imgs.tsv");
+    // 96 pairs: the 94 of 94 texts and two of the three-image text (the repeated text id's left out).
+    killed_stream_ends_as_an_uninterrupted_run(|server, dir| tsv_on_server(server, dir, 94), train, valid, &[]);
 }

@@ -170,6 +170,7 @@ pub fn import(args: ImportArgs) -> Result<()> {
                     None,
                     TsvConfig {
                         paths: paths(&dir.join(format!("{split}_imgs.tsv"))),
+                        table: Default::default(),
                         dedupe: true,
                         max_record_bytes: args.max_record_bytes,
                     },

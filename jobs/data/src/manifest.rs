@@ -298,7 +298,7 @@ pub fn source_with(tower: Tower, data: &[String], columns: &Columns) -> Result<S
                     node: NodeDef::new(
                         "source",
                         None,
-                        TsvConfig { paths: data.to_vec(), dedupe: true, max_record_bytes },
+                        TsvConfig { paths: data.to_vec(), table: Default::default(), dedupe: true, max_record_bytes },
                     ),
                     base64: true,
                     order: Order::ResizeThenConvert,

@@ -18,6 +18,7 @@ pub mod sampler;
 pub mod synth;
 pub mod train_parquet;
 pub mod train_shards;
+pub mod train_tsv;
 pub mod tsv;
 pub mod webdataset;
 
@@ -359,9 +360,19 @@ pub(crate) enum Line<'a> {
 pub(crate) fn for_each_trimmed_line(
     path: &Path,
     max_line: usize,
-    on_line: impl FnMut(usize, Line<'_>) -> Result<()>,
+    mut on_line: impl FnMut(usize, Line<'_>) -> Result<()>,
 ) -> Result<()> {
-    lines_with_buffer(path, 4 << 20, max_line, on_line)
+    lines_at_with_buffer(path, 4 << 20, max_line, |number, _, line| on_line(number, line))
+}
+
+/// [`for_each_trimmed_line`] with each line's byte offset in the file (of its first byte after
+/// trimming; of its first byte for a [`Line::TooLong`]): where a ranged read finds it again.
+pub(crate) fn for_each_trimmed_line_at(
+    path: &Path,
+    max_line: usize,
+    on_line: impl FnMut(usize, u64, Line<'_>) -> Result<()>,
+) -> Result<()> {
+    lines_at_with_buffer(path, 4 << 20, max_line, on_line)
 }
 
 /// The byte that ends lines in `head` (a file's first 64 KiB): `\n` (Unix and Windows files),
@@ -371,11 +382,21 @@ fn line_end(head: &[u8]) -> u8 {
     if cr_only { b'\r' } else { b'\n' }
 }
 
+#[cfg(test)]
 fn lines_with_buffer(
     path: &Path,
     buffer_size: usize,
     max_line: usize,
     mut on_line: impl FnMut(usize, Line<'_>) -> Result<()>,
+) -> Result<()> {
+    lines_at_with_buffer(path, buffer_size, max_line, |number, _, line| on_line(number, line))
+}
+
+fn lines_at_with_buffer(
+    path: &Path,
+    buffer_size: usize,
+    max_line: usize,
+    mut on_line: impl FnMut(usize, u64, Line<'_>) -> Result<()>,
 ) -> Result<()> {
     use std::io::Read;
     use std::sync::mpsc::sync_channel;
@@ -387,17 +408,19 @@ fn lines_with_buffer(
     let mut file = std::io::Cursor::new(head).chain(reader);
     let blank = |b: &u8| matches!(b, b' ' | b'\r' | b'\n');
     let mut number = 0usize;
-    let mut emit = |line: Line<'_>| -> Result<()> {
+    // `at`: the file offset of the line's first byte.
+    let mut emit = |at: u64, line: Line<'_>| -> Result<()> {
         number += 1;
         match line {
-            Line::Text(line) => {
+            Line::Text(raw) => {
                 // A UTF-8 byte order mark (Windows editors write one) is not part of the data.
-                let line = if number == 1 { line.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(line) } else { line };
+                let line = if number == 1 { raw.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(raw) } else { raw };
                 let start = line.iter().position(|b| !blank(b)).unwrap_or(line.len());
                 let end = line.iter().rposition(|b| !blank(b)).map_or(start, |e| e + 1);
-                if start < end { on_line(number, Line::Text(&line[start..end])) } else { Ok(()) }
+                let at = at + (raw.len() - line.len() + start) as u64;
+                if start < end { on_line(number, at, Line::Text(&line[start..end])) } else { Ok(()) }
             }
-            long => on_line(number, long),
+            long => on_line(number, at, long),
         }
     };
     // A thread of its own reads ahead into one of two buffers (copying out of the page cache)
@@ -436,6 +459,8 @@ fn lines_with_buffer(
         // line's first bytes (for the message) and `skipped` counts the rest to its end.
         let mut carry: Vec<u8> = Vec::new();
         let mut skipped: Option<u64> = None;
+        // The file offsets of the chunk's first byte and of the carried line's.
+        let (mut base, mut carry_at) = (0u64, 0u64);
         loop {
             let chunk = full_rx
                 .recv()
@@ -443,9 +468,9 @@ fn lines_with_buffer(
             let chunk = chunk.map_err(io(path))?;
             if chunk.is_empty() {
                 return match skipped {
-                    Some(bytes) => emit(Line::TooLong { bytes, prefix: &carry }),
+                    Some(bytes) => emit(carry_at, Line::TooLong { bytes, prefix: &carry }),
                     None if carry.is_empty() => Ok(()),
-                    None => emit(Line::Text(&carry)),
+                    None => emit(carry_at, Line::Text(&carry)),
                 };
             }
             let mut start = 0;
@@ -453,7 +478,11 @@ fn lines_with_buffer(
                 let newline = memchr::memchr(newline, &chunk[start..]).map(|at| start + at);
                 let end = newline.unwrap_or(chunk.len());
                 let piece = &chunk[start..end];
+                let piece_at = base + start as u64;
                 start = end + 1;
+                if skipped.is_none() && carry.is_empty() {
+                    carry_at = piece_at;
+                }
                 if let Some(bytes) = skipped.as_mut() {
                     *bytes += piece.len() as u64;
                 } else if carry.len() + piece.len() > max_line {
@@ -461,19 +490,20 @@ fn lines_with_buffer(
                     carry.extend_from_slice(&piece[..piece.len().min(QUOTE_BYTES.saturating_sub(carry.len()))]);
                     carry.truncate(QUOTE_BYTES);
                 } else if newline.is_some() && carry.is_empty() {
-                    emit(Line::Text(piece))?; // the common case: a slice of the buffer, no copy
+                    emit(piece_at, Line::Text(piece))?; // the common case: a slice of the buffer, no copy
                     continue;
                 } else {
                     carry.extend_from_slice(piece);
                 }
                 if newline.is_some() {
                     match skipped.take() {
-                        Some(bytes) => emit(Line::TooLong { bytes, prefix: &carry })?,
-                        None => emit(Line::Text(&carry))?,
+                        Some(bytes) => emit(carry_at, Line::TooLong { bytes, prefix: &carry })?,
+                        None => emit(carry_at, Line::Text(&carry))?,
                     }
                     carry.clear();
                 }
             }
+            base += chunk.len() as u64;
             let _ = empty_tx.send(chunk);
         }
     })
@@ -574,6 +604,31 @@ mod tests {
                 ],
                 "buffer of {buffer} bytes"
             );
+        }
+    }
+
+    /// Each line's offset is where its trimmed bytes lie in the file, whatever the buffer cuts.
+    #[test]
+    fn line_offsets_point_at_the_lines_in_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lines.tsv");
+        let text = format!("\u{feff} 1\taGk=\r\n\n  \n{}\n22\tYQ== \nlast", "y".repeat(40));
+        std::fs::write(&path, &text).unwrap();
+        for buffer in [1, 3, 7, 64, 4096] {
+            let mut seen = Vec::new();
+            lines_at_with_buffer(&path, buffer, 30, |n, at, line| {
+                let at = at as usize;
+                seen.push(match line {
+                    Line::Text(line) => {
+                        assert_eq!(&text.as_bytes()[at..at + line.len()], line, "line {n}, buffer {buffer}");
+                        format!("{n}@{at}")
+                    }
+                    Line::TooLong { bytes, .. } => format!("{n}@{at} long {bytes}"),
+                });
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(seen, ["1@4", "4@16 long 40", "5@57", "6@66"], "buffer of {buffer} bytes");
         }
     }
 

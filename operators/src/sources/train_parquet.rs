@@ -163,7 +163,7 @@ impl Files {
                 None => format!("{file}/{row}"),
             };
             let id = id_of(integers, k, &key, file, row as u64);
-            out.push(Sample { image: Bytes::from(image), text: text.value(k).to_string(), key, id });
+            out.push(Sample { image: Bytes::from(image), text: text.value(k).to_string(), key, id, text_id: id });
         }
         Ok(())
     }
@@ -222,6 +222,7 @@ impl Corpus for Files {
                     text: sample.text.clone(),
                     key: sample.key.clone(),
                     id: sample.id,
+                    text_id: sample.text_id,
                 })
             })
             .collect()

@@ -20,7 +20,8 @@
 //! Parquet files in another project's layout (img2dataset's `key`, `jpg`, `caption`; Hugging
 //! Face's `image` struct) are read the same way by their columns (`columns`;
 //! [`super::train_parquet`]): a file is a shard, a row a sample, row counts from the footers, and
-//! a null image or text stops the run naming the file and row.
+//! a null image or text stops the run naming the file and row. cn_clip's TSV image files are
+//! read through their `locations` with the pairs of the texts kept ([`super::train_tsv`]).
 //!
 //! Rows come out as `lmdb_train`'s do (micro-batch by micro-batch, replica by replica) with
 //! the image bytes decoded from nothing: `sample`, `image_id`, `text_id` (both `shard << 32 |
@@ -178,7 +179,7 @@ impl Index {
             reason: format!("its text member is not UTF-8 ({e})"),
         })?;
         let (key, id) = (self.keys.value(i).to_string(), ((self.shard[i] as i64) << 32) | self.place[i] as i64);
-        Ok(Sample { image: slice(io, il), text, key, id })
+        Ok(Sample { image: slice(io, il), text, key, id, text_id: id })
     }
 
     /// Sample `i`'s members could not be read where the index says they lie.
@@ -194,12 +195,14 @@ impl Index {
     }
 }
 
-/// One sample: its image's encoded bytes, its text, its key and the id its rows take.
+/// One sample: its image's encoded bytes, its text, its key, and the ids its rows take (one
+/// id for both where a sample is one record; a TSV pair's image and text ids).
 pub(crate) struct Sample {
     pub(crate) image: Bytes,
     pub(crate) text: String,
     pub(crate) key: String,
     pub(crate) id: i64,
+    pub(crate) text_id: i64,
 }
 
 /// A corpus read in place, as the two orders need it: samples numbered shard by shard (a tar
@@ -281,10 +284,12 @@ impl SequentialRead for TarReader<'_> {
     }
 }
 
-/// What the source reads: tar shards through their index, or Parquet files by their columns.
+/// What the source reads: tar shards through their index, Parquet files by their columns, or
+/// cn_clip's TSV image files through their `locations` with the `texts` kept.
 pub enum Layout {
     Tars { index: PathBuf },
     Parquet(super::train_parquet::Columns),
+    Tsv { locations: PathBuf, texts: PathBuf },
 }
 
 pub struct TrainShardsSource {
@@ -312,6 +317,9 @@ impl Source for TrainShardsSource {
                 Box::new(Tars { index: Index::load(&index, self.shards.len())?, shards: self.shards.clone() })
             }
             Layout::Parquet(columns) => Box::new(super::train_parquet::Files::open(self.shards.clone(), columns)?),
+            Layout::Tsv { locations, texts } => {
+                Box::new(super::train_tsv::TsvPairs::open(self.shards.clone(), &locations, &texts)?)
+            }
         };
         let corpus = corpus.as_ref();
         let mut rows = Rows::default();
@@ -532,6 +540,7 @@ impl<'a> Sequential<'a> {
 struct Rows {
     sample: Int64Builder,
     image_id: Int64Builder,
+    text_id: Int64Builder,
     text: StringBuilder,
     image: BinaryBuilder,
     key: StringBuilder,
@@ -543,6 +552,7 @@ impl Rows {
     fn push(&mut self, i: usize, sample: Sample) {
         self.sample.append_value(i as i64);
         self.image_id.append_value(sample.id);
+        self.text_id.append_value(sample.text_id);
         self.text.append_value(&sample.text);
         self.image.append_value(&sample.image);
         self.key.append_value(&sample.key);
@@ -551,11 +561,10 @@ impl Rows {
     }
 
     fn finish(&mut self) -> Result<RecordBatch> {
-        let ids: ArrayRef = Arc::new(self.image_id.finish());
         let columns: Vec<ArrayRef> = vec![
             Arc::new(self.sample.finish()),
-            ids.clone(),
-            ids,
+            Arc::new(self.image_id.finish()),
+            Arc::new(self.text_id.finish()),
             Arc::new(self.text.finish()),
             Arc::new(self.image.finish()),
             Arc::new(self.key.finish()),
@@ -581,6 +590,11 @@ pub struct TrainShardsConfig {
     /// the id column (the ids and keys of `parquet`'s column mapping).
     #[serde(default)]
     pub columns: Option<super::train_parquet::Columns>,
+    /// cn_clip TSV image files (`shards`): with `index` their `locations` table (the `tsv`
+    /// source's `table = "locations"`), this is the `texts` table of the pairs (a Parquet file:
+    /// `{split}_texts.jsonl` as read by the `jsonl` source, through `require_images`).
+    #[serde(default)]
+    pub texts: Option<PathBuf>,
     /// Which samples of which epoch, for how many replicas, and how shuffled.
     pub order: TrainOrder,
 }
@@ -594,10 +608,18 @@ impl NodeConfig for TrainShardsConfig {
         if self.order.batch_size == 0 || self.order.world == 0 {
             return Err(vec!["order: batch_size and world must be at least 1".into()]);
         }
-        let layout = match (self.index, self.columns) {
-            (Some(index), None) => Layout::Tars { index: cx.resolve(&index) },
-            (None, Some(columns)) => Layout::Parquet(columns),
-            _ => return Err(vec!["give `index` (tar shards) or `columns` (Parquet files), not both".into()]),
+        let layout = match (self.index, self.columns, self.texts) {
+            (Some(index), None, None) => Layout::Tars { index: cx.resolve(&index) },
+            (None, Some(columns), None) => Layout::Parquet(columns),
+            (Some(index), None, Some(texts)) => {
+                Layout::Tsv { locations: cx.resolve(&index), texts: cx.resolve(&texts) }
+            }
+            _ => {
+                return Err(vec![
+                    "give `index` (tar shards), `index` and `texts` (TSV image files) or `columns` (Parquet files)"
+                        .into(),
+                ]);
+            }
         };
         Ok(Operator::Source(Box::new(TrainShardsSource { shards, layout, order: self.order })))
     }

@@ -26,6 +26,9 @@ pub struct ImageLine<'a> {
     pub image_id: i64,
     /// The base64 field, unchanged.
     pub base64: &'a [u8],
+    /// Where the base64 field starts in the file (a ranged read of `base64.len()` bytes from
+    /// here reads it again).
+    pub offset: u64,
 }
 
 /// Whether `b` is in either base64 alphabet (standard `+/`, URL-safe `-_`), without a table
@@ -72,7 +75,7 @@ pub fn for_each_line(
     mut on_line: impl FnMut(Result<ImageLine<'_>, Rejected>) -> Result<()>,
 ) -> Result<()> {
     let source = path.display().to_string();
-    super::for_each_trimmed_line(path, max_line, |number, line| {
+    super::for_each_trimmed_line_at(path, max_line, |number, at, line| {
         let reject = |id: Option<&[u8]>, reason: String| Rejected {
             source: source.clone(),
             location: format!("line {number}"),
@@ -100,16 +103,46 @@ pub fn for_each_line(
             Some(_) if value.is_empty() => Err(reject(Some(id), "empty image value".into())),
             Some((id_text, image_id)) => match plausible_base64(value) {
                 Err(reason) => Err(reject(Some(id), reason.to_string())),
-                Ok(()) => Ok(ImageLine { id: id_text, image_id, base64: value }),
+                Ok(()) => Ok(ImageLine { id: id_text, image_id, base64: value, offset: at + tab as u64 + 1 }),
             },
         };
         on_line(record)
     })
 }
 
-/// `{split}_imgs.tsv` shards as a source of `images_base64` batches.
+/// Which table a `tsv` source emits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TsvTable {
+    /// `image_id`, `image_base64` (the field as written).
+    #[default]
+    Images,
+    /// Where each good line's base64 field lies, not copied: `file` (its place among the
+    /// source's files), `image_id`, `offset`, `len` (see [`locations_schema`]). Training reads
+    /// a TSV's images in place through this index (`train_shards`).
+    Locations,
+}
+
+/// The columns of a TSV `locations` table.
+pub mod location_columns {
+    pub const FILE: &str = "file";
+    pub const OFFSET: &str = "offset";
+    pub const LEN: &str = "len";
+}
+
+/// The `locations` table of TSV image shards: `file`, `image_id`, and the `offset` and `len`
+/// in bytes of the line's base64 field.
+pub fn locations_schema() -> SchemaRef {
+    use arrow::datatypes::{DataType, Field, Schema};
+    use location_columns::*;
+    let int = |name: &str| Field::new(name, DataType::Int64, false);
+    std::sync::Arc::new(Schema::new(vec![int(FILE), int(cnclip_schemas::columns::IMAGE_ID), int(OFFSET), int(LEN)]))
+}
+
+/// `{split}_imgs.tsv` shards as a source of `images_base64` batches (or their `locations`).
 pub struct TsvSource {
     pub paths: Vec<PathBuf>,
+    pub table: TsvTable,
     /// Reject an image id seen before in this source (within the shard).
     pub dedupe: bool,
     /// Lines longer than this are rejected without being read whole.
@@ -126,33 +159,74 @@ impl Source for TsvSource {
     }
 
     fn schema(&self) -> SchemaRef {
-        cnclip_schemas::images_base64()
+        match self.table {
+            TsvTable::Images => cnclip_schemas::images_base64(),
+            TsvTable::Locations => locations_schema(),
+        }
     }
 
     fn read(self: Box<Self>, ctx: &ReadContext, emit: Emit<'_>) -> Result<()> {
         let mut batcher = IdBytesBatcher::new(self.schema(), ctx.batch_rows);
+        let mut locations = Locations::new(ctx.batch_rows);
         let mut seen = SeenIds::new(self.dedupe);
         let mut shard = ShardFilter::new(ctx.shard);
-        for path in &self.paths {
+        for (file, path) in self.paths.iter().enumerate() {
             for_each_line(path, self.max_record_bytes, |record| match record {
                 _ if !shard.mine() => Ok(()),
                 Err(rejected) => ctx.quarantine.reject(rejected),
                 Ok(line) => match seen.duplicate(line.image_id, path, "image") {
                     Some(rejected) => ctx.quarantine.reject(rejected),
+                    None if self.table == TsvTable::Locations => locations.push(file, &line, emit),
                     None => batcher.push(line.image_id, line.base64, emit),
                 },
             })?;
         }
-        batcher.flush(emit)
+        match self.table {
+            TsvTable::Images => batcher.flush(emit),
+            TsvTable::Locations => locations.flush(emit),
+        }
     }
 }
 
-/// cn_clip image shards (`image_id<TAB>base64` lines) → images_base64.
+/// Rows of the `locations` table, emitted `rows` at a time.
+struct Locations {
+    columns: [arrow::array::Int64Builder; 4],
+    rows: usize,
+}
+
+impl Locations {
+    fn new(rows: usize) -> Self {
+        Locations { columns: Default::default(), rows: rows.max(1) }
+    }
+
+    fn push(&mut self, file: usize, line: &ImageLine<'_>, emit: Emit<'_>) -> Result<()> {
+        use arrow::array::ArrayBuilder;
+        let values = [file as i64, line.image_id, line.offset as i64, line.base64.len() as i64];
+        for (column, value) in self.columns.iter_mut().zip(values) {
+            column.append_value(value);
+        }
+        if self.columns[0].len() >= self.rows { self.flush(emit) } else { Ok(()) }
+    }
+
+    fn flush(&mut self, emit: Emit<'_>) -> Result<()> {
+        use arrow::array::ArrayBuilder;
+        if self.columns[0].is_empty() {
+            return Ok(());
+        }
+        let columns = self.columns.iter_mut().map(|c| std::sync::Arc::new(c.finish()) as arrow::array::ArrayRef);
+        emit(arrow::array::RecordBatch::try_new(locations_schema(), columns.collect())?)
+    }
+}
+
+/// cn_clip image shards (`image_id<TAB>base64` lines) → images_base64, or where each lies.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TsvConfig {
     /// Files and globs.
     pub paths: Vec<String>,
+    /// What to emit: the images (`images`, the default) or where each lies (`locations`).
+    #[serde(default)]
+    pub table: TsvTable,
     /// Quarantine a line whose image id repeats an earlier line's.
     #[serde(default = "super::yes")]
     pub dedupe: bool,
@@ -168,13 +242,17 @@ impl NodeConfig for TsvConfig {
         let paths = cx.files(&self.paths)?;
         Ok(Operator::Source(Box::new(TsvSource {
             paths,
+            table: self.table,
             dedupe: self.dedupe,
             max_record_bytes: self.max_record_bytes,
         })))
     }
 
     fn known_schema(&self) -> Option<SchemaRef> {
-        Some(cnclip_schemas::images_base64())
+        Some(match self.table {
+            TsvTable::Images => cnclip_schemas::images_base64(),
+            TsvTable::Locations => locations_schema(),
+        })
     }
 }
 
@@ -199,7 +277,7 @@ mod tests {
         let mut seen = Vec::new();
         for_each_line(&path, crate::sources::MAX_RECORD_BYTES, |r| {
             seen.push(match r {
-                Ok(line) => format!("ok {} {}", line.id, String::from_utf8_lossy(line.base64)),
+                Ok(line) => format!("ok {} {} @{}", line.id, String::from_utf8_lossy(line.base64), line.offset),
                 Err(rejected) => format!("{}: {}", rejected.location, rejected.reason),
             });
             Ok(())
@@ -208,13 +286,13 @@ mod tests {
         assert_eq!(
             seen,
             [
-                "ok 1 aGk=",
+                "ok 1 aGk= @2",
                 "line 3: image id is not an integer",
                 "line 4: no tab: expected image_id<TAB>base64",
                 "line 5: empty image value",
                 "line 6: more than two tab-separated fields",
                 "line 7: byte 0 of the base64 field is '%', not base64",
-                "ok 6 aGk",
+                "ok 6 aGk @44",
             ]
         );
     }

@@ -272,7 +272,8 @@ mod tests {
         let line = tsv.doc.to_string();
         assert!(line.starts_with("cn_clip image shards"), "{line}");
         for field in declared_fields::<crate::sources::tsv::TsvConfig>() {
-            assert!(line.contains(&format!("`{field}` (")), "{field} missing from {line}");
+            let (plain, choice) = (format!("`{field}` ("), format!("`{field}` = "));
+            assert!(line.contains(&plain) || line.contains(&choice), "{field} missing from {line}");
         }
         assert!(line.contains("default true") && line.contains("default 268435456"), "{line}");
         let lmdb = registry.get("write_lmdb").unwrap().doc.to_string();

@@ -1,35 +1,46 @@
-//! Training and validation data given in other layouts than cn_clip's LMDB split: cn_clip's
-//! `{split}_imgs.tsv` + `{split}_texts.jsonl` (what `build_lmdb_dataset.py` reads) or our
-//! Parquet tables (`{split}_images.parquet` + `{split}_pairs.parquet` or `_texts.parquet`).
-//! They are serialized once into an LMDB split under the run's directory by the same jobs
-//! users run (`build-lmdb`, `export --format lmdb`), and reused while the inputs are
-//! unchanged: training then reads every layout as cn_clip's `LMDBDataset` reads, with its
-//! random access by pair index and the same pairs order. Bad records are quarantined there
-//! (`{split}/quarantine.jsonl`), as `build-lmdb` does.
+//! Training and validation data given in other layouts than cn_clip's LMDB split.
 //!
-//! WebDataset shards (`.tar` files, globs or brace patterns, local or in an object store) are
-//! not copied: one pass writes their `locations` index (where each sample's image and text lie,
-//! `{flag}/locations.parquet`, samples without both quarantined beside it) and training reads
-//! the shards through it (the `train_shards` source), by ranged reads in cn_clip's sampler
-//! order or as a shuffled stream (`--shuffle-buffer`). Parquet files in another project's layout
-//! (img2dataset, Hugging Face; `--image-column`, `--text-column`, `--id-column`) are read in
-//! place the same way, a file a shard and a row a sample, counted from their footers.
+//! Read in place, through a small index made once per run directory (`{logs}/{name}/data/
+//! {flag}/`) and reused while the inputs' sizes and modification times or ETags hold:
+//! - cn_clip's `{split}_imgs.tsv` + `{split}_texts.jsonl` (what `build_lmdb_dataset.py` reads),
+//!   local or in an object store: the images' `locations` (where each line's base64 field lies)
+//!   and the texts kept, each made by a pipeline (`tsv` → `write_parquet`; `jsonl` →
+//!   `require_images` → `write_parquet`) that quarantine what `build-lmdb` quarantines
+//!   (`quarantine-images.jsonl`, `quarantine-texts.jsonl` beside them). Training reads each pair's image by a ranged read, in
+//!   the `pairs` order `build-lmdb` would write: the same samples as the LMDB split.
+//! - WebDataset shards (`.tar` files, globs or brace patterns, local or in an object store):
+//!   their `locations` index (where each sample's image and text lie, samples without both
+//!   quarantined beside it); training reads the shards through it (the `train_shards`
+//!   source), by ranged reads in cn_clip's sampler order or as a shuffled stream
+//!   (`--shuffle-buffer`).
+//! - Parquet files in another project's layout (img2dataset, Hugging Face; `--image-column`,
+//!   `--text-column`, `--id-column`), a file a shard and a row a sample, counted from their
+//!   footers: nothing is made first.
+//!
+//! Our own Parquet tables (`{split}_images.parquet` + `{split}_pairs.parquet` or
+//! `_texts.parquet`) are serialized once into an LMDB split there by `export --format lmdb`
+//! (images in a Parquet row group are not one ranged read each), and trained on as cn_clip's
+//! `LMDBDataset` reads it.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
 use super::log::Log;
-use cnclip_data_jobs::{build_lmdb, command_line, import};
+use cnclip_data_jobs::{command_line, import};
 use cnclip_operators::fingerprint::{self, Stamp};
 use cnclip_operators::quarantine::OnError;
 use cnclip_operators::sinks::lmdb::LmdbWriterKind;
 use cnclip_operators::sinks::parquet::WriteParquetConfig;
+use cnclip_operators::sources::jsonl::JsonlConfig;
 use cnclip_operators::sources::lmdb::counts;
 use cnclip_operators::sources::train_parquet::{Columns, samples_in};
+use cnclip_operators::sources::train_tsv::pairs_in;
+use cnclip_operators::sources::tsv::{TsvConfig, TsvTable};
 use cnclip_operators::sources::webdataset::{WebDatasetConfig, WebDatasetTable, is_shard_path};
 use cnclip_operators::spec::{JobSettings, NodeDef, Planner};
 use cnclip_operators::storage;
+use cnclip_operators::transforms::require_images::RequireImagesConfig;
 
 /// What a run trains or validates on.
 #[derive(Debug, Clone)]
@@ -40,6 +51,8 @@ pub enum TrainData {
     Shards { shards: String, index: PathBuf, samples: usize },
     /// Parquet files in another project's layout, read by their columns in place.
     Parquet { files: String, columns: Columns, samples: usize },
+    /// cn_clip's TSV image file with its images' `locations` and the `texts` table kept.
+    Tsv { images: String, locations: PathBuf, texts: PathBuf, samples: usize },
 }
 
 impl TrainData {
@@ -50,7 +63,9 @@ impl TrainData {
                 let (_, pairs) = counts(split).with_context(|| format!("{}", split.display()))?;
                 Ok(pairs as usize)
             }
-            TrainData::Shards { samples, .. } | TrainData::Parquet { samples, .. } => Ok(*samples),
+            TrainData::Shards { samples, .. } | TrainData::Parquet { samples, .. } | TrainData::Tsv { samples, .. } => {
+                Ok(*samples)
+            }
         }
     }
 
@@ -60,6 +75,7 @@ impl TrainData {
             TrainData::Lmdb(split) => split.display().to_string(),
             TrainData::Shards { shards, .. } => shards.clone(),
             TrainData::Parquet { files, .. } => files.clone(),
+            TrainData::Tsv { images, .. } => images.clone(),
         }
     }
 }
@@ -80,6 +96,9 @@ pub fn prepare(given: &Path, columns: Option<&Columns>, cache: &Path, flag: &str
     if is_shard_path(&text) {
         return shard_index(&text, cache, flag, log);
     }
+    if text.ends_with("_imgs.tsv") {
+        return tsv_index(given, cache, flag, log);
+    }
     lmdb_split(given, cache, flag, log).map(TrainData::Lmdb)
 }
 
@@ -91,11 +110,7 @@ fn shard_index(given: &str, cache: &Path, flag: &str, log: &mut Log) -> Result<T
     if files.is_empty() {
         bail!("{flag} {given}: no shards match");
     }
-    let stamps: Vec<Stamp> = files.iter().map(|f| Stamp::of(f, false)).collect();
-    if let Some(bad) = stamps.iter().find(|s| s.error.is_some()) {
-        bail!("{flag} {given}: {} cannot be read ({})", bad.path.display(), bad.error.as_deref().unwrap_or_default());
-    }
-    let fingerprint = serde_json::json!({ "shards": given, "files": stamps }).to_string();
+    let fingerprint = stamped(given, &files, flag)?;
     let out = cache.join(flag.trim_start_matches('-'));
     let (index, marker) = (out.join("locations.parquet"), out.join("source.json"));
     let samples = |index: &Path| -> Result<usize> {
@@ -135,6 +150,85 @@ fn shard_index(given: &str, cache: &Path, flag: &str, log: &mut Log) -> Result<T
     Ok(TrainData::Shards { shards: given.to_string(), index, samples })
 }
 
+/// What `files` (given as `given`) are now: their paths, sizes and modification times or ETags,
+/// as JSON; an index made from them is reused while this is unchanged.
+fn stamped(given: &str, files: &[PathBuf], flag: &str) -> Result<String> {
+    let stamps: Vec<Stamp> = files.iter().map(|f| Stamp::of(f, false)).collect();
+    if let Some(bad) = stamps.iter().find(|s| s.error.is_some()) {
+        bail!("{flag} {given}: {} cannot be read ({})", bad.path.display(), bad.error.as_deref().unwrap_or_default());
+    }
+    Ok(serde_json::json!({ "given": given, "files": stamps }).to_string())
+}
+
+/// Indexes cn_clip's `{split}_imgs.tsv` `given` and the `{split}_texts.jsonl` beside it (once
+/// while they are unchanged) by two pipelines: the images' `locations` (`tsv` → `write_parquet`),
+/// then the texts whose images are there (`jsonl` → `require_images` against those locations →
+/// `write_parquet`), quarantining what `build-lmdb` quarantines.
+fn tsv_index(given: &Path, cache: &Path, flag: &str, log: &mut Log) -> Result<TrainData> {
+    let name = given.to_string_lossy().into_owned();
+    let split = name.strip_suffix("_imgs.tsv").expect("checked by the caller");
+    let jsonl = PathBuf::from(format!("{split}_texts.jsonl"));
+    let fingerprint = stamped(&name, &[given.to_path_buf(), jsonl.clone()], flag)?;
+    let out = cache.join(flag.trim_start_matches('-'));
+    let (locations, texts, marker) =
+        (out.join("locations.parquet"), out.join("texts.parquet"), out.join("source.json"));
+    let reused = texts.is_file() && storage::read_to_string(&marker).is_ok_and(|m| m == fingerprint);
+    if !reused {
+        let _ = storage::remove_dir_all(&out);
+        storage::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+        log.info(&format!(
+            "{flag}: indexing {name} and {} in place → {}, {}",
+            jsonl.display(),
+            locations.display(),
+            texts.display()
+        ));
+        let registry = crate::registry();
+        let mut quarantined = 0;
+        let images = TsvConfig {
+            paths: vec![name.clone()],
+            table: TsvTable::Locations,
+            dedupe: true,
+            max_record_bytes: cnclip_operators::sources::MAX_RECORD_BYTES,
+        };
+        let kept = RequireImagesConfig { images: vec![locations.display().to_string()], ..Default::default() };
+        let jsonl_source = JsonlConfig {
+            paths: vec![jsonl.display().to_string()],
+            dedupe: true,
+            max_record_bytes: cnclip_operators::sources::MAX_RECORD_BYTES,
+        };
+        // Each pipeline's quarantine file of its own (a job's quarantine file is its records).
+        let quarantines = [out.join("quarantine-images.jsonl"), out.join("quarantine-texts.jsonl")];
+        let plans = [
+            vec![
+                NodeDef::new("images", None, images),
+                NodeDef::new("locations", Some("images"), WriteParquetConfig { path: locations.clone() }),
+            ],
+            vec![
+                NodeDef::new("texts_in", None, jsonl_source),
+                NodeDef::new("kept", Some("texts_in"), kept),
+                NodeDef::new("texts", Some("kept"), WriteParquetConfig { path: texts.clone() }),
+            ],
+        ];
+        for (defs, quarantine) in plans.into_iter().zip(&quarantines) {
+            let settings = JobSettings { quarantine: quarantine.clone(), ..JobSettings::default() };
+            quarantined += Planner::new(&registry).plan(settings, defs)?.run()?.quarantined;
+        }
+        if quarantined > 0 {
+            log.info(&format!(
+                "{flag}: {quarantined} lines or image references left out, as build-lmdb leaves them (see {} and {})",
+                quarantines[0].display(),
+                quarantines[1].display()
+            ));
+        }
+        cnclip_operators::write_atomically(&marker, |f| std::io::Write::write_all(f, fingerprint.as_bytes()))?;
+    }
+    let samples = pairs_in(&texts).with_context(|| format!("{flag}: {}", texts.display()))?;
+    if reused {
+        log.info(&format!("{flag}: reusing the index {} of {name} ({samples} pairs)", out.display()));
+    }
+    Ok(TrainData::Tsv { images: name, locations, texts, samples })
+}
+
 /// The LMDB split to train on for `--train-data`/`--val-data` `given`, serializing it under
 /// `cache` first when it is not one already.
 fn lmdb_split(given: &Path, cache: &Path, flag: &str, log: &mut Log) -> Result<PathBuf> {
@@ -143,14 +237,11 @@ fn lmdb_split(given: &Path, cache: &Path, flag: &str, log: &mut Log) -> Result<P
     }
     let name = given.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let parent = given.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let (split, inputs, layout) = if let Some(split) = name.strip_suffix("_imgs.tsv") {
-        let texts = parent.join(format!("{split}_texts.jsonl"));
-        (split.to_string(), vec![given.to_path_buf(), texts], Layout::Tsv)
-    } else if let Some(split) = name.strip_suffix("_images.parquet") {
+    let (split, inputs) = if let Some(split) = name.strip_suffix("_images.parquet") {
         let texts =
             ["pairs", "texts"].iter().map(|t| parent.join(format!("{split}_{t}.parquet"))).find(|p| p.is_file());
         let texts = texts.unwrap_or_else(|| parent.join(format!("{split}_pairs.parquet")));
-        (split.to_string(), vec![given.to_path_buf(), texts], Layout::Parquet)
+        (split.to_string(), vec![given.to_path_buf(), texts])
     } else {
         bail!(
             "{flag} {}: not a cn_clip LMDB split (with imgs/ and pairs/), a {{split}}_imgs.tsv (with \
@@ -179,35 +270,17 @@ fn lmdb_split(given: &Path, cache: &Path, flag: &str, log: &mut Log) -> Result<P
     }
     let _ = storage::remove_dir_all(&out);
     storage::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    match layout {
-        Layout::Tsv => {
-            let options = build_lmdb::Args {
-                lmdb_dir: Some(out.clone()),
-                ..build_lmdb::Args::new(parent.to_path_buf(), split.clone())
-            };
-            let line = command_line::render(&options)?.join(" ");
-            log.info(&format!("{flag}: serializing {} into an LMDB split: cnclip build-lmdb {line}", given.display()));
-            build_lmdb::run(options)?;
-        }
-        Layout::Parquet => {
-            let options = import::ExportArgs {
-                parquet_dir: parent.to_path_buf(),
-                splits: split.clone(),
-                out: out.clone(),
-                format: import::Format::Lmdb,
-                writer: LmdbWriterKind::Bulk,
-                on_error: OnError::Skip,
-            };
-            let line = command_line::render(&options)?.join(" ");
-            log.info(&format!("{flag}: serializing {} into an LMDB split: cnclip export {line}", given.display()));
-            import::export(options)?;
-        }
-    }
+    let options = import::ExportArgs {
+        parquet_dir: parent.to_path_buf(),
+        splits: split.clone(),
+        out: out.clone(),
+        format: import::Format::Lmdb,
+        writer: LmdbWriterKind::Bulk,
+        on_error: OnError::Skip,
+    };
+    let line = command_line::render(&options)?.join(" ");
+    log.info(&format!("{flag}: serializing {} into an LMDB split: cnclip export {line}", given.display()));
+    import::export(options)?;
     cnclip_operators::write_atomically(&marker, |f| std::io::Write::write_all(f, fingerprint.as_bytes()))?;
     Ok(lmdb)
-}
-
-enum Layout {
-    Tsv,
-    Parquet,
 }

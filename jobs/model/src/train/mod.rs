@@ -59,17 +59,19 @@ use cnclip_operators::storage;
 #[derive(clap::Args, Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Args {
     /// The training data: a cn_clip LMDB split directory (with `imgs/` and `pairs/`); WebDataset
-    /// shards (`.tar` files, globs, `{000..099}` patterns; local or URLs), read in place through an
-    /// index made under `{logs}/{name}/data`; or a `{split}_imgs.tsv` (with `{split}_texts.jsonl`)
-    /// or `{split}_images.parquet` (with `_pairs`/`_texts`), serialized into an LMDB split there first.
+    /// shards (`.tar` files, globs, `{000..099}` patterns) or a `{split}_imgs.tsv` (with
+    /// `{split}_texts.jsonl`), local or URLs, read in place through an index made under
+    /// `{logs}/{name}/data`; or a `{split}_images.parquet` (with `_pairs`/`_texts`), serialized
+    /// into an LMDB split there first.
     #[arg(long)]
     pub train_data: PathBuf,
     /// The validation split, in any layout --train-data takes (default: none, no validation).
     #[arg(long)]
     pub val_data: Option<PathBuf>,
-    /// WebDataset shards only: 0 reads them in cn_clip's sampler order (random reads, its
-    /// semantics); N streams each epoch's shards in a shuffled order through a shuffle buffer of N
-    /// samples, for corpora too big for random reads (the last partial global batch dropped).
+    /// Data read in place only (shards, Parquet by columns, TSV): 0 reads it in cn_clip's sampler
+    /// order (random reads, its semantics); N streams each epoch's shards (a TSV's pairs in blocks
+    /// of 4096) in a shuffled order through a shuffle buffer of N samples, for corpora too big for
+    /// random reads (the last partial global batch dropped).
     #[arg(long, default_value_t = 0)]
     pub shuffle_buffer: usize,
     /// Parquet training data in another project's layout, read in place: the image column
@@ -368,8 +370,8 @@ fn plan(args: &Args, train: TrainData, val: Option<TrainData>) -> Result<Plan> {
     }
     if args.shuffle_buffer > 0 && matches!(train, TrainData::Lmdb(_)) {
         bail!(
-            "--shuffle-buffer streams WebDataset shards or Parquet files read by their columns: --train-data {} is \
-             read with cn_clip's sampler",
+            "--shuffle-buffer streams WebDataset shards, a TSV or Parquet files read by their columns: --train-data {} \
+             is read with cn_clip's sampler",
             train.describe()
         );
     }
@@ -536,12 +538,35 @@ fn data_stream(
         TrainData::Shards { shards, index, .. } => vec![NodeDef::new(
             "decoded",
             None,
-            TrainShardsConfig { shards: vec![shards.clone()], index: Some(index.clone()), columns: None, order },
+            TrainShardsConfig {
+                shards: vec![shards.clone()],
+                index: Some(index.clone()),
+                columns: None,
+                texts: None,
+                order,
+            },
         )],
         TrainData::Parquet { files, columns, .. } => vec![NodeDef::new(
             "decoded",
             None,
-            TrainShardsConfig { shards: vec![files.clone()], index: None, columns: Some(columns.clone()), order },
+            TrainShardsConfig {
+                shards: vec![files.clone()],
+                index: None,
+                columns: Some(columns.clone()),
+                texts: None,
+                order,
+            },
+        )],
+        TrainData::Tsv { images, locations, texts, .. } => vec![NodeDef::new(
+            "decoded",
+            None,
+            TrainShardsConfig {
+                shards: vec![images.clone()],
+                index: Some(locations.clone()),
+                columns: None,
+                texts: Some(texts.clone()),
+                order,
+            },
         )],
     };
     defs.extend([pixels, NodeDef::new("tokens", Some("pixels"), TokenizeConfig { context_length, preprocess: true })]);
@@ -657,6 +682,9 @@ fn log_datasets(plan: &Plan, log: &mut Log) {
             }
             Some(TrainData::Parquet { files, samples, .. }) => {
                 log.info(&format!("{split} Parquet files {files} contain {samples} samples."));
+            }
+            Some(TrainData::Tsv { images, samples, .. }) => {
+                log.info(&format!("{split} TSV {images} and its texts contain {samples} pairs."));
             }
             None => {}
         }
