@@ -299,9 +299,9 @@ fn demo_runs_every_step_and_writes_its_report() {
     assert!(out.join("results/test_recall.json").is_file() && out.join("model.safetensors").is_file());
 }
 
-/// `--train-data` as cn_clip's TSV + JSONL (read in place through an index) or as our Parquet
-/// tables (serialized into an LMDB split under the run), each made once (a rerun reuses it) and
-/// trained on exactly as the LMDB that `build-lmdb` makes — the same final parameters.
+/// `--train-data` as cn_clip's TSV + JSONL or as our Parquet tables, read in place through an
+/// index made once under the run (a rerun reuses it; no LMDB is made), trains exactly as the
+/// LMDB that `build-lmdb` makes — the same final parameters.
 #[test]
 fn tsv_and_parquet_training_data_train_as_their_lmdb_split() {
     let tmp = tempfile::tempdir().unwrap();
@@ -329,14 +329,17 @@ fn tsv_and_parquet_training_data_train_as_their_lmdb_split() {
             assert!(a.equal(&other[key]), "{name}: {key} differs from the LMDB run's");
         }
     }
-    // A rerun (here resumed at its end) reuses the serialized split.
+    for name in ["tsv", "parquet"] {
+        assert!(!crate::train_shards::any_lmdb(&dir.join("logs").join(name)), "{name}: an LMDB was made");
+    }
+    // A rerun (here resumed at its end) reuses the index.
     let mut args = train_args("tsv", &["--max-epochs", "1"]);
     let t = args.iter().position(|a| *a == "--train-data").unwrap() + 1;
     args[t] = "corpus/train_imgs.tsv";
     let v = args.iter().position(|a| *a == "--val-data").unwrap() + 1;
     args[v] = "corpus/valid_imgs.tsv";
     cnclip(dir, &args);
-    assert!(the_log(&dir.join("logs/tsv")).contains("--train-data: reusing"), "the split was reused");
+    assert!(the_log(&dir.join("logs/tsv")).contains("--train-data: reusing the index"), "the index was reused");
 }
 
 /// `--resume` from cn_clip's own checkpoints: its weights, epoch and step as cn_clip's main.py

@@ -57,6 +57,14 @@ fn corpus_on_server(server: &S3Server, dir: &Path, train: usize) {
     }
 }
 
+/// Whether an LMDB (a `data.mdb`) is anywhere under `dir`.
+pub(crate) fn any_lmdb(dir: &Path) -> bool {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .any(|p| if p.is_dir() { any_lmdb(&p) } else { p.file_name().is_some_and(|n| n == "data.mdb") })
+}
+
 pub(crate) fn assert_same_parameters(a: &Path, b: &Path) {
     let (a, _) = load_cn_clip(a).unwrap();
     let (b, _) = load_cn_clip(b).unwrap();
@@ -298,8 +306,10 @@ fn tsv_on_server(server: &S3Server, dir: &Path, train: usize) {
     put_tree(server, "corpus", &dir.join("corpus"), "cn");
 }
 
+/// The TSV on the server, then the same files imported as cnclip's Parquet tables, read in
+/// place: the LMDB split's parameters, samples and validation, what it quarantined, no LMDB.
 #[test]
-fn a_cn_clip_tsv_on_the_server_trains_in_place_as_its_lmdb_split() {
+fn a_cn_clip_tsv_and_its_tables_on_the_server_train_in_place_as_its_lmdb_split() {
     let server = S3Server::start();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
@@ -320,7 +330,7 @@ fn a_cn_clip_tsv_on_the_server_trains_in_place_as_its_lmdb_split() {
     assert_eq!(validation_lines(&lmdb), validation_lines(&tsv));
     // 64 pairs, the repeated text id's left out, two of the three-image text's kept.
     assert!(lmdb.contains("train LMDB file contains 64 images and 66 pairs."), "{lmdb}");
-    assert!(tsv.contains("train TSV s3://corpus/cn/train_imgs.tsv and its texts contain 66 pairs."), "{tsv}");
+    assert!(tsv.contains("train images s3://corpus/cn/train_imgs.tsv and their texts contain 66 pairs."), "{tsv}");
     // What build-lmdb quarantined, and nothing else, is quarantined beside the index.
     let ids = |paths: &[PathBuf]| -> Vec<String> {
         let mut ids: Vec<String> = paths
@@ -339,17 +349,21 @@ fn a_cn_clip_tsv_on_the_server_trains_in_place_as_its_lmdb_split() {
     let held: u64 = std::fs::read_dir(&data).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
     let tsv_bytes = std::fs::metadata(dir.join("corpus/train_imgs.tsv")).unwrap().len();
     assert!(held * 10 < tsv_bytes, "the index ({held} bytes) is not a copy of the TSV ({tsv_bytes} bytes)");
-    fn any_lmdb(dir: &Path) -> bool {
-        std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .any(|p| if p.is_dir() { any_lmdb(&p) } else { p.file_name().is_some_and(|n| n == "data.mdb") })
-    }
     assert!(!any_lmdb(&dir.join("logs/tsv")), "no LMDB was made");
 
     // A rerun of a finished run reuses the index.
     ok(cnclip(&server, dir, &args));
     assert!(the_log(&dir.join("logs/tsv")).contains("--train-data: reusing the index"));
+
+    // The same files imported as cnclip's tables, on the server: read in place too, the same.
+    ok(cnclip(&server, dir, &["import", "--data-dir", "corpus", "--splits", "train,valid", "--out", "tables"]));
+    put_tree(&server, "corpus", &dir.join("tables"), "tables");
+    let (train, valid) = ("s3://corpus/tables/train_images.parquet", "s3://corpus/tables/valid_images.parquet");
+    ok(cnclip(&server, dir, &with_data(train_args("tables", &extra), train, valid)));
+    let at = |run: &str| dir.join(format!("logs/{run}/checkpoints/epoch2.pt"));
+    assert_same_parameters(&at("lmdb"), &at("tables"));
+    assert_eq!(metrics("lmdb"), metrics("tables"));
+    assert!(!any_lmdb(&dir.join("logs/tables")), "no LMDB was made");
 }
 
 #[test]

@@ -16,9 +16,9 @@ pub mod parquet;
 pub mod parts;
 pub mod sampler;
 pub mod synth;
+pub mod train_pairs;
 pub mod train_parquet;
 pub mod train_shards;
-pub mod train_tsv;
 pub mod tsv;
 pub mod webdataset;
 

@@ -23,6 +23,7 @@ use super::img2dataset::{id_of, images, keys};
 use super::train_shards::{Corpus, Sample, SequentialRead, in_lanes, stop_on_signal};
 use crate::error::{Error, Result, io};
 use crate::storage;
+use cnclip_schemas::columns::{IMAGE, IMAGE_ID};
 
 /// The columns a Parquet corpus is read by.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
@@ -43,6 +44,8 @@ pub struct Columns {
 pub(crate) struct Files {
     paths: Vec<PathBuf>,
     columns: Columns,
+    /// Whether samples have a text (`columns.text`); images tables have none.
+    with_text: bool,
     /// Per file: the first row of each row group, then the file's row count.
     groups: Vec<Vec<usize>>,
     /// Per file: its first sample and how many it has.
@@ -56,13 +59,31 @@ impl Files {
     /// # Errors
     /// A file that cannot be read or lacks a column, naming it.
     pub(crate) fn open(paths: Vec<PathBuf>, columns: Columns) -> Result<Files> {
+        Self::open_with(paths, columns, true)
+    }
+
+    /// Images tables (`image_id`, `image`): samples of an image each, with an empty text.
+    ///
+    /// # Errors
+    /// As [`Files::open`].
+    pub(crate) fn images(paths: Vec<PathBuf>) -> Result<Files> {
+        let columns = Columns { image: IMAGE.into(), text: String::new(), id: Some(IMAGE_ID.into()) };
+        Self::open_with(paths, columns, false)
+    }
+
+    /// The paths, in the order samples are numbered.
+    pub(crate) fn paths(&self) -> &[PathBuf] {
+        &self.paths
+    }
+
+    fn open_with(paths: Vec<PathBuf>, columns: Columns, with_text: bool) -> Result<Files> {
         let (mut groups, mut spans, mut total) = (Vec::new(), Vec::new(), 0);
         for path in &paths {
             let builder = builder(path)?;
             let schema = builder.schema().clone();
             let roles = [
                 ("image_column", Some(&columns.image)),
-                ("text_column", Some(&columns.text)),
+                ("text_column", Some(&columns.text).filter(|_| with_text)),
                 ("id_column", columns.id.as_ref()),
             ];
             for (role, name) in roles.into_iter().filter_map(|(role, name)| Some((role, name?))) {
@@ -86,7 +107,7 @@ impl Files {
             total += rows;
             groups.push(firsts);
         }
-        Ok(Files { paths, columns, groups, spans, total })
+        Ok(Files { paths, columns, with_text, groups, spans, total })
     }
 
     /// The file holding sample `i`, and the row in it.
@@ -101,10 +122,9 @@ impl Files {
         let path = &self.paths[file];
         let builder = builder(path)?;
         let schema = builder.schema().clone();
-        let wanted: Vec<&String> = [Some(&self.columns.image), Some(&self.columns.text), self.columns.id.as_ref()]
-            .into_iter()
-            .flatten()
-            .collect();
+        let text = Some(&self.columns.text).filter(|_| self.with_text);
+        let wanted: Vec<&String> =
+            [Some(&self.columns.image), text, self.columns.id.as_ref()].into_iter().flatten().collect();
         let roots: Vec<usize> = wanted.iter().filter_map(|n| schema.index_of(n).ok()).collect();
         let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
         let first = self.groups[file][group];
@@ -143,7 +163,10 @@ impl Files {
         let path = &self.paths[file];
         let column = |name: &str| batch.column_by_name(name).expect("projected").clone();
         let image = images(&column(&self.columns.image))?;
-        let text = arrow::compute::cast(&column(&self.columns.text), &DataType::Utf8)?;
+        let text = match self.with_text {
+            true => arrow::compute::cast(&column(&self.columns.text), &DataType::Utf8)?,
+            false => arrow::array::new_null_array(&DataType::Utf8, batch.num_rows()),
+        };
         let text = text.as_string::<i32>();
         let ids = self.columns.id.as_ref().map(|name| column(name));
         let integers = match &ids {
@@ -155,7 +178,7 @@ impl Files {
         for (k, &row) in rows.iter().enumerate().take(batch.num_rows()) {
             let bad = |reason: String| Error::Record { location: format!("{} row {row}", path.display()), reason };
             let image = image[k].clone().map_err(bad)?;
-            if text.is_null(k) {
+            if self.with_text && text.is_null(k) {
                 return Err(bad(format!("its text column `{}` is null", self.columns.text)));
             }
             let key = match &key_text {

@@ -20,8 +20,9 @@
 //! Parquet files in another project's layout (img2dataset's `key`, `jpg`, `caption`; Hugging
 //! Face's `image` struct) are read the same way by their columns (`columns`;
 //! [`super::train_parquet`]): a file is a shard, a row a sample, row counts from the footers, and
-//! a null image or text stops the run naming the file and row. cn_clip's TSV image files are
-//! read through their `locations` with the pairs of the texts kept ([`super::train_tsv`]).
+//! a null image or text stops the run naming the file and row. Corpora whose texts refer to
+//! images by id — cn_clip's TSV image files (through their `locations`), cnclip's images tables
+//! — are read with the texts or pairs kept ([`super::train_pairs`]).
 //!
 //! Rows come out as `lmdb_train`'s do (micro-batch by micro-batch, replica by replica) with
 //! the image bytes decoded from nothing: `sample`, `image_id`, `text_id` (both `shard << 32 |
@@ -285,11 +286,13 @@ impl SequentialRead for TarReader<'_> {
 }
 
 /// What the source reads: tar shards through their index, Parquet files by their columns, or
-/// cn_clip's TSV image files through their `locations` with the `texts` kept.
+/// images by id — cn_clip's TSV image files through their `locations`, or images tables — with
+/// the texts or pairs kept.
 pub enum Layout {
     Tars { index: PathBuf },
     Parquet(super::train_parquet::Columns),
     Tsv { locations: PathBuf, texts: PathBuf },
+    Tables { texts: PathBuf },
 }
 
 pub struct TrainShardsSource {
@@ -318,8 +321,9 @@ impl Source for TrainShardsSource {
             }
             Layout::Parquet(columns) => Box::new(super::train_parquet::Files::open(self.shards.clone(), columns)?),
             Layout::Tsv { locations, texts } => {
-                Box::new(super::train_tsv::TsvPairs::open(self.shards.clone(), &locations, &texts)?)
+                Box::new(super::train_pairs::Pairs::tsv(self.shards.clone(), &locations, &texts)?)
             }
+            Layout::Tables { texts } => Box::new(super::train_pairs::Pairs::tables(self.shards.clone(), &texts)?),
         };
         let corpus = corpus.as_ref();
         let mut rows = Rows::default();
@@ -590,9 +594,10 @@ pub struct TrainShardsConfig {
     /// the id column (the ids and keys of `parquet`'s column mapping).
     #[serde(default)]
     pub columns: Option<super::train_parquet::Columns>,
-    /// cn_clip TSV image files (`shards`): with `index` their `locations` table (the `tsv`
-    /// source's `table = "locations"`), this is the `texts` table of the pairs (a Parquet file:
-    /// `{split}_texts.jsonl` as read by the `jsonl` source, through `require_images`).
+    /// Images by id (`shards`: cn_clip TSV image files with `index`, their `locations` table
+    /// (the `tsv` source's `table = "locations"`); or images tables, `image_id` and `image`,
+    /// without it): the `texts` or `pairs` table of the pairs, a Parquet file (the texts as the
+    /// `jsonl` or `parquet` source reads them, through `require_images`).
     #[serde(default)]
     pub texts: Option<PathBuf>,
     /// Which samples of which epoch, for how many replicas, and how shuffled.
@@ -614,9 +619,11 @@ impl NodeConfig for TrainShardsConfig {
             (Some(index), None, Some(texts)) => {
                 Layout::Tsv { locations: cx.resolve(&index), texts: cx.resolve(&texts) }
             }
+            (None, None, Some(texts)) => Layout::Tables { texts: cx.resolve(&texts) },
             _ => {
                 return Err(vec![
-                    "give `index` (tar shards), `index` and `texts` (TSV image files) or `columns` (Parquet files)"
+                    "give `index` (tar shards), `index` and `texts` (TSV image files), `texts` (images tables) or \
+                     `columns` (Parquet files)"
                         .into(),
                 ]);
             }

@@ -88,7 +88,7 @@ impl RequireImages {
 /// int64 `column` ([`Error::Format`]), naming `path`.
 pub(crate) fn read_ids(path: &std::path::Path, column: &str, ids: &mut FxHashSet<i64>) -> Result<()> {
     let name = || path.display().to_string();
-    let file = storage::open(path).map_err(crate::error::io(path))?;
+    let file = storage::open_chunks(path).map_err(crate::error::io(path))?;
     let parquet = |source| Error::Parquet { path: name(), source };
     let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(parquet)?;
     let mask = ProjectionMask::columns(builder.parquet_schema(), [column]);

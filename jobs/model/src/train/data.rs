@@ -1,41 +1,35 @@
-//! Training and validation data given in other layouts than cn_clip's LMDB split.
-//!
-//! Read in place, through a small index made once per run directory (`{logs}/{name}/data/
-//! {flag}/`) and reused while the inputs' sizes and modification times or ETags hold:
-//! - cn_clip's `{split}_imgs.tsv` + `{split}_texts.jsonl` (what `build_lmdb_dataset.py` reads),
-//!   local or in an object store: the images' `locations` (where each line's base64 field lies)
-//!   and the texts kept, each made by a pipeline (`tsv` → `write_parquet`; `jsonl` →
-//!   `require_images` → `write_parquet`) that quarantine what `build-lmdb` quarantines
-//!   (`quarantine-images.jsonl`, `quarantine-texts.jsonl` beside them). Training reads each pair's image by a ranged read, in
-//!   the `pairs` order `build-lmdb` would write: the same samples as the LMDB split.
-//! - WebDataset shards (`.tar` files, globs or brace patterns, local or in an object store):
-//!   their `locations` index (where each sample's image and text lie, samples without both
-//!   quarantined beside it); training reads the shards through it (the `train_shards`
-//!   source), by ranged reads in cn_clip's sampler order or as a shuffled stream
-//!   (`--shuffle-buffer`).
+//! Training and validation data given in other layouts than cn_clip's LMDB split, read in
+//! place (nothing is serialized into an LMDB), local or in an object store. What an index needs
+//! is made once per run directory (`{logs}/{name}/data/{flag}/`) and reused while the inputs'
+//! sizes and modification times or ETags hold:
+//! - texts that refer to images by id — cn_clip's `{split}_imgs.tsv` + `{split}_texts.jsonl`
+//!   (what `build_lmdb_dataset.py` reads), or cnclip's `{split}_images.parquet` + `_texts` or
+//!   `_pairs`: a TSV's `locations` (where each line's base64 field lies) and the texts or pairs
+//!   kept, each made by a pipeline (`tsv` → `write_parquet`; `jsonl`/`parquet` →
+//!   `require_images` → `write_parquet`) that quarantines what `build-lmdb` and `export
+//!   --format lmdb` quarantine (`quarantine-images.jsonl`, `quarantine-texts.jsonl` beside
+//!   them). Training reads each pair's image by a ranged read of the TSV or from its row group,
+//!   in the `pairs` order an LMDB split of the same files has: the same samples.
+//! - WebDataset shards (`.tar` files, globs or brace patterns): their `locations` index (where
+//!   each sample's image and text lie, samples without both quarantined beside it); training
+//!   reads the shards through it (the `train_shards` source), by ranged reads in cn_clip's
+//!   sampler order or as a shuffled stream (`--shuffle-buffer`).
 //! - Parquet files in another project's layout (img2dataset, Hugging Face; `--image-column`,
 //!   `--text-column`, `--id-column`), a file a shard and a row a sample, counted from their
 //!   footers: nothing is made first.
-//!
-//! Our own Parquet tables (`{split}_images.parquet` + `{split}_pairs.parquet` or
-//! `_texts.parquet`) are serialized once into an LMDB split there by `export --format lmdb`
-//! (images in a Parquet row group are not one ranged read each), and trained on as cn_clip's
-//! `LMDBDataset` reads it.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
 use super::log::Log;
-use cnclip_data_jobs::{command_line, import};
 use cnclip_operators::fingerprint::{self, Stamp};
-use cnclip_operators::quarantine::OnError;
-use cnclip_operators::sinks::lmdb::LmdbWriterKind;
 use cnclip_operators::sinks::parquet::WriteParquetConfig;
 use cnclip_operators::sources::jsonl::JsonlConfig;
 use cnclip_operators::sources::lmdb::counts;
+use cnclip_operators::sources::parquet::ParquetConfig;
+use cnclip_operators::sources::train_pairs::pairs_in;
 use cnclip_operators::sources::train_parquet::{Columns, samples_in};
-use cnclip_operators::sources::train_tsv::pairs_in;
 use cnclip_operators::sources::tsv::{TsvConfig, TsvTable};
 use cnclip_operators::sources::webdataset::{WebDatasetConfig, WebDatasetTable, is_shard_path};
 use cnclip_operators::spec::{JobSettings, NodeDef, Planner};
@@ -51,8 +45,9 @@ pub enum TrainData {
     Shards { shards: String, index: PathBuf, samples: usize },
     /// Parquet files in another project's layout, read by their columns in place.
     Parquet { files: String, columns: Columns, samples: usize },
-    /// cn_clip's TSV image file with its images' `locations` and the `texts` table kept.
-    Tsv { images: String, locations: PathBuf, texts: PathBuf, samples: usize },
+    /// Images by id — cn_clip's TSV image file (with its images' `locations`) or an images
+    /// table — and the texts or pairs kept.
+    Pairs { images: String, locations: Option<PathBuf>, texts: PathBuf, samples: usize },
 }
 
 impl TrainData {
@@ -63,9 +58,9 @@ impl TrainData {
                 let (_, pairs) = counts(split).with_context(|| format!("{}", split.display()))?;
                 Ok(pairs as usize)
             }
-            TrainData::Shards { samples, .. } | TrainData::Parquet { samples, .. } | TrainData::Tsv { samples, .. } => {
-                Ok(*samples)
-            }
+            TrainData::Shards { samples, .. }
+            | TrainData::Parquet { samples, .. }
+            | TrainData::Pairs { samples, .. } => Ok(*samples),
         }
     }
 
@@ -75,7 +70,7 @@ impl TrainData {
             TrainData::Lmdb(split) => split.display().to_string(),
             TrainData::Shards { shards, .. } => shards.clone(),
             TrainData::Parquet { files, .. } => files.clone(),
-            TrainData::Tsv { images, .. } => images.clone(),
+            TrainData::Pairs { images, .. } => images.clone(),
         }
     }
 }
@@ -96,10 +91,18 @@ pub fn prepare(given: &Path, columns: Option<&Columns>, cache: &Path, flag: &str
     if is_shard_path(&text) {
         return shard_index(&text, cache, flag, log);
     }
-    if text.ends_with("_imgs.tsv") {
-        return tsv_index(given, cache, flag, log);
+    if cnclip_operators::sources::lmdb::is_split(given) {
+        return Ok(TrainData::Lmdb(given.to_path_buf()));
     }
-    lmdb_split(given, cache, flag, log).map(TrainData::Lmdb)
+    if text.ends_with("_imgs.tsv") || text.ends_with("_images.parquet") {
+        return pairs_index(given, cache, flag, log);
+    }
+    bail!(
+        "{flag} {text}: not a cn_clip LMDB split (with imgs/ and pairs/), a {{split}}_imgs.tsv (with \
+         {{split}}_texts.jsonl beside it), a {{split}}_images.parquet (with {{split}}_texts.parquet or \
+         {{split}}_pairs.parquet), WebDataset shards (.tar files, globs or brace patterns) or Parquet files with \
+         --image-column and --text-column"
+    )
 }
 
 /// Indexes the WebDataset shards `given` (once while they are unchanged: their sizes and
@@ -160,15 +163,34 @@ fn stamped(given: &str, files: &[PathBuf], flag: &str) -> Result<String> {
     Ok(serde_json::json!({ "given": given, "files": stamps }).to_string())
 }
 
-/// Indexes cn_clip's `{split}_imgs.tsv` `given` and the `{split}_texts.jsonl` beside it (once
-/// while they are unchanged) by two pipelines: the images' `locations` (`tsv` → `write_parquet`),
-/// then the texts whose images are there (`jsonl` → `require_images` against those locations →
-/// `write_parquet`), quarantining what `build-lmdb` quarantines.
-fn tsv_index(given: &Path, cache: &Path, flag: &str, log: &mut Log) -> Result<TrainData> {
+/// Indexes a corpus whose texts refer to images by id (once while its files are unchanged):
+/// cn_clip's `{split}_imgs.tsv` `given` with the `{split}_texts.jsonl` beside it, or cnclip's
+/// `{split}_images.parquet` with `_texts` (or `_pairs`). Pipelines make what training reads: a
+/// TSV's `locations` (`tsv` → `write_parquet`), then the texts or pairs whose images are there
+/// (`jsonl` or `parquet` → `require_images` → `write_parquet`), quarantining what `build-lmdb`
+/// and `export --format lmdb` quarantine. An images table needs no index.
+fn pairs_index(given: &Path, cache: &Path, flag: &str, log: &mut Log) -> Result<TrainData> {
     let name = given.to_string_lossy().into_owned();
-    let split = name.strip_suffix("_imgs.tsv").expect("checked by the caller");
-    let jsonl = PathBuf::from(format!("{split}_texts.jsonl"));
-    let fingerprint = stamped(&name, &[given.to_path_buf(), jsonl.clone()], flag)?;
+    let exists = |path: &Path| storage::metadata(path).is_ok();
+    let (texts_in, source): (PathBuf, NodeDef) = match name.strip_suffix("_imgs.tsv") {
+        Some(split) => {
+            let jsonl = PathBuf::from(format!("{split}_texts.jsonl"));
+            let max_record_bytes = cnclip_operators::sources::MAX_RECORD_BYTES;
+            let config = JsonlConfig { paths: vec![jsonl.display().to_string()], dedupe: true, max_record_bytes };
+            (jsonl, NodeDef::new("texts_in", None, config))
+        }
+        None => {
+            let split = name.strip_suffix("_images.parquet").expect("checked by the caller");
+            let table = |table: &str| PathBuf::from(format!("{split}_{table}.parquet"));
+            // As `export` chooses: the texts table, or the pairs table when there is none.
+            let kind = if exists(&table("texts")) || !exists(&table("pairs")) { "texts" } else { "pairs" };
+            let config =
+                ParquetConfig::new(vec![table(kind).display().to_string()], Some(kind.into()), kind != "pairs");
+            (table(kind), NodeDef::new("texts_in", None, config))
+        }
+    };
+    let tsv = name.ends_with(".tsv");
+    let fingerprint = stamped(&name, &[given.to_path_buf(), texts_in.clone()], flag)?;
     let out = cache.join(flag.trim_start_matches('-'));
     let (locations, texts, marker) =
         (out.join("locations.parquet"), out.join("texts.parquet"), out.join("source.json"));
@@ -176,48 +198,41 @@ fn tsv_index(given: &Path, cache: &Path, flag: &str, log: &mut Log) -> Result<Tr
     if !reused {
         let _ = storage::remove_dir_all(&out);
         storage::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-        log.info(&format!(
-            "{flag}: indexing {name} and {} in place → {}, {}",
-            jsonl.display(),
-            locations.display(),
-            texts.display()
-        ));
+        log.info(&format!("{flag}: indexing {name} and {} in place → {}", texts_in.display(), out.display()));
         let registry = crate::registry();
-        let mut quarantined = 0;
-        let images = TsvConfig {
-            paths: vec![name.clone()],
-            table: TsvTable::Locations,
-            dedupe: true,
-            max_record_bytes: cnclip_operators::sources::MAX_RECORD_BYTES,
-        };
-        let kept = RequireImagesConfig { images: vec![locations.display().to_string()], ..Default::default() };
-        let jsonl_source = JsonlConfig {
-            paths: vec![jsonl.display().to_string()],
-            dedupe: true,
-            max_record_bytes: cnclip_operators::sources::MAX_RECORD_BYTES,
-        };
+        let mut plans = Vec::new();
         // Each pipeline's quarantine file of its own (a job's quarantine file is its records).
-        let quarantines = [out.join("quarantine-images.jsonl"), out.join("quarantine-texts.jsonl")];
-        let plans = [
-            vec![
+        if tsv {
+            let images = TsvConfig {
+                paths: vec![name.clone()],
+                table: TsvTable::Locations,
+                dedupe: true,
+                max_record_bytes: cnclip_operators::sources::MAX_RECORD_BYTES,
+            };
+            let defs = vec![
                 NodeDef::new("images", None, images),
                 NodeDef::new("locations", Some("images"), WriteParquetConfig { path: locations.clone() }),
-            ],
-            vec![
-                NodeDef::new("texts_in", None, jsonl_source),
-                NodeDef::new("kept", Some("texts_in"), kept),
-                NodeDef::new("texts", Some("kept"), WriteParquetConfig { path: texts.clone() }),
-            ],
-        ];
-        for (defs, quarantine) in plans.into_iter().zip(&quarantines) {
-            let settings = JobSettings { quarantine: quarantine.clone(), ..JobSettings::default() };
-            quarantined += Planner::new(&registry).plan(settings, defs)?.run()?.quarantined;
+            ];
+            plans.push((defs, out.join("quarantine-images.jsonl")));
         }
-        if quarantined > 0 {
+        let images = if tsv { locations.display().to_string() } else { name.clone() };
+        let defs = vec![
+            source,
+            NodeDef::new("kept", Some("texts_in"), RequireImagesConfig { images: vec![images], ..Default::default() }),
+            NodeDef::new("texts", Some("kept"), WriteParquetConfig { path: texts.clone() }),
+        ];
+        plans.push((defs, out.join("quarantine-texts.jsonl")));
+        let mut quarantined = Vec::new();
+        for (defs, quarantine) in plans {
+            let settings = JobSettings { quarantine: quarantine.clone(), ..JobSettings::default() };
+            if Planner::new(&registry).plan(settings, defs)?.run()?.quarantined > 0 {
+                quarantined.push(quarantine.display().to_string());
+            }
+        }
+        if !quarantined.is_empty() {
             log.info(&format!(
-                "{flag}: {quarantined} lines or image references left out, as build-lmdb leaves them (see {} and {})",
-                quarantines[0].display(),
-                quarantines[1].display()
+                "{flag}: lines or image references left out, as build-lmdb leaves them: see {}",
+                quarantined.join(" and ")
             ));
         }
         cnclip_operators::write_atomically(&marker, |f| std::io::Write::write_all(f, fingerprint.as_bytes()))?;
@@ -226,61 +241,6 @@ fn tsv_index(given: &Path, cache: &Path, flag: &str, log: &mut Log) -> Result<Tr
     if reused {
         log.info(&format!("{flag}: reusing the index {} of {name} ({samples} pairs)", out.display()));
     }
-    Ok(TrainData::Tsv { images: name, locations, texts, samples })
-}
-
-/// The LMDB split to train on for `--train-data`/`--val-data` `given`, serializing it under
-/// `cache` first when it is not one already.
-fn lmdb_split(given: &Path, cache: &Path, flag: &str, log: &mut Log) -> Result<PathBuf> {
-    if cnclip_operators::sources::lmdb::is_split(given) {
-        return Ok(given.to_path_buf());
-    }
-    let name = given.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let parent = given.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let (split, inputs) = if let Some(split) = name.strip_suffix("_images.parquet") {
-        let texts =
-            ["pairs", "texts"].iter().map(|t| parent.join(format!("{split}_{t}.parquet"))).find(|p| p.is_file());
-        let texts = texts.unwrap_or_else(|| parent.join(format!("{split}_pairs.parquet")));
-        (split.to_string(), vec![given.to_path_buf(), texts])
-    } else {
-        bail!(
-            "{flag} {}: not a cn_clip LMDB split (with imgs/ and pairs/), a {{split}}_imgs.tsv (with \
-             {{split}}_texts.jsonl beside it), a {{split}}_images.parquet (with {{split}}_pairs.parquet or \
-             {{split}}_texts.parquet) or WebDataset shards (.tar files, globs or brace patterns)",
-            given.display()
-        );
-    };
-    let mut fingerprint = Vec::new();
-    for input in &inputs {
-        let meta = storage::metadata(input).with_context(|| format!("{flag}: {}", input.display()))?;
-        let modified = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
-        fingerprint.push(serde_json::json!({
-            "path": storage::canonicalize(input).unwrap_or_else(|_| input.clone()),
-            "bytes": meta.len(),
-            "modified_ns": modified.map(|d| d.as_nanos().to_string()),
-        }));
-    }
-    let fingerprint = serde_json::Value::Array(fingerprint).to_string();
-    let out = cache.join(flag.trim_start_matches('-'));
-    let lmdb = out.join(&split);
-    let marker = out.join("source.json");
-    if lmdb.join("pairs/data.mdb").is_file() && storage::read_to_string(&marker).is_ok_and(|m| m == fingerprint) {
-        log.info(&format!("{flag}: reusing {} (made from {})", lmdb.display(), given.display()));
-        return Ok(lmdb);
-    }
-    let _ = storage::remove_dir_all(&out);
-    storage::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let options = import::ExportArgs {
-        parquet_dir: parent.to_path_buf(),
-        splits: split.clone(),
-        out: out.clone(),
-        format: import::Format::Lmdb,
-        writer: LmdbWriterKind::Bulk,
-        on_error: OnError::Skip,
-    };
-    let line = command_line::render(&options)?.join(" ");
-    log.info(&format!("{flag}: serializing {} into an LMDB split: cnclip export {line}", given.display()));
-    import::export(options)?;
-    cnclip_operators::write_atomically(&marker, |f| std::io::Write::write_all(f, fingerprint.as_bytes()))?;
-    Ok(lmdb)
+    let locations = tsv.then_some(locations);
+    Ok(TrainData::Pairs { images: name, locations, texts, samples })
 }

@@ -59,10 +59,9 @@ use cnclip_operators::storage;
 #[derive(clap::Args, Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Args {
     /// The training data: a cn_clip LMDB split directory (with `imgs/` and `pairs/`); WebDataset
-    /// shards (`.tar` files, globs, `{000..099}` patterns) or a `{split}_imgs.tsv` (with
-    /// `{split}_texts.jsonl`), local or URLs, read in place through an index made under
-    /// `{logs}/{name}/data`; or a `{split}_images.parquet` (with `_pairs`/`_texts`), serialized
-    /// into an LMDB split there first.
+    /// shards (`.tar` files, globs, `{000..099}` patterns), a `{split}_imgs.tsv` (with
+    /// `{split}_texts.jsonl`) or a `{split}_images.parquet` (with `_texts`/`_pairs`), local or URLs,
+    /// read in place through an index made under `{logs}/{name}/data`.
     #[arg(long)]
     pub train_data: PathBuf,
     /// The validation split, in any layout --train-data takes (default: none, no validation).
@@ -557,12 +556,12 @@ fn data_stream(
                 order,
             },
         )],
-        TrainData::Tsv { images, locations, texts, .. } => vec![NodeDef::new(
+        TrainData::Pairs { images, locations, texts, .. } => vec![NodeDef::new(
             "decoded",
             None,
             TrainShardsConfig {
                 shards: vec![images.clone()],
-                index: Some(locations.clone()),
+                index: locations.clone(),
                 columns: None,
                 texts: Some(texts.clone()),
                 order,
@@ -683,8 +682,8 @@ fn log_datasets(plan: &Plan, log: &mut Log) {
             Some(TrainData::Parquet { files, samples, .. }) => {
                 log.info(&format!("{split} Parquet files {files} contain {samples} samples."));
             }
-            Some(TrainData::Tsv { images, samples, .. }) => {
-                log.info(&format!("{split} TSV {images} and its texts contain {samples} pairs."));
+            Some(TrainData::Pairs { images, samples, .. }) => {
+                log.info(&format!("{split} images {images} and their texts contain {samples} pairs."));
             }
             None => {}
         }
