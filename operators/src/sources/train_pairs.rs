@@ -22,8 +22,8 @@
 
 use std::path::{Path, PathBuf};
 
-use arrow::array::{Array, AsArray, RecordBatch, StringArray};
-use arrow::datatypes::{Int64Type, SchemaRef};
+use arrow::array::{Array, AsArray, LargeStringArray, RecordBatch};
+use arrow::datatypes::{DataType, Int64Type, SchemaRef};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use super::train_parquet::Files;
@@ -31,6 +31,7 @@ use super::train_shards::{Corpus, Sample, SequentialRead, in_lanes};
 use super::tsv::{location_columns, locations_schema};
 use crate::decoders::base64;
 use crate::error::{Error, Result, io};
+use crate::sinks::lmdb::cn_clip_base64;
 use crate::storage;
 use cnclip_schemas::columns::{IMAGE_ID, IMAGE_IDS, TEXT, TEXT_ID};
 
@@ -63,11 +64,22 @@ pub(crate) struct Pairs {
     /// Per pair: its image's place in `ids`, and its text's row.
     pairs: Vec<(u32, u32)>,
     text_ids: Vec<i64>,
-    texts: StringArray,
+    /// 64-bit offsets: a corpus's texts may pass 2 GiB.
+    texts: LargeStringArray,
     spans: Vec<(usize, usize)>,
 }
 
-/// A Parquet table read whole, checked against the columns `expected` names.
+/// The type a column of `data_type` is held in: strings and lists with 64-bit offsets.
+fn widened(data_type: &DataType) -> DataType {
+    match data_type {
+        DataType::Utf8 => DataType::LargeUtf8,
+        DataType::List(item) => DataType::LargeList(item.clone()),
+        other => other.clone(),
+    }
+}
+
+/// A Parquet table read whole: the columns `expected` names, found by name (in whatever order
+/// the file has them) and held [`widened`], none of them null.
 fn read_table(path: &Path, expected: &SchemaRef, what: &str) -> Result<RecordBatch> {
     let bad = |reason: String| Error::Format { path: path.display().to_string(), reason };
     let parquet_err = |e: parquet::errors::ParquetError| bad(format!("not a readable Parquet file: {e}"));
@@ -75,14 +87,93 @@ fn read_table(path: &Path, expected: &SchemaRef, what: &str) -> Result<RecordBat
         .map_err(parquet_err)?
         .build()
         .map_err(parquet_err)?;
-    let batches = reader.collect::<std::result::Result<Vec<_>, _>>().map_err(|e| bad(e.to_string()))?;
-    let table = arrow::compute::concat_batches(expected, &batches).map_err(|e| bad(format!("not a {what} ({e})")))?;
-    if let Some(field) =
-        expected.fields().iter().zip(table.columns()).find_map(|(f, c)| (c.null_count() > 0).then_some(f))
-    {
-        return Err(bad(format!("`{}` has null values", field.name())));
+    let fields: Vec<_> =
+        expected.fields().iter().map(|f| f.as_ref().clone().with_data_type(widened(f.data_type()))).collect();
+    let held: SchemaRef = std::sync::Arc::new(arrow::datatypes::Schema::new(fields));
+    let mut batches = Vec::new();
+    for batch in reader {
+        let batch = batch.map_err(|e| bad(e.to_string()))?;
+        let mut columns = Vec::with_capacity(held.fields().len());
+        for field in held.fields() {
+            let column = batch
+                .column_by_name(field.name())
+                .ok_or_else(|| bad(format!("not a {what}: no `{}` column", field.name())))?;
+            if column.null_count() > 0 {
+                return Err(bad(format!("`{}` has null values", field.name())));
+            }
+            let cast = arrow::compute::cast(column, field.data_type()).map_err(|e| {
+                bad(format!(
+                    "not a {what}: `{}` is {}, not {} ({e})",
+                    field.name(),
+                    column.data_type(),
+                    field.data_type()
+                ))
+            })?;
+            columns.push(cast);
+        }
+        batches.push(RecordBatch::try_new(held.clone(), columns).map_err(|e| bad(format!("not a {what} ({e})")))?);
     }
-    Ok(table)
+    arrow::compute::concat_batches(&held, &batches).map_err(|e| bad(format!("not a {what} ({e})")))
+}
+
+/// A place in the images or the texts as the `u32` a pair holds it in, or an error naming
+/// `path` for a corpus past four billion of them.
+fn narrow(value: usize, what: &str, path: &Path) -> Result<u32> {
+    u32::try_from(value).map_err(|_| Error::Format {
+        path: path.display().to_string(),
+        reason: format!("more than {} {what}: past what a corpus read in place holds", u32::MAX),
+    })
+}
+
+/// Every `image_id` of the images tables `files`: the id, its sample number in `files`, and the
+/// file and row it is in, in file order.
+fn image_ids(files: &Files) -> Result<Vec<(i64, usize, usize, usize)>> {
+    let mut ids = Vec::new();
+    for (file, path) in files.paths().iter().enumerate() {
+        let bad = |reason: String| Error::Format { path: path.display().to_string(), reason };
+        let builder = ParquetRecordBatchReaderBuilder::try_new(storage::open_chunks(path).map_err(io(path))?)
+            .map_err(|e| super::parquet::parquet_err(path, e))?;
+        let root = builder.schema().index_of(IMAGE_ID).map_err(|_| bad(format!("no `{IMAGE_ID}` column")))?;
+        let mask = parquet::arrow::ProjectionMask::roots(builder.parquet_schema(), [root]);
+        let reader = builder.with_projection(mask).build().map_err(|e| super::parquet::parquet_err(path, e))?;
+        let mut row = 0;
+        for batch in reader {
+            let batch = batch.map_err(|e| super::parquet::arrow_err(path, e))?;
+            let column = batch.column(0);
+            let values = column
+                .as_primitive_opt::<Int64Type>()
+                .filter(|v| v.null_count() == 0)
+                .ok_or_else(|| bad(format!("`{IMAGE_ID}` is not int64 without nulls")))?;
+            for &id in values.values() {
+                ids.push((id, ids.len(), file, row));
+                row += 1;
+            }
+        }
+    }
+    Ok(ids)
+}
+
+/// The rows of images tables `paths` whose image id an earlier row has, as quarantine records:
+/// what `export --format lmdb` quarantines (it keeps the first), and what training in place
+/// leaves out too.
+///
+/// # Errors
+/// A table that cannot be read or is not an images table, naming it.
+pub fn repeated_images(paths: Vec<PathBuf>) -> Result<Vec<crate::quarantine::Rejected>> {
+    let files = Files::images(paths)?;
+    let mut seen = rustc_hash::FxHashSet::default();
+    let mut repeated = Vec::new();
+    for (id, _, file, _) in image_ids(&files)? {
+        if !seen.insert(id) {
+            repeated.push(crate::quarantine::Rejected {
+                source: files.paths()[file].display().to_string(),
+                location: format!("image {id}"),
+                id: Some(id.to_string()),
+                reason: "duplicate image id (the first one is kept)".into(),
+            });
+        }
+    }
+    Ok(repeated)
 }
 
 impl Pairs {
@@ -117,42 +208,18 @@ impl Pairs {
         Self::with_texts(Images::Tsv { files, places }, ids, texts)
     }
 
-    /// A corpus of images tables `files` (`image_id`, `image`) and the texts or pairs kept.
+    /// A corpus of images tables `files` (`image_id`, `image`) and the texts or pairs kept. Of
+    /// rows repeating an image id the first is read, as `export --format lmdb` keeps it (the
+    /// others are quarantined when the index is made: [`repeated_images`]).
     ///
     /// # Errors
-    /// A table that cannot be read or is not an images table, an image id twice, or a text
-    /// naming an image the tables lack, naming it.
+    /// A table that cannot be read or is not an images table, or a text naming an image the
+    /// tables lack, naming it.
     pub(crate) fn tables(files: Vec<PathBuf>, texts: &Path) -> Result<Pairs> {
         let files = Files::images(files)?;
-        let mut ids: Vec<(i64, usize)> = Vec::new();
-        for path in files.paths() {
-            let bad = |reason: String| Error::Format { path: path.display().to_string(), reason };
-            let builder = ParquetRecordBatchReaderBuilder::try_new(storage::open_chunks(path).map_err(io(path))?)
-                .map_err(|e| super::parquet::parquet_err(path, e))?;
-            let root = builder.schema().index_of(IMAGE_ID).map_err(|_| bad(format!("no `{IMAGE_ID}` column")))?;
-            let mask = parquet::arrow::ProjectionMask::roots(builder.parquet_schema(), [root]);
-            let reader = builder.with_projection(mask).build().map_err(|e| super::parquet::parquet_err(path, e))?;
-            for batch in reader {
-                let batch = batch.map_err(|e| super::parquet::arrow_err(path, e))?;
-                let column = batch.column(0);
-                let values = column
-                    .as_primitive_opt::<Int64Type>()
-                    .filter(|v| v.null_count() == 0)
-                    .ok_or_else(|| bad(format!("`{IMAGE_ID}` is not int64 without nulls")))?;
-                let first = ids.len();
-                ids.extend(values.values().iter().enumerate().map(|(k, &id)| (id, first + k)));
-            }
-        }
+        let mut ids: Vec<(i64, usize)> = image_ids(&files)?.into_iter().map(|(id, row, _, _)| (id, row)).collect();
         ids.sort_unstable();
-        if let Some(pair) = ids.windows(2).find(|w| w[0].0 == w[1].0) {
-            return Err(Error::Format {
-                path: files.paths().iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
-                reason: format!(
-                    "image {} is there twice (rows {} and {} of the tables): an images table's ids are unique",
-                    pair[0].0, pair[0].1, pair[1].1
-                ),
-            });
-        }
+        ids.dedup_by_key(|&mut (id, _)| id);
         let rows = ids.iter().map(|&(_, row)| row).collect();
         Self::with_texts(Images::Tables { files, rows }, ids.into_iter().map(|(id, _)| id).collect(), texts)
     }
@@ -168,23 +235,23 @@ impl Pairs {
             let at = ids
                 .binary_search(image_id)
                 .map_err(|_| bad(format!("text {text_id} names image {image_id}, which the images do not hold")))?;
-            Ok::<_, Error>(at as u32)
+            narrow(at, "images", texts)
         };
         let mut pairs = Vec::new();
         if pairs_table {
             let image_ids = table.column_by_name(IMAGE_ID).expect("checked").as_primitive::<Int64Type>();
             for (row, (text_id, image_id)) in text_ids.iter().zip(image_ids.values()).enumerate() {
-                pairs.push((find(*text_id, image_id)?, row as u32));
+                pairs.push((find(*text_id, image_id)?, narrow(row, "texts", texts)?));
             }
         } else {
-            let image_ids = table.column_by_name(IMAGE_IDS).expect("checked").as_list::<i32>();
+            let image_ids = table.column_by_name(IMAGE_IDS).expect("checked").as_list::<i64>();
             for (row, text_id) in text_ids.iter().enumerate() {
                 for image_id in image_ids.value(row).as_primitive::<Int64Type>().values() {
-                    pairs.push((find(*text_id, image_id)?, row as u32));
+                    pairs.push((find(*text_id, image_id)?, narrow(row, "texts", texts)?));
                 }
             }
         }
-        let texts = table.column_by_name(TEXT).expect("checked").as_string::<i32>().clone();
+        let texts = table.column_by_name(TEXT).expect("checked").as_string::<i64>().clone();
         let spans = (0..pairs.len()).step_by(BLOCK).map(|start| (start, BLOCK.min(pairs.len() - start))).collect();
         Ok(Pairs { images, ids, pairs, text_ids, texts, spans })
     }
@@ -214,7 +281,9 @@ impl Pairs {
         let field = storage::read_range(path, place.offset..place.offset + place.len as u64).map_err(|e| {
             failed(format!("its line cannot be read at the offset the index gives ({e}): was the file changed?"))
         })?;
-        base64::decode(&field).map_err(|e| failed(format!("its base64 field does not decode ({e})")))
+        // Padded as build-lmdb stores it (`aGk==` is read as `aGk=`), then decoded as cn_clip's
+        // `LMDBDataset` decodes the stored value.
+        base64::decode(&cn_clip_base64(&field)).map_err(|e| failed(format!("its base64 field does not decode ({e})")))
     }
 }
 
@@ -275,7 +344,7 @@ pub fn pairs_in(texts: &Path) -> Result<usize> {
         return Ok(read_table(texts, &cnclip_schemas::pairs(), "`pairs` table")?.num_rows());
     }
     let table = read_table(texts, &cnclip_schemas::texts(), "`texts` table")?;
-    let image_ids = table.column_by_name(IMAGE_IDS).expect("checked by the schema").as_list::<i32>();
+    let image_ids = table.column_by_name(IMAGE_IDS).expect("checked by the schema").as_list::<i64>();
     let offsets = image_ids.value_offsets();
     Ok((offsets[offsets.len() - 1] - offsets[0]) as usize)
 }
@@ -283,7 +352,7 @@ pub fn pairs_in(texts: &Path) -> Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use arrow::array::{ArrayRef, Int64Array, Int64Builder, ListBuilder};
+    use arrow::array::{ArrayRef, Int64Array, Int64Builder, ListBuilder, StringArray};
     use std::sync::Arc;
 
     fn write(path: &Path, batch: RecordBatch) {
@@ -296,10 +365,11 @@ mod tests {
     /// A TSV of two images (ids 9 and 4), its locations, and texts naming `image_ids`.
     fn corpus(dir: &Path, image_ids: Vec<Vec<i64>>) -> (PathBuf, PathBuf, PathBuf) {
         let tsv = dir.join("train_imgs.tsv");
-        std::fs::write(&tsv, "9\taGk=\n4\tYQ\n").unwrap();
+        // Image 9's field over-padded (`aGk==`): build-lmdb stores it as `aGk=`, which decodes.
+        std::fs::write(&tsv, "9\taGk==\n4\tYQ\n").unwrap();
         let int = |v: Vec<i64>| Arc::new(Int64Array::from(v)) as ArrayRef;
         let locations = dir.join("locations.parquet");
-        let columns = vec![int(vec![0, 0]), int(vec![9, 4]), int(vec![2, 9]), int(vec![4, 2])];
+        let columns = vec![int(vec![0, 0]), int(vec![9, 4]), int(vec![2, 10]), int(vec![5, 2])];
         write(&locations, RecordBatch::try_new(locations_schema(), columns).unwrap());
         let arrow::datatypes::DataType::List(item) =
             cnclip_schemas::texts().field_with_name(IMAGE_IDS).unwrap().data_type().clone()
@@ -351,12 +421,13 @@ mod tests {
     }
 
     #[test]
-    fn images_tables_are_read_by_id_and_a_repeated_id_is_refused() {
+    fn images_tables_are_read_by_id_and_a_repeated_id_reads_the_first() {
         let dir = tempfile::tempdir().unwrap();
         let (_, _, texts) = corpus(dir.path(), vec![vec![4, 9], vec![9]]);
         let int = |v: Vec<i64>| Arc::new(Int64Array::from(v)) as ArrayRef;
         let images = |ids: Vec<i64>| {
-            let path = dir.path().join(format!("images-{}.parquet", ids.len() + ids[1] as usize));
+            let name: Vec<String> = ids.iter().map(i64::to_string).collect();
+            let path = dir.path().join(format!("images-{}.parquet", name.join("-")));
             let bytes = arrow::array::BinaryArray::from(vec![&b"hi"[..], b"a"]);
             write(&path, RecordBatch::try_new(cnclip_schemas::images(), vec![int(ids), Arc::new(bytes)]).unwrap());
             path
@@ -364,10 +435,11 @@ mod tests {
         let corpus = Pairs::tables(vec![images(vec![9, 4])], &texts).unwrap();
         let seen: Vec<_> = corpus.fetch(&[2, 0, 1]).unwrap().into_iter().map(|s| (s.id, s.text_id, s.image)).collect();
         assert_eq!(seen, [(9, 101, "hi".into()), (4, 100, "a".into()), (9, 100, "hi".into())]);
-        // A pairs table: a pair a row.
+        // A pairs table: a pair a row, its columns found by name (here in another order).
         let pairs = dir.path().join("pairs.parquet");
         let text = Arc::new(StringArray::from(vec!["x"])) as ArrayRef;
-        write(&pairs, RecordBatch::try_new(cnclip_schemas::pairs(), vec![int(vec![4]), int(vec![7]), text]).unwrap());
+        let batch = RecordBatch::try_new(cnclip_schemas::pairs(), vec![int(vec![4]), int(vec![7]), text]).unwrap();
+        write(&pairs, batch.project(&[2, 1, 0]).unwrap());
         assert_eq!(pairs_in(&pairs).unwrap(), 1);
         let corpus = Pairs::tables(vec![images(vec![9, 4])], &pairs).unwrap();
         let sample = corpus.fetch(&[0]).unwrap().pop().unwrap();
@@ -375,7 +447,15 @@ mod tests {
             (sample.id, sample.text_id, sample.text.as_str(), sample.image.to_vec()),
             (4, 7, "x", b"a".to_vec())
         );
-        let error = Pairs::tables(vec![images(vec![9, 9])], &texts).err().expect("refused").to_string();
-        assert!(error.contains("image 9 is there twice"), "{error}");
+        // A repeated image id: the first row is read (as export keeps it), the others listed.
+        let repeated = images(vec![4, 4]);
+        let corpus = Pairs::tables(vec![repeated.clone()], &pairs).unwrap();
+        assert_eq!(corpus.fetch(&[0]).unwrap()[0].image.to_vec(), b"hi".to_vec());
+        let listed = repeated_images(vec![repeated]).unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(
+            (listed[0].id.as_deref(), listed[0].reason.as_str()),
+            (Some("4"), "duplicate image id (the first one is kept)")
+        );
     }
 }

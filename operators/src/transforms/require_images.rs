@@ -37,6 +37,8 @@ pub struct RequireImages {
     ids: OnceLock<Result<FxHashSet<i64>, Arc<Error>>>,
     /// The text ids seen so far, when repeated ones are quarantined ([`RequireImages::deduplicating`]).
     seen: Option<Mutex<FxHashSet<i64>>>,
+    /// What messages call the images (default: their paths).
+    name: Option<String>,
 }
 
 /// Rows per batch when texts are deduplicated (one thread, in order).
@@ -44,7 +46,18 @@ const DEDUPE_BATCH_ROWS: usize = 4096;
 
 impl RequireImages {
     pub fn new(images: Vec<PathBuf>) -> Self {
-        RequireImages { images, max_record_bytes: crate::sources::MAX_RECORD_BYTES, ids: OnceLock::new(), seen: None }
+        RequireImages {
+            images,
+            max_record_bytes: crate::sources::MAX_RECORD_BYTES,
+            ids: OnceLock::new(),
+            seen: None,
+            name: None,
+        }
+    }
+
+    /// Messages call the images `name` (an index standing for the files users gave).
+    pub fn named(self, name: Option<String>) -> Self {
+        RequireImages { name, ..self }
     }
 
     /// TSV lines longer than `bytes` name no image (the `tsv` source's `max_record_bytes`).
@@ -77,7 +90,7 @@ impl RequireImages {
     }
 
     fn describe(&self) -> String {
-        crate::sources::describe_paths(&self.images)
+        self.name.clone().unwrap_or_else(|| crate::sources::describe_paths(&self.images))
     }
 }
 
@@ -237,11 +250,20 @@ pub struct RequireImagesConfig {
     /// The node then runs on one thread, in input order.
     #[serde(default)]
     pub dedupe: bool,
+    /// What quarantine reasons call the images (default: their paths), e.g. the files an index
+    /// given as `images` stands for.
+    #[serde(default)]
+    pub name: Option<String>,
 }
 
 impl Default for RequireImagesConfig {
     fn default() -> Self {
-        RequireImagesConfig { images: Vec::new(), max_record_bytes: crate::sources::MAX_RECORD_BYTES, dedupe: false }
+        RequireImagesConfig {
+            images: Vec::new(),
+            max_record_bytes: crate::sources::MAX_RECORD_BYTES,
+            dedupe: false,
+            name: None,
+        }
     }
 }
 
@@ -249,7 +271,8 @@ impl NodeConfig for RequireImagesConfig {
     const KIND: &'static str = "require_images";
     const ROLE: Role = Role::Transform;
     fn build(self, cx: &BuildContext) -> Result<Operator, Vec<String>> {
-        let transform = RequireImages::new(cx.files(&self.images)?).with_max_record_bytes(self.max_record_bytes);
+        let transform =
+            RequireImages::new(cx.files(&self.images)?).with_max_record_bytes(self.max_record_bytes).named(self.name);
         let transform = if self.dedupe { transform.deduplicating() } else { transform };
         Ok(Operator::Transform(Arc::new(transform)))
     }

@@ -24,11 +24,12 @@ use anyhow::{Context, Result, bail};
 
 use super::log::Log;
 use cnclip_operators::fingerprint::{self, Stamp};
+use cnclip_operators::quarantine::{OnError, Quarantine};
 use cnclip_operators::sinks::parquet::WriteParquetConfig;
 use cnclip_operators::sources::jsonl::JsonlConfig;
 use cnclip_operators::sources::lmdb::counts;
 use cnclip_operators::sources::parquet::ParquetConfig;
-use cnclip_operators::sources::train_pairs::pairs_in;
+use cnclip_operators::sources::train_pairs::{pairs_in, repeated_images};
 use cnclip_operators::sources::train_parquet::{Columns, samples_in};
 use cnclip_operators::sources::tsv::{TsvConfig, TsvTable};
 use cnclip_operators::sources::webdataset::{WebDatasetConfig, WebDatasetTable, is_shard_path};
@@ -39,7 +40,7 @@ use cnclip_operators::transforms::require_images::RequireImagesConfig;
 /// What a run trains or validates on.
 #[derive(Debug, Clone)]
 pub enum TrainData {
-    /// A cn_clip LMDB split (given, or serialized from another layout).
+    /// A cn_clip LMDB split, as given.
     Lmdb(PathBuf),
     /// WebDataset shards as given, with their `locations` index and its sample count.
     Shards { shards: String, index: PathBuf, samples: usize },
@@ -75,9 +76,9 @@ impl TrainData {
     }
 }
 
-/// What to train on for `--train-data`/`--val-data` `given`: an LMDB split as it is, shards
-/// through their index (made under `cache` when missing or stale), any other layout serialized
-/// into an LMDB split under `cache`.
+/// What to train on for `--train-data`/`--val-data` `given`: an LMDB split as it is, any other
+/// layout in place, through its index (made under `cache` when missing or stale) where it needs
+/// one.
 pub fn prepare(given: &Path, columns: Option<&Columns>, cache: &Path, flag: &str, log: &mut Log) -> Result<TrainData> {
     let text = given.to_string_lossy();
     if let Some(columns) = columns {
@@ -216,13 +217,28 @@ fn pairs_index(given: &Path, cache: &Path, flag: &str, log: &mut Log) -> Result<
             plans.push((defs, out.join("quarantine-images.jsonl")));
         }
         let images = if tsv { locations.display().to_string() } else { name.clone() };
+        // Quarantine reasons name the images file the user gave, not the index standing for it.
+        let kept = RequireImagesConfig { images: vec![images], name: Some(name.clone()), ..Default::default() };
         let defs = vec![
             source,
-            NodeDef::new("kept", Some("texts_in"), RequireImagesConfig { images: vec![images], ..Default::default() }),
+            NodeDef::new("kept", Some("texts_in"), kept),
             NodeDef::new("texts", Some("kept"), WriteParquetConfig { path: texts.clone() }),
         ];
         plans.push((defs, out.join("quarantine-texts.jsonl")));
         let mut quarantined = Vec::new();
+        if !tsv {
+            // Rows repeating an image id: the first is read, the others listed as export lists them.
+            let repeated = repeated_images(vec![given.to_path_buf()])?;
+            if !repeated.is_empty() {
+                let path = out.join("quarantine-images.jsonl");
+                let quarantine = Quarantine::new(OnError::Skip, path.clone());
+                for rejected in repeated {
+                    quarantine.reject(rejected)?;
+                }
+                quarantine.finish()?;
+                quarantined.push(path.display().to_string());
+            }
+        }
         for (defs, quarantine) in plans {
             let settings = JobSettings { quarantine: quarantine.clone(), ..JobSettings::default() };
             if Planner::new(&registry).plan(settings, defs)?.run()?.quarantined > 0 {

@@ -740,8 +740,8 @@ fn train(args: Box<Args>, dir: PathBuf, cache: PathBuf, remote: Option<PathBuf>)
     storage::create_dir_all(&checkpoints).with_context(|| format!("creating {}", checkpoints.display()))?;
     let suffix = chrono::Utc::now().format("%Y-%m-%d-%H-%M-%S").to_string();
     let mut log = Log::open(&dir.join(format!("out_{suffix}.log")))?;
-    // Shards are indexed; TSV+JSONL or Parquet data serialized into LMDB splits under the run's
-    // directory.
+    // Data in other layouts than an LMDB split is read in place, through indexes made under the
+    // run's directory.
     let columns = match (&args.image_column, &args.text_column) {
         (Some(image), Some(text)) => {
             Some(Columns { image: image.clone(), text: text.clone(), id: args.id_column.clone() })
