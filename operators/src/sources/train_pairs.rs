@@ -320,16 +320,34 @@ impl Corpus for Pairs {
     }
 
     fn sequential(&self) -> Box<dyn SequentialRead + '_> {
-        Box::new(Random(self))
+        Box::new(ReadAhead { pairs: self, ready: std::collections::VecDeque::new() })
     }
 }
 
-/// A pair's image is a random read in a stream too: images are not in pair order.
-struct Random<'a>(&'a Pairs);
+/// A stream's reader: a pair's image is a random read there too (images are not in pair
+/// order), so the samples from the one asked for to the end of its block, [`READ_AHEAD`] at
+/// most, are fetched at once, several reads in flight. A stream asks for the samples of a
+/// block in increasing order (a resumed one skips some: those are read for nothing).
+struct ReadAhead<'a> {
+    pairs: &'a Pairs,
+    ready: std::collections::VecDeque<(usize, Sample)>,
+}
 
-impl SequentialRead for Random<'_> {
+/// Samples a stream's reader fetches at once.
+const READ_AHEAD: usize = 64;
+
+impl SequentialRead for ReadAhead<'_> {
     fn read(&mut self, sample: usize) -> Result<Sample> {
-        Ok(self.0.fetch(&[sample])?.pop().expect("one sample asked, one read"))
+        while self.ready.front().is_some_and(|(at, _)| *at < sample) {
+            self.ready.pop_front();
+        }
+        if self.ready.front().is_none_or(|(at, _)| *at != sample) {
+            let end = ((sample / BLOCK + 1) * BLOCK).min(sample + READ_AHEAD).min(self.pairs.len());
+            let chunk: Vec<usize> = (sample..end).collect();
+            let samples = self.pairs.fetch(&chunk)?;
+            self.ready = chunk.into_iter().zip(samples).collect();
+        }
+        Ok(self.ready.pop_front().expect("fetched above").1)
     }
 }
 
