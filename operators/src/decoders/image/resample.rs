@@ -107,20 +107,68 @@ fn horizontal_transposed(
 ) -> Vec<u8> {
     let (h, ch, out_w) = (rows.len(), channels, c.bounds.len());
     let mut t = vec![0u8; width * h * ch];
-    for (y, sy) in rows.enumerate() {
-        let src_row = &src[sy * width * ch..][..width * ch];
-        for (x, px) in src_row.chunks_exact(ch).enumerate() {
-            t[(x * h + y) * ch..][..ch].copy_from_slice(px);
-        }
+    // A pixel's length as a constant for the common channel counts: a copy of a length known
+    // only at run time is a `memcpy` call per pixel, which took a fifth of a whole preprocess
+    // pipeline's time here.
+    match ch {
+        1 => to_columns::<1>(src, width, rows.start, h, &mut t),
+        3 => to_columns::<3>(src, width, rows.start, h, &mut t),
+        4 => to_columns::<4>(src, width, rows.start, h, &mut t),
+        _ => to_columns_of(ch, src, width, rows.start, h, &mut t),
     }
     let vt = vertical_impl(&t, h, ch, 0, c); // out_w rows of h pixels
     let mut out = vec![0u8; h * out_w * ch];
-    for (xx, column) in vt.chunks_exact(h * ch).enumerate() {
-        for (y, px) in column.chunks_exact(ch).enumerate() {
-            out[(y * out_w + xx) * ch..][..ch].copy_from_slice(px);
-        }
+    match ch {
+        1 => to_rows::<1>(&vt, h, out_w, &mut out),
+        3 => to_rows::<3>(&vt, h, out_w, &mut out),
+        4 => to_rows::<4>(&vt, h, out_w, &mut out),
+        _ => to_rows_of(ch, &vt, h, out_w, &mut out),
     }
     out
+}
+
+/// Rows `first..first + h` of `src` (`width` pixels of `N` bytes) as the columns of `t`: pixel
+/// `x` of row `y` goes to `t`'s row `x`, place `y`.
+#[inline(always)]
+fn to_columns<const N: usize>(src: &[u8], width: usize, first: usize, h: usize, t: &mut [u8]) {
+    for y in 0..h {
+        let src_row = &src[(first + y) * width * N..][..width * N];
+        for (x, pixel) in src_row.chunks_exact(N).enumerate() {
+            t[(x * h + y) * N..][..N].copy_from_slice(pixel);
+        }
+    }
+}
+
+/// [`to_columns`] for a channel count known only at run time.
+#[inline(always)]
+fn to_columns_of(n: usize, src: &[u8], width: usize, first: usize, h: usize, t: &mut [u8]) {
+    for y in 0..h {
+        let src_row = &src[(first + y) * width * n..][..width * n];
+        for (x, pixel) in src_row.chunks_exact(n).enumerate() {
+            t[(x * h + y) * n..][..n].copy_from_slice(pixel);
+        }
+    }
+}
+
+/// The inverse of [`to_columns`]: `vt`'s rows of `h` pixels as the columns of `out` (`h` rows
+/// of `out_w` pixels).
+#[inline(always)]
+fn to_rows<const N: usize>(vt: &[u8], h: usize, out_w: usize, out: &mut [u8]) {
+    for (xx, column) in vt.chunks_exact(h * N).enumerate() {
+        for (y, pixel) in column.chunks_exact(N).enumerate() {
+            out[(y * out_w + xx) * N..][..N].copy_from_slice(pixel);
+        }
+    }
+}
+
+/// [`to_rows`] for a channel count known only at run time.
+#[inline(always)]
+fn to_rows_of(n: usize, vt: &[u8], h: usize, out_w: usize, out: &mut [u8]) {
+    for (xx, column) in vt.chunks_exact(h * n).enumerate() {
+        for (y, pixel) in column.chunks_exact(n).enumerate() {
+            out[(y * out_w + xx) * n..][..n].copy_from_slice(pixel);
+        }
+    }
 }
 
 /// One vertical pass; `row_offset` is the source row stored first in `src`. Each output row
@@ -271,11 +319,13 @@ mod tests {
         for (w, h, ch, out_w) in [(160, 7, 3, 224), (500, 3, 4, 224), (13, 5, 1, 3), (31, 2, 2, 64)] {
             let src: Vec<u8> = (0..w * h * ch).map(|_| next()).collect();
             let c = coefficients(w, out_w);
-            assert_eq!(
-                horizontal_transposed(&src, w, ch, 0..h, &c),
-                horizontal_direct(&src, w, ch, 0..h, &c),
-                "{w}x{h}x{ch}"
-            );
+            for rows in [0..h, 1..h] {
+                assert_eq!(
+                    horizontal_transposed(&src, w, ch, rows.clone(), &c),
+                    horizontal_direct(&src, w, ch, rows.clone(), &c),
+                    "{w}x{h}x{ch}, rows {rows:?}"
+                );
+            }
         }
     }
 
