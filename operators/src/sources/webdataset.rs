@@ -646,11 +646,18 @@ impl Batcher {
         if self.rows == 0 {
             return Ok(());
         }
+        let (rows, bytes) = (self.rows, self.bytes);
         (self.rows, self.bytes) = (0, 0);
         let ids: ArrayRef = Arc::new(self.ids.finish());
         let keys: ArrayRef = Arc::new(self.keys.finish());
         let columns: Vec<ArrayRef> = match self.table {
-            WebDatasetTable::Images => vec![ids, Arc::new(self.images.finish()), keys],
+            WebDatasetTable::Images => {
+                // The next batch's values in one allocation of this one's size, not grown by
+                // doubling: a batch of images is megabytes, and each doubling a copy and a freed
+                // block the allocator holds for a while.
+                let images = std::mem::replace(&mut self.images, BinaryBuilder::with_capacity(rows, bytes));
+                vec![ids, Arc::new({ images }.finish()), keys]
+            }
             WebDatasetTable::Texts => vec![ids, Arc::new(self.texts.finish()), Arc::new(self.image_ids.finish()), keys],
             WebDatasetTable::Locations => {
                 let [shard, sample] = &mut self.places;

@@ -245,7 +245,8 @@ pub fn create_if_absent(path: impl AsRef<Path>, contents: impl AsRef<[u8]>) -> i
 /// A file or an object opened for reading from its start to its end ([`open_read`]).
 pub enum Reader {
     Local(std::fs::File),
-    Remote(remote::RemoteReader),
+    /// Boxed: a remote reader is a few hundred bytes of state beside a file's descriptor.
+    Remote(Box<remote::RemoteReader>),
 }
 
 impl io::Read for Reader {
@@ -265,7 +266,7 @@ impl io::Read for Reader {
 pub fn open_read(path: impl AsRef<Path>) -> io::Result<Reader> {
     match locate(path.as_ref())? {
         Location::Local(path) => std::fs::File::open(path).map(Reader::Local),
-        Location::Remote(remote) => remote::RemoteReader::open(&remote).map(Reader::Remote),
+        Location::Remote(remote) => remote::RemoteReader::open(&remote).map(|r| Reader::Remote(Box::new(r))),
     }
 }
 
@@ -282,7 +283,7 @@ pub fn open_read_at(path: impl AsRef<Path>, start: u64) -> io::Result<Reader> {
         }
         Location::Remote(remote) => {
             let size = remote.size()?;
-            remote::RemoteReader::open_range(&remote, start.min(size), size).map(Reader::Remote)
+            remote::RemoteReader::open_range(&remote, start.min(size), size).map(|r| Reader::Remote(Box::new(r)))
         }
     }
 }
