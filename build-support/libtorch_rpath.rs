@@ -6,10 +6,18 @@
 //! We embed the library folder as a DT_RPATH (`--disable-new-dtags`): unlike DT_RUNPATH it is
 //! also searched for the libraries that libtorch itself loads (CUDA runtime, cuDNN, …).
 //! Cargo applies `rustc-link-arg` to every binary, test and example of the package.
+//!
+//! A crate with a build script of its own includes this file as a module and calls
+//! [`link_rpath`] (the distributed crate, which also compiles its c10d shim).
 
 use std::path::PathBuf;
 
 fn main() {
+    link_rpath();
+}
+
+/// Embeds the libtorch library folder as the binaries' DT_RPATH (see the module's docs).
+pub fn link_rpath() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-changed=../build-support/libtorch_rpath.rs");
     let Some(libtorch) = std::env::var_os("LIBTORCH") else {
