@@ -1,49 +1,17 @@
-//! libtorch's c10d for cnclip: what data-parallel training over processes and machines needs
-//! and tch does not bind. A rendezvous through c10d's `TCPStore` ([`Store`]), a Gloo process
-//! group over it ([`ProcessGroup`]), and the group's collectives on tch tensors: all-reduce (one
-//! tensor, or several coalesced), all-gather, broadcast and a barrier that names the ranks that
-//! did not come. Each collective can be started and waited for later ([`Work`]), as DDP overlaps
-//! its gradient buckets with the backward pass.
-//!
-//! Nothing here is a collective of our own: `csrc/shim.cpp` is a thin C ABI over libtorch's
-//! classes (`libtorch_cpu` has them), compiled by `build.rs` against the headers of the pinned
-//! torch wheel. Gloo runs on CPU tensors; NCCL (in `libtorch_cuda`) is for a later step.
+//! libtorch's c10d: what data-parallel training over processes and machines needs. A
+//! rendezvous through c10d's `TCPStore` ([`Store`]), a Gloo process group over it
+//! ([`ProcessGroup`]), and the group's collectives on tch tensors: all-reduce (one tensor, or
+//! several coalesced), all-gather, broadcast and a barrier that names the ranks that did not
+//! come. Each collective can be started and waited for later ([`Work`]), as DDP overlaps its
+//! gradient buckets with the backward pass. Gloo runs on CPU tensors; NCCL (in
+//! `libtorch_cuda`) is for a later step.
 
-mod ffi;
-
-use std::ffi::{CStr, CString, c_char, c_int};
+use std::ffi::c_int;
 use std::time::Duration;
 
 use tch::Tensor;
 
-/// A c10d call that failed, with libtorch's message (a timeout, a peer that closed its
-/// connection, a tensor of the wrong shape).
-#[derive(Debug, thiserror::Error)]
-#[error("{what}: {message}")]
-pub struct Error {
-    /// What was being done ("all-reduce", "joining the process group", …).
-    pub what: &'static str,
-    /// libtorch's message.
-    pub message: String,
-}
-
-pub type Result<T> = std::result::Result<T, Error>;
-
-/// Turns the shim's returned message (null: success) into a result, freeing it.
-fn check(what: &'static str, message: *mut c_char) -> Result<()> {
-    if message.is_null() {
-        return Ok(());
-    }
-    // SAFETY: a non-null return of the shim is a NUL-terminated string it malloc'd for us.
-    let text = unsafe { CStr::from_ptr(message) }.to_string_lossy().into_owned();
-    // SAFETY: freed once, with the shim's free (the allocator that made it).
-    unsafe { ffi::cnclip_c10d_free(message.cast()) };
-    Err(Error { what, message: text })
-}
-
-fn c_string(what: &'static str, text: &str) -> Result<CString> {
-    CString::new(text).map_err(|_| Error { what, message: format!("{text:?} holds a NUL byte") })
-}
+use crate::{Error, Result, c_string, check, ffi};
 
 fn millis(timeout: Duration) -> i64 {
     i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX)
@@ -123,7 +91,7 @@ impl Store {
         // SAFETY: on success `data` is a malloc'd buffer of `len` bytes (at least 1 allocated).
         let value = unsafe { std::slice::from_raw_parts(data, len) }.to_vec();
         // SAFETY: freed once, by the allocator that made it.
-        unsafe { ffi::cnclip_c10d_free(data.cast()) };
+        unsafe { ffi::cnclip_ext_free(data.cast()) };
         Ok(value)
     }
 

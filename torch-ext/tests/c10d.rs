@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use cnclip_distributed::{ProcessGroup, ReduceOp, Store};
+use cnclip_torch_ext::c10d::{ProcessGroup, ReduceOp, Store};
 use tch::{Kind, Tensor};
 
 const TIMEOUT: Duration = Duration::from_secs(30);

@@ -1,4 +1,4 @@
-//! Compiles the c10d shim (`csrc/shim.cpp`) against the pinned libtorch's headers, as
+//! Compiles the shim (`csrc/`: c10d and amp) against the pinned libtorch's headers, as
 //! torch-sys compiles its own `torch_api.cpp`: same include folders, C++17, the same C++ ABI
 //! (`LIBTORCH_CXX11_ABI`, 1 unless set, as torch-sys reads it). Gloo's headers, which the wheel
 //! lacks, are stood in for by `csrc/gloo/` (see its README). The symbols resolve against
@@ -15,13 +15,14 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let Some(libtorch) = std::env::var_os("LIBTORCH") else {
-        panic!("LIBTORCH is not set: run scripts/setup.sh (the c10d shim compiles against libtorch's headers)");
+        panic!("LIBTORCH is not set: run scripts/setup.sh (the shim compiles against libtorch's headers)");
     };
     let include = PathBuf::from(libtorch).join("include");
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_string());
     cc::Build::new()
         .cpp(true)
-        .file("csrc/shim.cpp")
+        .file("csrc/c10d.cpp")
+        .file("csrc/amp.cpp")
         .include("csrc")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))

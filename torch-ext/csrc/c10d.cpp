@@ -1,10 +1,7 @@
 // What cnclip needs of libtorch's c10d that tch does not bind: a TCPStore for the rendezvous,
 // Gloo process groups and their collectives. A thin C ABI over libtorch's own classes (as
-// torch-sys's torch_api.cpp is over ATen): no collective here is ours.
-//
-// Every function that can fail returns NULL, or an error message (malloc'd: the caller frees it
-// with cnclip_c10d_free) and leaves its outputs untouched. Tensors come as tch's pointers, which
-// are `at::Tensor*` (torch-sys's `typedef torch::Tensor *tensor`).
+// torch-sys's torch_api.cpp is over ATen): no collective here is ours. Errors and tensors as
+// common.h says.
 
 #include <cstdlib>
 #include <cstring>
@@ -12,34 +9,13 @@
 #include <string>
 #include <vector>
 
-#include <c10/util/Exception.h>
+#include "common.h"
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
+using cnclip_ext::guarded;
+
 namespace {
-
-char* copy(const std::string& message) {
-  char* out = static_cast<char*>(std::malloc(message.size() + 1));
-  if (out != nullptr) {
-    std::memcpy(out, message.c_str(), message.size() + 1);
-  }
-  return out;
-}
-
-// Runs `body`; a C++ exception becomes the returned message.
-template <typename F>
-char* guarded(F&& body) {
-  try {
-    body();
-    return nullptr;
-  } catch (const c10::Error& e) {
-    return copy(e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    return copy(e.what());
-  } catch (...) {
-    return copy("an unknown C++ exception");
-  }
-}
 
 std::chrono::milliseconds millis(int64_t ms) {
   return std::chrono::milliseconds(ms);
@@ -62,10 +38,6 @@ struct CnWork {
 };
 
 extern "C" {
-
-void cnclip_c10d_free(void* p) {
-  std::free(p);
-}
 
 // A TCPStore: the server (rank 0's, listening on `port`, 0 for any free port) or a client of
 // it. The server does not wait for the others here: the process group's rendezvous does.

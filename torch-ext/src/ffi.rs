@@ -1,5 +1,5 @@
-//! The C ABI of `csrc/shim.cpp`, as declared there. Every `*mut c_char` returned is null on
-//! success or an error message the caller frees with [`cnclip_c10d_free`].
+//! The C ABI of `csrc/` (`c10d.cpp`, `amp.cpp`), as declared there. Every `*mut c_char`
+//! returned is null on success or an error message the caller frees with [`cnclip_ext_free`].
 
 use std::ffi::{c_char, c_int, c_void};
 
@@ -27,7 +27,7 @@ pub struct CnWork {
 pub type TensorPtr = *mut c_void;
 
 unsafe extern "C" {
-    pub fn cnclip_c10d_free(p: *mut c_void);
+    pub fn cnclip_ext_free(p: *mut c_void);
 
     pub fn cnclip_c10d_tcp_store(
         host: *const c_char,
@@ -83,6 +83,21 @@ unsafe extern "C" {
     pub fn cnclip_c10d_barrier(group: *mut CnGroup) -> *mut c_char;
     pub fn cnclip_c10d_work_wait(work: *mut CnWork) -> *mut c_char;
     pub fn cnclip_c10d_work_drop(work: *mut CnWork);
+
+    pub fn cnclip_autocast_enter(
+        device: c_int,
+        enabled: bool,
+        dtype: c_int,
+        previous_enabled: *mut bool,
+        previous_dtype: *mut c_int,
+    ) -> *mut c_char;
+    pub fn cnclip_autocast_exit(device: c_int, previous_enabled: bool, previous_dtype: c_int) -> *mut c_char;
+    pub fn cnclip_amp_unscale(
+        grads: *const TensorPtr,
+        n: usize,
+        found_inf: TensorPtr,
+        inv_scale: TensorPtr,
+    ) -> *mut c_char;
 }
 
 /// tch's pointer to `tensor`, as the shim takes it.
