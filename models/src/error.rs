@@ -25,6 +25,9 @@ pub enum Error {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Torch(#[from] tch::TchError),
+    /// A collective of a data-parallel run (libtorch's c10d) failed.
+    #[error(transparent)]
+    Collective(#[from] cnclip_torch_ext::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -12,10 +12,14 @@
 
 use std::collections::BTreeMap;
 
-use cnclip_models::ClipConfig;
+use std::sync::Arc;
+use std::time::Duration;
+
 use cnclip_models::checkpoint::load_clip;
 use cnclip_models::training::{AdamWConfig, Batch, StepOptions, Trainer, cosine_lr};
+use cnclip_models::{Clip, ClipConfig};
 use cnclip_tests::{python, reference};
+use cnclip_torch_ext::c10d::{ProcessGroup, Store};
 use tch::{Device, Tensor};
 
 const VIT: &str = r#"{"embed_dim": 16, "image_resolution": 32, "vision_layers": 2,
@@ -70,6 +74,38 @@ struct Case<'a> {
     options: StepOptions,
     teacher: bool,
     per_replica: i64,
+    /// One rank per thread in a Gloo process group ([`Trainer::distributed`]) instead of
+    /// `world` replicas in one trainer.
+    ranks: bool,
+}
+
+/// What our side of a case ends with (rank 0's, in a process group).
+struct Ours {
+    losses: Vec<f64>,
+    first_grads: BTreeMap<String, Tensor>,
+    params: BTreeMap<String, Tensor>,
+}
+
+/// Runs `body(rank, group)` on `size` ranks, a thread each, in a Gloo group on 127.0.0.1 that
+/// meets at rank 0's store; the results in rank order.
+fn on_ranks<T: Send>(size: usize, body: impl Fn(usize, Arc<ProcessGroup>) -> T + Sync) -> Vec<T> {
+    const TIMEOUT: Duration = Duration::from_secs(120);
+    let server = Store::server("127.0.0.1", 0, size, TIMEOUT).unwrap();
+    let port = server.port();
+    std::thread::scope(|scope| {
+        let (body, server) = (&body, &server);
+        let handles: Vec<_> = (0..size)
+            .map(|rank| {
+                scope.spawn(move || {
+                    let client = (rank > 0).then(|| Store::client("127.0.0.1", port, size, TIMEOUT).unwrap());
+                    let store = client.as_ref().unwrap_or(server);
+                    let group = ProcessGroup::gloo(store, rank, size, TIMEOUT, Some("127.0.0.1")).unwrap();
+                    body(rank, Arc::new(group))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
 }
 
 impl Default for Case<'_> {
@@ -82,6 +118,7 @@ impl Default for Case<'_> {
             options: StepOptions::default(),
             teacher: false,
             per_replica: 4,
+            ranks: false,
         }
     }
 }
@@ -158,45 +195,85 @@ fn run(name: &str, case: Case<'_>) {
     let theirs: BTreeMap<String, Tensor> =
         Tensor::read_safetensors(dir.path().join("theirs.safetensors")).unwrap().into_iter().collect();
 
-    // Ours, from the same checkpoint and batches.
-    let config = ClipConfig::from_json(case.config).unwrap();
-    let checkpoint = dir.path().join("m.pt");
-    let replicas = (0..case.world).map(|_| load_clip(&checkpoint, Some(&config), Device::Cpu).unwrap().0).collect();
-    let teachers = if case.teacher {
-        let config = ClipConfig::from_json(TEACHER).unwrap();
-        (0..case.world).map(|_| load_clip(&dir.path().join("t.pt"), Some(&config), Device::Cpu).unwrap().0).collect()
-    } else {
-        Vec::new()
-    };
-    let adamw = AdamWConfig { lr: LR, beta1: 0.9, beta2: 0.98, eps: 1e-6, weight_decay: 0.2 };
-    let options = StepOptions { accum_freq: case.accum, kd_loss_weight: case.teacher.then_some(0.5), ..case.options };
-    let mut trainer = Trainer::new(replicas, teachers, adamw, options);
-    let data: BTreeMap<String, Tensor> =
-        Tensor::read_safetensors(dir.path().join("data.safetensors")).unwrap().into_iter().collect();
-    let (images, texts) = (&data["images"], &data["texts"]);
-    // One thread, as the reference ranks run: the same kernels then sum in the same order.
-    tch::set_num_threads(1);
-    tch::manual_seed(0);
-    let mut losses = Vec::new();
-    let mut first_grads = BTreeMap::new();
-    for s in 0..STEPS {
-        let micro: Vec<Vec<Batch>> = (0..case.accum as i64)
-            .map(|j| {
-                (0..case.world as i64)
-                    .map(|r| Batch { images: images.get(s).get(j).get(r), texts: texts.get(s).get(j).get(r) })
-                    .collect()
-            })
-            .collect();
-        let lr = cosine_lr(LR, WARMUP, STEPS as u64, s as u64);
-        losses.push(trainer.step(&micro, lr).loss);
-        if s == 0 {
-            for (name, var) in trainer.replicas()[0].var_store().variables() {
-                if var.requires_grad() {
-                    first_grads.insert(name, var.grad().copy());
+    // Ours, from the same checkpoint and batches: replicas in this process, or one per rank
+    // of a Gloo process group (threads here, each rank its own store client and group).
+    let ours = |ranks: Option<(usize, Arc<ProcessGroup>)>| -> Ours {
+        let load = |path: &str, config: &str| {
+            load_clip(&dir.path().join(path), Some(&ClipConfig::from_json(config).unwrap()), Device::Cpu).unwrap().0
+        };
+        let local: Vec<usize> = match &ranks {
+            Some((rank, _)) => vec![*rank],
+            None => (0..case.world).collect(),
+        };
+        let replicas: Vec<Clip> = local.iter().map(|_| load("m.pt", case.config)).collect();
+        let teachers: Vec<Clip> =
+            if case.teacher { local.iter().map(|_| load("t.pt", TEACHER)).collect() } else { Vec::new() };
+        let adamw = AdamWConfig { lr: LR, beta1: 0.9, beta2: 0.98, eps: 1e-6, weight_decay: 0.2 };
+        let options =
+            StepOptions { accum_freq: case.accum, kd_loss_weight: case.teacher.then_some(0.5), ..case.options };
+        let mut trainer = match ranks {
+            Some((_, group)) => {
+                let (replica, teacher) = (replicas.into_iter().next().unwrap(), teachers.into_iter().next());
+                Trainer::distributed(replica, teacher, group, adamw, options).unwrap()
+            }
+            None => Trainer::new(replicas, teachers, adamw, options),
+        };
+        let data: BTreeMap<String, Tensor> =
+            Tensor::read_safetensors(dir.path().join("data.safetensors")).unwrap().into_iter().collect();
+        let (images, texts) = (&data["images"], &data["texts"]);
+        let mut losses = Vec::new();
+        let mut first_grads = BTreeMap::new();
+        // The generator FLIP's masks are drawn from (no case on ranks draws any: they would
+        // share it across threads), seeded after the models are made.
+        tch::manual_seed(0);
+        for s in 0..STEPS {
+            let micro: Vec<Vec<Batch>> = (0..case.accum as i64)
+                .map(|j| {
+                    local
+                        .iter()
+                        .map(|&r| Batch {
+                            images: images.get(s).get(j).get(r as i64),
+                            texts: texts.get(s).get(j).get(r as i64),
+                        })
+                        .collect()
+                })
+                .collect();
+            let lr = cosine_lr(LR, WARMUP, STEPS as u64, s as u64);
+            losses.push(trainer.step(&micro, lr).unwrap().loss);
+            if s == 0 {
+                for (name, var) in trainer.replicas()[0].var_store().variables() {
+                    if var.requires_grad() {
+                        first_grads.insert(name, var.grad().copy());
+                    }
                 }
             }
         }
-    }
+        // Replicas stay identical.
+        let params: BTreeMap<String, Tensor> = trainer.replicas()[0].var_store().variables().into_iter().collect();
+        for other in &trainer.replicas()[1..] {
+            for (n, v) in other.var_store().variables() {
+                assert!(v.equal(&params[&n]), "{name}: replica differs at {n}");
+            }
+        }
+        let params = params.into_iter().map(|(n, v)| (n, v.detach().copy())).collect();
+        Ours { losses, first_grads, params }
+    };
+    // One thread per rank, as the reference ranks run: the same kernels then sum in the same
+    // order.
+    tch::set_num_threads(1);
+    let Ours { losses, first_grads, params } = if case.ranks {
+        let mut per_rank = on_ranks(case.world, |rank, group| ours(Some((rank, group))));
+        let first = per_rank.remove(0);
+        // Every rank ends with rank 0's parameters (the same mean gradients, the same steps).
+        for (r, other) in per_rank.iter().enumerate() {
+            for (n, t) in &first.params {
+                assert!(other.params[n].equal(t), "{name}: rank {} holds another {n} than rank 0", r + 1);
+            }
+        }
+        first
+    } else {
+        ours(None)
+    };
 
     let their_losses: Vec<f64> = Vec::try_from(&theirs["loss"]).unwrap();
     assert_eq!(losses.len(), their_losses.len(), "{name}: steps");
@@ -219,7 +296,6 @@ fn run(name: &str, case: Case<'_>) {
             worst_grad = (r, n);
         }
     }
-    let params = trainer.replicas()[0].var_store().variables();
     let mut worst_param: (f64, String) = (0.0, String::new()); // ‖ours − theirs‖ / ‖theirs‖
     for (key, t) in &theirs {
         let Some(n) = key.strip_prefix("param.") else { continue };
@@ -262,12 +338,6 @@ fn run(name: &str, case: Case<'_>) {
     );
     assert!(worst_grad.0 <= TOLERANCE, "{name}: gradient of {} off by {:.2e} relative", worst_grad.1, worst_grad.0);
     assert!(worst_param.0 <= TOLERANCE, "{name}: parameter {} off by {:.2e} relative", worst_param.1, worst_param.0);
-    // Replicas stay identical.
-    for other in &trainer.replicas()[1..] {
-        for (n, v) in other.var_store().variables() {
-            assert!(v.equal(&params[&n]), "{name}: replica differs at {n}");
-        }
-    }
 }
 
 /// The entries of parameter `name` whose exact gradient is zero: a BERT or attention-pool key
@@ -350,6 +420,23 @@ fn two_replicas_match_two_cn_clip_ranks() {
         },
     );
     run("2-replicas-distill-accum-2", Case { world: 2, per_replica: 3, accum: 2, teacher: true, ..Case::default() });
+}
+
+/// One rank per thread in a Gloo process group (issue #26: `Trainer::distributed`, features,
+/// gradients and BatchNorm statistics crossing ranks through libtorch's c10d) against cn_clip's
+/// own gloo ranks, on 2 and 4 ranks, with the tolerances of the cases above.
+#[test]
+fn gloo_ranks_match_cn_clip_ranks() {
+    let ranks =
+        |world: usize, options: StepOptions| Case { world, per_replica: 3, ranks: true, options, ..Case::default() };
+    let with_grad = StepOptions { gather_with_grad: true, ..StepOptions::default() };
+    run("2-ranks", ranks(2, StepOptions::default()));
+    run("2-ranks-gather-with-grad", ranks(2, with_grad));
+    run("2-ranks-skip-aggregate", ranks(2, StepOptions { aggregate: false, ..StepOptions::default() }));
+    run("2-ranks-distill-accum-2", Case { accum: 2, teacher: true, ..ranks(2, StepOptions::default()) });
+    run("2-ranks-rn50", Case { config: RN, vision_model: "RN50", ..ranks(2, StepOptions::default()) });
+    run("4-ranks", ranks(4, StepOptions::default()));
+    run("4-ranks-gather-with-grad-accum-2", Case { accum: 2, ..ranks(4, with_grad) });
 }
 
 /// The data order: `training::sampler` equals torch's `DistributedSampler(shuffle=True, seed)`

@@ -1,7 +1,8 @@
 //! Contrastive fine-tuning as cn_clip 1.6.0's trainer does it (`cn_clip/training/train.py`,
-//! `main.py`, `scheduler.py`), on one or several model replicas in one process: the loss of
-//! `get_loss` (symmetric cross-entropy over image/text logits scaled by the learned
-//! `logit_scale`, optional distillation), `--accum-freq` feature accumulation, the gathering of
+//! `main.py`, `scheduler.py`), on one or several model replicas in one process, or one replica
+//! per rank of a c10d process group (see `step`): the loss of `get_loss` (symmetric
+//! cross-entropy over image/text logits scaled by the learned `logit_scale`, optional
+//! distillation), `--accum-freq` feature accumulation, the gathering of
 //! features across replicas with and without gradient, AdamW with cn_clip's two parameter
 //! groups, linear warmup then cosine, and the `logit_scale` clamp to ln 100.
 //!

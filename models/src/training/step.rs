@@ -1,13 +1,21 @@
 //! One optimisation step over all replicas: `train.py`'s loop body (forward, `get_loss`,
 //! backward, `optimizer.step()`, the `logit_scale` clamp) with DDP's gradient semantics.
+//!
+//! The replicas are either all in this process ([`Trainer::new`]: they stand for cn_clip's
+//! ranks) or one per process of a c10d process group ([`Trainer::distributed`]: this process
+//! is one rank, and features, gradients and BatchNorm statistics cross processes through
+//! libtorch's collectives, as DDP and `get_loss` move them).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
+use cnclip_torch_ext::c10d::{ProcessGroup, ReduceOp};
 use tch::Tensor;
 
 use super::loss::{LossInputs, rank_loss};
 use super::optim::{AdamW, AdamWConfig};
 use crate::clip::{Clip, Mode, normalize};
+use crate::error::Result;
 
 /// cn_clip clamps `logit_scale` to [0, ln 100] after every step (4.6052, its constant).
 pub const LOGIT_SCALE_MAX: f64 = 4.6052;
@@ -67,6 +75,9 @@ pub struct Trainer {
     params: Vec<BTreeMap<String, Tensor>>,
     optimizer: AdamW,
     options: StepOptions,
+    /// The process group when this process is one rank of several (its one replica being
+    /// this rank's model).
+    group: Option<Arc<ProcessGroup>>,
 }
 
 impl Trainer {
@@ -93,7 +104,35 @@ impl Trainer {
             .map(|m| m.var_store().variables().into_iter().filter(|(_, v)| v.requires_grad()).collect())
             .collect();
         let optimizer = AdamW::new(adamw, params[0].iter().map(|(n, v)| (n.clone(), v.shallow_clone())));
-        Trainer { replicas, teachers, params, optimizer, options }
+        Trainer { replicas, teachers, params, optimizer, options, group: None }
+    }
+
+    /// This process as rank `group.rank()` of a data-parallel run, `replica` its model: every
+    /// rank takes rank 0's variables first (DDP's broadcast at construction). Each step then
+    /// gathers features over the ranks as `get_loss` does, all-reduces the gradients to their
+    /// mean, and takes rank 0's BatchNorm statistics (DDP's buffer broadcast); the optimizer
+    /// steps on every rank alike.
+    ///
+    /// # Errors
+    /// The broadcast failed (a rank gone, the group's timeout).
+    pub fn distributed(
+        replica: Clip,
+        teacher: Option<Clip>,
+        group: Arc<ProcessGroup>,
+        adamw: AdamWConfig,
+        options: StepOptions,
+    ) -> Result<Self> {
+        let mut trainer = Trainer::new(vec![replica], teacher.into_iter().collect(), adamw, options);
+        // In name order on every rank (collectives pair up by their order).
+        let variables: BTreeMap<String, Tensor> = trainer.replicas[0].var_store().variables().into_iter().collect();
+        tch::no_grad(|| -> Result<()> {
+            for var in variables.values() {
+                group.broadcast(var, 0)?;
+            }
+            Ok(())
+        })?;
+        trainer.group = Some(group);
+        Ok(trainer)
     }
 
     pub fn replicas(&self) -> &[Clip] {
@@ -120,11 +159,14 @@ impl Trainer {
     }
 
     /// One step at learning rate `lr` over `micro[j][r]`: micro-batch `j` (of `accum_freq`)
-    /// of replica `r`.
+    /// of replica `r` (of this process's replicas: one, in a process group).
+    ///
+    /// # Errors
+    /// A collective failed (a rank gone, the group's timeout); never in one process.
     ///
     /// # Panics
     /// When `micro` is not `accum_freq` × replicas.
-    pub fn step(&mut self, micro: &[Vec<Batch>], lr: f64) -> StepReport {
+    pub fn step(&mut self, micro: &[Vec<Batch>], lr: f64) -> Result<StepReport> {
         let world = self.replicas.len();
         assert_eq!(micro.len(), self.options.accum_freq, "one micro-batch list per accumulation step");
         assert!(micro.iter().all(|m| m.len() == world), "one micro-batch per replica");
@@ -138,18 +180,18 @@ impl Trainer {
             }
         }
         let report =
-            if self.options.accum_freq == 1 { self.forward_backward(&micro[0]) } else { self.accumulate(micro) };
-        self.average_gradients();
+            if self.options.accum_freq == 1 { self.forward_backward(&micro[0])? } else { self.accumulate(micro)? };
+        self.average_gradients()?;
         self.optimizer.step();
         tch::no_grad(|| {
             let _ = self.replicas[0].logit_scale_parameter().shallow_clone().clamp_(0.0, LOGIT_SCALE_MAX);
         });
-        self.broadcast();
-        StepReport { logit_scale: self.replicas[0].logit_scale_parameter().double_value(&[]), ..report }
+        self.broadcast()?;
+        Ok(StepReport { logit_scale: self.replicas[0].logit_scale_parameter().double_value(&[]), ..report })
     }
 
     /// `accum_freq == 1`: each replica's features with gradient, every rank's loss, backward.
-    fn forward_backward(&self, batches: &[Batch]) -> StepReport {
+    fn forward_backward(&self, batches: &[Batch]) -> Result<StepReport> {
         let local: Vec<Local> = self
             .replicas
             .iter()
@@ -168,7 +210,7 @@ impl Trainer {
     /// `accum_freq > 1`: cache every micro-batch's features without gradient, then for each
     /// micro-batch recompute its features with gradient among the cached others and backward
     /// (gradients add up over the micro-batches), as `train.py` does.
-    fn accumulate(&self, micro: &[Vec<Batch>]) -> StepReport {
+    fn accumulate(&self, micro: &[Vec<Batch>]) -> Result<StepReport> {
         // cached[j][r]: micro-batch j of replica r, without gradient (and without masking, as
         // cn_clip's caching forward).
         let cached: Vec<Vec<Cached>> = micro
@@ -219,9 +261,9 @@ impl Trainer {
                     }
                 })
                 .collect();
-            report = Some(self.backward(&local));
+            report = Some(self.backward(&local)?);
         }
-        report.expect("accum_freq >= 1")
+        Ok(report.expect("accum_freq >= 1"))
     }
 
     /// The teacher's image features for replica `r` (none without a teacher).
@@ -231,7 +273,10 @@ impl Trainer {
 
     /// Builds each rank's loss as `get_loss` does on that rank and backpropagates their sum:
     /// a replica's parameters then hold what its DDP rank holds before the all-reduce.
-    fn backward(&self, local: &[Local]) -> StepReport {
+    fn backward(&self, local: &[Local]) -> Result<StepReport> {
+        if let Some(group) = &self.group {
+            return self.backward_rank(group, &local[0]);
+        }
         let world = local.len();
         let mut total: Option<Tensor> = None;
         let mut report = StepReport { loss: 0.0, i2t: 0.0, t2i: 0.0, logit_scale: 0.0 };
@@ -289,14 +334,101 @@ impl Trainer {
             });
         }
         total.expect("at least one replica").backward();
-        report
+        Ok(report)
     }
 
-    /// DDP's all-reduce: replica 0's gradients become the mean over replicas.
-    fn average_gradients(&mut self) {
+    /// This rank's loss as `get_loss` builds it, backpropagated, with features from every rank
+    /// of `group`. Gathered without gradient (cn_clip's `dist.all_gather`): this rank's live
+    /// features first, the others' in rank order. With gradient (`torch.distributed.nn
+    /// .all_gather`): all ranks' in rank order, and each rank's features receive the sum over
+    /// ranks of the loss gradients on their rows, as that op's backward gives them (the
+    /// gathered features are leaves here; their gradients are all-reduced and this rank's rows
+    /// backpropagated into its model). The teacher's features are gathered without gradient,
+    /// own rank first.
+    fn backward_rank(&self, group: &ProcessGroup, local: &Local) -> Result<StepReport> {
+        let (world, rank) = (group.size(), group.rank());
+        let weight = self.options.kd_loss_weight;
+        let gather = |t: &Tensor| -> Result<Vec<Tensor>> {
+            let t = t.detach().contiguous();
+            let parts: Vec<Tensor> = (0..world).map(|_| t.empty_like()).collect();
+            group.all_gather(&parts.iter().collect::<Vec<_>>(), &t)?;
+            Ok(parts)
+        };
+        let own_first = |parts: &[Tensor], own: &Tensor| -> Tensor {
+            let order =
+                std::iter::once(own).chain(parts.iter().enumerate().filter(|&(j, _)| j != rank).map(|(_, t)| t));
+            Tensor::cat(&order.collect::<Vec<_>>(), 0)
+        };
+        let (loss, (i2t, t2i)) = if !self.options.aggregate {
+            let (loss, accuracy) = rank_loss(&LossInputs {
+                image: &local.image,
+                text: &local.text,
+                logit_scale: &local.scale,
+                aggregated: false,
+                teacher: local.teacher.as_ref().zip(weight),
+            });
+            loss.backward();
+            (loss, accuracy)
+        } else {
+            let (images, texts) = (gather(&local.image)?, gather(&local.text)?);
+            let teacher = match &local.teacher {
+                Some(t) => Some(own_first(&gather(t)?, t)),
+                None => None,
+            };
+            if self.options.gather_with_grad {
+                let image = Tensor::cat(&images, 0).set_requires_grad(true);
+                let text = Tensor::cat(&texts, 0).set_requires_grad(true);
+                let (loss, accuracy) = rank_loss(&LossInputs {
+                    image: &image,
+                    text: &text,
+                    logit_scale: &local.scale,
+                    aggregated: true,
+                    teacher: teacher.as_ref().zip(weight),
+                });
+                loss.backward();
+                let (image_grad, text_grad) = (image.grad(), text.grad());
+                group.all_reduce(&[&image_grad, &text_grad], ReduceOp::Sum)?;
+                let rows = local.image.size()[0];
+                let own = |g: &Tensor| g.narrow(0, rank as i64 * rows, rows);
+                // d/d(features) of Σ features · g is g: this rank's rows of the summed gradients.
+                let carry = (&local.image * own(&image_grad)).sum(None) + (&local.text * own(&text_grad)).sum(None);
+                carry.backward();
+                (loss, accuracy)
+            } else {
+                let (image, text) = (own_first(&images, &local.image), own_first(&texts, &local.text));
+                let (loss, accuracy) = rank_loss(&LossInputs {
+                    image: &image,
+                    text: &text,
+                    logit_scale: &local.scale,
+                    aggregated: true,
+                    teacher: teacher.as_ref().zip(weight),
+                });
+                loss.backward();
+                (loss, accuracy)
+            }
+        };
+        Ok(StepReport { loss: loss.double_value(&[]), i2t, t2i, logit_scale: 0.0 })
+    }
+
+    /// DDP's all-reduce: replica 0's gradients become the mean over replicas (over the ranks
+    /// of the process group, in one coalesced all-reduce).
+    fn average_gradients(&mut self) -> Result<()> {
+        if let Some(group) = &self.group {
+            let grads: Vec<Tensor> = self.params[0].values().map(Tensor::grad).filter(Tensor::defined).collect();
+            if !grads.is_empty() {
+                group.all_reduce(&grads.iter().collect::<Vec<_>>(), ReduceOp::Sum)?;
+                let world = group.size() as f64;
+                tch::no_grad(|| {
+                    for mut grad in grads {
+                        let _ = grad.g_div_scalar_(world);
+                    }
+                });
+            }
+            return Ok(());
+        }
         let world = self.replicas.len();
         if world == 1 {
-            return;
+            return Ok(());
         }
         tch::no_grad(|| {
             for (name, var) in &self.params[0] {
@@ -321,10 +453,27 @@ impl Trainer {
                 }
             }
         });
+        Ok(())
     }
 
-    /// Copies replica 0's variables (parameters and BatchNorm statistics) to the others.
-    fn broadcast(&mut self) {
+    /// Copies replica 0's variables (parameters and BatchNorm statistics) to the others. In a
+    /// process group the parameters are equal on every rank already (the same mean gradient,
+    /// the same optimizer): rank 0's BatchNorm running statistics are broadcast, as DDP
+    /// broadcasts its buffers before each forward.
+    fn broadcast(&mut self) -> Result<()> {
+        if let Some(group) = &self.group {
+            tch::no_grad(|| -> Result<()> {
+                let variables: BTreeMap<String, Tensor> =
+                    self.replicas[0].var_store().variables().into_iter().collect();
+                for (name, var) in variables {
+                    if name.ends_with("running_mean") || name.ends_with("running_var") {
+                        group.broadcast(&var, 0)?;
+                    }
+                }
+                Ok(())
+            })?;
+            return Ok(());
+        }
         let (first, rest) = self.replicas.split_at_mut(1);
         let source = first[0].var_store().variables();
         tch::no_grad(|| {
@@ -334,6 +483,7 @@ impl Trainer {
                 }
             }
         });
+        Ok(())
     }
 }
 

@@ -1009,7 +1009,7 @@ impl Run<'_> {
             // cn_clip 1.6.0 parses --skip-scheduler but never reads it: the schedule always runs.
             let lr = cosine_lr(plan.adamw.lr, args.warmup, plan.max_steps, step);
             tch::manual_seed(step_seed(args.seed, step));
-            let report = trainer.step(&micro, lr);
+            let report = trainer.step(&micro, lr)?;
             let batch_time = begin.elapsed().as_secs_f64();
             trained += 1;
             since_log.1 += seen.len();
