@@ -40,6 +40,7 @@ mod sql;
 mod tokenizer;
 mod train;
 mod train_cli;
+mod train_ranks;
 mod train_shards;
 mod webdataset;
 mod zeroshot;

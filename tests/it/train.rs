@@ -258,6 +258,10 @@ fn run(name: &str, case: Case<'_>) {
         let params = params.into_iter().map(|(n, v)| (n, v.detach().copy())).collect();
         Ours { losses, first_grads, params }
     };
+    // libtorch's default generator is the process's: FLIP's masks drawn here must not be
+    // reseeded by another test's run on another thread meanwhile.
+    static GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _generator = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
     // One thread per rank, as the reference ranks run: the same kernels then sum in the same
     // order.
     tch::set_num_threads(1);

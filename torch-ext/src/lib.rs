@@ -7,7 +7,7 @@
 //! `csrc/` is a thin C ABI over libtorch's own classes and functions (as torch-sys's
 //! `torch_api.cpp` is over ATen), compiled by `build.rs` against the headers of the pinned torch
 //! wheel; the symbols are in `libtorch_cpu`, which tch links. Every shim function that can fail
-//! returns null or an error message, which [`check`] turns into an [`Error`].
+//! returns null or an error message, which `check` turns into an [`Error`].
 
 pub mod amp;
 pub mod c10d;

@@ -52,6 +52,10 @@ pub struct TrainOrder {
     /// only `train_shards` reads so), the last partial global batch dropped.
     #[serde(default)]
     pub shuffle_buffer: usize,
+    /// The one replica whose samples to read (this process's rank of a data-parallel run), or
+    /// all of them in turn (every replica in one process).
+    #[serde(default)]
+    pub rank: Option<usize>,
 }
 
 impl TrainOrder {
@@ -76,7 +80,16 @@ impl TrainOrder {
         self.start.min(end)..end
     }
 
-    /// The `pairs` keys of the epoch, in the order rows are emitted (micro-batch, replica, row).
+    /// The replicas whose samples this order reads: [`TrainOrder::rank`]'s, or all.
+    pub fn replicas(&self) -> std::ops::Range<usize> {
+        match self.rank {
+            Some(rank) => rank..rank + 1,
+            None => 0..self.world.max(1),
+        }
+    }
+
+    /// The `pairs` keys of the epoch, in the order rows are emitted (micro-batch, replica, row;
+    /// only [`TrainOrder::rank`]'s replica when it is set).
     pub fn samples(&self, samples: usize) -> Vec<usize> {
         if samples == 0 || self.batch_size == 0 {
             return Vec::new();
@@ -84,9 +97,9 @@ impl TrainOrder {
         let world = self.world.max(1);
         let perm = randperm(self.padded_len(samples), self.seed.wrapping_add(self.epoch));
         let batches = self.batches(samples);
-        let mut out = Vec::with_capacity(batches.len() * world * self.batch_size);
+        let mut out = Vec::with_capacity(batches.len() * self.replicas().len() * self.batch_size);
         for i in batches {
-            for r in 0..world {
+            for r in self.replicas() {
                 for k in 0..self.batch_size {
                     // Rank r's sampler yields perm[r], perm[r + world], …; its batch i holds
                     // positions i·B … i·B + B − 1 of that list.
@@ -204,6 +217,9 @@ impl NodeConfig for LmdbTrainConfig {
         if self.order.batch_size == 0 || self.order.world == 0 {
             return Err(vec!["order: batch_size and world must be at least 1".into()]);
         }
+        if self.order.rank.is_some_and(|r| r >= self.order.world) {
+            return Err(vec!["order: rank must be below world".into()]);
+        }
         if self.order.shuffle_buffer > 0 {
             return Err(vec!["order: shuffle_buffer: an LMDB split is read with cn_clip's sampler (0)".into()]);
         }
@@ -221,7 +237,16 @@ mod tests {
 
     #[test]
     fn micro_batches_interleave_the_ranks_samplers() {
-        let order = TrainOrder { seed: 3, epoch: 1, world: 2, batch_size: 2, start: 0, end: None, shuffle_buffer: 0 };
+        let order = TrainOrder {
+            seed: 3,
+            epoch: 1,
+            world: 2,
+            batch_size: 2,
+            start: 0,
+            end: None,
+            shuffle_buffer: 0,
+            rank: None,
+        };
         // 10 samples padded to 12 (global batch 4): 3 micro-batches per replica.
         assert_eq!(order.num_batches(10), 3);
         let all = order.samples(10);
@@ -234,5 +259,11 @@ mod tests {
         }
         let resumed = TrainOrder { start: 1, end: Some(2), ..order }.samples(10);
         assert_eq!(resumed, all[4..8]);
+        // One rank's order: its rows of every micro-batch, as its own DistributedSampler gives.
+        for r in 0..2 {
+            let own = TrainOrder { rank: Some(r), ..order }.samples(10);
+            let expected: Vec<usize> = (0..3).flat_map(|i| all[i * 4 + r * 2..i * 4 + r * 2 + 2].to_vec()).collect();
+            assert_eq!(own, expected);
+        }
     }
 }

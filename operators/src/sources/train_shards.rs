@@ -347,10 +347,17 @@ impl Source for TrainShardsSource {
             let (mut shuffle, held) = order.resumed_at(first);
             let fresh = shuffle.next;
             let mut reader = Sequential::new(corpus.sequential(), &order, held, fresh);
-            for _ in 0..count {
+            let replicas = self.order.replicas();
+            for k in 0..count {
                 let position = shuffle.next().expect("an epoch's whole batches are within its samples");
                 let sample = order.sample_at(position);
-                push(sample, reader.take(position)?)?;
+                let taken = reader.take(position)?;
+                // Row k of the epoch's stream is replica (k / batch_size) mod world's: a rank
+                // reads the whole stream (its order depends on every sample before) and keeps
+                // its own rows.
+                if replicas.contains(&((first + k) / self.order.batch_size % self.order.world.max(1))) {
+                    push(sample, taken)?;
+                }
             }
         }
         if rows.len > 0 {
@@ -612,6 +619,9 @@ impl NodeConfig for TrainShardsConfig {
         let shards = cx.files(&patterns)?;
         if self.order.batch_size == 0 || self.order.world == 0 {
             return Err(vec!["order: batch_size and world must be at least 1".into()]);
+        }
+        if self.order.rank.is_some_and(|r| r >= self.order.world) {
+            return Err(vec!["order: rank must be below world".into()]);
         }
         let layout = match (self.index, self.columns, self.texts) {
             (Some(index), None, None) => Layout::Tars { index: cx.resolve(&index) },

@@ -769,7 +769,7 @@ impl io::Read for LazyReader {
 /// memory stays bounded (about `(IN_FLIGHT + 2) × CHUNK_BYTES`) however large the object.
 /// Dropping the reader cancels the requests in flight; a caught signal stops a reader that waits.
 ///
-/// A GET's body is copied into a buffer from [`spare`] chunk buffers, and the buffer goes back
+/// A GET's body is copied into a buffer from the pooled (`spare`) chunk buffers, and the buffer goes back
 /// there once read: a stream of shards allocates its chunk buffers once, not once a shard. The
 /// requests are tasks on the storage runtime that the reader's own thread starts and waits for,
 /// with no thread of the reader's own. (Allocated afresh, each shard's 8 MiB buffers were freed

@@ -19,6 +19,7 @@
 mod checkpoint;
 mod data;
 mod log;
+mod ranks;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -218,9 +219,20 @@ pub struct Args {
     /// Weight of the distillation loss added to the contrastive one (with --distillation; cn_clip's --kd_loss_weight).
     #[arg(long = "kd_loss_weight", default_value_t = 0.5)]
     pub kd_loss_weight: f64,
-    /// Devices, one replica each: cpu, cuda, cuda:0,cuda:1, cpu,cpu.
+    /// Devices, one replica each: cpu, cuda, cuda:0,cuda:1, cpu,cpu. A rank of a run of several
+    /// processes takes entry LOCAL_RANK (mod their number).
     #[arg(long, default_value_t = Devices::cpu())]
     pub devices: Devices,
+    /// Start this many ranks on this machine, each a process running this command (torchrun's
+    /// --nproc_per_node; NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT as torchrun reads them).
+    /// A process started with RANK and WORLD_SIZE (torchrun) or under srun (SLURM_PROCID) is
+    /// one rank already.
+    #[arg(long, default_value_t = 1)]
+    pub nproc_per_node: usize,
+    /// Seconds the ranks of a run of several processes wait for each other, to meet and at each
+    /// exchange, before failing (torch's default: 30 minutes).
+    #[arg(long, default_value_t = 1800)]
+    pub dist_timeout: u64,
     /// Go on when the loss becomes NaN or inf, as cn_clip does (by default the run stops
     /// there: the parameters are no longer numbers, and every later checkpoint would be NaN).
     #[arg(long)]
@@ -281,6 +293,8 @@ impl Args {
             teacher_model_name: None,
             kd_loss_weight: 0.5,
             devices: Devices::cpu(),
+            nproc_per_node: 1,
+            dist_timeout: 1800,
             allow_non_finite_loss: false,
         }
     }
@@ -301,7 +315,12 @@ struct Plan {
     train: TrainData,
     val: Option<TrainData>,
     config: ClipConfig,
+    /// This process's replicas: all of them, or this rank's one.
     devices: Vec<Device>,
+    /// Replicas in all (processes × their replicas), and this process's rank when it is one of
+    /// several.
+    world: usize,
+    rank: Option<usize>,
     adamw: AdamWConfig,
     options: StepOptions,
     samples: usize,
@@ -313,7 +332,7 @@ struct Plan {
     checkpoints: PathBuf,
 }
 
-fn plan(args: &Args, train: TrainData, val: Option<TrainData>) -> Result<Plan> {
+fn plan(args: &Args, train: TrainData, val: Option<TrainData>, rank: Option<&ranks::Rank>) -> Result<Plan> {
     for (set, flag, instead) in
         [(args.grad_checkpointing, "--grad-checkpointing", "lower --batch-size and raise --accum-freq")]
     {
@@ -335,7 +354,17 @@ fn plan(args: &Args, train: TrainData, val: Option<TrainData>) -> Result<Plan> {
         .iter()
         .map(|d| cnclip_models::device::device(&d.to_string()))
         .collect::<std::result::Result<_, _>>()?;
-    if args.use_bn_sync && devices.len() > 1 {
+    let (devices, world) = match rank {
+        // A bare `cuda` on a rank: the GPU of its local rank among those it sees (one, when the
+        // scheduler gives each task its own).
+        Some(rank) if args.devices.to_string() == "cuda" => {
+            let count = tch::Cuda::device_count().max(1) as usize;
+            (vec![Device::Cuda(rank.local_rank % count)], rank.world)
+        }
+        Some(rank) => (vec![devices[rank.local_rank % devices.len()]], rank.world),
+        None => (devices.clone(), devices.len()),
+    };
+    if args.use_bn_sync && world > 1 {
         bail!(
             "--use-bn-sync over several replicas is not supported yet (one replica: BatchNorm is already synchronised)"
         );
@@ -377,18 +406,19 @@ fn plan(args: &Args, train: TrainData, val: Option<TrainData>) -> Result<Plan> {
     let order = TrainOrder {
         seed: args.seed,
         epoch: 0,
-        world: devices.len(),
+        world,
         batch_size: args.batch_size,
         start: 0,
         end: None,
         shuffle_buffer: args.shuffle_buffer,
+        rank: None,
     };
     let num_batches = order.num_batches(samples);
     if num_batches == 0 {
         bail!(
             "--train-data {}: its {samples} samples make no whole global batch of {} (a stream drops a partial one)",
             train.describe(),
-            args.batch_size * devices.len()
+            args.batch_size * world
         );
     }
     let steps_per_epoch = (num_batches / args.accum_freq) as u64;
@@ -410,6 +440,8 @@ fn plan(args: &Args, train: TrainData, val: Option<TrainData>) -> Result<Plan> {
         val,
         config,
         devices,
+        world,
+        rank: rank.map(|r| r.rank),
         adamw,
         options: StepOptions {
             accum_freq: args.accum_freq,
@@ -501,7 +533,7 @@ fn params(args: &Args, plan: &Plan) -> BTreeMap<String, String> {
     set("image_column", opt(&args.image_column));
     set("text_column", opt(&args.text_column));
     set("id_column", opt(&args.id_column));
-    set("world_size", plan.devices.len().to_string());
+    set("world_size", plan.world.to_string());
     set("log_path", plan.dir.display().to_string());
     set("checkpoint_path", plan.checkpoints.display().to_string());
     p
@@ -692,13 +724,8 @@ fn log_datasets(plan: &Plan, log: &mut Log) {
 
 /// What a saved micro-batch index means (see [`checkpoint::Saved::layout`]).
 fn data_layout(args: &Args, plan: &Plan) -> Vec<i64> {
-    let mut layout = vec![
-        args.seed as i64,
-        args.batch_size as i64,
-        plan.devices.len() as i64,
-        args.accum_freq as i64,
-        plan.samples as i64,
-    ];
+    let mut layout =
+        vec![args.seed as i64, args.batch_size as i64, plan.world as i64, args.accum_freq as i64, plan.samples as i64];
     if args.shuffle_buffer > 0 {
         layout.push(args.shuffle_buffer as i64);
     }
@@ -713,6 +740,12 @@ fn step_seed(seed: u64, step: u64) -> i64 {
 
 pub fn run(args: Box<Args>) -> Result<()> {
     cnclip_operators::signals::catch_interrupts()?;
+    if args.nproc_per_node == 0 {
+        bail!("--nproc-per-node must be at least 1");
+    }
+    if args.nproc_per_node > 1 && ranks::Rank::from_env()?.is_none() {
+        return ranks::launch(args.nproc_per_node);
+    }
     // A run directory in an object store (`--logs s3://…`) is worked on in the spool, from what
     // the store holds of it (a rerun resumes from its checkpoints there), and uploaded after
     // every checkpoint and at the end; its data cache stays in the spool.
@@ -736,10 +769,27 @@ pub fn run(args: Box<Args>) -> Result<()> {
 
 /// [`run`] in the run's directory `dir` (its spool copy when `remote` names it in a store).
 fn train(args: Box<Args>, dir: PathBuf, cache: PathBuf, remote: Option<PathBuf>) -> Result<()> {
+    // One rank of several: meet the others first (a rank that never comes fails the run here).
+    let joined = match ranks::Rank::from_env()? {
+        Some(rank) => Some(rank.join(std::time::Duration::from_secs(args.dist_timeout))?),
+        None => None,
+    };
+    let rank = joined.as_ref().map_or(0, |j| j.rank.rank);
+    // Rank 0 keeps the run's directory (checkpoints, metrics, params, log); another rank writes
+    // only its own log, params, metrics and quarantine, under rank{N}/, and reads rank 0's
+    // checkpoints to resume.
+    let own = if rank == 0 { dir.clone() } else { dir.join(format!("rank{rank}")) };
     let checkpoints = dir.join("checkpoints");
-    storage::create_dir_all(&checkpoints).with_context(|| format!("creating {}", checkpoints.display()))?;
+    let made = if rank == 0 { &checkpoints } else { &own };
+    storage::create_dir_all(made).with_context(|| format!("creating {}", made.display()))?;
     let suffix = chrono::Utc::now().format("%Y-%m-%d-%H-%M-%S").to_string();
-    let mut log = Log::open(&dir.join(format!("out_{suffix}.log")))?;
+    let mut log = Log::open(&own.join(format!("out_{suffix}.log")))?;
+    if let Some(joined) = &joined {
+        log.info(&format!(
+            "Rank {} of {} (local rank {}), met at {}:{}",
+            rank, joined.rank.world, joined.rank.local_rank, joined.rank.master_addr, joined.rank.master_port
+        ));
+    }
     // Data in other layouts than an LMDB split is read in place, through indexes made under the
     // run's directory.
     let columns = match (&args.image_column, &args.text_column) {
@@ -748,16 +798,36 @@ fn train(args: Box<Args>, dir: PathBuf, cache: PathBuf, remote: Option<PathBuf>)
         }
         _ => None,
     };
-    let train = data::prepare(&args.train_data, columns.as_ref(), &cache, "--train-data", &mut log)?;
-    let val = match &args.val_data {
-        Some(val) => Some(data::prepare(val, columns.as_ref(), &cache, "--val-data", &mut log)?),
-        None => None,
-    };
-    let mut plan = plan(&args, train, val)?;
+    // Rank 0 prepares the data's indexes first; the others then find them made (on its
+    // machine) or make their own (on another).
+    const PREPARED: &str = "cnclip/train/prepared";
+    if let Some(joined) = joined.as_ref().filter(|_| rank > 0) {
+        let word = joined.store.get(PREPARED).context("waiting for rank 0 to prepare the training data")?;
+        if word != b"ok" {
+            bail!("rank 0 could not prepare the training data: {}", String::from_utf8_lossy(&word));
+        }
+    }
+    let prepared = (|| -> Result<_> {
+        let train = data::prepare(&args.train_data, columns.as_ref(), &cache, "--train-data", &mut log)?;
+        let val = match &args.val_data {
+            Some(val) => Some(data::prepare(val, columns.as_ref(), &cache, "--val-data", &mut log)?),
+            None => None,
+        };
+        Ok((train, val))
+    })();
+    if let Some(joined) = joined.as_ref().filter(|_| rank == 0) {
+        let word = match &prepared {
+            Ok(_) => "ok".to_string(),
+            Err(e) => format!("{e:#}"),
+        };
+        joined.store.set(PREPARED, word.as_bytes()).context("telling the other ranks the data is prepared")?;
+    }
+    let (train, val) = prepared?;
+    let mut plan = plan(&args, train, val, joined.as_ref().map(|j| &j.rank))?;
     log_datasets(&plan, &mut log);
     // The params name the run's directory as given; the work happens in `dir`.
     let params = params(&args, &plan);
-    (plan.dir, plan.checkpoints) = (dir.clone(), checkpoints.clone());
+    (plan.dir, plan.checkpoints) = (own.clone(), checkpoints.clone());
     log::write_params(&plan.dir.join(format!("params_{suffix}.txt")), &params)?;
     log.info("Params:");
     for (k, v) in &params {
@@ -830,7 +900,14 @@ fn train(args: Box<Args>, dir: PathBuf, cache: PathBuf, remote: Option<PathBuf>)
     };
     let models = replicas(&args, &plan, weights.as_ref())?;
     let teachers = teachers(&args, &plan)?;
-    let mut trainer = Trainer::new(models, teachers, plan.adamw, plan.options);
+    let mut trainer = match &joined {
+        Some(joined) => {
+            let model = models.into_iter().next().context("a replica for this rank")?;
+            Trainer::distributed(model, teachers.into_iter().next(), joined.group.clone(), plan.adamw, plan.options)
+                .with_context(|| format!("rank {rank}: taking rank 0's weights"))?
+        }
+        None => Trainer::new(models, teachers, plan.adamw, plan.options),
+    };
     if let Some(state) = optimizer_state {
         let ours = trainer.optimizer().states();
         let decayed = ours.iter().filter(|s| s.decay).count();
@@ -867,7 +944,7 @@ fn train(args: Box<Args>, dir: PathBuf, cache: PathBuf, remote: Option<PathBuf>)
     let metrics_path = plan.dir.join("metrics.parquet");
     let mut metrics = Metrics::open(&metrics_path, position.steps)?;
     let quarantine = plan.dir.join("quarantine.jsonl");
-    let upload = remote.map(|url| (dir.clone(), url));
+    let upload = remote.filter(|_| rank == 0).map(|url| (dir.clone(), url));
     let mut run = Run { args: &args, plan: &plan, log, metrics: &mut metrics, quarantine, resolution, upload };
 
     let started = Instant::now();
@@ -881,6 +958,7 @@ fn train(args: Box<Args>, dir: PathBuf, cache: PathBuf, remote: Option<PathBuf>)
         let trained = run.epoch(&mut trainer, epoch, start_batch, steps, started, first_step)?;
         steps += trained;
         if args.val_data.is_some()
+            && rank == 0
             && args.valid_epoch_interval > 0
             && (epoch + 1).is_multiple_of(args.valid_epoch_interval)
         {
@@ -926,6 +1004,10 @@ fn train(args: Box<Args>, dir: PathBuf, cache: PathBuf, remote: Option<PathBuf>)
         }
     }
     run.metrics.write()?;
+    if let Some(joined) = &joined {
+        // Rank 0 serves the store: it leaves after the others are done with it.
+        joined.group.barrier().with_context(|| format!("rank {rank}: the ranks' last meeting"))?;
+    }
     let (steps_done, seconds) = (steps - first_step, started.elapsed().as_secs_f64());
     let shown = run.upload.as_ref().map_or_else(|| plan.checkpoints.clone(), |(_, url)| url.join("checkpoints"));
     run.log.info(&format!(
@@ -960,7 +1042,7 @@ impl Run<'_> {
         first_step: u64,
     ) -> Result<u64> {
         let (args, plan) = (self.args, self.plan);
-        let world = plan.devices.len();
+        let world = plan.world;
         let accum = args.accum_freq;
         let first = (start_batch / accum) as u64;
         // Steps of this epoch still to take: up to the epoch's end or --max-steps.
@@ -976,6 +1058,7 @@ impl Run<'_> {
             start: first as usize * accum,
             end: Some(last as usize * accum),
             shuffle_buffer: args.shuffle_buffer,
+            rank: plan.rank,
         };
         let stream = data_stream(
             &plan.train,
@@ -996,7 +1079,7 @@ impl Run<'_> {
             let mut micro = Vec::with_capacity(accum);
             let mut seen = Vec::new();
             for _ in 0..accum {
-                let mut per_replica = Vec::with_capacity(world);
+                let mut per_replica = Vec::with_capacity(plan.devices.len());
                 for &device in &plan.devices {
                     let rows = feed.take(args.batch_size)?;
                     let (batch, samples) = to_batch(&rows, self.resolution, device)?;
@@ -1008,8 +1091,13 @@ impl Run<'_> {
             let data_time = begin.elapsed().as_secs_f64();
             // cn_clip 1.6.0 parses --skip-scheduler but never reads it: the schedule always runs.
             let lr = cosine_lr(plan.adamw.lr, args.warmup, plan.max_steps, step);
-            tch::manual_seed(step_seed(args.seed, step));
-            let report = trainer.step(&micro, lr)?;
+            // Another rank draws its dropout and masks from another stream (rank 0's is the
+            // single process's).
+            tch::manual_seed(step_seed(args.seed.wrapping_add(plan.rank.unwrap_or(0) as u64), step));
+            let report = trainer.step(&micro, lr).map_err(anyhow::Error::from).with_context(|| match plan.rank {
+                Some(rank) => format!("step {}: rank {rank} of {}", step + 1, plan.world),
+                None => format!("step {}", step + 1),
+            })?;
             let batch_time = begin.elapsed().as_secs_f64();
             trained += 1;
             since_log.1 += seen.len();
@@ -1101,7 +1189,7 @@ impl Run<'_> {
         batch_time: f64,
     ) {
         let (args, plan) = (self.args, self.plan);
-        let world = plan.devices.len();
+        let world = plan.world;
         let batch_size = args.batch_size * args.accum_freq;
         let num_samples = (i_accum as usize + 1) * batch_size * world;
         let samples_per_epoch = plan.num_batches * args.batch_size * world;
@@ -1130,7 +1218,7 @@ impl Run<'_> {
         let (args, plan) = (self.args, self.plan);
         let split = plan.val.as_ref().expect("checked by the caller");
         self.log.info(&format!("Begin to eval on validation set (epoch {} @ {steps} steps)...", epoch + 1));
-        let world = plan.devices.len();
+        let world = plan.world;
         let samples = split.samples().with_context(|| format!("--val-data {}", split.describe()))?;
         // cn_clip's sampler order, whatever --shuffle-buffer (validation sets are small).
         let order = TrainOrder {
@@ -1141,6 +1229,8 @@ impl Run<'_> {
             start: 0,
             end: None,
             shuffle_buffer: 0,
+            // Validated on rank 0 alone, over every replica's batches.
+            rank: None,
         };
         let batches = order.num_batches(samples) * world;
         let stream = data_stream(
@@ -1213,6 +1303,10 @@ impl Run<'_> {
     /// The metrics first, then the checkpoint: a crash in between leaves metrics ahead of the
     /// checkpoint, which the resumed run trims.
     fn save(&mut self, trainer: &Trainer, path: &Path, saved: &Saved<'_>) -> Result<()> {
+        // Rank 0 writes the run's checkpoints (every rank holds the same parameters).
+        if self.plan.rank.is_some_and(|r| r > 0) {
+            return Ok(());
+        }
         let t = Instant::now();
         self.metrics.write()?;
         // A finite loss does not make finite weights (an infinite gradient does not show in the
