@@ -158,3 +158,99 @@ fn cnclip_with_port(dir: &Path, args: &[&str], port: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "cnclip {args:?} failed:\n{}", &stderr[stderr.len().saturating_sub(3000)..]);
 }
+
+/// Two "nodes" of two ranks each (torchrun's NNODES=2, NODE_RANK 0 and 1, on loopback) train as
+/// four ranks on one node.
+#[test]
+fn two_nodes_of_two_ranks_train_as_four_ranks_on_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    corpus(dir, 64);
+    tiny_without_dropout(dir);
+    let extra = ["--max-epochs", "2", "--log-interval", "1"];
+    cnclip_with_port(dir, &args("one", &[&extra[..], &["--nproc-per-node", "4"]].concat()), &free_port());
+    let port = free_port();
+    let node_args = args("two", &[&extra[..], &["--nproc-per-node", "2"]].concat());
+    let nodes: Vec<_> = (0..2)
+        .map(|node| {
+            Command::new(cnclip_bin())
+                .current_dir(dir)
+                .args(&node_args)
+                .env("MASTER_PORT", &port)
+                .env("NNODES", "2")
+                .env("NODE_RANK", node.to_string())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (node, launcher) in nodes.into_iter().enumerate() {
+        let out = launcher.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "node {node}:\n{}", &stderr[stderr.len().saturating_sub(3000)..]);
+    }
+    assert_same_checkpoints(&dir.join("logs/one/checkpoints/epoch2.pt"), &dir.join("logs/two/checkpoints/epoch2.pt"));
+    let log = the_log(&dir.join("logs/two"));
+    assert!(log.contains("Rank 0 of 4 (local rank 0)"), "{log}");
+    assert!(log.contains("Global Batch Size: 64"), "{log}");
+    assert!(the_log(&dir.join("logs/two/rank3")).contains("Rank 3 of 4 (local rank 1)"));
+}
+
+/// `deploy/slurm/train.sbatch` run as Slurm runs it on one node of two tasks: bash with the
+/// job's variables, `srun` starting its command once per task with SLURM_PROCID, SLURM_LOCALID
+/// and SLURM_NTASKS set. It trains as `--nproc-per-node 2` does.
+#[test]
+fn the_slurm_script_trains_as_the_launcher_does() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    corpus(dir, 64);
+    tiny_without_dropout(dir);
+    let common = ["--model-config", "tiny0.json", "--context-length", "24", "--warmup", "4", "--lr", "1e-3"];
+    let betas = ["--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6"];
+    let mut launched = vec!["train", "--train-data", "corpus/lmdb/train", "--val-data", "corpus/lmdb/valid"];
+    launched.extend(common);
+    launched.extend(betas);
+    launched.extend(["--logs", "logs", "--name", "launched", "--batch-size", "16", "--max-epochs", "2"]);
+    launched.extend(["--devices", "cpu", "--num-workers", "2", "--nproc-per-node", "2"]);
+    cnclip_with_port(dir, &launched, &free_port());
+
+    let bin = dir.join("shim");
+    std::fs::create_dir_all(&bin).unwrap();
+    // srun's options are Slurm's business: skipped here.
+    let srun = "#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nn=${SLURM_NTASKS:-1}\npids=()\nfor ((i = 0; i < n; i++)); do\n  SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_STEP_NUM_TASKS=$n \"$@\" &\n  pids+=($!)\ndone\nstatus=0\nfor p in \"${pids[@]}\"; do wait \"$p\" || status=$?; done\nexit $status\n";
+    std::fs::write(bin.join("srun"), srun).unwrap();
+    std::fs::set_permissions(bin.join("srun"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+    let out = Command::new("bash")
+        .arg(cnclip_tests::workspace_root().join("deploy/slurm/train.sbatch"))
+        .current_dir(dir)
+        .env("PATH", path)
+        .env("CNCLIP", cnclip_bin())
+        .env("SLURM_NTASKS", "2")
+        .env("SLURM_PROCID", "0")
+        .env("SLURM_CPUS_PER_TASK", "2")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", free_port())
+        .env("TRAIN_DATA", "corpus/lmdb/train")
+        .env("VAL_DATA", "corpus/lmdb/valid")
+        .env("LOGS", "logs")
+        .env("NAME", "slurm")
+        .env("BATCH_SIZE", "16")
+        .env("MAX_EPOCHS", "2")
+        .env("LR", "1e-3")
+        .env("DEVICES", "cpu")
+        .env("EXTRA", "--model-config tiny0.json --context-length 24 --warmup 4 --beta1 0.9 --beta2 0.98 --eps 1e-6")
+        .env_remove("RANK")
+        .env_remove("WORLD_SIZE")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}", &stderr[stderr.len().saturating_sub(3000)..]);
+    assert_same_checkpoints(
+        &dir.join("logs/launched/checkpoints/epoch2.pt"),
+        &dir.join("logs/slurm/checkpoints/epoch2.pt"),
+    );
+    assert!(the_log(&dir.join("logs/slurm/rank1")).contains("Rank 1 of 2 (local rank 1)"));
+}

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common.h"
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
@@ -92,7 +93,8 @@ void cnclip_c10d_store_drop(CnStore* store) {
   delete store;
 }
 
-// A Gloo process group of `size` ranks over `store`, this process being `rank`. Its device
+// A Gloo process group of `size` ranks over `store` (its keys under `prefix/` when given, as
+// torch's init_process_group prefixes them), this process being `rank`. Its device
 // binds `hostname` when given (an address of this machine), else as torch does
 // (GLOO_SOCKET_IFNAME, or this host's name). Returns once every rank has joined, or fails after
 // `timeout_ms`, which also bounds every collective.
@@ -102,6 +104,7 @@ char* cnclip_c10d_gloo(
     int size,
     int64_t timeout_ms,
     const char* hostname,
+    const char* prefix,
     CnGroup** out) {
   return guarded([&] {
     using c10d::ProcessGroupGloo;
@@ -114,6 +117,9 @@ char* cnclip_c10d_gloo(
       options = ProcessGroupGloo::Options::create_default(timeout);
     }
     c10::intrusive_ptr<c10d::Store> base = store->store;
+    if (prefix != nullptr) {
+      base = c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), base);
+    }
     auto group = c10::make_intrusive<ProcessGroupGloo>(base, rank, size, options);
     *out = new CnGroup{std::move(group), timeout};
   });

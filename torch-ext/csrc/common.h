@@ -15,9 +15,11 @@ namespace cnclip_ext {
 
 inline char* copy(const std::string& message) {
   char* out = static_cast<char*>(std::malloc(message.size() + 1));
-  if (out != nullptr) {
-    std::memcpy(out, message.c_str(), message.size() + 1);
+  if (out == nullptr) {
+    // A null return reads as success: with no memory left for a message, stop here.
+    std::abort();
   }
+  std::memcpy(out, message.c_str(), message.size() + 1);
   return out;
 }
 

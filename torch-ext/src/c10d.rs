@@ -135,15 +135,19 @@ impl ReduceOp {
 }
 
 /// A Gloo process group: `size` ranks, this process (or thread) being `rank`. Collectives
-/// must be called in the same order on every rank, as in torch.
+/// must be called in the same order on every rank, as in torch. Started collectives write into
+/// their tensors until waited for ([`Work::wait`]): read them only after.
 pub struct ProcessGroup {
     raw: *mut ffi::CnGroup,
+    /// Held while a collective is issued: Gloo numbers its collectives with a plain counter
+    /// (`ProcessGroupGloo::nextTag`), which two threads issuing at once would race on.
+    issuing: std::sync::Mutex<()>,
 }
 
 // SAFETY: c10d backends are called from any thread (DDP's reducer calls them from autograd's);
 // Gloo queues the work on threads of its own.
 unsafe impl Send for ProcessGroup {}
-// SAFETY: as above; collectives are ordered by the caller, as torch requires.
+// SAFETY: every call that issues a collective holds `issuing`; the others read fixed fields.
 unsafe impl Sync for ProcessGroup {}
 
 impl ProcessGroup {
@@ -161,6 +165,22 @@ impl ProcessGroup {
         timeout: Duration,
         hostname: Option<&str>,
     ) -> Result<ProcessGroup> {
+        Self::gloo_under(store, None, rank, size, timeout, hostname)
+    }
+
+    /// [`ProcessGroup::gloo`] with the group's store keys under `prefix/` (a store that outlives
+    /// one attempt of a run, as torchrun's agent store: each attempt its own prefix).
+    ///
+    /// # Errors
+    /// As [`ProcessGroup::gloo`].
+    pub fn gloo_under(
+        store: &Store,
+        prefix: Option<&str>,
+        rank: usize,
+        size: usize,
+        timeout: Duration,
+        hostname: Option<&str>,
+    ) -> Result<ProcessGroup> {
         const WHAT: &str = "joining the Gloo process group";
         let too_many = || Error { what: WHAT, message: format!("rank {rank} of {size}: too many ranks") };
         let (rank, size) =
@@ -169,6 +189,7 @@ impl ProcessGroup {
             return Err(Error { what: WHAT, message: format!("rank {rank} is not below the world size {size}") });
         }
         let hostname = hostname.map(|h| c_string(WHAT, h)).transpose()?;
+        let prefix = prefix.map(|p| c_string(WHAT, p)).transpose()?;
         let mut raw = std::ptr::null_mut();
         // SAFETY: the store is live for the call (the group keeps its own reference to it);
         // `hostname` is null or outlives the call; `raw` is written only on success.
@@ -179,10 +200,15 @@ impl ProcessGroup {
                 size,
                 millis(timeout),
                 hostname.as_ref().map_or(std::ptr::null(), |h| h.as_ptr()),
+                prefix.as_ref().map_or(std::ptr::null(), |p| p.as_ptr()),
                 &mut raw,
             )
         })?;
-        Ok(ProcessGroup { raw })
+        Ok(ProcessGroup { raw, issuing: std::sync::Mutex::new(()) })
+    }
+
+    fn issue(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.issuing.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// This process's rank.
@@ -205,6 +231,7 @@ impl ProcessGroup {
     pub fn start_all_reduce(&self, tensors: &[&Tensor], op: ReduceOp) -> Result<Work> {
         let pointers: Vec<ffi::TensorPtr> = tensors.iter().map(|t| ffi::tensor_ptr(t)).collect();
         let mut raw = std::ptr::null_mut();
+        let _issuing = self.issue();
         // SAFETY: the tensors are live for the call, and the work holds its own references to
         // them (c10d keeps them until it completes).
         check("all-reduce", unsafe {
@@ -229,6 +256,7 @@ impl ProcessGroup {
     pub fn all_gather(&self, outputs: &[&Tensor], input: &Tensor) -> Result<()> {
         let pointers: Vec<ffi::TensorPtr> = outputs.iter().map(|t| ffi::tensor_ptr(t)).collect();
         let mut raw = std::ptr::null_mut();
+        let _issuing = self.issue();
         // SAFETY: as in start_all_reduce.
         check("all-gather", unsafe {
             ffi::cnclip_c10d_all_gather(self.raw, pointers.as_ptr(), pointers.len(), ffi::tensor_ptr(input), &mut raw)
@@ -244,6 +272,7 @@ impl ProcessGroup {
         let root =
             c_int::try_from(root).map_err(|_| Error { what: "broadcast", message: "root out of range".into() })?;
         let mut raw = std::ptr::null_mut();
+        let _issuing = self.issue();
         // SAFETY: as in start_all_reduce.
         check("broadcast", unsafe { ffi::cnclip_c10d_broadcast(self.raw, ffi::tensor_ptr(tensor), root, &mut raw) })?;
         Work { raw, what: "broadcast" }.wait()
@@ -255,6 +284,7 @@ impl ProcessGroup {
     /// # Errors
     /// A rank did not come, or rank 0 did not answer.
     pub fn barrier(&self) -> Result<()> {
+        let _issuing = self.issue();
         // SAFETY: `raw` is a live group.
         check("barrier", unsafe { ffi::cnclip_c10d_barrier(self.raw) })
     }

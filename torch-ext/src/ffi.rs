@@ -54,6 +54,7 @@ unsafe extern "C" {
         size: c_int,
         timeout_ms: i64,
         hostname: *const c_char,
+        prefix: *const c_char,
         out: *mut *mut CnGroup,
     ) -> *mut c_char;
     pub fn cnclip_c10d_group_rank(group: *const CnGroup) -> c_int;

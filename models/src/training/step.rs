@@ -127,7 +127,7 @@ impl Trainer {
         let variables: BTreeMap<String, Tensor> = trainer.replicas[0].var_store().variables().into_iter().collect();
         tch::no_grad(|| -> Result<()> {
             for var in variables.values() {
-                group.broadcast(var, 0)?;
+                broadcast_from_0(&group, var)?;
             }
             Ok(())
         })?;
@@ -348,11 +348,13 @@ impl Trainer {
     fn backward_rank(&self, group: &ProcessGroup, local: &Local) -> Result<StepReport> {
         let (world, rank) = (group.size(), group.rank());
         let weight = self.options.kd_loss_weight;
+        // Gloo exchanges CPU tensors: a GPU rank's features go through host memory.
+        let device = local.image.device();
         let gather = |t: &Tensor| -> Result<Vec<Tensor>> {
-            let t = t.detach().contiguous();
+            let t = t.detach().to_device(tch::Device::Cpu).contiguous();
             let parts: Vec<Tensor> = (0..world).map(|_| t.empty_like()).collect();
             group.all_gather(&parts.iter().collect::<Vec<_>>(), &t)?;
-            Ok(parts)
+            Ok(parts.into_iter().map(|p| p.to_device(device)).collect())
         };
         let own_first = |parts: &[Tensor], own: &Tensor| -> Tensor {
             let order =
@@ -387,11 +389,12 @@ impl Trainer {
                 });
                 loss.backward();
                 let (image_grad, text_grad) = (image.grad(), text.grad());
-                group.all_reduce(&[&image_grad, &text_grad], ReduceOp::Sum)?;
+                let summed = all_reduce_sum(group, &[image_grad, text_grad])?;
+                let (image_grad, text_grad) = (&summed[0], &summed[1]);
                 let rows = local.image.size()[0];
                 let own = |g: &Tensor| g.narrow(0, rank as i64 * rows, rows);
                 // d/d(features) of Σ features · g is g: this rank's rows of the summed gradients.
-                let carry = (&local.image * own(&image_grad)).sum(None) + (&local.text * own(&text_grad)).sum(None);
+                let carry = (&local.image * own(image_grad)).sum(None) + (&local.text * own(text_grad)).sum(None);
                 carry.backward();
                 (loss, accuracy)
             } else {
@@ -416,11 +419,11 @@ impl Trainer {
         if let Some(group) = &self.group {
             let grads: Vec<Tensor> = self.params[0].values().map(Tensor::grad).filter(Tensor::defined).collect();
             if !grads.is_empty() {
-                group.all_reduce(&grads.iter().collect::<Vec<_>>(), ReduceOp::Sum)?;
                 let world = group.size() as f64;
+                let summed = all_reduce_sum(group, &grads)?;
                 tch::no_grad(|| {
-                    for mut grad in grads {
-                        let _ = grad.g_div_scalar_(world);
+                    for (mut grad, sum) in grads.into_iter().zip(summed) {
+                        grad.copy_(&(sum / world));
                     }
                 });
             }
@@ -467,7 +470,7 @@ impl Trainer {
                     self.replicas[0].var_store().variables().into_iter().collect();
                 for (name, var) in variables {
                     if name.ends_with("running_mean") || name.ends_with("running_var") {
-                        group.broadcast(&var, 0)?;
+                        broadcast_from_0(group, &var)?;
                     }
                 }
                 Ok(())
@@ -485,6 +488,36 @@ impl Trainer {
         });
         Ok(())
     }
+}
+
+/// The sums over the ranks of `tensors` (of one dtype, any devices), as new tensors on their
+/// devices: one all-reduce of them flattened into one CPU buffer (Gloo reduces CPU tensors; its
+/// coalesced all-reduce takes no others).
+fn all_reduce_sum(group: &ProcessGroup, tensors: &[Tensor]) -> Result<Vec<Tensor>> {
+    let flat: Vec<Tensor> = tensors.iter().map(|t| t.detach().to_device(tch::Device::Cpu).reshape([-1])).collect();
+    let buffer = Tensor::cat(&flat, 0);
+    group.all_reduce(&[&buffer], ReduceOp::Sum)?;
+    let mut at = 0;
+    Ok(tensors
+        .iter()
+        .map(|t| {
+            let n = t.numel() as i64;
+            let part = buffer.narrow(0, at, n).view(t.size().as_slice()).to_device(t.device());
+            at += n;
+            part
+        })
+        .collect())
+}
+
+/// Copies rank 0's `var` into this rank's, through host memory for a GPU variable.
+fn broadcast_from_0(group: &ProcessGroup, var: &Tensor) -> Result<()> {
+    if var.device() == tch::Device::Cpu && var.is_contiguous() {
+        return Ok(group.broadcast(var, 0)?);
+    }
+    let host = var.to_device(tch::Device::Cpu).contiguous();
+    group.broadcast(&host, 0)?;
+    tch::no_grad(|| var.shallow_clone().copy_(&host));
+    Ok(())
 }
 
 /// One replica's features of a micro-batch, cached without gradient.

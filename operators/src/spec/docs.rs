@@ -279,7 +279,10 @@ mod tests {
         let lmdb = registry.get("write_lmdb").unwrap().doc.to_string();
         assert!(lmdb.contains("`database` = imgs | pairs (") && lmdb.contains("`writer` = bulk | txn ("), "{lmdb}");
         let train = registry.get("lmdb_train").unwrap().doc.to_string();
-        assert!(train.contains("`order` = {seed, epoch, world, batch_size, end, shuffle_buffer, start}"), "{train}");
+        assert!(
+            train.contains("`order` = {seed, epoch, world, batch_size, end, rank, shuffle_buffer, start}"),
+            "{train}"
+        );
     }
 
     /// No built-in kind has a key, or itself, without a description: a field added without a

@@ -889,7 +889,9 @@ impl RemoteReader {
     fn next_chunk(&mut self) -> io::Result<Option<Vec<u8>>> {
         let Some(task) = self.pending.pop_front() else { return Ok(None) };
         self.ask();
-        let chunk = run(task)?.map_err(io::Error::other)??;
+        // A caught signal ends the wait: the request waited for is cancelled too.
+        let abort = task.abort_handle();
+        let chunk = run(task).inspect_err(|_| abort.abort())?.map_err(io::Error::other)??;
         Ok(Some(chunk))
     }
 

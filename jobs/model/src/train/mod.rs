@@ -800,9 +800,9 @@ fn train(args: Box<Args>, dir: PathBuf, cache: PathBuf, remote: Option<PathBuf>)
     };
     // Rank 0 prepares the data's indexes first; the others then find them made (on its
     // machine) or make their own (on another).
-    const PREPARED: &str = "cnclip/train/prepared";
+    let prepared_key = joined.as_ref().map(|j| format!("{}/train/prepared", j.rank.prefix)).unwrap_or_default();
     if let Some(joined) = joined.as_ref().filter(|_| rank > 0) {
-        let word = joined.store.get(PREPARED).context("waiting for rank 0 to prepare the training data")?;
+        let word = joined.store.get(&prepared_key).context("waiting for rank 0 to prepare the training data")?;
         if word != b"ok" {
             bail!("rank 0 could not prepare the training data: {}", String::from_utf8_lossy(&word));
         }
@@ -820,7 +820,7 @@ fn train(args: Box<Args>, dir: PathBuf, cache: PathBuf, remote: Option<PathBuf>)
             Ok(_) => "ok".to_string(),
             Err(e) => format!("{e:#}"),
         };
-        joined.store.set(PREPARED, word.as_bytes()).context("telling the other ranks the data is prepared")?;
+        joined.store.set(&prepared_key, word.as_bytes()).context("telling the other ranks the data is prepared")?;
     }
     let (train, val) = prepared?;
     let mut plan = plan(&args, train, val, joined.as_ref().map(|j| &j.rank))?;
@@ -898,6 +898,37 @@ fn train(args: Box<Args>, dir: PathBuf, cache: PathBuf, remote: Option<PathBuf>)
             Some(loaded.state_dict)
         }
     };
+    if let Some(joined) = &joined {
+        // Every rank must start where rank 0 does, on the same data: each decided on its own
+        // (its filesystem, its data index), and a rank that differs would pair its exchanges
+        // with other steps' or drift apart.
+        let digest = format!(
+            "resumed {}, at epoch {} batch {} step {}, optimizer state {}, data {:?}, {} samples, {} steps an epoch, {} \
+             steps",
+            weights.is_some(),
+            position.epoch,
+            position.batch,
+            position.steps,
+            optimizer_state.is_some(),
+            data_layout(&args, &plan),
+            plan.samples,
+            plan.steps_per_epoch,
+            plan.max_steps
+        );
+        let key = format!("{}/train/start", joined.rank.prefix);
+        if rank == 0 {
+            joined.store.set(&key, digest.as_bytes()).context("telling the other ranks where the run starts")?;
+        } else {
+            let theirs = joined.store.get(&key).context("waiting for rank 0 to say where the run starts")?;
+            let theirs = String::from_utf8_lossy(&theirs);
+            if theirs != digest {
+                bail!(
+                    "rank {rank} would start otherwise than rank 0 (do all ranks see the same --logs directory and \
+                     data?): rank 0: {theirs}; rank {rank}: {digest}"
+                );
+            }
+        }
+    }
     let models = replicas(&args, &plan, weights.as_ref())?;
     let teachers = teachers(&args, &plan)?;
     let mut trainer = match &joined {
@@ -1150,6 +1181,7 @@ impl Run<'_> {
                 report.loss
             ));
             if args.val_data.is_some()
+                && plan.rank.unwrap_or(0) == 0
                 && args.valid_step_interval.is_some_and(|n| n > 0 && (step + 1).is_multiple_of(n))
             {
                 self.validate(trainer, epoch, step + 1)?;

@@ -22,6 +22,12 @@ pub struct Rank {
     pub local_rank: usize,
     pub master_addr: String,
     pub master_port: u16,
+    /// The store at the master is torchrun's agent's (`TORCHELASTIC_USE_AGENT_STORE`): every
+    /// rank connects to it, and the keys of each attempt (`TORCHELASTIC_RESTART_COUNT`) go
+    /// under a prefix of their own.
+    pub agent_store: bool,
+    /// Keys of this attempt of the run go under it.
+    pub prefix: String,
 }
 
 /// The process group and the store its ranks met at (kept to pass word between ranks).
@@ -40,17 +46,18 @@ fn number<T: std::str::FromStr>(name: &str, value: &str) -> Result<T> {
 }
 
 impl Rank {
-    /// From the environment: torchrun's `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, or Slurm's
-    /// `SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID`; with `MASTER_ADDR` (127.0.0.1 unless
-    /// set) and `MASTER_PORT` (29500). `None` when neither names a world of more than one rank.
+    /// From the environment: torchrun's `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, or a Slurm step's
+    /// `SLURM_PROCID`, `SLURM_STEP_NUM_TASKS`, `SLURM_LOCALID` (srun sets the step's; the batch
+    /// script itself, outside srun, is not a rank); with `MASTER_ADDR` (127.0.0.1 unless set)
+    /// and `MASTER_PORT` (29500). `None` when neither names a world of more than one rank.
     ///
     /// # Errors
     /// A variable that is not a number, or a rank not below the world size.
     pub fn from_env() -> Result<Option<Rank>> {
         let (rank, world, local) = if let (Some(rank), Some(world)) = (var("RANK"), var("WORLD_SIZE")) {
             (number("RANK", &rank)?, number("WORLD_SIZE", &world)?, var("LOCAL_RANK"))
-        } else if let (Some(rank), Some(world)) = (var("SLURM_PROCID"), var("SLURM_NTASKS")) {
-            (number("SLURM_PROCID", &rank)?, number("SLURM_NTASKS", &world)?, var("SLURM_LOCALID"))
+        } else if let (Some(rank), Some(world)) = (var("SLURM_PROCID"), var("SLURM_STEP_NUM_TASKS")) {
+            (number("SLURM_PROCID", &rank)?, number("SLURM_STEP_NUM_TASKS", &world)?, var("SLURM_LOCALID"))
         } else {
             return Ok(None);
         };
@@ -71,7 +78,9 @@ impl Rank {
             None => DEFAULT_PORT,
         };
         let master_addr = var("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into());
-        Ok(Some(Rank { rank, world, local_rank, master_addr, master_port }))
+        let agent_store = var("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v.eq_ignore_ascii_case("true"));
+        let prefix = format!("cnclip/{}", var("TORCHELASTIC_RESTART_COUNT").unwrap_or_else(|| "0".into()));
+        Ok(Some(Rank { rank, world, local_rank, master_addr, master_port, agent_store, prefix }))
     }
 
     /// Meets the other ranks: rank 0 serves the store at `MASTER_ADDR:MASTER_PORT`, the others
@@ -82,13 +91,15 @@ impl Rank {
     /// The store cannot be served or reached, or not every rank came within `timeout`.
     pub fn join(self, timeout: Duration) -> Result<Joined> {
         let place = format!("rank {} of {} at {}:{}", self.rank, self.world, self.master_addr, self.master_port);
-        let store = if self.rank == 0 {
+        let store = if self.rank == 0 && !self.agent_store {
             Store::server(&self.master_addr, self.master_port, self.world, timeout)
         } else {
             Store::client(&self.master_addr, self.master_port, self.world, timeout)
         }
         .with_context(|| place.clone())?;
-        let group = ProcessGroup::gloo(&store, self.rank, self.world, timeout, None).with_context(|| place.clone())?;
+        let prefix = format!("{}/gloo", self.prefix);
+        let group = ProcessGroup::gloo_under(&store, Some(&prefix), self.rank, self.world, timeout, None)
+            .with_context(|| place.clone())?;
         Ok(Joined { rank: self, store, group: std::sync::Arc::new(group) })
     }
 }
@@ -116,7 +127,16 @@ pub fn launch(n: usize) -> Result<()> {
     let mut children: Vec<(usize, Child)> = Vec::with_capacity(n);
     for local in 0..n {
         let rank = node_rank * n + local;
-        let child = Command::new(&exe)
+        let mut command = Command::new(&exe);
+        // SAFETY: prctl(2) between fork and exec, async-signal-safe: the rank gets SIGTERM when
+        // the launcher dies, however it dies (no orphaned ranks holding devices).
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let child = command
             .args(&args)
             .env("RANK", rank.to_string())
             .env("LOCAL_RANK", local.to_string())
@@ -142,7 +162,15 @@ pub fn launch(n: usize) -> Result<()> {
         running = 0;
         let mut failed = Vec::new();
         for (rank, child) in &mut children {
-            match child.try_wait().with_context(|| format!("waiting for rank {rank}"))? {
+            let waited = match child.try_wait() {
+                Ok(waited) => waited,
+                Err(e) => {
+                    let rank = *rank;
+                    stop(&mut children);
+                    return Err(e).with_context(|| format!("waiting for rank {rank}"));
+                }
+            };
+            match waited {
                 None => running += 1,
                 Some(status) if status.success() => {}
                 Some(status) => failed.push((*rank, child.id(), status)),
