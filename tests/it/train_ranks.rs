@@ -254,3 +254,50 @@ fn the_slurm_script_trains_as_the_launcher_does() {
     );
     assert!(the_log(&dir.join("logs/slurm/rank1")).contains("Rank 1 of 2 (local rank 1)"));
 }
+
+/// A cn_clip TSV (read in place through indexes the run makes) on two "nodes" of two ranks:
+/// rank 0 makes the indexes and every other rank, waiting for it, finds them made; the run
+/// trains as the LMDB split on four ranks of one node. (Here the nodes share one cache, so a
+/// node's first rank finds rank 0's indexes too; on machines of their own it makes them before
+/// its node's other ranks read them, which this machine cannot show.)
+#[test]
+fn ranks_train_a_tsv_in_place_from_the_indexes_rank_0_made() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    corpus(dir, 64);
+    tiny_without_dropout(dir);
+    let extra = ["--max-epochs", "1", "--log-interval", "1"];
+    cnclip_with_port(dir, &args("lmdb", &[&extra[..], &["--nproc-per-node", "4"]].concat()), &free_port());
+    let mut node_args = args("tsv", &[&extra[..], &["--nproc-per-node", "2"]].concat());
+    let at = |args: &[&str], flag: &str| args.iter().position(|a| *a == flag).unwrap() + 1;
+    let (t, v) = (at(&node_args, "--train-data"), at(&node_args, "--val-data"));
+    node_args[t] = "corpus/train_imgs.tsv";
+    node_args[v] = "corpus/valid_imgs.tsv";
+    let port = free_port();
+    let nodes: Vec<_> = (0..2)
+        .map(|node| {
+            Command::new(cnclip_bin())
+                .current_dir(dir)
+                .args(&node_args)
+                .env("MASTER_PORT", &port)
+                .env("NNODES", "2")
+                .env("NODE_RANK", node.to_string())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (node, launcher) in nodes.into_iter().enumerate() {
+        let out = launcher.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "node {node}:\n{}", &stderr[stderr.len().saturating_sub(3000)..]);
+    }
+    assert_same_checkpoints(&dir.join("logs/lmdb/checkpoints/epoch1.pt"), &dir.join("logs/tsv/checkpoints/epoch1.pt"));
+    // Rank 0 made the indexes; every other rank, after it, found them made.
+    assert!(!the_log(&dir.join("logs/tsv")).contains("reusing the index"));
+    for rank in 1..4 {
+        let log = the_log(&dir.join(format!("logs/tsv/rank{rank}")));
+        assert!(log.contains("--train-data: reusing the index"), "rank {rank}:\n{log}");
+    }
+}

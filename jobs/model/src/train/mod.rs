@@ -798,13 +798,27 @@ fn train(args: Box<Args>, dir: PathBuf, cache: PathBuf, remote: Option<PathBuf>)
         }
         _ => None,
     };
-    // Rank 0 prepares the data's indexes first; the others then find them made (on its
-    // machine) or make their own (on another).
-    let prepared_key = joined.as_ref().map(|j| format!("{}/train/prepared", j.rank.prefix)).unwrap_or_default();
-    if let Some(joined) = joined.as_ref().filter(|_| rank > 0) {
-        let word = joined.store.get(&prepared_key).context("waiting for rank 0 to prepare the training data")?;
-        if word != b"ok" {
-            bail!("rank 0 could not prepare the training data: {}", String::from_utf8_lossy(&word));
+    // Rank 0 prepares the data's indexes first. Then on each machine its first rank (local rank
+    // 0) prepares them, finding them made on rank 0's machine or making them in its own cache,
+    // and only after it do that machine's other ranks (which find them made): no two processes
+    // build one index at once. A machine is named by its first rank (ranks are numbered by
+    // machine, as torchrun and srun's block distribution number them).
+    let key = |leader: usize| joined.as_ref().map(|j| format!("{}/train/prepared/{leader}", j.rank.prefix));
+    if let Some(joined) = &joined {
+        let leader = rank - joined.rank.local_rank.min(rank);
+        let wait_for = |leader: usize, what: &str| -> Result<()> {
+            let word =
+                joined.store.get(&key(leader).unwrap_or_default()).with_context(|| format!("waiting for {what}"))?;
+            if word != b"ok" {
+                bail!("rank {leader} could not prepare the training data: {}", String::from_utf8_lossy(&word));
+            }
+            Ok(())
+        };
+        if rank > 0 {
+            wait_for(0, "rank 0 to prepare the training data")?;
+        }
+        if leader != rank && leader != 0 {
+            wait_for(leader, "this machine's first rank to prepare the training data")?;
         }
     }
     let prepared = (|| -> Result<_> {
@@ -815,12 +829,15 @@ fn train(args: Box<Args>, dir: PathBuf, cache: PathBuf, remote: Option<PathBuf>)
         };
         Ok((train, val))
     })();
-    if let Some(joined) = joined.as_ref().filter(|_| rank == 0) {
+    if let Some(joined) = joined.as_ref().filter(|j| j.rank.local_rank == 0 || rank == 0) {
         let word = match &prepared {
             Ok(_) => "ok".to_string(),
             Err(e) => format!("{e:#}"),
         };
-        joined.store.set(&prepared_key, word.as_bytes()).context("telling the other ranks the data is prepared")?;
+        joined
+            .store
+            .set(&key(rank).unwrap_or_default(), word.as_bytes())
+            .context("telling the other ranks the data is prepared")?;
     }
     let (train, val) = prepared?;
     let mut plan = plan(&args, train, val, joined.as_ref().map(|j| &j.rank))?;
