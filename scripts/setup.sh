@@ -4,7 +4,8 @@
 #   1. apt: the native build dependencies (cmake + OpenBLAS for vendored FAISS, nasm for the
 #      vendored libjpeg-turbo (the JPEG decoder Pillow uses), a C++ compiler
 #      for tch's libtorch bindings and LMDB, binutils' readelf for a linkage test, lmdb-utils
-#      (mdb_stat, mdb_dump, mdb_copy) to check the LMDBs we write with LMDB's own tools).
+#      (mdb_stat, mdb_dump, mdb_copy) to check the LMDBs we write with LMDB's own tools), strace
+#      (a test stops a job with a signal at one exact system call).
 #   2. A Python venv (default: .venv in the repository; CNCLIP_VENV=DIR puts it elsewhere and
 #      links .venv to it) with torch, torchvision and cn_clip pinned together. torch's wheel is
 #      also our libtorch: .venv/libtorch links to its `torch/` folder, and .cargo/config.toml
@@ -20,7 +21,7 @@ venv=${CNCLIP_VENV:-$root/.venv}
 tools=${CNCLIP_TOOLS:-$root/.tools}
 s3s_version=0.14.1
 requirements=$root/scripts/requirements.txt
-apt_packages=(cmake libopenblas-dev pkg-config g++ make nasm binutils lmdb-utils)
+apt_packages=(cmake libopenblas-dev pkg-config g++ make nasm binutils lmdb-utils strace)
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 

@@ -1,7 +1,7 @@
 //! `zeroshot-evaluation` on hostile inputs: issue #23's battery for the zero-shot command. An
 //! empty label file or templates file, a class folder holding a symbolic link loop, more class
 //! folders than labels, a hidden folder left by Jupyter, an image that cannot be read and a
-//! SIGTERM while it works each end as a hostile input must end it — exit 1 naming the file and
+//! SIGTERM while it works (or while its pipeline is planned) each end as a hostile input must end it — exit 1 naming the file and
 //! what is wrong, or a run that scores what it can and says what it left out (the hidden folder
 //! not taken for a class), an unreadable image quarantined beside the results and named, or exit 143 leaving no
 //! temporary file and no result — never a panic, a hang or silently shifted labels.
@@ -155,6 +155,40 @@ fn sigterm_while_scoring_stops_it_leaving_no_result_and_no_temporary_file() {
     let started = Instant::now();
     sigterm_while(root, &zeroshot(&[]), || started.elapsed() > Duration::from_millis(1500));
     assert!(!root.join("out/synth.json").exists(), "a result was written after SIGTERM");
+}
+
+#[test]
+fn sigterm_while_the_pipeline_is_planned_is_an_interruption_not_a_failure() {
+    let dir = fixture(2);
+    let root = dir.path();
+    // strace sends SIGTERM the first time the job opens the last class folder: the end of the
+    // walk before the model runs, right before the image pipeline is planned (its source walks
+    // the folder again and once reported the signal as text: exit 1, in CI).
+    let mut classes: Vec<String> = std::fs::read_dir(root.join(DATAPATH))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    classes.sort();
+    let last = format!("{DATAPATH}/{}", classes.last().unwrap());
+    let mut args = vec!["-f", "-qq", "-o", "/dev/null", "-P", &last, "-e", "trace=openat"];
+    args.extend(["-e", "inject=openat:signal=TERM:when=1"]);
+    let bin = cnclip_tests::cnclip_bin();
+    args.push(bin.to_str().unwrap());
+    let flags = zeroshot(&[]);
+    args.extend(flags.iter().copied());
+    let child = std::process::Command::new("strace")
+        .args(&args)
+        .current_dir(root)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("strace runs (apt: strace)");
+    let ran = cnclip_tests::hostile::wait_within(child, Duration::from_secs(60), "cnclip under strace");
+    assert_eq!(ran.output.status.code(), Some(143), "{}", ran.stderr);
+    assert!(ran.stderr.contains("interrupted by SIGTERM"), "{}", ran.stderr);
+    assert!(!root.join("out/synth.json").exists(), "a result was written after SIGTERM");
+    assert_eq!(leftovers(root), Vec::<std::path::PathBuf>::new());
 }
 
 #[test]

@@ -104,19 +104,22 @@ pub fn init_logging() {
 }
 
 /// 0 on success (a closed stdout pipe, as in `cnclip tokenize … | head`, counts as success),
-/// 1 with the error chain on stderr otherwise.
+/// 130 or 143 for a job that SIGINT or SIGTERM stopped, 1 otherwise, with the error chain on
+/// stderr.
 pub fn exit_code(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) if is_broken_pipe(&error) => ExitCode::SUCCESS,
-        Err(error) if interrupted_by(&error).is_some() => {
-            eprintln!("cnclip: {}", message(&error));
-            // The shell's convention: 128 + the signal's number.
-            ExitCode::from(if interrupted_by(&error) == Some("SIGINT") { 130 } else { 143 })
-        }
         Err(error) => {
             eprintln!("cnclip: {}", message(&error));
-            ExitCode::FAILURE
+            // A job asked to stop that then failed was interrupted, whatever its error says (an
+            // interruption a step reported as text, as a pipeline's plan does). The shell's
+            // convention: 128 + the signal's number.
+            match interrupted_by(&error).or_else(cnclip_operators::signals::interrupted) {
+                Some("SIGINT") => ExitCode::from(130),
+                Some(_) => ExitCode::from(143),
+                None => ExitCode::FAILURE,
+            }
         }
     }
 }

@@ -364,7 +364,8 @@ pub fn run(args: Args) -> Result<()> {
         bail!("--format parquet needs --output");
     }
     cnclip_operators::signals::catch_interrupts()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    let runtime =
+        Detached(tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?);
     let cluster = args.cluster.as_deref();
     let wait = (cluster.is_some() && args.cluster_timeout > 0).then(|| Duration::from_secs(args.cluster_timeout));
     // The stream and its first batch: on a cluster both wait on the executors, so both are
@@ -450,6 +451,30 @@ pub fn run(args: Args) -> Result<()> {
             write(&mut out, &mut next)?;
             std::io::Write::flush(&mut out)?;
             Ok(())
+        }
+    }
+}
+
+/// The query's runtime, shut down without waiting for its tasks when the job returns: a
+/// signal ends the job while an operator may be in a long stretch of work that does not yield
+/// (a join's inner loop), and waiting for it would keep the stopped job running for minutes.
+/// The stream is dropped first (its tasks aborted), and the output is already committed or
+/// removed by then.
+struct Detached(tokio::runtime::Runtime);
+
+impl std::ops::Deref for Detached {
+    type Target = tokio::runtime::Runtime;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl Drop for Detached {
+    fn drop(&mut self) {
+        // A runtime that cannot start one is never built; a placeholder takes its place.
+        let placeholder = tokio::runtime::Builder::new_current_thread().build();
+        if let Ok(placeholder) = placeholder {
+            std::mem::replace(&mut self.0, placeholder).shutdown_background();
         }
     }
 }

@@ -77,7 +77,12 @@ impl futures_core::Stream for RecordBatchStream {
             // Every batch is out; the end is reported once the graph has completed.
             Poll::Ready(None) if this.completion.is_none() => {
                 this.ended = true;
-                Poll::Ready(None)
+                // A signal that came while the last batches were awaited: the consumer must not
+                // take the stream for whole and go on to write its results.
+                match crate::signals::interrupted() {
+                    Some(signal) => Poll::Ready(Some(Err(Error::Interrupted { signal }))),
+                    None => Poll::Ready(None),
+                }
             }
             Poll::Ready(None) | Poll::Pending => Poll::Pending,
         }
