@@ -1,4 +1,4 @@
-//! Compiles the shim (`csrc/`: c10d and amp) against the pinned libtorch's headers, as
+//! Compiles the shim (`csrc/`: c10d, amp and checkpointing) against the pinned libtorch's headers, as
 //! torch-sys compiles its own `torch_api.cpp`: same include folders, C++17, the same C++ ABI
 //! (`LIBTORCH_CXX11_ABI`, 1 unless set, as torch-sys reads it). Gloo's headers, which the wheel
 //! lacks, are stood in for by `csrc/gloo/` (see its README). The symbols resolve against
@@ -23,6 +23,7 @@ fn main() {
         .cpp(true)
         .file("csrc/c10d.cpp")
         .file("csrc/amp.cpp")
+        .file("csrc/checkpoint.cpp")
         .include("csrc")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))

@@ -25,9 +25,10 @@ pub enum Error {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Torch(#[from] tch::TchError),
-    /// A collective of a data-parallel run (libtorch's c10d) failed.
+    /// What libtorch's extensions did for training failed: a collective of a data-parallel run
+    /// (c10d), autocast or the loss scaler's kernels.
     #[error(transparent)]
-    Collective(#[from] cnclip_torch_ext::Error),
+    Extension(#[from] cnclip_torch_ext::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,9 +1,10 @@
 """Training throughput on the CPU: `cnclip train` vs cn_clip's own modules driven by a Python loop
 that does what cn_clip's `training/train.py` does per step, same tiny model config, batch, data,
-workers and steps, fp32, one run each.
+workers and steps, fp32 (or both under bf16 autocast), one run each.
 
     .venv/bin/python scripts/bench/train.py [--batch-size 32] [--steps 200] [--warmup-steps 5]
-        [--samples 0] [--num-workers 2] [--cnclip target/release/cnclip] [--work /tmp/cnclip-bench-train]
+        [--samples 0] [--num-workers 2] [--precision fp32|bf16] [--cnclip target/release/cnclip]
+        [--work /tmp/cnclip-bench-train]
 
 Data: `cnclip synth` (96×96 JPEGs, short Chinese captions) + `cnclip build-lmdb`, read by both
 sides from the same cn_clip LMDB split. Per sample both do the same work: LMDB read, base64
@@ -16,7 +17,9 @@ DataLoader of --num-workers worker processes; AdamW with main.py's two parameter
 `cosine_lr`; per step `scheduler(step)`, `zero_grad`, cn_clip's `get_loss` (aggregate off),
 `backward`, `step`, the logit_scale clamp. No DDP wrapper and no process group: one replica,
 world size 1 (cn_clip would wrap even one process in DDP). Our side: `cnclip train --precision
-fp32`, random initial weights, no validation, no checkpoints inside the timed steps.
+fp32`, random initial weights, no validation, no checkpoints inside the timed steps. With
+`--precision bf16` the reference's `get_loss` runs under `torch.autocast("cpu", torch.bfloat16)`
+(cn_clip's `--precision amp` with a CPU autocast) and ours with `--precision bf16`.
 
 Timing, the same on both sides: the wall time from the end of one step to the end of the next
 (data wait included, as cn_clip's "Batch Time" counts it), summed over the steps after the first
@@ -113,7 +116,8 @@ def reference_loop(args):
             images, texts, _eos = next(batches)
         scheduler(step)
         optimizer.zero_grad()
-        total_loss, _acc = get_loss(model, images, texts, loss_img, loss_txt, loss_args)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            total_loss, _acc = get_loss(model, images, texts, loss_img, loss_txt, loss_args)
         total_loss.backward()
         optimizer.step()
         model.logit_scale.data = torch.clamp(model.logit_scale.data, 0, 4.6052)
@@ -129,6 +133,8 @@ def main():
     p.add_argument("--warmup-steps", type=int, default=5, help="first steps left out of the timing")
     p.add_argument("--samples", type=int, default=0, help="training pairs (default batch × steps: one epoch)")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader processes / cnclip pipeline threads")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="fp32 on both sides, or bf16 autocast on both")
     p.add_argument("--cnclip", default="target/release/cnclip")
     p.add_argument("--work", default="/tmp/cnclip-bench-train")
     p.add_argument("--reference-loop", action="store_true", help=argparse.SUPPRESS)
@@ -148,7 +154,8 @@ def main():
         json.dump(TINY, f)
 
     ref_cmd = [sys.executable, os.path.abspath(__file__), "--reference-loop", "--train-data", split, "--config", config,
-               "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--num-workers", str(args.num_workers)]
+               "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--num-workers", str(args.num_workers),
+               "--precision", args.precision]
     start = time.perf_counter()
     out = subprocess.run(ref_cmd, check=True, capture_output=True, text=True)
     ref_wall = time.perf_counter() - start
@@ -161,7 +168,7 @@ def main():
                 "--max-steps", str(args.steps), "--lr", str(LR), "--beta1", str(BETA1), "--beta2", str(BETA2),
                 "--eps", str(EPS), "--wd", str(WD), "--warmup", str(WARMUP_LR), "--context-length", str(CONTEXT),
                 "--num-workers", str(args.num_workers), "--logs", logs, "--name", "bench", "--log-interval", "1",
-                "--valid-epoch-interval", "0", "--save-epoch-frequency", "0", "--precision", "fp32",
+                "--valid-epoch-interval", "0", "--save-epoch-frequency", "0", "--precision", args.precision,
                 "--seed", str(SEED)]
     start = time.perf_counter()
     subprocess.run(ours_cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -174,7 +181,7 @@ def main():
     ours_rate, _ = steady([args.batch_size / r["samples_per_s"] for r in rows], args.warmup_steps)
 
     epochs = -(-args.steps * args.batch_size // samples)
-    print(f"training, CPU fp32, {os.cpu_count()} cores (torch threads: default, {ref['threads']} in the reference); "
+    print(f"training, CPU {args.precision}, {os.cpu_count()} cores (torch threads: default, {ref['threads']} in the reference); "
           f"tiny ViT/RoBERTa (embed 64, image 64/patch 16, 2+2 layers of width 128, context {CONTEXT})")
     print(f"  batch {args.batch_size}, {args.steps} steps ({epochs} epoch{'s' if epochs > 1 else ''} of {samples} "
           f"pairs), {args.num_workers} workers; steady steps/s over steps {args.warmup_steps + 1}-{args.steps} "

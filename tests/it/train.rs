@@ -16,7 +16,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cnclip_models::checkpoint::load_clip;
-use cnclip_models::training::{AdamWConfig, Batch, StepOptions, Trainer, cosine_lr};
+use cnclip_models::training::{
+    AdamWConfig, Autocast, Batch, GradScaler, ScalerConfig, StepOptions, Trainer, cosine_lr,
+};
 use cnclip_models::{Clip, ClipConfig};
 use cnclip_tests::{python, reference};
 use cnclip_torch_ext::c10d::{ProcessGroup, Store};
@@ -61,11 +63,24 @@ texts.scatter_(-1, (lengths - 1)[..., None], 102)
 save_file({"images": images.contiguous(), "texts": texts.contiguous()}, out)
 "#;
 
+/// Sets every image of step `argv[2]` to inf (in place).
+const POISON: &str = r#"
+import sys, torch
+from safetensors.torch import load_file, save_file
+data = load_file(sys.argv[1])
+data["images"][int(sys.argv[2])] = float("inf")
+save_file(data, sys.argv[1])
+"#;
+
 const STEPS: i64 = 5;
+/// A step's loss under bf16 autocast, ours against cn_clip's (both in bf16: their roundings
+/// differ where the kernels' summation orders do).
+const BF16_LOSS: f64 = 2e-2;
 const LR: f64 = 1e-4;
 const WARMUP: u64 = 2;
 const TOLERANCE: f64 = 1e-5;
 
+#[derive(Clone, Copy)]
 struct Case<'a> {
     config: &'a str,
     vision_model: &'a str,
@@ -77,11 +92,23 @@ struct Case<'a> {
     /// One rank per thread in a Gloo process group ([`Trainer::distributed`]) instead of
     /// `world` replicas in one trainer.
     ranks: bool,
+    steps: i64,
+    /// `--precision amp` on both sides: the dtype of CPU autocast (`"bf16"`), or none.
+    autocast: Option<&'a str>,
+    /// torch's GradScaler (for the CPU) with this `growth_interval`, on both sides.
+    scaler: Option<i64>,
+    /// A step whose images are all inf: its loss and gradients are not finite.
+    poison: Option<i64>,
+    /// For a step's loss (the gradients and parameters are then not compared: autocast's
+    /// roundings differ in their last bits, and Adam magnifies those of near-zero gradients).
+    loss_tolerance: Option<f64>,
 }
 
 /// What our side of a case ends with (rank 0's, in a process group).
 struct Ours {
     losses: Vec<f64>,
+    /// The loss scale after each step, with a scaler.
+    scales: Vec<f64>,
     first_grads: BTreeMap<String, Tensor>,
     params: BTreeMap<String, Tensor>,
 }
@@ -119,9 +146,18 @@ impl Default for Case<'_> {
             teacher: false,
             per_replica: 4,
             ranks: false,
+            steps: STEPS,
+            autocast: None,
+            scaler: None,
+            poison: None,
+            loss_tolerance: None,
         }
     }
 }
+
+/// libtorch's default generator is the process's: FLIP's masks and dropout drawn in one test
+/// must not be reseeded by another test's run on another thread meanwhile.
+static GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// max |ours − theirs| / max(max |theirs|, `floor`).
 fn relative(ours: &Tensor, theirs: &Tensor, floor: f64) -> f64 {
@@ -149,12 +185,15 @@ fn run(name: &str, case: Case<'_>) {
         "",
     );
     let resolution = if case.config == RN { 64 } else { 32 };
-    let dims = [STEPS, case.accum as i64, case.world as i64, case.per_replica, resolution, 12];
+    let dims = [case.steps, case.accum as i64, case.world as i64, case.per_replica, resolution, 12];
     let dims: Vec<String> = dims.iter().map(i64::to_string).collect();
     let mut args = vec![path("data.safetensors")];
     args.extend(dims);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     python(MAKE_DATA, &args, "");
+    if let Some(step) = case.poison {
+        python(POISON, &[&path("data.safetensors"), &step.to_string()], "");
+    }
     let mut reference_args = vec![
         "train-steps".to_string(),
         "--config".into(),
@@ -176,6 +215,12 @@ fn run(name: &str, case: Case<'_>) {
         "--out".into(),
         path("theirs.safetensors"),
     ];
+    if let Some(dtype) = case.autocast {
+        reference_args.extend(["--autocast".into(), dtype.into()]);
+    }
+    if let Some(interval) = case.scaler {
+        reference_args.extend(["--scaler".into(), "--growth-interval".into(), interval.to_string()]);
+    }
     if case.options.freeze_vision {
         reference_args.push("--freeze-vision".into());
     }
@@ -209,8 +254,17 @@ fn run(name: &str, case: Case<'_>) {
         let teachers: Vec<Clip> =
             if case.teacher { local.iter().map(|_| load("t.pt", TEACHER)).collect() } else { Vec::new() };
         let adamw = AdamWConfig { lr: LR, beta1: 0.9, beta2: 0.98, eps: 1e-6, weight_decay: 0.2 };
-        let options =
-            StepOptions { accum_freq: case.accum, kd_loss_weight: case.teacher.then_some(0.5), ..case.options };
+        let autocast = match case.autocast {
+            Some("bf16") => Autocast::BFloat16,
+            Some(other) => panic!("autocast {other}"),
+            None => Autocast::Off,
+        };
+        let options = StepOptions {
+            accum_freq: case.accum,
+            kd_loss_weight: case.teacher.then_some(0.5),
+            autocast,
+            ..case.options
+        };
         let mut trainer = match ranks {
             Some((_, group)) => {
                 let (replica, teacher) = (replicas.into_iter().next().unwrap(), teachers.into_iter().next());
@@ -218,15 +272,20 @@ fn run(name: &str, case: Case<'_>) {
             }
             None => Trainer::new(replicas, teachers, adamw, options),
         };
+        if let Some(growth_interval) = case.scaler {
+            let config = ScalerConfig { growth_interval, ..ScalerConfig::default() };
+            trainer = trainer.with_scaler(GradScaler::new(config, Device::Cpu));
+        }
         let data: BTreeMap<String, Tensor> =
             Tensor::read_safetensors(dir.path().join("data.safetensors")).unwrap().into_iter().collect();
         let (images, texts) = (&data["images"], &data["texts"]);
         let mut losses = Vec::new();
+        let mut scales = Vec::new();
         let mut first_grads = BTreeMap::new();
         // The generator FLIP's masks are drawn from (no case on ranks draws any: they would
         // share it across threads), seeded after the models are made.
         tch::manual_seed(0);
-        for s in 0..STEPS {
+        for s in 0..case.steps {
             let micro: Vec<Vec<Batch>> = (0..case.accum as i64)
                 .map(|j| {
                     local
@@ -238,8 +297,10 @@ fn run(name: &str, case: Case<'_>) {
                         .collect()
                 })
                 .collect();
-            let lr = cosine_lr(LR, WARMUP, STEPS as u64, s as u64);
-            losses.push(trainer.step(&micro, lr).unwrap().loss);
+            let lr = cosine_lr(LR, WARMUP, case.steps as u64, s as u64);
+            let report = trainer.step(&micro, lr).unwrap();
+            losses.push(report.loss);
+            scales.extend(report.loss_scale);
             if s == 0 {
                 for (name, var) in trainer.replicas()[0].var_store().variables() {
                     if var.requires_grad() {
@@ -256,16 +317,13 @@ fn run(name: &str, case: Case<'_>) {
             }
         }
         let params = params.into_iter().map(|(n, v)| (n, v.detach().copy())).collect();
-        Ours { losses, first_grads, params }
+        Ours { losses, scales, first_grads, params }
     };
-    // libtorch's default generator is the process's: FLIP's masks drawn here must not be
-    // reseeded by another test's run on another thread meanwhile.
-    static GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _generator = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
     // One thread per rank, as the reference ranks run: the same kernels then sum in the same
     // order.
     tch::set_num_threads(1);
-    let Ours { losses, first_grads, params } = if case.ranks {
+    let Ours { losses, scales, first_grads, params } = if case.ranks {
         let mut per_rank = on_ranks(case.world, |rank, group| ours(Some((rank, group))));
         let first = per_rank.remove(0);
         // Every rank ends with rank 0's parameters (the same mean gradients, the same steps).
@@ -281,8 +339,23 @@ fn run(name: &str, case: Case<'_>) {
 
     let their_losses: Vec<f64> = Vec::try_from(&theirs["loss"]).unwrap();
     assert_eq!(losses.len(), their_losses.len(), "{name}: steps");
+    let tolerance = case.loss_tolerance.unwrap_or(TOLERANCE);
+    let mut worst_loss = 0f64;
     for (s, (a, b)) in losses.iter().zip(&their_losses).enumerate() {
-        assert!((a - b).abs() <= TOLERANCE, "{name}: step {s} loss {a} vs cn_clip {b}");
+        // A poisoned step's loss is NaN on both sides.
+        if a.is_nan() && b.is_nan() && case.poison == Some(s as i64) {
+            continue;
+        }
+        assert!((a - b).abs() <= tolerance, "{name}: step {s} loss {a} vs cn_clip {b} (tolerance {tolerance})");
+        worst_loss = worst_loss.max((a - b).abs());
+    }
+    if case.scaler.is_some() {
+        let their_scales: Vec<f64> = Vec::try_from(&theirs["scale"]).unwrap();
+        assert_eq!(scales, their_scales, "{name}: the loss scale after each step, ours and torch's GradScaler's");
+    }
+    if case.loss_tolerance.is_some() {
+        eprintln!("{name}: losses {losses:?}; worst step's loss off by {worst_loss:.2e} (tolerance {tolerance})");
+        return;
     }
     let their_grads: BTreeMap<&str, &Tensor> =
         theirs.iter().filter_map(|(k, v)| k.strip_prefix("grad.").map(|n| (n, v))).collect();
@@ -313,7 +386,7 @@ fn run(name: &str, case: Case<'_>) {
         let (ours, t) = match zero_gradient_slice(n, t.size().first().copied().unwrap_or(1)) {
             Some((start, len)) => {
                 let drift = (ours.narrow(0, start, len) - t.narrow(0, start, len)).abs().max().double_value(&[]);
-                assert!(drift <= 2.0 * STEPS as f64 * LR, "{name}: {n}'s key bias drifted {drift:.2e}");
+                assert!(drift <= 2.0 * case.steps as f64 * LR, "{name}: {n}'s key bias drifted {drift:.2e}");
                 let keep =
                     Tensor::cat(&[t.narrow(0, 0, start), t.narrow(0, start + len, t.size()[0] - start - len)], 0);
                 let mine =
@@ -337,8 +410,8 @@ fn run(name: &str, case: Case<'_>) {
         }
     }
     eprintln!(
-        "{name}: losses {losses:?}; worst first-step gradient {:.2e} ({}), worst parameter after {STEPS} steps {:.2e} ({})",
-        worst_grad.0, worst_grad.1, worst_param.0, worst_param.1
+        "{name}: losses {losses:?}; worst first-step gradient {:.2e} ({}), worst parameter after {} steps {:.2e} ({})",
+        worst_grad.0, worst_grad.1, case.steps, worst_param.0, worst_param.1
     );
     assert!(worst_grad.0 <= TOLERANCE, "{name}: gradient of {} off by {:.2e} relative", worst_grad.1, worst_grad.0);
     assert!(worst_param.0 <= TOLERANCE, "{name}: parameter {} off by {:.2e} relative", worst_param.1, worst_param.0);
@@ -445,6 +518,70 @@ fn gloo_ranks_match_cn_clip_ranks() {
 
 /// The data order: `training::sampler` equals torch's `DistributedSampler(shuffle=True, seed)`
 /// after `set_epoch`, for one and several ranks, including a length that needs padding.
+#[test]
+fn bf16_autocast_tracks_cn_clip_under_cpu_autocast_for_20_steps() {
+    // cn_clip's loop as `--precision amp` runs it, under torch.autocast("cpu", bfloat16): bf16
+    // keeps 8 bits of mantissa, so the losses agree to bf16's rounding, not to fp32's.
+    let bf16 = Case { steps: 20, autocast: Some("bf16"), loss_tolerance: Some(BF16_LOSS), ..Case::default() };
+    run("bf16", bf16);
+    run("bf16-2-replicas-accum-2", Case { world: 2, per_replica: 3, accum: 2, steps: 10, ..bf16 });
+}
+
+#[test]
+fn the_loss_scaler_skips_a_step_with_inf_gradients_and_halves_as_torchs_grad_scaler() {
+    // Step 2's images are inf: its gradients are NaN. torch's GradScaler (for the CPU) skips
+    // that step and halves the scale; with growth_interval 2 it doubles after two clean steps.
+    // Same scales after every step, the same parameters after 5 steps.
+    run("scaler", Case { scaler: Some(2), poison: Some(2), ..Case::default() });
+    run(
+        "scaler-2-ranks",
+        Case { scaler: Some(2), poison: Some(3), world: 2, per_replica: 3, ranks: true, ..Case::default() },
+    );
+}
+
+#[test]
+fn grad_checkpointing_gives_the_gradients_of_the_run_without_it() {
+    // Dropout on (BERT's 0.1) and FLIP masking: the recomputation must draw the same masks.
+    let config = VIT
+        .replace("\"text_attention_probs_dropout_prob\": 0.0", "\"text_attention_probs_dropout_prob\": 0.1")
+        .replace("\"text_hidden_dropout_prob\": 0.0", "\"text_hidden_dropout_prob\": 0.1");
+    let config = ClipConfig::from_json(&config).unwrap();
+    let _generator = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
+    tch::manual_seed(11);
+    let images = Tensor::randn([6, 3, 32, 32], (tch::Kind::Float, Device::Cpu));
+    let texts = Tensor::randint_low(672, 21128, [6, 12], (tch::Kind::Int64, Device::Cpu));
+    let run = |checkpointed: bool, autocast: Autocast| -> (f64, BTreeMap<String, Tensor>) {
+        tch::manual_seed(1);
+        let model = Clip::new(config.clone(), Device::Cpu).unwrap();
+        let adamw = AdamWConfig { lr: LR, beta1: 0.9, beta2: 0.98, eps: 1e-6, weight_decay: 0.2 };
+        let options =
+            StepOptions { mask_ratio: 0.5, grad_checkpointing: checkpointed, autocast, ..StepOptions::default() };
+        let mut trainer = Trainer::new(vec![model], Vec::new(), adamw, options);
+        tch::manual_seed(2);
+        let batch = Batch { images: images.shallow_clone(), texts: texts.shallow_clone() };
+        let loss = trainer.step(&[vec![batch]], LR).unwrap().loss;
+        let grads = trainer.replicas()[0]
+            .var_store()
+            .variables()
+            .into_iter()
+            .filter(|(_, v)| v.requires_grad())
+            .map(|(n, v)| (n, v.grad().copy()))
+            .collect();
+        (loss, grads)
+    };
+    for autocast in [Autocast::Off, Autocast::BFloat16] {
+        let (plain_loss, plain) = run(false, autocast);
+        let (loss, checkpointed) = run(true, autocast);
+        assert_eq!(loss, plain_loss, "{autocast:?}: the loss");
+        let largest = plain.values().map(|g| g.abs().max().double_value(&[])).fold(0.0, f64::max);
+        assert!(largest > 0.0, "{autocast:?}: no gradient");
+        for (name, g) in &plain {
+            let r = relative(&checkpointed[name], g, 1e-3 * largest);
+            assert!(r <= 1e-6, "{autocast:?}: {name}'s gradient off by {r:.2e} relative with --grad-checkpointing");
+        }
+    }
+}
+
 #[test]
 fn sample_order_equals_torch_distributed_sampler() {
     let script = r#"

@@ -389,6 +389,25 @@ def _train_rank(rank, args):
         return loss, acc
 
     train_module.get_loss = get_loss
+    # Mixed precision as main.py sets it up for `--precision amp`, on the CPU: autocast in
+    # --autocast's dtype (cn_clip's torch.cuda.amp.autocast does nothing there) and, with
+    # --scaler, torch's GradScaler for the CPU; the scale after each step is recorded.
+    precision, scaler, scales = "fp32", None, []
+    if args.autocast != "none" or args.scaler:
+        import contextlib
+        precision = "amp"
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.autocast)
+        train_module.autocast = (
+            (lambda enabled=True: torch.autocast("cpu", dtype=dtype, enabled=enabled)) if dtype is not None
+            else (lambda enabled=True: contextlib.nullcontext()))
+        scaler = torch.amp.GradScaler("cpu", enabled=args.scaler, growth_interval=args.growth_interval)
+        original_update = scaler.update
+
+        def update(*a, **k):
+            original_update(*a, **k)
+            scales.append(scaler.get_scale() if args.scaler else 1.0)
+
+        scaler.update = update
     teacher = None
     if args.teacher:
         teacher_model, _ = load_checkpoint_model(json.loads(args.teacher_config), args.teacher)
@@ -406,18 +425,20 @@ def _train_rank(rank, args):
     train_args = types.SimpleNamespace(
         accum_freq=accum, mask_ratio=args.mask_ratio, distillation=teacher is not None, aggregate=not args.skip_aggregate,
         gather_with_grad=args.gather_with_grad, report_training_batch_acc=True, kd_loss_weight=args.kd_loss_weight,
-        local_device_rank=0, precision="fp32", rank=rank, world_size=args.world, max_steps=steps, log_interval=10**9,
+        local_device_rank=0, precision=precision, rank=rank, world_size=args.world, max_steps=steps, log_interval=10**9,
         val_data=None, valid_step_interval=None, should_save=False, save_step_frequency=-1,
         freeze_vision=args.freeze_vision, vision_model=vision_model, use_flash_attention=False)
     logging.disable(logging.CRITICAL)
     torch.manual_seed(args.seed)
     data_dict = {"train": types.SimpleNamespace(dataloader=Loader(), sampler=None)}
-    train_module.train(model, data_dict, 0, optimizer, None, scheduler, train_args, 0, teacher)
+    train_module.train(model, data_dict, 0, optimizer, scaler, scheduler, train_args, 0, teacher)
     if rank == 0:
         # The loss of the last micro-batch of each step (what cn_clip logs); accum runs also
         # call get_loss for every micro-batch.
         per_step = losses[accum - 1::accum] if accum > 1 else losses
         out = {"loss": torch.tensor(per_step, dtype=torch.float64)}
+        if scales:
+            out["scale"] = torch.tensor(scales, dtype=torch.float64)
         out.update({f"grad.{k}": v.contiguous() for k, v in first.items()})
         out.update({f"param.{k}": v.detach().contiguous() for k, v in model.module.state_dict().items()})
         save_file(out, args.out)
@@ -488,6 +509,10 @@ def main():
     p.add_argument("--wd", type=float, default=0.2)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--autocast", choices=["none", "bf16", "fp16"], default="none",
+                   help="run the loop as --precision amp with CPU autocast in this dtype")
+    p.add_argument("--scaler", action="store_true", help="--precision amp's GradScaler (torch's, for the CPU)")
+    p.add_argument("--growth-interval", type=int, default=2000, help="the GradScaler's growth_interval")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_train_steps)
 

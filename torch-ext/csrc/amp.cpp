@@ -18,6 +18,11 @@ void cnclip_ext_free(void* p) {
   std::free(p);
 }
 
+// A message the shim owns (for cnclip_ext_free) with `len` bytes of `text`.
+char* cnclip_ext_message(const char* text, size_t len) {
+  return cnclip_ext::copy(std::string(text, len));
+}
+
 // Switches autocast on or off for `device` (c10::DeviceType: 0 CPU, 1 CUDA) with `dtype`
 // (c10::ScalarType: 5 half, 15 bfloat16) on this thread, as entering torch.autocast(device,
 // dtype) does; `previous` gets the state to give back on leaving.

@@ -1,4 +1,4 @@
-//! The C ABI of `csrc/` (`c10d.cpp`, `amp.cpp`), as declared there. Every `*mut c_char`
+//! The C ABI of `csrc/` (`c10d.cpp`, `amp.cpp`, `checkpoint.cpp`), as declared there. Every `*mut c_char`
 //! returned is null on success or an error message the caller frees with [`cnclip_ext_free`].
 
 use std::ffi::{c_char, c_int, c_void};
@@ -93,6 +93,16 @@ unsafe extern "C" {
         previous_dtype: *mut c_int,
     ) -> *mut c_char;
     pub fn cnclip_autocast_exit(device: c_int, previous_enabled: bool, previous_dtype: c_int) -> *mut c_char;
+    pub fn cnclip_ext_message(text: *const c_char, len: usize) -> *mut c_char;
+    pub fn cnclip_tensor_handle(tensor: TensorPtr) -> TensorPtr;
+    pub fn cnclip_tensor_assign(dst: TensorPtr, src: TensorPtr);
+    pub fn cnclip_checkpoint(
+        data: *mut c_void,
+        run: unsafe extern "C" fn(*mut c_void, TensorPtr, TensorPtr) -> *mut c_char,
+        drop: unsafe extern "C" fn(*mut c_void),
+        input: TensorPtr,
+        out: *mut TensorPtr,
+    ) -> *mut c_char;
     pub fn cnclip_amp_unscale(
         grads: *const TensorPtr,
         n: usize,

@@ -2,7 +2,8 @@
 //! - [`c10d`]: process groups for data-parallel training (TCPStore rendezvous, Gloo
 //!   collectives);
 //! - [`amp`]: mixed precision (autocast with a dtype per device type, and the kernels of
-//!   torch's `GradScaler`).
+//!   torch's `GradScaler`);
+//! - [`checkpoint`]: activation checkpointing (a custom autograd node that recomputes).
 //!
 //! `csrc/` is a thin C ABI over libtorch's own classes and functions (as torch-sys's
 //! `torch_api.cpp` is over ATen), compiled by `build.rs` against the headers of the pinned torch
@@ -11,6 +12,7 @@
 
 pub mod amp;
 pub mod c10d;
+pub mod checkpoint;
 mod ffi;
 
 use std::ffi::{CStr, CString, c_char};

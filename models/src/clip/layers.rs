@@ -19,6 +19,11 @@ impl LayerNorm {
         LayerNorm { weight: p.var("weight", &[dim], nn::Init::Const(1.0)), bias: p.zeros("bias", &[dim]), eps, dim }
     }
 
+    /// The same norm on the same tensors.
+    pub fn shallow_clone(&self) -> Self {
+        LayerNorm { weight: self.weight.shallow_clone(), bias: self.bias.shallow_clone(), eps: self.eps, dim: self.dim }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let kind = x.kind();
         x.to_kind(Kind::Float)
@@ -31,6 +36,18 @@ impl LayerNorm {
             )
             .to_kind(kind)
     }
+}
+
+/// The same linear layer on the same tensors.
+pub fn shallow_linear(linear: &nn::Linear) -> nn::Linear {
+    nn::Linear { ws: linear.ws.shallow_clone(), bs: linear.bs.as_ref().map(Tensor::shallow_clone) }
+}
+
+/// `f(x)` through torch's reentrant activation checkpointing (see
+/// [`cnclip_torch_ext::checkpoint`]). A failure there is libtorch's, as a failing op's would be:
+/// it panics as tch's ops do.
+pub fn checkpointed(x: &Tensor, f: impl Fn(&Tensor) -> Tensor + Send + 'static) -> Tensor {
+    cnclip_torch_ext::checkpoint::checkpoint(x, f).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// `[N, L, heads * d]` → `[N, heads, L, d]`.

@@ -36,6 +36,9 @@ pub struct Mode {
     pub dropout: bool,
     /// RN50's BatchNorm on batch statistics, updating the running ones (off for a frozen tower).
     pub batch_norm: bool,
+    /// `--grad-checkpointing`: ViT residual blocks and BERT layers recompute their activations
+    /// in backward (as cn_clip's `set_grad_checkpointing`, which leaves RN50 as it is).
+    pub grad_checkpointing: bool,
 }
 
 /// A Chinese-CLIP model on one device.
@@ -218,7 +221,7 @@ impl Clip {
 
     fn image_features(&self, pixels: &Tensor, mask_ratio: f64, batch_norm: bool) -> Tensor {
         match &self.visual {
-            Visual::Transformer(vit) => vit.forward(pixels, mask_ratio),
+            Visual::Transformer(vit) => vit.forward(pixels, mask_ratio, self.mode.grad_checkpointing),
             Visual::ResNet(resnet) => resnet.forward(pixels, batch_norm),
         }
     }
@@ -244,7 +247,7 @@ impl Clip {
     }
 
     fn text_features(&self, ids: &Tensor, dropout: bool) -> Tensor {
-        let hidden = self.bert.forward(ids, self.pad_id, dropout);
+        let hidden = self.bert.forward(ids, self.pad_id, dropout, self.mode.grad_checkpointing);
         hidden.select(1, 0).matmul(&self.text_projection)
     }
 

@@ -8,7 +8,7 @@
 use tch::{Kind, Tensor, nn, nn::Module};
 
 use super::config::TextConfig;
-use super::layers::{LayerNorm, attention_heads, merge_heads};
+use super::layers::{LayerNorm, attention_heads, merge_heads, shallow_linear};
 
 const LAYER_NORM_EPS: f64 = 1e-12;
 
@@ -48,6 +48,24 @@ struct BertLayer {
 }
 
 impl BertLayer {
+    /// The same layer on the same tensors (for a checkpointed closure to own).
+    fn shallow_clone(&self) -> Self {
+        BertLayer {
+            query: shallow_linear(&self.query),
+            key: shallow_linear(&self.key),
+            value: shallow_linear(&self.value),
+            attention_output: shallow_linear(&self.attention_output),
+            attention_norm: self.attention_norm.shallow_clone(),
+            intermediate: shallow_linear(&self.intermediate),
+            output: shallow_linear(&self.output),
+            output_norm: self.output_norm.shallow_clone(),
+            heads: self.heads,
+            activation: self.activation,
+            hidden_dropout: self.hidden_dropout,
+            attention_dropout: self.attention_dropout,
+        }
+    }
+
     fn new(p: &nn::Path<'_>, c: &TextConfig, activation: Activation) -> Self {
         let (hidden, inter) = (c.text_hidden_size, c.text_intermediate_size);
         let attention = p / "attention";
@@ -117,8 +135,9 @@ impl Bert {
     }
 
     /// Last hidden states `[N, L, hidden]` of token ids `[N, L]`; `pad_id` positions are masked.
-    /// `train` applies dropout as cn_clip's BERT in `train()` mode.
-    pub fn forward(&self, ids: &Tensor, pad_id: i64, train: bool) -> Tensor {
+    /// `train` applies dropout as cn_clip's BERT in `train()` mode; `checkpointed` recomputes
+    /// each layer in backward instead of keeping its activations (`--grad-checkpointing`).
+    pub fn forward(&self, ids: &Tensor, pad_id: i64, train: bool, checkpointed: bool) -> Tensor {
         let (_, seq_len) = ids.size2().expect("[N, L] token ids");
         let kind = self.word_embeddings.ws.kind();
         let keep = ids.ne(pad_id).to_kind(kind);
@@ -129,7 +148,13 @@ impl Bert {
             + self.token_type_embeddings.forward(&ids.zeros_like());
         let mut x = self.embeddings_norm.forward(&embedded).dropout(self.hidden_dropout, train);
         for layer in &self.layers {
-            x = layer.forward(&x, &additive_mask, train);
+            x = match checkpointed {
+                true => {
+                    let (layer, mask) = (layer.shallow_clone(), additive_mask.shallow_clone());
+                    super::layers::checkpointed(&x, move |x| layer.forward(x, &mask, train))
+                }
+                false => layer.forward(&x, &additive_mask, train),
+            };
         }
         x
     }

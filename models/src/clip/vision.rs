@@ -8,7 +8,7 @@
 
 use tch::{Kind, Tensor, nn, nn::Module};
 
-use super::layers::{LayerNorm, attention_heads, merge_heads};
+use super::layers::{LayerNorm, attention_heads, merge_heads, shallow_linear};
 
 /// One `ResidualAttentionBlock`: `x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`.
 #[derive(Debug)]
@@ -36,6 +36,20 @@ impl ResidualAttentionBlock {
             c_proj: nn::linear(&mlp / "c_proj", width * 4, width, Default::default()),
             ln_2: LayerNorm::new(p / "ln_2", width, 1e-5),
             heads,
+        }
+    }
+
+    /// The same block on the same tensors (for a checkpointed closure to own).
+    fn shallow_clone(&self) -> Self {
+        ResidualAttentionBlock {
+            in_proj_weight: self.in_proj_weight.shallow_clone(),
+            in_proj_bias: self.in_proj_bias.shallow_clone(),
+            out_proj: shallow_linear(&self.out_proj),
+            ln_1: self.ln_1.shallow_clone(),
+            c_fc: shallow_linear(&self.c_fc),
+            c_proj: shallow_linear(&self.c_proj),
+            ln_2: self.ln_2.shallow_clone(),
+            heads: self.heads,
         }
     }
 
@@ -99,7 +113,9 @@ impl VisualTransformer {
     ///
     /// `mask_ratio > 0` applies FLIP's random patch masking (training only), keeping the class
     /// token and `int((L - 1) * (1 - mask_ratio))` random patches, as cn_clip does.
-    pub fn forward(&self, pixels: &Tensor, mask_ratio: f64) -> Tensor {
+    /// `checkpointed` recomputes each residual block in backward instead of keeping its
+    /// activations (`--grad-checkpointing`).
+    pub fn forward(&self, pixels: &Tensor, mask_ratio: f64, checkpointed: bool) -> Tensor {
         let x = self.conv1.forward(&pixels.to_kind(self.proj.kind()));
         let (n, width) = (x.size()[0], x.size()[1]);
         let x = x.flatten(2, -1).transpose(1, 2); // [N, grid², width]
@@ -111,7 +127,13 @@ impl VisualTransformer {
         }
         let mut x = self.ln_pre.forward(&x);
         for block in &self.blocks {
-            x = block.forward(&x);
+            x = match checkpointed {
+                true => {
+                    let block = block.shallow_clone();
+                    super::layers::checkpointed(&x, move |x| block.forward(x))
+                }
+                false => block.forward(&x),
+            };
         }
         self.ln_post.forward(&x.select(1, 0)).matmul(&self.proj)
     }

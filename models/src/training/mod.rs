@@ -4,7 +4,8 @@
 //! cross-entropy over image/text logits scaled by the learned `logit_scale`, optional
 //! distillation), `--accum-freq` feature accumulation, the gathering of
 //! features across replicas with and without gradient, AdamW with cn_clip's two parameter
-//! groups, linear warmup then cosine, and the `logit_scale` clamp to ln 100.
+//! groups, linear warmup then cosine, the `logit_scale` clamp to ln 100, and `--precision
+//! amp`'s autocast and loss scaling (see `amp`).
 //!
 //! Several replicas stand for cn_clip's DDP ranks: each takes its share of the global batch,
 //! each rank's loss is built exactly as `get_loss` builds it on that rank, and the gradients
@@ -13,6 +14,7 @@
 //! variables (parameters and BatchNorm statistics, as DDP's buffer broadcast) are copied to
 //! the others, so replicas stay identical.
 
+pub mod amp;
 pub mod loss;
 pub mod optim;
 pub mod order;
@@ -26,6 +28,7 @@ use std::path::Path;
 use crate::Clip;
 use crate::error::{Error, Result};
 
+pub use amp::{Autocast, GradScaler, ScalerConfig};
 pub use loss::{LossInputs, cosine_similarity_loss, rank_loss};
 pub use optim::{AdamW, AdamWConfig, SlotState, decays};
 pub use schedule::cosine_lr;

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use cnclip_torch_ext::c10d::{ProcessGroup, ReduceOp};
 use tch::Tensor;
 
+use super::amp::{Autocast, GradScaler};
 use super::loss::{LossInputs, rank_loss};
 use super::optim::{AdamW, AdamWConfig};
 use crate::clip::{Clip, Mode, normalize};
@@ -35,6 +36,10 @@ pub struct StepOptions {
     pub kd_loss_weight: Option<f64>,
     /// `--freeze-vision`: the vision tower is not trained (and RN50's BatchNorm stays in eval).
     pub freeze_vision: bool,
+    /// The dtype the forward passes and the loss are autocast to (`--precision amp`, `bf16`).
+    pub autocast: Autocast,
+    /// `--grad-checkpointing`: activations recomputed in backward (see [`Mode`]).
+    pub grad_checkpointing: bool,
 }
 
 impl Default for StepOptions {
@@ -46,6 +51,8 @@ impl Default for StepOptions {
             gather_with_grad: false,
             kd_loss_weight: None,
             freeze_vision: false,
+            autocast: Autocast::Off,
+            grad_checkpointing: false,
         }
     }
 }
@@ -57,7 +64,7 @@ pub struct Batch {
 }
 
 /// What a step reports (rank 0's view, as cn_clip logs it).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct StepReport {
     /// The loss of the last micro-batch on replica 0.
     pub loss: f64,
@@ -66,6 +73,10 @@ pub struct StepReport {
     pub t2i: f64,
     /// `logit_scale` after the clamp (its log, as cn_clip prints `m.logit_scale.data`).
     pub logit_scale: f64,
+    /// With a loss scaler: its scale after the step, and whether the step was skipped (its
+    /// gradients held an inf or a NaN).
+    pub loss_scale: Option<f64>,
+    pub skipped: bool,
 }
 
 /// Replicas, an optional teacher per replica, and the optimizer (on replica 0).
@@ -78,6 +89,8 @@ pub struct Trainer {
     /// The process group when this process is one rank of several (its one replica being
     /// this rank's model).
     group: Option<Arc<ProcessGroup>>,
+    /// `--precision amp`'s dynamic loss scale (fp16 on a GPU).
+    scaler: Option<GradScaler>,
 }
 
 impl Trainer {
@@ -97,14 +110,18 @@ impl Trainer {
                     }
                 }
             }
-            model.set_mode(Mode { dropout: true, batch_norm: !options.freeze_vision });
+            model.set_mode(Mode {
+                dropout: true,
+                batch_norm: !options.freeze_vision,
+                grad_checkpointing: options.grad_checkpointing,
+            });
         }
         let params: Vec<BTreeMap<String, Tensor>> = replicas
             .iter()
             .map(|m| m.var_store().variables().into_iter().filter(|(_, v)| v.requires_grad()).collect())
             .collect();
         let optimizer = AdamW::new(adamw, params[0].iter().map(|(n, v)| (n.clone(), v.shallow_clone())));
-        Trainer { replicas, teachers, params, optimizer, options, group: None }
+        Trainer { replicas, teachers, params, optimizer, options, group: None, scaler: None }
     }
 
     /// This process as rank `group.rank()` of a data-parallel run, `replica` its model: every
@@ -135,6 +152,20 @@ impl Trainer {
         Ok(trainer)
     }
 
+    /// Scales the loss by `scaler` and steps only on finite gradients (torch's `GradScaler`).
+    pub fn with_scaler(mut self, scaler: GradScaler) -> Self {
+        self.scaler = Some(scaler);
+        self
+    }
+
+    pub fn scaler(&self) -> Option<&GradScaler> {
+        self.scaler.as_ref()
+    }
+
+    pub fn scaler_mut(&mut self) -> Option<&mut GradScaler> {
+        self.scaler.as_mut()
+    }
+
     pub fn replicas(&self) -> &[Clip] {
         &self.replicas
     }
@@ -152,9 +183,13 @@ impl Trainer {
     /// `model.eval()` and `model.train()`).
     pub fn evaluate<R>(&mut self, f: impl FnOnce(&Clip) -> R) -> R {
         let model = &mut self.replicas[0];
-        model.set_mode(Mode { dropout: false, batch_norm: false });
+        model.set_mode(Mode::default());
         let result = tch::no_grad(|| f(model));
-        model.set_mode(Mode { dropout: true, batch_norm: !self.options.freeze_vision });
+        model.set_mode(Mode {
+            dropout: true,
+            batch_norm: !self.options.freeze_vision,
+            grad_checkpointing: self.options.grad_checkpointing,
+        });
         result
     }
 
@@ -182,12 +217,48 @@ impl Trainer {
         let report =
             if self.options.accum_freq == 1 { self.forward_backward(&micro[0])? } else { self.accumulate(micro)? };
         self.average_gradients()?;
-        self.optimizer.step();
+        // GradScaler.step: the gradients unscaled, the step taken only when they are finite
+        // (the same on every rank: they are the all-reduced ones); then GradScaler.update.
+        let skipped = match &mut self.scaler {
+            Some(scaler) => {
+                let grads: Vec<Tensor> = self.params[0].values().map(Tensor::grad).filter(Tensor::defined).collect();
+                let found_inf = scaler.unscale(&grads.iter().collect::<Vec<_>>())?;
+                let skipped = found_inf.double_value(&[0]) != 0.0;
+                if !skipped {
+                    self.optimizer.step();
+                }
+                scaler.update(&found_inf);
+                skipped
+            }
+            None => {
+                self.optimizer.step();
+                false
+            }
+        };
         tch::no_grad(|| {
             let _ = self.replicas[0].logit_scale_parameter().shallow_clone().clamp_(0.0, LOGIT_SCALE_MAX);
         });
         self.broadcast()?;
-        Ok(StepReport { logit_scale: self.replicas[0].logit_scale_parameter().double_value(&[]), ..report })
+        Ok(StepReport {
+            logit_scale: self.replicas[0].logit_scale_parameter().double_value(&[]),
+            loss_scale: self.scaler.as_ref().map(GradScaler::scale_value),
+            skipped,
+            ..report
+        })
+    }
+
+    /// `f` under the step's autocast for `device` (cn_clip's `with autocast():` around the
+    /// forward passes and the loss; backward runs outside it).
+    fn cast<T>(&self, device: tch::Device, f: impl FnOnce() -> T) -> Result<T> {
+        self.options.autocast.run(device, f)
+    }
+
+    /// What backward starts from: the loss, times the scaler's scale when there is one.
+    fn scaled(&self, loss: &Tensor) -> Tensor {
+        match &self.scaler {
+            Some(scaler) => scaler.scale(loss),
+            None => loss.shallow_clone(),
+        }
     }
 
     /// `accum_freq == 1`: each replica's features with gradient, every rank's loss, backward.
@@ -197,13 +268,15 @@ impl Trainer {
             .iter()
             .zip(batches)
             .enumerate()
-            .map(|(r, (model, batch))| Local {
-                image: normalize(&model.encode_image_t(&batch.images, self.options.mask_ratio)),
-                text: normalize(&model.encode_text_t(&batch.texts)),
-                scale: model.logit_scale_parameter().exp(),
-                teacher: self.teacher_features(r, &batch.images),
+            .map(|(r, (model, batch))| {
+                self.cast(model.device(), || Local {
+                    image: normalize(&model.encode_image_t(&batch.images, self.options.mask_ratio)),
+                    text: normalize(&model.encode_text_t(&batch.texts)),
+                    scale: model.logit_scale_parameter().exp(),
+                    teacher: self.teacher_features(r, &batch.images),
+                })
             })
-            .collect();
+            .collect::<Result<_>>()?;
         self.backward(&local)
     }
 
@@ -221,15 +294,20 @@ impl Trainer {
                     .zip(batches)
                     .enumerate()
                     .map(|(r, (model, batch))| {
-                        tch::no_grad(|| Cached {
-                            image: normalize(&model.encode_image_t(&batch.images, 0.0)),
-                            text: normalize(&model.encode_text_t(&batch.texts)),
-                            teacher: self.teacher_features(r, &batch.images),
-                        })
+                        // cn_clip: the features under autocast, the teacher's outside it.
+                        let (image, text) = self.cast(model.device(), || {
+                            tch::no_grad(|| {
+                                (
+                                    normalize(&model.encode_image_t(&batch.images, 0.0)),
+                                    normalize(&model.encode_text_t(&batch.texts)),
+                                )
+                            })
+                        })?;
+                        Ok(Cached { image, text, teacher: self.teacher_features(r, &batch.images) })
                     })
-                    .collect()
+                    .collect::<Result<_>>()
             })
-            .collect();
+            .collect::<Result<_>>()?;
         // A replica's teacher features over all its micro-batches: the same for every j.
         let teachers: Vec<Option<Tensor>> = (0..self.replicas.len())
             .map(|r| {
@@ -251,16 +329,16 @@ impl Trainer {
                             cached.iter().enumerate().map(|(i, c)| if i == j { &live } else { of(&c[r]) }).collect();
                         Tensor::cat(&parts, 0)
                     };
-                    Local {
+                    self.cast(model.device(), || Local {
                         image: splice(normalize(&model.encode_image_t(&batch.images, self.options.mask_ratio)), |c| {
                             &c.image
                         }),
                         text: splice(normalize(&model.encode_text_t(&batch.texts)), |c| &c.text),
                         scale: model.logit_scale_parameter().exp(),
                         teacher: teachers[r].as_ref().map(Tensor::shallow_clone),
-                    }
+                    })
                 })
-                .collect();
+                .collect::<Result<_>>()?;
             report = Some(self.backward(&local)?);
         }
         Ok(report.expect("accum_freq >= 1"))
@@ -279,18 +357,20 @@ impl Trainer {
         }
         let world = local.len();
         let mut total: Option<Tensor> = None;
-        let mut report = StepReport { loss: 0.0, i2t: 0.0, t2i: 0.0, logit_scale: 0.0 };
+        let mut report = StepReport::default();
         for r in 0..world {
             let device = local[r].image.device();
             let weight = self.options.kd_loss_weight;
             let (loss, (i2t, t2i)) = if !self.options.aggregate {
-                rank_loss(&LossInputs {
-                    image: &local[r].image,
-                    text: &local[r].text,
-                    logit_scale: &local[r].scale,
-                    aggregated: false,
-                    teacher: local[r].teacher.as_ref().zip(weight),
-                })
+                self.cast(device, || {
+                    rank_loss(&LossInputs {
+                        image: &local[r].image,
+                        text: &local[r].text,
+                        logit_scale: &local[r].scale,
+                        aggregated: false,
+                        teacher: local[r].teacher.as_ref().zip(weight),
+                    })
+                })?
             } else {
                 // With gradient: every rank sees all ranks' live features in rank order; without:
                 // its own live features first, the others' detached, in rank order. The teacher's
@@ -316,16 +396,19 @@ impl Trainer {
                         .collect();
                     Tensor::cat(&parts, 0)
                 });
-                rank_loss(&LossInputs {
-                    image: &image,
-                    text: &text,
-                    logit_scale: &local[r].scale,
-                    aggregated: true,
-                    teacher: teacher.as_ref().zip(weight),
-                })
+                self.cast(device, || {
+                    rank_loss(&LossInputs {
+                        image: &image,
+                        text: &text,
+                        logit_scale: &local[r].scale,
+                        aggregated: true,
+                        teacher: teacher.as_ref().zip(weight),
+                    })
+                })?
             };
             if r == 0 {
-                report = StepReport { loss: loss.double_value(&[]), i2t, t2i, logit_scale: 0.0 };
+                report.loss = loss.double_value(&[]);
+                (report.i2t, report.t2i) = (i2t, t2i);
             }
             let loss = loss.to_device(local[0].image.device());
             total = Some(match total {
@@ -333,7 +416,7 @@ impl Trainer {
                 Some(t) => t + loss,
             });
         }
-        total.expect("at least one replica").backward();
+        self.scaled(&total.expect("at least one replica")).backward();
         Ok(report)
     }
 
@@ -362,14 +445,16 @@ impl Trainer {
             Tensor::cat(&order.collect::<Vec<_>>(), 0)
         };
         let (loss, (i2t, t2i)) = if !self.options.aggregate {
-            let (loss, accuracy) = rank_loss(&LossInputs {
-                image: &local.image,
-                text: &local.text,
-                logit_scale: &local.scale,
-                aggregated: false,
-                teacher: local.teacher.as_ref().zip(weight),
-            });
-            loss.backward();
+            let (loss, accuracy) = self.cast(device, || {
+                rank_loss(&LossInputs {
+                    image: &local.image,
+                    text: &local.text,
+                    logit_scale: &local.scale,
+                    aggregated: false,
+                    teacher: local.teacher.as_ref().zip(weight),
+                })
+            })?;
+            self.scaled(&loss).backward();
             (loss, accuracy)
         } else {
             let (images, texts) = (gather(&local.image)?, gather(&local.text)?);
@@ -380,14 +465,17 @@ impl Trainer {
             if self.options.gather_with_grad {
                 let image = Tensor::cat(&images, 0).set_requires_grad(true);
                 let text = Tensor::cat(&texts, 0).set_requires_grad(true);
-                let (loss, accuracy) = rank_loss(&LossInputs {
-                    image: &image,
-                    text: &text,
-                    logit_scale: &local.scale,
-                    aggregated: true,
-                    teacher: teacher.as_ref().zip(weight),
-                });
-                loss.backward();
+                let (loss, accuracy) = self.cast(device, || {
+                    rank_loss(&LossInputs {
+                        image: &image,
+                        text: &text,
+                        logit_scale: &local.scale,
+                        aggregated: true,
+                        teacher: teacher.as_ref().zip(weight),
+                    })
+                })?;
+                // The gathered features' gradients come out scaled, and so carry on scaled.
+                self.scaled(&loss).backward();
                 let (image_grad, text_grad) = (image.grad(), text.grad());
                 let summed = all_reduce_sum(group, &[image_grad, text_grad])?;
                 let (image_grad, text_grad) = (&summed[0], &summed[1]);
@@ -399,18 +487,20 @@ impl Trainer {
                 (loss, accuracy)
             } else {
                 let (image, text) = (own_first(&images, &local.image), own_first(&texts, &local.text));
-                let (loss, accuracy) = rank_loss(&LossInputs {
-                    image: &image,
-                    text: &text,
-                    logit_scale: &local.scale,
-                    aggregated: true,
-                    teacher: teacher.as_ref().zip(weight),
-                });
-                loss.backward();
+                let (loss, accuracy) = self.cast(device, || {
+                    rank_loss(&LossInputs {
+                        image: &image,
+                        text: &text,
+                        logit_scale: &local.scale,
+                        aggregated: true,
+                        teacher: teacher.as_ref().zip(weight),
+                    })
+                })?;
+                self.scaled(&loss).backward();
                 (loss, accuracy)
             }
         };
-        Ok(StepReport { loss: loss.double_value(&[]), i2t, t2i, logit_scale: 0.0 })
+        Ok(StepReport { loss: loss.double_value(&[]), i2t, t2i, ..StepReport::default() })
     }
 
     /// DDP's all-reduce: replica 0's gradients become the mean over replicas (over the ranks

@@ -6,7 +6,9 @@
 //!
 //! The optimizer state is torch's AdamW `state_dict()`: per-parameter `step` (a float32
 //! scalar), `exp_avg`, `exp_avg_sq` keyed by the parameter's position in cn_clip's optimizer
-//! (its two groups, each in `named_parameters()` order), and the two `param_groups`.
+//! (its two groups, each in `named_parameters()` order), and the two `param_groups`. A run
+//! with a loss scale (`--precision amp` on a GPU) also saves torch's `GradScaler.state_dict()`
+//! under `scaler`, as open_clip does.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -14,7 +16,7 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use cnclip_models::checkpoint::pickle::Value;
 use cnclip_models::checkpoint::{CheckpointInfo, Py, TorchArchive, cn_clip_state_dict, read_cn_clip, save_torch};
-use cnclip_models::training::{AdamW, Trainer};
+use cnclip_models::training::{AdamW, GradScaler, Trainer};
 use tch::{Kind, Tensor};
 
 /// Where a run is in its data: epoch `epoch` (0-based) from micro-batch `batch` on, after
@@ -77,11 +79,30 @@ fn optimizer_state(optimizer: &AdamW) -> Py {
     Py::dict(vec![("state", Py::Dict(stepped)), ("param_groups", Py::List(vec![group(false), group(true)]))])
 }
 
+/// torch's `GradScaler.state_dict()` of `scaler`.
+fn scaler_state(scaler: &GradScaler) -> Py {
+    let config = scaler.config();
+    Py::dict(vec![
+        ("scale", Py::Float(scaler.scale_value())),
+        ("growth_factor", Py::Float(config.growth_factor)),
+        ("backoff_factor", Py::Float(config.backoff_factor)),
+        ("growth_interval", Py::Int(config.growth_interval)),
+        ("_growth_tracker", Py::Int(scaler.growth_tracker())),
+    ])
+}
+
+/// A saved `GradScaler.state_dict()`: the scale and the clean steps since it last changed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SavedScaler {
+    pub scale: f64,
+    pub growth_tracker: i64,
+}
+
 /// Writes replica 0's weights, the optimizer and the position to `path`, atomically.
 pub fn save(path: &Path, trainer: &Trainer, saved: &Saved<'_>) -> Result<()> {
     let state_dict = trainer.replicas()[0].state_dict();
     let Position { epoch, batch, steps } = saved.position;
-    let value = Py::dict(vec![
+    let mut entries = vec![
         ("epoch", Py::Int(saved.epoch)),
         ("step", Py::Int(saved.step)),
         ("name", Py::str(saved.name)),
@@ -96,7 +117,11 @@ pub fn save(path: &Path, trainer: &Trainer, saved: &Saved<'_>) -> Result<()> {
                 ("layout", Py::List(saved.layout.iter().map(|&v| Py::Int(v)).collect())),
             ]),
         ),
-    ]);
+    ];
+    if let Some(scaler) = trainer.scaler() {
+        entries.push(("scaler", scaler_state(scaler)));
+    }
+    let value = Py::dict(entries);
     save_torch(path, &value).with_context(|| format!("writing checkpoint {}", path.display()))
 }
 
@@ -108,6 +133,9 @@ pub struct Loaded {
     pub optimizer: Option<SavedOptimizer>,
     /// Ours only: the exact position in the data, and its [`Saved::layout`].
     pub position: Option<(Position, Vec<i64>)>,
+    /// The loss scaler's state (`--precision amp` on a GPU; open_clip's key, which cn_clip
+    /// ignores).
+    pub scaler: Option<SavedScaler>,
 }
 
 /// Reads a cn_clip-format checkpoint (ours or cn_clip's) with the restricted reader.
@@ -137,7 +165,21 @@ pub fn load(path: &Path) -> Result<Loaded> {
         }
         None => None,
     };
-    Ok(Loaded { state_dict, info, optimizer, position })
+    let scaler = match top.get("scaler") {
+        None | Some(Value::None) => None,
+        Some(entry) => {
+            let scale = float(entry.get("scale")).filter(|s| s.is_finite() && *s > 0.0);
+            let tracker = match entry.get("_growth_tracker") {
+                Some(Value::Int(v)) if *v >= 0 => Some(*v),
+                _ => None,
+            };
+            match scale.zip(tracker) {
+                Some((scale, growth_tracker)) => Some(SavedScaler { scale, growth_tracker }),
+                None => bail!("{name}: scaler holds no positive scale and growth count"),
+            }
+        }
+    };
+    Ok(Loaded { state_dict, info, optimizer, position, scaler })
 }
 
 /// A saved `optimizer.state_dict()`.
@@ -198,4 +240,46 @@ fn read_optimizer(archive: &mut TorchArchive, value: &Value) -> Result<SavedOpti
         *slot = Some((step, tensor("exp_avg")?, tensor("exp_avg_sq")?));
     }
     Ok(SavedOptimizer { group_sizes, betas, eps, weight_decay, states: out })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cnclip_models::training::{AdamWConfig, ScalerConfig, StepOptions};
+    use cnclip_models::{Clip, ClipConfig};
+
+    const TINY: &str = r#"{"embed_dim": 8, "image_resolution": 16, "vision_layers": 1,
+      "vision_width": 64, "vision_patch_size": 8, "vocab_size": 21128,
+      "text_attention_probs_dropout_prob": 0.0, "text_hidden_act": "gelu", "text_hidden_dropout_prob": 0.0,
+      "text_hidden_size": 16, "text_initializer_range": 0.02, "text_intermediate_size": 32,
+      "text_max_position_embeddings": 32, "text_num_attention_heads": 2, "text_num_hidden_layers": 1,
+      "text_type_vocab_size": 2}"#;
+
+    #[test]
+    fn the_loss_scale_is_saved_as_torchs_grad_scaler_state_and_read_back() {
+        let model = Clip::new(ClipConfig::from_json(TINY).unwrap(), tch::Device::Cpu).unwrap();
+        let adamw = AdamWConfig { lr: 1e-3, beta1: 0.9, beta2: 0.98, eps: 1e-6, weight_decay: 0.2 };
+        let config = ScalerConfig { growth_interval: 7, ..ScalerConfig::default() };
+        let mut scaler = GradScaler::new(config, tch::Device::Cpu);
+        scaler.restore(1024.0, 3);
+        let trainer = Trainer::new(vec![model], Vec::new(), adamw, StepOptions::default()).with_scaler(scaler);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("epoch1.pt");
+        let position = Position { epoch: 1, batch: 0, steps: 4 };
+        save(&path, &trainer, &Saved { name: "t", epoch: 1, step: 4, position, layout: Vec::new() }).unwrap();
+        let loaded = load(&path).unwrap();
+        assert_eq!(loaded.scaler, Some(SavedScaler { scale: 1024.0, growth_tracker: 3 }));
+        // torch reads it (weights_only) and its GradScaler takes it as its own state.
+        let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
+        let script = "import sys, torch\n\
+            ck = torch.load(sys.argv[1], map_location='cpu', weights_only=True)\n\
+            s = torch.amp.GradScaler('cpu')\n\
+            s.load_state_dict(ck['scaler'])\n\
+            print(s.get_scale(), s._growth_tracker if isinstance(s._growth_tracker, int) else s._init_growth_tracker, \
+            s.get_growth_interval(), s.state_dict() == ck['scaler'])";
+        let out = std::process::Command::new(&python).args(["-c", script]).arg(&path).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(stdout.trim(), "1024.0 3 7 True", "{stdout}");
+    }
 }

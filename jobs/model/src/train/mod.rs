@@ -30,7 +30,9 @@ use arrow::array::{Array, AsArray};
 use arrow::datatypes::Int64Type;
 use arrow::record_batch::RecordBatch;
 use cnclip_models::checkpoint::{Checkpoint, Format};
-use cnclip_models::training::{AdamWConfig, Batch, StepOptions, StepReport, Trainer, cosine_lr, rank_loss};
+use cnclip_models::training::{
+    AdamWConfig, Autocast, Batch, GradScaler, ScalerConfig, StepOptions, StepReport, Trainer, cosine_lr, rank_loss,
+};
 use cnclip_models::{Clip, ClipConfig};
 use cnclip_operators::options::{Devices, Precision};
 use cnclip_operators::quarantine::OnError;
@@ -166,7 +168,9 @@ pub struct Args {
     /// Resume the weights but start at epoch 0, step 0.
     #[arg(long)]
     pub reset_data_offset: bool,
-    /// amp (fp32 on the CPU) or fp32.
+    /// amp: the forward pass and loss under autocast, fp16 with a dynamic loss scale on a GPU
+    /// (cn_clip's), bf16 on the CPU; bf16: bf16 autocast on any device; fp32. (fp16 weights,
+    /// cn_clip's `fp16`, are not trained.)
     #[arg(long, value_enum, default_value_t = Precision::Amp)]
     pub precision: Precision,
     /// The architecture: `--vision-model` and `--text-model` (cn_clip's defaults ViT-B-16 and
@@ -188,7 +192,8 @@ pub struct Args {
     /// Do not train the vision tower (RN50's BatchNorm statistics stay frozen too).
     #[arg(long)]
     pub freeze_vision: bool,
-    /// Recompute activations in the backward pass (not supported yet).
+    /// Recompute the ViT residual blocks' and BERT layers' activations in the backward pass instead
+    /// of keeping them (less memory, a second forward pass per block; RN50 as in cn_clip: unchanged).
     #[arg(long)]
     pub grad_checkpointing: bool,
     /// Accepted: attention runs through libtorch's fused kernels wherever the device has them.
@@ -323,6 +328,8 @@ struct Plan {
     rank: Option<usize>,
     adamw: AdamWConfig,
     options: StepOptions,
+    /// A dynamic loss scale (`--precision amp` on a GPU), kept in the checkpoints.
+    loss_scaling: bool,
     samples: usize,
     num_batches: usize,
     steps_per_epoch: u64,
@@ -333,15 +340,11 @@ struct Plan {
 }
 
 fn plan(args: &Args, train: TrainData, val: Option<TrainData>, rank: Option<&ranks::Rank>) -> Result<Plan> {
-    for (set, flag, instead) in
-        [(args.grad_checkpointing, "--grad-checkpointing", "lower --batch-size and raise --accum-freq")]
-    {
-        if set {
-            bail!("{flag} is not supported by cnclip train yet: {instead}");
-        }
-    }
-    if !matches!(args.precision, Precision::Amp | Precision::Fp32) {
-        bail!("--precision {}: cnclip train runs amp (fp32 on the CPU) or fp32", args.precision);
+    if args.precision == Precision::Fp16 {
+        bail!(
+            "--precision fp16 (cn_clip's fp16 weights, trained in fp16) is not supported by cnclip train: amp trains in \
+             fp16 under autocast, with fp32 weights and a loss scale"
+        );
     }
     if args.accum_freq == 0 || args.batch_size == 0 || args.valid_batch_size == 0 || args.log_interval == 0 {
         bail!("--accum-freq, --batch-size, --valid-batch-size and --log-interval must be at least 1");
@@ -435,6 +438,14 @@ fn plan(args: &Args, train: TrainData, val: Option<TrainData>, rank: Option<&ran
     };
     let dir = Path::new(&args.logs).join(&args.name);
     let checkpoints = dir.join("checkpoints");
+    // cn_clip's amp is fp16 autocast and a GradScaler on its GPUs; the CPU autocasts to bf16,
+    // whose range is fp32's (no loss scale needed).
+    let gpu = devices.iter().any(|d| d.is_cuda());
+    let (autocast, loss_scaling) = match args.precision {
+        Precision::Amp if gpu => (Autocast::Half, true),
+        Precision::Amp | Precision::Bf16 => (Autocast::BFloat16, false),
+        Precision::Fp32 | Precision::Fp16 => (Autocast::Off, false),
+    };
     Ok(Plan {
         train,
         val,
@@ -450,7 +461,10 @@ fn plan(args: &Args, train: TrainData, val: Option<TrainData>, rank: Option<&ran
             gather_with_grad: args.gather_with_grad,
             kd_loss_weight: args.distillation.then_some(args.kd_loss_weight),
             freeze_vision: args.freeze_vision,
+            autocast,
+            grad_checkpointing: args.grad_checkpointing,
         },
+        loss_scaling,
         samples,
         num_batches,
         steps_per_epoch,
@@ -857,6 +871,7 @@ fn train(args: Box<Args>, dir: PathBuf, cache: PathBuf, remote: Option<PathBuf>)
     let resume = args.resume.clone().or_else(|| latest.is_file().then(|| latest.clone()));
     let mut position = Position { epoch: 0, batch: 0, steps: 0 };
     let mut optimizer_state = None;
+    let mut scaler_state = None;
     let weights = match &resume {
         None => None,
         Some(path) => {
@@ -902,6 +917,7 @@ fn train(args: Box<Args>, dir: PathBuf, cache: PathBuf, remote: Option<PathBuf>)
                 };
             }
             if !args.reset_optimizer {
+                scaler_state = loaded.scaler;
                 optimizer_state = Some(loaded.optimizer.with_context(|| {
                     format!("{} has no optimizer state: add --reset-optimizer to start a new one", path.display())
                 })?);
@@ -956,6 +972,15 @@ fn train(args: Box<Args>, dir: PathBuf, cache: PathBuf, remote: Option<PathBuf>)
         }
         None => Trainer::new(models, teachers, plan.adamw, plan.options),
     };
+    if plan.loss_scaling {
+        let mut scaler = GradScaler::new(ScalerConfig::default(), plan.devices[0]);
+        // The scale the run had reached (torch's GradScaler.load_state_dict), or a new one.
+        if let Some(saved) = scaler_state {
+            scaler.restore(saved.scale, saved.growth_tracker);
+            log.info(&format!("=> the loss scale is restored from the checkpoint ({})", python_float(saved.scale)));
+        }
+        trainer = trainer.with_scaler(scaler);
+    }
     if let Some(state) = optimizer_state {
         let ours = trainer.optimizer().states();
         let decayed = ours.iter().filter(|s| s.decay).count();
