@@ -583,6 +583,106 @@ fn grad_checkpointing_gives_the_gradients_of_the_run_without_it() {
 }
 
 #[test]
+fn sync_batch_norm_on_2_ranks_normalises_as_one_process_over_the_global_batch() {
+    // RN50-style tower, 2 Gloo ranks of 3 samples with --use-bn-sync (and --gather-with-grad, so
+    // that the ranks' mean gradient is the one process's gradient), against one process over
+    // the 6 samples: the same losses, the same BatchNorm running statistics after 2 steps, the
+    // same first-step gradients, the cross-rank terms of BatchNorm's backward included.
+    let config = ClipConfig::from_json(RN).unwrap();
+    let _generator = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
+    tch::set_num_threads(1);
+    tch::manual_seed(21);
+    let images = Tensor::randn([2, 6, 3, 64, 64], (tch::Kind::Float, Device::Cpu));
+    let texts = Tensor::randint_low(672, 21128, [2, 6, 12], (tch::Kind::Int64, Device::Cpu));
+    let model = || {
+        tch::manual_seed(1);
+        Clip::new(config.clone(), Device::Cpu).unwrap()
+    };
+    let adamw = AdamWConfig { lr: LR, beta1: 0.9, beta2: 0.98, eps: 1e-6, weight_decay: 0.2 };
+    let options = StepOptions { gather_with_grad: true, sync_batch_norm: true, ..StepOptions::default() };
+    let stats = |trainer: &Trainer| -> BTreeMap<String, Tensor> {
+        trainer.replicas()[0]
+            .var_store()
+            .variables()
+            .into_iter()
+            .filter(|(n, _)| n.ends_with("running_mean") || n.ends_with("running_var"))
+            .map(|(n, v)| (n, v.copy()))
+            .collect()
+    };
+    let grads = |trainer: &Trainer| -> BTreeMap<String, Tensor> {
+        trainer.replicas()[0]
+            .var_store()
+            .variables()
+            .into_iter()
+            .filter(|(_, v)| v.requires_grad())
+            .map(|(n, v)| (n, v.grad().copy()))
+            .collect()
+    };
+    type Seen = (Vec<f64>, BTreeMap<String, Tensor>, BTreeMap<String, Tensor>);
+    // Each step's batch: all 6 samples, or a rank's 3.
+    let batches = |rows: Option<i64>| -> std::sync::Mutex<Option<Vec<Batch>>> {
+        let step = |s: i64| {
+            let (images, texts) = (images.get(s), texts.get(s));
+            match rows {
+                Some(start) => Batch { images: images.narrow(0, start, 3), texts: texts.narrow(0, start, 3) },
+                None => Batch { images, texts },
+            }
+        };
+        std::sync::Mutex::new(Some((0..2).map(step).collect()))
+    };
+    let train = |mut trainer: Trainer, batches: &std::sync::Mutex<Option<Vec<Batch>>>| -> Seen {
+        let (mut losses, mut first) = (Vec::new(), BTreeMap::new());
+        for (s, batch) in batches.lock().unwrap().take().unwrap().into_iter().enumerate() {
+            losses.push(trainer.step(&[vec![batch]], LR).unwrap().loss);
+            if s == 0 {
+                first = grads(&trainer);
+            }
+        }
+        (losses, stats(&trainer), first)
+    };
+    let (losses, one_stats, one_grads) = train(Trainer::new(vec![model()], Vec::new(), adamw, options), &batches(None));
+    let per_rank = [batches(Some(0)), batches(Some(3))];
+    let models: Vec<std::sync::Mutex<Option<Clip>>> = (0..2).map(|_| std::sync::Mutex::new(Some(model()))).collect();
+    let ranks = on_ranks(2, |rank, group| {
+        let replica = models[rank].lock().unwrap().take().unwrap();
+        let trainer = Trainer::distributed(replica, None, group, adamw, options).unwrap();
+        train(trainer, &per_rank[rank])
+    });
+    for (rank, (rank_losses, rank_stats, rank_grads)) in ranks.iter().enumerate() {
+        for (s, (a, b)) in rank_losses.iter().zip(&losses).enumerate() {
+            assert!((a - b).abs() <= 1e-5, "rank {rank}, step {s}: loss {a} vs one process's {b}");
+        }
+        for (name, t) in &one_stats {
+            let r = relative(&rank_stats[name], t, 1e-6);
+            assert!(r <= 1e-6, "rank {rank}: {name} off by {r:.2e} relative after 2 steps");
+        }
+        let largest = one_grads.values().map(|g| g.abs().max().double_value(&[])).fold(0.0, f64::max);
+        let mut worst = (0f64, "");
+        for (name, g) in &one_grads {
+            let r = relative(&rank_grads[name], g, 1e-3 * largest);
+            assert!(r <= 2e-5, "rank {rank}: {name}'s first-step gradient off by {r:.2e} relative");
+            if r > worst.0 && name.starts_with("visual.") {
+                worst = (r, name);
+            }
+        }
+        eprintln!("rank {rank}: worst first-step gradient of the vision tower {:.2e} ({})", worst.0, worst.1);
+    }
+    // Without the sync, each rank normalises its own 3 samples: the statistics differ.
+    let models: Vec<std::sync::Mutex<Option<Clip>>> = (0..2).map(|_| std::sync::Mutex::new(Some(model()))).collect();
+    let local = StepOptions { sync_batch_norm: false, ..options };
+    let per_rank = [batches(Some(0)), batches(Some(3))];
+    let unsynced = on_ranks(2, |rank, group| {
+        let replica = models[rank].lock().unwrap().take().unwrap();
+        train(Trainer::distributed(replica, None, group, adamw, local).unwrap(), &per_rank[rank])
+    });
+    let name = "visual.bn1.running_var";
+    assert!(
+        relative(&unsynced[0].1[name], &one_stats[name], 1e-6) > 1e-4,
+        "the test tells synced from local statistics"
+    );
+}
+
+#[test]
 fn sample_order_equals_torch_distributed_sampler() {
     let script = r#"
 import json, sys, torch

@@ -6,6 +6,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -13,6 +15,9 @@
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/grad_mode.h>
 
 using cnclip_ext::guarded;
 
@@ -24,6 +29,33 @@ std::chrono::milliseconds millis(int64_t ms) {
 
 } // namespace
 
+struct CnGroup;
+
+namespace {
+
+// The sum over the ranks of `tensor` (a new tensor on its device; GPU tensors go through host
+// memory, as Gloo reduces CPU tensors), issued under the group's lock and waited for.
+at::Tensor sum_over_ranks(CnGroup* group, const at::Tensor& tensor);
+
+// The backward of all_reduce_sum_autograd: every rank's output is the same sum, so the input's
+// gradient on each rank is the sum over the ranks of their outputs' gradients
+// (torch.distributed.nn.functional.all_reduce's backward).
+struct AllReduceSumBackward : public torch::autograd::Node {
+  CnGroup* group = nullptr;
+  std::vector<int64_t> shape;
+  c10::TensorOptions options;
+
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    // A rank whose loss did not use the sum still takes part, with zeros.
+    at::Tensor grad = grads[0].defined() ? grads[0] : at::zeros(shape, options);
+    return {sum_over_ranks(group, grad)};
+  }
+
+  std::string name() const override { return "CnclipAllReduceSumBackward"; }
+};
+
+} // namespace
+
 struct CnStore {
   c10::intrusive_ptr<c10d::TCPStore> store;
 };
@@ -31,6 +63,10 @@ struct CnStore {
 struct CnGroup {
   c10::intrusive_ptr<c10d::Backend> backend;
   std::chrono::milliseconds timeout;
+  // Held while a collective is issued: Gloo numbers each with a tag counter
+  // (ProcessGroupGloo::nextTag) that two threads issuing at once would race on; autograd's
+  // backward issues too (all_reduce_sum_autograd), from whichever thread runs it.
+  std::mutex issuing;
 };
 
 struct CnWork {
@@ -121,7 +157,7 @@ char* cnclip_c10d_gloo(
       base = c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), base);
     }
     auto group = c10::make_intrusive<ProcessGroupGloo>(base, rank, size, options);
-    *out = new CnGroup{std::move(group), timeout};
+    *out = new CnGroup{std::move(group), timeout, {}};
   });
 }
 
@@ -152,14 +188,38 @@ char* cnclip_c10d_all_reduce(CnGroup* group, at::Tensor** tensors, size_t n, int
       c10d::AllreduceOptions options;
       options.reduceOp = reduce;
       options.timeout = group->timeout;
+      std::lock_guard<std::mutex> lock(group->issuing);
       work = group->backend->allreduce(list, options);
     } else {
       c10d::AllreduceCoalescedOptions options;
       options.reduceOp = reduce;
       options.timeout = group->timeout;
+      std::lock_guard<std::mutex> lock(group->issuing);
       work = group->backend->allreduce_coalesced(list, options);
     }
     *out = new CnWork{std::move(work), group->timeout};
+  });
+}
+
+// *out = the sum over the ranks of `input`, differentiable: its gradient is the sum over the
+// ranks of the result's gradients (issued in backward, which every rank runs in the same order).
+// The group must outlive the graph.
+char* cnclip_c10d_all_reduce_sum_autograd(CnGroup* group, at::Tensor* input, at::Tensor** out) {
+  return guarded([&] {
+    at::Tensor sum;
+    {
+      at::NoGradGuard no_grad;
+      sum = sum_over_ranks(group, *input);
+    }
+    if (at::GradMode::is_enabled() && input->requires_grad()) {
+      auto node = std::shared_ptr<AllReduceSumBackward>(new AllReduceSumBackward(), torch::autograd::deleteNode);
+      node->group = group;
+      node->shape = input->sizes().vec();
+      node->options = input->options();
+      node->set_next_edges(torch::autograd::collect_next_edges(*input));
+      torch::autograd::set_history(sum, node);
+    }
+    *out = new at::Tensor(sum);
   });
 }
 
@@ -173,6 +233,7 @@ char* cnclip_c10d_all_gather(CnGroup* group, at::Tensor** outputs, size_t n, at:
     std::vector<at::Tensor> inputs{*input};
     c10d::AllgatherOptions options;
     options.timeout = group->timeout;
+    std::lock_guard<std::mutex> lock(group->issuing);
     auto work = group->backend->allgather(gathered, inputs, options);
     *out = new CnWork{std::move(work), group->timeout};
   });
@@ -185,6 +246,7 @@ char* cnclip_c10d_broadcast(CnGroup* group, at::Tensor* tensor, int root, CnWork
     c10d::BroadcastOptions options;
     options.rootRank = root;
     options.timeout = group->timeout;
+    std::lock_guard<std::mutex> lock(group->issuing);
     auto work = group->backend->broadcast(list, options);
     *out = new CnWork{std::move(work), group->timeout};
   });
@@ -197,6 +259,7 @@ char* cnclip_c10d_barrier(CnGroup* group) {
   return guarded([&] {
     c10d::BarrierOptions options;
     options.timeout = group->timeout;
+    std::lock_guard<std::mutex> lock(group->issuing);
     group->backend->monitoredBarrier(options, /*waitAllRanks=*/true);
   });
 }
@@ -211,3 +274,22 @@ void cnclip_c10d_work_drop(CnWork* work) {
 }
 
 } // extern "C"
+
+namespace {
+
+at::Tensor sum_over_ranks(CnGroup* group, const at::Tensor& tensor) {
+  at::Tensor host = tensor.detach().to(at::kCPU).contiguous().clone();
+  std::vector<at::Tensor> list{host};
+  c10d::AllreduceOptions options;
+  options.reduceOp = c10d::ReduceOp(c10d::ReduceOp::SUM);
+  options.timeout = group->timeout;
+  c10::intrusive_ptr<c10d::Work> work;
+  {
+    std::lock_guard<std::mutex> lock(group->issuing);
+    work = group->backend->allreduce(list, options);
+  }
+  work->wait(group->timeout);
+  return host.to(tensor.device());
+}
+
+} // namespace

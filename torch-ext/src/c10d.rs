@@ -138,16 +138,23 @@ impl ReduceOp {
 /// must be called in the same order on every rank, as in torch. Started collectives write into
 /// their tensors until waited for ([`Work::wait`]): read them only after.
 pub struct ProcessGroup {
+    /// The shim's group, which holds a lock while a collective is issued: Gloo numbers its
+    /// collectives with a plain counter (`ProcessGroupGloo::nextTag`), which two threads
+    /// issuing at once would race on (autograd issues from its threads too).
     raw: *mut ffi::CnGroup,
-    /// Held while a collective is issued: Gloo numbers its collectives with a plain counter
-    /// (`ProcessGroupGloo::nextTag`), which two threads issuing at once would race on.
-    issuing: std::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for ProcessGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProcessGroup").field("rank", &self.rank()).field("size", &self.size()).finish()
+    }
 }
 
 // SAFETY: c10d backends are called from any thread (DDP's reducer calls them from autograd's);
 // Gloo queues the work on threads of its own.
 unsafe impl Send for ProcessGroup {}
-// SAFETY: every call that issues a collective holds `issuing`; the others read fixed fields.
+// SAFETY: every call that issues a collective holds the shim group's lock; the others read
+// fixed fields.
 unsafe impl Sync for ProcessGroup {}
 
 impl ProcessGroup {
@@ -204,11 +211,7 @@ impl ProcessGroup {
                 &mut raw,
             )
         })?;
-        Ok(ProcessGroup { raw, issuing: std::sync::Mutex::new(()) })
-    }
-
-    fn issue(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.issuing.lock().unwrap_or_else(|e| e.into_inner())
+        Ok(ProcessGroup { raw })
     }
 
     /// This process's rank.
@@ -231,7 +234,6 @@ impl ProcessGroup {
     pub fn start_all_reduce(&self, tensors: &[&Tensor], op: ReduceOp) -> Result<Work> {
         let pointers: Vec<ffi::TensorPtr> = tensors.iter().map(|t| ffi::tensor_ptr(t)).collect();
         let mut raw = std::ptr::null_mut();
-        let _issuing = self.issue();
         // SAFETY: the tensors are live for the call, and the work holds its own references to
         // them (c10d keeps them until it completes).
         check("all-reduce", unsafe {
@@ -248,6 +250,24 @@ impl ProcessGroup {
         self.start_all_reduce(tensors, op)?.wait()
     }
 
+    /// The sum over the ranks of `input`, as a new tensor on its device, differentiable as
+    /// `torch.distributed.nn.functional.all_reduce`: in backward, the input's gradient is the
+    /// sum over the ranks of the result's gradients (a collective each rank's backward issues,
+    /// in the same order on every rank). The group must outlive the graph.
+    ///
+    /// # Errors
+    /// The collective failed (a rank gone, the timeout).
+    pub fn all_reduce_sum_autograd(&self, input: &Tensor) -> Result<Tensor> {
+        let mut out: ffi::TensorPtr = std::ptr::null_mut();
+        // SAFETY: `input` is live for the call; `out` is written only on success, with a new
+        // `at::Tensor*` the returned Tensor owns.
+        check("all-reduce", unsafe {
+            ffi::cnclip_c10d_all_reduce_sum_autograd(self.raw, ffi::tensor_ptr(input), &mut out)
+        })?;
+        // SAFETY: a new tensor handle the shim allocated for us.
+        Ok(unsafe { Tensor::from_ptr(out.cast()) })
+    }
+
     /// Gathers `input` from every rank into `outputs` (one tensor of its shape per rank, rank
     /// order), and waits.
     ///
@@ -256,7 +276,6 @@ impl ProcessGroup {
     pub fn all_gather(&self, outputs: &[&Tensor], input: &Tensor) -> Result<()> {
         let pointers: Vec<ffi::TensorPtr> = outputs.iter().map(|t| ffi::tensor_ptr(t)).collect();
         let mut raw = std::ptr::null_mut();
-        let _issuing = self.issue();
         // SAFETY: as in start_all_reduce.
         check("all-gather", unsafe {
             ffi::cnclip_c10d_all_gather(self.raw, pointers.as_ptr(), pointers.len(), ffi::tensor_ptr(input), &mut raw)
@@ -272,7 +291,6 @@ impl ProcessGroup {
         let root =
             c_int::try_from(root).map_err(|_| Error { what: "broadcast", message: "root out of range".into() })?;
         let mut raw = std::ptr::null_mut();
-        let _issuing = self.issue();
         // SAFETY: as in start_all_reduce.
         check("broadcast", unsafe { ffi::cnclip_c10d_broadcast(self.raw, ffi::tensor_ptr(tensor), root, &mut raw) })?;
         Work { raw, what: "broadcast" }.wait()
@@ -284,7 +302,6 @@ impl ProcessGroup {
     /// # Errors
     /// A rank did not come, or rank 0 did not answer.
     pub fn barrier(&self) -> Result<()> {
-        let _issuing = self.issue();
         // SAFETY: `raw` is a live group.
         check("barrier", unsafe { ffi::cnclip_c10d_barrier(self.raw) })
     }

@@ -68,6 +68,11 @@ unsafe extern "C" {
         op: c_int,
         out: *mut *mut CnWork,
     ) -> *mut c_char;
+    pub fn cnclip_c10d_all_reduce_sum_autograd(
+        group: *mut CnGroup,
+        input: TensorPtr,
+        out: *mut TensorPtr,
+    ) -> *mut c_char;
     pub fn cnclip_c10d_all_gather(
         group: *mut CnGroup,
         outputs: *const TensorPtr,

@@ -52,6 +52,8 @@ pub struct Clip {
     logit_scale: Tensor,
     pad_id: i64,
     mode: Mode,
+    /// The ranks BatchNorm takes its batch statistics over (`--use-bn-sync`), when training.
+    batch_norm_sync: Option<std::sync::Arc<cnclip_torch_ext::c10d::ProcessGroup>>,
 }
 
 /// Checkpoint keys cn_clip itself drops or that hold no parameters we use.
@@ -102,12 +104,19 @@ impl Clip {
             logit_scale,
             pad_id: Tokenizer::chinese().pad_id(),
             mode: Mode::default(),
+            batch_norm_sync: None,
         })
     }
 
     /// Sets what `train()` mode changes for the `_t` (autograd) forwards.
     pub fn set_mode(&mut self, mode: Mode) {
         self.mode = mode;
+    }
+
+    /// Training BatchNorm takes the statistics of the batch over `group`'s ranks (torch's
+    /// `SyncBatchNorm`), or this replica's batch (`None`).
+    pub fn set_batch_norm_sync(&mut self, group: Option<std::sync::Arc<cnclip_torch_ext::c10d::ProcessGroup>>) {
+        self.batch_norm_sync = group;
     }
 
     pub fn mode(&self) -> Mode {
@@ -222,7 +231,14 @@ impl Clip {
     fn image_features(&self, pixels: &Tensor, mask_ratio: f64, batch_norm: bool) -> Tensor {
         match &self.visual {
             Visual::Transformer(vit) => vit.forward(pixels, mask_ratio, self.mode.grad_checkpointing),
-            Visual::ResNet(resnet) => resnet.forward(pixels, batch_norm),
+            Visual::ResNet(resnet) => resnet.forward(
+                pixels,
+                match (batch_norm, &self.batch_norm_sync) {
+                    (false, _) => resnet::Norm::Running,
+                    (true, None) => resnet::Norm::Batch,
+                    (true, Some(group)) => resnet::Norm::Synced(group),
+                },
+            ),
         }
     }
 

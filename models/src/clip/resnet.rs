@@ -2,11 +2,15 @@
 //! stem with average pooling, anti-aliased strided Bottlenecks (avgpool before the stride), and
 //! QKV attention pooling (`AttentionPool2d`) in place of global average pooling.
 //!
-//! BatchNorm uses its running statistics unless `train` is set (cn_clip's `train()` mode:
-//! batch statistics, running statistics updated); a frozen vision tower keeps them in eval
-//! mode, as cn_clip's `--freeze-vision` does.
+//! BatchNorm uses its running statistics unless it trains (cn_clip's `train()` mode: batch
+//! statistics, running statistics updated); a frozen vision tower keeps them in eval mode, as
+//! cn_clip's `--freeze-vision` does. With `--use-bn-sync` on several ranks, the batch
+//! statistics are those of the global batch, as torch's `SyncBatchNorm`: each layer sums its
+//! batch and then its squared deviations over the ranks, through an all-reduce whose backward
+//! sums the gradients over the ranks too.
 
-use tch::{Tensor, nn, nn::Module, nn::ModuleT};
+use cnclip_torch_ext::c10d::ProcessGroup;
+use tch::{Kind, Tensor, nn, nn::Module, nn::ModuleT};
 
 use super::layers::{attention_heads, merge_heads};
 
@@ -14,8 +18,68 @@ fn conv(p: nn::Path<'_>, i: i64, o: i64, k: i64, stride: i64, padding: i64) -> n
     nn::conv2d(p, i, o, k, nn::ConvConfig { stride, padding, bias: false, ..Default::default() })
 }
 
+/// torch's `BatchNorm2d` defaults, which cn_clip keeps.
+const BN_EPS: f64 = 1e-5;
+const BN_MOMENTUM: f64 = 0.1;
+
 fn bn(p: nn::Path<'_>, n: i64) -> nn::BatchNorm {
-    nn::batch_norm2d(p, n, Default::default())
+    nn::batch_norm2d(p, n, nn::BatchNormConfig { eps: BN_EPS, momentum: BN_MOMENTUM, ..Default::default() })
+}
+
+/// How BatchNorm normalises in a forward pass.
+#[derive(Clone, Copy)]
+pub enum Norm<'a> {
+    /// Running statistics (evaluation, a frozen tower).
+    Running,
+    /// This batch's statistics, running statistics updated (training).
+    Batch,
+    /// The statistics of the batch over all ranks of the group (`--use-bn-sync`).
+    Synced(&'a ProcessGroup),
+}
+
+/// `bn` on `x` as `norm` says.
+fn normalise(bn: &nn::BatchNorm, x: &Tensor, norm: Norm<'_>) -> Tensor {
+    match norm {
+        Norm::Running => bn.forward_t(x, false),
+        Norm::Batch => bn.forward_t(x, true),
+        Norm::Synced(group) => synced(bn, x, group),
+    }
+}
+
+/// Batch normalisation over the ranks' global batch (torch's `SyncBatchNorm` in training): the
+/// mean and the biased variance of each channel over every rank's `[N, C, H, W]`, in fp32; the
+/// running statistics move by the momentum towards the mean and the unbiased variance.
+///
+/// # Panics
+/// When a collective fails (a rank gone, the group's timeout), as a failing tch op does.
+fn synced(bn: &nn::BatchNorm, x: &Tensor, group: &ProcessGroup) -> Tensor {
+    let channels = x.size()[1];
+    let dims: &[i64] = &[0, 2, 3];
+    let x32 = x.to_kind(Kind::Float);
+    let count = Tensor::from_slice(&[(x.numel() as i64 / channels) as f32]).to_device(x.device());
+    let all = |t: &Tensor| group.all_reduce_sum_autograd(t).unwrap_or_else(|e| panic!("--use-bn-sync: {e}"));
+    let sums = all(&Tensor::cat(&[x32.sum_dim_intlist(dims, false, Kind::Float), count], 0));
+    let n = sums.narrow(0, channels, 1);
+    let mean = sums.narrow(0, 0, channels) / &n;
+    let centered = &x32 - mean.view([1, channels, 1, 1]);
+    let var = all(&centered.square().sum_dim_intlist(dims, false, Kind::Float)) / &n;
+    let mut y = &centered * (&var + BN_EPS).rsqrt().view([1, channels, 1, 1]);
+    if let Some(w) = &bn.ws {
+        y *= w.to_kind(Kind::Float).view([1, channels, 1, 1]);
+    }
+    if let Some(b) = &bn.bs {
+        y += b.to_kind(Kind::Float).view([1, channels, 1, 1]);
+    }
+    tch::no_grad(|| {
+        let momentum = BN_MOMENTUM;
+        let total = n.double_value(&[0]);
+        let unbiased = var.detach() * (total / (total - 1.0).max(1.0));
+        let mut running_mean = bn.running_mean.shallow_clone();
+        let mut running_var = bn.running_var.shallow_clone();
+        running_mean.copy_(&(&running_mean * (1.0 - momentum) + mean.detach().to_kind(running_mean.kind()) * momentum));
+        running_var.copy_(&(&running_var * (1.0 - momentum) + unbiased.to_kind(running_var.kind()) * momentum));
+    });
+    y.to_kind(x.kind())
 }
 
 fn avg_pool(x: &Tensor, k: i64) -> Tensor {
@@ -53,19 +117,19 @@ impl Bottleneck {
         }
     }
 
-    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+    fn forward(&self, x: &Tensor, norm: Norm<'_>) -> Tensor {
         // In-place ReLU and residual add, as cn_clip's `ReLU(inplace=True)` and `out += identity`:
         // fewer allocations on the largest activations of the model.
-        let out = self.bn1.forward_t(&self.conv1.forward(x), train).relu_();
-        let mut out = self.bn2.forward_t(&self.conv2.forward(&out), train).relu_();
+        let out = normalise(&self.bn1, &self.conv1.forward(x), norm).relu_();
+        let mut out = normalise(&self.bn2, &self.conv2.forward(&out), norm).relu_();
         if self.stride > 1 {
             out = avg_pool(&out, self.stride);
         }
-        let mut out = self.bn3.forward_t(&self.conv3.forward(&out), train);
+        let mut out = normalise(&self.bn3, &self.conv3.forward(&out), norm);
         let identity = match &self.downsample {
             Some((conv, bn)) => {
                 let pooled = if self.stride > 1 { avg_pool(x, self.stride) } else { x.shallow_clone() };
-                bn.forward_t(&conv.forward(&pooled), train)
+                normalise(bn, &conv.forward(&pooled), norm)
             }
             None => x.shallow_clone(),
         };
@@ -163,16 +227,16 @@ impl ModifiedResNet {
         }
     }
 
-    /// Image features `[N, output_dim]` (not normalised) of pixels `[N, 3, R, R]`; `train`
-    /// normalises with batch statistics and updates the running ones.
-    pub fn forward(&self, pixels: &Tensor, train: bool) -> Tensor {
+    /// Image features `[N, output_dim]` (not normalised) of pixels `[N, 3, R, R]`, BatchNorm
+    /// normalising as `norm` says.
+    pub fn forward(&self, pixels: &Tensor, norm: Norm<'_>) -> Tensor {
         let mut x = pixels.to_kind(self.stem[0].0.ws.kind());
         for (conv, bn) in &self.stem {
-            x = bn.forward_t(&conv.forward(&x), train).relu_();
+            x = normalise(bn, &conv.forward(&x), norm).relu_();
         }
         x = avg_pool(&x, 2);
         for block in self.stages.iter().flatten() {
-            x = block.forward(&x, train);
+            x = block.forward(&x, norm);
         }
         self.attnpool.forward(&x)
     }

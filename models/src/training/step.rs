@@ -40,6 +40,9 @@ pub struct StepOptions {
     pub autocast: Autocast,
     /// `--grad-checkpointing`: activations recomputed in backward (see [`Mode`]).
     pub grad_checkpointing: bool,
+    /// `--use-bn-sync`: on the ranks of a process group, BatchNorm normalises with the
+    /// statistics of the global batch (ignored for replicas in one process).
+    pub sync_batch_norm: bool,
 }
 
 impl Default for StepOptions {
@@ -53,6 +56,7 @@ impl Default for StepOptions {
             freeze_vision: false,
             autocast: Autocast::Off,
             grad_checkpointing: false,
+            sync_batch_norm: false,
         }
     }
 }
@@ -140,6 +144,9 @@ impl Trainer {
         options: StepOptions,
     ) -> Result<Self> {
         let mut trainer = Trainer::new(vec![replica], teacher.into_iter().collect(), adamw, options);
+        if options.sync_batch_norm {
+            trainer.replicas[0].set_batch_norm_sync(Some(Arc::clone(&group)));
+        }
         // In name order on every rank (collectives pair up by their order).
         let variables: BTreeMap<String, Tensor> = trainer.replicas[0].var_store().variables().into_iter().collect();
         tch::no_grad(|| -> Result<()> {

@@ -143,7 +143,8 @@ pub struct Args {
     /// Warmup steps.
     #[arg(long, default_value_t = 500)]
     pub warmup: u64,
-    /// Synchronised BatchNorm across replicas (only one replica is supported yet).
+    /// BatchNorm (RN50) normalises with the statistics of the batch over all ranks, as torch's
+    /// SyncBatchNorm (ranks of several processes; one replica is synchronised already).
     #[arg(long)]
     pub use_bn_sync: bool,
     /// cn_clip's training augmentation (timm's RandomResizedCrop 0.9–1, flip, AutoAugment
@@ -367,9 +368,10 @@ fn plan(args: &Args, train: TrainData, val: Option<TrainData>, rank: Option<&ran
         Some(rank) => (vec![devices[rank.local_rank % devices.len()]], rank.world),
         None => (devices.clone(), devices.len()),
     };
-    if args.use_bn_sync && world > 1 {
+    if args.use_bn_sync && rank.is_none() && world > 1 {
         bail!(
-            "--use-bn-sync over several replicas is not supported yet (one replica: BatchNorm is already synchronised)"
+            "--use-bn-sync over replicas in one process is not supported: run them as ranks (--nproc-per-node {world}, \
+             one --devices entry each)"
         );
     }
     let (config, vision_name) = match &args.model.model_config {
@@ -463,6 +465,7 @@ fn plan(args: &Args, train: TrainData, val: Option<TrainData>, rank: Option<&ran
             freeze_vision: args.freeze_vision,
             autocast,
             grad_checkpointing: args.grad_checkpointing,
+            sync_batch_norm: args.use_bn_sync && world > 1,
         },
         loss_scaling,
         samples,
