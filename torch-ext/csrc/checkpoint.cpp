@@ -121,6 +121,9 @@ struct CheckpointBackward : public torch::autograd::Node {
   RngStates rng;
 
   torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    if (!grads[0].defined()) {
+      return {at::Tensor()};
+    }
     at::Tensor x = input.detach();
     x.set_requires_grad(true);
     RngStates now = rng_states(rng.where);

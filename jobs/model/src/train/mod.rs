@@ -1185,7 +1185,16 @@ impl Run<'_> {
                 rate = Some(since_log.1 as f64 / since_log.0.elapsed().as_secs_f64().max(1e-9));
                 since_log = (Instant::now(), 0);
             }
-            if !report.loss.is_finite() && !args.allow_non_finite_loss {
+            // Under a loss scale a non-finite loss skipped its step (torch's GradScaler): the
+            // parameters are untouched and the scale backs off, so the run goes on.
+            if report.skipped {
+                self.log.info(&format!(
+                    "step {}: the loss or its gradients were not finite: the loss scaler skipped the step (scale now {})",
+                    step + 1,
+                    report.loss_scale.map_or_else(|| "?".into(), python_float)
+                ));
+            }
+            if !report.loss.is_finite() && !report.skipped && !args.allow_non_finite_loss {
                 if !logged {
                     self.log_step(step, epoch, i_accum, lr, &report, data_time, batch_time);
                 }
