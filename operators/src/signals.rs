@@ -11,6 +11,11 @@ use std::time::Duration;
 /// The signal received (0: none yet), once the handlers are in.
 static RECEIVED: OnceLock<Arc<AtomicUsize>> = OnceLock::new();
 
+/// Woken once a caught signal has arrived, by a watcher thread: [`until_interrupted`] waits on
+/// it rather than on a runtime's timer, which only the runtime's workers drive — workers that a
+/// long computation (a join's inner loop) may keep from it for minutes.
+static WAKE: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
 /// Catches SIGINT and SIGTERM for the rest of the process: the first sets the flag that
 /// [`interrupted`] reads, a second of the same kind terminates. Idempotent.
 ///
@@ -29,7 +34,14 @@ pub fn catch_interrupts() -> std::io::Result<()> {
         signal_hook::flag::register(signal, seen)?;
         signal_hook::flag::register_usize(signal, received.clone(), signal as usize)?;
     }
-    let _ = RECEIVED.set(received);
+    if RECEIVED.set(received).is_ok() {
+        std::thread::Builder::new().name("cnclip-signals".into()).spawn(|| {
+            while interrupted().is_none() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            WAKE.notify_waiters();
+        })?;
+    }
     Ok(())
 }
 
@@ -60,13 +72,17 @@ pub fn catching() -> bool {
     RECEIVED.get().is_some()
 }
 
-/// Resolves once a caught signal has arrived (checked every 50 ms).
+/// Resolves once a caught signal has arrived (within 20 ms; never unless
+/// [`catch_interrupts`] was called). Needs no timer of the runtime it runs on.
 pub async fn until_interrupted() -> &'static str {
-    let mut tick = tokio::time::interval(Duration::from_millis(50));
     loop {
-        tick.tick().await;
+        let notified = WAKE.notified();
+        let mut notified = std::pin::pin!(notified);
+        // Registered before the flag is read: a wake between the two is not lost.
+        notified.as_mut().enable();
         if let Some(signal) = interrupted() {
             return signal;
         }
+        notified.await;
     }
 }
